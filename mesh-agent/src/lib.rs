@@ -1,0 +1,9 @@
+//! `mesh-agent`: the Trellis sidecar binary. It wires the data plane (`trellis-proxy`) to its
+//! configuration sources and provides the operator commands.
+
+pub mod cert;
+pub mod cli;
+pub mod demo;
+pub mod logging;
+pub mod run;
+pub mod store;

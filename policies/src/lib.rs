@@ -1,0 +1,87 @@
+//! The Trellis policy model: serde types for the mesh state a sidecar consumes (services, their
+//! endpoints and per-service policy) plus schema and semantic validation.
+//!
+//! This crate has no async and no I/O beyond parsing text, so the CLI (`policy validate`), the
+//! file store and every sidecar run exactly the same checks on exactly the same types.
+
+mod mesh;
+mod spiffe;
+mod validate;
+
+pub use mesh::{EndpointSpec, MeshDocument, ServicePolicy, ServiceSpec};
+pub use spiffe::{SpiffeError, SpiffeId};
+pub use validate::{validate, validate_service_name, ValidationError, ValidationErrors};
+
+/// Why a mesh document could not be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The text is not valid YAML, or does not fit the schema (unknown field, wrong type).
+    /// The message names the field and the line and column.
+    #[error("{0}")]
+    Parse(String),
+    /// The document parsed but breaks a semantic rule.
+    #[error("{0}")]
+    Invalid(#[from] ValidationErrors),
+}
+
+/// Parse and validate a mesh document from YAML text.
+pub fn parse_mesh_yaml(text: &str) -> Result<MeshDocument, PolicyError> {
+    let doc: MeshDocument = if text.trim().is_empty() {
+        MeshDocument::default()
+    } else {
+        serde_norway::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?
+    };
+    validate(&doc)?;
+    Ok(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_valid_document() {
+        let doc = parse_mesh_yaml(
+            r#"
+services:
+  orders:
+    endpoints:
+      - address: 127.0.0.1:15006
+        identity: spiffe://trellis.local/service/orders
+        weight: 3
+        zone: a
+    policy:
+      request_timeout: 2s
+"#,
+        )
+        .expect("valid");
+        let orders = &doc.services["orders"];
+        assert_eq!(orders.endpoints[0].weight, 3);
+        assert_eq!(
+            orders.policy.request_timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn empty_text_is_an_empty_mesh() {
+        assert!(parse_mesh_yaml("  \n")
+            .expect("empty ok")
+            .services
+            .is_empty());
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_position() {
+        let err = parse_mesh_yaml("services:\n  orders:\n    endpoint: []\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `endpoint`"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected() {
+        let err = parse_mesh_yaml("services:\n  orders:\n    endpoints: 5\n").unwrap_err();
+        assert!(matches!(err, PolicyError::Parse(_)), "{err}");
+    }
+}

@@ -1,0 +1,174 @@
+//! Semantic checks on a parsed [`MeshDocument`]. Every problem is reported with the path of the
+//! offending field, all at once, so an operator can fix a document in one pass.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::{MeshDocument, SpiffeId};
+
+/// Largest accepted endpoint weight; keeps weighted-selection arithmetic far from overflow.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Longest accepted timeout in a policy: a larger value is almost certainly a unit mistake.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// One problem, located by the path of the field (e.g. `services.orders.endpoints[1].address`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    pub path: String,
+    pub message: String,
+}
+
+/// All the problems found in one document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// A service name is a DNS name (lowercase labels of [a-z0-9-], dot-separated), because apps
+/// address services by `Host`.
+pub fn validate_service_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid service name: use lowercase DNS labels ([a-z0-9-], separated by '.')"
+        ))
+    }
+}
+
+/// Check a document; `Ok` means every sidecar may apply it.
+pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
+    let mut errs = Vec::new();
+    let mut push = |path: String, message: String| errs.push(ValidationError { path, message });
+
+    for (name, svc) in &doc.services {
+        let base = format!("services.{name}");
+        if let Err(m) = validate_service_name(name) {
+            push(base.clone(), m);
+        }
+        let mut seen = HashSet::new();
+        for (i, ep) in svc.endpoints.iter().enumerate() {
+            let p = format!("{base}.endpoints[{i}]");
+            match ep.address.parse::<SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => {
+                    push(format!("{p}.address"), "port 0 is not routable".into())
+                }
+                Ok(addr) => {
+                    if !seen.insert(addr) {
+                        push(format!("{p}.address"), format!("duplicate endpoint {addr}"));
+                    }
+                }
+                Err(e) => push(
+                    format!("{p}.address"),
+                    format!("`{}` is not an ip:port socket address ({e})", ep.address),
+                ),
+            }
+            if let Some(id) = &ep.identity {
+                if let Err(e) = SpiffeId::parse(id) {
+                    push(format!("{p}.identity"), e.to_string());
+                }
+            }
+            if ep.weight == 0 || ep.weight > MAX_WEIGHT {
+                push(
+                    format!("{p}.weight"),
+                    format!("must be between 1 and {MAX_WEIGHT}, got {}", ep.weight),
+                );
+            }
+        }
+        for (field, value) in [
+            ("connect_timeout", svc.policy.connect_timeout),
+            ("request_timeout", svc.policy.request_timeout),
+        ] {
+            match value {
+                Some(d) if d.is_zero() => push(
+                    format!("{base}.policy.{field}"),
+                    "must be greater than zero".into(),
+                ),
+                Some(d) if d > MAX_TIMEOUT => push(
+                    format!("{base}.policy.{field}"),
+                    format!("must be at most {}s", MAX_TIMEOUT.as_secs()),
+                ),
+                _ => {}
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(errs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_mesh_yaml;
+
+    fn errors(yaml: &str) -> Vec<ValidationError> {
+        match parse_mesh_yaml(yaml) {
+            Err(crate::PolicyError::Invalid(e)) => e.0,
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let errs = errors(
+            r#"
+services:
+  Orders:
+    endpoints:
+      - address: not-an-address
+      - address: 127.0.0.1:1
+        weight: 0
+        identity: http://x
+      - address: 127.0.0.1:1
+    policy:
+      request_timeout: 0s
+"#,
+        );
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "services.Orders",
+                "services.Orders.endpoints[0].address",
+                "services.Orders.endpoints[1].identity",
+                "services.Orders.endpoints[1].weight",
+                "services.Orders.endpoints[2].address",
+                "services.Orders.policy.request_timeout",
+            ]
+        );
+    }
+
+    #[test]
+    fn service_names_are_dns_names() {
+        assert!(validate_service_name("orders").is_ok());
+        assert!(validate_service_name("orders.shop-1").is_ok());
+        for bad in ["", "Orders", "-a", "a-", "a..b", "a_b"] {
+            assert!(validate_service_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The admin API (loopback by default): `/live`, `/ready`, `/metrics`, `/config_dump`, and
+//! `POST /shutdown` so that jobs can stop their sidecar.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::config::Limits;
+use crate::readiness::Ready;
+use crate::server::{accept_loop, http_builder, serve_connection, Activity};
+use crate::{drain, ResponseBody};
+
+/// Produces the JSON for `/config_dump`.
+pub type DumpFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+pub struct Admin {
+    pub ready: Ready,
+    pub registry: Arc<Registry>,
+    pub dump: DumpFn,
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+// === impl Admin ===
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        let limits = Limits::default();
+        let builder = Arc::new(http_builder(&limits));
+        accept_loop(listener, 64, drain, "admin", move |tcp, _client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            let idle = limits.idle_timeout;
+            async move {
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req)) }
+                });
+                serve_connection(&builder, tcp, svc, Activity::new(), idle, &drain).await;
+            }
+        })
+        .await;
+    }
+
+    fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
+            (&Method::GET, "/ready") => {
+                let pending = self.ready.pending();
+                if pending.is_empty() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: waiting for {}\n", pending.join(", ")),
+                    )
+                }
+            }
+            (&Method::GET, "/metrics") => {
+                let mut r = text(StatusCode::OK, crate::metrics::encode(&self.registry));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            (&Method::GET, "/config_dump") => {
+                let body = serde_json::to_string_pretty(&(self.dump)())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+                let mut r = text(StatusCode::OK, body + "\n");
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            (&Method::POST, "/shutdown") => {
+                tracing::info!("shutdown requested through the admin API");
+                self.shutdown.send_replace(true);
+                text(StatusCode::OK, "shutting down\n".into())
+            }
+            (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /live /ready /metrics /config_dump, POST /shutdown\n".into(),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,281 @@
+//! The one place that wires a sidecar together. Everything external is injected: the
+//! configuration, the snapshot channel (file store, etcd, or a test), extra metrics and extra
+//! `/config_dump` sections from the agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use trellis_policies::SpiffeId;
+
+use crate::admin::{Admin, DumpFn};
+use crate::config::Config;
+use crate::drain;
+use crate::identity::{spawn_reloader, IdentityError, IdentityFiles, TlsContext};
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::pool::PeerPool;
+use crate::readiness::Ready;
+use crate::snapshot::Snapshot;
+
+/// Snapshots arrive here; `None` until the source has produced its first one.
+pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Proxy {
+    config: Config,
+    snapshots: SnapshotRx,
+    registry: Registry,
+    dump_sections: Vec<(&'static str, DumpFn)>,
+}
+
+/// The addresses the listeners actually bound (port 0 in the config picks a free port).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Asks a running sidecar to drain and stop. Cheap to clone.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+pub struct Running {
+    pub bound: Bound,
+    pub ready: Ready,
+    pub metrics: Arc<Metrics>,
+    shutdown: ShutdownHandle,
+    done: tokio::task::JoinHandle<()>,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    pub fn new(config: Config, snapshots: SnapshotRx) -> Self {
+        Self {
+            config,
+            snapshots,
+            registry: Registry::with_prefix("trellis"),
+            dump_sections: Vec::new(),
+        }
+    }
+
+    /// The registry `/metrics` serves, for the agent to add its own metrics.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Add a section to `/config_dump`.
+    pub fn dump_section(&mut self, name: &'static str, f: DumpFn) {
+        self.dump_sections.push((name, f));
+    }
+
+    /// Validate, load the identity, bind every listener and start serving.
+    pub async fn start(mut self) -> Result<Running, StartError> {
+        self.config.validate()?;
+        let cfg = self.config;
+        let ready = Ready::new();
+        let snapshot_ready = ready.block("snapshot");
+        let metrics = Metrics::register(&mut self.registry);
+
+        let own_id = SpiffeId::for_service(&cfg.trust_domain, &cfg.service).map_err(|e| {
+            crate::config::ConfigError::Invalid {
+                field: "trust_domain".into(),
+                message: e.to_string(),
+            }
+        })?;
+        let files = IdentityFiles {
+            cert: cfg.identity.cert.clone(),
+            key: cfg.identity.key.clone(),
+            bundle: cfg.identity.bundle.clone(),
+        };
+        let tls = TlsContext::load(&files, &own_id, 1)?;
+        metrics.cert_expiry.set(tls.not_after());
+        tracing::info!(identity = %own_id, not_after = tls.not_after(), "identity loaded");
+        let tls = Arc::new(ArcSwap::from_pointee(tls));
+
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let inbound_l = bind("inbound", cfg.inbound.listen).await?;
+        let outbound_l = bind("outbound", cfg.outbound.listen).await?;
+        let admin_l = bind("admin", cfg.admin.listen).await?;
+        let local = |l: &TcpListener, what, addr| {
+            l.local_addr()
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let bound = Bound {
+            inbound: local(&inbound_l, "inbound", cfg.inbound.listen)?,
+            outbound: local(&outbound_l, "outbound", cfg.outbound.listen)?,
+            admin: local(&admin_l, "admin", cfg.admin.listen)?,
+        };
+
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let pool = Arc::new(PeerPool::new(tls.clone(), metrics.clone()));
+        let reloader = spawn_reloader(
+            tls.clone(),
+            files,
+            own_id,
+            cfg.identity.reload_interval,
+            metrics.clone(),
+        );
+        let snapshot_task = tokio::spawn(apply_snapshots(
+            self.snapshots,
+            snapshot.clone(),
+            pool.clone(),
+            metrics.clone(),
+            snapshot_ready,
+        ));
+
+        let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+        let shutdown = ShutdownHandle(Arc::new(shutdown_tx));
+        let (inbound_trigger, inbound_drain) = drain::channel();
+        let (outbound_trigger, outbound_drain) = drain::channel();
+        let (admin_trigger, admin_drain) = drain::channel();
+
+        let inbound = Arc::new(Inbound::new(&cfg, tls.clone(), metrics.clone()));
+        let outbound = Arc::new(Outbound::new(
+            &cfg,
+            snapshot.clone(),
+            pool.clone(),
+            tls.clone(),
+            metrics.clone(),
+        ));
+        tokio::spawn(inbound.serve(inbound_l, inbound_drain));
+        tokio::spawn(outbound.serve(outbound_l, outbound_drain));
+
+        let dump = {
+            let cfg = cfg.clone();
+            let snapshot = snapshot.clone();
+            let tls = tls.clone();
+            let pool = pool.clone();
+            let ready = ready.clone();
+            let sections = self.dump_sections;
+            Arc::new(move || {
+                let t = tls.load();
+                let mut v = serde_json::json!({
+                    "config": cfg,
+                    "identity": {
+                        "spiffe_id": t.identity().to_string(),
+                        "not_after_unix": t.not_after(),
+                        "generation": t.generation(),
+                    },
+                    "snapshot": &**snapshot.load(),
+                    "peer_connections": pool.len(),
+                    "ready": { "pending": ready.pending() },
+                });
+                for (name, f) in &sections {
+                    v[*name] = f();
+                }
+                v
+            }) as DumpFn
+        };
+        let admin = Arc::new(Admin {
+            ready: ready.clone(),
+            registry: Arc::new(self.registry),
+            dump,
+            shutdown: shutdown.0.clone(),
+        });
+        tokio::spawn(admin.serve(admin_l, admin_drain));
+
+        let grace = cfg.drain.grace_period;
+        let drain_ready = ready.clone();
+        let done = tokio::spawn(async move {
+            let _ = shutdown_rx.wait_for(|stop| *stop).await;
+            let _not_ready = drain_ready.block("draining");
+            let start = Instant::now();
+            tracing::info!(grace = ?grace, "draining: inbound stops accepting, outbound keeps serving the app");
+            let inbound_done = inbound_trigger.drain(grace).await;
+            let outbound_done = outbound_trigger
+                .drain(grace.saturating_sub(start.elapsed()))
+                .await;
+            if inbound_done && outbound_done {
+                tracing::info!(elapsed = ?start.elapsed(), "drained");
+            } else {
+                tracing::warn!(grace = ?grace, "grace period ended with requests still in flight");
+            }
+            reloader.abort();
+            snapshot_task.abort();
+            drop(admin_trigger);
+        });
+
+        Ok(Running {
+            bound,
+            ready,
+            metrics,
+            shutdown,
+            done,
+        })
+    }
+}
+
+/// Apply each snapshot the source sends, and evict pooled connections to removed endpoints.
+async fn apply_snapshots(
+    mut rx: SnapshotRx,
+    current: Arc<ArcSwap<Snapshot>>,
+    pool: Arc<PeerPool>,
+    metrics: Arc<Metrics>,
+    ready: crate::readiness::BlockReady,
+) {
+    let mut ready = Some(ready);
+    loop {
+        let next = rx.borrow_and_update().clone();
+        if let Some(snap) = next {
+            tracing::info!(version = snap.version, source = %snap.source, services = snap.services.len(), "applied mesh snapshot");
+            metrics.snapshots_applied.inc();
+            metrics
+                .snapshot_version
+                .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
+            pool.retain(|addr, id| snap.has_endpoint(addr, id));
+            current.store(snap);
+            ready.take();
+        }
+        if rx.changed().await.is_err() {
+            // The source is gone; keep serving the last snapshot.
+            tracing::warn!("snapshot source closed; serving the last snapshot");
+            return;
+        }
+    }
+}
+
+// === impl ShutdownHandle ===
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+// === impl Running ===
+
+impl Running {
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Resolves when the sidecar has drained after a shutdown request.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}

@@ -1,0 +1,499 @@
+//! Sidecar configuration: one YAML file per sidecar plus `TRELLIS_*` environment overrides.
+//!
+//! Defaults live here as constants so that the docs, `/config_dump` and the code agree.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+// === defaults ===
+
+pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
+pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_TRUST_DOMAIN: &str = "trellis.local";
+/// Largest request head (request line + headers) accepted, in bytes. Larger: 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most headers accepted in one request. More: 431.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// A client must send a complete request head within this time (slowloris guard).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request in flight for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Accepted connections per listener; past it, new connections wait in the kernel backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// TCP + TLS connect to a peer sidecar or the local app (Envoy's default is 5 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Request sent to response headers received (Envoy's route default is 15 s). Bodies may
+/// stream for longer: streaming RPCs are not cut by this timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long in-flight requests may run after SIGTERM before the sidecar exits anyway.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How often certificate and store files are checked for changes.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Header naming why the sidecar answered with an error instead of the upstream.
+pub const ERROR_HEADER: &str = "trellis-error";
+/// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
+pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
+/// Internal header: the HTTP version the app used, so the far side can restore it.
+pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
+
+/// Whether the inbound listener accepts plaintext as well as mTLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// mTLS only: plaintext connections are refused.
+    #[default]
+    Strict,
+    /// mTLS and plaintext (for migrating services into the mesh). Plaintext callers have no
+    /// verified identity.
+    Permissive,
+}
+
+/// How the inbound side talks to the local app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// The version the calling app used: HTTP/1.1 stays HTTP/1.1, HTTP/2 stays h2c.
+    #[default]
+    Auto,
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC servers).
+    H2c,
+}
+
+/// The whole sidecar configuration file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The service this sidecar fronts; its identity is `spiffe://<trust_domain>/service/<service>`.
+    pub service: String,
+    #[serde(default = "d_trust_domain")]
+    pub trust_domain: String,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub drain: DrainConfig,
+    /// Where endpoints and policies come from.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM: this sidecar's leaf certificate (followed by any intermediates).
+    pub cert: PathBuf,
+    /// PEM: the leaf's private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// PEM: the trust bundle (CA certificates) peers are verified against.
+    pub bundle: PathBuf,
+    #[serde(default = "d_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    #[serde(default = "d_inbound")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub mode: InboundMode,
+    /// The local app's address.
+    #[serde(default = "d_app")]
+    pub app: SocketAddr,
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    #[serde(default = "d_outbound")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "d_admin")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "d_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "d_max_headers")]
+    pub max_headers: usize,
+    #[serde(default = "d_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(default = "d_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default = "d_connect_timeout", with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(default = "d_request_timeout", with = "humantime_serde")]
+    pub request: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    #[serde(default = "d_drain_grace", with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Standalone mode: a YAML mesh document, watched and hot-reloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(default = "d_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    // The constants above are valid literals; a failure here is a programming error caught by
+    // the `defaults_parse` test.
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+fn d_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
+}
+fn d_reload() -> Duration {
+    DEFAULT_RELOAD_INTERVAL
+}
+fn d_inbound() -> SocketAddr {
+    parse_addr(DEFAULT_INBOUND_ADDR)
+}
+fn d_outbound() -> SocketAddr {
+    parse_addr(DEFAULT_OUTBOUND_ADDR)
+}
+fn d_admin() -> SocketAddr {
+    parse_addr(DEFAULT_ADMIN_ADDR)
+}
+fn d_app() -> SocketAddr {
+    parse_addr(DEFAULT_APP_ADDR)
+}
+fn d_max_header_bytes() -> usize {
+    DEFAULT_MAX_HEADER_BYTES
+}
+fn d_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
+fn d_header_read_timeout() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
+}
+fn d_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn d_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn d_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn d_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+fn d_drain_grace() -> Duration {
+    DEFAULT_DRAIN_GRACE
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            listen: d_inbound(),
+            mode: InboundMode::default(),
+            app: d_app(),
+            app_protocol: AppProtocol::default(),
+        }
+    }
+}
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            listen: d_outbound(),
+        }
+    }
+}
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: d_admin() }
+    }
+}
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: d_max_header_bytes(),
+            max_headers: d_max_headers(),
+            header_read_timeout: d_header_read_timeout(),
+            idle_timeout: d_idle_timeout(),
+            max_connections: d_max_connections(),
+        }
+    }
+}
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: d_connect_timeout(),
+            request: d_request_timeout(),
+        }
+    }
+}
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: d_drain_grace(),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Syntax or schema error; the message names the field, line and column.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+// === impl Config ===
+
+impl Config {
+    /// A configuration with every default, for `service`, with identity files in `cert_dir`
+    /// named `<service>.pem`, `<service>-key.pem` and `ca.pem` (the `mesh-agent cert` layout).
+    pub fn new(service: &str, cert_dir: &Path) -> Self {
+        Self {
+            service: service.to_string(),
+            trust_domain: d_trust_domain(),
+            identity: IdentityConfig {
+                cert: cert_dir.join(format!("{service}.pem")),
+                key: cert_dir.join(format!("{service}-key.pem")),
+                bundle: cert_dir.join("ca.pem"),
+                reload_interval: d_reload(),
+            },
+            inbound: InboundConfig::default(),
+            outbound: OutboundConfig::default(),
+            admin: AdminConfig::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            drain: DrainConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+
+    /// Read a YAML file, apply `TRELLIS_*` overrides from the process environment, validate.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::from_yaml(&text, &path.display().to_string())?;
+        cfg.apply_env(std::env::vars())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse YAML text; `origin` names the source in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Apply overrides for the common fields. Unknown `TRELLIS_*` variables are ignored so that
+    /// later versions' variables do not break older sidecars.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (var, value) in vars {
+            let addr = |v: &str| {
+                v.parse::<SocketAddr>().map_err(|e| ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("`{v}` is not an ip:port address ({e})"),
+                })
+            };
+            match var.as_str() {
+                "TRELLIS_SERVICE" => self.service = value,
+                "TRELLIS_TRUST_DOMAIN" => self.trust_domain = value,
+                "TRELLIS_INBOUND_ADDR" => self.inbound.listen = addr(&value)?,
+                "TRELLIS_OUTBOUND_ADDR" => self.outbound.listen = addr(&value)?,
+                "TRELLIS_ADMIN_ADDR" => self.admin.listen = addr(&value)?,
+                "TRELLIS_APP_ADDR" => self.inbound.app = addr(&value)?,
+                "TRELLIS_INBOUND_MODE" => {
+                    self.inbound.mode = match value.as_str() {
+                        "strict" => InboundMode::Strict,
+                        "permissive" => InboundMode::Permissive,
+                        other => {
+                            return Err(ConfigError::Env {
+                                var,
+                                message: format!("`{other}` is not one of strict, permissive"),
+                            })
+                        }
+                    }
+                }
+                "TRELLIS_CERT" => self.identity.cert = value.into(),
+                "TRELLIS_KEY" => self.identity.key = value.into(),
+                "TRELLIS_BUNDLE" => self.identity.bundle = value.into(),
+                "TRELLIS_STORE_FILE" => self.store.file = Some(value.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            field: field.to_string(),
+            message,
+        };
+        trellis_policies::validate_service_name(&self.service)
+            .map_err(|m| invalid("service", m))?;
+        trellis_policies::SpiffeId::for_service(&self.trust_domain, &self.service)
+            .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        if self.limits.max_header_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        if self.limits.max_headers == 0 {
+            return Err(invalid("limits.max_headers", "must be at least 1".into()));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        for (field, d) in [
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
+            ("limits.idle_timeout", self.limits.idle_timeout),
+            ("timeouts.connect", self.timeouts.connect),
+            ("timeouts.request", self.timeouts.request),
+            ("identity.reload_interval", self.identity.reload_interval),
+            ("store.reload_interval", self.store.reload_interval),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than zero".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        for a in [
+            DEFAULT_OUTBOUND_ADDR,
+            DEFAULT_INBOUND_ADDR,
+            DEFAULT_ADMIN_ADDR,
+            DEFAULT_APP_ADDR,
+        ] {
+            assert!(a.parse::<SocketAddr>().is_ok(), "{a}");
+        }
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let cfg = Config::from_yaml(
+            "service: orders\nidentity: {cert: c.pem, key: k.pem, bundle: ca.pem}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(cfg.inbound.listen, parse_addr(DEFAULT_INBOUND_ADDR));
+        assert_eq!(cfg.limits.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(cfg.inbound.mode, InboundMode::Strict);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_position() {
+        let err = Config::from_yaml(
+            "service: orders\nidentity: {cert: c, key: k, bundle: b}\ninbound:\n  listn: 1.2.3.4:5\n",
+            "sidecar.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sidecar.yaml"), "{err}");
+        assert!(err.contains("unknown field `listn`"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_bad_values_are_named() {
+        let mut cfg = Config::new("orders", Path::new("/c"));
+        cfg.apply_env([
+            ("TRELLIS_APP_ADDR".to_string(), "127.0.0.1:9000".to_string()),
+            ("TRELLIS_INBOUND_MODE".to_string(), "permissive".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(cfg.inbound.app.port(), 9000);
+        assert_eq!(cfg.inbound.mode, InboundMode::Permissive);
+        let err = cfg
+            .apply_env([("TRELLIS_ADMIN_ADDR".to_string(), "nope".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TRELLIS_ADMIN_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let mut cfg = Config::new("Orders", Path::new("/c"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("service:"));
+        cfg.service = "orders".into();
+        cfg.timeouts.request = Duration::ZERO;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("timeouts.request:"));
+    }
+}

@@ -1,0 +1,165 @@
+//! Errors the sidecar answers itself, each mapped to a precise status and a `trellis-error`
+//! cause, following Linkerd's mapping: 502 connect/TLS failure, 503 nothing to route to, 504
+//! timeout, 400/431 malformed request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::config::ERROR_HEADER;
+use crate::identity::TlsFailure;
+
+/// A request the sidecar could not forward.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no Host header or authority: cannot tell which service it is for")]
+    MissingAuthority,
+    #[error("unknown service `{0}`: it is not in the mesh")]
+    UnknownService(String),
+    #[error("service `{0}` has no endpoints")]
+    NoEndpoints(String),
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS with {addr} failed ({reason}): {message}")]
+    Tls {
+        addr: SocketAddr,
+        reason: TlsFailure,
+        message: String,
+    },
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("upstream {addr} failed: {message}")]
+    Upstream { addr: SocketAddr, message: String },
+    #[error("no response headers from {addr} within {timeout:?}")]
+    ResponseTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("the sidecar is shutting down")]
+    Draining,
+}
+
+// === impl ProxyError ===
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingAuthority => StatusCode::BAD_REQUEST,
+            Self::UnknownService(_) | Self::NoEndpoints(_) | Self::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Connect { .. }
+            | Self::Tls { .. }
+            | Self::Handshake { .. }
+            | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+        }
+    }
+
+    /// A short stable token for the `trellis-error` header and the metrics' `cause` label.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::MissingAuthority => "missing-authority",
+            Self::UnknownService(_) => "unknown-service",
+            Self::NoEndpoints(_) => "no-endpoints",
+            Self::Connect { .. } => "connect-failed",
+            Self::ConnectTimeout { .. } => "connect-timeout",
+            Self::Tls { reason, .. } => reason.cause(),
+            Self::Handshake { .. } => "h2-handshake-failed",
+            Self::Upstream { .. } => "upstream-failed",
+            Self::ResponseTimeout { .. } => "response-timeout",
+            Self::Draining => "draining",
+        }
+    }
+
+    /// The response sent to the caller: status, cause header, and the message as a text body.
+    pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
+        error_response(self.status(), self.cause(), &self.to_string())
+    }
+}
+
+/// A locally generated error response.
+pub fn error_response<B>(
+    status: StatusCode,
+    cause: &'static str,
+    message: &str,
+) -> Response<Either<B, Full<Bytes>>> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "{message}\n"
+    )))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(cause));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_documented_mapping() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let cases: Vec<(ProxyError, u16, &str)> = vec![
+            (ProxyError::MissingAuthority, 400, "missing-authority"),
+            (ProxyError::NoEndpoints("a".into()), 503, "no-endpoints"),
+            (
+                ProxyError::UnknownService("a".into()),
+                503,
+                "unknown-service",
+            ),
+            (
+                ProxyError::Connect {
+                    addr,
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                },
+                502,
+                "connect-failed",
+            ),
+            (
+                ProxyError::ConnectTimeout {
+                    addr,
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+                "connect-timeout",
+            ),
+            (
+                ProxyError::Tls {
+                    addr,
+                    reason: TlsFailure::WrongIdentity,
+                    message: String::new(),
+                },
+                502,
+                "tls-wrong-identity",
+            ),
+            (
+                ProxyError::ResponseTimeout {
+                    addr,
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+                "response-timeout",
+            ),
+        ];
+        for (err, status, cause) in cases {
+            let resp = err.into_response::<Full<Bytes>>();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[ERROR_HEADER], cause);
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The inbound listener: mTLS from peer sidecars (plaintext too in permissive mode), forwarded
+//! to the local app as HTTP/1.1 or h2c, with the verified peer identity in a header.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{
+    AppProtocol, Config, InboundMode, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER,
+};
+use crate::error::ProxyError;
+use crate::headers::{append_forwarded, is_upgrade, request_authority, strip_hop_by_hop};
+use crate::identity::{classify_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure};
+use crate::metrics::{ConnectionGuard, Metrics, INBOUND};
+use crate::outbound::error_chain;
+use crate::server::{accept_loop, http_builder, serve_connection, Activity};
+use crate::{drain, upgrade, ResponseBody};
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// Idle keep-alive connections to the app are closed after this long.
+const APP_POOL_IDLE: Duration = Duration::from_secs(90);
+const PLAINTEXT_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ntrellis-error: tls-plaintext\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 43\r\n\r\nthis port requires mTLS from a mesh peer.\r\n";
+
+pub struct Inbound {
+    service: Arc<String>,
+    mode: InboundMode,
+    app: SocketAddr,
+    app_protocol: AppProtocol,
+    tls: IdentityStore,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    request_timeout: Duration,
+    h1: Client<AppConnector, Incoming>,
+    h2: Client<AppConnector, Incoming>,
+}
+
+// === impl Inbound ===
+
+impl Inbound {
+    pub fn new(config: &Config, tls: IdentityStore, metrics: Arc<Metrics>) -> Self {
+        let connector = AppConnector {
+            addr: config.inbound.app,
+            timeout: config.timeouts.connect,
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(APP_POOL_IDLE)
+            .pool_timer(TokioTimer::new());
+        let h1 = b.build(connector.clone());
+        let h2 = b.http2_only(true).timer(TokioTimer::new()).build(connector);
+        Self {
+            service: Arc::new(config.service.clone()),
+            mode: config.inbound.mode,
+            app: config.inbound.app,
+            app_protocol: config.inbound.app_protocol,
+            tls,
+            metrics,
+            limits: config.limits.clone(),
+            request_timeout: config.timeouts.request,
+            h1,
+            h2,
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        let builder = Arc::new(http_builder(&self.limits));
+        let max = self.limits.max_connections;
+        accept_loop(listener, max, drain, INBOUND, move |tcp, client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            async move {
+                let _conn = ConnectionGuard::new(&this.metrics, INBOUND);
+                this.connection(tcp, client, &builder, drain).await;
+            }
+        })
+        .await;
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        client: SocketAddr,
+        builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+        drain: drain::Watcher,
+    ) {
+        let timeout = self.limits.header_read_timeout;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        let activity = Activity::new();
+        let idle = self.limits.idle_timeout;
+        if first[0] != TLS_HANDSHAKE {
+            if self.mode == InboundMode::Strict {
+                self.metrics
+                    .tls_failure(INBOUND, TlsFailure::Plaintext.reason());
+                tracing::warn!(peer = %client, reason = "plaintext", "refused plaintext connection: inbound requires mTLS");
+                let _ = tcp.write_all(PLAINTEXT_REFUSAL).await;
+                let _ = tcp.shutdown().await;
+                return;
+            }
+            let svc = self.service_for(client, None, &activity);
+            serve_connection(builder, tcp, svc, activity, idle, &drain).await;
+            return;
+        }
+        let acceptor = TlsAcceptor::from(self.tls.load().server_config());
+        let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = classify_io_error(&e);
+                self.metrics.tls_failure(INBOUND, reason.reason());
+                tracing::warn!(peer = %client, %reason, error = %e, "rejected mTLS connection");
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .tls_failure(INBOUND, TlsFailure::Timeout.reason());
+                tracing::warn!(peer = %client, reason = "timeout", "mTLS handshake timed out");
+                return;
+            }
+        };
+        // The verifier already required a valid SPIFFE ID in our trust domain.
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| spiffe_id_from_cert(c).ok())
+            .and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
+        let svc = self.service_for(client, peer, &activity);
+        serve_connection(builder, tls, svc, activity, idle, &drain).await;
+    }
+
+    fn service_for(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+        activity: &Arc<Activity>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send,
+    > + Send
+           + 'static {
+        let this = self.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let this = this.clone();
+            let peer = peer.clone();
+            let guard = activity.begin();
+            async move {
+                let start = Instant::now();
+                let resp = this.forward(req, client, peer).await.unwrap_or_else(|e| {
+                    this.metrics.proxy_error(INBOUND, e.cause());
+                    tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
+                    e.into_response()
+                });
+                this.metrics.record_request(
+                    INBOUND,
+                    &this.service,
+                    resp.status().as_u16(),
+                    start.elapsed().as_secs_f64(),
+                );
+                drop(guard);
+                Ok(resp)
+            }
+        })
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let upgrade = is_upgrade(&req);
+        let authority = request_authority(&req).unwrap_or_else(|| self.app.to_string());
+        let headers = req.headers_mut();
+        let orig = headers.remove(ORIG_PROTO_HEADER);
+        strip_hop_by_hop(headers, upgrade);
+        headers.remove(PEER_IDENTITY_HEADER);
+        let proto = if peer.is_some() { "https" } else { "http" };
+        if let Some(peer) = peer {
+            headers.insert(PEER_IDENTITY_HEADER, peer);
+        }
+        append_forwarded(headers, client.ip(), proto);
+
+        let h2 = !upgrade
+            && match self.app_protocol {
+                AppProtocol::Http1 => false,
+                AppProtocol::H2c => true,
+                AppProtocol::Auto => match &orig {
+                    Some(v) => !v.as_bytes().starts_with(b"HTTP/1"),
+                    None => req.version() == Version::HTTP_2,
+                },
+            };
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::MissingAuthority)?;
+        if h2 {
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            if let Ok(host) = HeaderValue::from_str(&authority) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let fut = if h2 {
+            self.h2.request(req)
+        } else {
+            self.h1.request(req)
+        };
+        let resp = tokio::time::timeout(self.request_timeout, fut)
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout {
+                addr: self.app,
+                timeout: self.request_timeout,
+            })?
+            .map_err(|e| {
+                if e.is_connect() {
+                    ProxyError::Connect {
+                        addr: self.app,
+                        source: std::io::Error::other(error_chain(&e)),
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        addr: self.app,
+                        message: error_chain(&e),
+                    }
+                }
+            })?;
+        Ok(match client_side {
+            Some(client_side) => upgrade::finish(client_side, resp),
+            None => {
+                let mut resp = resp;
+                strip_hop_by_hop(resp.headers_mut(), false);
+                resp.map(http_body_util::Either::Left)
+            }
+        })
+    }
+}
+
+/// Connects every request to the local app, whatever the URI's authority says, so that the
+/// original `Host`/`:authority` reaches the app unchanged.
+#[derive(Clone)]
+pub struct AppConnector {
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (addr, timeout) = (self.addr, self.timeout);
+        Box::pin(async move {
+            let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to app {addr} timed out"),
+                    )
+                })??;
+            let _ = tcp.set_nodelay(true);
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}

@@ -1,0 +1,29 @@
+//! Trellis data plane: the sidecar's listeners, mTLS identity, routing and admin API.
+//!
+//! The data plane knows nothing about where its state comes from: it receives [`snapshot::Snapshot`]s
+//! through a watch channel (from the file store today, from etcd later) and never calls out on
+//! the request path.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod headers;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod readiness;
+pub mod server;
+pub mod snapshot;
+mod upgrade;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// The body type of every response the sidecar returns: the upstream's body, streamed, or a
+/// small locally generated one.
+pub type ResponseBody =
+    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;

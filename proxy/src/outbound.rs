@@ -1,0 +1,235 @@
+//! The outbound listener: the app's plain HTTP/1.1 or h2c calls to mesh services, addressed by
+//! `Host`/`:authority` or in absolute form (`HTTP_PROXY`), forwarded over pooled HTTP/2 + mTLS
+//! to a peer sidecar.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
+use crate::error::ProxyError;
+use crate::headers::{
+    append_forwarded, is_upgrade, request_authority, request_host, strip_hop_by_hop,
+};
+use crate::identity::IdentityStore;
+use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
+use crate::pool::PeerPool;
+use crate::server::{accept_loop, http_builder, serve_connection, Activity};
+use crate::snapshot::{Endpoint, Service, Snapshot};
+use crate::{drain, upgrade, ResponseBody};
+
+pub struct Outbound {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    pool: Arc<PeerPool>,
+    tls: IdentityStore,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    unknown: Arc<String>,
+}
+
+// === impl Outbound ===
+
+impl Outbound {
+    pub fn new(
+        config: &Config,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        pool: Arc<PeerPool>,
+        tls: IdentityStore,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            snapshot,
+            pool,
+            tls,
+            metrics,
+            limits: config.limits.clone(),
+            connect_timeout: config.timeouts.connect,
+            request_timeout: config.timeouts.request,
+            unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        let builder = Arc::new(http_builder(&self.limits));
+        let max = self.limits.max_connections;
+        accept_loop(listener, max, drain, OUTBOUND, move |tcp, client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            async move {
+                let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
+                let activity = Activity::new();
+                let idle = this.limits.idle_timeout;
+                let act = activity.clone();
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    let guard = act.begin();
+                    async move {
+                        let resp = this.handle(req, client).await;
+                        drop(guard);
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                serve_connection(&builder, tcp, svc, activity, idle, &drain).await;
+            }
+        })
+        .await;
+    }
+
+    async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let (service, result) = self.route(req, client).await;
+        let resp = result.unwrap_or_else(|e| {
+            self.metrics.proxy_error(OUTBOUND, e.cause());
+            tracing::debug!(error = %e, cause = e.cause(), "outbound request failed");
+            e.into_response()
+        });
+        self.metrics.record_request(
+            OUTBOUND,
+            &service,
+            resp.status().as_u16(),
+            start.elapsed().as_secs_f64(),
+        );
+        resp
+    }
+
+    /// Pick the destination and forward; returns the service label with the outcome.
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> (Arc<String>, Result<Response<ResponseBody>, ProxyError>) {
+        let Some(host) = request_host(&req) else {
+            return (self.unknown.clone(), Err(ProxyError::MissingAuthority));
+        };
+        let snapshot = self.snapshot.load();
+        let Some(svc) = snapshot.service(host).cloned() else {
+            return (
+                self.unknown.clone(),
+                Err(ProxyError::UnknownService(host.to_string())),
+            );
+        };
+        drop(snapshot);
+        let result = self.forward(&svc, req, client).await;
+        (svc.name.clone(), result)
+    }
+
+    async fn forward(
+        &self,
+        svc: &Service,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let ep = svc
+            .pick()
+            .ok_or_else(|| ProxyError::NoEndpoints(svc.name.to_string()))?;
+        let connect_timeout = svc.connect_timeout.unwrap_or(self.connect_timeout);
+        let request_timeout = svc.request_timeout.unwrap_or(self.request_timeout);
+        let authority = request_authority(&req).ok_or(ProxyError::MissingAuthority)?;
+
+        let headers = req.headers_mut();
+        // The app must not be able to claim an identity; only the far side sets this header.
+        headers.remove(PEER_IDENTITY_HEADER);
+        headers.remove(ORIG_PROTO_HEADER);
+        append_forwarded(headers, client.ip(), "http");
+
+        if is_upgrade(&req) {
+            let tls = self.tls.load_full();
+            return upgrade::outbound(
+                &tls,
+                ep,
+                req,
+                &authority,
+                connect_timeout,
+                request_timeout,
+                &self.metrics,
+            )
+            .await;
+        }
+
+        let orig = req.version();
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers, false);
+        headers.remove(header::HOST);
+        if orig != Version::HTTP_2 {
+            let v = if orig == Version::HTTP_10 {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            };
+            headers.insert(ORIG_PROTO_HEADER, HeaderValue::from_static(v));
+        }
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        *req.uri_mut() = Uri::builder()
+            .scheme("https")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::MissingAuthority)?;
+        *req.version_mut() = Version::HTTP_2;
+
+        let mut resp = self.send(ep, req, connect_timeout, request_timeout).await?;
+        strip_hop_by_hop(resp.headers_mut(), false);
+        Ok(resp.map(Either::Left))
+    }
+
+    /// Send on the pooled connection. If the connection turns out to be closing before the
+    /// request was written (a GOAWAY race), the request is unsent and is retried once on a
+    /// fresh connection: this is safe for any method because the peer never saw it.
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        req: Request<Incoming>,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let attempt = async {
+            let mut send = self.pool.get(ep, connect_timeout).await?;
+            match send.try_send_request(req).await {
+                Ok(resp) => Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => {
+                        self.pool.invalidate(ep);
+                        let mut send = self.pool.get(ep, connect_timeout).await?;
+                        send.send_request(req).await.map_err(|e| upstream(ep, &e))
+                    }
+                    None => Err(upstream(ep, e.error())),
+                },
+            }
+        };
+        tokio::time::timeout(request_timeout, attempt)
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout {
+                addr: ep.addr,
+                timeout: request_timeout,
+            })?
+    }
+}
+
+fn upstream(ep: &Endpoint, e: &hyper::Error) -> ProxyError {
+    ProxyError::Upstream {
+        addr: ep.addr,
+        message: error_chain(e),
+    }
+}
+
+/// An error and its sources, joined: hyper's top-level messages alone are often vague.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
