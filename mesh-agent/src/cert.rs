@@ -65,7 +65,7 @@ pub fn issue(
     ttl: Duration,
     out_dir: &Path,
 ) -> Result<String, CertError> {
-    trellis_policies::validate_service_name(service).map_err(|m| CaError::BadCa(m))?;
+    trellis_policies::validate_service_name(service).map_err(CaError::BadCa)?;
     let ca = load_ca(ca_dir)?;
     std::fs::create_dir_all(out_dir).map_err(|source| CertError::Dir {
         path: out_dir.display().to_string(),

@@ -164,7 +164,7 @@ pub struct DrainConfig {
     pub grace_period: Duration,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Standalone mode: a YAML mesh document, watched and hot-reloaded.
@@ -261,6 +261,14 @@ impl Default for Timeouts {
         Self {
             connect: d_connect_timeout(),
             request: d_request_timeout(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            reload_interval: d_reload(),
         }
     }
 }

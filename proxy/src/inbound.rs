@@ -23,7 +23,9 @@ use crate::config::{
 };
 use crate::error::ProxyError;
 use crate::headers::{append_forwarded, is_upgrade, request_authority, strip_hop_by_hop};
-use crate::identity::{classify_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure};
+use crate::identity::{
+    classify_io_error, describe_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure,
+};
 use crate::metrics::{ConnectionGuard, Metrics, INBOUND};
 use crate::outbound::error_chain;
 use crate::server::{accept_loop, http_builder, serve_connection, Activity};
@@ -123,7 +125,7 @@ impl Inbound {
             Ok(Err(e)) => {
                 let reason = classify_io_error(&e);
                 self.metrics.tls_failure(INBOUND, reason.reason());
-                tracing::warn!(peer = %client, %reason, error = %e, "rejected mTLS connection");
+                tracing::warn!(peer = %client, %reason, error = %describe_io_error(&e), "rejected mTLS connection");
                 return;
             }
             Err(_) => {
@@ -267,6 +269,12 @@ impl Inbound {
 pub struct AppConnector {
     addr: SocketAddr,
     timeout: Duration,
+}
+
+impl AppConnector {
+    pub fn new(addr: SocketAddr, timeout: Duration) -> Self {
+        Self { addr, timeout }
+    }
 }
 
 impl tower_service::Service<Uri> for AppConnector {

@@ -17,7 +17,9 @@ use tokio_rustls::TlsConnector;
 use trellis_policies::SpiffeId;
 
 use crate::error::ProxyError;
-use crate::identity::{classify_io_error, Alpn, IdentityStore, TlsContext, TlsFailure};
+use crate::identity::{
+    classify_io_error, describe_io_error, Alpn, IdentityStore, TlsContext, TlsFailure,
+};
 use crate::metrics::{Metrics, OUTBOUND};
 use crate::snapshot::Endpoint;
 
@@ -165,9 +167,10 @@ pub async fn connect_tls(
         let _ = tcp.set_nodelay(true);
         TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
             let reason = classify_io_error(&e);
+            let message = describe_io_error(&e);
             metrics.tls_failure(OUTBOUND, reason.reason());
-            tracing::warn!(peer = %addr, expected = %ep.identity, %reason, error = %e, "mTLS handshake with peer failed");
-            ProxyError::Tls { addr, reason, message: e.to_string() }
+            tracing::warn!(peer = %addr, expected = %ep.identity, %reason, error = %message, "mTLS handshake with peer failed");
+            ProxyError::Tls { addr, reason, message }
         })
     };
     tokio::time::timeout(timeout, attempt)

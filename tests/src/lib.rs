@@ -1,1 +1,166 @@
+//! The end-to-end harness: a PKI in a temp dir, sidecars started in-process on loopback ports,
+//! a test backend (HTTP/1.1, h2c, gRPC framing, WebSocket, streaming), and clients.
 
+pub mod backend;
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::sync::watch;
+use trellis_proxy::app::{Proxy, Running};
+use trellis_proxy::config::Config;
+use trellis_proxy::identity::CertificateAuthority;
+use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::testing;
+
+pub use trellis_proxy::testing::TRUST_DOMAIN;
+
+/// Install a log subscriber once (RUST_LOG controls it; default warn).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A CA and the identity files of some services, in a temp dir.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: CertificateAuthority,
+}
+
+impl Pki {
+    pub fn new(services: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = testing::ca();
+        for s in services {
+            testing::write_identity(&ca, dir.path(), s).expect("write identity");
+        }
+        Self { dir, ca }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn spiffe(service: &str) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/service/{service}")
+    }
+}
+
+/// A sidecar running in this process, fed snapshots directly.
+pub struct Sidecar {
+    pub running: Running,
+    pub snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl Sidecar {
+    /// Start a sidecar for `service` with identity files in `pki`, forwarding inbound to `app`.
+    pub async fn start(
+        pki: &Pki,
+        service: &str,
+        app: SocketAddr,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut cfg = testing::config(service, pki.path(), app);
+        tweak(&mut cfg);
+        Self::start_with(cfg).await
+    }
+
+    pub async fn start_with(cfg: Config) -> Self {
+        let (snapshots, rx) = watch::channel(None);
+        let running = Proxy::new(cfg, rx).start().await.expect("sidecar starts");
+        Self { running, snapshots }
+    }
+
+    pub fn set_snapshot(&self, snapshot: Arc<Snapshot>) {
+        self.snapshots.send_replace(Some(snapshot));
+    }
+
+    /// Route `services` (name -> inbound addresses) and wait until ready.
+    pub async fn route(&self, services: &[(&str, &[SocketAddr])]) {
+        static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let v = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.set_snapshot(testing::snapshot(services, v));
+        self.wait_ready().await;
+    }
+
+    pub async fn wait_ready(&self) {
+        let ready = &self.running.ready;
+        eventually(Duration::from_secs(10), || ready.is_ready()).await;
+    }
+
+    pub fn outbound(&self) -> SocketAddr {
+        self.running.bound.outbound
+    }
+    pub fn inbound(&self) -> SocketAddr {
+        self.running.bound.inbound
+    }
+    pub fn admin(&self) -> SocketAddr {
+        self.running.bound.admin
+    }
+}
+
+/// The standard two-sidecar mesh: `client` sidecar -> mTLS -> `echo` sidecar -> backend.
+pub struct Mesh {
+    pub pki: Pki,
+    pub backend: backend::Backend,
+    pub client: Sidecar,
+    pub server: Sidecar,
+}
+
+impl Mesh {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, |_| {}).await
+    }
+
+    pub async fn start_with(
+        client_cfg: impl FnOnce(&mut Config),
+        server_cfg: impl FnOnce(&mut Config),
+    ) -> Self {
+        init_logs();
+        let pki = Pki::new(&["client", "echo"]);
+        let backend = backend::Backend::start().await;
+        let server = Sidecar::start(&pki, "echo", backend.addr, server_cfg).await;
+        let client = Sidecar::start(&pki, "client", backend.addr, client_cfg).await;
+        server.route(&[]).await;
+        client.route(&[("echo", &[server.inbound()])]).await;
+        Self {
+            pki,
+            backend,
+            client,
+            server,
+        }
+    }
+}
+
+/// Poll `cond` every 10 ms until it holds; panic after `limit`.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Resident set size of this process in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

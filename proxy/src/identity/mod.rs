@@ -10,7 +10,9 @@ pub use ca::{CaError, CertificateAuthority, IssuedCert};
 pub use reload::{spawn_reloader, IdentityStore};
 pub use tls::{Alpn, IdentityError, IdentityFiles, TlsContext};
 pub use trellis_policies::SpiffeId;
-pub use verify::{classify_io_error, classify_rustls_error, spiffe_id_from_cert, TlsFailure};
+pub use verify::{
+    classify_io_error, classify_rustls_error, describe_io_error, spiffe_id_from_cert, TlsFailure,
+};
 
 /// The one crypto provider Trellis uses. Passing it explicitly avoids rustls' process-default
 /// lookup, which panics when more than one provider is compiled in.

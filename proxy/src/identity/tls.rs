@@ -162,11 +162,11 @@ impl TlsContext {
             });
         }
         let signing_key = provider.key_provider.load_private_key(key.clone_key())?;
-        match CertifiedKey::new(chain.clone(), signing_key).keys_match() {
-            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-                return Err(IdentityError::KeyMismatch)
-            }
-            _ => {}
+        // `Unknown` (the key type cannot tell) is not a mismatch; only a proven mismatch fails.
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            CertifiedKey::new(chain.clone(), signing_key).keys_match()
+        {
+            return Err(IdentityError::KeyMismatch);
         }
         let parsed = ParsedCertificate::try_from(leaf)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(

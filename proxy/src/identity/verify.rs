@@ -132,6 +132,22 @@ pub fn classify_io_error(err: &std::io::Error) -> TlsFailure {
     }
 }
 
+/// A readable description of a handshake error: our SPIFFE checks print as
+/// "peer is spiffe://td/service/x, expected spiffe://td/service/y" instead of rustls' debug form.
+pub fn describe_io_error(err: &std::io::Error) -> String {
+    let rustls_err = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) =
+        rustls_err
+    {
+        if let Some(check) = inner.downcast_ref::<SpiffeCheck>() {
+            return format!("invalid peer certificate: {check}");
+        }
+    }
+    err.to_string()
+}
+
 /// The SPIFFE ID of a certificate: its single `spiffe://` URI SAN.
 pub fn spiffe_id_from_cert(der: &CertificateDer<'_>) -> Result<SpiffeId, String> {
     use x509_parser::extensions::GeneralName;

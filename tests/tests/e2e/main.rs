@@ -1,1 +1,14 @@
-fn main() {}
+//! End-to-end tests over real sockets: app client -> outbound sidecar -> mTLS -> inbound
+//! sidecar -> app server, all on loopback.
+
+mod admin;
+mod drain;
+mod errors;
+mod grpc;
+mod http;
+mod identity;
+mod limits;
+mod rotation;
+mod store;
+mod streaming;
+mod websocket;

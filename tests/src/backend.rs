@@ -1,0 +1,257 @@
+//! The test app behind the server sidecar. Routes:
+//! `/echo` (request description as JSON), `/upload` (counts a streamed body), `/download/<n>`
+//! (streams n bytes), `/slow/<ms>`, `/status/<code>`, `/ws` (WebSocket echo), and gRPC methods
+//! `/test.Echo/Unary`, `/test.Echo/Stream` (bidi, echoes each message as it arrives) and
+//! `/test.Echo/Fail` (error status in trailers).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::client::{Body, BoxError};
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+}
+
+impl Backend {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        async move { Ok::<_, Infallible>(route(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, requests }
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e: Infallible| -> BoxError { match e {} })
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+async fn route(req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    match (parts.next().unwrap_or(""), parts.next()) {
+        ("echo", _) => echo(&req),
+        ("upload", _) => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(e) => return full(StatusCode::BAD_REQUEST, format!("body error: {e}")),
+                }
+            }
+            full(StatusCode::OK, n.to_string())
+        }
+        ("download", Some(n)) => {
+            let total: u64 = n.parse().unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_util::stream::unfold(total, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    let take = left.min(chunk.len() as u64);
+                    Some((
+                        Ok::<_, BoxError>(Frame::data(chunk.slice(..take as usize))),
+                        left - take,
+                    ))
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        ("slow", Some(ms)) => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+            full(StatusCode::OK, "done")
+        }
+        ("status", Some(code)) => full(
+            StatusCode::from_u16(code.parse().unwrap_or(500))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "",
+        ),
+        ("ws", _) => websocket(req),
+        ("test.Echo", Some(method)) => grpc(method.to_string(), req).await,
+        _ => full(StatusCode::NOT_FOUND, "no such route"),
+    }
+}
+
+fn echo(req: &Request<Incoming>) -> Response<Body> {
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .keys()
+        .map(|k| {
+            let vals: Vec<_> = req
+                .headers()
+                .get_all(k)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            (k.to_string(), serde_json::Value::String(vals.join(" | ")))
+        })
+        .collect();
+    let body = serde_json::json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "version": format!("{:?}", req.version()),
+        "authority": req.uri().authority().map(|a| a.as_str()),
+        "headers": headers,
+    });
+    let mut r = full(StatusCode::OK, body.to_string());
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return full(StatusCode::BAD_REQUEST, "not a websocket request");
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(
+        Empty::new()
+            .map_err(|e: Infallible| -> BoxError { match e {} })
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("connection", HeaderValue::from_static("upgrade"));
+    h.insert("upgrade", HeaderValue::from_static("websocket"));
+    h.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    r
+}
+
+/// Split complete length-prefixed gRPC messages off the front of `buf`.
+pub fn grpc_messages(buf: &mut BytesMut) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while buf.len() >= 5 {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if buf.len() < 5 + len {
+            break;
+        }
+        buf.advance(5);
+        out.push(buf.split_to(len).freeze());
+    }
+    out
+}
+
+pub fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + msg.len());
+    b.extend_from_slice(&[0]);
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    b.freeze()
+}
+
+fn grpc_trailers(status: u32, message: &str, count: usize) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(status));
+    if !message.is_empty() {
+        t.insert(
+            "grpc-message",
+            HeaderValue::from_str(message).expect("ascii message"),
+        );
+    }
+    t.insert("x-message-count", HeaderValue::from(count as u64));
+    t
+}
+
+async fn grpc(method: String, req: Request<Incoming>) -> Response<Body> {
+    if req
+        .headers()
+        .get("content-type")
+        .is_none_or(|v| !v.as_bytes().starts_with(b"application/grpc"))
+    {
+        return full(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not grpc");
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        let mut count = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return };
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                for msg in grpc_messages(&mut buf) {
+                    count += 1;
+                    if method != "Fail" && tx.send(Ok(Frame::data(grpc_frame(&msg)))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        let trailers = match method.as_str() {
+            "Fail" => grpc_trailers(5, "no such thing", count),
+            _ => grpc_trailers(0, "", count),
+        };
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    r
+}
