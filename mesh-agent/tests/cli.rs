@@ -1,7 +1,7 @@
 //! The `mesh-agent` binary as an operator uses it.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,13 +13,21 @@ fn agent() -> Command {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -27,7 +35,11 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("runs");
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -52,14 +64,33 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
     let d = dir.path().to_str().unwrap();
     let out = run_ok(agent().args(["cert", "init", "--trust-domain", "cli.test", "--dir", d]));
     assert!(out.contains("cli.test"), "{out}");
-    let again = agent().args(["cert", "init", "--trust-domain", "cli.test", "--dir", d]).output().unwrap();
-    assert!(!again.status.success(), "init must not overwrite a CA without --force");
-    let out = run_ok(agent().args(["cert", "issue", "--service", "orders", "--dir", d, "--ttl", "2h"]));
+    let again = agent()
+        .args(["cert", "init", "--trust-domain", "cli.test", "--dir", d])
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "init must not overwrite a CA without --force"
+    );
+    let out = run_ok(agent().args([
+        "cert",
+        "issue",
+        "--service",
+        "orders",
+        "--dir",
+        d,
+        "--ttl",
+        "2h",
+    ]));
     assert!(out.contains("spiffe://cli.test/service/orders"), "{out}");
 
     let admin_port = free_port();
     let cfg = write_config(dir.path(), admin_port);
-    let mut child = agent().args(["run", "--config", cfg.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = agent()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -69,53 +100,106 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
         assert!(Instant::now() < deadline, "sidecar never became ready");
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("sidecar exited early ({status}): {err}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "sidecar did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "sidecar did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "exit status {status}: {err}");
-    assert!(err.contains("SIGTERM received") && err.contains("drained"), "{err}");
+    assert!(
+        err.contains("SIGTERM received") && err.contains("drained"),
+        "{err}"
+    );
 }
 
 #[test]
 fn config_errors_name_the_field_and_position() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.yaml");
-    std::fs::write(&cfg, "service: orders\nidentity: {cert: a, key: b, bundle: c}\nlimits:\n  max_conections: 5\n").unwrap();
-    let out = agent().args(["run", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "service: orders\nidentity: {cert: a, key: b, bundle: c}\nlimits:\n  max_conections: 5\n",
+    )
+    .unwrap();
+    let out = agent()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown field `max_conections`") && err.contains("line 4"), "{err}");
+    assert!(
+        err.contains("unknown field `max_conections`") && err.contains("line 4"),
+        "{err}"
+    );
 
-    std::fs::write(&cfg, "service: orders\nidentity: {cert: /nonexistent.pem, key: b, bundle: c}\n").unwrap();
-    let out = agent().args(["run", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "service: orders\nidentity: {cert: /nonexistent.pem, key: b, bundle: c}\n",
+    )
+    .unwrap();
+    let out = agent()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent.pem"), "{err}");
 
-    let out = agent().env("TRELLIS_ADMIN_ADDR", "nonsense").args(["run", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out = agent()
+        .env("TRELLIS_ADMIN_ADDR", "nonsense")
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("TRELLIS_ADMIN_ADDR"));
 }
 
 #[test]
 fn demo_runs_for_a_duration_and_reports_success() {
-    let out = agent().args(["demo", "--duration", "2", "--rate", "20"]).output().unwrap();
+    let out = agent()
+        .args(["demo", "--duration", "2", "--rate", "20"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(" 0 failed"), "{stdout}");
-    assert!(stdout.contains("spiffe://demo.trellis.local/service/frontend"), "{stdout}");
-    assert!(stdout.contains("spiffe://demo.trellis.local/service/orders"), "{stdout}");
+    assert!(
+        stdout.contains("spiffe://demo.trellis.local/service/frontend"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("spiffe://demo.trellis.local/service/orders"),
+        "{stdout}"
+    );
 }

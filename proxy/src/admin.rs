@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Limits;
 use crate::readiness::Ready;
-use crate::server::{accept_loop, http_builder, serve_connection, Activity};
+use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::{drain, ResponseBody};
 
 /// Produces the JSON for `/config_dump`.
@@ -36,13 +36,20 @@ impl Admin {
         accept_loop(listener, 64, drain, "admin", move |tcp, _client, drain| {
             let this = self.clone();
             let builder = builder.clone();
-            let idle = limits.idle_timeout;
+            let timeouts = ConnTimeouts::from(&limits);
             async move {
+                let activity = Activity::new();
+                let act = activity.clone();
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req)) }
+                    let guard = act.begin();
+                    async move {
+                        let resp = this.handle(req);
+                        drop(guard);
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
-                serve_connection(&builder, tcp, svc, Activity::new(), idle, &drain).await;
+                serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
             }
         })
         .await;

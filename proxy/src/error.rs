@@ -43,8 +43,6 @@ pub enum ProxyError {
     Upstream { addr: SocketAddr, message: String },
     #[error("no response headers from {addr} within {timeout:?}")]
     ResponseTimeout { addr: SocketAddr, timeout: Duration },
-    #[error("the sidecar is shutting down")]
-    Draining,
 }
 
 // === impl ProxyError ===
@@ -53,9 +51,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingAuthority => StatusCode::BAD_REQUEST,
-            Self::UnknownService(_) | Self::NoEndpoints(_) | Self::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::UnknownService(_) | Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. }
             | Self::Tls { .. }
             | Self::Handshake { .. }
@@ -78,7 +74,6 @@ impl ProxyError {
             Self::Handshake { .. } => "h2-handshake-failed",
             Self::Upstream { .. } => "upstream-failed",
             Self::ResponseTimeout { .. } => "response-timeout",
-            Self::Draining => "draining",
         }
     }
 

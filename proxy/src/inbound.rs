@@ -28,7 +28,7 @@ use crate::identity::{
 };
 use crate::metrics::{ConnectionGuard, Metrics, INBOUND};
 use crate::outbound::error_chain;
-use crate::server::{accept_loop, http_builder, serve_connection, Activity};
+use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::{drain, upgrade, ResponseBody};
 
 /// First byte of a TLS handshake record.
@@ -105,7 +105,7 @@ impl Inbound {
             _ => return,
         }
         let activity = Activity::new();
-        let idle = self.limits.idle_timeout;
+        let timeouts = ConnTimeouts::from(&self.limits);
         if first[0] != TLS_HANDSHAKE {
             if self.mode == InboundMode::Strict {
                 self.metrics
@@ -116,7 +116,7 @@ impl Inbound {
                 return;
             }
             let svc = self.service_for(client, None, &activity);
-            serve_connection(builder, tcp, svc, activity, idle, &drain).await;
+            serve_connection(builder, tcp, svc, activity, timeouts, &drain).await;
             return;
         }
         let acceptor = TlsAcceptor::from(self.tls.load().server_config());
@@ -144,7 +144,7 @@ impl Inbound {
             .and_then(|c| spiffe_id_from_cert(c).ok())
             .and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
         let svc = self.service_for(client, peer, &activity);
-        serve_connection(builder, tls, svc, activity, idle, &drain).await;
+        serve_connection(builder, tls, svc, activity, timeouts, &drain).await;
     }
 
     fn service_for(

@@ -22,7 +22,7 @@ use crate::headers::{
 use crate::identity::IdentityStore;
 use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
 use crate::pool::PeerPool;
-use crate::server::{accept_loop, http_builder, serve_connection, Activity};
+use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::snapshot::{Endpoint, Service, Snapshot};
 use crate::{drain, upgrade, ResponseBody};
 
@@ -68,7 +68,7 @@ impl Outbound {
             async move {
                 let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
                 let activity = Activity::new();
-                let idle = this.limits.idle_timeout;
+                let timeouts = ConnTimeouts::from(&this.limits);
                 let act = activity.clone();
                 let svc = service_fn(move |req| {
                     let this = this.clone();
@@ -79,7 +79,7 @@ impl Outbound {
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                serve_connection(&builder, tcp, svc, activity, idle, &drain).await;
+                serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
             }
         })
         .await;

@@ -3,8 +3,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -12,7 +14,7 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -26,11 +28,15 @@ const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// An HTTP/1.1 + HTTP/2 (h2c prior knowledge or ALPN h2) server builder with our limits.
+///
+/// hyper's own `header_read_timeout` is off: it also runs while a keep-alive connection is
+/// idle, which would close apps' pooled connections after a few seconds. The header timeout is
+/// enforced by [`serve_connection`] instead, only while a request head is pending.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
         .max_headers(limits.max_headers);
     b.http2()
@@ -81,13 +87,20 @@ pub async fn accept_loop<F, Fut>(
     tracing::info!(listener = name, "stopped accepting connections");
 }
 
-/// Request activity on one connection, for the idle timeout.
-#[derive(Default)]
+/// Request activity on one connection, for the idle and header timeouts.
 pub struct Activity {
+    epoch: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` of the last request start or finish.
     last_ms: AtomicU64,
-    epoch: Option<Instant>,
+    /// 1 + milliseconds since `epoch` at which bytes of a not-yet-complete HTTP/1 request head
+    /// started arriving; 0 when no head is pending. A new connection starts pending: it must
+    /// send a request head in time.
+    head_since: AtomicU64,
+    /// HTTP/2 multiplexes requests and pings on one connection; only HTTP/1 has request heads to
+    /// time out.
+    h2: AtomicBool,
+    saw_bytes: AtomicBool,
 }
 
 /// Marks a request in flight until dropped.
@@ -98,29 +111,63 @@ pub struct ActivityGuard(Arc<Activity>);
 impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            epoch: Some(Instant::now()),
-            ..Default::default()
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            head_since: AtomicU64::new(1),
+            h2: AtomicBool::new(false),
+            saw_bytes: AtomicBool::new(false),
         })
     }
 
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
         self.touch();
         ActivityGuard(self.clone())
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let ms = self.epoch.map_or(0, |e| e.elapsed().as_millis() as u64);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes arrived from the client.
+    fn on_read(&self, data: &[u8]) {
+        if !self.saw_bytes.swap(true, Ordering::Relaxed) && data.starts_with(b"PRI ") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            self.head_since.store(self.now_ms() + 1, Ordering::Relaxed);
+        }
     }
 
     fn idle_for(&self) -> Option<Duration> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        let now = self.epoch.map_or(0, |e| e.elapsed().as_millis() as u64);
+        let idle = self
+            .now_ms()
+            .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        Some(Duration::from_millis(idle))
+    }
+
+    /// How long an HTTP/1 request head has been pending, if one is.
+    fn head_pending_for(&self) -> Option<Duration> {
+        let since = self.head_since.load(Ordering::Relaxed);
+        if since == 0
+            || self.h2.load(Ordering::Relaxed)
+            || self.in_flight.load(Ordering::Relaxed) > 0
+        {
+            return None;
+        }
         Some(Duration::from_millis(
-            now.saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+            self.now_ms().saturating_sub(since - 1),
         ))
     }
 }
@@ -132,15 +179,84 @@ impl Drop for ActivityGuard {
     }
 }
 
-/// Serve one connection until it ends. On drain, or after `idle_timeout` without requests, the
-/// connection is shut down gracefully: HTTP/2 sends GOAWAY and finishes open streams, HTTP/1
-/// finishes the current response and closes.
+/// Reports reads to an [`Activity`]; everything else passes through.
+struct Watched<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                self.activity.on_read(new);
+            }
+        }
+        res
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// When to close a connection on its own.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnTimeouts {
+    /// No request in flight for this long.
+    pub idle: Duration,
+    /// An HTTP/1 request head (or a new connection's first one) not complete within this.
+    pub header_read: Duration,
+}
+
+impl From<&Limits> for ConnTimeouts {
+    fn from(l: &Limits) -> Self {
+        Self {
+            idle: l.idle_timeout,
+            header_read: l.header_read_timeout,
+        }
+    }
+}
+
+/// Serve one connection until it ends. On drain, after `timeouts.idle` without requests, or
+/// when an HTTP/1 request head takes longer than `timeouts.header_read`, the connection is shut
+/// down gracefully: HTTP/2 sends GOAWAY and finishes open streams, HTTP/1 finishes the current
+/// response and closes.
 pub async fn serve_connection<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
     activity: Arc<Activity>,
-    idle_timeout: Duration,
+    timeouts: ConnTimeouts,
     drain: &drain::Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -148,9 +264,13 @@ pub async fn serve_connection<I, S>(
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let io = Watched {
+        inner: io,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let check_every = (idle_timeout / 4).max(Duration::from_millis(50));
+    let check_every = (timeouts.idle.min(timeouts.header_read) / 4).max(Duration::from_millis(25));
     let mut tick = tokio::time::interval(check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let drained = drain.signaled();
@@ -169,7 +289,12 @@ pub async fn serve_connection<I, S>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick(), if !closing => {
-                if activity.idle_for().is_some_and(|d| d >= idle_timeout) {
+                if activity.head_pending_for().is_some_and(|d| d >= timeouts.header_read) {
+                    // Nothing is in flight, and a graceful shutdown would keep waiting for the
+                    // head: drop the connection.
+                    tracing::debug!("closing connection: request head not received in time");
+                    return;
+                } else if activity.idle_for().is_some_and(|d| d >= timeouts.idle) {
                     tracing::debug!("closing idle connection");
                     closing = true;
                     conn.as_mut().graceful_shutdown();

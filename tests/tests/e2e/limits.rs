@@ -126,3 +126,31 @@ async fn max_connections_holds_new_connections_until_one_closes() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn keep_alive_connection_outlives_the_header_read_timeout() {
+    // The header timeout guards a request being sent; an idle keep-alive connection is governed
+    // by idle_timeout only.
+    let mesh = Mesh::start_with(
+        |c| c.limits.header_read_timeout = Duration::from_millis(200),
+        |_| {},
+    )
+    .await;
+    let mut tcp = TcpStream::connect(mesh.client.outbound()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..2 {
+        tcp.write_all(b"GET /echo HTTP/1.1\r\nHost: echo\r\n\r\n")
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+}
