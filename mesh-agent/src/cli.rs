@@ -35,6 +35,16 @@ pub enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Policies stored in etcd.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Services, instances, lease TTLs and the revision each sidecar has applied.
+    Status {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     Demo {
         /// Stop after this many seconds and exit non-zero if any request failed.
@@ -44,6 +54,89 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         rate: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Validate and write policy documents (one transaction per apply).
+    Apply {
+        /// A YAML file (several documents separated by `---`) or a directory of them.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Validate and show what would change, without writing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Validate policy documents without contacting etcd.
+    Validate {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Print a stored policy as YAML.
+    Get {
+        /// KIND/NAME, e.g. ServicePolicy/payments
+        reference: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// List stored policies.
+    List {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete a stored policy.
+    Delete {
+        /// KIND/NAME
+        reference: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// How the CLI reaches etcd.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd endpoints.
+    #[arg(
+        long,
+        env = "TRELLIS_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    #[arg(long, env = "TRELLIS_ETCD_PREFIX", default_value = trellis_proxy::config::DEFAULT_ETCD_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA bundle for TLS to etcd.
+    #[arg(long, env = "TRELLIS_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS to etcd (with --etcd-key).
+    #[arg(long, env = "TRELLIS_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TRELLIS_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    #[arg(long, env = "TRELLIS_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "TRELLIS_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// Timeout of each etcd call.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub etcd_timeout: Duration,
+}
+
+impl EtcdArgs {
+    pub fn config(&self) -> trellis_proxy::config::EtcdConfig {
+        let mut c = trellis_proxy::config::EtcdConfig::new(self.etcd_endpoints.clone());
+        c.prefix = self.etcd_prefix.clone();
+        c.ca = self.etcd_ca.clone();
+        c.cert = self.etcd_cert.clone();
+        c.key = self.etcd_key.clone();
+        c.username = self.etcd_user.clone();
+        c.password = self.etcd_password.clone();
+        c.timeout = self.etcd_timeout;
+        c
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +238,14 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy { command } => policy(command),
+        Command::Status { etcd } => {
+            let out = runtime()?
+                .block_on(crate::policy::status(&etcd.config()))
+                .map_err(|e| e.to_string())?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { duration, rate } => {
             let ok = runtime()?
                 .block_on(crate::demo::run(duration.map(Duration::from_secs), rate))
@@ -156,4 +257,41 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
+    use crate::policy as p;
+    let lines = match command {
+        PolicyCommand::Validate { file } => {
+            let docs = p::load_documents(&file).map_err(|e| e.to_string())?;
+            docs.iter().map(|d| format!("{} valid", d.id())).collect()
+        }
+        PolicyCommand::Apply {
+            file,
+            dry_run,
+            etcd,
+        } => {
+            let docs = p::load_documents(&file).map_err(|e| e.to_string())?;
+            runtime()?
+                .block_on(p::apply(&etcd.config(), &docs, dry_run))
+                .map_err(|e| e.to_string())?
+        }
+        PolicyCommand::Get { reference, etcd } => {
+            vec![runtime()?
+                .block_on(p::get(&etcd.config(), &reference))
+                .map_err(|e| e.to_string())?]
+        }
+        PolicyCommand::List { etcd } => runtime()?
+            .block_on(p::list(&etcd.config()))
+            .map_err(|e| e.to_string())?,
+        PolicyCommand::Delete { reference, etcd } => {
+            vec![runtime()?
+                .block_on(p::delete(&etcd.config(), &reference))
+                .map_err(|e| e.to_string())?]
+        }
+    };
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,10 @@
 pub mod cert;
 pub mod cli;
 pub mod demo;
+pub mod etcd;
 pub mod logging;
+pub mod policy;
 pub mod run;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,18 +1,25 @@
 //! `mesh-agent run`: one sidecar, configured from a file, fed by the file store, stopped by
 //! SIGTERM/SIGINT or `POST /shutdown`.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+use trellis_policies::Registration;
 use trellis_proxy::app::{Proxy, Running, StartError};
-use trellis_proxy::config::Config;
+use trellis_proxy::config::{Config, EtcdConfig};
 use trellis_proxy::snapshot::Snapshot;
 
-use crate::store::FileStore;
+use crate::etcd::discovery::Discovery;
+use crate::etcd::registration::{self, RegistrationHandle};
+use crate::store::{FileStore, SnapshotTx};
 
 /// Build and start a sidecar for `config`, with its store.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(None);
+    if let Some(etcd) = config.store.etcd.clone() {
+        return start_etcd(config, etcd, tx, rx).await;
+    }
     match &config.store.file {
         Some(path) => {
             let mut proxy = Proxy::new(config.clone(), rx);
@@ -47,6 +54,115 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Ok(running)
         }
     }
+}
+
+/// etcd mode: discovery feeds the data plane; registration starts once the listeners are bound
+/// and is revoked before draining.
+async fn start_etcd(
+    config: Config,
+    etcd: EtcdConfig,
+    tx: SnapshotTx,
+    rx: trellis_proxy::app::SnapshotRx,
+) -> Result<Running, StartError> {
+    let mut proxy = Proxy::new(config.clone(), rx);
+    let cache_file = etcd
+        .cache_file
+        .clone()
+        .unwrap_or_else(|| default_cache_file(&config));
+    let discovery = Discovery::new(
+        etcd.clone(),
+        config.trust_domain.clone(),
+        cache_file,
+        tx,
+        proxy.ready(),
+        proxy.registry_mut(),
+    );
+    let applied = discovery.applied();
+    let discovery_status = discovery.status();
+    let registration: Arc<Mutex<Option<RegistrationHandle>>> = Arc::default();
+    let reg_status = registration.clone();
+    proxy.dump_section(
+        "etcd",
+        Arc::new(move || {
+            let d = discovery_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let r = reg_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|h| h.status.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            serde_json::json!({ "discovery": d, "registration": r })
+        }),
+    );
+    let hook_slot = registration.clone();
+    proxy.before_drain(Box::new(move || {
+        Box::pin(async move {
+            let handle = hook_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(h) = handle {
+                h.deregister().await;
+            }
+        })
+    }));
+    let running = proxy.start().await?;
+    tokio::spawn(discovery.run());
+    if etcd.registration.enabled {
+        let record = registration_record(&config, &etcd, running.bound.inbound);
+        let health = etcd
+            .registration
+            .app_health_path
+            .clone()
+            .map(|p| (config.inbound.app, p));
+        let handle = registration::spawn(etcd, record, health, applied);
+        *registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+    Ok(running)
+}
+
+/// What this instance registers: the advertised (or bound) inbound address and its identity.
+pub fn registration_record(
+    config: &Config,
+    etcd: &EtcdConfig,
+    bound_inbound: std::net::SocketAddr,
+) -> Registration {
+    let reg = &etcd.registration;
+    let address = reg.address.unwrap_or(bound_inbound);
+    let instance = reg
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), bound_inbound.port()));
+    Registration {
+        service: config.service.clone(),
+        instance,
+        address: address.to_string(),
+        identity: format!(
+            "spiffe://{}/service/{}",
+            config.trust_domain, config.service
+        ),
+        weight: reg.weight,
+        zone: reg.zone.clone(),
+        metadata: reg.metadata.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ttl_seconds: etcd.lease_ttl.as_secs() as i64,
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().replace(['/', ' '], "-"))
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn default_cache_file(config: &Config) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "trellis-{}-{}.cache.json",
+        config.service,
+        config.inbound.listen.port()
+    ))
 }
 
 /// Run until a signal or `/shutdown`, then drain.

@@ -4,13 +4,20 @@
 //! This crate has no async and no I/O beyond parsing text, so the CLI (`policy validate`), the
 //! file store and every sidecar run exactly the same checks on exactly the same types.
 
+mod document;
 mod mesh;
 mod spiffe;
 mod validate;
 
+pub use document::{
+    parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
+    KINDS,
+};
 pub use mesh::{EndpointSpec, MeshDocument, ServicePolicy, ServiceSpec};
 pub use spiffe::{SpiffeError, SpiffeId};
-pub use validate::{validate, validate_service_name, ValidationError, ValidationErrors};
+pub use validate::{
+    validate, validate_service_name, ValidationError, ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
+};
 
 /// Why a mesh document could not be accepted.
 #[derive(Debug, thiserror::Error)]

@@ -60,12 +60,17 @@ impl Admin {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
             (&Method::GET, "/ready") => {
                 let pending = self.ready.pending();
+                let detail = self
+                    .ready
+                    .detail()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default();
                 if pending.is_empty() {
-                    text(StatusCode::OK, "ready\n".into())
+                    text(StatusCode::OK, format!("ready{detail}\n"))
                 } else {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: waiting for {}\n", pending.join(", ")),
+                        format!("not ready: waiting for {}{detail}\n", pending.join(", ")),
                     )
                 }
             }

@@ -40,11 +40,17 @@ pub enum StartError {
     },
 }
 
+/// Runs when shutdown is requested, before draining starts (e.g. deregistration, so that peers
+/// stop sending before the listeners close).
+pub type BeforeDrain = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
+
 pub struct Proxy {
     config: Config,
     snapshots: SnapshotRx,
     registry: Registry,
     dump_sections: Vec<(&'static str, DumpFn)>,
+    ready: Ready,
+    before_drain: Vec<BeforeDrain>,
 }
 
 /// The addresses the listeners actually bound (port 0 in the config picks a free port).
@@ -76,7 +82,19 @@ impl Proxy {
             snapshots,
             registry: Registry::with_prefix("trellis"),
             dump_sections: Vec::new(),
+            ready: Ready::new(),
+            before_drain: Vec::new(),
         }
+    }
+
+    /// The readiness state `/ready` reports, for sources to add detail to.
+    pub fn ready(&self) -> Ready {
+        self.ready.clone()
+    }
+
+    /// Run `hook` when shutdown is requested, before draining.
+    pub fn before_drain(&mut self, hook: BeforeDrain) {
+        self.before_drain.push(hook);
     }
 
     /// The registry `/metrics` serves, for the agent to add its own metrics.
@@ -93,7 +111,7 @@ impl Proxy {
     pub async fn start(mut self) -> Result<Running, StartError> {
         self.config.validate()?;
         let cfg = self.config;
-        let ready = Ready::new();
+        let ready = self.ready;
         let snapshot_ready = ready.block("snapshot");
         let metrics = Metrics::register(&mut self.registry);
 
@@ -201,12 +219,20 @@ impl Proxy {
 
         let grace = cfg.drain.grace_period;
         let drain_ready = ready.clone();
+        let hooks = self.before_drain;
         let done = tokio::spawn(async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
             let _not_ready = drain_ready.block("draining");
             let start = Instant::now();
+            for hook in hooks {
+                if tokio::time::timeout(grace, hook()).await.is_err() {
+                    tracing::warn!("shutdown hook did not finish within the grace period");
+                }
+            }
             tracing::info!(grace = ?grace, "draining: inbound stops accepting, outbound keeps serving the app");
-            let inbound_done = inbound_trigger.drain(grace).await;
+            let inbound_done = inbound_trigger
+                .drain(grace.saturating_sub(start.elapsed()))
+                .await;
             let outbound_done = outbound_trigger
                 .drain(grace.saturating_sub(start.elapsed()))
                 .await;

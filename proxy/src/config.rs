@@ -34,6 +34,13 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How often certificate and store files are checked for changes.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// Key prefix in etcd; several meshes can share one etcd under different prefixes.
+pub const DEFAULT_ETCD_PREFIX: &str = "/trellis";
+/// Registration lease TTL. etcd raises TTLs below ~2 s, so shorter values are refused.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+/// Timeout of one etcd call (connect included).
+pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Header naming why the sidecar answered with an error instead of the upstream.
 pub const ERROR_HEADER: &str = "trellis-error";
@@ -172,6 +179,98 @@ pub struct StoreConfig {
     pub file: Option<PathBuf>,
     #[serde(default = "d_reload", with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// Production mode: registration, discovery and policies in etcd. Read by `mesh-agent`;
+    /// the data plane only ever sees the snapshots built from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdConfig>,
+}
+
+/// How to reach etcd and where this sidecar keeps its fail-static cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// e.g. `http://10.0.0.1:2379`; several for a cluster.
+    pub endpoints: Vec<String>,
+    #[serde(default = "d_etcd_prefix")]
+    pub prefix: String,
+    /// PEM CA bundle for TLS to etcd (use `https://` endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS to etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Never shown in `/config_dump`. `TRELLIS_ETCD_PASSWORD` overrides it.
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    #[serde(default = "d_etcd_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "d_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// The last applied mesh state and its revision, for fail-static starts. Default:
+    /// `<temp dir>/trellis-<service>-<inbound port>.cache.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_file: Option<PathBuf>,
+    /// How this instance registers itself.
+    #[serde(default)]
+    pub registration: RegistrationConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// Register at all (a client-only sidecar may not).
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// The address peers use to reach the inbound listener. Required when `inbound.listen` is
+    /// a wildcard address (`TRELLIS_ADVERTISE_ADDR`, e.g. the pod IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// Unique per instance; default `<hostname>-<inbound port>` (`TRELLIS_INSTANCE_ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Register only once `GET <app><path>` answers 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_health_path: Option<String>,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: None,
+            instance_id: None,
+            weight: 1,
+            zone: None,
+            metadata: Default::default(),
+            app_health_path: None,
+        }
+    }
+}
+
+fn d_etcd_prefix() -> String {
+    DEFAULT_ETCD_PREFIX.to_string()
+}
+fn d_etcd_timeout() -> Duration {
+    DEFAULT_ETCD_TIMEOUT
+}
+fn d_lease_ttl() -> Duration {
+    DEFAULT_LEASE_TTL
+}
+fn d_true() -> bool {
+    true
+}
+fn d_weight() -> u32 {
+    1
 }
 
 fn parse_addr(s: &str) -> SocketAddr {
@@ -269,6 +368,7 @@ impl Default for StoreConfig {
         Self {
             file: None,
             reload_interval: d_reload(),
+            etcd: None,
         }
     }
 }
@@ -295,6 +395,27 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+}
+
+// === impl EtcdConfig ===
+
+impl EtcdConfig {
+    /// Defaults for everything but the endpoints.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: d_etcd_prefix(),
+            ca: None,
+            cert: None,
+            key: None,
+            username: None,
+            password: None,
+            timeout: d_etcd_timeout(),
+            lease_ttl: d_lease_ttl(),
+            cache_file: None,
+            registration: RegistrationConfig::default(),
+        }
+    }
 }
 
 // === impl Config ===
@@ -378,6 +499,33 @@ impl Config {
                 "TRELLIS_KEY" => self.identity.key = value.into(),
                 "TRELLIS_BUNDLE" => self.identity.bundle = value.into(),
                 "TRELLIS_STORE_FILE" => self.store.file = Some(value.into()),
+                "TRELLIS_ETCD_ENDPOINTS" => {
+                    let endpoints = value
+                        .split(',')
+                        .map(|e| e.trim().to_string())
+                        .filter(|e| !e.is_empty())
+                        .collect();
+                    match &mut self.store.etcd {
+                        Some(etcd) => etcd.endpoints = endpoints,
+                        None => self.store.etcd = Some(EtcdConfig::new(endpoints)),
+                    }
+                }
+                "TRELLIS_ETCD_PASSWORD" => {
+                    if let Some(etcd) = &mut self.store.etcd {
+                        etcd.password = Some(value);
+                    }
+                }
+                "TRELLIS_ADVERTISE_ADDR" => {
+                    let a = addr(&value)?;
+                    if let Some(etcd) = &mut self.store.etcd {
+                        etcd.registration.address = Some(a);
+                    }
+                }
+                "TRELLIS_INSTANCE_ID" => {
+                    if let Some(etcd) = &mut self.store.etcd {
+                        etcd.registration.instance_id = Some(value);
+                    }
+                }
                 _ => {}
             }
         }

@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Default)]
-pub struct Ready(Arc<Mutex<BTreeSet<&'static str>>>);
+pub struct Ready(
+    Arc<Mutex<BTreeSet<&'static str>>>,
+    Arc<Mutex<Option<String>>>,
+);
 
 /// Blocks readiness until dropped.
 pub struct BlockReady {
@@ -36,6 +39,15 @@ impl Ready {
 
     pub fn is_ready(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// A note shown with the readiness state, e.g. "serving from cache at revision 42".
+    pub fn set_detail(&self, detail: Option<String>) {
+        *self.1.lock().unwrap_or_else(|p| p.into_inner()) = detail;
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {

@@ -164,3 +164,39 @@ pub fn rss_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Start a sidecar in etcd mode (registration on, 2 s lease, cache file in `pki`'s dir).
+pub async fn etcd_sidecar(
+    pki: &Pki,
+    service: &str,
+    app: SocketAddr,
+    endpoints: Vec<String>,
+    tweak: impl FnOnce(&mut Config),
+) -> Running {
+    let mut cfg = testing::config(service, pki.path(), app);
+    let mut etcd = trellis_proxy::config::EtcdConfig::new(endpoints);
+    etcd.lease_ttl = Duration::from_secs(2);
+    etcd.timeout = Duration::from_secs(1);
+    etcd.cache_file = Some(pki.path().join(format!("{service}.cache.json")));
+    cfg.store.etcd = Some(etcd);
+    tweak(&mut cfg);
+    mesh_agent::run::start(cfg)
+        .await
+        .expect("etcd sidecar starts")
+}
+
+/// Poll an async condition every 20 ms; panic with `what` after `limit`.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

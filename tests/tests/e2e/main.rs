@@ -4,6 +4,7 @@
 mod admin;
 mod drain;
 mod errors;
+mod etcd;
 mod grpc;
 mod http;
 mod identity;

@@ -1,0 +1,142 @@
+//! The fail-static cache: the last applied mesh state and its etcd revision, written atomically
+//! (temp file, fsync, rename) after every change, read at startup when etcd may be down.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    format: u32,
+    /// The key prefix the entries were read under; a cache from another mesh is ignored.
+    prefix: String,
+    revision: i64,
+    saved_at_unix: u64,
+    /// Raw values by key (JSON text), re-validated on load like anything read from etcd.
+    entries: BTreeMap<String, String>,
+}
+
+/// What a cache file held.
+pub struct Cached {
+    pub revision: i64,
+    pub saved_at_unix: u64,
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {message}")]
+    Io { path: PathBuf, message: String },
+}
+
+pub struct Cache {
+    path: PathBuf,
+    prefix: String,
+}
+
+// === impl Cache ===
+
+impl Cache {
+    pub fn new(path: PathBuf, prefix: &str) -> Self {
+        Self {
+            path,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read the cache; `Ok(None)` when there is none (or it belongs to another prefix).
+    pub fn load(&self) -> Result<Option<Cached>, CacheError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(e.to_string())),
+        };
+        let file: CacheFile =
+            serde_json::from_str(&text).map_err(|e| self.err(format!("unreadable: {e}")))?;
+        if file.format != FORMAT || file.prefix != self.prefix {
+            return Ok(None);
+        }
+        Ok(Some(Cached {
+            revision: file.revision,
+            saved_at_unix: file.saved_at_unix,
+            entries: file
+                .entries
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect(),
+        }))
+    }
+
+    /// Write the state atomically.
+    pub fn save<'a>(
+        &self,
+        revision: i64,
+        entries: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<(), CacheError> {
+        let file = CacheFile {
+            format: FORMAT,
+            prefix: self.prefix.clone(),
+            revision,
+            saved_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            entries: entries
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
+                .collect(),
+        };
+        let json = serde_json::to_vec(&file).map_err(|e| self.err(e.to_string()))?;
+        if let Some(dir) = self.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| self.err(e.to_string()))?;
+            }
+        }
+        let tmp = self.path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| self.err(e.to_string()))
+    }
+
+    fn err(&self, message: String) -> CacheError {
+        CacheError::Io {
+            path: self.path.clone(),
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_and_load_round_trip_and_prefix_mismatch_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/cache.json");
+        let cache = Cache::new(path.clone(), "/a");
+        assert!(cache.load().unwrap().is_none());
+        cache
+            .save(42, [("/a/v1/mesh/k", b"{}".as_slice())].into_iter())
+            .unwrap();
+        let c = cache.load().unwrap().unwrap();
+        assert_eq!(c.revision, 42);
+        assert_eq!(
+            c.entries,
+            vec![("/a/v1/mesh/k".to_string(), b"{}".to_vec())]
+        );
+        assert!(Cache::new(path.clone(), "/b").load().unwrap().is_none());
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(cache.load().is_err());
+    }
+}

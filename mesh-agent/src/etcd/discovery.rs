@@ -1,0 +1,429 @@
+//! One watch per sidecar over the mesh prefix, feeding the data plane.
+//!
+//! The rules (../shared/design/NOTES.md section 1): range-read the prefix, then watch from that
+//! read's revision + 1; advance the revision only by applied events or progress notifications;
+//! on `compacted`, re-read and apply only the differences; check an idle watch with progress
+//! requests, because a watch served by a dying member just goes quiet; on any failure, back off,
+//! reconnect and resume from the last applied revision. Start from the cache when etcd cannot be
+//! reached at startup, and report it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::watch;
+use trellis_proxy::config::EtcdConfig;
+use trellis_proxy::readiness::Ready;
+use trellis_proxy::snapshot::Snapshot;
+
+use super::cache::Cache;
+use super::keys::Keys;
+use super::state::{MeshState, Rejection};
+use super::{backoff, Etcd, EtcdError};
+use crate::store::SnapshotTx;
+
+/// An idle watch is probed this often with a progress request...
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// ...and declared dead when nothing arrives for this long.
+const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(6);
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DiscoveryStatus {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub connected: bool,
+    /// Revision of the mesh state in use.
+    pub revision: i64,
+    /// Set while serving the cached state because etcd has not been reached since startup.
+    pub serving_from_cache: Option<i64>,
+    pub cache_file: PathBuf,
+    pub last_error: Option<String>,
+    pub watch_restarts: u64,
+    pub resyncs: u64,
+    /// Keys whose latest value was refused, with the revision and reason.
+    pub rejected: BTreeMap<String, Rejection>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+struct Metrics {
+    connected: Gauge,
+    revision: Gauge,
+    from_cache: Gauge,
+    watch_restarts: Counter,
+    resyncs: Counter,
+    rejected: Family<KindLabels, Counter>,
+}
+
+pub struct Discovery {
+    cfg: EtcdConfig,
+    keys: Keys,
+    trust_domain: String,
+    state: MeshState,
+    need_resync: bool,
+    tx: SnapshotTx,
+    cache: Cache,
+    cache_tried: bool,
+    ready: Ready,
+    status: Arc<Mutex<DiscoveryStatus>>,
+    applied: watch::Sender<i64>,
+    metrics: Metrics,
+}
+
+// === impl Discovery ===
+
+impl Discovery {
+    pub fn new(
+        cfg: EtcdConfig,
+        trust_domain: String,
+        cache_file: PathBuf,
+        tx: SnapshotTx,
+        ready: Ready,
+        registry: &mut Registry,
+    ) -> Self {
+        let metrics = Metrics {
+            connected: Gauge::default(),
+            revision: Gauge::default(),
+            from_cache: Gauge::default(),
+            watch_restarts: Counter::default(),
+            resyncs: Counter::default(),
+            rejected: Family::default(),
+        };
+        registry.register(
+            "etcd_connected",
+            "1 while the watch on etcd is established",
+            metrics.connected.clone(),
+        );
+        registry.register(
+            "etcd_applied_revision",
+            "etcd revision of the mesh state in use",
+            metrics.revision.clone(),
+        );
+        registry.register(
+            "etcd_serving_from_cache",
+            "1 while serving the cached state because etcd has not been reached since startup",
+            metrics.from_cache.clone(),
+        );
+        registry.register(
+            "etcd_watch_restarts",
+            "Watch streams re-created after a failure",
+            metrics.watch_restarts.clone(),
+        );
+        registry.register(
+            "etcd_resyncs",
+            "Full re-reads of the mesh prefix (startup, compaction)",
+            metrics.resyncs.clone(),
+        );
+        registry.register(
+            "policy_rejected",
+            "Values read from etcd that failed validation, by kind (instance, policy)",
+            metrics.rejected.clone(),
+        );
+        let status = DiscoveryStatus {
+            endpoints: cfg.endpoints.clone(),
+            prefix: cfg.prefix.clone(),
+            cache_file: cache_file.clone(),
+            ..Default::default()
+        };
+        let (applied, _) = watch::channel(0);
+        Self {
+            keys: Keys::new(&cfg.prefix),
+            cache: Cache::new(cache_file, &cfg.prefix),
+            cfg,
+            trust_domain,
+            state: MeshState::default(),
+            need_resync: true,
+            tx,
+            cache_tried: false,
+            ready,
+            status: Arc::new(Mutex::new(status)),
+            applied,
+            metrics,
+        }
+    }
+
+    pub fn status(&self) -> Arc<Mutex<DiscoveryStatus>> {
+        self.status.clone()
+    }
+
+    /// The revision applied by the data plane, for the status key.
+    pub fn applied(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
+    }
+
+    /// Run until the data plane is gone.
+    pub async fn run(mut self) {
+        let mut attempt = 0;
+        loop {
+            let start = Instant::now();
+            let err = self.session().await.err();
+            self.metrics.connected.set(0);
+            self.with_status(|s| {
+                s.connected = false;
+                s.last_error = err.as_ref().map(|e| e.to_string());
+            });
+            if self.tx.is_closed() {
+                return;
+            }
+            if let Some(e) = &err {
+                tracing::warn!(error = %e, revision = self.state.revision, "etcd watch failed; serving the last applied state");
+            }
+            if self.state.revision == 0 && !self.cache_tried {
+                self.start_from_cache();
+            }
+            // A session that ran for a while was healthy: start backing off from scratch.
+            if start.elapsed() > Duration::from_secs(10) {
+                attempt = 0;
+            }
+            self.metrics.watch_restarts.inc();
+            self.with_status(|s| s.watch_restarts += 1);
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    /// Connect, re-read if needed, then follow the watch until it fails.
+    async fn session(&mut self) -> Result<(), EtcdError> {
+        let etcd = Etcd::connect(&self.cfg).await?;
+        let mut client = etcd.client.clone();
+        let prefix = self.keys.mesh();
+        if self.need_resync {
+            let resp = etcd
+                .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+                .await?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let kvs: Vec<(&str, &[u8])> = resp
+                .kvs()
+                .iter()
+                .filter_map(|kv| Some((kv.key_str().ok()?, kv.value())))
+                .collect();
+            self.resync(kvs, revision);
+        }
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.state.revision + 1)
+            .with_progress_notify();
+        let mut stream = etcd.call(client.watch(prefix.as_str(), Some(opts))).await?;
+        self.metrics.connected.set(1);
+        self.with_status(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        tracing::info!(revision = self.state.revision, endpoints = ?self.cfg.endpoints, "watching etcd");
+
+        let mut probe = tokio::time::interval(PROGRESS_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            let msg = tokio::select! {
+                msg = stream.message() => msg.map_err(|e| etcd.err(e))?,
+                _ = probe.tick() => {
+                    if last_heard.elapsed() > WATCH_SILENCE_LIMIT {
+                        return Err(EtcdError::Timeout { endpoints: self.cfg.endpoints.join(", "), timeout: WATCH_SILENCE_LIMIT });
+                    }
+                    if last_heard.elapsed() >= PROGRESS_EVERY {
+                        stream.request_progress().await.map_err(|e| etcd.err(e))?;
+                    }
+                    continue;
+                }
+            };
+            last_heard = Instant::now();
+            let Some(resp) = msg else {
+                return Err(etcd.err(etcd_client::Error::WatchError("watch stream ended".into())));
+            };
+            if resp.compact_revision() > 0 {
+                tracing::warn!(
+                    compacted = resp.compact_revision(),
+                    revision = self.state.revision,
+                    "watch revision was compacted; re-reading and applying the differences"
+                );
+                self.need_resync = true;
+                return Ok(());
+            }
+            if resp.canceled() {
+                self.need_resync = true;
+                return Err(etcd.err(etcd_client::Error::WatchError(format!(
+                    "watch canceled: {}",
+                    resp.cancel_reason()
+                ))));
+            }
+            if resp.created() && resp.events().is_empty() {
+                continue;
+            }
+            let mut changed = false;
+            let mut revision = self.state.revision;
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let Ok(key) = kv.key_str() else { continue };
+                revision = revision.max(kv.mod_revision());
+                match ev.event_type() {
+                    EventType::Put => {
+                        match self
+                            .state
+                            .put(&self.keys, key, kv.value(), kv.mod_revision())
+                        {
+                            Ok(c) => changed |= c,
+                            Err(reason) => self.rejected(key, kv.mod_revision(), &reason),
+                        }
+                    }
+                    EventType::Delete => changed |= self.state.delete(key),
+                }
+            }
+            if resp.events().is_empty() {
+                // A progress notification: every event up to this revision has been delivered.
+                revision = revision.max(resp.header().map_or(0, |h| h.revision()));
+            }
+            self.state.revision = revision;
+            if changed {
+                self.publish("etcd");
+            } else {
+                self.note_revision();
+            }
+        }
+    }
+
+    fn resync(&mut self, kvs: Vec<(&str, &[u8])>, revision: i64) {
+        self.metrics.resyncs.inc();
+        let mut rejected = Vec::new();
+        let changes = self.state.resync(&self.keys, kvs, revision, |k, r| {
+            rejected.push((k.to_string(), r.to_string()))
+        });
+        for (k, r) in rejected {
+            self.rejected(&k, revision, &r);
+        }
+        self.need_resync = false;
+        self.with_status(|s| s.resyncs += 1);
+        tracing::info!(
+            revision,
+            applied = changes.applied,
+            removed = changes.removed,
+            rejected = changes.rejected,
+            "read mesh state from etcd"
+        );
+        let from_cache = self
+            .status
+            .lock()
+            .map(|s| s.serving_from_cache.is_some())
+            .unwrap_or(false);
+        if changes.any() || from_cache || self.tx.borrow().is_none() {
+            self.publish("etcd");
+        } else {
+            self.note_revision();
+        }
+    }
+
+    fn start_from_cache(&mut self) {
+        self.cache_tried = true;
+        match self.cache.load() {
+            Ok(Some(cached)) => {
+                let entries: Vec<(&str, &[u8])> = cached
+                    .entries
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect();
+                self.state
+                    .resync(&self.keys, entries, cached.revision, |k, r| {
+                        tracing::warn!(
+                            key = k,
+                            reason = r,
+                            "cached value no longer valid; skipped"
+                        );
+                    });
+                // The cache is a fallback: a reachable etcd always gets a full read.
+                self.need_resync = true;
+                tracing::warn!(
+                    revision = cached.revision,
+                    saved_at_unix = cached.saved_at_unix,
+                    cache = %self.cache.path().display(),
+                    "etcd unreachable at startup: serving from cache at revision {}",
+                    cached.revision
+                );
+                self.publish("cache");
+            }
+            Ok(None) => {
+                tracing::warn!(cache = %self.cache.path().display(), "etcd unreachable at startup and no cache: not ready until etcd answers")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "etcd unreachable at startup and the cache is unusable")
+            }
+        }
+    }
+
+    /// Build and send a snapshot of the current state; persist it unless it came from the cache.
+    fn publish(&mut self, source: &'static str) {
+        let revision = self.state.revision;
+        let doc = self.state.to_document();
+        let origin = format!("{source}:{}@{revision}", self.cfg.prefix);
+        let snapshot = match trellis_policies::validate(&doc)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                Snapshot::from_document(&doc, &self.trust_domain, revision.max(0) as u64, origin)
+            }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, revision, "mesh state from etcd does not form a valid snapshot; keeping the current one");
+                return;
+            }
+        };
+        self.tx.send_replace(Some(Arc::new(snapshot)));
+        let from_cache = source == "cache";
+        if from_cache {
+            self.ready
+                .set_detail(Some(format!("serving from cache at revision {revision}")));
+            self.metrics.from_cache.set(1);
+        } else {
+            self.ready.set_detail(None);
+            self.metrics.from_cache.set(0);
+            if let Err(e) = self.cache.save(revision, self.state.raw()) {
+                tracing::warn!(error = %e, "cannot write the fail-static cache");
+            }
+        }
+        self.with_status(|s| s.serving_from_cache = from_cache.then_some(revision));
+        self.note_revision();
+        tracing::debug!(revision, source, "published mesh snapshot");
+    }
+
+    fn note_revision(&self) {
+        let revision = self.state.revision;
+        self.metrics.revision.set(revision);
+        let rejected = self.state.rejected.clone();
+        self.with_status(|s| {
+            s.revision = revision;
+            s.rejected = rejected;
+        });
+        self.applied.send_replace(revision);
+    }
+
+    fn rejected(&self, key: &str, revision: i64, reason: &str) {
+        let kind = if key.starts_with(&self.keys.policies()) {
+            "policy"
+        } else {
+            "instance"
+        };
+        self.metrics
+            .rejected
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        tracing::error!(
+            key,
+            revision,
+            reason,
+            "rejected invalid value from etcd; keeping the last good version"
+        );
+    }
+
+    fn with_status(&self, f: impl FnOnce(&mut DiscoveryStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}

@@ -1,0 +1,112 @@
+//! The etcd key layout, versioned under a configurable prefix:
+//!
+//! ```text
+//! <prefix>/v1/mesh/services/<service>/instances/<instance>   registration (JSON), under the instance's lease
+//! <prefix>/v1/mesh/policies/<Kind>/<name>                    policy document (JSON)
+//! <prefix>/v1/status/<service>/<instance>                    applied revision (JSON), under the instance's lease
+//! ```
+//!
+//! Sidecars watch `<prefix>/v1/mesh/` only: status writes, which every sidecar makes, never
+//! wake the others.
+
+/// Parsed meaning of a key under the mesh prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshKey<'a> {
+    Instance { service: &'a str, instance: &'a str },
+    Policy { kind: &'a str, name: &'a str },
+}
+
+#[derive(Clone, Debug)]
+pub struct Keys {
+    root: String,
+}
+
+// === impl Keys ===
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            root: format!("{}/v1", prefix.trim_end_matches('/')),
+        }
+    }
+
+    /// Everything a sidecar routes with.
+    pub fn mesh(&self) -> String {
+        format!("{}/mesh/", self.root)
+    }
+
+    pub fn instance(&self, service: &str, instance: &str) -> String {
+        format!("{}/mesh/services/{service}/instances/{instance}", self.root)
+    }
+
+    pub fn services(&self) -> String {
+        format!("{}/mesh/services/", self.root)
+    }
+
+    pub fn policy(&self, kind: &str, name: &str) -> String {
+        format!("{}/mesh/policies/{kind}/{name}", self.root)
+    }
+
+    pub fn policies(&self) -> String {
+        format!("{}/mesh/policies/", self.root)
+    }
+
+    pub fn status(&self, service: &str, instance: &str) -> String {
+        format!("{}/status/{service}/{instance}", self.root)
+    }
+
+    pub fn statuses(&self) -> String {
+        format!("{}/status/", self.root)
+    }
+
+    /// Classify a key read from the mesh prefix; `None` for keys this version does not know.
+    pub fn parse<'a>(&self, key: &'a str) -> Option<MeshKey<'a>> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("/mesh/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["services", service, "instances", instance]
+                if !service.is_empty() && !instance.is_empty() =>
+            {
+                Some(MeshKey::Instance { service, instance })
+            }
+            ["policies", kind, name] if !kind.is_empty() && !name.is_empty() => {
+                Some(MeshKey::Policy { kind, name })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_round_trips() {
+        let k = Keys::new("/trellis/");
+        assert_eq!(
+            k.instance("orders", "a-1"),
+            "/trellis/v1/mesh/services/orders/instances/a-1"
+        );
+        assert_eq!(
+            k.parse(&k.instance("orders", "a-1")),
+            Some(MeshKey::Instance {
+                service: "orders",
+                instance: "a-1"
+            })
+        );
+        assert_eq!(
+            k.parse(&k.policy("ServicePolicy", "orders")),
+            Some(MeshKey::Policy {
+                kind: "ServicePolicy",
+                name: "orders"
+            })
+        );
+        assert!(k.parse("/trellis/v1/mesh/other/x").is_none());
+        assert!(k.parse("/other/v1/mesh/policies/a/b").is_none());
+        assert!(
+            !k.status("a", "b").starts_with(&k.mesh()),
+            "status keys are outside the watched prefix"
+        );
+    }
+}

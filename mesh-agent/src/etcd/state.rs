@@ -1,0 +1,308 @@
+//! The mesh state a sidecar holds from etcd: every key's last *valid* value. An invalid value
+//! is recorded as rejected and the previous good value of that key stays in force.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use trellis_policies::{
+    EndpointSpec, MeshDocument, Policy, PolicyDocument, Registration, ServiceSpec,
+};
+
+use super::keys::{Keys, MeshKey};
+
+/// A validated value, kept as the raw JSON text it came from (for the cache).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entry {
+    Instance(Registration),
+    Policy(PolicyDocument, Policy),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rejection {
+    pub revision: i64,
+    pub reason: String,
+}
+
+#[derive(Default)]
+pub struct MeshState {
+    /// Revision of the last applied read or event.
+    pub revision: i64,
+    entries: BTreeMap<String, (Entry, Vec<u8>)>,
+    pub rejected: BTreeMap<String, Rejection>,
+}
+
+/// What one update changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub applied: usize,
+    pub removed: usize,
+    pub rejected: usize,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        self.applied > 0 || self.removed > 0
+    }
+}
+
+// === impl MeshState ===
+
+impl MeshState {
+    /// Validate and store `value` under `key`. Returns `Err(reason)` when it was rejected (the
+    /// previous value, if any, stays).
+    pub fn put(
+        &mut self,
+        keys: &Keys,
+        key: &str,
+        value: &[u8],
+        revision: i64,
+    ) -> Result<bool, String> {
+        match parse_entry(keys, key, value) {
+            Ok(entry) => {
+                self.rejected.remove(key);
+                if self.entries.get(key).is_some_and(|(e, _)| e == &entry) {
+                    return Ok(false);
+                }
+                self.entries
+                    .insert(key.to_string(), (entry, value.to_vec()));
+                Ok(true)
+            }
+            Err(reason) => {
+                self.rejected.insert(
+                    key.to_string(),
+                    Rejection {
+                        revision,
+                        reason: reason.clone(),
+                    },
+                );
+                Err(reason)
+            }
+        }
+    }
+
+    pub fn delete(&mut self, key: &str) -> bool {
+        self.rejected.remove(key);
+        self.entries.remove(key).is_some()
+    }
+
+    /// Replace everything with a full read at `revision`, applying only the differences.
+    /// `on_reject` sees each rejected key and reason.
+    pub fn resync<'a>(
+        &mut self,
+        keys: &Keys,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        revision: i64,
+        mut on_reject: impl FnMut(&str, &str),
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let mut seen = std::collections::HashSet::new();
+        for (key, value) in kvs {
+            seen.insert(key.to_string());
+            match self.put(keys, key, value, revision) {
+                Ok(true) => changes.applied += 1,
+                Ok(false) => {}
+                Err(reason) => {
+                    changes.rejected += 1;
+                    on_reject(key, &reason);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.delete(&key);
+            changes.removed += 1;
+        }
+        self.rejected.retain(|k, _| seen.contains(k));
+        self.revision = revision;
+        changes
+    }
+
+    /// Raw values of every entry, for the cache.
+    pub fn raw(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries
+            .iter()
+            .map(|(k, (_, v))| (k.as_str(), v.as_slice()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Registrations, for `/config_dump` and status.
+    pub fn instances(&self) -> impl Iterator<Item = &Registration> {
+        self.entries.values().filter_map(|(e, _)| match e {
+            Entry::Instance(r) => Some(r),
+            Entry::Policy(..) => None,
+        })
+    }
+
+    /// The mesh document the data plane's snapshot is built from: one service per registered
+    /// service (or per `ServicePolicy`), endpoints sorted by address for a stable order.
+    pub fn to_document(&self) -> MeshDocument {
+        let mut doc = MeshDocument::default();
+        for (entry, _) in self.entries.values() {
+            match entry {
+                Entry::Instance(r) => {
+                    doc.services
+                        .entry(r.service.clone())
+                        .or_insert_with(ServiceSpec::default)
+                        .endpoints
+                        .push(EndpointSpec {
+                            address: r.address.clone(),
+                            identity: Some(r.identity.clone()),
+                            weight: r.weight,
+                            zone: r.zone.clone(),
+                        });
+                }
+                Entry::Policy(_, Policy::ServicePolicy { service, policy }) => {
+                    doc.services
+                        .entry(service.clone())
+                        .or_insert_with(ServiceSpec::default)
+                        .policy = policy.clone();
+                }
+            }
+        }
+        for svc in doc.services.values_mut() {
+            svc.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+            svc.endpoints.dedup_by(|a, b| a.address == b.address);
+        }
+        doc
+    }
+}
+
+fn parse_entry(keys: &Keys, key: &str, value: &[u8]) -> Result<Entry, String> {
+    match keys.parse(key) {
+        Some(MeshKey::Instance { service, instance }) => {
+            let r: Registration =
+                serde_json::from_slice(value).map_err(|e| format!("registration: {e}"))?;
+            r.validate(service, instance)?;
+            Ok(Entry::Instance(r))
+        }
+        Some(MeshKey::Policy { kind, name }) => {
+            let doc: PolicyDocument =
+                serde_json::from_slice(value).map_err(|e| format!("policy: {e}"))?;
+            if doc.kind != kind || doc.metadata.name != name {
+                return Err(format!("document {} stored under {kind}/{name}", doc.id()));
+            }
+            let policy = doc.validate().map_err(|e| e.to_string())?;
+            Ok(Entry::Policy(doc, policy))
+        }
+        None => Err("unknown key under the mesh prefix".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(service: &str, instance: &str, port: u16) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "service": service, "instance": instance, "address": format!("127.0.0.1:{port}"),
+            "identity": format!("spiffe://td/service/{service}"), "version": "t", "ttl_seconds": 10
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn invalid_value_keeps_the_last_good_one() {
+        let keys = Keys::new("/t");
+        let mut s = MeshState::default();
+        let policy = |t: &str| {
+            format!(
+                r#"{{"apiVersion":"trellis.dev/v1","kind":"ServicePolicy","metadata":{{"name":"orders"}},"spec":{{"request_timeout":"{t}"}}}}"#
+            )
+        };
+        let k = keys.policy("ServicePolicy", "orders");
+        assert_eq!(s.put(&keys, &k, policy("2s").as_bytes(), 5), Ok(true));
+        assert!(s.put(&keys, &k, policy("0s").as_bytes(), 6).is_err());
+        assert_eq!(s.rejected[&k].revision, 6);
+        let doc = s.to_document();
+        assert_eq!(
+            doc.services["orders"].policy.request_timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(s.put(&keys, &k, policy("3s").as_bytes(), 7), Ok(true));
+        assert!(s.rejected.is_empty());
+    }
+
+    #[test]
+    fn resync_applies_only_differences() {
+        let keys = Keys::new("/t");
+        let mut s = MeshState::default();
+        let (a, b, c) = (
+            keys.instance("orders", "a"),
+            keys.instance("orders", "b"),
+            keys.instance("pay", "c"),
+        );
+        let (ra, rb, rc) = (
+            reg("orders", "a", 1),
+            reg("orders", "b", 2),
+            reg("pay", "c", 3),
+        );
+        let ch = s.resync(
+            &keys,
+            [(a.as_str(), ra.as_slice()), (b.as_str(), rb.as_slice())],
+            10,
+            |_, _| {},
+        );
+        assert_eq!(
+            ch,
+            Changes {
+                applied: 2,
+                removed: 0,
+                rejected: 0
+            }
+        );
+        let ch = s.resync(
+            &keys,
+            [(a.as_str(), ra.as_slice()), (c.as_str(), rc.as_slice())],
+            12,
+            |_, _| {},
+        );
+        assert_eq!(
+            ch,
+            Changes {
+                applied: 1,
+                removed: 1,
+                rejected: 0
+            }
+        );
+        assert_eq!(s.revision, 12);
+        let doc = s.to_document();
+        assert_eq!(doc.services["orders"].endpoints.len(), 1);
+        assert_eq!(doc.services["pay"].endpoints[0].address, "127.0.0.1:3");
+        let mut rejected = Vec::new();
+        let bad = b"{".as_slice();
+        let ch = s.resync(&keys, [(a.as_str(), bad)], 13, |k, _| {
+            rejected.push(k.to_string())
+        });
+        assert_eq!(ch.rejected, 1);
+        assert_eq!(rejected, vec![a.clone()]);
+        // The rejected key keeps its last good value; the others are gone.
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn registration_under_the_wrong_key_is_rejected() {
+        let keys = Keys::new("/t");
+        let mut s = MeshState::default();
+        let err = s
+            .put(
+                &keys,
+                &keys.instance("orders", "x"),
+                &reg("orders", "a", 1),
+                1,
+            )
+            .unwrap_err();
+        assert!(err.contains("stored under"), "{err}");
+    }
+}

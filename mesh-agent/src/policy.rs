@@ -1,0 +1,285 @@
+//! `mesh-agent policy ...` and `mesh-agent status`: the operator's view of etcd.
+//!
+//! `apply` validates every document first and writes them all in one transaction, guarded by
+//! each key's stored revision (optimistic concurrency): if someone changed a policy between our
+//! read and our write, nothing is written and the command says so.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use trellis_policies::{parse_documents, PolicyDocument, Registration};
+use trellis_proxy::config::EtcdConfig;
+
+use crate::etcd::keys::Keys;
+use crate::etcd::registration::InstanceStatus;
+use crate::etcd::{Etcd, EtcdError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} invalid document(s):\n  {}", .0.len(), .0.join("\n  "))]
+    Invalid(Vec<String>),
+    #[error("no policy documents found in {0}")]
+    Empty(String),
+    #[error("conflict: {0} changed in etcd while applying; nothing was written, run apply again")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("`{0}` is not KIND/NAME")]
+    BadRef(String),
+}
+
+/// Read every `.yaml`/`.yml` file (recursively for a directory) and return the valid documents,
+/// or every problem found.
+pub fn load_documents(path: &Path) -> Result<Vec<PolicyDocument>, PolicyError> {
+    let mut files = Vec::new();
+    collect_files(path, &mut files)?;
+    let mut docs = Vec::new();
+    let mut problems = Vec::new();
+    let mut seen = BTreeMap::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).map_err(|source| PolicyError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        for doc in parse_documents(&text, &file.display().to_string()) {
+            match doc.and_then(|d| d.validate().map(|_| d)) {
+                Ok(d) => {
+                    if let Some(prev) = seen.insert(d.id(), file.display().to_string()) {
+                        problems.push(format!(
+                            "{}: defined twice ({prev} and {})",
+                            d.id(),
+                            file.display()
+                        ));
+                    }
+                    docs.push(d);
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(PolicyError::Invalid(problems));
+    }
+    if docs.is_empty() {
+        return Err(PolicyError::Empty(path.display().to_string()));
+    }
+    Ok(docs)
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), PolicyError> {
+    let meta = std::fs::metadata(path).map_err(|source| PolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(path)
+            .map_err(|source| PolicyError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() || p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                collect_files(&p, out)?;
+            }
+        }
+    } else {
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+/// One line per document: what apply did (or would do).
+pub async fn apply(
+    cfg: &EtcdConfig,
+    docs: &[PolicyDocument],
+    dry_run: bool,
+) -> Result<Vec<String>, PolicyError> {
+    let etcd = Etcd::connect(cfg).await?;
+    let mut client = etcd.client.clone();
+    let keys = Keys::new(&cfg.prefix);
+    let mut compares = Vec::new();
+    let mut ops = Vec::new();
+    let mut report = Vec::new();
+    for doc in docs {
+        let key = keys.policy(&doc.kind, &doc.metadata.name);
+        let value = serde_json::to_vec(doc).unwrap_or_default();
+        let current = etcd.call(client.get(key.as_str(), None)).await?;
+        let (mod_rev, same) = match current.kvs().first() {
+            Some(kv) => (
+                kv.mod_revision(),
+                serde_json::from_slice::<PolicyDocument>(kv.value())
+                    .ok()
+                    .as_ref()
+                    == Some(doc),
+            ),
+            None => (0, false),
+        };
+        let verb = match (mod_rev, same) {
+            (0, _) => "created",
+            (_, true) => "unchanged",
+            _ => "configured",
+        };
+        report.push(format!("{} {verb}", doc.id()));
+        if same {
+            continue;
+        }
+        // mod_revision 0 means "does not exist": create only if still absent.
+        compares.push(Compare::mod_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            mod_rev,
+        ));
+        ops.push(TxnOp::put(key.as_str(), value, None));
+    }
+    if dry_run || ops.is_empty() {
+        if dry_run {
+            report.iter_mut().for_each(|l| l.push_str(" (dry run)"));
+        }
+        return Ok(report);
+    }
+    let txn = Txn::new().when(compares).and_then(ops);
+    let resp = etcd.call(client.txn(txn)).await?;
+    if !resp.succeeded() {
+        let ids: Vec<String> = docs.iter().map(|d| d.id()).collect();
+        return Err(PolicyError::Conflict(ids.join(", ")));
+    }
+    let rev = resp.header().map_or(0, |h| h.revision());
+    report.push(format!("applied at revision {rev}"));
+    Ok(report)
+}
+
+fn parse_ref(r: &str) -> Result<(&str, &str), PolicyError> {
+    r.split_once('/')
+        .filter(|(k, n)| !k.is_empty() && !n.is_empty())
+        .ok_or_else(|| PolicyError::BadRef(r.to_string()))
+}
+
+/// The stored document as YAML.
+pub async fn get(cfg: &EtcdConfig, reference: &str) -> Result<String, PolicyError> {
+    let (kind, name) = parse_ref(reference)?;
+    let etcd = Etcd::connect(cfg).await?;
+    let mut client = etcd.client.clone();
+    let key = Keys::new(&cfg.prefix).policy(kind, name);
+    let resp = etcd.call(client.get(key, None)).await?;
+    let kv = resp
+        .kvs()
+        .first()
+        .ok_or_else(|| PolicyError::NotFound(reference.to_string()))?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(kv.value()).unwrap_or(serde_json::Value::Null);
+    let yaml = serde_norway::to_string(&doc).unwrap_or_default();
+    Ok(format!("# revision {}\n{yaml}", kv.mod_revision()))
+}
+
+/// `KIND/NAME  revision` for every stored policy.
+pub async fn list(cfg: &EtcdConfig) -> Result<Vec<String>, PolicyError> {
+    let etcd = Etcd::connect(cfg).await?;
+    let mut client = etcd.client.clone();
+    let keys = Keys::new(&cfg.prefix);
+    let prefix = keys.policies();
+    let resp = etcd
+        .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            kv.key_str()
+                .ok()
+                .map(|k| (k.trim_start_matches(&prefix).to_string(), kv.mod_revision()))
+        })
+        .map(|(id, rev)| format!("{id:<40} revision {rev}"))
+        .collect())
+}
+
+pub async fn delete(cfg: &EtcdConfig, reference: &str) -> Result<String, PolicyError> {
+    let (kind, name) = parse_ref(reference)?;
+    let etcd = Etcd::connect(cfg).await?;
+    let mut client = etcd.client.clone();
+    let key = Keys::new(&cfg.prefix).policy(kind, name);
+    let resp = etcd.call(client.delete(key, None)).await?;
+    if resp.deleted() == 0 {
+        return Err(PolicyError::NotFound(reference.to_string()));
+    }
+    Ok(format!(
+        "{reference} deleted at revision {}",
+        resp.header().map_or(0, |h| h.revision())
+    ))
+}
+
+/// Services, instances with their lease TTLs, and the revision each sidecar has applied.
+pub async fn status(cfg: &EtcdConfig) -> Result<String, PolicyError> {
+    let etcd = Etcd::connect(cfg).await?;
+    let mut client = etcd.client.clone();
+    let keys = Keys::new(&cfg.prefix);
+    let regs = etcd
+        .call(client.get(keys.services(), Some(GetOptions::new().with_prefix())))
+        .await?;
+    let current = regs.header().map_or(0, |h| h.revision());
+    let mesh_rev = etcd
+        .call(client.get(
+            keys.mesh(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ))
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    let statuses = etcd
+        .call(client.get(keys.statuses(), Some(GetOptions::new().with_prefix())))
+        .await?;
+    let mut applied = BTreeMap::new();
+    for kv in statuses.kvs() {
+        if let Ok(s) = serde_json::from_slice::<InstanceStatus>(kv.value()) {
+            applied.insert((s.service.clone(), s.instance.clone()), s.applied_revision);
+        }
+    }
+    let mut out = format!(
+        "etcd {} prefix {}: store revision {current}, mesh state last changed at revision {mesh_rev}\n",
+        cfg.endpoints.join(","),
+        cfg.prefix
+    );
+    out.push_str(&format!(
+        "{:<16} {:<28} {:<22} {:>9} {:>9}  converged\n",
+        "SERVICE", "INSTANCE", "ADDRESS", "LEASE TTL", "APPLIED"
+    ));
+    for kv in regs.kvs() {
+        let Ok(r) = serde_json::from_slice::<Registration>(kv.value()) else {
+            continue;
+        };
+        let ttl = match kv.lease() {
+            0 => "-".to_string(),
+            id => match etcd.call(client.lease_time_to_live(id, None)).await {
+                Ok(t) => format!("{}s", t.ttl()),
+                Err(_) => "?".to_string(),
+            },
+        };
+        let applied_rev = applied
+            .get(&(r.service.clone(), r.instance.clone()))
+            .copied();
+        let converged = match applied_rev {
+            Some(a) if a >= mesh_rev => "yes",
+            Some(_) => "no",
+            None => "unknown",
+        };
+        let applied_s = applied_rev.map_or("-".to_string(), |a| a.to_string());
+        out.push_str(&format!(
+            "{:<16} {:<28} {:<22} {:>9} {:>9}  {converged}\n",
+            r.service, r.instance, r.address, ttl, applied_s
+        ));
+    }
+    Ok(out)
+}

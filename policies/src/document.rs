@@ -1,0 +1,319 @@
+//! Policy documents as operators write them (`apiVersion`/`kind`/`metadata`/`spec`, one or more
+//! per YAML file) and the registration record each sidecar writes for its instance.
+//!
+//! Both are validated here so that `mesh-agent policy validate`, `policy apply` and every
+//! sidecar receiving them from etcd run the same checks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::validate::{validate_service_name, MAX_TIMEOUT, MAX_WEIGHT};
+use crate::{ServicePolicy, SpiffeId};
+
+/// The only API version this build understands.
+pub const API_VERSION: &str = "trellis.dev/v1";
+
+/// A policy document, with its spec still untyped: the kind decides its schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A policy whose spec has been checked against its kind's schema.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Policy {
+    /// Timeouts for calls to one service. `metadata.name` is the service's name.
+    ServicePolicy {
+        service: String,
+        policy: ServicePolicy,
+    },
+}
+
+/// The spec of a `ServicePolicy`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicePolicySpec {
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+}
+
+/// Why a document was refused; the message names the document and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{doc}: {message}")]
+pub struct DocumentError {
+    /// `Kind/name`, or the position in the file when the document could not be read at all.
+    pub doc: String,
+    pub message: String,
+}
+
+pub const KINDS: &[&str] = &["ServicePolicy"];
+
+// === impl PolicyDocument ===
+
+impl PolicyDocument {
+    /// `Kind/name`, the document's identity in messages and in etcd keys.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.kind, self.metadata.name)
+    }
+
+    /// Check the envelope and the spec against the kind's schema and rules.
+    pub fn validate(&self) -> Result<Policy, DocumentError> {
+        let err = |message: String| DocumentError {
+            doc: self.id(),
+            message,
+        };
+        if self.api_version != API_VERSION {
+            return Err(err(format!(
+                "apiVersion `{}` is not supported; use `{API_VERSION}`",
+                self.api_version
+            )));
+        }
+        validate_name(&self.metadata.name).map_err(|m| err(format!("metadata.name: {m}")))?;
+        match self.kind.as_str() {
+            "ServicePolicy" => {
+                validate_service_name(&self.metadata.name)
+                    .map_err(|m| err(format!("metadata.name: {m}")))?;
+                let spec: ServicePolicySpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                for (field, v) in [
+                    ("connect_timeout", spec.connect_timeout),
+                    ("request_timeout", spec.request_timeout),
+                ] {
+                    match v {
+                        Some(d) if d.is_zero() => {
+                            return Err(err(format!("spec.{field}: must be greater than zero")))
+                        }
+                        Some(d) if d > MAX_TIMEOUT => {
+                            return Err(err(format!(
+                                "spec.{field}: must be at most {}s",
+                                MAX_TIMEOUT.as_secs()
+                            )))
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Policy::ServicePolicy {
+                    service: self.metadata.name.clone(),
+                    policy: ServicePolicy {
+                        connect_timeout: spec.connect_timeout,
+                        request_timeout: spec.request_timeout,
+                    },
+                })
+            }
+            other => Err(err(format!(
+                "unknown kind `{other}`; known kinds: {}",
+                KINDS.join(", ")
+            ))),
+        }
+    }
+}
+
+/// Names are used in etcd keys: lowercase DNS-label characters only.
+fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name: lowercase letters, digits, '-' and '.'"
+        ))
+    }
+}
+
+/// Parse every document of a (multi-document) YAML text. Each entry is the document or why it
+/// could not be read; `origin` names the file in errors.
+pub fn parse_documents(text: &str, origin: &str) -> Vec<Result<PolicyDocument, DocumentError>> {
+    let mut out = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = match serde_json::Value::deserialize(de) {
+            Ok(serde_json::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Err(DocumentError {
+                    doc: format!("{origin} document {}", i + 1),
+                    message: e.to_string(),
+                }));
+                continue;
+            }
+        };
+        out.push(
+            serde_json::from_value::<PolicyDocument>(value).map_err(|e| DocumentError {
+                doc: format!("{origin} document {}", i + 1),
+                message: e.to_string(),
+            }),
+        );
+    }
+    out
+}
+
+/// What a sidecar writes about its instance, under its lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub service: String,
+    pub instance: String,
+    /// The inbound (mTLS) address peers connect to.
+    pub address: String,
+    pub identity: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// The sidecar's version.
+    pub version: String,
+    /// Lease TTL in seconds (for `mesh-agent status`).
+    pub ttl_seconds: i64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+// === impl Registration ===
+
+impl Registration {
+    /// Checks on a registration read from etcd; `service` and `instance` come from its key.
+    pub fn validate(&self, service: &str, instance: &str) -> Result<(), String> {
+        if self.service != service || self.instance != instance {
+            return Err(format!(
+                "registration for {}/{} stored under {service}/{instance}",
+                self.service, self.instance
+            ));
+        }
+        validate_service_name(service)?;
+        let addr: SocketAddr = self
+            .address
+            .parse()
+            .map_err(|e| format!("address `{}`: {e}", self.address))?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(format!("address `{addr}` is not routable"));
+        }
+        let id = SpiffeId::parse(&self.identity).map_err(|e| e.to_string())?;
+        if id.service() != Some(service) {
+            return Err(format!(
+                "identity {id} is not the identity of service {service}"
+            ));
+        }
+        if self.weight == 0 || self.weight > MAX_WEIGHT {
+            return Err(format!("weight must be between 1 and {MAX_WEIGHT}"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_file_with_good_and_bad_documents() {
+        let docs = parse_documents(
+            r#"
+apiVersion: trellis.dev/v1
+kind: ServicePolicy
+metadata: {name: payments}
+spec: {request_timeout: 2s}
+---
+apiVersion: trellis.dev/v1
+kind: ServicePolicy
+metadata: {name: orders}
+spec: {request_timout: 2s}
+---
+apiVersion: trellis.dev/v1
+kind: Nope
+metadata: {name: x}
+spec: {}
+---
+kind: ServicePolicy
+"#,
+            "p.yaml",
+        );
+        assert_eq!(docs.len(), 4);
+        let good = docs[0].as_ref().unwrap().validate().unwrap();
+        assert_eq!(
+            good,
+            Policy::ServicePolicy {
+                service: "payments".into(),
+                policy: ServicePolicy {
+                    request_timeout: Some(Duration::from_secs(2)),
+                    connect_timeout: None
+                }
+            }
+        );
+        let e = docs[1]
+            .as_ref()
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("ServicePolicy/orders: spec: unknown field `request_timout`"),
+            "{e}"
+        );
+        let e = docs[2]
+            .as_ref()
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown kind `Nope`"), "{e}");
+        let e = docs[3].as_ref().unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml document 4: missing field"), "{e}");
+    }
+
+    #[test]
+    fn registration_checks() {
+        let r = Registration {
+            service: "orders".into(),
+            instance: "a".into(),
+            address: "127.0.0.1:15006".into(),
+            identity: "spiffe://td/service/orders".into(),
+            weight: 1,
+            zone: None,
+            metadata: BTreeMap::new(),
+            version: "0.1.0".into(),
+            ttl_seconds: 10,
+        };
+        assert!(r.validate("orders", "a").is_ok());
+        assert!(r.validate("orders", "b").is_err());
+        let wrong_id = Registration {
+            identity: "spiffe://td/service/payments".into(),
+            ..r.clone()
+        };
+        assert!(wrong_id
+            .validate("orders", "a")
+            .unwrap_err()
+            .contains("not the identity"));
+        let unspecified = Registration {
+            address: "0.0.0.0:1".into(),
+            ..r
+        };
+        assert!(unspecified.validate("orders", "a").is_err());
+    }
+}

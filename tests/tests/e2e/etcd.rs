@@ -1,0 +1,481 @@
+//! Coordination through a real etcd started by the test: registration and discovery, policies,
+//! rejection of invalid values, fail-static at runtime and at startup, failover in a 3-member
+//! cluster, and compaction while disconnected.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions};
+use mesh_agent::testing::EtcdCluster;
+use trellis_policies::parse_documents;
+use trellis_proxy::app::Running;
+use trellis_tests::backend::Backend;
+use trellis_tests::client::{self, metric};
+use trellis_tests::{etcd_sidecar, init_logs, wait_for, Pki};
+
+const PREFIX: &str = "/trellis/v1";
+
+fn etcd_cfg(endpoints: Vec<String>) -> trellis_proxy::config::EtcdConfig {
+    let mut c = trellis_proxy::config::EtcdConfig::new(endpoints);
+    c.timeout = Duration::from_secs(1);
+    c
+}
+
+async fn etcd_client(endpoints: Vec<String>) -> Client {
+    Client::connect(endpoints, None).await.unwrap()
+}
+
+async fn keys_with_prefix(c: &mut Client, prefix: &str) -> Vec<String> {
+    c.get(
+        prefix,
+        Some(GetOptions::new().with_prefix().with_keys_only()),
+    )
+    .await
+    .map(|r| {
+        r.kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap_or("").to_string())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn policy(service: &str, timeout: &str) -> Vec<trellis_policies::PolicyDocument> {
+    let yaml = format!(
+        "apiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {{name: {service}}}\nspec: {{request_timeout: {timeout}}}\n"
+    );
+    parse_documents(&yaml, "test")
+        .into_iter()
+        .map(|d| d.unwrap())
+        .collect()
+}
+
+async fn status_of(c: &client::HttpClient, uri: &str) -> u16 {
+    match client::send(c, http::Request::get(uri).body(client::empty()).unwrap()).await {
+        Ok(r) => r.status.as_u16(),
+        Err(_) => 0,
+    }
+}
+
+async fn dump(r: &Running) -> serde_json::Value {
+    client::admin(r.bound.admin, "/config_dump").await.json()
+}
+
+struct EtcdMesh {
+    etcd: EtcdCluster,
+    pki: Pki,
+    backend: Backend,
+    server: Running,
+    client: Running,
+}
+
+async fn etcd_mesh() -> EtcdMesh {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["client", "echo"]);
+    let backend = Backend::start().await;
+    let server = etcd_sidecar(&pki, "echo", backend.addr, etcd.endpoints(), |_| {}).await;
+    let client = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), |_| {}).await;
+    let c = client::h1(client.bound.outbound);
+    wait_for(
+        Duration::from_secs(10),
+        "echo reachable through the mesh",
+        || async { status_of(&c, "http://echo/echo").await == 200 },
+    )
+    .await;
+    EtcdMesh {
+        etcd,
+        pki,
+        backend,
+        server,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_discovery_status_and_deregistration_on_shutdown() {
+    let m = etcd_mesh().await;
+    let mut etcd = etcd_client(m.etcd.endpoints()).await;
+    let instances = keys_with_prefix(
+        &mut etcd,
+        &format!("{PREFIX}/mesh/services/echo/instances/"),
+    )
+    .await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+
+    // `mesh-agent status` shows both instances with their lease and converged revisions.
+    let cfg = etcd_cfg(m.etcd.endpoints());
+    wait_for(Duration::from_secs(5), "status converged", || async {
+        let s = mesh_agent::policy::status(&cfg).await.unwrap();
+        s.lines().filter(|l| l.ends_with(" yes")).count() == 2
+    })
+    .await;
+    let s = mesh_agent::policy::status(&cfg).await.unwrap();
+    assert!(s.contains("echo") && s.contains("client"), "{s}");
+
+    let d = dump(&m.client).await;
+    assert_eq!(d["etcd"]["discovery"]["connected"], true);
+    assert!(d["snapshot"]["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("etcd:"));
+
+    // Clean shutdown revokes the lease first: the key is gone at once, not after the TTL.
+    m.server.shutdown_handle().shutdown();
+    let start = Instant::now();
+    wait_for(
+        Duration::from_secs(1),
+        "registration removed on shutdown",
+        || {
+            let mut etcd = etcd.clone();
+            async move {
+                keys_with_prefix(&mut etcd, &format!("{PREFIX}/mesh/services/echo/"))
+                    .await
+                    .is_empty()
+            }
+        },
+    )
+    .await;
+    eprintln!("deregistered {:?} after shutdown", start.elapsed());
+    let c = client::h1(m.client.bound.outbound);
+    // With no instance left the service leaves the mesh state: 503 unknown-service.
+    wait_for(
+        Duration::from_secs(2),
+        "client stops routing to the gone instance",
+        || async {
+            let r = client::get(&c, "http://echo/echo").await;
+            r.status == 503 && r.cause() == "unknown-service"
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_receives_traffic_within_a_second() {
+    let m = etcd_mesh().await;
+    let backend2 = Backend::start().await;
+    let c = client::h1(m.client.bound.outbound);
+    let started = Instant::now();
+    let _second = etcd_sidecar(&m.pki, "echo", backend2.addr, m.etcd.endpoints(), |_| {}).await;
+    let etcd = etcd_client(m.etcd.endpoints()).await;
+    wait_for(Duration::from_secs(5), "second instance registered", || {
+        let mut etcd = etcd.clone();
+        async move {
+            keys_with_prefix(
+                &mut etcd,
+                &format!("{PREFIX}/mesh/services/echo/instances/"),
+            )
+            .await
+            .len()
+                == 2
+        }
+    })
+    .await;
+    let registered = Instant::now();
+    while backend2.requests.load(Ordering::Relaxed) == 0 {
+        assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+        assert!(
+            registered.elapsed() < Duration::from_secs(1),
+            "new instance got no traffic within 1 s"
+        );
+    }
+    eprintln!(
+        "new instance: registered {:?} after start, first request {:?} after registration",
+        registered - started,
+        registered.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_policy_is_rejected_and_the_last_good_one_kept() {
+    let m = etcd_mesh().await;
+    let cfg = etcd_cfg(m.etcd.endpoints());
+    let report = mesh_agent::policy::apply(&cfg, &policy("echo", "300ms"), false)
+        .await
+        .unwrap();
+    assert_eq!(report[0], "ServicePolicy/echo created", "{report:?}");
+    let c = client::h1(m.client.bound.outbound);
+    wait_for(Duration::from_secs(3), "policy timeout applied", || async {
+        let r = client::get(&c, "http://echo/slow/1000").await;
+        r.status == 504
+    })
+    .await;
+
+    // Someone writes an invalid version straight into etcd (bypassing validation).
+    let mut etcd = etcd_client(m.etcd.endpoints()).await;
+    let bad = r#"{"apiVersion":"trellis.dev/v1","kind":"ServicePolicy","metadata":{"name":"echo"},"spec":{"request_timeout":"0s"}}"#;
+    let key = format!("{PREFIX}/mesh/policies/ServicePolicy/echo");
+    let rev = etcd
+        .put(key.as_str(), bad, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    wait_for(
+        Duration::from_secs(3),
+        "rejection visible in /config_dump",
+        || async {
+            let d = dump(&m.client).await;
+            d["etcd"]["discovery"]["rejected"][&key]["revision"] == rev
+        },
+    )
+    .await;
+    let d = dump(&m.client).await;
+    let reason = d["etcd"]["discovery"]["rejected"][&key]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("request_timeout") && reason.contains("greater than zero"),
+        "{reason}"
+    );
+    let text = client::admin(m.client.bound.admin, "/metrics").await.body;
+    assert_eq!(
+        metric(&text, "trellis_policy_rejected_total{kind=\"policy\"}"),
+        1.0
+    );
+    assert_eq!(
+        client::get(&c, "http://echo/slow/1000").await.status,
+        504,
+        "last good policy still applies"
+    );
+
+    // The CLI refuses the same invalid document before it reaches etcd.
+    let docs = parse_documents(bad, "t");
+    assert!(docs[0].as_ref().unwrap().validate().is_err());
+    // And a valid change applies again.
+    mesh_agent::policy::apply(&cfg, &policy("echo", "5s"), false)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(3), "new policy applied", || async {
+        client::get(&c, "http://echo/slow/1000").await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
+    let mut m = etcd_mesh().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let c = client::h1(m.client.bound.outbound);
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match status_of(&c, "http://echo/echo").await {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.etcd.members[0].kill();
+    // Longer than the 2 s lease TTL: leases cannot expire while etcd is down, and the sidecars
+    // keep serving their last snapshot.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let d = dump(&m.client).await;
+    assert_eq!(d["etcd"]["discovery"]["connected"], false);
+    m.etcd.members[0].restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} requests while etcd was down and restarted, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(ok > 20);
+
+    // After etcd returns, new policies apply.
+    let cfg = etcd_cfg(m.etcd.endpoints());
+    wait_for(Duration::from_secs(10), "apply after etcd restart", || {
+        let cfg = cfg.clone();
+        async move {
+            mesh_agent::policy::apply(&cfg, &policy("echo", "300ms"), false)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let c = client::h1(m.client.bound.outbound);
+    wait_for(
+        Duration::from_secs(10),
+        "policy applied after etcd restart",
+        || async { client::get(&c, "http://echo/slow/1000").await.status == 504 },
+    )
+    .await;
+    let _ = &m.backend;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
+    let mut m = etcd_mesh().await;
+    let cache = m.pki.path().join("client.cache.json");
+    wait_for(Duration::from_secs(3), "cache written", || {
+        let cache = cache.clone();
+        async move { cache.exists() }
+    })
+    .await;
+    m.client.shutdown_handle().shutdown();
+    m.etcd.members[0].kill();
+
+    let restarted =
+        etcd_sidecar(&m.pki, "client", m.backend.addr, m.etcd.endpoints(), |_| {}).await;
+    wait_for(Duration::from_secs(10), "ready from cache", || async {
+        client::admin(restarted.bound.admin, "/ready").await.status == 200
+    })
+    .await;
+    let ready = client::admin(restarted.bound.admin, "/ready").await.body;
+    assert!(ready.contains("serving from cache at revision"), "{ready}");
+    let text = client::admin(restarted.bound.admin, "/metrics").await.body;
+    assert_eq!(metric(&text, "trellis_etcd_serving_from_cache"), 1.0);
+    let c = client::h1(restarted.bound.outbound);
+    assert_eq!(
+        client::get(&c, "http://echo/echo").await.status,
+        200,
+        "serves from the cached state"
+    );
+
+    // etcd comes back: the sidecar resyncs and stops reporting the cache.
+    m.etcd.members[0].restart().await;
+    wait_for(Duration::from_secs(10), "resynced with etcd", || async {
+        !client::admin(restarted.bound.admin, "/ready")
+            .await
+            .body
+            .contains("cache")
+    })
+    .await;
+    assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+    let _ = &m.server;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_survives_a_member_dying_in_a_three_member_cluster() {
+    init_logs();
+    let mut etcd = EtcdCluster::start(3).await;
+    let pki = Pki::new(&["client"]);
+    let backend = Backend::start().await;
+    let client = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), |_| {}).await;
+    wait_for(Duration::from_secs(10), "client ready", || async {
+        client::admin(client.bound.admin, "/ready").await.status == 200
+    })
+    .await;
+    for victim in [0usize, 1] {
+        etcd.members[victim].kill();
+        let alive: Vec<String> = etcd
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, m)| m.endpoint())
+            .collect();
+        let cfg = etcd_cfg(alive);
+        for i in 0..10 {
+            let svc = format!("svc-{victim}-{i}");
+            wait_for(
+                Duration::from_secs(10),
+                "write through a live member",
+                || {
+                    let (cfg, svc) = (cfg.clone(), svc.clone());
+                    async move {
+                        mesh_agent::policy::apply(&cfg, &policy(&svc, "1s"), false)
+                            .await
+                            .is_ok()
+                    }
+                },
+            )
+            .await;
+        }
+        wait_for(
+            Duration::from_secs(15),
+            "every event seen after a member died",
+            || async {
+                let d = dump(&client).await;
+                (0..10).all(|i| !d["snapshot"]["services"][format!("svc-{victim}-{i}")].is_null())
+            },
+        )
+        .await;
+        etcd.members[victim].restart().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
+    init_logs();
+    let mut etcd = EtcdCluster::start(3).await;
+    let pki = Pki::new(&["client"]);
+    let backend = Backend::start().await;
+    // The sidecar only knows member 0, so killing it disconnects the sidecar.
+    let only_m0 = vec![etcd.members[0].endpoint()];
+    let client = etcd_sidecar(&pki, "client", backend.addr, only_m0, |_| {}).await;
+    let others = etcd_cfg(vec![etcd.members[1].endpoint(), etcd.members[2].endpoint()]);
+    mesh_agent::policy::apply(&others, &policy("old", "1s"), false)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(5), "first policy seen", || async {
+        !dump(&client).await["snapshot"]["services"]["old"].is_null()
+    })
+    .await;
+    let resyncs_before = dump(&client).await["etcd"]["discovery"]["resyncs"]
+        .as_u64()
+        .unwrap();
+
+    etcd.members[0].kill();
+    // The first writes may meet a leader election among the survivors: retry.
+    wait_for(
+        Duration::from_secs(10),
+        "delete through a live member",
+        || {
+            let others = others.clone();
+            async move {
+                mesh_agent::policy::delete(&others, "ServicePolicy/old")
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    for i in 0..5 {
+        wait_for(
+            Duration::from_secs(10),
+            "write through a live member",
+            || {
+                let others = others.clone();
+                async move {
+                    mesh_agent::policy::apply(&others, &policy(&format!("new-{i}"), "1s"), false)
+                        .await
+                        .is_ok()
+                }
+            },
+        )
+        .await;
+    }
+    let mut c = etcd_client(vec![etcd.members[1].endpoint()]).await;
+    let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
+    c.compact(rev, None).await.unwrap();
+    etcd.members[0].restart().await;
+
+    wait_for(
+        Duration::from_secs(15),
+        "state resynced after compaction",
+        || async {
+            let d = dump(&client).await;
+            let s = &d["snapshot"]["services"];
+            s["old"].is_null() && (0..5).all(|i| !s[format!("new-{i}")].is_null())
+        },
+    )
+    .await;
+    let resyncs = dump(&client).await["etcd"]["discovery"]["resyncs"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        resyncs > resyncs_before,
+        "a full re-read happened ({resyncs_before} -> {resyncs})"
+    );
+}
