@@ -1,0 +1,209 @@
+//! The binary against a real etcd: `policy` commands, `status`, unreachable etcd, and a sidecar
+//! killed with SIGKILL whose registration expires with its lease.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_agent::testing::EtcdCluster;
+
+fn agent(endpoint: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mesh-agent"));
+    c.env("TRELLIS_ETCD_ENDPOINTS", endpoint)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{cmd:?}: {}", out(&o));
+    out(&o)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+const GOOD: &str = "apiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {name: orders}\nspec: {request_timeout: 2s}\n---\napiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {name: payments}\nspec: {connect_timeout: 500ms}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_commands_round_trip() {
+    let etcd = EtcdCluster::start(1).await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.yaml", GOOD);
+
+    let v = ok(agent(&ep).args(["policy", "validate", "-f", &file]));
+    assert!(
+        v.contains("ServicePolicy/orders valid") && v.contains("ServicePolicy/payments valid"),
+        "{v}"
+    );
+    let dry = ok(agent(&ep).args(["policy", "apply", "-f", &file, "--dry-run"]));
+    assert!(
+        dry.contains("ServicePolicy/orders created (dry run)"),
+        "{dry}"
+    );
+    assert!(
+        !ok(agent(&ep).args(["policy", "list"])).contains("orders"),
+        "dry run wrote nothing"
+    );
+
+    let applied = ok(agent(&ep).args(["policy", "apply", "-f", dir.path().to_str().unwrap()]));
+    assert!(
+        applied.contains("ServicePolicy/orders created") && applied.contains("applied at revision"),
+        "{applied}"
+    );
+    let again = ok(agent(&ep).args(["policy", "apply", "-f", &file]));
+    assert!(again.contains("ServicePolicy/orders unchanged"), "{again}");
+    let list = ok(agent(&ep).args(["policy", "list"]));
+    assert!(
+        list.contains("ServicePolicy/orders") && list.contains("ServicePolicy/payments"),
+        "{list}"
+    );
+    let get = ok(agent(&ep).args(["policy", "get", "ServicePolicy/orders"]));
+    assert!(
+        get.contains("request_timeout: 2s") && get.contains("# revision"),
+        "{get}"
+    );
+    let del = ok(agent(&ep).args(["policy", "delete", "ServicePolicy/orders"]));
+    assert!(del.contains("deleted"), "{del}");
+    let missing = agent(&ep)
+        .args(["policy", "get", "ServicePolicy/orders"])
+        .output()
+        .unwrap();
+    assert!(
+        !missing.status.success() && out(&missing).contains("not found"),
+        "{}",
+        out(&missing)
+    );
+
+    // An invalid document anywhere in the input: nothing is written, every problem is named.
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "apiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {name: web}\nspec: {request_timeout: 0s}\n---\napiVersion: trellis.dev/v2\nkind: ServicePolicy\nmetadata: {name: api}\nspec: {}\n",
+    );
+    let o = agent(&ep)
+        .args(["policy", "apply", "-f", &bad])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let text = out(&o);
+    assert!(
+        text.contains("ServicePolicy/web: spec.request_timeout")
+            && text.contains("apiVersion `trellis.dev/v2`"),
+        "{text}"
+    );
+    assert!(!ok(agent(&ep).args(["policy", "list"])).contains("web"));
+}
+
+#[test]
+fn unreachable_etcd_is_named_in_the_error() {
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let o = agent(&dead)
+        .args(["policy", "list", "--etcd-timeout", "500ms"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out(&o).contains(&dead), "{}", out(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_sidecar_registration_expires_with_its_lease() {
+    let etcd = EtcdCluster::start(1).await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    ok(agent(&ep).args(["cert", "init", "--trust-domain", "cli.test", "--dir", d]));
+    ok(agent(&ep).args(["cert", "issue", "--service", "orders", "--dir", d]));
+    let port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let cfg = write(
+        dir.path(),
+        "sidecar.yaml",
+        &format!(
+            "service: orders\ntrust_domain: cli.test\nidentity: {{cert: {d}/orders.pem, key: {d}/orders-key.pem, bundle: {d}/ca.pem}}\n\
+             inbound: {{listen: 127.0.0.1:{}, app: 127.0.0.1:9}}\noutbound: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\n\
+             store:\n  etcd:\n    endpoints: [{ep}]\n    lease_ttl: 2s\n    cache_file: {d}/cache.json\n",
+            port(),
+            port(),
+            port()
+        ),
+    );
+    let mut child = agent(&ep)
+        .args(["run", "--config", &cfg])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let registered = loop {
+        let s = ok(agent(&ep).args(["status"]));
+        if s.contains("orders") {
+            break s;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("sidecar exited ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "never registered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        registered.contains("2s") || registered.contains("1s"),
+        "lease TTL shown: {registered}"
+    );
+
+    child.kill().unwrap(); // SIGKILL: no chance to revoke the lease.
+    let _ = child.wait();
+    let killed = Instant::now();
+    loop {
+        if !ok(agent(&ep).args(["status"])).contains("orders") {
+            break;
+        }
+        // TTL 2 s plus a margin for etcd's lease checks (leases are a lower bound).
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "registration outlived its lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "registration expired {:?} after SIGKILL (TTL 2 s)",
+        killed.elapsed()
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1000),
+        "expired before the lease could have"
+    );
+}
