@@ -20,6 +20,8 @@ pub struct EtcdMember {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Prometheus metrics of this member (`/metrics`).
+    pub metrics_port: u16,
     data_dir: PathBuf,
     initial_cluster: String,
     child: Option<Child>,
@@ -57,7 +59,7 @@ impl EtcdMember {
                 "--election-timeout",
                 "100",
                 "--listen-metrics-urls",
-                &format!("http://127.0.0.1:{}", free_port()),
+                &format!("http://127.0.0.1:{}", self.metrics_port),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -105,6 +107,25 @@ impl Drop for EtcdMember {
     }
 }
 
+/// GET a path from a member's port (metrics or client) as text.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
 async fn health(port: u16) -> bool {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -145,6 +166,7 @@ impl EtcdCluster {
                 name: format!("n{i}"),
                 client_port: *c,
                 peer_port: *p,
+                metrics_port: free_port(),
                 data_dir: dir.path().join(format!("n{i}")),
                 initial_cluster: initial_cluster.clone(),
                 child: None,

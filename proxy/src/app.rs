@@ -69,6 +69,8 @@ pub struct Running {
     pub bound: Bound,
     pub ready: Ready,
     pub metrics: Arc<Metrics>,
+    /// Version of the snapshot the data plane is routing with (0 before the first).
+    pub applied: watch::Receiver<u64>,
     shutdown: ShutdownHandle,
     done: tokio::task::JoinHandle<()>,
 }
@@ -158,12 +160,14 @@ impl Proxy {
             cfg.identity.reload_interval,
             metrics.clone(),
         );
+        let (applied_tx, applied) = watch::channel(0u64);
         let snapshot_task = tokio::spawn(apply_snapshots(
             self.snapshots,
             snapshot.clone(),
             pool.clone(),
             metrics.clone(),
             snapshot_ready,
+            applied_tx,
         ));
 
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
@@ -250,6 +254,7 @@ impl Proxy {
             bound,
             ready,
             metrics,
+            applied,
             shutdown,
             done,
         })
@@ -263,6 +268,7 @@ async fn apply_snapshots(
     pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
     ready: crate::readiness::BlockReady,
+    applied: watch::Sender<u64>,
 ) {
     let mut ready = Some(ready);
     loop {
@@ -274,7 +280,9 @@ async fn apply_snapshots(
                 .snapshot_version
                 .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
             pool.retain(|addr, id| snap.has_endpoint(addr, id));
+            let version = snap.version;
             current.store(snap);
+            applied.send_replace(version);
             ready.take();
         }
         if rx.changed().await.is_err() {

@@ -157,7 +157,7 @@ impl Discovery {
         self.status.clone()
     }
 
-    /// The revision applied by the data plane, for the status key.
+    /// The revision of the last published snapshot, for the status key.
     pub fn applied(&self) -> watch::Receiver<i64> {
         self.applied.subscribe()
     }
@@ -391,6 +391,10 @@ impl Discovery {
         }
         self.with_status(|s| s.serving_from_cache = from_cache.then_some(revision));
         self.note_revision();
+        // Only a published snapshot changes what this sidecar reports as applied: progress
+        // notifications move the resume revision with every write anywhere in etcd (including
+        // other sidecars' status keys), and reporting those would make sidecars wake each other.
+        self.applied.send_replace(revision);
         tracing::debug!(revision, source, "published mesh snapshot");
     }
 
@@ -402,7 +406,6 @@ impl Discovery {
             s.revision = revision;
             s.rejected = rejected;
         });
-        self.applied.send_replace(revision);
     }
 
     fn rejected(&self, key: &str, revision: i64, reason: &str) {
