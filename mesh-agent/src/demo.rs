@@ -227,10 +227,12 @@ async fn start_sidecar(
     // The store must not read the file before it is written: start it afterwards.
     let (tx, rx) = tokio::sync::watch::channel(None);
     let mut proxy = trellis_proxy::app::Proxy::new(cfg.clone(), rx);
+    let dns = Arc::new(crate::dns::Dns::new(&[], proxy.registry_mut()));
     let store = crate::store::FileStore::new(
         mesh_file.to_path_buf(),
         TRUST_DOMAIN.into(),
         cfg.store.reload_interval,
+        dns,
         proxy.registry_mut(),
     );
     let running = proxy.start().await.map_err(setup("sidecar"))?;

@@ -4,6 +4,7 @@
 pub mod cert;
 pub mod cli;
 pub mod demo;
+pub mod dns;
 pub mod etcd;
 pub mod logging;
 pub mod policy;

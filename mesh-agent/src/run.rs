@@ -10,6 +10,7 @@ use trellis_proxy::app::{Proxy, Running, StartError};
 use trellis_proxy::config::{Config, EtcdConfig};
 use trellis_proxy::snapshot::Snapshot;
 
+use crate::dns::Dns;
 use crate::etcd::discovery::Discovery;
 use crate::etcd::registration::{self, RegistrationHandle};
 use crate::store::{FileStore, SnapshotTx};
@@ -23,10 +24,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     match &config.store.file {
         Some(path) => {
             let mut proxy = Proxy::new(config.clone(), rx);
+            let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
             let fs = FileStore::new(
                 path.clone(),
                 config.trust_domain.clone(),
                 config.store.reload_interval,
+                dns,
                 proxy.registry_mut(),
             );
             let status = fs.status();
@@ -69,12 +72,15 @@ async fn start_etcd(
         .cache_file
         .clone()
         .unwrap_or_else(|| default_cache_file(&config));
+    let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
+    let ready = proxy.ready();
     let discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
         cache_file,
         tx,
-        proxy.ready(),
+        ready,
+        dns,
         proxy.registry_mut(),
     );
     let applied = discovery.applied();

@@ -14,7 +14,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
+use trellis_policies::MeshDocument;
 use trellis_proxy::snapshot::Snapshot;
+
+use crate::dns::Dns;
 
 pub type SnapshotTx = watch::Sender<Option<Arc<Snapshot>>>;
 
@@ -48,6 +51,7 @@ pub struct FileStore {
     interval: Duration,
     status: Arc<Mutex<StoreStatus>>,
     updates: Family<UpdateLabels, Counter>,
+    dns: Arc<Dns>,
 }
 
 // === impl FileStore ===
@@ -58,6 +62,7 @@ impl FileStore {
         path: PathBuf,
         trust_domain: String,
         interval: Duration,
+        dns: Arc<Dns>,
         registry: &mut Registry,
     ) -> Self {
         let updates = Family::<UpdateLabels, Counter>::default();
@@ -77,6 +82,7 @@ impl FileStore {
             interval,
             status: Arc::new(Mutex::new(status)),
             updates,
+            dns,
         }
     }
 
@@ -85,9 +91,12 @@ impl FileStore {
         self.status.clone()
     }
 
-    /// Poll the file and publish every valid new version; runs until `tx` has no receivers.
+    /// Poll the file and publish every valid new version; re-resolve host names when their
+    /// records expire. Runs until `tx` has no receivers.
     pub async fn run(self, tx: SnapshotTx) {
         let mut last: Option<Result<Vec<u8>, String>> = None;
+        let mut doc: Option<MeshDocument> = None;
+        let mut resolved: Option<MeshDocument> = None;
         let mut version = 0u64;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -97,43 +106,66 @@ impl FileStore {
                 return;
             }
             let current = tokio::fs::read(&self.path).await.map_err(|e| e.to_string());
-            if last.as_ref() == Some(&current) {
+            if last.as_ref() != Some(&current) {
+                last = Some(current.clone());
+                let parsed = current
+                    .map_err(|e| format!("cannot read {}: {e}", self.path.display()))
+                    .and_then(|bytes| {
+                        String::from_utf8(bytes).map_err(|_| "file is not UTF-8".to_string())
+                    })
+                    .and_then(|text| {
+                        trellis_policies::parse_mesh_yaml(&text).map_err(|e| e.to_string())
+                    });
+                match parsed {
+                    Ok(d) => doc = Some(d),
+                    Err(error) => {
+                        self.reject(error, version);
+                        continue;
+                    }
+                }
+            } else if self
+                .dns
+                .next_refresh()
+                .is_none_or(|t| t > std::time::Instant::now())
+            {
                 continue;
             }
-            last = Some(current.clone());
-            let result = current
-                .map_err(|e| format!("cannot read {}: {e}", self.path.display()))
-                .and_then(|bytes| {
-                    String::from_utf8(bytes).map_err(|_| "file is not UTF-8".to_string())
-                })
-                .and_then(|text| {
-                    trellis_policies::parse_mesh_yaml(&text).map_err(|e| e.to_string())
-                })
-                .and_then(|doc| {
-                    let source = format!("file:{}", self.path.display());
-                    Snapshot::from_document(&doc, &self.trust_domain, version + 1, source)
-                });
-            let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            match result {
+            let Some(d) = &doc else { continue };
+            let r = self.dns.resolve(d).await;
+            if version > 0 && resolved.as_ref() == Some(&r) && self.lock().rejected.is_none() {
+                continue;
+            }
+            let source = format!("file:{}", self.path.display());
+            match Snapshot::from_document(&r, &self.trust_domain, version + 1, source) {
                 Ok(snapshot) => {
                     version += 1;
-                    status.version = version;
-                    status.applied_at_unix = Some(unix_now());
-                    status.rejected = None;
+                    {
+                        let mut status = self.lock();
+                        status.version = version;
+                        status.applied_at_unix = Some(unix_now());
+                        status.rejected = None;
+                    }
                     self.count("applied");
                     tracing::info!(path = %self.path.display(), version, "mesh file applied");
                     tx.send_replace(Some(Arc::new(snapshot)));
+                    resolved = Some(r);
                 }
-                Err(error) => {
-                    self.count("rejected");
-                    tracing::error!(path = %self.path.display(), %error, serving_version = version, "mesh file rejected; keeping the last good version");
-                    status.rejected = Some(Rejected {
-                        at_unix: unix_now(),
-                        error,
-                    });
-                }
+                Err(error) => self.reject(error, version),
             }
         }
+    }
+
+    fn reject(&self, error: String, serving_version: u64) {
+        self.count("rejected");
+        tracing::error!(path = %self.path.display(), %error, serving_version, "mesh file rejected; keeping the last good version");
+        self.lock().rejected = Some(Rejected {
+            at_unix: unix_now(),
+            error,
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn count(&self, result: &'static str) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::validate::{validate_service_name, MAX_TIMEOUT, MAX_WEIGHT};
-use crate::{ServicePolicy, SpiffeId};
+use crate::{ExternalSpec, ServicePolicy, SpiffeId};
 
 /// The only API version this build understands.
 pub const API_VERSION: &str = "trellis.dev/v1";
@@ -43,6 +43,11 @@ pub enum Policy {
         service: String,
         policy: ServicePolicy,
     },
+    /// A destination outside the mesh, called by apps as `metadata.name`.
+    ExternalService {
+        service: String,
+        external: ExternalSpec,
+    },
 }
 
 /// The spec of a `ServicePolicy`.
@@ -64,7 +69,7 @@ pub struct DocumentError {
     pub message: String,
 }
 
-pub const KINDS: &[&str] = &["ServicePolicy"];
+pub const KINDS: &[&str] = &["ServicePolicy", "ExternalService"];
 
 // === impl PolicyDocument ===
 
@@ -116,6 +121,21 @@ impl PolicyDocument {
                         connect_timeout: spec.connect_timeout,
                         request_timeout: spec.request_timeout,
                     },
+                })
+            }
+            "ExternalService" => {
+                validate_service_name(&self.metadata.name)
+                    .map_err(|m| err(format!("metadata.name: {m}")))?;
+                let spec: ExternalSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                crate::validate::validate_host(&spec.host)
+                    .map_err(|m| err(format!("spec.host: {m}")))?;
+                if spec.port == 0 {
+                    return Err(err("spec.port: port 0 is not routable".into()));
+                }
+                Ok(Policy::ExternalService {
+                    service: self.metadata.name.clone(),
+                    external: spec,
                 })
             }
             other => Err(err(format!(

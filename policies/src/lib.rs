@@ -13,10 +13,11 @@ pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,
 };
-pub use mesh::{EndpointSpec, MeshDocument, ServicePolicy, ServiceSpec};
+pub use mesh::{EndpointSpec, ExternalSpec, MeshDocument, ServicePolicy, ServiceSpec};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{
-    validate, validate_service_name, ValidationError, ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
+    parse_host_port, validate, validate_host, validate_service_name, ValidationError,
+    ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
 };
 
 /// Why a mesh document could not be accepted.

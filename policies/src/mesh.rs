@@ -24,13 +24,32 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
     #[serde(default)]
     pub policy: ServicePolicy,
+    /// A destination outside the mesh: plain HTTP to `host:port`, resolved through DNS and
+    /// balanced across its records. Mutually exclusive with `endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalSpec>,
+}
+
+/// Where an external service lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalSpec {
+    /// A DNS name (or an IP address).
+    pub host: String,
+    #[serde(default = "default_http_port")]
+    pub port: u16,
+}
+
+fn default_http_port() -> u16 {
+    80
 }
 
 /// One instance of a service: the address of its sidecar's inbound listener.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
-    /// `ip:port` of the peer sidecar's inbound (mTLS) listener.
+    /// `ip:port` or `host:port` of the peer sidecar's inbound (mTLS) listener; host names are
+    /// resolved through DNS (one endpoint per record).
     pub address: String,
     /// The SPIFFE ID the peer must present. Defaults to the service's identity,
     /// `spiffe://<trust-domain>/service/<service>`.

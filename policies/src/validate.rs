@@ -58,6 +58,43 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Split `ip:port`, `[v6]:port` or `host:port`; the host is an IP address or a DNS name.
+pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
+    if let Ok(sa) = address.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{address}`: `{port}` is not a port"))?;
+    validate_host(host).map_err(|m| format!("`{address}`: {m}"))?;
+    Ok((host.to_string(), port))
+}
+
+/// An IP address or a DNS name.
+pub fn validate_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{host}` is neither an IP address nor a DNS name"))
+    }
+}
+
 /// Check a document; `Ok` means every sidecar may apply it.
 pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
     let mut errs = Vec::new();
@@ -71,19 +108,17 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
         let mut seen = HashSet::new();
         for (i, ep) in svc.endpoints.iter().enumerate() {
             let p = format!("{base}.endpoints[{i}]");
-            match ep.address.parse::<SocketAddr>() {
-                Ok(addr) if addr.port() == 0 => {
-                    push(format!("{p}.address"), "port 0 is not routable".into())
-                }
-                Ok(addr) => {
-                    if !seen.insert(addr) {
-                        push(format!("{p}.address"), format!("duplicate endpoint {addr}"));
+            match parse_host_port(&ep.address) {
+                Ok((_, 0)) => push(format!("{p}.address"), "port 0 is not routable".into()),
+                Ok(_) => {
+                    if !seen.insert(ep.address.clone()) {
+                        push(
+                            format!("{p}.address"),
+                            format!("duplicate endpoint {}", ep.address),
+                        );
                     }
                 }
-                Err(e) => push(
-                    format!("{p}.address"),
-                    format!("`{}` is not an ip:port socket address ({e})", ep.address),
-                ),
+                Err(m) => push(format!("{p}.address"), m),
             }
             if let Some(id) = &ep.identity {
                 if let Err(e) = SpiffeId::parse(id) {
@@ -94,6 +129,23 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
                 push(
                     format!("{p}.weight"),
                     format!("must be between 1 and {MAX_WEIGHT}, got {}", ep.weight),
+                );
+            }
+        }
+        if let Some(ext) = &svc.external {
+            if !svc.endpoints.is_empty() {
+                push(
+                    format!("{base}.external"),
+                    "an external service has no endpoints: they come from DNS".into(),
+                );
+            }
+            if let Err(m) = validate_host(&ext.host) {
+                push(format!("{base}.external.host"), m);
+            }
+            if ext.port == 0 {
+                push(
+                    format!("{base}.external.port"),
+                    "port 0 is not routable".into(),
                 );
             }
         }

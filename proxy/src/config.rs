@@ -97,6 +97,18 @@ pub struct Config {
     /// Where endpoints and policies come from.
     #[serde(default)]
     pub store: StoreConfig,
+    /// Name resolution for host-name endpoints and external services.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// DNS settings; by default the system's resolver configuration (`/etc/resolv.conf`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers (`ip:port`) to use instead of the system's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -440,6 +452,7 @@ impl Config {
             timeouts: Timeouts::default(),
             drain: DrainConfig::default(),
             store: StoreConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 

@@ -26,7 +26,14 @@ use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnT
 use crate::snapshot::{Endpoint, Service, Snapshot};
 use crate::{drain, upgrade, ResponseBody};
 
+/// Plain HTTP/1.1 to destinations outside the mesh, pooled by endpoint address.
+type ExternalClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Incoming,
+>;
+
 pub struct Outbound {
+    external: ExternalClient,
     snapshot: Arc<ArcSwap<Snapshot>>,
     pool: Arc<PeerPool>,
     tls: IdentityStore,
@@ -47,7 +54,15 @@ impl Outbound {
         tls: IdentityStore,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(config.timeouts.connect));
+        connector.set_nodelay(true);
+        let external =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .set_host(false)
+                .build(connector);
         Self {
+            external,
             snapshot,
             pool,
             tls,
@@ -142,6 +157,10 @@ impl Outbound {
         headers.remove(ORIG_PROTO_HEADER);
         append_forwarded(headers, client.ip(), "http");
 
+        if let Some(host) = &svc.external_host {
+            return self.forward_external(ep, host, req, request_timeout).await;
+        }
+
         if is_upgrade(&req) {
             let tls = self.tls.load_full();
             return upgrade::outbound(
@@ -178,6 +197,50 @@ impl Outbound {
         *req.version_mut() = Version::HTTP_2;
 
         let mut resp = self.send(ep, req, connect_timeout, request_timeout).await?;
+        strip_hop_by_hop(resp.headers_mut(), false);
+        Ok(resp.map(Either::Left))
+    }
+
+    /// A destination outside the mesh: HTTP/1.1 to one of its DNS records, `Host` set to the
+    /// external host. No mTLS and no identity: the far end is not a mesh member.
+    async fn forward_external(
+        &self,
+        ep: &Endpoint,
+        host: &str,
+        mut req: Request<Incoming>,
+        request_timeout: Duration,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        strip_hop_by_hop(req.headers_mut(), false);
+        if let Ok(h) = HeaderValue::from_str(host) {
+            req.headers_mut().insert(header::HOST, h);
+        }
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(ep.addr.to_string())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::MissingAuthority)?;
+        *req.version_mut() = Version::HTTP_11;
+        let mut resp = tokio::time::timeout(request_timeout, self.external.request(req))
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout {
+                addr: ep.addr,
+                timeout: request_timeout,
+            })?
+            .map_err(|e| {
+                if e.is_connect() {
+                    ProxyError::Connect {
+                        addr: ep.addr,
+                        source: std::io::Error::other(error_chain(&e)),
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        addr: ep.addr,
+                        message: error_chain(&e),
+                    }
+                }
+            })?;
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp.map(Either::Left))
     }

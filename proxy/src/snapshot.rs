@@ -27,6 +27,10 @@ pub struct Service {
     pub connect_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    /// Set for a destination outside the mesh: the `Host` to send (`host[:port]`). Its
+    /// endpoints are the host's DNS records, called over plain HTTP/1.1, without mTLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_host: Option<Arc<str>>,
     #[serde(skip)]
     next: AtomicUsize,
 }
@@ -83,6 +87,10 @@ impl Snapshot {
                 endpoints,
                 connect_timeout: spec.policy.connect_timeout,
                 request_timeout: spec.policy.request_timeout,
+                external_host: spec.external.as_ref().map(|e| match e.port {
+                    80 => Arc::from(e.host.as_str()),
+                    port => Arc::from(format!("{}:{port}", e.host)),
+                }),
                 next: AtomicUsize::new(0),
             };
             services.insert(name.clone(), Arc::new(svc));

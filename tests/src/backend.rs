@@ -31,9 +31,12 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        Self::start_on("127.0.0.1:0".parse().expect("literal")).await
+    }
+
+    /// Listen on a given address (tests that need several loopback IPs on one port).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod dns;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -32,6 +32,7 @@ pub enum CacheError {
     Io { path: PathBuf, message: String },
 }
 
+#[derive(Clone)]
 pub struct Cache {
     path: PathBuf,
     prefix: String,

@@ -28,7 +28,12 @@ use super::cache::Cache;
 use super::keys::Keys;
 use super::state::{MeshState, Rejection};
 use super::{backoff, Etcd, EtcdError};
+use crate::dns::Dns;
 use crate::store::SnapshotTx;
+use trellis_policies::MeshDocument;
+
+/// A revision and the raw values to persist at it.
+type CacheState = (i64, Vec<(String, Vec<u8>)>);
 
 /// An idle watch is probed this often with a progress request...
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -74,7 +79,12 @@ pub struct Discovery {
     need_resync: bool,
     tx: SnapshotTx,
     cache: Cache,
+    /// The newest state to persist; a background writer saves it off the async runtime.
+    cache_tx: watch::Sender<Option<CacheState>>,
     cache_tried: bool,
+    dns: Arc<Dns>,
+    /// The last document sent to the data plane, after DNS resolution.
+    last_doc: Option<MeshDocument>,
     ready: Ready,
     status: Arc<Mutex<DiscoveryStatus>>,
     applied: watch::Sender<i64>,
@@ -90,6 +100,7 @@ impl Discovery {
         cache_file: PathBuf,
         tx: SnapshotTx,
         ready: Ready,
+        dns: Arc<Dns>,
         registry: &mut Registry,
     ) -> Self {
         let metrics = Metrics {
@@ -137,6 +148,7 @@ impl Discovery {
             ..Default::default()
         };
         let (applied, _) = watch::channel(0);
+        let (cache_tx, _) = watch::channel(None);
         Self {
             keys: Keys::new(&cfg.prefix),
             cache: Cache::new(cache_file, &cfg.prefix),
@@ -145,7 +157,10 @@ impl Discovery {
             state: MeshState::default(),
             need_resync: true,
             tx,
+            cache_tx,
             cache_tried: false,
+            dns,
+            last_doc: None,
             ready,
             status: Arc::new(Mutex::new(status)),
             applied,
@@ -164,6 +179,7 @@ impl Discovery {
 
     /// Run until the data plane is gone.
     pub async fn run(mut self) {
+        tokio::spawn(write_cache(self.cache.clone(), self.cache_tx.subscribe()));
         let mut attempt = 0;
         loop {
             let start = Instant::now();
@@ -180,7 +196,7 @@ impl Discovery {
                 tracing::warn!(error = %e, revision = self.state.revision, "etcd watch failed; serving the last applied state");
             }
             if self.state.revision == 0 && !self.cache_tried {
-                self.start_from_cache();
+                self.start_from_cache().await;
             }
             // A session that ran for a while was healthy: start backing off from scratch.
             if start.elapsed() > Duration::from_secs(10) {
@@ -208,7 +224,7 @@ impl Discovery {
                 .iter()
                 .filter_map(|kv| Some((kv.key_str().ok()?, kv.value())))
                 .collect();
-            self.resync(kvs, revision);
+            self.resync(kvs, revision).await;
         }
         let opts = WatchOptions::new()
             .with_prefix()
@@ -226,8 +242,13 @@ impl Discovery {
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
+            let dns_due = self.dns.next_refresh().map(tokio::time::Instant::from_std);
             let msg = tokio::select! {
                 msg = stream.message() => msg.map_err(|e| etcd.err(e))?,
+                _ = sleep_until_opt(dns_due) => {
+                    self.publish("etcd").await;
+                    continue;
+                }
                 _ = probe.tick() => {
                     if last_heard.elapsed() > WATCH_SILENCE_LIMIT {
                         return Err(EtcdError::Timeout { endpoints: self.cfg.endpoints.join(", "), timeout: WATCH_SILENCE_LIMIT });
@@ -286,14 +307,14 @@ impl Discovery {
             }
             self.state.revision = revision;
             if changed {
-                self.publish("etcd");
+                self.publish("etcd").await;
             } else {
                 self.note_revision();
             }
         }
     }
 
-    fn resync(&mut self, kvs: Vec<(&str, &[u8])>, revision: i64) {
+    async fn resync(&mut self, kvs: Vec<(&str, &[u8])>, revision: i64) {
         self.metrics.resyncs.inc();
         let mut rejected = Vec::new();
         let changes = self.state.resync(&self.keys, kvs, revision, |k, r| {
@@ -317,13 +338,13 @@ impl Discovery {
             .map(|s| s.serving_from_cache.is_some())
             .unwrap_or(false);
         if changes.any() || from_cache || self.tx.borrow().is_none() {
-            self.publish("etcd");
+            self.publish("etcd").await;
         } else {
             self.note_revision();
         }
     }
 
-    fn start_from_cache(&mut self) {
+    async fn start_from_cache(&mut self) {
         self.cache_tried = true;
         match self.cache.load() {
             Ok(Some(cached)) => {
@@ -349,7 +370,7 @@ impl Discovery {
                     "etcd unreachable at startup: serving from cache at revision {}",
                     cached.revision
                 );
-                self.publish("cache");
+                self.publish("cache").await;
             }
             Ok(None) => {
                 tracing::warn!(cache = %self.cache.path().display(), "etcd unreachable at startup and no cache: not ready until etcd answers")
@@ -361,15 +382,29 @@ impl Discovery {
     }
 
     /// Build and send a snapshot of the current state; persist it unless it came from the cache.
-    fn publish(&mut self, source: &'static str) {
+    async fn publish(&mut self, source: &'static str) {
         let revision = self.state.revision;
-        let doc = self.state.to_document();
+        // Validate the state as declared; resolution then turns names into addresses.
+        let declared = self.state.to_document();
+        let declared_ok = trellis_policies::validate(&declared).map_err(|e| e.to_string());
+        let doc = self.dns.resolve(&declared).await;
+        let from_cache = source == "cache";
+        let serving_cache = self
+            .status
+            .lock()
+            .map(|s| s.serving_from_cache.is_some())
+            .unwrap_or(false);
+        // Nothing the data plane would see changed (e.g. a DNS refresh with the same records).
+        if !from_cache && !serving_cache && self.last_doc.as_ref() == Some(&doc) {
+            self.save_cache();
+            self.note_revision();
+            self.applied.send_replace(revision);
+            return;
+        }
         let origin = format!("{source}:{}@{revision}", self.cfg.prefix);
-        let snapshot = match trellis_policies::validate(&doc)
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                Snapshot::from_document(&doc, &self.trust_domain, revision.max(0) as u64, origin)
-            }) {
+        let snapshot = match declared_ok.and_then(|()| {
+            Snapshot::from_document(&doc, &self.trust_domain, revision.max(0) as u64, origin)
+        }) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, revision, "mesh state from etcd does not form a valid snapshot; keeping the current one");
@@ -377,7 +412,7 @@ impl Discovery {
             }
         };
         self.tx.send_replace(Some(Arc::new(snapshot)));
-        let from_cache = source == "cache";
+        self.last_doc = Some(doc);
         if from_cache {
             self.ready
                 .set_detail(Some(format!("serving from cache at revision {revision}")));
@@ -385,9 +420,7 @@ impl Discovery {
         } else {
             self.ready.set_detail(None);
             self.metrics.from_cache.set(0);
-            if let Err(e) = self.cache.save(revision, self.state.raw()) {
-                tracing::warn!(error = %e, "cannot write the fail-static cache");
-            }
+            self.save_cache();
         }
         self.with_status(|s| s.serving_from_cache = from_cache.then_some(revision));
         self.note_revision();
@@ -396,6 +429,16 @@ impl Discovery {
         // other sidecars' status keys), and reporting those would make sidecars wake each other.
         self.applied.send_replace(revision);
         tracing::debug!(revision, source, "published mesh snapshot");
+    }
+
+    fn save_cache(&self) {
+        let entries = self
+            .state
+            .raw()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
+        self.cache_tx
+            .send_replace(Some((self.state.revision, entries)));
     }
 
     fn note_revision(&self) {
@@ -428,5 +471,36 @@ impl Discovery {
 
     fn with_status(&self, f: impl FnOnce(&mut DiscoveryStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Persist the newest state, one write at a time, on the blocking pool (write + fsync + rename
+/// must not stall the async runtime). States that arrive during a write are coalesced: only the
+/// latest is written.
+async fn write_cache(cache: Cache, mut rx: watch::Receiver<Option<CacheState>>) {
+    while rx.changed().await.is_ok() {
+        let Some((revision, entries)) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let cache = cache.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            cache.save(
+                revision,
+                entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+            )
+        })
+        .await;
+        match result {
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the fail-static cache"),
+            Err(e) => tracing::warn!(error = %e, "cache writer failed"),
+            Ok(Ok(())) => {}
+        }
     }
 }

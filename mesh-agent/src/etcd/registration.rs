@@ -15,6 +15,9 @@ use trellis_proxy::config::EtcdConfig;
 use super::keys::Keys;
 use super::{backoff, Etcd, EtcdError};
 
+/// Status writes wait this long so that a burst of changes costs etcd one write.
+const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
+
 /// What a sidecar writes under its status key.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct InstanceStatus {
@@ -170,7 +173,9 @@ impl Registrar {
                     }
                 }
                 changed = applied.changed() => {
-                    if changed.is_ok() {
+                                        if changed.is_ok() {
+                        // Coalesce bursts of changes into one write.
+                        tokio::time::sleep(STATUS_DEBOUNCE).await;
                         self.put_status(&etcd, lease).await?;
                     }
                 }

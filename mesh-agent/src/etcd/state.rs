@@ -169,6 +169,12 @@ impl MeshState {
                         .or_insert_with(ServiceSpec::default)
                         .policy = policy.clone();
                 }
+                Entry::Policy(_, Policy::ExternalService { service, external }) => {
+                    doc.services
+                        .entry(service.clone())
+                        .or_insert_with(ServiceSpec::default)
+                        .external = Some(external.clone());
+                }
             }
         }
         for svc in doc.services.values_mut() {

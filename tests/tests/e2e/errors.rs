@@ -24,8 +24,14 @@ fn doc(services: &[(&str, &[String], Option<Duration>)]) -> Arc<Snapshot> {
             request_timeout: *timeout,
             ..Default::default()
         };
-        d.services
-            .insert(name.to_string(), ServiceSpec { endpoints, policy });
+        d.services.insert(
+            name.to_string(),
+            ServiceSpec {
+                endpoints,
+                policy,
+                external: None,
+            },
+        );
     }
     Arc::new(Snapshot::from_document(&d, TRUST_DOMAIN, 99, "test".into()).unwrap())
 }

@@ -2,6 +2,7 @@
 //! sidecar -> app server, all on loopback.
 
 mod admin;
+mod dns;
 mod drain;
 mod errors;
 mod etcd;
