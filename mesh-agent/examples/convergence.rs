@@ -98,7 +98,9 @@ async fn run(n: usize) -> String {
     all.sort_by(f64::total_cmp);
     each.sort_by(f64::total_cmp);
 
-    // Steady state: what the sidecars cost etcd while nothing changes.
+    // Steady state: what the sidecars cost etcd while nothing changes (after the last round's
+    // debounced status writes have landed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let port = etcd.members[0].metrics_port;
     let before = http_get(port, "/metrics").await.unwrap_or_default();
     tokio::time::sleep(IDLE_WINDOW).await;

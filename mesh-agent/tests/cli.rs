@@ -203,3 +203,30 @@ fn demo_runs_for_a_duration_and_reports_success() {
         "{stdout}"
     );
 }
+
+#[test]
+fn shipped_examples_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for cfg in [
+        "examples/standalone/sidecar.yaml",
+        "examples/etcd/sidecar.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(cfg)).unwrap();
+        let c =
+            trellis_proxy::config::Config::from_yaml(&text, cfg).unwrap_or_else(|e| panic!("{e}"));
+        c.validate().unwrap_or_else(|e| panic!("{cfg}: {e}"));
+    }
+    let mesh = std::fs::read_to_string(root.join("examples/standalone/mesh.yaml")).unwrap();
+    trellis_policies::parse_mesh_yaml(&mesh).unwrap();
+    let out = run_ok(agent().args([
+        "policy",
+        "validate",
+        "-f",
+        root.join("examples/etcd/policies.yaml").to_str().unwrap(),
+    ]));
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(" valid")).count(),
+        3,
+        "{out}"
+    );
+}

@@ -479,3 +479,78 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
         "a full re-read happened ({resyncs_before} -> {resyncs})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_replaced_by_a_new_registration() {
+    let m = etcd_mesh().await;
+    let mut etcd = etcd_client(m.etcd.endpoints()).await;
+    let prefix = format!("{PREFIX}/mesh/services/echo/instances/");
+    let resp = etcd
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let old_lease = resp.kvs()[0].lease();
+    // What a partition longer than the TTL does: the lease is gone and the key with it.
+    etcd.lease_revoke(old_lease).await.unwrap();
+    let start = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "re-registered under a new lease",
+        || {
+            let (mut etcd, prefix) = (etcd.clone(), prefix.clone());
+            async move {
+                let r = etcd
+                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await
+                    .unwrap();
+                r.kvs()
+                    .first()
+                    .is_some_and(|kv| kv.lease() != 0 && kv.lease() != old_lease)
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "re-registered {:?} after the lease was revoked",
+        start.elapsed()
+    );
+    let c = client::h1(m.client.bound.outbound);
+    wait_for(Duration::from_secs(3), "traffic flows again", || async {
+        status_of(&c, "http://echo/echo").await == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_waits_for_the_app_to_be_healthy() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["echo"]);
+    let app_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _sidecar = etcd_sidecar(&pki, "echo", app_addr, etcd.endpoints(), |c| {
+        if let Some(e) = c.store.etcd.as_mut() {
+            e.registration.app_health_path = Some("/echo".into());
+        }
+    })
+    .await;
+    let mut etcd_c = etcd_client(etcd.endpoints()).await;
+    let prefix = format!("{PREFIX}/mesh/services/echo/");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        keys_with_prefix(&mut etcd_c, &prefix).await.is_empty(),
+        "registered before the app was up"
+    );
+    let _app = Backend::start_on(app_addr).await;
+    wait_for(
+        Duration::from_secs(5),
+        "registered once the app is healthy",
+        || {
+            let (mut etcd_c, prefix) = (etcd_c.clone(), prefix.clone());
+            async move { !keys_with_prefix(&mut etcd_c, &prefix).await.is_empty() }
+        },
+    )
+    .await;
+}
