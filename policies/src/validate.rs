@@ -36,20 +36,29 @@ impl fmt::Display for ValidationErrors {
     }
 }
 
-/// A service name is a DNS name (lowercase labels of [a-z0-9-], dot-separated), because apps
-/// address services by `Host`.
-pub fn validate_service_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
+/// Dot-separated labels of letters, digits and inner hyphens (RFC 1123), at most 63 bytes each
+/// and 253 in all; uppercase letters only when `allow_upper`.
+fn is_dns_name(name: &str, allow_upper: bool) -> bool {
+    !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        });
-    if ok {
+                && l.bytes().all(|b| {
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b == b'-'
+                        || (allow_upper && b.is_ascii_uppercase())
+                })
+        })
+}
+
+/// A service name is a DNS name (lowercase labels of [a-z0-9-], dot-separated), because apps
+/// address services by `Host`.
+pub fn validate_service_name(name: &str) -> Result<(), String> {
+    if is_dns_name(name, false) {
         Ok(())
     } else {
         Err(format!(
@@ -78,17 +87,7 @@ pub fn validate_host(host: &str) -> Result<(), String> {
     if host.parse::<std::net::IpAddr>().is_ok() {
         return Ok(());
     }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if ok {
+    if is_dns_name(host.strip_suffix('.').unwrap_or(host), true) {
         Ok(())
     } else {
         Err(format!("`{host}` is neither an IP address nor a DNS name"))
@@ -213,6 +212,28 @@ services:
                 "services.Orders.policy.request_timeout",
             ]
         );
+    }
+
+    #[test]
+    fn endpoint_addresses_are_ip_or_host_with_port() {
+        assert_eq!(parse_host_port("10.0.0.1:80"), Ok(("10.0.0.1".into(), 80)));
+        assert_eq!(parse_host_port("[::1]:8080"), Ok(("::1".into(), 8080)));
+        assert_eq!(
+            parse_host_port("Api.Example.com:443"),
+            Ok(("Api.Example.com".into(), 443))
+        );
+        for bad in [
+            "example.com",
+            "example.com:http",
+            "exa mple.com:80",
+            "-a.com:80",
+            ":80",
+            "a..b:80",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+        assert!(validate_host("example.com.").is_ok());
+        assert!(validate_host("under_score.com").is_err());
     }
 
     #[test]
