@@ -147,7 +147,7 @@ pub fn registration_record(
             config.trust_domain, config.service
         ),
         weight: reg.weight,
-        zone: reg.zone.clone(),
+        zone: reg.zone.clone().or_else(|| config.zone.clone()),
         metadata: reg.metadata.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         ttl_seconds: etcd.lease_ttl.as_secs() as i64,

@@ -58,6 +58,8 @@ struct ServicePolicySpec {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     request_timeout: Option<Duration>,
+    #[serde(default)]
+    load_balancer: Option<crate::LoadBalancerSpec>,
 }
 
 /// Why a document was refused; the message names the document and the field.
@@ -115,11 +117,16 @@ impl PolicyDocument {
                         _ => {}
                     }
                 }
+                if let Some(lb) = &spec.load_balancer {
+                    crate::validate::validate_load_balancer(lb)
+                        .map_err(|m| err(format!("spec.load_balancer: {m}")))?;
+                }
                 Ok(Policy::ServicePolicy {
                     service: self.metadata.name.clone(),
                     policy: ServicePolicy {
                         connect_timeout: spec.connect_timeout,
                         request_timeout: spec.request_timeout,
+                        load_balancer: spec.load_balancer.clone(),
                     },
                 })
             }
@@ -282,7 +289,8 @@ kind: ServicePolicy
                 service: "payments".into(),
                 policy: ServicePolicy {
                     request_timeout: Some(Duration::from_secs(2)),
-                    connect_timeout: None
+                    connect_timeout: None,
+                    load_balancer: None,
                 }
             }
         );
@@ -305,6 +313,44 @@ kind: ServicePolicy
         assert!(e.contains("unknown kind `Nope`"), "{e}");
         let e = docs[3].as_ref().unwrap_err().to_string();
         assert!(e.starts_with("p.yaml document 4: missing field"), "{e}");
+    }
+
+    #[test]
+    fn load_balancer_policies() {
+        let doc = |spec: &str| {
+            let yaml = format!("apiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {{name: a}}\nspec: {spec}\n");
+            parse_documents(&yaml, "t").remove(0).unwrap().validate()
+        };
+        let ok = doc("{load_balancer: {algorithm: consistent_hash, hash_on: {header: x-user}}}")
+            .unwrap();
+        let Policy::ServicePolicy { policy, .. } = ok else {
+            panic!()
+        };
+        let lb = policy.load_balancer.unwrap();
+        assert_eq!(lb.algorithm, crate::LbAlgorithm::ConsistentHash);
+        assert_eq!(lb.hash_on, Some(crate::HashOn::Header("x-user".into())));
+        assert!(doc("{load_balancer: {algorithm: peak_ewma, zone_aware: true}}").is_ok());
+        assert!(
+            doc("{load_balancer: {algorithm: consistent_hash, hash_on: {source_ip: true}}}")
+                .is_ok()
+        );
+        let e =
+            doc("{load_balancer: {algorithm: consistent_hash, hash_on: {header: a, cookie: b}}}")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("exactly one"), "{e}");
+        let e = doc("{load_balancer: {algorithm: consistent_hash}}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `hash_on`"), "{e}");
+        let e = doc("{load_balancer: {algorithm: random, hash_on: {source_ip: true}}}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only applies"), "{e}");
+        let e = doc("{load_balancer: {algorithm: fastest}}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `fastest`"), "{e}");
     }
 
     #[test]

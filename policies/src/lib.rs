@@ -13,11 +13,14 @@ pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,
 };
-pub use mesh::{EndpointSpec, ExternalSpec, MeshDocument, ServicePolicy, ServiceSpec};
+pub use mesh::{
+    EndpointSpec, ExternalSpec, HashOn, LbAlgorithm, LoadBalancerSpec, MeshDocument, ServicePolicy,
+    ServiceSpec,
+};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{
-    parse_host_port, validate, validate_host, validate_service_name, ValidationError,
-    ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
+    parse_host_port, validate, validate_host, validate_load_balancer, validate_service_name,
+    ValidationError, ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
 };
 
 /// Why a mesh document could not be accepted.

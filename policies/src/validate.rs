@@ -82,6 +82,24 @@ pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// `hash_on` goes with consistent hashing, and only with it.
+pub fn validate_load_balancer(lb: &crate::LoadBalancerSpec) -> Result<(), String> {
+    use crate::{HashOn, LbAlgorithm};
+    match (lb.algorithm, &lb.hash_on) {
+        (LbAlgorithm::ConsistentHash, None) => {
+            Err("consistent_hash needs `hash_on` (header, cookie or source_ip)".into())
+        }
+        (LbAlgorithm::ConsistentHash, Some(HashOn::Header(h) | HashOn::Cookie(h)))
+            if h.is_empty() =>
+        {
+            Err("`hash_on` names an empty header or cookie".into())
+        }
+        (LbAlgorithm::ConsistentHash, Some(_)) => Ok(()),
+        (_, Some(_)) => Err("`hash_on` only applies to algorithm consistent_hash".into()),
+        (_, None) => Ok(()),
+    }
+}
+
 /// An IP address or a DNS name.
 pub fn validate_host(host: &str) -> Result<(), String> {
     if host.parse::<std::net::IpAddr>().is_ok() {
@@ -129,6 +147,11 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
                     format!("{p}.weight"),
                     format!("must be between 1 and {MAX_WEIGHT}, got {}", ep.weight),
                 );
+            }
+        }
+        if let Some(lb) = &svc.policy.load_balancer {
+            if let Err(m) = validate_load_balancer(lb) {
+                push(format!("{base}.policy.load_balancer"), m);
             }
         }
         if let Some(ext) = &svc.external {

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::pool::PeerPool;
 use crate::readiness::Ready;
+use crate::route::{RouteTable, StatsRegistry};
 use crate::snapshot::Snapshot;
 
 /// Snapshots arrive here; `None` until the source has produced its first one.
@@ -151,7 +152,7 @@ impl Proxy {
             admin: local(&admin_l, "admin", cfg.admin.listen)?,
         };
 
-        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let snapshot = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
         let pool = Arc::new(PeerPool::new(tls.clone(), metrics.clone()));
         let reloader = spawn_reloader(
             tls.clone(),
@@ -164,6 +165,7 @@ impl Proxy {
         let snapshot_task = tokio::spawn(apply_snapshots(
             self.snapshots,
             snapshot.clone(),
+            cfg.zone.clone(),
             pool.clone(),
             metrics.clone(),
             snapshot_ready,
@@ -203,7 +205,8 @@ impl Proxy {
                         "not_after_unix": t.not_after(),
                         "generation": t.generation(),
                     },
-                    "snapshot": &**snapshot.load(),
+                                        "snapshot": &*snapshot.load().snapshot,
+                    "load_balancers": snapshot.load().dump(),
                     "peer_connections": pool.len(),
                     "ready": { "pending": ready.pending() },
                 });
@@ -264,13 +267,15 @@ impl Proxy {
 /// Apply each snapshot the source sends, and evict pooled connections to removed endpoints.
 async fn apply_snapshots(
     mut rx: SnapshotRx,
-    current: Arc<ArcSwap<Snapshot>>,
+    current: Arc<ArcSwap<RouteTable>>,
+    local_zone: Option<String>,
     pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
     ready: crate::readiness::BlockReady,
     applied: watch::Sender<u64>,
 ) {
     let mut ready = Some(ready);
+    let registry = StatsRegistry::default();
     loop {
         let next = rx.borrow_and_update().clone();
         if let Some(snap) = next {
@@ -281,7 +286,11 @@ async fn apply_snapshots(
                 .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
             pool.retain(|addr, id| snap.has_endpoint(addr, id));
             let version = snap.version;
-            current.store(snap);
+            current.store(Arc::new(RouteTable::build(
+                snap,
+                &registry,
+                local_zone.as_deref(),
+            )));
             applied.send_replace(version);
             ready.take();
         }

@@ -81,6 +81,9 @@ pub struct Config {
     pub service: String,
     #[serde(default = "d_trust_domain")]
     pub trust_domain: String,
+    /// This sidecar's zone (e.g. `eu-west-1a`), for zone-aware balancing and registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub identity: IdentityConfig,
     #[serde(default)]
     pub inbound: InboundConfig,
@@ -439,6 +442,7 @@ impl Config {
         Self {
             service: service.to_string(),
             trust_domain: d_trust_domain(),
+            zone: None,
             identity: IdentityConfig {
                 cert: cert_dir.join(format!("{service}.pem")),
                 key: cert_dir.join(format!("{service}-key.pem")),
@@ -492,6 +496,7 @@ impl Config {
             match var.as_str() {
                 "TRELLIS_SERVICE" => self.service = value,
                 "TRELLIS_TRUST_DOMAIN" => self.trust_domain = value,
+                "TRELLIS_ZONE" => self.zone = Some(value),
                 "TRELLIS_INBOUND_ADDR" => self.inbound.listen = addr(&value)?,
                 "TRELLIS_OUTBOUND_ADDR" => self.outbound.listen = addr(&value)?,
                 "TRELLIS_ADMIN_ADDR" => self.admin.listen = addr(&value)?,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod config;
 pub mod drain;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod readiness;
+pub mod route;
 pub mod server;
 pub mod snapshot;
 mod upgrade;

@@ -22,8 +22,9 @@ use crate::headers::{
 use crate::identity::IdentityStore;
 use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
 use crate::pool::PeerPool;
+use crate::route::{Route, RouteTable};
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
-use crate::snapshot::{Endpoint, Service, Snapshot};
+use crate::snapshot::Endpoint;
 use crate::{drain, upgrade, ResponseBody};
 
 /// Plain HTTP/1.1 to destinations outside the mesh, pooled by endpoint address.
@@ -34,7 +35,7 @@ type ExternalClient = hyper_util::client::legacy::Client<
 
 pub struct Outbound {
     external: ExternalClient,
-    snapshot: Arc<ArcSwap<Snapshot>>,
+    routes: Arc<ArcSwap<RouteTable>>,
     pool: Arc<PeerPool>,
     tls: IdentityStore,
     metrics: Arc<Metrics>,
@@ -49,7 +50,7 @@ pub struct Outbound {
 impl Outbound {
     pub fn new(
         config: &Config,
-        snapshot: Arc<ArcSwap<Snapshot>>,
+        routes: Arc<ArcSwap<RouteTable>>,
         pool: Arc<PeerPool>,
         tls: IdentityStore,
         metrics: Arc<Metrics>,
@@ -63,7 +64,7 @@ impl Outbound {
                 .build(connector);
         Self {
             external,
-            snapshot,
+            routes,
             pool,
             tls,
             metrics,
@@ -126,27 +127,31 @@ impl Outbound {
         let Some(host) = request_host(&req) else {
             return (self.unknown.clone(), Err(ProxyError::MissingAuthority));
         };
-        let snapshot = self.snapshot.load();
-        let Some(svc) = snapshot.service(host).cloned() else {
+        let table = self.routes.load();
+        let Some(route) = table.route(host).cloned() else {
             return (
                 self.unknown.clone(),
                 Err(ProxyError::UnknownService(host.to_string())),
             );
         };
-        drop(snapshot);
-        let result = self.forward(&svc, req, client).await;
-        (svc.name.clone(), result)
+        drop(table);
+        let result = self.forward(&route, req, client).await;
+        (route.service.name.clone(), result)
     }
 
     async fn forward(
         &self,
-        svc: &Service,
+        route: &Route,
         mut req: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let ep = svc
-            .pick()
+        let svc = &route.service;
+        let (ep, stats) = route
+            .pick(&req, client.ip())
             .ok_or_else(|| ProxyError::NoEndpoints(svc.name.to_string()))?;
+        // Counted in flight (least request, peak-EWMA) until the response headers arrive.
+        let _in_flight = stats.start();
+        let started = std::time::Instant::now();
         let connect_timeout = svc.connect_timeout.unwrap_or(self.connect_timeout);
         let request_timeout = svc.request_timeout.unwrap_or(self.request_timeout);
         let authority = request_authority(&req).ok_or(ProxyError::MissingAuthority)?;
@@ -196,7 +201,9 @@ impl Outbound {
             .map_err(|_| ProxyError::MissingAuthority)?;
         *req.version_mut() = Version::HTTP_2;
 
-        let mut resp = self.send(ep, req, connect_timeout, request_timeout).await?;
+        let result = self.send(ep, req, connect_timeout, request_timeout).await;
+        stats.observe_rtt(started.elapsed());
+        let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp.map(Either::Left))
     }

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use trellis_policies::{MeshDocument, SpiffeId};
+use trellis_policies::{LoadBalancerSpec, MeshDocument, SpiffeId};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -27,12 +27,12 @@ pub struct Service {
     pub connect_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
     /// Set for a destination outside the mesh: the `Host` to send (`host[:port]`). Its
     /// endpoints are the host's DNS records, called over plain HTTP/1.1, without mTLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_host: Option<Arc<str>>,
-    #[serde(skip)]
-    next: AtomicUsize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -91,7 +91,7 @@ impl Snapshot {
                     80 => Arc::from(e.host.as_str()),
                     port => Arc::from(format!("{}:{port}", e.host)),
                 }),
-                next: AtomicUsize::new(0),
+                load_balancer: spec.policy.load_balancer.clone(),
             };
             services.insert(name.clone(), Arc::new(svc));
         }
@@ -123,20 +123,6 @@ impl Snapshot {
     }
 }
 
-// === impl Service ===
-
-impl Service {
-    /// Round robin over the endpoints: O(1), allocation-free. Weighted and latency-aware
-    /// balancers plug in here later.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.endpoints.get(i % self.endpoints.len())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,29 +133,13 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_visits_every_endpoint_evenly() {
-        let s = snapshot(
-            "services:\n  a:\n    endpoints:\n      - address: 127.0.0.1:1\n      - address: 127.0.0.1:2\n      - address: 127.0.0.1:3\n",
-        );
-        let svc = s.service("a").unwrap();
-        let mut counts = HashMap::new();
-        for _ in 0..300 {
-            *counts.entry(svc.pick().unwrap().addr.port()).or_insert(0) += 1;
-        }
-        assert_eq!(
-            counts.values().copied().collect::<Vec<_>>(),
-            vec![100, 100, 100]
-        );
-    }
-
-    #[test]
     fn default_identity_and_case_insensitive_lookup() {
         let s = snapshot(
             "services:\n  orders:\n    endpoints:\n      - address: 127.0.0.1:1\n  empty: {}\n",
         );
-        let ep = s.service("Orders").unwrap().pick().unwrap();
+        let ep = &s.service("Orders").unwrap().endpoints[0];
         assert_eq!(ep.identity.to_string(), "spiffe://td/service/orders");
-        assert!(s.service("empty").unwrap().pick().is_none());
+        assert!(s.service("empty").unwrap().endpoints.is_empty());
         assert!(s.service("missing").is_none());
     }
 }
