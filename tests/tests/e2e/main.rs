@@ -2,6 +2,7 @@
 //! sidecar -> app server, all on loopback.
 
 mod admin;
+mod balance;
 mod dns;
 mod drain;
 mod errors;
