@@ -60,6 +60,8 @@ struct ServicePolicySpec {
     request_timeout: Option<Duration>,
     #[serde(default)]
     load_balancer: Option<crate::LoadBalancerSpec>,
+    #[serde(default)]
+    outlier_detection: Option<crate::OutlierDetectionSpec>,
 }
 
 /// Why a document was refused; the message names the document and the field.
@@ -117,6 +119,10 @@ impl PolicyDocument {
                         _ => {}
                     }
                 }
+                if let Some(od) = &spec.outlier_detection {
+                    crate::validate::validate_outlier(od)
+                        .map_err(|m| err(format!("spec.outlier_detection: {m}")))?;
+                }
                 if let Some(lb) = &spec.load_balancer {
                     crate::validate::validate_load_balancer(lb)
                         .map_err(|m| err(format!("spec.load_balancer: {m}")))?;
@@ -127,6 +133,7 @@ impl PolicyDocument {
                         connect_timeout: spec.connect_timeout,
                         request_timeout: spec.request_timeout,
                         load_balancer: spec.load_balancer.clone(),
+                        outlier_detection: spec.outlier_detection.clone(),
                     },
                 })
             }
@@ -291,6 +298,7 @@ kind: ServicePolicy
                     request_timeout: Some(Duration::from_secs(2)),
                     connect_timeout: None,
                     load_balancer: None,
+                    outlier_detection: None,
                 }
             }
         );

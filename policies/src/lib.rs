@@ -14,13 +14,13 @@ pub use document::{
     KINDS,
 };
 pub use mesh::{
-    EndpointSpec, ExternalSpec, HashOn, LbAlgorithm, LoadBalancerSpec, MeshDocument, ServicePolicy,
-    ServiceSpec,
+    AllEjected, EndpointSpec, ExternalSpec, HashOn, LbAlgorithm, LoadBalancerSpec, MeshDocument,
+    OutlierDetectionSpec, ServicePolicy, ServiceSpec,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{
-    parse_host_port, validate, validate_host, validate_load_balancer, validate_service_name,
-    ValidationError, ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
+    parse_host_port, validate, validate_host, validate_load_balancer, validate_outlier,
+    validate_service_name, ValidationError, ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
 };
 
 /// Why a mesh document could not be accepted.

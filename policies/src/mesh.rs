@@ -83,6 +83,66 @@ pub struct ServicePolicy {
     /// How endpoints are chosen; round robin when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
+    /// Ejection of failing endpoints; on with the defaults below when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// Consecutive-failure ejection with exponential backoff and probe re-admission.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Failures in a row (connect/TLS errors, timeouts, resets, 5xx) that eject an endpoint;
+    /// 0 turns ejection off. Envoy uses 5, Linkerd 7.
+    #[serde(default = "d_consecutive")]
+    pub consecutive_failures: u32,
+    /// First ejection; each further one doubles it (Linkerd: 1 s).
+    #[serde(default = "d_base_ejection", with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection (Linkerd: 60 s).
+    #[serde(default = "d_max_ejection", with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    /// At most this share of a service's endpoints ejected at once (one may always be).
+    #[serde(default = "d_max_percent")]
+    pub max_ejection_percent: u32,
+    /// What to do when every endpoint is ejected.
+    #[serde(default)]
+    pub when_all_ejected: AllEjected,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllEjected {
+    /// Route to all endpoints as if none were ejected (Envoy's panic mode), counted and logged.
+    #[default]
+    IgnoreEjections,
+    /// Answer 503 `all-endpoints-ejected` at once.
+    FailFast,
+}
+
+impl Default for OutlierDetectionSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: d_consecutive(),
+            base_ejection_time: d_base_ejection(),
+            max_ejection_time: d_max_ejection(),
+            max_ejection_percent: d_max_percent(),
+            when_all_ejected: AllEjected::default(),
+        }
+    }
+}
+
+fn d_consecutive() -> u32 {
+    5
+}
+fn d_base_ejection() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_max_ejection() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_max_percent() -> u32 {
+    50
 }
 
 /// Load-balancing policy for calls to one service.

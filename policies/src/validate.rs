@@ -82,6 +82,23 @@ pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// Ejection times must be ordered and the percentage a percentage.
+pub fn validate_outlier(od: &crate::OutlierDetectionSpec) -> Result<(), String> {
+    if od.max_ejection_percent > 100 {
+        return Err("max_ejection_percent must be at most 100".into());
+    }
+    if od.base_ejection_time.is_zero() || od.max_ejection_time < od.base_ejection_time {
+        return Err("need 0 < base_ejection_time <= max_ejection_time".into());
+    }
+    if od.max_ejection_time > MAX_TIMEOUT {
+        return Err(format!(
+            "max_ejection_time must be at most {}s",
+            MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 /// `hash_on` goes with consistent hashing, and only with it.
 pub fn validate_load_balancer(lb: &crate::LoadBalancerSpec) -> Result<(), String> {
     use crate::{HashOn, LbAlgorithm};
@@ -147,6 +164,11 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
                     format!("{p}.weight"),
                     format!("must be between 1 and {MAX_WEIGHT}, got {}", ep.weight),
                 );
+            }
+        }
+        if let Some(od) = &svc.policy.outlier_detection {
+            if let Err(m) = validate_outlier(od) {
+                push(format!("{base}.policy.outlier_detection"), m);
             }
         }
         if let Some(lb) = &svc.policy.load_balancer {

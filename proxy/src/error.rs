@@ -21,6 +21,10 @@ pub enum ProxyError {
     UnknownService(String),
     #[error("service `{0}` has no endpoints")]
     NoEndpoints(String),
+    #[error(
+        "every endpoint of `{0}` is ejected by outlier detection (when_all_ejected: fail_fast)"
+    )]
+    AllEjected(String),
     #[error("connect to {addr} failed: {source}")]
     Connect {
         addr: SocketAddr,
@@ -51,7 +55,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingAuthority => StatusCode::BAD_REQUEST,
-            Self::UnknownService(_) | Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnknownService(_) | Self::NoEndpoints(_) | Self::AllEjected(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Connect { .. }
             | Self::Tls { .. }
             | Self::Handshake { .. }
@@ -68,6 +74,7 @@ impl ProxyError {
             Self::MissingAuthority => "missing-authority",
             Self::UnknownService(_) => "unknown-service",
             Self::NoEndpoints(_) => "no-endpoints",
+            Self::AllEjected(_) => "all-endpoints-ejected",
             Self::Connect { .. } => "connect-failed",
             Self::ConnectTimeout { .. } => "connect-timeout",
             Self::Tls { reason, .. } => reason.cause(),

@@ -48,6 +48,12 @@ pub struct CauseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutlierLabels {
+    pub service: Arc<String>,
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -68,6 +74,7 @@ pub struct Metrics {
     pub cert_reloads: Family<ResultLabels, Counter>,
     pub snapshots_applied: Counter,
     pub snapshot_version: Gauge,
+    pub outlier_events: Family<OutlierLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -92,6 +99,7 @@ impl Metrics {
             cert_reloads: Family::default(),
             snapshots_applied: Counter::default(),
             snapshot_version: Gauge::default(),
+            outlier_events: Family::default(),
         };
         registry.register(
             "requests",
@@ -143,6 +151,11 @@ impl Metrics {
             "Version of the mesh snapshot in use (file generation or etcd revision)",
             m.snapshot_version.clone(),
         );
+        registry.register(
+            "outlier_events",
+            "Outlier detection by destination service: ejected, readmitted, panic_routing (every endpoint ejected, routed anyway)",
+            m.outlier_events.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -185,6 +198,15 @@ impl Metrics {
     pub fn tls_failure(&self, direction: &'static str, reason: &'static str) {
         self.tls_handshake_failures
             .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn outlier_event(&self, service: &Arc<String>, event: &'static str) {
+        self.outlier_events
+            .get_or_create(&OutlierLabels {
+                service: service.clone(),
+                event,
+            })
             .inc();
     }
 

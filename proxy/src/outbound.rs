@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
+use crate::balance::OutlierEvent;
 use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
 use crate::error::ProxyError;
 use crate::headers::{
@@ -22,7 +23,7 @@ use crate::headers::{
 use crate::identity::IdentityStore;
 use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
 use crate::pool::PeerPool;
-use crate::route::{Route, RouteTable};
+use crate::route::{Choice, Route, RouteTable};
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::snapshot::Endpoint;
 use crate::{drain, upgrade, ResponseBody};
@@ -146,12 +147,9 @@ impl Outbound {
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let svc = &route.service;
-        let (ep, stats) = route
-            .pick(&req, client.ip())
-            .ok_or_else(|| ProxyError::NoEndpoints(svc.name.to_string()))?;
-        // Counted in flight (least request, peak-EWMA) until the response headers arrive.
-        let _in_flight = stats.start();
-        let started = std::time::Instant::now();
+        let ip = client.ip();
+        let mut i = self.choose(route, &req, ip, None)?;
+        let ep = &svc.endpoints[i];
         let connect_timeout = svc.connect_timeout.unwrap_or(self.connect_timeout);
         let request_timeout = svc.request_timeout.unwrap_or(self.request_timeout);
         let authority = request_authority(&req).ok_or(ProxyError::MissingAuthority)?;
@@ -163,7 +161,9 @@ impl Outbound {
         append_forwarded(headers, client.ip(), "http");
 
         if let Some(host) = &svc.external_host {
-            return self.forward_external(ep, host, req, request_timeout).await;
+            let result = self.forward_external(ep, host, req, request_timeout).await;
+            self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
+            return result;
         }
 
         if is_upgrade(&req) {
@@ -201,8 +201,36 @@ impl Outbound {
             .map_err(|_| ProxyError::MissingAuthority)?;
         *req.version_mut() = Version::HTTP_2;
 
-        let result = self.send(ep, req, connect_timeout, request_timeout).await;
+        // Connect first: a connect-level failure leaves the request untouched, so it can go to
+        // another endpoint whatever its method (the failed peer never saw it).
+        let sender = match self.pool.get(ep, connect_timeout).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                self.outcome(route, i, Err(&e));
+                let j = match self.choose(route, &req, ip, Some(i)) {
+                    Ok(j) if j != i => j,
+                    _ => return Err(e),
+                };
+                i = j;
+                match self.pool.get(&svc.endpoints[j], connect_timeout).await {
+                    Ok(sender) => sender,
+                    Err(e) => {
+                        self.outcome(route, j, Err(&e));
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let ep = &svc.endpoints[i];
+        let stats = &route.stats[i];
+        // Counted in flight (least request, peak-EWMA) until the response headers arrive.
+        let _in_flight = stats.start();
+        let started = std::time::Instant::now();
+        let result = self
+            .send(ep, sender, req, connect_timeout, request_timeout)
+            .await;
         stats.observe_rtt(started.elapsed());
+        self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
         let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp.map(Either::Left))
@@ -258,12 +286,12 @@ impl Outbound {
     async fn send(
         &self,
         ep: &Endpoint,
+        mut send: hyper::client::conn::http2::SendRequest<Incoming>,
         req: Request<Incoming>,
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
         let attempt = async {
-            let mut send = self.pool.get(ep, connect_timeout).await?;
             match send.try_send_request(req).await {
                 Ok(resp) => Ok(resp),
                 Err(mut e) => match e.take_message() {
@@ -282,6 +310,51 @@ impl Outbound {
                 addr: ep.addr,
                 timeout: request_timeout,
             })?
+    }
+}
+
+// === outlier detection hooks ===
+
+impl Outbound {
+    /// Choose an endpoint or say why there is none.
+    fn choose<B>(
+        &self,
+        route: &Route,
+        req: &Request<B>,
+        ip: std::net::IpAddr,
+        exclude: Option<usize>,
+    ) -> Result<usize, ProxyError> {
+        let name = &route.service.name;
+        match route.choose(req, ip, exclude) {
+            Choice::Endpoint(i) => Ok(i),
+            Choice::Panic(i) => {
+                self.metrics.outlier_event(name, "panic_routing");
+                tracing::debug!(service = %name, "every endpoint is ejected: routing anyway (when_all_ejected: ignore_ejections)");
+                Ok(i)
+            }
+            Choice::NoEndpoints => Err(ProxyError::NoEndpoints(name.to_string())),
+            Choice::AllEjected => Err(ProxyError::AllEjected(name.to_string())),
+        }
+    }
+
+    /// Feed a result (status, or the sidecar's own error) to outlier detection; log and count
+    /// state changes. Failures: connect/TLS/handshake errors, resets, timeouts and 5xx.
+    fn outcome(&self, route: &Route, i: usize, result: Result<u16, &ProxyError>) {
+        let success = matches!(result, Ok(status) if status < 500);
+        let name = &route.service.name;
+        match route.record(i, success) {
+            OutlierEvent::None => {}
+            OutlierEvent::Ejected(d) => {
+                self.metrics.outlier_event(name, "ejected");
+                let endpoint = route.service.endpoints.get(i).map(|e| e.addr);
+                tracing::warn!(service = %name, endpoint = ?endpoint, ejected_for = ?d, "endpoint ejected after consecutive failures");
+            }
+            OutlierEvent::Readmitted => {
+                self.metrics.outlier_event(name, "readmitted");
+                let endpoint = route.service.endpoints.get(i).map(|e| e.addr);
+                tracing::info!(service = %name, endpoint = ?endpoint, "endpoint re-admitted after a successful probe");
+            }
+        }
     }
 }
 

@@ -5,13 +5,16 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::Request;
 use serde::Serialize;
-use trellis_policies::{HashOn, SpiffeId};
+use trellis_policies::{AllEjected, HashOn, SpiffeId};
 
-use crate::balance::{self, hash_key, Balancer, EndpointStats, PickContext};
+use crate::balance::{
+    self, hash_key, Balancer, EndpointStats, OutlierEvent, OutlierParams, PickContext,
+};
 use crate::snapshot::{Endpoint, Service, Snapshot};
 
 pub struct RouteTable {
@@ -24,6 +27,23 @@ pub struct Route {
     pub stats: Vec<Arc<EndpointStats>>,
     balancer: Box<dyn Balancer>,
     hash_on: Option<HashOn>,
+    outlier: OutlierParams,
+    /// Most endpoints that may be ejected at once (at least one).
+    max_ejected: usize,
+    when_all_ejected: AllEjected,
+    /// Round robin over all endpoints when every one is ejected (panic mode).
+    panic_next: AtomicUsize,
+}
+
+/// The outcome of choosing an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Endpoint(usize),
+    /// Every endpoint is ejected and the policy says to route anyway: this one.
+    Panic(usize),
+    NoEndpoints,
+    /// Every endpoint is ejected and the policy says to fail fast.
+    AllEjected,
 }
 
 /// Stats per endpoint identity, shared by successive route tables.
@@ -69,6 +89,13 @@ impl RouteTable {
             let spec = svc.load_balancer.as_ref();
             let balancer = balance::build(spec, &stats, &weights, &keys, &zones, local_zone);
             let hash_on = spec.and_then(|s| s.hash_on.clone());
+            let od = &svc.outlier_detection;
+            let outlier = OutlierParams {
+                consecutive_failures: od.consecutive_failures,
+                base_ejection: od.base_ejection_time,
+                max_ejection: od.max_ejection_time,
+            };
+            let max_ejected = (stats.len() * od.max_ejection_percent as usize / 100).max(1);
             routes.insert(
                 name.clone(),
                 Arc::new(Route {
@@ -76,6 +103,10 @@ impl RouteTable {
                     stats,
                     balancer,
                     hash_on,
+                    outlier,
+                    max_ejected,
+                    when_all_ejected: od.when_all_ejected,
+                    panic_next: AtomicUsize::new(0),
                 }),
             );
         }
@@ -133,12 +164,66 @@ struct EndpointDump {
 // === impl Route ===
 
 impl Route {
-    /// Choose an endpoint for `req` from `client`. Allocation-free.
+    /// Choose an endpoint for `req`, other than `exclude` (an endpoint that just failed to
+    /// connect), claiming the trial slot of an endpoint on probation. Allocation-free.
+    pub fn choose<B>(&self, req: &Request<B>, client: IpAddr, exclude: Option<usize>) -> Choice {
+        let n = self.stats.len();
+        if n == 0 {
+            return Choice::NoEndpoints;
+        }
+        for _ in 0..4 {
+            match self.pick_index(req, client) {
+                Some(i) if Some(i) == exclude && n > 1 => continue,
+                Some(i) if self.stats[i].claim() => return Choice::Endpoint(i),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        if self.stats.iter().any(|s| s.available()) {
+            // Unlucky draws (the excluded endpoint or busy probes): take any available one.
+            let start = self.panic_next.fetch_add(1, Ordering::Relaxed);
+            let found = (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| Some(i) != exclude && self.stats[i].available());
+            if let Some(i) = found {
+                if self.stats[i].claim() {
+                    return Choice::Endpoint(i);
+                }
+            }
+        }
+        match self.when_all_ejected {
+            AllEjected::FailFast => Choice::AllEjected,
+            AllEjected::IgnoreEjections => {
+                Choice::Panic(self.panic_next.fetch_add(1, Ordering::Relaxed) % n)
+            }
+        }
+    }
+
+    /// Feed the outcome of a request to endpoint `i` into outlier detection.
+    pub fn record(&self, i: usize, success: bool) -> OutlierEvent {
+        let Some(s) = self.stats.get(i) else {
+            return OutlierEvent::None;
+        };
+        if success {
+            s.record_success()
+        } else {
+            s.record_failure(&self.outlier, || {
+                self.stats.iter().filter(|s| s.is_ejected()).count() < self.max_ejected
+            })
+        }
+    }
+
+    /// The balancer's choice, ignoring probation claims.
     pub fn pick<B>(
         &self,
         req: &Request<B>,
         client: IpAddr,
     ) -> Option<(&Endpoint, &Arc<EndpointStats>)> {
+        let i = self.pick_index(req, client)?;
+        Some((self.service.endpoints.get(i)?, self.stats.get(i)?))
+    }
+
+    fn pick_index<B>(&self, req: &Request<B>, client: IpAddr) -> Option<usize> {
         let hash = self.hash_on.as_ref().and_then(|h| match h {
             HashOn::Header(name) => req
                 .headers()
@@ -150,8 +235,7 @@ impl Route {
                 IpAddr::V6(ip) => hash_key(&ip.octets()),
             }),
         });
-        let i = self.balancer.pick(&self.stats, &PickContext { hash })?;
-        Some((self.service.endpoints.get(i)?, self.stats.get(i)?))
+        self.balancer.pick(&self.stats, &PickContext { hash })
     }
 
     pub fn balancer_name(&self) -> &'static str {
@@ -191,6 +275,53 @@ mod tests {
         let doc = trellis_policies::parse_mesh_yaml(yaml).unwrap();
         let snap = Snapshot::from_document(&doc, "td", 1, "t".into()).unwrap();
         RouteTable::build(Arc::new(snap), registry, Some("a"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn choice_respects_exclusion_ejection_guard_and_all_ejected_mode() {
+        let registry = StatsRegistry::default();
+        let yaml = |mode: &str| {
+            format!(
+                "services:\n  s:\n    endpoints:\n      - address: 127.0.0.1:1\n      - address: 127.0.0.1:2\n    policy:\n      outlier_detection: {{consecutive_failures: 2, max_ejection_percent: 50, when_all_ejected: {mode}}}\n"
+            )
+        };
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let req = Request::get("/").body(()).unwrap();
+        let t = table(&yaml("fail_fast"), &registry);
+        let r = t.route("s").unwrap();
+        for _ in 0..20 {
+            assert_eq!(
+                r.choose(&req, ip, Some(0)),
+                Choice::Endpoint(1),
+                "the excluded endpoint is avoided"
+            );
+        }
+        // Two failures eject endpoint 0; the 50 % guard then protects endpoint 1.
+        assert_eq!(r.record(0, false), OutlierEvent::None);
+        assert!(matches!(r.record(0, false), OutlierEvent::Ejected(_)));
+        for _ in 0..5 {
+            assert_eq!(
+                r.record(1, false),
+                OutlierEvent::None,
+                "max_ejection_percent holds"
+            );
+        }
+        assert!((0..20).all(|_| r.choose(&req, ip, None) == Choice::Endpoint(1)));
+        // Force both out: fail fast says so; ignore_ejections routes anyway.
+        r.stats[1].eject_for(std::time::Duration::from_secs(60));
+        assert_eq!(r.choose(&req, ip, None), Choice::AllEjected);
+        let t = table(&yaml("ignore_ejections"), &registry);
+        assert!(matches!(
+            t.route("s").unwrap().choose(&req, ip, None),
+            Choice::Panic(_)
+        ));
+        // Probation: after the ejection time one trial goes out, then the endpoint is re-admitted.
+        tokio::time::advance(std::time::Duration::from_secs(61)).await;
+        let r = t.route("s").unwrap();
+        let Choice::Endpoint(i) = r.choose(&req, ip, None) else {
+            panic!("expected a trial")
+        };
+        assert_eq!(r.record(i, true), OutlierEvent::Readmitted);
     }
 
     #[test]

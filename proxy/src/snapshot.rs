@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use trellis_policies::{LoadBalancerSpec, MeshDocument, SpiffeId};
+use trellis_policies::{LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, SpiffeId};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -29,6 +29,7 @@ pub struct Service {
     pub request_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
+    pub outlier_detection: OutlierDetectionSpec,
     /// Set for a destination outside the mesh: the `Host` to send (`host[:port]`). Its
     /// endpoints are the host's DNS records, called over plain HTTP/1.1, without mTLS.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,6 +93,7 @@ impl Snapshot {
                     port => Arc::from(format!("{}:{port}", e.host)),
                 }),
                 load_balancer: spec.policy.load_balancer.clone(),
+                outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
             };
             services.insert(name.clone(), Arc::new(svc));
         }

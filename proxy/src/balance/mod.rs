@@ -15,7 +15,7 @@ pub use hash::{hash_key, Maglev};
 pub use p2c::{LeastRequest, PeakEwma};
 pub use rand::Random;
 pub use round_robin::RoundRobin;
-pub use stats::{EndpointStats, InFlight, DEFAULT_RTT};
+pub use stats::{EndpointStats, InFlight, OutlierEvent, OutlierParams, DEFAULT_RTT};
 pub use weighted::WeightedRoundRobin;
 pub use zone::ZoneAware;
 

@@ -1,9 +1,12 @@
 //! Per-endpoint state shared by balancers, outlier detection and metrics. Everything is atomics:
 //! the request path never takes a lock here.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that tests with paused time can drive ejection and re-admission.
+use tokio::time::Instant;
 
 /// RTT assumed for an endpoint with no measurement yet (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -17,8 +20,31 @@ pub struct EndpointStats {
     ewma_ns: AtomicU64,
     /// Nanoseconds since `epoch` of the last RTT sample.
     stamp_ns: AtomicU64,
-    /// Nanoseconds since `epoch` until which the endpoint is ejected (0: not ejected).
+    /// Nanoseconds since `epoch` until which the endpoint is ejected (0: not ejected). Once
+    /// that time passes the endpoint is on probation until a request succeeds.
     ejected_until_ns: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Ejections since the endpoint last proved healthy: the backoff exponent.
+    ejections: AtomicU32,
+    /// A probation trial request is in flight.
+    probing: AtomicBool,
+}
+
+/// What an outcome did to an endpoint's outlier state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutlierEvent {
+    None,
+    Ejected(Duration),
+    Readmitted,
+}
+
+/// Outlier-detection parameters, resolved from policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutlierParams {
+    /// 0 disables ejection.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
 }
 
 /// Counts a request in flight on an endpoint until dropped.
@@ -34,6 +60,9 @@ impl EndpointStats {
             ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(0),
             ejected_until_ns: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
         }
     }
 
@@ -83,11 +112,81 @@ impl EndpointStats {
 
     pub fn readmit(&self) {
         self.ejected_until_ns.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.probing.store(false, Ordering::Relaxed);
     }
 
+    /// Healthy, or on probation with no trial request in flight.
     pub fn available(&self) -> bool {
         let until = self.ejected_until_ns.load(Ordering::Relaxed);
-        until == 0 || self.now_ns() >= until
+        until == 0 || (self.now_ns() >= until && !self.probing.load(Ordering::Relaxed))
+    }
+
+    /// Ejected and not yet due for a trial.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && self.now_ns() < until
+    }
+
+    fn on_probation(&self) -> bool {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && self.now_ns() >= until
+    }
+
+    /// Call before sending to this endpoint: `false` means it is on probation and another
+    /// trial request is already in flight (pick another endpoint). Re-admission is by one probe
+    /// at a time, as in Linkerd.
+    pub fn claim(&self) -> bool {
+        !self.on_probation()
+            || self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// A request to this endpoint succeeded.
+    pub fn record_success(&self) -> OutlierEvent {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.on_probation() {
+            self.readmit();
+            return OutlierEvent::Readmitted;
+        }
+        OutlierEvent::None
+    }
+
+    /// A request to this endpoint failed. `may_eject` is asked only when this failure would
+    /// eject (it enforces the max-ejection percentage).
+    pub fn record_failure(
+        &self,
+        p: &OutlierParams,
+        may_eject: impl FnOnce() -> bool,
+    ) -> OutlierEvent {
+        if p.consecutive_failures == 0 {
+            return OutlierEvent::None;
+        }
+        if self.on_probation() {
+            // The trial failed: back off further.
+            self.probing.store(false, Ordering::Relaxed);
+            return OutlierEvent::Ejected(self.eject_backoff(p));
+        }
+        if self.is_ejected() {
+            return OutlierEvent::None;
+        }
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= p.consecutive_failures && may_eject() {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            return OutlierEvent::Ejected(self.eject_backoff(p));
+        }
+        OutlierEvent::None
+    }
+
+    /// Eject for base x 2^(ejections so far), capped.
+    fn eject_backoff(&self, p: &OutlierParams) -> Duration {
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let d = p.base_ejection.saturating_mul(1 << k).min(p.max_ejection);
+        self.eject_for(d);
+        d
     }
 }
 
@@ -129,13 +228,83 @@ mod tests {
         assert!(s.cost() > 0.0);
     }
 
-    #[test]
-    fn ejection_expires() {
+    const P: OutlierParams = OutlierParams {
+        consecutive_failures: 3,
+        base_ejection: Duration::from_secs(1),
+        max_ejection: Duration::from_secs(4),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_backoff_and_readmission_by_one_probe() {
         let s = EndpointStats::new();
-        s.eject_for(Duration::from_secs(60));
-        assert!(!s.available());
-        s.readmit();
+        assert_eq!(s.record_failure(&P, || true), OutlierEvent::None);
+        assert_eq!(s.record_failure(&P, || true), OutlierEvent::None);
+        assert_eq!(
+            s.record_success(),
+            OutlierEvent::None,
+            "a success resets the count"
+        );
+        for _ in 0..2 {
+            s.record_failure(&P, || true);
+        }
+        assert_eq!(
+            s.record_failure(&P, || true),
+            OutlierEvent::Ejected(Duration::from_secs(1))
+        );
+        assert!(!s.available() && s.is_ejected());
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        // Probation: one trial at a time.
         assert!(s.available());
+        assert!(s.claim());
+        assert!(!s.available() && !s.claim(), "a second trial must wait");
+        // The trial fails: ejected twice as long.
+        assert_eq!(
+            s.record_failure(&P, || true),
+            OutlierEvent::Ejected(Duration::from_secs(2))
+        );
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!s.available());
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(s.claim());
+        assert_eq!(
+            s.record_failure(&P, || true),
+            OutlierEvent::Ejected(Duration::from_secs(4))
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(s.claim());
+        assert_eq!(
+            s.record_failure(&P, || true),
+            OutlierEvent::Ejected(Duration::from_secs(4)),
+            "capped at max"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(s.claim());
+        assert_eq!(s.record_success(), OutlierEvent::Readmitted);
+        assert!(s.available() && !s.is_ejected());
+        // Healthy again: the backoff starts over.
+        for _ in 0..2 {
+            s.record_failure(&P, || true);
+        }
+        assert_eq!(
+            s.record_failure(&P, || true),
+            OutlierEvent::Ejected(Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_guard_and_disabled_detection() {
+        let s = EndpointStats::new();
+        for _ in 0..10 {
+            assert_eq!(s.record_failure(&P, || false), OutlierEvent::None);
+        }
+        assert!(s.available(), "the guard refused the ejection");
+        let off = OutlierParams {
+            consecutive_failures: 0,
+            ..P
+        };
+        for _ in 0..10 {
+            assert_eq!(s.record_failure(&off, || true), OutlierEvent::None);
+        }
         s.eject_for(Duration::ZERO);
         assert!(s.available());
     }

@@ -133,3 +133,87 @@ async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
         3
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_killed_under_load_is_ejected_without_failed_requests() {
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+
+    let t = three().await;
+    t.client
+        .set_snapshot(with_policy(&t, "{algorithm: least_request}", [1, 1, 1], 1));
+    t.client.wait_ready().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let c = client::h1(t.client.outbound());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match client::send(
+                    &c,
+                    http::Request::get("http://echo/echo")
+                        .body(client::empty())
+                        .unwrap(),
+                )
+                .await
+                {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) => {
+                        eprintln!("failed: {} {} {}", r.status, r.cause(), r.body);
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Instance 2 goes away: its sidecar stops listening.
+    t.servers[2].running.shutdown_handle().shutdown();
+    let admin = t.client.admin();
+    trellis_tests::wait_for(
+        Duration::from_secs(10),
+        "the dead instance ejected",
+        || async {
+            let m = client::admin(admin, "/metrics").await.body;
+            client::metric(
+                &m,
+                "trellis_outlier_events_total{service=\"echo\",event=\"ejected\"}",
+            ) >= 1.0
+        },
+    )
+    .await;
+    let after_ejection = counts(&t)[2];
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} ok, {failed} failed while one of three instances died");
+    assert!(ok > 300, "{ok}");
+    assert!(
+        failed as f64 <= 0.001 * (ok + failed) as f64,
+        "{failed} of {}",
+        ok + failed
+    );
+    assert_eq!(
+        counts(&t)[2],
+        after_ejection,
+        "no request reached the dead instance after ejection"
+    );
+    let dump = client::admin(admin, "/config_dump").await.json();
+    let dead = t.servers[2].inbound().to_string();
+    let eps = dump["load_balancers"]["echo"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let state = eps.iter().find(|e| e["addr"] == dead).unwrap();
+    assert_eq!(state["available"], false, "{state}");
+}
