@@ -62,6 +62,8 @@ struct ServicePolicySpec {
     load_balancer: Option<crate::LoadBalancerSpec>,
     #[serde(default)]
     outlier_detection: Option<crate::OutlierDetectionSpec>,
+    #[serde(default)]
+    circuit_breaker: Option<crate::CircuitBreakerSpec>,
 }
 
 /// Why a document was refused; the message names the document and the field.
@@ -134,6 +136,7 @@ impl PolicyDocument {
                         request_timeout: spec.request_timeout,
                         load_balancer: spec.load_balancer.clone(),
                         outlier_detection: spec.outlier_detection.clone(),
+                        circuit_breaker: spec.circuit_breaker.clone(),
                     },
                 })
             }
@@ -299,6 +302,7 @@ kind: ServicePolicy
                     connect_timeout: None,
                     load_balancer: None,
                     outlier_detection: None,
+                    circuit_breaker: None,
                 }
             }
         );

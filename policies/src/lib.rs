@@ -14,8 +14,8 @@ pub use document::{
     KINDS,
 };
 pub use mesh::{
-    AllEjected, EndpointSpec, ExternalSpec, HashOn, LbAlgorithm, LoadBalancerSpec, MeshDocument,
-    OutlierDetectionSpec, ServicePolicy, ServiceSpec,
+    AllEjected, CircuitBreakerSpec, EndpointSpec, ExternalSpec, HashOn, LbAlgorithm,
+    LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, ServicePolicy, ServiceSpec,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{

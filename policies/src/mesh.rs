@@ -86,6 +86,35 @@ pub struct ServicePolicy {
     /// Ejection of failing endpoints; on with the defaults below when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Concurrency limits for calls to this service (Envoy's defaults when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+}
+
+/// Per-destination limits; exceeding one answers 503 at once (`trellis-error:
+/// breaker-max-requests` / `breaker-max-pending`) instead of queueing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    /// Requests in flight to the service (sent, response headers not yet received).
+    #[serde(default = "d_breaker")]
+    pub max_requests: u32,
+    /// Requests waiting for a connection to be established.
+    #[serde(default = "d_breaker")]
+    pub max_pending: u32,
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        Self {
+            max_requests: d_breaker(),
+            max_pending: d_breaker(),
+        }
+    }
+}
+
+fn d_breaker() -> u32 {
+    1024
 }
 
 /// Consecutive-failure ejection with exponential backoff and probe re-admission.

@@ -25,6 +25,11 @@ pub enum ProxyError {
         "every endpoint of `{0}` is ejected by outlier detection (when_all_ejected: fail_fast)"
     )]
     AllEjected(String),
+    #[error("circuit breaker for `{service}` is open: {} limit reached", breaker.label())]
+    BreakerOpen {
+        service: String,
+        breaker: crate::breaker::Breaker,
+    },
     #[error("connect to {addr} failed: {source}")]
     Connect {
         addr: SocketAddr,
@@ -55,9 +60,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingAuthority => StatusCode::BAD_REQUEST,
-            Self::UnknownService(_) | Self::NoEndpoints(_) | Self::AllEjected(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::UnknownService(_)
+            | Self::NoEndpoints(_)
+            | Self::AllEjected(_)
+            | Self::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. }
             | Self::Tls { .. }
             | Self::Handshake { .. }
@@ -75,6 +81,14 @@ impl ProxyError {
             Self::UnknownService(_) => "unknown-service",
             Self::NoEndpoints(_) => "no-endpoints",
             Self::AllEjected(_) => "all-endpoints-ejected",
+            Self::BreakerOpen {
+                breaker: crate::breaker::Breaker::MaxRequests,
+                ..
+            } => "breaker-max-requests",
+            Self::BreakerOpen {
+                breaker: crate::breaker::Breaker::MaxPending,
+                ..
+            } => "breaker-max-pending",
             Self::Connect { .. } => "connect-failed",
             Self::ConnectTimeout { .. } => "connect-timeout",
             Self::Tls { reason, .. } => reason.cause(),

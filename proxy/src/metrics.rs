@@ -153,7 +153,7 @@ impl Metrics {
         );
         registry.register(
             "outlier_events",
-            "Outlier detection by destination service: ejected, readmitted, panic_routing (every endpoint ejected, routed anyway)",
+            "Outlier detection and circuit breaking by destination service: ejected, readmitted, panic_routing (every endpoint ejected, routed anyway), max_requests and max_pending (breaker overflows)",
             m.outlier_events.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
 use crate::balance::OutlierEvent;
+use crate::breaker::Breaker;
 use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
 use crate::error::ProxyError;
 use crate::headers::{
@@ -148,6 +149,18 @@ impl Outbound {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let svc = &route.service;
         let ip = client.ip();
+        let overflow = |breaker: Breaker| {
+            self.metrics.outlier_event(&svc.name, breaker.label());
+            ProxyError::BreakerOpen {
+                service: svc.name.to_string(),
+                breaker,
+            }
+        };
+        // Held until the response headers arrive (or the request fails).
+        let _request = route
+            .counters
+            .request(route.max_requests)
+            .ok_or_else(|| overflow(Breaker::MaxRequests))?;
         let mut i = self.choose(route, &req, ip, None)?;
         let ep = &svc.endpoints[i];
         let connect_timeout = svc.connect_timeout.unwrap_or(self.connect_timeout);
@@ -203,6 +216,10 @@ impl Outbound {
 
         // Connect first: a connect-level failure leaves the request untouched, so it can go to
         // another endpoint whatever its method (the failed peer never saw it).
+        let pending = route
+            .counters
+            .pending(route.max_pending)
+            .ok_or_else(|| overflow(Breaker::MaxPending))?;
         let sender = match self.pool.get(ep, connect_timeout).await {
             Ok(sender) => sender,
             Err(e) => {
@@ -221,6 +238,7 @@ impl Outbound {
                 }
             }
         };
+        drop(pending);
         let ep = &svc.endpoints[i];
         let stats = &route.stats[i];
         // Counted in flight (least request, peak-EWMA) until the response headers arrive.

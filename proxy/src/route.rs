@@ -15,6 +15,7 @@ use trellis_policies::{AllEjected, HashOn, SpiffeId};
 use crate::balance::{
     self, hash_key, Balancer, EndpointStats, OutlierEvent, OutlierParams, PickContext,
 };
+use crate::breaker::ServiceCounters;
 use crate::snapshot::{Endpoint, Service, Snapshot};
 
 pub struct RouteTable {
@@ -33,6 +34,9 @@ pub struct Route {
     when_all_ejected: AllEjected,
     /// Round robin over all endpoints when every one is ejected (panic mode).
     panic_next: AtomicUsize,
+    pub counters: Arc<ServiceCounters>,
+    pub max_requests: usize,
+    pub max_pending: usize,
 }
 
 /// The outcome of choosing an endpoint.
@@ -46,9 +50,13 @@ pub enum Choice {
     AllEjected,
 }
 
-/// Stats per endpoint identity, shared by successive route tables.
+/// Stats per endpoint identity and breaker counters per service, shared by successive route
+/// tables.
 #[derive(Default)]
-pub struct StatsRegistry(Mutex<HashMap<(SocketAddr, SpiffeId), Arc<EndpointStats>>>);
+pub struct StatsRegistry {
+    endpoints: Mutex<HashMap<(SocketAddr, SpiffeId), Arc<EndpointStats>>>,
+    services: Mutex<HashMap<String, Arc<ServiceCounters>>>,
+}
 
 // === impl RouteTable ===
 
@@ -66,6 +74,8 @@ impl RouteTable {
         local_zone: Option<&str>,
     ) -> Self {
         let mut stats_by_key = registry.lock();
+        let mut counters = registry.services.lock().unwrap_or_else(|p| p.into_inner());
+        counters.retain(|name, _| snapshot.services.contains_key(name));
         let mut routes = HashMap::with_capacity(snapshot.services.len());
         for (name, svc) in &snapshot.services {
             let stats: Vec<Arc<EndpointStats>> = svc
@@ -107,6 +117,9 @@ impl RouteTable {
                     max_ejected,
                     when_all_ejected: od.when_all_ejected,
                     panic_next: AtomicUsize::new(0),
+                    counters: counters.entry(name.clone()).or_default().clone(),
+                    max_requests: svc.circuit_breaker.max_requests as usize,
+                    max_pending: svc.circuit_breaker.max_pending as usize,
                 }),
             );
         }
@@ -145,7 +158,13 @@ impl RouteTable {
                 .collect();
             out.insert(
                 name.clone(),
-                serde_json::json!({ "balancer": r.balancer.name(), "endpoints": endpoints }),
+                serde_json::json!({
+                    "balancer": r.balancer.name(),
+                    "endpoints": endpoints,
+                    "requests_in_flight": r.counters.in_flight(),
+                    "max_requests": r.max_requests,
+                    "max_pending": r.max_pending,
+                }),
             );
         }
         serde_json::Value::Object(out)
@@ -263,7 +282,7 @@ impl StatsRegistry {
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SpiffeId), Arc<EndpointStats>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

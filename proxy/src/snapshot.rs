@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use trellis_policies::{LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, SpiffeId};
+use trellis_policies::{
+    CircuitBreakerSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, SpiffeId,
+};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -30,6 +32,7 @@ pub struct Service {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
     pub outlier_detection: OutlierDetectionSpec,
+    pub circuit_breaker: CircuitBreakerSpec,
     /// Set for a destination outside the mesh: the `Host` to send (`host[:port]`). Its
     /// endpoints are the host's DNS records, called over plain HTTP/1.1, without mTLS.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,6 +97,7 @@ impl Snapshot {
                 }),
                 load_balancer: spec.policy.load_balancer.clone(),
                 outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
+                circuit_breaker: spec.policy.circuit_breaker.clone().unwrap_or_default(),
             };
             services.insert(name.clone(), Arc::new(svc));
         }

@@ -39,6 +39,19 @@ async fn three() -> Three {
 }
 
 fn with_policy(t: &Three, lb_yaml: &str, weights: [u32; 3], version: u64) -> Arc<Snapshot> {
+    let policy = ServicePolicy {
+        load_balancer: Some(serde_norway::from_str(lb_yaml).unwrap()),
+        ..Default::default()
+    };
+    snapshot_with(t, policy, weights, version)
+}
+
+fn snapshot_with(
+    t: &Three,
+    policy: ServicePolicy,
+    weights: [u32; 3],
+    version: u64,
+) -> Arc<Snapshot> {
     let endpoints = t
         .servers
         .iter()
@@ -50,10 +63,6 @@ fn with_policy(t: &Three, lb_yaml: &str, weights: [u32; 3], version: u64) -> Arc
             zone: None,
         })
         .collect();
-    let policy = ServicePolicy {
-        load_balancer: Some(serde_norway::from_str(lb_yaml).unwrap()),
-        ..Default::default()
-    };
     let mut doc = MeshDocument::default();
     doc.services.insert(
         "echo".into(),
@@ -216,4 +225,52 @@ async fn instance_killed_under_load_is_ejected_without_failed_requests() {
         .clone();
     let state = eps.iter().find(|e| e["addr"] == dead).unwrap();
     assert_eq!(state["available"], false, "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_limits_concurrent_requests_exactly() {
+    let t = three().await;
+    let policy = ServicePolicy {
+        circuit_breaker: Some(trellis_policies::CircuitBreakerSpec {
+            max_requests: 2,
+            max_pending: 100,
+        }),
+        ..Default::default()
+    };
+    t.client
+        .set_snapshot(snapshot_with(&t, policy, [1, 1, 1], 1));
+    t.client.wait_ready().await;
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let c = client::h1(t.client.outbound());
+        calls.push(tokio::spawn(async move {
+            client::get(&c, "http://echo/slow/700").await
+        }));
+    }
+    let mut statuses = Vec::new();
+    for call in calls {
+        let r = call.await.unwrap();
+        statuses.push((r.status.as_u16(), r.cause().to_string()));
+    }
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let refused = statuses
+        .iter()
+        .filter(|(s, c)| *s == 503 && c == "breaker-max-requests")
+        .count();
+    assert_eq!((ok, refused), (2, 3), "{statuses:?}");
+    let m = client::admin(t.client.admin(), "/metrics").await.body;
+    assert_eq!(
+        client::metric(
+            &m,
+            "trellis_outlier_events_total{service=\"echo\",event=\"max_requests\"}"
+        ),
+        3.0
+    );
+    // Capacity frees up once the slow requests finish.
+    assert_eq!(
+        client::get(&client::h1(t.client.outbound()), "http://echo/echo")
+            .await
+            .status,
+        200
+    );
 }
