@@ -64,6 +64,8 @@ struct ServicePolicySpec {
     outlier_detection: Option<crate::OutlierDetectionSpec>,
     #[serde(default)]
     circuit_breaker: Option<crate::CircuitBreakerSpec>,
+    #[serde(default)]
+    retries: Option<crate::RetrySpec>,
 }
 
 /// Why a document was refused; the message names the document and the field.
@@ -121,6 +123,10 @@ impl PolicyDocument {
                         _ => {}
                     }
                 }
+                if let Some(r) = &spec.retries {
+                    crate::validate::validate_retries(r)
+                        .map_err(|m| err(format!("spec.retries: {m}")))?;
+                }
                 if let Some(od) = &spec.outlier_detection {
                     crate::validate::validate_outlier(od)
                         .map_err(|m| err(format!("spec.outlier_detection: {m}")))?;
@@ -137,6 +143,7 @@ impl PolicyDocument {
                         load_balancer: spec.load_balancer.clone(),
                         outlier_detection: spec.outlier_detection.clone(),
                         circuit_breaker: spec.circuit_breaker.clone(),
+                        retries: spec.retries.clone(),
                     },
                 })
             }
@@ -303,6 +310,7 @@ kind: ServicePolicy
                     load_balancer: None,
                     outlier_detection: None,
                     circuit_breaker: None,
+                    retries: None,
                 }
             }
         );

@@ -15,12 +15,13 @@ pub use document::{
 };
 pub use mesh::{
     AllEjected, CircuitBreakerSpec, EndpointSpec, ExternalSpec, HashOn, LbAlgorithm,
-    LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, ServicePolicy, ServiceSpec,
+    LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, ServicePolicy, ServiceSpec,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{
     parse_host_port, validate, validate_host, validate_load_balancer, validate_outlier,
-    validate_service_name, ValidationError, ValidationErrors, MAX_TIMEOUT, MAX_WEIGHT,
+    validate_retries, validate_service_name, ValidationError, ValidationErrors, MAX_TIMEOUT,
+    MAX_WEIGHT,
 };
 
 /// Why a mesh document could not be accepted.

@@ -89,6 +89,90 @@ pub struct ServicePolicy {
     /// Concurrency limits for calls to this service (Envoy's defaults when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Retries by the caller's sidecar (the defaults below when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetrySpec>,
+}
+
+/// Retries: only for requests whose body is known and small enough to replay, only for
+/// idempotent methods unless `allow_non_idempotent`, and never beyond the budget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Retries after the first try (0 turns retries off).
+    #[serde(default = "d_attempts")]
+    pub attempts: u32,
+    /// Response statuses that are retried (connect failures and resets always are).
+    #[serde(default = "d_retry_statuses")]
+    pub retry_on_status: Vec<u16>,
+    /// gRPC status codes (from a trailers-only response) that are retried, e.g. 14 UNAVAILABLE.
+    #[serde(default = "d_retry_grpc")]
+    pub retry_on_grpc: Vec<u32>,
+    /// Time allowed for each try (the request timeout still bounds them all).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// Backoff before retry k: random in [0, min(max, base x 2^k)] (full jitter).
+    #[serde(default = "d_backoff_base", with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(default = "d_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    #[serde(default)]
+    pub allow_non_idempotent: bool,
+    /// Larger request bodies (or unknown lengths) stream once and are not retried.
+    #[serde(default = "d_max_body")]
+    pub max_body_bytes: u64,
+    /// Retries may add this share of the live request rate...
+    #[serde(default = "d_budget_ratio")]
+    pub budget_ratio: f64,
+    /// ...plus this many per second (over a 10 s window).
+    #[serde(default = "d_budget_min")]
+    pub budget_min_per_second: u32,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            attempts: d_attempts(),
+            retry_on_status: d_retry_statuses(),
+            retry_on_grpc: d_retry_grpc(),
+            per_try_timeout: None,
+            backoff_base: d_backoff_base(),
+            backoff_max: d_backoff_max(),
+            allow_non_idempotent: false,
+            max_body_bytes: d_max_body(),
+            budget_ratio: d_budget_ratio(),
+            budget_min_per_second: d_budget_min(),
+        }
+    }
+}
+
+fn d_attempts() -> u32 {
+    2
+}
+fn d_retry_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+fn d_retry_grpc() -> Vec<u32> {
+    vec![14]
+}
+fn d_backoff_base() -> Duration {
+    Duration::from_millis(25)
+}
+fn d_backoff_max() -> Duration {
+    Duration::from_millis(250)
+}
+fn d_max_body() -> u64 {
+    64 * 1024
+}
+fn d_budget_ratio() -> f64 {
+    0.2
+}
+fn d_budget_min() -> u32 {
+    10
 }
 
 /// Per-destination limits; exceeding one answers 503 at once (`trellis-error:

@@ -82,6 +82,26 @@ pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// Sane bounds on retries.
+pub fn validate_retries(r: &crate::RetrySpec) -> Result<(), String> {
+    if r.attempts > 10 {
+        return Err("attempts must be at most 10".into());
+    }
+    if !(0.0..=10.0).contains(&r.budget_ratio) {
+        return Err("budget_ratio must be between 0 and 10".into());
+    }
+    if r.backoff_max < r.backoff_base {
+        return Err("backoff_max must be at least backoff_base".into());
+    }
+    if r.per_try_timeout.is_some_and(|d| d.is_zero()) {
+        return Err("per_try_timeout must be greater than zero".into());
+    }
+    if let Some(s) = r.retry_on_status.iter().find(|s| !(100..=599).contains(*s)) {
+        return Err(format!("{s} is not an HTTP status"));
+    }
+    Ok(())
+}
+
 /// Ejection times must be ordered and the percentage a percentage.
 pub fn validate_outlier(od: &crate::OutlierDetectionSpec) -> Result<(), String> {
     if od.max_ejection_percent > 100 {
@@ -164,6 +184,11 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
                     format!("{p}.weight"),
                     format!("must be between 1 and {MAX_WEIGHT}, got {}", ep.weight),
                 );
+            }
+        }
+        if let Some(r) = &svc.policy.retries {
+            if let Err(m) = validate_retries(r) {
+                push(format!("{base}.policy.retries"), m);
             }
         }
         if let Some(od) = &svc.policy.outlier_detection {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod readiness;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod snapshot;

@@ -5,7 +5,7 @@
 
 mod hash;
 mod p2c;
-mod rand;
+pub(crate) mod rand;
 mod round_robin;
 mod stats;
 mod weighted;
