@@ -41,7 +41,7 @@ pub enum Policy {
     /// Timeouts for calls to one service. `metadata.name` is the service's name.
     ServicePolicy {
         service: String,
-        policy: ServicePolicy,
+        policy: Box<ServicePolicy>,
     },
     /// A destination outside the mesh, called by apps as `metadata.name`.
     ExternalService {
@@ -137,14 +137,14 @@ impl PolicyDocument {
                 }
                 Ok(Policy::ServicePolicy {
                     service: self.metadata.name.clone(),
-                    policy: ServicePolicy {
+                    policy: Box::new(ServicePolicy {
                         connect_timeout: spec.connect_timeout,
                         request_timeout: spec.request_timeout,
                         load_balancer: spec.load_balancer.clone(),
                         outlier_detection: spec.outlier_detection.clone(),
                         circuit_breaker: spec.circuit_breaker.clone(),
                         retries: spec.retries.clone(),
-                    },
+                    }),
                 })
             }
             "ExternalService" => {
@@ -304,14 +304,14 @@ kind: ServicePolicy
             good,
             Policy::ServicePolicy {
                 service: "payments".into(),
-                policy: ServicePolicy {
+                policy: Box::new(ServicePolicy {
                     request_timeout: Some(Duration::from_secs(2)),
                     connect_timeout: None,
                     load_balancer: None,
                     outlier_detection: None,
                     circuit_breaker: None,
                     retries: None,
-                }
+                })
             }
         );
         let e = docs[1]

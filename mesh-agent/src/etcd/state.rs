@@ -167,7 +167,7 @@ impl MeshState {
                     doc.services
                         .entry(service.clone())
                         .or_insert_with(ServiceSpec::default)
-                        .policy = policy.clone();
+                        .policy = (**policy).clone();
                 }
                 Entry::Policy(_, Policy::ExternalService { service, external }) => {
                     doc.services
