@@ -25,6 +25,8 @@ impl Breaker {
 pub struct ServiceCounters {
     requests: AtomicUsize,
     pending: AtomicUsize,
+    /// Retries to this service share one budget.
+    pub budget: crate::retry::RetryBudget,
 }
 
 /// Holds one unit of a counter until dropped.

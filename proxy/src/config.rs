@@ -46,6 +46,9 @@ pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 pub const ERROR_HEADER: &str = "trellis-error";
 /// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
 pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
+/// Set on retried attempts and passed to the app, so that a later hop that sees it (apps that
+/// propagate headers) does not retry again: retries happen at one hop only.
+pub const RETRIED_HEADER: &str = "trellis-retried";
 /// Internal header: the HTTP version the app used, so the far side can restore it.
 pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
 

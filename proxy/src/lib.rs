@@ -31,3 +31,8 @@ pub mod testing;
 /// small locally generated one.
 pub type ResponseBody =
     http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+
+/// The body of a request sent to a peer sidecar: the app's body streamed as is, or a small body
+/// buffered so that it can be replayed on a retry.
+pub type RequestBody =
+    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;

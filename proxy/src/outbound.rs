@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::balance::OutlierEvent;
 use crate::breaker::Breaker;
-use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
+use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RETRIED_HEADER};
 use crate::error::ProxyError;
 use crate::headers::{
     append_forwarded, is_upgrade, request_authority, request_host, strip_hop_by_hop,
@@ -24,10 +24,14 @@ use crate::headers::{
 use crate::identity::IdentityStore;
 use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
 use crate::pool::PeerPool;
+use crate::retry::{idempotent, retry_after};
 use crate::route::{Choice, Route, RouteTable};
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::snapshot::Endpoint;
+use crate::RequestBody;
 use crate::{drain, upgrade, ResponseBody};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 
 /// Plain HTTP/1.1 to destinations outside the mesh, pooled by endpoint address.
 type ExternalClient = hyper_util::client::legacy::Client<
@@ -214,44 +218,138 @@ impl Outbound {
             .map_err(|_| ProxyError::MissingAuthority)?;
         *req.version_mut() = Version::HTTP_2;
 
-        // Connect first: a connect-level failure leaves the request untouched, so it can go to
-        // another endpoint whatever its method (the failed peer never saw it).
-        let pending = route
-            .counters
-            .pending(route.max_pending)
-            .ok_or_else(|| overflow(Breaker::MaxPending))?;
-        let sender = match self.pool.get(ep, connect_timeout).await {
-            Ok(sender) => sender,
-            Err(e) => {
-                self.outcome(route, i, Err(&e));
-                let j = match self.choose(route, &req, ip, Some(i)) {
-                    Ok(j) if j != i => j,
-                    _ => return Err(e),
-                };
-                i = j;
-                match self.pool.get(&svc.endpoints[j], connect_timeout).await {
-                    Ok(sender) => sender,
-                    Err(e) => {
-                        self.outcome(route, j, Err(&e));
-                        return Err(e);
+        // Retries replay the body, so only small bodies of known length are buffered (and only
+        // for idempotent methods unless allowed); anything else streams once.
+        let retry = &route.retry;
+        let may_retry = retry.attempts > 0
+            && !req.headers().contains_key(RETRIED_HEADER)
+            && (retry.allow_non_idempotent || idempotent(req.method()))
+            && (req.body().is_end_stream()
+                || req
+                    .body()
+                    .size_hint()
+                    .exact()
+                    .is_some_and(|n| n <= retry.max_body_bytes));
+        let (parts, body) = req.into_parts();
+        let mut template = None;
+        let mut streaming = None;
+        if may_retry {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ProxyError::Upstream {
+                    addr: ep.addr,
+                    message: format!("reading the request body: {e}"),
+                })?
+                .to_bytes();
+            template = Some((parts, bytes));
+        } else {
+            streaming = Some(Request::from_parts(parts, Either::Left(body)));
+        }
+        route.counters.budget.deposit();
+        let deadline = tokio::time::Instant::now() + request_timeout;
+        let mut attempt = 0u32;
+        let mut exclude = None;
+        loop {
+            let req: Request<RequestBody> = match (&template, streaming.take()) {
+                (Some((parts, bytes)), _) => replay(parts, bytes, attempt > 0),
+                (None, Some(r)) => r,
+                (None, None) => {
+                    return Err(ProxyError::Upstream {
+                        addr: ep.addr,
+                        message: "request body already sent".into(),
+                    })
+                }
+            };
+            if attempt > 0 {
+                i = self.choose(route, &req, ip, exclude)?;
+            }
+            let ep = &svc.endpoints[i];
+            let pending = route
+                .counters
+                .pending(route.max_pending)
+                .ok_or_else(|| overflow(Breaker::MaxPending))?;
+            let connected = self.pool.get(ep, connect_timeout).await;
+            drop(pending);
+            let sender = match connected {
+                Ok(sender) => sender,
+                Err(e) => {
+                    // Nothing was sent: any request, streaming or not, can go to another endpoint
+                    // (retrying the same one would repeat the same failure).
+                    self.outcome(route, i, Err(&e));
+                    if svc.endpoints.len() > 1
+                        && attempt < retry.attempts.max(1)
+                        && self.withdraw(route)
+                    {
+                        if template.is_none() {
+                            streaming = Some(req);
+                        }
+                        exclude = Some(i);
+                        attempt += 1;
+                        continue;
                     }
+                    return Err(e);
+                }
+            };
+            let stats = &route.stats[i];
+            // Counted in flight (least request, peak-EWMA) until the response headers arrive.
+            let in_flight = stats.start();
+            let started = std::time::Instant::now();
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let per_try = retry
+                .per_try_timeout
+                .map_or(remaining, |t| t.min(remaining));
+            let result = self.send(ep, sender, req, connect_timeout, per_try).await;
+            drop(in_flight);
+            stats.observe_rtt(started.elapsed());
+            self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
+            let retryable = template.is_some()
+                && attempt < retry.attempts
+                && match &result {
+                    Ok(resp) => retryable_response(retry, resp),
+                    Err(ProxyError::Upstream { .. }) => true,
+                    Err(ProxyError::ResponseTimeout { .. }) => retry.per_try_timeout.is_some(),
+                    Err(_) => false,
+                };
+            if retryable {
+                let wait = match &result {
+                    Ok(resp) => retry_after(resp.headers()),
+                    Err(_) => None,
+                }
+                .unwrap_or_else(|| {
+                    route
+                        .counters
+                        .budget
+                        .backoff(attempt, retry.backoff_base, retry.backoff_max)
+                });
+                if tokio::time::Instant::now() + wait < deadline && self.withdraw(route) {
+                    tokio::time::sleep(wait).await;
+                    exclude = Some(i);
+                    attempt += 1;
+                    continue;
                 }
             }
-        };
-        drop(pending);
-        let ep = &svc.endpoints[i];
-        let stats = &route.stats[i];
-        // Counted in flight (least request, peak-EWMA) until the response headers arrive.
-        let _in_flight = stats.start();
-        let started = std::time::Instant::now();
-        let result = self
-            .send(ep, sender, req, connect_timeout, request_timeout)
-            .await;
-        stats.observe_rtt(started.elapsed());
-        self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
-        let mut resp = result?;
-        strip_hop_by_hop(resp.headers_mut(), false);
-        Ok(resp.map(Either::Left))
+            let mut resp = result?;
+            strip_hop_by_hop(resp.headers_mut(), false);
+            return Ok(resp.map(Either::Left));
+        }
+    }
+
+    /// Take a retry from the service's budget, counting the outcome.
+    fn withdraw(&self, route: &Route) -> bool {
+        let ok = route
+            .counters
+            .budget
+            .try_withdraw(route.retry.budget_ratio, route.retry.budget_min_per_second);
+        self.metrics.outlier_event(
+            &route.service.name,
+            if ok {
+                "retry"
+            } else {
+                "retry_budget_exhausted"
+            },
+        );
+        ok
     }
 
     /// A destination outside the mesh: HTTP/1.1 to one of its DNS records, `Host` set to the
@@ -304,8 +402,8 @@ impl Outbound {
     async fn send(
         &self,
         ep: &Endpoint,
-        mut send: hyper::client::conn::http2::SendRequest<Incoming>,
-        req: Request<Incoming>,
+        mut send: hyper::client::conn::http2::SendRequest<RequestBody>,
+        req: Request<RequestBody>,
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -374,6 +472,36 @@ impl Outbound {
             }
         }
     }
+}
+
+/// A fresh copy of a buffered request for one attempt; retried attempts carry the mark.
+fn replay(
+    parts: &http::request::Parts,
+    body: &bytes::Bytes,
+    retried: bool,
+) -> Request<RequestBody> {
+    let mut req = Request::new(Either::Right(http_body_util::Full::new(body.clone())));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    if retried {
+        req.headers_mut()
+            .insert(RETRIED_HEADER, HeaderValue::from_static("1"));
+    }
+    req
+}
+
+/// A response the retry policy retries: a listed status, or a listed gRPC status in a
+/// trailers-only response.
+fn retryable_response(retry: &trellis_policies::RetrySpec, resp: &Response<Incoming>) -> bool {
+    retry.retry_on_status.contains(&resp.status().as_u16())
+        || resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|code| retry.retry_on_grpc.contains(&code))
 }
 
 fn upstream(ep: &Endpoint, e: &hyper::Error) -> ProxyError {

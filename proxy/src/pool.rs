@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
@@ -22,6 +21,7 @@ use crate::identity::{
 };
 use crate::metrics::{Metrics, OUTBOUND};
 use crate::snapshot::Endpoint;
+use crate::RequestBody;
 
 /// Pings detect a dead peer on an otherwise idle pooled connection.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -34,7 +34,7 @@ struct PoolKey {
 }
 
 struct Pooled {
-    send: http2::SendRequest<Incoming>,
+    send: http2::SendRequest<RequestBody>,
     generation: u64,
 }
 
@@ -64,7 +64,7 @@ impl PeerPool {
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+    ) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         let slot = self.slot(ep);
         let mut guard = slot.lock().await;
         let tls = self.tls.load_full();

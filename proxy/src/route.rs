@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use http::Request;
 use serde::Serialize;
-use trellis_policies::{AllEjected, HashOn, SpiffeId};
+use trellis_policies::{AllEjected, HashOn, RetrySpec, SpiffeId};
 
 use crate::balance::{
     self, hash_key, Balancer, EndpointStats, OutlierEvent, OutlierParams, PickContext,
@@ -37,6 +37,7 @@ pub struct Route {
     pub counters: Arc<ServiceCounters>,
     pub max_requests: usize,
     pub max_pending: usize,
+    pub retry: RetrySpec,
 }
 
 /// The outcome of choosing an endpoint.
@@ -120,6 +121,7 @@ impl RouteTable {
                     counters: counters.entry(name.clone()).or_default().clone(),
                     max_requests: svc.circuit_breaker.max_requests as usize,
                     max_pending: svc.circuit_breaker.max_pending as usize,
+                    retry: svc.retries.clone(),
                 }),
             );
         }

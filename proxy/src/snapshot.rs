@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use trellis_policies::{
-    CircuitBreakerSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, SpiffeId,
+    CircuitBreakerSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, SpiffeId,
 };
 
 #[derive(Debug, Default, Serialize)]
@@ -33,6 +33,7 @@ pub struct Service {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub outlier_detection: OutlierDetectionSpec,
     pub circuit_breaker: CircuitBreakerSpec,
+    pub retries: RetrySpec,
     /// Set for a destination outside the mesh: the `Host` to send (`host[:port]`). Its
     /// endpoints are the host's DNS records, called over plain HTTP/1.1, without mTLS.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +99,7 @@ impl Snapshot {
                 load_balancer: spec.policy.load_balancer.clone(),
                 outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
                 circuit_breaker: spec.policy.circuit_breaker.clone().unwrap_or_default(),
+                retries: spec.policy.retries.clone().unwrap_or_default(),
             };
             services.insert(name.clone(), Arc::new(svc));
         }

@@ -40,16 +40,19 @@ impl Backend {
         let addr = listener.local_addr().expect("backend addr");
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
+        let flaky: Flaky = Arc::default();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let counter = counter.clone();
+                let flaky = flaky.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         counter.fetch_add(1, Ordering::Relaxed);
-                        async move { Ok::<_, Infallible>(route(req).await) }
+                        let flaky = flaky.clone();
+                        async move { Ok::<_, Infallible>(route(req, &flaky).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
@@ -71,7 +74,10 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-async fn route(req: Request<Incoming>) -> Response<Body> {
+/// Calls seen per `/flaky/<key>` key.
+type Flaky = Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
+async fn route(req: Request<Incoming>, flaky: &Flaky) -> Response<Body> {
     let path = req.uri().path().to_string();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     match (parts.next().unwrap_or(""), parts.next()) {
@@ -104,6 +110,31 @@ async fn route(req: Request<Incoming>) -> Response<Body> {
                 }
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        ("flaky", Some(rest)) => {
+            // /flaky/<key>/<n>: 503 for the first n calls with this key, then 200. `?after=S`
+            // adds Retry-After: S to the 503s.
+            let (key, n) = rest.rsplit_once('/').unwrap_or((rest, "1"));
+            let n: u32 = n.parse().unwrap_or(1);
+            let seen = {
+                let mut m = flaky.lock().unwrap();
+                let c = m.entry(key.to_string()).or_insert(0);
+                *c += 1;
+                *c
+            };
+            if seen <= n {
+                let mut r = full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("failing call {seen}"),
+                );
+                if let Some(after) = req.uri().query().and_then(|q| q.strip_prefix("after=")) {
+                    r.headers_mut()
+                        .insert("retry-after", HeaderValue::from_str(after).unwrap());
+                }
+                return r;
+            }
+            let retried = req.headers().get("trellis-retried").is_some();
+            full(StatusCode::OK, format!("call {seen}, retried={retried}"))
         }
         ("slow", Some(ms)) => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;

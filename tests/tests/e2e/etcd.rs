@@ -415,9 +415,16 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
     let only_m0 = vec![etcd.members[0].endpoint()];
     let client = etcd_sidecar(&pki, "client", backend.addr, only_m0, |_| {}).await;
     let others = etcd_cfg(vec![etcd.members[1].endpoint(), etcd.members[2].endpoint()]);
-    mesh_agent::policy::apply(&others, &policy("old", "1s"), false)
-        .await
-        .unwrap();
+    // Writes are retried throughout: under CPU load a 3-member cluster can be mid-election.
+    wait_for(Duration::from_secs(10), "first write", || {
+        let others = others.clone();
+        async move {
+            mesh_agent::policy::apply(&others, &policy("old", "1s"), false)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
     wait_for(Duration::from_secs(5), "first policy seen", || async {
         !dump(&client).await["snapshot"]["services"]["old"].is_null()
     })
@@ -456,9 +463,18 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
         )
         .await;
     }
-    let mut c = etcd_client(vec![etcd.members[1].endpoint()]).await;
-    let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
-    c.compact(rev, None).await.unwrap();
+    let c = etcd_client(vec![etcd.members[1].endpoint(), etcd.members[2].endpoint()]).await;
+    wait_for(Duration::from_secs(10), "compaction", || {
+        let mut c = c.clone();
+        async move {
+            let Ok(r) = c.get("x", None).await else {
+                return false;
+            };
+            let rev = r.header().map_or(0, |h| h.revision());
+            c.compact(rev, None).await.is_ok()
+        }
+    })
+    .await;
     etcd.members[0].restart().await;
 
     wait_for(

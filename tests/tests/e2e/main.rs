@@ -11,6 +11,7 @@ mod grpc;
 mod http;
 mod identity;
 mod limits;
+mod retry;
 mod rotation;
 mod store;
 mod streaming;
