@@ -102,6 +102,15 @@ impl ProxyError {
     pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
         error_response(self.status(), self.cause(), &self.to_string())
     }
+
+    /// As [`ProxyError::into_response`], or as a gRPC status for a gRPC caller.
+    pub fn into_response_for<B>(self, grpc: bool) -> Response<Either<B, Full<Bytes>>> {
+        if grpc {
+            crate::grpc::error_response(self.status(), self.cause(), &self.to_string())
+        } else {
+            self.into_response()
+        }
+    }
 }
 
 /// A locally generated error response.

@@ -167,10 +167,11 @@ impl Inbound {
             let guard = activity.begin();
             async move {
                 let start = Instant::now();
+                let grpc = crate::grpc::is_grpc(req.headers());
                 let resp = this.forward(req, client, peer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
                     tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
-                    e.into_response()
+                    e.into_response_for(grpc)
                 });
                 this.metrics.record_request(
                     INBOUND,

@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod config;
 pub mod drain;
 pub mod error;
+pub mod grpc;
 pub mod headers;
 pub mod identity;
 pub mod inbound;

@@ -109,11 +109,12 @@ impl Outbound {
 
     async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
         let start = Instant::now();
+        let grpc = crate::grpc::is_grpc(req.headers());
         let (service, result) = self.route(req, client).await;
         let resp = result.unwrap_or_else(|e| {
             self.metrics.proxy_error(OUTBOUND, e.cause());
             tracing::debug!(error = %e, cause = e.cause(), "outbound request failed");
-            e.into_response()
+            e.into_response_for(grpc)
         });
         self.metrics.record_request(
             OUTBOUND,
@@ -168,7 +169,10 @@ impl Outbound {
         let mut i = self.choose(route, &req, ip, None)?;
         let ep = &svc.endpoints[i];
         let connect_timeout = svc.connect_timeout.unwrap_or(self.connect_timeout);
+        // A gRPC deadline shortens the timeout, and travels on with the time that remains.
+        let grpc_timeout = crate::grpc::parse_timeout(req.headers());
         let request_timeout = svc.request_timeout.unwrap_or(self.request_timeout);
+        let request_timeout = grpc_timeout.map_or(request_timeout, |g| g.min(request_timeout));
         let authority = request_authority(&req).ok_or(ProxyError::MissingAuthority)?;
 
         let headers = req.headers_mut();
@@ -251,7 +255,7 @@ impl Outbound {
         let mut attempt = 0u32;
         let mut exclude = None;
         loop {
-            let req: Request<RequestBody> = match (&template, streaming.take()) {
+            let mut req: Request<RequestBody> = match (&template, streaming.take()) {
                 (Some((parts, bytes)), _) => replay(parts, bytes, attempt > 0),
                 (None, Some(r)) => r,
                 (None, None) => {
@@ -299,6 +303,12 @@ impl Outbound {
             let per_try = retry
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
+            if grpc_timeout.is_some() {
+                req.headers_mut().insert(
+                    crate::grpc::TIMEOUT_HEADER,
+                    crate::grpc::encode_timeout(remaining),
+                );
+            }
             let result = self.send(ep, sender, req, connect_timeout, per_try).await;
             drop(in_flight);
             stats.observe_rtt(started.elapsed());

@@ -2,7 +2,7 @@
 //! `/echo` (request description as JSON), `/upload` (counts a streamed body), `/download/<n>`
 //! (streams n bytes), `/slow/<ms>`, `/status/<code>`, `/ws` (WebSocket echo), and gRPC methods
 //! `/test.Echo/Unary`, `/test.Echo/Stream` (bidi, echoes each message as it arrives) and
-//! `/test.Echo/Fail` (error status in trailers).
+//! `/test.Echo/Fail` (error status in trailers), `/test.Echo/Slow` (answers after 2 s).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -257,6 +257,9 @@ async fn grpc(method: String, req: Request<Incoming>) -> Response<Body> {
         .is_none_or(|v| !v.as_bytes().starts_with(b"application/grpc"))
     {
         return full(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not grpc");
+    }
+    if method == "Slow" {
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     let mut body = req.into_body();

@@ -129,3 +129,55 @@ async fn grpc_bidi_streaming_echoes_each_message_and_keeps_trailers() {
         .expect("trailers present");
     assert_eq!(trailers.get("x-message-count").unwrap(), "20");
 }
+
+#[tokio::test]
+async fn grpc_deadline_is_honoured_and_sidecar_errors_are_grpc_statuses() {
+    let mesh = Mesh::start().await;
+    // tonic enforces deadlines itself, so a plain HTTP/2 client carries the deadline here: only
+    // the sidecar can end this call early.
+    let h2 = trellis_tests::client::h2c(mesh.client.outbound());
+    let req = http::Request::post("http://echo/test.Echo/Slow")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(trellis_tests::client::full(
+            trellis_tests::backend::grpc_frame(b"x"),
+        ))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let r = trellis_tests::client::send(&h2, req).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "deadline not applied: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        r.status, 200,
+        "gRPC errors travel as a status, not an HTTP error"
+    );
+    assert_eq!(r.headers["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    assert_eq!(r.headers["trellis-error"], "response-timeout");
+
+    // A gRPC call to a service the mesh does not know: UNAVAILABLE, not a bare HTTP 503.
+    let channel = Endpoint::from_shared(format!("http://{}", mesh.client.outbound()))
+        .unwrap()
+        .origin("http://nowhere".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut other = tonic::client::Grpc::new(channel);
+    other.ready().await.unwrap();
+    let err = other
+        .unary(
+            tonic::Request::new(Bytes::from_static(b"x")),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            RawCodec,
+        )
+        .await
+        .expect_err("unknown service");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.metadata().get("trellis-error").unwrap(),
+        "unknown-service"
+    );
+}
