@@ -66,6 +66,8 @@ struct ServicePolicySpec {
     circuit_breaker: Option<crate::CircuitBreakerSpec>,
     #[serde(default)]
     retries: Option<crate::RetrySpec>,
+    #[serde(default)]
+    health_check: Option<crate::HealthCheckSpec>,
 }
 
 /// Why a document was refused; the message names the document and the field.
@@ -123,6 +125,10 @@ impl PolicyDocument {
                         _ => {}
                     }
                 }
+                if let Some(h) = &spec.health_check {
+                    crate::validate::validate_health_check(h)
+                        .map_err(|m| err(format!("spec.health_check: {m}")))?;
+                }
                 if let Some(r) = &spec.retries {
                     crate::validate::validate_retries(r)
                         .map_err(|m| err(format!("spec.retries: {m}")))?;
@@ -144,6 +150,7 @@ impl PolicyDocument {
                         outlier_detection: spec.outlier_detection.clone(),
                         circuit_breaker: spec.circuit_breaker.clone(),
                         retries: spec.retries.clone(),
+                        health_check: spec.health_check.clone(),
                     }),
                 })
             }
@@ -311,6 +318,7 @@ kind: ServicePolicy
                     outlier_detection: None,
                     circuit_breaker: None,
                     retries: None,
+                    health_check: None,
                 })
             }
         );

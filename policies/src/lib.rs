@@ -14,14 +14,15 @@ pub use document::{
     KINDS,
 };
 pub use mesh::{
-    AllEjected, CircuitBreakerSpec, EndpointSpec, ExternalSpec, HashOn, LbAlgorithm,
-    LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, ServicePolicy, ServiceSpec,
+    AllEjected, CircuitBreakerSpec, EndpointSpec, ExternalSpec, HashOn, HealthCheckSpec,
+    LbAlgorithm, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, ServicePolicy,
+    ServiceSpec,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{
-    parse_host_port, validate, validate_host, validate_load_balancer, validate_outlier,
-    validate_retries, validate_service_name, ValidationError, ValidationErrors, MAX_TIMEOUT,
-    MAX_WEIGHT,
+    parse_host_port, validate, validate_health_check, validate_host, validate_load_balancer,
+    validate_outlier, validate_retries, validate_service_name, ValidationError, ValidationErrors,
+    MAX_TIMEOUT, MAX_WEIGHT,
 };
 
 /// Why a mesh document could not be accepted.

@@ -92,6 +92,44 @@ pub struct ServicePolicy {
     /// Retries by the caller's sidecar (the defaults below when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetrySpec>,
+    /// Active health checks of this service's endpoints (off when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+/// Active health checking. Each sidecar checks each endpoint at most once per interval (with
+/// jitter), one check at a time per service, so N sidecars x M endpoints cost at most
+/// N x M / interval checks per second.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// HTTP check: `GET <path>` through the peer sidecar to the app, healthy on 2xx. Without a
+    /// path, a TCP connect to the peer's inbound listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    #[serde(default = "d_hc_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "d_hc_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Successes in a row that make an unhealthy endpoint healthy again.
+    #[serde(default = "d_hc_healthy")]
+    pub healthy_threshold: u32,
+    /// Failures in a row that make an endpoint unhealthy.
+    #[serde(default = "d_hc_unhealthy")]
+    pub unhealthy_threshold: u32,
+}
+
+fn d_hc_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_hc_healthy() -> u32 {
+    2
+}
+fn d_hc_unhealthy() -> u32 {
+    3
 }
 
 /// Retries: only for requests whose body is known and small enough to replay, only for

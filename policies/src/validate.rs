@@ -82,6 +82,26 @@ pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// Health checks: a real path, a timeout within the interval, an interval that cannot flood.
+pub fn validate_health_check(h: &crate::HealthCheckSpec) -> Result<(), String> {
+    if h.http_path
+        .as_ref()
+        .is_some_and(|p| !p.starts_with('/') || p.contains(char::is_whitespace))
+    {
+        return Err("http_path must start with '/' and contain no spaces".into());
+    }
+    if h.interval < Duration::from_millis(50) || h.interval > MAX_TIMEOUT {
+        return Err("interval must be between 50ms and 1h".into());
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        return Err("timeout must be greater than zero and at most the interval".into());
+    }
+    if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+        return Err("thresholds must be at least 1".into());
+    }
+    Ok(())
+}
+
 /// Sane bounds on retries.
 pub fn validate_retries(r: &crate::RetrySpec) -> Result<(), String> {
     if r.attempts > 10 {
@@ -184,6 +204,11 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
                     format!("{p}.weight"),
                     format!("must be between 1 and {MAX_WEIGHT}, got {}", ep.weight),
                 );
+            }
+        }
+        if let Some(h) = &svc.policy.health_check {
+            if let Err(m) = validate_health_check(h) {
+                push(format!("{base}.policy.health_check"), m);
             }
         }
         if let Some(r) = &svc.policy.retries {

@@ -276,6 +276,7 @@ async fn apply_snapshots(
 ) {
     let mut ready = Some(ready);
     let registry = StatsRegistry::default();
+    let mut health = crate::health::HealthChecks::default();
     loop {
         let next = rx.borrow_and_update().clone();
         if let Some(snap) = next {
@@ -286,11 +287,9 @@ async fn apply_snapshots(
                 .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
             pool.retain(|addr, id| snap.has_endpoint(addr, id));
             let version = snap.version;
-            current.store(Arc::new(RouteTable::build(
-                snap,
-                &registry,
-                local_zone.as_deref(),
-            )));
+            let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
+            health.update(&table, &pool, &metrics);
+            current.store(table);
             applied.send_replace(version);
             ready.take();
         }

@@ -13,6 +13,7 @@ pub mod drain;
 pub mod error;
 pub mod grpc;
 pub mod headers;
+pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

@@ -130,6 +130,10 @@ impl RouteTable {
         Self { snapshot, routes }
     }
 
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.values()
+    }
+
     /// The route for a host, case-insensitively.
     pub fn route(&self, host: &str) -> Option<&Arc<Route>> {
         match self.routes.get(host) {
@@ -154,6 +158,7 @@ impl RouteTable {
                     addr: e.addr,
                     weight: e.weight,
                     in_flight: s.in_flight(),
+                    healthy: s.is_healthy(),
                     ewma_ms: s.ewma().as_secs_f64() * 1000.0,
                     available: s.available(),
                 })
@@ -178,6 +183,7 @@ struct EndpointDump {
     addr: SocketAddr,
     weight: u32,
     in_flight: usize,
+    healthy: bool,
     ewma_ms: f64,
     available: bool,
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use trellis_policies::{
-    CircuitBreakerSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, SpiffeId,
+    CircuitBreakerSpec, HealthCheckSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec,
+    RetrySpec, SpiffeId,
 };
 
 #[derive(Debug, Default, Serialize)]
@@ -34,6 +35,8 @@ pub struct Service {
     pub outlier_detection: OutlierDetectionSpec,
     pub circuit_breaker: CircuitBreakerSpec,
     pub retries: RetrySpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
     /// Set for a destination outside the mesh: the `Host` to send (`host[:port]`). Its
     /// endpoints are the host's DNS records, called over plain HTTP/1.1, without mTLS.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,6 +103,7 @@ impl Snapshot {
                 outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
                 circuit_breaker: spec.policy.circuit_breaker.clone().unwrap_or_default(),
                 retries: spec.policy.retries.clone().unwrap_or_default(),
+                health_check: spec.policy.health_check.clone(),
             };
             services.insert(name.clone(), Arc::new(svc));
         }

@@ -27,6 +27,9 @@ use crate::client::{Body, BoxError};
 pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
+    /// Status `/healthz` answers (200 until a test changes it); health checks do not count in
+    /// `requests`.
+    pub health: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Backend {
@@ -41,6 +44,8 @@ impl Backend {
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
         let flaky: Flaky = Arc::default();
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let health_state = health.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -48,11 +53,14 @@ impl Backend {
                 };
                 let counter = counter.clone();
                 let flaky = flaky.clone();
+                let health = health_state.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        let flaky = flaky.clone();
-                        async move { Ok::<_, Infallible>(route(req, &flaky).await) }
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        if req.uri().path() != "/healthz" {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let (flaky, health) = (flaky.clone(), health.clone());
+                        async move { Ok::<_, Infallible>(route(req, &flaky, &health).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
@@ -60,7 +68,11 @@ impl Backend {
                 });
             }
         });
-        Self { addr, requests }
+        Self {
+            addr,
+            requests,
+            health,
+        }
     }
 }
 
@@ -77,11 +89,19 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// Calls seen per `/flaky/<key>` key.
 type Flaky = Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
 
-async fn route(req: Request<Incoming>, flaky: &Flaky) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    flaky: &Flaky,
+    health: &std::sync::atomic::AtomicU16,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     match (parts.next().unwrap_or(""), parts.next()) {
         ("echo", _) => echo(&req),
+        ("healthz", _) => full(
+            StatusCode::from_u16(health.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK),
+            "",
+        ),
         ("upload", _) => {
             let mut body = req.into_body();
             let mut n = 0u64;

@@ -28,6 +28,10 @@ pub struct EndpointStats {
     ejections: AtomicU32,
     /// A probation trial request is in flight.
     probing: AtomicBool,
+    /// Active health-check verdict (true until checks say otherwise).
+    healthy: AtomicBool,
+    /// Consecutive check results: positive = successes, negative = failures.
+    check_streak: std::sync::atomic::AtomicI32,
 }
 
 /// What an outcome did to an endpoint's outlier state.
@@ -63,6 +67,8 @@ impl EndpointStats {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             probing: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            check_streak: std::sync::atomic::AtomicI32::new(0),
         }
     }
 
@@ -117,10 +123,44 @@ impl EndpointStats {
         self.probing.store(false, Ordering::Relaxed);
     }
 
-    /// Healthy, or on probation with no trial request in flight.
+    /// Passing health checks, and not ejected (or on probation with no trial in flight).
     pub fn available(&self) -> bool {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
         let until = self.ejected_until_ns.load(Ordering::Relaxed);
         until == 0 || (self.now_ns() >= until && !self.probing.load(Ordering::Relaxed))
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Fold in one active health-check result; `Some(new state)` when the verdict changes.
+    pub fn record_check(
+        &self,
+        ok: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        let prev = self.check_streak.load(Ordering::Relaxed);
+        let streak = match (ok, prev > 0) {
+            (true, true) => prev.saturating_add(1),
+            (true, false) => 1,
+            (false, false) => prev.saturating_sub(1),
+            (false, true) => -1,
+        };
+        self.check_streak.store(streak, Ordering::Relaxed);
+        let healthy = self.healthy.load(Ordering::Relaxed);
+        if healthy && !ok && streak.unsigned_abs() >= unhealthy_threshold {
+            self.healthy.store(false, Ordering::Relaxed);
+            return Some(false);
+        }
+        if !healthy && ok && streak as u32 >= healthy_threshold {
+            self.healthy.store(true, Ordering::Relaxed);
+            return Some(true);
+        }
+        None
     }
 
     /// Ejected and not yet due for a trial.
@@ -289,6 +329,25 @@ mod tests {
             s.record_failure(&P, || true),
             OutlierEvent::Ejected(Duration::from_secs(1))
         );
+    }
+
+    #[test]
+    fn health_check_thresholds() {
+        let s = EndpointStats::new();
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(
+            s.record_check(true, 2, 3),
+            None,
+            "a success breaks the failure streak"
+        );
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), Some(false));
+        assert!(!s.available());
+        assert_eq!(s.record_check(true, 2, 3), None);
+        assert_eq!(s.record_check(true, 2, 3), Some(true));
+        assert!(s.available());
     }
 
     #[tokio::test(start_paused = true)]

@@ -274,3 +274,70 @@ async fn circuit_breaker_limits_concurrent_requests_exactly() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_health_checks_remove_an_endpoint_until_it_recovers() {
+    use std::time::Duration;
+    let t = three().await;
+    let hc = trellis_policies::HealthCheckSpec {
+        http_path: Some("/healthz".into()),
+        interval: Duration::from_millis(150),
+        timeout: Duration::from_millis(100),
+        healthy_threshold: 2,
+        unhealthy_threshold: 2,
+    };
+    let policy = ServicePolicy {
+        health_check: Some(hc),
+        ..Default::default()
+    };
+    t.client
+        .set_snapshot(snapshot_with(&t, policy, [1, 1, 1], 1));
+    t.client.wait_ready().await;
+    let admin = t.client.admin();
+    let dead = t.servers[2].inbound().to_string();
+    let healthy_of = |dump: serde_json::Value| {
+        dump["load_balancers"]["echo"]["endpoints"]
+            .as_array()
+            .and_then(|e| {
+                e.iter()
+                    .find(|e| e["addr"] == dead.as_str())
+                    .map(|e| e["healthy"] == true)
+            })
+    };
+    t.backends[2].health.store(503, Ordering::Relaxed);
+    trellis_tests::wait_for(
+        Duration::from_secs(5),
+        "endpoint marked unhealthy",
+        || async { healthy_of(client::admin(admin, "/config_dump").await.json()) == Some(false) },
+    )
+    .await;
+    let c = client::h1(t.client.outbound());
+    let before = counts(&t);
+    for _ in 0..30 {
+        assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+    }
+    let after = counts(&t);
+    assert_eq!(after[2], before[2], "an unhealthy endpoint gets no traffic");
+    assert_eq!(after[0] + after[1] - before[0] - before[1], 30);
+
+    t.backends[2].health.store(200, Ordering::Relaxed);
+    trellis_tests::wait_for(Duration::from_secs(5), "endpoint healthy again", || async {
+        healthy_of(client::admin(admin, "/config_dump").await.json()) == Some(true)
+    })
+    .await;
+    let m = client::admin(admin, "/metrics").await.body;
+    assert_eq!(
+        client::metric(
+            &m,
+            "trellis_outlier_events_total{service=\"echo\",event=\"unhealthy\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        client::metric(
+            &m,
+            "trellis_outlier_events_total{service=\"echo\",event=\"healthy\"}"
+        ),
+        1.0
+    );
+}
