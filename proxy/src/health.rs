@@ -88,10 +88,10 @@ async fn check_loop(
             {
                 let endpoint = route.service.endpoints[i].addr;
                 if healthy {
-                    metrics.outlier_event(name, "healthy");
+                    metrics.endpoint_event(name, endpoint, "healthy");
                     tracing::info!(service = %name, %endpoint, "endpoint passes health checks again");
                 } else {
-                    metrics.outlier_event(name, "unhealthy");
+                    metrics.endpoint_event(name, endpoint, "unhealthy");
                     tracing::warn!(service = %name, %endpoint, "endpoint failed health checks; removed from balancing");
                 }
             }

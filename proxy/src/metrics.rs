@@ -54,6 +54,13 @@ pub struct OutlierLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: Arc<String>,
+    pub endpoint: String,
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -75,6 +82,7 @@ pub struct Metrics {
     pub snapshots_applied: Counter,
     pub snapshot_version: Gauge,
     pub outlier_events: Family<OutlierLabels, Counter>,
+    pub endpoint_events: Family<EndpointLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -100,6 +108,7 @@ impl Metrics {
             snapshots_applied: Counter::default(),
             snapshot_version: Gauge::default(),
             outlier_events: Family::default(),
+            endpoint_events: Family::default(),
         };
         registry.register(
             "requests",
@@ -156,6 +165,11 @@ impl Metrics {
             "Outlier detection and circuit breaking by destination service: ejected, readmitted, panic_routing (every endpoint ejected, routed anyway), max_requests and max_pending (breaker overflows)",
             m.outlier_events.clone(),
         );
+        registry.register(
+            "endpoint_events",
+            "Endpoint state changes: ejected, readmitted, unhealthy, healthy (endpoints come from the mesh state, so the label set is bounded)",
+            m.endpoint_events.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -199,6 +213,22 @@ impl Metrics {
         self.tls_handshake_failures
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
+    }
+
+    /// A state change of one endpoint, counted per service too.
+    pub fn endpoint_event(
+        &self,
+        service: &Arc<String>,
+        endpoint: std::net::SocketAddr,
+        event: &'static str,
+    ) {
+        self.outlier_event(service, event);
+        let labels = EndpointLabels {
+            service: service.clone(),
+            endpoint: endpoint.to_string(),
+            event,
+        };
+        self.endpoint_events.get_or_create(&labels).inc();
     }
 
     pub fn outlier_event(&self, service: &Arc<String>, event: &'static str) {

@@ -471,13 +471,17 @@ impl Outbound {
         match route.record(i, success) {
             OutlierEvent::None => {}
             OutlierEvent::Ejected(d) => {
-                self.metrics.outlier_event(name, "ejected");
                 let endpoint = route.service.endpoints.get(i).map(|e| e.addr);
+                if let Some(addr) = endpoint {
+                    self.metrics.endpoint_event(name, addr, "ejected");
+                }
                 tracing::warn!(service = %name, endpoint = ?endpoint, ejected_for = ?d, "endpoint ejected after consecutive failures");
             }
             OutlierEvent::Readmitted => {
-                self.metrics.outlier_event(name, "readmitted");
                 let endpoint = route.service.endpoints.get(i).map(|e| e.addr);
+                if let Some(addr) = endpoint {
+                    self.metrics.endpoint_event(name, addr, "readmitted");
+                }
                 tracing::info!(service = %name, endpoint = ?endpoint, "endpoint re-admitted after a successful probe");
             }
         }

@@ -225,6 +225,15 @@ async fn instance_killed_under_load_is_ejected_without_failed_requests() {
         .clone();
     let state = eps.iter().find(|e| e["addr"] == dead).unwrap();
     assert_eq!(state["available"], false, "{state}");
+    let m = client::admin(admin, "/metrics").await.body;
+    let series = format!(
+        "trellis_endpoint_events_total{{service=\"echo\",endpoint=\"{dead}\",event=\"ejected\"}}"
+    );
+    assert_eq!(
+        client::metric(&m, &series),
+        1.0,
+        "per-endpoint event counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
