@@ -224,6 +224,9 @@ pub struct CircuitBreakerSpec {
     /// Requests waiting for a connection to be established.
     #[serde(default = "d_breaker")]
     pub max_pending: u32,
+    /// Retries in flight at once (Envoy's default 3); past it a failed try is not retried.
+    #[serde(default = "d_max_retries")]
+    pub max_retries: u32,
 }
 
 impl Default for CircuitBreakerSpec {
@@ -231,8 +234,13 @@ impl Default for CircuitBreakerSpec {
         Self {
             max_requests: d_breaker(),
             max_pending: d_breaker(),
+            max_retries: d_max_retries(),
         }
     }
+}
+
+fn d_max_retries() -> u32 {
+    3
 }
 
 fn d_breaker() -> u32 {

@@ -25,6 +25,7 @@ impl Breaker {
 pub struct ServiceCounters {
     requests: AtomicUsize,
     pending: AtomicUsize,
+    retries: AtomicUsize,
     /// Retries to this service share one budget.
     pub budget: crate::retry::RetryBudget,
 }
@@ -41,6 +42,11 @@ impl ServiceCounters {
 
     pub fn pending(self: &Arc<Self>, max: usize) -> Option<Permit<'_>> {
         take(&self.pending, max)
+    }
+
+    /// A slot for one retry in flight.
+    pub fn retry(self: &Arc<Self>, max: usize) -> Option<Permit<'_>> {
+        take(&self.retries, max)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -77,6 +83,10 @@ mod tests {
         let _c = c.request(2).unwrap();
         drop(b);
         assert!(c.pending(0).is_none());
+        let r = c.retry(1).unwrap();
+        assert!(c.retry(1).is_none(), "one retry in flight at most");
+        drop(r);
+        assert!(c.retry(1).is_some());
     }
 
     #[test]

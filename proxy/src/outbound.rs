@@ -254,6 +254,8 @@ impl Outbound {
         let deadline = tokio::time::Instant::now() + request_timeout;
         let mut attempt = 0u32;
         let mut exclude = None;
+        // Held while a retry is in flight (the max_retries breaker).
+        let mut _retrying = None;
         loop {
             let mut req: Request<RequestBody> = match (&template, streaming.take()) {
                 (Some((parts, bytes)), _) => replay(parts, bytes, attempt > 0),
@@ -285,6 +287,11 @@ impl Outbound {
                         && attempt < retry.attempts.max(1)
                         && self.withdraw(route)
                     {
+                        let Some(permit) = route.counters.retry(route.max_retries) else {
+                            self.metrics.outlier_event(&svc.name, "max_retries");
+                            return Err(e);
+                        };
+                        _retrying = Some(permit);
                         if template.is_none() {
                             streaming = Some(req);
                         }
@@ -332,7 +339,18 @@ impl Outbound {
                         .budget
                         .backoff(attempt, retry.backoff_base, retry.backoff_max)
                 });
-                if tokio::time::Instant::now() + wait < deadline && self.withdraw(route) {
+                let permit =
+                    if tokio::time::Instant::now() + wait < deadline && self.withdraw(route) {
+                        let p = route.counters.retry(route.max_retries);
+                        if p.is_none() {
+                            self.metrics.outlier_event(&svc.name, "max_retries");
+                        }
+                        p
+                    } else {
+                        None
+                    };
+                if let Some(permit) = permit {
+                    _retrying = Some(permit);
                     tokio::time::sleep(wait).await;
                     exclude = Some(i);
                     attempt += 1;

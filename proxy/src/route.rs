@@ -37,6 +37,7 @@ pub struct Route {
     pub counters: Arc<ServiceCounters>,
     pub max_requests: usize,
     pub max_pending: usize,
+    pub max_retries: usize,
     pub retry: RetrySpec,
 }
 
@@ -121,6 +122,7 @@ impl RouteTable {
                     counters: counters.entry(name.clone()).or_default().clone(),
                     max_requests: svc.circuit_breaker.max_requests as usize,
                     max_pending: svc.circuit_breaker.max_pending as usize,
+                    max_retries: svc.circuit_breaker.max_retries as usize,
                     retry: svc.retries.clone(),
                 }),
             );

@@ -243,6 +243,7 @@ async fn circuit_breaker_limits_concurrent_requests_exactly() {
         circuit_breaker: Some(trellis_policies::CircuitBreakerSpec {
             max_requests: 2,
             max_pending: 100,
+            max_retries: 3,
         }),
         ..Default::default()
     };
