@@ -58,6 +58,8 @@ struct ServicePolicySpec {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    stream_idle_timeout: Option<Duration>,
     #[serde(default)]
     load_balancer: Option<crate::LoadBalancerSpec>,
     #[serde(default)]
@@ -146,6 +148,7 @@ impl PolicyDocument {
                     policy: Box::new(ServicePolicy {
                         connect_timeout: spec.connect_timeout,
                         request_timeout: spec.request_timeout,
+                        stream_idle_timeout: spec.stream_idle_timeout,
                         load_balancer: spec.load_balancer.clone(),
                         outlier_detection: spec.outlier_detection.clone(),
                         circuit_breaker: spec.circuit_breaker.clone(),
@@ -314,6 +317,7 @@ kind: ServicePolicy
                 policy: Box::new(ServicePolicy {
                     request_timeout: Some(Duration::from_secs(2)),
                     connect_timeout: None,
+                    stream_idle_timeout: None,
                     load_balancer: None,
                     outlier_detection: None,
                     circuit_breaker: None,

@@ -80,6 +80,13 @@ pub struct ServicePolicy {
         skip_serializing_if = "Option::is_none"
     )]
     pub request_timeout: Option<Duration>,
+    /// Idle time allowed between frames of a response body (the sidecar's default when unset).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stream_idle_timeout: Option<Duration>,
     /// How endpoints are chosen; round robin when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,

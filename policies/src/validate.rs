@@ -246,6 +246,7 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
         for (field, value) in [
             ("connect_timeout", svc.policy.connect_timeout),
             ("request_timeout", svc.policy.request_timeout),
+            ("stream_idle_timeout", svc.policy.stream_idle_timeout),
         ] {
             match value {
                 Some(d) if d.is_zero() => push(

@@ -30,6 +30,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Request sent to response headers received (Envoy's route default is 15 s). Bodies may
 /// stream for longer: streaming RPCs are not cut by this timeout.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// A response stream with no frame for this long is ended with an error (Envoy's
+/// stream_idle_timeout default).
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long in-flight requests may run after SIGTERM before the sidecar exits anyway.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How often certificate and store files are checked for changes.
@@ -180,6 +183,13 @@ pub struct Timeouts {
     pub connect: Duration,
     #[serde(default = "d_request_timeout", with = "humantime_serde")]
     pub request: Duration,
+    /// Idle time allowed between frames of a response body.
+    #[serde(default = "d_stream_idle", with = "humantime_serde")]
+    pub stream_idle: Duration,
+}
+
+fn d_stream_idle() -> Duration {
+    DEFAULT_STREAM_IDLE_TIMEOUT
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -378,6 +388,7 @@ impl Default for Timeouts {
         Self {
             connect: d_connect_timeout(),
             request: d_request_timeout(),
+            stream_idle: d_stream_idle(),
         }
     }
 }
@@ -586,6 +597,7 @@ impl Config {
             ("limits.idle_timeout", self.limits.idle_timeout),
             ("timeouts.connect", self.timeouts.connect),
             ("timeouts.request", self.timeouts.request),
+            ("timeouts.stream_idle", self.timeouts.stream_idle),
             ("identity.reload_interval", self.identity.reload_interval),
             ("store.reload_interval", self.store.reload_interval),
         ] {

@@ -258,7 +258,7 @@ impl Inbound {
             None => {
                 let mut resp = resp;
                 strip_hop_by_hop(resp.headers_mut(), false);
-                resp.map(http_body_util::Either::Left)
+                resp.map(|b| http_body_util::Either::Left(crate::body::Streamed::new(b)))
             }
         })
     }

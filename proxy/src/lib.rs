@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod drain;
@@ -31,8 +32,7 @@ pub mod testing;
 
 /// The body type of every response the sidecar returns: the upstream's body, streamed, or a
 /// small locally generated one.
-pub type ResponseBody =
-    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+pub type ResponseBody = http_body_util::Either<body::Streamed, http_body_util::Full<bytes::Bytes>>;
 
 /// The body of a request sent to a peer sidecar: the app's body streamed as is, or a small body
 /// buffered so that it can be replayed on a retry.

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
 use crate::balance::OutlierEvent;
+use crate::body::Streamed;
 use crate::breaker::Breaker;
 use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RETRIED_HEADER};
 use crate::error::ProxyError;
@@ -48,6 +49,7 @@ pub struct Outbound {
     limits: Limits,
     connect_timeout: Duration,
     request_timeout: Duration,
+    stream_idle: Duration,
     unknown: Arc<String>,
 }
 
@@ -77,6 +79,7 @@ impl Outbound {
             limits: config.limits.clone(),
             connect_timeout: config.timeouts.connect,
             request_timeout: config.timeouts.request,
+            stream_idle: config.timeouts.stream_idle,
             unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
         }
     }
@@ -317,7 +320,6 @@ impl Outbound {
                 );
             }
             let result = self.send(ep, sender, req, connect_timeout, per_try).await;
-            drop(in_flight);
             stats.observe_rtt(started.elapsed());
             self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
             let retryable = template.is_some()
@@ -359,7 +361,9 @@ impl Outbound {
             }
             let mut resp = result?;
             strip_hop_by_hop(resp.headers_mut(), false);
-            return Ok(resp.map(Either::Left));
+            let idle = svc.stream_idle_timeout.unwrap_or(self.stream_idle);
+            return Ok(resp
+                .map(|b| Either::Left(Streamed::new(b).idle_timeout(idle).in_flight(in_flight))));
         }
     }
 
@@ -421,7 +425,7 @@ impl Outbound {
                 }
             })?;
         strip_hop_by_hop(resp.headers_mut(), false);
-        Ok(resp.map(Either::Left))
+        Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(self.stream_idle))))
     }
 
     /// Send on the pooled connection. If the connection turns out to be closing before the

@@ -30,6 +30,8 @@ pub struct Service {
     pub connect_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
+    pub stream_idle_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
     pub outlier_detection: OutlierDetectionSpec,
@@ -99,6 +101,7 @@ impl Snapshot {
                     80 => Arc::from(e.host.as_str()),
                     port => Arc::from(format!("{}:{port}", e.host)),
                 }),
+                stream_idle_timeout: spec.policy.stream_idle_timeout,
                 load_balancer: spec.policy.load_balancer.clone(),
                 outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
                 circuit_breaker: spec.policy.circuit_breaker.clone().unwrap_or_default(),

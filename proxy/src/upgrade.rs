@@ -87,5 +87,5 @@ pub(crate) fn finish(
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    resp.map(Either::Left)
+    resp.map(|b| Either::Left(crate::body::Streamed::new(b)))
 }

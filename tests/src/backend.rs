@@ -156,6 +156,24 @@ async fn route(
             let retried = req.headers().get("trellis-retried").is_some();
             full(StatusCode::OK, format!("call {seen}, retried={retried}"))
         }
+        ("stall", Some(ms)) => {
+            // One chunk, a pause of `ms`, then the last chunk: a stream that goes quiet.
+            let pause = Duration::from_millis(ms.parse().unwrap_or(1000));
+            let stream = futures_util::stream::unfold(0u8, move |step| async move {
+                match step {
+                    0 => Some((
+                        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"first "))),
+                        1,
+                    )),
+                    1 => {
+                        tokio::time::sleep(pause).await;
+                        Some((Ok(Frame::data(Bytes::from_static(b"last"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
         ("slow", Some(ms)) => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
             full(StatusCode::OK, "done")

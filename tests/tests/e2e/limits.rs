@@ -154,3 +154,65 @@ async fn keep_alive_connection_outlives_the_header_read_timeout() {
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_response_streams_are_cut_and_streams_count_as_in_flight() {
+    use http_body_util::BodyExt;
+    let mesh = Mesh::start_with(
+        |c| c.timeouts.stream_idle = Duration::from_millis(400),
+        |_| {},
+    )
+    .await;
+    let c = client::h1(mesh.client.outbound());
+
+    // A pause shorter than the idle timeout is fine.
+    let r = client::get(&c, "http://echo/stall/100").await;
+    assert_eq!(r.body, "first last");
+
+    // While a stream is open its endpoint counts as in flight (least request, peak-EWMA).
+    let resp = c
+        .request(
+            http::Request::get("http://echo/stall/1500")
+                .body(client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let dump = client::admin(mesh.client.admin(), "/config_dump")
+        .await
+        .json();
+    assert_eq!(
+        dump["load_balancers"]["echo"]["endpoints"][0]["in_flight"],
+        1
+    );
+
+    // A stream that stays quiet longer than the idle timeout is ended with an error.
+    let start = Instant::now();
+    let mut body = resp.into_body();
+    let mut saw_error = false;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("bounded")
+    {
+        if frame.is_err() {
+            saw_error = true;
+            break;
+        }
+    }
+    assert!(saw_error, "the stalled stream was not cut");
+    assert!(
+        start.elapsed() < Duration::from_millis(1400),
+        "cut after {:?}",
+        start.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dump = client::admin(mesh.client.admin(), "/config_dump")
+        .await
+        .json();
+    assert_eq!(
+        dump["load_balancers"]["echo"]["endpoints"][0]["in_flight"],
+        0
+    );
+    still_serving(&mesh).await;
+}
