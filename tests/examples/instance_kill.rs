@@ -6,13 +6,11 @@
 //! sidecar stops (its listener closes, as when a pod is killed). Reports requests, failures and
 //! latency percentiles before, in the second after, and after the kill.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trellis_policies::{EndpointSpec, MeshDocument, ServicePolicy, ServiceSpec};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_policies::ServicePolicy;
 use trellis_tests::backend::Backend;
-use trellis_tests::{client, Pki, Sidecar, TRUST_DOMAIN};
+use trellis_tests::{client, Pki, Sidecar};
 
 const RUN: Duration = Duration::from_secs(8);
 const KILL_AT: Duration = Duration::from_secs(3);
@@ -38,32 +36,14 @@ async fn main() {
         servers.push(s);
     }
     let client_sc = Sidecar::start(&pki, "client", backends[0].addr, |_| {}).await;
-    let endpoints = servers
-        .iter()
-        .map(|s| EndpointSpec {
-            address: s.inbound().to_string(),
-            identity: None,
-            weight: 1,
-            zone: None,
-        })
-        .collect();
     let policy = ServicePolicy {
         load_balancer: Some(serde_norway::from_str("{algorithm: least_request}").unwrap()),
         ..Default::default()
     };
-    let mut doc = MeshDocument::default();
-    doc.services.insert(
-        "echo".into(),
-        ServiceSpec {
-            endpoints,
-            policy,
-            external: None,
-        },
-    );
-    client_sc.set_snapshot(Arc::new(
-        Snapshot::from_document(&doc, TRUST_DOMAIN, 1, "bench".into()).unwrap(),
-    ));
-    client_sc.wait_ready().await;
+    let endpoints: Vec<_> = servers.iter().map(|s| (s.inbound(), 1)).collect();
+    client_sc
+        .apply(trellis_tests::service_snapshot("echo", &endpoints, policy))
+        .await;
 
     let start = Instant::now();
     let mut workers = Vec::new();

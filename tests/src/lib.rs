@@ -86,10 +86,19 @@ impl Sidecar {
 
     /// Route `services` (name -> inbound addresses) and wait until ready.
     pub async fn route(&self, services: &[(&str, &[SocketAddr])]) {
-        static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let v = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.set_snapshot(testing::snapshot(services, v));
+        self.set_snapshot(testing::snapshot(services, next_version()));
         self.wait_ready().await;
+    }
+
+    /// Send `snapshot` and wait until the data plane routes with it.
+    pub async fn apply(&self, snapshot: Arc<Snapshot>) {
+        let version = snapshot.version;
+        self.set_snapshot(snapshot);
+        let mut applied = self.running.applied.clone();
+        tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|v| *v == version))
+            .await
+            .expect("snapshot applied within 10 s")
+            .expect("sidecar running");
     }
 
     pub async fn wait_ready(&self) {
@@ -106,6 +115,43 @@ impl Sidecar {
     pub fn admin(&self) -> SocketAddr {
         self.running.bound.admin
     }
+}
+
+/// A fresh snapshot version (every snapshot a test sends gets its own, so `apply` can wait for it).
+pub fn next_version() -> u64 {
+    static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A snapshot with one service: its endpoints (inbound address, weight) and policy.
+pub fn service_snapshot(
+    service: &str,
+    endpoints: &[(SocketAddr, u32)],
+    policy: trellis_policies::ServicePolicy,
+) -> Arc<Snapshot> {
+    use trellis_policies::{EndpointSpec, MeshDocument, ServiceSpec};
+    let endpoints = endpoints
+        .iter()
+        .map(|(a, weight)| EndpointSpec {
+            address: a.to_string(),
+            identity: None,
+            weight: *weight,
+            zone: None,
+        })
+        .collect();
+    let mut doc = MeshDocument::default();
+    doc.services.insert(
+        service.into(),
+        ServiceSpec {
+            endpoints,
+            policy,
+            external: None,
+        },
+    );
+    Arc::new(
+        Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())
+            .expect("valid test snapshot"),
+    )
 }
 
 /// The standard two-sidecar mesh: `client` sidecar -> mTLS -> `echo` sidecar -> backend.

@@ -4,11 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use trellis_policies::{EndpointSpec, MeshDocument, ServicePolicy, ServiceSpec};
+use trellis_policies::ServicePolicy;
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
-use trellis_tests::{init_logs, Pki, Sidecar, TRUST_DOMAIN};
+use trellis_tests::{init_logs, Pki, Sidecar};
 
 struct Three {
     _pki: Pki,
@@ -38,41 +38,17 @@ async fn three() -> Three {
     }
 }
 
-fn with_policy(t: &Three, lb_yaml: &str, weights: [u32; 3], version: u64) -> Arc<Snapshot> {
+fn with_policy(t: &Three, lb_yaml: &str, weights: [u32; 3]) -> Arc<Snapshot> {
     let policy = ServicePolicy {
         load_balancer: Some(serde_norway::from_str(lb_yaml).unwrap()),
         ..Default::default()
     };
-    snapshot_with(t, policy, weights, version)
+    snapshot_with(t, policy, weights)
 }
 
-fn snapshot_with(
-    t: &Three,
-    policy: ServicePolicy,
-    weights: [u32; 3],
-    version: u64,
-) -> Arc<Snapshot> {
-    let endpoints = t
-        .servers
-        .iter()
-        .zip(weights)
-        .map(|(s, weight)| EndpointSpec {
-            address: s.inbound().to_string(),
-            identity: None,
-            weight,
-            zone: None,
-        })
-        .collect();
-    let mut doc = MeshDocument::default();
-    doc.services.insert(
-        "echo".into(),
-        ServiceSpec {
-            endpoints,
-            policy,
-            external: None,
-        },
-    );
-    Arc::new(Snapshot::from_document(&doc, TRUST_DOMAIN, version, "test".into()).unwrap())
+fn snapshot_with(t: &Three, policy: ServicePolicy, weights: [u32; 3]) -> Arc<Snapshot> {
+    let endpoints: Vec<_> = t.servers.iter().map(|s| s.inbound()).zip(weights).collect();
+    trellis_tests::service_snapshot("echo", &endpoints, policy)
 }
 
 fn counts(t: &Three) -> Vec<u64> {
@@ -85,13 +61,13 @@ fn counts(t: &Three) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
     let t = three().await;
-    t.client.set_snapshot(with_policy(
-        &t,
-        "{algorithm: consistent_hash, hash_on: {header: x-user}}",
-        [1, 1, 1],
-        1,
-    ));
-    t.client.wait_ready().await;
+    t.client
+        .apply(with_policy(
+            &t,
+            "{algorithm: consistent_hash, hash_on: {header: x-user}}",
+            [1, 1, 1],
+        ))
+        .await;
     let c = client::h1(t.client.outbound());
     let mut used = [0usize; 3];
     for user in 0..30 {
@@ -115,13 +91,13 @@ async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
     );
 
     // Smooth weighted round robin: exact proportions over whole schedules.
-    t.client.set_snapshot(with_policy(
-        &t,
-        "{algorithm: weighted_round_robin}",
-        [3, 1, 1],
-        2,
-    ));
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    t.client
+        .apply(with_policy(
+            &t,
+            "{algorithm: weighted_round_robin}",
+            [3, 1, 1],
+        ))
+        .await;
     let before = counts(&t);
     for _ in 0..50 {
         assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
@@ -150,8 +126,8 @@ async fn instance_killed_under_load_is_ejected_without_failed_requests() {
 
     let t = three().await;
     t.client
-        .set_snapshot(with_policy(&t, "{algorithm: least_request}", [1, 1, 1], 1));
-    t.client.wait_ready().await;
+        .apply(with_policy(&t, "{algorithm: least_request}", [1, 1, 1]))
+        .await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut workers = Vec::new();
@@ -247,9 +223,7 @@ async fn circuit_breaker_limits_concurrent_requests_exactly() {
         }),
         ..Default::default()
     };
-    t.client
-        .set_snapshot(snapshot_with(&t, policy, [1, 1, 1], 1));
-    t.client.wait_ready().await;
+    t.client.apply(snapshot_with(&t, policy, [1, 1, 1])).await;
     let mut calls = Vec::new();
     for _ in 0..5 {
         let c = client::h1(t.client.outbound());
@@ -300,9 +274,7 @@ async fn failing_health_checks_remove_an_endpoint_until_it_recovers() {
         health_check: Some(hc),
         ..Default::default()
     };
-    t.client
-        .set_snapshot(snapshot_with(&t, policy, [1, 1, 1], 1));
-    t.client.wait_ready().await;
+    t.client.apply(snapshot_with(&t, policy, [1, 1, 1])).await;
     let admin = t.client.admin();
     let dead = t.servers[2].inbound().to_string();
     let healthy_of = |dump: serde_json::Value| {

@@ -33,7 +33,15 @@ fn doc(services: &[(&str, &[String], Option<Duration>)]) -> Arc<Snapshot> {
             },
         );
     }
-    Arc::new(Snapshot::from_document(&d, TRUST_DOMAIN, 99, "test".into()).unwrap())
+    Arc::new(
+        Snapshot::from_document(
+            &d,
+            TRUST_DOMAIN,
+            trellis_tests::next_version(),
+            "test".into(),
+        )
+        .unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -43,16 +51,18 @@ async fn unknown_service_no_endpoints_connect_failure_and_timeout() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    mesh.client.set_snapshot(doc(&[
-        (
-            "echo",
-            &[mesh.server.inbound().to_string()],
-            Some(Duration::from_millis(300)),
-        ),
-        ("empty", &[], None),
-        ("down", &[closed], None),
-    ]));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    mesh.client
+        .apply(doc(&[
+            (
+                "echo",
+                &[mesh.server.inbound().to_string()],
+                Some(Duration::from_millis(300)),
+            ),
+            ("empty", &[], None),
+            ("down", &[closed], None),
+        ]))
+        .await;
+
     let c = client::h1(mesh.client.outbound());
     let cases = [
         ("http://nowhere/", 503, "unknown-service"),

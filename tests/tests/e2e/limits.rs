@@ -206,13 +206,16 @@ async fn idle_response_streams_are_cut_and_streams_count_as_in_flight() {
         "cut after {:?}",
         start.elapsed()
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let dump = client::admin(mesh.client.admin(), "/config_dump")
-        .await
-        .json();
-    assert_eq!(
-        dump["load_balancers"]["echo"]["endpoints"][0]["in_flight"],
-        0
-    );
+    let admin = mesh.client.admin();
+    trellis_tests::wait_for(
+        Duration::from_secs(2),
+        "in-flight released when the stream ended",
+        || async {
+            client::admin(admin, "/config_dump").await.json()["load_balancers"]["echo"]["endpoints"]
+                [0]["in_flight"]
+                == 0
+        },
+    )
+    .await;
     still_serving(&mesh).await;
 }

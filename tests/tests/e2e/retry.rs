@@ -4,32 +4,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use trellis_policies::{EndpointSpec, MeshDocument, RetrySpec, ServicePolicy, ServiceSpec};
+use trellis_policies::{RetrySpec, ServicePolicy};
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::client::{self, metric};
-use trellis_tests::{Mesh, TRUST_DOMAIN};
+use trellis_tests::Mesh;
 
 fn with_retries(mesh: &Mesh, retries: RetrySpec) -> Arc<Snapshot> {
-    let endpoints = vec![EndpointSpec {
-        address: mesh.server.inbound().to_string(),
-        identity: None,
-        weight: 1,
-        zone: None,
-    }];
     let policy = ServicePolicy {
         retries: Some(retries),
         ..Default::default()
     };
-    let mut doc = MeshDocument::default();
-    doc.services.insert(
-        "echo".into(),
-        ServiceSpec {
-            endpoints,
-            policy,
-            external: None,
-        },
-    );
-    Arc::new(Snapshot::from_document(&doc, TRUST_DOMAIN, 50, "test".into()).unwrap())
+    trellis_tests::service_snapshot("echo", &[(mesh.server.inbound(), 1)], policy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,8 +77,7 @@ async fn retry_budget_caps_attempts_during_a_full_outage() {
         backoff_max: Duration::from_millis(2),
         ..Default::default()
     };
-    mesh.client.set_snapshot(with_retries(&mesh, retries));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    mesh.client.apply(with_retries(&mesh, retries)).await;
     let c = client::h1(mesh.client.outbound());
     let requests = 300u64;
     let before = mesh
