@@ -9,8 +9,7 @@
 use std::time::{Duration, Instant};
 
 use trellis_policies::ServicePolicy;
-use trellis_tests::backend::Backend;
-use trellis_tests::{client, Pki, Sidecar};
+use trellis_tests::client;
 
 const RUN: Duration = Duration::from_secs(8);
 const KILL_AT: Duration = Duration::from_secs(3);
@@ -25,17 +24,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let pki = Pki::new(&["client", "echo"]);
-    let mut backends = Vec::new();
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        let b = Backend::start().await;
-        let s = Sidecar::start(&pki, "echo", b.addr, |_| {}).await;
-        s.route(&[]).await;
-        backends.push(b);
-        servers.push(s);
-    }
-    let client_sc = Sidecar::start(&pki, "client", backends[0].addr, |_| {}).await;
+    let t = trellis_tests::Instances::start(3).await;
+    let (backends, servers, client_sc) = (&t.backends, &t.servers, &t.client);
     let policy = ServicePolicy {
         load_balancer: Some(serde_norway::from_str("{algorithm: least_request}").unwrap()),
         ..Default::default()

@@ -247,3 +247,103 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `n` instances of `echo` (a backend behind its own sidecar each) and a `client` sidecar.
+pub struct Instances {
+    pub pki: Pki,
+    pub backends: Vec<backend::Backend>,
+    pub servers: Vec<Sidecar>,
+    pub client: Sidecar,
+}
+
+impl Instances {
+    pub async fn start(n: usize) -> Self {
+        init_logs();
+        let pki = Pki::new(&["client", "echo"]);
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..n {
+            let b = backend::Backend::start().await;
+            let s = Sidecar::start(&pki, "echo", b.addr, |_| {}).await;
+            s.route(&[]).await;
+            backends.push(b);
+            servers.push(s);
+        }
+        let client = Sidecar::start(&pki, "client", backends[0].addr, |_| {}).await;
+        Self {
+            pki,
+            backends,
+            servers,
+            client,
+        }
+    }
+
+    /// Requests each backend has served.
+    pub fn counts(&self) -> Vec<u64> {
+        self.backends
+            .iter()
+            .map(|b| b.requests.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// Closed-loop traffic: one worker per client, each sending `GET uri` back to back until stopped
+/// (or for 30 s at most), counting 200s and everything else.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(clients: Vec<client::HttpClient>, uri: &'static str) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let workers = clients
+            .into_iter()
+            .map(|c| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let req = http::Request::get(uri)
+                            .body(client::empty())
+                            .expect("request");
+                        match client::send(&c, req).await {
+                            Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            Ok(r) => {
+                                eprintln!("failed: {} {} {}", r.status, r.cause(), r.body);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => {
+                                eprintln!("failed: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            workers,
+        }
+    }
+
+    /// Stop the workers; `(ok, failed)`.
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.await.expect("load worker");
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -6,39 +6,10 @@ use std::sync::Arc;
 
 use trellis_policies::ServicePolicy;
 use trellis_proxy::snapshot::Snapshot;
-use trellis_tests::backend::Backend;
 use trellis_tests::client;
-use trellis_tests::{init_logs, Pki, Sidecar};
+use trellis_tests::{Instances, Load};
 
-struct Three {
-    _pki: Pki,
-    backends: Vec<Backend>,
-    servers: Vec<Sidecar>,
-    client: Sidecar,
-}
-
-async fn three() -> Three {
-    init_logs();
-    let pki = Pki::new(&["client", "echo"]);
-    let mut backends = Vec::new();
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        let b = Backend::start().await;
-        let s = Sidecar::start(&pki, "echo", b.addr, |_| {}).await;
-        s.route(&[]).await;
-        backends.push(b);
-        servers.push(s);
-    }
-    let client = Sidecar::start(&pki, "client", backends[0].addr, |_| {}).await;
-    Three {
-        _pki: pki,
-        backends,
-        servers,
-        client,
-    }
-}
-
-fn with_policy(t: &Three, lb_yaml: &str, weights: [u32; 3]) -> Arc<Snapshot> {
+fn with_policy(t: &Instances, lb_yaml: &str, weights: [u32; 3]) -> Arc<Snapshot> {
     let policy = ServicePolicy {
         load_balancer: Some(serde_norway::from_str(lb_yaml).unwrap()),
         ..Default::default()
@@ -46,21 +17,14 @@ fn with_policy(t: &Three, lb_yaml: &str, weights: [u32; 3]) -> Arc<Snapshot> {
     snapshot_with(t, policy, weights)
 }
 
-fn snapshot_with(t: &Three, policy: ServicePolicy, weights: [u32; 3]) -> Arc<Snapshot> {
+fn snapshot_with(t: &Instances, policy: ServicePolicy, weights: [u32; 3]) -> Arc<Snapshot> {
     let endpoints: Vec<_> = t.servers.iter().map(|s| s.inbound()).zip(weights).collect();
     trellis_tests::service_snapshot("echo", &endpoints, policy)
 }
 
-fn counts(t: &Three) -> Vec<u64> {
-    t.backends
-        .iter()
-        .map(|b| b.requests.load(Ordering::Relaxed))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
-    let t = three().await;
+    let t = Instances::start(3).await;
     t.client
         .apply(with_policy(
             &t,
@@ -71,7 +35,7 @@ async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
     let c = client::h1(t.client.outbound());
     let mut used = [0usize; 3];
     for user in 0..30 {
-        let before = counts(&t);
+        let before = t.counts();
         for _ in 0..5 {
             let req = http::Request::get("http://echo/echo")
                 .header("x-user", format!("user-{user}"))
@@ -79,7 +43,7 @@ async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
                 .unwrap();
             assert_eq!(client::send(&c, req).await.unwrap().status, 200);
         }
-        let delta: Vec<u64> = counts(&t).iter().zip(&before).map(|(a, b)| a - b).collect();
+        let delta: Vec<u64> = t.counts().iter().zip(&before).map(|(a, b)| a - b).collect();
         let target: Vec<usize> = (0..3).filter(|&i| delta[i] > 0).collect();
         assert_eq!(target.len(), 1, "user-{user} was spread over {delta:?}");
         assert_eq!(delta[target[0]], 5);
@@ -98,11 +62,11 @@ async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
             [3, 1, 1],
         ))
         .await;
-    let before = counts(&t);
+    let before = t.counts();
     for _ in 0..50 {
         assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
     }
-    let delta: Vec<u64> = counts(&t).iter().zip(&before).map(|(a, b)| a - b).collect();
+    let delta: Vec<u64> = t.counts().iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(delta, vec![30, 10, 10]);
 
     let dump = client::admin(t.client.admin(), "/config_dump").await.json();
@@ -121,43 +85,16 @@ async fn consistent_hash_keeps_each_user_on_one_instance_and_weights_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_killed_under_load_is_ejected_without_failed_requests() {
-    use std::sync::atomic::AtomicU64;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    let t = three().await;
+    let t = Instances::start(3).await;
     t.client
         .apply(with_policy(&t, "{algorithm: least_request}", [1, 1, 1]))
         .await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let c = client::h1(t.client.outbound());
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match client::send(
-                    &c,
-                    http::Request::get("http://echo/echo")
-                        .body(client::empty())
-                        .unwrap(),
-                )
-                .await
-                {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(r) => {
-                        eprintln!("failed: {} {} {}", r.status, r.cause(), r.body);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = Load::start(
+        (0..4).map(|_| client::h1(t.client.outbound())).collect(),
+        "http://echo/echo",
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Instance 2 goes away: its sidecar stops listening.
     t.servers[2].running.shutdown_handle().shutdown();
@@ -174,13 +111,9 @@ async fn instance_killed_under_load_is_ejected_without_failed_requests() {
         },
     )
     .await;
-    let after_ejection = counts(&t)[2];
+    let after_ejection = t.counts()[2];
     tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!("{ok} ok, {failed} failed while one of three instances died");
     assert!(ok > 300, "{ok}");
     assert!(
@@ -189,7 +122,7 @@ async fn instance_killed_under_load_is_ejected_without_failed_requests() {
         ok + failed
     );
     assert_eq!(
-        counts(&t)[2],
+        t.counts()[2],
         after_ejection,
         "no request reached the dead instance after ejection"
     );
@@ -214,7 +147,7 @@ async fn instance_killed_under_load_is_ejected_without_failed_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_limits_concurrent_requests_exactly() {
-    let t = three().await;
+    let t = Instances::start(3).await;
     let policy = ServicePolicy {
         circuit_breaker: Some(trellis_policies::CircuitBreakerSpec {
             max_requests: 2,
@@ -262,7 +195,7 @@ async fn circuit_breaker_limits_concurrent_requests_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_health_checks_remove_an_endpoint_until_it_recovers() {
     use std::time::Duration;
-    let t = three().await;
+    let t = Instances::start(3).await;
     let hc = trellis_policies::HealthCheckSpec {
         http_path: Some("/healthz".into()),
         interval: Duration::from_millis(150),
@@ -294,11 +227,11 @@ async fn failing_health_checks_remove_an_endpoint_until_it_recovers() {
     )
     .await;
     let c = client::h1(t.client.outbound());
-    let before = counts(&t);
+    let before = t.counts();
     for _ in 0..30 {
         assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
     }
-    let after = counts(&t);
+    let after = t.counts();
     assert_eq!(after[2], before[2], "an unhealthy endpoint gets no traffic");
     assert_eq!(after[0] + after[1] - before[0] - before[1], 30);
 

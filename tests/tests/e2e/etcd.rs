@@ -2,8 +2,7 @@
 //! rejection of invalid values, fail-static at runtime and at startup, failover in a 3-member
 //! cluster, and compaction while disconnected.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
@@ -12,7 +11,7 @@ use trellis_policies::parse_documents;
 use trellis_proxy::app::Running;
 use trellis_tests::backend::Backend;
 use trellis_tests::client::{self, metric};
-use trellis_tests::{etcd_sidecar, init_logs, wait_for, Pki};
+use trellis_tests::{etcd_sidecar, init_logs, wait_for, Load, Pki};
 
 const PREFIX: &str = "/trellis/v1";
 
@@ -258,22 +257,12 @@ async fn invalid_policy_is_rejected_and_the_last_good_one_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
     let mut m = etcd_mesh().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut workers = Vec::new();
-    for _ in 0..2 {
-        let c = client::h1(m.client.bound.outbound);
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match status_of(&c, "http://echo/echo").await {
-                    200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
+    let load = Load::start(
+        (0..2)
+            .map(|_| client::h1(m.client.bound.outbound))
+            .collect(),
+        "http://echo/echo",
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     m.etcd.members[0].kill();
     // Longer than the 2 s lease TTL: leases cannot expire while etcd is down, and the sidecars
@@ -283,11 +272,7 @@ async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
     assert_eq!(d["etcd"]["discovery"]["connected"], false);
     m.etcd.members[0].restart().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!("{ok} requests while etcd was down and restarted, {failed} failed");
     assert_eq!(failed, 0);
     assert!(ok > 20);

@@ -1,12 +1,10 @@
 //! Certificate rotation under traffic: new files are picked up without a single failed request;
 //! an invalid file is rejected and the current certificate keeps serving.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trellis_tests::client::{self, metric};
-use trellis_tests::Mesh;
+use trellis_tests::{Load, Mesh};
 
 async fn generation(admin: std::net::SocketAddr) -> u64 {
     client::admin(admin, "/config_dump").await.json()["identity"]["generation"]
@@ -25,38 +23,15 @@ async fn wait_generation(admin: std::net::SocketAddr, at_least: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_traffic_drops_nothing() {
     let mesh = Mesh::start().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for i in 0..4 {
-        // Half HTTP/1.1, half h2c; each worker's connection to the sidecar is long-lived.
-        let c = if i % 2 == 0 {
-            client::h1(mesh.client.outbound())
-        } else {
-            client::h2c(mesh.client.outbound())
-        };
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let req = http::Request::get("http://echo/echo")
-                    .body(client::empty())
-                    .unwrap();
-                match client::send(&c, req).await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(r) => {
-                        eprintln!("failed: {} {} {}", r.status, r.cause(), r.body);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    // Half HTTP/1.1, half h2c; each worker's connection to the sidecar is long-lived.
+    let out = mesh.client.outbound();
+    let clients = vec![
+        client::h1(out),
+        client::h2c(out),
+        client::h1(out),
+        client::h2c(out),
+    ];
+    let load = Load::start(clients, "http://echo/echo");
 
     let (client_admin, server_admin) = (mesh.client.admin(), mesh.server.admin());
     for round in 0..3u64 {
@@ -95,11 +70,7 @@ async fn rotation_under_traffic_drops_nothing() {
         "invalid file must not replace the identity"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!("{ok} requests succeeded during rotation, {failed} failed");
     assert_eq!(failed, 0);
     assert!(ok > 50, "too little traffic to prove anything: {ok}");
