@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::validate::{validate_service_name, MAX_TIMEOUT, MAX_WEIGHT};
-use crate::{ExternalSpec, ServicePolicy, SpiffeId};
+use crate::{ConcurrencyLimitSpec, ExternalSpec, RateLimitSpec, ServicePolicy, SpiffeId};
 
 /// The only API version this build understands.
 pub const API_VERSION: &str = "trellis.dev/v1";
@@ -44,9 +44,16 @@ pub enum Policy {
         policy: Box<ServicePolicy>,
     },
     /// A destination outside the mesh, called by apps as `metadata.name`.
-    ExternalService {
+        ExternalService {
         service: String,
         external: ExternalSpec,
+    },
+    /// A rate limit on a service's inbound traffic, named by `metadata.name`.
+    RateLimit { name: String, spec: RateLimitSpec },
+    /// A concurrency limit on a service's inbound traffic.
+    ConcurrencyLimit {
+        name: String,
+        spec: ConcurrencyLimitSpec,
     },
 }
 
@@ -81,7 +88,12 @@ pub struct DocumentError {
     pub message: String,
 }
 
-pub const KINDS: &[&str] = &["ServicePolicy", "ExternalService"];
+pub const KINDS: &[&str] = &[
+    "ServicePolicy",
+    "ExternalService",
+    "RateLimitPolicy",
+    "ConcurrencyLimitPolicy",
+];
 
 // === impl PolicyDocument ===
 
@@ -170,6 +182,24 @@ impl PolicyDocument {
                 Ok(Policy::ExternalService {
                     service: self.metadata.name.clone(),
                     external: spec,
+                })
+            }
+                        "RateLimitPolicy" => {
+                let spec: RateLimitSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::RateLimit {
+                    name: self.metadata.name.clone(),
+                    spec,
+                })
+            }
+            "ConcurrencyLimitPolicy" => {
+                let spec: ConcurrencyLimitSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::ConcurrencyLimit {
+                    name: self.metadata.name.clone(),
+                    spec,
                 })
             }
             other => Err(err(format!(

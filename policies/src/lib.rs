@@ -5,6 +5,7 @@
 //! file store and every sidecar run exactly the same checks on exactly the same types.
 
 mod document;
+mod limits;
 mod mesh;
 mod spiffe;
 mod validate;
@@ -17,6 +18,9 @@ pub use mesh::{
     AllEjected, CircuitBreakerSpec, EndpointSpec, ExternalSpec, HashOn, HealthCheckSpec,
     LbAlgorithm, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, ServicePolicy,
     ServiceSpec,
+};
+pub use limits::{
+    ConcurrencyLimitSpec, Limit, LimitKey, PathMatch, Per, RateLimitSpec, RouteMatch, Scope,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{

@@ -12,8 +12,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshDocument {
-    #[serde(default)]
+        #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+    /// Rate limits by policy name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rate_limits: BTreeMap<String, crate::RateLimitSpec>,
+    /// Concurrency limits by policy name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub concurrency_limits: BTreeMap<String, crate::ConcurrencyLimitSpec>,
 }
 
 /// One service: where its instances are and how to call it.

@@ -174,6 +174,16 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
     let mut errs = Vec::new();
     let mut push = |path: String, message: String| errs.push(ValidationError { path, message });
 
+        for (name, rl) in &doc.rate_limits {
+        if let Err(m) = rl.validate() {
+            push(format!("rate_limits.{name}"), m);
+        }
+    }
+    for (name, cl) in &doc.concurrency_limits {
+        if let Err(m) = cl.validate() {
+            push(format!("concurrency_limits.{name}"), m);
+        }
+    }
     for (name, svc) in &doc.services {
         let base = format!("services.{name}");
         if let Err(m) = validate_service_name(name) {

@@ -20,6 +20,7 @@ use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::pool::PeerPool;
+use crate::ratelimit::RateLimits;
 use crate::readiness::Ready;
 use crate::route::{RouteTable, StatsRegistry};
 use crate::snapshot::Snapshot;
@@ -50,8 +51,9 @@ pub struct Proxy {
     snapshots: SnapshotRx,
     registry: Registry,
     dump_sections: Vec<(&'static str, DumpFn)>,
-    ready: Ready,
+        ready: Ready,
     before_drain: Vec<BeforeDrain>,
+    limits: Arc<RateLimits>,
 }
 
 /// The addresses the listeners actually bound (port 0 in the config picks a free port).
@@ -80,14 +82,22 @@ pub struct Running {
 
 impl Proxy {
     pub fn new(config: Config, snapshots: SnapshotRx) -> Self {
+                let mut registry = Registry::with_prefix("trellis");
+        let limits = RateLimits::new(&config.service, &mut registry);
         Self {
             config,
             snapshots,
-            registry: Registry::with_prefix("trellis"),
+            registry,
             dump_sections: Vec::new(),
             ready: Ready::new(),
             before_drain: Vec::new(),
+            limits,
         }
+    }
+
+    /// The inbound rate and concurrency limits, for the agent to share global limits.
+    pub fn rate_limits(&self) -> Arc<RateLimits> {
+        self.limits.clone()
     }
 
     /// The readiness state `/ready` reports, for sources to add detail to.
@@ -166,8 +176,9 @@ impl Proxy {
             self.snapshots,
             snapshot.clone(),
             cfg.zone.clone(),
-            pool.clone(),
+                        pool.clone(),
             metrics.clone(),
+            self.limits.clone(),
             snapshot_ready,
             applied_tx,
         ));
@@ -178,7 +189,12 @@ impl Proxy {
         let (outbound_trigger, outbound_drain) = drain::channel();
         let (admin_trigger, admin_drain) = drain::channel();
 
-        let inbound = Arc::new(Inbound::new(&cfg, tls.clone(), metrics.clone()));
+                let inbound = Arc::new(Inbound::new(
+            &cfg,
+            tls.clone(),
+            metrics.clone(),
+            self.limits.clone(),
+        ));
         let outbound = Arc::new(Outbound::new(
             &cfg,
             snapshot.clone(),
@@ -194,7 +210,8 @@ impl Proxy {
             let snapshot = snapshot.clone();
             let tls = tls.clone();
             let pool = pool.clone();
-            let ready = ready.clone();
+                        let ready = ready.clone();
+            let limits = self.limits.clone();
             let sections = self.dump_sections;
             Arc::new(move || {
                 let t = tls.load();
@@ -207,6 +224,7 @@ impl Proxy {
                     },
                                         "snapshot": &*snapshot.load().snapshot,
                     "load_balancers": snapshot.load().dump(),
+                                        "limits": limits.dump(),
                     "peer_connections": pool.len(),
                     "ready": { "pending": ready.pending() },
                 });
@@ -269,8 +287,9 @@ async fn apply_snapshots(
     mut rx: SnapshotRx,
     current: Arc<ArcSwap<RouteTable>>,
     local_zone: Option<String>,
-    pool: Arc<PeerPool>,
+        pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
+    limits: Arc<RateLimits>,
     ready: crate::readiness::BlockReady,
     applied: watch::Sender<u64>,
 ) {
@@ -286,7 +305,8 @@ async fn apply_snapshots(
                 .snapshot_version
                 .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
             pool.retain(|addr, id| snap.has_endpoint(addr, id));
-            let version = snap.version;
+                        let version = snap.version;
+            limits.update(&snap);
             let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
             health.update(&table, &pool, &metrics);
             current.store(table);

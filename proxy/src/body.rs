@@ -25,15 +25,18 @@ pub struct IdleTimeout(pub Duration);
 pub struct Streamed {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    guard: Option<InFlight>,
+        guard: Option<InFlight>,
+    /// Concurrency-limit slots, released when the body ends like `guard`.
+    permits: crate::ratelimit::Permits,
 }
 
 impl Streamed {
     pub fn new(inner: Incoming) -> Self {
         Self {
             inner,
-            idle: None,
+                        idle: None,
             guard: None,
+            permits: Default::default(),
         }
     }
 
@@ -42,9 +45,19 @@ impl Streamed {
         self
     }
 
-    pub fn in_flight(mut self, guard: InFlight) -> Self {
+        pub fn in_flight(mut self, guard: InFlight) -> Self {
         self.guard = Some(guard);
         self
+    }
+
+    pub fn hold(mut self, permits: crate::ratelimit::Permits) -> Self {
+        self.permits = permits;
+        self
+    }
+
+    fn release(&mut self) {
+        self.guard = None;
+        self.permits = Default::default();
     }
 }
 
@@ -60,7 +73,7 @@ impl Body for Streamed {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 match &frame {
-                    None | Some(Err(_)) => this.guard = None,
+                    None | Some(Err(_)) => this.release(),
                     Some(Ok(_)) => {
                         if let Some((d, sleep)) = &mut this.idle {
                             sleep.as_mut().reset(Instant::now() + *d);
@@ -75,8 +88,8 @@ impl Body for Streamed {
                     None => None,
                 };
                 match expired {
-                    Some(d) => {
-                        this.guard = None;
+                                        Some(d) => {
+                        this.release();
                         Poll::Ready(Some(Err(Box::new(IdleTimeout(d)))))
                     }
                     None => Poll::Pending,

@@ -50,8 +50,22 @@ pub enum ProxyError {
     },
     #[error("upstream {addr} failed: {message}")]
     Upstream { addr: SocketAddr, message: String },
-    #[error("no response headers from {addr} within {timeout:?}")]
+        #[error("no response headers from {addr} within {timeout:?}")]
     ResponseTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("rate limit `{policy}` exceeded; retry in {retry_after:?}")]
+    RateLimited {
+        policy: std::sync::Arc<str>,
+        retry_after: Duration,
+        /// The policy's window in seconds, for the `RateLimit` header.
+        window: u32,
+        /// `RateLimit-Policy` value, prebuilt by the policy.
+        policy_header: HeaderValue,
+    },
+    #[error("concurrency limit `{policy}` reached: {max} requests in flight")]
+    ConcurrencyLimited {
+        policy: std::sync::Arc<str>,
+        max: u32,
+    },
 }
 
 // === impl ProxyError ===
@@ -68,9 +82,13 @@ impl ProxyError {
             | Self::Tls { .. }
             | Self::Handshake { .. }
             | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
+                        Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // Like Envoy's and Linkerd's overflow: another instance may have room, so the
+            // caller's sidecar may retry it elsewhere.
+            Self::ConcurrencyLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -94,19 +112,52 @@ impl ProxyError {
             Self::Tls { reason, .. } => reason.cause(),
             Self::Handshake { .. } => "h2-handshake-failed",
             Self::Upstream { .. } => "upstream-failed",
-            Self::ResponseTimeout { .. } => "response-timeout",
+                        Self::ResponseTimeout { .. } => "response-timeout",
+            Self::RateLimited { .. } => "rate-limited",
+            Self::ConcurrencyLimited { .. } => "concurrency-limited",
         }
     }
 
     /// The response sent to the caller: status, cause header, and the message as a text body.
-    pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
-        error_response(self.status(), self.cause(), &self.to_string())
+        pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
+        let mut resp = error_response(self.status(), self.cause(), &self.to_string());
+        self.add_headers(resp.headers_mut());
+        resp
+    }
+
+    /// Headers some errors carry besides the cause: `Retry-After` and the IETF `RateLimit`
+    /// fields (draft-ietf-httpapi-ratelimit-headers) on a 429.
+    fn add_headers(&self, h: &mut http::HeaderMap) {
+        match self {
+            Self::RateLimited {
+                policy,
+                retry_after,
+                window,
+                policy_header,
+            } => {
+                // Whole seconds, rounded up: `Retry-After: 0` would invite an immediate retry.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let secs = secs.clamp(1, u64::from(*window).max(1));
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+                h.insert("ratelimit-policy", policy_header.clone());
+                if let Ok(v) = HeaderValue::from_str(&format!("\"{policy}\";r=0;t={secs}")) {
+                    h.insert("ratelimit", v);
+                }
+            }
+            Self::ConcurrencyLimited { .. } => {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
     }
 
     /// As [`ProxyError::into_response`], or as a gRPC status for a gRPC caller.
     pub fn into_response_for<B>(self, grpc: bool) -> Response<Either<B, Full<Bytes>>> {
-        if grpc {
-            crate::grpc::error_response(self.status(), self.cause(), &self.to_string())
+                if grpc {
+            let mut resp =
+                crate::grpc::error_response(self.status(), self.cause(), &self.to_string());
+            self.add_headers(resp.headers_mut());
+            resp
         } else {
             self.into_response()
         }

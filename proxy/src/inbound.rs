@@ -28,6 +28,7 @@ use crate::identity::{
 };
 use crate::metrics::{ConnectionGuard, Metrics, INBOUND};
 use crate::outbound::error_chain;
+use crate::ratelimit::RateLimits;
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::{drain, upgrade, ResponseBody};
 
@@ -47,13 +48,19 @@ pub struct Inbound {
     limits: Limits,
     request_timeout: Duration,
     h1: Client<AppConnector, Incoming>,
-    h2: Client<AppConnector, Incoming>,
+            h2: Client<AppConnector, Incoming>,
+    rate_limits: Arc<RateLimits>,
 }
 
 // === impl Inbound ===
 
 impl Inbound {
-    pub fn new(config: &Config, tls: IdentityStore, metrics: Arc<Metrics>) -> Self {
+        pub fn new(
+        config: &Config,
+        tls: IdentityStore,
+        metrics: Arc<Metrics>,
+        limits: Arc<RateLimits>,
+    ) -> Self {
         let connector = AppConnector {
             addr: config.inbound.app,
             timeout: config.timeouts.connect,
@@ -72,8 +79,9 @@ impl Inbound {
             metrics,
             limits: config.limits.clone(),
             request_timeout: config.timeouts.request,
-            h1,
+                                    h1,
             h2,
+            rate_limits: limits,
         }
     }
 
@@ -168,7 +176,7 @@ impl Inbound {
             async move {
                 let start = Instant::now();
                 let grpc = crate::grpc::is_grpc(req.headers());
-                let resp = this.forward(req, client, peer).await.unwrap_or_else(|e| {
+                                let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
                     tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
                     e.into_response_for(grpc)
@@ -183,6 +191,31 @@ impl Inbound {
                 Ok(resp)
             }
         })
+    }
+
+        /// Apply the service's rate and concurrency limits, then forward; the concurrency slots
+    /// are held until the response body ends.
+    async fn limited(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let permits = self.rate_limits.check(
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+            peer.as_ref(),
+            client.ip(),
+        )?;
+        let resp = self.forward(req, client, peer).await?;
+        if permits.is_empty() {
+            return Ok(resp);
+        }
+        Ok(resp.map(|b| match b {
+            http_body_util::Either::Left(s) => http_body_util::Either::Left(s.hold(permits)),
+            other => other,
+        }))
     }
 
     async fn forward(

@@ -20,6 +20,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod ratelimit;
 pub mod readiness;
 pub mod retry;
 pub mod route;

@@ -1,7 +1,7 @@
 //! The mesh state the data plane routes with. A snapshot is immutable; a new one replaces the
 //! old one atomically (see `app`), so a request sees one consistent version from start to end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use trellis_policies::{
-    CircuitBreakerSpec, HealthCheckSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec,
-    RetrySpec, SpiffeId,
+        CircuitBreakerSpec, ConcurrencyLimitSpec, HealthCheckSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec,
+        RateLimitSpec, RetrySpec, SpiffeId,
 };
 
 #[derive(Debug, Default, Serialize)]
@@ -19,7 +19,12 @@ pub struct Snapshot {
     pub version: u64,
     /// Human-readable origin, e.g. `file:/etc/trellis/mesh.yaml`.
     pub source: String,
-    pub services: HashMap<String, Arc<Service>>,
+        pub services: HashMap<String, Arc<Service>>,
+    /// Rate limits by policy name (each sidecar enforces those of its own service).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rate_limits: BTreeMap<String, RateLimitSpec>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub concurrency_limits: BTreeMap<String, ConcurrencyLimitSpec>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,10 +115,12 @@ impl Snapshot {
             };
             services.insert(name.clone(), Arc::new(svc));
         }
-        Ok(Self {
+                Ok(Self {
             version,
             source,
             services,
+            rate_limits: doc.rate_limits.clone(),
+            concurrency_limits: doc.concurrency_limits.clone(),
         })
     }
 

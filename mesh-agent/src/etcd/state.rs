@@ -173,7 +173,13 @@ impl MeshState {
                     doc.services
                         .entry(service.clone())
                         .or_insert_with(ServiceSpec::default)
-                        .external = Some(external.clone());
+                                                .external = Some(external.clone());
+                }
+                Entry::Policy(_, Policy::RateLimit { name, spec }) => {
+                    doc.rate_limits.insert(name.clone(), spec.clone());
+                }
+                Entry::Policy(_, Policy::ConcurrencyLimit { name, spec }) => {
+                    doc.concurrency_limits.insert(name.clone(), spec.clone());
                 }
             }
         }

@@ -14,14 +14,43 @@ const PRIMES: [usize; 8] = [1021, 2053, 4099, 8191, 16381, 32771, 65537, 131_071
 /// A stable 64-bit hash (FNV-1a, then a SplitMix64 finalizer for avalanche): the same bytes give
 /// the same value on every node and every run.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    let mut h = StableHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// [`hash_key`] over several pieces fed one after the other. Unlike `std`'s `DefaultHasher`,
+/// whose algorithm may change between Rust releases, this is fixed: nodes built by different
+/// compilers agree.
+#[derive(Clone, Copy, Debug)]
+pub struct StableHasher(u64);
+
+// === impl StableHasher ===
+
+impl StableHasher {
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
     }
-    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^ (h >> 31)
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        let h = self.0;
+        let h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        h ^ (h >> 31)
+    }
+}
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub struct Maglev {

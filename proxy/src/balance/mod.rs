@@ -11,7 +11,7 @@ mod stats;
 mod weighted;
 mod zone;
 
-pub use hash::{hash_key, Maglev};
+pub use hash::{hash_key, Maglev, StableHasher};
 pub use p2c::{LeastRequest, PeakEwma};
 pub use rand::Random;
 pub use round_robin::RoundRobin;
