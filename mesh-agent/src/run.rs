@@ -12,6 +12,7 @@ use trellis_proxy::snapshot::Snapshot;
 
 use crate::dns::Dns;
 use crate::etcd::discovery::Discovery;
+use crate::etcd::ratelimit::{Coordinator, CoordinatorStatus};
 use crate::etcd::registration::{self, RegistrationHandle};
 use crate::store::{FileStore, SnapshotTx};
 
@@ -87,6 +88,13 @@ async fn start_etcd(
     let discovery_status = discovery.status();
     let registration: Arc<Mutex<Option<RegistrationHandle>>> = Arc::default();
     let reg_status = registration.clone();
+    let limits = proxy.rate_limits();
+    if etcd.registration.enabled {
+        // Before the first snapshot: global limits start conservatively, then follow the table.
+        limits.set_coordinated();
+    }
+    let coordinator_slot: Arc<Mutex<Option<Arc<Mutex<CoordinatorStatus>>>>> = Arc::default();
+    let coordinator_status = coordinator_slot.clone();
     proxy.dump_section(
         "etcd",
         Arc::new(move || {
@@ -99,7 +107,12 @@ async fn start_etcd(
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
                 .map(|h| h.status.lock().unwrap_or_else(|p| p.into_inner()).clone());
-            serde_json::json!({ "discovery": d, "registration": r })
+            let rl = coordinator_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            serde_json::json!({ "discovery": d, "registration": r, "rate_limit_sharing": rl })
         }),
     );
     let hook_slot = registration.clone();
@@ -120,7 +133,17 @@ async fn start_etcd(
             .app_health_path
             .clone()
             .map(|p| (config.inbound.app, p));
-        let handle = registration::spawn(etcd, record, health, applied);
+        let (demand_tx, demand_rx) = watch::channel(Vec::new());
+        let coordinator = Coordinator::new(
+            etcd.clone(),
+            record.service.clone(),
+            record.instance.clone(),
+            limits,
+            demand_tx,
+        );
+        *coordinator_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator.status());
+        tokio::spawn(coordinator.run());
+        let handle = registration::spawn(etcd, record, health, applied, demand_rx);
         *registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
     Ok(running)

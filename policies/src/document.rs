@@ -44,7 +44,7 @@ pub enum Policy {
         policy: Box<ServicePolicy>,
     },
     /// A destination outside the mesh, called by apps as `metadata.name`.
-        ExternalService {
+    ExternalService {
         service: String,
         external: ExternalSpec,
     },
@@ -184,7 +184,7 @@ impl PolicyDocument {
                     external: spec,
                 })
             }
-                        "RateLimitPolicy" => {
+            "RateLimitPolicy" => {
                 let spec: RateLimitSpec = serde_json::from_value(self.spec.clone())
                     .map_err(|e| err(format!("spec: {e}")))?;
                 spec.validate().map_err(|m| err(format!("spec.{m}")))?;

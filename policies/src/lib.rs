@@ -14,13 +14,13 @@ pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,
 };
+pub use limits::{
+    ConcurrencyLimitSpec, Limit, LimitKey, PathMatch, Per, RateLimitSpec, RouteMatch, Scope,
+};
 pub use mesh::{
     AllEjected, CircuitBreakerSpec, EndpointSpec, ExternalSpec, HashOn, HealthCheckSpec,
     LbAlgorithm, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec, RetrySpec, ServicePolicy,
     ServiceSpec,
-};
-pub use limits::{
-    ConcurrencyLimitSpec, Limit, LimitKey, PathMatch, Per, RateLimitSpec, RouteMatch, Scope,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use validate::{

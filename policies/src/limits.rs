@@ -158,9 +158,9 @@ impl RateLimitSpec {
         }
         for h in &self.key.headers {
             if h.is_empty()
-                || !h.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
-                })
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
             {
                 return Err(format!(
                     "key.headers: `{h}` is not a lower-case header name"
@@ -218,9 +218,7 @@ impl RouteMatch {
         }
         match &self.path {
             None => true,
-            Some(PathMatch {
-                exact: Some(e), ..
-            }) => path == e,
+            Some(PathMatch { exact: Some(e), .. }) => path == e,
             Some(PathMatch {
                 prefix: Some(p), ..
             }) => {
@@ -264,12 +262,17 @@ mod tests {
             j[k] = v;
             spec(j).unwrap_err()
         };
-        assert!(with("limit", serde_json::json!({"requests": 0, "per": "second"}))
-            .contains("limit.requests"));
+        assert!(
+            with("limit", serde_json::json!({"requests": 0, "per": "second"}))
+                .contains("limit.requests")
+        );
         assert!(with("burst", serde_json::json!(0)).contains("burst"));
         assert!(with("key", serde_json::json!({"headers": ["X-Up"]})).contains("key.headers"));
-        assert!(with("match", serde_json::json!({"path": {"exact": "/a", "prefix": "/b"}}))
-            .contains("exactly one"));
+        assert!(with(
+            "match",
+            serde_json::json!({"path": {"exact": "/a", "prefix": "/b"}})
+        )
+        .contains("exactly one"));
         assert!(with("match", serde_json::json!({"methods": ["get"]})).contains("methods"));
         assert!(with("scope", serde_json::json!("cluster")).contains("unknown variant"));
         assert!(with("service", serde_json::json!("Bad_Name")).contains("service"));

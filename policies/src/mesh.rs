@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshDocument {
-        #[serde(default)]
+    #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
     /// Rate limits by policy name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -174,7 +174,7 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
     let mut errs = Vec::new();
     let mut push = |path: String, message: String| errs.push(ValidationError { path, message });
 
-        for (name, rl) in &doc.rate_limits {
+    for (name, rl) in &doc.rate_limits {
         if let Err(m) = rl.validate() {
             push(format!("rate_limits.{name}"), m);
         }

@@ -51,7 +51,7 @@ pub struct Proxy {
     snapshots: SnapshotRx,
     registry: Registry,
     dump_sections: Vec<(&'static str, DumpFn)>,
-        ready: Ready,
+    ready: Ready,
     before_drain: Vec<BeforeDrain>,
     limits: Arc<RateLimits>,
 }
@@ -82,7 +82,7 @@ pub struct Running {
 
 impl Proxy {
     pub fn new(config: Config, snapshots: SnapshotRx) -> Self {
-                let mut registry = Registry::with_prefix("trellis");
+        let mut registry = Registry::with_prefix("trellis");
         let limits = RateLimits::new(&config.service, &mut registry);
         Self {
             config,
@@ -172,16 +172,14 @@ impl Proxy {
             metrics.clone(),
         );
         let (applied_tx, applied) = watch::channel(0u64);
-        let snapshot_task = tokio::spawn(apply_snapshots(
-            self.snapshots,
-            snapshot.clone(),
-            cfg.zone.clone(),
-                        pool.clone(),
-            metrics.clone(),
-            self.limits.clone(),
-            snapshot_ready,
-            applied_tx,
-        ));
+        let applier = Applier {
+            current: snapshot.clone(),
+            local_zone: cfg.zone.clone(),
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+            limits: self.limits.clone(),
+        };
+        let snapshot_task = tokio::spawn(applier.run(self.snapshots, snapshot_ready, applied_tx));
 
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let shutdown = ShutdownHandle(Arc::new(shutdown_tx));
@@ -189,7 +187,7 @@ impl Proxy {
         let (outbound_trigger, outbound_drain) = drain::channel();
         let (admin_trigger, admin_drain) = drain::channel();
 
-                let inbound = Arc::new(Inbound::new(
+        let inbound = Arc::new(Inbound::new(
             &cfg,
             tls.clone(),
             metrics.clone(),
@@ -210,7 +208,7 @@ impl Proxy {
             let snapshot = snapshot.clone();
             let tls = tls.clone();
             let pool = pool.clone();
-                        let ready = ready.clone();
+            let ready = ready.clone();
             let limits = self.limits.clone();
             let sections = self.dump_sections;
             Arc::new(move || {
@@ -282,41 +280,57 @@ impl Proxy {
     }
 }
 
-/// Apply each snapshot the source sends, and evict pooled connections to removed endpoints.
-async fn apply_snapshots(
-    mut rx: SnapshotRx,
+/// What a snapshot updates: the route table, the connection pool, metrics and the limits.
+struct Applier {
     current: Arc<ArcSwap<RouteTable>>,
     local_zone: Option<String>,
-        pool: Arc<PeerPool>,
+    pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
     limits: Arc<RateLimits>,
-    ready: crate::readiness::BlockReady,
-    applied: watch::Sender<u64>,
-) {
-    let mut ready = Some(ready);
-    let registry = StatsRegistry::default();
-    let mut health = crate::health::HealthChecks::default();
-    loop {
-        let next = rx.borrow_and_update().clone();
-        if let Some(snap) = next {
-            tracing::info!(version = snap.version, source = %snap.source, services = snap.services.len(), "applied mesh snapshot");
-            metrics.snapshots_applied.inc();
-            metrics
-                .snapshot_version
-                .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
-            pool.retain(|addr, id| snap.has_endpoint(addr, id));
-                        let version = snap.version;
-            limits.update(&snap);
-            let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
-            health.update(&table, &pool, &metrics);
-            current.store(table);
-            applied.send_replace(version);
-            ready.take();
-        }
-        if rx.changed().await.is_err() {
-            // The source is gone; keep serving the last snapshot.
-            tracing::warn!("snapshot source closed; serving the last snapshot");
-            return;
+}
+
+// === impl Applier ===
+
+impl Applier {
+    /// Apply each snapshot the source sends, and evict pooled connections to removed endpoints.
+    async fn run(
+        self,
+        mut rx: SnapshotRx,
+        ready: crate::readiness::BlockReady,
+        applied: watch::Sender<u64>,
+    ) {
+        let Applier {
+            current,
+            local_zone,
+            pool,
+            metrics,
+            limits,
+        } = self;
+        let mut ready = Some(ready);
+        let registry = StatsRegistry::default();
+        let mut health = crate::health::HealthChecks::default();
+        loop {
+            let next = rx.borrow_and_update().clone();
+            if let Some(snap) = next {
+                tracing::info!(version = snap.version, source = %snap.source, services = snap.services.len(), "applied mesh snapshot");
+                metrics.snapshots_applied.inc();
+                metrics
+                    .snapshot_version
+                    .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
+                pool.retain(|addr, id| snap.has_endpoint(addr, id));
+                let version = snap.version;
+                limits.update(&snap);
+                let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
+                health.update(&table, &pool, &metrics);
+                current.store(table);
+                applied.send_replace(version);
+                ready.take();
+            }
+            if rx.changed().await.is_err() {
+                // The source is gone; keep serving the last snapshot.
+                tracing::warn!("snapshot source closed; serving the last snapshot");
+                return;
+            }
         }
     }
 }

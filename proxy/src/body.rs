@@ -25,7 +25,7 @@ pub struct IdleTimeout(pub Duration);
 pub struct Streamed {
     inner: Incoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-        guard: Option<InFlight>,
+    guard: Option<InFlight>,
     /// Concurrency-limit slots, released when the body ends like `guard`.
     permits: crate::ratelimit::Permits,
 }
@@ -34,7 +34,7 @@ impl Streamed {
     pub fn new(inner: Incoming) -> Self {
         Self {
             inner,
-                        idle: None,
+            idle: None,
             guard: None,
             permits: Default::default(),
         }
@@ -45,7 +45,7 @@ impl Streamed {
         self
     }
 
-        pub fn in_flight(mut self, guard: InFlight) -> Self {
+    pub fn in_flight(mut self, guard: InFlight) -> Self {
         self.guard = Some(guard);
         self
     }
@@ -88,7 +88,7 @@ impl Body for Streamed {
                     None => None,
                 };
                 match expired {
-                                        Some(d) => {
+                    Some(d) => {
                         this.release();
                         Poll::Ready(Some(Err(Box::new(IdleTimeout(d)))))
                     }

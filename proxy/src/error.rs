@@ -50,7 +50,7 @@ pub enum ProxyError {
     },
     #[error("upstream {addr} failed: {message}")]
     Upstream { addr: SocketAddr, message: String },
-        #[error("no response headers from {addr} within {timeout:?}")]
+    #[error("no response headers from {addr} within {timeout:?}")]
     ResponseTimeout { addr: SocketAddr, timeout: Duration },
     #[error("rate limit `{policy}` exceeded; retry in {retry_after:?}")]
     RateLimited {
@@ -82,7 +82,7 @@ impl ProxyError {
             | Self::Tls { .. }
             | Self::Handshake { .. }
             | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
-                        Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
+            Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -112,14 +112,14 @@ impl ProxyError {
             Self::Tls { reason, .. } => reason.cause(),
             Self::Handshake { .. } => "h2-handshake-failed",
             Self::Upstream { .. } => "upstream-failed",
-                        Self::ResponseTimeout { .. } => "response-timeout",
+            Self::ResponseTimeout { .. } => "response-timeout",
             Self::RateLimited { .. } => "rate-limited",
             Self::ConcurrencyLimited { .. } => "concurrency-limited",
         }
     }
 
     /// The response sent to the caller: status, cause header, and the message as a text body.
-        pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
+    pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
         let mut resp = error_response(self.status(), self.cause(), &self.to_string());
         self.add_headers(resp.headers_mut());
         resp
@@ -153,7 +153,7 @@ impl ProxyError {
 
     /// As [`ProxyError::into_response`], or as a gRPC status for a gRPC caller.
     pub fn into_response_for<B>(self, grpc: bool) -> Response<Either<B, Full<Bytes>>> {
-                if grpc {
+        if grpc {
             let mut resp =
                 crate::grpc::error_response(self.status(), self.cause(), &self.to_string());
             self.add_headers(resp.headers_mut());

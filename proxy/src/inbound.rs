@@ -48,14 +48,14 @@ pub struct Inbound {
     limits: Limits,
     request_timeout: Duration,
     h1: Client<AppConnector, Incoming>,
-            h2: Client<AppConnector, Incoming>,
+    h2: Client<AppConnector, Incoming>,
     rate_limits: Arc<RateLimits>,
 }
 
 // === impl Inbound ===
 
 impl Inbound {
-        pub fn new(
+    pub fn new(
         config: &Config,
         tls: IdentityStore,
         metrics: Arc<Metrics>,
@@ -79,7 +79,7 @@ impl Inbound {
             metrics,
             limits: config.limits.clone(),
             request_timeout: config.timeouts.request,
-                                    h1,
+            h1,
             h2,
             rate_limits: limits,
         }
@@ -176,7 +176,7 @@ impl Inbound {
             async move {
                 let start = Instant::now();
                 let grpc = crate::grpc::is_grpc(req.headers());
-                                let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
+                let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
                     tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
                     e.into_response_for(grpc)
@@ -193,7 +193,7 @@ impl Inbound {
         })
     }
 
-        /// Apply the service's rate and concurrency limits, then forward; the concurrency slots
+    /// Apply the service's rate and concurrency limits, then forward; the concurrency slots
     /// are held until the response body ends.
     async fn limited(
         &self,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use trellis_policies::{
-        CircuitBreakerSpec, ConcurrencyLimitSpec, HealthCheckSpec, LoadBalancerSpec, MeshDocument, OutlierDetectionSpec,
-        RateLimitSpec, RetrySpec, SpiffeId,
+    CircuitBreakerSpec, ConcurrencyLimitSpec, HealthCheckSpec, LoadBalancerSpec, MeshDocument,
+    OutlierDetectionSpec, RateLimitSpec, RetrySpec, SpiffeId,
 };
 
 #[derive(Debug, Default, Serialize)]
@@ -19,7 +19,7 @@ pub struct Snapshot {
     pub version: u64,
     /// Human-readable origin, e.g. `file:/etc/trellis/mesh.yaml`.
     pub source: String,
-        pub services: HashMap<String, Arc<Service>>,
+    pub services: HashMap<String, Arc<Service>>,
     /// Rate limits by policy name (each sidecar enforces those of its own service).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub rate_limits: BTreeMap<String, RateLimitSpec>,
@@ -115,7 +115,7 @@ impl Snapshot {
             };
             services.insert(name.clone(), Arc::new(svc));
         }
-                Ok(Self {
+        Ok(Self {
             version,
             source,
             services,

@@ -4,6 +4,7 @@
 //! <prefix>/v1/mesh/services/<service>/instances/<instance>   registration (JSON), under the instance's lease
 //! <prefix>/v1/mesh/policies/<Kind>/<name>                    policy document (JSON)
 //! <prefix>/v1/status/<service>/<instance>                    applied revision (JSON), under the instance's lease
+//! <prefix>/v1/ratelimit/<service>/<instance>                 demand for global rate limits (JSON), under the instance's lease
 //! ```
 //!
 //! Sidecars watch `<prefix>/v1/mesh/` only: status writes, which every sidecar makes, never
@@ -57,6 +58,16 @@ impl Keys {
 
     pub fn statuses(&self) -> String {
         format!("{}/status/", self.root)
+    }
+
+    /// One sidecar's demand for its service's global rate limits.
+    pub fn demand(&self, service: &str, instance: &str) -> String {
+        format!("{}/ratelimit/{service}/{instance}", self.root)
+    }
+
+    /// The demand table of one service: each of its sidecars watches only this.
+    pub fn demands(&self, service: &str) -> String {
+        format!("{}/ratelimit/{service}/", self.root)
     }
 
     /// Classify a key read from the mesh prefix; `None` for keys this version does not know.

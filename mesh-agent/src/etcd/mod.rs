@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod discovery;
 pub mod keys;
+pub mod ratelimit;
 pub mod registration;
 pub mod state;
 

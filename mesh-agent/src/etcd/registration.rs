@@ -57,16 +57,20 @@ struct Registrar {
     record: Registration,
     app_health: Option<(std::net::SocketAddr, String)>,
     applied: watch::Receiver<i64>,
+    /// Rate-limit demand to publish under the lease (empty: nothing to publish).
+    demand: watch::Receiver<Vec<u8>>,
     stop: watch::Receiver<bool>,
     status: Arc<Mutex<RegistrationStatus>>,
 }
 
-/// Start registering `record`; `applied` carries the data plane's applied revision.
+/// Start registering `record`; `applied` carries the data plane's applied revision and
+/// `demand` the rate-limit demand report, both written under the instance's lease.
 pub fn spawn(
     cfg: EtcdConfig,
     record: Registration,
     app_health: Option<(std::net::SocketAddr, String)>,
     applied: watch::Receiver<i64>,
+    demand: watch::Receiver<Vec<u8>>,
 ) -> RegistrationHandle {
     let keys = Keys::new(&cfg.prefix);
     let status = Arc::new(Mutex::new(RegistrationStatus {
@@ -80,6 +84,7 @@ pub fn spawn(
         record,
         app_health,
         applied,
+        demand,
         stop,
         status: status.clone(),
     };
@@ -142,6 +147,7 @@ impl Registrar {
         ))
         .await?;
         self.put_status(&etcd, lease).await?;
+        self.put_demand(&etcd, lease).await?;
         let (mut keeper, mut responses) = etcd.call(client.lease_keep_alive(lease)).await?;
         tracing::info!(key, lease, ttl, "registered in etcd");
         self.set(|s| {
@@ -155,6 +161,7 @@ impl Registrar {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ack = Instant::now();
         let (mut applied, mut stop) = (self.applied.clone(), self.stop.clone());
+        let mut demand = self.demand.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -177,6 +184,11 @@ impl Registrar {
                         // Coalesce bursts of changes into one write.
                         tokio::time::sleep(STATUS_DEBOUNCE).await;
                         self.put_status(&etcd, lease).await?;
+                    }
+                }
+                                changed = demand.changed() => {
+                    if changed.is_ok() {
+                        self.put_demand(&etcd, lease).await?;
                     }
                 }
                 _ = stopped(&mut stop) => {
@@ -205,6 +217,21 @@ impl Registrar {
             .status(&self.record.service, &self.record.instance);
         let mut client = etcd.client.clone();
         let value = serde_json::to_vec(&status).unwrap_or_default();
+        etcd.call(client.put(key, value, Some(PutOptions::new().with_lease(lease))))
+            .await?;
+        Ok(())
+    }
+
+    /// Publish the latest demand report, if there is one.
+    async fn put_demand(&self, etcd: &Etcd, lease: i64) -> Result<(), EtcdError> {
+        let value = self.demand.borrow().clone();
+        if value.is_empty() {
+            return Ok(());
+        }
+        let key = self
+            .keys
+            .demand(&self.record.service, &self.record.instance);
+        let mut client = etcd.client.clone();
         etcd.call(client.put(key, value, Some(PutOptions::new().with_lease(lease))))
             .await?;
         Ok(())

@@ -173,7 +173,7 @@ impl MeshState {
                     doc.services
                         .entry(service.clone())
                         .or_insert_with(ServiceSpec::default)
-                                                .external = Some(external.clone());
+                        .external = Some(external.clone());
                 }
                 Entry::Policy(_, Policy::RateLimit { name, spec }) => {
                     doc.rate_limits.insert(name.clone(), spec.clone());

@@ -88,13 +88,18 @@ mod tests {
             let n = (seed % 12 + 1) as usize;
             let demands: Vec<f64> = (0..n)
                 .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     (seed >> 40) as f64 / 1000.0
                 })
                 .collect();
             let a = allocate(250.0, &demands);
             assert_eq!(a, allocate(250.0, &demands));
-            assert!((a.iter().sum::<f64>() - 250.0).abs() < 1e-6, "{demands:?} {a:?}");
+            assert!(
+                (a.iter().sum::<f64>() - 250.0).abs() < 1e-6,
+                "{demands:?} {a:?}"
+            );
             assert!(a.iter().all(|s| *s > 0.0));
         }
         assert!(allocate(1.0, &[]).is_empty());

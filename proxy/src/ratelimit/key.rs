@@ -116,7 +116,10 @@ mod tests {
         };
         assert_ne!(r.hash("p", &k), r2.hash("p", &k));
         // Without the header in the key, tenants share a bucket.
-        assert_eq!(r.hash("p", &key(true, true, &[])), r2.hash("p", &key(true, true, &[])));
+        assert_eq!(
+            r.hash("p", &key(true, true, &[])),
+            r2.hash("p", &key(true, true, &[]))
+        );
         // An IPv4-mapped IPv6 source is the same client as its IPv4 form.
         let mapped = RequestKey {
             headers: &headers,

@@ -215,7 +215,12 @@ impl RateLimits {
         }
         let mut permits = Permits::default();
         for rule in &rules.concurrency {
-            if rule.spec.route.as_ref().is_some_and(|r| !r.matches(method.as_str(), path)) {
+            if rule
+                .spec
+                .route
+                .as_ref()
+                .is_some_and(|r| !r.matches(method.as_str(), path))
+            {
                 continue;
             }
             // Dropping `permits` on the error path releases the slots taken so far.
@@ -372,11 +377,14 @@ impl RateRule {
         let key = req.hash(&self.name, &self.spec.key);
         let found = {
             let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
-            buckets.get(&key).or_else(|| {
-                (buckets.len() >= MAX_KEYS_PER_POLICY)
-                    .then(|| buckets.get(&OVERFLOW_KEY))
-                    .flatten()
-            }).cloned()
+            buckets
+                .get(&key)
+                .or_else(|| {
+                    (buckets.len() >= MAX_KEYS_PER_POLICY)
+                        .then(|| buckets.get(&OVERFLOW_KEY))
+                        .flatten()
+                })
+                .cloned()
         };
         let bucket = match found {
             Some(b) => b,
