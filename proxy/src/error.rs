@@ -92,6 +92,14 @@ impl ProxyError {
         }
     }
 
+    /// A refusal a policy asked for (rate or concurrency limit), not a fault.
+    pub fn is_policy_decision(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. } | Self::ConcurrencyLimited { .. }
+        )
+    }
+
     /// A short stable token for the `trellis-error` header and the metrics' `cause` label.
     pub fn cause(&self) -> &'static str {
         match self {

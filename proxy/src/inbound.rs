@@ -178,7 +178,12 @@ impl Inbound {
                 let grpc = crate::grpc::is_grpc(req.headers());
                 let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
-                    tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
+                    if e.is_policy_decision() {
+                        // Expected under load and counted per policy: no log line per request.
+                        tracing::debug!(error = %e, cause = e.cause(), "inbound request refused");
+                    } else {
+                        tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
+                    }
                     e.into_response_for(grpc)
                 });
                 this.metrics.record_request(

@@ -3,7 +3,9 @@
 
 pub mod backend;
 pub mod client;
+pub mod crash;
 pub mod dns;
+pub mod paced;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -220,16 +222,27 @@ pub async fn etcd_sidecar(
     endpoints: Vec<String>,
     tweak: impl FnOnce(&mut Config),
 ) -> Running {
+    let mut cfg = etcd_sidecar_config(pki, service, app, endpoints);
+    tweak(&mut cfg);
+    mesh_agent::run::start(cfg)
+        .await
+        .expect("etcd sidecar starts")
+}
+
+/// The configuration [`etcd_sidecar`] starts with.
+pub fn etcd_sidecar_config(
+    pki: &Pki,
+    service: &str,
+    app: SocketAddr,
+    endpoints: Vec<String>,
+) -> Config {
     let mut cfg = testing::config(service, pki.path(), app);
     let mut etcd = trellis_proxy::config::EtcdConfig::new(endpoints);
     etcd.lease_ttl = Duration::from_secs(2);
     etcd.timeout = Duration::from_secs(1);
     etcd.cache_file = Some(pki.path().join(format!("{service}.cache.json")));
     cfg.store.etcd = Some(etcd);
-    tweak(&mut cfg);
-    mesh_agent::run::start(cfg)
-        .await
-        .expect("etcd sidecar starts")
+    cfg
 }
 
 /// Poll an async condition every 20 ms; panic with `what` after `limit`.

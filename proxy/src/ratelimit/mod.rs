@@ -69,6 +69,9 @@ struct RateRule {
     burst: f64,
     /// Share for keys the agent has not allocated yet (`f64` bits).
     default_share: AtomicU64,
+    /// The agent's last allocation per key, for buckets created after it: a key another
+    /// sidecar is busy with starts here at its allocated (small) share, not the default.
+    allocated: Mutex<HashMap<u64, f64>>,
     buckets: RwLock<KeyMap<Arc<Bucket>>>,
     /// `RateLimit-Policy` header value, built once.
     policy_header: HeaderValue,
@@ -275,6 +278,10 @@ impl RateLimits {
             return;
         };
         rule.default_share.store(default.to_bits(), Relaxed);
+        rule.allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone_from(shares);
         let buckets = rule.buckets.read().unwrap_or_else(|p| p.into_inner());
         let mut total = 0.0;
         for (k, b) in buckets.iter() {
@@ -351,6 +358,7 @@ impl RateRule {
             burst: f64::from(spec.burst()),
             limit,
             default_share: AtomicU64::new(initial_share.to_bits()),
+            allocated: Mutex::default(),
             buckets: RwLock::new(KeyMap::default()),
             policy_header,
             allowed: m.decision(&name, "allowed"),
@@ -407,7 +415,7 @@ impl RateRule {
         }
     }
 
-    /// First request with a new key: create its bucket at the default share.
+    /// First request with a new key: create its bucket at its allocated or the default share.
     fn insert(&self, key: u64, now: u64) -> Arc<Bucket> {
         let mut buckets = self.buckets.write().unwrap_or_else(|p| p.into_inner());
         let key = if buckets.len() >= MAX_KEYS_PER_POLICY {
@@ -415,7 +423,13 @@ impl RateRule {
         } else {
             key
         };
-        let share = f64::from_bits(self.default_share.load(Relaxed));
+        let share = self
+            .allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied()
+            .unwrap_or_else(|| f64::from_bits(self.default_share.load(Relaxed)));
         buckets
             .entry(key)
             .or_insert_with(|| Arc::new(Bucket::new(share, self.local_burst(share), now)))

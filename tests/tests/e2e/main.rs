@@ -11,6 +11,8 @@ mod grpc;
 mod http;
 mod identity;
 mod limits;
+mod ratelimit;
+mod ratelimit_global;
 mod retry;
 mod rotation;
 mod store;
