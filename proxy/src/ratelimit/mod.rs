@@ -89,9 +89,13 @@ struct ConcurrencyRule {
     gauge: Gauge,
 }
 
-/// Concurrency slots held by a request until its response ends.
+/// Concurrency slots held by a request until its response ends. The first is held inline so
+/// the usual case (one matching limit) does not allocate.
 #[derive(Default)]
-pub struct Permits(Vec<Permit>);
+pub struct Permits {
+    first: Option<Permit>,
+    more: Vec<Permit>,
+}
 
 struct Permit {
     in_flight: Arc<AtomicU32>,
@@ -227,7 +231,7 @@ impl RateLimits {
                 continue;
             }
             // Dropping `permits` on the error path releases the slots taken so far.
-            permits.0.push(rule.acquire()?);
+            permits.push(rule.acquire()?);
         }
         Ok(permits)
     }
@@ -352,6 +356,9 @@ impl RateRule {
             spec.limit.per.seconds()
         ))
         .unwrap_or_else(|_| HeaderValue::from_static("\"trellis\""));
+        // A value built from a `Vec` allocates on its first clone (its buffer becomes shared);
+        // clone it here so the first refused request does not.
+        drop(policy_header.clone());
         let share_gauge = m.share(&name);
         share_gauge.set(initial_share);
         Self {
@@ -501,12 +508,23 @@ impl Drop for Permit {
 
 impl Permits {
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.first.is_none()
+    }
+
+    fn push(&mut self, p: Permit) {
+        match self.first {
+            None => self.first = Some(p),
+            Some(_) => self.more.push(p),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
     }
 }
 
 impl std::fmt::Debug for Permits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Permits({})", self.0.len())
+        write!(f, "Permits({})", self.len())
     }
 }
