@@ -23,7 +23,8 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use trellis_proxy::config::EtcdConfig;
-use trellis_proxy::ratelimit::{allocate::allocate, PolicyDemand, RateLimits};
+use trellis_proxy::ratelimit::allocate::{allocate, FLOOR_FRACTION, HEADROOM};
+use trellis_proxy::ratelimit::{PolicyDemand, RateLimits};
 
 use super::keys::Keys;
 use super::{backoff, Etcd, EtcdError};
@@ -33,7 +34,7 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// Demand is published at most this often...
 pub const PUBLISH_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// ...and only when some key moved by more than this fraction of its value...
-const PUBLISH_RELATIVE: f64 = 0.05;
+const PUBLISH_RELATIVE: f64 = 0.03;
 /// ...or by more than this fraction of the limit.
 const PUBLISH_ABSOLUTE: f64 = 0.005;
 /// Keys published per policy (the busiest); others get the default share.
@@ -233,20 +234,14 @@ fn allocation(
         .iter()
         .filter_map(|(id, r)| r.policies.get(policy).map(|p| (id, p)))
         .collect();
-    let Some(my_index) = participants.iter().position(|(id, _)| *id == me) else {
-        // Not in the table yet: stay conservative until our entry shows up.
-        let n = participants.len();
-        return Allocation {
-            default: limit / (n + 1) as f64,
-            keys: HashMap::new(),
-            peers: n + 1,
-        };
-    };
-    let n = participants.len();
-    let mut keys = HashMap::new();
     let mut all_keys: Vec<&String> = participants.iter().flat_map(|(_, p)| p.keys()).collect();
     all_keys.sort_unstable();
     all_keys.dedup();
+    let Some(my_index) = participants.iter().position(|(id, _)| *id == me) else {
+        return newcomer(&participants, &all_keys, limit);
+    };
+    let n = participants.len();
+    let mut keys = HashMap::new();
     let mut demands = vec![0.0; n];
     for key in all_keys {
         let Ok(hash) = u64::from_str_radix(key, 16) else {
@@ -262,6 +257,36 @@ fn allocation(
         default: limit / n as f64,
         keys,
         peers: n,
+    }
+}
+
+/// A sidecar not in the table yet (just started): the others still split the whole limit
+/// between themselves, so whatever it admits is over the limit until they see its entry (one
+/// publish, well under a second). For a key the others report it takes only what they leave
+/// unused, between a floor and `limit / (n + 1)`; for other keys `limit / (n + 1)`.
+fn newcomer(
+    participants: &[(&String, &BTreeMap<String, f64>)],
+    all_keys: &[&String],
+    limit: f64,
+) -> Allocation {
+    let n = participants.len();
+    let cap = limit / (n + 1) as f64;
+    let floor = limit * FLOOR_FRACTION / (n + 1) as f64;
+    let mut keys = HashMap::new();
+    for key in all_keys {
+        let Ok(hash) = u64::from_str_radix(key, 16) else {
+            continue;
+        };
+        let used: f64 = participants
+            .iter()
+            .map(|(_, p)| p.get(*key).copied().unwrap_or(0.0) * HEADROOM)
+            .sum();
+        keys.insert(hash, (limit - used).clamp(floor, cap.max(floor)));
+    }
+    Allocation {
+        default: cap,
+        keys,
+        peers: n + 1,
     }
 }
 
@@ -503,7 +528,9 @@ mod tests {
             let sum: f64 = shares.iter().map(|a| a.keys[&key]).sum();
             assert!((sum - 100.0).abs() < 1e-9, "key {key}: {sum}");
         }
-        assert!((shares[2].keys[&1] - 21.0).abs() < 1e-9);
+        assert!(
+            (shares[2].keys[&1] - 20.0 * trellis_proxy::ratelimit::allocate::HEADROOM).abs() < 1e-9
+        );
         assert!(shares
             .iter()
             .all(|a| a.peers == 3 && (a.default - 100.0 / 3.0).abs() < 1e-9));
@@ -518,6 +545,13 @@ mod tests {
         let a = allocation(&entries, "new", "p", 90.0);
         assert_eq!(a.peers, 2);
         assert!((a.default - 45.0).abs() < 1e-9);
+        // For the key `a` reports, only what `a` leaves unused.
+        let spare = 90.0 - 50.0 * HEADROOM;
+        assert!((a.keys[&1] - spare).abs() < 1e-9, "{:?}", a.keys);
+        // A busy key: the floor.
+        let busy = BTreeMap::from([("a".to_string(), report("p", &[(1, 200.0)]))]);
+        let a = allocation(&busy, "new", "p", 90.0);
+        assert!((a.keys[&1] - 90.0 * FLOOR_FRACTION / 2.0).abs() < 1e-9);
     }
 
     #[test]

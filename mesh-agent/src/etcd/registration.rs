@@ -49,6 +49,12 @@ impl RegistrationHandle {
         self.stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.done).await;
     }
+
+    /// Stop as a crash would: no revoke, the lease expires after its TTL (for benchmarks).
+    #[cfg(feature = "testing")]
+    pub fn abandon(self) {
+        self.done.abort();
+    }
 }
 
 struct Registrar {

@@ -11,7 +11,10 @@
 //! wants is spread equally over everyone.
 
 /// A participant wants this much more than its measured demand.
-pub const HEADROOM: f64 = 1.05;
+/// Kept small: demand counts refused attempts too, so growth shows without headroom; what
+/// headroom an unsaturated sidecar does not use is capacity nobody else gets (see
+/// `docs/ratelimit.md`, error bounds).
+pub const HEADROOM: f64 = 1.02;
 /// All idle participants together keep at least this fraction of the limit.
 pub const FLOOR_FRACTION: f64 = 0.02;
 
@@ -59,8 +62,8 @@ mod tests {
     fn oversubscribed_demand_is_split_max_min_fair() {
         // 60/30/10 % of twice the limit.
         let s = allocate(100.0, &[120.0, 60.0, 20.0]);
-        assert!(close(s[2], 21.0), "{s:?}");
-        assert!(close(s[0], 39.5) && close(s[1], 39.5), "{s:?}");
+        assert!(close(s[2], 20.4), "{s:?}");
+        assert!(close(s[0], 39.8) && close(s[1], 39.8), "{s:?}");
         assert!(close(s.iter().sum(), 100.0));
     }
 
@@ -68,8 +71,8 @@ mod tests {
     fn spare_capacity_goes_to_everyone_equally() {
         let s = allocate(100.0, &[10.0, 0.0, 30.0]);
         let floor = 100.0 * FLOOR_FRACTION / 3.0;
-        let left = 100.0 - 10.5 - floor - 31.5;
-        assert!(close(s[0], 10.5 + left / 3.0), "{s:?}");
+        let left = 100.0 - 10.2 - floor - 30.6;
+        assert!(close(s[0], 10.2 + left / 3.0), "{s:?}");
         assert!(close(s[1], floor + left / 3.0), "{s:?}");
         assert!(close(s.iter().sum(), 100.0));
     }

@@ -67,6 +67,8 @@ struct RateRule {
     spec: RateLimitSpec,
     limit: f64,
     burst: f64,
+    /// A shared (global, coordinated) limit: new buckets start drained ([`Bucket::drained`]).
+    shared: bool,
     /// Share for keys the agent has not allocated yet (`f64` bits).
     default_share: AtomicU64,
     /// The agent's last allocation per key, for buckets created after it: a key another
@@ -169,10 +171,12 @@ impl RateLimits {
             } else {
                 limit
             };
+            let shared = spec.scope == Scope::Global && coordinated;
             rules.rate.push(Arc::new(RateRule::new(
                 name,
                 spec.clone(),
                 initial,
+                shared,
                 &self.metrics,
             )));
         }
@@ -347,7 +351,13 @@ impl RateLimits {
 // === impl RateRule ===
 
 impl RateRule {
-    fn new(name: &str, spec: RateLimitSpec, initial_share: f64, m: &LimitMetrics) -> Self {
+    fn new(
+        name: &str,
+        spec: RateLimitSpec,
+        initial_share: f64,
+        shared: bool,
+        m: &LimitMetrics,
+    ) -> Self {
         let name: Arc<str> = Arc::from(name);
         let limit = spec.limit.per_second();
         let policy_header = HeaderValue::from_str(&format!(
@@ -364,6 +374,7 @@ impl RateRule {
         Self {
             burst: f64::from(spec.burst()),
             limit,
+            shared,
             default_share: AtomicU64::new(initial_share.to_bits()),
             allocated: Mutex::default(),
             buckets: RwLock::new(KeyMap::default()),
@@ -437,9 +448,16 @@ impl RateRule {
             .get(&key)
             .copied()
             .unwrap_or_else(|| f64::from_bits(self.default_share.load(Relaxed)));
+        let burst = self.local_burst(share);
         buckets
             .entry(key)
-            .or_insert_with(|| Arc::new(Bucket::new(share, self.local_burst(share), now)))
+            .or_insert_with(|| {
+                Arc::new(if self.shared {
+                    Bucket::drained(share, burst, now)
+                } else {
+                    Bucket::new(share, burst, now)
+                })
+            })
             .clone()
     }
 }
