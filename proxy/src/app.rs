@@ -143,6 +143,7 @@ impl Proxy {
         metrics.cert_expiry.set(tls.not_after());
         tracing::info!(identity = %own_id, not_after = tls.not_after(), "identity loaded");
         let tls = Arc::new(ArcSwap::from_pointee(tls));
+        let spiffe = own_id.to_string();
 
         let bind = |what: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -187,11 +188,23 @@ impl Proxy {
         let (outbound_trigger, outbound_drain) = drain::channel();
         let (admin_trigger, admin_drain) = drain::channel();
 
+        let instance = format!("{}-{}", cfg.service, bound.inbound.port());
+
+        let tracing_ = crate::trace::Tracing::start(
+            &cfg.tracing,
+            crate::trace::Identity {
+                service: &cfg.service,
+                instance: &instance,
+                spiffe_id: &spiffe,
+            },
+            &mut self.registry,
+        );
         let inbound = Arc::new(Inbound::new(
             &cfg,
             tls.clone(),
             metrics.clone(),
             self.limits.clone(),
+            tracing_.clone(),
         ));
         let outbound = Arc::new(Outbound::new(
             &cfg,
@@ -199,6 +212,7 @@ impl Proxy {
             pool.clone(),
             tls.clone(),
             metrics.clone(),
+            tracing_.clone(),
         ));
         tokio::spawn(inbound.serve(inbound_l, inbound_drain));
         tokio::spawn(outbound.serve(outbound_l, outbound_drain));
@@ -264,6 +278,8 @@ impl Proxy {
             } else {
                 tracing::warn!(grace = ?grace, "grace period ended with requests still in flight");
             }
+            // Spans of the last requests go out with the next export.
+            tracing_.flush();
             reloader.abort();
             snapshot_task.abort();
             drop(admin_trigger);

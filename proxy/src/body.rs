@@ -28,6 +28,8 @@ pub struct Streamed {
     guard: Option<InFlight>,
     /// Concurrency-limit slots, released when the body ends like `guard`.
     permits: crate::ratelimit::Permits,
+    /// The request's span, ended when the body ends.
+    span: Option<crate::trace::RequestSpan>,
 }
 
 impl Streamed {
@@ -37,6 +39,7 @@ impl Streamed {
             idle: None,
             guard: None,
             permits: Default::default(),
+            span: None,
         }
     }
 
@@ -55,9 +58,15 @@ impl Streamed {
         self
     }
 
+    pub fn traced(mut self, span: crate::trace::RequestSpan) -> Self {
+        self.span = Some(span);
+        self
+    }
+
     fn release(&mut self) {
         self.guard = None;
         self.permits = Default::default();
+        self.span = None;
     }
 }
 

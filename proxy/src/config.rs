@@ -45,6 +45,17 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 /// Timeout of one etcd call (connect included).
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Share of requests without trace context that start a sampled trace (parent-based after).
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
+/// Finished spans waiting for export; beyond it spans are dropped (and counted), never waited on.
+pub const DEFAULT_TRACE_QUEUE: usize = 2048;
+/// Spans per OTLP export call.
+pub const DEFAULT_TRACE_BATCH: usize = 512;
+/// A partial batch is exported after this long.
+pub const DEFAULT_TRACE_FLUSH: Duration = Duration::from_secs(2);
+/// One export call; a collector slower than this loses the batch (counted).
+pub const DEFAULT_TRACE_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Header naming why the sidecar answered with an error instead of the upstream.
 pub const ERROR_HEADER: &str = "trellis-error";
 /// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
@@ -109,6 +120,63 @@ pub struct Config {
     /// Name resolution for host-name endpoints and external services.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Distributed tracing (OTLP/gRPC export).
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// Spans for every proxied request, exported over OTLP/gRPC (Jaeger's port 4317).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// Off: no spans, but trace headers still pass through untouched.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// Collector URL; unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// else `http://127.0.0.1:4317`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Ratio of new traces sampled (0..=1); requests carrying context follow their parent.
+    #[serde(default = "d_trace_sampling")]
+    pub sampling: f64,
+    #[serde(default = "d_trace_queue")]
+    pub queue_size: usize,
+    #[serde(default = "d_trace_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_trace_flush", with = "humantime_serde")]
+    pub flush_interval: Duration,
+    #[serde(default = "d_trace_export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            endpoint: None,
+            sampling: DEFAULT_TRACE_SAMPLING,
+            queue_size: DEFAULT_TRACE_QUEUE,
+            batch_size: DEFAULT_TRACE_BATCH,
+            flush_interval: DEFAULT_TRACE_FLUSH,
+            export_timeout: DEFAULT_TRACE_EXPORT_TIMEOUT,
+        }
+    }
+}
+
+fn d_trace_sampling() -> f64 {
+    DEFAULT_TRACE_SAMPLING
+}
+fn d_trace_queue() -> usize {
+    DEFAULT_TRACE_QUEUE
+}
+fn d_trace_batch() -> usize {
+    DEFAULT_TRACE_BATCH
+}
+fn d_trace_flush() -> Duration {
+    DEFAULT_TRACE_FLUSH
+}
+fn d_trace_export_timeout() -> Duration {
+    DEFAULT_TRACE_EXPORT_TIMEOUT
 }
 
 /// DNS settings; by default the system's resolver configuration (`/etc/resolv.conf`).
@@ -471,6 +539,7 @@ impl Config {
             drain: DrainConfig::default(),
             store: StoreConfig::default(),
             dns: DnsConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 
@@ -574,6 +643,19 @@ impl Config {
             .map_err(|m| invalid("service", m))?;
         trellis_policies::SpiffeId::for_service(&self.trust_domain, &self.service)
             .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        let t = &self.tracing;
+        if !(0.0..=1.0).contains(&t.sampling) {
+            return Err(invalid(
+                "tracing.sampling",
+                format!("{} is not a ratio between 0 and 1", t.sampling),
+            ));
+        }
+        if t.queue_size == 0 || t.batch_size == 0 || t.batch_size > t.queue_size {
+            return Err(invalid(
+                "tracing.batch_size",
+                "queue_size and batch_size must be >= 1, batch_size <= queue_size".into(),
+            ));
+        }
         if self.limits.max_header_bytes < 1024 {
             return Err(invalid(
                 "limits.max_header_bytes",

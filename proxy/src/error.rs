@@ -68,6 +68,28 @@ pub enum ProxyError {
     },
 }
 
+/// The causes a peer sidecar may name in `trellis-error`, as static strings (a header value
+/// from the network is matched, never stored).
+pub fn known_cause(v: &[u8]) -> Option<&'static str> {
+    const CAUSES: &[&str] = &[
+        "missing-authority",
+        "unknown-service",
+        "no-endpoints",
+        "all-endpoints-ejected",
+        "breaker-max-requests",
+        "breaker-max-pending",
+        "connect-failed",
+        "connect-timeout",
+        "h2-handshake-failed",
+        "upstream-failed",
+        "response-timeout",
+        "rate-limited",
+        "concurrency-limited",
+        "tls-plaintext",
+    ];
+    CAUSES.iter().copied().find(|c| c.as_bytes() == v)
+}
+
 // === impl ProxyError ===
 
 impl ProxyError {

@@ -50,6 +50,7 @@ pub struct Inbound {
     h1: Client<AppConnector, Incoming>,
     h2: Client<AppConnector, Incoming>,
     rate_limits: Arc<RateLimits>,
+    tracing: Arc<crate::trace::Tracing>,
 }
 
 // === impl Inbound ===
@@ -60,6 +61,7 @@ impl Inbound {
         tls: IdentityStore,
         metrics: Arc<Metrics>,
         limits: Arc<RateLimits>,
+        tracing: Arc<crate::trace::Tracing>,
     ) -> Self {
         let connector = AppConnector {
             addr: config.inbound.app,
@@ -81,6 +83,7 @@ impl Inbound {
             request_timeout: config.timeouts.request,
             h1,
             h2,
+            tracing,
             rate_limits: limits,
         }
     }
@@ -176,6 +179,16 @@ impl Inbound {
             async move {
                 let start = Instant::now();
                 let grpc = crate::grpc::is_grpc(req.headers());
+                let mut req = req;
+                let mut span = this.tracing.server(
+                    req.method(),
+                    req.uri().path(),
+                    req.headers(),
+                    peer.as_ref(),
+                    client,
+                );
+                span.inject(req.headers_mut());
+                let mut cause = None;
                 let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
                     if e.is_policy_decision() {
@@ -184,8 +197,11 @@ impl Inbound {
                     } else {
                         tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
                     }
+                    cause = Some(e.cause());
                     e.into_response_for(grpc)
                 });
+                span.respond(resp.status().as_u16(), cause);
+                let resp = crate::trace::end_with_body(resp, span);
                 this.metrics.record_request(
                     INBOUND,
                     &this.service,

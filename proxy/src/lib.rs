@@ -26,6 +26,8 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod trace;
+
 mod upgrade;
 
 #[cfg(feature = "testing")]

@@ -51,6 +51,7 @@ pub struct Outbound {
     request_timeout: Duration,
     stream_idle: Duration,
     unknown: Arc<String>,
+    tracing: Arc<crate::trace::Tracing>,
 }
 
 // === impl Outbound ===
@@ -62,6 +63,7 @@ impl Outbound {
         pool: Arc<PeerPool>,
         tls: IdentityStore,
         metrics: Arc<Metrics>,
+        tracing: Arc<crate::trace::Tracing>,
     ) -> Self {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(config.timeouts.connect));
@@ -81,6 +83,7 @@ impl Outbound {
             request_timeout: config.timeouts.request,
             stream_idle: config.timeouts.stream_idle,
             unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
+            tracing,
         }
     }
 
@@ -110,15 +113,36 @@ impl Outbound {
         .await;
     }
 
-    async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
-        let (service, result) = self.route(req, client).await;
+        let mut span = self.tracing.client(
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+            request_host(&req).unwrap_or(UNKNOWN_SERVICE),
+        );
+        span.inject(req.headers_mut());
+        let (service, result) = self.route(req, client, &mut span).await;
+        let mut cause = None;
         let resp = result.unwrap_or_else(|e| {
             self.metrics.proxy_error(OUTBOUND, e.cause());
             tracing::debug!(error = %e, cause = e.cause(), "outbound request failed");
+            cause = Some(e.cause());
             e.into_response_for(grpc)
         });
+        // A refusal by the far sidecar names its cause too.
+        let cause = cause.or_else(|| {
+            resp.headers()
+                .get(crate::config::ERROR_HEADER)
+                .and_then(|v| crate::error::known_cause(v.as_bytes()))
+        });
+        span.respond(resp.status().as_u16(), cause);
+        let resp = crate::trace::end_with_body(resp, span);
         self.metrics.record_request(
             OUTBOUND,
             &service,
@@ -133,6 +157,7 @@ impl Outbound {
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
+        span: &mut crate::trace::RequestSpan,
     ) -> (Arc<String>, Result<Response<ResponseBody>, ProxyError>) {
         let Some(host) = request_host(&req) else {
             return (self.unknown.clone(), Err(ProxyError::MissingAuthority));
@@ -145,7 +170,7 @@ impl Outbound {
             );
         };
         drop(table);
-        let result = self.forward(&route, req, client).await;
+        let result = self.forward(&route, req, client, span).await;
         (route.service.name.clone(), result)
     }
 
@@ -154,6 +179,7 @@ impl Outbound {
         route: &Route,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        span: &mut crate::trace::RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let svc = &route.service;
         let ip = client.ip();
@@ -274,6 +300,7 @@ impl Outbound {
                 i = self.choose(route, &req, ip, exclude)?;
             }
             let ep = &svc.endpoints[i];
+            span.upstream(ep.addr, &ep.identity, attempt);
             let pending = route
                 .counters
                 .pending(route.max_pending)

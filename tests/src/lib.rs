@@ -5,6 +5,8 @@ pub mod backend;
 pub mod client;
 pub mod crash;
 pub mod dns;
+pub mod otlp;
+
 pub mod paced;
 
 use std::net::SocketAddr;

@@ -17,4 +17,5 @@ mod retry;
 mod rotation;
 mod store;
 mod streaming;
+mod tracing;
 mod websocket;
