@@ -24,7 +24,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     match &config.store.file {
         Some(path) => {
-            let mut proxy = Proxy::new(config.clone(), rx);
+            let mut proxy = new_proxy(config.clone(), rx);
             let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
             let fs = FileStore::new(
                 path.clone(),
@@ -53,7 +53,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             })));
             // Keep the sender alive for the sidecar's lifetime: dropping it is harmless (the
             // last snapshot stays) but would log a warning.
-            let running = Proxy::new(config, rx).start().await?;
+            let running = new_proxy(config, rx).start().await?;
             std::mem::forget(tx);
             Ok(running)
         }
@@ -68,7 +68,7 @@ async fn start_etcd(
     tx: SnapshotTx,
     rx: trellis_proxy::app::SnapshotRx,
 ) -> Result<Running, StartError> {
-    let mut proxy = Proxy::new(config.clone(), rx);
+    let mut proxy = new_proxy(config.clone(), rx);
     let cache_file = etcd
         .cache_file
         .clone()
@@ -147,6 +147,15 @@ async fn start_etcd(
         *registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
     Ok(running)
+}
+
+/// A data plane with this process's log filter behind `/log_level`.
+fn new_proxy(config: Config, rx: trellis_proxy::app::SnapshotRx) -> Proxy {
+    let mut proxy = Proxy::new(config, rx);
+    if let Some(control) = crate::logging::control() {
+        proxy.log_level_control(control);
+    }
+    proxy
 }
 
 /// What this instance registers: the advertised (or bound) inbound address and its identity.

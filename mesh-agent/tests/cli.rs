@@ -21,11 +21,15 @@ fn free_port() -> u16 {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    http_call(addr, "GET", path)
+}
+
+fn http_call(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut out = String::new();
@@ -110,6 +114,16 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The log filter can be read and changed at runtime; a bad filter is refused.
+    let before = http_get(admin, "/log_level").unwrap();
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    let set = http_call(admin, "POST", "/log_level?filter=info,trellis_proxy=debug").unwrap();
+    assert!(set.starts_with("HTTP/1.1 200"), "{set}");
+    assert!(set.contains("trellis_proxy=debug"), "{set}");
+    let bad = http_call(admin, "POST", "/log_level?filter=trellis_proxy=loud").unwrap();
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let after = http_get(admin, "/log_level").unwrap();
+    assert!(after.contains("trellis_proxy=debug"), "{after}");
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -25,7 +25,12 @@ pub struct Admin {
     pub registry: Arc<Registry>,
     pub dump: DumpFn,
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    pub log_level: Option<LogLevelFn>,
 }
+
+/// Reads (`None`) or replaces (`Some(filter)`) the process's log filter; returns the filter in
+/// force, or why the new one was refused. Injected by the binary, which owns the subscriber.
+pub type LogLevelFn = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
 
 // === impl Admin ===
 
@@ -53,6 +58,39 @@ impl Admin {
             }
         })
         .await;
+    }
+
+    /// `GET /log_level`: the filter in force. `POST /log_level?filter=<RUST_LOG syntax>` (e.g.
+    /// `info,trellis_proxy=debug`): replace it at runtime.
+    fn log_level(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+        let Some(control) = &self.log_level else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "log level control is not available in this process\n".into(),
+            );
+        };
+        let wanted = req.uri().query().and_then(|q| {
+            q.split('&').find_map(|kv| {
+                kv.strip_prefix("filter=")
+                    .or_else(|| kv.strip_prefix("level="))
+            })
+        });
+        if req.method() == Method::POST && wanted.is_none() {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "POST /log_level?filter=<filter>, e.g. filter=info,trellis_proxy=debug\n".into(),
+            );
+        }
+        let decoded = wanted.map(|w| w.replace("%2C", ",").replace("%3D", "="));
+        match control(decoded.as_deref()) {
+            Ok(now) => {
+                if decoded.is_some() {
+                    tracing::warn!(filter = %now, "log filter changed through the admin API");
+                }
+                text(StatusCode::OK, format!("{now}\n"))
+            }
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid filter: {e}\n")),
+        }
     }
 
     fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -94,18 +132,22 @@ impl Admin {
                 );
                 r
             }
+            (&Method::GET | &Method::POST, "/log_level") => self.log_level(&req),
             (&Method::POST, "/shutdown") => {
                 tracing::info!("shutdown requested through the admin API");
                 self.shutdown.send_replace(true);
                 text(StatusCode::OK, "shutting down\n".into())
             }
-            (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown") => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed\n".into(),
-            ),
+            (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown" | "/log_level") => {
+                text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method not allowed\n".into(),
+                )
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live /ready /metrics /config_dump, POST /shutdown\n".into(),
+                "not found; try /live /ready /metrics /config_dump /log_level, POST /shutdown\n"
+                    .into(),
             ),
         }
     }

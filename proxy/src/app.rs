@@ -54,6 +54,7 @@ pub struct Proxy {
     ready: Ready,
     before_drain: Vec<BeforeDrain>,
     limits: Arc<RateLimits>,
+    log_level: Option<crate::admin::LogLevelFn>,
 }
 
 /// The addresses the listeners actually bound (port 0 in the config picks a free port).
@@ -92,6 +93,7 @@ impl Proxy {
             ready: Ready::new(),
             before_drain: Vec::new(),
             limits,
+            log_level: None,
         }
     }
 
@@ -113,6 +115,11 @@ impl Proxy {
     /// The registry `/metrics` serves, for the agent to add its own metrics.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
+    }
+
+    /// Let `/log_level` read and change the process's log filter.
+    pub fn log_level_control(&mut self, f: crate::admin::LogLevelFn) {
+        self.log_level = Some(f);
     }
 
     /// Add a section to `/config_dump`.
@@ -251,6 +258,7 @@ impl Proxy {
             registry: Arc::new(self.registry),
             dump,
             shutdown: shutdown.0.clone(),
+            log_level: self.log_level,
         });
         tokio::spawn(admin.serve(admin_l, admin_drain));
 
