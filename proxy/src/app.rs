@@ -206,12 +206,14 @@ impl Proxy {
             },
             &mut self.registry,
         );
+        let access = crate::access_log::AccessLog::start(&cfg.access_log, &mut self.registry);
         let inbound = Arc::new(Inbound::new(
             &cfg,
             tls.clone(),
             metrics.clone(),
             self.limits.clone(),
             tracing_.clone(),
+            access.clone(),
         ));
         let outbound = Arc::new(Outbound::new(
             &cfg,
@@ -220,6 +222,7 @@ impl Proxy {
             tls.clone(),
             metrics.clone(),
             tracing_.clone(),
+            access,
         ));
         tokio::spawn(inbound.serve(inbound_l, inbound_drain));
         tokio::spawn(outbound.serve(outbound_l, outbound_drain));

@@ -123,6 +123,52 @@ pub struct Config {
     /// Distributed tracing (OTLP/gRPC export).
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// One line per proxied request.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+}
+
+/// Access log lines: JSON (one object per line) or text, to stdout or a file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Append to this file; unset: stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Share of successful requests logged (0..=1); errors are always logged.
+    #[serde(default = "d_one")]
+    pub sample: f64,
+    /// Only requests that failed (status >= 400 or refused by the sidecar).
+    #[serde(default)]
+    pub errors_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            format: AccessLogFormat::Json,
+            path: None,
+            sample: 1.0,
+            errors_only: false,
+        }
+    }
+}
+
+fn d_one() -> f64 {
+    1.0
 }
 
 /// Spans for every proxied request, exported over OTLP/gRPC (Jaeger's port 4317).
@@ -540,6 +586,7 @@ impl Config {
             store: StoreConfig::default(),
             dns: DnsConfig::default(),
             tracing: TracingConfig::default(),
+            access_log: AccessLogConfig::default(),
         }
     }
 
@@ -643,6 +690,12 @@ impl Config {
             .map_err(|m| invalid("service", m))?;
         trellis_policies::SpiffeId::for_service(&self.trust_domain, &self.service)
             .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        if !(0.0..=1.0).contains(&self.access_log.sample) {
+            return Err(invalid(
+                "access_log.sample",
+                format!("{} is not a ratio between 0 and 1", self.access_log.sample),
+            ));
+        }
         let t = &self.tracing;
         if !(0.0..=1.0).contains(&t.sampling) {
             return Err(invalid(

@@ -51,6 +51,7 @@ pub struct Inbound {
     h2: Client<AppConnector, Incoming>,
     rate_limits: Arc<RateLimits>,
     tracing: Arc<crate::trace::Tracing>,
+    access: Arc<crate::access_log::AccessLog>,
 }
 
 // === impl Inbound ===
@@ -62,6 +63,7 @@ impl Inbound {
         metrics: Arc<Metrics>,
         limits: Arc<RateLimits>,
         tracing: Arc<crate::trace::Tracing>,
+        access: Arc<crate::access_log::AccessLog>,
     ) -> Self {
         let connector = AppConnector {
             addr: config.inbound.app,
@@ -84,6 +86,7 @@ impl Inbound {
             h1,
             h2,
             tracing,
+            access,
             rate_limits: limits,
         }
     }
@@ -188,6 +191,11 @@ impl Inbound {
                     client,
                 );
                 span.inject(req.headers_mut());
+                let info = this
+                    .access
+                    .enabled()
+                    .then(|| crate::access_log::RequestInfo::of(&req));
+                let peer_id = info.as_ref().and(peer.clone());
                 let mut cause = None;
                 let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
@@ -201,6 +209,29 @@ impl Inbound {
                     e.into_response_for(grpc)
                 });
                 span.respond(resp.status().as_u16(), cause);
+                if let Some(info) = info {
+                    let status = resp.status().as_u16();
+                    if this.access.wants(status, cause) {
+                        this.access.log(&crate::access_log::Record {
+                            time: crate::access_log::now(),
+                            direction: INBOUND,
+                            service: &this.service,
+                            method: info.method.as_str(),
+                            path: &info.path,
+                            authority: info.authority.as_deref(),
+                            status,
+                            cause,
+                            duration_ms: crate::access_log::millis(start.elapsed()),
+                            client,
+                            peer_identity: peer_id.as_ref().and_then(|p| p.to_str().ok()),
+                            upstream: None,
+                            retries: 0,
+                            request_bytes: info.request_bytes,
+                            response_bytes: crate::access_log::content_length(resp.headers()),
+                            trace_id: span.trace_id(),
+                        });
+                    }
+                }
                 let resp = crate::trace::end_with_body(resp, span);
                 this.metrics.record_request(
                     INBOUND,

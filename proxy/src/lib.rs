@@ -4,7 +4,9 @@
 //! through a watch channel (from the file store today, from etcd later) and never calls out on
 //! the request path.
 
+pub mod access_log;
 pub mod admin;
+
 pub mod app;
 pub mod balance;
 pub mod body;

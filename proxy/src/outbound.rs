@@ -52,6 +52,7 @@ pub struct Outbound {
     stream_idle: Duration,
     unknown: Arc<String>,
     tracing: Arc<crate::trace::Tracing>,
+    access: Arc<crate::access_log::AccessLog>,
 }
 
 // === impl Outbound ===
@@ -64,6 +65,7 @@ impl Outbound {
         tls: IdentityStore,
         metrics: Arc<Metrics>,
         tracing: Arc<crate::trace::Tracing>,
+        access: Arc<crate::access_log::AccessLog>,
     ) -> Self {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(config.timeouts.connect));
@@ -84,6 +86,7 @@ impl Outbound {
             stream_idle: config.timeouts.stream_idle,
             unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
             tracing,
+            access,
         }
     }
 
@@ -127,6 +130,10 @@ impl Outbound {
             request_host(&req).unwrap_or(UNKNOWN_SERVICE),
         );
         span.inject(req.headers_mut());
+        let info = self
+            .access
+            .enabled()
+            .then(|| crate::access_log::RequestInfo::of(&req));
         let (service, result) = self.route(req, client, &mut span).await;
         let mut cause = None;
         let resp = result.unwrap_or_else(|e| {
@@ -142,6 +149,29 @@ impl Outbound {
                 .and_then(|v| crate::error::known_cause(v.as_bytes()))
         });
         span.respond(resp.status().as_u16(), cause);
+        if let Some(info) = info {
+            let status = resp.status().as_u16();
+            if self.access.wants(status, cause) {
+                self.access.log(&crate::access_log::Record {
+                    time: crate::access_log::now(),
+                    direction: OUTBOUND,
+                    service: &service,
+                    method: info.method.as_str(),
+                    path: &info.path,
+                    authority: info.authority.as_deref(),
+                    status,
+                    cause,
+                    duration_ms: crate::access_log::millis(start.elapsed()),
+                    client,
+                    peer_identity: None,
+                    upstream: span.endpoint,
+                    retries: span.retries,
+                    request_bytes: info.request_bytes,
+                    response_bytes: crate::access_log::content_length(resp.headers()),
+                    trace_id: span.trace_id(),
+                });
+            }
+        }
         let resp = crate::trace::end_with_body(resp, span);
         self.metrics.record_request(
             OUTBOUND,

@@ -39,6 +39,10 @@ pub struct Tracing {
 pub struct RequestSpan {
     span: Option<Span>,
     server: bool,
+    /// The endpoint of the last attempt and the retries made (kept for the access log even
+    /// when the span is not recorded).
+    pub endpoint: Option<SocketAddr>,
+    pub retries: u32,
     context: Option<(SpanContext, Option<Format>)>,
 }
 
@@ -222,6 +226,8 @@ impl RequestSpan {
         Self {
             span: None,
             server: false,
+            endpoint: None,
+            retries: 0,
             context: None,
         }
     }
@@ -231,6 +237,8 @@ impl RequestSpan {
         Self {
             span: Some(span),
             server,
+            endpoint: None,
+            retries: 0,
             context: Some((sc, arrived_as)),
         }
     }
@@ -259,6 +267,8 @@ impl RequestSpan {
         identity: &dyn std::fmt::Display,
         retries: u32,
     ) {
+        self.endpoint = Some(endpoint);
+        self.retries = retries;
         if let Some(s) = self.recording() {
             s.set_attributes([
                 KeyValue::new("network.peer.address", endpoint.ip().to_string()),
