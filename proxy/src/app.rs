@@ -134,6 +134,8 @@ impl Proxy {
         let ready = self.ready;
         let snapshot_ready = ready.block("snapshot");
         let metrics = Metrics::register(&mut self.registry);
+        self.registry
+            .register_collector(Box::new(crate::process_metrics::ProcessCollector::new()));
 
         let own_id = SpiffeId::for_service(&cfg.trust_domain, &cfg.service).map_err(|e| {
             crate::config::ConfigError::Invalid {

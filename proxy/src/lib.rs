@@ -22,6 +22,8 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod process_metrics;
+
 pub mod ratelimit;
 pub mod readiness;
 pub mod retry;

@@ -46,6 +46,12 @@ async fn ready_waits_for_the_first_snapshot_and_metrics_count_traffic() {
     assert!(metric(&m, "trellis_cert_expiry_timestamp_seconds") > 1.7e9);
     assert!(m.contains("trellis_open_connections{direction=\"outbound\"}"));
     assert!(m.contains("trellis_build_info{version="));
+    // Process metrics: this test process's own figures, within sane bounds.
+    let rss = metric(&m, "trellis_process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 4e9, "{rss}");
+    assert!(metric(&m, "trellis_process_cpu_seconds_total") > 0.0, "{m}");
+    assert!(metric(&m, "trellis_process_open_fds") > 3.0);
+    assert!(metric(&m, "trellis_process_start_time_seconds") > 1.7e9);
     let sm = client::admin(server.admin(), "/metrics").await.body;
     assert_eq!(
         metric(
