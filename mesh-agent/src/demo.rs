@@ -23,6 +23,14 @@ use trellis_proxy::config::{Config, PEER_IDENTITY_HEADER};
 use trellis_proxy::identity::CertificateAuthority;
 
 const TRUST_DOMAIN: &str = "demo.trellis.local";
+const TRACE_HEADERS: &[&str] = &[
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+];
 const SERVICES: [(&str, usize); 2] = [("orders", 2), ("payments", 2)];
 
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +176,16 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> Result<bool, DemoErro
             break;
         }
         let (client, outbound) = (client.clone(), frontend.bound.outbound);
-        in_flight.spawn(async move { call(&client, outbound, "orders", "/checkout").await });
+        in_flight.spawn(async move {
+            call(
+                &client,
+                outbound,
+                "orders",
+                "/checkout",
+                &http::HeaderMap::new(),
+            )
+            .await
+        });
         while let Some(r) = in_flight.try_join_next() {
             tally(r, &mut ok, &mut failed);
         }
@@ -224,6 +241,9 @@ async fn start_sidecar(
     cfg.store.file = Some(mesh_file.to_path_buf());
     cfg.store.reload_interval = Duration::from_millis(200);
     cfg.drain.grace_period = Duration::from_secs(2);
+    // Traces only when a collector is named (e.g. a local Jaeger on :4317), then every request.
+    cfg.tracing.enabled = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    cfg.tracing.sampling = 1.0;
     // The store must not read the file before it is written: start it afterwards.
     let (tx, rx) = tokio::sync::watch::channel(None);
     let mut proxy = trellis_proxy::app::Proxy::new(cfg.clone(), rx);
@@ -262,11 +282,19 @@ async fn call(
     outbound: SocketAddr,
     service: &str,
     path: &str,
+    incoming: &http::HeaderMap,
 ) -> Result<String, String> {
-    let req = Request::get(format!("http://{outbound}{path}"))
+    let mut req = Request::get(format!("http://{outbound}{path}"))
         .header(header::HOST, service)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
+    // Like any traced app: pass the trace context of the request being served to the calls it
+    // makes, so the whole chain is one trace.
+    for name in TRACE_HEADERS {
+        if let Some(v) = incoming.get(*name) {
+            req.headers_mut().insert(*name, v.clone());
+        }
+    }
     let resp = client
         .request(req)
         .await
@@ -326,7 +354,7 @@ async fn serve_backend(
                     }
                     let (status, body) = match upstream {
                         None => (StatusCode::OK, format!("{{\"instance\":\"{name}\",\"caller\":\"{caller}\"}}")),
-                        Some(outbound) => match call(&client, outbound, "payments", "/charge").await {
+                        Some(outbound) => match call(&client, outbound, "payments", "/charge", req.headers()).await {
                             Ok(p) => (
                                 StatusCode::OK,
                                 format!("{{\"instance\":\"{name}\",\"caller\":\"{caller}\",\"payments\":{p}}}"),
