@@ -1,8 +1,6 @@
 //! The rate-limit decision is allocation-free once a key's bucket exists: admitted and refused
 //! requests, local and global limits keyed by header and identity, and a concurrency slot.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr};
 
 use http::{HeaderMap, HeaderValue, Method};
@@ -11,44 +9,13 @@ use trellis_policies::MeshDocument;
 use trellis_proxy::ratelimit::RateLimits;
 use trellis_proxy::snapshot::Snapshot;
 
-struct Counting;
-
-thread_local! {
-    // Per thread: allocations by the test harness's other threads must not count. Const
-    // initialization means reading it never allocates.
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-fn allocations() -> usize {
-    ALLOCATIONS.with(Cell::get)
-}
-
-// SAFETY: forwards every call unchanged to the system allocator, which upholds the GlobalAlloc
-// contract; the only addition is a thread-local counter increment (const-initialized, so it
-// never allocates or recurses), which cannot affect memory safety.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same layout contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation goes through `alloc` above).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
+use counting::allocations;
 
 #[test]
 fn decisions_do_not_allocate() {
-    let before = allocations();
-    std::hint::black_box(vec![1u8; 64]);
-    assert!(
-        allocations() > before,
-        "the counting allocator is not active"
-    );
+    counting::assert_active();
 
     let doc: MeshDocument = serde_json::from_value(serde_json::json!({
         "rate_limits": {
