@@ -110,6 +110,47 @@ impl AccessLog {
     }
 }
 
+/// How a request ended, for [`AccessLog::finish`].
+pub struct Outcome<'a, B> {
+    pub direction: &'static str,
+    pub service: &'a str,
+    pub response: &'a http::Response<B>,
+    pub cause: Option<&'static str>,
+    pub elapsed: Duration,
+    pub client: SocketAddr,
+    pub peer_identity: Option<&'a str>,
+    pub span: &'a crate::trace::RequestSpan,
+}
+
+impl AccessLog {
+    /// Log the request (`info` is `Some` only when logging is on) if its outcome is wanted.
+    pub fn finish<B>(&self, info: Option<RequestInfo>, o: Outcome<'_, B>) {
+        let Some(info) = info else { return };
+        let status = o.response.status().as_u16();
+        if !self.wants(status, o.cause) {
+            return;
+        }
+        self.log(&Record {
+            time: now(),
+            direction: o.direction,
+            service: o.service,
+            method: info.method.as_str(),
+            path: &info.path,
+            authority: info.authority.as_deref(),
+            status,
+            cause: o.cause,
+            duration_ms: millis(o.elapsed),
+            client: o.client,
+            peer_identity: o.peer_identity,
+            upstream: o.span.endpoint,
+            retries: o.span.retries,
+            request_bytes: info.request_bytes,
+            response_bytes: content_length(o.response.headers()),
+            trace_id: o.span.trace_id(),
+        });
+    }
+}
+
 pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }

@@ -291,8 +291,8 @@ impl Proxy {
             } else {
                 tracing::warn!(grace = ?grace, "grace period ended with requests still in flight");
             }
-            // Spans of the last requests go out with the next export.
-            tracing_.flush();
+            // Spans of the last requests go out before the process exits.
+            tracing_.flush(std::time::Duration::from_secs(2)).await;
             reloader.abort();
             snapshot_task.abort();
             drop(admin_trigger);

@@ -209,29 +209,19 @@ impl Inbound {
                     e.into_response_for(grpc)
                 });
                 span.respond(resp.status().as_u16(), cause);
-                if let Some(info) = info {
-                    let status = resp.status().as_u16();
-                    if this.access.wants(status, cause) {
-                        this.access.log(&crate::access_log::Record {
-                            time: crate::access_log::now(),
-                            direction: INBOUND,
-                            service: &this.service,
-                            method: info.method.as_str(),
-                            path: &info.path,
-                            authority: info.authority.as_deref(),
-                            status,
-                            cause,
-                            duration_ms: crate::access_log::millis(start.elapsed()),
-                            client,
-                            peer_identity: peer_id.as_ref().and_then(|p| p.to_str().ok()),
-                            upstream: None,
-                            retries: 0,
-                            request_bytes: info.request_bytes,
-                            response_bytes: crate::access_log::content_length(resp.headers()),
-                            trace_id: span.trace_id(),
-                        });
-                    }
-                }
+                this.access.finish(
+                    info,
+                    crate::access_log::Outcome {
+                        direction: INBOUND,
+                        service: &this.service,
+                        response: &resp,
+                        cause,
+                        elapsed: start.elapsed(),
+                        client,
+                        peer_identity: peer_id.as_ref().and_then(|p| p.to_str().ok()),
+                        span: &span,
+                    },
+                );
                 let resp = crate::trace::end_with_body(resp, span);
                 this.metrics.record_request(
                     INBOUND,

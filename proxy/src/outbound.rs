@@ -149,29 +149,19 @@ impl Outbound {
                 .and_then(|v| crate::error::known_cause(v.as_bytes()))
         });
         span.respond(resp.status().as_u16(), cause);
-        if let Some(info) = info {
-            let status = resp.status().as_u16();
-            if self.access.wants(status, cause) {
-                self.access.log(&crate::access_log::Record {
-                    time: crate::access_log::now(),
-                    direction: OUTBOUND,
-                    service: &service,
-                    method: info.method.as_str(),
-                    path: &info.path,
-                    authority: info.authority.as_deref(),
-                    status,
-                    cause,
-                    duration_ms: crate::access_log::millis(start.elapsed()),
-                    client,
-                    peer_identity: None,
-                    upstream: span.endpoint,
-                    retries: span.retries,
-                    request_bytes: info.request_bytes,
-                    response_bytes: crate::access_log::content_length(resp.headers()),
-                    trace_id: span.trace_id(),
-                });
-            }
-        }
+        self.access.finish(
+            info,
+            crate::access_log::Outcome {
+                direction: OUTBOUND,
+                service: &service,
+                response: &resp,
+                cause,
+                elapsed: start.elapsed(),
+                client,
+                peer_identity: None,
+                span: &span,
+            },
+        );
         let resp = crate::trace::end_with_body(resp, span);
         self.metrics.record_request(
             OUTBOUND,

@@ -92,6 +92,7 @@ pub async fn run<E: SpanExporter>(
     cfg: TracingConfig,
     metrics: ExportMetrics,
     flush: Arc<Notify>,
+    flushed: Arc<Notify>,
 ) {
     let mut batch = Vec::with_capacity(cfg.batch_size);
     let mut failures = 0u64;
@@ -99,6 +100,7 @@ pub async fn run<E: SpanExporter>(
         let deadline = tokio::time::sleep(cfg.flush_interval);
         tokio::pin!(deadline);
         let mut closed = false;
+        let mut flushing = false;
         while batch.len() < cfg.batch_size {
             tokio::select! {
                 span = rx.recv() => match span {
@@ -106,7 +108,14 @@ pub async fn run<E: SpanExporter>(
                     None => { closed = true; break; }
                 },
                 _ = &mut deadline => break,
-                _ = flush.notified() => break,
+                _ = flush.notified() => {
+                    // Take everything already queued.
+                    while let Ok(s) = rx.try_recv() {
+                        batch.push(s);
+                    }
+                    flushing = true;
+                    break;
+                }
             }
         }
         if !batch.is_empty() {
@@ -131,6 +140,9 @@ pub async fn run<E: SpanExporter>(
                     }
                 }
             }
+        }
+        if flushing {
+            flushed.notify_waiters();
         }
         if closed {
             return;

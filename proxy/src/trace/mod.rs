@@ -33,6 +33,7 @@ pub struct Tracing {
     /// Kept so the provider (and its processor) lives as long as the sidecar.
     _provider: Option<SdkTracerProvider>,
     flush: Arc<Notify>,
+    flushed: Arc<Notify>,
 }
 
 /// One request's span. Dropping it ends the span, so it is held until the response body ends.
@@ -62,6 +63,7 @@ impl Tracing {
             tracer: None,
             _provider: None,
             flush: Arc::new(Notify::new()),
+            flushed: Arc::new(Notify::new()),
         })
     }
 
@@ -101,12 +103,14 @@ impl Tracing {
         exporter.set_resource(&resource);
         let (queue, rx) = export::Queue::new(cfg, metrics.clone());
         let flush = Arc::new(Notify::new());
+        let flushed = Arc::new(Notify::new());
         tokio::spawn(export::run(
             exporter,
             rx,
             cfg.clone(),
             metrics,
             flush.clone(),
+            flushed.clone(),
         ));
         let provider = SdkTracerProvider::builder()
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -120,12 +124,21 @@ impl Tracing {
             tracer: Some(tracer),
             _provider: Some(provider),
             flush,
+            flushed,
         })
     }
 
-    /// Export what is queued now instead of at the next interval (shutdown, tests).
-    pub fn flush(&self) {
+    /// Export what is queued now and wait (at most `limit`) until that export has ended:
+    /// the spans of the last requests before a shutdown.
+    pub async fn flush(&self, limit: std::time::Duration) {
+        if self.tracer.is_none() {
+            return;
+        }
+        let done = self.flushed.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
         self.flush.notify_one();
+        let _ = tokio::time::timeout(limit, done).await;
     }
 
     /// The server span of an inbound request from `client` (verified identity `peer`).
