@@ -216,6 +216,24 @@ pub fn end_with_body<R>(
     })
 }
 
+/// The span name (the method, per the HTTP conventions), without allocating for the usual ones.
+fn span_name(m: &Method) -> std::borrow::Cow<'static, str> {
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+    ];
+    const NAMES: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+    match known.iter().position(|k| k == m) {
+        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
+        None => std::borrow::Cow::Owned(m.as_str().to_string()),
+    }
+}
+
 fn start(
     tracer: &SdkTracer,
     kind: SpanKind,
@@ -226,9 +244,7 @@ fn start(
         Some((sc, _)) => Context::new().with_remote_span_context(sc.clone()),
         None => Context::new(),
     };
-    let builder = tracer
-        .span_builder(method.as_str().to_string())
-        .with_kind(kind);
+    let builder = tracer.span_builder(span_name(method)).with_kind(kind);
     tracer.build_with_context(builder, &cx)
 }
 
