@@ -35,11 +35,6 @@ use trellis_policies::MeshDocument;
 /// A revision and the raw values to persist at it.
 type CacheState = (i64, Vec<(String, Vec<u8>)>);
 
-/// An idle watch is probed this often with a progress request...
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// ...and declared dead when nothing arrives for this long.
-const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(6);
-
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DiscoveryStatus {
     pub endpoints: Vec<String>,
@@ -238,9 +233,7 @@ impl Discovery {
         });
         tracing::info!(revision = self.state.revision, endpoints = ?self.cfg.endpoints, "watching etcd");
 
-        let mut probe = tokio::time::interval(PROGRESS_EVERY);
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
+        let mut live = super::WatchLiveness::new();
         loop {
             let dns_due = self.dns.next_refresh().map(tokio::time::Instant::from_std);
             let msg = tokio::select! {
@@ -249,17 +242,12 @@ impl Discovery {
                     self.publish("etcd").await;
                     continue;
                 }
-                _ = probe.tick() => {
-                    if last_heard.elapsed() > WATCH_SILENCE_LIMIT {
-                        return Err(EtcdError::Timeout { endpoints: self.cfg.endpoints.join(", "), timeout: WATCH_SILENCE_LIMIT });
-                    }
-                    if last_heard.elapsed() >= PROGRESS_EVERY {
-                        stream.request_progress().await.map_err(|e| etcd.err(e))?;
-                    }
+                                _ = live.tick() => {
+                    live.check(&etcd, &mut stream).await?;
                     continue;
                 }
             };
-            last_heard = Instant::now();
+            live.heard();
             let Some(resp) = msg else {
                 return Err(etcd.err(etcd_client::Error::WatchError("watch stream ended".into())));
             };

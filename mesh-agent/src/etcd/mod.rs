@@ -114,6 +114,65 @@ impl Etcd {
 
 /// Exponential backoff from 100 ms to 5 s with +-25 % jitter, so sidecars that lost etcd at the
 /// same moment do not come back in lockstep.
+/// An idle watch is probed this often with a progress request...
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// ...and declared dead when nothing arrives for this long. (The Rust client does not fail
+/// over: a watch served by a dying member just goes quiet.)
+pub const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(6);
+
+/// Keeps a watch honest: `tick` fires every [`PROGRESS_EVERY`]; `check` then asks etcd for a
+/// progress notification when the watch has been idle, or fails it after
+/// [`WATCH_SILENCE_LIMIT`] of silence. Call `heard` on every message.
+pub struct WatchLiveness {
+    probe: tokio::time::Interval,
+    last_heard: std::time::Instant,
+}
+
+// === impl WatchLiveness ===
+
+impl WatchLiveness {
+    pub fn new() -> Self {
+        let mut probe = tokio::time::interval(PROGRESS_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            probe,
+            last_heard: std::time::Instant::now(),
+        }
+    }
+
+    pub async fn tick(&mut self) {
+        self.probe.tick().await;
+    }
+
+    pub fn heard(&mut self) {
+        self.last_heard = std::time::Instant::now();
+    }
+
+    pub async fn check(
+        &self,
+        etcd: &Etcd,
+        stream: &mut etcd_client::WatchStream,
+    ) -> Result<(), EtcdError> {
+        let silent = self.last_heard.elapsed();
+        if silent > WATCH_SILENCE_LIMIT {
+            return Err(EtcdError::Timeout {
+                endpoints: etcd.endpoints.clone(),
+                timeout: WATCH_SILENCE_LIMIT,
+            });
+        }
+        if silent >= PROGRESS_EVERY {
+            stream.request_progress().await.map_err(|e| etcd.err(e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for WatchLiveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub fn backoff(attempt: u32) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
     let nanos = std::time::SystemTime::now()

@@ -43,8 +43,6 @@ pub const MAX_PUBLISHED_KEYS: usize = 100;
 pub const GRACE: Duration = Duration::from_secs(5);
 /// ...then moves them to `limit / N` over this long.
 pub const DECAY: Duration = Duration::from_secs(10);
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(6);
 
 /// What a sidecar publishes: per global policy, demand (requests per second) per key (hex).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -424,23 +422,16 @@ async fn follow(
         s.connected = true;
         s.last_error = None;
     }
-    let mut probe = tokio::time::interval(PROGRESS_EVERY);
-    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    let mut live = super::WatchLiveness::new();
     loop {
         let msg = tokio::select! {
             msg = stream.message() => msg.map_err(|e| etcd.err(e))?,
-            _ = probe.tick() => {
-                if last_heard.elapsed() > WATCH_SILENCE_LIMIT {
-                    return Err(EtcdError::Timeout { endpoints: etcd.endpoints.clone(), timeout: WATCH_SILENCE_LIMIT });
-                }
-                if last_heard.elapsed() >= PROGRESS_EVERY {
-                    stream.request_progress().await.map_err(|e| etcd.err(e))?;
-                }
+                        _ = live.tick() => {
+                live.check(etcd, &mut stream).await?;
                 continue;
             }
         };
-        last_heard = Instant::now();
+        live.heard();
         let Some(resp) = msg else {
             return Err(etcd.err(etcd_client::Error::WatchError("watch stream ended".into())));
         };

@@ -133,18 +133,12 @@ fn b3_single(v: &HeaderValue) -> Option<SpanContext> {
     let sampled = parts.next();
     let trace_id = b3_trace_id(trace)?;
     let span_id = (span.len() == 16).then(|| hex_id(span, SpanId::from_hex))??;
-    let flags = match sampled {
-        Some("1") | Some("d") | None => TraceFlags::SAMPLED,
-        Some("0") => TraceFlags::default(),
+    let sampled = match sampled {
+        Some("1") | Some("d") | None => true,
+        Some("0") => false,
         Some(_) => return None,
     };
-    valid(SpanContext::new(
-        trace_id,
-        span_id,
-        flags,
-        true,
-        TraceState::default(),
-    ))
+    b3_context(trace_id, span_id, sampled)
 }
 
 fn b3_multi(headers: &HeaderMap) -> Option<SpanContext> {
@@ -154,6 +148,11 @@ fn b3_multi(headers: &HeaderMap) -> Option<SpanContext> {
     let span_id = (span.len() == 16).then(|| hex_id(span, SpanId::from_hex))??;
     let sampled =
         get(&B3_FLAGS) == Some("1") || matches!(get(&B3_SAMPLED), Some("1") | Some("true") | None);
+    b3_context(trace_id, span_id, sampled)
+}
+
+/// A remote parent from B3 (which carries no trace state).
+fn b3_context(trace_id: TraceId, span_id: SpanId, sampled: bool) -> Option<SpanContext> {
     let flags = if sampled {
         TraceFlags::SAMPLED
     } else {
