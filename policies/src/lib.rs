@@ -4,12 +4,14 @@
 //! This crate has no async and no I/O beyond parsing text, so the CLI (`policy validate`), the
 //! file store and every sidecar run exactly the same checks on exactly the same types.
 
+mod auth;
 mod document;
 mod limits;
 mod mesh;
 mod spiffe;
 mod validate;
 
+pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,
