@@ -54,6 +54,99 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         rate: u32,
     },
+    /// Wait until the sidecar's admin `/ready` answers 200, then exit 0 (or run the command given
+    /// after `--`). Exit 1 if not ready before the timeout. For app entrypoints and health checks.
+    WaitReady {
+        /// The sidecar's admin address (a wildcard address is dialed on loopback).
+        #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = trellis_proxy::config::DEFAULT_ADMIN_ADDR)]
+        admin: std::net::SocketAddr,
+        /// Give up after this long (`0s`: probe once).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Pause between probes.
+        #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Replace this process with the command once ready, e.g. `-- /app/server --port 8080`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Transparent interception: iptables rules redirecting the app's traffic to the sidecar.
+    Iptables {
+        #[command(subcommand)]
+        command: IptablesCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IptablesCommand {
+    /// Install (or refresh) the redirect rules in the current network namespace.
+    Install {
+        #[command(flatten)]
+        rules: IptablesArgs,
+        /// Print the `iptables-restore` input instead of applying it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove the rules and chains installed by `install`; nothing installed is not an error.
+    Remove {
+        /// Also remove the IPv6 rules.
+        #[arg(long)]
+        ipv6: bool,
+        /// Print the commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// The knobs of `mesh-agent iptables install`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IptablesArgs {
+    /// The UID the sidecar runs as; its own connections are never redirected.
+    #[arg(long, default_value_t = crate::iptables::DEFAULT_PROXY_UID)]
+    pub proxy_uid: u32,
+    /// Also exempt connections from this GID.
+    #[arg(long)]
+    pub proxy_gid: Option<u32>,
+    /// Where inbound TCP is redirected (the sidecar's `inbound.listen` port).
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Where the app's outbound TCP is redirected (the sidecar's `outbound.listen` port).
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// The admin port, never redirected (health probes reach it directly).
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// Capture outbound traffic only.
+    #[arg(long)]
+    pub no_inbound: bool,
+    /// Inbound ports left alone, comma-separated (e.g. an app port probed by the kubelet).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone (e.g. server-speaks-first protocols such as MySQL).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination networks left alone, `ip/prefix`, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_cidrs: Vec<String>,
+    /// Also program ip6tables.
+    #[arg(long)]
+    pub ipv6: bool,
+}
+
+impl IptablesArgs {
+    pub fn rules(&self) -> crate::iptables::Rules {
+        crate::iptables::Rules {
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+            admin_port: self.admin_port,
+            inbound: !self.no_inbound,
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -246,6 +339,13 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::WaitReady {
+            admin,
+            timeout,
+            interval,
+            command,
+        } => wait_ready(admin, timeout, interval, command),
+        Command::Iptables { command } => iptables(command),
         Command::Demo { duration, rate } => {
             let ok = runtime()?
                 .block_on(crate::demo::run(duration.map(Duration::from_secs), rate))
@@ -292,6 +392,70 @@ fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
     };
     for l in lines {
         println!("{l}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wait-ready`: exit 0 when ready, 1 on timeout; with a command, exec it once ready (126 if it
+/// cannot be executed, 127 if it does not exist, as a shell would).
+fn wait_ready(
+    admin: std::net::SocketAddr,
+    timeout: Duration,
+    interval: Duration,
+    command: Vec<String>,
+) -> Result<ExitCode, String> {
+    let addr = crate::wait_ready::dial_addr(admin);
+    crate::wait_ready::wait(addr, timeout, interval).map_err(|e| e.to_string())?;
+    let Some((program, args)) = command.split_first() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(program).args(args).exec();
+    eprintln!("error: cannot execute {program}: {err}");
+    Ok(ExitCode::from(
+        if err.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        },
+    ))
+}
+
+fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
+    use crate::iptables::{self as ipt, Family};
+    match command {
+        IptablesCommand::Install {
+            rules: args,
+            dry_run,
+        } => {
+            let rules = args.rules();
+            let families: &[Family] = if args.ipv6 {
+                &[Family::V4, Family::V6]
+            } else {
+                &[Family::V4]
+            };
+            for &family in families {
+                let input = ipt::install(&rules, family, dry_run).map_err(|e| e.to_string())?;
+                if dry_run {
+                    print!("# {family:?}\n{input}");
+                }
+            }
+            if !dry_run {
+                println!("installed transparent interception: outbound -> {}, inbound -> {}, sidecar uid {} exempt", rules.outbound_port, if rules.inbound { rules.inbound_port.to_string() } else { "off".into() }, rules.proxy_uid);
+            }
+        }
+        IptablesCommand::Remove { ipv6, dry_run } => {
+            let families: &[Family] = if ipv6 {
+                &[Family::V4, Family::V6]
+            } else {
+                &[Family::V4]
+            };
+            for &family in families {
+                for line in ipt::remove(family, dry_run).map_err(|e| e.to_string())? {
+                    println!("{line}");
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

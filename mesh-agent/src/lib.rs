@@ -6,9 +6,11 @@ pub mod cli;
 pub mod demo;
 pub mod dns;
 pub mod etcd;
+pub mod iptables;
 pub mod logging;
 pub mod policy;
 pub mod run;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod wait_ready;
