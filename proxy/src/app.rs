@@ -182,7 +182,14 @@ impl Proxy {
             metrics.clone(),
         );
         let (applied_tx, applied) = watch::channel(0u64);
+        let applied_clock = crate::route_metrics::AppliedClock::default();
+        self.registry
+            .register_collector(Box::new(crate::route_metrics::RouteCollector::new(
+                snapshot.clone(),
+                &applied_clock,
+            )));
         let applier = Applier {
+            clock: applied_clock,
             current: snapshot.clone(),
             local_zone: cfg.zone.clone(),
             pool: pool.clone(),
@@ -311,6 +318,7 @@ impl Proxy {
 
 /// What a snapshot updates: the route table, the connection pool, metrics and the limits.
 struct Applier {
+    clock: crate::route_metrics::AppliedClock,
     current: Arc<ArcSwap<RouteTable>>,
     local_zone: Option<String>,
     pool: Arc<PeerPool>,
@@ -329,6 +337,7 @@ impl Applier {
         applied: watch::Sender<u64>,
     ) {
         let Applier {
+            clock,
             current,
             local_zone,
             pool,
@@ -352,6 +361,7 @@ impl Applier {
                 let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
                 health.update(&table, &pool, &metrics);
                 current.store(table);
+                clock.mark();
                 applied.send_replace(version);
                 ready.take();
             }

@@ -118,7 +118,7 @@ impl Inbound {
             Ok(Ok(1)) => {}
             _ => return,
         }
-        let activity = Activity::new();
+        let activity = Activity::counted(self.metrics.byte_counters(INBOUND));
         let timeouts = ConnTimeouts::from(&self.limits);
         if first[0] != TLS_HANDSHAKE {
             if self.mode == InboundMode::Strict {
@@ -135,7 +135,10 @@ impl Inbound {
         }
         let acceptor = TlsAcceptor::from(self.tls.load().server_config());
         let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => {
+                self.metrics.tls_handshake(INBOUND);
+                tls
+            }
             Ok(Err(e)) => {
                 let reason = classify_io_error(&e);
                 self.metrics.tls_failure(INBOUND, reason.reason());

@@ -28,6 +28,7 @@ pub mod ratelimit;
 pub mod readiness;
 pub mod retry;
 pub mod route;
+pub mod route_metrics;
 pub mod server;
 pub mod snapshot;
 pub mod trace;

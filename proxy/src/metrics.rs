@@ -17,17 +17,13 @@ pub const INBOUND: &str = "inbound";
 /// Label used when the request named a service the mesh does not know.
 pub const UNKNOWN_SERVICE: &str = "unknown";
 
+/// Labels of request totals and latencies. `status_code` is bounded (HTTP codes are three
+/// digits, and only a few dozen occur); the route label arrives with the route table.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: &'static str,
     pub service: Arc<String>,
-    pub status_class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ServiceLabels {
-    pub direction: &'static str,
-    pub service: Arc<String>,
+    pub status_code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,9 +68,12 @@ struct BuildLabels {
 
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<ServiceLabels, Histogram>,
+    pub request_duration: Family<RequestLabels, Histogram>,
     pub open_connections: Family<DirectionLabels, Gauge>,
     pub connections: Family<DirectionLabels, Counter>,
+    pub read_bytes: Family<DirectionLabels, Counter>,
+    pub written_bytes: Family<DirectionLabels, Counter>,
+    pub tls_handshakes: Family<DirectionLabels, Counter>,
     pub tls_handshake_failures: Family<ReasonLabels, Counter>,
     pub proxy_errors: Family<CauseLabels, Counter>,
     pub cert_expiry: Gauge,
@@ -101,6 +100,9 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             open_connections: Family::default(),
             connections: Family::default(),
+            read_bytes: Family::default(),
+            written_bytes: Family::default(),
+            tls_handshakes: Family::default(),
             tls_handshake_failures: Family::default(),
             proxy_errors: Family::default(),
             cert_expiry: Gauge::default(),
@@ -112,7 +114,7 @@ impl Metrics {
         };
         registry.register(
             "requests",
-            "HTTP requests handled, by direction, destination service and status class",
+            "HTTP requests handled, by direction, destination service and status code",
             m.requests.clone(),
         );
         registry.register(
@@ -129,6 +131,21 @@ impl Metrics {
             "connections",
             "Client connections accepted",
             m.connections.clone(),
+        );
+        registry.register(
+            "read_bytes",
+            "Bytes read from client connections (after TLS decryption on inbound): app requests on outbound, peer requests on inbound",
+            m.read_bytes.clone(),
+        );
+        registry.register(
+            "written_bytes",
+            "Bytes written to client connections (before TLS encryption on inbound)",
+            m.written_bytes.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Completed mTLS handshakes (peer verified), by direction",
+            m.tls_handshakes.clone(),
         );
         registry.register(
             "tls_handshake_failures",
@@ -187,26 +204,28 @@ impl Metrics {
         status: u16,
         seconds: f64,
     ) {
-        let status_class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+        let labels = RequestLabels {
+            direction,
+            service: service.clone(),
+            status_code: status,
         };
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                service: service.clone(),
-                status_class,
-            })
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration.get_or_create(&labels).observe(seconds);
+    }
+
+    /// The byte counters of connections accepted in `direction`.
+    pub fn byte_counters(&self, direction: &'static str) -> ByteCounters {
+        let labels = DirectionLabels { direction };
+        ByteCounters {
+            read: self.read_bytes.get_or_create(&labels).clone(),
+            written: self.written_bytes.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn tls_handshake(&self, direction: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&DirectionLabels { direction })
             .inc();
-        self.request_duration
-            .get_or_create(&ServiceLabels {
-                direction,
-                service: service.clone(),
-            })
-            .observe(seconds);
     }
 
     pub fn tls_failure(&self, direction: &'static str, reason: &'static str) {
@@ -245,6 +264,14 @@ impl Metrics {
             .get_or_create(&CauseLabels { direction, cause })
             .inc();
     }
+}
+
+/// Byte counters for one direction's client connections; cheap to clone (shared atomics), so
+/// each connection's I/O wrapper holds its own handles and never looks up a label set.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCounters {
+    pub read: Counter,
+    pub written: Counter,
 }
 
 /// Counts a connection as open until dropped.
@@ -288,7 +315,7 @@ mod tests {
         let guard = ConnectionGuard::new(&m, INBOUND);
         m.tls_failure(INBOUND, "expired");
         let text = encode(&reg);
-        assert!(text.contains(r#"trellis_requests_total{direction="outbound",service="orders",status_class="5xx"} 1"#), "{text}");
+        assert!(text.contains(r#"trellis_requests_total{direction="outbound",service="orders",status_code="503"} 1"#), "{text}");
         assert!(
             text.contains(r#"trellis_open_connections{direction="inbound"} 1"#),
             "{text}"

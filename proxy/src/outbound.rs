@@ -98,7 +98,7 @@ impl Outbound {
             let builder = builder.clone();
             async move {
                 let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
-                let activity = Activity::new();
+                let activity = Activity::counted(this.metrics.byte_counters(OUTBOUND));
                 let timeouts = ConnTimeouts::from(&this.limits);
                 let act = activity.clone();
                 let svc = service_fn(move |req| {

@@ -165,13 +165,15 @@ pub async fn connect_tls(
             .await
             .map_err(|source| ProxyError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
-        TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
+        let tls = TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
             let reason = classify_io_error(&e);
             let message = describe_io_error(&e);
             metrics.tls_failure(OUTBOUND, reason.reason());
             tracing::warn!(peer = %addr, expected = %ep.identity, %reason, error = %message, "mTLS handshake with peer failed");
             ProxyError::Tls { addr, reason, message }
-        })
+        })?;
+        metrics.tls_handshake(OUTBOUND);
+        Ok(tls)
     };
     tokio::time::timeout(timeout, attempt)
         .await

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Limits;
 use crate::drain;
+use crate::metrics::ByteCounters;
 
 /// hyper refuses read buffers smaller than this.
 const MIN_H1_BUF: usize = 8192;
@@ -101,6 +102,8 @@ pub struct Activity {
     /// time out.
     h2: AtomicBool,
     saw_bytes: AtomicBool,
+    /// Where the connection's bytes are counted (unregistered counters for the admin port).
+    bytes: ByteCounters,
 }
 
 /// Marks a request in flight until dropped.
@@ -110,6 +113,11 @@ pub struct ActivityGuard(Arc<Activity>);
 
 impl Activity {
     pub fn new() -> Arc<Self> {
+        Self::counted(ByteCounters::default())
+    }
+
+    /// Activity of a connection whose bytes count towards `bytes`.
+    pub fn counted(bytes: ByteCounters) -> Arc<Self> {
         Arc::new(Self {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -117,6 +125,7 @@ impl Activity {
             head_since: AtomicU64::new(1),
             h2: AtomicBool::new(false),
             saw_bytes: AtomicBool::new(false),
+            bytes,
         })
     }
 
@@ -137,6 +146,7 @@ impl Activity {
 
     /// Bytes arrived from the client.
     fn on_read(&self, data: &[u8]) {
+        self.bytes.read.inc_by(data.len() as u64);
         if !self.saw_bytes.swap(true, Ordering::Relaxed) && data.starts_with(b"PRI ") {
             self.h2.store(true, Ordering::Relaxed);
         }
@@ -209,7 +219,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.activity.bytes.written.inc_by(n as u64);
+        }
+        res
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -222,7 +236,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res {
+            self.activity.bytes.written.inc_by(n as u64);
+        }
+        res
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

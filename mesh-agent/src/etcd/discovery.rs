@@ -64,6 +64,7 @@ struct Metrics {
     watch_restarts: Counter,
     resyncs: Counter,
     rejected: Family<KindLabels, Counter>,
+    freshness: super::freshness::Freshness,
 }
 
 pub struct Discovery {
@@ -105,7 +106,9 @@ impl Discovery {
             watch_restarts: Counter::default(),
             resyncs: Counter::default(),
             rejected: Family::default(),
+            freshness: Default::default(),
         };
+        registry.register_collector(Box::new(metrics.freshness.clone()));
         registry.register(
             "etcd_connected",
             "1 while the watch on etcd is established",
@@ -180,6 +183,7 @@ impl Discovery {
             let start = Instant::now();
             let err = self.session().await.err();
             self.metrics.connected.set(0);
+            self.metrics.freshness.disconnected();
             self.with_status(|s| {
                 s.connected = false;
                 s.last_error = err.as_ref().map(|e| e.to_string());
@@ -227,6 +231,7 @@ impl Discovery {
             .with_progress_notify();
         let mut stream = etcd.call(client.watch(prefix.as_str(), Some(opts))).await?;
         self.metrics.connected.set(1);
+        self.metrics.freshness.connected();
         self.with_status(|s| {
             s.connected = true;
             s.last_error = None;
@@ -351,6 +356,7 @@ impl Discovery {
                     });
                 // The cache is a fallback: a reachable etcd always gets a full read.
                 self.need_resync = true;
+                self.metrics.freshness.from_cache(cached.saved_at_unix);
                 tracing::warn!(
                     revision = cached.revision,
                     saved_at_unix = cached.saved_at_unix,

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod discovery;
+mod freshness;
 pub mod keys;
 pub mod ratelimit;
 pub mod registration;

@@ -31,19 +31,43 @@ async fn ready_waits_for_the_first_snapshot_and_metrics_count_traffic() {
     assert_eq!(client::get(&c, "http://echo/status/404").await.status, 404);
 
     let m = client::admin(admin, "/metrics").await.body;
-    let out = |class: &str| {
-        format!("trellis_requests_total{{direction=\"outbound\",service=\"echo\",status_class=\"{class}\"}}")
+    let out = |code: u16| {
+        format!("trellis_requests_total{{direction=\"outbound\",service=\"echo\",status_code=\"{code}\"}}")
     };
-    assert_eq!(metric(&m, &out("2xx")), 5.0, "{m}");
-    assert_eq!(metric(&m, &out("4xx")), 1.0);
+    assert_eq!(metric(&m, &out(200)), 5.0, "{m}");
+    assert_eq!(metric(&m, &out(404)), 1.0);
     assert_eq!(
         metric(
             &m,
-            "trellis_request_duration_seconds_count{direction=\"outbound\",service=\"echo\"}"
+            "trellis_request_duration_seconds_count{direction=\"outbound\",service=\"echo\",status_code=\"200\"}"
         ),
-        6.0
+        5.0
     );
     assert!(metric(&m, "trellis_cert_expiry_timestamp_seconds") > 1.7e9);
+    // One multiplexed mTLS connection to the peer carried all six requests.
+    assert_eq!(
+        metric(&m, "trellis_tls_handshakes_total{direction=\"outbound\"}"),
+        1.0,
+        "{m}"
+    );
+    // Six HTTP/1.1 request heads of at least `GET /echo HTTP/1.1\r\nhost: echo\r\n\r\n`,
+    // and six responses with a status line each.
+    let read = metric(&m, "trellis_read_bytes_total{direction=\"outbound\"}");
+    assert!(read >= 6.0 * 34.0, "{read}");
+    assert!(metric(&m, "trellis_written_bytes_total{direction=\"outbound\"}") >= 6.0 * 17.0);
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_endpoints{service=\"echo\",state=\"available\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "trellis_endpoints{service=\"echo\",state=\"ejected\"}"),
+        0.0
+    );
+    let age = metric(&m, "trellis_snapshot_age_seconds");
+    assert!((0.0..60.0).contains(&age), "{age}");
     assert!(m.contains("trellis_open_connections{direction=\"outbound\"}"));
     assert!(m.contains("trellis_build_info{version="));
     // Process metrics: this test process's own figures, within sane bounds.
@@ -56,10 +80,15 @@ async fn ready_waits_for_the_first_snapshot_and_metrics_count_traffic() {
     assert_eq!(
         metric(
             &sm,
-            "trellis_requests_total{direction=\"inbound\",service=\"echo\",status_class=\"2xx\"}"
+            "trellis_requests_total{direction=\"inbound\",service=\"echo\",status_code=\"200\"}"
         ),
         5.0
     );
+    assert_eq!(
+        metric(&sm, "trellis_tls_handshakes_total{direction=\"inbound\"}"),
+        1.0
+    );
+    assert!(metric(&sm, "trellis_read_bytes_total{direction=\"inbound\"}") > 0.0);
 
     let dump = client::admin(admin, "/config_dump").await;
     assert_eq!(dump.status, 200);

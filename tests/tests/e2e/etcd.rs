@@ -270,6 +270,10 @@ async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let d = dump(&m.client).await;
     assert_eq!(d["etcd"]["discovery"]["connected"], false);
+    let text = client::admin(m.client.bound.admin, "/metrics").await.body;
+    let stale = metric(&text, "trellis_etcd_state_staleness_seconds");
+    // Lost within the watch's liveness bound after the kill, 3 s ago.
+    assert!((0.5..3.5).contains(&stale), "staleness {stale}");
     m.etcd.members[0].restart().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (ok, failed) = load.stop().await;
@@ -320,6 +324,9 @@ async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
     assert!(ready.contains("serving from cache at revision"), "{ready}");
     let text = client::admin(restarted.bound.admin, "/metrics").await.body;
     assert_eq!(metric(&text, "trellis_etcd_serving_from_cache"), 1.0);
+    // As old as the cache file: written before the kill, at least a few hundred ms ago.
+    let stale = metric(&text, "trellis_etcd_state_staleness_seconds");
+    assert!((0.0..30.0).contains(&stale), "staleness {stale}");
     let c = client::h1(restarted.bound.outbound);
     assert_eq!(
         client::get(&c, "http://echo/echo").await.status,
@@ -336,6 +343,8 @@ async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
             .contains("cache")
     })
     .await;
+    let text = client::admin(restarted.bound.admin, "/metrics").await.body;
+    assert_eq!(metric(&text, "trellis_etcd_state_staleness_seconds"), 0.0);
     assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
     let _ = &m.server;
 }
