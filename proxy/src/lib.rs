@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod admin;
 
 pub mod app;
+pub mod auth;
 pub mod balance;
 pub mod body;
 pub mod breaker;
