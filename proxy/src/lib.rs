@@ -21,6 +21,7 @@ pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
+pub mod original_dst;
 pub mod outbound;
 pub mod pool;
 pub mod process_metrics;

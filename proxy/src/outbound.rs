@@ -24,6 +24,7 @@ use crate::headers::{
 };
 use crate::identity::IdentityStore;
 use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
+use crate::original_dst::{OriginalDst, Protocol};
 use crate::pool::PeerPool;
 use crate::retry::{idempotent, retry_after};
 use crate::route::{Choice, Route, RouteTable};
@@ -98,12 +99,23 @@ impl Outbound {
             let builder = builder.clone();
             async move {
                 let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
+                // Transparent interception: opaque TCP goes on to where the app sent it.
+                let redirected = crate::original_dst::redirected(&tcp);
+                if let Some(dst) = redirected {
+                    if crate::original_dst::detect(&tcp).await == Protocol::Opaque {
+                        crate::original_dst::tcp_passthrough(tcp, dst, this.connect_timeout).await;
+                        return;
+                    }
+                }
                 let activity = Activity::counted(this.metrics.byte_counters(OUTBOUND));
                 let timeouts = ConnTimeouts::from(&this.limits);
                 let act = activity.clone();
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |mut req: Request<Incoming>| {
                     let this = this.clone();
                     let guard = act.begin();
+                    if let Some(dst) = redirected {
+                        req.extensions_mut().insert(OriginalDst(dst));
+                    }
                     async move {
                         let resp = this.handle(req, client).await;
                         drop(guard);
@@ -184,6 +196,18 @@ impl Outbound {
         };
         let table = self.routes.load();
         let Some(route) = table.route(host).cloned() else {
+            if let Some(&OriginalDst(dst)) = req.extensions().get::<OriginalDst>() {
+                drop(table);
+                let result = crate::original_dst::http_passthrough(
+                    &self.external,
+                    dst,
+                    req,
+                    self.request_timeout,
+                    self.stream_idle,
+                )
+                .await;
+                return (crate::original_dst::passthrough_label(), result);
+            }
             return (
                 self.unknown.clone(),
                 Err(ProxyError::UnknownService(host.to_string())),
