@@ -80,6 +80,15 @@ impl Fetcher {
         })
     }
 
+    /// Trust other roots than the public ones (tests with a private CA).
+    #[cfg(test)]
+    pub(crate) fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        if self.tls.is_some() {
+            self.tls = Some(config);
+        }
+        self
+    }
+
     pub(crate) fn uri(&self) -> &Uri {
         &self.uri
     }

@@ -5,6 +5,7 @@
 //! key (`proxy/tests/fixtures/jwt_rsa_test_key.*`, made once with `openssl genrsa`), since
 //! ring cannot generate RSA keys.
 
+mod https;
 mod jwks_server;
 mod signer;
 mod verify;

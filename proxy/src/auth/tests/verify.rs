@@ -360,3 +360,14 @@ async fn verdicts_are_counted_per_provider_and_reason() {
     assert_eq!(status[0].source, "inline");
     assert_eq!(status[0].keys, ["hs-1 (HS256)"]);
 }
+
+#[test]
+fn authenticator_and_its_future_can_cross_threads() {
+    fn assert_send_sync<T: Send + Sync>(_: &T) {}
+    fn assert_send<T: Send>(_: &T) {}
+    let hs = Signer::hmac("hs-1");
+    let auth = authenticator(provider(JwksSource::Inline(jwks(&[&hs]))));
+    assert_send_sync(&auth);
+    let fut = auth.authenticate("a.b.c");
+    assert_send(&fut);
+}
