@@ -196,7 +196,12 @@ impl Jwks {
         match result {
             Ok(keys) => {
                 let generation = self.keys.load().generation + 1;
-                tracing::debug!(provider = %self.provider, uri = %fetcher.uri(), keys = keys.len(), "JWKS fetched");
+                tracing::debug!(
+                    provider = %self.provider,
+                    uri = %fetcher.uri(),
+                    keys = keys.len(),
+                    "JWKS fetched"
+                );
                 self.keys.store(Arc::new(KeySet {
                     keys,
                     generation,
@@ -210,7 +215,12 @@ impl Jwks {
                 true
             }
             Err(error) => {
-                tracing::warn!(provider = %self.provider, uri = %fetcher.uri(), %error, "JWKS fetch failed; keeping the last good key set");
+                tracing::warn!(
+                    provider = %self.provider,
+                    uri = %fetcher.uri(),
+                    %error,
+                    "JWKS fetch failed; keeping the last good key set"
+                );
                 status.failures += 1;
                 status.last_error = Some(error.to_string());
                 if let Some(c) = self.counters.get() {

@@ -346,9 +346,11 @@ impl Provider {
             };
             match value {
                 Ok(v) => out.push((header.clone(), v)),
-                Err(_) => {
-                    tracing::debug!(provider = %self.name, claim, "claim not forwardable as a header")
-                }
+                Err(_) => tracing::debug!(
+                    provider = %self.name,
+                    claim,
+                    "claim not forwardable as a header"
+                ),
             }
         }
         out

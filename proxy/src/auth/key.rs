@@ -232,7 +232,8 @@ mod tests {
         assert!(matches!(jwk(p384), Err(KeyError::UnsupportedType(_))));
         let enc = serde_json::json!({"kty": "RSA", "use": "enc", "n": "AA", "e": "AQAB"});
         assert!(matches!(jwk(enc), Err(KeyError::NotForSignatures(_))));
-        let none = serde_json::json!({"kty": "oct", "alg": "none", "k": URL_SAFE_NO_PAD.encode([7u8; 32])});
+        let secret = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let none = serde_json::json!({"kty": "oct", "alg": "none", "k": secret});
         assert!(matches!(jwk(none), Err(KeyError::AlgMismatch { .. })));
     }
 }

@@ -17,6 +17,7 @@ use trellis_policies::JwksSource;
 
 use super::signer::{jwks, Signer};
 use super::{authenticator, claims, provider};
+use crate::auth::jwks::Jwks;
 use crate::auth::{JwtAuthenticator, JwtError, MAX_JWKS_BYTES};
 
 /// Serves `body` at any path and counts requests; `stop()` closes the listener.
@@ -233,4 +234,28 @@ async fn never_fetched_is_jwks_unavailable() {
         .authenticate(&key.sign_with_header(&json!({"alg": "HS256"}), &claims()))
         .await;
     assert_eq!(r, Err(JwtError::JwksUnavailable));
+}
+
+#[tokio::test]
+async fn periodic_refresh_runs_until_the_key_set_is_dropped() {
+    let key = Signer::ec("p1");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    // Built directly: the policy's lower bounds (10 s, 1 s) would make this test slow.
+    let set = Arc::new(
+        Jwks::remote(
+            "p".into(),
+            &server.uri(),
+            Duration::from_millis(100),
+            Duration::from_millis(50),
+        )
+        .expect("uri"),
+    );
+    set.spawn_refresh();
+    wait_for_requests(&server, 3).await;
+    drop(set);
+    // A loop iteration that had already upgraded its reference finishes; then no more.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let n = server.requests();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(server.requests(), n);
 }
