@@ -54,6 +54,22 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         rate: u32,
     },
+    /// The demo's app on its own (for container examples): answers with its name and the
+    /// caller identity its sidecar verified, after calling `--call` through the sidecar.
+    DemoApp {
+        /// Where the app listens (its sidecar's `inbound.app`).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Name in responses (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A service to call for each request, `SERVICE` or `SERVICE/PATH`.
+        #[arg(long)]
+        call: Option<String>,
+        /// The sidecar's outbound listener, through which `--call` goes.
+        #[arg(long, default_value = trellis_proxy::config::DEFAULT_OUTBOUND_ADDR)]
+        outbound: std::net::SocketAddr,
+    },
     /// Wait until the sidecar's admin `/ready` answers 200, then exit 0 (or run the command given
     /// after `--`). Exit 1 if not ready before the timeout. For app entrypoints and health checks.
     WaitReady {
@@ -245,13 +261,17 @@ pub enum CertCommand {
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         validity: Duration,
         /// Replace an existing CA.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "if_missing")]
         force: bool,
+        /// Keep an existing CA and succeed (for setup jobs that run at every start).
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Issue a short-lived certificate for a service (`<service>.pem`, `<service>-key.pem`).
     Issue {
-        #[arg(long)]
-        service: String,
+        /// One or more services, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        service: Vec<String>,
         /// Directory holding the CA.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
@@ -304,8 +324,13 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     dir,
                     validity,
                     force,
+                    if_missing,
                 },
         } => {
+            if if_missing && dir.join("ca.pem").exists() {
+                println!("keeping the existing CA: {}", dir.join("ca.pem").display());
+                return Ok(ExitCode::SUCCESS);
+            }
             crate::cert::init(&trust_domain, &dir, validity, force).map_err(|e| e.to_string())?;
             println!(
                 "created CA for trust domain {trust_domain}: {}",
@@ -323,12 +348,15 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 },
         } => {
             let out = out.unwrap_or_else(|| dir.clone());
-            let id = crate::cert::issue(&dir, &service, ttl, &out).map_err(|e| e.to_string())?;
-            println!(
-                "issued {id} valid for {}: {}",
-                humantime::format_duration(ttl),
-                out.join(format!("{service}.pem")).display()
-            );
+            for service in service {
+                let id =
+                    crate::cert::issue(&dir, &service, ttl, &out).map_err(|e| e.to_string())?;
+                println!(
+                    "issued {id} valid for {}: {}",
+                    humantime::format_duration(ttl),
+                    out.join(format!("{service}.pem")).display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command } => policy(command),
@@ -346,6 +374,26 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             command,
         } => wait_ready(admin, timeout, interval, command),
         Command::Iptables { command } => iptables(command),
+        Command::DemoApp {
+            listen,
+            name,
+            call,
+            outbound,
+        } => {
+            let upstream = call.map(|c| {
+                let (service, path) = c.split_once('/').unwrap_or((c.as_str(), ""));
+                crate::demo_app::Upstream {
+                    outbound,
+                    service: service.to_string(),
+                    path: format!("/{path}"),
+                }
+            });
+            let name = name.unwrap_or_else(crate::run::hostname);
+            runtime()?
+                .block_on(crate::demo_app::run(listen, name, upstream))
+                .map_err(|e| format!("demo app on {listen}: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { duration, rate } => {
             let ok = runtime()?
                 .block_on(crate::demo::run(duration.map(Duration::from_secs), rate))

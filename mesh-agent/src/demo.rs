@@ -5,32 +5,18 @@
 //! orders app -> orders sidecar -> mTLS -> payments sidecar -> payments app.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use trellis_proxy::app::Running;
-use trellis_proxy::config::{Config, PEER_IDENTITY_HEADER};
+use trellis_proxy::config::Config;
 use trellis_proxy::identity::CertificateAuthority;
 
+use crate::demo_app;
+
 const TRUST_DOMAIN: &str = "demo.trellis.local";
-const TRACE_HEADERS: &[&str] = &[
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-sampled",
-];
 const SERVICES: [(&str, usize); 2] = [("orders", 2), ("payments", 2)];
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +36,6 @@ struct Stats {
 }
 
 type SharedStats = Arc<Mutex<Stats>>;
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 struct Instance {
     name: String,
@@ -71,9 +56,7 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> Result<bool, DemoErro
     }
     let mesh_file = dir.path().join("mesh.yaml");
     let stats: SharedStats = Arc::default();
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .set_host(false)
-        .build_http();
+    let client = demo_app::client();
 
     // Sidecars bind first (port 0), then the mesh file lists their real inbound addresses.
     let mut instances = Vec::new();
@@ -86,13 +69,26 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> Result<bool, DemoErro
                 .map_err(setup("bind backend"))?;
             let app_addr = app.local_addr().map_err(setup("backend address"))?;
             let (sidecar, store) = start_sidecar(service, dir.path(), app_addr, &mesh_file).await?;
-            let upstream = (service == "orders").then_some(sidecar.bound.outbound);
-            tokio::spawn(serve_backend(
+            let upstream = (service == "orders").then(|| demo_app::Upstream {
+                outbound: sidecar.bound.outbound,
+                service: "payments".into(),
+                path: "/charge".into(),
+            });
+            let tally = {
+                let (stats, name) = (stats.clone(), name.clone());
+                Arc::new(move |caller: &str| {
+                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                    let e = s.per_instance.entry(name.clone()).or_default();
+                    e.0 += 1;
+                    e.1.insert(caller.to_string());
+                })
+            };
+            tokio::spawn(demo_app::serve(
                 app,
                 name.clone(),
                 upstream,
                 client.clone(),
-                stats.clone(),
+                tally,
             ));
             instances.push(Instance {
                 name,
@@ -177,7 +173,7 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> Result<bool, DemoErro
         }
         let (client, outbound) = (client.clone(), frontend.bound.outbound);
         in_flight.spawn(async move {
-            call(
+            demo_app::call(
                 &client,
                 outbound,
                 "orders",
@@ -277,103 +273,6 @@ async fn wait_ready(sidecars: &[&Running]) -> Result<(), DemoError> {
 }
 
 /// GET `path` from `service` through a sidecar's outbound listener.
-async fn call(
-    client: &HttpClient,
-    outbound: SocketAddr,
-    service: &str,
-    path: &str,
-    incoming: &http::HeaderMap,
-) -> Result<String, String> {
-    let mut req = Request::get(format!("http://{outbound}{path}"))
-        .header(header::HOST, service)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    // Like any traced app: pass the trace context of the request being served to the calls it
-    // makes, so the whole chain is one trace.
-    for name in TRACE_HEADERS {
-        if let Some(v) = incoming.get(*name) {
-            req.headers_mut().insert(*name, v.clone());
-        }
-    }
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| format!("{service}: {e}"))?;
-    let status = resp.status();
-    let cause = resp
-        .headers()
-        .get("trellis-error")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    let body = String::from_utf8_lossy(&body).trim().to_string();
-    if status == StatusCode::OK {
-        Ok(body)
-    } else {
-        Err(format!(
-            "{service}{path}: {status} {} {body}",
-            cause.unwrap_or_default()
-        ))
-    }
-}
-
-/// A demo app. `orders` instances call `payments` through their own sidecar.
-async fn serve_backend(
-    listener: TcpListener,
-    name: String,
-    upstream: Option<SocketAddr>,
-    client: HttpClient,
-    stats: SharedStats,
-) {
-    let name = Arc::new(name);
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let (name, client, stats) = (name.clone(), client.clone(), stats.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let (name, client, stats) = (name.clone(), client.clone(), stats.clone());
-                async move {
-                    let caller = req
-                        .headers()
-                        .get(PEER_IDENTITY_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("(none)")
-                        .to_string();
-                    {
-                        let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                        let e = s.per_instance.entry(name.to_string()).or_default();
-                        e.0 += 1;
-                        e.1.insert(caller.clone());
-                    }
-                    let (status, body) = match upstream {
-                        None => (StatusCode::OK, format!("{{\"instance\":\"{name}\",\"caller\":\"{caller}\"}}")),
-                        Some(outbound) => match call(&client, outbound, "payments", "/charge", req.headers()).await {
-                            Ok(p) => (
-                                StatusCode::OK,
-                                format!("{{\"instance\":\"{name}\",\"caller\":\"{caller}\",\"payments\":{p}}}"),
-                            ),
-                            Err(e) => (StatusCode::BAD_GATEWAY, format!("{{\"error\":\"{e}\"}}")),
-                        },
-                    };
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
 /// Print what happened; `false` if an instance saw an unexpected caller identity.
 fn print_summary(stats: &SharedStats, ok: u64, failed: u64, frontend: &Running) -> bool {
     let s = stats.lock().unwrap_or_else(|p| p.into_inner());

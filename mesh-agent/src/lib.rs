@@ -4,6 +4,7 @@
 pub mod cert;
 pub mod cli;
 pub mod demo;
+pub mod demo_app;
 pub mod dns;
 pub mod etcd;
 pub mod iptables;

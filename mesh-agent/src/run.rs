@@ -1,6 +1,7 @@
 //! `mesh-agent run`: one sidecar, configured from a file, fed by the file store, stopped by
 //! SIGTERM/SIGINT or `POST /shutdown`.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -165,7 +166,9 @@ pub fn registration_record(
     bound_inbound: std::net::SocketAddr,
 ) -> Registration {
     let reg = &etcd.registration;
-    let address = reg.address.unwrap_or(bound_inbound);
+    let address = reg
+        .address
+        .unwrap_or_else(|| advertised(bound_inbound, &etcd.endpoints));
     let instance = reg
         .instance_id
         .clone()
@@ -186,7 +189,39 @@ pub fn registration_record(
     }
 }
 
-fn hostname() -> String {
+/// The address peers should dial when none is configured: the bound one, or for a wildcard
+/// listener the local address this host uses to reach etcd (the interface peers share with
+/// it: a container's or VM's own IP), found with a connected UDP socket, which sends nothing.
+fn advertised(bound: SocketAddr, etcd_endpoints: &[String]) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let found = etcd_endpoints.iter().find_map(|e| {
+        let host_port = e.split_once("://").map_or(e.as_str(), |(_, rest)| rest);
+        let host_port = host_port.trim_end_matches('/');
+        let target = host_port.to_socket_addrs().ok()?.next()?;
+        let any: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = std::net::UdpSocket::bind(any).ok()?;
+        sock.connect(target).ok()?;
+        Some(sock.local_addr().ok()?.ip())
+    });
+    match found {
+        Some(ip) => {
+            tracing::info!(%ip, "advertising the address this host reaches etcd from (set registration.address or TRELLIS_ADVERTISE_ADDR to override)");
+            SocketAddr::new(ip, bound.port())
+        }
+        None => {
+            tracing::warn!(%bound, "inbound listens on a wildcard address and no address to advertise was found: set registration.address or TRELLIS_ADVERTISE_ADDR");
+            bound
+        }
+    }
+}
+
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().replace(['/', ' '], "-"))
@@ -242,5 +277,25 @@ pub async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listener_advertises_the_address_etcd_is_reached_from() {
+        let bound: SocketAddr = "0.0.0.0:15006".parse().expect("addr");
+        let endpoints = vec!["http://127.0.0.1:2379".to_string()];
+        assert_eq!(
+            advertised(bound, &endpoints),
+            "127.0.0.1:15006".parse::<SocketAddr>().expect("addr")
+        );
+        // A concrete listen address is advertised as is.
+        let concrete: SocketAddr = "127.0.0.2:7000".parse().expect("addr");
+        assert_eq!(advertised(concrete, &endpoints), concrete);
+        // Nothing to go by: the bound address, with a warning.
+        assert_eq!(advertised(bound, &["http://[bad".to_string()]), bound);
     }
 }

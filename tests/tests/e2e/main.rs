@@ -8,6 +8,7 @@ mod dns;
 mod drain;
 mod errors;
 mod etcd;
+mod examples_compose;
 mod grpc;
 mod http;
 mod identity;
