@@ -210,7 +210,9 @@ impl Metrics {
             status_code: status,
         };
         self.requests.get_or_create(&labels).inc();
-        self.request_duration.get_or_create(&labels).observe(seconds);
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(seconds);
     }
 
     /// The byte counters of connections accepted in `direction`.
