@@ -38,6 +38,11 @@ pub struct Metadata {
 /// A policy whose spec has been checked against its kind's schema.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Policy {
+    /// Request routing for the hosts the spec names (see `docs/routing.md`).
+    HttpRoute {
+        name: String,
+        spec: Box<crate::HttpRouteSpec>,
+    },
     /// Timeouts for calls to one service. `metadata.name` is the service's name.
     ServicePolicy {
         service: String,
@@ -90,6 +95,7 @@ pub struct DocumentError {
 
 pub const KINDS: &[&str] = &[
     "ServicePolicy",
+    "HTTPRoute",
     "ExternalService",
     "RateLimitPolicy",
     "ConcurrencyLimitPolicy",
@@ -167,6 +173,16 @@ impl PolicyDocument {
                         retries: spec.retries.clone(),
                         health_check: spec.health_check.clone(),
                     }),
+                })
+            }
+            "HTTPRoute" => {
+                let spec: crate::HttpRouteSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate(&self.metadata.name)
+                    .map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::HttpRoute {
+                    name: self.metadata.name.clone(),
+                    spec: Box::new(spec),
                 })
             }
             "ExternalService" => {

@@ -6,6 +6,7 @@
 
 mod auth;
 mod document;
+mod http_route;
 mod limits;
 mod mesh;
 mod spiffe;
@@ -15,6 +16,11 @@ pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,
+};
+pub use http_route::{
+    compile_regex, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderModifier,
+    HttpPathMatch, HttpRouteMatch, HttpRouteRule, HttpRouteSpec, Mirror, Redirect, Rewrite,
+    ValueMatch,
 };
 pub use limits::{
     ConcurrencyLimitSpec, Limit, LimitKey, PathMatch, Per, RateLimitSpec, RouteMatch, Scope,

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct MeshDocument {
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+    /// HTTP routing by policy name (`HTTPRoute`, see `docs/routing.md`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub http_routes: BTreeMap<String, crate::HttpRouteSpec>,
     /// Rate limits by policy name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rate_limits: BTreeMap<String, crate::RateLimitSpec>,

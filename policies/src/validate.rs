@@ -174,6 +174,12 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
     let mut errs = Vec::new();
     let mut push = |path: String, message: String| errs.push(ValidationError { path, message });
 
+    for (name, route) in &doc.http_routes {
+        if let Err(m) = route.validate(name) {
+            let (field, message) = m.split_once(": ").unwrap_or(("", &m));
+            push(format!("http_routes.{name}.{field}"), message.to_string());
+        }
+    }
     for (name, rl) in &doc.rate_limits {
         if let Err(m) = rl.validate() {
             push(format!("rate_limits.{name}"), m);

@@ -175,6 +175,9 @@ impl MeshState {
                         .or_insert_with(ServiceSpec::default)
                         .external = Some(external.clone());
                 }
+                Entry::Policy(_, Policy::HttpRoute { name, spec }) => {
+                    doc.http_routes.insert(name.clone(), (**spec).clone());
+                }
                 Entry::Policy(_, Policy::RateLimit { name, spec }) => {
                     doc.rate_limits.insert(name.clone(), spec.clone());
                 }
