@@ -105,9 +105,6 @@ pub enum IptablesCommand {
     },
     /// Remove the rules and chains installed by `install`; nothing installed is not an error.
     Remove {
-        /// Also remove the IPv6 rules.
-        #[arg(long)]
-        ipv6: bool,
         /// Print the commands instead of running them.
         #[arg(long)]
         dry_run: bool,
@@ -144,9 +141,6 @@ pub struct IptablesArgs {
     /// Outbound destination networks left alone, `ip/prefix`, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<String>,
-    /// Also program ip6tables.
-    #[arg(long)]
-    pub ipv6: bool,
 }
 
 impl IptablesArgs {
@@ -469,6 +463,8 @@ fn wait_ready(
     ))
 }
 
+/// IPv4 only: the outbound listener binds one IPv4 loopback address, so IPv6 redirected to
+/// `[::1]` would find no listener; the app's IPv6 traffic is left alone instead.
 fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
     use crate::iptables::{self as ipt, Family};
     match command {
@@ -477,31 +473,23 @@ fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
             dry_run,
         } => {
             let rules = args.rules();
-            let families: &[Family] = if args.ipv6 {
-                &[Family::V4, Family::V6]
+            let input = ipt::install(&rules, Family::V4, dry_run).map_err(|e| e.to_string())?;
+            if dry_run {
+                print!("{input}");
             } else {
-                &[Family::V4]
-            };
-            for &family in families {
-                let input = ipt::install(&rules, family, dry_run).map_err(|e| e.to_string())?;
-                if dry_run {
-                    print!("# {family:?}\n{input}");
-                }
-            }
-            if !dry_run {
-                println!("installed transparent interception: outbound -> {}, inbound -> {}, sidecar uid {} exempt", rules.outbound_port, if rules.inbound { rules.inbound_port.to_string() } else { "off".into() }, rules.proxy_uid);
+                let inbound = match rules.inbound {
+                    true => rules.inbound_port.to_string(),
+                    false => "off".into(),
+                };
+                println!(
+                    "installed transparent interception: outbound -> {}, inbound -> {inbound}, uid {} exempt",
+                    rules.outbound_port, rules.proxy_uid
+                );
             }
         }
-        IptablesCommand::Remove { ipv6, dry_run } => {
-            let families: &[Family] = if ipv6 {
-                &[Family::V4, Family::V6]
-            } else {
-                &[Family::V4]
-            };
-            for &family in families {
-                for line in ipt::remove(family, dry_run).map_err(|e| e.to_string())? {
-                    println!("{line}");
-                }
+        IptablesCommand::Remove { dry_run } => {
+            for line in ipt::remove(Family::V4, dry_run).map_err(|e| e.to_string())? {
+                println!("{line}");
             }
         }
     }

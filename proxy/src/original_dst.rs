@@ -205,9 +205,11 @@ pub async fn http_passthrough(
     Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(stream_idle))))
 }
 
-/// The label requests passed through are counted under.
+/// The label requests passed through are counted under (one allocation per process).
 pub fn passthrough_label() -> Arc<String> {
-    Arc::new(PASSTHROUGH.to_string())
+    static LABEL: std::sync::LazyLock<Arc<String>> =
+        std::sync::LazyLock::new(|| Arc::new(PASSTHROUGH.to_string()));
+    LABEL.clone()
 }
 
 #[cfg(test)]
