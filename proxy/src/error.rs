@@ -15,6 +15,12 @@ use crate::identity::TlsFailure;
 /// A request the sidecar could not forward.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// HTTPRoutes name the host (not a mesh service) and none of their rules matches.
+    #[error("no route for `{0}` matches the request")]
+    NoRoute(String),
+    /// Fault injection by an HTTPRoute rule.
+    #[error("fault injected by route `{route}`")]
+    FaultAbort { route: String, status: StatusCode },
     #[error("request has no Host header or authority: cannot tell which service it is for")]
     MissingAuthority,
     #[error("unknown service `{0}`: it is not in the mesh")]
@@ -72,6 +78,8 @@ pub enum ProxyError {
 /// from the network is matched, never stored).
 pub fn known_cause(v: &[u8]) -> Option<&'static str> {
     const CAUSES: &[&str] = &[
+        "no-route",
+        "fault-abort",
         "missing-authority",
         "unknown-service",
         "no-endpoints",
@@ -96,6 +104,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingAuthority => StatusCode::BAD_REQUEST,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::FaultAbort { status, .. } => *status,
             Self::UnknownService(_)
             | Self::NoEndpoints(_)
             | Self::AllEjected(_)
@@ -126,6 +136,8 @@ impl ProxyError {
     pub fn cause(&self) -> &'static str {
         match self {
             Self::MissingAuthority => "missing-authority",
+            Self::NoRoute(_) => "no-route",
+            Self::FaultAbort { .. } => "fault-abort",
             Self::UnknownService(_) => "unknown-service",
             Self::NoEndpoints(_) => "no-endpoints",
             Self::AllEjected(_) => "all-endpoints-ejected",

@@ -31,6 +31,7 @@ pub mod readiness;
 pub mod retry;
 pub mod route;
 pub mod route_metrics;
+pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod trace;

@@ -23,6 +23,9 @@ pub const UNKNOWN_SERVICE: &str = "unknown";
 pub struct RequestLabels {
     pub direction: &'static str,
     pub service: Arc<String>,
+    /// The HTTPRoute rule's name, `default` when none routed the request (bounded by the
+    /// policies).
+    pub route: Arc<String>,
     pub status_code: u16,
 }
 
@@ -82,6 +85,8 @@ pub struct Metrics {
     pub snapshot_version: Gauge,
     pub outlier_events: Family<OutlierLabels, Counter>,
     pub endpoint_events: Family<EndpointLabels, Counter>,
+    /// The `route` label of requests no HTTPRoute routed.
+    pub default_route: Arc<String>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -111,6 +116,7 @@ impl Metrics {
             snapshot_version: Gauge::default(),
             outlier_events: Family::default(),
             endpoint_events: Family::default(),
+            default_route: Arc::new(crate::routing::DEFAULT_ROUTE.to_string()),
         };
         registry.register(
             "requests",
@@ -204,9 +210,22 @@ impl Metrics {
         status: u16,
         seconds: f64,
     ) {
+        self.record_routed_request(direction, service, &self.default_route, status, seconds);
+    }
+
+    /// As [`Metrics::record_request`], for a request an HTTPRoute rule (`route`) routed.
+    pub fn record_routed_request(
+        &self,
+        direction: &'static str,
+        service: &Arc<String>,
+        route: &Arc<String>,
+        status: u16,
+        seconds: f64,
+    ) {
         let labels = RequestLabels {
             direction,
             service: service.clone(),
+            route: route.clone(),
             status_code: status,
         };
         self.requests.get_or_create(&labels).inc();
@@ -317,7 +336,7 @@ mod tests {
         let guard = ConnectionGuard::new(&m, INBOUND);
         m.tls_failure(INBOUND, "expired");
         let text = encode(&reg);
-        assert!(text.contains(r#"trellis_requests_total{direction="outbound",service="orders",status_code="503"} 1"#), "{text}");
+        assert!(text.contains(r#"trellis_requests_total{direction="outbound",service="orders",route="default",status_code="503"} 1"#), "{text}");
         assert!(
             text.contains(r#"trellis_open_connections{direction="inbound"} 1"#),
             "{text}"

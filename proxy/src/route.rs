@@ -21,6 +21,8 @@ use crate::snapshot::{Endpoint, Service, Snapshot};
 pub struct RouteTable {
     pub snapshot: Arc<Snapshot>,
     routes: HashMap<String, Arc<Route>>,
+    /// The snapshot's HTTPRoutes, compiled against these routes.
+    pub routing: Arc<crate::routing::RoutingTable>,
 }
 
 pub struct Route {
@@ -67,6 +69,7 @@ impl RouteTable {
         Self {
             snapshot: Arc::new(Snapshot::default()),
             routes: HashMap::new(),
+            routing: Arc::default(),
         }
     }
 
@@ -129,7 +132,15 @@ impl RouteTable {
         }
         // Forget endpoints that left the mesh.
         stats_by_key.retain(|(addr, id), _| snapshot.has_endpoint(*addr, id));
-        Self { snapshot, routes }
+        let routing = Arc::new(crate::routing::RoutingTable::build(
+            &snapshot.http_routes,
+            |name| routes.get(name).cloned(),
+        ));
+        Self {
+            snapshot,
+            routes,
+            routing,
+        }
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {

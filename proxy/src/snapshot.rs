@@ -20,6 +20,9 @@ pub struct Snapshot {
     /// Human-readable origin, e.g. `file:/etc/trellis/mesh.yaml`.
     pub source: String,
     pub services: HashMap<String, Arc<Service>>,
+    /// HTTPRoutes by policy name (compiled into the route table's routing table).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub http_routes: BTreeMap<String, trellis_policies::HttpRouteSpec>,
     /// Rate limits by policy name (each sidecar enforces those of its own service).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub rate_limits: BTreeMap<String, RateLimitSpec>,
@@ -119,6 +122,7 @@ impl Snapshot {
             version,
             source,
             services,
+            http_routes: doc.http_routes.clone(),
             rate_limits: doc.rate_limits.clone(),
             concurrency_limits: doc.concurrency_limits.clone(),
         })

@@ -308,6 +308,13 @@ impl RequestSpan {
         }
     }
 
+    /// The HTTPRoute rule that routed the request (`http.route`).
+    pub fn route(&mut self, name: &str) {
+        if let Some(s) = self.recording() {
+            s.set_attribute(KeyValue::new("http.route", name.to_string()));
+        }
+    }
+
     /// The response status; `cause` is the sidecar's `trellis-error` when it answered itself.
     /// Server spans are errors on 5xx, client spans on 4xx and 5xx (semantic conventions).
     pub fn respond(&mut self, status: u16, cause: Option<&'static str>) {

@@ -32,14 +32,14 @@ async fn ready_waits_for_the_first_snapshot_and_metrics_count_traffic() {
 
     let m = client::admin(admin, "/metrics").await.body;
     let out = |code: u16| {
-        format!("trellis_requests_total{{direction=\"outbound\",service=\"echo\",status_code=\"{code}\"}}")
+        format!("trellis_requests_total{{direction=\"outbound\",service=\"echo\",route=\"default\",status_code=\"{code}\"}}")
     };
     assert_eq!(metric(&m, &out(200)), 5.0, "{m}");
     assert_eq!(metric(&m, &out(404)), 1.0);
     assert_eq!(
         metric(
             &m,
-            "trellis_request_duration_seconds_count{direction=\"outbound\",service=\"echo\",status_code=\"200\"}"
+            "trellis_request_duration_seconds_count{direction=\"outbound\",service=\"echo\",route=\"default\",status_code=\"200\"}"
         ),
         5.0
     );
@@ -80,7 +80,7 @@ async fn ready_waits_for_the_first_snapshot_and_metrics_count_traffic() {
     assert_eq!(
         metric(
             &sm,
-            "trellis_requests_total{direction=\"inbound\",service=\"echo\",status_code=\"200\"}"
+            "trellis_requests_total{direction=\"inbound\",service=\"echo\",route=\"default\",status_code=\"200\"}"
         ),
         5.0
     );

@@ -86,7 +86,7 @@ async fn unknown_service_no_endpoints_connect_failure_and_timeout() {
         ),
         1.0
     );
-    assert_eq!(metric(&text, "trellis_requests_total{direction=\"outbound\",service=\"unknown\",status_code=\"503\"}"), 1.0);
+    assert_eq!(metric(&text, "trellis_requests_total{direction=\"outbound\",service=\"unknown\",route=\"default\",status_code=\"503\"}"), 1.0);
 }
 
 #[tokio::test]
