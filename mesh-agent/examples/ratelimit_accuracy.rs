@@ -117,7 +117,7 @@ async fn drive(limits: Arc<RateLimits>, demand: Arc<AtomicU64>, admitted: Arc<At
         while credit >= 1.0 {
             credit -= 1.0;
             if limits
-                .check(&Method::GET, "/orders", &headers, None, source)
+                .check(&Method::GET, "/orders", &headers, None, source, None)
                 .is_ok()
             {
                 admitted.fetch_add(1, Relaxed);

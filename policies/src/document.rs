@@ -60,6 +60,21 @@ pub enum Policy {
         name: String,
         spec: ConcurrencyLimitSpec,
     },
+    /// Credentials a service's inbound requests must carry.
+    Authentication {
+        name: String,
+        spec: crate::AuthenticationSpec,
+    },
+    /// A consumer, named by `metadata.name`: its credentials and quota.
+    Consumer {
+        name: String,
+        spec: crate::ConsumerSpec,
+    },
+    /// Allow or deny rules on a service's inbound requests.
+    Authorization {
+        name: String,
+        spec: crate::AuthorizationSpec,
+    },
 }
 
 /// The spec of a `ServicePolicy`.
@@ -99,6 +114,9 @@ pub const KINDS: &[&str] = &[
     "ExternalService",
     "RateLimitPolicy",
     "ConcurrencyLimitPolicy",
+    "AuthenticationPolicy",
+    "Consumer",
+    "AuthorizationPolicy",
 ];
 
 // === impl PolicyDocument ===
@@ -214,6 +232,33 @@ impl PolicyDocument {
                     .map_err(|e| err(format!("spec: {e}")))?;
                 spec.validate().map_err(|m| err(format!("spec.{m}")))?;
                 Ok(Policy::ConcurrencyLimit {
+                    name: self.metadata.name.clone(),
+                    spec,
+                })
+            }
+            "AuthenticationPolicy" => {
+                let spec: crate::AuthenticationSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::Authentication {
+                    name: self.metadata.name.clone(),
+                    spec,
+                })
+            }
+            "Consumer" => {
+                let spec: crate::ConsumerSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::Consumer {
+                    name: self.metadata.name.clone(),
+                    spec,
+                })
+            }
+            "AuthorizationPolicy" => {
+                let spec: crate::AuthorizationSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::Authorization {
                     name: self.metadata.name.clone(),
                     spec,
                 })

@@ -5,6 +5,7 @@
 //! file store and every sidecar run exactly the same checks on exactly the same types.
 
 mod auth;
+mod access;
 mod document;
 mod http_route;
 mod limits;
@@ -13,6 +14,10 @@ mod spiffe;
 mod validate;
 
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
+pub use access::{
+    ApiKeySource, ApiKeySpec, AuthenticationSpec, AuthorizationSpec, AuthzAction, AuthzFrom,
+    AuthzMode, AuthzRule, AuthzTo, ConsumerSpec, JwtSubject, Quota,
+};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,

@@ -34,6 +34,10 @@ pub struct RateLimitSpec {
     /// to `limit.requests`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Only requests of this consumer (see `Consumer`) count. A consumer's `quota` becomes
+    /// such a limit on every service with an authentication policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
 }
 
 /// `ConcurrencyLimitPolicy`: at most `max_in_flight` requests at once (per sidecar), counted
@@ -89,6 +93,9 @@ pub struct LimitKey {
     /// Header values (lower-case names); a missing header is its own key value.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<String>,
+    /// The authenticated consumer (requests without one share the `none` key).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub consumer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +116,7 @@ pub enum Per {
 
 impl LimitKey {
     pub fn is_empty(&self) -> bool {
-        !self.client_identity && !self.source_ip && self.headers.is_empty()
+        !self.client_identity && !self.source_ip && self.headers.is_empty() && !self.consumer
     }
 }
 
@@ -191,7 +198,7 @@ impl ConcurrencyLimitSpec {
 // === impl RouteMatch ===
 
 impl RouteMatch {
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if let Some(p) = &self.path {
             let path = match (&p.exact, &p.prefix) {
                 (Some(v), None) | (None, Some(v)) => v,

@@ -23,6 +23,15 @@ pub struct MeshDocument {
     /// Concurrency limits by policy name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub concurrency_limits: BTreeMap<String, crate::ConcurrencyLimitSpec>,
+    /// Authentication policies by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub authentication: BTreeMap<String, crate::AuthenticationSpec>,
+    /// Consumers by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumers: BTreeMap<String, crate::ConsumerSpec>,
+    /// Authorization policies by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub authorization: BTreeMap<String, crate::AuthorizationSpec>,
 }
 
 /// One service: where its instances are and how to call it.

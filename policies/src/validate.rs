@@ -190,6 +190,21 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
             push(format!("concurrency_limits.{name}"), m);
         }
     }
+    for (name, a) in &doc.authentication {
+        if let Err(m) = a.validate() {
+            push(format!("authentication.{name}"), m);
+        }
+    }
+    for (name, c) in &doc.consumers {
+        if let Err(m) = c.validate() {
+            push(format!("consumers.{name}"), m);
+        }
+    }
+    for (name, a) in &doc.authorization {
+        if let Err(m) = a.validate() {
+            push(format!("authorization.{name}"), m);
+        }
+    }
     for (name, svc) in &doc.services {
         let base = format!("services.{name}");
         if let Err(m) = validate_service_name(name) {

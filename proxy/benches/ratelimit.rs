@@ -58,7 +58,7 @@ fn checks(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 i = (i + 1) % tenants.len();
-                let r = l.check(&get, "/orders/42", &tenants[i], Some(&peer), source);
+                let r = l.check(&get, "/orders/42", &tenants[i], Some(&peer), source, None);
                 std::hint::black_box(r.is_ok())
             })
         });

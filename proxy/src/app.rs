@@ -54,6 +54,7 @@ pub struct Proxy {
     ready: Ready,
     before_drain: Vec<BeforeDrain>,
     limits: Arc<RateLimits>,
+    access_control: Arc<crate::access::AccessControl>,
     log_level: Option<crate::admin::LogLevelFn>,
 }
 
@@ -85,7 +86,13 @@ impl Proxy {
     pub fn new(config: Config, snapshots: SnapshotRx) -> Self {
         let mut registry = Registry::with_prefix("trellis");
         let limits = RateLimits::new(&config.service, &mut registry);
+        let access_control = crate::access::AccessControl::new(
+            &config.service,
+            config.authorization.default,
+            &mut registry,
+        );
         Self {
+            access_control,
             config,
             snapshots,
             registry,
@@ -195,6 +202,7 @@ impl Proxy {
             pool: pool.clone(),
             metrics: metrics.clone(),
             limits: self.limits.clone(),
+            access_control: self.access_control.clone(),
         };
         let snapshot_task = tokio::spawn(applier.run(self.snapshots, snapshot_ready, applied_tx));
 
@@ -221,6 +229,7 @@ impl Proxy {
             tls.clone(),
             metrics.clone(),
             self.limits.clone(),
+            self.access_control.clone(),
             tracing_.clone(),
             access.clone(),
         ));
@@ -243,6 +252,7 @@ impl Proxy {
             let pool = pool.clone();
             let ready = ready.clone();
             let limits = self.limits.clone();
+            let access_control = self.access_control.clone();
             let sections = self.dump_sections;
             Arc::new(move || {
                 let t = tls.load();
@@ -256,6 +266,7 @@ impl Proxy {
                                         "snapshot": &*snapshot.load().snapshot,
                     "load_balancers": snapshot.load().dump(),
                                         "limits": limits.dump(),
+                    "access": access_control.dump(),
                     "peer_connections": pool.len(),
                     "ready": { "pending": ready.pending() },
                 });
@@ -324,6 +335,7 @@ struct Applier {
     pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
     limits: Arc<RateLimits>,
+    access_control: Arc<crate::access::AccessControl>,
 }
 
 // === impl Applier ===
@@ -343,6 +355,7 @@ impl Applier {
             pool,
             metrics,
             limits,
+            access_control,
         } = self;
         let mut ready = Some(ready);
         let registry = StatsRegistry::default();
@@ -358,6 +371,7 @@ impl Applier {
                 pool.retain(|addr, id| snap.has_endpoint(addr, id));
                 let version = snap.version;
                 limits.update(&snap);
+                access_control.update(&snap);
                 let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
                 health.update(&table, &pool, &metrics);
                 current.store(table);

@@ -60,6 +60,8 @@ pub const DEFAULT_TRACE_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ERROR_HEADER: &str = "trellis-error";
 /// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
 pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
+/// Header carrying the authenticated consumer's name to the app.
+pub const CONSUMER_HEADER: &str = "trellis-consumer";
 /// Set on retried attempts and passed to the app, so that a later hop that sees it (apps that
 /// propagate headers) does not retry again: retries happen at one hop only.
 pub const RETRIED_HEADER: &str = "trellis-retried";
@@ -126,6 +128,27 @@ pub struct Config {
     /// One line per proxied request.
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// What inbound requests no authorization policy speaks for get.
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
+}
+
+/// The sidecar's authorization default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// `allow` (default): requests pass unless a policy says otherwise. `deny`: a request must
+    /// match an `allow` rule of an `AuthorizationPolicy` of this service (zero trust).
+    #[serde(default)]
+    pub default: AuthzDefault,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzDefault {
+    #[default]
+    Allow,
+    Deny,
 }
 
 /// Access log lines: JSON (one object per line) or text, to stdout or a file.
@@ -587,6 +610,7 @@ impl Config {
             dns: DnsConfig::default(),
             tracing: TracingConfig::default(),
             access_log: AccessLogConfig::default(),
+            authorization: AuthorizationConfig::default(),
         }
     }
 

@@ -72,6 +72,15 @@ pub enum ProxyError {
         policy: std::sync::Arc<str>,
         max: u32,
     },
+    /// No valid credential. The reason goes to logs and metrics only: the caller learns
+    /// nothing that helps guess a key or forge a token.
+    #[error("authentication required")]
+    Unauthenticated {
+        reason: &'static str,
+        challenge: HeaderValue,
+    },
+    #[error("request denied by authorization policy")]
+    Denied { policy: std::sync::Arc<str> },
 }
 
 /// The causes a peer sidecar may name in `trellis-error`, as static strings (a header value
@@ -94,6 +103,8 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         "rate-limited",
         "concurrency-limited",
         "tls-plaintext",
+        "unauthenticated",
+        "denied",
     ];
     CAUSES.iter().copied().find(|c| c.as_bytes() == v)
 }
@@ -121,6 +132,8 @@ impl ProxyError {
             // Like Envoy's and Linkerd's overflow: another instance may have room, so the
             // caller's sidecar may retry it elsewhere.
             Self::ConcurrencyLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::Denied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -128,7 +141,10 @@ impl ProxyError {
     pub fn is_policy_decision(&self) -> bool {
         matches!(
             self,
-            Self::RateLimited { .. } | Self::ConcurrencyLimited { .. }
+            Self::RateLimited { .. }
+                | Self::ConcurrencyLimited { .. }
+                | Self::Unauthenticated { .. }
+                | Self::Denied { .. }
         )
     }
 
@@ -157,6 +173,8 @@ impl ProxyError {
             Self::ResponseTimeout { .. } => "response-timeout",
             Self::RateLimited { .. } => "rate-limited",
             Self::ConcurrencyLimited { .. } => "concurrency-limited",
+            Self::Unauthenticated { .. } => "unauthenticated",
+            Self::Denied { .. } => "denied",
         }
     }
 
@@ -188,6 +206,9 @@ impl ProxyError {
             }
             Self::ConcurrencyLimited { .. } => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::Unauthenticated { challenge, .. } => {
+                h.insert(http::header::WWW_AUTHENTICATE, challenge.clone());
             }
             _ => {}
         }

@@ -54,6 +54,7 @@ pub fn encode_timeout(d: Duration) -> HeaderValue {
 pub fn code_for(status: StatusCode) -> u32 {
     match status.as_u16() {
         400 | 431 => 13, // INTERNAL: the request could not be proxied
+        401 => 16,       // UNAUTHENTICATED
         403 => 7,        // PERMISSION_DENIED
         429 => 8,        // RESOURCE_EXHAUSTED
         502 | 503 => 14, // UNAVAILABLE

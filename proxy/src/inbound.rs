@@ -50,6 +50,7 @@ pub struct Inbound {
     h1: Client<AppConnector, Incoming>,
     h2: Client<AppConnector, Incoming>,
     rate_limits: Arc<RateLimits>,
+    access_control: Arc<crate::access::AccessControl>,
     tracing: Arc<crate::trace::Tracing>,
     access: Arc<crate::access_log::AccessLog>,
 }
@@ -62,6 +63,7 @@ impl Inbound {
         tls: IdentityStore,
         metrics: Arc<Metrics>,
         limits: Arc<RateLimits>,
+        access_control: Arc<crate::access::AccessControl>,
         tracing: Arc<crate::trace::Tracing>,
         access: Arc<crate::access_log::AccessLog>,
     ) -> Self {
@@ -88,6 +90,7 @@ impl Inbound {
             tracing,
             access,
             rate_limits: limits,
+            access_control,
         }
     }
 
@@ -238,20 +241,23 @@ impl Inbound {
         })
     }
 
-    /// Apply the service's rate and concurrency limits, then forward; the concurrency slots
-    /// are held until the response body ends.
+    /// Authenticate and authorize, apply the service's rate and concurrency limits (per
+    /// consumer too), then forward; the concurrency slots are held until the response body
+    /// ends.
     async fn limited(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let who = self.access_control.check(&mut req, peer.as_ref()).await?;
         let permits = self.rate_limits.check(
             req.method(),
             req.uri().path(),
             req.headers(),
             peer.as_ref(),
             client.ip(),
+            who.consumer.as_deref(),
         )?;
         let resp = self.forward(req, client, peer).await?;
         if permits.is_empty() {

@@ -4,6 +4,7 @@
 //! through a watch channel (from the file store today, from etcd later) and never calls out on
 //! the request path.
 
+pub mod access;
 pub mod access_log;
 pub mod admin;
 

@@ -28,6 +28,15 @@ pub struct Snapshot {
     pub rate_limits: BTreeMap<String, RateLimitSpec>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub concurrency_limits: BTreeMap<String, ConcurrencyLimitSpec>,
+    /// Authentication policies by name (each sidecar enforces those of its own service).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub authentication: BTreeMap<String, trellis_policies::AuthenticationSpec>,
+    /// Consumers by name. Not dumped: `/config_dump` shows them through the auth state,
+    /// without key digests.
+    #[serde(skip)]
+    pub consumers: BTreeMap<String, trellis_policies::ConsumerSpec>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub authorization: BTreeMap<String, trellis_policies::AuthorizationSpec>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,13 +127,18 @@ impl Snapshot {
             };
             services.insert(name.clone(), Arc::new(svc));
         }
+        let mut rate_limits = doc.rate_limits.clone();
+        rate_limits.extend(quota_limits(doc));
         Ok(Self {
             version,
             source,
             services,
             http_routes: doc.http_routes.clone(),
-            rate_limits: doc.rate_limits.clone(),
+            rate_limits,
             concurrency_limits: doc.concurrency_limits.clone(),
+            authentication: doc.authentication.clone(),
+            consumers: doc.consumers.clone(),
+            authorization: doc.authorization.clone(),
         })
     }
 
@@ -147,6 +161,39 @@ impl Snapshot {
                 .any(|e| e.addr == addr && &e.identity == identity)
         })
     }
+}
+
+/// Consumers' quotas as global rate limits: one per (consumer, service that authenticates its
+/// callers), named `quota.<consumer>.<service>`, counting only that consumer's requests. Every
+/// sidecar derives the same names from the same state, so the shares are coordinated through
+/// etcd like any global limit.
+fn quota_limits(doc: &MeshDocument) -> Vec<(String, RateLimitSpec)> {
+    let services: std::collections::BTreeSet<&str> = doc
+        .authentication
+        .values()
+        .map(|a| a.service.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for (consumer, spec) in &doc.consumers {
+        let Some(q) = spec.quota.filter(|_| !spec.disabled) else {
+            continue;
+        };
+        for service in &services {
+            out.push((
+                format!("quota.{consumer}.{service}"),
+                RateLimitSpec {
+                    service: service.to_string(),
+                    route: None,
+                    scope: trellis_policies::Scope::Global,
+                    key: Default::default(),
+                    limit: q.limit,
+                    burst: q.burst,
+                    consumer: Some(consumer.clone()),
+                },
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -39,12 +39,12 @@ fn decisions_do_not_allocate() {
         .collect();
     // First request per key creates its bucket (that allocates, once).
     for h in &tenants {
-        drop(limits.check(&Method::GET, "/a", h, Some(&peer), source));
+        drop(limits.check(&Method::GET, "/a", h, Some(&peer), source, None));
     }
     let (mut ok, mut refused) = (0, 0);
     let start = allocations();
     for i in 0..2000 {
-        match limits.check(&Method::GET, "/a", &tenants[i % 8], Some(&peer), source) {
+        match limits.check(&Method::GET, "/a", &tenants[i % 8], Some(&peer), source, None) {
             Ok(permits) => {
                 ok += 1;
                 drop(permits);

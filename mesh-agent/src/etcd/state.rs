@@ -184,6 +184,15 @@ impl MeshState {
                 Entry::Policy(_, Policy::ConcurrencyLimit { name, spec }) => {
                     doc.concurrency_limits.insert(name.clone(), spec.clone());
                 }
+                Entry::Policy(_, Policy::Authentication { name, spec }) => {
+                    doc.authentication.insert(name.clone(), spec.clone());
+                }
+                Entry::Policy(_, Policy::Consumer { name, spec }) => {
+                    doc.consumers.insert(name.clone(), spec.clone());
+                }
+                Entry::Policy(_, Policy::Authorization { name, spec }) => {
+                    doc.authorization.insert(name.clone(), spec.clone());
+                }
             }
         }
         for svc in doc.services.values_mut() {

@@ -21,6 +21,7 @@ pub struct RequestKey<'a> {
     pub headers: &'a HeaderMap,
     pub peer: Option<&'a HeaderValue>,
     pub source: IpAddr,
+    pub consumer: Option<&'a str>,
 }
 
 // === impl RequestKey ===
@@ -48,6 +49,12 @@ impl RequestKey<'_> {
             match self.headers.get(name.as_str()) {
                 Some(v) => part(&mut h, b'h', v.as_bytes()),
                 None => part(&mut h, b'H', b""),
+            }
+        }
+        if key.consumer {
+            match self.consumer {
+                Some(c) => part(&mut h, b'c', c.as_bytes()),
+                None => part(&mut h, b'C', b""),
             }
         }
         h.finish().max(1)
@@ -87,6 +94,7 @@ mod tests {
             client_identity,
             source_ip,
             headers: headers.iter().map(|s| s.to_string()).collect(),
+            consumer: false,
         }
     }
 
@@ -99,6 +107,7 @@ mod tests {
             headers: &headers,
             peer: Some(&peer),
             source: "10.0.0.1".parse().unwrap(),
+            consumer: None,
         };
         let k = key(true, true, &["x-tenant"]);
         assert_eq!(r.hash("p", &k), r.hash("p", &k));
@@ -125,7 +134,23 @@ mod tests {
             headers: &headers,
             peer: Some(&peer),
             source: "::ffff:10.0.0.1".parse().unwrap(),
+            consumer: None,
         };
         assert_eq!(r.hash("p", &k), mapped.hash("p", &k));
+        // Consumers key apart; no consumer is its own key.
+        let by_consumer = LimitKey {
+            consumer: true,
+            ..LimitKey::default()
+        };
+        let acme = RequestKey {
+            consumer: Some("acme"),
+            ..r
+        };
+        let anon = RequestKey {
+            consumer: None,
+            ..r
+        };
+        assert_ne!(acme.hash("p", &by_consumer), anon.hash("p", &by_consumer));
+        assert_eq!(anon.hash("p", &LimitKey::default()), acme.hash("p", &LimitKey::default()));
     }
 }

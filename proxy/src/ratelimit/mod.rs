@@ -206,6 +206,7 @@ impl RateLimits {
         headers: &HeaderMap,
         peer: Option<&HeaderValue>,
         source: IpAddr,
+        consumer: Option<&str>,
     ) -> Result<Permits, ProxyError> {
         let rules = self.rules.load();
         if rules.rate.is_empty() && rules.concurrency.is_empty() {
@@ -215,10 +216,11 @@ impl RateLimits {
             headers,
             peer,
             source,
+            consumer,
         };
         let mut now = None;
         for rule in &rules.rate {
-            if !rule.matches(method, path) {
+            if !rule.matches(method, path, consumer) {
                 continue;
             }
             let now = *now.get_or_insert_with(|| self.now());
@@ -387,11 +389,16 @@ impl RateRule {
         }
     }
 
-    fn matches(&self, method: &Method, path: &str) -> bool {
+    fn matches(&self, method: &Method, path: &str, consumer: Option<&str>) -> bool {
         self.spec
             .route
             .as_ref()
             .is_none_or(|r| r.matches(method.as_str(), path))
+            && self
+                .spec
+                .consumer
+                .as_deref()
+                .is_none_or(|c| consumer == Some(c))
     }
 
     /// The bucket burst that goes with a share: the policy's burst, in proportion.

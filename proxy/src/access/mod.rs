@@ -1,0 +1,277 @@
+//! Inbound access control: authentication (JWT, API keys, mTLS identity), consumers, and
+//! authorization, applied by a service's sidecar before its rate limits and the app.
+//!
+//! The state is compiled from each snapshot and swapped in whole ([`AccessControl::update`]);
+//! a request reads one consistent version. JWT authenticators survive snapshots whose JWT
+//! providers did not change, so their cached key sets (and refresh tasks) are kept.
+//!
+//! What the app receives: `trellis-consumer` (the consumer's name) and any JWT claims the
+//! provider forwards as headers; client-sent copies of these headers are removed first, so an
+//! app can trust them. API keys in a header are removed before the app sees them.
+
+mod audit;
+mod authn;
+mod authz;
+mod consumers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request};
+use prometheus_client::registry::Registry;
+use trellis_policies::JwtProviderSpec;
+
+pub use audit::AccessMetrics;
+pub use authz::DEFAULT_DENY;
+pub use consumers::key_digest;
+
+use crate::auth::{AuthMetrics, JwtAuthenticator, VerifiedToken};
+use crate::config::{AuthzDefault, CONSUMER_HEADER};
+use crate::error::ProxyError;
+use crate::snapshot::Snapshot;
+use authn::Authn;
+use authz::Authz;
+use consumers::ConsumerIndex;
+
+/// Who is calling, as far as the sidecar could verify.
+#[derive(Debug, Default)]
+pub struct Principal {
+    /// The peer's SPIFFE ID, verified by mTLS.
+    pub identity: Option<Arc<str>>,
+    /// The consumer its credential (API key, JWT subject or identity) belongs to.
+    pub consumer: Option<Arc<str>>,
+    /// Label of the API key used, for audit logs.
+    pub key_id: Option<Arc<str>>,
+    pub token: Option<VerifiedToken>,
+}
+
+pub struct AccessControl {
+    service: String,
+    default: AuthzDefault,
+    state: ArcSwap<State>,
+    metrics: AccessMetrics,
+    jwt_metrics: AuthMetrics,
+    /// Authenticators by policy name with the providers they were built from.
+    jwt_cache: Mutex<HashMap<String, (BTreeMap<String, JwtProviderSpec>, Arc<JwtAuthenticator>)>>,
+}
+
+struct State {
+    authn: Vec<Authn>,
+    consumers: ConsumerIndex,
+    authz: Authz,
+}
+
+// === impl Principal ===
+
+impl Principal {
+    pub fn is_authenticated(&self) -> bool {
+        self.identity.is_some() || self.consumer.is_some() || self.token.is_some()
+    }
+}
+
+// === impl AccessControl ===
+
+impl AccessControl {
+    pub fn new(service: &str, default: AuthzDefault, registry: &mut Registry) -> Arc<Self> {
+        Arc::new(Self {
+            service: service.to_string(),
+            default,
+            state: ArcSwap::from_pointee(State {
+                authn: Vec::new(),
+                consumers: ConsumerIndex::default(),
+                authz: Authz::build(service, [], default),
+            }),
+            metrics: AccessMetrics::register(registry),
+            jwt_metrics: AuthMetrics::register(registry),
+            jwt_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compile this service's policies from a snapshot. Must run inside a Tokio runtime (new
+    /// JWT providers start their key refresh).
+    pub fn update(&self, snap: &Snapshot) {
+        let mut cache = self.jwt_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next_cache = HashMap::new();
+        let mut authn = Vec::new();
+        for (name, spec) in &snap.authentication {
+            if spec.service != self.service {
+                continue;
+            }
+            let jwt = if spec.jwt.is_empty() {
+                None
+            } else {
+                match cache.remove(name) {
+                    Some((providers, a)) if providers == spec.jwt => Some(a),
+                    _ => {
+                        let providers: Vec<_> =
+                            spec.jwt.iter().map(|(n, p)| (n.clone(), p.clone())).collect();
+                        match JwtAuthenticator::new(providers, &self.jwt_metrics) {
+                            Ok(a) => {
+                                a.spawn_refresh();
+                                Some(Arc::new(a))
+                            }
+                            Err(e) => {
+                                tracing::error!(policy = %name, error = %e, "JWT providers unusable: tokens for this policy are refused");
+                                None
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(a) = &jwt {
+                next_cache.insert(name.clone(), (spec.jwt.clone(), a.clone()));
+            }
+            authn.push(Authn::new(name, spec, jwt, &self.service));
+        }
+        *cache = next_cache;
+        let state = State {
+            authn,
+            consumers: ConsumerIndex::build(&snap.consumers),
+            authz: Authz::build(&self.service, &snap.authorization, self.default),
+        };
+        self.state.store(Arc::new(state));
+    }
+
+    /// Authenticate and authorize an inbound request; on success the request carries the
+    /// consumer and forwarded-claim headers, and the principal goes on to the rate limits.
+    pub async fn check<B>(
+        &self,
+        req: &mut Request<B>,
+        peer: Option<&HeaderValue>,
+    ) -> Result<Principal, ProxyError> {
+        // Only the sidecar sets this header, whatever the policies.
+        if req.headers().contains_key(CONSUMER_HEADER) {
+            req.headers_mut().remove(CONSUMER_HEADER);
+        }
+        let state = self.state.load_full();
+        if state.authn.is_empty() && state.consumers.is_empty() && state.authz.is_empty() {
+            return Ok(Principal::default());
+        }
+        let mut who = Principal {
+            identity: peer.and_then(|p| p.to_str().ok()).map(Arc::from),
+            ..Principal::default()
+        };
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let refuse = |who: &Principal, reason: &'static str, challenge: &HeaderValue| {
+            audit::authn_refused(&self.metrics, &self.service, reason, who, &method, &path);
+            ProxyError::Unauthenticated {
+                reason,
+                challenge: challenge.clone(),
+            }
+        };
+
+        if let Some(a) = state.authn.iter().find(|a| a.applies(&method, &path)) {
+            if let Some(jwt) = &a.jwt {
+                for h in jwt.forwarded_header_names() {
+                    req.headers_mut().remove(h);
+                }
+            }
+            if a.accepts_tokens() && a.jwt.is_none() {
+                // Its providers could not be built: nothing it covers can be verified.
+                return Err(refuse(&who, "jwt_unavailable", &a.challenge));
+            }
+            let token = a
+                .jwt
+                .as_ref()
+                .and_then(|j| j.token_from(req.headers(), req.uri()))
+                .map(str::to_string);
+            let key = a
+                .accepts_api_keys()
+                .then(|| a.api_key(req.headers(), req.uri()))
+                .flatten();
+            if token.is_none() && key.is_none() {
+                if a.required {
+                    return Err(refuse(&who, "missing_credentials", &a.challenge));
+                }
+                self.metrics.authenticated("anonymous");
+            }
+            if let (Some(token), Some(jwt)) = (token, &a.jwt) {
+                match jwt.authenticate(&token).await {
+                    Ok(t) => {
+                        if let Some(c) = t
+                            .subject
+                            .as_deref()
+                            .and_then(|s| state.consumers.by_subject(&t.issuer, s))
+                        {
+                            if c.disabled {
+                                return Err(refuse(&who, "consumer_disabled", &a.challenge_invalid));
+                            }
+                            who.consumer = Some(c.name.clone());
+                        }
+                        for (h, v) in &t.forwarded_headers {
+                            req.headers_mut().insert(h.clone(), v.clone());
+                        }
+                        who.token = Some(t);
+                    }
+                    Err(e) => return Err(refuse(&who, e.reason(), &a.challenge_invalid)),
+                }
+            }
+            if let Some(key) = key {
+                match state.consumers.by_api_key(&key) {
+                    Some(c) if c.disabled => {
+                        who.key_id = c.key_id.clone();
+                        return Err(refuse(&who, "consumer_disabled", &a.challenge));
+                    }
+                    Some(c) => {
+                        who.key_id = c.key_id.clone();
+                        who.consumer = Some(c.name.clone());
+                        a.hide_api_key(req.headers_mut());
+                    }
+                    None => return Err(refuse(&who, "invalid_api_key", &a.challenge)),
+                }
+            }
+            if who.token.is_some() || who.consumer.is_some() {
+                self.metrics.authenticated("ok");
+            }
+        }
+        if who.consumer.is_none() {
+            if let Some(c) = who
+                .identity
+                .as_deref()
+                .and_then(|id| state.consumers.by_identity(id))
+                .filter(|c| !c.disabled)
+            {
+                who.consumer = Some(c.name.clone());
+            }
+        }
+
+        let verdict = state.authz.evaluate(&who, &method, &path);
+        if let Some(p) = &verdict.audit_denied_by {
+            audit::authz_refused(&self.metrics, &self.service, p, false, &who, &method, &path);
+        }
+        if let Some(policy) = verdict.denied_by {
+            audit::authz_refused(&self.metrics, &self.service, &policy, true, &who, &method, &path);
+            return Err(ProxyError::Denied { policy });
+        }
+        if let Some(c) = &who.consumer {
+            if let Ok(v) = HeaderValue::from_str(c) {
+                req.headers_mut().insert(CONSUMER_HEADER, v);
+            }
+        }
+        Ok(who)
+    }
+
+    /// Policies in force, key sets and consumer counts, for `/config_dump` (no key material).
+    pub fn dump(&self) -> serde_json::Value {
+        let s = self.state.load();
+        let authn: Vec<serde_json::Value> = s
+            .authn
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "policy": &*a.name,
+                    "required": a.required,
+                    "api_keys": a.accepts_api_keys(),
+                    "jwt": a.jwt.as_ref().map(|j| serde_json::to_value(j.status()).unwrap_or_default()),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "authentication": authn,
+            "consumer_credentials": s.consumers.len(),
+            "authorization_default": self.default,
+        })
+    }
+}
