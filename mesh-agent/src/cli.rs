@@ -170,6 +170,8 @@ pub enum PolicyCommand {
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
+        author: AuthorArg,
+        #[command(flatten)]
         etcd: EtcdArgs,
     },
     /// Validate policy documents without contacting etcd.
@@ -194,8 +196,48 @@ pub enum PolicyCommand {
         /// KIND/NAME
         reference: String,
         #[command(flatten)]
+        author: AuthorArg,
+        #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// Who changed a policy, when, and how (a diff per change), oldest first.
+    History {
+        /// KIND/NAME
+        reference: String,
+        #[arg(long, short, value_enum, default_value_t = crate::policy::OutputFormat::Table)]
+        output: crate::policy::OutputFormat,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Restore a policy as a history entry left it (validated again, recorded as a change).
+    Rollback {
+        /// KIND/NAME
+        reference: String,
+        /// A revision listed by `policy history` for this policy.
+        #[arg(long)]
+        to_revision: i64,
+        #[command(flatten)]
+        author: AuthorArg,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// Who a policy change is recorded under.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuthorArg {
+    /// Recorded in the policy's history; default: $USER, $LOGNAME or the uid.
+    #[arg(long, env = "TRELLIS_POLICY_AUTHOR")]
+    pub author: Option<String>,
+}
+
+impl AuthorArg {
+    pub fn resolve(&self) -> String {
+        match self.author.as_deref().map(str::trim) {
+            Some(a) if !a.is_empty() => a.to_string(),
+            _ => crate::policy::history::default_author(),
+        }
+    }
 }
 
 /// How the CLI reaches etcd.
@@ -411,11 +453,17 @@ fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
         PolicyCommand::Apply {
             file,
             dry_run,
+            author,
             etcd,
         } => {
             let docs = p::load_documents(&file).map_err(|e| e.to_string())?;
             runtime()?
-                .block_on(p::apply(&etcd.config(), &docs, dry_run))
+                .block_on(p::apply_as(
+                    &etcd.config(),
+                    &docs,
+                    dry_run,
+                    &author.resolve(),
+                ))
                 .map_err(|e| e.to_string())?
         }
         PolicyCommand::Get { reference, etcd } => {
@@ -426,9 +474,38 @@ fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
         PolicyCommand::List { etcd } => runtime()?
             .block_on(p::list(&etcd.config()))
             .map_err(|e| e.to_string())?,
-        PolicyCommand::Delete { reference, etcd } => {
+        PolicyCommand::Delete {
+            reference,
+            author,
+            etcd,
+        } => {
             vec![runtime()?
-                .block_on(p::delete(&etcd.config(), &reference))
+                .block_on(p::delete_as(&etcd.config(), &reference, &author.resolve()))
+                .map_err(|e| e.to_string())?]
+        }
+        PolicyCommand::History {
+            reference,
+            output,
+            etcd,
+        } => {
+            vec![runtime()?
+                .block_on(p::history(&etcd.config(), &reference, output))
+                .map_err(|e| e.to_string())?]
+        }
+        PolicyCommand::Rollback {
+            reference,
+            to_revision,
+            author,
+            etcd,
+        } => {
+            let author = author.resolve();
+            vec![runtime()?
+                .block_on(p::rollback(
+                    &etcd.config(),
+                    &reference,
+                    to_revision,
+                    &author,
+                ))
                 .map_err(|e| e.to_string())?]
         }
     };

@@ -2,18 +2,28 @@
 //!
 //! `apply` validates every document first and writes them all in one transaction, guarded by
 //! each key's stored revision (optimistic concurrency): if someone changed a policy between our
-//! read and our write, nothing is written and the command says so.
+//! read and our write, nothing is written and the command says so. Every change is recorded
+//! in the policy's history in the same transaction ([`history`]), and can be rolled back
+//! ([`rollback`]).
+
+mod diff;
+pub mod history;
+pub mod report;
+pub mod rollback;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::GetOptions;
 use trellis_policies::{parse_documents, PolicyDocument, Registration};
 use trellis_proxy::config::EtcdConfig;
 
 use crate::etcd::keys::Keys;
 use crate::etcd::registration::InstanceStatus;
 use crate::etcd::{Etcd, EtcdError};
+use history::{Action, Change};
+pub use report::OutputFormat;
+pub use rollback::rollback;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -34,6 +44,22 @@ pub enum PolicyError {
     NotFound(String),
     #[error("`{0}` is not KIND/NAME")]
     BadRef(String),
+    #[error("revision {revision} is not in the history of {reference} (its history revisions: {known}); see `mesh-agent policy history {reference}`")]
+    NotInHistory {
+        reference: String,
+        revision: i64,
+        known: String,
+    },
+    #[error("cannot roll {reference} back to revision {revision}: that version is not valid under the current rules: {reason}")]
+    RollbackInvalid {
+        reference: String,
+        revision: i64,
+        reason: String,
+    },
+    #[error("conflict: {0} changed in etcd while rolling back; nothing was written, check `policy history` and run rollback again")]
+    RollbackConflict(String),
+    #[error("cannot encode a document: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// Read every `.yaml`/`.yml` file (recursively for a directory) and return the valid documents,
@@ -99,31 +125,41 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), PolicyError>
     Ok(())
 }
 
-/// One line per document: what apply did (or would do).
+/// One line per document: what apply did (or would do). Recorded in the history with the OS
+/// user as author ([`history::default_author`]).
 pub async fn apply(
     cfg: &EtcdConfig,
     docs: &[PolicyDocument],
     dry_run: bool,
 ) -> Result<Vec<String>, PolicyError> {
+    apply_as(cfg, docs, dry_run, &history::default_author()).await
+}
+
+/// [`apply`] recorded in the history under `author`.
+pub async fn apply_as(
+    cfg: &EtcdConfig,
+    docs: &[PolicyDocument],
+    dry_run: bool,
+    author: &str,
+) -> Result<Vec<String>, PolicyError> {
     let etcd = Etcd::connect(cfg).await?;
     let mut client = etcd.client.clone();
     let keys = Keys::new(&cfg.prefix);
-    let mut compares = Vec::new();
-    let mut ops = Vec::new();
+    let mut changes = Vec::new();
     let mut report = Vec::new();
     for doc in docs {
         let key = keys.policy(&doc.kind, &doc.metadata.name);
-        let value = serde_json::to_vec(doc).unwrap_or_default();
         let current = etcd.call(client.get(key.as_str(), None)).await?;
-        let (mod_rev, same) = match current.kvs().first() {
+        let (mod_rev, previous, same) = match current.kvs().first() {
             Some(kv) => (
                 kv.mod_revision(),
+                Some(history::stored_value(kv.value())),
                 serde_json::from_slice::<PolicyDocument>(kv.value())
                     .ok()
                     .as_ref()
                     == Some(doc),
             ),
-            None => (0, false),
+            None => (0, None, false),
         };
         let verb = match (mod_rev, same) {
             (0, _) => "created",
@@ -131,35 +167,36 @@ pub async fn apply(
             _ => "configured",
         };
         report.push(format!("{} {verb}", doc.id()));
+        // A no-op apply writes nothing, so it leaves no history either.
         if same {
             continue;
         }
         // mod_revision 0 means "does not exist": create only if still absent.
-        compares.push(Compare::mod_revision(
-            key.as_str(),
-            CompareOp::Equal,
-            mod_rev,
-        ));
-        ops.push(TxnOp::put(key.as_str(), value, None));
+        changes.push(Change {
+            kind: doc.kind.clone(),
+            name: doc.metadata.name.clone(),
+            expected_mod_revision: mod_rev,
+            previous,
+            new: Some(doc.clone()),
+            action: Action::Apply,
+            from_revision: None,
+        });
     }
-    if dry_run || ops.is_empty() {
+    if dry_run || changes.is_empty() {
         if dry_run {
             report.iter_mut().for_each(|l| l.push_str(" (dry run)"));
         }
         return Ok(report);
     }
-    let txn = Txn::new().when(compares).and_then(ops);
-    let resp = etcd.call(client.txn(txn)).await?;
-    if !resp.succeeded() {
+    let Some(rev) = history::commit(&etcd, &keys, author, &changes).await? else {
         let ids: Vec<String> = docs.iter().map(|d| d.id()).collect();
         return Err(PolicyError::Conflict(ids.join(", ")));
-    }
-    let rev = resp.header().map_or(0, |h| h.revision());
+    };
     report.push(format!("applied at revision {rev}"));
     Ok(report)
 }
 
-fn parse_ref(r: &str) -> Result<(&str, &str), PolicyError> {
+pub(crate) fn parse_ref(r: &str) -> Result<(&str, &str), PolicyError> {
     r.split_once('/')
         .filter(|(k, n)| !k.is_empty() && !n.is_empty())
         .ok_or_else(|| PolicyError::BadRef(r.to_string()))
@@ -203,19 +240,52 @@ pub async fn list(cfg: &EtcdConfig) -> Result<Vec<String>, PolicyError> {
         .collect())
 }
 
+/// Delete a stored policy, recorded in the history with the OS user as author.
 pub async fn delete(cfg: &EtcdConfig, reference: &str) -> Result<String, PolicyError> {
+    delete_as(cfg, reference, &history::default_author()).await
+}
+
+/// [`delete`] recorded under `author`; guarded like an apply, so the value recorded as
+/// `previous` is exactly the one deleted.
+pub async fn delete_as(
+    cfg: &EtcdConfig,
+    reference: &str,
+    author: &str,
+) -> Result<String, PolicyError> {
     let (kind, name) = parse_ref(reference)?;
     let etcd = Etcd::connect(cfg).await?;
     let mut client = etcd.client.clone();
-    let key = Keys::new(&cfg.prefix).policy(kind, name);
-    let resp = etcd.call(client.delete(key, None)).await?;
-    if resp.deleted() == 0 {
-        return Err(PolicyError::NotFound(reference.to_string()));
-    }
-    Ok(format!(
-        "{reference} deleted at revision {}",
-        resp.header().map_or(0, |h| h.revision())
-    ))
+    let keys = Keys::new(&cfg.prefix);
+    let resp = etcd.call(client.get(keys.policy(kind, name), None)).await?;
+    let kv = resp
+        .kvs()
+        .first()
+        .ok_or_else(|| PolicyError::NotFound(reference.to_string()))?;
+    let change = Change {
+        kind: kind.to_string(),
+        name: name.to_string(),
+        expected_mod_revision: kv.mod_revision(),
+        previous: Some(history::stored_value(kv.value())),
+        new: None,
+        action: Action::Delete,
+        from_revision: None,
+    };
+    let rev = history::commit(&etcd, &keys, author, &[change])
+        .await?
+        .ok_or_else(|| PolicyError::Conflict(reference.to_string()))?;
+    Ok(format!("{reference} deleted at revision {rev}"))
+}
+
+/// `policy history KIND/NAME`: every recorded change, oldest first.
+pub async fn history(
+    cfg: &EtcdConfig,
+    reference: &str,
+    format: OutputFormat,
+) -> Result<String, PolicyError> {
+    let (kind, name) = parse_ref(reference)?;
+    let etcd = Etcd::connect(cfg).await?;
+    let entries = history::read(&etcd, &Keys::new(&cfg.prefix), kind, name).await?;
+    Ok(report::render(reference, &entries, format))
 }
 
 /// Services, instances with their lease TTLs, and the revision each sidecar has applied.

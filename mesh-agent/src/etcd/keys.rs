@@ -5,10 +5,12 @@
 //! <prefix>/v1/mesh/policies/<Kind>/<name>                    policy document (JSON)
 //! <prefix>/v1/status/<service>/<instance>                    applied revision (JSON), under the instance's lease
 //! <prefix>/v1/ratelimit/<service>/<instance>                 demand for global rate limits (JSON), under the instance's lease
+//! <prefix>/v1/history/<Kind>/<name>/<seq, 20 digits>          one audit entry per policy change (JSON)
 //! ```
 //!
 //! Sidecars watch `<prefix>/v1/mesh/` only: status writes, which every sidecar makes, never
-//! wake the others.
+//! wake the others, and neither do history entries, written in the same transaction as each
+//! policy change.
 
 /// Parsed meaning of a key under the mesh prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +72,16 @@ impl Keys {
         format!("{}/ratelimit/{service}/", self.root)
     }
 
+    /// The history of one policy. The sequence numbers are zero-padded so that key order is
+    /// numeric order, which lets one range delete prune the oldest entries.
+    pub fn history(&self, kind: &str, name: &str) -> String {
+        format!("{}/history/{kind}/{name}/", self.root)
+    }
+
+    pub fn history_entry(&self, kind: &str, name: &str, seq: u64) -> String {
+        format!("{}{seq:020}", self.history(kind, name))
+    }
+
     /// Classify a key read from the mesh prefix; `None` for keys this version does not know.
     pub fn parse<'a>(&self, key: &'a str) -> Option<MeshKey<'a>> {
         let rest = key.strip_prefix(&self.root)?.strip_prefix("/mesh/")?;
@@ -119,5 +131,15 @@ mod tests {
             !k.status("a", "b").starts_with(&k.mesh()),
             "status keys are outside the watched prefix"
         );
+        let h = k.history_entry("ServicePolicy", "orders", 7);
+        assert_eq!(
+            h,
+            "/trellis/v1/history/ServicePolicy/orders/00000000000000000007"
+        );
+        assert!(
+            !h.starts_with(&k.mesh()),
+            "history keys are outside the watched prefix"
+        );
+        assert!(h.starts_with(&k.history("ServicePolicy", "orders")));
     }
 }

@@ -13,6 +13,7 @@ mod grpc;
 mod http;
 mod identity;
 mod limits;
+mod policy_history;
 mod ratelimit;
 mod ratelimit_global;
 mod retry;
