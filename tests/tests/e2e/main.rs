@@ -11,6 +11,7 @@ mod etcd;
 mod examples_compose;
 mod grpc;
 mod http;
+mod http_route;
 mod identity;
 mod limits;
 mod policy_history;
