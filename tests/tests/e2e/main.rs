@@ -1,6 +1,7 @@
 //! End-to-end tests over real sockets: app client -> outbound sidecar -> mTLS -> inbound
 //! sidecar -> app server, all on loopback.
 
+mod access;
 mod access_log;
 mod admin;
 mod balance;
