@@ -240,7 +240,7 @@ fn shipped_examples_are_valid() {
     ]));
     assert_eq!(
         out.lines().filter(|l| l.ends_with(" valid")).count(),
-        5,
+        6,
         "{out}"
     );
 }
