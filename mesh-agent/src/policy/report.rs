@@ -38,13 +38,21 @@ pub fn diff_lines(r: &Recorded) -> Vec<String> {
     )
 }
 
+/// Whether the value an entry replaced is not the one the entry before it wrote: someone wrote
+/// the policy around `mesh-agent` (e.g. with etcdctl) in between, which the history cannot
+/// attribute but can point out.
+fn changed_outside(entries: &[Recorded], i: usize) -> bool {
+    i > 0 && entries[i].entry.previous != entries[i - 1].entry.new
+}
+
 pub fn render(reference: &str, entries: &[Recorded], format: OutputFormat) -> String {
     match format {
         OutputFormat::Table => table(reference, entries),
         OutputFormat::Json => {
             let rows: Vec<Value> = entries
                 .iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     json!({
                         "revision": r.revision,
                         "time": r.entry.time,
@@ -54,6 +62,7 @@ pub fn render(reference: &str, entries: &[Recorded], format: OutputFormat) -> St
                         "previous": r.entry.previous,
                         "new": r.entry.new,
                         "diff": diff_lines(r),
+                        "changed_outside": changed_outside(entries, i),
                     })
                 })
                 .collect();
@@ -76,7 +85,7 @@ fn table(reference: &str, entries: &[Recorded]) -> String {
         "{:<10} {:<20}  {:<author_w$}  ACTION\n",
         "REVISION", "TIME", "AUTHOR"
     );
-    for r in entries {
+    for (i, r) in entries.iter().enumerate() {
         out.push_str(&format!(
             "{:<10} {:<20}  {:<author_w$}  {}\n",
             r.revision,
@@ -84,6 +93,9 @@ fn table(reference: &str, entries: &[Recorded]) -> String {
             r.entry.author,
             action(r)
         ));
+        if changed_outside(entries, i) {
+            out.push_str("    ! written outside mesh-agent since the previous entry; diff from the value replaced\n");
+        }
         for line in diff_lines(r) {
             out.push_str("    ");
             out.push_str(&line);
@@ -138,5 +150,20 @@ mod tests {
         assert_eq!(j[2]["action"], "delete");
         assert_eq!(j[2]["new"], Value::Null);
         assert_eq!(j[1]["diff"][1], "-  request_timeout: 1s");
+        assert_eq!(j[1]["changed_outside"], false);
+    }
+
+    #[test]
+    fn writes_around_the_cli_are_pointed_out() {
+        let v = |t: &str| Some(json!({"spec": {"request_timeout": t}}));
+        let rows = [
+            rec(5, Action::Apply, None, v("1s")),
+            rec(9, Action::Apply, v("7s"), v("2s")),
+        ];
+        let t = render("x", &rows, OutputFormat::Table);
+        assert!(t.contains("! written outside mesh-agent"), "{t}");
+        let j: Value = serde_json::from_str(&render("x", &rows, OutputFormat::Json)).unwrap();
+        assert_eq!(j[0]["changed_outside"], false);
+        assert_eq!(j[1]["changed_outside"], true);
     }
 }

@@ -431,3 +431,33 @@ async fn mesh_watchers_never_see_history_writes() {
     );
     assert_eq!(seen_mesh[2].0, EventType::Delete);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_around_the_cli_are_flagged_in_the_history() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let cfg = etcd_cfg(etcd.endpoints());
+    policy::apply_as(&cfg, &doc("1s"), false, "a")
+        .await
+        .unwrap();
+    // etcdctl-style write: no history entry of its own.
+    let mut c = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let direct = r#"{"apiVersion":"trellis.dev/v1","kind":"ServicePolicy","metadata":{"name":"echo"},"spec":{"request_timeout":"7s"}}"#;
+    c.put("/trellis/v1/mesh/policies/ServicePolicy/echo", direct, None)
+        .await
+        .unwrap();
+    policy::apply_as(&cfg, &doc("2s"), false, "a")
+        .await
+        .unwrap();
+    let h = history_json(&cfg).await;
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[0]["changed_outside"], false);
+    assert_eq!(h[1]["changed_outside"], true);
+    assert!(
+        h[1]["diff"]
+            .as_array()
+            .unwrap()
+            .contains(&"-  request_timeout: 7s".into()),
+        "the diff is from the value actually replaced: {h:#?}"
+    );
+}
