@@ -29,7 +29,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p mesh-agent \
-    && install -D -m 0755 target/release/mesh-agent /out/mesh-agent
+    && install -D -m 0755 target/release/mesh-agent /out/mesh-agent \
+    && mkdir -p /out/etc/trellis/certs
 
 # The init container for transparent interception (examples/kubernetes/deployment.yaml): the
 # same binary plus iptables, run as root with NET_ADMIN before the sidecar starts.
@@ -44,6 +45,10 @@ CMD ["iptables", "install"]
 # The sidecar (the default target: last stage).
 FROM ${RUNTIME_IMAGE} AS runtime
 COPY --from=build /out/mesh-agent /usr/local/bin/mesh-agent
+# An empty /etc/trellis/certs owned by the sidecar's user: a named volume mounted there starts
+# with this ownership, so setup jobs (`mesh-agent cert init|issue --dir /etc/trellis/certs`) can
+# write to it as uid 1337. Bind mounts keep their own ownership.
+COPY --from=build --chown=1337:1337 /out/etc/trellis /etc/trellis
 USER 1337:1337
 ENV TRELLIS_CONFIG=/etc/trellis/sidecar.yaml \
     TRELLIS_LOG_FORMAT=json

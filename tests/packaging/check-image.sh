@@ -4,7 +4,8 @@
 # Dockerfile itself (USER, ENV, EXPOSE, HEALTHCHECK, ENTRYPOINT + CMD):
 #
 #   1. the binary needs only libraries the runtime base image has (distroless/cc: glibc, libm,
-#      libgcc_s) and no newer glibc than Debian 12's 2.36;
+#      libgcc_s) and no newer glibc than Debian 12's 2.36; setup jobs can write certificates to
+#      the image's /etc/trellis/certs as its user (named volumes inherit that ownership);
 #   2. run as the image's user, with only the image's environment, from /, in a fresh network
 #      namespace (so the image's default ports are free), it binds exactly the EXPOSEd ports;
 #   3. the HEALTHCHECK command exits 0 once the sidecar is ready, and non-zero when nothing
@@ -41,9 +42,16 @@ healthcheck=$(printf '%s\n' "$runtime" | sed -n 's/^HEALTHCHECK .*CMD \[\(.*\)\]
 entrypoint=$(printf '%s\n' "$runtime" | sed -n 's/^ENTRYPOINT \[\(.*\)\]$/\1/p' | tr -d '",')
 cmd=$(printf '%s\n' "$runtime" | sed -n 's/^CMD \[\(.*\)\]$/\1/p' | tr -d '",')
 stopsignal=$(printf '%s\n' "$runtime" | awk '$1=="STOPSIGNAL"{print $2}')
-binary_path=$(printf '%s\n' "$runtime" | awk '$1=="COPY" && /--from=build/{print $NF}')
+# Two COPY lines: the binary, and the empty /etc/trellis skeleton owned by the image's user.
+copies=$(printf '%s\n' "$runtime" | awk '$1=="COPY"{print $NF}')
+binary_path=$(head -1 <<<"$copies")
+config_dir=$(sed -n 2p <<<"$copies")
 [ "$binary_path" = /usr/local/bin/mesh-agent ] || fail "runtime stage copies the binary to '$binary_path'"
-[ "$(printf '%s\n' "$runtime" | grep -c '^COPY')" = 1 ] || fail "runtime stage must copy the binary only"
+if [ "$(wc -l <<<"$copies")" != 2 ] || [ "$config_dir" != /etc/trellis ]; then
+  fail "runtime stage must copy the binary and /etc/trellis only (got: $(echo "$copies" | tr '\n' ' '))"
+fi
+grep -q -- "--chown=$(printf '%s\n' "$runtime" | awk '$1=="USER"{print $2}' | tail -1) .* /etc/trellis$" <<<"$runtime" \
+  || fail "/etc/trellis must belong to the image's user (named volumes for certificates inherit it)"
 [ -n "$healthcheck" ] || fail "no HEALTHCHECK in the runtime stage"
 echo "image: user $uid:$gid, ports $expose, env [$env_line], healthcheck [$healthcheck], run [$entrypoint $cmd]"
 
@@ -84,11 +92,17 @@ trap cleanup EXIT
 install -D -m 0755 "$bin" "$work/rootfs$binary_path"
 image_bin=$work/rootfs$binary_path
 chmod 0755 "$work"
-# What an operator mounts: a config and certificates readable by the image's uid.
-certs=$work/certs
-"$bin" cert init --trust-domain image.test --dir "$certs" >/dev/null
-"$bin" cert issue --service orders --dir "$certs" >/dev/null
+# The image's /etc/trellis/certs, owned by its user. A setup job writes certificates there as
+# that user (what a named volume mounted there allows); the sidecar then reads them.
+certs=$work/rootfs$config_dir/certs
+install -d -o "$uid" -g "$gid" "$work/rootfs$config_dir" "$certs"
+step "setup jobs write certificates as uid $uid"
+(cd / && setpriv --reuid "$uid" --regid "$gid" --clear-groups "$image_bin" cert init --trust-domain image.test --dir "$certs" >/dev/null) \
+  || fail "cert init as uid $uid cannot write $config_dir/certs"
+(cd / && setpriv --reuid "$uid" --regid "$gid" --clear-groups "$image_bin" cert issue --service orders --dir "$certs" >/dev/null) \
+  || fail "cert issue as uid $uid failed"
 rm "$certs/ca-key.pem"  # never shipped to a sidecar
+echo "ok: cert init and cert issue as uid $uid"
 cat >"$work/sidecar.yaml" <<EOF
 service: orders
 trust_domain: image.test
@@ -97,7 +111,6 @@ store: {file: $work/mesh.yaml}
 tracing: {enabled: false}
 EOF
 echo 'services: {}' >"$work/mesh.yaml"
-chown -R "$uid:$gid" "$certs"
 
 # The image's environment, nothing else; TRELLIS_CONFIG re-pointed at the staged file.
 declare -a image_env=("PATH=/usr/local/bin:/usr/bin:/bin")
