@@ -20,7 +20,9 @@ enum PathCond {
     Exact(String),
     /// Without its trailing '/'; empty for `/` (every path).
     Prefix(String),
-    Regex(Regex, usize),
+    /// The regex, its pattern length (for precedence) and a literal prefix every match starts
+    /// with (a cheap filter before running the regex).
+    Regex(Regex, usize, String),
 }
 
 #[derive(Debug)]
@@ -75,7 +77,7 @@ impl Matcher {
                 exact: None,
                 prefix: None,
                 regex: Some(r),
-            }) => PathCond::Regex(compile_regex(r)?, r.len()),
+            }) => PathCond::Regex(compile_regex(r)?, r.len(), literal_prefix(r)),
             Some(_) => return Err("path: set exactly one of exact, prefix, regex".into()),
         };
         let method = m
@@ -126,7 +128,9 @@ impl Matcher {
                 }
                 p.len()
             }
-            PathCond::Regex(r, _) => r.is_match(path).then_some(0)?,
+            PathCond::Regex(r, _, literal) => {
+                (path.starts_with(literal.as_str()) && r.is_match(path)).then_some(0)?
+            }
         };
         for (name, cond) in &self.headers {
             let v = headers.get(name);
@@ -146,7 +150,7 @@ impl Matcher {
         let (exact, path_len, prefix) = match &self.path {
             PathCond::Exact(e) => (1, e.len(), 0),
             PathCond::Prefix(p) => (0, p.len(), 1),
-            PathCond::Regex(_, len) => (0, *len, 0),
+            PathCond::Regex(_, len, _) => (0, *len, 0),
         };
         Precedence {
             exact,
@@ -191,6 +195,26 @@ impl ValueCond {
             (_, Some(v)) => v.to_str().is_ok_and(|s| self.matches(Some(s))),
         }
     }
+}
+
+/// The literal text every match of `pattern` starts with: its leading plain characters, less
+/// the last one if a quantifier follows it; nothing for a pattern with an alternation or flags.
+fn literal_prefix(pattern: &str) -> String {
+    if pattern.contains('|') || pattern.starts_with("(?") {
+        return String::new();
+    }
+    let mut out = String::new();
+    for c in pattern.chars() {
+        match c {
+            '?' | '*' | '{' => {
+                out.pop();
+                break;
+            }
+            '\\' | '.' | '+' | '(' | ')' | '[' | ']' | '}' | '^' | '$' => break,
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The value of the first `name` parameter of a query string, as sent (`a` in `?a` is present
@@ -239,6 +263,19 @@ mod tests {
         assert!(hit(&re, "GET", "/users/42", &[]).is_some());
         assert!(hit(&re, "GET", "/users/42/x", &[]).is_none());
         assert!(hit(&re, "GET", "/users/abc", &[]).is_none());
+    }
+
+    #[test]
+    fn regex_literal_prefix_is_a_safe_filter() {
+        assert_eq!(literal_prefix("/users/[0-9]+"), "/users/");
+        assert_eq!(literal_prefix("/ab?c"), "/a");
+        assert_eq!(literal_prefix("/a+"), "/a");
+        assert_eq!(literal_prefix("/x|/y"), "");
+        assert_eq!(literal_prefix("(?i)/a"), "");
+        assert_eq!(literal_prefix(r"/a\.b"), "/a");
+        let re = m("path: {regex: '/v[0-9]/(a|b)'}");
+        assert!(hit(&re, "GET", "/v1/b", &[]).is_some());
+        assert!(hit(&re, "GET", "/w1/b", &[]).is_none());
     }
 
     #[test]
