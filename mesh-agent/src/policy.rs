@@ -58,6 +58,8 @@ pub enum PolicyError {
     },
     #[error("conflict: {0} changed in etcd while rolling back; nothing was written, check `policy history` and run rollback again")]
     RollbackConflict(String),
+    #[error("{changes} changed document(s) need more operations than etcd allows in one transaction (--max-txn-ops, default 128: 64 documents, 42 once their histories are full); apply fewer at a time ({source})")]
+    TooManyOps { changes: usize, source: EtcdError },
     #[error("cannot encode a document: {0}")]
     Encode(#[from] serde_json::Error),
 }

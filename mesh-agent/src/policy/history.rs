@@ -153,9 +153,20 @@ pub async fn commit(
         }
     }
     let mut client = etcd.client.clone();
-    let resp = etcd
+    let resp = match etcd
         .call(client.txn(Txn::new().when(compares).and_then(ops)))
-        .await?;
+        .await
+    {
+        Ok(resp) => resp,
+        // The limit is the server's (`--max-txn-ops`), so it is recognized, not predicted.
+        Err(e) if e.to_string().contains("too many operations in txn request") => {
+            return Err(PolicyError::TooManyOps {
+                changes: changes.len(),
+                source: e,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(resp
         .succeeded()
         .then(|| resp.header().map_or(0, |h| h.revision())))

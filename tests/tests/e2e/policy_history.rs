@@ -461,3 +461,34 @@ async fn writes_around_the_cli_are_flagged_in_the_history() {
         "the diff is from the value actually replaced: {h:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_too_large_for_one_transaction_is_explained() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let cfg = etcd_cfg(etcd.endpoints());
+    // 2 operations per changed document (policy + entry) against etcd's default of 128.
+    let docs = |n: usize| -> Vec<PolicyDocument> {
+        (0..n)
+            .map(|i| {
+                let yaml = format!(
+                    "apiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {{name: s{i}}}\nspec: {{request_timeout: 1s}}\n"
+                );
+                parse_documents(&yaml, "t").remove(0).unwrap()
+            })
+            .collect()
+    };
+    let err = policy::apply_as(&cfg, &docs(65), false, "a")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PolicyError::TooManyOps { changes: 65, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("apply fewer at a time"), "{err}");
+    assert!(
+        policy::list(&cfg).await.unwrap().is_empty(),
+        "nothing written"
+    );
+    policy::apply_as(&cfg, &docs(64), false, "a").await.unwrap();
+}
