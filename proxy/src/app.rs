@@ -265,6 +265,7 @@ impl Proxy {
                     },
                                         "snapshot": &*snapshot.load().snapshot,
                     "load_balancers": snapshot.load().dump(),
+                    "routing": snapshot.load().routing.dump(),
                                         "limits": limits.dump(),
                     "access": access_control.dump(),
                     "peer_connections": pool.len(),

@@ -578,4 +578,9 @@ async fn http_route_applied_through_etcd_and_checked_by_policy_validate() {
         dump["snapshot"]["http_routes"]["web"]["rules"][0]["name"],
         "teapot"
     );
+    // Precedence as the sidecar applies it: the exact match before the prefix.
+    assert_eq!(
+        dump["routing"]["echo"]["match_order"],
+        serde_json::json!(["teapot", "api"])
+    );
 }
