@@ -29,6 +29,10 @@ pub enum Command {
         /// Sidecar configuration (YAML). `TRELLIS_*` environment variables override fields.
         #[arg(long, short, env = "TRELLIS_CONFIG")]
         config: PathBuf,
+        /// `ingress`: an edge gateway; the configuration must have an `ingress` section (TLS
+        /// listener, certificates). A sidecar may have one too.
+        #[arg(long, value_enum, default_value_t = RunMode::Sidecar, env = "TRELLIS_MODE")]
+        mode: RunMode,
     },
     /// Certificate authority and workload certificates.
     Cert {
@@ -157,6 +161,12 @@ impl IptablesArgs {
             exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
         }
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    Sidecar,
+    Ingress,
 }
 
 #[derive(Subcommand, Debug)]
@@ -346,8 +356,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn execute(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Run { config } => {
+        Command::Run { config, mode } => {
             let cfg = trellis_proxy::config::Config::load(&config).map_err(|e| e.to_string())?;
+            if mode == RunMode::Ingress && cfg.ingress.is_none() {
+                return Err(format!(
+                    "{}: --mode ingress needs an `ingress` section (listen, certificates)",
+                    config.display()
+                ));
+            }
             runtime()?
                 .block_on(crate::run::run(cfg))
                 .map_err(|e| e.to_string())?;

@@ -244,7 +244,9 @@ impl ConsumerSpec {
         }
         for (i, s) in self.jwt_subjects.iter().enumerate() {
             if s.issuer.is_empty() || s.subject.is_empty() {
-                return Err(format!("jwt_subjects[{i}]: issuer and subject are required"));
+                return Err(format!(
+                    "jwt_subjects[{i}]: issuer and subject are required"
+                ));
             }
         }
         for (i, id) in self.identities.iter().enumerate() {
@@ -270,7 +272,9 @@ impl AuthorizationSpec {
     pub fn validate(&self) -> Result<(), String> {
         crate::validate_service_name(&self.service).map_err(|m| format!("service: {m}"))?;
         if self.rules.is_empty() {
-            return Err("rules: at least one rule (a rule with no conditions matches every request)".into());
+            return Err(
+                "rules: at least one rule (a rule with no conditions matches every request)".into(),
+            );
         }
         check_len("rules", self.rules.len())?;
         for (i, r) in self.rules.iter().enumerate() {
@@ -282,8 +286,14 @@ impl AuthorizationSpec {
                     ));
                 }
             }
-            check_len(&format!("rules[{i}].from.identities"), r.from.identities.len())?;
-            check_len(&format!("rules[{i}].from.consumers"), r.from.consumers.len())?;
+            check_len(
+                &format!("rules[{i}].from.identities"),
+                r.from.identities.len(),
+            )?;
+            check_len(
+                &format!("rules[{i}].from.consumers"),
+                r.from.consumers.len(),
+            )?;
             check_len(&format!("rules[{i}].to.routes"), r.to.routes.len())?;
             for (j, route) in r.to.routes.iter().enumerate() {
                 route

@@ -4,8 +4,8 @@
 //! This crate has no async and no I/O beyond parsing text, so the CLI (`policy validate`), the
 //! file store and every sidecar run exactly the same checks on exactly the same types.
 
-mod auth;
 mod access;
+mod auth;
 mod document;
 mod http_route;
 mod limits;
@@ -13,11 +13,11 @@ mod mesh;
 mod spiffe;
 mod validate;
 
-pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use access::{
     ApiKeySource, ApiKeySpec, AuthenticationSpec, AuthorizationSpec, AuthzAction, AuthzFrom,
     AuthzMode, AuthzRule, AuthzTo, ConsumerSpec, JwtSubject, Quota,
 };
+pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,

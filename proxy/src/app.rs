@@ -34,6 +34,8 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
+    #[error("ingress: {0}")]
+    Ingress(String),
     #[error("cannot bind {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -64,6 +66,9 @@ pub struct Bound {
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
+    /// The ingress TLS listener and its plain HTTP listener, when configured.
+    pub ingress: Option<SocketAddr>,
+    pub ingress_http: Option<SocketAddr>,
 }
 
 /// Asks a running sidecar to drain and stop. Cheap to clone.
@@ -169,6 +174,16 @@ impl Proxy {
         let inbound_l = bind("inbound", cfg.inbound.listen).await?;
         let outbound_l = bind("outbound", cfg.outbound.listen).await?;
         let admin_l = bind("admin", cfg.admin.listen).await?;
+        let (ingress_l, ingress_http_l) = match &cfg.ingress {
+            Some(ing) => {
+                let http = match &ing.http {
+                    Some(h) => Some(bind("ingress http", h.listen).await?),
+                    None => None,
+                };
+                (Some(bind("ingress", ing.listen).await?), http)
+            }
+            None => (None, None),
+        };
         let local = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| StartError::Bind { what, addr, source })
@@ -177,6 +192,14 @@ impl Proxy {
             inbound: local(&inbound_l, "inbound", cfg.inbound.listen)?,
             outbound: local(&outbound_l, "outbound", cfg.outbound.listen)?,
             admin: local(&admin_l, "admin", cfg.admin.listen)?,
+            ingress: match &ingress_l {
+                Some(l) => Some(local(l, "ingress", cfg.admin.listen)?),
+                None => None,
+            },
+            ingress_http: match &ingress_http_l {
+                Some(l) => Some(local(l, "ingress http", cfg.admin.listen)?),
+                None => None,
+            },
         };
 
         let snapshot = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
@@ -242,6 +265,34 @@ impl Proxy {
             tracing_.clone(),
             access,
         ));
+        if let (Some(ing), Some(listener)) = (&cfg.ingress, ingress_l) {
+            let certs = crate::ingress::certs::SniCerts::load(&ing.certificates)
+                .map_err(|e| StartError::Ingress(e.to_string()))?;
+            let resolver = crate::ingress::certs::Resolver::new(certs);
+            crate::ingress::certs::spawn_reloader(
+                resolver.clone(),
+                ing.certificates.clone(),
+                cfg.identity.reload_interval,
+                metrics.clone(),
+            );
+            let server_config = crate::ingress::server_config(resolver)
+                .map_err(|e| StartError::Ingress(e.to_string()))?;
+            let https_port = bound.ingress.map_or(443, |a| a.port());
+            let ingress = Arc::new(crate::ingress::Ingress::new(
+                outbound.clone(),
+                self.access_control.clone(),
+                self.limits.clone(),
+                metrics.clone(),
+                cfg.limits.clone(),
+                server_config,
+                https_port,
+            ));
+            // Outside clients stop with the inbound listener: first in the drain order.
+            tokio::spawn(ingress.clone().serve_tls(listener, inbound_drain.clone()));
+            if let (Some(h), Some(l)) = (&ing.http, ingress_http_l) {
+                tokio::spawn(ingress.serve_http(l, inbound_drain.clone(), h.redirect_to_https));
+            }
+        }
         tokio::spawn(inbound.serve(inbound_l, inbound_drain));
         tokio::spawn(outbound.serve(outbound_l, outbound_drain));
 

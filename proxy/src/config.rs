@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
 pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_INGRESS_ADDR: &str = "0.0.0.0:8443";
 pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_TRUST_DOMAIN: &str = "trellis.local";
 /// Largest request head (request line + headers) accepted, in bytes. Larger: 431.
@@ -131,6 +132,49 @@ pub struct Config {
     /// What inbound requests no authorization policy speaks for get.
     #[serde(default)]
     pub authorization: AuthorizationConfig,
+    /// Ingress gateway listeners (`mesh-agent run --mode ingress`): TLS from outside clients,
+    /// routed to mesh services over mTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressConfig>,
+}
+
+/// An ingress gateway: TLS termination with a certificate per SNI host name, then the same
+/// routing as the outbound listener, after this sidecar's authentication, authorization and
+/// rate limits (policies naming `service`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    #[serde(default = "d_ingress_listen")]
+    pub listen: SocketAddr,
+    /// Server certificates; the first is the default for clients without (or with an unknown)
+    /// SNI name. Re-read when they change, like the identity files.
+    pub certificates: Vec<ServerCertificate>,
+    /// A plain HTTP listener, e.g. on port 80.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<IngressHttpConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCertificate {
+    /// Host names it serves: exact, or `*.example.com` for one label.
+    pub hosts: Vec<String>,
+    /// PEM: leaf then intermediates.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressHttpConfig {
+    pub listen: SocketAddr,
+    /// Answer every request with a redirect to `https://` (308) instead of serving it.
+    #[serde(default = "d_true")]
+    pub redirect_to_https: bool,
+}
+
+fn d_ingress_listen() -> SocketAddr {
+    parse_addr(DEFAULT_INGRESS_ADDR)
 }
 
 /// The sidecar's authorization default.
@@ -611,6 +655,7 @@ impl Config {
             tracing: TracingConfig::default(),
             access_log: AccessLogConfig::default(),
             authorization: AuthorizationConfig::default(),
+            ingress: None,
         }
     }
 
@@ -714,6 +759,27 @@ impl Config {
             .map_err(|m| invalid("service", m))?;
         trellis_policies::SpiffeId::for_service(&self.trust_domain, &self.service)
             .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        if let Some(ing) = &self.ingress {
+            if ing.certificates.is_empty() {
+                return Err(invalid(
+                    "ingress.certificates",
+                    "at least one server certificate".into(),
+                ));
+            }
+            for (i, c) in ing.certificates.iter().enumerate() {
+                if c.hosts.is_empty() {
+                    return Err(invalid(
+                        &format!("ingress.certificates[{i}].hosts"),
+                        "at least one host name".into(),
+                    ));
+                }
+                for h in &c.hosts {
+                    let bare = h.strip_prefix("*.").unwrap_or(h);
+                    trellis_policies::validate_host(bare)
+                        .map_err(|m| invalid(&format!("ingress.certificates[{i}].hosts"), m))?;
+                }
+            }
+        }
         if !(0.0..=1.0).contains(&self.access_log.sample) {
             return Err(invalid(
                 "access_log.sample",

@@ -21,6 +21,7 @@ pub mod headers;
 pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod ingress;
 pub mod metrics;
 pub mod original_dst;
 pub mod outbound;

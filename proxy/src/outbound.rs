@@ -17,7 +17,9 @@ use tokio::net::TcpListener;
 use crate::balance::OutlierEvent;
 use crate::body::Streamed;
 use crate::breaker::Breaker;
-use crate::config::{Config, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RETRIED_HEADER};
+use crate::config::{
+    Config, Limits, CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RETRIED_HEADER,
+};
 use crate::error::ProxyError;
 use crate::headers::{
     append_forwarded, is_upgrade, request_authority, request_host, strip_hop_by_hop,
@@ -117,6 +119,10 @@ impl Outbound {
                     if let Some(dst) = redirected {
                         req.extensions_mut().insert(OriginalDst(dst));
                     }
+                    // Peers trust this header from sidecars: an app may not set it.
+                    if req.headers().contains_key(CONSUMER_HEADER) {
+                        req.headers_mut().remove(CONSUMER_HEADER);
+                    }
                     async move {
                         let resp = this.handle(req, client).await;
                         drop(guard);
@@ -129,7 +135,7 @@ impl Outbound {
         .await;
     }
 
-    async fn handle(
+    pub(crate) async fn handle(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,

@@ -44,7 +44,14 @@ fn decisions_do_not_allocate() {
     let (mut ok, mut refused) = (0, 0);
     let start = allocations();
     for i in 0..2000 {
-        match limits.check(&Method::GET, "/a", &tenants[i % 8], Some(&peer), source, None) {
+        match limits.check(
+            &Method::GET,
+            "/a",
+            &tenants[i % 8],
+            Some(&peer),
+            source,
+            None,
+        ) {
             Ok(permits) => {
                 ok += 1;
                 drop(permits);

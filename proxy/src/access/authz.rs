@@ -225,7 +225,9 @@ other-service:
         assert_eq!(a.evaluate(&fe, &Method::GET, "/api/x").denied_by, None);
         // Method outside the rule: matches no allow rule.
         assert_eq!(
-            a.evaluate(&fe, &Method::POST, "/api/x").denied_by.as_deref(),
+            a.evaluate(&fe, &Method::POST, "/api/x")
+                .denied_by
+                .as_deref(),
             Some("allow-frontend")
         );
         // Deny wins over an allow rule that matches too.
@@ -252,13 +254,25 @@ other-service:
         assert_eq!(v.denied_by.as_deref(), Some(DEFAULT_DENY));
         let open = authz("{}", AuthzDefault::Allow);
         assert!(open.is_empty());
-        assert_eq!(open.evaluate(&who(None, None), &Method::GET, "/").denied_by, None);
+        assert_eq!(
+            open.evaluate(&who(None, None), &Method::GET, "/").denied_by,
+            None
+        );
     }
 
     #[test]
     fn identity_prefixes() {
-        assert!(identity_matches("spiffe://td/service/*", "spiffe://td/service/a"));
-        assert!(!identity_matches("spiffe://td/service/*", "spiffe://other/service/a"));
-        assert!(!identity_matches("spiffe://td/service/a", "spiffe://td/service/ab"));
+        assert!(identity_matches(
+            "spiffe://td/service/*",
+            "spiffe://td/service/a"
+        ));
+        assert!(!identity_matches(
+            "spiffe://td/service/*",
+            "spiffe://other/service/a"
+        ));
+        assert!(!identity_matches(
+            "spiffe://td/service/a",
+            "spiffe://td/service/ab"
+        ));
     }
 }

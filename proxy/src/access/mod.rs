@@ -104,8 +104,11 @@ impl AccessControl {
                 match cache.remove(name) {
                     Some((providers, a)) if providers == spec.jwt => Some(a),
                     _ => {
-                        let providers: Vec<_> =
-                            spec.jwt.iter().map(|(n, p)| (n.clone(), p.clone())).collect();
+                        let providers: Vec<_> = spec
+                            .jwt
+                            .iter()
+                            .map(|(n, p)| (n.clone(), p.clone()))
+                            .collect();
                         match JwtAuthenticator::new(providers, &self.jwt_metrics) {
                             Ok(a) => {
                                 a.spawn_refresh();
@@ -140,10 +143,17 @@ impl AccessControl {
         req: &mut Request<B>,
         peer: Option<&HeaderValue>,
     ) -> Result<Principal, ProxyError> {
-        // Only the sidecar sets this header, whatever the policies.
-        if req.headers().contains_key(CONSUMER_HEADER) {
-            req.headers_mut().remove(CONSUMER_HEADER);
-        }
+        // Only sidecars set this header: a mesh peer's (mTLS-verified; its own outbound side
+        // strips the header from its app's requests) names the consumer an ingress or an
+        // earlier hop authenticated; from anyone else it is removed.
+        let propagated = match peer {
+            Some(_) => req
+                .headers()
+                .get(CONSUMER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(Arc::<str>::from),
+            None => req.headers_mut().remove(CONSUMER_HEADER).and(None),
+        };
         let state = self.state.load_full();
         if state.authn.is_empty() && state.consumers.is_empty() && state.authz.is_empty() {
             return Ok(Principal::default());
@@ -196,7 +206,11 @@ impl AccessControl {
                             .and_then(|s| state.consumers.by_subject(&t.issuer, s))
                         {
                             if c.disabled {
-                                return Err(refuse(&who, "consumer_disabled", &a.challenge_invalid));
+                                return Err(refuse(
+                                    &who,
+                                    "consumer_disabled",
+                                    &a.challenge_invalid,
+                                ));
                             }
                             who.consumer = Some(c.name.clone());
                         }
@@ -227,6 +241,9 @@ impl AccessControl {
             }
         }
         if who.consumer.is_none() {
+            who.consumer = propagated;
+        }
+        if who.consumer.is_none() {
             if let Some(c) = who
                 .identity
                 .as_deref()
@@ -242,7 +259,15 @@ impl AccessControl {
             audit::authz_refused(&self.metrics, &self.service, p, false, &who, &method, &path);
         }
         if let Some(policy) = verdict.denied_by {
-            audit::authz_refused(&self.metrics, &self.service, &policy, true, &who, &method, &path);
+            audit::authz_refused(
+                &self.metrics,
+                &self.service,
+                &policy,
+                true,
+                &who,
+                &method,
+                &path,
+            );
             return Err(ProxyError::Denied { policy });
         }
         if let Some(c) = &who.consumer {

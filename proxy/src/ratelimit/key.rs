@@ -151,6 +151,9 @@ mod tests {
             ..r
         };
         assert_ne!(acme.hash("p", &by_consumer), anon.hash("p", &by_consumer));
-        assert_eq!(anon.hash("p", &LimitKey::default()), acme.hash("p", &LimitKey::default()));
+        assert_eq!(
+            anon.hash("p", &LimitKey::default()),
+            acme.hash("p", &LimitKey::default())
+        );
     }
 }

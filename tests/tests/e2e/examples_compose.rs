@@ -101,7 +101,7 @@ fn compose_example_agrees_with_the_binary() {
         let cli = Cli::try_parse_from(std::iter::once("mesh-agent".to_string()).chain(args))
             .unwrap_or_else(|e| panic!("{name}: command does not parse: {e}"));
         match cli.command {
-            Command::Run { config } => {
+            Command::Run { config, .. } => {
                 let host = mounts(svc)
                     .get(config.to_str().expect("utf-8 path"))
                     .cloned()

@@ -14,6 +14,7 @@ mod grpc;
 mod http;
 mod http_route;
 mod identity;
+mod ingress;
 mod limits;
 mod policy_history;
 mod ratelimit;

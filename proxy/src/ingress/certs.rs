@@ -1,0 +1,177 @@
+//! Server certificates of the ingress, chosen by the client's SNI name: exact names first,
+//! then `*.example.com` wildcards (one label, as browsers match them), then the first
+//! certificate as the default. Re-read when the files change, like the identity: a bad new
+//! version is refused, counted, and the current certificates keep serving.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::ServerCertificate;
+use crate::metrics::{Metrics, ResultLabels};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no usable PEM private key: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("{cert}: key does not match the certificate, or is unsupported: {message}")]
+    Mismatch { cert: PathBuf, message: String },
+}
+
+/// Certificates by name.
+#[derive(Debug)]
+pub struct SniCerts {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` under `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+/// The rustls resolver: the current [`SniCerts`], swapped whole on reload.
+#[derive(Debug)]
+pub struct Resolver(ArcSwap<SniCerts>);
+
+fn load_one(c: &ServerCertificate) -> Result<Arc<CertifiedKey>, CertError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| CertError::Read {
+            path: path.clone(),
+            source,
+        })
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&c.cert)?)
+        .filter_map(Result::ok)
+        .collect();
+    if chain.is_empty() {
+        return Err(CertError::NoCertificate {
+            path: c.cert.clone(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&c.key)?).map_err(|e| CertError::Key {
+        path: c.key.clone(),
+        message: e.to_string(),
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(chain, key, &provider)
+        .map(Arc::new)
+        .map_err(|e| CertError::Mismatch {
+            cert: c.cert.clone(),
+            message: e.to_string(),
+        })
+}
+
+// === impl SniCerts ===
+
+impl SniCerts {
+    /// Load every certificate; any failure refuses the whole set.
+    pub fn load(certs: &[ServerCertificate]) -> Result<Self, CertError> {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        let mut default = None;
+        for c in certs {
+            let key = load_one(c)?;
+            default.get_or_insert_with(|| key.clone());
+            for h in &c.hosts {
+                let h = h.to_ascii_lowercase();
+                match h.strip_prefix("*.") {
+                    Some(parent) => wildcard.insert(parent.to_string(), key.clone()),
+                    None => exact.insert(h, key.clone()),
+                };
+            }
+        }
+        let Some(default) = default else {
+            return Err(CertError::NoCertificate {
+                path: PathBuf::from("ingress.certificates"),
+            });
+        };
+        Ok(Self {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+
+    pub fn lookup(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = sni else {
+            return self.default.clone();
+        };
+        // rustls hands the SNI name lower-cased and without a trailing dot.
+        if let Some(k) = self.exact.get(name) {
+            return k.clone();
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+// === impl Resolver ===
+
+impl Resolver {
+    pub fn new(certs: SniCerts) -> Arc<Self> {
+        Arc::new(Self(ArcSwap::from_pointee(certs)))
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().lookup(hello.server_name()))
+    }
+}
+
+/// Poll the certificate files every `interval`; swap in each complete, valid new set.
+pub fn spawn_reloader(
+    resolver: Arc<Resolver>,
+    certs: Vec<ServerCertificate>,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let read_all = || {
+            certs
+                .iter()
+                .map(|c| (std::fs::read(&c.cert).ok(), std::fs::read(&c.key).ok()))
+                .collect::<Vec<_>>()
+        };
+        let mut last = read_all();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = read_all();
+            if now == last {
+                continue;
+            }
+            last = now;
+            let result = match SniCerts::load(&certs) {
+                Ok(set) => {
+                    resolver.0.store(Arc::new(set));
+                    tracing::info!("ingress certificates reloaded");
+                    "ok"
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "rejected new ingress certificate files; keeping the current ones");
+                    "error"
+                }
+            };
+            metrics
+                .cert_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
+    })
+}

@@ -1,0 +1,218 @@
+//! The ingress gateway: requests from outside the mesh, over TLS (a certificate per SNI host)
+//! or plain HTTP (optionally only redirected to HTTPS), admitted by this sidecar's
+//! authentication, authorization and rate limits, then routed like the outbound listener's
+//! (HTTPRoutes, balancing, retries) to mesh services over mTLS.
+//!
+//! Several ingress instances need nothing from each other: they read the same policies from
+//! etcd and share global limits (consumer quotas) through it, so any L4 balancer or DNS can
+//! spread clients over them.
+
+pub mod certs;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::access::AccessControl;
+use crate::config::Limits;
+use crate::drain;
+use crate::error::ProxyError;
+use crate::metrics::{ConnectionGuard, Metrics};
+use crate::outbound::Outbound;
+use crate::ratelimit::RateLimits;
+use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
+use crate::ResponseBody;
+
+/// The `direction` label of the ingress listeners' connections, bytes and refusals.
+pub const INGRESS: &str = "ingress";
+
+pub struct Ingress {
+    outbound: Arc<Outbound>,
+    access: Arc<AccessControl>,
+    rate_limits: Arc<RateLimits>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    tls: TlsAcceptor,
+    /// The port in `Location` of HTTP -> HTTPS redirects (omitted when 443).
+    https_port: u16,
+}
+
+/// rustls' server config for the ingress: certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    resolver: Arc<certs::Resolver>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+// === impl Ingress ===
+
+impl Ingress {
+    pub fn new(
+        outbound: Arc<Outbound>,
+        access: Arc<AccessControl>,
+        rate_limits: Arc<RateLimits>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        tls: Arc<rustls::ServerConfig>,
+        https_port: u16,
+    ) -> Self {
+        Self {
+            outbound,
+            access,
+            rate_limits,
+            metrics,
+            limits,
+            tls: TlsAcceptor::from(tls),
+            https_port,
+        }
+    }
+
+    /// Serve TLS clients until drain.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        self.serve(listener, drain, Mode::Tls).await
+    }
+
+    /// Serve plain HTTP until drain: redirected to HTTPS, or proxied like TLS requests.
+    pub async fn serve_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+        drain: drain::Watcher,
+        redirect: bool,
+    ) {
+        let mode = if redirect {
+            Mode::Redirect
+        } else {
+            Mode::Plain
+        };
+        self.serve(listener, drain, mode).await
+    }
+
+    async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher, mode: Mode) {
+        let builder = Arc::new(http_builder(&self.limits));
+        let max = self.limits.max_connections;
+        accept_loop(listener, max, drain, INGRESS, move |tcp, client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            async move {
+                let _conn = ConnectionGuard::new(&this.metrics, INGRESS);
+                let activity = Activity::counted(this.metrics.byte_counters(INGRESS));
+                let timeouts = ConnTimeouts::from(&this.limits);
+                let act = activity.clone();
+                let svc = {
+                    let this = this.clone();
+                    service_fn(move |req: Request<Incoming>| {
+                        let this = this.clone();
+                        let guard = act.begin();
+                        async move {
+                            let resp = match mode {
+                                Mode::Redirect => this.redirect(&req),
+                                Mode::Tls | Mode::Plain => this.handle(req, client).await,
+                            };
+                            drop(guard);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    })
+                };
+                if mode != Mode::Tls {
+                    serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
+                    return;
+                }
+                let handshake =
+                    tokio::time::timeout(this.limits.header_read_timeout, this.tls.accept(tcp));
+                match handshake.await {
+                    Ok(Ok(tls)) => {
+                        serve_connection(&builder, tls, svc, activity, timeouts, &drain).await
+                    }
+                    Ok(Err(e)) => {
+                        this.metrics.tls_failure(INGRESS, "handshake");
+                        tracing::debug!(peer = %client, error = %e, "ingress TLS handshake failed");
+                    }
+                    Err(_) => this.metrics.tls_failure(INGRESS, "timeout"),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Admit (authenticate, authorize, limit), then route into the mesh; the concurrency
+    /// slots are held until the response body ends.
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let grpc = crate::grpc::is_grpc(req.headers());
+        let admitted = async {
+            let who = self.access.check(&mut req, None).await?;
+            self.rate_limits.check(
+                req.method(),
+                req.uri().path(),
+                req.headers(),
+                None,
+                client.ip(),
+                who.consumer.as_deref(),
+            )
+        }
+        .await;
+        match admitted {
+            Ok(permits) => {
+                let resp = self.outbound.handle(req, client).await;
+                if permits.is_empty() {
+                    return resp;
+                }
+                resp.map(|b| match b {
+                    http_body_util::Either::Left(s) => {
+                        http_body_util::Either::Left(s.hold(permits))
+                    }
+                    other => other,
+                })
+            }
+            Err(e) => self.refuse(e, grpc),
+        }
+    }
+
+    fn refuse(&self, e: ProxyError, grpc: bool) -> Response<ResponseBody> {
+        self.metrics.proxy_error(INGRESS, e.cause());
+        tracing::debug!(error = %e, cause = e.cause(), "ingress request refused");
+        e.into_response_for(grpc)
+    }
+
+    /// `308 Permanent Redirect` to the same host and path over HTTPS (308 keeps the method
+    /// and body, unlike 301).
+    fn redirect(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+        let host = crate::headers::request_host(req).unwrap_or("localhost");
+        let port = match self.https_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut resp = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+            bytes::Bytes::new(),
+        )));
+        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Tls,
+    Plain,
+    Redirect,
+}
