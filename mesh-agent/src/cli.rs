@@ -226,6 +226,9 @@ pub enum PolicyCommand {
         /// A revision listed by `policy history` for this policy.
         #[arg(long)]
         to_revision: i64,
+        /// Check the target and show the diff that would be written, without writing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         author: AuthorArg,
         #[command(flatten)]
@@ -511,18 +514,20 @@ fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
         PolicyCommand::Rollback {
             reference,
             to_revision,
+            dry_run,
             author,
             etcd,
         } => {
+            let cfg = etcd.config();
             let author = author.resolve();
-            vec![runtime()?
-                .block_on(p::rollback(
-                    &etcd.config(),
-                    &reference,
-                    to_revision,
-                    &author,
-                ))
-                .map_err(|e| e.to_string())?]
+            let done = runtime()?.block_on(async {
+                let plan = p::rollback::plan(&cfg, &reference, to_revision).await?;
+                match dry_run {
+                    true => Ok(plan.describe()),
+                    false => p::rollback::commit(&cfg, &plan, &author).await,
+                }
+            });
+            vec![done.map_err(|e| e.to_string())?]
         }
     };
     for l in lines {

@@ -106,6 +106,22 @@ async fn history_and_rollback_through_the_binary() {
     assert_eq!(v[0]["revision"], r1);
     assert_eq!(v[2]["action"], "delete");
 
+    let dry = ok(agent(&ep).args([
+        "policy",
+        "rollback",
+        "ServicePolicy/orders",
+        "--to-revision",
+        &r1.to_string(),
+        "--dry-run",
+    ]));
+    assert!(
+        dry.contains("would be restored") && dry.contains("    +  request_timeout: 1s"),
+        "{dry}"
+    );
+    assert!(
+        !ok(agent(&ep).args(["policy", "list"])).contains("orders"),
+        "a dry run writes nothing"
+    );
     let restored = ok(agent(&ep).args([
         "policy",
         "rollback",

@@ -13,7 +13,7 @@ use trellis_policies::PolicyDocument;
 use trellis_proxy::config::EtcdConfig;
 
 use super::history::{self, Action, Change};
-use super::{parse_ref, PolicyError};
+use super::{diff, parse_ref, PolicyError};
 use crate::etcd::keys::Keys;
 use crate::etcd::Etcd;
 
@@ -99,6 +99,43 @@ pub async fn plan(
             from_revision: Some(to_revision),
         },
     })
+}
+
+// === impl RollbackPlan ===
+
+impl RollbackPlan {
+    /// What committing would do, with the diff from the stored value (`--dry-run`).
+    pub fn describe(&self) -> String {
+        if self.unchanged {
+            return format!(
+                "{} unchanged: already as of revision {} (dry run)",
+                self.reference, self.to_revision
+            );
+        }
+        let yaml = |v: Option<serde_json::Value>| {
+            v.map_or_else(String::new, |v| {
+                serde_norway::to_string(&v).unwrap_or_default()
+            })
+        };
+        let new = self
+            .change
+            .new
+            .as_ref()
+            .and_then(|d| serde_json::to_value(d).ok());
+        let verb = match self.target {
+            Some(_) => "restored",
+            None => "deleted",
+        };
+        let mut out = format!(
+            "{} would be {verb} as of revision {} (dry run)",
+            self.reference, self.to_revision
+        );
+        for line in diff::unified(&yaml(self.change.previous.clone()), &yaml(new)) {
+            out.push_str("\n    ");
+            out.push_str(&line);
+        }
+        out
+    }
 }
 
 /// Write a planned rollback with its history entry; refused if the policy changed since.
