@@ -50,6 +50,26 @@ pub enum Command {
         etcd: EtcdArgs,
     },
     /// Run a demo mesh on this machine: two services with two instances each, plus a client.
+    /// API usage per consumer, per route and per service, read from sidecars' and gateways'
+    /// `/metrics` (their admin addresses).
+    Report {
+        /// Admin addresses (`host:port`), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<String>,
+        /// Measure over this window (two scrapes this far apart, e.g. `60s`); without it,
+        /// totals since each process started.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window: Option<Duration>,
+        #[arg(long, short, value_enum, default_value_t = crate::policy::OutputFormat::Table)]
+        output: crate::policy::OutputFormat,
+    },
+    /// Generate an API key for a consumer: prints the key (give it to the client, once) and
+    /// the SHA-256 digest to put in the `Consumer` policy (never the key itself).
+    Apikey {
+        /// The key's label in the Consumer policy (`api_keys[].id`).
+        #[arg(long, default_value = "key-1")]
+        id: String,
+    },
     Demo {
         /// Stop after this many seconds and exit non-zero if any request failed.
         #[arg(long)]
@@ -447,6 +467,34 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             runtime()?
                 .block_on(crate::demo_app::run(listen, name, upstream))
                 .map_err(|e| format!("demo app on {listen}: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            targets,
+            window,
+            output,
+        } => {
+            let r = runtime()?
+                .block_on(crate::usage::report(&targets, window))
+                .map_err(|e| e.to_string())?;
+            match output {
+                crate::policy::OutputFormat::Table => print!("{}", crate::usage::render_table(&r)),
+                crate::policy::OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apikey { id } => {
+            let (key, digest) = crate::apikey::generate().map_err(|e| e.to_string())?;
+            println!("key (give it to the client; it is not stored anywhere): {key}");
+            println!(
+                "Consumer policy entry:
+  api_keys:
+    - id: {id}
+      sha256: {digest}"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { duration, rate } => {

@@ -1,6 +1,7 @@
 //! `mesh-agent`: the Trellis sidecar binary. It wires the data plane (`trellis-proxy`) to its
 //! configuration sources and provides the operator commands.
 
+pub mod apikey;
 pub mod cert;
 pub mod cli;
 pub mod demo;
@@ -14,4 +15,5 @@ pub mod run;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod usage;
 pub mod wait_ready;

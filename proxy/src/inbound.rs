@@ -203,7 +203,8 @@ impl Inbound {
                     .then(|| crate::access_log::RequestInfo::of(&req));
                 let peer_id = info.as_ref().and(peer.clone());
                 let mut cause = None;
-                let resp = this.limited(req, client, peer).await.unwrap_or_else(|e| {
+                let mut consumer = None;
+                let resp = this.limited(req, client, peer, &mut consumer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
                     if e.is_policy_decision() {
                         // Expected under load and counted per policy: no log line per request.
@@ -229,12 +230,14 @@ impl Inbound {
                     },
                 );
                 let resp = crate::trace::end_with_body(resp, span);
-                this.metrics.record_request(
-                    INBOUND,
-                    &this.service,
-                    resp.status().as_u16(),
-                    start.elapsed().as_secs_f64(),
-                );
+                let seconds = start.elapsed().as_secs_f64();
+                let status = resp.status().as_u16();
+                this.metrics
+                    .record_request(INBOUND, &this.service, status, seconds);
+                if let Some(c) = &consumer {
+                    this.metrics
+                        .record_consumer_request(&this.service, c, status, seconds);
+                }
                 drop(guard);
                 Ok(resp)
             }
@@ -249,8 +252,10 @@ impl Inbound {
         mut req: Request<Incoming>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
+        consumer: &mut Option<std::sync::Arc<str>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let who = self.access_control.check(&mut req, peer.as_ref()).await?;
+        consumer.clone_from(&who.consumer);
         let permits = self.rate_limits.check(
             req.method(),
             req.uri().path(),

@@ -17,8 +17,16 @@ pub const INBOUND: &str = "inbound";
 /// Label used when the request named a service the mesh does not know.
 pub const UNKNOWN_SERVICE: &str = "unknown";
 
+/// Labels of the per-consumer request metrics (bounded: consumers are declared in policies).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub service: Arc<String>,
+    pub consumer: Arc<str>,
+    pub status_code: u16,
+}
+
 /// Labels of request totals and latencies. `status_code` is bounded (HTTP codes are three
-/// digits, and only a few dozen occur); the route label arrives with the route table.
+/// digits, and only a few dozen occur); `route` by the HTTPRoute policies.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: &'static str,
@@ -72,6 +80,8 @@ struct BuildLabels {
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
+    pub consumer_requests: Family<ConsumerLabels, Counter>,
+    pub consumer_duration: Family<ConsumerLabels, Histogram>,
     pub open_connections: Family<DirectionLabels, Gauge>,
     pub connections: Family<DirectionLabels, Counter>,
     pub read_bytes: Family<DirectionLabels, Counter>,
@@ -103,6 +113,8 @@ impl Metrics {
         let m = Self {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            consumer_requests: Family::default(),
+            consumer_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             open_connections: Family::default(),
             connections: Family::default(),
             read_bytes: Family::default(),
@@ -127,6 +139,16 @@ impl Metrics {
             "request_duration_seconds",
             "Time from receiving a request to sending its response headers",
             m.request_duration.clone(),
+        );
+        registry.register(
+            "consumer_requests",
+            "Requests of authenticated consumers received by this sidecar or ingress, by service, consumer and status code",
+            m.consumer_requests.clone(),
+        );
+        registry.register(
+            "consumer_request_duration_seconds",
+            "Time from receiving a consumer's request to sending its response headers",
+            m.consumer_duration.clone(),
         );
         registry.register(
             "open_connections",
@@ -201,6 +223,25 @@ impl Metrics {
             .set(1);
         registry.register("build_info", "Build information; always 1", build);
         Arc::new(m)
+    }
+
+    /// A request of an authenticated consumer, received by this sidecar (or its ingress).
+    pub fn record_consumer_request(
+        &self,
+        service: &Arc<String>,
+        consumer: &Arc<str>,
+        status: u16,
+        seconds: f64,
+    ) {
+        let labels = ConsumerLabels {
+            service: service.clone(),
+            consumer: consumer.clone(),
+            status_code: status,
+        };
+        self.consumer_requests.get_or_create(&labels).inc();
+        self.consumer_duration
+            .get_or_create(&labels)
+            .observe(seconds);
     }
 
     pub fn record_request(

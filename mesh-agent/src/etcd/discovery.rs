@@ -356,7 +356,7 @@ impl Discovery {
                     });
                 // The cache is a fallback: a reachable etcd always gets a full read.
                 self.need_resync = true;
-                self.metrics.freshness.from_cache(cached.saved_at_unix);
+                self.metrics.freshness.serving_cache(cached.saved_at_unix);
                 tracing::warn!(
                     revision = cached.revision,
                     saved_at_unix = cached.saved_at_unix,

@@ -46,7 +46,7 @@ impl Freshness {
     }
 
     /// Serving a cache written at `saved_at_unix` (seconds).
-    pub fn from_cache(&self, saved_at_unix: u64) {
+    pub fn serving_cache(&self, saved_at_unix: u64) {
         self.0.connected.store(false, Ordering::Relaxed);
         self.0
             .since_ms
@@ -93,7 +93,7 @@ mod tests {
         let s = f.staleness().expect("aging");
         assert!((0.0..5.0).contains(&s), "{s}");
         let hour_ago = unix_ms() / 1000 - 3600;
-        f.from_cache(hour_ago);
+        f.serving_cache(hour_ago);
         let s = f.staleness().expect("cache age");
         assert!((3599.0..3700.0).contains(&s), "{s}");
     }

@@ -53,8 +53,11 @@ pub struct AccessControl {
     metrics: AccessMetrics,
     jwt_metrics: AuthMetrics,
     /// Authenticators by policy name with the providers they were built from.
-    jwt_cache: Mutex<HashMap<String, (BTreeMap<String, JwtProviderSpec>, Arc<JwtAuthenticator>)>>,
+    jwt_cache: Mutex<HashMap<String, CachedJwt>>,
 }
+
+/// An authenticator and the providers it was built from.
+type CachedJwt = (BTreeMap<String, JwtProviderSpec>, Arc<JwtAuthenticator>);
 
 struct State {
     authn: Vec<Authn>,
@@ -86,6 +89,11 @@ impl AccessControl {
             jwt_metrics: AuthMetrics::register(registry),
             jwt_cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The service whose policies apply here.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Compile this service's policies from a snapshot. Must run inside a Tokio runtime (new

@@ -33,6 +33,8 @@ use crate::ResponseBody;
 pub const INGRESS: &str = "ingress";
 
 pub struct Ingress {
+    /// This gateway's service: the one its policies and consumer metrics name.
+    service: Arc<String>,
     outbound: Arc<Outbound>,
     access: Arc<AccessControl>,
     rate_limits: Arc<RateLimits>,
@@ -70,6 +72,7 @@ impl Ingress {
         https_port: u16,
     ) -> Self {
         Self {
+            service: Arc::new(access.service().to_string()),
             outbound,
             access,
             rate_limits,
@@ -154,9 +157,12 @@ impl Ingress {
         mut req: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ResponseBody> {
+        let start = std::time::Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
+        let mut consumer = None;
         let admitted = async {
             let who = self.access.check(&mut req, None).await?;
+            consumer.clone_from(&who.consumer);
             self.rate_limits.check(
                 req.method(),
                 req.uri().path(),
@@ -167,21 +173,31 @@ impl Ingress {
             )
         }
         .await;
-        match admitted {
+        let resp = match admitted {
             Ok(permits) => {
                 let resp = self.outbound.handle(req, client).await;
                 if permits.is_empty() {
-                    return resp;
+                    resp
+                } else {
+                    resp.map(|b| match b {
+                        http_body_util::Either::Left(s) => {
+                            http_body_util::Either::Left(s.hold(permits))
+                        }
+                        other => other,
+                    })
                 }
-                resp.map(|b| match b {
-                    http_body_util::Either::Left(s) => {
-                        http_body_util::Either::Left(s.hold(permits))
-                    }
-                    other => other,
-                })
             }
             Err(e) => self.refuse(e, grpc),
+        };
+        if let Some(c) = &consumer {
+            self.metrics.record_consumer_request(
+                &self.service,
+                c,
+                resp.status().as_u16(),
+                start.elapsed().as_secs_f64(),
+            );
         }
+        resp
     }
 
     fn refuse(&self, e: ProxyError, grpc: bool) -> Response<ResponseBody> {

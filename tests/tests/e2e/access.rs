@@ -446,4 +446,16 @@ authorization:
         2.0,
         "{text}"
     );
+
+    // The usage report reads the same figures from the sidecar's admin port.
+    let admin = m.server.admin().to_string();
+    let report = mesh_agent::usage::report(&[admin], None)
+        .await
+        .expect("report");
+    let row = &report.consumers["client-app @ orders"];
+    assert_eq!((row.requests, row.refused, row.errors), (5.0, 2.0, 0.0));
+    assert!(row.p99_ms.is_some_and(|p| p > 0.0 && p < 1000.0), "{row:?}");
+    // 1 (deny default) + 5 + 1 (other) inbound requests, none failed by the service.
+    assert_eq!(report.services["orders"].requests, 7.0);
+    assert_eq!(report.services["orders"].availability, Some(1.0));
 }
