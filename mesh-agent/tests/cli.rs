@@ -224,6 +224,7 @@ fn shipped_examples_are_valid() {
     for cfg in [
         "examples/standalone/sidecar.yaml",
         "examples/etcd/sidecar.yaml",
+        "examples/gateway/gateway.yaml",
     ] {
         let text = std::fs::read_to_string(root.join(cfg)).unwrap();
         let c =
@@ -241,6 +242,17 @@ fn shipped_examples_are_valid() {
     assert_eq!(
         out.lines().filter(|l| l.ends_with(" valid")).count(),
         6,
+        "{out}"
+    );
+    let out = run_ok(agent().args([
+        "policy",
+        "validate",
+        "-f",
+        root.join("examples/gateway/policies.yaml").to_str().unwrap(),
+    ]));
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(" valid")).count(),
+        7,
         "{out}"
     );
 }
