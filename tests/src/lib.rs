@@ -127,6 +127,28 @@ pub fn next_version() -> u64 {
     VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A service with one endpoint (`inbound`) and retries off, so that every answer a caller gets
+/// is the inbound sidecar's own (limits, access control).
+pub fn unretried_service(inbound: SocketAddr) -> trellis_policies::ServiceSpec {
+    use trellis_policies::{EndpointSpec, RetrySpec, ServicePolicy, ServiceSpec};
+    ServiceSpec {
+        endpoints: vec![EndpointSpec {
+            address: inbound.to_string(),
+            identity: None,
+            weight: 1,
+            zone: None,
+        }],
+        policy: ServicePolicy {
+            retries: Some(RetrySpec {
+                attempts: 0,
+                ..RetrySpec::default()
+            }),
+            ..ServicePolicy::default()
+        },
+        external: None,
+    }
+}
+
 /// A snapshot with one service: its endpoints (inbound address, weight) and policy.
 pub fn service_snapshot(
     service: &str,

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use http::Request;
-use trellis_policies::{EndpointSpec, MeshDocument, RetrySpec, ServicePolicy, ServiceSpec};
+use trellis_policies::MeshDocument;
 use trellis_proxy::access::key_digest;
 use trellis_proxy::config::AuthzDefault;
 use trellis_proxy::snapshot::Snapshot;
@@ -57,25 +57,8 @@ fn claims(sub: &str) -> serde_json::Value {
 /// (a YAML mapping of MeshDocument fields: authentication, consumers, authorization).
 fn snapshot(inbound: SocketAddr, policies: &str) -> Arc<Snapshot> {
     let mut doc: MeshDocument = serde_norway::from_str(policies).expect("policies YAML");
-    doc.services.insert(
-        "orders".into(),
-        ServiceSpec {
-            endpoints: vec![EndpointSpec {
-                address: inbound.to_string(),
-                identity: None,
-                weight: 1,
-                zone: None,
-            }],
-            policy: ServicePolicy {
-                retries: Some(RetrySpec {
-                    attempts: 0,
-                    ..RetrySpec::default()
-                }),
-                ..ServicePolicy::default()
-            },
-            external: None,
-        },
-    );
+    doc.services
+        .insert("orders".into(), trellis_tests::unretried_service(inbound));
     trellis_policies::validate(&doc).expect("valid policies");
     Arc::new(
         Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())

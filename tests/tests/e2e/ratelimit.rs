@@ -6,10 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::Request;
-use trellis_policies::{
-    ConcurrencyLimitSpec, EndpointSpec, MeshDocument, RateLimitSpec, RetrySpec, ServicePolicy,
-    ServiceSpec,
-};
+use trellis_policies::{ConcurrencyLimitSpec, MeshDocument, RateLimitSpec};
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::{grpc_frame, Backend};
 use trellis_tests::client::{self, metric};
@@ -23,25 +20,8 @@ fn snapshot(
     concurrency: &[(&str, serde_json::Value)],
 ) -> Arc<Snapshot> {
     let mut doc = MeshDocument::default();
-    doc.services.insert(
-        "orders".into(),
-        ServiceSpec {
-            endpoints: vec![EndpointSpec {
-                address: inbound.to_string(),
-                identity: None,
-                weight: 1,
-                zone: None,
-            }],
-            policy: ServicePolicy {
-                retries: Some(RetrySpec {
-                    attempts: 0,
-                    ..RetrySpec::default()
-                }),
-                ..ServicePolicy::default()
-            },
-            external: None,
-        },
-    );
+    doc.services
+        .insert("orders".into(), trellis_tests::unretried_service(inbound));
     for (name, spec) in rate {
         let spec: RateLimitSpec = serde_json::from_value(spec.clone()).expect("rate limit spec");
         doc.rate_limits.insert(name.to_string(), spec);
