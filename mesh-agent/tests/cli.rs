@@ -244,12 +244,16 @@ fn shipped_examples_are_valid() {
         6,
         "{out}"
     );
-    let out = run_ok(agent().args([
-        "policy",
-        "validate",
-        "-f",
-        root.join("examples/gateway/policies.yaml").to_str().unwrap(),
-    ]));
+    let out = run_ok(
+        agent().args([
+            "policy",
+            "validate",
+            "-f",
+            root.join("examples/gateway/policies.yaml")
+                .to_str()
+                .unwrap(),
+        ]),
+    );
     assert_eq!(
         out.lines().filter(|l| l.ends_with(" valid")).count(),
         7,
