@@ -32,6 +32,8 @@ pub struct JwtAuthenticator {
     /// Distinct token sources, in provider order.
     sources: Vec<TokenSource>,
     unattributed: Verdicts,
+    /// Tokens verified recently (see [`super::cache`]).
+    cache: super::cache::TokenCache,
 }
 
 struct Provider {
@@ -133,6 +135,7 @@ impl JwtAuthenticator {
             providers: built,
             sources,
             unattributed: metrics.verdicts(NO_PROVIDER),
+            cache: Default::default(),
         })
     }
 
@@ -189,6 +192,13 @@ impl JwtAuthenticator {
 
     /// Verify `token` (the compact JWS text, without any `Bearer ` prefix).
     pub async fn authenticate(&self, token: &str) -> Result<VerifiedToken, JwtError> {
+        let key = super::cache::key(token);
+        if let Some(t) = self.cache.get(&key) {
+            if let Some(p) = self.providers.iter().find(|p| p.name == t.provider) {
+                p.verdicts.record::<()>(&Ok(()));
+            }
+            return Ok(t);
+        }
         let parsed = match Parsed::new(token) {
             Ok(p) => p,
             Err(e) => {
@@ -203,7 +213,19 @@ impl JwtAuthenticator {
         };
         let result = provider.verify(parsed).await;
         provider.verdicts.record(&result);
+        if let Ok(t) = &result {
+            // `exp` is required and checked: the token stays valid until exp + skew.
+            if let Some(exp) = t.claims.get("exp").and_then(Value::as_f64) {
+                self.cache
+                    .put(key, t, exp + provider.clock_skew.as_secs_f64());
+            }
+        }
         result
+    }
+
+    /// Tokens in the verified-token cache (for `/config_dump` and tests).
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
     }
 
     fn provider_for(&self, claims: &Map<String, Value>) -> Option<&Provider> {

@@ -13,6 +13,7 @@
 //! is used.
 
 mod auth_metrics;
+mod cache;
 mod error;
 mod fetch;
 pub mod jwks;

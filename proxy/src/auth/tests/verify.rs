@@ -371,3 +371,28 @@ fn authenticator_and_its_future_can_cross_threads() {
     let fut = auth.authenticate("a.b.c");
     assert_send(&fut);
 }
+
+#[tokio::test]
+async fn verified_tokens_are_cached_until_they_expire() {
+    let signer = Signer::ec("ec-1");
+    let mut spec = provider(JwksSource::Inline(jwks(&[&signer])));
+    spec.clock_skew = std::time::Duration::ZERO;
+    let auth = authenticator(spec);
+    let token = signer.sign(&claims());
+    let first = auth.authenticate(&token).await.expect("valid");
+    assert_eq!(auth.cached_tokens(), 1);
+    // The same bytes hit the cache and give the same verdict.
+    assert_eq!(auth.authenticate(&token).await.expect("cached"), first);
+    assert_eq!(auth.cached_tokens(), 1);
+    // A forged token never matches a cached one: the key is the whole token.
+    let mut forged = token.clone();
+    forged.push('A');
+    assert!(auth.authenticate(&forged).await.is_err());
+    // An entry ends with its token: 1 s left, no skew.
+    let mut short = claims();
+    short["exp"] = (now() + 1).into();
+    let short = signer.sign(&short);
+    auth.authenticate(&short).await.expect("valid for 1 s");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(auth.authenticate(&short).await, Err(JwtError::Expired));
+}
