@@ -36,6 +36,8 @@ pub struct Record<'a> {
     pub direction: &'static str,
     /// inbound: this sidecar's service; outbound: the destination service.
     pub service: &'a str,
+    /// The HTTPRoute rule that routed the request; `default` when none did.
+    pub route: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub authority: Option<&'a str>,
@@ -134,6 +136,10 @@ impl AccessLog {
             time: now(),
             direction: o.direction,
             service: o.service,
+            route: info
+                .route
+                .as_deref()
+                .map_or(crate::routing::DEFAULT_ROUTE, String::as_str),
             method: info.method.as_str(),
             path: &info.path,
             authority: info.authority.as_deref(),
@@ -161,6 +167,8 @@ pub struct RequestInfo {
     pub path: String,
     pub authority: Option<String>,
     pub request_bytes: Option<u64>,
+    /// Set by the listener once an HTTPRoute rule routed the request.
+    pub route: Option<Arc<String>>,
 }
 
 impl RequestInfo {
@@ -175,6 +183,7 @@ impl RequestInfo {
                     .map(str::to_string)
             }),
             request_bytes: content_length(req.headers()),
+            route: None,
         }
     }
 }
@@ -191,11 +200,11 @@ pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// `time direction service "METHOD path" status cause duration upstream retries trace`.
+/// `time direction service "METHOD path" status cause duration upstream retries trace route`.
 fn text(r: &Record<'_>) -> String {
     let dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
     format!(
-        "{} {} {} \"{} {}\" {} {} {}ms client={} peer={} upstream={} retries={} bytes={} trace={}",
+        "{} {} {} \"{} {}\" {} {} {}ms client={} peer={} upstream={} retries={} bytes={} trace={} route={}",
         r.time,
         r.direction,
         r.service,
@@ -210,6 +219,7 @@ fn text(r: &Record<'_>) -> String {
         r.retries,
         dash(r.response_bytes.map(|b| b.to_string())),
         dash(r.trace_id.clone()),
+        r.route,
     )
 }
 

@@ -149,11 +149,14 @@ impl Outbound {
             request_host(&req).unwrap_or(UNKNOWN_SERVICE),
         );
         span.inject(req.headers_mut());
-        let info = self
+        let mut info = self
             .access
             .enabled()
             .then(|| crate::access_log::RequestInfo::of(&req));
         let (service, route, result) = self.route(req, client, &mut span).await;
+        if let Some(i) = info.as_mut() {
+            i.route = Some(route.clone());
+        }
         let mut cause = None;
         let resp = result.unwrap_or_else(|e| {
             self.metrics.proxy_error(OUTBOUND, e.cause());

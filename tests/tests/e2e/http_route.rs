@@ -27,6 +27,8 @@ struct RouteMesh {
     client: Sidecar,
     c: HttpClient,
     inbound: Vec<SocketAddr>,
+    /// The client sidecar's access log (errors always logged).
+    access_log: std::path::PathBuf,
 }
 
 impl RouteMesh {
@@ -43,7 +45,13 @@ impl RouteMesh {
             servers.push(sc);
         }
         let inbound = servers.iter().map(|s| s.inbound()).collect();
-        let client = Sidecar::start(&pki, "client", backends[0].addr, |_| {}).await;
+        let access_log = pki.path().join("client-access.log");
+        let log = access_log.clone();
+        let client = Sidecar::start(&pki, "client", backends[0].addr, move |cfg| {
+            cfg.access_log.enabled = true;
+            cfg.access_log.path = Some(log);
+        })
+        .await;
         let c = client::h1(client.outbound());
         Self {
             _pki: pki,
@@ -52,6 +60,7 @@ impl RouteMesh {
             client,
             c,
             inbound,
+            access_log,
         }
     }
 
@@ -339,6 +348,15 @@ local:
     assert_eq!(r.headers["x-local"], "1");
     assert!(r.headers.get("trellis-error").is_none());
     assert_eq!(m.counts(), before, "nothing reached a backend");
+    // The access log names the rule.
+    let log = m.access_log.clone();
+    trellis_tests::eventually(Duration::from_secs(5), move || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(r#""route":"teapot""#) && l.contains(r#""status":418"#))
+    })
+    .await;
     let text = m.metrics().await;
     assert_eq!(
         metric(
