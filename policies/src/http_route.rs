@@ -743,6 +743,30 @@ rules:
     }
 
     #[test]
+    fn mesh_files_and_documents_name_the_route_field() {
+        let e = crate::parse_mesh_yaml(
+            "http_routes:\n  web:\n    hosts: [a]\n    rules: [{redirect: {status: 303}}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("http_routes.web.rules[0].redirect.status: 303 is not one of"),
+            "{e}"
+        );
+        let doc = crate::parse_documents(
+            "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: web}\nspec: {hosts: [a], rules: [{backends: [{service: B}]}]}\n",
+            "t",
+        )
+        .remove(0)
+        .unwrap();
+        let e = doc.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("HTTPRoute/web: spec.rules[0].backends[0].service:"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn regexes_are_anchored_and_bounded() {
         let r = compile_regex("/a/[0-9]+").unwrap();
         assert!(r.is_match("/a/12"));
