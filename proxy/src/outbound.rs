@@ -290,7 +290,11 @@ impl Outbound {
         let (service, result) = match &rule.action {
             Action::Redirect(r) => {
                 let authority = routing::authority(&req).unwrap_or(host.as_str());
-                (host.clone(), Ok(r.response("http", authority, req.uri())))
+                let scheme = req
+                    .extensions()
+                    .get::<routing::RequestScheme>()
+                    .map_or("http", |s| s.0);
+                (host.clone(), Ok(r.response(scheme, authority, req.uri())))
             }
             Action::Direct(d) => (host.clone(), Ok(d.response())),
             Action::Forward { .. } => {

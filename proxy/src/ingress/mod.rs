@@ -175,6 +175,9 @@ impl Ingress {
         .await;
         let resp = match admitted {
             Ok(permits) => {
+                // HTTPRoute redirects keep the scheme the client used.
+                req.extensions_mut()
+                    .insert(crate::routing::RequestScheme("https"));
                 let resp = self.outbound.handle(req, client).await;
                 if permits.is_empty() {
                     resp

@@ -18,6 +18,12 @@ pub use table::{Action, Backend, Decision, HostRoutes, RoutingTable, Rule};
 /// The `route` label of requests no HTTPRoute rule routed.
 pub const DEFAULT_ROUTE: &str = "default";
 
+/// The scheme a request arrived with, for redirects that keep it: a listener that terminates
+/// TLS (the ingress) inserts `RequestScheme("https")` as a request extension; without it the
+/// request came over plain HTTP (the app's outbound calls).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestScheme(pub &'static str);
+
 /// The request timeout a rule sets, handed to the forwarding code as a request extension.
 #[derive(Clone, Copy, Debug)]
 pub struct RouteTimeout(pub std::time::Duration);
