@@ -9,27 +9,13 @@
 #
 #   bash bench/gateway.sh      # BENCH_SECONDS (10), BENCH_RATE (1000), BENCH_PORT_BASE (28500)
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECS="${BENCH_SECONDS:-10}"
 RATE="${BENCH_RATE:-1000}"
 BASE="${BENCH_PORT_BASE:-28500}"
-D="$(mktemp -d -t trellis-gateway.XXXXXX)"
-chmod 755 "$D"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$D"
-}
-trap cleanup EXIT
-die() { echo "error: $*" >&2; exit 1; }
-for t in oha nginx openssl python3 jq curl; do
-    command -v "$t" >/dev/null || die "$t is needed"
-done
-
-(cd "$ROOT" && cargo build --release --locked -p mesh-agent) >"$D/build.log" 2>&1 ||
-    { tail -20 "$D/build.log"; die "build failed"; }
-AGENT="$ROOT/target/release/mesh-agent"
+bench_init gateway
+need oha nginx openssl python3 jq curl
+build_release
 
 BACKEND=$BASE; NGINX_TLS=$((BASE + 1)); B_IN=$((BASE + 2)); B_OUT=$((BASE + 3)); B_ADM=$((BASE + 4))
 G_IN=$((BASE + 5)); G_OUT=$((BASE + 6)); G_ADM=$((BASE + 7)); G_TLS=$((BASE + 8))
@@ -42,20 +28,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
     -subj "/CN=$HOST" -addext "subjectAltName=DNS:$HOST" \
     -keyout "$D/web-key.pem" -out "$D/web.pem" 2>/dev/null
 
-mkdir -p "$D/nginx/tmp"
-cat >"$D/nginx/nginx.conf" <<CONF
-worker_processes 1;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $D/nginx/tmp; proxy_temp_path $D/nginx/tmp;
-  fastcgi_temp_path $D/nginx/tmp; uwsgi_temp_path $D/nginx/tmp; scgi_temp_path $D/nginx/tmp;
-  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
-           location / { return 200 "ok\n"; } }
-}
-CONF
+start_backend "$BACKEND"
 cat >"$D/nginx/proxy.conf" <<CONF
 worker_processes 1;
 pid $D/nginx/proxy.pid;
@@ -74,8 +47,6 @@ http {
   }
 }
 CONF
-taskset -c 1 nginx -c "$D/nginx/nginx.conf" -p "$D/nginx" -g 'daemon off;' &
-PIDS+=($!)
 taskset -c 1 nginx -c "$D/nginx/proxy.conf" -p "$D/nginx" -g 'daemon off;' &
 PIDS+=($!)
 

@@ -7,48 +7,20 @@
 #
 #   bash bench/routing.sh      # BENCH_SECONDS (10), BENCH_RATE (1000), BENCH_PORT_BASE (28400)
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECS="${BENCH_SECONDS:-10}"
 RATE="${BENCH_RATE:-1000}"
 BASE="${BENCH_PORT_BASE:-28400}"
-D="$(mktemp -d -t trellis-routing.XXXXXX)"
-chmod 755 "$D"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$D"
-}
-trap cleanup EXIT
-die() { echo "error: $*" >&2; exit 1; }
-command -v oha >/dev/null || die "oha is needed (cargo install oha)"
-command -v nginx >/dev/null || die "nginx is needed (apt-get install -y nginx)"
-
-(cd "$ROOT" && cargo build --release --locked -p mesh-agent) >"$D/build.log" 2>&1 ||
-    { tail -20 "$D/build.log"; die "build failed"; }
-AGENT="$ROOT/target/release/mesh-agent"
+bench_init routing
+need oha nginx jq curl
+build_release
 
 B=$BASE; BACKEND=$((B)); B_IN=$((B + 1)); B_OUT=$((B + 2)); B_ADM=$((B + 3))
 A_IN=$((B + 4)); A_OUT=$((B + 5)); A_ADM=$((B + 6))
 "$AGENT" cert init --trust-domain bench.local --dir "$D/certs" >/dev/null
 for s in client backend; do "$AGENT" cert issue --service "$s" --dir "$D/certs" >/dev/null; done
 
-mkdir -p "$D/nginx/tmp"
-cat >"$D/nginx/nginx.conf" <<CONF
-worker_processes 1;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $D/nginx/tmp; proxy_temp_path $D/nginx/tmp;
-  fastcgi_temp_path $D/nginx/tmp; uwsgi_temp_path $D/nginx/tmp; scgi_temp_path $D/nginx/tmp;
-  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
-           location / { return 200 "ok\n"; } }
-}
-CONF
-taskset -c 1 nginx -c "$D/nginx/nginx.conf" -p "$D/nginx" -g 'daemon off;' &
-PIDS+=($!)
+start_backend "$BACKEND"
 
 services() { printf 'services:\n  backend:\n    endpoints:\n      - address: 127.0.0.1:%s\n' "$B_IN"; }
 services >"$D/mesh-none.yaml"

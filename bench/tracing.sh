@@ -5,27 +5,15 @@
 #
 #   bash bench/tracing.sh      # BENCH_SECONDS (10), BENCH_RATE (1000), BENCH_PORT_BASE (28300)
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECS="${BENCH_SECONDS:-10}"
 RATE="${BENCH_RATE:-1000}"
 BASE="${BENCH_PORT_BASE:-28300}"
-D="$(mktemp -d -t trellis-tracing.XXXXXX)"
-chmod 755 "$D"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$D"
-}
-trap cleanup EXIT
-die() { echo "error: $*" >&2; exit 1; }
-command -v oha >/dev/null || die "oha is needed (cargo install oha)"
-command -v nginx >/dev/null || die "nginx is needed (apt-get install -y nginx)"
-
-(cd "$ROOT" && cargo build --release --locked -p mesh-agent &&
-    cargo build --release --locked -p trellis-tests --example otlp_sink) >"$D/build.log" 2>&1 ||
+bench_init tracing
+need oha nginx jq curl
+build_release
+(cd "$ROOT" && cargo build --release --locked -p trellis-tests --example otlp_sink) >>"$D/build.log" 2>&1 ||
     { tail -20 "$D/build.log"; die "build failed"; }
-AGENT="$ROOT/target/release/mesh-agent"
 "$ROOT/target/release/examples/otlp_sink" >"$D/sink.addr" &
 PIDS+=($!)
 
@@ -34,22 +22,7 @@ A_IN=$((B + 4)); A_OUT=$((B + 5)); A_ADM=$((B + 6))
 "$AGENT" cert init --trust-domain bench.local --dir "$D/certs" >/dev/null
 for s in client backend; do "$AGENT" cert issue --service "$s" --dir "$D/certs" >/dev/null; done
 
-mkdir -p "$D/nginx/tmp"
-cat >"$D/nginx/nginx.conf" <<CONF
-worker_processes 1;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $D/nginx/tmp; proxy_temp_path $D/nginx/tmp;
-  fastcgi_temp_path $D/nginx/tmp; uwsgi_temp_path $D/nginx/tmp; scgi_temp_path $D/nginx/tmp;
-  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
-           location / { return 200 "ok\n"; } }
-}
-CONF
-taskset -c 1 nginx -c "$D/nginx/nginx.conf" -p "$D/nginx" -g 'daemon off;' &
-PIDS+=($!)
+start_backend "$BACKEND"
 
 for _ in $(seq 50); do [[ -s "$D/sink.addr" ]] && break; sleep 0.1; done
 SINK="$(cat "$D/sink.addr")"

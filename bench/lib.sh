@@ -1,0 +1,55 @@
+# Shared by the benchmark scripts (source it): a temp dir removed on exit with every background
+# process, tool checks, the release build, and an nginx backend answering 200 "ok".
+#
+#   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"; bench_init NAME
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PIDS=()
+
+die() { echo "error: $*" >&2; exit 1; }
+
+bench_cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$D"
+}
+
+# A fresh temp dir `$D` (readable by nginx workers), cleaned up on exit.
+bench_init() {
+    D="$(mktemp -d -t "trellis-$1.XXXXXX")"
+    chmod 755 "$D"
+    trap bench_cleanup EXIT
+}
+
+need() {
+    for t in "$@"; do
+        command -v "$t" >/dev/null || die "$t is needed"
+    done
+}
+
+# cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT.
+build_release() {
+    (cd "$ROOT" && cargo build --release --locked -p mesh-agent "$@") >"$D/build.log" 2>&1 ||
+        { tail -20 "$D/build.log"; die "build failed"; }
+    AGENT="$ROOT/target/release/mesh-agent"
+}
+
+# An nginx server on 127.0.0.1:PORT answering `200 ok`, one worker on core 1.
+start_backend() {
+    mkdir -p "$D/nginx/tmp"
+    cat >"$D/nginx/nginx.conf" <<CONF
+worker_processes 1;
+pid $D/nginx/nginx.pid;
+error_log $D/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $D/nginx/tmp; proxy_temp_path $D/nginx/tmp;
+  fastcgi_temp_path $D/nginx/tmp; uwsgi_temp_path $D/nginx/tmp; scgi_temp_path $D/nginx/tmp;
+  server { listen 127.0.0.1:$1; keepalive_requests 1000000;
+           location / { return 200 "ok\n"; } }
+}
+CONF
+    taskset -c 1 nginx -c "$D/nginx/nginx.conf" -p "$D/nginx" -g 'daemon off;' &
+    PIDS+=($!)
+}
