@@ -124,7 +124,7 @@ impl Outbound {
                         req.headers_mut().remove(CONSUMER_HEADER);
                     }
                     async move {
-                        let resp = this.handle(req, client).await;
+                        let resp = this.handle(req, client, OUTBOUND).await;
                         drop(guard);
                         Ok::<_, Infallible>(resp)
                     }
@@ -135,10 +135,13 @@ impl Outbound {
         .await;
     }
 
+    /// Route and forward one request; `direction` labels its metrics and access log line
+    /// (`outbound` for the app's calls, `ingress` for the gateway's).
     pub(crate) async fn handle(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        direction: &'static str,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
@@ -159,7 +162,7 @@ impl Outbound {
         }
         let mut cause = None;
         let resp = result.unwrap_or_else(|e| {
-            self.metrics.proxy_error(OUTBOUND, e.cause());
+            self.metrics.proxy_error(direction, e.cause());
             tracing::debug!(error = %e, cause = e.cause(), "outbound request failed");
             cause = Some(e.cause());
             e.into_response_for(grpc)
@@ -174,7 +177,7 @@ impl Outbound {
         self.access.finish(
             info,
             crate::access_log::Outcome {
-                direction: OUTBOUND,
+                direction,
                 service: &service,
                 response: &resp,
                 cause,
@@ -186,7 +189,7 @@ impl Outbound {
         );
         let resp = crate::trace::end_with_body(resp, span);
         self.metrics.record_routed_request(
-            OUTBOUND,
+            direction,
             &service,
             &route,
             resp.status().as_u16(),

@@ -122,6 +122,8 @@ pub fn build(samples: &[Sample], window: Option<Duration>) -> Report {
     let mut routes: BTreeMap<String, Acc> = BTreeMap::new();
     let mut services: BTreeMap<String, ServiceAvailability> = BTreeMap::new();
     let label = |s: &Sample, k: &str| s.labels.get(k).cloned().unwrap_or_default();
+    // Requests routed by callers' sidecars and gateways (where HTTPRoutes apply).
+    let routed = |s: &Sample| matches!(label(s, "direction").as_str(), "outbound" | "ingress");
     for s in samples {
         match s.name.as_str() {
             "trellis_consumer_requests_total" => {
@@ -132,11 +134,11 @@ pub fn build(samples: &[Sample], window: Option<Duration>) -> Report {
                 let key = format!("{} @ {}", label(s, "consumer"), label(s, "service"));
                 consumers.entry(key).or_default().bucket(s);
             }
-            "trellis_requests_total" if label(s, "direction") == "outbound" => {
+            "trellis_requests_total" if routed(s) => {
                 let key = format!("{} / {}", label(s, "service"), label(s, "route"));
                 routes.entry(key).or_default().count(s);
             }
-            "trellis_request_duration_seconds_bucket" if label(s, "direction") == "outbound" => {
+            "trellis_request_duration_seconds_bucket" if routed(s) => {
                 let key = format!("{} / {}", label(s, "service"), label(s, "route"));
                 routes.entry(key).or_default().bucket(s);
             }

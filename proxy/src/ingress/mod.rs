@@ -178,7 +178,7 @@ impl Ingress {
                 // HTTPRoute redirects keep the scheme the client used.
                 req.extensions_mut()
                     .insert(crate::routing::RequestScheme("https"));
-                let resp = self.outbound.handle(req, client).await;
+                let resp = self.outbound.handle(req, client, INGRESS).await;
                 if permits.is_empty() {
                     resp
                 } else {
@@ -190,7 +190,17 @@ impl Ingress {
                     })
                 }
             }
-            Err(e) => self.refuse(e, grpc),
+            Err(e) => {
+                let resp = self.refuse(e, grpc);
+                // Refused before routing: counted under the gateway's own service.
+                self.metrics.record_request(
+                    INGRESS,
+                    &self.service,
+                    resp.status().as_u16(),
+                    start.elapsed().as_secs_f64(),
+                );
+                resp
+            }
         };
         if let Some(c) = &consumer {
             self.metrics.record_consumer_request(

@@ -267,4 +267,20 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
         client::metric(&text, "trellis_connections_total{direction=\"ingress\"}") >= 6.0,
         "{text}"
     );
+    // Two routed requests to orders (and the reload probes), two refused under the gateway.
+    assert!(
+        client::metric(
+            &text,
+            "trellis_requests_total{direction=\"ingress\",service=\"orders\",route=\"api\",status_code=\"200\"}"
+        ) >= 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        client::metric(
+            &text,
+            "trellis_requests_total{direction=\"ingress\",service=\"gateway\",route=\"default\",status_code=\"401\"}"
+        ),
+        2.0,
+        "{text}"
+    );
 }
