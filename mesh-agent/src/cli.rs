@@ -1,5 +1,20 @@
 //! Command line.
 
+/// `print!`/`println!` that do not panic when stdout is a closed pipe
+/// (`mesh-agent status | head -1`): the output is simply cut, as with any Unix tool.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -403,11 +418,11 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 },
         } => {
             if if_missing && dir.join("ca.pem").exists() {
-                println!("keeping the existing CA: {}", dir.join("ca.pem").display());
+                outln!("keeping the existing CA: {}", dir.join("ca.pem").display());
                 return Ok(ExitCode::SUCCESS);
             }
             crate::cert::init(&trust_domain, &dir, validity, force).map_err(|e| e.to_string())?;
-            println!(
+            outln!(
                 "created CA for trust domain {trust_domain}: {}",
                 dir.join("ca.pem").display()
             );
@@ -426,7 +441,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             for service in service {
                 let id =
                     crate::cert::issue(&dir, &service, ttl, &out).map_err(|e| e.to_string())?;
-                println!(
+                outln!(
                     "issued {id} valid for {}: {}",
                     humantime::format_duration(ttl),
                     out.join(format!("{service}.pem")).display()
@@ -439,7 +454,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             let out = runtime()?
                 .block_on(crate::policy::status(&etcd.config()))
                 .map_err(|e| e.to_string())?;
-            print!("{out}");
+            out!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Command::WaitReady {
@@ -478,8 +493,8 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 .block_on(crate::usage::report(&targets, window))
                 .map_err(|e| e.to_string())?;
             match output {
-                crate::policy::OutputFormat::Table => print!("{}", crate::usage::render_table(&r)),
-                crate::policy::OutputFormat::Json => println!(
+                crate::policy::OutputFormat::Table => out!("{}", crate::usage::render_table(&r)),
+                crate::policy::OutputFormat::Json => outln!(
                     "{}",
                     serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
                 ),
@@ -488,8 +503,8 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         }
         Command::Apikey { id } => {
             let (key, digest) = crate::apikey::generate().map_err(|e| e.to_string())?;
-            println!("key (give it to the client; it is not stored anywhere): {key}");
-            println!(
+            outln!("key (give it to the client; it is not stored anywhere): {key}");
+            outln!(
                 "Consumer policy entry:
   api_keys:
     - id: {id}
@@ -579,7 +594,7 @@ fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
         }
     };
     for l in lines {
-        println!("{l}");
+        outln!("{l}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -621,13 +636,13 @@ fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
             let rules = args.rules();
             let input = ipt::install(&rules, Family::V4, dry_run).map_err(|e| e.to_string())?;
             if dry_run {
-                print!("{input}");
+                out!("{input}");
             } else {
                 let inbound = match rules.inbound {
                     true => rules.inbound_port.to_string(),
                     false => "off".into(),
                 };
-                println!(
+                outln!(
                     "installed transparent interception: outbound -> {}, inbound -> {inbound}, uid {} exempt",
                     rules.outbound_port, rules.proxy_uid
                 );
@@ -635,7 +650,7 @@ fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
         }
         IptablesCommand::Remove { dry_run } => {
             for line in ipt::remove(Family::V4, dry_run).map_err(|e| e.to_string())? {
-                println!("{line}");
+                outln!("{line}");
             }
         }
     }

@@ -260,3 +260,19 @@ fn shipped_examples_are_valid() {
         "{out}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_is_cut_without_a_panic() {
+    // `mesh-agent ... | head -1`: the reader is gone before the first write (EPIPE).
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = agent()
+        .args(["apikey", "--id", "k"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
