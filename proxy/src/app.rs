@@ -265,10 +265,16 @@ impl Proxy {
             tracing_.clone(),
             access,
         ));
+        let mut ingress_certs = None;
         if let (Some(ing), Some(listener)) = (&cfg.ingress, ingress_l) {
             let certs = crate::ingress::certs::SniCerts::load(&ing.certificates)
                 .map_err(|e| StartError::Ingress(e.to_string()))?;
             let resolver = crate::ingress::certs::Resolver::new(certs);
+            self.registry
+                .register_collector(Box::new(crate::ingress::certs::ExpiryCollector(
+                    resolver.clone(),
+                )));
+            ingress_certs = Some(resolver.clone());
             crate::ingress::certs::spawn_reloader(
                 resolver.clone(),
                 ing.certificates.clone(),
@@ -304,6 +310,7 @@ impl Proxy {
             let ready = ready.clone();
             let limits = self.limits.clone();
             let access_control = self.access_control.clone();
+            let ingress_certs = ingress_certs.clone();
             let sections = self.dump_sections;
             Arc::new(move || {
                 let t = tls.load();
@@ -319,6 +326,12 @@ impl Proxy {
                     "routing": snapshot.load().routing.dump(),
                                         "limits": limits.dump(),
                     "access": access_control.dump(),
+                    "ingress_certificates": ingress_certs.as_ref().map(|r| {
+                        r.expiry()
+                            .into_iter()
+                            .map(|(host, not_after)| serde_json::json!({"host": host, "not_after_unix": not_after}))
+                            .collect::<Vec<_>>()
+                    }),
                     "peer_connections": pool.len(),
                     "ready": { "pending": ready.pending() },
                 });

@@ -8,6 +8,7 @@ mod verify;
 
 pub use ca::{CaError, CertificateAuthority, IssuedCert};
 pub use reload::{spawn_reloader, IdentityStore};
+pub(crate) use tls::not_after;
 pub use tls::{Alpn, IdentityError, IdentityFiles, TlsContext};
 pub use trellis_policies::SpiffeId;
 pub use verify::{

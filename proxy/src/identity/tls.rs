@@ -263,7 +263,7 @@ impl TlsContext {
     }
 }
 
-fn not_after(der: &CertificateDer<'_>) -> Result<i64, String> {
+pub(crate) fn not_after(der: &CertificateDer<'_>) -> Result<i64, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| e.to_string())?;
     Ok(cert.validity().not_after.timestamp())
 }

@@ -39,6 +39,9 @@ pub struct SniCerts {
     /// `*.example.com` under `example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
+    /// Each configured certificate's first host name and expiry (Unix seconds), for
+    /// `/config_dump` and `trellis_ingress_cert_expiry_timestamp_seconds`.
+    expiry: Vec<(String, i64)>,
 }
 
 /// The rustls resolver: the current [`SniCerts`], swapped whole on reload.
@@ -81,8 +84,15 @@ impl SniCerts {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         let mut default = None;
+        let mut expiry = Vec::with_capacity(certs.len());
         for c in certs {
             let key = load_one(c)?;
+            let not_after = key
+                .cert
+                .first()
+                .and_then(|leaf| crate::identity::not_after(leaf).ok())
+                .unwrap_or(0);
+            expiry.push((c.hosts.first().cloned().unwrap_or_default(), not_after));
             default.get_or_insert_with(|| key.clone());
             for h in &c.hosts {
                 let h = h.to_ascii_lowercase();
@@ -101,6 +111,7 @@ impl SniCerts {
             exact,
             wildcard,
             default,
+            expiry,
         })
     }
 
@@ -124,6 +135,39 @@ impl SniCerts {
 impl Resolver {
     pub fn new(certs: SniCerts) -> Arc<Self> {
         Arc::new(Self(ArcSwap::from_pointee(certs)))
+    }
+}
+
+impl Resolver {
+    /// `(first host name, not-after Unix seconds)` of each certificate in use.
+    pub fn expiry(&self) -> Vec<(String, i64)> {
+        self.0.load().expiry.clone()
+    }
+}
+
+/// `trellis_ingress_cert_expiry_timestamp_seconds{host}`, read from the certificates in use.
+#[derive(Debug)]
+pub struct ExpiryCollector(pub Arc<Resolver>);
+
+impl prometheus_client::collector::Collector for ExpiryCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        let family = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        for (host, not_after) in self.0.expiry() {
+            family.get_or_create(&vec![("host", host)]).set(not_after);
+        }
+        let e = encoder.encode_descriptor(
+            "ingress_cert_expiry_timestamp_seconds",
+            "Expiry of each ingress server certificate in use, by its first host name",
+            None,
+            family.metric_type(),
+        )?;
+        family.encode(e)
     }
 }
 

@@ -263,6 +263,16 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
     })
     .await;
     let text = client::admin(gateway.admin(), "/metrics").await.body;
+    // Both certificates' expiry, by first host name (rcgen's default validity ends in 4096).
+    for host in ["api.example.com", "*.shop.example"] {
+        let exp = client::metric(
+            &text,
+            &format!("trellis_ingress_cert_expiry_timestamp_seconds{{host=\"{host}\"}}"),
+        );
+        assert!(exp > 4.0e9, "{host}: {exp}");
+    }
+    let dump = client::admin(gateway.admin(), "/config_dump").await.json();
+    assert_eq!(dump["ingress_certificates"][0]["host"], "api.example.com");
     assert!(
         client::metric(&text, "trellis_connections_total{direction=\"ingress\"}") >= 6.0,
         "{text}"
