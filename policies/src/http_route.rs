@@ -326,7 +326,9 @@ impl HttpRouteSpec {
         }
         let mut seen = HashSet::new();
         for (i, h) in self.hosts.iter().enumerate() {
-            validate_service_name(h).map_err(|m| format!("hosts[{i}]: {m}"))?;
+            // `*.example.com`: any host under example.com (not example.com itself).
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            validate_service_name(bare).map_err(|m| format!("hosts[{i}]: {m}"))?;
             if !seen.insert(h) {
                 return Err(format!("hosts[{i}]: `{h}` is listed twice"));
             }

@@ -22,6 +22,9 @@ use crate::route::Route;
 #[derive(Default)]
 pub struct RoutingTable {
     hosts: HashMap<String, HostRoutes>,
+    /// `*.example.com` routes, keyed by `.example.com`: a suffix match (Gateway API), the
+    /// longest suffix first, looked up with slices of the request's host (no allocation).
+    wildcards: HashMap<String, HostRoutes>,
 }
 
 /// The routes of one host, most specific match first.
@@ -124,22 +127,42 @@ impl RoutingTable {
             h.entries
                 .sort_by_key(|(rule, i)| std::cmp::Reverse(rule.matchers[*i].precedence()));
         }
-        Self { hosts }
+        let wildcard_keys: Vec<String> = hosts
+            .keys()
+            .filter(|h| h.starts_with("*."))
+            .cloned()
+            .collect();
+        let mut wildcards = HashMap::new();
+        for k in wildcard_keys {
+            if let Some(r) = hosts.remove(&k) {
+                wildcards.insert(k[1..].to_string(), r);
+            }
+        }
+        Self { hosts, wildcards }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty()
+        self.hosts.is_empty() && self.wildcards.is_empty()
     }
 
-    /// The routes of `host`, case-insensitively.
+    /// The routes of `host`, case-insensitively: an exact host first, then the longest
+    /// matching `*.` suffix.
     pub fn host(&self, host: &str) -> Option<&HostRoutes> {
-        match self.hosts.get(host) {
-            Some(h) => Some(h),
-            None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
-                self.hosts.get(&host.to_ascii_lowercase())
-            }
-            None => None,
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.lookup(&host.to_ascii_lowercase());
         }
+        self.lookup(host)
+    }
+
+    fn lookup(&self, host: &str) -> Option<&HostRoutes> {
+        if let Some(h) = self.hosts.get(host) {
+            return Some(h);
+        }
+        if self.wildcards.is_empty() {
+            return None;
+        }
+        host.match_indices('.')
+            .find_map(|(i, _)| self.wildcards.get(&host[i..]))
     }
 
     /// Route a request: independent of the listener, so the outbound path and an ingress use
@@ -170,14 +193,20 @@ impl RoutingTable {
     /// Hosts and their rules in precedence order, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
-        for (host, r) in &self.hosts {
+        let wildcards = self.wildcards.values().map(|r| (r.host.as_str(), r));
+        for (host, r) in self
+            .hosts
+            .iter()
+            .map(|(h, r)| (h.as_str(), r))
+            .chain(wildcards)
+        {
             let order: Vec<&str> = r
                 .entries
                 .iter()
                 .map(|(rule, _)| rule.name.as_str())
                 .collect();
             out.insert(
-                host.clone(),
+                host.to_string(),
                 serde_json::json!({ "is_service": r.is_service, "match_order": order }),
             );
         }
@@ -290,6 +319,32 @@ mod tests {
             Decision::NoMatch(_) => "no-match".into(),
             Decision::Unrouted => "unrouted".into(),
         }
+    }
+
+    #[test]
+    fn wildcard_hosts_match_suffixes_after_exact_hosts() {
+        let t = table(
+            r#"
+w:
+  hosts: ["*.example.com", "*.eu.example.com", api.example.com]
+  rules: [{name: any, direct_response: {status: 200}}]
+x:
+  hosts: [api.example.com]
+  rules: [{name: exact, matches: [{path: {prefix: /}}], direct_response: {status: 200}}]
+"#,
+        );
+        let host = |h: &str| t.host(h).map(|r| r.host.to_string());
+        assert_eq!(host("api.example.com").as_deref(), Some("api.example.com"));
+        assert_eq!(host("shop.example.com").as_deref(), Some("*.example.com"));
+        assert_eq!(host("a.b.example.com").as_deref(), Some("*.example.com"));
+        // The longest suffix wins.
+        assert_eq!(
+            host("shop.eu.example.com").as_deref(),
+            Some("*.eu.example.com")
+        );
+        assert_eq!(host("Shop.Example.COM").as_deref(), Some("*.example.com"));
+        assert_eq!(host("example.com"), None);
+        assert_eq!(host("example.org"), None);
     }
 
     #[test]

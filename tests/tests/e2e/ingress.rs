@@ -115,7 +115,7 @@ services:
     endpoints: [{{address: "{orders}"}}]
 http_routes:
   edge:
-    hosts: [api.example.com, web.shop.example]
+    hosts: [api.example.com, "*.shop.example"]
     rules:
       - name: api
         backends: [{{service: orders}}]
