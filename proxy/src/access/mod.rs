@@ -43,7 +43,7 @@ pub struct Principal {
     pub consumer: Option<Arc<str>>,
     /// Label of the API key used, for audit logs.
     pub key_id: Option<Arc<str>>,
-    pub token: Option<VerifiedToken>,
+    pub token: Option<Arc<VerifiedToken>>,
 }
 
 pub struct AccessControl {
@@ -193,8 +193,7 @@ impl AccessControl {
             let token = a
                 .jwt
                 .as_ref()
-                .and_then(|j| j.token_from(req.headers(), req.uri()))
-                .map(str::to_string);
+                .and_then(|j| j.token_from(req.headers(), req.uri()));
             let key = a
                 .accepts_api_keys()
                 .then(|| a.api_key(req.headers(), req.uri()))
@@ -205,8 +204,13 @@ impl AccessControl {
                 }
                 self.metrics.authenticated("anonymous");
             }
-            if let (Some(token), Some(jwt)) = (token, &a.jwt) {
-                match jwt.authenticate(&token).await {
+            // Verified with the token borrowed from the request; headers change only after.
+            let verified = match (token, &a.jwt) {
+                (Some(token), Some(jwt)) => Some(jwt.authenticate(token).await),
+                _ => None,
+            };
+            if let Some(verified) = verified {
+                match verified {
                     Ok(t) => {
                         if let Some(c) = t
                             .subject

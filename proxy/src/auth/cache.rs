@@ -11,7 +11,7 @@
 //! requests: crude, but cheap and without per-entry bookkeeping).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::VerifiedToken;
@@ -23,8 +23,11 @@ pub const CAPACITY: usize = 4096;
 
 #[derive(Default)]
 pub struct TokenCache {
-    entries: Mutex<HashMap<[u8; 32], (VerifiedToken, f64)>>,
+    entries: Mutex<HashMap<[u8; 32], Entry>>,
 }
+
+/// A verified token and the Unix time until which it is trusted.
+type Entry = (Arc<VerifiedToken>, f64);
 
 fn now() -> f64 {
     SystemTime::now()
@@ -43,14 +46,14 @@ pub fn key(token: &str) -> [u8; 32] {
 
 impl TokenCache {
     /// The verified token for `key`, if cached and not yet expired.
-    pub fn get(&self, key: &[u8; 32]) -> Option<VerifiedToken> {
+    pub fn get(&self, key: &[u8; 32]) -> Option<Arc<VerifiedToken>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let (token, until) = entries.get(key)?;
         (now() < *until).then(|| token.clone())
     }
 
     /// Remember `token`, valid until `expires_at` (Unix seconds, skew included).
-    pub fn put(&self, key: [u8; 32], token: &VerifiedToken, expires_at: f64) {
+    pub fn put(&self, key: [u8; 32], token: &Arc<VerifiedToken>, expires_at: f64) {
         let until = expires_at.min(now() + MAX_AGE.as_secs_f64());
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= CAPACITY {

@@ -191,7 +191,8 @@ impl JwtAuthenticator {
     }
 
     /// Verify `token` (the compact JWS text, without any `Bearer ` prefix).
-    pub async fn authenticate(&self, token: &str) -> Result<VerifiedToken, JwtError> {
+    /// Shared (`Arc`): a cached verdict is handed out without copying its claims.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<VerifiedToken>, JwtError> {
         let key = super::cache::key(token);
         if let Some(t) = self.cache.get(&key) {
             if let Some(p) = self.providers.iter().find(|p| p.name == t.provider) {
@@ -211,7 +212,7 @@ impl JwtAuthenticator {
             self.unattributed.record::<()>(&Err(e));
             return Err(e);
         };
-        let result = provider.verify(parsed).await;
+        let result = provider.verify(parsed).await.map(Arc::new);
         provider.verdicts.record(&result);
         if let Ok(t) = &result {
             // `exp` is required and checked: the token stays valid until exp + skew.
