@@ -93,7 +93,7 @@ impl Proxy {
         let limits = RateLimits::new(&config.service, &mut registry);
         let access_control = crate::access::AccessControl::new(
             &config.service,
-            config.authorization.default,
+            &config.authorization,
             &mut registry,
         );
         Self {

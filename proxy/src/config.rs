@@ -178,13 +178,32 @@ fn d_ingress_listen() -> SocketAddr {
 }
 
 /// The sidecar's authorization default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationConfig {
     /// `allow` (default): requests pass unless a policy says otherwise. `deny`: a request must
     /// match an `allow` rule of an `AuthorizationPolicy` of this service (zero trust).
     #[serde(default)]
     pub default: AuthzDefault,
+    /// Mesh peers (SPIFFE IDs; a trailing `*` matches a prefix) whose `trellis-consumer`
+    /// header is believed: the consumer an ingress or an earlier hop authenticated. Default
+    /// `["*"]`, every mTLS-verified peer (their sidecars strip the header from apps'
+    /// requests); e.g. only the gateway's identity, or `[]` for none.
+    #[serde(default = "d_consumer_peers")]
+    pub consumer_from_peers: Vec<String>,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> Self {
+        Self {
+            default: AuthzDefault::Allow,
+            consumer_from_peers: d_consumer_peers(),
+        }
+    }
+}
+
+fn d_consumer_peers() -> Vec<String> {
+    vec!["*".to_string()]
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ pub use authz::DEFAULT_DENY;
 pub use consumers::key_digest;
 
 use crate::auth::{AuthMetrics, JwtAuthenticator, VerifiedToken};
-use crate::config::{AuthzDefault, CONSUMER_HEADER};
+use crate::config::{AuthorizationConfig, AuthzDefault, CONSUMER_HEADER};
 use crate::error::ProxyError;
 use crate::snapshot::Snapshot;
 use authn::Authn;
@@ -49,6 +49,8 @@ pub struct Principal {
 pub struct AccessControl {
     service: String,
     default: AuthzDefault,
+    /// Peers whose `trellis-consumer` is believed (patterns as in authorization rules).
+    consumer_from_peers: Vec<String>,
     state: ArcSwap<State>,
     metrics: AccessMetrics,
     jwt_metrics: AuthMetrics,
@@ -76,10 +78,12 @@ impl Principal {
 // === impl AccessControl ===
 
 impl AccessControl {
-    pub fn new(service: &str, default: AuthzDefault, registry: &mut Registry) -> Arc<Self> {
+    pub fn new(service: &str, config: &AuthorizationConfig, registry: &mut Registry) -> Arc<Self> {
+        let default = config.default;
         Arc::new(Self {
             service: service.to_string(),
             default,
+            consumer_from_peers: config.consumer_from_peers.clone(),
             state: ArcSwap::from_pointee(State {
                 authn: Vec::new(),
                 consumers: ConsumerIndex::default(),
@@ -151,20 +155,29 @@ impl AccessControl {
         req: &mut Request<B>,
         peer: Option<&HeaderValue>,
     ) -> Result<Principal, ProxyError> {
-        // Only sidecars set this header: a mesh peer's (mTLS-verified; its own outbound side
-        // strips the header from its app's requests) names the consumer an ingress or an
-        // earlier hop authenticated; from anyone else it is removed.
-        let propagated = match peer {
-            Some(_) => req
-                .headers()
+        // Only sidecars set this header: a trusted mesh peer's (mTLS-verified; its own
+        // outbound side strips the header from its app's requests) names the consumer an
+        // ingress or an earlier hop authenticated; from anyone else it is removed.
+        let trusted = peer.and_then(|p| p.to_str().ok()).is_some_and(|id| {
+            self.consumer_from_peers
+                .iter()
+                .any(|p| authz::identity_matches(p, id))
+        });
+        let propagated = if trusted {
+            req.headers()
                 .get(CONSUMER_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .map(Arc::<str>::from),
-            None => req.headers_mut().remove(CONSUMER_HEADER).and(None),
+                .map(Arc::<str>::from)
+        } else {
+            req.headers_mut().remove(CONSUMER_HEADER).and(None)
         };
         let state = self.state.load_full();
         if state.authn.is_empty() && state.consumers.is_empty() && state.authz.is_empty() {
-            return Ok(Principal::default());
+            // No policies here, but a consumer from upstream still keys rate limits.
+            return Ok(Principal {
+                consumer: propagated,
+                ..Principal::default()
+            });
         }
         let mut who = Principal {
             identity: peer.and_then(|p| p.to_str().ok()).map(Arc::from),
@@ -310,5 +323,51 @@ impl AccessControl {
             "consumer_credentials": s.consumers.len(),
             "authorization_default": self.default,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn consumer_seen(access: &AccessControl, peer: Option<&'static str>) -> Option<String> {
+        let mut req = Request::get("/x")
+            .header(CONSUMER_HEADER, "acme")
+            .body(())
+            .expect("request");
+        let peer = peer.map(HeaderValue::from_static);
+        let who = access
+            .check(&mut req, peer.as_ref())
+            .await
+            .expect("admitted");
+        assert_eq!(
+            who.consumer.as_deref(),
+            req.headers()
+                .get(CONSUMER_HEADER)
+                .and_then(|v| v.to_str().ok())
+        );
+        who.consumer.map(|c| c.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_consumer_header_is_believed_only_from_trusted_peers() {
+        let gateway = "spiffe://td/service/gateway";
+        let other = "spiffe://td/service/other";
+        let mut registry = Registry::default();
+        let mut config = AuthorizationConfig::default();
+        // Default: any mesh peer; never a caller without an mTLS identity.
+        let open = AccessControl::new("orders", &config, &mut registry);
+        assert_eq!(
+            consumer_seen(&open, Some(other)).await.as_deref(),
+            Some("acme")
+        );
+        assert_eq!(consumer_seen(&open, None).await, None);
+        config.consumer_from_peers = vec![gateway.to_string()];
+        let strict = AccessControl::new("orders", &config, &mut Registry::default());
+        assert_eq!(
+            consumer_seen(&strict, Some(gateway)).await.as_deref(),
+            Some("acme")
+        );
+        assert_eq!(consumer_seen(&strict, Some(other)).await, None);
     }
 }
