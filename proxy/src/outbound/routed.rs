@@ -1,0 +1,150 @@
+//! Where an outbound request goes: an HTTPRoute naming the host decides first (faults,
+//! redirect, direct response, or forwarding with header changes, rewrites and mirroring);
+//! hosts without one are mesh services, as before HTTPRoutes existed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::Outbound;
+use crate::error::ProxyError;
+use crate::headers::request_host;
+use crate::original_dst::OriginalDst;
+use crate::routing::{self, Action, Decision, Rule};
+use crate::ResponseBody;
+
+impl Outbound {
+    /// Pick the destination and forward; returns the service and route labels with the
+    /// outcome. An HTTPRoute naming the host decides first; other hosts are services.
+    pub(super) async fn route(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut crate::trace::RequestSpan,
+    ) -> (
+        Arc<String>,
+        Arc<String>,
+        Result<Response<ResponseBody>, ProxyError>,
+    ) {
+        let default_route = self.metrics.default_route.clone();
+        let Some(host) = request_host(&req) else {
+            return (
+                self.unknown.clone(),
+                default_route,
+                Err(ProxyError::MissingAuthority),
+            );
+        };
+        let table = self.routes.load();
+        let matched = match table
+            .routing
+            .decide(host, req.method(), req.uri(), req.headers())
+        {
+            Decision::Unrouted => None,
+            Decision::NoMatch(h) if h.is_service => None,
+            Decision::NoMatch(h) => {
+                let err = ProxyError::NoRoute(host.to_string());
+                return (h.host.clone(), default_route, Err(err));
+            }
+            Decision::Matched { host, rule, prefix } => {
+                Some((host.host.clone(), rule.clone(), prefix))
+            }
+        };
+        if let Some((host, rule, prefix)) = matched {
+            drop(table);
+            span.route(&rule.name);
+            let (service, result) = self
+                .route_rule(&host, &rule, prefix, req, client, span)
+                .await;
+            return (service, rule.name.clone(), result);
+        }
+        let Some(route) = table.route(host).cloned() else {
+            if let Some(&OriginalDst(dst)) = req.extensions().get::<OriginalDst>() {
+                drop(table);
+                let result = crate::original_dst::http_passthrough(
+                    &self.external,
+                    dst,
+                    req,
+                    self.request_timeout,
+                    self.stream_idle,
+                )
+                .await;
+                return (
+                    crate::original_dst::passthrough_label(),
+                    default_route,
+                    result,
+                );
+            }
+            return (
+                self.unknown.clone(),
+                default_route,
+                Err(ProxyError::UnknownService(host.to_string())),
+            );
+        };
+        drop(table);
+        let result = self.forward(&route, req, client, span).await;
+        (route.service.name.clone(), default_route, result)
+    }
+
+    /// Apply a matched HTTPRoute rule: faults first, then its redirect, direct response or
+    /// forwarding (with header changes, rewrites, mirror); response headers last. Returns the
+    /// service label: the backend, or the host for answers without one.
+    async fn route_rule(
+        &self,
+        host: &Arc<String>,
+        rule: &Rule,
+        prefix: usize,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut crate::trace::RequestSpan,
+    ) -> (Arc<String>, Result<Response<ResponseBody>, ProxyError>) {
+        if let Some(fault) = &rule.fault {
+            if let Some(delay) = fault.delay(&rule.rng) {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = fault.abort(&rule.rng) {
+                let route = rule.name.to_string();
+                return (host.clone(), Err(ProxyError::FaultAbort { route, status }));
+            }
+        }
+        let (service, result) = match &rule.action {
+            Action::Redirect(r) => {
+                let authority = routing::authority(&req).unwrap_or(host.as_str());
+                let scheme = req
+                    .extensions()
+                    .get::<routing::RequestScheme>()
+                    .map_or("http", |s| s.0);
+                (host.clone(), Ok(r.response(scheme, authority, req.uri())))
+            }
+            Action::Direct(d) => (host.clone(), Ok(d.response())),
+            Action::Forward { .. } => {
+                let Some(backend) = rule.backend() else {
+                    return (host.clone(), Err(ProxyError::NoRoute(host.to_string())));
+                };
+                let Some(route) = backend.route.clone() else {
+                    let err = ProxyError::UnknownService(backend.service.to_string());
+                    return (self.unknown.clone(), Err(err));
+                };
+                routing::prepare_request(rule, prefix, &mut req);
+                if let Some(m) = &rule.mirror {
+                    m.maybe_spawn(
+                        &req,
+                        &rule.rng,
+                        &self.pool,
+                        client.ip(),
+                        self.connect_timeout,
+                        self.request_timeout,
+                    );
+                }
+                let result = self.forward(&route, req, client, span).await;
+                (route.service.name.clone(), result)
+            }
+        };
+        let result = result.map(|mut resp| {
+            routing::finish_response(rule, &mut resp);
+            resp
+        });
+        (service, result)
+    }
+}
