@@ -174,8 +174,13 @@ pub fn service_snapshot(
             external: None,
         },
     );
+    snapshot_of(&doc)
+}
+
+/// A snapshot of `doc` in the test trust domain, with a fresh version.
+pub fn snapshot_of(doc: &trellis_policies::MeshDocument) -> Arc<Snapshot> {
     Arc::new(
-        Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())
+        Snapshot::from_document(doc, TRUST_DOMAIN, next_version(), "test".into())
             .expect("valid test snapshot"),
     )
 }

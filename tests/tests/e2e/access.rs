@@ -15,7 +15,7 @@ use trellis_proxy::config::AuthzDefault;
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client::{self, metric};
-use trellis_tests::{init_logs, next_version, Pki, Sidecar, TRUST_DOMAIN};
+use trellis_tests::{init_logs, Pki, Sidecar};
 
 const KEY: &str = "tk_live_3b1f0c9e6d2a4f8b";
 const SECRET: &[u8] = b"an-hs256-secret-of-32-bytes-long";
@@ -60,10 +60,7 @@ fn snapshot(inbound: SocketAddr, policies: &str) -> Arc<Snapshot> {
     doc.services
         .insert("orders".into(), trellis_tests::unretried_service(inbound));
     trellis_policies::validate(&doc).expect("valid policies");
-    Arc::new(
-        Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())
-            .expect("valid snapshot"),
-    )
+    trellis_tests::snapshot_of(&doc)
 }
 
 struct Orders {

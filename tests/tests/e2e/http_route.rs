@@ -7,15 +7,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
 use trellis_policies::{EndpointSpec, MeshDocument, ServiceSpec};
-use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client::{self, metric, HttpClient};
-use trellis_tests::{init_logs, next_version, Pki, Sidecar, TRUST_DOMAIN};
+use trellis_tests::{init_logs, Pki, Sidecar};
 
 const SERVICES: [&str; 3] = ["echo", "echo-v2", "shadow"];
 
@@ -93,9 +91,7 @@ impl RouteMesh {
         }
         doc.http_routes = serde_norway::from_str(routes).expect("routes YAML");
         trellis_policies::validate(&doc).expect("valid routes");
-        let snap = Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())
-            .expect("snapshot");
-        self.client.apply(Arc::new(snap)).await;
+        self.client.apply(trellis_tests::snapshot_of(&doc)).await;
     }
 
     fn counts(&self) -> [u64; 3] {

@@ -18,7 +18,7 @@ use trellis_proxy::config::{IngressConfig, IngressHttpConfig, ServerCertificate}
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
-use trellis_tests::{init_logs, next_version, wait_for, Pki, Sidecar, TRUST_DOMAIN};
+use trellis_tests::{init_logs, wait_for, Pki, Sidecar};
 
 const KEY: &str = "edge-key-6f1d2c";
 
@@ -133,10 +133,7 @@ consumers:
             .collect::<String>()
     );
     let doc: MeshDocument = trellis_policies::parse_mesh_yaml(&yaml).expect("mesh document");
-    Arc::new(
-        Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())
-            .expect("snapshot"),
-    )
+    trellis_tests::snapshot_of(&doc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

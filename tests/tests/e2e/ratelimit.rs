@@ -10,7 +10,7 @@ use trellis_policies::{ConcurrencyLimitSpec, MeshDocument, RateLimitSpec};
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::{grpc_frame, Backend};
 use trellis_tests::client::{self, metric};
-use trellis_tests::{init_logs, next_version, Pki, Sidecar, TRUST_DOMAIN};
+use trellis_tests::{init_logs, Pki, Sidecar};
 
 /// A snapshot with `orders` at `inbound` (retries off, so every answer is the inbound's own)
 /// and the given limits.
@@ -31,10 +31,7 @@ fn snapshot(
             serde_json::from_value(spec.clone()).expect("concurrency limit spec");
         doc.concurrency_limits.insert(name.to_string(), spec);
     }
-    Arc::new(
-        Snapshot::from_document(&doc, TRUST_DOMAIN, next_version(), "test".into())
-            .expect("valid snapshot"),
-    )
+    trellis_tests::snapshot_of(&doc)
 }
 
 struct Orders {
