@@ -1,10 +1,12 @@
 //! The binary against a real etcd: `policy` commands, `status`, unreachable etcd, and a sidecar
 //! killed with SIGKILL whose registration expires with its lease.
 
+mod common;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_agent::testing::EtcdCluster;
@@ -17,18 +19,10 @@ fn agent(endpoint: &str) -> Command {
     c
 }
 
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn ok(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
-    assert!(o.status.success(), "{cmd:?}: {}", out(&o));
-    out(&o)
+    assert!(o.status.success(), "{cmd:?}: {}", common::output_text(&o));
+    common::output_text(&o)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -85,9 +79,9 @@ async fn policy_commands_round_trip() {
         .output()
         .unwrap();
     assert!(
-        !missing.status.success() && out(&missing).contains("not found"),
+        !missing.status.success() && common::output_text(&missing).contains("not found"),
         "{}",
-        out(&missing)
+        common::output_text(&missing)
     );
 
     // An invalid document anywhere in the input: nothing is written, every problem is named.
@@ -101,7 +95,7 @@ async fn policy_commands_round_trip() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    let text = out(&o);
+    let text = common::output_text(&o);
     assert!(
         text.contains("ServicePolicy/web: spec.request_timeout")
             && text.contains("apiVersion `trellis.dev/v2`"),
@@ -125,7 +119,11 @@ fn unreachable_etcd_is_named_in_the_error() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(out(&o).contains(&dead), "{}", out(&o));
+    assert!(
+        common::output_text(&o).contains(&dead),
+        "{}",
+        common::output_text(&o)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,8 @@
 //! After `iptables remove` the rules are gone and the same call no longer reaches `orders`.
 //! Needs root, `ip`, `iptables` and `setpriv`; without them the test says why and passes.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -53,9 +55,8 @@ fn sh(args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(
         out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{args:?} failed: {}",
+        common::output_text(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

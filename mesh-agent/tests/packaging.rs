@@ -3,6 +3,8 @@
 //! does it, plus hadolint). The script reads USER, ENV, EXPOSE, HEALTHCHECK and the entrypoint
 //! from the Dockerfile and runs the binary that way in a fresh network namespace.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -19,11 +21,7 @@ fn the_binary_runs_as_the_image_says() {
         .env("SKIP_LINT", "1")
         .output()
         .expect("bash runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::output_text(&out);
     if text.contains("not installed") {
         eprintln!("SKIPPED: {text}");
         return;

@@ -1,8 +1,10 @@
 //! The binary against a real etcd: `policy apply/delete --author`, `policy history` as a table
 //! and as JSON, and `policy rollback` (including its refusal of an unknown revision).
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use mesh_agent::testing::EtcdCluster;
 
@@ -15,17 +17,9 @@ fn agent(endpoint: &str) -> Command {
     c
 }
 
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn ok(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
-    assert!(o.status.success(), "{cmd:?}: {}", out(&o));
+    assert!(o.status.success(), "{cmd:?}: {}", common::output_text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -153,8 +147,9 @@ async fn history_and_rollback_through_the_binary() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        out(&o).contains("revision 999999 is not in the history of ServicePolicy/orders"),
+        common::output_text(&o)
+            .contains("revision 999999 is not in the history of ServicePolicy/orders"),
         "{}",
-        out(&o)
+        common::output_text(&o)
     );
 }

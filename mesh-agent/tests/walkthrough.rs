@@ -2,6 +2,8 @@
 //! certificates, two sidecars with their apps, policies, a request end to end and a graceful
 //! stop, each step checked by the script (about a second or two).
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -21,11 +23,7 @@ fn local_walkthrough_passes() {
         .env_remove("TRELLIS_ETCD_ENDPOINTS")
         .output()
         .expect("bash runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::output_text(&out);
     assert!(
         out.status.success() && text.contains("PASS: walkthrough complete"),
         "{text}"
