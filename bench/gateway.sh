@@ -107,11 +107,7 @@ start_mesh() { # WITH-JWT
     RUST_LOG=warn taskset -c 1 "$AGENT" run --mode ingress --config "$D/g.yaml" 2>"$D/g.log" & MG=$!
     local auth=()
     [[ "$1" == 1 ]] && auth=(-H "authorization: Bearer $TOKEN")
-    for _ in $(seq 100); do
-        curl -skf -o /dev/null -m 1 "${auth[@]}" --resolve "$HOST:$G_TLS:127.0.0.1" "https://$HOST:$G_TLS/" && return
-        sleep 0.1
-    done
-    die "ingress not ready (jwt=$1): $(tail -5 "$D/g.log")"
+    wait_http "ingress (jwt=$1)" -k "${auth[@]}" --resolve "$HOST:$G_TLS:127.0.0.1" "https://$HOST:$G_TLS/"
 }
 stop_mesh() { kill -TERM "$MB" "$MG"; wait "$MB" "$MG" 2>/dev/null || true; }
 
@@ -121,22 +117,19 @@ max_rps() { # NAME URL [oha args...]
         >"$D/$name.json" 2>/dev/null || die "oha failed ($name)"
     jq -r '.summary.requestsPerSec' "$D/$name.json"
 }
-fixed_rate() { # NAME URL [oha args...]: p50 p99 in ms
-    local name="$1" url="$2"; shift 2
-    taskset -c 0 oha -q "$RATE" -z "${SECS}s" -c 32 --latency-correction --insecure -w --no-tui \
-        --output-format json "$@" "$url" >"$D/$name.json" 2>/dev/null || die "oha failed ($name)"
-    jq -r '"\(.latencyPercentiles.p50 * 1000) \(.latencyPercentiles.p99 * 1000) \(.statusCodeDistribution | tostring)"' "$D/$name.json"
-}
+codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
 
-for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$BACKEND/" && break; sleep 0.1; done
+wait_http backend "http://127.0.0.1:$BACKEND/"
 direct=$(max_rps direct "http://127.0.0.1:$BACKEND/")
 nginx_tls=$(max_rps nginx "https://$HOST:$NGINX_TLS/" --connect-to "$HOST:$NGINX_TLS:127.0.0.1:$NGINX_TLS")
 start_mesh 0
 trellis=$(max_rps trellis "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS")
-read -r p50_off p99_off codes_off < <(fixed_rate off "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS")
+read -r p50_off p99_off < <(fixed_rate off --insecure --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" "https://$HOST:$G_TLS/")
+codes_off=$(codes off)
 stop_mesh
 start_mesh 1
-read -r p50_jwt p99_jwt codes_jwt < <(fixed_rate jwt "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" -H "authorization: Bearer $TOKEN")
+read -r p50_jwt p99_jwt < <(fixed_rate jwt --insecure --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" -H "authorization: Bearer $TOKEN" "https://$HOST:$G_TLS/")
+codes_jwt=$(codes jwt)
 trellis_jwt=$(max_rps trellis-jwt "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" -H "authorization: Bearer $TOKEN")
 stop_mesh
 

@@ -53,3 +53,22 @@ CONF
     taskset -c 1 nginx -c "$D/nginx/nginx.conf" -p "$D/nginx" -g 'daemon off;' &
     PIDS+=($!)
 }
+
+# Wait (at most 10 s) until `curl CURL-ARGS...` succeeds.
+wait_http() { # WHAT CURL-ARGS...
+    local what="$1"; shift
+    for _ in $(seq 100); do
+        curl -sf -o /dev/null -m 1 "$@" && return 0
+        sleep 0.1
+    done
+    die "$what not ready"
+}
+
+# Open-loop load at $RATE req/s for $SECS s (oha on core 0, latency-corrected) into
+# $D/NAME.json; prints "p50 p99" in milliseconds.
+fixed_rate() { # NAME OHA-ARGS... URL
+    local name="$1"; shift
+    taskset -c 0 oha -q "$RATE" -z "${SECS}s" -c 32 --latency-correction -w --no-tui \
+        --output-format json "$@" >"$D/$name.json" 2>/dev/null || die "oha failed ($name)"
+    jq -r '"\(.latencyPercentiles.p50 * 1000) \(.latencyPercentiles.p99 * 1000)"' "$D/$name.json"
+}

@@ -55,16 +55,11 @@ run_mode() { # NAME MESH-FILE
     sidecar_config client "$A_IN" "$A_OUT" "$A_ADM" "$mesh" >"$D/a.yaml"
     RUST_LOG=warn taskset -c 1 "$AGENT" run --config "$D/b.yaml" 2>"$D/b-$name.log" & local pb=$!
     RUST_LOG=warn taskset -c 1 "$AGENT" run --config "$D/a.yaml" 2>"$D/a-$name.log" & local pa=$!
-    for _ in $(seq 100); do
-        curl -sf -o /dev/null -m 1 -H 'Host: backend' "http://127.0.0.1:$A_OUT/" && break
-        sleep 0.1
-    done
-    curl -sf -o /dev/null -H 'Host: backend' "http://127.0.0.1:$A_OUT/" || die "mesh not ready ($name)"
-    taskset -c 0 oha -q "$RATE" -z "${SECS}s" -c 32 --latency-correction -w --no-tui \
-        --output-format json -H 'Host: backend' "http://127.0.0.1:$A_OUT/" >"$D/$name.json" 2>/dev/null ||
-        die "oha failed ($name)"
-    P50[$name]=$(jq -r '.latencyPercentiles.p50 * 1000' "$D/$name.json")
-    P99[$name]=$(jq -r '.latencyPercentiles.p99 * 1000' "$D/$name.json")
+    wait_http "mesh ($name)" -H 'Host: backend' "http://127.0.0.1:$A_OUT/"
+    local p50 p99
+    read -r p50 p99 < <(fixed_rate "$name" -H 'Host: backend' "http://127.0.0.1:$A_OUT/")
+    P50[$name]=$p50
+    P99[$name]=$p99
     # The route label most requests got: proof that the table was in force.
     ROUTE[$name]=$(curl -s "http://127.0.0.1:$A_ADM/metrics" |
         awk -F'route="' '/^trellis_requests_total\{direction="outbound"/ {
