@@ -315,6 +315,8 @@ impl Outbound {
         let mut exclude = None;
         // Held while a retry is in flight (the max_retries breaker).
         let mut _retrying = None;
+        // A closing pooled connection handed the request back unsent once already.
+        let mut handed_back = false;
         loop {
             let mut req: Request<RequestBody> = match (&template, streaming.take()) {
                 (Some((parts, bytes)), _) => replay(parts, bytes, attempt > 0),
@@ -376,7 +378,25 @@ impl Outbound {
                     crate::grpc::encode_timeout(remaining),
                 );
             }
-            let result = self.send(ep, sender, req, connect_timeout, per_try).await;
+            let result = match self.send(ep, sender, req, per_try).await {
+                Sent::Done(result) => result,
+                Sent::HandedBack(req) if !handed_back => {
+                    // The pooled connection was closing (the peer draining) and gave the
+                    // request back before writing it: dial again. Nothing was sent, so this is
+                    // not a retry; if the peer is gone, the connect failure above moves the
+                    // request to another endpoint like any other.
+                    handed_back = true;
+                    self.pool.invalidate(ep);
+                    if template.is_none() {
+                        streaming = Some(req);
+                    }
+                    continue;
+                }
+                Sent::HandedBack(_) => Err(ProxyError::Upstream {
+                    addr: ep.addr,
+                    message: "a fresh connection refused the request before sending it".into(),
+                }),
+            };
             stats.observe_rtt(started.elapsed());
             self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
             let retryable = template.is_some()
@@ -493,28 +513,23 @@ impl Outbound {
         ep: &Endpoint,
         mut send: hyper::client::conn::http2::SendRequest<RequestBody>,
         req: Request<RequestBody>,
-        connect_timeout: Duration,
         request_timeout: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Sent {
         let attempt = async {
             match send.try_send_request(req).await {
-                Ok(resp) => Ok(resp),
+                Ok(resp) => Sent::Done(Ok(resp)),
                 Err(mut e) => match e.take_message() {
-                    Some(req) => {
-                        self.pool.invalidate(ep);
-                        let mut send = self.pool.get(ep, connect_timeout).await?;
-                        send.send_request(req).await.map_err(|e| upstream(ep, &e))
-                    }
-                    None => Err(upstream(ep, e.error())),
+                    Some(req) => Sent::HandedBack(req),
+                    None => Sent::Done(Err(upstream(ep, e.error()))),
                 },
             }
         };
         tokio::time::timeout(request_timeout, attempt)
             .await
-            .map_err(|_| ProxyError::ResponseTimeout {
+            .unwrap_or(Sent::Done(Err(ProxyError::ResponseTimeout {
                 addr: ep.addr,
                 timeout: request_timeout,
-            })?
+            })))
     }
 }
 
@@ -565,6 +580,13 @@ impl Outbound {
             }
         }
     }
+}
+
+/// What became of a request given to a pooled connection.
+enum Sent {
+    Done(Result<Response<Incoming>, ProxyError>),
+    /// The connection was closing and handed the request back before writing any of it.
+    HandedBack(Request<RequestBody>),
 }
 
 /// A fresh copy of a buffered request for one attempt; retried attempts carry the mark.
