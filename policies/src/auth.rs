@@ -49,6 +49,11 @@ pub struct JwtProviderSpec {
     /// Where the token is read from; `Authorization: Bearer <token>` by default.
     #[serde(default)]
     pub from: TokenSource,
+    /// Pass the verified token on to the app (as Envoy's `jwt_authn` `forward`). Off by
+    /// default: the app gets the claims it needs as headers, and a bearer credential does not
+    /// spread into app logs or onward calls.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_token: bool,
     /// Period of the background refresh of a fetched JWKS.
     #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
     pub jwks_refresh: Duration,

@@ -40,8 +40,18 @@ pub struct HttpRouteSpec {
     /// `Host` values (without port) the rules apply to: mesh service names, or host names an
     /// ingress serves.
     pub hosts: Vec<String>,
+    /// Where the route applies, as Istio's `VirtualService.gateways`: [`MESH`] for the
+    /// outbound side of every sidecar, and the service names of ingress gateways
+    /// (`mesh-agent run --mode ingress`) that expose it. `[mesh]` when omitted, so a route
+    /// reaches the edge only when it names the gateway: an ingress never exposes what no
+    /// route bound to it names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
     pub rules: Vec<HttpRouteRule>,
 }
+
+/// The reserved `gateways` entry for the sidecars' outbound side.
+pub const MESH: &str = "mesh";
 
 /// One rule: where matching requests go and what happens to them on the way.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -311,6 +321,15 @@ fn check_rule_name(n: &str) -> Result<(), String> {
 // === impl HttpRouteSpec ===
 
 impl HttpRouteSpec {
+    /// Whether the route applies at `gateway`: [`MESH`] for sidecars' outbound side, or an
+    /// ingress gateway's service name. Omitted `gateways` means `[mesh]` only.
+    pub fn binds(&self, gateway: &str) -> bool {
+        if self.gateways.is_empty() {
+            return gateway == MESH;
+        }
+        self.gateways.iter().any(|g| g == gateway)
+    }
+
     /// The name rule `index` of policy `policy` reports as.
     pub fn rule_name(&self, policy: &str, index: usize) -> String {
         match self.rules.get(index).and_then(|r| r.name.as_ref()) {
@@ -331,6 +350,15 @@ impl HttpRouteSpec {
             validate_service_name(bare).map_err(|m| format!("hosts[{i}]: {m}"))?;
             if !seen.insert(h) {
                 return Err(format!("hosts[{i}]: `{h}` is listed twice"));
+            }
+        }
+        let mut gateways = HashSet::new();
+        for (i, g) in self.gateways.iter().enumerate() {
+            if g != MESH {
+                validate_service_name(g).map_err(|m| format!("gateways[{i}]: {m}"))?;
+            }
+            if !gateways.insert(g) {
+                return Err(format!("gateways[{i}]: `{g}` is listed twice"));
             }
         }
         if self.rules.is_empty() || self.rules.len() > MAX_RULES {

@@ -25,7 +25,7 @@ pub use document::{
 pub use http_route::{
     compile_regex, BackendRef, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderModifier,
     HttpPathMatch, HttpRouteMatch, HttpRouteRule, HttpRouteSpec, Mirror, Redirect, Rewrite,
-    ValueMatch,
+    ValueMatch, MESH as MESH_GATEWAY,
 };
 pub use limits::{
     ConcurrencyLimitSpec, Limit, LimitKey, PathMatch, Per, RateLimitSpec, RouteMatch, Scope,

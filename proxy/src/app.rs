@@ -222,6 +222,7 @@ impl Proxy {
             clock: applied_clock,
             current: snapshot.clone(),
             local_zone: cfg.zone.clone(),
+            gateway: cfg.ingress.as_ref().map(|_| cfg.service.clone()),
             pool: pool.clone(),
             metrics: metrics.clone(),
             limits: self.limits.clone(),
@@ -281,17 +282,22 @@ impl Proxy {
                 cfg.identity.reload_interval,
                 metrics.clone(),
             );
-            let server_config = crate::ingress::server_config(resolver)
+            let server_config = crate::ingress::server_config(resolver.clone())
                 .map_err(|e| StartError::Ingress(e.to_string()))?;
-            let https_port = bound.ingress.map_or(443, |a| a.port());
+            let edge = crate::ingress::Edge {
+                certs: resolver,
+                tls: server_config,
+                trusted_proxies: crate::headers::TrustedProxies::parse(&ing.trusted_proxies)
+                    .map_err(|m| StartError::Ingress(format!("trusted_proxies: {m}")))?,
+                https_port: bound.ingress.map_or(443, |a| a.port()),
+            };
             let ingress = Arc::new(crate::ingress::Ingress::new(
                 outbound.clone(),
                 self.access_control.clone(),
                 self.limits.clone(),
                 metrics.clone(),
                 cfg.limits.clone(),
-                server_config,
-                https_port,
+                edge,
             ));
             // Outside clients stop with the inbound listener: first in the drain order.
             tokio::spawn(ingress.clone().serve_tls(listener, inbound_drain.clone()));
@@ -397,6 +403,9 @@ struct Applier {
     clock: crate::route_metrics::AppliedClock,
     current: Arc<ArcSwap<RouteTable>>,
     local_zone: Option<String>,
+    /// This sidecar's service when it is an ingress gateway: HTTPRoutes naming it in
+    /// `gateways` are compiled for the edge.
+    gateway: Option<String>,
     pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
     limits: Arc<RateLimits>,
@@ -417,6 +426,7 @@ impl Applier {
             clock,
             current,
             local_zone,
+            gateway,
             pool,
             metrics,
             limits,
@@ -437,7 +447,12 @@ impl Applier {
                 let version = snap.version;
                 limits.update(&snap);
                 access_control.update(&snap);
-                let table = Arc::new(RouteTable::build(snap, &registry, local_zone.as_deref()));
+                let table = Arc::new(RouteTable::build(
+                    snap,
+                    &registry,
+                    local_zone.as_deref(),
+                    gateway.as_deref(),
+                ));
                 health.update(&table, &pool, &metrics);
                 current.store(table);
                 clock.mark();

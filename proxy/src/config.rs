@@ -152,6 +152,12 @@ pub struct IngressConfig {
     /// A plain HTTP listener, e.g. on port 80.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<IngressHttpConfig>,
+    /// Addresses or CIDRs of the proxies in front of the ingress (an L7 load balancer, a
+    /// CDN) whose `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` are believed, as
+    /// nginx's `set_real_ip_from`. Default none: every client's forwarding headers are
+    /// replaced by its TCP address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -185,11 +191,11 @@ pub struct AuthorizationConfig {
     /// match an `allow` rule of an `AuthorizationPolicy` of this service (zero trust).
     #[serde(default)]
     pub default: AuthzDefault,
-    /// Mesh peers (SPIFFE IDs; a trailing `*` matches a prefix) whose `trellis-consumer`
-    /// header is believed: the consumer an ingress or an earlier hop authenticated. Default
-    /// `["*"]`, every mTLS-verified peer (their sidecars strip the header from apps'
-    /// requests); e.g. only the gateway's identity, or `[]` for none.
-    #[serde(default = "d_consumer_peers")]
+    /// Mesh peers (SPIFFE IDs; a trailing `*` matches a prefix) whose identity assertions
+    /// are believed: the `trellis-consumer` header and JWT claim headers that an ingress or an
+    /// earlier hop verified. Default none: name the ingress gateways' identities, e.g.
+    /// `["spiffe://example.org/service/gateway"]`. From anyone else these headers are removed.
+    #[serde(default)]
     pub consumer_from_peers: Vec<String>,
 }
 
@@ -197,13 +203,9 @@ impl Default for AuthorizationConfig {
     fn default() -> Self {
         Self {
             default: AuthzDefault::Allow,
-            consumer_from_peers: d_consumer_peers(),
+            consumer_from_peers: Vec::new(),
         }
     }
-}
-
-fn d_consumer_peers() -> Vec<String> {
-    vec!["*".to_string()]
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -798,6 +800,8 @@ impl Config {
                         .map_err(|m| invalid(&format!("ingress.certificates[{i}].hosts"), m))?;
                 }
             }
+            crate::headers::TrustedProxies::parse(&ing.trusted_proxies)
+                .map_err(|m| invalid("ingress.trusted_proxies", m))?;
         }
         if !(0.0..=1.0).contains(&self.access_log.sample) {
             return Err(invalid(

@@ -23,6 +23,19 @@ pub enum ProxyError {
     FaultAbort { route: String, status: StatusCode },
     #[error("request has no Host header or authority: cannot tell which service it is for")]
     MissingAuthority,
+    /// The request is malformed in a way hyper lets through but RFC 9110/9112 forbid (two
+    /// `Host` fields, `Host` differing from `:authority`).
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    /// `Transfer-Encoding` names a coding other than `chunked` (RFC 9112 section 6.1: 501).
+    #[error("transfer coding not implemented: only `chunked` is accepted")]
+    UnsupportedTransferCoding,
+    /// The ingress's certificate for the TLS connection's SNI name does not cover the
+    /// request's host (RFC 9110 section 15.5.20): the client must use another connection.
+    #[error(
+        "host `{0}` is not served on this TLS connection (its SNI name chose another certificate)"
+    )]
+    Misdirected(String),
     #[error("unknown service `{0}`: it is not in the mesh")]
     UnknownService(String),
     #[error("service `{0}` has no endpoints")]
@@ -90,6 +103,9 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         "no-route",
         "fault-abort",
         "missing-authority",
+        "bad-request",
+        "unsupported-transfer-coding",
+        "misdirected-request",
         "unknown-service",
         "no-endpoints",
         "all-endpoints-ejected",
@@ -114,7 +130,9 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingAuthority => StatusCode::BAD_REQUEST,
+            Self::MissingAuthority | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::FaultAbort { status, .. } => *status,
             Self::UnknownService(_)
@@ -152,6 +170,9 @@ impl ProxyError {
     pub fn cause(&self) -> &'static str {
         match self {
             Self::MissingAuthority => "missing-authority",
+            Self::BadRequest(_) => "bad-request",
+            Self::UnsupportedTransferCoding => "unsupported-transfer-coding",
+            Self::Misdirected(_) => "misdirected-request",
             Self::NoRoute(_) => "no-route",
             Self::FaultAbort { .. } => "fault-abort",
             Self::UnknownService(_) => "unknown-service",
@@ -255,6 +276,22 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let cases: Vec<(ProxyError, u16, &str)> = vec![
             (ProxyError::MissingAuthority, 400, "missing-authority"),
+            (
+                ProxyError::BadRequest("two Host fields"),
+                400,
+                "bad-request",
+            ),
+            (
+                ProxyError::UnsupportedTransferCoding,
+                501,
+                "unsupported-transfer-coding",
+            ),
+            (
+                ProxyError::Misdirected("orders".into()),
+                421,
+                "misdirected-request",
+            ),
+            (ProxyError::NoRoute("orders".into()), 404, "no-route"),
             (ProxyError::NoEndpoints("a".into()), 503, "no-endpoints"),
             (
                 ProxyError::UnknownService("a".into()),

@@ -53,6 +53,108 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Forwarding headers a client at the edge could use to pass for another client or scheme;
+/// from an untrusted client they are removed, then `X-Forwarded-For`, `Forwarded` and
+/// `X-Forwarded-Proto` are written anew.
+const SPOOFABLE_FORWARDING: [&str; 6] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+];
+
+/// Set on a request whose forwarding headers the ingress already wrote, so the outbound
+/// path does not append the same hop twice.
+#[derive(Clone, Copy, Debug)]
+pub struct EdgeForwarded;
+
+/// The proxies in front of an ingress whose forwarding headers are believed (as nginx's
+/// `set_real_ip_from` with `real_ip_recursive on`, or Envoy's trusted hops by address).
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+// === impl TrustedProxies ===
+
+impl TrustedProxies {
+    /// Parse CIDRs (`10.0.0.0/8`) or single addresses; the error names the bad entry.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        entries
+            .iter()
+            .map(|e| {
+                let e = e.as_ref().trim();
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("`{e}` is not an IP address or CIDR"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The address the request came from as far as it can be believed: the TCP peer, unless
+    /// it is a trusted proxy; then, walking `X-Forwarded-For` from the right, the first
+    /// address that is not a trusted proxy (a client can write anything to the left of
+    /// what its first trusted proxy appended, so nothing further left is read).
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.contains(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(list) = value.to_str() else {
+                return client;
+            };
+            for hop in list.rsplit(',') {
+                let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                    // Garbage where a proxy should have written an address: stop at the
+                    // last address we could vouch for.
+                    return client;
+                };
+                client = ip;
+                if !self.contains(ip) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack listener's view of IPv4 peers) as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Write the forwarding headers of a request entering the mesh at the edge from `peer`: from a
+/// trusted proxy they are kept and the hop appended; from anyone else every forwarding
+/// header is dropped and replaced by what this connection shows, so the app never sees an
+/// address or scheme the client made up.
+pub fn edge_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: &TrustedProxies,
+    proto: &'static str,
+) {
+    if !trusted.contains(peer) {
+        for name in SPOOFABLE_FORWARDING {
+            headers.remove(name);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    } else if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    append_forwarded(headers, canonical(peer), proto);
+}
+
 /// Append the client's address to `X-Forwarded-For` and a `Forwarded` element.
 pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
     let ip = client.to_string();
@@ -70,6 +172,66 @@ pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static
     };
     if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto={proto}")) {
         headers.append(header::FORWARDED, v);
+    }
+}
+
+/// Framing rules of RFC 9110/9112 that hyper lets through, checked before anything reads the
+/// request: a single `Host` field (RFC 9112 section 3.2: 400), an HTTP/2 `Host` equal to
+/// `:authority` (RFC 9113 section 8.3.1), and `Transfer-Encoding` naming only `chunked`
+/// (RFC 9112 section 6.1: a server that does not implement a coding answers 501). Proxies
+/// that disagree on framing are how requests get smuggled.
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), crate::error::ProxyError> {
+    use crate::error::ProxyError;
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host field"));
+        }
+        let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
+        if req.version() == Version::HTTP_2
+            && authority.is_some_and(|a| !a.eq_ignore_ascii_case(host.as_bytes()))
+        {
+            return Err(ProxyError::BadRequest("Host differs from :authority"));
+        }
+    }
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let codings = value
+            .to_str()
+            .map_err(|_| ProxyError::UnsupportedTransferCoding)?;
+        if codings
+            .split(',')
+            .any(|c| !c.trim().eq_ignore_ascii_case("chunked"))
+        {
+            return Err(ProxyError::UnsupportedTransferCoding);
+        }
+    }
+    Ok(())
+}
+
+/// Remove every `name=...` pair from the query (credentials read from the query must not
+/// reach the app). The URI is left as is if nothing matches.
+pub fn remove_query_param(uri: &mut http::Uri, name: &str) {
+    let Some(query) = uri.query() else {
+        return;
+    };
+    let is_param = |pair: &str| pair.split_once('=').map_or(pair, |(k, _)| k) == name;
+    if !query.split('&').any(is_param) {
+        return;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_param(p)).collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    // Built from a valid path and a subset of a valid query: always valid.
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(pq) {
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *uri = u;
+        }
     }
 }
 
@@ -164,6 +326,116 @@ mod tests {
             fwd,
             vec!["for=127.0.0.1;proto=http", "for=\"[::1]\";proto=https"]
         );
+    }
+
+    #[test]
+    fn an_untrusted_edge_client_cannot_supply_forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        h.insert(
+            header::FORWARDED,
+            "for=1.2.3.4;proto=https".parse().unwrap(),
+        );
+        h.insert("x-real-ip", "1.2.3.4".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        let none = TrustedProxies::default();
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(none.client(peer, &h), peer);
+        edge_forwarded(&mut h, peer, &none, "http");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(h.get("x-real-ip").is_none());
+        let fwd: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
+        assert_eq!(fwd, vec!["for=203.0.113.9;proto=http"]);
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_chain_is_kept_and_read_from_the_right() {
+        let trusted = TrustedProxies::parse(&["10.0.0.0/8", "192.0.2.1"]).unwrap();
+        let peer: IpAddr = "10.1.1.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        // A client wrote 6.6.6.6; the load balancer 10.2.2.2 appended the real client.
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 198.51.100.7, 10.2.2.2".parse().unwrap(),
+        );
+        h.insert(header::FORWARDED, "for=198.51.100.7".parse().unwrap());
+        assert_eq!(
+            trusted.client(peer, &h),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        edge_forwarded(&mut h, peer, &trusted, "https");
+        assert_eq!(
+            h["x-forwarded-for"],
+            "6.6.6.6, 198.51.100.7, 10.2.2.2, 10.1.1.1"
+        );
+        assert_eq!(h.get_all(header::FORWARDED).iter().count(), 2);
+        // Garbage in the chain stops the walk at the last believable hop.
+        h.insert("x-forwarded-for", "1.1.1.1, nonsense".parse().unwrap());
+        assert_eq!(trusted.client(peer, &h), peer);
+        // Mapped IPv4 peers match IPv4 ranges.
+        assert!(trusted.contains("::ffff:10.9.9.9".parse().unwrap()));
+        assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
+        assert!(TrustedProxies::parse(&["example.com"]).is_err());
+    }
+
+    #[test]
+    fn query_params_are_removed() {
+        let mut u: http::Uri = "/a/b?key=s3cret&x=1&key=again&keyx=2".parse().unwrap();
+        remove_query_param(&mut u, "key");
+        assert_eq!(u.to_string(), "/a/b?x=1&keyx=2");
+        let mut u: http::Uri = "https://h/p?key=1".parse().unwrap();
+        remove_query_param(&mut u, "key");
+        assert_eq!(u.to_string(), "https://h/p");
+        let mut u: http::Uri = "/p?y=1".parse().unwrap();
+        remove_query_param(&mut u, "key");
+        assert_eq!(u.to_string(), "/p?y=1");
+    }
+
+    #[test]
+    fn framing_rules() {
+        use crate::error::ProxyError;
+        let ok = Request::get("/x")
+            .header("host", "orders")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap();
+        assert!(check_framing(&ok).is_ok());
+        let two_hosts = Request::get("/x")
+            .header("host", "orders")
+            .header("host", "payments")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            check_framing(&two_hosts),
+            Err(ProxyError::BadRequest(_))
+        ));
+        for te in ["identity, chunked", "gzip, chunked", "chunked, chunked, x"] {
+            let r = Request::post("/x")
+                .header("host", "orders")
+                .header("transfer-encoding", te)
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(
+                    check_framing(&r),
+                    Err(ProxyError::UnsupportedTransferCoding)
+                ),
+                "{te}"
+            );
+        }
+        let h2 = Request::get("https://orders/x")
+            .version(Version::HTTP_2)
+            .header("host", "payments")
+            .body(())
+            .unwrap();
+        assert!(matches!(check_framing(&h2), Err(ProxyError::BadRequest(_))));
+        let h2 = Request::get("https://orders/x")
+            .version(Version::HTTP_2)
+            .header("host", "Orders")
+            .body(())
+            .unwrap();
+        assert!(check_framing(&h2).is_ok());
     }
 
     #[test]

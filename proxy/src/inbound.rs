@@ -22,7 +22,10 @@ use crate::config::{
     AppProtocol, Config, InboundMode, Limits, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER,
 };
 use crate::error::ProxyError;
-use crate::headers::{append_forwarded, is_upgrade, request_authority, strip_hop_by_hop};
+use crate::headers::{
+    append_forwarded, edge_forwarded, is_upgrade, request_authority, strip_hop_by_hop,
+    TrustedProxies,
+};
 use crate::identity::{
     classify_io_error, describe_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure,
 };
@@ -254,6 +257,7 @@ impl Inbound {
         peer: Option<HeaderValue>,
         consumer: &mut Option<std::sync::Arc<str>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        crate::headers::check_framing(&req)?;
         let who = self.access_control.check(&mut req, peer.as_ref()).await?;
         consumer.clone_from(&who.consumer);
         let permits = self.rate_limits.check(
@@ -286,11 +290,13 @@ impl Inbound {
         let orig = headers.remove(ORIG_PROTO_HEADER);
         strip_hop_by_hop(headers, upgrade);
         headers.remove(PEER_IDENTITY_HEADER);
-        let proto = if peer.is_some() { "https" } else { "http" };
         if let Some(peer) = peer {
             headers.insert(PEER_IDENTITY_HEADER, peer);
+            append_forwarded(headers, client.ip(), "https");
+        } else {
+            // A plaintext caller (permissive mode) is outside the mesh: it vouches for nothing.
+            edge_forwarded(headers, client.ip(), &TrustedProxies::default(), "http");
         }
-        append_forwarded(headers, client.ip(), proto);
 
         let h2 = !upgrade
             && match self.app_protocol {

@@ -21,8 +21,12 @@ use crate::snapshot::{Endpoint, Service, Snapshot};
 pub struct RouteTable {
     pub snapshot: Arc<Snapshot>,
     routes: HashMap<String, Arc<Route>>,
-    /// The snapshot's HTTPRoutes, compiled against these routes.
+    /// The snapshot's HTTPRoutes bound to the mesh (the outbound side), compiled against
+    /// these routes.
     pub routing: Arc<crate::routing::RoutingTable>,
+    /// Those bound to this sidecar's ingress gateway (empty without one): the only hosts the
+    /// edge routes.
+    pub gateway_routing: Arc<crate::routing::RoutingTable>,
 }
 
 pub struct Route {
@@ -70,13 +74,16 @@ impl RouteTable {
             snapshot: Arc::new(Snapshot::default()),
             routes: HashMap::new(),
             routing: Arc::default(),
+            gateway_routing: Arc::default(),
         }
     }
 
+    /// `gateway`: this sidecar's service name when it runs an ingress gateway.
     pub fn build(
         snapshot: Arc<Snapshot>,
         registry: &StatsRegistry,
         local_zone: Option<&str>,
+        gateway: Option<&str>,
     ) -> Self {
         let mut stats_by_key = registry.lock();
         let mut counters = registry.services.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,14 +139,20 @@ impl RouteTable {
         }
         // Forget endpoints that left the mesh.
         stats_by_key.retain(|(addr, id), _| snapshot.has_endpoint(*addr, id));
-        let routing = Arc::new(crate::routing::RoutingTable::build(
-            &snapshot.http_routes,
-            |name| routes.get(name).cloned(),
-        ));
+        let compile = |gateway: &str| {
+            Arc::new(crate::routing::RoutingTable::build(
+                &snapshot.http_routes,
+                gateway,
+                |name| routes.get(name).cloned(),
+            ))
+        };
+        let routing = compile(trellis_policies::MESH_GATEWAY);
+        let gateway_routing = gateway.map(compile).unwrap_or_default();
         Self {
             snapshot,
             routes,
             routing,
+            gateway_routing,
         }
     }
 
@@ -314,7 +327,7 @@ mod tests {
     fn table(yaml: &str, registry: &StatsRegistry) -> RouteTable {
         let doc = trellis_policies::parse_mesh_yaml(yaml).unwrap();
         let snap = Snapshot::from_document(&doc, "td", 1, "t".into()).unwrap();
-        RouteTable::build(Arc::new(snap), registry, Some("a"))
+        RouteTable::build(Arc::new(snap), registry, Some("a"), None)
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod otlp;
 
 pub mod paced;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -98,9 +98,12 @@ impl Authn {
 
     /// Remove the API key from the request before it goes to the app: the app gets the
     /// consumer's name instead, and keys do not spread into app logs.
-    pub fn hide_api_key(&self, headers: &mut http::HeaderMap) {
+    pub fn hide_api_key(&self, headers: &mut http::HeaderMap, uri: &mut Uri) {
         if let Some(h) = &self.api_key_header {
             headers.remove(h);
+        }
+        if let Some(q) = &self.api_key_query {
+            crate::headers::remove_query_param(uri, q);
         }
     }
 }

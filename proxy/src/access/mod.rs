@@ -62,9 +62,28 @@ pub struct AccessControl {
 type CachedJwt = (BTreeMap<String, JwtProviderSpec>, Arc<JwtAuthenticator>);
 
 struct State {
+    /// Every header any JWT provider in the mesh sets from a claim: removed from requests of
+    /// callers not trusted to assert identities, on every path, so an app can trust them
+    /// whichever policy (if any) covers the route.
+    claim_headers: Vec<http::HeaderName>,
     authn: Vec<Authn>,
     consumers: ConsumerIndex,
     authz: Authz,
+}
+
+/// The union of every JWT provider's claim headers in the snapshot, whichever service its
+/// policy is for.
+fn claim_headers(snap: &Snapshot) -> Vec<http::HeaderName> {
+    let mut names: Vec<http::HeaderName> = snap
+        .authentication
+        .values()
+        .flat_map(|spec| spec.jwt.values())
+        .flat_map(|p| p.forward_claims.values())
+        .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+        .collect();
+    names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
 }
 
 // === impl Principal ===
@@ -85,6 +104,7 @@ impl AccessControl {
             default,
             consumer_from_peers: config.consumer_from_peers.clone(),
             state: ArcSwap::from_pointee(State {
+                claim_headers: Vec::new(),
                 authn: Vec::new(),
                 consumers: ConsumerIndex::default(),
                 authz: Authz::build(service, [], default),
@@ -141,6 +161,7 @@ impl AccessControl {
         }
         *cache = next_cache;
         let state = State {
+            claim_headers: claim_headers(snap),
             authn,
             consumers: ConsumerIndex::build(&snap.consumers),
             authz: Authz::build(&self.service, &snap.authorization, self.default),
@@ -163,6 +184,12 @@ impl AccessControl {
                 .iter()
                 .any(|p| authz::identity_matches(p, id))
         });
+        let state = self.state.load_full();
+        if !trusted {
+            for h in &state.claim_headers {
+                req.headers_mut().remove(h);
+            }
+        }
         let propagated = if trusted {
             req.headers()
                 .get(CONSUMER_HEADER)
@@ -171,7 +198,6 @@ impl AccessControl {
         } else {
             req.headers_mut().remove(CONSUMER_HEADER).and(None)
         };
-        let state = self.state.load_full();
         if state.authn.is_empty() && state.consumers.is_empty() && state.authz.is_empty() {
             // No policies here, but a consumer from upstream still keys rate limits.
             return Ok(Principal {
@@ -242,6 +268,11 @@ impl AccessControl {
                         for (h, v) in &t.forwarded_headers {
                             req.headers_mut().insert(h.clone(), v.clone());
                         }
+                        if let Some(jwt) = &a.jwt {
+                            let mut uri = std::mem::take(req.uri_mut());
+                            jwt.hide_token(&t.provider, req.headers_mut(), &mut uri);
+                            *req.uri_mut() = uri;
+                        }
                         who.token = Some(t);
                     }
                     Err(e) => return Err(refuse(&who, e.reason(), &a.challenge_invalid)),
@@ -256,7 +287,9 @@ impl AccessControl {
                     Some(c) => {
                         who.key_id = c.key_id.clone();
                         who.consumer = Some(c.name.clone());
-                        a.hide_api_key(req.headers_mut());
+                        let mut uri = std::mem::take(req.uri_mut());
+                        a.hide_api_key(req.headers_mut(), &mut uri);
+                        *req.uri_mut() = uri;
                     }
                     None => return Err(refuse(&who, "invalid_api_key", &a.challenge)),
                 }
@@ -355,8 +388,12 @@ mod tests {
         let other = "spiffe://td/service/other";
         let mut registry = Registry::default();
         let mut config = AuthorizationConfig::default();
-        // Default: any mesh peer; never a caller without an mTLS identity.
-        let open = AccessControl::new("orders", &config, &mut registry);
+        // Default: no peer is believed, and never a caller without an mTLS identity.
+        let closed = AccessControl::new("orders", &config, &mut registry);
+        assert_eq!(consumer_seen(&closed, Some(other)).await, None);
+        assert_eq!(consumer_seen(&closed, None).await, None);
+        config.consumer_from_peers = vec!["*".to_string()];
+        let open = AccessControl::new("orders", &config, &mut Registry::default());
         assert_eq!(
             consumer_seen(&open, Some(other)).await.as_deref(),
             Some("acme")

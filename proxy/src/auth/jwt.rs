@@ -42,6 +42,7 @@ struct Provider {
     audiences: Vec<String>,
     clock_skew: Duration,
     forward: Vec<(String, HeaderName)>,
+    forward_token: bool,
     jwks: Arc<Jwks>,
     verdicts: Verdicts,
 }
@@ -128,6 +129,7 @@ impl JwtAuthenticator {
                 audiences: spec.audiences,
                 clock_skew: spec.clock_skew,
                 forward,
+                forward_token: spec.forward_token,
                 jwks: Arc::new(jwks),
             });
         }
@@ -175,6 +177,26 @@ impl JwtAuthenticator {
                     .filter(|t| !t.is_empty())
             }),
         })
+    }
+
+    /// Remove the token of a request verified by `provider` from every place this
+    /// authenticator reads tokens, unless that provider forwards it (`forward_token`).
+    pub fn hide_token(&self, provider: &str, headers: &mut HeaderMap, uri: &mut Uri) {
+        if self
+            .providers
+            .iter()
+            .any(|p| *p.name == *provider && p.forward_token)
+        {
+            return;
+        }
+        for source in &self.sources {
+            match source {
+                TokenSource::Header { name, .. } => {
+                    headers.remove(name.as_str());
+                }
+                TokenSource::Query { name } => crate::headers::remove_query_param(uri, name),
+            }
+        }
     }
 
     /// Every header some provider may set from a claim: the request path removes these from

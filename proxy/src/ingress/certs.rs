@@ -128,6 +128,25 @@ impl SniCerts {
             .unwrap_or(&self.default)
             .clone()
     }
+
+    /// Whether the certificate chosen for `sni` (as the handshake chose it) was configured
+    /// for `host` (exactly or by a wildcard): otherwise the request is misdirected (421),
+    /// since a client that trusts this connection for one name must not reach another.
+    pub fn covers(&self, sni: Option<&str>, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        let explicit = self.exact.get(host).or_else(|| {
+            host.split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+        });
+        explicit.is_some_and(|k| Arc::ptr_eq(k, &self.lookup(sni)))
+    }
 }
 
 // === impl Resolver ===
@@ -139,6 +158,11 @@ impl Resolver {
 }
 
 impl Resolver {
+    /// See [`SniCerts::covers`], with the certificates in use now.
+    pub fn covers(&self, sni: Option<&str>, host: &str) -> bool {
+        self.0.load().covers(sni, host)
+    }
+
     /// `(first host name, not-after Unix seconds)` of each certificate in use.
     pub fn expiry(&self) -> Vec<(String, i64)> {
         self.0.load().expiry.clone()

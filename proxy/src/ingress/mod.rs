@@ -23,6 +23,7 @@ use crate::access::AccessControl;
 use crate::config::Limits;
 use crate::drain;
 use crate::error::ProxyError;
+use crate::headers::{edge_forwarded, EdgeForwarded, TrustedProxies};
 use crate::metrics::{ConnectionGuard, Metrics};
 use crate::outbound::Outbound;
 use crate::ratelimit::RateLimits;
@@ -40,9 +41,18 @@ pub struct Ingress {
     rate_limits: Arc<RateLimits>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    edge: Edge,
     tls: TlsAcceptor,
+}
+
+/// What only the edge has: its certificates (to tell which hosts a TLS connection may ask
+/// for), the proxies in front of it, and its public HTTPS port.
+pub struct Edge {
+    pub certs: Arc<certs::Resolver>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub trusted_proxies: TrustedProxies,
     /// The port in `Location` of HTTP -> HTTPS redirects (omitted when 443).
-    https_port: u16,
+    pub https_port: u16,
 }
 
 /// rustls' server config for the ingress: certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN.
@@ -68,8 +78,7 @@ impl Ingress {
         rate_limits: Arc<RateLimits>,
         metrics: Arc<Metrics>,
         limits: Limits,
-        tls: Arc<rustls::ServerConfig>,
-        https_port: u16,
+        edge: Edge,
     ) -> Self {
         Self {
             service: Arc::new(access.service().to_string()),
@@ -78,8 +87,8 @@ impl Ingress {
             rate_limits,
             metrics,
             limits,
-            tls: TlsAcceptor::from(tls),
-            https_port,
+            tls: TlsAcceptor::from(edge.tls.clone()),
+            edge,
         }
     }
 
@@ -113,23 +122,13 @@ impl Ingress {
                 let _conn = ConnectionGuard::new(&this.metrics, INGRESS);
                 let activity = Activity::counted(this.metrics.byte_counters(INGRESS));
                 let timeouts = ConnTimeouts::from(&this.limits);
-                let act = activity.clone();
-                let svc = {
-                    let this = this.clone();
-                    service_fn(move |req: Request<Incoming>| {
-                        let this = this.clone();
-                        let guard = act.begin();
-                        async move {
-                            let resp = match mode {
-                                Mode::Redirect => this.redirect(&req),
-                                Mode::Tls | Mode::Plain => this.handle(req, client).await,
-                            };
-                            drop(guard);
-                            Ok::<_, Infallible>(resp)
-                        }
-                    })
-                };
                 if mode != Mode::Tls {
+                    let conn = Conn {
+                        peer: client,
+                        tls: false,
+                        sni: None,
+                    };
+                    let svc = this.service(mode, conn, &activity);
                     serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
                     return;
                 }
@@ -137,6 +136,12 @@ impl Ingress {
                     tokio::time::timeout(this.limits.header_read_timeout, this.tls.accept(tcp));
                 match handshake.await {
                     Ok(Ok(tls)) => {
+                        let conn = Conn {
+                            peer: client,
+                            tls: true,
+                            sni: tls.get_ref().1.server_name().map(Arc::<str>::from),
+                        };
+                        let svc = this.service(mode, conn, &activity);
                         serve_connection(&builder, tls, svc, activity, timeouts, &drain).await
                     }
                     Ok(Err(e)) => {
@@ -150,17 +155,59 @@ impl Ingress {
         .await;
     }
 
+    /// The per-connection request handler.
+    fn service(
+        self: &Arc<Self>,
+        mode: Mode,
+        conn: Conn,
+        activity: &Arc<Activity>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<ResponseBody>, Infallible>> + Send,
+    > + Clone {
+        let this = self.clone();
+        let act = activity.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let conn = conn.clone();
+            let guard = act.begin();
+            async move {
+                let resp = match mode {
+                    Mode::Redirect => this.redirect(&req),
+                    Mode::Tls | Mode::Plain => this.handle(req, &conn).await,
+                };
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    }
+
     /// Admit (authenticate, authorize, limit), then route into the mesh; the concurrency
     /// slots are held until the response body ends.
-    async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        client: SocketAddr,
-    ) -> Response<ResponseBody> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
+        let peer = conn.peer;
         let start = std::time::Instant::now();
         let grpc = crate::grpc::is_grpc(req.headers());
+        // The client as far as it can be believed: the TCP peer unless a trusted proxy
+        // vouches for another; limits and access logs key on it.
+        let client = match self.edge.trusted_proxies.client(peer.ip(), req.headers()) {
+            ip if ip == peer.ip() => peer,
+            ip => SocketAddr::new(ip, 0),
+        };
+        let proto = if conn.tls { "https" } else { "http" };
         let mut consumer = None;
         let admitted = async {
+            crate::headers::check_framing(&req)?;
+            self.admit_host(&req, conn)?;
+            edge_forwarded(
+                req.headers_mut(),
+                peer.ip(),
+                &self.edge.trusted_proxies,
+                proto,
+            );
+            req.extensions_mut().insert(EdgeForwarded);
             let who = self.access.check(&mut req, None).await?;
             consumer.clone_from(&who.consumer);
             self.rate_limits.check(
@@ -177,7 +224,7 @@ impl Ingress {
             Ok(permits) => {
                 // HTTPRoute redirects keep the scheme the client used.
                 req.extensions_mut()
-                    .insert(crate::routing::RequestScheme("https"));
+                    .insert(crate::routing::RequestScheme(proto));
                 let resp = self.outbound.handle(req, client, INGRESS).await;
                 if permits.is_empty() {
                     resp
@@ -213,6 +260,20 @@ impl Ingress {
         resp
     }
 
+    /// A request on a TLS connection must name a host the certificate chosen by its SNI name
+    /// was configured for (421 otherwise): the check that keeps `Host: orders` on a
+    /// connection opened for `api.example.com` from reaching anything `api.example.com`
+    /// does not serve.
+    fn admit_host<B>(&self, req: &Request<B>, conn: &Conn) -> Result<(), ProxyError> {
+        let Some(host) = crate::headers::request_host(req) else {
+            return Err(ProxyError::MissingAuthority);
+        };
+        if conn.tls && !self.edge.certs.covers(conn.sni.as_deref(), host) {
+            return Err(ProxyError::Misdirected(host.to_string()));
+        }
+        Ok(())
+    }
+
     fn refuse(&self, e: ProxyError, grpc: bool) -> Response<ResponseBody> {
         self.metrics.proxy_error(INGRESS, e.cause());
         tracing::debug!(error = %e, cause = e.cause(), "ingress request refused");
@@ -223,7 +284,7 @@ impl Ingress {
     /// and body, unlike 301).
     fn redirect(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
         let host = crate::headers::request_host(req).unwrap_or("localhost");
-        let port = match self.https_port {
+        let port = match self.edge.https_port {
             443 => String::new(),
             p => format!(":{p}"),
         };
@@ -237,6 +298,15 @@ impl Ingress {
         }
         resp
     }
+}
+
+/// What the connection a request arrived on says about it.
+#[derive(Clone, Debug)]
+struct Conn {
+    peer: SocketAddr,
+    tls: bool,
+    /// The TLS server name the client asked for (`None` without TLS or without SNI).
+    sni: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

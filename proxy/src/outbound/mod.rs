@@ -157,7 +157,8 @@ impl Outbound {
             .access
             .enabled()
             .then(|| crate::access_log::RequestInfo::of(&req));
-        let (service, route, result) = self.route(req, client, &mut span).await;
+        let edge = direction == crate::ingress::INGRESS;
+        let (service, route, result) = self.route(req, client, edge, &mut span).await;
         if let Some(i) = info.as_mut() {
             i.route = Some(route.clone());
         }
@@ -238,7 +239,14 @@ impl Outbound {
         // The app must not be able to claim an identity; only the far side sets this header.
         headers.remove(PEER_IDENTITY_HEADER);
         headers.remove(ORIG_PROTO_HEADER);
-        append_forwarded(headers, client.ip(), "http");
+        // The ingress wrote them already, by its trusted-proxy rule.
+        if req
+            .extensions()
+            .get::<crate::headers::EdgeForwarded>()
+            .is_none()
+        {
+            append_forwarded(req.headers_mut(), client.ip(), "http");
+        }
 
         if let Some(host) = &svc.external_host {
             let result = self.forward_external(ep, host, req, request_timeout).await;

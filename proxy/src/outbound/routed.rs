@@ -17,11 +17,14 @@ use crate::ResponseBody;
 
 impl Outbound {
     /// Pick the destination and forward; returns the service and route labels with the
-    /// outcome. An HTTPRoute naming the host decides first; other hosts are services.
+    /// outcome. An HTTPRoute naming the host decides first; other hosts are services, except
+    /// at the `edge` (the ingress), which routes only hosts of HTTPRoutes bound to it: a
+    /// stranger must not reach a mesh service by naming it in `Host`.
     pub(super) async fn route(
         &self,
         req: Request<Incoming>,
         client: SocketAddr,
+        edge: bool,
         span: &mut crate::trace::RequestSpan,
     ) -> (
         Arc<String>,
@@ -29,6 +32,9 @@ impl Outbound {
         Result<Response<ResponseBody>, ProxyError>,
     ) {
         let default_route = self.metrics.default_route.clone();
+        if let Err(e) = crate::headers::check_framing(&req) {
+            return (self.unknown.clone(), default_route, Err(e));
+        }
         let Some(host) = request_host(&req) else {
             return (
                 self.unknown.clone(),
@@ -37,12 +43,18 @@ impl Outbound {
             );
         };
         let table = self.routes.load();
-        let matched = match table
-            .routing
-            .decide(host, req.method(), req.uri(), req.headers())
-        {
+        let routing = if edge {
+            &table.gateway_routing
+        } else {
+            &table.routing
+        };
+        let matched = match routing.decide(host, req.method(), req.uri(), req.headers()) {
+            Decision::Unrouted if edge => {
+                let err = ProxyError::NoRoute(host.to_string());
+                return (self.unknown.clone(), default_route, Err(err));
+            }
             Decision::Unrouted => None,
-            Decision::NoMatch(h) if h.is_service => None,
+            Decision::NoMatch(h) if h.is_service && !edge => None,
             Decision::NoMatch(h) => {
                 let err = ProxyError::NoRoute(host.to_string());
                 return (h.host.clone(), default_route, Err(err));

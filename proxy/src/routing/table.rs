@@ -84,14 +84,17 @@ pub enum Decision<'a> {
 // === impl RoutingTable ===
 
 impl RoutingTable {
-    /// Compile `specs` (already validated); `route` resolves a service name to its route. A
-    /// policy that does not compile (which validation rules out) is skipped and logged.
+    /// Compile the `specs` (already validated) bound to `gateway` ([`trellis_policies::MESH_GATEWAY`]
+    /// for the outbound side, or an ingress's service name); `route` resolves a service name
+    /// to its route. A policy that does not compile (which validation rules out) is skipped
+    /// and logged.
     pub fn build(
         specs: &BTreeMap<String, HttpRouteSpec>,
+        gateway: &str,
         route: impl Fn(&str) -> Option<Arc<Route>>,
     ) -> Self {
         let mut hosts: HashMap<String, HostRoutes> = HashMap::new();
-        for (policy, spec) in specs {
+        for (policy, spec) in specs.iter().filter(|(_, s)| s.binds(gateway)) {
             let rules: Result<Vec<Arc<Rule>>, String> = spec
                 .rules
                 .iter()
@@ -302,7 +305,7 @@ mod tests {
         for (name, s) in &specs {
             s.validate(name).unwrap();
         }
-        RoutingTable::build(&specs, |_| None)
+        RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| None)
     }
 
     fn pick(t: &RoutingTable, method: &str, uri: &str, headers: &[(&str, &str)]) -> String {

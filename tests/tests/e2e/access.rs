@@ -259,6 +259,10 @@ async fn jwt_valid_expired_wrong_issuer_audience_and_signature() {
         seen["headers"]["trellis-consumer"], "acme",
         "subject mapped to its consumer"
     );
+    assert!(
+        seen["headers"].get("authorization").is_none(),
+        "the verified token is not forwarded unless the provider says forward_token"
+    );
 
     let mut expired = claims("alice");
     expired["exp"] = (now() - 3600).into();
@@ -309,6 +313,44 @@ async fn jwt_valid_expired_wrong_issuer_audience_and_signature() {
             "{reason}: {text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_headers_are_stripped_on_every_path_and_tokens_forwarded_only_when_asked() {
+    let m = Orders::start(AuthzDefault::Allow).await;
+    let jwks = serde_json::json!({"keys": [{"kty": "oct", "kid": "k1", "alg": "HS256", "k": b64(SECRET)}]});
+    // The JWT policy covers /echo/api only; payments' policy forwards another claim header.
+    let policies = |forward_token: bool| {
+        format!(
+            "authentication:\n  orders-jwt:\n    service: orders\n    match: {{path: {{prefix: /echo/api}}}}\n    jwt:\n      idp:\n        issuer: '{ISSUER}'\n        jwks: {{inline: '{jwks}'}}\n        forward_claims: {{sub: x-user}}\n        forward_token: {forward_token}\n  payments-jwt:\n    service: payments\n    jwt:\n      idp:\n        issuer: '{ISSUER}'\n        jwks: {{inline: '{jwks}'}}\n        forward_claims: {{role: x-role}}\n"
+        )
+    };
+    m.apply(&policies(false)).await;
+    let spoofed = [("x-user", "admin"), ("x-role", "admin")];
+    let r = m.call(&m.client, "GET", "/echo/public", &spoofed).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = r.json();
+    assert!(
+        seen["headers"].get("x-user").is_none() && seen["headers"].get("x-role").is_none(),
+        "claim headers a caller wrote never reach the app: {seen}"
+    );
+    let bearer = format!("Bearer {}", token(claims("alice"), SECRET));
+    let r = m
+        .call(
+            &m.client,
+            "GET",
+            "/echo/api",
+            &[("authorization", &bearer), ("x-user", "admin")],
+        )
+        .await;
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-user"], "alice");
+    assert!(seen["headers"].get("authorization").is_none());
+    m.apply(&policies(true)).await;
+    let r = m
+        .call(&m.client, "GET", "/echo/api", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(r.json()["headers"]["authorization"], bearer.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,107 +4,47 @@
 //! mesh over mTLS (the app sees the gateway's SPIFFE identity).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, ServerName};
+use http_body_util::Empty;
+use rustls_pki_types::CertificateDer;
 use trellis_policies::MeshDocument;
 use trellis_proxy::access::key_digest;
 use trellis_proxy::config::{IngressConfig, IngressHttpConfig, ServerCertificate};
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
+use trellis_tests::web::{Dial, WebPki};
 use trellis_tests::{init_logs, wait_for, Pki, Sidecar};
 
 const KEY: &str = "edge-key-6f1d2c";
 
-/// A web PKI for outside clients (not the mesh's): a CA and leaves for DNS names.
-struct WebPki {
-    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl WebPki {
-    fn new() -> Self {
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "test web CA");
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let ca = rcgen::CertifiedIssuer::self_signed(p, ca_key).expect("ca");
-        Self { ca }
-    }
-
-    /// Write a leaf for `names` as `<stem>.pem` / `<stem>-key.pem`; returns its DER.
-    fn leaf(&self, dir: &Path, stem: &str, names: &[&str]) -> CertificateDer<'static> {
-        let p =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = p.signed_by(&key, &self.ca).expect("leaf");
-        std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).expect("write cert");
-        std::fs::write(dir.join(format!("{stem}-key.pem")), key.serialize_pem())
-            .expect("write key");
-        cert.der().clone()
-    }
-
-    fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).expect("root");
-        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        c.alpn_protocols = vec![b"http/1.1".to_vec()];
-        // Full handshakes only: a resumed session shows the certificate of its first one.
-        c.resumption = rustls::client::Resumption::disabled();
-        Arc::new(c)
-    }
-}
-
-/// One HTTPS request to `addr` with SNI `sni`: status, body, and the certificate served.
+/// One HTTPS request to `addr` with SNI `sni` (also the `Host`): status, body, and the
+/// certificate served.
 async fn https_get(
-    tls: Arc<rustls::ClientConfig>,
+    web: &WebPki,
     addr: SocketAddr,
     sni: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, CertificateDer<'static>) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from(sni.to_string()).expect("server name");
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake (the served certificate verifies for the SNI name)");
-    let served = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .expect("server certificate")
-        .clone()
-        .into_owned();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("http1");
-    tokio::spawn(conn);
     let mut req = Request::get(path).header("host", sni);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = sender
-        .send_request(req.body(Empty::<bytes::Bytes>::new()).expect("request"))
-        .await
-        .expect("response");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned(), served)
+    let dial = Dial {
+        addr,
+        from: None,
+        name: sni,
+        sni: true,
+        h2: false,
+    };
+    let r = web
+        .send(dial, req.body(Empty::new()).expect("request"))
+        .await;
+    (r.status, r.body, r.served)
 }
 
 fn snapshot(orders: SocketAddr) -> Arc<Snapshot> {
@@ -116,6 +56,7 @@ services:
 http_routes:
   edge:
     hosts: [api.example.com, "*.shop.example"]
+    gateways: [gateway]
     rules:
       - name: api
         backends: [{{service: orders}}]
@@ -145,7 +86,11 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
     let api_der = web.leaf(dir, "api", &["api.example.com"]);
     let shop_der = web.leaf(dir, "shop", &["*.shop.example"]);
     let backend = Backend::start().await;
-    let orders = Sidecar::start(&pki, "orders", backend.addr, |_| {}).await;
+    // orders believes the consumer only from the gateway (the default believes no peer).
+    let orders = Sidecar::start(&pki, "orders", backend.addr, |c| {
+        c.authorization.consumer_from_peers = vec![Pki::spiffe("gateway")];
+    })
+    .await;
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let gateway = Sidecar::start(&pki, "gateway", backend.addr, |c| {
         c.ingress = Some(IngressConfig {
@@ -166,6 +111,7 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
                 listen: loopback,
                 redirect_to_https: true,
             }),
+            trusted_proxies: Vec::new(),
         });
     })
     .await;
@@ -174,11 +120,10 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
     gateway.apply(snap).await;
     let tls_addr = gateway.running.bound.ingress.expect("ingress bound");
     let http_addr = gateway.running.bound.ingress_http.expect("http bound");
-    let tls = web.client_config();
 
     // SNI picks the certificate: exact name, then the wildcard.
     let (status, body, served) = https_get(
-        tls.clone(),
+        &web,
         tls_addr,
         "api.example.com",
         "/echo",
@@ -195,7 +140,7 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
     assert_eq!(seen["headers"]["trellis-consumer"], "partner");
     assert!(seen["headers"].get("x-api-key").is_none());
     let (status, _, served) = https_get(
-        tls.clone(),
+        &web,
         tls_addr,
         "web.shop.example",
         "/echo",
@@ -206,10 +151,10 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
     assert_eq!(served, shop_der);
 
     // Outside clients authenticate at the edge.
-    let (status, body, _) = https_get(tls.clone(), tls_addr, "api.example.com", "/echo", &[]).await;
+    let (status, body, _) = https_get(&web, tls_addr, "api.example.com", "/echo", &[]).await;
     assert_eq!(status, 401, "{body}");
     let (status, _, _) = https_get(
-        tls.clone(),
+        &web,
         tls_addr,
         "api.example.com",
         "/echo",
@@ -244,11 +189,11 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
     let new_der = web.leaf(dir, "api", &["api.example.com"]);
     assert_ne!(new_der, api_der);
     wait_for(Duration::from_secs(5), "new certificate served", || {
-        let tls = tls.clone();
         let new_der = new_der.clone();
+        let web = &web;
         async move {
             https_get(
-                tls,
+                web,
                 tls_addr,
                 "api.example.com",
                 "/echo",

@@ -7,6 +7,7 @@ mod admin;
 mod balance;
 mod dns;
 mod drain;
+mod edge;
 mod errors;
 mod etcd;
 mod examples_compose;

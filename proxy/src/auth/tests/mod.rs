@@ -52,6 +52,7 @@ pub(super) fn provider(jwks: JwksSource) -> JwtProviderSpec {
             .map(|(c, h)| (c.to_string(), h.to_string()))
             .collect(),
         from: TokenSource::default(),
+        forward_token: false,
         jwks_refresh: std::time::Duration::from_secs(600),
         min_refresh_interval: std::time::Duration::from_secs(1),
     }
