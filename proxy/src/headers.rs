@@ -155,6 +155,20 @@ pub fn edge_forwarded(
     append_forwarded(headers, canonical(peer), proto);
 }
 
+/// Remove every `trellis-*` header: the mesh's internal headers (peer identity, consumer,
+/// retried marker, original protocol) are only ever set by sidecars, never by a client at the
+/// edge. Allocates only when a client sent one.
+pub fn strip_internal(headers: &mut HeaderMap) {
+    let internal = |n: &HeaderName| n.as_str().starts_with("trellis-");
+    if !headers.keys().any(internal) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// Append the client's address to `X-Forwarded-For` and a `Forwarded` element.
 pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
     let ip = client.to_string();

@@ -168,6 +168,19 @@ pub fn spiffe_id_from_cert(der: &CertificateDer<'_>) -> Result<SpiffeId, String>
     }
 }
 
+/// A chain whose signature does not verify under any of our anchors comes from a CA we do
+/// not know. webpki reports `BadSignature` when a foreign CA has the same name as ours (two
+/// `cert init` runs for one trust domain), which rustls sends as a `decrypt_error` alert;
+/// the peer's operator should read `unknown_ca`, as for any other foreign CA.
+fn chain_error(e: rustls::Error) -> rustls::Error {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        }
+        other => other,
+    }
+}
+
 fn spiffe_error(check: SpiffeCheck) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(check))))
 }
@@ -207,7 +220,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(chain_error)?;
         let id =
             spiffe_id_from_cert(end_entity).map_err(|e| spiffe_error(SpiffeCheck::Missing(e)))?;
         if id.trust_domain() != self.trust_domain {
@@ -269,7 +283,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             intermediates,
             now,
             self.algs.all,
-        )?;
+        )
+        .map_err(chain_error)?;
         let id =
             spiffe_id_from_cert(end_entity).map_err(|e| spiffe_error(SpiffeCheck::Missing(e)))?;
         if id.trust_domain() != self.expected.trust_domain() {

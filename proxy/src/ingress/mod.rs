@@ -208,6 +208,7 @@ impl Ingress {
                 proto,
             );
             req.extensions_mut().insert(EdgeForwarded);
+            crate::headers::strip_internal(req.headers_mut());
             let who = self.access.check(&mut req, None).await?;
             consumer.clone_from(&who.consumer);
             self.rate_limits.check(

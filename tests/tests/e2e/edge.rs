@@ -268,6 +268,12 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
             .header("x-real-ip", "6.6.6.6")
             .header("x-forwarded-host", "admin.example.com")
             .header("x-forwarded-proto", "https")
+            .header(
+                "trellis-peer-identity",
+                "spiffe://trellis.test/service/admin",
+            )
+            .header("trellis-consumer", "acme")
+            .header("trellis-retried", "1")
     };
     // A client not in trusted_proxies: everything it wrote is replaced.
     let r = e
@@ -281,6 +287,9 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     let h = &seen["headers"];
     assert!(!r.body.contains("6.6.6.6"), "{}", r.body);
     assert!(h.get("x-real-ip").is_none() && h.get("x-forwarded-host").is_none());
+    // Internal headers are the sidecars' alone.
+    assert_eq!(h["trellis-peer-identity"], Pki::spiffe("gateway"));
+    assert!(h.get("trellis-consumer").is_none() && h.get("trellis-retried").is_none());
     // The edge hop, then the orders sidecar's hop from the gateway.
     assert_eq!(h["x-forwarded-for"], format!("{UNTRUSTED}, 127.0.0.1"));
     assert_eq!(
