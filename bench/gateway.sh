@@ -70,6 +70,7 @@ services:
 http_routes:
   edge:
     hosts: [$HOST]
+    gateways: [gateway]
     rules: [{name: edge, backends: [{service: backend}]}]
 CONF
     if [[ "$1" == 1 ]]; then

@@ -56,10 +56,12 @@ pub fn code_for(status: StatusCode) -> u32 {
         400 | 431 => 13, // INTERNAL: the request could not be proxied
         401 => 16,       // UNAUTHENTICATED
         403 => 7,        // PERMISSION_DENIED
+        404 | 501 => 12, // UNIMPLEMENTED: no such route / transfer coding (gRPC's HTTP mapping)
         429 => 8,        // RESOURCE_EXHAUSTED
-        502 | 503 => 14, // UNAVAILABLE
-        504 => 4,        // DEADLINE_EXCEEDED
-        _ => 2,          // UNKNOWN
+        // UNAVAILABLE; 421: the client should retry on a connection for that host.
+        421 | 502 | 503 => 14,
+        504 => 4, // DEADLINE_EXCEEDED
+        _ => 2,   // UNKNOWN
     }
 }
 
@@ -136,6 +138,9 @@ mod tests {
         assert_eq!(r.headers()["grpc-status"], "4");
         assert_eq!(r.headers()["trellis-error"], "response-timeout");
         assert_eq!(code_for(StatusCode::SERVICE_UNAVAILABLE), 14);
+        assert_eq!(code_for(StatusCode::MISDIRECTED_REQUEST), 14);
+        assert_eq!(code_for(StatusCode::NOT_FOUND), 12);
+        assert_eq!(code_for(StatusCode::NOT_IMPLEMENTED), 12);
         let r = error_response::<()>(StatusCode::BAD_GATEWAY, "x", "100% broken\n");
         assert_eq!(r.headers()["grpc-message"], "100%25 broken%0A");
     }
