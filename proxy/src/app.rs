@@ -330,6 +330,8 @@ impl Proxy {
                                         "snapshot": &*snapshot.load().snapshot,
                     "load_balancers": snapshot.load().dump(),
                     "routing": snapshot.load().routing.dump(),
+                    // The only hosts the ingress routes (empty without an ingress).
+                    "gateway_routing": snapshot.load().gateway_routing.dump(),
                                         "limits": limits.dump(),
                     "access": access_control.dump(),
                     "ingress_certificates": ingress_certs.as_ref().map(|r| {

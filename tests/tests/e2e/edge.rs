@@ -256,6 +256,16 @@ async fn the_ingress_exposes_only_hosts_of_routes_bound_to_it() {
     let r = client::get(&client::h1(e.gateway.outbound()), "http://payments/echo").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(e.reached(), (3, 1), "nothing unrouted reached an app");
+    let dump = client::admin(e.gateway.admin(), "/config_dump")
+        .await
+        .json();
+    let exposed: Vec<&String> = dump["gateway_routing"]
+        .as_object()
+        .expect("gateway_routing")
+        .keys()
+        .collect();
+    assert_eq!(exposed, vec!["api.example.com"]);
+    assert!(dump["routing"].get("payments").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
