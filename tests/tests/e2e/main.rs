@@ -9,6 +9,7 @@ mod dns;
 mod drain;
 mod errors;
 mod etcd;
+mod etcd_security;
 mod examples_compose;
 mod grpc;
 mod http;
