@@ -318,7 +318,7 @@ impl Plan {
             .call(c.user_get(self.user.as_str()))
             .await
             .map_err(step(format!("read user {}", self.user)))?;
-        if !roles.roles().iter().any(|r| *r == self.role) {
+        if !roles.roles().contains(&self.role) {
             etcd.call(c.user_grant_role(self.user.as_str(), self.role.as_str()))
                 .await
                 .map_err(step(format!(
