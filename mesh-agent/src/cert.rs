@@ -73,11 +73,14 @@ pub fn issue(
     })?;
     ca.issue_service(service, ttl)?.write(out_dir, service)?;
     if out_dir != ca_dir {
-        // The sidecar needs the bundle next to its leaf.
-        std::fs::write(out_dir.join("ca.pem"), ca.cert_pem()).map_err(|source| CertError::Dir {
-            path: out_dir.display().to_string(),
-            source,
-        })?;
+        // The sidecar needs the bundle next to its leaf; replaced atomically like the leaf,
+        // since a running sidecar re-reads it.
+        trellis_proxy::atomic_file::write_atomic(
+            &out_dir.join("ca.pem"),
+            ca.cert_pem().as_bytes(),
+            0o644,
+        )
+        .map_err(CaError::Write)?;
     }
     Ok(format!("spiffe://{}/service/{service}", ca.trust_domain()))
 }
@@ -104,5 +107,33 @@ mod tests {
         let expected = trellis_policies::SpiffeId::parse(&id).unwrap();
         trellis_proxy::identity::TlsContext::load(&files, &expected, 1).unwrap();
         assert!(issue(dir.path(), "Bad_Name", Duration::from_secs(60), dir.path()).is_err());
+    }
+
+    /// Keys are 0600 and certificates 0644, and nothing but them is left in the directory.
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_private_and_no_temporary_file_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let ca_dir = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        init(
+            "example.org",
+            ca_dir.path(),
+            Duration::from_secs(3600),
+            false,
+        )
+        .unwrap();
+        issue(ca_dir.path(), "orders", Duration::from_secs(60), out.path()).unwrap();
+        let mode =
+            |p: std::path::PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(ca_dir.path().join("ca-key.pem")), 0o600);
+        assert_eq!(mode(out.path().join("orders-key.pem")), 0o600);
+        assert_eq!(mode(out.path().join("orders.pem")) & 0o600, 0o600);
+        let mut names: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ca.pem", "orders-key.pem", "orders.pem"]);
     }
 }

@@ -125,10 +125,42 @@ pub enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// etcd administration: least-privilege roles and users.
+    Etcd {
+        #[command(subcommand)]
+        command: EtcdCommand,
+    },
     /// Transparent interception: iptables rules redirecting the app's traffic to the sidecar.
     Iptables {
         #[command(subcommand)]
         command: IptablesCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EtcdCommand {
+    /// Print (default) or apply the etcd role and user of one service's sidecars
+    /// (`trellis-service-<S>`, user `<S>`: write only S's own keys, read the mesh), or of an
+    /// operator (`trellis-operator`: read and write the whole prefix). See docs/etcd.md,
+    /// "Least privilege".
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["service", "operator"])))]
+    Rbac {
+        /// The service whose sidecars get the role; the etcd user has the service's name.
+        #[arg(long)]
+        service: Option<String>,
+        /// An operator's etcd user name, to get `trellis-operator`.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Create or update the role and user in etcd (as etcd's root user) instead of
+        /// printing etcdctl commands.
+        #[arg(long)]
+        apply: bool,
+        /// The user's password, first line of this file. Without it the user has no password
+        /// and logs in with a client certificate whose common name is the user.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
 }
 
@@ -464,6 +496,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             command,
         } => wait_ready(admin, timeout, interval, command),
         Command::Iptables { command } => iptables(command),
+        Command::Etcd { command } => etcd(command),
         Command::DemoApp {
             listen,
             name,
@@ -593,6 +626,47 @@ fn policy(command: PolicyCommand) -> Result<ExitCode, String> {
             vec![done.map_err(|e| e.to_string())?]
         }
     };
+    for l in lines {
+        outln!("{l}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn etcd(command: EtcdCommand) -> Result<ExitCode, String> {
+    use crate::etcd::rbac;
+    let EtcdCommand::Rbac {
+        service,
+        operator,
+        apply,
+        password_file,
+        etcd,
+    } = command;
+    let plan = match (service, operator) {
+        (Some(s), _) => rbac::service_plan(&etcd.etcd_prefix, &s),
+        (None, Some(user)) => rbac::operator_plan(&etcd.etcd_prefix, &user),
+        (None, None) => return Err("give --service or --operator".into()),
+    }
+    .map_err(|e| e.to_string())?;
+    if !apply {
+        out!("{}", plan.etcdctl(password_file.as_deref()));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let password = password_file
+        .as_deref()
+        .map(rbac::read_password)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let lines = runtime()?
+        .block_on(async {
+            let client = crate::etcd::Etcd::connect(&etcd.config())
+                .await
+                .map_err(|source| rbac::RbacError::Etcd {
+                    step: "connect".into(),
+                    source,
+                })?;
+            plan.apply(&client, password.as_deref()).await
+        })
+        .map_err(|e| e.to_string())?;
     for l in lines {
         outln!("{l}");
     }

@@ -1,9 +1,12 @@
 //! Test helpers (feature `testing`): real etcd processes on free loopback ports with temporary
-//! data directories, single members or a 3-member cluster, killed on drop.
+//! data directories, single members or a 3-member cluster, killed on drop; optionally serving
+//! clients over TLS with client-certificate authentication ([`EtcdCluster::start_tls`]) and with
+//! etcd's authentication enabled ([`EtcdCluster::enable_auth`]).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,6 +32,74 @@ fn free_port() -> u16 {
     panic!("no free loopback port in 20000-31999");
 }
 
+/// TLS material for an etcd that serves clients over TLS and requires a client certificate
+/// (`--client-cert-auth`): a CA of its own (made with the project's CA code, so the test
+/// exercises the same certificates `mesh-agent cert` writes), a server certificate for
+/// `127.0.0.1` and `localhost`, and client certificates on demand. With auth enabled, etcd
+/// takes the user name from a client certificate's common name, which for these certificates
+/// is the name they were issued for.
+pub struct EtcdTls {
+    dir: tempfile::TempDir,
+    ca: trellis_proxy::identity::CertificateAuthority,
+}
+
+// === impl EtcdTls ===
+
+impl EtcdTls {
+    /// A fresh CA and server certificate in a temporary directory.
+    pub fn generate() -> Self {
+        use trellis_proxy::identity::CertificateAuthority;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertificateAuthority::generate("etcd.trellis.test", Duration::from_secs(3600))
+            .expect("etcd CA");
+        ca.write(dir.path()).expect("write the etcd CA");
+        ca.issue_for_hosts(&["127.0.0.1", "localhost"], Duration::from_secs(3600))
+            .expect("etcd server certificate")
+            .write(dir.path(), "server")
+            .expect("write the etcd server certificate");
+        Self { dir, ca }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CA clients trust the server with (and the server trusts clients with).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A client certificate and key whose common name is `user` (written once, reused).
+    pub fn client(&self, user: &str) -> (PathBuf, PathBuf) {
+        let cert = self.dir.path().join(format!("client-{user}.pem"));
+        let key = self.dir.path().join(format!("client-{user}-key.pem"));
+        if !cert.exists() {
+            self.ca
+                .issue_service(user, Duration::from_secs(3600))
+                .expect("etcd client certificate")
+                .write(self.dir.path(), &format!("client-{user}"))
+                .expect("write the etcd client certificate");
+        }
+        (cert, key)
+    }
+
+    /// Point `cfg` at this CA and, with `user`, a client certificate for that user.
+    pub fn configure(&self, cfg: &mut trellis_proxy::config::EtcdConfig, user: Option<&str>) {
+        cfg.ca = Some(self.ca_path());
+        match user {
+            Some(u) => {
+                let (cert, key) = self.client(u);
+                cfg.cert = Some(cert);
+                cfg.key = Some(key);
+            }
+            None => {
+                cfg.cert = None;
+                cfg.key = None;
+            }
+        }
+    }
+}
+
 /// One etcd member.
 pub struct EtcdMember {
     pub name: String,
@@ -38,19 +109,35 @@ pub struct EtcdMember {
     pub metrics_port: u16,
     data_dir: PathBuf,
     initial_cluster: String,
+    /// Clients are served over TLS with client certificates required.
+    tls: Option<Arc<EtcdTls>>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl EtcdMember {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn spawn(&mut self) {
         let log =
             std::fs::File::create(self.data_dir.with_extension("log")).expect("etcd log file");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            let path = |name: &str| tls.dir().join(name).display().to_string();
+            cmd.args([
+                "--cert-file",
+                &path("server.pem"),
+                "--key-file",
+                &path("server-key.pem"),
+                "--trusted-ca-file",
+                &path("ca.pem"),
+                "--client-cert-auth",
+            ]);
+        }
+        let child = cmd
             .args([
                 "--name",
                 &self.name,
@@ -98,11 +185,16 @@ impl EtcdMember {
         self.wait_healthy(Duration::from_secs(20)).await;
     }
 
-    /// Poll `GET /health` until etcd says it is healthy (it needs a leader).
+    /// Poll `GET /health` until etcd says it is healthy (it needs a leader). A TLS member is
+    /// asked on its plain-HTTP metrics port, which serves `/health` too.
     pub async fn wait_healthy(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
+        let port = match self.tls {
+            Some(_) => self.metrics_port,
+            None => self.client_port,
+        };
         loop {
-            if health(self.client_port).await {
+            if health(port).await {
                 return;
             }
             assert!(
@@ -160,11 +252,25 @@ async fn health(port: u16) -> bool {
 /// A cluster of `n` members (1 for most tests, 3 for failover tests).
 pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
+    tls: Option<Arc<EtcdTls>>,
     _dir: tempfile::TempDir,
 }
 
+/// The user [`EtcdCluster::enable_auth`] creates with etcd's `root` role.
+pub const ROOT_USER: &str = "root";
+
 impl EtcdCluster {
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, None).await
+    }
+
+    /// `n` members serving clients over TLS and requiring a client certificate signed by
+    /// their CA ([`EtcdCluster::tls`]). Peers talk plain HTTP among themselves (loopback).
+    pub async fn start_tls(n: usize) -> Self {
+        Self::start_with(n, Some(Arc::new(EtcdTls::generate()))).await
+    }
+
+    async fn start_with(n: usize, tls: Option<Arc<EtcdTls>>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -183,6 +289,7 @@ impl EtcdCluster {
                 metrics_port: free_port(),
                 data_dir: dir.path().join(format!("n{i}")),
                 initial_cluster: initial_cluster.clone(),
+                tls: tls.clone(),
                 child: None,
                 _dir: None,
             })
@@ -193,7 +300,52 @@ impl EtcdCluster {
         for m in &members {
             m.wait_healthy(Duration::from_secs(30)).await;
         }
-        Self { members, _dir: dir }
+        Self {
+            members,
+            tls,
+            _dir: dir,
+        }
+    }
+
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_deref()
+    }
+
+    /// A client configuration for this cluster (1 s timeout), with TLS the CA and a client
+    /// certificate for `cert_user` (`None`: no client certificate), and credentials if given.
+    pub fn config(
+        &self,
+        cert_user: Option<&str>,
+        credentials: Option<(&str, &str)>,
+    ) -> trellis_proxy::config::EtcdConfig {
+        let mut c = trellis_proxy::config::EtcdConfig::new(self.endpoints());
+        c.timeout = Duration::from_secs(1);
+        if let Some(tls) = &self.tls {
+            tls.configure(&mut c, cert_user);
+        }
+        if let Some((user, password)) = credentials {
+            c.username = Some(user.to_string());
+            c.password = Some(password.to_string());
+        }
+        c
+    }
+
+    /// Turn on etcd's authentication: user `root` with `root_password` and the `root` role,
+    /// then `auth enable`. From then on every request needs a user (a password, or with TLS a
+    /// client certificate whose common name is the user).
+    pub async fn enable_auth(&self, root_password: &str) {
+        let cfg = self.config(Some(ROOT_USER), None);
+        let etcd = crate::etcd::Etcd::connect(&cfg)
+            .await
+            .expect("connect to etcd to enable auth");
+        let mut c = etcd.client.clone();
+        etcd.call(c.user_add(ROOT_USER, root_password, None))
+            .await
+            .expect("add the root user");
+        etcd.call(c.user_grant_role(ROOT_USER, "root"))
+            .await
+            .expect("grant the root role");
+        etcd.call(c.auth_enable()).await.expect("auth enable");
     }
 
     pub fn endpoints(&self) -> Vec<String> {

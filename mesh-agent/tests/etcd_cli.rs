@@ -205,3 +205,131 @@ async fn sigkilled_sidecar_registration_expires_with_its_lease() {
         "expired before the lease could have"
     );
 }
+
+fn fails(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        !o.status.success(),
+        "{cmd:?} should fail: {}",
+        common::output_text(&o)
+    );
+    common::output_text(&o)
+}
+
+/// `etcd rbac`: the printed etcdctl commands, run by etcdctl, and `--apply` both give users
+/// that can do what their role allows and nothing else; credentials errors name the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_rbac_prints_and_applies_least_privilege_roles() {
+    let etcd = EtcdCluster::start(1).await;
+    etcd.enable_auth("root-pw").await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let root = ["--etcd-user", "root", "--etcd-password", "root-pw"];
+
+    // Printed: etcdctl commands that never contain the password, only the file's path.
+    let pw_payments = write(dir.path(), "payments.pw", "payments-pw\n");
+    let script = ok(agent(&ep).args([
+        "etcd",
+        "rbac",
+        "--service",
+        "payments",
+        "--password-file",
+        &pw_payments,
+    ]));
+    assert!(
+        script.contains("etcdctl role grant-permission trellis-service-payments --prefix=true readwrite /trellis/v1/mesh/services/payments/instances/")
+            && script.contains("--prefix=true read /trellis/v1/mesh/ ")
+            && !script.contains("payments-pw"),
+        "{script}"
+    );
+    // ...which etcdctl runs as they are.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &ep)
+        .env("ETCDCTL_USER", "root:root-pw")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "etcdctl: {}", common::output_text(&o));
+
+    // Applied.
+    let pw_orders = write(dir.path(), "orders.pw", "orders-pw\n");
+    let applied = ok(agent(&ep)
+        .args([
+            "etcd",
+            "rbac",
+            "--service",
+            "orders",
+            "--apply",
+            "--password-file",
+            &pw_orders,
+        ])
+        .args(root));
+    assert!(
+        applied.contains("created role trellis-service-orders")
+            && applied.contains("created user orders with a password"),
+        "{applied}"
+    );
+    let pw_alice = write(dir.path(), "alice.pw", "alice-pw\n");
+    ok(agent(&ep)
+        .args([
+            "etcd",
+            "rbac",
+            "--operator",
+            "alice",
+            "--apply",
+            "--password-file",
+            &pw_alice,
+        ])
+        .args(root));
+    // Applying the printed plan over etcdctl's result finds nothing to change.
+    let again = ok(agent(&ep)
+        .args(["etcd", "rbac", "--service", "payments", "--apply"])
+        .args(root));
+    assert!(again.contains("already as planned"), "{again}");
+
+    // The operator applies policies; a service may not.
+    let file = write(dir.path(), "p.yaml", GOOD);
+    let by_alice = ok(agent(&ep).args(["policy", "apply", "-f", &file]).args([
+        "--etcd-user",
+        "alice",
+        "--etcd-password",
+        "alice-pw",
+    ]));
+    assert!(by_alice.contains("applied at revision"), "{by_alice}");
+    let changed = write(dir.path(), "changed.yaml", &GOOD.replace("2s", "3s"));
+    for (user, pw) in [("orders", "orders-pw"), ("payments", "payments-pw")] {
+        let refused = fails(
+            agent(&ep)
+                .args(["policy", "apply", "-f", &changed, "--author", user])
+                .args(["--etcd-user", user, "--etcd-password", pw]),
+        );
+        assert!(
+            refused.contains(&format!("permission denied for user `{user}`")),
+            "{refused}"
+        );
+    }
+    // Creating roles needs root.
+    let refused = fails(
+        agent(&ep)
+            .args(["etcd", "rbac", "--service", "evil", "--apply"])
+            .args(["--etcd-user", "alice", "--etcd-password", "alice-pw"]),
+    );
+    assert!(
+        refused.contains("add role trellis-service-evil: etcd at"),
+        "{refused}"
+    );
+    assert!(refused.contains("permission denied"), "{refused}");
+    // A wrong password, named as such.
+    let refused =
+        fails(
+            agent(&ep)
+                .args(["status"])
+                .args(["--etcd-user", "root", "--etcd-password", "nope"]),
+        );
+    assert!(
+        refused.contains("authentication failed for user `root`: wrong user name or password"),
+        "{refused}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The fail-static cache: the last applied mesh state and its etcd revision, written atomically
-//! (temp file, fsync, rename) after every change, read at startup when etcd may be down.
+//! and durably (a unique 0600 temp file, fsync, rename, fsync of the directory:
+//! [`trellis_proxy::atomic_file`]) after every change, read at startup when etcd may be down.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,15 +99,10 @@ impl Cache {
                 std::fs::create_dir_all(dir).map_err(|e| self.err(e.to_string()))?;
             }
         }
-        let tmp = self.path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| self.err(e.to_string()))
+        // 0600: the cache holds the whole mesh state (addresses, policies, API key digests),
+        // which only this sidecar needs to read.
+        trellis_proxy::atomic_file::write_private(&self.path, &json)
+            .map_err(|e| self.err(e.to_string()))
     }
 
     fn err(&self, message: String) -> CacheError {
@@ -137,6 +133,12 @@ mod tests {
             vec![("/a/v1/mesh/k".to_string(), b"{}".to_vec())]
         );
         assert!(Cache::new(path.clone(), "/b").load().unwrap().is_none());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "the cache is private");
+        }
         std::fs::write(&path, "garbage").unwrap();
         assert!(cache.load().is_err());
     }

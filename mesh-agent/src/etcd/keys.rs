@@ -21,6 +21,8 @@ pub enum MeshKey<'a> {
 
 #[derive(Clone, Debug)]
 pub struct Keys {
+    /// `<prefix>/`: everything this mesh stores, in every layout version.
+    base: String,
     root: String,
 }
 
@@ -28,9 +30,16 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
+        let prefix = prefix.trim_end_matches('/');
         Self {
-            root: format!("{}/v1", prefix.trim_end_matches('/')),
+            base: format!("{prefix}/"),
+            root: format!("{prefix}/v1"),
         }
+    }
+
+    /// Every key of this mesh (all layout versions): what an operator may change.
+    pub fn all(&self) -> &str {
+        &self.base
     }
 
     /// Everything a sidecar routes with.
@@ -40,6 +49,12 @@ impl Keys {
 
     pub fn instance(&self, service: &str, instance: &str) -> String {
         format!("{}/mesh/services/{service}/instances/{instance}", self.root)
+    }
+
+    /// The registrations of one service's instances: what its sidecars write. The trailing
+    /// `/` keeps `orders` from matching `orders-v2` when used as an etcd permission prefix.
+    pub fn instances(&self, service: &str) -> String {
+        format!("{}/mesh/services/{service}/instances/", self.root)
     }
 
     pub fn services(&self) -> String {
@@ -56,6 +71,11 @@ impl Keys {
 
     pub fn status(&self, service: &str, instance: &str) -> String {
         format!("{}/status/{service}/{instance}", self.root)
+    }
+
+    /// The status keys of one service's instances.
+    pub fn service_statuses(&self, service: &str) -> String {
+        format!("{}/status/{service}/", self.root)
     }
 
     pub fn statuses(&self) -> String {
@@ -141,5 +161,35 @@ mod tests {
             "history keys are outside the watched prefix"
         );
         assert!(h.starts_with(&k.history("ServicePolicy", "orders")));
+    }
+
+    /// Everything a sidecar of `orders` writes lies under one of its per-service prefixes
+    /// (the etcd role `trellis-service-orders` grants exactly those), and no prefix of
+    /// `orders` covers a key of `orders-v2`.
+    #[test]
+    fn a_service_writes_only_under_its_own_prefixes() {
+        let k = Keys::new("/trellis");
+        assert_eq!(k.all(), "/trellis/");
+        let own = [
+            k.instances("orders"),
+            k.service_statuses("orders"),
+            k.demands("orders"),
+        ];
+        for key in [
+            k.instance("orders", "a-1"),
+            k.status("orders", "a-1"),
+            k.demand("orders", "a-1"),
+        ] {
+            assert!(own.iter().any(|p| key.starts_with(p.as_str())), "{key}");
+        }
+        for key in [
+            k.instance("orders-v2", "a-1"),
+            k.status("orders-v2", "a-1"),
+            k.demand("orders-v2", "a-1"),
+            k.policy("ServicePolicy", "orders"),
+        ] {
+            assert!(!own.iter().any(|p| key.starts_with(p.as_str())), "{key}");
+        }
+        assert!(k.instances("orders").starts_with(&k.mesh()));
     }
 }

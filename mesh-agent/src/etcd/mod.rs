@@ -7,6 +7,7 @@ pub mod discovery;
 mod freshness;
 pub mod keys;
 pub mod ratelimit;
+pub mod rbac;
 pub mod registration;
 pub mod state;
 
@@ -33,6 +34,22 @@ pub enum EtcdError {
         path: String,
         source: std::io::Error,
     },
+    #[error("etcd TLS: a client certificate needs its key and a key its certificate (set both store.etcd.cert and store.etcd.key, or --etcd-cert and --etcd-key)")]
+    TlsIncomplete,
+    /// etcd refused the user name or password (it does not say which).
+    #[error(
+        "etcd at {endpoints}: authentication failed for user `{user}`: wrong user name or password"
+    )]
+    AuthFailed { endpoints: String, user: String },
+    /// Authentication is on and the request carried no user.
+    #[error("etcd at {endpoints}: authentication is enabled and no etcd user was given: set store.etcd.username and store.etcd.password (--etcd-user, --etcd-password), or a client certificate whose common name is an etcd user")]
+    AuthRequired { endpoints: String },
+    /// The user is known but none of its roles allows the operation on those keys.
+    #[error("etcd at {endpoints}: permission denied for {user}: its roles do not allow this operation on these keys (docs/etcd.md, \"Least privilege\", lists what each role may write)")]
+    PermissionDenied { endpoints: String, user: String },
+    /// The TLS handshake with etcd failed; `cause` says which side refused what.
+    #[error("etcd at {endpoints}: TLS handshake failed: {cause}")]
+    Tls { endpoints: String, cause: String },
 }
 
 /// A connected client plus what is needed to name it in errors.
@@ -40,6 +57,11 @@ pub enum EtcdError {
 pub struct Etcd {
     pub client: Client,
     endpoints: String,
+    /// Who we are to etcd, for errors: the user name, the client certificate, or neither.
+    principal: String,
+    /// With TLS, a connection etcd closes is most likely its `--client-cert-auth` refusing
+    /// us (the TLS alert itself does not reach the error).
+    tls: TlsMode,
     timeout: Duration,
 }
 
@@ -48,14 +70,33 @@ pub struct Etcd {
 impl Etcd {
     /// Create a client. etcd-client connects lazily, so this succeeds without a server; the
     /// first call reports an unreachable cluster.
+    ///
+    /// With a user name and password, etcd-client authenticates here, so a wrong password is
+    /// reported by `connect` (as [`EtcdError::AuthFailed`]); the token is refreshed
+    /// automatically when etcd expires it (simple tokens live 5 minutes by default), so a
+    /// long-lived watch or keepalive does not fail over it.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, EtcdError> {
         let endpoints = cfg.endpoints.join(", ");
+        let principal = principal(cfg);
+        let tls = match (&cfg.cert, &cfg.ca) {
+            (Some(_), _) => TlsMode::WithCert,
+            (None, Some(_)) => TlsMode::WithoutCert,
+            (None, None) if cfg.endpoints.iter().any(|e| e.starts_with("https://")) => {
+                TlsMode::WithoutCert
+            }
+            (None, None) => TlsMode::Plain,
+        };
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(cfg.timeout)
             .with_timeout(cfg.timeout)
             .with_keep_alive(Duration::from_secs(5), cfg.timeout);
         if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
-            opts = opts.with_user(user.clone(), password.clone());
+            opts = opts
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if cfg.cert.is_some() != cfg.key.is_some() {
+            return Err(EtcdError::TlsIncomplete);
         }
         if cfg.ca.is_some() || cfg.cert.is_some() {
             let read = |p: &std::path::PathBuf| {
@@ -79,23 +120,20 @@ impl Etcd {
                 endpoints: endpoints.clone(),
                 timeout: cfg.timeout,
             })?
-            .map_err(|source| EtcdError::Call {
-                endpoints: endpoints.clone(),
-                source,
-            })?;
+            .map_err(|source| classify(&endpoints, &principal, tls, source))?;
         Ok(Self {
             client,
             endpoints,
+            principal,
+            tls,
             timeout: cfg.timeout,
         })
     }
 
-    /// Name the endpoints in an error from a call.
+    /// Name the endpoints in an error from a call, and its cause when it is one of the
+    /// security refusals (authentication, permission, TLS).
     pub fn err(&self, source: etcd_client::Error) -> EtcdError {
-        EtcdError::Call {
-            endpoints: self.endpoints.clone(),
-            source,
-        }
+        classify(&self.endpoints, &self.principal, self.tls, source)
     }
 
     /// Run one call with the configured timeout.
@@ -111,6 +149,106 @@ impl Etcd {
             }),
         }
     }
+}
+
+/// How this client talks to etcd, which decides what a closed connection most likely means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsMode {
+    Plain,
+    WithoutCert,
+    WithCert,
+}
+
+/// How this client identifies itself, as errors name it.
+fn principal(cfg: &EtcdConfig) -> String {
+    match (&cfg.username, &cfg.cert) {
+        (Some(u), _) => format!("user `{u}`"),
+        (None, Some(cert)) => format!(
+            "the client certificate {} (etcd's user is its common name)",
+            cert.display()
+        ),
+        (None, None) => "an anonymous client".to_string(),
+    }
+}
+
+/// Turn an etcd-client error into a specific [`EtcdError`]. etcd reports authentication and
+/// permission problems as gRPC statuses with fixed messages; TLS failures surface as transport
+/// errors whose cause is only in the source chain (rustls' alert or verifier error), so the
+/// chain is searched for the known causes and turned into advice naming the setting to fix.
+fn classify(
+    endpoints: &str,
+    principal: &str,
+    tls: TlsMode,
+    source: etcd_client::Error,
+) -> EtcdError {
+    let endpoints = endpoints.to_string();
+    if let etcd_client::Error::GRpcStatus(status) = &source {
+        let msg = status.message();
+        if msg.contains("authentication failed") {
+            let user = principal
+                .strip_prefix("user `")
+                .and_then(|u| u.strip_suffix('`'))
+                .unwrap_or(principal)
+                .to_string();
+            return EtcdError::AuthFailed { endpoints, user };
+        }
+        if msg.contains("user name is empty") {
+            return EtcdError::AuthRequired { endpoints };
+        }
+        if msg.contains("permission denied") {
+            return EtcdError::PermissionDenied {
+                endpoints,
+                user: principal.to_string(),
+            };
+        }
+    }
+    if let Some(cause) = tls_cause(&source, tls) {
+        return EtcdError::Tls { endpoints, cause };
+    }
+    EtcdError::Call { endpoints, source }
+}
+
+/// The TLS problem behind a transport error, in words that name the setting to fix.
+fn tls_cause(err: &etcd_client::Error, tls: TlsMode) -> Option<String> {
+    let mut chain = err.to_string();
+    let mut next: Option<&dyn std::error::Error> = std::error::Error::source(err);
+    while let Some(e) = next {
+        chain.push_str(": ");
+        chain.push_str(&e.to_string());
+        next = e.source();
+    }
+    let lower = chain.to_ascii_lowercase();
+    let has = |needle: &str| lower.contains(&needle.to_ascii_lowercase());
+    // etcd (Go, TLS 1.3) verifies the client's certificate after the client considers the
+    // handshake done; its refusal (alert `bad_certificate` even for a missing certificate)
+    // reaches us as that alert or, when the connection is gone first, as a closed connection.
+    let closed = has("connection closed")
+        || has("canceled")
+        || has("connection reset")
+        || has("broken pipe");
+    let advice = if has("CertificateRequired")
+        || has("certificate required")
+        || (tls == TlsMode::WithoutCert && (closed || has("BadCertificate")))
+    {
+        "etcd closed the connection and no client certificate is configured; etcd started with --client-cert-auth requires one: set store.etcd.cert and store.etcd.key (--etcd-cert, --etcd-key)"
+    } else if tls == TlsMode::WithCert && (closed || has("BadCertificate")) {
+        "etcd refused our client certificate (or closed the connection right after the handshake, which is how it refuses one): it must be signed by a CA in etcd's --trusted-ca-file and be valid now; check store.etcd.cert"
+    } else if has("UnknownIssuer") || has("BadSignature") {
+        "etcd's server certificate is not signed by a CA in store.etcd.ca (--etcd-ca)"
+    } else if has("NotValidForName") || has("not valid for name") {
+        "etcd's server certificate does not name the host or IP address of the endpoint"
+    } else if has("BadCertificate") || has("UnknownCA") || has("unknown ca") {
+        "etcd refused our client certificate: it is not signed by a CA etcd trusts (--trusted-ca-file)"
+    } else if has("CertificateExpired") || has("expired") && has("certificate") {
+        "a certificate has expired (ours or etcd's)"
+    } else if has("InvalidContentType") || has("corrupt message") {
+        "the endpoint does not speak TLS: use an http:// endpoint, or enable TLS on etcd"
+    } else if has("invalid peer certificate") || has("tls handshake") || has("AlertReceived") {
+        "the handshake was refused"
+    } else {
+        return None;
+    };
+    Some(format!("{advice} ({chain})"))
 }
 
 /// Exponential backoff from 100 ms to 5 s with +-25 % jitter, so sidecars that lost etcd at the

@@ -24,11 +24,8 @@ pub enum CaError {
     BadCa(String),
     #[error("invalid trust domain `{0}`")]
     TrustDomain(String),
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] crate::atomic_file::AtomicWriteError),
 }
 
 pub struct CertificateAuthority {
@@ -145,6 +142,42 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issue a certificate for a TLS server outside the mesh that is reached by host name or
+    /// IP address (etcd, in tests and small setups that reuse the mesh CA for it): DNS and IP
+    /// SANs instead of a SPIFFE ID, server and client auth (etcd members also dial each other
+    /// and, with `--client-cert-auth`, themselves). The first host is the common name.
+    pub fn issue_for_hosts(&self, hosts: &[&str], ttl: Duration) -> Result<IssuedCert, CaError> {
+        let first = hosts
+            .first()
+            .ok_or_else(|| CaError::BadCa("a host certificate needs at least one host".into()))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, first.to_string());
+        params.distinguished_name = dn;
+        params.subject_alt_names = hosts
+            .iter()
+            .map(|h| match h.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName((*h).try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Write `ca.pem` and `ca-key.pem` (mode 0600) into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), CaError> {
         write_file(&dir.join("ca.pem"), &self.cert_pem, false)?;
@@ -190,21 +223,16 @@ fn ca_trust_domain(cert_pem: &str) -> Result<String, CaError> {
         .ok_or_else(|| CaError::BadCa("no spiffe://<trust-domain> URI SAN".into()))
 }
 
+/// Certificates are public (0644); private keys are 0600 from the moment they exist. Both are
+/// replaced atomically ([`crate::atomic_file`]), so a sidecar re-reading them never sees half a
+/// file.
 fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CaError> {
-    let err = |source| CaError::Write {
-        path: path.display().to_string(),
-        source,
+    let mode = if private {
+        crate::atomic_file::PRIVATE_MODE
+    } else {
+        0o644
     };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).map_err(err)?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    std::fs::rename(&tmp, path).map_err(err)
+    crate::atomic_file::write_atomic(path, contents.as_bytes(), mode).map_err(CaError::Write)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod drain;
 mod edge;
 mod errors;
 mod etcd;
+mod etcd_security;
 mod examples_compose;
 mod grpc;
 mod http;
