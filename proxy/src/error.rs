@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use crate::client_body::ClientFault;
 use crate::config::ERROR_HEADER;
 use crate::identity::TlsFailure;
 
@@ -94,6 +95,13 @@ pub enum ProxyError {
     },
     #[error("request denied by authorization policy")]
     Denied { policy: std::sync::Arc<str> },
+    /// The downstream client broke its own request (a malformed or reset body, or a body it
+    /// stopped sending): answered 400 or 408, never counted against the endpoint.
+    #[error("the client's request body failed: {message}")]
+    Client {
+        fault: crate::client_body::ClientFault,
+        message: String,
+    },
 }
 
 /// The causes a peer sidecar may name in `trellis-error`, as static strings (a header value
@@ -121,6 +129,8 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         "tls-plaintext",
         "unauthenticated",
         "denied",
+        "client-body-error",
+        "client-body-timeout",
     ];
     CAUSES.iter().copied().find(|c| c.as_bytes() == v)
 }
@@ -152,6 +162,14 @@ impl ProxyError {
             Self::ConcurrencyLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Client {
+                fault: ClientFault::BodyError,
+                ..
+            } => StatusCode::BAD_REQUEST,
+            Self::Client {
+                fault: ClientFault::BodyStalled,
+                ..
+            } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -196,6 +214,14 @@ impl ProxyError {
             Self::ConcurrencyLimited { .. } => "concurrency-limited",
             Self::Unauthenticated { .. } => "unauthenticated",
             Self::Denied { .. } => "denied",
+            Self::Client {
+                fault: ClientFault::BodyError,
+                ..
+            } => "client-body-error",
+            Self::Client {
+                fault: ClientFault::BodyStalled,
+                ..
+            } => "client-body-timeout",
         }
     }
 
@@ -292,6 +318,22 @@ mod tests {
                 "misdirected-request",
             ),
             (ProxyError::NoRoute("orders".into()), 404, "no-route"),
+            (
+                ProxyError::Client {
+                    fault: ClientFault::BodyError,
+                    message: "invalid chunk size".into(),
+                },
+                400,
+                "client-body-error",
+            ),
+            (
+                ProxyError::Client {
+                    fault: ClientFault::BodyStalled,
+                    message: String::new(),
+                },
+                408,
+                "client-body-timeout",
+            ),
             (ProxyError::NoEndpoints("a".into()), 503, "no-endpoints"),
             (
                 ProxyError::UnknownService("a".into()),

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+
+use crate::client_body::ClientBody;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -50,8 +52,8 @@ pub struct Inbound {
     metrics: Arc<Metrics>,
     limits: Limits,
     request_timeout: Duration,
-    h1: Client<AppConnector, Incoming>,
-    h2: Client<AppConnector, Incoming>,
+    h1: Client<AppConnector, ClientBody>,
+    h2: Client<AppConnector, ClientBody>,
     rate_limits: Arc<RateLimits>,
     access_control: Arc<crate::access::AccessControl>,
     tracing: Arc<crate::trace::Tracing>,
@@ -209,7 +211,7 @@ impl Inbound {
                 let mut consumer = None;
                 let resp = this.limited(req, client, peer, &mut consumer).await.unwrap_or_else(|e| {
                     this.metrics.proxy_error(INBOUND, e.cause());
-                    if e.is_policy_decision() {
+                    if e.is_policy_decision() || matches!(e, ProxyError::Client { .. }) {
                         // Expected under load and counted per policy: no log line per request.
                         tracing::debug!(error = %e, cause = e.cause(), "inbound request refused");
                     } else {
@@ -324,6 +326,9 @@ impl Inbound {
             }
         }
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let (body, watch) = ClientBody::new(body);
+        let req = Request::from_parts(parts, body);
         let fut = if h2 {
             self.h2.request(req)
         } else {
@@ -334,18 +339,32 @@ impl Inbound {
             .map_err(|_| ProxyError::ResponseTimeout {
                 addr: self.app,
                 timeout: self.request_timeout,
-            })?
+            })
+            .and_then(|r| {
+                r.map_err(|e| {
+                    if e.is_connect() {
+                        ProxyError::Connect {
+                            addr: self.app,
+                            source: std::io::Error::other(error_chain(&e)),
+                        }
+                    } else {
+                        ProxyError::Upstream {
+                            addr: self.app,
+                            message: error_chain(&e),
+                        }
+                    }
+                })
+            })
+            // A body the caller broke is the caller's fault (400/408), not a failing app:
+            // the caller's sidecar must not count it against this endpoint.
             .map_err(|e| {
-                if e.is_connect() {
-                    ProxyError::Connect {
-                        addr: self.app,
-                        source: std::io::Error::other(error_chain(&e)),
-                    }
-                } else {
-                    ProxyError::Upstream {
-                        addr: self.app,
-                        message: error_chain(&e),
-                    }
+                let timed_out = matches!(e, ProxyError::ResponseTimeout { .. });
+                match watch.blame(timed_out) {
+                    Some(fault) => ProxyError::Client {
+                        fault,
+                        message: e.to_string(),
+                    },
+                    None => e,
                 }
             })?;
         Ok(match client_side {

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod client_body;
 pub mod config;
 pub mod drain;
 pub mod error;
@@ -51,4 +52,4 @@ pub type ResponseBody = http_body_util::Either<body::Streamed, http_body_util::F
 /// The body of a request sent to a peer sidecar: the app's body streamed as is, or a small body
 /// buffered so that it can be replayed on a retry.
 pub type RequestBody =
-    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+    http_body_util::Either<client_body::ClientBody, http_body_util::Full<bytes::Bytes>>;

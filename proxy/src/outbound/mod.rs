@@ -304,17 +304,21 @@ impl Outbound {
         let (parts, body) = req.into_parts();
         let mut template = None;
         let mut streaming = None;
+        // Asked before blaming the endpoint for a failure: was it the client's body?
+        let mut watch = None;
         if may_retry {
             let bytes = body
                 .collect()
                 .await
-                .map_err(|e| ProxyError::Upstream {
-                    addr: ep.addr,
-                    message: format!("reading the request body: {e}"),
+                .map_err(|e| ProxyError::Client {
+                    fault: crate::client_body::ClientFault::BodyError,
+                    message: e.to_string(),
                 })?
                 .to_bytes();
             template = Some((parts, bytes));
         } else {
+            let (body, w) = crate::client_body::ClientBody::new(body);
+            watch = Some(w);
             streaming = Some(Request::from_parts(parts, Either::Left(body)));
         }
         route.counters.budget.deposit();
@@ -405,6 +409,10 @@ impl Outbound {
                     message: "a fresh connection refused the request before sending it".into(),
                 }),
             };
+            if let Some(fault) = client_fault(&result, watch.as_deref()) {
+                // The client broke its own request: not the endpoint's failure, no retry.
+                return Err(fault);
+            }
             stats.observe_rtt(started.elapsed());
             self.outcome(route, i, result.as_ref().map(|r| r.status().as_u16()));
             let retryable = template.is_some()
@@ -598,6 +606,22 @@ enum Sent {
 }
 
 /// A fresh copy of a buffered request for one attempt; retried attempts carry the mark.
+/// The client's fault, when `result` failed because of the client's own body (see
+/// [`crate::client_body`]).
+fn client_fault<B>(
+    result: &Result<Response<B>, ProxyError>,
+    watch: Option<&crate::client_body::BodyWatch>,
+) -> Option<ProxyError> {
+    let (Err(e), Some(watch)) = (result, watch) else {
+        return None;
+    };
+    let timed_out = matches!(e, ProxyError::ResponseTimeout { .. });
+    watch.blame(timed_out).map(|fault| ProxyError::Client {
+        fault,
+        message: e.to_string(),
+    })
+}
+
 fn replay(
     parts: &http::request::Parts,
     body: &bytes::Bytes,

@@ -5,6 +5,7 @@ mod access;
 mod access_log;
 mod admin;
 mod balance;
+mod client_faults;
 mod dns;
 mod drain;
 mod edge;

@@ -1,0 +1,134 @@
+//! The downstream client's request body, watched on its way upstream so that a failure the
+//! client caused is blamed on the client.
+//!
+//! When a request fails while its body is being streamed, the error hyper reports looks the
+//! same whoever broke it: a malformed chunked body from the client, a client that reset or
+//! stopped sending, or an upstream that reset the stream. Counting the first three against
+//! the endpoint lets any client eject healthy backends (six malformed bodies were enough), so
+//! the body records what it last saw from the client and the proxy asks it before blaming
+//! the endpoint ([`BodyWatch::blame`]): client faults answer 400 or 408 and never feed outlier
+//! detection, breakers or retries.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Still reading, and the last poll of the client's body produced data (or nothing yet).
+const FLOWING: u8 = 0;
+/// The last poll of the client's body found nothing ready: the client is the one we wait for.
+const WAITING_ON_CLIENT: u8 = 1;
+const ENDED: u8 = 2;
+const FAILED: u8 = 3;
+
+/// What the proxy learns from the body after a failed request.
+#[derive(Debug, Default)]
+pub struct BodyWatch(AtomicU8);
+
+/// Why a failed request is the client's doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientFault {
+    /// The body could not be read: malformed framing, a reset, a connection closed early.
+    BodyError,
+    /// The body was incomplete and we were waiting for the client when time ran out.
+    BodyStalled,
+}
+
+/// An [`Incoming`] body that reports to a [`BodyWatch`].
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    watch: Arc<BodyWatch>,
+}
+
+// === impl BodyWatch ===
+
+impl BodyWatch {
+    /// Whether a failure of the request now is the client's: its body failed, or time ran
+    /// out (`timed_out`) while the body was incomplete and we were waiting on the client.
+    /// `None` blames the upstream as before (an upstream that resets while we wait for the
+    /// client's next bytes is still the upstream's fault).
+    pub fn blame(&self, timed_out: bool) -> Option<ClientFault> {
+        match self.0.load(Ordering::Acquire) {
+            FAILED => Some(ClientFault::BodyError),
+            WAITING_ON_CLIENT if timed_out => Some(ClientFault::BodyStalled),
+            _ => None,
+        }
+    }
+}
+
+// === impl ClientBody ===
+
+impl ClientBody {
+    /// Wrap `inner`; the returned watch outlives the body (which the HTTP client consumes).
+    pub fn new(inner: Incoming) -> (Self, Arc<BodyWatch>) {
+        let watch = Arc::new(BodyWatch::default());
+        if inner.is_end_stream() {
+            watch.0.store(ENDED, Ordering::Release);
+        }
+        let body = Self {
+            inner,
+            watch: watch.clone(),
+        };
+        (body, watch)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let state = match &polled {
+            Poll::Pending => WAITING_ON_CLIENT,
+            Poll::Ready(None) => ENDED,
+            Poll::Ready(Some(Err(_))) => FAILED,
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => ENDED,
+            Poll::Ready(Some(Ok(_))) => FLOWING,
+        };
+        self.watch.0.store(state, Ordering::Release);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failed_or_waiting_bodies_are_blamed_on_the_client() {
+        let w = BodyWatch::default();
+        assert_eq!(w.blame(true), None);
+        for (state, timed_out, blame) in [
+            (FLOWING, true, None),
+            (ENDED, true, None),
+            (WAITING_ON_CLIENT, false, None),
+            (WAITING_ON_CLIENT, true, Some(ClientFault::BodyStalled)),
+            (FAILED, false, Some(ClientFault::BodyError)),
+            (FAILED, true, Some(ClientFault::BodyError)),
+        ] {
+            w.0.store(state, Ordering::Release);
+            assert_eq!(
+                w.blame(timed_out),
+                blame,
+                "state {state} timed out {timed_out}"
+            );
+        }
+    }
+}
