@@ -32,7 +32,6 @@ use crate::identity::{
     classify_io_error, describe_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure,
 };
 use crate::metrics::{ConnectionGuard, Metrics, INBOUND};
-use crate::outbound::error_chain;
 use crate::ratelimit::RateLimits;
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::{drain, upgrade, ResponseBody};
@@ -340,21 +339,7 @@ impl Inbound {
                 addr: self.app,
                 timeout: self.request_timeout,
             })
-            .and_then(|r| {
-                r.map_err(|e| {
-                    if e.is_connect() {
-                        ProxyError::Connect {
-                            addr: self.app,
-                            source: std::io::Error::other(error_chain(&e)),
-                        }
-                    } else {
-                        ProxyError::Upstream {
-                            addr: self.app,
-                            message: error_chain(&e),
-                        }
-                    }
-                })
-            })
+            .and_then(|r| r.map_err(|e| ProxyError::from_client(self.app, &e)))
             // A body the caller broke is the caller's fault (400/408), not a failing app:
             // the caller's sidecar must not count it against this endpoint.
             .map_err(|e| {

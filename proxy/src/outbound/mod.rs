@@ -504,19 +504,7 @@ impl Outbound {
                 addr: ep.addr,
                 timeout: request_timeout,
             })?
-            .map_err(|e| {
-                if e.is_connect() {
-                    ProxyError::Connect {
-                        addr: ep.addr,
-                        source: std::io::Error::other(error_chain(&e)),
-                    }
-                } else {
-                    ProxyError::Upstream {
-                        addr: ep.addr,
-                        message: error_chain(&e),
-                    }
-                }
-            })?;
+            .map_err(|e| ProxyError::from_client(ep.addr, &e))?;
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(self.stream_idle))))
     }
