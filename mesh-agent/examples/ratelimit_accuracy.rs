@@ -75,6 +75,7 @@ fn start_peer(cfg: &EtcdConfig, id: usize, running: usize, demand: f64) -> Peer 
         metadata: Default::default(),
         version: "bench".into(),
         ttl_seconds: LEASE_TTL.as_secs() as i64,
+        draining: false,
     };
     let (publish, demand_rx) = watch::channel(Vec::new());
     let coordinator = Coordinator::new(
@@ -87,7 +88,15 @@ fn start_peer(cfg: &EtcdConfig, id: usize, running: usize, demand: f64) -> Peer 
     let status = coordinator.status();
     tokio::spawn(coordinator.run());
     let (applied, applied_rx) = watch::channel(0);
-    let registration = registration::spawn(cfg.clone(), record, None, applied_rx, demand_rx);
+    let registration = registration::spawn(
+        cfg.clone(),
+        record,
+        None,
+        applied_rx,
+        demand_rx,
+        Default::default(),
+        None,
+    );
     let demand = Arc::new(AtomicU64::new(demand.to_bits()));
     let admitted = Arc::new(AtomicU64::new(0));
     let driver = tokio::spawn(drive(limits.clone(), demand.clone(), admitted.clone()));

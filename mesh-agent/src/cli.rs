@@ -63,6 +63,13 @@ pub enum Command {
     Status {
         #[command(flatten)]
         etcd: EtcdArgs,
+        /// Wait until every live instance has applied the latest mesh change (exit 0), or
+        /// until --timeout passes (exit 1): for scripts and CI pipelines after `policy apply`.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     /// API usage per consumer, per route and per service, read from sidecars' and gateways'
@@ -482,12 +489,33 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command } => policy(command),
-        Command::Status { etcd } => {
+        Command::Status {
+            etcd, wait: false, ..
+        } => {
             let out = runtime()?
                 .block_on(crate::policy::status(&etcd.config()))
                 .map_err(|e| e.to_string())?;
             out!("{out}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            etcd,
+            wait: true,
+            timeout,
+        } => {
+            let (out, converged) = runtime()?
+                .block_on(crate::policy::status_wait(&etcd.config(), timeout))
+                .map_err(|e| e.to_string())?;
+            out!("{out}");
+            if converged {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "not converged within {}",
+                    humantime::format_duration(timeout)
+                );
+                Ok(ExitCode::from(1))
+            }
         }
         Command::WaitReady {
             admin,

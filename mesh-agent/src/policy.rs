@@ -62,6 +62,8 @@ pub enum PolicyError {
     TooManyOps { changes: usize, source: EtcdError },
     #[error("cannot encode a document: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("etcd is out of space (its NOSPACE alarm is raised: the backend database reached --quota-backend-bytes, 2 GiB by default) and refuses every write; nothing was written. Sidecars keep serving. Free space, then clear the alarm: `etcdctl compact $(etcdctl endpoint status -w json | jq '.[0].Status.header.revision')`, `etcdctl defrag --cluster`, `etcdctl alarm disarm` (docs/etcd.md, \"Quotas and compaction\") ({0})")]
+    NoSpace(EtcdError),
 }
 
 /// Read every `.yaml`/`.yml` file (recursively for a directory) and return the valid documents,
@@ -292,6 +294,28 @@ pub async fn history(
 
 /// Services, instances with their lease TTLs, and the revision each sidecar has applied.
 pub async fn status(cfg: &EtcdConfig) -> Result<String, PolicyError> {
+    Ok(convergence(cfg).await?.0)
+}
+
+/// `status --wait`: poll until every live instance has applied the latest mesh change, or
+/// `timeout` passes. Returns the last table and whether the mesh converged.
+pub async fn status_wait(
+    cfg: &EtcdConfig,
+    timeout: std::time::Duration,
+) -> Result<(String, bool), PolicyError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (out, converged) = convergence(cfg).await?;
+        if converged || tokio::time::Instant::now() >= deadline {
+            return Ok((out, converged));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The status table, and whether every registered instance has applied the mesh's latest
+/// change.
+async fn convergence(cfg: &EtcdConfig) -> Result<(String, bool), PolicyError> {
     let etcd = Etcd::connect(cfg).await?;
     let mut client = etcd.client.clone();
     let keys = Keys::new(&cfg.prefix);
@@ -299,17 +323,7 @@ pub async fn status(cfg: &EtcdConfig) -> Result<String, PolicyError> {
         .call(client.get(keys.services(), Some(GetOptions::new().with_prefix())))
         .await?;
     let current = regs.header().map_or(0, |h| h.revision());
-    let mesh_rev = etcd
-        .call(client.get(
-            keys.mesh(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        ))
-        .await?
-        .kvs()
-        .iter()
-        .map(|kv| kv.mod_revision())
-        .max()
-        .unwrap_or(0);
+    let mesh_rev = mesh_revision(&etcd, &keys, current).await?;
     let statuses = etcd
         .call(client.get(keys.statuses(), Some(GetOptions::new().with_prefix())))
         .await?;
@@ -321,13 +335,14 @@ pub async fn status(cfg: &EtcdConfig) -> Result<String, PolicyError> {
     }
     let mut out = format!(
         "etcd {} prefix {}: store revision {current}, mesh state last changed at revision {mesh_rev}\n",
-        cfg.endpoints.join(","),
+        etcd.endpoint(),
         cfg.prefix
     );
     out.push_str(&format!(
         "{:<16} {:<28} {:<22} {:>9} {:>9}  converged\n",
         "SERVICE", "INSTANCE", "ADDRESS", "LEASE TTL", "APPLIED"
     ));
+    let mut all = true;
     for kv in regs.kvs() {
         let Ok(r) = serde_json::from_slice::<Registration>(kv.value()) else {
             continue;
@@ -347,11 +362,64 @@ pub async fn status(cfg: &EtcdConfig) -> Result<String, PolicyError> {
             Some(_) => "no",
             None => "unknown",
         };
+        all &= converged == "yes";
         let applied_s = applied_rev.map_or("-".to_string(), |a| a.to_string());
         out.push_str(&format!(
             "{:<16} {:<28} {:<22} {:>9} {:>9}  {converged}\n",
             r.service, r.instance, r.address, ttl, applied_s
         ));
     }
-    Ok(out)
+    Ok((out, all))
+}
+
+/// The revision of the mesh state's last change, deletions included: the newest
+/// `mod_revision` under the mesh prefix, then any deletion after it, found by replaying the
+/// watch from there up to `head` (a range read cannot show a deleted key). Status keys live
+/// outside the mesh prefix, so the sidecars' own reports never move this revision.
+async fn mesh_revision(etcd: &Etcd, keys: &Keys, head: i64) -> Result<i64, PolicyError> {
+    let mut client = etcd.client.clone();
+    let prefix = keys.mesh();
+    let newest = etcd
+        .call(client.get(
+            prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ))
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    if head <= newest {
+        return Ok(newest);
+    }
+    let opts = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(newest + 1)
+        .with_progress_notify();
+    let replay = async {
+        let mut stream = etcd.call(client.watch(prefix.as_str(), Some(opts))).await?;
+        stream.request_progress().await.map_err(|e| etcd.err(e))?;
+        let mut last = newest;
+        while let Some(resp) = stream.message().await.map_err(|e| etcd.err(e))? {
+            if resp.compact_revision() > 0 {
+                // Compacted: the deletions are gone from history; the range read stands.
+                break;
+            }
+            for ev in resp.events() {
+                if let Some(kv) = ev.kv() {
+                    last = last.max(kv.mod_revision());
+                }
+            }
+            let at = resp.header().map_or(0, |h| h.revision());
+            if resp.events().is_empty() && !resp.created() && at >= head {
+                break;
+            }
+        }
+        Ok::<i64, EtcdError>(last)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), replay).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Ok(newest),
+    }
 }

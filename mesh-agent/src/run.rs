@@ -76,12 +76,13 @@ async fn start_etcd(
         .unwrap_or_else(|| default_cache_file(&config));
     let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
     let ready = proxy.ready();
+    let reg_metrics = registration::RegistrationMetrics::register(proxy.registry_mut());
     let discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
         cache_file,
         tx,
-        ready,
+        ready.clone(),
         dns,
         proxy.registry_mut(),
     );
@@ -144,7 +145,15 @@ async fn start_etcd(
         );
         *coordinator_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator.status());
         tokio::spawn(coordinator.run());
-        let handle = registration::spawn(etcd, record, health, applied, demand_rx);
+        let handle = registration::spawn(
+            etcd,
+            record,
+            health,
+            applied,
+            demand_rx,
+            reg_metrics,
+            Some(ready),
+        );
         *registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
     Ok(running)
@@ -186,6 +195,7 @@ pub fn registration_record(
         metadata: reg.metadata.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         ttl_seconds: etcd.lease_ttl.as_secs() as i64,
+        draining: false,
     }
 }
 

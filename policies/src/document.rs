@@ -334,6 +334,11 @@ pub struct Registration {
     pub version: String,
     /// Lease TTL in seconds (for `mesh-agent status`).
     pub ttl_seconds: i64,
+    /// Written just before a graceful deregistration: peers drop the instance at once. A
+    /// registration that vanishes without it (an expired or revoked lease) may be kept for a
+    /// grace period while its endpoint still answers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 fn one() -> u32 {
@@ -488,6 +493,7 @@ kind: ServicePolicy
             metadata: BTreeMap::new(),
             version: "0.1.0".into(),
             ttl_seconds: 10,
+            draining: false,
         };
         assert!(r.validate("orders", "a").is_ok());
         assert!(r.validate("orders", "b").is_err());

@@ -444,6 +444,11 @@ pub struct EtcdConfig {
     /// `<temp dir>/trellis-<service>-<inbound port>.cache.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_file: Option<PathBuf>,
+    /// Learn the cluster's members from etcd (every 30 s), so a member replaced on a new
+    /// address is used without a configuration change, as the Go client's auto-sync. Off:
+    /// only `endpoints` are ever dialled.
+    #[serde(default = "d_true")]
+    pub auto_sync: bool,
     /// How this instance registers itself.
     #[serde(default)]
     pub registration: RegistrationConfig,
@@ -644,6 +649,7 @@ impl EtcdConfig {
             timeout: d_etcd_timeout(),
             lease_ttl: d_lease_ttl(),
             cache_file: None,
+            auto_sync: true,
             registration: RegistrationConfig::default(),
         }
     }

@@ -2,13 +2,14 @@
 //! every guard has been dropped. A task that fails keeps its guard, so `/ready` says exactly
 //! what is missing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Default)]
 pub struct Ready(
     Arc<Mutex<BTreeSet<&'static str>>>,
-    Arc<Mutex<Option<String>>>,
+    /// Notes by topic: they explain a state without blocking readiness.
+    Arc<Mutex<BTreeMap<&'static str, String>>>,
 );
 
 /// Blocks readiness until dropped.
@@ -43,11 +44,23 @@ impl Ready {
 
     /// A note shown with the readiness state, e.g. "serving from cache at revision 42".
     pub fn set_detail(&self, detail: Option<String>) {
-        *self.1.lock().unwrap_or_else(|p| p.into_inner()) = detail;
+        self.set_note("store", detail);
     }
 
+    /// A note under `topic` (replacing its previous one; `None` clears it), e.g. an etcd
+    /// alarm: shown with `/ready` without making the sidecar unready.
+    pub fn set_note(&self, topic: &'static str, note: Option<String>) {
+        let mut notes = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        match note {
+            Some(n) => notes.insert(topic, n),
+            None => notes.remove(topic),
+        };
+    }
+
+    /// Every note, joined.
     pub fn detail(&self) -> Option<String> {
-        self.1.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let notes = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        (!notes.is_empty()).then(|| notes.values().cloned().collect::<Vec<_>>().join("; "))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {

@@ -26,11 +26,24 @@ use trellis_proxy::snapshot::Snapshot;
 
 use super::cache::Cache;
 use super::keys::Keys;
-use super::state::{MeshState, Rejection};
+use super::state::{Deleted, MeshState, Rejection};
 use super::{backoff, Etcd, EtcdError};
 use crate::dns::Dns;
 use crate::store::SnapshotTx;
-use trellis_policies::MeshDocument;
+use trellis_policies::{MeshDocument, Registration};
+
+/// How long a vanished registration whose endpoint still answers stays in routing: several
+/// lease TTLs, long enough for its owner to notice and register again.
+pub const RETAIN_FOR: Duration = Duration::from_secs(15);
+/// A vanished instance "answers" when its inbound port accepts a connection this fast.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Whether `address` (`host:port` of a peer's inbound listener) accepts a TCP connection.
+async fn answers(address: String) -> bool {
+    tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(address))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
 
 /// A revision and the raw values to persist at it.
 type CacheState = (i64, Vec<(String, Vec<u8>)>);
@@ -58,6 +71,8 @@ struct KindLabels {
 }
 
 struct Metrics {
+    retained: Gauge,
+    retained_total: Counter,
     connected: Gauge,
     revision: Gauge,
     from_cache: Gauge,
@@ -100,6 +115,8 @@ impl Discovery {
         registry: &mut Registry,
     ) -> Self {
         let metrics = Metrics {
+            retained: Gauge::default(),
+            retained_total: Counter::default(),
             connected: Gauge::default(),
             revision: Gauge::default(),
             from_cache: Gauge::default(),
@@ -109,6 +126,16 @@ impl Discovery {
             freshness: Default::default(),
         };
         registry.register_collector(Box::new(metrics.freshness.clone()));
+        registry.register(
+            "etcd_retained_endpoints",
+            "Instances whose registration vanished without a graceful deregistration while their endpoint still answered, kept in routing for a grace period",
+            metrics.retained.clone(),
+        );
+        registry.register(
+            "etcd_retained",
+            "Vanished registrations kept in routing because their endpoint still answered",
+            metrics.retained_total.clone(),
+        );
         registry.register(
             "etcd_connected",
             "1 while the watch on etcd is established",
@@ -241,13 +268,18 @@ impl Discovery {
         let mut live = super::WatchLiveness::new();
         loop {
             let dns_due = self.dns.next_refresh().map(tokio::time::Instant::from_std);
+            let grace_ends = self.state.next_expiry().map(tokio::time::Instant::from_std);
             let msg = tokio::select! {
                 msg = stream.message() => msg.map_err(|e| etcd.err(e))?,
                 _ = sleep_until_opt(dns_due) => {
                     self.publish("etcd").await;
                     continue;
                 }
-                                _ = live.tick() => {
+                _ = sleep_until_opt(grace_ends) => {
+                    self.expire_retained().await;
+                    continue;
+                }
+                _ = live.tick() => {
                     live.check(&etcd, &mut stream).await?;
                     continue;
                 }
@@ -276,6 +308,7 @@ impl Discovery {
                 continue;
             }
             let mut changed = false;
+            let mut vanished = Vec::new();
             let mut revision = self.state.revision;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
@@ -291,9 +324,14 @@ impl Discovery {
                             Err(reason) => self.rejected(key, kv.mod_revision(), &reason),
                         }
                     }
-                    EventType::Delete => changed |= self.state.delete(key),
+                    EventType::Delete => match self.state.delete(key) {
+                        Deleted::Nothing => {}
+                        Deleted::Removed => changed = true,
+                        Deleted::Vanished(r) => vanished.push((key.to_string(), r)),
+                    },
                 }
             }
+            changed |= self.retain_answering(vanished).await;
             if resp.events().is_empty() {
                 // A progress notification: every event up to this revision has been delivered.
                 revision = revision.max(resp.header().map_or(0, |h| h.revision()));
@@ -303,16 +341,76 @@ impl Discovery {
                 self.publish("etcd").await;
             } else {
                 self.note_revision();
+                if !resp.events().is_empty() {
+                    // Seen and nothing to apply (a registration written again as it was):
+                    // still report it, or `mesh-agent status` waits for this sidecar forever.
+                    self.applied.send_replace(revision);
+                }
             }
+        }
+    }
+
+    /// Keep the vanished registrations whose endpoint still accepts connections in routing
+    /// for [`RETAIN_FOR`]: a store that loses leases (a paused leader revoking them, a
+    /// partition) must not empty a service whose instances are serving; their owners
+    /// register again meanwhile. Returns whether routing changed (some were dropped).
+    async fn retain_answering(&mut self, vanished: Vec<(String, Registration)>) -> bool {
+        if vanished.is_empty() {
+            return false;
+        }
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, (_, r)) in vanished.iter().enumerate() {
+            let address = r.address.clone();
+            probes.spawn(async move { (i, answers(address).await) });
+        }
+        let mut answering = vec![false; vanished.len()];
+        while let Some(done) = probes.join_next().await {
+            if let Ok((i, ok)) = done {
+                answering[i] = ok;
+            }
+        }
+        let until = Instant::now() + RETAIN_FOR;
+        let mut dropped = false;
+        for ((key, reg), answers) in vanished.into_iter().zip(answering) {
+            if answers {
+                tracing::warn!(
+                    key,
+                    address = %reg.address,
+                    grace = ?RETAIN_FOR,
+                    "registration vanished from etcd but the instance answers: kept in routing for the grace period"
+                );
+                self.metrics.retained_total.inc();
+                self.state.retain(key, reg, until);
+            } else {
+                tracing::info!(key, address = %reg.address, "registration vanished and the instance does not answer: removed");
+                dropped = true;
+            }
+        }
+        self.metrics.retained.set(self.state.retained_len() as i64);
+        dropped
+    }
+
+    /// Remove retained instances whose grace period ended without a new registration.
+    async fn expire_retained(&mut self) {
+        let expired = self.state.expire_retained(Instant::now());
+        self.metrics.retained.set(self.state.retained_len() as i64);
+        if !expired.is_empty() {
+            tracing::warn!(keys = ?expired, "retained instances did not register again within the grace period: removed");
+            self.publish("etcd").await;
         }
     }
 
     async fn resync(&mut self, kvs: Vec<(&str, &[u8])>, revision: i64) {
         self.metrics.resyncs.inc();
         let mut rejected = Vec::new();
-        let changes = self.state.resync(&self.keys, kvs, revision, |k, r| {
+        let mut changes = self.state.resync(&self.keys, kvs, revision, |k, r| {
             rejected.push((k.to_string(), r.to_string()))
         });
+        let vanished = std::mem::take(&mut changes.vanished);
+        let count = vanished.len();
+        if self.retain_answering(vanished).await {
+            changes.removed += count;
+        }
         for (k, r) in rejected {
             self.rejected(&k, revision, &r);
         }

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod discovery;
+pub mod endpoints;
 mod freshness;
 pub mod keys;
 pub mod ratelimit;
@@ -50,6 +51,53 @@ pub enum EtcdError {
     /// The TLS handshake with etcd failed; `cause` says which side refused what.
     #[error("etcd at {endpoints}: TLS handshake failed: {cause}")]
     Tls { endpoints: String, cause: String },
+    /// No member answered with a quorum behind it: each endpoint tried and why.
+    #[error("no etcd member answered (a quorum is needed):{}", attempts.iter().map(|(e, why)| format!("\n  {e}: {why}")).collect::<String>())]
+    Unreachable { attempts: Vec<(String, String)> },
+}
+
+// === impl EtcdError ===
+
+impl EtcdError {
+    /// A refusal that every member would repeat (credentials, permissions, TLS setup):
+    /// trying another member cannot help, and the cause must reach the operator as is.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::AuthFailed { .. }
+                | Self::AuthRequired { .. }
+                | Self::PermissionDenied { .. }
+                | Self::TlsFile { .. }
+                | Self::TlsIncomplete
+        )
+    }
+
+    /// A failure that says something about the member rather than the request: it cannot be
+    /// reached, lost its quorum or leader, or went away mid-stream.
+    pub fn is_member_fault(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Unreachable { .. } => true,
+            Self::Call { source, .. } => match source {
+                // gRPC UNKNOWN (2), DEADLINE_EXCEEDED (4), INTERNAL (13), UNAVAILABLE (14):
+                // "leader changed", "no leader", "timed out", a member going away.
+                etcd_client::Error::GRpcStatus(s) => {
+                    matches!(s.code() as i32, 2 | 4 | 13 | 14)
+                        && !s.message().contains("database space exceeded")
+                }
+                etcd_client::Error::LeaseKeepAliveError(m) => !m.contains("lease not found"),
+                etcd_client::Error::TransportError(_)
+                | etcd_client::Error::IoError(_)
+                | etcd_client::Error::WatchError(_) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// etcd's NOSPACE alarm: writes are refused until an operator frees space.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::Call { source: etcd_client::Error::GRpcStatus(s), .. } if s.message().contains("database space exceeded"))
+    }
 }
 
 /// A connected client plus what is needed to name it in errors.
@@ -63,77 +111,167 @@ pub struct Etcd {
     /// us (the TLS alert itself does not reach the error).
     tls: TlsMode,
     timeout: Duration,
+    book: std::sync::Arc<endpoints::EndpointBook>,
+}
+
+/// The longest a member may take to accept a connection and answer the probe before the
+/// next one is tried: failover within about 2 s even when the first member is paused.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The client options shared by every member's connection.
+fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(cfg.timeout.min(PROBE_TIMEOUT))
+        .with_timeout(cfg.timeout)
+        .with_keep_alive(Duration::from_secs(5), cfg.timeout);
+    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+        opts = opts
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
+    }
+    if cfg.cert.is_some() != cfg.key.is_some() {
+        return Err(EtcdError::TlsIncomplete);
+    }
+    if cfg.ca.is_some() || cfg.cert.is_some() {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).map_err(|source| EtcdError::TlsFile {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &cfg.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        opts = opts.with_tls(tls);
+    }
+    Ok(opts)
+}
+
+fn tls_mode(cfg: &EtcdConfig, endpoint: &str) -> TlsMode {
+    match (&cfg.cert, &cfg.ca) {
+        (Some(_), _) => TlsMode::WithCert,
+        (None, Some(_)) => TlsMode::WithoutCert,
+        (None, None) if endpoint.starts_with("https://") => TlsMode::WithoutCert,
+        (None, None) => TlsMode::Plain,
+    }
 }
 
 // === impl Etcd ===
 
 impl Etcd {
-    /// Create a client. etcd-client connects lazily, so this succeeds without a server; the
-    /// first call reports an unreachable cluster.
+    /// Connect to one live member of the cluster (see [`endpoints`]): the last member that
+    /// answered first, recently failed members last. A member counts as live when it answers
+    /// a linearizable read, which needs a quorum behind it. Refusals every member would repeat
+    /// (wrong password, TLS setup) are returned at once; otherwise, when no member answers,
+    /// the error names each endpoint tried and why.
     ///
-    /// With a user name and password, etcd-client authenticates here, so a wrong password is
-    /// reported by `connect` (as [`EtcdError::AuthFailed`]); the token is refreshed
+    /// With a user name and password, etcd-client authenticates when connecting, so a wrong
+    /// password is reported here (as [`EtcdError::AuthFailed`]); the token is refreshed
     /// automatically when etcd expires it (simple tokens live 5 minutes by default), so a
     /// long-lived watch or keepalive does not fail over it.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, EtcdError> {
-        let endpoints = cfg.endpoints.join(", ");
+        let book = endpoints::book(&cfg.endpoints);
+        let opts = connect_options(cfg)?;
+        let mut attempts = Vec::new();
+        for endpoint in book.candidates() {
+            match Self::connect_one(cfg, &endpoint, opts.clone(), book.clone()).await {
+                Ok(etcd) => {
+                    book.succeeded(&endpoint);
+                    if cfg.auto_sync && book.sync_due() {
+                        etcd.sync_members().await;
+                    }
+                    return Ok(etcd);
+                }
+                Err(e) if e.is_refusal() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(endpoint, error = %e, "etcd member unusable; trying the next");
+                    book.failed(&endpoint);
+                    attempts.push((endpoint, e.to_string()));
+                }
+            }
+        }
+        Err(EtcdError::Unreachable { attempts })
+    }
+
+    /// A client for `endpoint` alone, checked with a linearizable read of one key.
+    async fn connect_one(
+        cfg: &EtcdConfig,
+        endpoint: &str,
+        opts: ConnectOptions,
+        book: std::sync::Arc<endpoints::EndpointBook>,
+    ) -> Result<Self, EtcdError> {
         let principal = principal(cfg);
-        let tls = match (&cfg.cert, &cfg.ca) {
-            (Some(_), _) => TlsMode::WithCert,
-            (None, Some(_)) => TlsMode::WithoutCert,
-            (None, None) if cfg.endpoints.iter().any(|e| e.starts_with("https://")) => {
-                TlsMode::WithoutCert
-            }
-            (None, None) => TlsMode::Plain,
-        };
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(cfg.timeout)
-            .with_timeout(cfg.timeout)
-            .with_keep_alive(Duration::from_secs(5), cfg.timeout);
-        if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
-            opts = opts
-                .with_user(user.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
-        if cfg.cert.is_some() != cfg.key.is_some() {
-            return Err(EtcdError::TlsIncomplete);
-        }
-        if cfg.ca.is_some() || cfg.cert.is_some() {
-            let read = |p: &std::path::PathBuf| {
-                std::fs::read(p).map_err(|source| EtcdError::TlsFile {
-                    path: p.display().to_string(),
-                    source,
-                })
-            };
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &cfg.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            opts = opts.with_tls(tls);
-        }
-        let client = tokio::time::timeout(cfg.timeout, Client::connect(&cfg.endpoints, Some(opts)))
+        let tls = tls_mode(cfg, endpoint);
+        let endpoints = endpoint.to_string();
+        let timeout = cfg.timeout.min(PROBE_TIMEOUT);
+        let client = tokio::time::timeout(timeout, Client::connect([endpoint], Some(opts)))
             .await
             .map_err(|_| EtcdError::Timeout {
                 endpoints: endpoints.clone(),
-                timeout: cfg.timeout,
+                timeout,
             })?
             .map_err(|source| classify(&endpoints, &principal, tls, source))?;
-        Ok(Self {
+        let etcd = Self {
             client,
             endpoints,
             principal,
             tls,
             timeout: cfg.timeout,
-        })
+            book,
+        };
+        let probe = keys::Keys::new(&cfg.prefix).mesh();
+        let mut c = etcd.client.clone();
+        match tokio::time::timeout(timeout, c.get(probe, None)).await {
+            Ok(Ok(_)) => Ok(etcd),
+            Ok(Err(e)) => Err(classify(&etcd.endpoints, &etcd.principal, tls, e)),
+            Err(_) => Err(EtcdError::Timeout {
+                endpoints: etcd.endpoints.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Learn the cluster's members (their client URLs) so a replaced member is found
+    /// without a configuration change. Best effort: a refusal changes nothing.
+    async fn sync_members(&self) {
+        let mut c = self.client.clone();
+        match tokio::time::timeout(self.timeout, c.member_list()).await {
+            Ok(Ok(list)) => {
+                let urls = list
+                    .members()
+                    .iter()
+                    .flat_map(|m| m.client_urls().iter().cloned())
+                    .collect();
+                self.book.set_members(urls);
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read etcd's member list"),
+            Err(_) => tracing::debug!("etcd's member list did not arrive in time"),
+        }
+    }
+
+    /// The member this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// Record that this member failed (a broken stream, a call without answer), so the next
+    /// connection tries the others first.
+    pub fn mark_failed(&self) {
+        self.book.failed(&self.endpoints);
     }
 
     /// Name the endpoints in an error from a call, and its cause when it is one of the
     /// security refusals (authentication, permission, TLS).
     pub fn err(&self, source: etcd_client::Error) -> EtcdError {
-        classify(&self.endpoints, &self.principal, self.tls, source)
+        let e = classify(&self.endpoints, &self.principal, self.tls, source);
+        if e.is_member_fault() {
+            self.mark_failed();
+        }
+        e
     }
 
     /// Run one call with the configured timeout.
@@ -143,10 +281,13 @@ impl Etcd {
     ) -> Result<T, EtcdError> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(|e| self.err(e)),
-            Err(_) => Err(EtcdError::Timeout {
-                endpoints: self.endpoints.clone(),
-                timeout: self.timeout,
-            }),
+            Err(_) => {
+                self.mark_failed();
+                Err(EtcdError::Timeout {
+                    endpoints: self.endpoints.clone(),
+                    timeout: self.timeout,
+                })
+            }
         }
     }
 }

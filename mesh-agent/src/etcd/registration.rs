@@ -1,7 +1,14 @@
-//! Registration: this instance's record under its own lease, kept alive, re-created after the
-//! lease is lost, revoked first on shutdown so peers stop sending before the listeners close.
-//! The same lease carries the status key with the revision this sidecar has applied, which is
-//! how `mesh-agent status` shows convergence.
+//! Registration: this instance's record under its own lease, kept alive, revoked first on
+//! shutdown so peers stop sending before the listeners close. The same lease carries the
+//! status key with the revision this sidecar has applied (how `mesh-agent status` shows
+//! convergence) and the rate-limit demand report.
+//!
+//! Only the keepalive keeps a registration alive, so only etcd saying the lease is gone
+//! (a keepalive answered with TTL 0) makes this sidecar register again under a new lease. A
+//! member dying, a leader election, a refused write (etcd out of space) or a broken stream
+//! ends the *connection*: the same lease is kept alive through another member, and its keys
+//! stay as they are. Status and demand writes are reports: a failed one is logged, counted
+//! and retried on its own, and never touches the registration.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +24,11 @@ use super::{backoff, Etcd, EtcdError};
 
 /// Status writes wait this long so that a burst of changes costs etcd one write.
 const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
+/// A keepalive not answered within this long means the member is gone or paused: move to
+/// another one while the lease still has most of its TTL left.
+const MAX_ACK_WAIT: Duration = Duration::from_secs(2);
+/// Failed report writes are retried this often.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
 
 /// What a sidecar writes under its status key.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -32,9 +44,62 @@ pub struct RegistrationStatus {
     pub key: String,
     pub registered: bool,
     pub lease_id: Option<i64>,
+    /// Leases granted: 1 unless etcd reported a lease gone.
     pub registrations: u64,
+    /// Connections to etcd after the first (failovers between members).
+    pub reconnects: u64,
+    /// The member in use.
+    pub endpoint: Option<String>,
     pub last_error: Option<String>,
+    /// Status and demand writes that failed (each is retried).
+    pub write_failures: u64,
+    pub last_write_error: Option<String>,
+    /// etcd refuses writes for lack of space (its NOSPACE alarm).
+    pub no_space: bool,
 }
+
+/// The registrar's metrics.
+#[derive(Clone, Default)]
+pub struct RegistrationMetrics {
+    write_failures: prometheus_client::metrics::family::Family<KindLabels, Counter>,
+    leases: Counter,
+    reconnects: Counter,
+    no_space: prometheus_client::metrics::gauge::Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+impl RegistrationMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "etcd_write_failures",
+            "Writes to etcd that failed and will be retried, by kind (registration, status, demand); none ends a registration",
+            m.write_failures.clone(),
+        );
+        registry.register(
+            "etcd_lease_grants",
+            "Leases granted to this instance's registration: 1, plus one each time etcd reported the lease gone",
+            m.leases.clone(),
+        );
+        registry.register(
+            "etcd_reconnects",
+            "Connections to another etcd member after a failure (the lease is kept)",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "etcd_no_space",
+            "1 while etcd refuses writes for lack of space (NOSPACE alarm): registrations and traffic continue, reports wait",
+            m.no_space.clone(),
+        );
+        m
+    }
+}
+
+use prometheus_client::metrics::counter::Counter;
 
 /// Stops the registrar: revoke the lease, then return.
 pub struct RegistrationHandle {
@@ -67,6 +132,23 @@ struct Registrar {
     demand: watch::Receiver<Vec<u8>>,
     stop: watch::Receiver<bool>,
     status: Arc<Mutex<RegistrationStatus>>,
+    metrics: RegistrationMetrics,
+    ready: Option<trellis_proxy::readiness::Ready>,
+    /// The lease in use, kept across connections until etcd says it is gone.
+    lease: Option<i64>,
+    /// Reports not yet written under the current lease.
+    status_due: bool,
+    demand_due: bool,
+    sessions: u64,
+}
+
+/// Why a session ended.
+enum End {
+    Stopped,
+    /// etcd says the lease no longer exists: register again under a new one.
+    LeaseGone,
+    /// The connection failed: keep the lease, reconnect (to another member first).
+    Failed(EtcdError),
 }
 
 /// Start registering `record`; `applied` carries the data plane's applied revision and
@@ -77,6 +159,8 @@ pub fn spawn(
     app_health: Option<(std::net::SocketAddr, String)>,
     applied: watch::Receiver<i64>,
     demand: watch::Receiver<Vec<u8>>,
+    metrics: RegistrationMetrics,
+    ready: Option<trellis_proxy::readiness::Ready>,
 ) -> RegistrationHandle {
     let keys = Keys::new(&cfg.prefix);
     let status = Arc::new(Mutex::new(RegistrationStatus {
@@ -93,6 +177,12 @@ pub fn spawn(
         demand,
         stop,
         status: status.clone(),
+        metrics,
+        ready,
+        lease: None,
+        status_due: true,
+        demand_due: true,
+        sessions: 0,
     };
     let done = tokio::spawn(r.run());
     RegistrationHandle {
@@ -115,97 +205,322 @@ impl Registrar {
         loop {
             let start = Instant::now();
             match self.session().await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "registration in etcd failed; retrying");
+                End::Stopped => return,
+                End::LeaseGone => {
+                    tracing::warn!(
+                        key = self
+                            .status
+                            .lock()
+                            .map(|s| s.key.clone())
+                            .unwrap_or_default(),
+                        "etcd reports the registration lease gone; registering again"
+                    );
+                    self.lease = None;
                     self.set(|s| {
                         s.registered = false;
                         s.lease_id = None;
-                        s.last_error = Some(e.to_string());
                     });
+                    // Nothing is wrong with the connection: register again at once.
+                    continue;
+                }
+                End::Failed(e) => {
+                    tracing::warn!(error = %e, lease = self.lease, "etcd connection for the registration failed; keeping the lease and reconnecting");
+                    self.set(|s| s.last_error = Some(e.to_string()));
                 }
             }
             if start.elapsed() > Duration::from_secs(10) {
                 attempt = 0;
             }
+            // The first retry goes to another member at once: failover, not backoff.
+            let pause = if attempt == 0 {
+                Duration::ZERO
+            } else {
+                backoff(attempt - 1)
+            };
             tokio::select! {
-                _ = tokio::time::sleep(backoff(attempt)) => {}
-                _ = stopped(&mut self.stop) => return,
+                _ = tokio::time::sleep(pause) => {}
+                _ = stopped(&mut self.stop) => {
+                    self.revoke_after_stop().await;
+                    return;
+                }
             }
             attempt += 1;
         }
     }
 
-    /// Register under a new lease and keep it alive. `Ok` means stopped and deregistered.
-    async fn session(&mut self) -> Result<(), EtcdError> {
-        let etcd = Etcd::connect(&self.cfg).await?;
+    /// One connection to a member: take up the lease (or grant one), make sure the record is
+    /// there, then keep the lease alive and write reports until something ends it.
+    async fn session(&mut self) -> End {
+        let etcd = match Etcd::connect(&self.cfg).await {
+            Ok(e) => e,
+            Err(e) => return End::Failed(e),
+        };
+        self.sessions += 1;
+        if self.sessions > 1 {
+            self.metrics.reconnects.inc();
+        }
+        let endpoint = etcd.endpoint().to_string();
+        self.set(|s| {
+            s.reconnects = self.sessions.saturating_sub(1);
+            s.endpoint = Some(endpoint);
+        });
+        let mut client = etcd.client.clone();
+        let ttl = self.cfg.lease_ttl;
+        // Opening the keepalive stream sends one keepalive and reads its answer: that tells
+        // whether the lease outlived the failover.
+        let opened = match self.lease {
+            Some(lease) => etcd.call(client.lease_keep_alive(lease)).await,
+            None => self.grant(&etcd).await,
+        };
+        let (mut keeper, mut responses) = match opened {
+            Ok(k) => k,
+            Err(e) if is_lease_gone(&e) => return End::LeaseGone,
+            Err(e) => return End::Failed(e),
+        };
+        let Some(lease) = self.lease else {
+            return End::LeaseGone;
+        };
+        if let Err(e) = self.ensure_record(&etcd, lease).await {
+            if e.is_no_space() {
+                // Our record is kept by the lease unless it was never written; count and retry.
+                self.write_failed("registration", &e);
+            } else {
+                return End::Failed(e);
+            }
+        }
+        self.set(|s| {
+            s.registered = true;
+            s.lease_id = Some(lease);
+            s.last_error = None;
+        });
+
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut awaiting_since: Option<Instant> = None;
+        let ack_wait = (ttl / 3).min(MAX_ACK_WAIT);
+        // Reports go out with the registration; one that fails is retried from the loop.
+        let mut retry_at = (!self.write_reports(&etcd, lease).await)
+            .then(|| tokio::time::Instant::now() + WRITE_RETRY);
+        let (mut applied, mut stop) = (self.applied.clone(), self.stop.clone());
+        let mut demand = self.demand.clone();
+        loop {
+            let ack_deadline = awaiting_since.map(|t| tokio::time::Instant::from_std(t + ack_wait));
+            tokio::select! {
+                _ = tick.tick() => {
+                    if awaiting_since.is_none() {
+                        if let Err(e) = keeper.keep_alive().await {
+                            return End::Failed(etcd.err(e));
+                        }
+                        awaiting_since = Some(Instant::now());
+                    }
+                }
+                _ = sleep_until_opt(ack_deadline) => {
+                    etcd.mark_failed();
+                    return End::Failed(EtcdError::Timeout {
+                        endpoints: etcd.endpoint().to_string(),
+                        timeout: ack_wait,
+                    });
+                }
+                msg = responses.message() => {
+                    match msg {
+                        Ok(Some(r)) if r.ttl() > 0 => awaiting_since = None,
+                        Ok(Some(_)) => return End::LeaseGone,
+                        Ok(None) => {
+                            etcd.mark_failed();
+                            return End::Failed(etcd.err(etcd_client::Error::LeaseKeepAliveError("keepalive stream ended".into())));
+                        }
+                        Err(e) => return End::Failed(etcd.err(e)),
+                    }
+                }
+                changed = applied.changed() => {
+                    if changed.is_ok() {
+                        // Coalesce bursts of changes into one write.
+                        tokio::time::sleep(STATUS_DEBOUNCE).await;
+                        self.status_due = true;
+                        retry_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                changed = demand.changed() => {
+                    if changed.is_ok() {
+                        self.demand_due = true;
+                        retry_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                _ = sleep_until_opt(retry_at) => {
+                    retry_at = None;
+                    if !self.write_reports(&etcd, lease).await {
+                        retry_at = Some(tokio::time::Instant::now() + WRITE_RETRY);
+                    }
+                }
+                _ = stopped(&mut stop) => {
+                    self.deregister(&etcd, lease).await;
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Grant a lease and start keeping it alive; the record and reports are (re)written.
+    async fn grant(
+        &mut self,
+        etcd: &Etcd,
+    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), EtcdError> {
         let mut client = etcd.client.clone();
         let ttl = self.cfg.lease_ttl.as_secs() as i64;
         let lease = etcd.call(client.lease_grant(ttl, None)).await?.id();
+        self.lease = Some(lease);
+        self.status_due = true;
+        self.demand_due = true;
+        self.metrics.leases.inc();
+        self.set(|s| s.registrations += 1);
+        let key = self
+            .keys
+            .instance(&self.record.service, &self.record.instance);
+        tracing::info!(key, lease, ttl, "registering in etcd under a new lease");
+        etcd.call(client.lease_keep_alive(lease)).await
+    }
+
+    /// Write the record under `lease` unless etcd already holds exactly it (a failover with
+    /// the lease intact writes nothing, so peers see no change).
+    async fn ensure_record(&self, etcd: &Etcd, lease: i64) -> Result<(), EtcdError> {
         let key = self
             .keys
             .instance(&self.record.service, &self.record.instance);
         let value = serde_json::to_vec(&self.record).unwrap_or_default();
+        let mut client = etcd.client.clone();
+        let current = etcd.call(client.get(key.as_str(), None)).await?;
+        if current
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.lease() == lease && kv.value() == value.as_slice())
+        {
+            return Ok(());
+        }
         etcd.call(client.put(
             key.as_str(),
             value,
             Some(PutOptions::new().with_lease(lease)),
         ))
         .await?;
-        self.put_status(&etcd, lease).await?;
-        self.put_demand(&etcd, lease).await?;
-        let (mut keeper, mut responses) = etcd.call(client.lease_keep_alive(lease)).await?;
-        tracing::info!(key, lease, ttl, "registered in etcd");
-        self.set(|s| {
-            s.registered = true;
-            s.lease_id = Some(lease);
-            s.registrations += 1;
-            s.last_error = None;
-        });
+        tracing::info!(key, lease, "registered in etcd");
+        Ok(())
+    }
 
-        let mut tick = tokio::time::interval(self.cfg.lease_ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_ack = Instant::now();
-        let (mut applied, mut stop) = (self.applied.clone(), self.stop.clone());
-        let mut demand = self.demand.clone();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if last_ack.elapsed() > self.cfg.lease_ttl {
-                        return Err(EtcdError::Timeout { endpoints: self.cfg.endpoints.join(", "), timeout: self.cfg.lease_ttl });
-                    }
-                    keeper.keep_alive().await.map_err(|e| etcd.err(e))?;
-                }
-                msg = responses.message() => {
-                    match msg.map_err(|e| etcd.err(e))? {
-                        Some(r) if r.ttl() > 0 => last_ack = Instant::now(),
-                        _ => {
-                            tracing::warn!(lease, "registration lease lost; registering again");
-                            return Err(etcd.err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())));
-                        }
-                    }
-                }
-                changed = applied.changed() => {
-                                        if changed.is_ok() {
-                        // Coalesce bursts of changes into one write.
-                        tokio::time::sleep(STATUS_DEBOUNCE).await;
-                        self.put_status(&etcd, lease).await?;
-                    }
-                }
-                                changed = demand.changed() => {
-                    if changed.is_ok() {
-                        self.put_demand(&etcd, lease).await?;
-                    }
-                }
-                _ = stopped(&mut stop) => {
-                    match etcd.call(client.lease_revoke(lease)).await {
-                        Ok(_) => tracing::info!(key, "deregistered: lease revoked"),
-                        Err(e) => tracing::warn!(error = %e, "could not revoke the lease; it expires within its TTL"),
-                    }
-                    self.set(|s| s.registered = false);
-                    return Ok(());
+    /// Write the reports that are due; `false` if one failed (it stays due).
+    async fn write_reports(&mut self, etcd: &Etcd, lease: i64) -> bool {
+        let mut ok = true;
+        if self.status_due {
+            match self.put_status(etcd, lease).await {
+                Ok(()) => self.status_due = false,
+                Err(e) => {
+                    self.write_failed("status", &e);
+                    ok = false;
                 }
             }
+        }
+        if self.demand_due {
+            match self.put_demand(etcd, lease).await {
+                Ok(()) => self.demand_due = false,
+                Err(e) => {
+                    self.write_failed("demand", &e);
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            self.no_space(false);
+        }
+        ok
+    }
+
+    fn write_failed(&self, kind: &'static str, e: &EtcdError) {
+        self.metrics
+            .write_failures
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        let first = self
+            .status
+            .lock()
+            .map(|s| s.last_write_error.is_none())
+            .unwrap_or(true);
+        if first {
+            tracing::warn!(kind, error = %e, "etcd write failed; the registration stays, the write is retried");
+        } else {
+            tracing::debug!(kind, error = %e, "etcd write failed again");
+        }
+        self.set(|s| {
+            s.write_failures += 1;
+            s.last_write_error = Some(e.to_string());
+        });
+        if e.is_no_space() {
+            self.no_space(true);
+        }
+    }
+
+    /// Report etcd's NOSPACE alarm (or its end): metric, log, `/ready` note, `/config_dump`.
+    fn no_space(&self, on: bool) {
+        let was = self.status.lock().map(|s| s.no_space).unwrap_or(false);
+        if was == on {
+            if !on {
+                self.set(|s| s.last_write_error = None);
+            }
+            return;
+        }
+        self.metrics.no_space.set(i64::from(on));
+        self.set(|s| {
+            s.no_space = on;
+            if !on {
+                s.last_write_error = None;
+            }
+        });
+        let note = on.then(|| "etcd is out of space (NOSPACE alarm): registration and traffic continue, status reports wait; compact, defragment and `etcdctl alarm disarm` (docs/etcd.md)".to_string());
+        if let Some(r) = &self.ready {
+            r.set_note("etcd", note);
+        }
+        if on {
+            tracing::error!("etcd refuses writes: out of space (NOSPACE alarm); this sidecar keeps its registration and serves; free space with compaction + defragmentation, then `etcdctl alarm disarm`");
+        } else {
+            tracing::info!("etcd accepts writes again");
+        }
+    }
+
+    /// Graceful stop: mark the record draining (peers drop it at once instead of keeping it
+    /// as a vanished registration), then revoke the lease.
+    async fn deregister(&mut self, etcd: &Etcd, lease: i64) {
+        let key = self
+            .keys
+            .instance(&self.record.service, &self.record.instance);
+        let mut draining = self.record.clone();
+        draining.draining = true;
+        let value = serde_json::to_vec(&draining).unwrap_or_default();
+        let mut client = etcd.client.clone();
+        if let Err(e) = etcd
+            .call(client.put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ))
+            .await
+        {
+            tracing::debug!(error = %e, "could not mark the registration draining");
+        }
+        match etcd.call(client.lease_revoke(lease)).await {
+            Ok(_) => tracing::info!(key, "deregistered: lease revoked"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not revoke the lease; it expires within its TTL")
+            }
+        }
+        self.lease = None;
+        self.set(|s| s.registered = false);
+    }
+
+    /// Stopped while between connections: one last try to revoke the lease.
+    async fn revoke_after_stop(&mut self) {
+        let Some(lease) = self.lease else {
+            return;
+        };
+        if let Ok(etcd) = Etcd::connect(&self.cfg).await {
+            self.deregister(&etcd, lease).await;
         }
     }
 
@@ -278,6 +593,18 @@ impl Registrar {
 
     fn set(&self, f: impl FnOnce(&mut RegistrationStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// etcd-client's answer to a keepalive for a lease etcd no longer has.
+fn is_lease_gone(e: &EtcdError) -> bool {
+    matches!(e, EtcdError::Call { source: etcd_client::Error::LeaseKeepAliveError(m), .. } if m.contains("lease not found"))
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

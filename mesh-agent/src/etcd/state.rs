@@ -1,7 +1,8 @@
 //! The mesh state a sidecar holds from etcd: every key's last *valid* value. An invalid value
 //! is recorded as rejected and the previous good value of that key stays in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use serde::Serialize;
 use trellis_policies::{
@@ -29,19 +30,37 @@ pub struct MeshState {
     pub revision: i64,
     entries: BTreeMap<String, (Entry, Vec<u8>)>,
     pub rejected: BTreeMap<String, Rejection>,
+    /// Instances whose registration vanished without a graceful deregistration while their
+    /// endpoint still answered: kept in routing until the deadline (or their owner registers
+    /// again). Not in etcd, so not in the cache.
+    retained: BTreeMap<String, (Registration, Instant)>,
+    /// Instances that announced a graceful deregistration: their deletion is expected.
+    draining: BTreeSet<String>,
 }
 
 /// What one update changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Changes {
     pub applied: usize,
     pub removed: usize,
     pub rejected: usize,
+    /// Registrations removed without a graceful deregistration (candidates for retention).
+    pub vanished: Vec<(String, Registration)>,
+}
+
+/// What a delete did.
+#[derive(Debug, PartialEq)]
+pub enum Deleted {
+    Nothing,
+    /// A policy, or an instance that announced it was draining.
+    Removed,
+    /// A registration that vanished unannounced (lease expired or revoked).
+    Vanished(Registration),
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.applied > 0 || self.removed > 0
+        self.applied > 0 || self.removed > 0 || !self.vanished.is_empty()
     }
 }
 
@@ -58,14 +77,28 @@ impl MeshState {
         revision: i64,
     ) -> Result<bool, String> {
         match parse_entry(keys, key, value) {
+            Ok(Entry::Instance(r)) if r.draining => {
+                // Leaving on purpose: out of routing now, and its deletion is no surprise.
+                self.rejected.remove(key);
+                self.retained.remove(key);
+                self.draining.insert(key.to_string());
+                Ok(self.entries.remove(key).is_some())
+            }
             Ok(entry) => {
                 self.rejected.remove(key);
+                self.draining.remove(key);
+                let was_retained = match (self.retained.remove(key), &entry) {
+                    (Some((old, _)), Entry::Instance(new)) => Some(old == *new),
+                    (Some(_), _) => Some(false),
+                    (None, _) => None,
+                };
                 if self.entries.get(key).is_some_and(|(e, _)| e == &entry) {
                     return Ok(false);
                 }
                 self.entries
                     .insert(key.to_string(), (entry, value.to_vec()));
-                Ok(true)
+                // A retained instance registering again as it was changes nothing routed.
+                Ok(was_retained != Some(true))
             }
             Err(reason) => {
                 self.rejected.insert(
@@ -80,9 +113,42 @@ impl MeshState {
         }
     }
 
-    pub fn delete(&mut self, key: &str) -> bool {
+    pub fn delete(&mut self, key: &str) -> Deleted {
         self.rejected.remove(key);
-        self.entries.remove(key).is_some()
+        let announced = self.draining.remove(key);
+        match self.entries.remove(key) {
+            Some((Entry::Instance(r), _)) if !announced => Deleted::Vanished(r),
+            Some(_) => Deleted::Removed,
+            None => Deleted::Nothing,
+        }
+    }
+
+    /// Keep a vanished registration in routing until `until`.
+    pub fn retain(&mut self, key: String, registration: Registration, until: Instant) {
+        self.retained.insert(key, (registration, until));
+    }
+
+    /// Drop retained instances whose grace period has ended; their keys.
+    pub fn expire_retained(&mut self, now: Instant) -> Vec<String> {
+        let expired: Vec<String> = self
+            .retained
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &expired {
+            self.retained.remove(k);
+        }
+        expired
+    }
+
+    /// When the next retained instance's grace period ends.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.retained.values().map(|(_, until)| *until).min()
+    }
+
+    pub fn retained_len(&self) -> usize {
+        self.retained.len()
     }
 
     /// Replace everything with a full read at `revision`, applying only the differences.
@@ -114,8 +180,10 @@ impl MeshState {
             .cloned()
             .collect();
         for key in gone {
-            self.delete(&key);
-            changes.removed += 1;
+            match self.delete(&key) {
+                Deleted::Vanished(r) => changes.vanished.push((key, r)),
+                _ => changes.removed += 1,
+            }
         }
         self.rejected.retain(|k, _| seen.contains(k));
         self.revision = revision;
@@ -137,19 +205,32 @@ impl MeshState {
         self.entries.is_empty()
     }
 
-    /// Registrations, for `/config_dump` and status.
+    /// Registrations (retained ones included), for `/config_dump`, status and routing.
     pub fn instances(&self) -> impl Iterator<Item = &Registration> {
-        self.entries.values().filter_map(|(e, _)| match e {
-            Entry::Instance(r) => Some(r),
-            Entry::Policy(..) => None,
-        })
+        self.entries
+            .values()
+            .filter_map(|(e, _)| match e {
+                Entry::Instance(r) => Some(r),
+                Entry::Policy(..) => None,
+            })
+            .chain(self.retained.values().map(|(r, _)| r))
     }
 
     /// The mesh document the data plane's snapshot is built from: one service per registered
     /// service (or per `ServicePolicy`), endpoints sorted by address for a stable order.
     pub fn to_document(&self) -> MeshDocument {
         let mut doc = MeshDocument::default();
-        for (entry, _) in self.entries.values() {
+        let retained = self
+            .retained
+            .values()
+            .map(|(r, _)| Entry::Instance(r.clone()));
+        let entries: Vec<Entry> = self
+            .entries
+            .values()
+            .map(|(e, _)| e.clone())
+            .chain(retained)
+            .collect();
+        for entry in &entries {
             match entry {
                 Entry::Instance(r) => {
                     doc.services
@@ -282,8 +363,7 @@ mod tests {
             ch,
             Changes {
                 applied: 2,
-                removed: 0,
-                rejected: 0
+                ..Changes::default()
             }
         );
         let ch = s.resync(
@@ -292,14 +372,8 @@ mod tests {
             12,
             |_, _| {},
         );
-        assert_eq!(
-            ch,
-            Changes {
-                applied: 1,
-                removed: 1,
-                rejected: 0
-            }
-        );
+        assert_eq!((ch.applied, ch.removed, ch.rejected), (1, 0, 0));
+        assert_eq!(ch.vanished.len(), 1, "b vanished unannounced");
         assert_eq!(s.revision, 12);
         let doc = s.to_document();
         assert_eq!(doc.services["orders"].endpoints.len(), 1);

@@ -165,6 +165,7 @@ pub async fn commit(
                 source: e,
             })
         }
+        Err(e) if e.is_no_space() => return Err(PolicyError::NoSpace(e)),
         Err(e) => return Err(e.into()),
     };
     Ok(resp

@@ -405,9 +405,15 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
     let mut etcd = EtcdCluster::start(3).await;
     let pki = Pki::new(&["client"]);
     let backend = Backend::start().await;
-    // The sidecar only knows member 0, so killing it disconnects the sidecar.
+    // The sidecar only knows member 0 (and does not learn the others from the member list),
+    // so killing it disconnects the sidecar.
     let only_m0 = vec![etcd.members[0].endpoint()];
-    let client = etcd_sidecar(&pki, "client", backend.addr, only_m0, |_| {}).await;
+    let client = etcd_sidecar(&pki, "client", backend.addr, only_m0, |c| {
+        if let Some(e) = c.store.etcd.as_mut() {
+            e.auto_sync = false;
+        }
+    })
+    .await;
     let others = etcd_cfg(vec![etcd.members[1].endpoint(), etcd.members[2].endpoint()]);
     // Writes are retried throughout: under CPU load a 3-member cluster can be mid-election.
     wait_for(Duration::from_secs(10), "first write", || {
