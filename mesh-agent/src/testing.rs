@@ -111,6 +111,10 @@ pub struct EtcdMember {
     initial_cluster: String,
     /// Clients are served over TLS with client certificates required.
     tls: Option<Arc<EtcdTls>>,
+    /// Extra command-line flags (e.g. `--quota-backend-bytes`).
+    extra_args: Vec<String>,
+    /// `new` for a founding member, `existing` for one added to a running cluster.
+    cluster_state: &'static str,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -154,7 +158,7 @@ impl EtcdMember {
                 "--initial-cluster",
                 &self.initial_cluster,
                 "--initial-cluster-state",
-                "new",
+                self.cluster_state,
                 "--heartbeat-interval",
                 "10",
                 "--election-timeout",
@@ -162,6 +166,7 @@ impl EtcdMember {
                 "--listen-metrics-urls",
                 &format!("http://127.0.0.1:{}", self.metrics_port),
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -175,6 +180,25 @@ impl EtcdMember {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Freeze the process (SIGSTOP) without closing its sockets: what a long GC pause or a
+    /// stalled VM looks like to its peers and clients.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused member run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
         }
     }
 
@@ -261,16 +285,139 @@ pub const ROOT_USER: &str = "root";
 
 impl EtcdCluster {
     pub async fn start(n: usize) -> Self {
-        Self::start_with(n, None).await
+        Self::start_with(n, None, &[]).await
     }
 
     /// `n` members serving clients over TLS and requiring a client certificate signed by
     /// their CA ([`EtcdCluster::tls`]). Peers talk plain HTTP among themselves (loopback).
     pub async fn start_tls(n: usize) -> Self {
-        Self::start_with(n, Some(Arc::new(EtcdTls::generate()))).await
+        Self::start_with(n, Some(Arc::new(EtcdTls::generate())), &[]).await
     }
 
-    async fn start_with(n: usize, tls: Option<Arc<EtcdTls>>) -> Self {
+    /// `n` members started with `args` added to each command line.
+    pub async fn start_with_args(n: usize, args: &[&str]) -> Self {
+        Self::start_with(n, None, args).await
+    }
+
+    /// The index of the member that is the raft leader now (asked of each live member).
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                etcd_client::Client::connect([m.endpoint()], None),
+            )
+            .await
+            else {
+                continue;
+            };
+            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await {
+                let me = st.header().map_or(0, |h| h.member_id());
+                if st.leader() == me && me != 0 {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Replace member `i` with a new one on new ports and a new name (`member add` and a
+    /// start with `--initial-cluster-state existing`, then the old member stopped and
+    /// `member remove`d): what an operator does when a machine is lost. Clients configured
+    /// with the old list must find the new member.
+    pub async fn replace(&mut self, i: usize) {
+        let old = self.members[i].endpoint();
+        let mut c = etcd_client::Client::connect(self.endpoints(), None)
+            .await
+            .expect("connect to the cluster");
+        let (client_port, peer_port) = (free_port(), free_port());
+        let name = format!("{}-r", self.members[i].name);
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        // etcd refuses reconfiguration ("unhealthy cluster") until its leader has been
+        // connected to every voting member for 5 s: retry for a while.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let added = loop {
+            match c.member_add([peer_url.clone()], None).await {
+                Ok(a) => break a,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "member add refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("member add: {e}"),
+            }
+        };
+        let initial_cluster = added
+            .member_list()
+            .iter()
+            .map(|m| {
+                let n = if m.name().is_empty() {
+                    name.as_str()
+                } else {
+                    m.name()
+                };
+                format!("{n}={}", m.peer_urls().first().cloned().unwrap_or_default())
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let data_dir = self.members[i].data_dir.with_file_name(&name);
+        let mut m = EtcdMember {
+            name,
+            client_port,
+            peer_port,
+            metrics_port: free_port(),
+            data_dir,
+            initial_cluster,
+            tls: None,
+            extra_args: self.members[i].extra_args.clone(),
+            cluster_state: "existing",
+            child: None,
+            _dir: None,
+        };
+        m.spawn();
+        m.wait_healthy(Duration::from_secs(30)).await;
+        let old_id = c
+            .member_list()
+            .await
+            .expect("member list")
+            .members()
+            .iter()
+            .find(|m| m.client_urls().contains(&old))
+            .map(|m| m.id())
+            .expect("the member to replace is listed");
+        self.members[i].kill();
+        // A client of the live members only: etcd-client keeps waiting on a dead one.
+        let mut live: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(j, m)| *j != i && m.child.is_some())
+            .map(|(_, m)| m.endpoint())
+            .collect();
+        live.push(m.endpoint());
+        let mut c = etcd_client::Client::connect(live, None)
+            .await
+            .expect("connect to the live members");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let removed = tokio::time::timeout(Duration::from_secs(2), c.member_remove(old_id))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(etcd_client::Error::InvalidArgs(
+                        "member remove timed out".into(),
+                    ))
+                });
+            match removed {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "member remove refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("member remove: {e}"),
+            }
+        }
+        self.members[i] = m;
+    }
+
+    async fn start_with(n: usize, tls: Option<Arc<EtcdTls>>, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -290,6 +437,8 @@ impl EtcdCluster {
                 data_dir: dir.path().join(format!("n{i}")),
                 initial_cluster: initial_cluster.clone(),
                 tls: tls.clone(),
+                extra_args: args.iter().map(|a| a.to_string()).collect(),
+                cluster_state: "new",
                 child: None,
                 _dir: None,
             })
@@ -350,6 +499,15 @@ impl EtcdCluster {
 
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(EtcdMember::endpoint).collect()
+    }
+
+    /// The endpoints of members that are running (not killed).
+    pub fn live_endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(EtcdMember::endpoint)
+            .collect()
     }
 
     pub fn endpoint(&self) -> String {

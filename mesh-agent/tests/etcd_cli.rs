@@ -106,24 +106,31 @@ async fn policy_commands_round_trip() {
 
 #[test]
 fn unreachable_etcd_is_named_in_the_error() {
-    let dead = format!(
-        "http://127.0.0.1:{}",
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let o = agent(&dead)
+    let dead = || {
+        format!(
+            "http://127.0.0.1:{}",
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        )
+    };
+    let (a, b) = (dead(), dead());
+    let o = agent(&format!("{a},{b}"))
         .args(["policy", "list", "--etcd-timeout", "500ms"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        common::output_text(&o).contains(&dead),
-        "{}",
-        common::output_text(&o)
-    );
+    let text = common::output_text(&o);
+    // Each endpoint on a line of its own, with why it failed.
+    for ep in [&a, &b] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{ep}:")) && l.contains("refused")),
+            "{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

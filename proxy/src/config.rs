@@ -179,6 +179,10 @@ pub struct IngressHttpConfig {
     pub redirect_to_https: bool,
 }
 
+fn d_auto_sync() -> Duration {
+    Duration::from_secs(30)
+}
+
 fn d_ingress_listen() -> SocketAddr {
     parse_addr(DEFAULT_INGRESS_ADDR)
 }
@@ -444,11 +448,11 @@ pub struct EtcdConfig {
     /// `<temp dir>/trellis-<service>-<inbound port>.cache.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_file: Option<PathBuf>,
-    /// Learn the cluster's members from etcd (every 30 s), so a member replaced on a new
-    /// address is used without a configuration change, as the Go client's auto-sync. Off:
-    /// only `endpoints` are ever dialled.
-    #[serde(default = "d_true")]
-    pub auto_sync: bool,
+    /// How often the cluster's members are learned from etcd, so a member replaced on a new
+    /// address is used without a configuration change (the Go client's auto-sync). `0s`:
+    /// never; only `endpoints` are dialled.
+    #[serde(default = "d_auto_sync", with = "humantime_serde")]
+    pub auto_sync_interval: Duration,
     /// How this instance registers itself.
     #[serde(default)]
     pub registration: RegistrationConfig,
@@ -649,7 +653,7 @@ impl EtcdConfig {
             timeout: d_etcd_timeout(),
             lease_ttl: d_lease_ttl(),
             cache_file: None,
-            auto_sync: true,
+            auto_sync_interval: d_auto_sync(),
             registration: RegistrationConfig::default(),
         }
     }

@@ -281,6 +281,7 @@ impl Discovery {
                 }
                 _ = live.tick() => {
                     live.check(&etcd, &mut stream).await?;
+                    etcd.sync_members_if_due(self.cfg.auto_sync_interval).await;
                     continue;
                 }
             };

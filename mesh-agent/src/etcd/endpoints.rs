@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 /// A member that failed this recently is tried after every other one.
 pub const FAILED_RECENTLY: Duration = Duration::from_secs(30);
-/// The member list is re-read at most this often.
-pub const SYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// The members of one cluster and what we know of each.
 #[derive(Debug)]
@@ -107,10 +105,14 @@ impl EndpointBook {
         }
     }
 
-    /// Whether the member list is due for a refresh (and claim it, so one caller does it).
-    pub fn sync_due(&self) -> bool {
+    /// Whether the member list is due for a refresh, `every` being the interval (and claim
+    /// it, so one caller does it). A zero interval turns syncing off.
+    pub fn sync_due(&self, every: Duration) -> bool {
+        if every.is_zero() {
+            return false;
+        }
         let mut inner = self.lock();
-        let due = inner.synced_at.is_none_or(|t| t.elapsed() >= SYNC_EVERY);
+        let due = inner.synced_at.is_none_or(|t| t.elapsed() >= every);
         if due {
             inner.synced_at = Some(Instant::now());
         }
@@ -181,7 +183,9 @@ mod tests {
             eps(&["a", "b", "e"]),
             "a removed member is forgotten"
         );
-        assert!(b.sync_due());
-        assert!(!b.sync_due(), "claimed by the first caller");
+        let every = Duration::from_secs(30);
+        assert!(b.sync_due(every));
+        assert!(!b.sync_due(every), "claimed by the first caller");
+        assert!(!b.sync_due(Duration::ZERO), "off");
     }
 }

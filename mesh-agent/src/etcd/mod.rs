@@ -181,9 +181,7 @@ impl Etcd {
             match Self::connect_one(cfg, &endpoint, opts.clone(), book.clone()).await {
                 Ok(etcd) => {
                     book.succeeded(&endpoint);
-                    if cfg.auto_sync && book.sync_due() {
-                        etcd.sync_members().await;
-                    }
+                    etcd.sync_members_if_due(cfg.auto_sync_interval).await;
                     return Ok(etcd);
                 }
                 Err(e) if e.is_refusal() => return Err(e),
@@ -232,6 +230,14 @@ impl Etcd {
                 endpoints: etcd.endpoints.clone(),
                 timeout,
             }),
+        }
+    }
+
+    /// [`Self::sync_members`] when `every` has passed since the last sync in this process
+    /// (long-lived connections call it periodically).
+    pub async fn sync_members_if_due(&self, every: Duration) {
+        if self.book.sync_due(every) {
+            self.sync_members().await;
         }
     }
 

@@ -410,7 +410,7 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
     let only_m0 = vec![etcd.members[0].endpoint()];
     let client = etcd_sidecar(&pki, "client", backend.addr, only_m0, |c| {
         if let Some(e) = c.store.etcd.as_mut() {
-            e.auto_sync = false;
+            e.auto_sync_interval = Duration::ZERO;
         }
     })
     .await;

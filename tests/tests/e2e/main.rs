@@ -11,6 +11,7 @@ mod drain;
 mod edge;
 mod errors;
 mod etcd;
+mod etcd_faults;
 mod etcd_security;
 mod examples_compose;
 mod grpc;
