@@ -284,14 +284,6 @@ async fn members_replaced_are_found_without_a_configuration_change() {
     m.etcd.members[2].kill();
     tokio::time::sleep(Duration::from_secs(4)).await;
     m.assert_unharmed(load, "members replaced").await;
-};
-    let err = mesh_agent::policy::status(&cfg)
-        .await
-        .expect_err("no member of the old list is left")
-        .to_string();
-    for ep in &old {
-        assert!(err.contains(ep.as_str()), "{err}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
