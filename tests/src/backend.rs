@@ -24,6 +24,18 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::client::{Body, BoxError};
 
+/// Which HTTP versions a backend speaks (plain TCP, no TLS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Speaks {
+    /// HTTP/1.1 and HTTP/2 with prior knowledge (h2c), told apart by the connection preface.
+    #[default]
+    Both,
+    /// HTTP/1.1 only: an HTTP/2 preface is a malformed request (the common app framework).
+    Http1,
+    /// h2c only (a gRPC server): HTTP/1.1 bytes are a protocol error.
+    H2c,
+}
+
 pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
@@ -39,6 +51,11 @@ impl Backend {
 
     /// Listen on a given address (tests that need several loopback IPs on one port).
     pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::start_speaking(addr, Speaks::Both).await
+    }
+
+    /// Listen on `addr`, speaking only the HTTP versions `speaks` allows.
+    pub async fn start_speaking(addr: SocketAddr, speaks: Speaks) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let requests = Arc::new(AtomicU64::new(0));
@@ -56,15 +73,34 @@ impl Backend {
                 let health = health_state.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        if req.uri().path() != "/healthz" {
+                        // Health checks and `OPTIONS *` (a server-wide probe, not a call of
+                        // any route) are not app traffic.
+                        if req.uri().path() != "/healthz" && req.uri() != "*" {
                             counter.fetch_add(1, Ordering::Relaxed);
                         }
                         let (flaky, health) = (flaky.clone(), health.clone());
                         async move { Ok::<_, Infallible>(route(req, &flaky, &health).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                        .await;
+                    let io = TokioIo::new(tcp);
+                    // (The auto builder's `http1_only`/`http2_only` do nothing with upgrades.)
+                    let _ = match speaks {
+                        Speaks::Both => {
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                .serve_connection_with_upgrades(io, svc)
+                                .await
+                        }
+                        Speaks::Http1 => hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await
+                            .map_err(Into::into),
+                        Speaks::H2c => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await
+                                .map_err(Into::into)
+                        }
+                    };
                 });
             }
         });

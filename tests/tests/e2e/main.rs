@@ -3,6 +3,7 @@
 
 mod access;
 mod access_log;
+mod app_protocol;
 mod admin;
 mod balance;
 mod client_faults;
