@@ -64,7 +64,6 @@ pub enum Command {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
-    /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     /// API usage per consumer, per route and per service, read from sidecars' and gateways'
     /// `/metrics` (their admin addresses).
     Report {
@@ -85,6 +84,7 @@ pub enum Command {
         #[arg(long, default_value = "key-1")]
         id: String,
     },
+    /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     Demo {
         /// Stop after this many seconds and exit non-zero if any request failed.
         #[arg(long)]
