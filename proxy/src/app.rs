@@ -192,13 +192,14 @@ impl Proxy {
             inbound: local(&inbound_l, "inbound", cfg.inbound.listen)?,
             outbound: local(&outbound_l, "outbound", cfg.outbound.listen)?,
             admin: local(&admin_l, "admin", cfg.admin.listen)?,
-            ingress: match &ingress_l {
-                Some(l) => Some(local(l, "ingress", cfg.admin.listen)?),
-                None => None,
+            // Each listener's error names its own configured address.
+            ingress: match (&ingress_l, &cfg.ingress) {
+                (Some(l), Some(ing)) => Some(local(l, "ingress", ing.listen)?),
+                _ => None,
             },
-            ingress_http: match &ingress_http_l {
-                Some(l) => Some(local(l, "ingress http", cfg.admin.listen)?),
-                None => None,
+            ingress_http: match (&ingress_http_l, cfg.ingress.as_ref().and_then(|i| i.http.as_ref())) {
+                (Some(l), Some(http)) => Some(local(l, "ingress http", http.listen)?),
+                _ => None,
             },
         };
 
