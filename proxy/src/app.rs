@@ -230,6 +230,8 @@ impl Proxy {
             access_control: self.access_control.clone(),
         };
         let snapshot_task = tokio::spawn(applier.run(self.snapshots, snapshot_ready, applied_tx));
+        // Idle rate-limit keys are forgotten in every mode, with or without an etcd agent.
+        let key_sweeper = tokio::spawn(RateLimits::sweeper(Arc::downgrade(&self.limits)));
 
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let shutdown = ShutdownHandle(Arc::new(shutdown_tx));
@@ -387,6 +389,7 @@ impl Proxy {
             tracing_.flush(std::time::Duration::from_secs(2)).await;
             reloader.abort();
             snapshot_task.abort();
+            key_sweeper.abort();
             drop(admin_trigger);
         });
 
