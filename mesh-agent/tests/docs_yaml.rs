@@ -95,7 +95,8 @@ fn check_sidecar(text: &str) -> Result<String, String> {
         m.insert("identity".into(), identity);
     }
     let text = serde_norway::to_string(&m).map_err(|e| e.to_string())?;
-    let cfg = trellis_proxy::config::Config::from_yaml(&text, "block").map_err(|e| e.to_string())?;
+    let cfg =
+        trellis_proxy::config::Config::from_yaml(&text, "block").map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(if whole {
         "sidecar configuration".into()

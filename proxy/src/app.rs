@@ -197,7 +197,10 @@ impl Proxy {
                 (Some(l), Some(ing)) => Some(local(l, "ingress", ing.listen)?),
                 _ => None,
             },
-            ingress_http: match (&ingress_http_l, cfg.ingress.as_ref().and_then(|i| i.http.as_ref())) {
+            ingress_http: match (
+                &ingress_http_l,
+                cfg.ingress.as_ref().and_then(|i| i.http.as_ref()),
+            ) {
                 (Some(l), Some(http)) => Some(local(l, "ingress http", http.listen)?),
                 _ => None,
             },

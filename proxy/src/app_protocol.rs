@@ -335,7 +335,7 @@ impl Replay {
             slot: self.slot.clone(),
             taken: None,
             empty: self.empty,
-            hint: self.hint.clone(),
+            hint: self.hint,
         }
     }
 }
@@ -381,7 +381,7 @@ impl Body for AttemptBody {
     fn size_hint(&self) -> SizeHint {
         match &self.taken {
             Some(b) => b.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }

@@ -123,6 +123,6 @@ mod tests {
     #[test]
     fn rss_of_this_process_is_read() {
         let rss = rss_bytes().expect("VmRSS on Linux");
-        assert!(rss > 1 << 20 && rss % 1024 == 0, "{rss}");
+        assert!(rss > 1 << 20 && rss.is_multiple_of(1024), "{rss}");
     }
 }

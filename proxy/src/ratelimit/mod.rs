@@ -381,12 +381,7 @@ impl RateLimits {
 // === impl RateRule ===
 
 impl RateRule {
-    fn new(
-        name: &str,
-        spec: RateLimitSpec,
-        initial_share: f64,
-        m: &LimitMetrics,
-    ) -> Self {
+    fn new(name: &str, spec: RateLimitSpec, initial_share: f64, m: &LimitMetrics) -> Self {
         let name: Arc<str> = Arc::from(name);
         let limit = spec.limit.per_second();
         let policy_header = HeaderValue::from_str(&format!(
@@ -616,8 +611,8 @@ mod tests {
             "quota".into(),
             serde_json::from_value(spec).expect("rate limit spec"),
         );
-        let snap = Snapshot::from_document(&doc, "trellis.local", 1, "test".into())
-            .expect("snapshot");
+        let snap =
+            Snapshot::from_document(&doc, "trellis.local", 1, "test".into()).expect("snapshot");
         let limits = RateLimits::new("orders", &mut Registry::default());
         if coordinated {
             limits.set_coordinated();
@@ -668,7 +663,10 @@ mod tests {
         tokio::time::sleep(KEY_IDLE_EVICT + 2 * KEY_SWEEP_INTERVAL).await;
         assert_eq!(keys(&l), 0, "idle keys evicted by the sweeper");
         for i in 0..100 {
-            assert!(call(&l, &format!("new{i}")), "new tenant {i} has its own bucket");
+            assert!(
+                call(&l, &format!("new{i}")),
+                "new tenant {i} has its own bucket"
+            );
         }
         sweeper.abort();
     }
@@ -686,7 +684,10 @@ mod tests {
         // No sweeper running: the cap itself evicts the idle keys when a new key arrives.
         tokio::time::advance(KEY_IDLE_EVICT + KEY_SWEEP_INTERVAL).await;
         assert!(call(&l, "late-1"));
-        assert!(call(&l, "late-2"), "late-2 has its own bucket, not the overflow");
+        assert!(
+            call(&l, "late-2"),
+            "late-2 has its own bucket, not the overflow"
+        );
         assert_eq!(keys(&l), 2);
     }
 

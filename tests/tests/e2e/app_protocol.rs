@@ -113,11 +113,7 @@ impl World {
 
     /// Through the ingress, by HTTPS with `h2` chosen by ALPN.
     async fn edge(&self, h2: bool, req: Request<Full<Bytes>>) -> HttpsReply {
-        let host = req
-            .uri()
-            .host()
-            .expect("absolute URI")
-            .to_string();
+        let host = req.uri().host().expect("absolute URI").to_string();
         let dial = Dial {
             addr: self.gateway.running.bound.ingress.expect("ingress bound"),
             from: None,
@@ -128,7 +124,12 @@ impl World {
         let (mut parts, body) = req.into_parts();
         if !h2 {
             // HTTP/1.1: origin form and a Host header, as curl sends it.
-            let pq = parts.uri.path_and_query().expect("path").as_str().to_string();
+            let pq = parts
+                .uri
+                .path_and_query()
+                .expect("path")
+                .as_str()
+                .to_string();
             parts.uri = pq.parse().expect("origin form");
             parts
                 .headers
@@ -337,9 +338,7 @@ async fn auto_h2_callers_reach_an_h1_app_without_upstream_failures() {
     let metrics = client::admin(world.gateway.admin(), "/metrics").await.body;
     let retried: f64 = metrics
         .lines()
-        .filter(|l| {
-            l.starts_with("trellis_outlier_events_total") && l.contains("event=\"retry\"")
-        })
+        .filter(|l| l.starts_with("trellis_outlier_events_total") && l.contains("event=\"retry\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(retried, 0.0, "the gateway retried:\n{metrics}");

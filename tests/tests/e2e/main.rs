@@ -3,8 +3,8 @@
 
 mod access;
 mod access_log;
-mod app_protocol;
 mod admin;
+mod app_protocol;
 mod balance;
 mod client_faults;
 mod dns;

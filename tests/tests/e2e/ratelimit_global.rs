@@ -163,8 +163,8 @@ async fn a_new_consumer_gets_its_quota_burst_with_etcd_coordination() {
     let etcd = EtcdCluster::start(1).await;
     let pki = Pki::new(&["client", "orders"]);
     let backend = Backend::start().await;
-    let orders = trellis_tests::etcd_sidecar(&pki, "orders", backend.addr, etcd.endpoints(), |_| {})
-        .await;
+    let orders =
+        trellis_tests::etcd_sidecar(&pki, "orders", backend.addr, etcd.endpoints(), |_| {}).await;
     let key = "tk_docs_quota_burst";
     let digest: String = trellis_proxy::access::key_digest(key.as_bytes())
         .iter()
@@ -185,10 +185,17 @@ async fn a_new_consumer_gets_its_quota_burst_with_etcd_coordination() {
         .await
         .expect("policies applied");
     // The sidecar coordinates the quota: its share of the whole limit is allocated.
-    wait_for(Duration::from_secs(15), "quota shared through etcd", || async {
-        let s = sharing(orders.bound.admin).await;
-        s["peers"] == 1 && s["shares"]["quota.acme.orders"].as_f64().is_some_and(|v| v > 0.49)
-    })
+    wait_for(
+        Duration::from_secs(15),
+        "quota shared through etcd",
+        || async {
+            let s = sharing(orders.bound.admin).await;
+            s["peers"] == 1
+                && s["shares"]["quota.acme.orders"]
+                    .as_f64()
+                    .is_some_and(|v| v > 0.49)
+        },
+    )
     .await;
     let client = Sidecar::start(&pki, "client", backend.addr, |_| {}).await;
     client.route(&[("orders", &[orders.bound.inbound])]).await;
