@@ -42,9 +42,22 @@ pub struct Backend {
     /// Status `/healthz` answers (200 until a test changes it); health checks do not count in
     /// `requests`.
     pub health: Arc<std::sync::atomic::AtomicU16>,
+    /// The accept loop, which owns every connection: aborting it is the app going away.
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Backend {
+    /// Stop listening and close every connection, as a process exit would; the port is free
+    /// for another backend (an app restarted, maybe speaking another protocol).
+    pub async fn stop(&self) {
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            task.abort();
+            // Resolves once the task (its listener, its connections) has been dropped.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
     pub async fn start() -> Self {
         Self::start_on("127.0.0.1:0".parse().expect("literal")).await
     }
@@ -63,15 +76,17 @@ impl Backend {
         let flaky: Flaky = Arc::default();
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let health_state = health.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                while conns.try_join_next().is_some() {}
                 let counter = counter.clone();
                 let flaky = flaky.clone();
                 let health = health_state.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         // Health checks and `OPTIONS *` (a server-wide probe, not a call of
                         // any route) are not app traffic.
@@ -108,6 +123,7 @@ impl Backend {
             addr,
             requests,
             health,
+            task: std::sync::Mutex::new(Some(task)),
         }
     }
 }

@@ -321,8 +321,19 @@ async fn auto_reaches_h1_h2c_and_grpc_apps_from_h1_and_h2_clients_at_the_edge_an
         failures.len(),
         failures.join("\n")
     );
-    // One request reached an app per request sent: no retry or fallback sent anything twice.
+    // One request reached an app per request sent: no retry or fallback sent anything twice,
+    // and no failed attempt was hidden by a retry.
     assert_eq!(world.requests(), sent, "requests seen by the apps");
+    assert_eq!(
+        retries(world.gateway.admin()).await,
+        0.0,
+        "the gateway retried"
+    );
+    assert_eq!(
+        retries(world.client.admin()).await,
+        0.0,
+        "the client sidecar retried"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,12 +346,94 @@ async fn auto_h2_callers_reach_an_h1_app_without_upstream_failures() {
         assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
         assert_eq!(version(&r.body), "HTTP/1.1");
     }
-    let metrics = client::admin(world.gateway.admin(), "/metrics").await.body;
-    let retried: f64 = metrics
+    assert_eq!(
+        retries(world.gateway.admin()).await,
+        0.0,
+        "the gateway retried"
+    );
+    assert_eq!(world.requests(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_follows_an_app_that_changes_protocol_across_restarts() {
+    // What the sidecar learned goes stale when the app is replaced on the same port by one
+    // speaking another protocol: the first request after each restart must still succeed
+    // (fresh probes prove the app never saw the failed attempt), and the app sees each
+    // request once.
+    init_logs();
+    let pki = Pki::new(&["client", "app"]);
+    let first = Backend::start_speaking("127.0.0.1:0".parse().expect("addr"), Speaks::H2c).await;
+    let addr = first.addr;
+    let app = Sidecar::start(&pki, "app", addr, |_| {}).await;
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let client = Sidecar::start(&pki, "client", nowhere, |_| {}).await;
+    app.route(&[]).await;
+    client.route(&[("app", &[app.inbound()])]).await;
+    let h1 = client::h1(client.outbound());
+    let h2 = client::h2c(client.outbound());
+    let check = |who: &str, r: client::Reply, want: &str| {
+        assert_eq!(r.status, 200, "{who}: {}", r.body);
+        assert_eq!(version(&r.body), want, "{who}");
+    };
+
+    check(
+        "h2 -> h2c app",
+        client::get(&h2, "http://app/echo").await,
+        "HTTP/2.0",
+    );
+    check(
+        "h1 -> h2c app",
+        client::get(&h1, "http://app/echo").await,
+        "HTTP/2.0",
+    );
+    assert_eq!(first.requests.load(Ordering::Relaxed), 2);
+
+    first.stop().await;
+    let second = Backend::start_speaking(addr, Speaks::Http1).await;
+    check(
+        "h2 -> restarted as h1",
+        client::get(&h2, "http://app/echo").await,
+        "HTTP/1.1",
+    );
+    check(
+        "h1 -> restarted as h1",
+        client::get(&h1, "http://app/echo").await,
+        "HTTP/1.1",
+    );
+    let up = client::send(
+        &h2,
+        Request::post("http://app/upload")
+            .body(full(vec![b'u'; UPLOAD]))
+            .expect("request"),
+    )
+    .await
+    .expect("upload answered");
+    assert_eq!((up.status.as_u16(), up.body), (200, UPLOAD.to_string()));
+    assert_eq!(second.requests.load(Ordering::Relaxed), 3);
+
+    second.stop().await;
+    let third = Backend::start_speaking(addr, Speaks::H2c).await;
+    check(
+        "h1 -> restarted as h2c",
+        client::get(&h1, "http://app/echo").await,
+        "HTTP/2.0",
+    );
+    check(
+        "h2 -> restarted as h2c",
+        client::get(&h2, "http://app/echo").await,
+        "HTTP/2.0",
+    );
+    assert_eq!(third.requests.load(Ordering::Relaxed), 2);
+    // No 502 was hidden by the client sidecar's retries.
+    assert_eq!(retries(client.admin()).await, 0.0);
+}
+
+/// Retries a sidecar made, from its metrics.
+async fn retries(admin: SocketAddr) -> f64 {
+    let metrics = client::admin(admin, "/metrics").await.body;
+    metrics
         .lines()
         .filter(|l| l.starts_with("trellis_outlier_events_total") && l.contains("event=\"retry\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(retried, 0.0, "the gateway retried:\n{metrics}");
-    assert_eq!(world.requests(), 5);
+        .sum()
 }
