@@ -311,6 +311,7 @@ impl Proxy {
                 tokio::spawn(ingress.serve_http(l, inbound_drain.clone(), h.redirect_to_https));
             }
         }
+        let app_speaks = inbound.app_knowledge();
         tokio::spawn(inbound.serve(inbound_l, inbound_drain));
         tokio::spawn(outbound.serve(outbound_l, outbound_drain));
 
@@ -333,6 +334,8 @@ impl Proxy {
                         "not_after_unix": t.not_after(),
                         "generation": t.generation(),
                     },
+                    // What `inbound.app_protocol: auto` found the app to speak.
+                    "app_speaks": app_speaks.dump(),
                                         "snapshot": &*snapshot.load().snapshot,
                     "load_balancers": snapshot.load().dump(),
                     "routing": snapshot.load().routing.dump(),

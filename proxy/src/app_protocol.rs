@@ -119,6 +119,16 @@ impl AppKnowledge {
         }
     }
 
+    /// For `/config_dump`: what is known of the app.
+    pub fn dump(&self) -> serde_json::Value {
+        let word = |k: Known| match k {
+            Known::Unknown => "unknown",
+            Known::Yes => "yes",
+            Known::No => "no",
+        };
+        serde_json::json!({"http1": word(self.h1()), "h2c": word(self.h2c())})
+    }
+
     /// An attempt in `proto` got a response: the app speaks it.
     pub fn learn(&self, proto: Proto) {
         self.set(proto, true);

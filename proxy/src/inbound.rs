@@ -55,7 +55,7 @@ pub struct Inbound {
     h1: Client<AppConnector, AttemptBody>,
     h2: Client<AppConnector, AttemptBody>,
     /// What the app speaks, for `app_protocol: auto`.
-    knowledge: AppKnowledge,
+    knowledge: Arc<AppKnowledge>,
     rate_limits: Arc<RateLimits>,
     access_control: Arc<crate::access::AccessControl>,
     tracing: Arc<crate::trace::Tracing>,
@@ -94,12 +94,20 @@ impl Inbound {
             request_timeout: config.timeouts.request,
             h1,
             h2,
-            knowledge: AppKnowledge::new(config.inbound.app, config.timeouts.connect),
+            knowledge: Arc::new(AppKnowledge::new(
+                config.inbound.app,
+                config.timeouts.connect,
+            )),
             tracing,
             access,
             rate_limits: limits,
             access_control,
         }
+    }
+
+    /// What the app was found to speak (for `/config_dump`).
+    pub fn app_knowledge(&self) -> Arc<AppKnowledge> {
+        self.knowledge.clone()
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {

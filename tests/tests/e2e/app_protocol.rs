@@ -35,7 +35,7 @@ struct World {
     _pki: Pki,
     web: WebPki,
     backends: Vec<Backend>,
-    _sidecars: Vec<Sidecar>,
+    sidecars: Vec<Sidecar>,
     client: Sidecar,
     gateway: Sidecar,
 }
@@ -98,7 +98,7 @@ impl World {
             _pki: pki,
             web,
             backends,
-            _sidecars: sidecars,
+            sidecars,
             client,
             gateway,
         }
@@ -334,6 +334,19 @@ async fn auto_reaches_h1_h2c_and_grpc_apps_from_h1_and_h2_clients_at_the_edge_an
         0.0,
         "the client sidecar retried"
     );
+    // Each sidecar shows what it found its app to speak.
+    for ((app, speaks), sidecar) in APPS.iter().zip(&world.sidecars) {
+        let dump = client::admin(sidecar.admin(), "/config_dump").await.json();
+        let found = &dump["app_speaks"];
+        let (h1, h2c) = match speaks {
+            Speaks::Http1 => ("yes", "no"),
+            Speaks::H2c if *app == "grpc" => ("unknown", "yes"),
+            Speaks::H2c => ("no", "yes"),
+            Speaks::Both => ("yes", "yes"),
+        };
+        assert_eq!(found["http1"], h1, "{app}: {found}");
+        assert_eq!(found["h2c"], h2c, "{app}: {found}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
