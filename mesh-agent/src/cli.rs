@@ -71,7 +71,6 @@ pub enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     /// API usage per consumer, per route and per service, read from sidecars' and gateways'
     /// `/metrics` (their admin addresses).
     Report {
@@ -92,6 +91,7 @@ pub enum Command {
         #[arg(long, default_value = "key-1")]
         id: String,
     },
+    /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     Demo {
         /// Stop after this many seconds and exit non-zero if any request failed.
         #[arg(long)]

@@ -276,3 +276,29 @@ fn output_into_a_closed_pipe_is_cut_without_a_panic() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn help_describes_every_command_with_its_own_words() {
+    let out = run_ok(agent().arg("--help"));
+    let line = |cmd: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{cmd} ")))
+            .unwrap_or_else(|| panic!("no `{cmd}` in --help:\n{out}"))
+            .to_string()
+    };
+    assert!(line("report").contains("API usage"), "{out}");
+    assert!(!line("report").contains("demo"), "{out}");
+    assert!(line("demo").contains("demo mesh"), "{out}");
+    // Every command has a description.
+    let commands = out
+        .split("Commands:")
+        .nth(1)
+        .and_then(|s| s.split("Options:").next())
+        .unwrap_or_default();
+    for l in commands.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            l.split_whitespace().count() > 1,
+            "command without description: {l:?}"
+        );
+    }
+}

@@ -192,13 +192,17 @@ impl Proxy {
             inbound: local(&inbound_l, "inbound", cfg.inbound.listen)?,
             outbound: local(&outbound_l, "outbound", cfg.outbound.listen)?,
             admin: local(&admin_l, "admin", cfg.admin.listen)?,
-            ingress: match &ingress_l {
-                Some(l) => Some(local(l, "ingress", cfg.admin.listen)?),
-                None => None,
+            // Each listener's error names its own configured address.
+            ingress: match (&ingress_l, &cfg.ingress) {
+                (Some(l), Some(ing)) => Some(local(l, "ingress", ing.listen)?),
+                _ => None,
             },
-            ingress_http: match &ingress_http_l {
-                Some(l) => Some(local(l, "ingress http", cfg.admin.listen)?),
-                None => None,
+            ingress_http: match (
+                &ingress_http_l,
+                cfg.ingress.as_ref().and_then(|i| i.http.as_ref()),
+            ) {
+                (Some(l), Some(http)) => Some(local(l, "ingress http", http.listen)?),
+                _ => None,
             },
         };
 
@@ -229,6 +233,8 @@ impl Proxy {
             access_control: self.access_control.clone(),
         };
         let snapshot_task = tokio::spawn(applier.run(self.snapshots, snapshot_ready, applied_tx));
+        // Idle rate-limit keys are forgotten in every mode, with or without an etcd agent.
+        let key_sweeper = tokio::spawn(RateLimits::sweeper(Arc::downgrade(&self.limits)));
 
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let shutdown = ShutdownHandle(Arc::new(shutdown_tx));
@@ -305,6 +311,7 @@ impl Proxy {
                 tokio::spawn(ingress.serve_http(l, inbound_drain.clone(), h.redirect_to_https));
             }
         }
+        let app_speaks = inbound.app_knowledge();
         tokio::spawn(inbound.serve(inbound_l, inbound_drain));
         tokio::spawn(outbound.serve(outbound_l, outbound_drain));
 
@@ -327,6 +334,8 @@ impl Proxy {
                         "not_after_unix": t.not_after(),
                         "generation": t.generation(),
                     },
+                    // What `inbound.app_protocol: auto` found the app to speak.
+                    "app_speaks": app_speaks.dump(),
                                         "snapshot": &*snapshot.load().snapshot,
                     "load_balancers": snapshot.load().dump(),
                     "routing": snapshot.load().routing.dump(),
@@ -386,6 +395,7 @@ impl Proxy {
             tracing_.flush(std::time::Duration::from_secs(2)).await;
             reloader.abort();
             snapshot_task.abort();
+            key_sweeper.abort();
             drop(admin_trigger);
         });
 

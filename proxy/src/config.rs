@@ -85,9 +85,12 @@ pub enum InboundMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AppProtocol {
-    /// The version the calling app used: HTTP/1.1 stays HTTP/1.1, HTTP/2 stays h2c.
+    /// Find out what the app speaks (see [`crate::app_protocol`]): the caller's version when
+    /// the app speaks it, gRPC as h2c, HTTP/1.1 to an app that does not answer h2c. A plain
+    /// HTTP/1.1 app behind an h2 client must just work, so this never guesses.
     #[default]
     Auto,
+    /// Always HTTP/1.1.
     Http1,
     /// HTTP/2 with prior knowledge (gRPC servers).
     H2c,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
+use crate::app_protocol::{AppKnowledge, AttemptBody, Proto, Replay};
 use crate::client_body::ClientBody;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -51,8 +52,10 @@ pub struct Inbound {
     metrics: Arc<Metrics>,
     limits: Limits,
     request_timeout: Duration,
-    h1: Client<AppConnector, ClientBody>,
-    h2: Client<AppConnector, ClientBody>,
+    h1: Client<AppConnector, AttemptBody>,
+    h2: Client<AppConnector, AttemptBody>,
+    /// What the app speaks, for `app_protocol: auto`.
+    knowledge: Arc<AppKnowledge>,
     rate_limits: Arc<RateLimits>,
     access_control: Arc<crate::access::AccessControl>,
     tracing: Arc<crate::trace::Tracing>,
@@ -91,11 +94,20 @@ impl Inbound {
             request_timeout: config.timeouts.request,
             h1,
             h2,
+            knowledge: Arc::new(AppKnowledge::new(
+                config.inbound.app,
+                config.timeouts.connect,
+            )),
             tracing,
             access,
             rate_limits: limits,
             access_control,
         }
+    }
+
+    /// What the app was found to speak (for `/config_dump`).
+    pub fn app_knowledge(&self) -> Arc<AppKnowledge> {
+        self.knowledge.clone()
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
@@ -299,15 +311,11 @@ impl Inbound {
             edge_forwarded(headers, client.ip(), &TrustedProxies::default(), "http");
         }
 
-        let h2 = !upgrade
-            && match self.app_protocol {
-                AppProtocol::Http1 => false,
-                AppProtocol::H2c => true,
-                AppProtocol::Auto => match &orig {
-                    Some(v) => !v.as_bytes().starts_with(b"HTTP/1"),
-                    None => req.version() == Version::HTTP_2,
-                },
-            };
+        let caller_h2 = match &orig {
+            Some(v) => !v.as_bytes().starts_with(b"HTTP/1"),
+            None => req.version() == Version::HTTP_2,
+        };
+        let grpc = crate::grpc::is_grpc(req.headers());
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         *req.uri_mut() = Uri::builder()
             .scheme("http")
@@ -315,31 +323,81 @@ impl Inbound {
             .path_and_query(pq)
             .build()
             .map_err(|_| ProxyError::MissingAuthority)?;
-        if h2 {
-            *req.version_mut() = Version::HTTP_2;
-            req.headers_mut().remove(header::HOST);
-        } else {
-            *req.version_mut() = Version::HTTP_11;
-            if let Ok(host) = HeaderValue::from_str(&authority) {
-                req.headers_mut().insert(header::HOST, host);
-            }
-        }
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let (body, watch) = ClientBody::new(body);
-        let req = Request::from_parts(parts, body);
-        let fut = if h2 {
-            self.h2.request(req)
-        } else {
-            self.h1.request(req)
+        let body = Replay::new(body);
+        let attempts = async {
+            // Upgrades need HTTP/1.1 (HTTP/2 cannot carry them); gRPC needs HTTP/2.
+            let first = match self.app_protocol {
+                _ if upgrade => Proto::Http1,
+                AppProtocol::Http1 => Proto::Http1,
+                AppProtocol::H2c => Proto::H2c,
+                AppProtocol::Auto if grpc => Proto::H2c,
+                AppProtocol::Auto => self.knowledge.choose(caller_h2, body.replayable()).await,
+            };
+            let may_fall_back = self.app_protocol == AppProtocol::Auto && !upgrade && !grpc;
+            let mut parts = Some(parts);
+            let mut proto = first;
+            loop {
+                let req = match parts.take() {
+                    Some(p) if !may_fall_back => app_request(p, proto, &authority, body.attempt()),
+                    Some(p) => {
+                        let again = clone_parts(&p);
+                        parts = Some(again);
+                        app_request(p, proto, &authority, body.attempt())
+                    }
+                    None => return Err(None),
+                };
+                let result = match proto {
+                    Proto::Http1 => self.h1.request(req).await,
+                    Proto::H2c => self.h2.request(req).await,
+                };
+                match result {
+                    Ok(resp) => {
+                        if self.app_protocol == AppProtocol::Auto && !upgrade {
+                            self.knowledge.learn(proto);
+                        }
+                        return Ok(resp);
+                    }
+                    Err(e) => {
+                        let next = if may_fall_back
+                            && proto == first
+                            && !e.is_connect()
+                            && watch.blame(false).is_none()
+                            && body.replayable()
+                            && protocol_mismatch(proto, &e)
+                        {
+                            self.knowledge.fallback(proto).await
+                        } else {
+                            None
+                        };
+                        match next {
+                            Some(other) => {
+                                tracing::info!(app = %self.app, from = ?proto, to = ?other, error = %crate::outbound::error_chain(&e), "the app does not speak the protocol tried: repeating the request in the one it speaks");
+                                proto = other;
+                            }
+                            None => return Err(Some(e)),
+                        }
+                    }
+                }
+            }
         };
-        let resp = tokio::time::timeout(self.request_timeout, fut)
+        let resp = tokio::time::timeout(self.request_timeout, attempts)
             .await
             .map_err(|_| ProxyError::ResponseTimeout {
                 addr: self.app,
                 timeout: self.request_timeout,
             })
-            .and_then(|r| r.map_err(|e| ProxyError::from_client(self.app, &e)))
+            .and_then(|r| {
+                r.map_err(|e| match e {
+                    Some(e) => ProxyError::from_client(self.app, &e),
+                    None => ProxyError::Upstream {
+                        addr: self.app,
+                        message: "no request left to send".into(),
+                    },
+                })
+            })
             // A body the caller broke is the caller's fault (400/408), not a failing app:
             // the caller's sidecar must not count it against this endpoint.
             .map_err(|e| {
@@ -361,6 +419,61 @@ impl Inbound {
             }
         })
     }
+}
+
+/// The request for one attempt in `proto`: HTTP/2 carries the authority in the URI, HTTP/1.1
+/// in `Host`.
+fn app_request(
+    mut parts: http::request::Parts,
+    proto: Proto,
+    authority: &str,
+    body: AttemptBody,
+) -> Request<AttemptBody> {
+    match proto {
+        Proto::H2c => {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        }
+        Proto::Http1 => {
+            parts.version = Version::HTTP_11;
+            if let Ok(host) = HeaderValue::from_str(authority) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+    }
+    Request::from_parts(parts, body)
+}
+
+/// What a repeated attempt needs of a request's head (extensions stay with the first).
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+/// Whether a failed attempt in `proto` may be the app speaking another protocol, the only
+/// failures worth a probe. For HTTP/1.1: an answer that is no HTTP/1.1 (an h2c server's
+/// SETTINGS frame) or a connection closed before any answer, since probing an app that fails
+/// otherwise would send it an `OPTIONS *` per failure. For h2c: any failure, since the h2c
+/// probe sends the app no request and it alone decides (an app that speaks h2c keeps the
+/// failure).
+fn protocol_mismatch(proto: Proto, e: &hyper_util::client::legacy::Error) -> bool {
+    if proto == Proto::H2c {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_parse()
+                || h.is_incomplete_message()
+                || h.to_string().contains("unexpected message");
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Connects every request to the local app, whatever the URI's authority says, so that the

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod admin;
 
 pub mod app;
+pub mod app_protocol;
 pub mod atomic_file;
 pub mod auth;
 pub mod balance;

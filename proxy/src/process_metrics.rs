@@ -30,7 +30,6 @@ impl Default for ProcessCollector {
 /// Clock ticks per second for `/proc/<pid>/stat` times: 100 on every Linux we run on (the
 /// kernel's USER_HZ; reading it needs `sysconf`, i.e. libc, for a constant).
 const TICKS: f64 = 100.0;
-const PAGE: u64 = 4096;
 
 fn cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -43,10 +42,22 @@ fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / TICKS)
 }
 
+/// Resident set size from `/proc/self/status` (`VmRSS`, in kB): the kernel does the page
+/// arithmetic, so the value is right on 4K, 16K and 64K-page kernels alike (`/proc/self/statm`
+/// counts pages, and its page size would need `sysconf`, i.e. libc and unsafe code).
 fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * PAGE)
+    vm_rss_bytes(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut f = line.split_whitespace().skip(1);
+    let value: u64 = f.next()?.parse().ok()?;
+    // The kernel always writes "kB" (meaning KiB); anything else is not a format we know.
+    match f.next()? {
+        "kB" => value.checked_mul(1024),
+        _ => None,
+    }
 }
 
 fn open_fds() -> Option<i64> {
@@ -94,5 +105,24 @@ impl Collector for ProcessCollector {
         )?;
         g.encode(e)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_comes_from_vm_rss_in_kib() {
+        let status = "Name:\tmesh-agent\nVmPeak:\t  20000 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
+        assert_eq!(vm_rss_bytes(status), Some(12345 * 1024));
+        assert_eq!(vm_rss_bytes("VmRSS:\t12 pages\n"), None);
+        assert_eq!(vm_rss_bytes("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn rss_of_this_process_is_read() {
+        let rss = rss_bytes().expect("VmRSS on Linux");
+        assert!(rss > 1 << 20 && rss.is_multiple_of(1024), "{rss}");
     }
 }

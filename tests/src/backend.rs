@@ -24,21 +24,51 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::client::{Body, BoxError};
 
+/// Which HTTP versions a backend speaks (plain TCP, no TLS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Speaks {
+    /// HTTP/1.1 and HTTP/2 with prior knowledge (h2c), told apart by the connection preface.
+    #[default]
+    Both,
+    /// HTTP/1.1 only: an HTTP/2 preface is a malformed request (the common app framework).
+    Http1,
+    /// h2c only (a gRPC server): HTTP/1.1 bytes are a protocol error.
+    H2c,
+}
+
 pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
     /// Status `/healthz` answers (200 until a test changes it); health checks do not count in
     /// `requests`.
     pub health: Arc<std::sync::atomic::AtomicU16>,
+    /// The accept loop, which owns every connection: aborting it is the app going away.
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Backend {
+    /// Stop listening and close every connection, as a process exit would; the port is free
+    /// for another backend (an app restarted, maybe speaking another protocol).
+    pub async fn stop(&self) {
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            task.abort();
+            // Resolves once the task (its listener, its connections) has been dropped.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
     pub async fn start() -> Self {
         Self::start_on("127.0.0.1:0".parse().expect("literal")).await
     }
 
     /// Listen on a given address (tests that need several loopback IPs on one port).
     pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::start_speaking(addr, Speaks::Both).await
+    }
+
+    /// Listen on `addr`, speaking only the HTTP versions `speaks` allows.
+    pub async fn start_speaking(addr: SocketAddr, speaks: Speaks) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let requests = Arc::new(AtomicU64::new(0));
@@ -46,25 +76,46 @@ impl Backend {
         let flaky: Flaky = Arc::default();
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let health_state = health.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                while conns.try_join_next().is_some() {}
                 let counter = counter.clone();
                 let flaky = flaky.clone();
                 let health = health_state.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        if req.uri().path() != "/healthz" {
+                        // Health checks and `OPTIONS *` (a server-wide probe, not a call of
+                        // any route) are not app traffic.
+                        if req.uri().path() != "/healthz" && req.uri() != "*" {
                             counter.fetch_add(1, Ordering::Relaxed);
                         }
                         let (flaky, health) = (flaky.clone(), health.clone());
                         async move { Ok::<_, Infallible>(route(req, &flaky, &health).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                        .await;
+                    let io = TokioIo::new(tcp);
+                    // (The auto builder's `http1_only`/`http2_only` do nothing with upgrades.)
+                    let _ = match speaks {
+                        Speaks::Both => {
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                .serve_connection_with_upgrades(io, svc)
+                                .await
+                        }
+                        Speaks::Http1 => hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await
+                            .map_err(Into::into),
+                        Speaks::H2c => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await
+                                .map_err(Into::into)
+                        }
+                    };
                 });
             }
         });
@@ -72,6 +123,7 @@ impl Backend {
             addr,
             requests,
             health,
+            task: std::sync::Mutex::new(Some(task)),
         }
     }
 }

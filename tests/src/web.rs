@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::{CertificateDer, ServerName};
 
@@ -37,6 +37,8 @@ pub struct HttpsReply {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: String,
+    /// Trailers, if the response had any (gRPC status).
+    pub trailers: Option<HeaderMap>,
     /// The leaf certificate the server presented.
     pub served: CertificateDer<'static>,
 }
@@ -97,7 +99,11 @@ impl WebPki {
 
     /// One request over a new TLS connection. The request is sent as built: its URI form
     /// (origin or absolute) and its `Host` header are the caller's.
-    pub async fn send(&self, dial: Dial<'_>, req: Request<Empty<Bytes>>) -> HttpsReply {
+    pub async fn send<B>(&self, dial: Dial<'_>, req: Request<B>) -> HttpsReply
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let socket = match dial.addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
@@ -137,11 +143,14 @@ impl WebPki {
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let collected = resp.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
         HttpsReply {
             status,
             headers,
             body: String::from_utf8_lossy(&body).into_owned(),
+            trailers,
             served,
         }
     }

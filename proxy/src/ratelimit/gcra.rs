@@ -42,16 +42,6 @@ impl Bucket {
         b
     }
 
-    /// A bucket whose burst has to be earned: one request now, then the rate, filling up to
-    /// the burst only while unused. For a shared limit a fresh bucket's full burst would be
-    /// admitted on top of what the other sidecars admit.
-    pub fn drained(rate: f64, burst: f64, now: u64) -> Self {
-        let b = Self::new(rate, burst, now);
-        let ahead = b.window.load(Relaxed) - b.interval.load(Relaxed);
-        b.tat.store(now.saturating_add(ahead), Relaxed);
-        b
-    }
-
     /// Change the rate (requests per second) and burst (requests) without losing the state:
     /// requests already admitted stay counted.
     pub fn set_rate(&self, rate: f64, burst: f64) {
@@ -129,17 +119,6 @@ mod tests {
             .filter(|i| b.acquire(now + i * SEC / 100).is_ok())
             .count();
         assert_eq!(admitted, 10);
-    }
-
-    #[test]
-    fn a_drained_bucket_admits_one_then_the_rate() {
-        let b = Bucket::drained(10.0, 5.0, 0);
-        assert!(b.acquire(0).is_ok());
-        assert_eq!(b.acquire(0).unwrap_err(), SEC / 10);
-        assert!(b.acquire(SEC / 10).is_ok());
-        // Unused for a second, it has its burst back.
-        let later = 2 * SEC;
-        assert_eq!((0..10).filter(|_| b.acquire(later).is_ok()).count(), 5);
     }
 
     #[test]

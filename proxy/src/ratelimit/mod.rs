@@ -41,6 +41,9 @@ pub const DEMAND_TAU: Duration = Duration::from_millis(500);
 pub const MAX_KEYS_PER_POLICY: usize = 10_000;
 /// A bucket unused for this long (and full again) is forgotten.
 pub const KEY_IDLE_EVICT: Duration = Duration::from_secs(60);
+/// How often idle keys are swept, in every mode ([`RateLimits::sweeper`]), and at most how
+/// often a policy at its key cap sweeps before sending a new key to the overflow bucket.
+pub const KEY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Key reported for requests beyond [`MAX_KEYS_PER_POLICY`].
 const OVERFLOW_KEY: u64 = 0;
 
@@ -67,8 +70,8 @@ struct RateRule {
     spec: RateLimitSpec,
     limit: f64,
     burst: f64,
-    /// A shared (global, coordinated) limit: new buckets start drained ([`Bucket::drained`]).
-    shared: bool,
+    /// When the buckets were last swept (nanoseconds since the epoch).
+    last_sweep: AtomicU64,
     /// Share for keys the agent has not allocated yet (`f64` bits).
     default_share: AtomicU64,
     /// The agent's last allocation per key, for buckets created after it: a key another
@@ -171,12 +174,10 @@ impl RateLimits {
             } else {
                 limit
             };
-            let shared = spec.scope == Scope::Global && coordinated;
             rules.rate.push(Arc::new(RateRule::new(
                 name,
                 spec.clone(),
                 initial,
-                shared,
                 &self.metrics,
             )));
         }
@@ -260,10 +261,10 @@ impl RateLimits {
                     }
                 }
             }
-            rule.buckets
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|_, b| b.idle_since() >= evict_before || b.demand() >= 0.01);
+            rule.evict_idle(
+                &mut rule.buckets.write().unwrap_or_else(|p| p.into_inner()),
+                evict_before,
+            );
             let total: f64 = keys.iter().map(|(_, d)| d).sum();
             self.metrics.demand(&rule.name).set(total);
             if rule.spec.scope != Scope::Global {
@@ -278,6 +279,33 @@ impl RateLimits {
             });
         }
         out
+    }
+
+    /// Forget every policy's keys idle for [`KEY_IDLE_EVICT`] (and without demand).
+    pub fn evict_idle(&self) {
+        let evict_before = self.now().saturating_sub(KEY_IDLE_EVICT.as_nanos() as u64);
+        for rule in &self.rules.load().rate {
+            rule.evict_idle(
+                &mut rule.buckets.write().unwrap_or_else(|p| p.into_inner()),
+                evict_before,
+            );
+        }
+    }
+
+    /// Sweep idle keys every [`KEY_SWEEP_INTERVAL`] until the limits are dropped. Runs in every
+    /// mode: the etcd coordinator's sampling also evicts, but a sidecar fed from a file has no
+    /// coordinator, and its keys must be forgotten all the same (or, after
+    /// [`MAX_KEYS_PER_POLICY`] distinct keys, every new key would share the overflow bucket).
+    pub async fn sweeper(limits: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(KEY_SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match limits.upgrade() {
+                Some(l) => l.evict_idle(),
+                None => return,
+            }
+        }
     }
 
     /// Set this sidecar's share (requests per second) of global `policy`: `shares` per key,
@@ -353,13 +381,7 @@ impl RateLimits {
 // === impl RateRule ===
 
 impl RateRule {
-    fn new(
-        name: &str,
-        spec: RateLimitSpec,
-        initial_share: f64,
-        shared: bool,
-        m: &LimitMetrics,
-    ) -> Self {
+    fn new(name: &str, spec: RateLimitSpec, initial_share: f64, m: &LimitMetrics) -> Self {
         let name: Arc<str> = Arc::from(name);
         let limit = spec.limit.per_second();
         let policy_header = HeaderValue::from_str(&format!(
@@ -376,7 +398,7 @@ impl RateRule {
         Self {
             burst: f64::from(spec.burst()),
             limit,
-            shared,
+            last_sweep: AtomicU64::new(0),
             default_share: AtomicU64::new(initial_share.to_bits()),
             allocated: Mutex::default(),
             buckets: RwLock::new(KeyMap::default()),
@@ -440,9 +462,33 @@ impl RateRule {
         }
     }
 
-    /// First request with a new key: create its bucket at its allocated or the default share.
+    /// Forget keys unused since `evict_before` whose demand has decayed.
+    fn evict_idle(&self, buckets: &mut KeyMap<Arc<Bucket>>, evict_before: u64) {
+        buckets.retain(|_, b| b.idle_since() >= evict_before || b.demand() >= 0.01);
+    }
+
+    /// First request with a new key: create its bucket at its allocated or the default share,
+    /// full: a new key (a new consumer) gets its burst, as with any token bucket. For a global
+    /// limit the bucket's burst is the policy's burst in proportion to this sidecar's share, so
+    /// the sidecars' fresh buckets together hold at most the policy's burst.
     fn insert(&self, key: u64, now: u64) -> Arc<Bucket> {
         let mut buckets = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_KEYS_PER_POLICY && !buckets.contains_key(&key) {
+            // At the cap: make room from idle keys first, at most once per sweep interval so
+            // that a flood of new keys costs one scan per interval, not one per request.
+            let last = self.last_sweep.load(Relaxed);
+            if now.saturating_sub(last) >= KEY_SWEEP_INTERVAL.as_nanos() as u64
+                && self
+                    .last_sweep
+                    .compare_exchange(last, now, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                self.evict_idle(
+                    &mut buckets,
+                    now.saturating_sub(KEY_IDLE_EVICT.as_nanos() as u64),
+                );
+            }
+        }
         let key = if buckets.len() >= MAX_KEYS_PER_POLICY {
             OVERFLOW_KEY
         } else {
@@ -458,13 +504,7 @@ impl RateRule {
         let burst = self.local_burst(share);
         buckets
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(if self.shared {
-                    Bucket::drained(share, burst, now)
-                } else {
-                    Bucket::new(share, burst, now)
-                })
-            })
+            .or_insert_with(|| Arc::new(Bucket::new(share, burst, now)))
             .clone()
     }
 }
@@ -551,5 +591,136 @@ impl Permits {
 impl std::fmt::Debug for Permits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Permits({})", self.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use trellis_policies::MeshDocument;
+
+    fn limits(spec: serde_json::Value, coordinated: bool) -> Arc<RateLimits> {
+        let mut doc = MeshDocument::default();
+        doc.services.insert(
+            "orders".into(),
+            serde_json::from_value(serde_json::json!({"endpoints": [{"address": "127.0.0.1:1"}]}))
+                .expect("service"),
+        );
+        doc.rate_limits.insert(
+            "quota".into(),
+            serde_json::from_value(spec).expect("rate limit spec"),
+        );
+        let snap =
+            Snapshot::from_document(&doc, "trellis.local", 1, "test".into()).expect("snapshot");
+        let limits = RateLimits::new("orders", &mut Registry::default());
+        if coordinated {
+            limits.set_coordinated();
+        }
+        limits.update(&snap);
+        limits
+    }
+
+    fn call(l: &RateLimits, tenant: &str) -> bool {
+        let mut h = HeaderMap::new();
+        h.insert("x-tenant", HeaderValue::from_str(tenant).expect("header"));
+        l.check(
+            &Method::GET,
+            "/",
+            &h,
+            None,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Some("acme"),
+        )
+        .is_ok()
+    }
+
+    fn keys(l: &RateLimits) -> usize {
+        l.rules.load().rate[0]
+            .buckets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keys_are_forgotten_without_a_coordinator() {
+        // File mode: nobody calls `sample`. 1 request per minute per tenant, no burst.
+        let l = limits(
+            serde_json::json!({"service": "orders", "scope": "local", "key": {"headers": ["x-tenant"]},
+                               "limit": {"requests": 1, "per": "minute"}}),
+            false,
+        );
+        let sweeper = tokio::spawn(RateLimits::sweeper(Arc::downgrade(&l)));
+        for i in 0..MAX_KEYS_PER_POLICY {
+            assert!(call(&l, &format!("t{i}")), "tenant {i} has its own bucket");
+        }
+        assert_eq!(keys(&l), MAX_KEYS_PER_POLICY);
+        // At the cap, new keys share the overflow bucket: one is admitted, then it is spent.
+        assert!(call(&l, "late-1"));
+        assert!(!call(&l, "late-2"), "overflow bucket shared at the cap");
+        // A minute later the idle keys are gone, so new keys get their own buckets again.
+        tokio::time::sleep(KEY_IDLE_EVICT + 2 * KEY_SWEEP_INTERVAL).await;
+        assert_eq!(keys(&l), 0, "idle keys evicted by the sweeper");
+        for i in 0..100 {
+            assert!(
+                call(&l, &format!("new{i}")),
+                "new tenant {i} has its own bucket"
+            );
+        }
+        sweeper.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_at_its_key_cap_makes_room_from_idle_keys_itself() {
+        let l = limits(
+            serde_json::json!({"service": "orders", "scope": "local", "key": {"headers": ["x-tenant"]},
+                               "limit": {"requests": 1, "per": "minute"}}),
+            false,
+        );
+        for i in 0..MAX_KEYS_PER_POLICY {
+            assert!(call(&l, &format!("t{i}")));
+        }
+        // No sweeper running: the cap itself evicts the idle keys when a new key arrives.
+        tokio::time::advance(KEY_IDLE_EVICT + KEY_SWEEP_INTERVAL).await;
+        assert!(call(&l, "late-1"));
+        assert!(
+            call(&l, "late-2"),
+            "late-2 has its own bucket, not the overflow"
+        );
+        assert_eq!(keys(&l), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_consumer_gets_its_burst_under_a_global_quota() {
+        // The numbers: 30/min with burst 3, one sidecar, coordinated. Once the agent
+        // allocated (the whole limit to the only participant), a new consumer's first eight
+        // back-to-back requests: the burst (3) admitted, the rest refused.
+        let l = limits(
+            serde_json::json!({"service": "orders", "scope": "global",
+                               "key": {"consumer": true},
+                               "limit": {"requests": 30, "per": "minute"}, "burst": 3}),
+            true,
+        );
+        l.set_shares("quota", 0.5, &HashMap::new(), 1);
+        let admitted = (0..8).filter(|_| call(&l, "x")).count();
+        assert_eq!(admitted, 3, "a new bucket starts full");
+        // Then the rate: one more every 2 s.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(call(&l, "x"));
+        assert!(!call(&l, "x"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fresh_buckets_of_a_shared_limit_hold_the_burst_in_proportion_to_the_share() {
+        // Two sidecars: this one's share is half the limit, so half the burst.
+        let l = limits(
+            serde_json::json!({"service": "orders", "scope": "global",
+                               "key": {"headers": ["x-tenant"]},
+                               "limit": {"requests": 100, "per": "second"}, "burst": 10}),
+            true,
+        );
+        l.set_shares("quota", 50.0, &HashMap::new(), 2);
+        assert_eq!((0..20).filter(|_| call(&l, "a")).count(), 5);
     }
 }

@@ -236,3 +236,57 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_ingress_that_cannot_bind_names_its_own_listener_and_address() {
+    init_logs();
+    let pki = Pki::new(&["gateway"]);
+    let web = WebPki::new();
+    web.leaf(pki.path(), "api", &["api.example.com"]);
+    // Both ingress ports are taken by someone else.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr");
+    let taken_http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_http_addr = taken_http.local_addr().expect("addr");
+    for (tls, http, what, addr) in [
+        (taken_addr, None, "ingress listener", taken_addr),
+        (
+            "127.0.0.1:0".parse().expect("addr"),
+            Some(taken_http_addr),
+            "ingress http listener",
+            taken_http_addr,
+        ),
+    ] {
+        let mut cfg = trellis_proxy::testing::config(
+            "gateway",
+            pki.path(),
+            "127.0.0.1:9".parse().expect("addr"),
+        );
+        cfg.ingress = Some(IngressConfig {
+            listen: tls,
+            certificates: vec![ServerCertificate {
+                hosts: vec!["api.example.com".into()],
+                cert: pki.path().join("api.pem"),
+                key: pki.path().join("api-key.pem"),
+            }],
+            http: http.map(|listen| IngressHttpConfig {
+                listen,
+                redirect_to_https: true,
+            }),
+            trusted_proxies: Vec::new(),
+        });
+        let admin = cfg.admin.listen;
+        let (_tx, rx) = tokio::sync::watch::channel(None);
+        let err = match trellis_proxy::app::Proxy::new(cfg, rx).start().await {
+            Ok(_) => panic!("{what} on a taken port must not start"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(what) && err.contains(&addr.to_string()),
+            "error names the listener and its address: {err}"
+        );
+        if admin.port() != 0 {
+            assert!(!err.contains(&admin.to_string()), "{err}");
+        }
+    }
+}

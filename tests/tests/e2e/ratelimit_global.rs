@@ -154,3 +154,60 @@ async fn global_limit_is_shared_rebalanced_after_a_crash_and_bounded_without_etc
         assert_eq!(c.skipped.load(Relaxed), 0, "the load generator kept pace");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_consumer_gets_its_quota_burst_with_etcd_coordination() {
+    // The issue's case: a consumer quota of 30/min with burst 3, shared through etcd. Eight
+    // back-to-back requests of a new consumer: its burst (3) is admitted, then 429s.
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["client", "orders"]);
+    let backend = Backend::start().await;
+    let orders =
+        trellis_tests::etcd_sidecar(&pki, "orders", backend.addr, etcd.endpoints(), |_| {}).await;
+    let key = "tk_docs_quota_burst";
+    let digest: String = trellis_proxy::access::key_digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: trellis.dev/v1\nkind: AuthenticationPolicy\nmetadata: {{name: orders-keys}}\n\
+         spec: {{service: orders, api_keys: {{header: x-api-key}}}}\n---\n\
+         apiVersion: trellis.dev/v1\nkind: Consumer\nmetadata: {{name: acme}}\n\
+         spec: {{api_keys: [{{id: k1, sha256: \"{digest}\"}}], quota: {{limit: {{requests: 30, per: minute}}, burst: 3}}}}\n"
+    );
+    let docs: Vec<_> = parse_documents(&yaml, "test")
+        .into_iter()
+        .map(|d| d.expect("valid document"))
+        .collect();
+    let cfg = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+    mesh_agent::policy::apply(&cfg, &docs, false)
+        .await
+        .expect("policies applied");
+    // The sidecar coordinates the quota: its share of the whole limit is allocated.
+    wait_for(
+        Duration::from_secs(15),
+        "quota shared through etcd",
+        || async {
+            let s = sharing(orders.bound.admin).await;
+            s["peers"] == 1
+                && s["shares"]["quota.acme.orders"]
+                    .as_f64()
+                    .is_some_and(|v| v > 0.49)
+        },
+    )
+    .await;
+    let client = Sidecar::start(&pki, "client", backend.addr, |_| {}).await;
+    client.route(&[("orders", &[orders.bound.inbound])]).await;
+    let c = client::h1(client.outbound());
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let req = http::Request::get("http://orders/echo")
+            .header("x-api-key", key)
+            .body(client::empty())
+            .expect("request");
+        let r = client::send(&c, req).await.expect("answer");
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429, 429, 429]);
+}
