@@ -377,6 +377,11 @@ impl Load {
         }
     }
 
+    /// Successful requests so far.
+    pub fn ok_so_far(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stop the workers; `(ok, failed)`.
     pub async fn stop(self) -> (u64, u64) {
         use std::sync::atomic::Ordering;

@@ -496,24 +496,21 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_lease_is_replaced_by_a_new_registration() {
-    let m = etcd_mesh().await;
-    let mut etcd = etcd_client(m.etcd.endpoints()).await;
-    let prefix = format!("{PREFIX}/mesh/services/echo/instances/");
+/// Revoke the lease of the first registration under `prefix` (what a partition longer than
+/// the TTL does: the lease is gone and the key with it) and wait until it is registered again
+/// under a new one.
+async fn revoke_and_wait_for_a_new_lease(etcd: &mut Client, prefix: &str) {
     let resp = etcd
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .get(prefix, Some(GetOptions::new().with_prefix()))
         .await
         .unwrap();
     let old_lease = resp.kvs()[0].lease();
-    // What a partition longer than the TTL does: the lease is gone and the key with it.
     etcd.lease_revoke(old_lease).await.unwrap();
-    let start = Instant::now();
     wait_for(
         Duration::from_secs(5),
         "re-registered under a new lease",
         || {
-            let (mut etcd, prefix) = (etcd.clone(), prefix.clone());
+            let (mut etcd, prefix) = (etcd.clone(), prefix.to_string());
             async move {
                 let r = etcd
                     .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -526,6 +523,15 @@ async fn a_lost_lease_is_replaced_by_a_new_registration() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_replaced_by_a_new_registration() {
+    let m = etcd_mesh().await;
+    let mut etcd = etcd_client(m.etcd.endpoints()).await;
+    let prefix = format!("{PREFIX}/mesh/services/echo/instances/");
+    let start = Instant::now();
+    revoke_and_wait_for_a_new_lease(&mut etcd, &prefix).await;
     eprintln!(
         "re-registered {:?} after the lease was revoked",
         start.elapsed()
@@ -569,4 +575,45 @@ async fn registration_waits_for_the_app_to_be_healthy() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_converges_after_re_registration_restart_and_compaction() {
+    let mut m = etcd_mesh().await;
+    let cfg = etcd_cfg(m.etcd.endpoints());
+    let converged = |what: &'static str| {
+        let cfg = cfg.clone();
+        async move {
+            let (table, ok) = mesh_agent::policy::status_wait(&cfg, Duration::from_secs(10))
+                .await
+                .expect("status");
+            assert!(ok, "{what}: not converged:\n{table}");
+            assert!(!table.contains(" no\n"), "{what}:\n{table}");
+        }
+    };
+    mesh_agent::policy::apply(&cfg, &policy("echo", "2s"), false)
+        .await
+        .expect("apply");
+    converged("after apply").await;
+
+    // Re-registration with the same content: a lease lost and granted again.
+    let mut etcd = etcd_client(m.etcd.endpoints()).await;
+    let prefix = format!("{PREFIX}/mesh/services/echo/instances/");
+    revoke_and_wait_for_a_new_lease(&mut etcd, &prefix).await;
+    converged("after re-registration").await;
+
+    // etcd restarted with its data.
+    m.etcd.members[0].restart().await;
+    converged("after an etcd restart").await;
+
+    // History compacted up to now.
+    let mut etcd = etcd_client(m.etcd.endpoints()).await;
+    let rev = etcd
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .map_or(0, |h| h.revision());
+    etcd.compact(rev, None).await.unwrap();
+    converged("after compaction").await;
 }
