@@ -290,17 +290,28 @@ fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// Parse every document of a (multi-document) YAML text. Each entry is the document or why it
-/// could not be read; `origin` names the file in errors.
+/// could not be read; `origin` names the file in errors. A YAML syntax error ends the list: the
+/// rest of the stream cannot be read past it.
 pub fn parse_documents(text: &str, origin: &str) -> Vec<Result<PolicyDocument, DocumentError>> {
     let mut out = Vec::new();
+    let mut last_error: Option<String> = None;
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = match serde_json::Value::deserialize(de) {
             Ok(serde_json::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
+                let message = e.to_string();
+                // After a syntax error the YAML parser stays where it failed and the document
+                // iterator yields that same error again, forever (found by fuzzing: the list
+                // grew until the process ran out of memory). A type error in one document
+                // (e.g. a non-string key) carries its own position and does not repeat.
+                if last_error.as_deref() == Some(message.as_str()) {
+                    break;
+                }
+                last_error = Some(message.clone());
                 out.push(Err(DocumentError {
                     doc: format!("{origin} document {}", i + 1),
-                    message: e.to_string(),
+                    message,
                 }));
                 continue;
             }
@@ -375,6 +386,17 @@ impl Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_yaml_syntax_error_ends_the_document_list() {
+        // Fuzzing regression: the YAML document iterator repeats a syntax error forever, and
+        // the list grew until the process ran out of memory.
+        for text in ["a: [unclosed", "kind: x\n---\nb: {c\n---\nd: 1\n"] {
+            let docs = parse_documents(text, "f");
+            assert!(docs.len() <= 2, "{text:?}: {} entries", docs.len());
+            assert!(docs.last().is_some_and(|d| d.is_err()), "{text:?}");
+        }
+    }
 
     #[test]
     fn multi_document_file_with_good_and_bad_documents() {
