@@ -73,7 +73,8 @@ pub fn run(data: &[u8]) -> u64 {
     let distinct: std::collections::BTreeSet<&str> =
         owned.iter().map(|(k, _)| k.as_str()).collect();
     assert!(state.len() <= distinct.len());
-    assert_eq!(state.rejected.len() + state.len() <= distinct.len(), true);
+    // (A key may be both in force and rejected: an invalid value keeps the last good one.)
+    assert!(state.rejected.len() <= distinct.len());
     let mut label = format!("{} {} ", state.len().min(4), state.rejected.len().min(4));
     for r in state.rejected.values().take(4) {
         label.push_str(&r.reason);

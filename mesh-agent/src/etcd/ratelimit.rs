@@ -466,7 +466,7 @@ fn instance_of(prefix: &str, key: &[u8]) -> Option<String> {
 }
 
 /// The demand table as read from etcd values (`(key, value)` under `prefix`), and the shares
-/// `me` computes from it for `policy`: `(default, per-key shares, peers)`. Exposed for the fuzz
+/// `me` computes from it for `policy`: `(default, per-key shares, peers, me in the table)`. Exposed for the fuzz
 /// targets only (`fuzzing` feature): other sidecars' entries are untrusted input.
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_shares(
@@ -475,13 +475,16 @@ pub fn fuzz_shares(
     me: &str,
     policy: &str,
     limit: f64,
-) -> (f64, HashMap<u64, f64>, usize) {
+) -> (f64, HashMap<u64, f64>, usize, bool) {
     let entries: BTreeMap<String, DemandReport> = kvs
         .iter()
         .filter_map(|(k, v)| parse_entry(prefix, k, v))
         .collect();
+    let listed = entries
+        .get(me)
+        .is_some_and(|r| r.policies.contains_key(policy));
     let a = allocation(&entries, me, policy, limit);
-    (a.default, a.keys, a.peers)
+    (a.default, a.keys, a.peers, listed)
 }
 
 /// A table entry; a malformed one is logged and left out (that sidecar then counts as absent,
