@@ -44,25 +44,31 @@ pub fn target(name: &str) -> Option<&'static Target> {
     targets::ALL.iter().find(|t| t.name == name)
 }
 
-/// An outcome label from a message: digits and quoted parts (names, values) are dropped, so
-/// that "rules[3]: bad regex `a(`" and "rules[4]: bad regex `b(`" are the same outcome.
+/// An outcome label from a message: only its first line's words count, without digits or
+/// quoted parts (names, values), cut at 64 bytes, so that "rules[3]: bad regex `a(`" and
+/// "rules[4]: bad regex `b(`" are the same outcome and an error that echoes its input does
+/// not make every input new.
 pub fn outcome(message: &str) -> u64 {
-    let mut out = Vec::with_capacity(96);
+    let mut out = Vec::with_capacity(64);
     let mut quoted = false;
     for b in message.bytes() {
-        if b == b'`' || b == b'"' {
-            quoted = !quoted;
-            continue;
+        match b {
+            b'\n' => break,
+            b'`' | b'"' => quoted = !quoted,
+            _ if quoted => {}
+            b if b.is_ascii_alphabetic() || b" .:_-|".contains(&b) => out.push(b),
+            _ => {}
         }
-        if quoted || b.is_ascii_digit() {
-            continue;
-        }
-        out.push(b);
-        if out.len() >= 96 {
+        if out.len() >= 64 {
             break;
         }
     }
     driver::fnv(&out)
+}
+
+/// A count as a word for an outcome label (labels ignore digits).
+pub fn count(n: usize) -> &'static str {
+    ["none", "one", "two", "three", "many"][n.min(4)]
 }
 
 /// Cut `data` into parts at each `\0` byte (at most `n` parts; the last takes the rest).

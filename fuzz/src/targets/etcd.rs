@@ -75,7 +75,11 @@ pub fn run(data: &[u8]) -> u64 {
     assert!(state.len() <= distinct.len());
     // (A key may be both in force and rejected: an invalid value keeps the last good one.)
     assert!(state.rejected.len() <= distinct.len());
-    let mut label = format!("{} {} ", state.len().min(4), state.rejected.len().min(4));
+    let mut label = format!(
+        "{} {} ",
+        crate::count(state.len()),
+        crate::count(state.rejected.len())
+    );
     for r in state.rejected.values().take(4) {
         label.push_str(&r.reason);
     }

@@ -93,7 +93,7 @@ pub fn run(data: &[u8]) -> u64 {
     assert_eq!(status.len(), 1);
     assert!(!status[0].keys.is_empty(), "a loaded set has a key");
     assert!(status[0].keys.len() <= trellis_proxy::auth::jwks::MAX_KEYS);
-    let mut label = format!("keys {} ", status[0].keys.len().min(4));
+    let mut label = format!("keys {} ", crate::count(status[0].keys.len()));
     for t in tokens() {
         let Some(r) = super::jwt::now(auth.authenticate(t)) else {
             panic!("an inline key set made authenticate wait");

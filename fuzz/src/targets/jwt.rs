@@ -157,7 +157,11 @@ pub fn run(data: &[u8]) -> u64 {
                 assert!(name == "x-jwt-sub" || name == "x-tenant", "{name}");
                 assert!(value.to_str().is_ok());
             }
-            outcome(&format!("ok {} {}", t.provider, t.forwarded_headers.len()))
+            outcome(&format!(
+                "ok {} {}",
+                t.provider,
+                crate::count(t.forwarded_headers.len())
+            ))
         }
         Err(JwtError::Malformed(why)) => outcome(why),
         Err(e) => outcome(e.reason()),

@@ -120,7 +120,7 @@ pub fn build(doc: &trellis_policies::MeshDocument) -> String {
             let table = RouteTable::build(Arc::new(snapshot), &StatsRegistry::default(), Some("a"));
             let _ = table.dump();
             let _ = table.routing.dump();
-            format!("snapshot {}", table.routes().count().min(4))
+            format!("snapshot {}", crate::count(table.routes().count()))
         }
         Err(e) => e,
     }

@@ -138,6 +138,9 @@ pub fn run(data: &[u8]) -> u64 {
     }
     let (_, _, newcomer, _) =
         mesh_agent::etcd::ratelimit::fuzz_shares(prefix, &kvs, "\u{1}new", "p", limit);
-    label.push_str(&format!("{} {}", peers.min(4), newcomer.min(4)));
+    for n in [peers, newcomer, sums.len()] {
+        label.push_str(crate::count(n));
+        label.push(' ');
+    }
     outcome(&label)
 }

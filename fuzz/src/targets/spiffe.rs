@@ -5,7 +5,7 @@
 //! Input: a mode byte, then an ID (even modes) or a DER certificate (odd modes).
 
 use rustls_pki_types::CertificateDer;
-use trellis_policies::SpiffeId;
+use trellis_policies::{SpiffeError, SpiffeId};
 use trellis_proxy::identity::spiffe_id_from_cert;
 
 use crate::outcome;
@@ -43,7 +43,7 @@ pub fn run(data: &[u8]) -> u64 {
                 check(&id);
                 outcome("cert ok")
             }
-            Err(e) => outcome(&e),
+            Err(e) => outcome(e.split('`').next().unwrap_or_default()),
         };
     }
     let Ok(text) = std::str::from_utf8(rest) else {
@@ -63,7 +63,10 @@ pub fn run(data: &[u8]) -> u64 {
                 "other"
             })
         }
-        Err(e) => outcome(&e.to_string()),
+        // The messages echo the input: label by kind only.
+        Err(SpiffeError::Scheme(_)) => outcome("scheme"),
+        Err(SpiffeError::TrustDomain(_)) => outcome("trust domain"),
+        Err(SpiffeError::Path(_)) => outcome("path"),
     }
 }
 
