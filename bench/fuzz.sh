@@ -32,10 +32,13 @@ afl)
         echo "FUZZ_DRIVER=afl needs cargo-afl: cargo install cargo-afl --locked" >&2
         exit 2
     fi
-    cargo afl build --locked --profile fuzz -p trellis-fuzz --features afl --bin trellis-fuzz-afl
+    # A target directory of its own: instrumented artifacts would otherwise replace the
+    # stable build's (RUSTFLAGS do not change artifact names).
+    CARGO_TARGET_DIR="$TARGET_DIR/afl" cargo afl build --locked --profile fuzz -p trellis-fuzz \
+        --features afl --bin trellis-fuzz-afl
     cargo build --locked --profile fuzz -p trellis-fuzz --bin trellis-fuzz
     BIN="$TARGET_DIR/fuzz/trellis-fuzz"
-    AFL_BIN="$TARGET_DIR/fuzz/trellis-fuzz-afl"
+    AFL_BIN="$TARGET_DIR/afl/fuzz/trellis-fuzz-afl"
     ;;
 *)
     echo "FUZZ_DRIVER must be stable or afl" >&2
@@ -59,6 +62,7 @@ for t in "${TARGETS[@]}"; do
         fi
     else
         # AFL++ wants whole-file inputs; -V ends the run after the time given.
+        mkdir -p "$OUT/afl"
         AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
             TRELLIS_FUZZ_TARGET="$t" cargo afl fuzz -V "$SECONDS_PER_TARGET" -t $((TIMEOUT * 1000)) \
             -i "fuzz/corpus/$t" -o "$OUT/afl/$t" "$AFL_BIN" >"$OUT/afl-$t.log" 2>&1 || true

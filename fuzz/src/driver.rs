@@ -298,7 +298,7 @@ const MAX_CORPUS: usize = 4096;
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -309,7 +309,7 @@ impl Rng {
 
     /// Uniform-ish in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -353,7 +353,7 @@ pub fn mutate(rng: &mut Rng, parent: &[u8], other: &[u8], target: &Target) -> Ve
                 let i = rng.below(v.len() + 1);
                 let n = 1 + rng.below(8);
                 for _ in 0..n {
-                    v.insert(i, rng.next() as u8);
+                    v.insert(i, rng.next_u64() as u8);
                 }
             }
             3 if !v.is_empty() => {

@@ -123,19 +123,18 @@ pub fn run(data: &[u8]) -> u64 {
     } else {
         // As a client sends it: a header (any prefix case) or a query parameter.
         let mut headers = HeaderMap::new();
-        let uri: Uri;
-        if mode & 2 == 0 {
+        let uri = if mode & 2 == 0 {
             let Ok(v) = HeaderValue::from_bytes(rest) else {
                 return 1;
             };
             headers.insert("authorization", v);
-            uri = Uri::from_static("/");
+            Uri::from_static("/")
         } else {
             let Ok(u) = Uri::try_from(rest) else {
                 return 2;
             };
-            uri = u;
-        }
+            u
+        };
         match auth.token_from(&headers, &uri) {
             Some(t) => t.to_string(),
             None => return 3,

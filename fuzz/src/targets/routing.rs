@@ -106,7 +106,7 @@ pub fn run(data: &[u8]) -> u64 {
     let _ = table.routing.dump();
     let mut label = String::from("valid ");
     for request in &parts[1..] {
-        label.push_str(&route(&table, request));
+        label.push_str(route(&table, request));
     }
     outcome(&label)
 }
