@@ -289,22 +289,43 @@ fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Run a YAML parse, turning a panic of the parser into an error. serde_norway panics on some
+/// malformed input instead of returning an error (a merge key aliasing its own unclosed
+/// anchor, `x &a [<<: *a`: "unexpected end of mapping", found by fuzzing); a policy file or a
+/// mesh file must be refused with a message, not bring the process down.
+pub(crate) fn yaml_guard<T>(parse: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|_| {
+        Err("malformed YAML: the parser failed on this text (check anchors, aliases and merge keys)".into())
+    })
+}
+
 /// Parse every document of a (multi-document) YAML text. Each entry is the document or why it
-/// could not be read; `origin` names the file in errors.
+/// could not be read; `origin` names the file in errors. A YAML syntax error ends the list: the
+/// rest of the stream cannot be read past it.
 pub fn parse_documents(text: &str, origin: &str) -> Vec<Result<PolicyDocument, DocumentError>> {
     let mut out = Vec::new();
+    let mut last_error: Option<String> = None;
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = match serde_json::Value::deserialize(de) {
-            Ok(serde_json::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                out.push(Err(DocumentError {
-                    doc: format!("{origin} document {}", i + 1),
-                    message: e.to_string(),
-                }));
-                continue;
-            }
-        };
+        let value =
+            match yaml_guard(|| serde_json::Value::deserialize(de).map_err(|e| e.to_string())) {
+                Ok(serde_json::Value::Null) => continue,
+                Ok(v) => v,
+                Err(message) => {
+                    // After a syntax error the YAML parser stays where it failed and the document
+                    // iterator yields that same error again, forever (found by fuzzing: the list
+                    // grew until the process ran out of memory). A type error in one document
+                    // (e.g. a non-string key) carries its own position and does not repeat.
+                    if last_error.as_deref() == Some(message.as_str()) {
+                        break;
+                    }
+                    last_error = Some(message.clone());
+                    out.push(Err(DocumentError {
+                        doc: format!("{origin} document {}", i + 1),
+                        message,
+                    }));
+                    continue;
+                }
+            };
         out.push(
             serde_json::from_value::<PolicyDocument>(value).map_err(|e| DocumentError {
                 doc: format!("{origin} document {}", i + 1),
@@ -380,6 +401,33 @@ impl Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_yaml_syntax_error_ends_the_document_list() {
+        // Fuzzing regression: the YAML document iterator repeats a syntax error forever, and
+        // the list grew until the process ran out of memory.
+        for text in ["a: [unclosed", "kind: x\n---\nb: {c\n---\nd: 1\n"] {
+            let docs = parse_documents(text, "f");
+            assert!(docs.len() <= 2, "{text:?}: {} entries", docs.len());
+            assert!(docs.last().is_some_and(|d| d.is_err()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_yaml_parser_panic_is_a_clean_error() {
+        // Fuzzing regression: serde_norway panics ("unexpected end of mapping") on a merge key
+        // aliasing its own unclosed anchor.
+        let docs = parse_documents("x &a [<<: *a", "f");
+        assert!(!docs.is_empty() && docs.len() <= 3, "{docs:?}");
+        assert!(docs.iter().all(|d| d.is_err()), "{docs:?}");
+        assert!(
+            docs.iter().any(|d| d
+                .as_ref()
+                .is_err_and(|e| e.message.contains("malformed YAML"))),
+            "{docs:?}"
+        );
+        assert!(crate::parse_mesh_yaml("x &a [<<: *a").is_err());
+    }
 
     #[test]
     fn multi_document_file_with_good_and_bad_documents() {

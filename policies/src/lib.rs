@@ -59,7 +59,8 @@ pub fn parse_mesh_yaml(text: &str) -> Result<MeshDocument, PolicyError> {
     let doc: MeshDocument = if text.trim().is_empty() {
         MeshDocument::default()
     } else {
-        serde_norway::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?
+        document::yaml_guard(|| serde_norway::from_str(text).map_err(|e| e.to_string()))
+            .map_err(PolicyError::Parse)?
     };
     validate(&doc)?;
     Ok(doc)

@@ -25,6 +25,10 @@ pub fn parse_timeout(headers: &HeaderMap) -> Option<Duration> {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
+    // Digits only: `u64::from_str` would also take a sign (`+5m`, found by fuzzing).
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -114,7 +118,7 @@ mod tests {
             h.insert(TIMEOUT_HEADER, v.parse().unwrap());
             assert_eq!(parse_timeout(&h), Some(d), "{v}");
         }
-        for bad in ["", "m", "12x", "123456789m", "-1S"] {
+        for bad in ["", "m", "12x", "123456789m", "-1S", "+5m", "+1S"] {
             h.insert(TIMEOUT_HEADER, HeaderValue::from_str(bad).unwrap());
             assert_eq!(parse_timeout(&h), None, "{bad}");
         }

@@ -465,6 +465,28 @@ fn instance_of(prefix: &str, key: &[u8]) -> Option<String> {
     (!id.is_empty() && !id.contains('/')).then(|| id.to_string())
 }
 
+/// The demand table as read from etcd values (`(key, value)` under `prefix`), and the shares
+/// `me` computes from it for `policy`: `(default, per-key shares, peers, me in the table)`. Exposed for the fuzz
+/// targets only (`fuzzing` feature): other sidecars' entries are untrusted input.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_shares(
+    prefix: &str,
+    kvs: &[(&[u8], &[u8])],
+    me: &str,
+    policy: &str,
+    limit: f64,
+) -> (f64, HashMap<u64, f64>, usize, bool) {
+    let entries: BTreeMap<String, DemandReport> = kvs
+        .iter()
+        .filter_map(|(k, v)| parse_entry(prefix, k, v))
+        .collect();
+    let listed = entries
+        .get(me)
+        .is_some_and(|r| r.policies.contains_key(policy));
+    let a = allocation(&entries, me, policy, limit);
+    (a.default, a.keys, a.peers, listed)
+}
+
 /// A table entry; a malformed one is logged and left out (that sidecar then counts as absent,
 /// which errs on the side of a smaller total).
 fn parse_entry(prefix: &str, key: &[u8], value: &[u8]) -> Option<(String, DemandReport)> {

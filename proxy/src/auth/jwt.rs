@@ -385,13 +385,20 @@ impl Provider {
             let Some(value) = claims.get(claim) else {
                 continue;
             };
-            let value = match value {
-                Value::String(s) => HeaderValue::from_str(s),
-                other => HeaderValue::from_str(&other.to_string()),
+            let text = match value {
+                Value::String(s) => Cow::Borrowed(s.as_str()),
+                other => Cow::Owned(other.to_string()),
+            };
+            // `HeaderValue::from_str` takes bytes 0x80-0xFF (obs-text), so a non-ASCII claim
+            // would reach the app as raw UTF-8 in a header (found by fuzzing): refuse it here.
+            let value = if text.is_ascii() {
+                HeaderValue::from_str(&text).ok()
+            } else {
+                None
             };
             match value {
-                Ok(v) => out.push((header.clone(), v)),
-                Err(_) => tracing::debug!(
+                Some(v) => out.push((header.clone(), v)),
+                None => tracing::debug!(
                     provider = %self.name,
                     claim,
                     "claim not forwardable as a header"

@@ -33,6 +33,26 @@ use limits_metrics::LimitMetrics;
 use crate::error::ProxyError;
 use crate::snapshot::Snapshot;
 
+/// The key hash of a request under `policy` (see `key.rs`), for the fuzz targets only
+/// (`fuzzing` feature): every part comes from the client.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_key_hash(
+    headers: &http::HeaderMap,
+    peer: Option<&http::HeaderValue>,
+    source: std::net::IpAddr,
+    consumer: Option<&str>,
+    policy: &str,
+    key: &trellis_policies::LimitKey,
+) -> u64 {
+    RequestKey {
+        headers,
+        peer,
+        source,
+        consumer,
+    }
+    .hash(policy, key)
+}
+
 /// Time constant of the demand average: long enough to smooth bursts, short enough that a
 /// shift in traffic shows within a second or two.
 pub const DEMAND_TAU: Duration = Duration::from_millis(500);

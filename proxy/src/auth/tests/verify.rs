@@ -55,6 +55,33 @@ async fn valid_tokens_verify_and_expose_their_claims() {
 }
 
 #[tokio::test]
+async fn claims_that_are_not_ascii_are_not_forwarded() {
+    // Fuzzing regression: a non-ASCII claim value went out as raw UTF-8 in a header.
+    let signers = signers();
+    let auth = inline_authenticator(&signers);
+    let mut c = claims();
+    c["tenant"] = json!("acm\u{4fc}e");
+    c["sub"] = json!({"name": "\u{e9}"});
+    let v = auth
+        .authenticate(&signers[3].sign(&c))
+        .await
+        .expect("valid token");
+    assert!(v.forwarded_headers.is_empty(), "{:?}", v.forwarded_headers);
+    let mut c = claims();
+    c["tenant"] = json!("ctl\u{1}");
+    let v = auth
+        .authenticate(&signers[3].sign(&c))
+        .await
+        .expect("valid token");
+    let names: Vec<&str> = v
+        .forwarded_headers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(names, ["x-user"]);
+}
+
+#[tokio::test]
 async fn time_claims_are_checked_with_clock_skew() {
     let signers = signers();
     let auth = inline_authenticator(&signers);
