@@ -119,7 +119,12 @@ pub fn run(data: &[u8]) -> u64 {
 pub fn build(doc: &trellis_policies::MeshDocument) -> String {
     match Snapshot::from_document(doc, "trellis.local", 1, "fuzz".into()) {
         Ok(snapshot) => {
-            let table = RouteTable::build(Arc::new(snapshot), &StatsRegistry::default(), Some("a"));
+            let table = RouteTable::build(
+                Arc::new(snapshot),
+                &StatsRegistry::default(),
+                Some("a"),
+                Some("gateway"),
+            );
             let _ = table.dump();
             let _ = table.routing.dump();
             format!("snapshot {}", crate::count(table.routes().count()))

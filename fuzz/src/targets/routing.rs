@@ -102,7 +102,12 @@ pub fn run(data: &[u8]) -> u64 {
         Ok(s) => s,
         Err(e) => return outcome(&e),
     };
-    let table = RouteTable::build(Arc::new(snapshot), &StatsRegistry::default(), None);
+    let table = RouteTable::build(
+        Arc::new(snapshot),
+        &StatsRegistry::default(),
+        None,
+        Some("gateway"),
+    );
     let _ = table.routing.dump();
     let mut label = String::from("valid ");
     for request in &parts[1..] {
@@ -144,6 +149,15 @@ fn route(table: &RouteTable, request: &[u8]) -> &'static str {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "orders".into());
+    // The edge's table holds only routes bound to the gateway: a subset of the hosts.
+    if let Decision::Matched { prefix, .. } =
+        table.gateway_routing.decide(&host, &method, &uri, &headers)
+    {
+        assert!(
+            prefix <= uri.path().len(),
+            "edge: matched prefix longer than the path"
+        );
+    }
     let decision = table.routing.decide(&host, &method, &uri, &headers);
     let (rule, prefix) = match decision {
         Decision::Unrouted => return "unrouted",
