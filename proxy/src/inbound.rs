@@ -14,6 +14,9 @@ use hyper::body::Incoming;
 
 use crate::app_protocol::{AppKnowledge, AttemptBody, Proto, Replay};
 use crate::client_body::ClientBody;
+
+/// Largest read buffer of an HTTP/1.1 connection to the app.
+const APP_READ_BUF: usize = 64 * 1024;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -80,9 +83,17 @@ impl Inbound {
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(APP_POOL_IDLE)
-            .pool_timer(TokioTimer::new());
+            .pool_timer(TokioTimer::new())
+            // What one response read from the app may hold unsent when its caller is slow:
+            // bounded like an HTTP/2 stream's window, not hyper's ~400 KB default.
+            .http1_max_buf_size(APP_READ_BUF);
         let h1 = b.build(connector.clone());
-        let h2 = b.http2_only(true).timer(TokioTimer::new()).build(connector);
+        let h2 = b
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_initial_stream_window_size(crate::server::H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(crate::server::H2_CONN_WINDOW)
+            .build(connector);
         Self {
             service: Arc::new(config.service.clone()),
             mode: config.inbound.mode,

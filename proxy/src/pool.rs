@@ -78,6 +78,9 @@ impl PeerPool {
         let io = connect_tls(&tls, ep, Alpn::H2, connect_timeout, &self.metrics).await?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // One slow reader must not stall the connection every request to this peer shares.
+            .initial_stream_window_size(crate::server::H2_STREAM_WINDOW)
+            .initial_connection_window_size(crate::server::H2_CONN_WINDOW)
             .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(io))

@@ -25,7 +25,15 @@ use crate::metrics::ByteCounters;
 /// hyper refuses read buffers smaller than this.
 const MIN_H1_BUF: usize = 8192;
 /// Streams one HTTP/2 client may have open at once.
-const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Flow-control credit per HTTP/2 stream: the most one stream may have buffered unread at
+/// the receiver. A reader that stops reading holds at most this much of its connection.
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Credit per HTTP/2 connection: enough for every stream it may carry to be stalled at once
+/// (hyper's default, 5 MB, is exhausted by three stalled 2 MB streams, and then every other
+/// stream on the connection waits). Credit is not memory: memory is what stalled streams
+/// actually hold, at most [`H2_STREAM_WINDOW`] each.
+pub const H2_CONN_WINDOW: u32 = H2_MAX_CONCURRENT_STREAMS * H2_STREAM_WINDOW;
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// An HTTP/1.1 + HTTP/2 (h2c prior knowledge or ALPN h2) server builder with our limits.
@@ -44,6 +52,8 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
     b
 }

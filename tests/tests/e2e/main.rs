@@ -26,6 +26,7 @@ mod ratelimit;
 mod ratelimit_global;
 mod retry;
 mod rotation;
+mod slow_readers;
 mod store;
 mod streaming;
 mod tracing;

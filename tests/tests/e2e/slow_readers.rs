@@ -1,0 +1,111 @@
+//! One slow reader must not stall anyone else. Every request to a peer shares one HTTP/2
+//! connection, so a client that asks for a large response and never reads it holds flow-control
+//! credit on that connection: with hyper's defaults (2 MB per stream, 5 MB per connection)
+//! three of them stalled every other request to the service. Here 50 such readers each hold an
+//! unread 10 MB response while small requests go on.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_proxy::server::H2_STREAM_WINDOW;
+use trellis_tests::{client, rss_bytes, Instances};
+
+const READERS: usize = 50;
+const REQUESTS: usize = 200;
+
+/// `REQUESTS` small requests, 4 at a time (5 s timeout each, stopping after 8 failures):
+/// the failures and each latency.
+async fn small_requests(c: &client::HttpClient) -> (usize, Vec<Duration>) {
+    let mut failed = 0;
+    let mut latencies = Vec::with_capacity(REQUESTS);
+    for _ in 0..REQUESTS / 4 {
+        let batch: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client::get(&c, "http://echo/echo"),
+                    )
+                    .await;
+                    (r.is_ok_and(|r| r.status == 200), started.elapsed())
+                })
+            })
+            .collect();
+        for b in batch {
+            let (ok, took) = b.await.expect("request task");
+            failed += usize::from(!ok);
+            latencies.push(took);
+        }
+        if failed >= 8 {
+            // Stalled: no need to wait out every timeout.
+            break;
+        }
+    }
+    (failed, latencies)
+}
+
+fn p99(mut l: Vec<Duration>) -> Duration {
+    l.sort();
+    l[(l.len() * 99 / 100).min(l.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_stalled_readers_do_not_slow_down_other_requests() {
+    let t = Instances::start(1).await;
+    t.client.route(&[("echo", &[t.servers[0].inbound()])]).await;
+    let outbound = t.client.outbound();
+    let c = client::h1(outbound);
+    // Warm up the pooled connection, then the baseline.
+    let _ = small_requests(&c).await;
+    let (failed, base) = small_requests(&c).await;
+    assert_eq!(failed, 0);
+    let baseline = p99(base);
+    let rss_before = rss_bytes();
+
+    // Readers that take the response head and then stop reading, holding their sockets.
+    let mut readers = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let mut s = TcpStream::connect(outbound).await.expect("connect");
+        s.write_all(b"GET /download/10000000 HTTP/1.1\r\nHost: echo\r\n\r\n")
+            .await
+            .expect("request");
+        let mut head = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut head))
+            .await
+            .expect("response starts")
+            .expect("read");
+        assert!(
+            head[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        readers.push(s);
+    }
+    // Let every stalled stream fill its window and the sockets' buffers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (failed, during) = small_requests(&c).await;
+    let stalled = p99(during);
+    let growth = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "p99 {baseline:?} alone, {stalled:?} beside {READERS} stalled 10 MB responses; RSS +{} MiB",
+        growth / (1 << 20)
+    );
+    assert_eq!(
+        failed, 0,
+        "no small request failed beside the stalled readers"
+    );
+    // 2x the baseline, with a floor for scheduling noise on a loaded 2-core machine.
+    assert!(
+        stalled <= (baseline * 2).max(baseline + Duration::from_millis(25)),
+        "p99 {stalled:?} vs {baseline:?} alone"
+    );
+    // Each stalled stream holds at most its window at the receiving sidecar (and about as
+    // much in flight at the sending one).
+    let bound = 2 * READERS as u64 * u64::from(H2_STREAM_WINDOW) + (16 << 20);
+    assert!(growth <= bound, "RSS grew {growth} bytes, bound {bound}");
+    drop(readers);
+}
