@@ -350,6 +350,7 @@ impl Inbound {
             let may_fall_back = self.app_protocol == AppProtocol::Auto && !upgrade && !grpc;
             let mut parts = Some(parts);
             let mut proto = first;
+            let mut stale_retried = false;
             loop {
                 let req = match parts.take() {
                     Some(p) if !may_fall_back => app_request(p, proto, &authority, body.attempt()),
@@ -387,6 +388,16 @@ impl Inbound {
                             Some(other) => {
                                 tracing::info!(app = %self.app, from = ?proto, to = ?other, error = %crate::outbound::error_chain(&e), "the app does not speak the protocol tried: repeating the request in the one it speaks");
                                 proto = other;
+                            }
+                            // A pooled connection that was closing (or sent something while
+                            // idle) never carried this request: once, on a fresh connection.
+                            None if !stale_retried
+                                && may_fall_back
+                                && body.replayable()
+                                && stale_connection(&e) =>
+                            {
+                                stale_retried = true;
+                                tracing::debug!(app = %self.app, error = %crate::outbound::error_chain(&e), "pooled connection to the app was stale; sending again on a new one");
                             }
                             None => return Err(Some(e)),
                         }
@@ -471,6 +482,19 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
 /// otherwise would send it an `OPTIONS *` per failure. For h2c: any failure, since the h2c
 /// probe sends the app no request and it alone decides (an app that speaks h2c keeps the
 /// failure).
+/// hyper gave the request back unsent: the pooled connection was closing or had received
+/// bytes while idle.
+fn stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_canceled();
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn protocol_mismatch(proto: Proto, e: &hyper_util::client::legacy::Error) -> bool {
     if proto == Proto::H2c {
         return true;

@@ -402,6 +402,10 @@ async fn auto_follows_an_app_that_changes_protocol_across_restarts() {
     assert_eq!(first.requests.load(Ordering::Relaxed), 2);
 
     first.stop().await;
+    // An app restart takes a moment: the sidecar's pooled connection to the old process sees
+    // its end (a request racing that close is retried by the caller's sidecar, which this
+    // test would count as a hidden failure).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let second = Backend::start_speaking(addr, Speaks::Http1).await;
     check(
         "h2 -> restarted as h1",
@@ -425,6 +429,7 @@ async fn auto_follows_an_app_that_changes_protocol_across_restarts() {
     assert_eq!(second.requests.load(Ordering::Relaxed), 3);
 
     second.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let third = Backend::start_speaking(addr, Speaks::H2c).await;
     check(
         "h1 -> restarted as h2c",
