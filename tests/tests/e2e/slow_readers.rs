@@ -16,7 +16,8 @@ const REQUESTS: usize = 200;
 
 /// `REQUESTS` small requests, 4 at a time (5 s timeout each, stopping after 8 failures):
 /// the failures and each latency.
-async fn small_requests(c: &client::HttpClient) -> (usize, Vec<Duration>) {
+/// With `post`, each carries a small body (flow-controlled, unlike a GET's headers).
+async fn small_requests(c: &client::HttpClient, post: bool) -> (usize, Vec<Duration>) {
     let mut failed = 0;
     let mut latencies = Vec::with_capacity(REQUESTS);
     for _ in 0..REQUESTS / 4 {
@@ -25,12 +26,18 @@ async fn small_requests(c: &client::HttpClient) -> (usize, Vec<Duration>) {
                 let c = c.clone();
                 tokio::spawn(async move {
                     let started = Instant::now();
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        client::get(&c, "http://echo/echo"),
-                    )
-                    .await;
-                    (r.is_ok_and(|r| r.status == 200), started.elapsed())
+                    let req = if post {
+                        http::Request::post("http://echo/echo").body(client::full("x"))
+                    } else {
+                        http::Request::get("http://echo/echo").body(client::empty())
+                    };
+                    let Ok(req) = req else {
+                        return (false, started.elapsed());
+                    };
+                    let r =
+                        tokio::time::timeout(Duration::from_secs(5), client::send(&c, req)).await;
+                    let ok = matches!(r, Ok(Ok(ref r)) if r.status == 200);
+                    (ok, started.elapsed())
                 })
             })
             .collect();
@@ -59,8 +66,8 @@ async fn fifty_stalled_readers_do_not_slow_down_other_requests() {
     let outbound = t.client.outbound();
     let c = client::h1(outbound);
     // Warm up the pooled connection, then the baseline.
-    let _ = small_requests(&c).await;
-    let (failed, base) = small_requests(&c).await;
+    let _ = small_requests(&c, false).await;
+    let (failed, base) = small_requests(&c, false).await;
     assert_eq!(failed, 0);
     let baseline = p99(base);
     let rss_before = rss_bytes();
@@ -87,7 +94,7 @@ async fn fifty_stalled_readers_do_not_slow_down_other_requests() {
     // Let every stalled stream fill its window and the sockets' buffers.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let (failed, during) = small_requests(&c).await;
+    let (failed, during) = small_requests(&c, false).await;
     let stalled = p99(during);
     let growth = rss_bytes().saturating_sub(rss_before);
     eprintln!(
@@ -108,4 +115,59 @@ async fn fifty_stalled_readers_do_not_slow_down_other_requests() {
     let bound = 2 * READERS as u64 * u64::from(H2_STREAM_WINDOW) + (16 << 20);
     assert!(growth <= bound, "RSS grew {growth} bytes, bound {bound}");
     drop(readers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_stalled_uploads_do_not_slow_down_other_requests() {
+    let t = Instances::start(1).await;
+    t.client.route(&[("echo", &[t.servers[0].inbound()])]).await;
+    let outbound = t.client.outbound();
+    let c = client::h1(outbound);
+    let _ = small_requests(&c, true).await;
+    let (failed, base) = small_requests(&c, true).await;
+    assert_eq!(failed, 0);
+    let baseline = p99(base);
+
+    // Uploads of 10 MB to an app that does not read them (it answers after 10 s): each
+    // stalls once the buffers on its way are full, holding its stream's window.
+    let uploaders: Vec<_> = (0..READERS)
+        .map(|_| {
+            tokio::spawn(async move {
+                let Ok(mut s) = TcpStream::connect(outbound).await else {
+                    return;
+                };
+                let head =
+                    b"POST /slow/10000 HTTP/1.1\r\nHost: echo\r\nContent-Length: 10000000\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'u'; 64 * 1024];
+                let mut sent = 0;
+                while sent < 10_000_000 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len();
+                }
+            })
+        })
+        .collect();
+    // Until every upload has filled the buffers on its way and stalls (the app answers at
+    // 10 s): the copying before that is CPU work, not the stall this test is about.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let (failed, during) = small_requests(&c, true).await;
+    let stalled = p99(during);
+    eprintln!("p99 {baseline:?} alone, {stalled:?} beside {READERS} stalled 10 MB uploads");
+    assert_eq!(
+        failed, 0,
+        "no small request failed beside the stalled uploads"
+    );
+    assert!(
+        stalled <= (baseline * 2).max(baseline + Duration::from_millis(25)),
+        "p99 {stalled:?} vs {baseline:?} alone"
+    );
+    for u in uploaders {
+        u.abort();
+    }
 }
