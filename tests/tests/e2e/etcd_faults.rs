@@ -87,6 +87,16 @@ impl FaultMesh {
         )
     }
 
+    /// SIGSTOP the leader for `pause`, then let it run and the cluster settle for 2 s.
+    async fn pause_leader(&self, pause: Duration) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let leader = self.etcd.leader().await.expect("a leader");
+        self.etcd.members[leader].pause();
+        tokio::time::sleep(pause).await;
+        self.etcd.members[leader].resume();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
     /// The member index the first echo sidecar's registration talks to.
     async fn connected_member(&self) -> usize {
         let ep = dump(&self.echo[0]).await["etcd"]["registration"]["endpoint"]
@@ -269,12 +279,7 @@ async fn the_leader_paused_costs_nothing() {
     // other members, and the resumed leader finds nothing expired.
     let m = FaultMesh::start(EtcdCluster::start(3).await, Duration::from_secs(10)).await;
     let load = m.load();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let leader = m.etcd.leader().await.expect("a leader");
-    m.etcd.members[leader].pause();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    m.etcd.members[leader].resume();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    m.pause_leader(Duration::from_secs(5)).await;
     m.assert_unharmed(load, "leader paused 5 s").await;
 }
 
@@ -285,12 +290,7 @@ async fn the_leader_paused_costs_nothing() {
 async fn a_leader_paused_longer_than_a_lease_costs_no_request() {
     let m = fault_mesh().await;
     let load = m.load();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let leader = m.etcd.leader().await.expect("a leader");
-    m.etcd.members[leader].pause();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    m.etcd.members[leader].resume();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    m.pause_leader(Duration::from_secs(5)).await;
     m.assert_served(load, "leader paused 5 s, 3 s leases").await;
     let deletes = m.instance_deletes().await;
     eprintln!("registrations deleted by the resumed leader: {deletes:?}");
