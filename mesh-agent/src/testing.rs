@@ -373,7 +373,7 @@ impl EtcdCluster {
             _dir: None,
         };
         m.spawn();
-        m.wait_healthy(Duration::from_secs(30)).await;
+        m.wait_healthy(Duration::from_secs(60)).await;
         let old_id = c
             .member_list()
             .await
@@ -447,7 +447,7 @@ impl EtcdCluster {
             m.spawn();
         }
         for m in &members {
-            m.wait_healthy(Duration::from_secs(30)).await;
+            m.wait_healthy(Duration::from_secs(60)).await;
         }
         Self {
             members,

@@ -27,7 +27,9 @@ async fn small_requests(c: &client::HttpClient, post: bool) -> (usize, Vec<Durat
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let req = if post {
-                        http::Request::post("http://echo/echo").body(client::full("x"))
+                        // /upload reads the whole body before answering (/echo answers
+                        // without reading it, racing the body's last write).
+                        http::Request::post("http://echo/upload").body(client::full("x"))
                     } else {
                         http::Request::get("http://echo/echo").body(client::empty())
                     };
