@@ -343,8 +343,16 @@ async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
             .contains("cache")
     })
     .await;
-    let text = client::admin(restarted.bound.admin, "/metrics").await.body;
-    assert_eq!(metric(&text, "trellis_etcd_state_staleness_seconds"), 0.0);
+    // The re-read is published before the watch is opened on it; staleness is 0 once it is.
+    wait_for(
+        Duration::from_secs(5),
+        "watch established again",
+        || async {
+            let text = client::admin(restarted.bound.admin, "/metrics").await.body;
+            metric(&text, "trellis_etcd_state_staleness_seconds") == 0.0
+        },
+    )
+    .await;
     assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
     let _ = &m.server;
 }
