@@ -43,6 +43,34 @@ pub struct HttpsReply {
     pub served: CertificateDer<'static>,
 }
 
+/// An ingress on loopback (ports chosen by the OS) with a certificate per `(host, stem)`, the
+/// files [`WebPki::leaf`] wrote in `dir` (the first the default), and a plain HTTP listener
+/// that redirects to HTTPS or serves.
+pub fn loopback_ingress(
+    dir: &Path,
+    certs: &[(&str, &str)],
+    redirect_to_https: bool,
+) -> trellis_proxy::config::IngressConfig {
+    use trellis_proxy::config::{IngressConfig, IngressHttpConfig, ServerCertificate};
+    let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    IngressConfig {
+        listen: loopback,
+        certificates: certs
+            .iter()
+            .map(|(host, stem)| ServerCertificate {
+                hosts: vec![host.to_string()],
+                cert: dir.join(format!("{stem}.pem")),
+                key: dir.join(format!("{stem}-key.pem")),
+            })
+            .collect(),
+        http: Some(IngressHttpConfig {
+            listen: loopback,
+            redirect_to_https,
+        }),
+        trusted_proxies: Vec::new(),
+    }
+}
+
 // === impl WebPki ===
 
 impl Default for WebPki {

@@ -8,9 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trellis_policies::MeshDocument;
-use trellis_proxy::config::{IngressConfig, IngressHttpConfig, ServerCertificate};
 use trellis_tests::backend::Backend;
-use trellis_tests::web::WebPki;
+use trellis_tests::web::{loopback_ingress, WebPki};
 use trellis_tests::{client, init_logs, Load, Pki, Sidecar};
 
 const MALFORMED: &[u8] = b"POST /echo HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\nbroken\r\n0\r\n\r\n";
@@ -43,21 +42,12 @@ async fn malformed_bodies_never_count_against_healthy_endpoints() {
     let b2 = Backend::start().await;
     let o1 = Sidecar::start(&pki, "orders", b1.addr, |_| {}).await;
     let o2 = Sidecar::start(&pki, "orders", b2.addr, |_| {}).await;
-    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let gateway = Sidecar::start(&pki, "gateway", b1.addr, |c| {
-        c.ingress = Some(IngressConfig {
-            listen: loopback,
-            certificates: vec![ServerCertificate {
-                hosts: vec!["api.example.com".into()],
-                cert: pki.path().join("api.pem"),
-                key: pki.path().join("api-key.pem"),
-            }],
-            http: Some(IngressHttpConfig {
-                listen: loopback,
-                redirect_to_https: false,
-            }),
-            trusted_proxies: Vec::new(),
-        });
+        c.ingress = Some(loopback_ingress(
+            pki.path(),
+            &[("api.example.com", "api")],
+            false,
+        ));
     })
     .await;
     let yaml = format!(

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use http::Request;
 use http_body_util::Empty;
 use trellis_policies::MeshDocument;
-use trellis_proxy::config::{IngressConfig, IngressHttpConfig, ServerCertificate};
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
-use trellis_tests::web::{Dial, HttpsReply, WebPki};
+use trellis_tests::web::{loopback_ingress, Dial, HttpsReply, WebPki};
 use trellis_tests::{init_logs, Pki, Sidecar};
 
 const UNTRUSTED: &str = "127.0.0.1";
@@ -80,29 +79,15 @@ impl Edge {
         let payments = Backend::start().await;
         let orders_sc = Sidecar::start(&pki, "orders", orders.addr, |_| {}).await;
         let payments_sc = Sidecar::start(&pki, "payments", payments.addr, |_| {}).await;
-        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let gateway = Sidecar::start(&pki, "gateway", orders.addr, |c| {
-            c.ingress = Some(IngressConfig {
-                listen: loopback,
-                certificates: vec![
-                    ServerCertificate {
-                        hosts: vec!["api.example.com".into()],
-                        cert: dir.join("api.pem"),
-                        key: dir.join("api-key.pem"),
-                    },
-                    ServerCertificate {
-                        hosts: vec!["*.shop.example".into()],
-                        cert: dir.join("shop.pem"),
-                        key: dir.join("shop-key.pem"),
-                    },
-                ],
-                // Served, not redirected: the routing rule alone must hold there.
-                http: Some(IngressHttpConfig {
-                    listen: loopback,
-                    redirect_to_https: false,
-                }),
-                trusted_proxies: vec![PROXY.into()],
-            });
+            // Served, not redirected: the routing rule alone must hold there.
+            let mut ingress = loopback_ingress(
+                dir,
+                &[("api.example.com", "api"), ("*.shop.example", "shop")],
+                false,
+            );
+            ingress.trusted_proxies = vec![PROXY.into()];
+            c.ingress = Some(ingress);
         })
         .await;
         let snap = snapshot(orders_sc.inbound(), payments_sc.inbound());
@@ -134,11 +119,9 @@ impl Edge {
     }
 
     async fn https(&self, dial: Dial<'_>, req: http::request::Builder) -> HttpsReply {
-        let r = self
-            .web
+        self.web
             .send(dial, req.body(Empty::new()).expect("request"))
-            .await;
-        r
+            .await
     }
 
     fn reached(&self) -> (u64, u64) {

@@ -16,7 +16,7 @@ use trellis_proxy::config::{IngressConfig, IngressHttpConfig, ServerCertificate}
 use trellis_proxy::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
-use trellis_tests::web::{Dial, WebPki};
+use trellis_tests::web::{loopback_ingress, Dial, WebPki};
 use trellis_tests::{init_logs, wait_for, Pki, Sidecar};
 
 const KEY: &str = "edge-key-6f1d2c";
@@ -91,28 +91,12 @@ async fn ingress_terminates_tls_per_sni_authenticates_and_routes_into_the_mesh()
         c.authorization.consumer_from_peers = vec![Pki::spiffe("gateway")];
     })
     .await;
-    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let gateway = Sidecar::start(&pki, "gateway", backend.addr, |c| {
-        c.ingress = Some(IngressConfig {
-            listen: loopback,
-            certificates: vec![
-                ServerCertificate {
-                    hosts: vec!["api.example.com".into()],
-                    cert: dir.join("api.pem"),
-                    key: dir.join("api-key.pem"),
-                },
-                ServerCertificate {
-                    hosts: vec!["*.shop.example".into()],
-                    cert: dir.join("shop.pem"),
-                    key: dir.join("shop-key.pem"),
-                },
-            ],
-            http: Some(IngressHttpConfig {
-                listen: loopback,
-                redirect_to_https: true,
-            }),
-            trusted_proxies: Vec::new(),
-        });
+        c.ingress = Some(loopback_ingress(
+            dir,
+            &[("api.example.com", "api"), ("*.shop.example", "shop")],
+            true,
+        ));
     })
     .await;
     let snap = snapshot(orders.inbound());
