@@ -70,6 +70,18 @@ impl Backend {
     /// Listen on `addr`, speaking only the HTTP versions `speaks` allows.
     pub async fn start_speaking(addr: SocketAddr, speaks: Speaks) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind backend");
+        Self::serve(listener, speaks)
+    }
+
+    /// Serve on a listener the test bound earlier (so that no other test can take its port
+    /// in between).
+    pub fn start_from(listener: std::net::TcpListener) -> Self {
+        listener.set_nonblocking(true).expect("non-blocking");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
+        Self::serve(listener, Speaks::Both)
+    }
+
+    fn serve(listener: TcpListener, speaks: Speaks) -> Self {
         let addr = listener.local_addr().expect("backend addr");
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();

@@ -556,10 +556,10 @@ async fn registration_waits_for_the_app_to_be_healthy() {
     init_logs();
     let etcd = EtcdCluster::start(1).await;
     let pki = Pki::new(&["echo"]);
-    let app_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Bound but not served yet: connections wait in the backlog, health checks time out, and
+    // no other test can take the port before the app starts.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_addr = reserved.local_addr().unwrap();
     let _sidecar = etcd_sidecar(&pki, "echo", app_addr, etcd.endpoints(), |c| {
         if let Some(e) = c.store.etcd.as_mut() {
             e.registration.app_health_path = Some("/echo".into());
@@ -573,7 +573,7 @@ async fn registration_waits_for_the_app_to_be_healthy() {
         keys_with_prefix(&mut etcd_c, &prefix).await.is_empty(),
         "registered before the app was up"
     );
-    let _app = Backend::start_on(app_addr).await;
+    let _app = Backend::start_from(reserved);
     wait_for(
         Duration::from_secs(5),
         "registered once the app is healthy",
