@@ -212,6 +212,15 @@ impl EtcdMember {
     /// Poll `GET /health` until etcd says it is healthy (it needs a leader). A TLS member is
     /// asked on its plain-HTTP metrics port, which serves `/health` too.
     pub async fn wait_healthy(&self, limit: Duration) {
+        assert!(
+            self.healthy_within(limit).await,
+            "etcd {} not healthy within {limit:?}",
+            self.name
+        );
+    }
+
+    /// Whether `GET /health` says healthy within `limit`.
+    async fn healthy_within(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let port = match self.tls {
             Some(_) => self.metrics_port,
@@ -219,13 +228,11 @@ impl EtcdMember {
         };
         loop {
             if health(port).await {
-                return;
+                return true;
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd {} not healthy within {limit:?}",
-                self.name
-            );
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -417,7 +424,25 @@ impl EtcdCluster {
         self.members[i] = m;
     }
 
+    /// Start `n` members; on ports chosen afresh if they do not come up (a port picked free
+    /// can be taken by a parallel test before etcd binds it).
     async fn start_with(n: usize, tls: Option<Arc<EtcdTls>>, args: &[&str]) -> Self {
+        for _ in 0..2 {
+            if let Some(c) = Self::try_start(n, tls.clone(), args, Duration::from_secs(30)).await {
+                return c;
+            }
+        }
+        Self::try_start(n, tls, args, Duration::from_secs(60))
+            .await
+            .expect("etcd cluster healthy within 60 s")
+    }
+
+    async fn try_start(
+        n: usize,
+        tls: Option<Arc<EtcdTls>>,
+        args: &[&str],
+        limit: Duration,
+    ) -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -447,13 +472,16 @@ impl EtcdCluster {
             m.spawn();
         }
         for m in &members {
-            m.wait_healthy(Duration::from_secs(60)).await;
+            if !m.healthy_within(limit).await {
+                tracing::warn!(member = %m.name, "etcd member not healthy; starting the cluster again on other ports");
+                return None;
+            }
         }
-        Self {
+        Some(Self {
             members,
             tls,
             _dir: dir,
-        }
+        })
     }
 
     pub fn tls(&self) -> Option<&EtcdTls> {
