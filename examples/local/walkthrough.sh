@@ -89,17 +89,17 @@ step "3. apps and sidecars"
 # sidecar SERVICE: writes its config and starts it; its ports go into the arrays below.
 declare -A ADMIN OUTBOUND APP SIDECAR
 sidecar() {
-  local svc=$1 inbound outbound admin app
+  local svc=$1 deps=${2:-} inbound outbound admin app
   inbound=$(free_port); outbound=$(free_port); admin=$(free_port); app=$(free_port)
   sed -e "s|@SERVICE@|$svc|g" -e "s|@CERTS@|$CERTS|g" -e "s|@WORK@|$WORK|g" \
     -e "s|@INBOUND@|$inbound|g" -e "s|@OUTBOUND@|$outbound|g" -e "s|@ADMIN@|$admin|g" \
-    -e "s|@APP@|$app|g" -e "s|@ETCD@|$ETCD|g" "$HERE/sidecar.yaml.in" >"$WORK/$svc.yaml"
+    -e "s|@APP@|$app|g" -e "s|@ETCD@|$ETCD|g" -e "s|@DEPENDENCIES@|$deps|g" "$HERE/sidecar.yaml.in" >"$WORK/$svc.yaml"
   "$BIN" run --config "$WORK/$svc.yaml" >"$WORK/$svc-sidecar.log" 2>&1 &
   PIDS+=($!)
   SIDECAR[$svc]=$!; ADMIN[$svc]=$admin; OUTBOUND[$svc]=$outbound; APP[$svc]=$app
 }
 sidecar orders
-sidecar frontend
+sidecar frontend orders
 # The apps: orders answers; frontend calls orders through its own sidecar for every request.
 "$BIN" demo-app --listen "127.0.0.1:${APP[orders]}" --name orders-1 >"$WORK/orders-app.log" 2>&1 &
 PIDS+=($!)

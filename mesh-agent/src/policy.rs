@@ -323,7 +323,7 @@ async fn convergence(cfg: &EtcdConfig) -> Result<(String, bool), PolicyError> {
         .call(client.get(keys.services(), Some(GetOptions::new().with_prefix())))
         .await?;
     let current = regs.header().map_or(0, |h| h.revision());
-    let mesh_rev = mesh_revision(&etcd, &keys, current).await?;
+    let mesh_rev = policies_revision(&etcd, &keys, current).await?;
     let statuses = etcd
         .call(client.get(keys.statuses(), Some(GetOptions::new().with_prefix())))
         .await?;
@@ -334,7 +334,7 @@ async fn convergence(cfg: &EtcdConfig) -> Result<(String, bool), PolicyError> {
         }
     }
     let mut out = format!(
-        "etcd {} prefix {}: store revision {current}, mesh state last changed at revision {mesh_rev}\n",
+        "etcd {} prefix {}: store revision {current}, policies last changed at revision {mesh_rev}\n",
         etcd.endpoint(),
         cfg.prefix
     );
@@ -372,13 +372,16 @@ async fn convergence(cfg: &EtcdConfig) -> Result<(String, bool), PolicyError> {
     Ok((out, all))
 }
 
-/// The revision of the mesh state's last change, deletions included: the newest
-/// `mod_revision` under the mesh prefix, then any deletion after it, found by replaying the
-/// watch from there up to `head` (a range read cannot show a deleted key). Status keys live
-/// outside the mesh prefix, so the sidecars' own reports never move this revision.
-async fn mesh_revision(etcd: &Etcd, keys: &Keys, head: i64) -> Result<i64, PolicyError> {
+/// The revision of the policies' last change, deletions included: the newest `mod_revision`
+/// under the policies prefix, then any deletion after it, found by replaying the watch from
+/// there up to `head` (a range read cannot show a deleted key). Every sidecar watches every
+/// policy, whatever its scope, so a sidecar that applied this revision applies the policies as
+/// they are now; registrations are not compared, since a scoped sidecar only follows the
+/// services it uses. Status keys live outside the mesh prefix, so the sidecars' own reports
+/// never move this revision.
+async fn policies_revision(etcd: &Etcd, keys: &Keys, head: i64) -> Result<i64, PolicyError> {
     let mut client = etcd.client.clone();
-    let prefix = keys.mesh();
+    let prefix = keys.policies();
     let newest = etcd
         .call(client.get(
             prefix.as_str(),

@@ -77,15 +77,21 @@ async fn start_etcd(
     let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
     let ready = proxy.ready();
     let reg_metrics = registration::RegistrationMetrics::register(proxy.registry_mut());
-    let discovery = Discovery::new(
+    let mut discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
+        &config.service,
+        config.ingress.as_ref().map(|_| config.service.as_str()),
         cache_file,
         tx,
         ready.clone(),
         dns,
         proxy.registry_mut(),
     );
+    if let Some(store) = discovery.on_demand() {
+        proxy.on_demand(store);
+    }
+    discovery.set_usage(proxy.service_usage());
     let applied = discovery.applied();
     let discovery_status = discovery.status();
     let registration: Arc<Mutex<Option<RegistrationHandle>>> = Arc::default();

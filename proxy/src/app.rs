@@ -58,6 +58,9 @@ pub struct Proxy {
     limits: Arc<RateLimits>,
     access_control: Arc<crate::access::AccessControl>,
     log_level: Option<crate::admin::LogLevelFn>,
+    /// Endpoint stats and per-service counters, shared by successive route tables.
+    stats: Arc<StatsRegistry>,
+    discover: Option<Arc<dyn crate::discover::Discover>>,
 }
 
 /// The addresses the listeners actually bound (port 0 in the config picks a free port).
@@ -106,7 +109,20 @@ impl Proxy {
             before_drain: Vec::new(),
             limits,
             log_level: None,
+            stats: Arc::default(),
+            discover: None,
         }
+    }
+
+    /// Let the outbound side ask `store` about services the snapshots do not hold (scoped
+    /// discovery), instead of answering `unknown-service` at once.
+    pub fn on_demand(&mut self, store: Arc<dyn crate::discover::Discover>) {
+        self.discover = Some(store);
+    }
+
+    /// How much each service is used, for a scoped store to drop the ones nobody calls.
+    pub fn service_usage(&self) -> ServiceUsage {
+        ServiceUsage(self.stats.clone())
     }
 
     /// The inbound rate and concurrency limits, for the agent to share global limits.
@@ -231,6 +247,7 @@ impl Proxy {
             metrics: metrics.clone(),
             limits: self.limits.clone(),
             access_control: self.access_control.clone(),
+            registry: self.stats.clone(),
         };
         let snapshot_task = tokio::spawn(applier.run(self.snapshots, snapshot_ready, applied_tx));
         // Idle rate-limit keys are forgotten in every mode, with or without an etcd agent.
@@ -263,15 +280,22 @@ impl Proxy {
             tracing_.clone(),
             access.clone(),
         ));
-        let outbound = Arc::new(Outbound::new(
-            &cfg,
-            snapshot.clone(),
-            pool.clone(),
-            tls.clone(),
-            metrics.clone(),
-            tracing_.clone(),
-            access,
-        ));
+        let outbound = Arc::new(
+            Outbound::new(
+                &cfg,
+                snapshot.clone(),
+                pool.clone(),
+                tls.clone(),
+                metrics.clone(),
+                tracing_.clone(),
+                access,
+            )
+            .with_on_demand(
+                self.discover
+                    .clone()
+                    .map(|d| crate::discover::OnDemand::new(d, applied.clone())),
+            ),
+        );
         let mut ingress_certs = None;
         if let (Some(ing), Some(listener)) = (&cfg.ingress, ingress_l) {
             let certs = crate::ingress::certs::SniCerts::load(&ing.certificates)
@@ -422,6 +446,18 @@ struct Applier {
     metrics: Arc<Metrics>,
     limits: Arc<RateLimits>,
     access_control: Arc<crate::access::AccessControl>,
+    registry: Arc<StatsRegistry>,
+}
+
+/// Requests per service so far, read by a scoped store to find services nobody calls.
+#[derive(Clone)]
+pub struct ServiceUsage(Arc<StatsRegistry>);
+
+impl ServiceUsage {
+    /// Requests to `service` so far; `None` when the data plane does not hold it.
+    pub fn admitted(&self, service: &str) -> Option<u64> {
+        self.0.admitted(service)
+    }
 }
 
 // === impl Applier ===
@@ -443,9 +479,9 @@ impl Applier {
             metrics,
             limits,
             access_control,
+            registry,
         } = self;
         let mut ready = Some(ready);
-        let registry = StatsRegistry::default();
         let mut health = crate::health::HealthChecks::default();
         loop {
             let next = rx.borrow_and_update().clone();
@@ -455,16 +491,22 @@ impl Applier {
                 metrics
                     .snapshot_version
                     .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
-                pool.retain(|addr, id| snap.has_endpoint(addr, id));
+                let prev = current.load_full();
+                let gone = crate::route::departed(&prev.snapshot, &snap);
+                if !gone.is_empty() {
+                    pool.retain(|addr, id| !gone.iter().any(|(a, i)| *a == addr && i == id));
+                }
                 let version = snap.version;
                 limits.update(&snap);
                 access_control.update(&snap);
-                let table = Arc::new(RouteTable::build(
+                let table = Arc::new(RouteTable::update(
+                    &prev,
                     snap,
                     &registry,
                     local_zone.as_deref(),
                     gateway.as_deref(),
                 ));
+                drop(prev);
                 health.update(&table, &pool, &metrics);
                 current.store(table);
                 clock.mark();

@@ -26,6 +26,8 @@ pub struct ServiceCounters {
     requests: AtomicUsize,
     pending: AtomicUsize,
     retries: AtomicUsize,
+    /// Requests ever admitted: a store that drops unused services tells use from this.
+    admitted: std::sync::atomic::AtomicU64,
     /// Retries to this service share one budget.
     pub budget: crate::retry::RetryBudget,
 }
@@ -37,7 +39,13 @@ impl ServiceCounters {
     /// Take a request slot, or `None` when `max` are in flight. Exact under concurrency: the
     /// increment happens first and is undone on overflow.
     pub fn request(self: &Arc<Self>, max: usize) -> Option<Permit<'_>> {
+        self.admitted.fetch_add(1, Ordering::Relaxed);
         take(&self.requests, max)
+    }
+
+    /// Requests to this service so far (every attempt, admitted or refused by the breaker).
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
     }
 
     pub fn pending(self: &Arc<Self>, max: usize) -> Option<Permit<'_>> {

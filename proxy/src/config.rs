@@ -45,6 +45,11 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 /// Timeout of one etcd call (connect included).
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+/// A service learned on demand and not called for this long is dropped (its watch cancelled).
+pub const DEFAULT_DISCOVERY_IDLE: Duration = Duration::from_secs(600);
+/// Most services a sidecar learns on demand (declared and routed ones do not count): bounds
+/// what an app calling made-up names can make it hold.
+pub const DEFAULT_MAX_LEARNED: usize = 1000;
 
 /// Share of requests without trace context that start a sampled trace (parent-based after).
 pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
@@ -180,6 +185,14 @@ pub struct IngressHttpConfig {
     /// Answer every request with a redirect to `https://` (308) instead of serving it.
     #[serde(default = "d_true")]
     pub redirect_to_https: bool,
+}
+
+fn d_discovery_idle() -> Duration {
+    DEFAULT_DISCOVERY_IDLE
+}
+
+fn d_max_learned() -> usize {
+    DEFAULT_MAX_LEARNED
 }
 
 fn d_auto_sync() -> Duration {
@@ -459,6 +472,49 @@ pub struct EtcdConfig {
     /// How this instance registers itself.
     #[serde(default)]
     pub registration: RegistrationConfig,
+    /// What this sidecar holds of the mesh.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+}
+
+/// Which part of the mesh a sidecar watches. Its cost (memory, CPU per change) follows what it
+/// holds, so by default it holds only what it uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscoveryScope {
+    /// Its own service, the declared `dependencies`, the backends of the HTTPRoutes its
+    /// ingress serves, and every service the app calls, learned on the first request.
+    #[default]
+    OnDemand,
+    /// Every service of the mesh (one watch on the whole mesh prefix).
+    Full,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    #[serde(default)]
+    pub scope: DiscoveryScope,
+    /// Services the app calls, watched from the start (no first-request lookup).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<String>,
+    /// A service learned on demand and not called for this long is dropped.
+    #[serde(default = "d_discovery_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most services learned on demand at once; beyond it, unknown names answer 503.
+    #[serde(default = "d_max_learned")]
+    pub max_learned: usize,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            scope: DiscoveryScope::default(),
+            dependencies: Vec::new(),
+            idle_timeout: DEFAULT_DISCOVERY_IDLE,
+            max_learned: DEFAULT_MAX_LEARNED,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -658,6 +714,7 @@ impl EtcdConfig {
             cache_file: None,
             auto_sync_interval: d_auto_sync(),
             registration: RegistrationConfig::default(),
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -815,6 +872,18 @@ impl Config {
             }
             crate::headers::TrustedProxies::parse(&ing.trusted_proxies)
                 .map_err(|m| invalid("ingress.trusted_proxies", m))?;
+        }
+        if let Some(etcd) = &self.store.etcd {
+            for d in &etcd.discovery.dependencies {
+                trellis_policies::validate_service_name(d)
+                    .map_err(|m| invalid("store.etcd.discovery.dependencies", m))?;
+            }
+            if etcd.discovery.idle_timeout < Duration::from_secs(1) {
+                return Err(invalid(
+                    "store.etcd.discovery.idle_timeout",
+                    "must be at least 1s".into(),
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.access_log.sample) {
             return Err(invalid(

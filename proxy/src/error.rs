@@ -39,6 +39,10 @@ pub enum ProxyError {
     Misdirected(String),
     #[error("unknown service `{0}`: it is not in the mesh")]
     UnknownService(String),
+    /// On-demand discovery could not ask the store about a service this sidecar has not
+    /// seen yet (the store is unreachable and the service is not in the cached state).
+    #[error("cannot learn service `{service}` from the store: {cause}")]
+    DiscoveryUnavailable { service: String, cause: String },
     #[error("service `{0}` has no endpoints")]
     NoEndpoints(String),
     #[error(
@@ -115,6 +119,7 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         "unsupported-transfer-coding",
         "misdirected-request",
         "unknown-service",
+        "discovery-unavailable",
         "no-endpoints",
         "all-endpoints-ejected",
         "breaker-max-requests",
@@ -146,6 +151,7 @@ impl ProxyError {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::FaultAbort { status, .. } => *status,
             Self::UnknownService(_)
+            | Self::DiscoveryUnavailable { .. }
             | Self::NoEndpoints(_)
             | Self::AllEjected(_)
             | Self::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -208,6 +214,7 @@ impl ProxyError {
             Self::NoRoute(_) => "no-route",
             Self::FaultAbort { .. } => "fault-abort",
             Self::UnknownService(_) => "unknown-service",
+            Self::DiscoveryUnavailable { .. } => "discovery-unavailable",
             Self::NoEndpoints(_) => "no-endpoints",
             Self::AllEjected(_) => "all-endpoints-ejected",
             Self::BreakerOpen {
@@ -349,6 +356,14 @@ mod tests {
                 "client-body-timeout",
             ),
             (ProxyError::NoEndpoints("a".into()), 503, "no-endpoints"),
+            (
+                ProxyError::DiscoveryUnavailable {
+                    service: "a".into(),
+                    cause: "etcd unreachable".into(),
+                },
+                503,
+                "discovery-unavailable",
+            ),
             (
                 ProxyError::UnknownService("a".into()),
                 503,

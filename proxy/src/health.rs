@@ -18,18 +18,18 @@ use crate::metrics::Metrics;
 use crate::pool::PeerPool;
 use crate::route::{Route, RouteTable};
 
-/// Running checkers by service.
+/// Running checkers by service, with the route each checks.
 #[derive(Default)]
 pub struct HealthChecks {
-    tasks: HashMap<String, tokio::task::JoinHandle<()>>,
+    tasks: HashMap<String, (Arc<Route>, tokio::task::JoinHandle<()>)>,
 }
 
 impl HealthChecks {
-    /// Replace the checkers with those `table` asks for.
+    /// Replace the checkers with those `table` asks for. A service whose route did not change
+    /// keeps its checker (and its place in the walk): an unrelated change elsewhere in the
+    /// mesh restarts nothing.
     pub fn update(&mut self, table: &RouteTable, pool: &Arc<PeerPool>, metrics: &Arc<Metrics>) {
-        for (_, task) in self.tasks.drain() {
-            task.abort();
-        }
+        let mut next = HashMap::new();
         for route in table.routes() {
             let Some(spec) = route.service.health_check.clone() else {
                 continue;
@@ -37,20 +37,32 @@ impl HealthChecks {
             if route.service.external_host.is_some() {
                 continue;
             }
+            let name = route.service.name.to_string();
+            if let Some((r, task)) = self.tasks.remove(&name) {
+                if Arc::ptr_eq(&r, route) {
+                    next.insert(name, (r, task));
+                    continue;
+                }
+                task.abort();
+            }
             let task = tokio::spawn(check_loop(
                 route.clone(),
                 spec,
                 pool.clone(),
                 metrics.clone(),
             ));
-            self.tasks.insert(route.service.name.to_string(), task);
+            next.insert(name, (route.clone(), task));
         }
+        for (_, (_, task)) in self.tasks.drain() {
+            task.abort();
+        }
+        self.tasks = next;
     }
 }
 
 impl Drop for HealthChecks {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.drain() {
+        for (_, (_, task)) in self.tasks.drain() {
             task.abort();
         }
     }

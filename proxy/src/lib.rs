@@ -17,6 +17,7 @@ pub mod body;
 pub mod breaker;
 pub mod client_body;
 pub mod config;
+pub mod discover;
 pub mod drain;
 pub mod error;
 pub mod grpc;

@@ -85,60 +85,37 @@ impl RouteTable {
         local_zone: Option<&str>,
         gateway: Option<&str>,
     ) -> Self {
+        Self::update(&Self::empty(), snapshot, registry, local_zone, gateway)
+    }
+
+    /// Build the table for `snapshot`, reusing `prev`'s route of every service whose
+    /// [`Service`] is the same object: a change to one service rebuilds that service's
+    /// balancer only, whatever the size of the mesh. Stats of endpoints that left are dropped.
+    pub fn update(
+        prev: &RouteTable,
+        snapshot: Arc<Snapshot>,
+        registry: &StatsRegistry,
+        local_zone: Option<&str>,
+        gateway: Option<&str>,
+    ) -> Self {
         let mut stats_by_key = registry.lock();
         let mut counters = registry.services.lock().unwrap_or_else(|p| p.into_inner());
         counters.retain(|name, _| snapshot.services.contains_key(name));
+        // Forget endpoints that left the mesh.
+        for key in departed(&prev.snapshot, &snapshot) {
+            stats_by_key.remove(&key);
+        }
         let mut routes = HashMap::with_capacity(snapshot.services.len());
         for (name, svc) in &snapshot.services {
-            let stats: Vec<Arc<EndpointStats>> = svc
-                .endpoints
-                .iter()
-                .map(|e| {
-                    stats_by_key
-                        .entry((e.addr, e.identity.clone()))
-                        .or_default()
-                        .clone()
-                })
-                .collect();
-            let weights: Vec<u32> = svc.endpoints.iter().map(|e| e.weight).collect();
-            let keys: Vec<u64> = svc
-                .endpoints
-                .iter()
-                .map(|e| hash_key(e.addr.to_string().as_bytes()))
-                .collect();
-            let zones: Vec<Option<&str>> =
-                svc.endpoints.iter().map(|e| e.zone.as_deref()).collect();
-            let spec = svc.load_balancer.as_ref();
-            let balancer = balance::build(spec, &stats, &weights, &keys, &zones, local_zone);
-            let hash_on = spec.and_then(|s| s.hash_on.clone());
-            let od = &svc.outlier_detection;
-            let outlier = OutlierParams {
-                consecutive_failures: od.consecutive_failures,
-                base_ejection: od.base_ejection_time,
-                max_ejection: od.max_ejection_time,
+            let route = match prev.routes.get(name) {
+                Some(r) if Arc::ptr_eq(&r.service, svc) => r.clone(),
+                _ => {
+                    let counters = counters.entry(name.clone()).or_default().clone();
+                    build_route(svc, &mut stats_by_key, counters, local_zone)
+                }
             };
-            let max_ejected = (stats.len() * od.max_ejection_percent as usize / 100).max(1);
-            routes.insert(
-                name.clone(),
-                Arc::new(Route {
-                    service: svc.clone(),
-                    stats,
-                    balancer,
-                    hash_on,
-                    outlier,
-                    max_ejected,
-                    when_all_ejected: od.when_all_ejected,
-                    panic_next: AtomicUsize::new(0),
-                    counters: counters.entry(name.clone()).or_default().clone(),
-                    max_requests: svc.circuit_breaker.max_requests as usize,
-                    max_pending: svc.circuit_breaker.max_pending as usize,
-                    max_retries: svc.circuit_breaker.max_retries as usize,
-                    retry: svc.retries.clone(),
-                }),
-            );
+            routes.insert(name.clone(), route);
         }
-        // Forget endpoints that left the mesh.
-        stats_by_key.retain(|(addr, id), _| snapshot.has_endpoint(*addr, id));
         let compile = |gateway: &str| {
             Arc::new(crate::routing::RoutingTable::build(
                 &snapshot.http_routes,
@@ -310,9 +287,93 @@ fn cookie<'a, B>(req: &'a Request<B>, name: &str) -> Option<&'a str> {
         })
 }
 
+/// The route of one service: its endpoints' shared stats and the balancer its policy asks for.
+fn build_route(
+    svc: &Arc<Service>,
+    stats_by_key: &mut HashMap<(SocketAddr, SpiffeId), Arc<EndpointStats>>,
+    counters: Arc<ServiceCounters>,
+    local_zone: Option<&str>,
+) -> Arc<Route> {
+    let stats: Vec<Arc<EndpointStats>> = svc
+        .endpoints
+        .iter()
+        .map(|e| {
+            stats_by_key
+                .entry((e.addr, e.identity.clone()))
+                .or_default()
+                .clone()
+        })
+        .collect();
+    let weights: Vec<u32> = svc.endpoints.iter().map(|e| e.weight).collect();
+    let keys: Vec<u64> = svc
+        .endpoints
+        .iter()
+        .map(|e| hash_key(e.addr.to_string().as_bytes()))
+        .collect();
+    let zones: Vec<Option<&str>> = svc.endpoints.iter().map(|e| e.zone.as_deref()).collect();
+    let spec = svc.load_balancer.as_ref();
+    let balancer = balance::build(spec, &stats, &weights, &keys, &zones, local_zone);
+    let hash_on = spec.and_then(|s| s.hash_on.clone());
+    let od = &svc.outlier_detection;
+    let outlier = OutlierParams {
+        consecutive_failures: od.consecutive_failures,
+        base_ejection: od.base_ejection_time,
+        max_ejection: od.max_ejection_time,
+    };
+    let max_ejected = (stats.len() * od.max_ejection_percent as usize / 100).max(1);
+    Arc::new(Route {
+        service: svc.clone(),
+        stats,
+        balancer,
+        hash_on,
+        outlier,
+        max_ejected,
+        when_all_ejected: od.when_all_ejected,
+        panic_next: AtomicUsize::new(0),
+        counters,
+        max_requests: svc.circuit_breaker.max_requests as usize,
+        max_pending: svc.circuit_breaker.max_pending as usize,
+        max_retries: svc.circuit_breaker.max_retries as usize,
+        retry: svc.retries.clone(),
+    })
+}
+
+/// Endpoints (address and identity) that `prev` has and `next` does not. Only services that
+/// changed (another [`Service`] object) or left are compared, so the cost follows the change,
+/// not the mesh.
+pub fn departed(prev: &Snapshot, next: &Snapshot) -> Vec<(SocketAddr, SpiffeId)> {
+    let mut candidates = Vec::new();
+    for (name, old) in &prev.services {
+        let new = next.services.get(name);
+        if new.is_some_and(|n| Arc::ptr_eq(n, old)) {
+            continue;
+        }
+        for e in &old.endpoints {
+            let kept = new.is_some_and(|n| {
+                n.endpoints
+                    .iter()
+                    .any(|x| x.addr == e.addr && x.identity == e.identity)
+            });
+            if !kept {
+                candidates.push((e.addr, e.identity.clone()));
+            }
+        }
+    }
+    // An endpoint may have moved to another service: rare, and checked against the whole
+    // snapshot only for the few endpoints that left their service.
+    candidates.retain(|(addr, id)| !next.has_endpoint(*addr, id));
+    candidates
+}
+
 // === impl StatsRegistry ===
 
 impl StatsRegistry {
+    /// Requests to `service` so far; `None` when no route table holds it.
+    pub fn admitted(&self, service: &str) -> Option<u64> {
+        let counters = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        counters.get(service).map(|c| c.admitted())
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SpiffeId), Arc<EndpointStats>>> {

@@ -89,42 +89,7 @@ impl Snapshot {
     ) -> Result<Self, String> {
         let mut services = HashMap::with_capacity(doc.services.len());
         for (name, spec) in &doc.services {
-            let default_id = SpiffeId::for_service(trust_domain, name)
-                .map_err(|e| format!("services.{name}: {e}"))?;
-            let mut endpoints = Vec::with_capacity(spec.endpoints.len());
-            for (i, ep) in spec.endpoints.iter().enumerate() {
-                let path = format!("services.{name}.endpoints[{i}]");
-                let addr = ep
-                    .address
-                    .parse()
-                    .map_err(|e| format!("{path}.address: {e}"))?;
-                let identity = match &ep.identity {
-                    Some(id) => SpiffeId::parse(id).map_err(|e| format!("{path}.identity: {e}"))?,
-                    None => default_id.clone(),
-                };
-                endpoints.push(Endpoint {
-                    addr,
-                    identity,
-                    weight: ep.weight,
-                    zone: ep.zone.clone(),
-                });
-            }
-            let svc = Service {
-                name: Arc::new(name.clone()),
-                endpoints,
-                connect_timeout: spec.policy.connect_timeout,
-                request_timeout: spec.policy.request_timeout,
-                external_host: spec.external.as_ref().map(|e| match e.port {
-                    80 => Arc::from(e.host.as_str()),
-                    port => Arc::from(format!("{}:{port}", e.host)),
-                }),
-                stream_idle_timeout: spec.policy.stream_idle_timeout,
-                load_balancer: spec.policy.load_balancer.clone(),
-                outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
-                circuit_breaker: spec.policy.circuit_breaker.clone().unwrap_or_default(),
-                retries: spec.policy.retries.clone().unwrap_or_default(),
-                health_check: spec.policy.health_check.clone(),
-            };
+            let svc = Service::from_spec(name, spec, trust_domain)?;
             services.insert(name.clone(), Arc::new(svc));
         }
         let mut rate_limits = doc.rate_limits.clone();
@@ -140,6 +105,34 @@ impl Snapshot {
             consumers: doc.consumers.clone(),
             authorization: doc.authorization.clone(),
         })
+    }
+
+    /// This snapshot with some services replaced (`Some`) or removed (`None`), everything
+    /// else shared or copied as is: what a store sends when one service's instances changed.
+    pub fn with_services(
+        &self,
+        version: u64,
+        source: String,
+        changes: impl IntoIterator<Item = (String, Option<Arc<Service>>)>,
+    ) -> Self {
+        let mut services = self.services.clone();
+        for (name, svc) in changes {
+            match svc {
+                Some(svc) => services.insert(name, svc),
+                None => services.remove(&name),
+            };
+        }
+        Self {
+            version,
+            source,
+            services,
+            http_routes: self.http_routes.clone(),
+            rate_limits: self.rate_limits.clone(),
+            concurrency_limits: self.concurrency_limits.clone(),
+            authentication: self.authentication.clone(),
+            consumers: self.consumers.clone(),
+            authorization: self.authorization.clone(),
+        }
     }
 
     /// Find the service an app addressed, by host name without port, case-insensitively.
@@ -159,6 +152,55 @@ impl Snapshot {
             s.endpoints
                 .iter()
                 .any(|e| e.addr == addr && &e.identity == identity)
+        })
+    }
+}
+
+// === impl Service ===
+
+impl Service {
+    /// Build one service from its declared (and resolved) spec. Endpoints without an explicit
+    /// identity get the service's identity in `trust_domain`.
+    pub fn from_spec(
+        name: &str,
+        spec: &trellis_policies::ServiceSpec,
+        trust_domain: &str,
+    ) -> Result<Self, String> {
+        let default_id = SpiffeId::for_service(trust_domain, name)
+            .map_err(|e| format!("services.{name}: {e}"))?;
+        let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+        for (i, ep) in spec.endpoints.iter().enumerate() {
+            let path = || format!("services.{name}.endpoints[{i}]");
+            let addr = ep
+                .address
+                .parse()
+                .map_err(|e| format!("{}.address: {e}", path()))?;
+            let identity = match &ep.identity {
+                Some(id) => SpiffeId::parse(id).map_err(|e| format!("{}.identity: {e}", path()))?,
+                None => default_id.clone(),
+            };
+            endpoints.push(Endpoint {
+                addr,
+                identity,
+                weight: ep.weight,
+                zone: ep.zone.clone(),
+            });
+        }
+        Ok(Service {
+            name: Arc::new(name.to_string()),
+            endpoints,
+            connect_timeout: spec.policy.connect_timeout,
+            request_timeout: spec.policy.request_timeout,
+            external_host: spec.external.as_ref().map(|e| match e.port {
+                80 => Arc::from(e.host.as_str()),
+                port => Arc::from(format!("{}:{port}", e.host)),
+            }),
+            stream_idle_timeout: spec.policy.stream_idle_timeout,
+            load_balancer: spec.policy.load_balancer.clone(),
+            outlier_detection: spec.policy.outlier_detection.clone().unwrap_or_default(),
+            circuit_breaker: spec.policy.circuit_breaker.clone().unwrap_or_default(),
+            retries: spec.policy.retries.clone().unwrap_or_default(),
+            health_check: spec.policy.health_check.clone(),
         })
     }
 }

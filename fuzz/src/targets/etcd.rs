@@ -97,7 +97,11 @@ pub fn run(data: &[u8]) -> u64 {
 }
 
 fn assemble(state: &MeshState) -> String {
-    let doc = state.to_document();
+    let full = trellis_proxy::config::DiscoveryConfig {
+        scope: trellis_proxy::config::DiscoveryScope::Full,
+        ..Default::default()
+    };
+    let doc = state.to_document(&mesh_agent::etcd::scope::Scope::new(&full, "web", None));
     let _ = state.instances().count();
     match trellis_policies::validate(&doc) {
         Ok(()) => super::policy::build(&doc),

@@ -7,10 +7,13 @@ pub mod discovery;
 pub mod endpoints;
 mod freshness;
 pub mod keys;
+pub mod on_demand;
 pub mod ratelimit;
 pub mod rbac;
 pub mod registration;
+pub mod scope;
 pub mod state;
+pub mod watches;
 
 use std::time::Duration;
 
@@ -118,12 +121,22 @@ pub struct Etcd {
 /// next one is tried: failover within about 2 s even when the first member is paused.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// HTTP/2 keepalive pings on each etcd connection: etcd's server refuses pings more frequent
+/// than its `--grpc-keepalive-min-time` (5 s by default).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+/// A member that does not answer a ping within this is dead to us (a paused or unreachable
+/// member is left within about 5 + 2 s).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The client options shared by every member's connection.
 fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(cfg.timeout.min(PROBE_TIMEOUT))
         .with_timeout(cfg.timeout)
-        .with_keep_alive(Duration::from_secs(5), cfg.timeout);
+        .with_keep_alive(KEEPALIVE_EVERY, cfg.timeout.min(KEEPALIVE_TIMEOUT))
+        // A member that loses its leader cancels our watches and refuses our calls instead
+        // of serving a stale view: how a partitioned member is left without probing it.
+        .with_require_leader(true);
     if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
         opts = opts
             .with_user(user.clone(), password.clone())
@@ -398,31 +411,37 @@ fn tls_cause(err: &etcd_client::Error, tls: TlsMode) -> Option<String> {
     Some(format!("{advice} ({chain})"))
 }
 
-/// Exponential backoff from 100 ms to 5 s with +-25 % jitter, so sidecars that lost etcd at the
-/// same moment do not come back in lockstep.
-/// An idle watch is probed this often with a progress request...
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// ...and declared dead when nothing arrives for this long. (The Rust client does not fail
-/// over: a watch served by a dying member just goes quiet.)
-pub const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(6);
+/// How often a watch's silence is checked (a local timer: it costs etcd nothing).
+pub const LIVENESS_TICK: Duration = Duration::from_secs(2);
+/// A watch silent this long is asked for a progress notification...
+pub const PROGRESS_AFTER: Duration = Duration::from_secs(60);
+/// ...and declared dead when nothing arrives for this long.
+pub const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(75);
 
-/// Keeps a watch honest: `tick` fires every [`PROGRESS_EVERY`]; `check` then asks etcd for a
-/// progress notification when the watch has been idle, or fails it after
-/// [`WATCH_SILENCE_LIMIT`] of silence. Call `heard` on every message.
+/// Keeps a watch honest without costing etcd anything at rest. A dead member is found by the
+/// connection, not by probing each watch: a killed member resets it at once, a paused or
+/// unreachable one misses the HTTP/2 keepalive pings (every 5 s, one per connection, cheaper
+/// than a gRPC call), and a member cut off from its quorum cancels the watch itself because
+/// every call carries etcd's "require leader" flag (after about 3 election timeouts). What is
+/// left, a stream that stays open yet delivers nothing, is caught by asking for a progress
+/// notification after [`PROGRESS_AFTER`] of silence (etcd also sends one every 10 minutes to
+/// watches created with `progress_notify`). Call `heard` on every message.
 pub struct WatchLiveness {
     probe: tokio::time::Interval,
     last_heard: std::time::Instant,
+    asked: bool,
 }
 
 // === impl WatchLiveness ===
 
 impl WatchLiveness {
     pub fn new() -> Self {
-        let mut probe = tokio::time::interval(PROGRESS_EVERY);
+        let mut probe = tokio::time::interval(LIVENESS_TICK);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             probe,
             last_heard: std::time::Instant::now(),
+            asked: false,
         }
     }
 
@@ -432,10 +451,11 @@ impl WatchLiveness {
 
     pub fn heard(&mut self) {
         self.last_heard = std::time::Instant::now();
+        self.asked = false;
     }
 
     pub async fn check(
-        &self,
+        &mut self,
         etcd: &Etcd,
         stream: &mut etcd_client::WatchStream,
     ) -> Result<(), EtcdError> {
@@ -446,7 +466,8 @@ impl WatchLiveness {
                 timeout: WATCH_SILENCE_LIMIT,
             });
         }
-        if silent >= PROGRESS_EVERY {
+        if silent >= PROGRESS_AFTER && !self.asked {
+            self.asked = true;
             stream.request_progress().await.map_err(|e| etcd.err(e))?;
         }
         Ok(())
@@ -459,6 +480,8 @@ impl Default for WatchLiveness {
     }
 }
 
+/// Exponential backoff from 100 ms to 5 s with +-25 % jitter, so sidecars that lost etcd at the
+/// same moment do not come back in lockstep.
 pub fn backoff(attempt: u32) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
     let nanos = std::time::SystemTime::now()

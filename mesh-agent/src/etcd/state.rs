@@ -10,6 +10,7 @@ use trellis_policies::{
 };
 
 use super::keys::{Keys, MeshKey};
+use super::scope::Scope;
 
 /// A validated value, kept as the raw JSON text it came from (for the cache).
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +60,13 @@ pub enum Deleted {
 }
 
 impl Changes {
+    pub fn merge(&mut self, other: Changes) {
+        self.applied += other.applied;
+        self.removed += other.removed;
+        self.rejected += other.rejected;
+        self.vanished.extend(other.vanished);
+    }
+
     pub fn any(&self) -> bool {
         self.applied > 0 || self.removed > 0 || !self.vanished.is_empty()
     }
@@ -158,6 +166,21 @@ impl MeshState {
         keys: &Keys,
         kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
         revision: i64,
+        on_reject: impl FnMut(&str, &str),
+    ) -> Changes {
+        let changes = self.resync_prefix(keys, "", kvs, revision, on_reject);
+        self.revision = revision;
+        changes
+    }
+
+    /// Replace the keys under `prefix` with a read of that prefix at `revision`, applying only
+    /// the differences; keys elsewhere are untouched (another watch keeps them).
+    pub fn resync_prefix<'a>(
+        &mut self,
+        keys: &Keys,
+        prefix: &str,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        revision: i64,
         mut on_reject: impl FnMut(&str, &str),
     ) -> Changes {
         let mut changes = Changes::default();
@@ -175,7 +198,9 @@ impl MeshState {
         }
         let gone: Vec<String> = self
             .entries
-            .keys()
+            .range(prefix.to_string()..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix))
             .filter(|k| !seen.contains(*k))
             .cloned()
             .collect();
@@ -185,9 +210,84 @@ impl MeshState {
                 _ => changes.removed += 1,
             }
         }
-        self.rejected.retain(|k, _| seen.contains(k));
-        self.revision = revision;
+        self.rejected
+            .retain(|k, _| !k.starts_with(prefix) || seen.contains(k));
         changes
+    }
+
+    /// Forget every key under `prefix` (a service no longer watched). Returns whether any
+    /// instance was routed.
+    pub fn drop_prefix(&mut self, prefix: &str) -> bool {
+        let before = self.entries.len() + self.retained.len();
+        self.entries.retain(|k, _| !k.starts_with(prefix));
+        self.retained.retain(|k, _| !k.starts_with(prefix));
+        self.rejected.retain(|k, _| !k.starts_with(prefix));
+        self.draining.retain(|k| !k.starts_with(prefix));
+        before != self.entries.len() + self.retained.len()
+    }
+
+    /// Every valid policy.
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.entries.values().filter_map(|(e, _)| match e {
+            Entry::Policy(_, p) => Some(p),
+            Entry::Instance(_) => None,
+        })
+    }
+
+    /// Names of the services with a registration held (retained ones included).
+    pub fn registered_services(&self) -> BTreeSet<String> {
+        self.instances().map(|r| r.service.clone()).collect()
+    }
+
+    /// One service as the data plane needs it: its registrations (retained ones included)
+    /// and its `ServicePolicy` or `ExternalService`; `None` when there is neither. Reads only
+    /// that service's keys and the policies: the cost of a change follows the service.
+    pub fn service_spec(&self, keys: &Keys, name: &str) -> Option<ServiceSpec> {
+        let prefix = keys.instances(name);
+        let under = |k: &String| k.starts_with(&prefix);
+        let mut spec: Option<ServiceSpec> = None;
+        let registered = self
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| under(k))
+            .filter_map(|(_, (e, _))| match e {
+                Entry::Instance(r) => Some(r),
+                Entry::Policy(..) => None,
+            })
+            .chain(
+                self.retained
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| under(k))
+                    .map(|(_, (r, _))| r),
+            );
+        for r in registered {
+            spec.get_or_insert_with(ServiceSpec::default)
+                .endpoints
+                .push(endpoint(r));
+        }
+        let policies = keys.policies();
+        for (_, (e, _)) in self
+            .entries
+            .range(policies.clone()..)
+            .take_while(|(k, _)| k.starts_with(&policies))
+        {
+            match e {
+                Entry::Policy(_, Policy::ServicePolicy { service, policy }) if service == name => {
+                    spec.get_or_insert_with(ServiceSpec::default).policy = (**policy).clone();
+                }
+                Entry::Policy(_, Policy::ExternalService { service, external })
+                    if service == name =>
+                {
+                    spec.get_or_insert_with(ServiceSpec::default).external = Some(external.clone());
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = spec.as_mut() {
+            s.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+            s.endpoints.dedup_by(|a, b| a.address == b.address);
+        }
+        spec
     }
 
     /// Raw values of every entry, for the cache.
@@ -217,8 +317,12 @@ impl MeshState {
     }
 
     /// The mesh document the data plane's snapshot is built from: one service per registered
-    /// service (or per `ServicePolicy`), endpoints sorted by address for a stable order.
-    pub fn to_document(&self) -> MeshDocument {
+    /// service (or per `ServicePolicy`), endpoints sorted by address for a stable order; only
+    /// what `scope` holds and wants.
+    pub fn to_document(&self, scope: &Scope) -> MeshDocument {
+        let authenticates = self
+            .policies()
+            .any(|p| matches!(p, Policy::Authentication { .. }) && scope.wants(p, false));
         let mut doc = MeshDocument::default();
         let retained = self
             .retained
@@ -229,6 +333,10 @@ impl MeshState {
             .values()
             .map(|(e, _)| e.clone())
             .chain(retained)
+            .filter(|e| match e {
+                Entry::Instance(r) => scope.holds(&r.service),
+                Entry::Policy(_, p) => scope.wants(p, authenticates),
+            })
             .collect();
         for entry in &entries {
             match entry {
@@ -237,12 +345,7 @@ impl MeshState {
                         .entry(r.service.clone())
                         .or_insert_with(ServiceSpec::default)
                         .endpoints
-                        .push(EndpointSpec {
-                            address: r.address.clone(),
-                            identity: Some(r.identity.clone()),
-                            weight: r.weight,
-                            zone: r.zone.clone(),
-                        });
+                        .push(endpoint(r));
                 }
                 Entry::Policy(_, Policy::ServicePolicy { service, policy }) => {
                     doc.services
@@ -284,6 +387,15 @@ impl MeshState {
     }
 }
 
+fn endpoint(r: &Registration) -> EndpointSpec {
+    EndpointSpec {
+        address: r.address.clone(),
+        identity: Some(r.identity.clone()),
+        weight: r.weight,
+        zone: r.zone.clone(),
+    }
+}
+
 fn parse_entry(keys: &Keys, key: &str, value: &[u8]) -> Result<Entry, String> {
     match keys.parse(key) {
         Some(MeshKey::Instance { service, instance }) => {
@@ -309,6 +421,14 @@ fn parse_entry(keys: &Keys, key: &str, value: &[u8]) -> Result<Entry, String> {
 mod tests {
     use super::*;
 
+    fn full() -> Scope {
+        let cfg = trellis_proxy::config::DiscoveryConfig {
+            scope: trellis_proxy::config::DiscoveryScope::Full,
+            ..Default::default()
+        };
+        Scope::new(&cfg, "web", None)
+    }
+
     fn reg(service: &str, instance: &str, port: u16) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "service": service, "instance": instance, "address": format!("127.0.0.1:{port}"),
@@ -330,7 +450,7 @@ mod tests {
         assert_eq!(s.put(&keys, &k, policy("2s").as_bytes(), 5), Ok(true));
         assert!(s.put(&keys, &k, policy("0s").as_bytes(), 6).is_err());
         assert_eq!(s.rejected[&k].revision, 6);
-        let doc = s.to_document();
+        let doc = s.to_document(&full());
         assert_eq!(
             doc.services["orders"].policy.request_timeout,
             Some(std::time::Duration::from_secs(2))
@@ -375,7 +495,7 @@ mod tests {
         assert_eq!((ch.applied, ch.removed, ch.rejected), (1, 0, 0));
         assert_eq!(ch.vanished.len(), 1, "b vanished unannounced");
         assert_eq!(s.revision, 12);
-        let doc = s.to_document();
+        let doc = s.to_document(&full());
         assert_eq!(doc.services["orders"].endpoints.len(), 1);
         assert_eq!(doc.services["pay"].endpoints[0].address, "127.0.0.1:3");
         let mut rejected = Vec::new();

@@ -58,6 +58,8 @@ pub struct Outbound {
     unknown: Arc<String>,
     tracing: Arc<crate::trace::Tracing>,
     access: Arc<crate::access_log::AccessLog>,
+    /// Learns services the snapshot does not hold (scoped stores); `None`: unknown is unknown.
+    on_demand: Option<crate::discover::OnDemand>,
 }
 
 // === impl Outbound ===
@@ -92,7 +94,14 @@ impl Outbound {
             unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
             tracing,
             access,
+            on_demand: None,
         }
+    }
+
+    /// Learn services the snapshot does not hold through `on_demand` (scoped discovery).
+    pub fn with_on_demand(mut self, on_demand: Option<crate::discover::OnDemand>) -> Self {
+        self.on_demand = on_demand;
+        self
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {

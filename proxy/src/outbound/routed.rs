@@ -71,32 +71,65 @@ impl Outbound {
                 .await;
             return (service, rule.name.clone(), result);
         }
-        let Some(route) = table.route(host).cloned() else {
-            if let Some(&OriginalDst(dst)) = req.extensions().get::<OriginalDst>() {
+        let route = match table.route(host).cloned() {
+            Some(route) => route,
+            None => {
                 drop(table);
-                let result = crate::original_dst::http_passthrough(
-                    &self.external,
-                    dst,
-                    req,
-                    self.request_timeout,
-                    self.stream_idle,
-                )
-                .await;
-                return (
-                    crate::original_dst::passthrough_label(),
-                    default_route,
-                    result,
-                );
+                let host = host.to_string();
+                match self.learn(&host).await {
+                    Ok(Some(route)) => route,
+                    learned => return self.unknown_host(host, learned.err(), req).await,
+                }
             }
-            return (
-                self.unknown.clone(),
-                default_route,
-                Err(ProxyError::UnknownService(host.to_string())),
-            );
         };
-        drop(table);
         let result = self.forward(&route, req, client, span).await;
         (route.service.name.clone(), default_route, result)
+    }
+
+    /// Ask the store about a service this sidecar does not hold (scoped discovery).
+    async fn learn(&self, service: &str) -> Result<Option<Arc<crate::route::Route>>, String> {
+        match &self.on_demand {
+            Some(d) => d.learn(service, &self.routes).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A host that is no service: where the app sent it when intercepted transparently (even
+    /// when the store cannot be asked), else 503 naming why.
+    async fn unknown_host(
+        &self,
+        host: String,
+        store_error: Option<String>,
+        req: Request<Incoming>,
+    ) -> (
+        Arc<String>,
+        Arc<String>,
+        Result<Response<ResponseBody>, ProxyError>,
+    ) {
+        let default_route = self.metrics.default_route.clone();
+        if let Some(&OriginalDst(dst)) = req.extensions().get::<OriginalDst>() {
+            let result = crate::original_dst::http_passthrough(
+                &self.external,
+                dst,
+                req,
+                self.request_timeout,
+                self.stream_idle,
+            )
+            .await;
+            return (
+                crate::original_dst::passthrough_label(),
+                default_route,
+                result,
+            );
+        }
+        let err = match store_error {
+            Some(cause) => ProxyError::DiscoveryUnavailable {
+                service: host,
+                cause,
+            },
+            None => ProxyError::UnknownService(host),
+        };
+        (self.unknown.clone(), default_route, Err(err))
     }
 
     /// Apply a matched HTTPRoute rule: faults first, then its redirect, direct response or
@@ -134,9 +167,20 @@ impl Outbound {
                 let Some(backend) = rule.backend() else {
                     return (host.clone(), Err(ProxyError::NoRoute(host.to_string())));
                 };
-                let Some(route) = backend.route.clone() else {
-                    let err = ProxyError::UnknownService(backend.service.to_string());
-                    return (self.unknown.clone(), Err(err));
+                let route = match backend.route.clone() {
+                    Some(route) => route,
+                    None => match self.learn(&backend.service).await {
+                        Ok(Some(route)) => route,
+                        Ok(None) => {
+                            let err = ProxyError::UnknownService(backend.service.to_string());
+                            return (self.unknown.clone(), Err(err));
+                        }
+                        Err(cause) => {
+                            let service = backend.service.to_string();
+                            let err = ProxyError::DiscoveryUnavailable { service, cause };
+                            return (self.unknown.clone(), Err(err));
+                        }
+                    },
                 };
                 routing::prepare_request(rule, prefix, &mut req);
                 if let Some(m) = &rule.mirror {

@@ -306,9 +306,11 @@ async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
 async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
     let mut m = etcd_mesh().await;
     let cache = m.pki.path().join("client.cache.json");
+    // Written at most once a second: wait for the state that holds `echo` (learned on the
+    // first request).
     wait_for(Duration::from_secs(3), "cache written", || {
         let cache = cache.clone();
-        async move { cache.exists() }
+        async move { std::fs::read_to_string(&cache).is_ok_and(|c| c.contains("/services/echo/")) }
     })
     .await;
     m.client.shutdown_handle().shutdown();
@@ -363,7 +365,15 @@ async fn watch_survives_a_member_dying_in_a_three_member_cluster() {
     let mut etcd = EtcdCluster::start(3).await;
     let pki = Pki::new(&["client"]);
     let backend = Backend::start().await;
-    let client = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), |_| {}).await;
+    // Scoped: the policies and the 20 declared services, each a watch on one stream.
+    let client = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), |c| {
+        if let Some(e) = c.store.etcd.as_mut() {
+            e.discovery.dependencies = (0..2)
+                .flat_map(|v| (0..10).map(move |i| format!("svc-{v}-{i}")))
+                .collect();
+        }
+    })
+    .await;
     wait_for(Duration::from_secs(10), "client ready", || async {
         client::admin(client.bound.admin, "/ready").await.status == 200
     })
@@ -419,6 +429,9 @@ async fn compaction_while_disconnected_is_handled_by_a_diff_resync() {
     let client = etcd_sidecar(&pki, "client", backend.addr, only_m0, |c| {
         if let Some(e) = c.store.etcd.as_mut() {
             e.auto_sync_interval = Duration::ZERO;
+            e.discovery.dependencies = ["old", "new-0", "new-1", "new-2", "new-3", "new-4"]
+                .map(String::from)
+                .to_vec();
         }
     })
     .await;

@@ -45,6 +45,7 @@ impl FaultMesh {
             if let Some(e) = c.store.etcd.as_mut() {
                 e.lease_ttl = lease_ttl;
                 e.auto_sync_interval = Duration::from_secs(1);
+                e.discovery.dependencies = vec!["echo".into()];
             }
         };
         for _ in 0..2 {
