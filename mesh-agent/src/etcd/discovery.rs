@@ -404,14 +404,9 @@ impl Discovery {
                 msg = watches.stream.message() => msg.map_err(|e| etcd.err(e))?,
                 Some((service, reply)) = self.asks.recv() => {
                     let answer = self.answer(&etcd, &mut watches, &service).await;
-                    let (result, error) = match answer {
-                        Ok(a) => (a, None),
-                        Err(e) => (Discovered::Unavailable(e.to_string()), Some(e)),
-                    };
-                    let label = match result {
-                        Discovered::Found => "found",
-                        Discovered::Missing => "missing",
-                        Discovered::Unavailable(_) => "unavailable",
+                    let (result, label, error) = match answer {
+                        Ok((a, label)) => (a, label, None),
+                        Err(e) => (Discovered::Unavailable(e.to_string()), "unavailable", Some(e)),
                     };
                     self.metrics.on_demand.get_or_create(&ResultLabels { result: label }).inc();
                     let _ = reply.send(result);
@@ -672,7 +667,7 @@ impl Discovery {
         etcd: &Etcd,
         watches: &mut Watches,
         service: &str,
-    ) -> Result<Discovered, EtcdError> {
+    ) -> Result<(Discovered, &'static str), EtcdError> {
         if self.scope.holds(service) {
             let published = self
                 .tx
@@ -680,19 +675,21 @@ impl Discovery {
                 .as_ref()
                 .is_some_and(|s| s.services.contains_key(service));
             return Ok(if published {
-                Discovered::Found
+                (Discovered::Found, "found")
             } else {
-                Discovered::Missing
+                (Discovered::Missing, "missing")
             });
         }
         if self.scope.recently_missing(service) {
-            return Ok(Discovered::Missing);
+            // From the negative cache: no read.
+            return Ok((Discovered::Missing, "missing-cached"));
         }
         if !self.scope.can_learn() {
-            return Ok(Discovered::Unavailable(format!(
+            let cause = format!(
                 "this sidecar already holds {} services learned on demand (store.etcd.discovery.max_learned): declare `{service}` in store.etcd.discovery.dependencies",
                 self.scope.learned()
-            )));
+            );
+            return Ok((Discovered::Unavailable(cause), "unavailable"));
         }
         let prefix = self.keys.instances(service);
         let mut client = etcd.client.clone();
@@ -701,7 +698,7 @@ impl Discovery {
         let declared = self.state.service_spec(&self.keys, service).is_some();
         if resp.kvs().is_empty() && !declared {
             self.scope.note_missing(service);
-            return Ok(Discovered::Missing);
+            return Ok((Discovered::Missing, "missing"));
         }
         let revision = resp.header().map_or(0, |h| h.revision());
         self.scope.learn(service);
@@ -715,7 +712,7 @@ impl Discovery {
             "learned a service on its first request: now held"
         );
         self.publish("etcd").await;
-        Ok(Discovered::Found)
+        Ok((Discovered::Found, "found"))
     }
 
     /// Drop the learned services nobody called for the idle timeout.
