@@ -204,25 +204,28 @@ async fn churn(
     );
 }
 
-/// Reads PREFIX every [`POLL`] until `done` holds for the answer (prints when, Unix ms) or
-/// TIMEOUT seconds pass (exit 1).
+/// Reads PREFIX every [`POLL`] until the answer has `want` of what `count` counts (prints
+/// when, Unix ms) or TIMEOUT seconds pass (prints the last count to stderr, exit 1).
 async fn wait_for_keys(
     mut client: Client,
     prefix: String,
     opts: GetOptions,
     timeout: f64,
-    done: impl Fn(&GetResponse) -> bool,
+    want: i64,
+    count: impl Fn(&GetResponse) -> i64,
 ) {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+    let mut last = 0;
     loop {
         if let Ok(r) = client.get(prefix.as_str(), Some(opts.clone())).await {
-            if done(&r) {
+            last = count(&r);
+            if last >= want {
                 println!("{}", now_ms());
                 return;
             }
         }
         if Instant::now() >= deadline {
-            eprintln!("timed out after {timeout} s");
+            eprintln!("timed out after {timeout} s at {last} of {want}");
             std::process::exit(1);
         }
         tokio::time::sleep(POLL).await;
@@ -262,28 +265,28 @@ async fn main() {
                 keys.instances(&arg::<String>(&args, 3, "SERVICE")),
                 GetOptions::new().with_prefix().with_count_only(),
                 arg(&args, 5, "TIMEOUT_SECONDS"),
-                |r| r.count() >= want,
+                want,
+                |r| r.count(),
             )
             .await
         }
         "wait-applied" => {
-            let want: usize = arg(&args, 4, "WANT");
+            let want: i64 = arg(&args, 4, "WANT");
             let revision: i64 = arg(&args, 5, "REVISION");
             wait_for_keys(
                 client,
                 keys.service_statuses(&arg::<String>(&args, 3, "SERVICE")),
                 GetOptions::new().with_prefix(),
                 arg(&args, 6, "TIMEOUT_SECONDS"),
+                want,
                 |r| {
-                    let applied = r
-                        .kvs()
+                    r.kvs()
                         .iter()
                         .filter_map(|kv| {
                             serde_json::from_slice::<serde_json::Value>(kv.value()).ok()
                         })
                         .filter(|v| v["applied_revision"].as_i64().unwrap_or(0) >= revision)
-                        .count();
-                    applied >= want
+                        .count() as i64
                 },
             )
             .await
