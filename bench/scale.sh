@@ -420,14 +420,15 @@ fleet_run() { # N
         warn "all-at-once start: $(cat "$D/count.err"); starting again, ${STAGGER} sidecars/s"
         fleet_stop
         stop_pid "$ETCD_PID"
-        rm -rf "$D/etcd-fleet"
+        rm -rf "$D/etcd-fleet" "$D/cache"
+        mkdir -p "$D/cache"
         start_etcd "$D/etcd-fleet"
         t0=$(now_ms)
         fleet_start "$n" "$STAGGER"
         t1=$("$TOOL" wait-count "$ENDPOINT" "$PREFIX" fleet "$n" 120) || die "staggered start: not all $n registered within 120 s"
         result fleet.registered_staggered "$(awk -v m=$((t1 - t0)) 'BEGIN { printf "%.1f s", m / 1000 }')"
     fi
-    echo "  all at once: $(res fleet.registered)${t1:+; staggered ($STAGGER/s): $(res fleet.registered_staggered)}"
+    echo "  all at once: $(res fleet.registered)$( [[ -z "$(res fleet.registered_staggered)" ]] || echo "; staggered ($STAGGER/s): $(res fleet.registered_staggered)")"
 
     # Policy rounds: apply, then the exact time every status key shows the revision, then the
     # CLI's own view (`status --wait`).
