@@ -92,6 +92,9 @@ async fn start_etcd(
         proxy.on_demand(store);
     }
     discovery.set_usage(proxy.service_usage());
+    // One etcd connection for discovery, registration and rate-limit sharing.
+    let conn = crate::etcd::Connector::new(etcd.clone());
+    discovery.set_connector(conn.clone());
     let applied = discovery.applied();
     let discovery_status = discovery.status();
     let registration: Arc<Mutex<Option<RegistrationHandle>>> = Arc::default();
@@ -143,7 +146,7 @@ async fn start_etcd(
             .map(|p| (config.inbound.app, p));
         let (demand_tx, demand_rx) = watch::channel(Vec::new());
         let coordinator = Coordinator::new(
-            etcd.clone(),
+            conn.clone(),
             record.service.clone(),
             record.instance.clone(),
             limits,
@@ -152,7 +155,7 @@ async fn start_etcd(
         *coordinator_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator.status());
         tokio::spawn(coordinator.run());
         let handle = registration::spawn(
-            etcd,
+            conn,
             record,
             health,
             applied,

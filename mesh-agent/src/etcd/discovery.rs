@@ -115,6 +115,7 @@ struct Metrics {
 
 pub struct Discovery {
     cfg: EtcdConfig,
+    conn: super::Connector,
     keys: Keys,
     trust_domain: String,
     state: MeshState,
@@ -251,6 +252,7 @@ impl Discovery {
         let (cache_tx, _) = watch::channel(None);
         let (asks_tx, asks) = mpsc::channel(MAX_QUEUED);
         Self {
+            conn: super::Connector::new(cfg.clone()),
             scope,
             ranges: BTreeMap::new(),
             asks,
@@ -291,6 +293,11 @@ impl Discovery {
         }
         let store = OnDemandStore::new(self.asks_tx.clone(), self.link.clone());
         Some(Arc::new(store))
+    }
+
+    /// Share `conn` (with the registration and the rate-limit sharing of this sidecar).
+    pub fn set_connector(&mut self, conn: super::Connector) {
+        self.conn = conn;
     }
 
     /// Where the data plane counts requests per service, to drop learned services nobody
@@ -367,7 +374,7 @@ impl Discovery {
 
     /// Connect, read what is not current, then follow the watches until they fail.
     async fn session(&mut self) -> Result<(), EtcdError> {
-        let etcd = Etcd::connect(&self.cfg).await?;
+        let etcd = self.conn.connect().await?;
         if self.need_resync {
             self.ranges.clear();
         }
@@ -572,9 +579,14 @@ impl Discovery {
         }
         let first = self.wanted_ranges().into_iter().take(1);
         let mut read = self.read_ranges(etcd, first.collect()).await?;
-        let routed = self.scope.set_routed(self.state.policies());
-        if !routed.added.is_empty() {
-            tracing::info!(services = ?routed.added, "holding the services the ingress routes to");
+        let delta = self.scope.follow_policies(self.state.policies());
+        for service in &delta.dropped {
+            let prefix = self.keys.instances(service);
+            self.ranges.remove(&prefix);
+            self.state.drop_prefix(&prefix);
+        }
+        if !delta.added.is_empty() {
+            tracing::info!(services = ?delta.added, "holding the services the policies name");
         }
         let rest = self.wanted_ranges().into_iter().skip(1).collect();
         read.merge(self.read_ranges(etcd, rest).await?);
@@ -642,9 +654,16 @@ impl Discovery {
         changes
     }
 
-    /// The ingress's routes changed: hold (read and watch) the services they now name.
+    /// The policies changed: hold (read and watch) the services they now name, drop the
+    /// own service when no policy needs it any more.
     async fn follow_routes(&mut self, etcd: &Etcd, watches: &mut Watches) -> Result<(), EtcdError> {
-        let delta = self.scope.set_routed(self.state.policies());
+        let delta = self.scope.follow_policies(self.state.policies());
+        for service in &delta.dropped {
+            let prefix = self.keys.instances(service);
+            self.ranges.remove(&prefix);
+            self.state.drop_prefix(&prefix);
+            watches.cancel(etcd, &prefix).await?;
+        }
         if delta.added.is_empty() {
             return Ok(());
         }
@@ -656,7 +675,7 @@ impl Discovery {
             let from = self.ranges.get(&prefix).copied().unwrap_or(0) + 1;
             watches.add(etcd, &prefix, from).await?;
         }
-        tracing::info!(services = ?delta.added, "the ingress routes to more services: now held");
+        tracing::info!(services = ?delta.added, "the policies name more services: now held");
         Ok(())
     }
 

@@ -103,6 +103,53 @@ impl EtcdError {
     }
 }
 
+/// One connection to etcd shared by a sidecar's registration, discovery and rate-limit
+/// sharing. Each used to dial its own: three TCP connections, three sets of keepalive pings and
+/// three reconnections after every etcd restart per sidecar; sharing one costs etcd a third.
+/// A member fault seen by any user (a broken stream, a call without answer) marks the shared
+/// connection failed, and the next session of any of them connects again (to another member
+/// first); the others keep their streams until those fail by themselves.
+#[derive(Clone)]
+pub struct Connector {
+    cfg: EtcdConfig,
+    current: std::sync::Arc<tokio::sync::Mutex<Option<Etcd>>>,
+}
+
+// === impl Connector ===
+
+impl Connector {
+    pub fn new(cfg: EtcdConfig) -> Self {
+        Self {
+            cfg,
+            current: Default::default(),
+        }
+    }
+
+    pub fn cfg(&self) -> &EtcdConfig {
+        &self.cfg
+    }
+
+    /// The shared connection, or a new one when there is none or it failed.
+    pub async fn connect(&self) -> Result<Etcd, EtcdError> {
+        let mut current = self.current.lock().await;
+        if let Some(etcd) = current.as_ref() {
+            if !etcd.has_failed() {
+                return Ok(etcd.clone());
+            }
+        }
+        *current = None;
+        let etcd = Etcd::connect(&self.cfg).await?;
+        *current = Some(etcd.clone());
+        Ok(etcd)
+    }
+}
+
+impl From<EtcdConfig> for Connector {
+    fn from(cfg: EtcdConfig) -> Self {
+        Self::new(cfg)
+    }
+}
+
 /// A connected client plus what is needed to name it in errors.
 #[derive(Clone)]
 pub struct Etcd {
@@ -115,6 +162,8 @@ pub struct Etcd {
     tls: TlsMode,
     timeout: Duration,
     book: std::sync::Arc<endpoints::EndpointBook>,
+    /// Set by the first member fault seen through this connection (shared by its clones).
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The longest a member may take to accept a connection and answer the probe before the
@@ -233,6 +282,7 @@ impl Etcd {
             tls,
             timeout: cfg.timeout,
             book,
+            failed: Default::default(),
         };
         let probe = keys::Keys::new(&cfg.prefix).mesh();
         let mut c = etcd.client.clone();
@@ -280,7 +330,14 @@ impl Etcd {
     /// Record that this member failed (a broken stream, a call without answer), so the next
     /// connection tries the others first.
     pub fn mark_failed(&self) {
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.book.failed(&self.endpoints);
+    }
+
+    /// Whether a member fault was seen through this connection.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Name the endpoints in an error from a call, and its cause when it is one of the
@@ -480,14 +537,16 @@ impl Default for WatchLiveness {
     }
 }
 
-/// Exponential backoff from 100 ms to 5 s with +-25 % jitter, so sidecars that lost etcd at the
-/// same moment do not come back in lockstep.
+/// Exponential backoff from 100 ms to 2 s with +-50 % jitter. The cap bounds how long a fleet
+/// stays away after etcd comes back (within about 3 s); the wide jitter spreads the fleet's
+/// reconnections over that window instead of one burst (sidecars that lost etcd at the same
+/// moment would otherwise come back in lockstep).
 pub fn backoff(attempt: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
+    let base = 100u64.saturating_mul(1 << attempt.min(5)).min(2_000);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64);
-    let jitter = (nanos % (base / 2 + 1)) as i64 - (base / 4) as i64;
+    let jitter = (nanos % (base + 1)) as i64 - (base / 2) as i64;
     Duration::from_millis((base as i64 + jitter).max(10) as u64)
 }
 
@@ -497,14 +556,14 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_bounded() {
-        assert!(backoff(0) <= Duration::from_millis(125));
+        assert!(backoff(0) <= Duration::from_millis(150));
         for a in 0..20 {
             let b = backoff(a);
             assert!(
-                b >= Duration::from_millis(10) && b <= Duration::from_millis(6250),
+                b >= Duration::from_millis(10) && b <= Duration::from_millis(3000),
                 "{a}: {b:?}"
             );
         }
-        assert!(backoff(10) >= Duration::from_millis(3750));
+        assert!(backoff(10) >= Duration::from_millis(1000));
     }
 }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use trellis_proxy::config::EtcdConfig;
 use trellis_proxy::ratelimit::allocate::{allocate, FLOOR_FRACTION, HEADROOM};
 use trellis_proxy::ratelimit::{PolicyDemand, RateLimits};
 
@@ -83,7 +82,7 @@ struct Allocation {
 }
 
 pub struct Coordinator {
-    cfg: EtcdConfig,
+    conn: super::Connector,
     keys: Keys,
     service: String,
     instance: String,
@@ -98,20 +97,21 @@ pub struct Coordinator {
 impl Coordinator {
     /// `publish` goes to the registrar, which writes it under the instance's lease.
     pub fn new(
-        cfg: EtcdConfig,
+        conn: impl Into<super::Connector>,
         service: String,
         instance: String,
         limits: Arc<RateLimits>,
         publish: watch::Sender<Vec<u8>>,
     ) -> Self {
-        let keys = Keys::new(&cfg.prefix);
+        let conn = conn.into();
+        let keys = Keys::new(&conn.cfg().prefix);
         let status = CoordinatorStatus {
             key: keys.demand(&service, &instance),
             ..Default::default()
         };
         limits.set_coordinated();
         Self {
-            cfg,
+            conn,
             keys,
             service,
             instance,
@@ -129,7 +129,7 @@ impl Coordinator {
     /// Run until the registrar (the receiver of `publish`) is gone.
     pub async fn run(self) {
         let watcher = tokio::spawn(watch_table(
-            self.cfg.clone(),
+            self.conn.clone(),
             self.keys.demands(&self.service),
             self.table.clone(),
             self.status.clone(),
@@ -342,7 +342,7 @@ fn should_publish(
 /// Read the service's demand table, then follow it with a watch; on any failure mark the
 /// table disconnected, back off and read it again (it is small).
 async fn watch_table(
-    cfg: EtcdConfig,
+    conn: super::Connector,
     prefix: String,
     table: Arc<Mutex<Table>>,
     status: Arc<Mutex<CoordinatorStatus>>,
@@ -350,7 +350,7 @@ async fn watch_table(
     let mut attempt = 0;
     loop {
         let start = Instant::now();
-        let err = table_session(&cfg, &prefix, &table, &status).await;
+        let err = table_session(&conn, &prefix, &table, &status).await;
         {
             let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
             if t.connected {
@@ -373,12 +373,12 @@ async fn watch_table(
 }
 
 async fn table_session(
-    cfg: &EtcdConfig,
+    conn: &super::Connector,
     prefix: &str,
     table: &Mutex<Table>,
     status: &Mutex<CoordinatorStatus>,
 ) -> EtcdError {
-    let etcd = match Etcd::connect(cfg).await {
+    let etcd = match conn.connect().await {
         Ok(e) => e,
         Err(e) => return e,
     };

@@ -124,6 +124,7 @@ impl RegistrationHandle {
 
 struct Registrar {
     cfg: EtcdConfig,
+    conn: super::Connector,
     keys: Keys,
     record: Registration,
     app_health: Option<(std::net::SocketAddr, String)>,
@@ -154,7 +155,7 @@ enum End {
 /// Start registering `record`; `applied` carries the data plane's applied revision and
 /// `demand` the rate-limit demand report, both written under the instance's lease.
 pub fn spawn(
-    cfg: EtcdConfig,
+    conn: impl Into<super::Connector>,
     record: Registration,
     app_health: Option<(std::net::SocketAddr, String)>,
     applied: watch::Receiver<i64>,
@@ -162,6 +163,8 @@ pub fn spawn(
     metrics: RegistrationMetrics,
     ready: Option<trellis_proxy::readiness::Ready>,
 ) -> RegistrationHandle {
+    let conn = conn.into();
+    let cfg = conn.cfg().clone();
     let keys = Keys::new(&cfg.prefix);
     let status = Arc::new(Mutex::new(RegistrationStatus {
         key: keys.instance(&record.service, &record.instance),
@@ -170,6 +173,7 @@ pub fn spawn(
     let (stop_tx, stop) = watch::channel(false);
     let r = Registrar {
         cfg,
+        conn,
         keys,
         record,
         app_health,
@@ -251,7 +255,7 @@ impl Registrar {
     /// One connection to a member: take up the lease (or grant one), make sure the record is
     /// there, then keep the lease alive and write reports until something ends it.
     async fn session(&mut self) -> End {
-        let etcd = match Etcd::connect(&self.cfg).await {
+        let etcd = match self.conn.connect().await {
             Ok(e) => e,
             Err(e) => return End::Failed(e),
         };
@@ -519,7 +523,7 @@ impl Registrar {
         let Some(lease) = self.lease else {
             return;
         };
-        if let Ok(etcd) = Etcd::connect(&self.cfg).await {
+        if let Ok(etcd) = self.conn.connect().await {
             self.deregister(&etcd, lease).await;
         }
     }

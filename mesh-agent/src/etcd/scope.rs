@@ -21,7 +21,10 @@ const MAX_MISSING: usize = 4096;
 /// Why a service is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Why {
-    /// This sidecar's own service.
+    /// This sidecar's own service, held only while a rate limit or an authentication
+    /// policy applies to it (a global limit's first share divides by the instances; a
+    /// consumer's quota is a global limit): in a fleet of one service, N sidecars holding
+    /// each other would cost N^2 events for every start.
     Own,
     /// Named in `discovery.dependencies`.
     Declared,
@@ -60,7 +63,6 @@ impl Scope {
                 for d in &cfg.dependencies {
                     s.insert(d.clone(), Why::Declared);
                 }
-                s.insert(own.to_string(), Why::Own);
                 Some(s)
             }
         };
@@ -114,25 +116,32 @@ impl Scope {
         }
     }
 
-    /// Make the routed set follow the HTTPRoutes bound to this ingress: services they name
-    /// are held; services they no longer name become learned (dropped when unused).
-    pub fn set_routed<'a>(&mut self, policies: impl Iterator<Item = &'a Policy>) -> Delta {
+    /// Follow the policies: the services the HTTPRoutes bound to this ingress name are held
+    /// (those no longer named become learned, dropped when unused), and the own service while
+    /// a limit or an authentication policy applies to it.
+    pub fn follow_policies<'a>(&mut self, policies: impl Iterator<Item = &'a Policy>) -> Delta {
         let mut delta = Delta::default();
-        let (Some(services), Some(gateway)) = (self.services.as_mut(), self.gateway.as_deref())
-        else {
+        let gateway = self.gateway.clone();
+        let own = self.own.clone();
+        let Some(services) = self.services.as_mut() else {
             return delta;
         };
         let mut routed = BTreeSet::new();
+        let mut own_needed = false;
         for p in policies {
-            let Policy::HttpRoute { spec, .. } = p else {
-                continue;
-            };
-            if !spec.binds(gateway) {
-                continue;
-            }
-            for rule in &spec.rules {
-                routed.extend(rule.backends.iter().map(|b| b.service.clone()));
-                routed.extend(rule.mirror.iter().map(|m| m.service.clone()));
+            match p {
+                Policy::HttpRoute { spec, .. } => {
+                    if !gateway.as_deref().is_some_and(|g| spec.binds(g)) {
+                        continue;
+                    }
+                    for rule in &spec.rules {
+                        routed.extend(rule.backends.iter().map(|b| b.service.clone()));
+                        routed.extend(rule.mirror.iter().map(|m| m.service.clone()));
+                    }
+                }
+                Policy::RateLimit { spec, .. } => own_needed |= spec.service == own,
+                Policy::Authentication { spec, .. } => own_needed |= spec.service == own,
+                _ => {}
             }
         }
         let now = Instant::now();
@@ -143,6 +152,20 @@ impl Scope {
                     since: now,
                 };
             }
+        }
+        match (own_needed, services.get(&own)) {
+            (true, None) => {
+                services.insert(own.clone(), Why::Own);
+                delta.added.push(own.clone());
+            }
+            (true, Some(Why::Learned { .. })) => {
+                services.insert(own.clone(), Why::Own);
+            }
+            (false, Some(Why::Own)) => {
+                services.remove(&own);
+                delta.dropped.push(own.clone());
+            }
+            _ => {}
         }
         for name in routed {
             match services.get_mut(&name) {
@@ -272,7 +295,7 @@ mod tests {
         let mut c = cfg(&["orders"], Duration::from_secs(60));
         c.max_learned = 1;
         let mut s = Scope::new(&c, "web", None);
-        assert!(s.holds("web") && s.holds("orders") && !s.holds("pay"));
+        assert!(!s.holds("web") && s.holds("orders") && !s.holds("pay"));
         assert!(s.can_learn());
         assert!(s.learn("pay"));
         assert!(!s.learn("pay"), "already held");
@@ -294,7 +317,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(dropped, vec!["pay".to_string()]);
-        assert!(s.holds("busy") && s.holds("orders") && s.holds("web"));
+        assert!(s.holds("busy") && s.holds("orders"));
     }
 
     #[test]

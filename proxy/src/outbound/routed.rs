@@ -71,10 +71,13 @@ impl Outbound {
                 .await;
             return (service, rule.name.clone(), result);
         }
-        let route = match table.route(host).cloned() {
+        let found = table.route(host).cloned();
+        // The table guard must not live across the forward (arc-swap guards are for short
+        // reads; a held one slows every snapshot swap).
+        drop(table);
+        let route = match found {
             Some(route) => route,
             None => {
-                drop(table);
                 let host = host.to_string();
                 match self.learn(&host).await {
                     Ok(Some(route)) => route,

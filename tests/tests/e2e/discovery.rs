@@ -92,9 +92,10 @@ async fn a_sidecar_holds_only_what_it_uses_and_learns_a_service_on_its_first_req
         }
     })
     .await;
-    // Held: itself and its declared dependency; not the other services of the mesh.
+    // Held: its declared dependency; not the other services of the mesh, nor its own (no
+    // policy needs its peers).
     let h = held(&m.client).await;
-    assert_eq!(h.get("client").and_then(|v| v.as_str()), Some("own"));
+    assert!(!h.contains_key("client"), "{h:?}");
     assert_eq!(h.get("payments").and_then(|v| v.as_str()), Some("declared"));
     assert!(
         !h.contains_key("orders") && !h.contains_key("stock"),
@@ -210,8 +211,8 @@ async fn unused_services_are_dropped_and_learned_again() {
     assert_eq!(metric(&text, "trellis_discovery_dropped_total"), 1.0);
     assert_eq!(
         dump(&m.client).await["etcd"]["discovery"]["watches"],
-        1 + 1,
-        "the policies and its own service"
+        1,
+        "the policies only"
     );
     // Called again: learned again, without an error.
     assert_eq!(client::get(&c, "http://orders/echo").await.status, 200);
@@ -267,6 +268,6 @@ async fn made_up_names_cannot_make_a_sidecar_hold_more_than_max_learned() {
         let r = client::get(&c, &format!("http://made-up-{i}/echo")).await;
         assert_eq!(r.status, 503, "{i}");
     }
-    assert_eq!(held(&m.client).await.len(), 2, "client and orders");
+    assert_eq!(held(&m.client).await.len(), 1, "orders only");
     assert_eq!(client::get(&c, "http://orders/echo").await.status, 200);
 }
