@@ -271,3 +271,84 @@ async fn made_up_names_cannot_make_a_sidecar_hold_more_than_max_learned() {
     assert_eq!(held(&m.client).await.len(), 1, "orders only");
     assert_eq!(client::get(&c, "http://orders/echo").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_holds_the_backends_its_routes_name_and_follows_route_changes() {
+    let m = mesh(&["orders", "payments"], |_| {}).await;
+    let web = trellis_tests::web::WebPki::new();
+    web.leaf(m.pki.path(), "api", &["api.example.com"]);
+    let app = Backend::start().await;
+    let gateway = etcd_sidecar(&m.pki, "client", app.addr, m.etcd.endpoints(), |c| {
+        c.ingress = Some(trellis_tests::web::loopback_ingress(
+            m.pki.path(),
+            &[("api.example.com", "api")],
+            false,
+        ));
+        // Its own instance must not stand in for the client sidecar's.
+        if let Some(e) = c.store.etcd.as_mut() {
+            e.registration.enabled = false;
+            e.cache_file = Some(m.pki.path().join("gateway.cache.json"));
+        }
+    })
+    .await;
+    let route = |backend: &str| {
+        let yaml = format!(
+            "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {{name: edge}}\nspec:\n  hosts: [api.example.com]\n  gateways: [client]\n  rules: [{{name: api, backends: [{{service: {backend}}}]}}]\n"
+        );
+        trellis_policies::parse_documents(&yaml, "test")
+            .into_iter()
+            .map(|d| d.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let cfg = trellis_proxy::config::EtcdConfig::new(m.etcd.endpoints());
+    mesh_agent::policy::apply(&cfg, &route("orders"), false)
+        .await
+        .unwrap();
+    // Held because the route names it, before any request.
+    wait_for(Duration::from_secs(10), "orders held as routed", || async {
+        held(&gateway).await.get("orders").and_then(|v| v.as_str()) == Some("routed")
+    })
+    .await;
+    assert!(!held(&gateway).await.contains_key("payments"));
+    let edge = gateway.bound.ingress_http.expect("http bound");
+    let c = client::h1(edge);
+    let r = client::send(
+        &c,
+        http::Request::get("http://api.example.com/echo")
+            .body(client::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The route moves to payments: payments is held as routed, orders becomes learned
+    // (dropped when unused).
+    mesh_agent::policy::apply(&cfg, &route("payments"), false)
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "payments held as routed",
+        || async {
+            let h = held(&gateway).await;
+            h.get("payments").and_then(|v| v.as_str()) == Some("routed")
+                && h.get("orders").and_then(|v| v.as_str()) == Some("learned")
+        },
+    )
+    .await;
+    // The edge never learns a name from a stranger's Host header.
+    let r = client::send(
+        &c,
+        http::Request::get("http://orders/echo")
+            .body(client::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    let text = client::admin(gateway.bound.admin, "/metrics").await.body;
+    assert_eq!(
+        metric(&text, "trellis_discovery_on_demand_total{result=\"found\"}"),
+        0.0
+    );
+}
