@@ -129,6 +129,7 @@ impl EndpointBook {
         let mut inner = self.lock();
         let mut known = self.configured.clone();
         for m in members {
+            let m = self.with_scheme(m);
             if !known.contains(&m) {
                 known.push(m);
             }
@@ -137,6 +138,22 @@ impl EndpointBook {
             tracing::info!(endpoints = ?known, "etcd members refreshed from the member list");
             inner.known = known;
         }
+    }
+
+    /// `m` with the configured endpoints' scheme when it has none. etcd's gRPC proxy lists
+    /// itself (and the proxies registered with it) by `--advertise-client-url`, which etcd's
+    /// documentation writes without a scheme (`127.0.0.1:23790`): without this, a proxy that
+    /// is configured as `http://127.0.0.1:23790` would be known twice.
+    fn with_scheme(&self, m: String) -> String {
+        if m.contains("://") {
+            return m;
+        }
+        let scheme = self
+            .configured
+            .first()
+            .and_then(|c| c.split_once("://"))
+            .map_or("http", |(scheme, _)| scheme);
+        format!("{scheme}://{m}")
     }
 
     /// Every endpoint known now, for status and `/config_dump`.
@@ -168,6 +185,21 @@ mod tests {
         );
         b.succeeded("a");
         assert_eq!(b.candidates(), eps(&["a", "b", "c"]));
+    }
+
+    #[test]
+    fn members_without_a_scheme_take_the_configured_one() {
+        let b = EndpointBook::new(eps(&["https://p1:23790", "https://p2:23790"]));
+        b.set_members(eps(&["p2:23790", "p3:23790", "http://m:2379"]));
+        assert_eq!(
+            b.known(),
+            eps(&[
+                "https://p1:23790",
+                "https://p2:23790",
+                "https://p3:23790",
+                "http://m:2379"
+            ])
+        );
     }
 
     #[test]

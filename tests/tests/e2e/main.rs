@@ -13,6 +13,7 @@ mod edge;
 mod errors;
 mod etcd;
 mod etcd_faults;
+mod etcd_proxy;
 mod etcd_security;
 mod examples_compose;
 mod grpc;
