@@ -289,3 +289,71 @@ async fn sidecars_behind_two_grpc_proxies_survive_the_leader_and_a_proxy_dying()
         m.proxies[1 - dead].log()
     );
 }
+
+/// What `MemberList` through etcd 3.4's gRPC proxy answers, and what a sidecar learns from it
+/// (`store.etcd.auto_sync_interval`): never a cluster member, whatever the proxy's flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_lists_through_grpc_proxies_never_lead_sidecars_to_the_members() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let member = etcd.endpoint();
+    let prefix = "/trellis-grpc-proxies-members";
+    let default = EtcdGrpcProxy::start(etcd.endpoints(), ProxyMembers::Default).await;
+    let forwarded = EtcdGrpcProxy::start(etcd.endpoints(), ProxyMembers::Forwarded).await;
+    let registered = [
+        EtcdGrpcProxy::start(etcd.endpoints(), ProxyMembers::Registered(prefix.into())).await,
+        EtcdGrpcProxy::start(etcd.endpoints(), ProxyMembers::Registered(prefix.into())).await,
+    ];
+    let listed = |endpoint: String| async move {
+        let mut c = Client::connect([endpoint], None).await.expect("client");
+        let mut urls: Vec<String> = tokio::time::timeout(Duration::from_secs(5), c.member_list())
+            .await
+            .expect("member list in time")
+            .expect("member list")
+            .members()
+            .iter()
+            .flat_map(|m| m.client_urls().iter().cloned())
+            .collect();
+        urls.sort();
+        urls
+    };
+    // etcd's default --advertise-client-url, not where the proxy listens.
+    assert_eq!(listed(default.endpoint()).await, ["127.0.0.1:23790"]);
+    // An empty one: the cluster's members.
+    assert_eq!(listed(forwarded.endpoint()).await, [member.clone()]);
+    // --resolver-prefix: every proxy registered there (without a scheme, as advertised).
+    let mut both: Vec<String> = registered
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port))
+        .collect();
+    both.sort();
+    wait_for(
+        Duration::from_secs(10),
+        "both proxies registered",
+        || async { listed(registered[0].endpoint()).await == both },
+    )
+    .await;
+
+    // A sidecar's connection learns members when it connects (the first sync is due).
+    let learned = |endpoints: Vec<String>| async move {
+        let mut cfg = cli(endpoints.clone());
+        cfg.auto_sync_interval = Duration::from_millis(1);
+        let _etcd = mesh_agent::etcd::Etcd::connect(&cfg)
+            .await
+            .expect("connect");
+        mesh_agent::etcd::endpoints::book(&endpoints).known()
+    };
+    assert_eq!(
+        learned(vec![default.endpoint()]).await,
+        [default.endpoint()]
+    );
+    assert_eq!(
+        learned(vec![forwarded.endpoint()]).await,
+        [forwarded.endpoint()]
+    );
+    // Only the first registered proxy configured: the second is learned from it.
+    assert_eq!(
+        learned(vec![registered[0].endpoint()]).await,
+        [registered[0].endpoint(), registered[1].endpoint()]
+    );
+}
