@@ -100,6 +100,15 @@ impl EtcdTls {
     }
 }
 
+/// Start `etcd` as `cmd` says, its stderr (its log) into `log`.
+fn spawn_etcd(cmd: &mut Command, log: std::fs::File) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("etcd must be installed (apt-get install etcd-server)")
+}
+
 /// One etcd member.
 pub struct EtcdMember {
     pub name: String,
@@ -166,13 +175,8 @@ impl EtcdMember {
                 "--listen-metrics-urls",
                 &format!("http://127.0.0.1:{}", self.metrics_port),
             ])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd must be installed (apt-get install etcd-server)");
-        self.child = Some(child);
+            .args(&self.extra_args);
+        self.child = Some(spawn_etcd(child, log));
     }
 
     /// Stop the member abruptly (SIGKILL).
@@ -629,13 +633,7 @@ impl EtcdGrpcProxy {
                 ]);
             }
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd must be installed (apt-get install etcd-server)");
-        self.child = Some(child);
+        self.child = Some(spawn_etcd(&mut cmd, log));
     }
 
     async fn healthy_within(&mut self, limit: Duration) -> bool {

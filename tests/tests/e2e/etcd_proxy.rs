@@ -320,7 +320,7 @@ async fn member_lists_through_grpc_proxies_never_lead_sidecars_to_the_members() 
     // etcd's default --advertise-client-url, not where the proxy listens.
     assert_eq!(listed(default.endpoint()).await, ["127.0.0.1:23790"]);
     // An empty one: the cluster's members.
-    assert_eq!(listed(forwarded.endpoint()).await, [member.clone()]);
+    assert_eq!(listed(forwarded.endpoint()).await, [member]);
     // --resolver-prefix: every proxy registered there (without a scheme, as advertised).
     let mut both: Vec<String> = registered
         .iter()
