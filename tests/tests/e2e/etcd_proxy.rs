@@ -1,8 +1,10 @@
 //! Large fleets through etcd's own gRPC proxy (`etcd grpc-proxy start`, Debian's etcd 3.4): a
 //! 3-member cluster, two proxies in front of it (each given every member), and sidecars given
 //! only the proxies. Registration, discovery and `mesh-agent policy apply` / `status` work
-//! through the proxies; the cluster's leader dying and then one proxy dying cost no
-//! registration and no request; no sidecar ever dials a cluster member.
+//! through the proxies; the proxies coalesce the sidecars' watches; the cluster's leader dying
+//! and then one proxy dying cost no registration and no request; no sidecar ever dials a
+//! cluster member. The members send progress notifications every 2 s, which etcd 3.4's proxy
+//! needs for quiet watches (docs/scale.md).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,7 +21,7 @@ const INSTANCES: &str = "/trellis/v1/mesh/services/";
 /// any of them names the proxies, not the cluster's members.
 const PROXY_PREFIX: &str = "/trellis-grpc-proxies";
 /// Sidecars besides `echo` and `client`.
-const OTHERS: usize = 3;
+const OTHERS: usize = 5;
 
 async fn dump(r: &Running) -> serde_json::Value {
     client::admin(r.bound.admin, "/config_dump").await.json()
@@ -245,13 +247,17 @@ async fn sidecars_behind_two_grpc_proxies_survive_the_leader_and_a_proxy_dying()
     // Idle for a few progress intervals: the watches must stay up.
     tokio::time::sleep(Duration::from_secs(7)).await;
     m.assert_healthy("idle", 0).await;
-    // Coalescing: each sidecar watches the mesh and the rate-limit demand (2 watches); the
-    // members see at most one watch per key range per proxy.
+    // Coalescing: each sidecar watches the mesh and its service's rate-limit demand table:
+    // 4 distinct ranges (echo, client, other). The members see at most one watcher per range
+    // per proxy, not one per sidecar watch.
     let added = server_watchers(&m.etcd).await - m.watchers_before;
     let sidecar_watches = (2 * (2 + OTHERS)) as f64;
-    eprintln!("{sidecar_watches} sidecar watches cost the members {added} watchers");
+    let ranges = 4.0;
+    eprintln!(
+        "{sidecar_watches} sidecar watches on {ranges} ranges cost the members {added} watchers"
+    );
     assert!(
-        added <= 2.0 * m.proxies.len() as f64,
+        added <= ranges * m.proxies.len() as f64,
         "{sidecar_watches} sidecar watches coalesced: {added} watchers on the members"
     );
 
