@@ -100,6 +100,15 @@ impl EtcdTls {
     }
 }
 
+/// Start `etcd` as `cmd` says, its stderr (its log) into `log`.
+fn spawn_etcd(cmd: &mut Command, log: std::fs::File) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("etcd must be installed (apt-get install etcd-server)")
+}
+
 /// One etcd member.
 pub struct EtcdMember {
     pub name: String,
@@ -166,13 +175,8 @@ impl EtcdMember {
                 "--listen-metrics-urls",
                 &format!("http://127.0.0.1:{}", self.metrics_port),
             ])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd must be installed (apt-get install etcd-server)");
-        self.child = Some(child);
+            .args(&self.extra_args);
+        self.child = Some(spawn_etcd(child, log));
     }
 
     /// Stop the member abruptly (SIGKILL).
@@ -540,5 +544,142 @@ impl EtcdCluster {
 
     pub fn endpoint(&self) -> String {
         self.members[0].endpoint()
+    }
+}
+
+/// How an [`EtcdGrpcProxy`] answers `MemberList`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyMembers {
+    /// etcd's defaults: no `--advertise-client-url` given, so etcd 3.4 answers with its
+    /// default `127.0.0.1:23790`, whatever the proxy listens on.
+    Default,
+    /// `--advertise-client-url` explicitly empty: the member list is forwarded to the cluster
+    /// and names the real members.
+    Forwarded,
+    /// `--advertise-client-url 127.0.0.1:<port>` and `--resolver-prefix <prefix>`: the
+    /// proxy registers itself under the prefix and answers with every proxy registered there.
+    Registered(String),
+}
+
+/// etcd's own gRPC proxy (`etcd grpc-proxy start`) in front of a cluster, on a free loopback
+/// port, killed on drop.
+pub struct EtcdGrpcProxy {
+    pub port: u16,
+    cluster: Vec<String>,
+    members: ProxyMembers,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl EtcdGrpcProxy {
+    /// A proxy for the members at `cluster` (client URLs), healthy (it answers `/health`,
+    /// which needs the cluster) before this returns. A port taken by a parallel test before
+    /// the proxy binds it is replaced by another.
+    pub async fn start(cluster: Vec<String>, members: ProxyMembers) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut p = Self {
+            port: free_port(),
+            cluster,
+            members,
+            log: dir.path().join("grpc-proxy.log"),
+            dir,
+            child: None,
+        };
+        for attempt in 0..3 {
+            p.spawn();
+            if p.healthy_within(Duration::from_secs(20)).await {
+                return p;
+            }
+            tracing::warn!(attempt, log = %p.log(), "etcd grpc-proxy not healthy; trying another port");
+            p.kill();
+            p.port = free_port();
+        }
+        panic!("etcd grpc-proxy not healthy: {}", p.log());
+    }
+
+    /// The URL clients use (`http://127.0.0.1:<port>`).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("grpc-proxy log file");
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "grpc-proxy",
+            "start",
+            "--endpoints",
+            &self.cluster.join(","),
+            "--listen-addr",
+            &format!("127.0.0.1:{}", self.port),
+            "--data-dir",
+            &self.dir.path().join("data").display().to_string(),
+        ]);
+        match &self.members {
+            ProxyMembers::Default => {}
+            ProxyMembers::Forwarded => {
+                cmd.arg("--advertise-client-url=");
+            }
+            ProxyMembers::Registered(prefix) => {
+                // Without a scheme, as etcd's documentation writes it.
+                cmd.args([
+                    "--advertise-client-url",
+                    &format!("127.0.0.1:{}", self.port),
+                    "--resolver-prefix",
+                    prefix,
+                    "--resolver-ttl",
+                    "5",
+                ]);
+            }
+        }
+        self.child = Some(spawn_etcd(&mut cmd, log));
+    }
+
+    async fn healthy_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !self.is_running() {
+                return false;
+            }
+            if health(self.port).await {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// What the proxy wrote to stderr (its log), for assertions and failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stop the proxy abruptly (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Prometheus metrics of the proxy (served on its client port).
+    pub async fn metrics(&self) -> String {
+        http_get(self.port, "/metrics").await.unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdGrpcProxy {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -33,6 +33,8 @@ struct Inner {
     failed_at: HashMap<String, Instant>,
     preferred: Option<String>,
     synced_at: Option<Instant>,
+    /// A member list that did not name the endpoint it came from was ignored (logged once).
+    foreign_list_seen: bool,
 }
 
 /// The book for `endpoints` (the configured list), created on first use.
@@ -129,6 +131,7 @@ impl EndpointBook {
         let mut inner = self.lock();
         let mut known = self.configured.clone();
         for m in members {
+            let m = self.with_scheme(m);
             if !known.contains(&m) {
                 known.push(m);
             }
@@ -136,6 +139,49 @@ impl EndpointBook {
         if known != inner.known {
             tracing::info!(endpoints = ?known, "etcd members refreshed from the member list");
             inner.known = known;
+        }
+    }
+
+    /// [`Self::set_members`] with the member list `source` answered, which counts only when
+    /// it names `source` itself; `false` when it was ignored. An etcd member always lists
+    /// itself. etcd's gRPC proxy (`etcd grpc-proxy`) or a load balancer in front of etcd does
+    /// not: the proxy passes the cluster's members on (`--advertise-client-url` empty) or,
+    /// 3.4 without `--resolver-prefix`, answers with its `--advertise-client-url` alone,
+    /// `127.0.0.1:23790` unless set. Learning those would have sidecars dial around the
+    /// proxies. A proxy started with `--advertise-client-url` and `--resolver-prefix` lists
+    /// every proxy registered under that prefix, itself included: those are learned.
+    pub fn set_members_from(&self, source: &str, members: Vec<String>) -> bool {
+        let members: Vec<String> = members.into_iter().map(|m| self.with_scheme(m)).collect();
+        if members.is_empty() || members.iter().any(|m| m == source) {
+            self.set_members(members);
+            return true;
+        }
+        let first = {
+            let mut inner = self.lock();
+            !std::mem::replace(&mut inner.foreign_list_seen, true)
+        };
+        if first {
+            tracing::info!(
+                endpoint = source,
+                members = ?members,
+                "etcd's member list does not name the endpoint that sent it (a gRPC proxy or load balancer in front of etcd?): members are not learned; only the configured endpoints are used"
+            );
+        }
+        false
+    }
+
+    /// `m` with the configured endpoints' scheme when it has none and they have one. etcd's gRPC proxy lists
+    /// itself (and the proxies registered with it) by `--advertise-client-url`, which etcd's
+    /// documentation writes without a scheme (`127.0.0.1:23790`): without this, a proxy that
+    /// is configured as `http://127.0.0.1:23790` would be known twice.
+    fn with_scheme(&self, m: String) -> String {
+        if m.contains("://") {
+            return m;
+        }
+        // Configured endpoints without a scheme are compared as they are.
+        match self.configured.first().and_then(|c| c.split_once("://")) {
+            Some((scheme, _)) => format!("{scheme}://{m}"),
+            None => m,
         }
     }
 
@@ -168,6 +214,39 @@ mod tests {
         );
         b.succeeded("a");
         assert_eq!(b.candidates(), eps(&["a", "b", "c"]));
+    }
+
+    #[test]
+    fn members_without_a_scheme_take_the_configured_one() {
+        let b = EndpointBook::new(eps(&["https://p1:23790", "https://p2:23790"]));
+        b.set_members(eps(&["p2:23790", "p3:23790", "http://m:2379"]));
+        assert_eq!(
+            b.known(),
+            eps(&[
+                "https://p1:23790",
+                "https://p2:23790",
+                "https://p3:23790",
+                "http://m:2379"
+            ])
+        );
+    }
+
+    #[test]
+    fn a_member_list_that_does_not_name_its_sender_is_ignored() {
+        let b = EndpointBook::new(eps(&["http://p1:23790", "http://p2:23790"]));
+        // A proxy passing the cluster's members on, or answering with etcd's default.
+        assert!(!b.set_members_from(
+            "http://p1:23790",
+            eps(&["http://m1:2379", "http://m2:2379"])
+        ));
+        assert!(!b.set_members_from("http://p1:23790", eps(&["127.0.0.1:23790"])));
+        assert_eq!(b.known(), eps(&["http://p1:23790", "http://p2:23790"]));
+        // Proxies registered under a --resolver-prefix: the sender among them.
+        assert!(b.set_members_from("http://p1:23790", eps(&["p1:23790", "p3:23790"])));
+        assert_eq!(
+            b.known(),
+            eps(&["http://p1:23790", "http://p2:23790", "http://p3:23790"])
+        );
     }
 
     #[test]

@@ -315,7 +315,7 @@ impl Etcd {
                     .iter()
                     .flat_map(|m| m.client_urls().iter().cloned())
                     .collect();
-                self.book.set_members(urls);
+                self.book.set_members_from(&self.endpoints, urls);
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "cannot read etcd's member list"),
             Err(_) => tracing::debug!("etcd's member list did not arrive in time"),

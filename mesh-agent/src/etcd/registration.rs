@@ -24,8 +24,8 @@ use super::{backoff, Etcd, EtcdError};
 
 /// Status writes wait this long so that a burst of changes costs etcd one write.
 const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
-/// A keepalive not answered within this long means the member is gone or paused: move to
-/// another one while the lease still has most of its TTL left.
+/// A keepalive not answered within this long (after the next one was due) means the member
+/// is gone or paused: move to another one while the lease still has most of its TTL left.
 const MAX_ACK_WAIT: Duration = Duration::from_secs(2);
 /// Failed report writes are retried this often.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
@@ -300,34 +300,38 @@ impl Registrar {
 
         let mut tick = tokio::time::interval(ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut awaiting_since: Option<Instant> = None;
-        let ack_wait = (ttl / 3).min(MAX_ACK_WAIT);
+        // A keepalive goes out every TTL/3 whether or not the previous one was answered, and
+        // the member counts as gone when nothing was acknowledged for TTL/3 + the ack wait.
+        // Talking to a member, that is one unanswered keepalive (each is answered at once).
+        // etcd's gRPC proxy (`etcd grpc-proxy`) does not answer each request: it keeps the
+        // lease alive on its own schedule (every TTL/3, checked every 500 ms) and answers the
+        // requests outstanding when its own keepalive is answered, up to TTL/3 + 0.5 s later.
+        // Waiting for each request's own answer failed over, and lost leases, constantly.
+        let silence_limit = ttl / 3 + (ttl / 3).min(MAX_ACK_WAIT);
+        let mut last_ack = Instant::now();
         // Reports go out with the registration; one that fails is retried from the loop.
         let mut retry_at = (!self.write_reports(&etcd, lease).await)
             .then(|| tokio::time::Instant::now() + WRITE_RETRY);
         let (mut applied, mut stop) = (self.applied.clone(), self.stop.clone());
         let mut demand = self.demand.clone();
         loop {
-            let ack_deadline = awaiting_since.map(|t| tokio::time::Instant::from_std(t + ack_wait));
+            let ack_deadline = tokio::time::Instant::from_std(last_ack + silence_limit);
             tokio::select! {
                 _ = tick.tick() => {
-                    if awaiting_since.is_none() {
-                        if let Err(e) = keeper.keep_alive().await {
-                            return End::Failed(etcd.err(e));
-                        }
-                        awaiting_since = Some(Instant::now());
+                    if let Err(e) = keeper.keep_alive().await {
+                        return End::Failed(etcd.err(e));
                     }
                 }
-                _ = sleep_until_opt(ack_deadline) => {
+                _ = tokio::time::sleep_until(ack_deadline) => {
                     etcd.mark_failed();
                     return End::Failed(EtcdError::Timeout {
                         endpoints: etcd.endpoint().to_string(),
-                        timeout: ack_wait,
+                        timeout: silence_limit,
                     });
                 }
                 msg = responses.message() => {
                     match msg {
-                        Ok(Some(r)) if r.ttl() > 0 => awaiting_since = None,
+                        Ok(Some(r)) if r.ttl() > 0 => last_ack = Instant::now(),
                         Ok(Some(_)) => return End::LeaseGone,
                         Ok(None) => {
                             etcd.mark_failed();

@@ -14,6 +14,7 @@ mod edge;
 mod errors;
 mod etcd;
 mod etcd_faults;
+mod etcd_proxy;
 mod etcd_security;
 mod examples_compose;
 mod grpc;
