@@ -164,6 +164,8 @@ pub struct Etcd {
     book: std::sync::Arc<endpoints::EndpointBook>,
     /// Set by the first member fault seen through this connection (shared by its clones).
     failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// A key every sidecar may read (the mesh prefix): what liveness probes read.
+    probe_key: String,
 }
 
 /// The longest a member may take to accept a connection and answer the probe before the
@@ -283,8 +285,9 @@ impl Etcd {
             timeout: cfg.timeout,
             book,
             failed: Default::default(),
+            probe_key: keys::Keys::new(&cfg.prefix).mesh(),
         };
-        let probe = keys::Keys::new(&cfg.prefix).mesh();
+        let probe = etcd.probe_key.clone();
         let mut c = etcd.client.clone();
         match tokio::time::timeout(timeout, c.get(probe, None)).await {
             Ok(Ok(_)) => Ok(etcd),
@@ -333,6 +336,16 @@ impl Etcd {
         self.failed
             .store(true, std::sync::atomic::Ordering::Release);
         self.book.failed(&self.endpoints);
+    }
+
+    /// A linearizable read of one key (a count, no values): the member answers with a quorum
+    /// behind it.
+    pub async fn probe(&self) -> Result<(), EtcdError> {
+        let mut client = self.client.clone();
+        let opts = etcd_client::GetOptions::new().with_count_only();
+        self.call(client.get(self.probe_key.as_str(), Some(opts)))
+            .await
+            .map(|_| ())
     }
 
     /// Whether a member fault was seen through this connection.
@@ -472,8 +485,9 @@ fn tls_cause(err: &etcd_client::Error, tls: TlsMode) -> Option<String> {
 pub const LIVENESS_TICK: Duration = Duration::from_secs(2);
 /// A watch silent this long is asked for a progress notification...
 pub const PROGRESS_AFTER: Duration = Duration::from_secs(60);
-/// ...and declared dead when nothing arrives for this long.
-pub const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(75);
+/// ...and, when that is not answered within this (etcd 3.4's gRPC proxy ignores progress
+/// requests), the connection is checked with a read instead.
+pub const PROGRESS_ANSWER: Duration = Duration::from_secs(5);
 
 /// Keeps a watch honest without costing etcd anything at rest. A dead member is found by the
 /// connection, not by probing each watch: a killed member resets it at once, a paused or
@@ -482,11 +496,13 @@ pub const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(75);
 /// every call carries etcd's "require leader" flag (after about 3 election timeouts). What is
 /// left, a stream that stays open yet delivers nothing, is caught by asking for a progress
 /// notification after [`PROGRESS_AFTER`] of silence (etcd also sends one every 10 minutes to
-/// watches created with `progress_notify`). Call `heard` on every message.
+/// watches created with `progress_notify`); a request nobody answers (a 3.4 proxy) is followed
+/// by a linearizable read on the same connection, whose failure ends the session. Call
+/// `heard` on every message.
 pub struct WatchLiveness {
     probe: tokio::time::Interval,
     last_heard: std::time::Instant,
-    asked: bool,
+    asked: Option<std::time::Instant>,
 }
 
 // === impl WatchLiveness ===
@@ -498,7 +514,7 @@ impl WatchLiveness {
         Self {
             probe,
             last_heard: std::time::Instant::now(),
-            asked: false,
+            asked: None,
         }
     }
 
@@ -508,7 +524,7 @@ impl WatchLiveness {
 
     pub fn heard(&mut self) {
         self.last_heard = std::time::Instant::now();
-        self.asked = false;
+        self.asked = None;
     }
 
     pub async fn check(
@@ -516,16 +532,27 @@ impl WatchLiveness {
         etcd: &Etcd,
         stream: &mut etcd_client::WatchStream,
     ) -> Result<(), EtcdError> {
-        let silent = self.last_heard.elapsed();
-        if silent > WATCH_SILENCE_LIMIT {
-            return Err(EtcdError::Timeout {
-                endpoints: etcd.endpoints.clone(),
-                timeout: WATCH_SILENCE_LIMIT,
+        if etcd.has_failed() {
+            // Another user of this connection (the registration's keepalive, a read) saw the
+            // member fail: one probe serves every stream on the connection.
+            return Err(EtcdError::Unreachable {
+                attempts: vec![(
+                    etcd.endpoint().to_string(),
+                    "another stream on this connection found the member failed".into(),
+                )],
             });
         }
-        if silent >= PROGRESS_AFTER && !self.asked {
-            self.asked = true;
-            stream.request_progress().await.map_err(|e| etcd.err(e))?;
+        match self.asked {
+            None if self.last_heard.elapsed() >= PROGRESS_AFTER => {
+                self.asked = Some(std::time::Instant::now());
+                stream.request_progress().await.map_err(|e| etcd.err(e))?;
+            }
+            Some(at) if at.elapsed() >= PROGRESS_ANSWER => {
+                // No progress answer: is the connection (and a quorum behind it) alive?
+                etcd.probe().await?;
+                self.heard();
+            }
+            _ => {}
         }
         Ok(())
     }
