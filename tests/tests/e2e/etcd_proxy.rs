@@ -115,7 +115,13 @@ impl ProxyMesh {
             }
         };
         let echo = etcd_sidecar(&pki, "echo", backend.addr, endpoints.clone(), tweak).await;
-        let client = etcd_sidecar(&pki, "client", backend.addr, endpoints.clone(), tweak).await;
+        let client = etcd_sidecar(&pki, "client", backend.addr, endpoints.clone(), |c| {
+            tweak(c);
+            if let Some(e) = c.store.etcd.as_mut() {
+                e.discovery.dependencies = vec!["echo".into()];
+            }
+        })
+        .await;
         let mut others = Vec::new();
         for i in 0..OTHERS {
             let cache = pki.path().join(format!("other-{i}.cache.json"));
@@ -247,12 +253,13 @@ async fn sidecars_behind_two_grpc_proxies_survive_the_leader_and_a_proxy_dying()
     // Idle for a few progress intervals: the watches must stay up.
     tokio::time::sleep(Duration::from_secs(7)).await;
     m.assert_healthy("idle", 0).await;
-    // Coalescing: each sidecar watches the mesh and its service's rate-limit demand table:
-    // 4 distinct ranges (echo, client, other). The members see at most one watcher per range
+    // Coalescing: each sidecar watches the policies and its service's rate-limit demand table,
+    // and the client also echo's instances (its dependency): 5 distinct ranges (the policies,
+    // three demand tables, echo's instances). The members see at most one watcher per range
     // per proxy, not one per sidecar watch.
     let added = server_watchers(&m.etcd).await - m.watchers_before;
-    let sidecar_watches = (2 * (2 + OTHERS)) as f64;
-    let ranges = 4.0;
+    let sidecar_watches = (2 * (2 + OTHERS) + 1) as f64;
+    let ranges = 5.0;
     eprintln!(
         "{sidecar_watches} sidecar watches on {ranges} ranges cost the members {added} watchers"
     );
