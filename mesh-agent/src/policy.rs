@@ -294,36 +294,45 @@ pub async fn history(
 
 /// Services, instances with their lease TTLs, and the revision each sidecar has applied.
 pub async fn status(cfg: &EtcdConfig) -> Result<String, PolicyError> {
-    Ok(convergence(cfg).await?.0)
+    let etcd = Etcd::connect(cfg).await?;
+    Ok(convergence(cfg, &etcd, true).await?.0)
 }
 
 /// `status --wait`: poll until every live instance has applied the latest mesh change, or
-/// `timeout` passes. Returns the last table and whether the mesh converged.
+/// `timeout` passes. Returns the last table and whether the mesh converged. One connection
+/// for the whole wait, and polls without the per-instance lease lookups (one call per
+/// instance: the table is printed with them once, at the end), so the wait costs etcd two
+/// reads per poll whatever the fleet size.
 pub async fn status_wait(
     cfg: &EtcdConfig,
     timeout: std::time::Duration,
 ) -> Result<(String, bool), PolicyError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let etcd = Etcd::connect(cfg).await?;
     loop {
-        let (out, converged) = convergence(cfg).await?;
+        let (_, converged) = convergence(cfg, &etcd, false).await?;
         if converged || tokio::time::Instant::now() >= deadline {
+            let (out, _) = convergence(cfg, &etcd, true).await?;
             return Ok((out, converged));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
 /// The status table, and whether every registered instance has applied the mesh's latest
-/// change.
-async fn convergence(cfg: &EtcdConfig) -> Result<(String, bool), PolicyError> {
-    let etcd = Etcd::connect(cfg).await?;
+/// change. `ttls`: look up each instance's lease TTL for the table (one call per instance).
+async fn convergence(
+    cfg: &EtcdConfig,
+    etcd: &Etcd,
+    ttls: bool,
+) -> Result<(String, bool), PolicyError> {
     let mut client = etcd.client.clone();
     let keys = Keys::new(&cfg.prefix);
     let regs = etcd
         .call(client.get(keys.services(), Some(GetOptions::new().with_prefix())))
         .await?;
     let current = regs.header().map_or(0, |h| h.revision());
-    let mesh_rev = policies_revision(&etcd, &keys, current).await?;
+    let mesh_rev = policies_revision(etcd, &keys, current).await?;
     let statuses = etcd
         .call(client.get(keys.statuses(), Some(GetOptions::new().with_prefix())))
         .await?;
@@ -348,6 +357,7 @@ async fn convergence(cfg: &EtcdConfig) -> Result<(String, bool), PolicyError> {
             continue;
         };
         let ttl = match kv.lease() {
+            _ if !ttls => "-".to_string(),
             0 => "-".to_string(),
             id => match etcd.call(client.lease_time_to_live(id, None)).await {
                 Ok(t) => format!("{}s", t.ttl()),
