@@ -75,6 +75,11 @@ impl Scope {
         }
     }
 
+    /// This sidecar's service.
+    pub fn own(&self) -> &str {
+        &self.own
+    }
+
     pub fn is_full(&self) -> bool {
         self.services.is_none()
     }
@@ -94,10 +99,11 @@ impl Scope {
     }
 
     /// Whether a policy is of use to this sidecar. Full mode keeps everything; scoped, a
-    /// service's own policies (rate, concurrency, authentication, authorization) only reach
-    /// its own sidecars, a `ServicePolicy` only sidecars that hold the service, HTTPRoutes only
-    /// those bound to the mesh or to this ingress, and consumers (with their key digests) only
-    /// sidecars whose service authenticates callers.
+    /// service's own limits and authorization only reach its own sidecars, a `ServicePolicy`
+    /// only sidecars that hold the service, HTTPRoutes only those bound to the mesh or to this
+    /// ingress, and consumers (with their key digests) only sidecars whose service
+    /// authenticates callers. Authentication policies reach every sidecar: each strips the
+    /// claim headers any provider forwards, so that no caller can forge them.
     pub fn wants(&self, policy: &Policy, authenticates: bool) -> bool {
         if self.is_full() {
             return true;
@@ -110,7 +116,9 @@ impl Scope {
             }
             Policy::RateLimit { spec, .. } => spec.service == self.own,
             Policy::ConcurrencyLimit { spec, .. } => spec.service == self.own,
-            Policy::Authentication { spec, .. } => spec.service == self.own,
+            // Every sidecar strips the claim headers any provider in the mesh forwards: it
+            // needs every authentication policy (they are few; enforcement is per service).
+            Policy::Authentication { .. } => true,
             Policy::Authorization { spec, .. } => spec.service == self.own,
             Policy::Consumer { .. } => authenticates,
         }

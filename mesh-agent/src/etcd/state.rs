@@ -320,9 +320,10 @@ impl MeshState {
     /// service (or per `ServicePolicy`), endpoints sorted by address for a stable order; only
     /// what `scope` holds and wants.
     pub fn to_document(&self, scope: &Scope) -> MeshDocument {
-        let authenticates = self
-            .policies()
-            .any(|p| matches!(p, Policy::Authentication { .. }) && scope.wants(p, false));
+        let authenticates = scope.is_full()
+            || self.policies().any(
+                |p| matches!(p, Policy::Authentication { spec, .. } if spec.service == scope.own()),
+            );
         let mut doc = MeshDocument::default();
         let retained = self
             .retained
@@ -522,5 +523,45 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.contains("stored under"), "{err}");
+    }
+
+    #[test]
+    fn a_scoped_document_keeps_what_the_sidecar_uses_and_every_authentication_policy() {
+        let keys = Keys::new("/t");
+        let mut s = MeshState::default();
+        let yaml = include_str!("../../../examples/gateway/policies.yaml");
+        for doc in trellis_policies::parse_documents(yaml, "gateway") {
+            let doc = doc.unwrap();
+            let k = keys.policy(&doc.kind, &doc.metadata.name);
+            let v = serde_json::to_vec(&doc).unwrap();
+            assert_eq!(s.put(&keys, &k, &v, 1), Ok(true), "{k}");
+        }
+        let (a, b) = (keys.instance("orders", "a"), keys.instance("stock", "b"));
+        s.put(&keys, &a, &reg("orders", "a", 1), 2).unwrap();
+        s.put(&keys, &b, &reg("stock", "b", 2), 3).unwrap();
+        let scoped = |service: &str, deps: &[&str]| {
+            let cfg = trellis_proxy::config::DiscoveryConfig {
+                dependencies: deps.iter().map(|d| d.to_string()).collect(),
+                ..Default::default()
+            };
+            Scope::new(&cfg, service, None)
+        };
+        // A sidecar of `web` calling orders: orders only; the gateway's authentication (its
+        // claim headers are stripped everywhere) but not its authorization, nor the
+        // consumers' key digests.
+        let doc = s.to_document(&scoped("web", &["orders"]));
+        assert_eq!(doc.services.keys().collect::<Vec<_>>(), vec!["orders"]);
+        assert!(doc.authentication.contains_key("gateway-auth"));
+        assert!(doc.authorization.is_empty());
+        assert!(doc.consumers.is_empty());
+        // The gateway itself: its authorization and the consumers.
+        let doc = s.to_document(&scoped("gateway", &[]));
+        assert!(doc.services.is_empty());
+        assert!(!doc.authorization.is_empty());
+        assert!(doc.consumers.contains_key("acme"));
+        // Full scope: everything.
+        let doc = s.to_document(&full());
+        assert_eq!(doc.services.len(), 2);
+        assert!(doc.consumers.contains_key("acme"));
     }
 }
