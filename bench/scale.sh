@@ -8,7 +8,8 @@
 #
 # mesh: registrations written straight to etcd (mesh-agent/examples/mesh_scale.rs), then one
 #   sidecar calling 5 services and one ingress gateway with an HTTPRoute per service; RSS and
-#   CPU idle and under SCALE_CHURN_RATE changes/s for SCALE_CHURN_SECS.
+#   CPU idle and under SCALE_CHURN_RATE changes/s for SCALE_CHURN_SECS; then the first request
+#   through the sidecar to each of SCALE_LEARN (5) services it does not hold vs a second one.
 # fleet: N sidecars start at once; time until all are registered; SCALE_ROUNDS policy applies
 #   (`policy apply` then `status --wait`); etcd idle CPU and gRPC traffic by method; etcd
 #   SIGKILLed, restarted after 10 s on the same data dir: recovery time and reconnect storm.
@@ -271,8 +272,13 @@ mesh_run() { # INSTANCES SERVICES
     local am gm tm
     am=$(proc_ticks "$pa") gm=$(proc_ticks "$pg") tm=$(now_ms)
     # Then until each has applied the last change (at most 120 s): how far behind it fell.
+    # A marker change right after the churn, in svc-0000 (which both processes hold: a declared
+    # dependency, a routed backend): its revision, once applied, means every earlier change
+    # was processed. (A scoped sidecar never applies a revision of a service it does not
+    # hold, so the churn's own last revision would never be reached.)
     local rev r ok
-    rev=$(sed -n 's/.*last revision \([0-9]*\)$/\1/p' "$D/churn.out")
+    rev=$("$TOOL" touch "$ENDPOINT" "$PREFIX" "$n" "$s" 0 | sed -n 's/^revision \([0-9]*\)$/\1/p')
+    [[ -n "$rev" ]] || die "marker write failed"
     deadline=$((SECONDS + 120))
     declare -A lag=()
     while ((SECONDS < deadline)); do
@@ -303,6 +309,9 @@ mesh_run() { # INSTANCES SERVICES
         result "$tag.$r.ms_per_change" "$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v t="$tall" -v idle="$(res "$tag.$r.cpu_idle")" -v n="$changes" \
             'BEGIN { x = (c / hz - idle / 100 * t) * 1000 / n; printf "%.2f", x < 0 ? 0 : x }')"
     done
+    result "$tag.a.held" "$(held_services "127.0.0.1:$A_ADM")"
+    result "$tag.g.held" "$(held_services "127.0.0.1:$G_ADM")"
+    learn_latency "$tag" "$s"
     stop_pid "$pa"
     stop_pid "$pg"
     stop_pid "$ETCD_PID"
@@ -311,16 +320,46 @@ mesh_run() { # INSTANCES SERVICES
         "$(mb "$(res "$tag.g.rss_start")")" "$(mb "$(res "$tag.g.rss_max")")" "$(res "$tag.g.cpu_idle")" "$(res "$tag.g.cpu_churn")"
 }
 
+held_services() { # ADMIN-ADDR: services whose instances it holds (discovery_services; "-" in full scope)
+    curl -sf -m 2 "http://$1/metrics" | awk '$1 ~ /discovery_services$/ { v = $2 } END { if (v == "" || v + 0 == 0) print "-"; else printf "%.0f", v }' || echo -
+}
+
+# First request to a service the sidecar does not hold yet (on-demand learning: one range read
+# and one more watch before the request goes on) vs a second request to the same service.
+# SCALE_LEARN (5) services from the middle of the mesh, none of them a dependency.
+learn_latency() { # TAG SERVICES
+    local tag="$1" s="$2" k svc first second c1 c2 out="$D/learn-$1.txt" before after
+    : >"$out"
+    before=$(curl -sf -m 2 "http://127.0.0.1:$A_ADM/metrics" | awk '$1 ~ /discovery_on_demand_total\{.*found/ { s += $NF } END { print s + 0 }' || true)
+    for ((k = 0; k < ${SCALE_LEARN:-5}; k++)); do
+        printf -v svc 'svc-%04d' $((s / 2 + k))
+        read -r c1 first < <(curl -s -m 5 -o /dev/null -w '%{http_code} %{time_total}\n' -H "Host: $svc" "http://127.0.0.1:$A_OUT/" || echo "000 0")
+        read -r c2 second < <(curl -s -m 5 -o /dev/null -w '%{http_code} %{time_total}\n' -H "Host: $svc" "http://127.0.0.1:$A_OUT/" || echo "000 0")
+        awk -v s="$svc" -v a="$first" -v b="$second" -v c1="$c1" -v c2="$c2" \
+            'BEGIN { printf "%s %.2f %.2f %.2f %s %s\n", s, a * 1000, b * 1000, (a - b) * 1000, c1, c2 }' >>"$out"
+    done
+    after=$(curl -sf -m 2 "http://127.0.0.1:$A_ADM/metrics" | awk '$1 ~ /discovery_on_demand_total\{.*found/ { s += $NF } END { print s + 0 }' || true)
+    echo "  first request to an unseen service vs the second (ms: first, second, added; codes):"
+    sed 's/^/    /' "$out"
+    result "$tag.learn_first_p50" "$(awk '{ print $2 }' "$out" | percentile 50)"
+    result "$tag.learn_second_p50" "$(awk '{ print $3 }' "$out" | percentile 50)"
+    result "$tag.learn_added_p50" "$(awk '{ print $4 }' "$out" | percentile 50)"
+    result "$tag.learn_added_max" "$(awk '{ print $4 }' "$out" | percentile 100)"
+    result "$tag.learn_codes" "$(awk '{ printf "%s%s/%s", (NR > 1 ? " " : ""), $5, $6 }' "$out")"
+    result "$tag.learn_found" "$(awk -v a="${before:-0}" -v b="${after:-0}" 'BEGIN { printf "%.0f", b - a }')"
+    cp "$out" "$D/logs/" 2>/dev/null || true
+}
+
 mesh_report() { # SIZES...
     local first="m${1%%:*}" size tag role label
-    printf '| mesh | process | ready s | RSS start MB | RSS max under churn MB | CPU idle %% | CPU under churn %% | behind at churn end ms | CPU ms / change | RSS max vs %s | CPU churn vs %s |\n' "${first#m}" "${first#m}"
-    printf '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+    printf '| mesh | process | services held | ready s | RSS start MB | RSS max under churn MB | CPU idle %% | CPU under churn %% | behind at churn end ms | CPU ms / change | RSS max vs %s | CPU churn vs %s |\n' "${first#m}" "${first#m}"
+    printf '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
     for size in "$@"; do
         tag="m${size%%:*}"
         for role in a g; do
             [[ $role == a ]] && label="sidecar calling 5 services" || label="ingress routing to every service"
-            printf '| %s instances / %s services | %s | %.1f | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
-                "${size%%:*}" "${size#*:}" "$label" "$(awk -v m="$(res "$tag.$role.ready_ms")" 'BEGIN { print m / 1000 }')" \
+            printf '| %s instances / %s services | %s | %s | %.1f | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "${size%%:*}" "${size#*:}" "$label" "$(res "$tag.$role.held")" "$(awk -v m="$(res "$tag.$role.ready_ms")" 'BEGIN { print m / 1000 }')" \
                 "$(mb "$(res "$tag.$role.rss_start")")" "$(mb "$(res "$tag.$role.rss_max")")" \
                 "$(res "$tag.$role.cpu_idle")" "$(res "$tag.$role.cpu_churn")" "$(res "$tag.$role.lag_ms")" "$(res "$tag.$role.ms_per_change")" \
                 "$(ratio "$(res "$tag.$role.rss_max")" "$(res "$first.$role.rss_max")")" \
@@ -329,6 +368,17 @@ mesh_report() { # SIZES...
     done
     local last="m${*: -1}"
     last="${last%%:*}"
+    echo
+    echo "First request through the sidecar to a service it did not hold (learned on demand) vs a second request to the same service, ${SCALE_LEARN:-5} services, ms:"
+    echo
+    echo '| mesh | first p50 | second p50 | added p50 | added max | codes (first/second) | lookups found |'
+    echo '|---|---:|---:|---:|---:|---|---:|'
+    for size in "$@"; do
+        tag="m${size%%:*}"
+        printf '| %s instances / %s services | %s | %s | %s | %s | %s | %s |\n' "${size%%:*}" "${size#*:}" \
+            "$(res "$tag.learn_first_p50")" "$(res "$tag.learn_second_p50")" "$(res "$tag.learn_added_p50")" \
+            "$(res "$tag.learn_added_max")" "$(res "$tag.learn_codes")" "$(res "$tag.learn_found")"
+    done
     echo
     printf '| target (largest mesh vs smallest) | measured | result |\n|---|---|---|\n'
     local ra ca rm cm gr gc
@@ -340,6 +390,9 @@ mesh_report() { # SIZES...
     printf '| sidecar CPU under churn within 1.2x of the smallest mesh | %s | %s |\n' "$ca" "$(met "${ca%x} <= 1.2")"
     printf '| sidecar RSS <= 15 MB, CPU <= 1 %% of a core | %s MB, %s %% | %s |\n' "$rm" "$cm" "$(met "$rm <= 15 && $cm <= 1")"
     printf '| ingress RSS <= 60 MB, CPU <= 10 %% of a core | %s MB, %s %% | %s |\n' "$gr" "$gc" "$(met "$gr <= 60 && $gc <= 10")"
+    local la
+    la=$(res "$last.learn_added_max")
+    printf '| first request to an unseen service adds <= 10 ms (max of %s) | %s ms | %s |\n' "${SCALE_LEARN:-5}" "$la" "$(met "${la:-999} <= 10")"
 }
 
 # --- fleet: N sidecars of one service ---------------------------------------------------------
@@ -552,7 +605,7 @@ fleet_run() { # N
 
 fleet_report() { # N
     local n="$1"
-    printf '| fleet | all registered from the first start | apply -> all applied p50 / p99 / max ms | apply + `status --wait` p50 / p99 ms | one `status` call ms | etcd idle CPU %% | etcd client connections | sidecar idle CPU %% (each) | sidecar RSS MB (mean) | etcd RSS MB | after etcd restart: all registered / policy applied s |\n'
+    printf '| fleet | all registered from the first start | apply -> all applied p50 / p99 / max ms | apply + `status --wait` p50 / p99 ms | one `status` call ms | etcd idle CPU %% | etcd client connections (per sidecar) | sidecar idle CPU %% (each) | sidecar RSS MB (mean) | etcd RSS MB | after etcd restart: all registered / policy applied s |\n'
     printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
     local reg_cell
     reg_cell="all at once: $(res fleet.registered)"
@@ -560,7 +613,7 @@ fleet_report() { # N
     printf '| %s | %s | %s / %s / %s | %s / %s | %s | %s | %s | %s | %s | %s | %s / %s |\n' "$n" "$reg_cell" \
         "$(res fleet.apply_p50)" "$(res fleet.apply_p99)" "$(res fleet.apply_max)" \
         "$(res fleet.cli_p50)" "$(res fleet.cli_p99)" "$(res fleet.status_ms)" \
-        "$(res fleet.etcd_idle_cpu)" "$(res fleet.etcd_conns)" "$(res fleet.agent_idle_cpu)" \
+        "$(res fleet.etcd_idle_cpu)" "$(res fleet.etcd_conns) ($(awk -v c="$(res fleet.etcd_conns)" -v n="$n" 'BEGIN { printf "%.2f", c / n }'))" "$(res fleet.agent_idle_cpu)" \
         "$(mb "$(res fleet.agent_rss_avg)")" "$(mb "$(res fleet.etcd_rss)")" \
         "$(secs "$(res fleet.restart_registered_ms)")" "$(secs "$(res fleet.restart_applied_ms)")"
     echo
@@ -587,6 +640,9 @@ fleet_report() { # N
     printf '| target (%s sidecars) | measured | result |\n|---|---|---|\n' "$n"
     printf '| all registered <= 10 s from start (all at once) | %s | %s |\n' "$reg" "$( [[ $reg == *" s" ]] && met "${reg% s} <= 10" || echo "**NOT met**")"
     printf '| apply -> every instance on the new revision, p99 <= 500 ms | %s ms | %s |\n' "$p99" "$(met "$p99 <= 500")"
+    local cp99
+    cp99=$(res fleet.cli_p99)
+    printf '| apply -> `status --wait` returned, p99 <= 500 ms | %s ms | %s |\n' "$cp99" "$(met "$cp99 <= 500")"
     printf '| etcd idle CPU <= 5 %% of a core | %s %% | %s |\n' "$idle" "$(met "$idle <= 5")"
     printf '| after an etcd restart, all registered and a policy applied <= 5 s | %s s | %s |\n' "$rr" "$(met "$rr <= 5")"
 }

@@ -5,6 +5,7 @@
 //! ```text
 //! mesh_scale populate   ENDPOINT PREFIX INSTANCES SERVICES [GATEWAY]
 //! mesh_scale churn      ENDPOINT PREFIX INSTANCES SERVICES RATE SECONDS
+//! mesh_scale touch      ENDPOINT PREFIX INSTANCES SERVICES INSTANCE
 //! mesh_scale wait-count ENDPOINT PREFIX SERVICE WANT TIMEOUT_SECONDS
 //! mesh_scale wait-applied ENDPOINT PREFIX SERVICE WANT REVISION TIMEOUT_SECONDS
 //! ```
@@ -13,7 +14,8 @@
 //! `i-<i>` of service `svc-<i mod SERVICES>`, so every service gets INSTANCES / SERVICES
 //! instances. Addresses are on 127.1.0.0/16, port 9, where nothing listens: a request routed
 //! to one fails fast (503) and a vanished one is not retained. With GATEWAY, one `HTTPRoute`
-//! per service (`svc-N.edge.bench` -> `svc-N`) is bound to that ingress gateway. The
+//! per service (`svc-N.edge.bench` -> `svc-N`) is bound to that ingress gateway. `touch`
+//! rewrites one instance (a marker change of its service; prints `revision N`). The
 //! `wait-*` commands print the wall-clock time (Unix milliseconds) at which the condition was
 //! first seen, polling every 20 ms.
 
@@ -204,6 +206,19 @@ async fn churn(
     );
 }
 
+/// Rewrites instance `i` (new metadata, so a real change) and prints the revision it made: a
+/// marker in a service the measured processes hold, to time when they have caught up.
+async fn touch(mut client: Client, keys: Keys, i: usize, services: usize) {
+    let generation = now_ms() as u64;
+    let revision = put_instance(
+        &mut client,
+        &keys,
+        &registration(i, services, 1, generation),
+    )
+    .await;
+    println!("revision {revision}");
+}
+
 /// Reads PREFIX every [`POLL`] until the answer has `want` of what `count` counts (prints
 /// when, Unix ms) or TIMEOUT seconds pass (prints the last count to stderr, exit 1).
 async fn wait_for_keys(
@@ -257,6 +272,12 @@ async fn main() {
             let (instances, services) = size();
             let (rate, seconds) = (arg(&args, 5, "RATE"), arg(&args, 6, "SECONDS"));
             churn(client, keys, instances, services, rate, seconds).await
+        }
+        "touch" => {
+            let (instances, services): (usize, usize) = size();
+            let i: usize = arg(&args, 5, "INSTANCE");
+            assert!(i < instances, "INSTANCE must be below INSTANCES");
+            touch(client, keys, i, services).await
         }
         "wait-count" => {
             let want: i64 = arg(&args, 4, "WANT");
