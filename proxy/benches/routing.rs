@@ -26,7 +26,7 @@ fn table() -> RoutingTable {
     spec.validate("bench").expect("valid");
     let mut specs = BTreeMap::new();
     specs.insert("bench".to_string(), spec);
-    RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| None)
+    RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| false)
 }
 
 fn bench(c: &mut Criterion) {

@@ -45,6 +45,10 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 /// Timeout of one etcd call (connect included).
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a sidecar re-reads etcd's member list. Members are replaced rarely, and every
+/// sidecar reading it costs the cluster N / interval calls/s (the Go client does not sync at
+/// all by default): 5 minutes is a few calls per second for 1,000 sidecars.
+pub const DEFAULT_AUTO_SYNC: Duration = Duration::from_secs(300);
 /// A service learned on demand and not called for this long is dropped (its watch cancelled).
 pub const DEFAULT_DISCOVERY_IDLE: Duration = Duration::from_secs(600);
 /// Most services a sidecar learns on demand (declared and routed ones do not count): bounds
@@ -196,7 +200,7 @@ fn d_max_learned() -> usize {
 }
 
 fn d_auto_sync() -> Duration {
-    Duration::from_secs(30)
+    DEFAULT_AUTO_SYNC
 }
 
 fn d_ingress_listen() -> SocketAddr {

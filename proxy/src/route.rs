@@ -116,15 +116,27 @@ impl RouteTable {
             };
             routes.insert(name.clone(), route);
         }
-        let compile = |gateway: &str| {
-            Arc::new(crate::routing::RoutingTable::build(
-                &snapshot.http_routes,
-                gateway,
-                |name| routes.get(name).cloned(),
-            ))
-        };
-        let routing = compile(trellis_policies::MESH_GATEWAY);
-        let gateway_routing = gateway.map(compile).unwrap_or_default();
+        // HTTPRoutes name services, resolved per request: recompiled only when the routes
+        // or the set of services (which hosts are services) changed.
+        let same_services = prev.snapshot.services.len() == snapshot.services.len()
+            && snapshot
+                .services
+                .keys()
+                .all(|k| prev.snapshot.services.contains_key(k));
+        let (routing, gateway_routing) =
+            if same_services && Arc::ptr_eq(&prev.snapshot.http_routes, &snapshot.http_routes) {
+                (prev.routing.clone(), prev.gateway_routing.clone())
+            } else {
+                let compile = |gateway: &str| {
+                    Arc::new(crate::routing::RoutingTable::build(
+                        &snapshot.http_routes,
+                        gateway,
+                        |name| routes.contains_key(name),
+                    ))
+                };
+                let routing = compile(trellis_policies::MESH_GATEWAY);
+                (routing, gateway.map(compile).unwrap_or_default())
+            };
         Self {
             snapshot,
             routes,

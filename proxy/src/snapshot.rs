@@ -21,8 +21,9 @@ pub struct Snapshot {
     pub source: String,
     pub services: HashMap<String, Arc<Service>>,
     /// HTTPRoutes by policy name (compiled into the route table's routing table).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub http_routes: BTreeMap<String, trellis_policies::HttpRouteSpec>,
+    /// Shared between successive snapshots while unchanged (an instance change elsewhere).
+    #[serde(skip_serializing_if = "no_routes")]
+    pub http_routes: Arc<BTreeMap<String, trellis_policies::HttpRouteSpec>>,
     /// Rate limits by policy name (each sidecar enforces those of its own service).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub rate_limits: BTreeMap<String, RateLimitSpec>,
@@ -72,6 +73,10 @@ pub struct Endpoint {
     pub zone: Option<String>,
 }
 
+fn no_routes(r: &Arc<BTreeMap<String, trellis_policies::HttpRouteSpec>>) -> bool {
+    r.is_empty()
+}
+
 fn as_display<S: serde::Serializer>(v: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -98,7 +103,7 @@ impl Snapshot {
             version,
             source,
             services,
-            http_routes: doc.http_routes.clone(),
+            http_routes: Arc::new(doc.http_routes.clone()),
             rate_limits,
             concurrency_limits: doc.concurrency_limits.clone(),
             authentication: doc.authentication.clone(),

@@ -31,7 +31,7 @@ fn decisions_do_not_allocate() {
     spec.validate("p").unwrap();
     let mut specs = BTreeMap::new();
     specs.insert("p".to_string(), spec);
-    let table = RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| None);
+    let table = RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| false);
     let mut headers = HeaderMap::new();
     headers.insert("x-tenant", HeaderValue::from_static("t42"));
     headers.insert("x-beta", HeaderValue::from_static("1"));

@@ -241,6 +241,14 @@ impl Discovery {
             metrics.rejected.clone(),
         );
         let scope = Scope::new(&cfg.discovery, service, gateway);
+        let mut state = MeshState::default();
+        if !scope.is_full() {
+            let owner = super::state::PolicyOwner {
+                service: service.to_string(),
+                gateway: gateway.map(str::to_string),
+            };
+            state.keep_only(Scope::could_want, owner);
+        }
         let status = DiscoveryStatus {
             endpoints: cfg.endpoints.clone(),
             prefix: cfg.prefix.clone(),
@@ -267,7 +275,7 @@ impl Discovery {
             cache: Cache::new(cache_file, &cfg.prefix),
             cfg,
             trust_domain,
-            state: MeshState::default(),
+            state,
             need_resync: true,
             tx,
             cache_tx,

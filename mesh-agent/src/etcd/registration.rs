@@ -23,7 +23,7 @@ use super::keys::Keys;
 use super::{backoff, Etcd, EtcdError};
 
 /// Status writes wait this long so that a burst of changes costs etcd one write.
-const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
+const STATUS_DEBOUNCE: Duration = Duration::from_millis(25);
 /// A keepalive not answered within this long (after the next one was due) means the member
 /// is gone or paused: move to another one while the lease still has most of its TTL left.
 const MAX_ACK_WAIT: Duration = Duration::from_secs(2);

@@ -124,6 +124,21 @@ impl Scope {
         }
     }
 
+    /// Whether a policy can ever be of use to a scoped sidecar of `owner`, whatever it comes
+    /// to hold: HTTPRoutes bound to the mesh or its own gateway, and its own service's limits
+    /// and authorization. Others are not kept at all.
+    pub fn could_want(policy: &Policy, owner: &super::state::PolicyOwner) -> bool {
+        match policy {
+            Policy::HttpRoute { spec, .. } => {
+                spec.binds(MESH_GATEWAY) || owner.gateway.as_deref().is_some_and(|g| spec.binds(g))
+            }
+            Policy::RateLimit { spec, .. } => spec.service == owner.service,
+            Policy::ConcurrencyLimit { spec, .. } => spec.service == owner.service,
+            Policy::Authorization { spec, .. } => spec.service == owner.service,
+            _ => true,
+        }
+    }
+
     /// Follow the policies: the services the HTTPRoutes bound to this ingress name are held
     /// (those no longer named become learned, dropped when unused), and the own service while
     /// a limit or an authentication policy applies to it.

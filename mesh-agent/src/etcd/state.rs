@@ -37,6 +37,17 @@ pub struct MeshState {
     retained: BTreeMap<String, (Registration, Instant)>,
     /// Instances that announced a graceful deregistration: their deletion is expected.
     draining: BTreeSet<String>,
+    /// Policies this sidecar can never use are validated and then not kept (nor cached):
+    /// a scoped sidecar pays nothing for another gateway's thousand routes.
+    keep: Option<fn(&Policy, &PolicyOwner) -> bool>,
+    owner: PolicyOwner,
+}
+
+/// Who the kept policies are for (see [`MeshState::keep_only`]).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyOwner {
+    pub service: String,
+    pub gateway: Option<String>,
 }
 
 /// What one update changed.
@@ -77,6 +88,12 @@ impl Changes {
 impl MeshState {
     /// Validate and store `value` under `key`. Returns `Err(reason)` when it was rejected (the
     /// previous value, if any, stays).
+    /// Keep only the policies `keep` accepts for `owner` from now on.
+    pub fn keep_only(&mut self, keep: fn(&Policy, &PolicyOwner) -> bool, owner: PolicyOwner) {
+        self.keep = Some(keep);
+        self.owner = owner;
+    }
+
     pub fn put(
         &mut self,
         keys: &Keys,
@@ -84,7 +101,15 @@ impl MeshState {
         value: &[u8],
         revision: i64,
     ) -> Result<bool, String> {
-        match parse_entry(keys, key, value) {
+        let parsed = parse_entry(keys, key, value);
+        if let (Ok(Entry::Policy(_, p)), Some(keep)) = (&parsed, self.keep) {
+            if !keep(p, &self.owner) {
+                // Valid, and of no use here: as if it were not there.
+                self.rejected.remove(key);
+                return Ok(self.entries.remove(key).is_some());
+            }
+        }
+        match parsed {
             Ok(Entry::Instance(r)) if r.draining => {
                 // Leaving on purpose: out of routing now, and its deletion is no surprise.
                 self.rejected.remove(key);

@@ -170,7 +170,8 @@ impl Outbound {
                 let Some(backend) = rule.backend() else {
                     return (host.clone(), Err(ProxyError::NoRoute(host.to_string())));
                 };
-                let route = match backend.route.clone() {
+                let known = self.routes.load().route(&backend.service).cloned();
+                let route = match known {
                     Some(route) => route,
                     None => match self.learn(&backend.service).await {
                         Ok(Some(route)) => route,
@@ -187,8 +188,10 @@ impl Outbound {
                 };
                 routing::prepare_request(rule, prefix, &mut req);
                 if let Some(m) = &rule.mirror {
+                    let table = self.routes.load();
                     m.maybe_spawn(
                         &req,
+                        table.route(&m.service),
                         &rule.rng,
                         &self.pool,
                         client.ip(),

@@ -30,10 +30,10 @@ use crate::RequestBody;
 pub const MAX_IN_FLIGHT: usize = 256;
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
+/// A mirror names its service; its route is looked up when a copy is sent (nothing is
+/// mirrored to a service the mesh does not know).
 pub struct MirrorAction {
     pub service: Arc<String>,
-    /// `None` when the mesh does not know the service (nothing is mirrored).
-    route: Option<Arc<Route>>,
     chance: Chance,
 }
 
@@ -49,10 +49,9 @@ impl Drop for Slot {
 // === impl MirrorAction ===
 
 impl MirrorAction {
-    pub fn new(service: Arc<String>, route: Option<Arc<Route>>, percent: f64) -> Self {
+    pub fn new(service: Arc<String>, percent: f64) -> Self {
         Self {
             service,
-            route,
             chance: Chance::percent(percent),
         }
     }
@@ -64,13 +63,14 @@ impl MirrorAction {
     pub(crate) fn maybe_spawn<B: Body>(
         &self,
         req: &Request<B>,
+        route: Option<&Arc<Route>>,
         rng: &Rng,
         pool: &Arc<PeerPool>,
         client: IpAddr,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> bool {
-        let Some(route) = &self.route else {
+        let Some(route) = route else {
             return false;
         };
         if route.service.external_host.is_some()

@@ -16,7 +16,6 @@ use super::fault::FaultAction;
 use super::matcher::Matcher;
 use super::mirror::MirrorAction;
 use crate::balance::rand::Rng;
-use crate::route::Route;
 
 /// All the HTTPRoutes of a snapshot, by host.
 #[derive(Default)]
@@ -59,11 +58,13 @@ pub enum Action {
     Direct(DirectAction),
 }
 
+/// A backend names its service; its route is looked up in the current route table for each
+/// request, so that a change to the service's instances does not recompile the HTTPRoutes
+/// (an ingress with a thousand routes would otherwise recompile them all on every change). A
+/// service the mesh does not know answers 503 `unknown-service`, as a request addressed to it
+/// directly would.
 pub struct Backend {
     pub service: Arc<String>,
-    /// `None` when the mesh does not know the service: such a request answers 503
-    /// `unknown-service`, as a request addressed to it directly would.
-    pub route: Option<Arc<Route>>,
     weight: u64,
 }
 
@@ -91,7 +92,7 @@ impl RoutingTable {
     pub fn build(
         specs: &BTreeMap<String, HttpRouteSpec>,
         gateway: &str,
-        route: impl Fn(&str) -> Option<Arc<Route>>,
+        is_service: impl Fn(&str) -> bool,
     ) -> Self {
         let mut hosts: HashMap<String, HostRoutes> = HashMap::new();
         for (policy, spec) in specs.iter().filter(|(_, s)| s.binds(gateway)) {
@@ -100,7 +101,7 @@ impl RoutingTable {
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    Rule::compile(spec.rule_name(policy, i), r, &route)
+                    Rule::compile(spec.rule_name(policy, i), r)
                         .map(Arc::new)
                         .map_err(|m| format!("rules[{i}]: {m}"))
                 })
@@ -115,7 +116,7 @@ impl RoutingTable {
             for host in &spec.hosts {
                 let entry = hosts.entry(host.clone()).or_insert_with(|| HostRoutes {
                     host: Arc::new(host.clone()),
-                    is_service: route(host).is_some(),
+                    is_service: is_service(host),
                     entries: Vec::new(),
                 });
                 for rule in &rules {
@@ -220,11 +221,7 @@ impl RoutingTable {
 // === impl Rule ===
 
 impl Rule {
-    fn compile(
-        name: String,
-        r: &HttpRouteRule,
-        route: &impl Fn(&str) -> Option<Arc<Route>>,
-    ) -> Result<Self, String> {
+    fn compile(name: String, r: &HttpRouteRule) -> Result<Self, String> {
         let matchers = if r.matches.is_empty() {
             vec![Matcher::any()]
         } else {
@@ -243,7 +240,6 @@ impl Rule {
                 .iter()
                 .map(|b| Backend {
                     service: Arc::new(b.service.clone()),
-                    route: route(&b.service),
                     weight: u64::from(b.weight),
                 })
                 .collect();
@@ -269,9 +265,10 @@ impl Rule {
                 .transpose()?,
             rewrite: r.rewrite.as_ref().map(RewriteAction::compile).transpose()?,
             fault: r.fault.as_ref().map(FaultAction::compile).transpose()?,
-            mirror: r.mirror.as_ref().map(|m| {
-                MirrorAction::new(Arc::new(m.service.clone()), route(&m.service), m.percent)
-            }),
+            mirror: r
+                .mirror
+                .as_ref()
+                .map(|m| MirrorAction::new(Arc::new(m.service.clone()), m.percent)),
             timeout: r.timeout,
             rng: Rng::new(),
         })
@@ -305,7 +302,7 @@ mod tests {
         for (name, s) in &specs {
             s.validate(name).unwrap();
         }
-        RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| None)
+        RoutingTable::build(&specs, trellis_policies::MESH_GATEWAY, |_| false)
     }
 
     fn pick(t: &RoutingTable, method: &str, uri: &str, headers: &[(&str, &str)]) -> String {
