@@ -351,19 +351,42 @@ async fn convergence(
         "{:<16} {:<28} {:<22} {:>9} {:>9}  converged\n",
         "SERVICE", "INSTANCE", "ADDRESS", "LEASE TTL", "APPLIED"
     ));
+    // Lease TTLs: one call per instance, 32 at a time (a fleet of 500 in a few round trips).
+    let leases: Vec<i64> = if ttls {
+        regs.kvs()
+            .iter()
+            .map(|kv| kv.lease())
+            .filter(|l| *l != 0)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let ttl_of: std::collections::HashMap<i64, String> = {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(leases)
+            .map(|id| {
+                let mut client = client.clone();
+                async move {
+                    let ttl = match etcd.call(client.lease_time_to_live(id, None)).await {
+                        Ok(t) => format!("{}s", t.ttl()),
+                        Err(_) => "?".to_string(),
+                    };
+                    (id, ttl)
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await
+    };
     let mut all = true;
     for kv in regs.kvs() {
         let Ok(r) = serde_json::from_slice::<Registration>(kv.value()) else {
             continue;
         };
-        let ttl = match kv.lease() {
-            _ if !ttls => "-".to_string(),
-            0 => "-".to_string(),
-            id => match etcd.call(client.lease_time_to_live(id, None)).await {
-                Ok(t) => format!("{}s", t.ttl()),
-                Err(_) => "?".to_string(),
-            },
-        };
+        let ttl = ttl_of
+            .get(&kv.lease())
+            .cloned()
+            .unwrap_or_else(|| "-".to_string());
         let applied_rev = applied
             .get(&(r.service.clone(), r.instance.clone()))
             .copied();

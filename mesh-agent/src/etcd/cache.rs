@@ -20,6 +20,16 @@ struct CacheFile {
     entries: BTreeMap<String, String>,
 }
 
+/// The same file, written from borrowed values (no copy of the state to write it).
+#[derive(Serialize)]
+struct CacheFileOut<'a> {
+    format: u32,
+    prefix: &'a str,
+    revision: i64,
+    saved_at_unix: u64,
+    entries: BTreeMap<&'a str, std::borrow::Cow<'a, str>>,
+}
+
 /// What a cache file held.
 pub struct Cached {
     pub revision: i64,
@@ -82,15 +92,15 @@ impl Cache {
         revision: i64,
         entries: impl Iterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<(), CacheError> {
-        let file = CacheFile {
+        let file = CacheFileOut {
             format: FORMAT,
-            prefix: self.prefix.clone(),
+            prefix: &self.prefix,
             revision,
             saved_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             entries: entries
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
+                .map(|(k, v)| (k, String::from_utf8_lossy(v)))
                 .collect(),
         };
         let json = serde_json::to_vec(&file).map_err(|e| self.err(e.to_string()))?;

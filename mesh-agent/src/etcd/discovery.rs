@@ -61,7 +61,7 @@ async fn answers(address: String) -> bool {
 }
 
 /// A revision and the raw values to persist at it.
-type CacheState = (i64, Vec<(String, Vec<u8>)>);
+type CacheState = (i64, Vec<(String, Arc<[u8]>)>);
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DiscoveryStatus {
@@ -123,7 +123,7 @@ pub struct Discovery {
     tx: SnapshotTx,
     cache: Cache,
     /// The newest state to persist; a background writer saves it off the async runtime.
-    cache_tx: watch::Sender<Option<CacheState>>,
+    cache_tx: Arc<CacheSlot>,
     cache_tried: bool,
     dns: Arc<Dns>,
     /// The last document sent to the data plane, after DNS resolution.
@@ -257,7 +257,6 @@ impl Discovery {
             ..Default::default()
         };
         let (applied, _) = watch::channel(0);
-        let (cache_tx, _) = watch::channel(None);
         let (asks_tx, asks) = mpsc::channel(MAX_QUEUED);
         Self {
             conn: super::Connector::new(cfg.clone()),
@@ -278,7 +277,7 @@ impl Discovery {
             state,
             need_resync: true,
             tx,
-            cache_tx,
+            cache_tx: Arc::default(),
             cache_tried: false,
             dns,
             last_doc: None,
@@ -321,7 +320,7 @@ impl Discovery {
 
     /// Run until the data plane is gone.
     pub async fn run(mut self) {
-        tokio::spawn(write_cache(self.cache.clone(), self.cache_tx.subscribe()));
+        spawn_cache_writer(self.cache.clone(), self.cache_tx.clone());
         let mut attempt = 0;
         loop {
             let start = Instant::now();
@@ -1041,13 +1040,10 @@ impl Discovery {
     }
 
     fn save_cache(&self) {
-        let entries = self
-            .state
-            .raw()
-            .map(|(k, v)| (k.to_string(), v.to_vec()))
-            .collect();
-        self.cache_tx
-            .send_replace(Some((self.state.revision, entries)));
+        let entries = self.state.raw_shared();
+        let mut next = self.cache_tx.next.lock().unwrap_or_else(|p| p.into_inner());
+        *next = Some((self.state.revision, entries));
+        self.cache_tx.ready.notify_one();
     }
 
     fn note_revision(&self) {
@@ -1109,26 +1105,49 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Persist the newest state, one write at a time, on the blocking pool (write + fsync + rename
-/// must not stall the async runtime). States that arrive during a write are coalesced: only the
-/// latest is written.
-async fn write_cache(cache: Cache, mut rx: watch::Receiver<Option<CacheState>>) {
-    while rx.changed().await.is_ok() {
-        let Some((revision, entries)) = rx.borrow_and_update().clone() else {
-            continue;
+/// The newest state to persist, handed to the writer thread (a newer one replaces one not
+/// written yet).
+#[derive(Default)]
+struct CacheSlot {
+    next: Mutex<Option<CacheState>>,
+    ready: std::sync::Condvar,
+}
+
+/// Persist the newest state, one write at a time, on one thread of its own: write + fsync +
+/// rename must not stall the async runtime, and one thread (rather than the blocking pool's
+/// many) keeps the allocator from holding a peak-sized arena per thread that ever wrote a
+/// large mesh. States that arrive during a write are coalesced: only the latest is written.
+/// The thread ends once discovery is gone.
+fn spawn_cache_writer(cache: Cache, slot: Arc<CacheSlot>) {
+    let run = move || loop {
+        let next = {
+            let mut guard = slot.next.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(state) = guard.take() {
+                    break Some(state);
+                }
+                if Arc::strong_count(&slot) == 1 {
+                    break None;
+                }
+                guard = slot
+                    .ready
+                    .wait_timeout(guard, Duration::from_secs(1))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
         };
-        let cache = cache.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            cache.save(
-                revision,
-                entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-            )
-        })
-        .await;
-        match result {
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the fail-static cache"),
-            Err(e) => tracing::warn!(error = %e, "cache writer failed"),
-            Ok(Ok(())) => {}
+        let Some((revision, entries)) = next else {
+            return;
+        };
+        let saved = cache.save(revision, entries.iter().map(|(k, v)| (k.as_str(), &v[..])));
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "cannot write the fail-static cache");
         }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("trellis-cache".into())
+        .spawn(run)
+    {
+        tracing::error!(error = %e, "cannot start the fail-static cache writer: the cache is not written");
     }
 }

@@ -29,7 +29,9 @@ pub struct Rejection {
 pub struct MeshState {
     /// Revision of the last applied read or event.
     pub revision: i64,
-    entries: BTreeMap<String, (Entry, Vec<u8>)>,
+    /// Raw values are shared (`Arc`) so that handing the state to the cache writer copies
+    /// no value.
+    entries: BTreeMap<String, (Entry, std::sync::Arc<[u8]>)>,
     pub rejected: BTreeMap<String, Rejection>,
     /// Instances whose registration vanished without a graceful deregistration while their
     /// endpoint still answered: kept in routing until the deadline (or their owner registers
@@ -129,7 +131,7 @@ impl MeshState {
                     return Ok(false);
                 }
                 self.entries
-                    .insert(key.to_string(), (entry, value.to_vec()));
+                    .insert(key.to_string(), (entry, std::sync::Arc::from(value)));
                 // A retained instance registering again as it was changes nothing routed.
                 Ok(was_retained != Some(true))
             }
@@ -317,9 +319,15 @@ impl MeshState {
 
     /// Raw values of every entry, for the cache.
     pub fn raw(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries.iter().map(|(k, (_, v))| (k.as_str(), &v[..]))
+    }
+
+    /// Raw values of every entry, shared, for the cache writer.
+    pub fn raw_shared(&self) -> Vec<(String, std::sync::Arc<[u8]>)> {
         self.entries
             .iter()
-            .map(|(k, (_, v))| (k.as_str(), v.as_slice()))
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
