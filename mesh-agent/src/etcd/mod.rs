@@ -172,11 +172,15 @@ pub struct Etcd {
 /// next one is tried: failover within about 2 s even when the first member is paused.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// HTTP/2 keepalive pings on each etcd connection: etcd's server refuses pings more frequent
-/// than its `--grpc-keepalive-min-time` (5 s by default).
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+/// HTTP/2 keepalive pings on each etcd connection (etcd's server refuses pings more frequent
+/// than its `--grpc-keepalive-min-time`, 5 s by default). A registered sidecar's lease
+/// keepalive (every TTL/3, answered within TTL/3 + 2 s) already finds a paused or unreachable
+/// member sooner, and marks the shared connection failed for every stream on it; the pings
+/// are for client-only sidecars, and each costs the member as much as a lease keepalive, so
+/// they are sparse.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 /// A member that does not answer a ping within this is dead to us (a paused or unreachable
-/// member is left within about 5 + 2 s).
+/// member is left within about 10 + 2 s by a sidecar that does not register).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The client options shared by every member's connection.
@@ -491,8 +495,9 @@ pub const PROGRESS_ANSWER: Duration = Duration::from_secs(5);
 
 /// Keeps a watch honest without costing etcd anything at rest. A dead member is found by the
 /// connection, not by probing each watch: a killed member resets it at once, a paused or
-/// unreachable one misses the HTTP/2 keepalive pings (every 5 s, one per connection, cheaper
-/// than a gRPC call), and a member cut off from its quorum cancels the watch itself because
+/// unreachable one misses the registration's lease keepalive (which marks the shared
+/// connection failed, seen here at the next tick) or the HTTP/2 keepalive pings (every 10 s,
+/// one per connection), and a member cut off from its quorum cancels the watch itself because
 /// every call carries etcd's "require leader" flag (after about 3 election timeouts). What is
 /// left, a stream that stays open yet delivers nothing, is caught by asking for a progress
 /// notification after [`PROGRESS_AFTER`] of silence (etcd also sends one every 10 minutes to
