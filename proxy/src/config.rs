@@ -838,6 +838,16 @@ impl Config {
                         etcd.registration.instance_id = Some(value);
                     }
                 }
+                // The services the app calls (comma-separated), e.g. from a pod annotation.
+                "TRELLIS_DEPENDENCIES" => {
+                    if let Some(etcd) = &mut self.store.etcd {
+                        etcd.discovery.dependencies = value
+                            .split(',')
+                            .map(|d| d.trim().to_string())
+                            .filter(|d| !d.is_empty())
+                            .collect();
+                    }
+                }
                 _ => {}
             }
         }
@@ -1001,6 +1011,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("TRELLIS_ADMIN_ADDR"), "{err}");
+        cfg.apply_env([
+            (
+                "TRELLIS_ETCD_ENDPOINTS".to_string(),
+                "http://e:2379".to_string(),
+            ),
+            (
+                "TRELLIS_DEPENDENCIES".to_string(),
+                " payments, stock ,".to_string(),
+            ),
+        ])
+        .unwrap();
+        let deps = &cfg.store.etcd.as_ref().unwrap().discovery.dependencies;
+        assert_eq!(deps, &["payments".to_string(), "stock".to_string()]);
+        cfg.apply_env([("TRELLIS_DEPENDENCIES".to_string(), "Bad_Name".to_string())])
+            .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("store.etcd.discovery.dependencies"), "{err}");
     }
 
     #[test]
