@@ -588,9 +588,7 @@ impl Discovery {
         let mut read = self.read_ranges(etcd, first.collect()).await?;
         let delta = self.scope.follow_policies(self.state.policies());
         for service in &delta.dropped {
-            let prefix = self.keys.instances(service);
-            self.ranges.remove(&prefix);
-            self.state.drop_prefix(&prefix);
+            self.forget(service);
         }
         if !delta.added.is_empty() {
             tracing::info!(services = ?delta.added, "holding the services the policies name");
@@ -666,9 +664,7 @@ impl Discovery {
     async fn follow_routes(&mut self, etcd: &Etcd, watches: &mut Watches) -> Result<(), EtcdError> {
         let delta = self.scope.follow_policies(self.state.policies());
         for service in &delta.dropped {
-            let prefix = self.keys.instances(service);
-            self.ranges.remove(&prefix);
-            self.state.drop_prefix(&prefix);
+            let prefix = self.forget(service);
             watches.cancel(etcd, &prefix).await?;
         }
         if delta.added.is_empty() {
@@ -751,9 +747,7 @@ impl Discovery {
             return Ok(());
         }
         for service in &dropped {
-            let prefix = self.keys.instances(service);
-            self.ranges.remove(&prefix);
-            self.state.drop_prefix(&prefix);
+            let prefix = self.forget(service);
             watches.cancel(etcd, &prefix).await?;
             self.metrics.dropped.inc();
         }
@@ -833,11 +827,7 @@ impl Discovery {
             rejected = changes.rejected,
             "read mesh state from etcd"
         );
-        let from_cache = self
-            .status
-            .lock()
-            .map(|s| s.serving_from_cache.is_some())
-            .unwrap_or(false);
+        let from_cache = self.serving_cache();
         if changes.any() || from_cache || self.tx.borrow().is_none() {
             self.publish("etcd").await;
         } else {
@@ -898,11 +888,7 @@ impl Discovery {
         let declared_ok = trellis_policies::validate(&declared).map_err(|e| e.to_string());
         let doc = self.dns.resolve(&declared).await;
         let from_cache = source == "cache";
-        let serving_cache = self
-            .status
-            .lock()
-            .map(|s| s.serving_from_cache.is_some())
-            .unwrap_or(false);
+        let serving_cache = self.serving_cache();
         // Nothing the data plane would see changed (e.g. a DNS refresh with the same records).
         if !from_cache && !serving_cache && self.last_doc.as_ref() == Some(&doc) {
             self.cache_changed();
@@ -970,11 +956,7 @@ impl Discovery {
             })
         });
         let prev = self.tx.borrow().clone();
-        let serving_cache = self
-            .status
-            .lock()
-            .map(|s| s.serving_from_cache.is_some())
-            .unwrap_or(false);
+        let serving_cache = self.serving_cache();
         let (Some(prev), Some(last), false, false) =
             (prev, self.last_doc.as_mut(), needs_dns, serving_cache)
         else {
@@ -1044,6 +1026,23 @@ impl Discovery {
         let mut next = self.cache_tx.next.lock().unwrap_or_else(|p| p.into_inner());
         *next = Some((self.state.revision, entries));
         self.cache_tx.ready.notify_one();
+    }
+
+    /// Whether the snapshot in use came from the cache (etcd not reached since startup).
+    fn serving_cache(&self) -> bool {
+        self.status
+            .lock()
+            .map(|s| s.serving_from_cache.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Stop holding `service`: forget its read revision and its keys. Returns its prefix (for
+    /// cancelling its watch).
+    fn forget(&mut self, service: &str) -> String {
+        let prefix = self.keys.instances(service);
+        self.ranges.remove(&prefix);
+        self.state.drop_prefix(&prefix);
+        prefix
     }
 
     fn note_revision(&self) {

@@ -125,14 +125,11 @@ impl Outbound {
                 result,
             );
         }
-        let err = match store_error {
-            Some(cause) => ProxyError::DiscoveryUnavailable {
-                service: host,
-                cause,
-            },
-            None => ProxyError::UnknownService(host),
-        };
-        (self.unknown.clone(), default_route, Err(err))
+        (
+            self.unknown.clone(),
+            default_route,
+            Err(not_found(host, store_error)),
+        )
     }
 
     /// Apply a matched HTTPRoute rule: faults first, then its redirect, direct response or
@@ -175,13 +172,8 @@ impl Outbound {
                     Some(route) => route,
                     None => match self.learn(&backend.service).await {
                         Ok(Some(route)) => route,
-                        Ok(None) => {
-                            let err = ProxyError::UnknownService(backend.service.to_string());
-                            return (self.unknown.clone(), Err(err));
-                        }
-                        Err(cause) => {
-                            let service = backend.service.to_string();
-                            let err = ProxyError::DiscoveryUnavailable { service, cause };
+                        learned => {
+                            let err = not_found(backend.service.to_string(), learned.err());
                             return (self.unknown.clone(), Err(err));
                         }
                     },
@@ -208,5 +200,14 @@ impl Outbound {
             resp
         });
         (service, result)
+    }
+}
+
+/// A service the snapshot does not hold and the store did not provide: unknown, or the store
+/// could not be asked (`store_error`).
+fn not_found(service: String, store_error: Option<String>) -> ProxyError {
+    match store_error {
+        Some(cause) => ProxyError::DiscoveryUnavailable { service, cause },
+        None => ProxyError::UnknownService(service),
     }
 }

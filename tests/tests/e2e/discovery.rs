@@ -312,14 +312,7 @@ async fn an_ingress_holds_the_backends_its_routes_name_and_follows_route_changes
     assert!(!held(&gateway).await.contains_key("payments"));
     let edge = gateway.bound.ingress_http.expect("http bound");
     let c = client::h1(edge);
-    let r = client::send(
-        &c,
-        http::Request::get("http://api.example.com/echo")
-            .body(client::empty())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = client::get(&c, "http://api.example.com/echo").await;
     assert_eq!(r.status, 200, "{}", r.body);
     // The route moves to payments: payments is held as routed, orders becomes learned
     // (dropped when unused).
@@ -337,14 +330,7 @@ async fn an_ingress_holds_the_backends_its_routes_name_and_follows_route_changes
     )
     .await;
     // The edge never learns a name from a stranger's Host header.
-    let r = client::send(
-        &c,
-        http::Request::get("http://orders/echo")
-            .body(client::empty())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = client::get(&c, "http://orders/echo").await;
     assert_eq!(r.status, 404, "{}", r.body);
     let text = client::admin(gateway.bound.admin, "/metrics").await.body;
     assert_eq!(
