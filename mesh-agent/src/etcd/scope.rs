@@ -13,8 +13,10 @@ use trellis_policies::{Policy, MESH_GATEWAY};
 use trellis_proxy::config::{DiscoveryConfig, DiscoveryScope};
 
 /// How long a name etcd does not know is answered `Missing` without asking again: bounds the
-/// reads an app calling made-up (or external) names can cause, one per name per period.
-pub const MISSING_FOR: Duration = Duration::from_secs(5);
+/// reads an app calling made-up (or external) names can cause, one per name per period. Short,
+/// because a service that registers just after a caller first asked (a deployment starting
+/// up) stays invisible to that caller for this long.
+pub const MISSING_FOR: Duration = Duration::from_secs(1);
 /// Most names remembered as missing; beyond it the oldest half is forgotten.
 const MAX_MISSING: usize = 4096;
 
