@@ -169,24 +169,41 @@ pub fn strip_internal(headers: &mut HeaderMap) {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Append the client's address to `X-Forwarded-For` and a `Forwarded` element.
+///
+/// This runs on every inbound request, so the values are formatted on the stack: one
+/// allocation per header value (its own bytes) instead of a `String` per step.
 pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let ip = client.to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip.clone(),
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => stack_value(format_args!("{prev}, {client}")),
+        _ => stack_value(format_args!("{client}")),
     };
     // IP addresses and the existing (already valid) value only contain visible ASCII.
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    let node = match client {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(_) => format!("\"[{ip}]\""),
+    let forwarded = match client {
+        IpAddr::V4(ip) => stack_value(format_args!("for={ip};proto={proto}")),
+        IpAddr::V6(ip) => stack_value(format_args!("for=\"[{ip}]\";proto={proto}")),
     };
-    if let Ok(v) = HeaderValue::from_str(&format!("for={node};proto={proto}")) {
+    if let Some(v) = forwarded {
         headers.append(header::FORWARDED, v);
     }
+}
+
+/// A header value formatted without a heap `String` when it fits in 128 bytes (the
+/// forwarding values nearly always do); longer ones fall back to `format!`.
+fn stack_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 128];
+    let mut rest = &mut buf[..];
+    if rest.write_fmt(args).is_ok() {
+        let len = 128 - rest.len();
+        return HeaderValue::from_bytes(&buf[..len]).ok();
+    }
+    HeaderValue::from_str(&std::fmt::format(args)).ok()
 }
 
 /// Framing rules of RFC 9110/9112 that hyper lets through, checked before anything reads the
@@ -340,6 +357,15 @@ mod tests {
             fwd,
             vec!["for=127.0.0.1;proto=http", "for=\"[::1]\";proto=https"]
         );
+    }
+
+    #[test]
+    fn a_long_forwarding_chain_is_appended_past_the_stack_buffer() {
+        let prev = vec!["10.0.0.1"; 30].join(", ");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", prev.parse().unwrap());
+        append_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http");
+        assert_eq!(h["x-forwarded-for"], format!("{prev}, 192.0.2.7").as_str());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
@@ -27,10 +28,15 @@ use crate::RequestBody;
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct PoolKey {
-    addr: SocketAddr,
-    identity: SpiffeId,
+/// The pooled connection to one peer (endpoint address and expected identity).
+///
+/// Why two fields: the request path only reads `ready` (one atomic load, no lock, no owned
+/// key), while `connecting` makes concurrent first requests to a peer share one handshake
+/// instead of racing to open several connections.
+#[derive(Default)]
+struct Slot {
+    ready: ArcSwapOption<Pooled>,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 struct Pooled {
@@ -38,14 +44,18 @@ struct Pooled {
     generation: u64,
 }
 
-/// A slot is locked while its connection is being made, so concurrent first requests to a
-/// peer share one handshake instead of racing to open several connections.
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+/// Slots by address; the few identities expected at one address (normally one) sit in a
+/// small list, so a lookup borrows the endpoint's identity instead of cloning it into a key.
+type Slots = HashMap<SocketAddr, Vec<(SpiffeId, Arc<Slot>)>>;
 
 pub struct PeerPool {
     tls: IdentityStore,
     metrics: Arc<Metrics>,
-    slots: Mutex<HashMap<PoolKey, Slot>>,
+    /// Read on every request without a lock; replaced whole (copy on write) when a peer is
+    /// added or forgotten, which happens once per peer connection, not per request.
+    slots: ArcSwap<Slots>,
+    /// Serialises the copy-on-write updates of `slots`.
+    update: Mutex<()>,
 }
 
 // === impl PeerPool ===
@@ -55,7 +65,8 @@ impl PeerPool {
         Self {
             tls,
             metrics,
-            slots: Mutex::new(HashMap::new()),
+            slots: ArcSwap::default(),
+            update: Mutex::new(()),
         }
     }
 
@@ -66,16 +77,33 @@ impl PeerPool {
         connect_timeout: Duration,
     ) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         let slot = self.slot(ep);
-        let mut guard = slot.lock().await;
+        let generation = self.tls.load().generation();
+        if let Some(send) = live(&slot, generation) {
+            return Ok(send);
+        }
+        let _connecting = slot.connecting.lock().await;
+        // Another request may have connected while this one waited.
         let tls = self.tls.load_full();
-        if let Some(p) = guard.as_ref() {
-            if !p.send.is_closed() && p.generation == tls.generation() {
-                return Ok(p.send.clone());
-            }
+        if let Some(send) = live(&slot, tls.generation()) {
+            return Ok(send);
         }
         // Dropping the old sender lets its connection finish in-flight streams and close.
-        *guard = None;
-        let io = connect_tls(&tls, ep, Alpn::H2, connect_timeout, &self.metrics).await?;
+        slot.ready.store(None);
+        let send = self.connect(&tls, ep, connect_timeout).await?;
+        slot.ready.store(Some(Arc::new(Pooled {
+            send: send.clone(),
+            generation: tls.generation(),
+        })));
+        Ok(send)
+    }
+
+    async fn connect(
+        &self,
+        tls: &TlsContext,
+        ep: &Endpoint,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
+        let io = connect_tls(tls, ep, Alpn::H2, connect_timeout, &self.metrics).await?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // One slow reader must not stall the connection every request to this peer shares.
@@ -95,50 +123,84 @@ impl PeerPool {
                 tracing::debug!(peer = %addr, error = %e, "peer connection closed with error");
             }
         });
-        *guard = Some(Pooled {
-            send: send.clone(),
-            generation: tls.generation(),
-        });
         Ok(send)
     }
 
     /// Forget the connection to `ep` (after it refused a request), so the next call reconnects.
     pub fn invalidate(&self, ep: &Endpoint) {
-        self.lock().remove(&PoolKey {
-            addr: ep.addr,
-            identity: ep.identity.clone(),
+        self.modify(|slots| {
+            if let Some(list) = slots.get_mut(&ep.addr) {
+                list.retain(|(id, _)| *id != ep.identity);
+                if list.is_empty() {
+                    slots.remove(&ep.addr);
+                }
+            }
         });
     }
 
     /// Drop connections to peers that are no longer endpoints.
     pub fn retain(&self, keep: impl Fn(SocketAddr, &SpiffeId) -> bool) {
-        self.lock().retain(|k, _| keep(k.addr, &k.identity));
+        self.modify(|slots| {
+            slots.retain(|addr, list| {
+                list.retain(|(id, _)| keep(*addr, id));
+                !list.is_empty()
+            });
+        });
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.slots.load().values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn slot(&self, ep: &Endpoint) -> Slot {
-        let mut slots = self.lock();
-        // Lookup by borrowed parts would need a custom key type; a peer's key is small and this
-        // is one hash lookup on an uncontended lock.
-        slots
-            .entry(PoolKey {
-                addr: ep.addr,
-                identity: ep.identity.clone(),
-            })
-            .or_default()
-            .clone()
+    /// The slot of `ep`, created on first use. The hit path takes no lock and clones nothing
+    /// but an `Arc`.
+    fn slot(&self, ep: &Endpoint) -> Arc<Slot> {
+        if let Some(slot) = find(&self.slots.load(), ep) {
+            return slot;
+        }
+        let mut created = None;
+        self.modify(|slots| {
+            // Another request may have created it since the lock-free miss.
+            if let Some(slot) = find(slots, ep) {
+                created = Some(slot);
+                return;
+            }
+            let slot = Arc::new(Slot::default());
+            slots
+                .entry(ep.addr)
+                .or_default()
+                .push((ep.identity.clone(), slot.clone()));
+            created = Some(slot);
+        });
+        created.unwrap_or_default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    /// Copy, change and publish the slot map, one writer at a time.
+    fn modify(&self, change: impl FnOnce(&mut Slots)) {
+        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = Slots::clone(&self.slots.load());
+        change(&mut slots);
+        self.slots.store(Arc::new(slots));
     }
+}
+
+fn find(slots: &Slots, ep: &Endpoint) -> Option<Arc<Slot>> {
+    slots
+        .get(&ep.addr)?
+        .iter()
+        .find(|(id, _)| *id == ep.identity)
+        .map(|(_, slot)| slot.clone())
+}
+
+/// The slot's sender if its connection is open and made with the current certificate.
+fn live(slot: &Slot, generation: u64) -> Option<http2::SendRequest<RequestBody>> {
+    let guard = slot.ready.load();
+    let pooled = guard.as_ref()?;
+    (!pooled.send.is_closed() && pooled.generation == generation).then(|| pooled.send.clone())
 }
 
 /// TCP connect and mTLS handshake to `ep`, accepting only a server that presents `ep.identity`.

@@ -38,18 +38,29 @@ pub fn extract(headers: &HeaderMap) -> Option<(SpanContext, Format)> {
     b3_multi(headers).map(|sc| (sc, Format::B3Multi))
 }
 
+/// `traceparent` for `sc`, hex-encoded on the stack: this runs on every proxied request, and
+/// `format!` through `Display` cost three allocations where one (the value's own) is needed.
+fn traceparent(sc: &SpanContext) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // "00-" + 32 hex + "-" + 16 hex + "-" + 2 hex
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let mut put = |at: usize, bytes: &[u8]| {
+        for (i, b) in bytes.iter().enumerate() {
+            buf[at + 2 * i] = HEX[usize::from(b >> 4)];
+            buf[at + 2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+    };
+    put(3, &sc.trace_id().to_bytes());
+    put(36, &sc.span_id().to_bytes());
+    put(53, &[sc.trace_flags().to_u8() & 1]);
+    // Every byte is an ASCII digit, letter or dash.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("00-0-0-00"))
+}
+
 /// Write `sc` as the parent for the next hop (W3C, plus B3 in the form it arrived in).
 pub fn inject(headers: &mut HeaderMap, sc: &SpanContext, arrived_as: Option<Format>) {
     let sampled = sc.is_sampled();
-    let tp = format!(
-        "00-{}-{}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8() & 1
-    );
-    if let Ok(v) = HeaderValue::from_str(&tp) {
-        headers.insert(TRACEPARENT, v);
-    }
+    headers.insert(TRACEPARENT, traceparent(sc));
     let state = sc.trace_state().header();
     match HeaderValue::from_str(&state) {
         Ok(v) if !state.is_empty() => {
@@ -216,6 +227,16 @@ mod tests {
         inject(&mut out, &sc, Some(f));
         assert_eq!(out["traceparent"], format!("00-{TRACE}-{SPAN}-01").as_str());
         assert_eq!(out["tracestate"], "vendor=abc");
+    }
+
+    #[test]
+    fn traceparent_matches_the_w3c_text_form() {
+        for flags in [0u8, 1, 3] {
+            let h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-{flags:02x}"))]);
+            let (sc, _) = extract(&h).unwrap();
+            let want = format!("00-{TRACE}-{SPAN}-{:02x}", flags & 1);
+            assert_eq!(traceparent(&sc), want.as_str());
+        }
     }
 
     #[test]
