@@ -179,20 +179,6 @@ impl ProxyError {
         }
     }
 
-    /// A failed request of hyper's pooled client to `addr` (the local app, or an external
-    /// destination): connect failures apart from everything after.
-    pub fn from_client(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> Self {
-        let message = crate::outbound::error_chain(e);
-        if e.is_connect() {
-            Self::Connect {
-                addr,
-                source: std::io::Error::other(message),
-            }
-        } else {
-            Self::Upstream { addr, message }
-        }
-    }
-
     /// A refusal a policy asked for (rate or concurrency limit), not a fault.
     pub fn is_policy_decision(&self) -> bool {
         matches!(

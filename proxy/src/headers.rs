@@ -264,26 +264,19 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// The host the request is addressed to, without port: the absolute-form or HTTP/2 authority
 /// first, then the `Host` header.
 pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })?;
-    let host = strip_port(authority);
+    let host = strip_port(request_authority(req)?);
     (!host.is_empty()).then_some(host)
 }
 
-/// The full authority (`host[:port]`) of the request.
-pub fn request_authority<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+/// The full authority (`host[:port]`) the request names: the absolute-form or HTTP/2
+/// authority first, then the `Host` header. Borrowed: read on every request, it must not
+/// allocate.
+pub fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 fn strip_port(authority: &str) -> &str {

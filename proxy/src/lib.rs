@@ -23,6 +23,7 @@ pub mod error;
 pub mod grpc;
 pub mod headers;
 pub mod health;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod ingress;

@@ -22,14 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response, Uri, Version};
-use http_body_util::Either;
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
-
-use crate::body::Streamed;
-use crate::error::ProxyError;
-use crate::ResponseBody;
 
 /// How long a redirected connection may stay silent before it is treated as opaque TCP.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
@@ -154,55 +147,6 @@ pub async fn tcp_passthrough(mut app: TcpStream, dst: SocketAddr, connect_timeou
         }
         Err(e) => tracing::debug!(%dst, error = %e, "pass-through connection failed"),
     }
-}
-
-/// An HTTP request for a host outside the mesh on a redirected connection: sent as HTTP/1.1 to
-/// the original destination with the app's own `Host`, unencrypted, as the app intended.
-pub async fn http_passthrough(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Incoming,
-    >,
-    dst: SocketAddr,
-    mut req: Request<Incoming>,
-    request_timeout: Duration,
-    stream_idle: Duration,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    crate::headers::strip_hop_by_hop(req.headers_mut(), false);
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(authority) = req.uri().authority().cloned() {
-            if let Ok(h) = header::HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(header::HOST, h);
-            }
-        }
-    }
-    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(dst.to_string())
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| ProxyError::MissingAuthority)?;
-    *req.version_mut() = Version::HTTP_11;
-    let resp = tokio::time::timeout(request_timeout, client.request(req))
-        .await
-        .map_err(|_| ProxyError::ResponseTimeout {
-            addr: dst,
-            timeout: request_timeout,
-        })?;
-    let mut resp = resp.map_err(|e| {
-        let message = crate::outbound::error_chain(&e);
-        if e.is_connect() {
-            ProxyError::Connect {
-                addr: dst,
-                source: std::io::Error::other(message),
-            }
-        } else {
-            ProxyError::Upstream { addr: dst, message }
-        }
-    })?;
-    crate::headers::strip_hop_by_hop(resp.headers_mut(), false);
-    Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(stream_idle))))
 }
 
 /// The label requests passed through are counted under (one allocation per process).

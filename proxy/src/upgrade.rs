@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -12,19 +12,19 @@ use hyper_util::rt::TokioIo;
 
 use crate::error::ProxyError;
 use crate::headers::strip_hop_by_hop;
+use crate::http::client_error;
+use crate::http::rewrite::{self, Host, Target};
 use crate::identity::{Alpn, TlsContext};
 use crate::metrics::Metrics;
-use crate::outbound::error_chain;
 use crate::pool::connect_tls;
 use crate::snapshot::Endpoint;
 use crate::ResponseBody;
 
-/// Forward an upgrade request from the app to a peer sidecar.
+/// Forward an upgrade request from the app to a peer sidecar, on a connection of its own.
 pub(crate) async fn outbound(
     tls: &TlsContext,
     ep: &Endpoint,
     mut req: Request<Incoming>,
-    authority: &str,
     connect_timeout: Duration,
     request_timeout: Duration,
     metrics: &Metrics,
@@ -42,25 +42,11 @@ pub(crate) async fn outbound(
             tracing::debug!(error = %e, "upgrade connection to peer ended with error");
         }
     });
-    strip_hop_by_hop(req.headers_mut(), true);
-    if let Ok(host) = HeaderValue::from_str(authority) {
-        req.headers_mut().insert(header::HOST, host);
-    }
-    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    *req.uri_mut() = pq
-        .parse::<Uri>()
-        .map_err(|_| ProxyError::MissingAuthority)?;
-    *req.version_mut() = Version::HTTP_11;
+    rewrite::to_origin_h1(&mut req, Target::Origin, Host::Requested, true)?;
     let resp = tokio::time::timeout(request_timeout, send.send_request(req))
         .await
-        .map_err(|_| ProxyError::ResponseTimeout {
-            addr: ep.addr,
-            timeout: request_timeout,
-        })?
-        .map_err(|e| ProxyError::Upstream {
-            addr: ep.addr,
-            message: error_chain(&e),
-        })?;
+        .map_err(|_| client_error::response_timeout(ep.addr, request_timeout))?
+        .map_err(|e| client_error::upstream(ep.addr, &e))?;
     Ok(finish(client_side, resp))
 }
 

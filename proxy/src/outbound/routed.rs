@@ -11,6 +11,8 @@ use hyper::body::Incoming;
 use super::Outbound;
 use crate::error::ProxyError;
 use crate::headers::request_host;
+use crate::http::origin::Origin;
+use crate::http::rewrite::Host;
 use crate::original_dst::OriginalDst;
 use crate::routing::{self, Action, Decision, Rule};
 use crate::ResponseBody;
@@ -111,14 +113,13 @@ impl Outbound {
     ) {
         let default_route = self.metrics.default_route.clone();
         if let Some(&OriginalDst(dst)) = req.extensions().get::<OriginalDst>() {
-            let result = crate::original_dst::http_passthrough(
-                &self.external,
-                dst,
-                req,
-                self.request_timeout,
-                self.stream_idle,
-            )
-            .await;
+            let origin = Origin {
+                addr: dst,
+                host: Host::AsSent,
+                request_timeout: self.defaults.request,
+                stream_idle: self.defaults.stream_idle,
+            };
+            let result = self.external.forward(origin, req).await;
             return (
                 crate::original_dst::passthrough_label(),
                 default_route,
@@ -155,7 +156,7 @@ impl Outbound {
         }
         let (service, result) = match &rule.action {
             Action::Redirect(r) => {
-                let authority = routing::authority(&req).unwrap_or(host.as_str());
+                let authority = crate::headers::request_authority(&req).unwrap_or(host.as_str());
                 let scheme = req
                     .extensions()
                     .get::<routing::RequestScheme>()
@@ -187,8 +188,8 @@ impl Outbound {
                         &rule.rng,
                         &self.pool,
                         client.ip(),
-                        self.connect_timeout,
-                        self.request_timeout,
+                        self.defaults.connect,
+                        self.defaults.request,
                     );
                 }
                 let result = self.forward(&route, req, client, span).await;

@@ -14,14 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Uri, Version};
+use http::Request;
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 
 use super::fault::Chance;
 use crate::balance::rand::Rng;
-use crate::config::{ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
-use crate::headers::{request_authority, strip_hop_by_hop};
+use crate::config::PEER_IDENTITY_HEADER;
 use crate::pool::PeerPool;
 use crate::route::Route;
 use crate::RequestBody;
@@ -120,38 +119,21 @@ impl MirrorAction {
 
 /// The request as the peer sidecar should receive it, with an empty body.
 fn copy<B>(req: &Request<B>) -> Option<Request<RequestBody>> {
-    let authority = request_authority(req)?;
-    let mut headers = req.headers().clone();
-    strip_hop_by_hop(&mut headers, false);
-    headers.remove(header::HOST);
-    headers.remove(PEER_IDENTITY_HEADER);
-    match req.version() {
-        Version::HTTP_2 => {}
-        Version::HTTP_10 => {
-            headers.insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.0"));
-        }
-        _ => {
-            headers.insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
-        }
-    }
-    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let uri = Uri::builder()
-        .scheme("https")
-        .authority(authority.as_str())
-        .path_and_query(pq)
-        .build()
-        .ok()?;
     let mut out = Request::new(Either::Right(Full::new(Bytes::new())));
     *out.method_mut() = req.method().clone();
-    *out.uri_mut() = uri;
-    *out.version_mut() = Version::HTTP_2;
-    *out.headers_mut() = headers;
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    out.headers_mut().remove(PEER_IDENTITY_HEADER);
+    crate::http::rewrite::to_mesh_h2(&mut out).ok()?;
     Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ORIG_PROTO_HEADER;
+    use http::Version;
 
     #[test]
     fn copy_is_h2_to_the_same_authority_without_hop_by_hop_or_identity() {

@@ -64,12 +64,3 @@ pub fn finish_response<B>(rule: &Rule, resp: &mut Response<B>) {
         ops.apply(resp.headers_mut());
     }
 }
-
-/// The `Host` a request arrived for, with port, for redirects.
-pub fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h: &HeaderValue| h.to_str().ok())
-    })
-}
