@@ -176,12 +176,7 @@ impl RequestInfo {
         Self {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
-            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            }),
+            authority: crate::headers::request_authority(req).map(str::to_string),
             request_bytes: content_length(req.headers()),
             route: None,
         }

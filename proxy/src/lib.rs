@@ -27,6 +27,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod ingress;
+pub mod lifecycle;
 pub mod metrics;
 pub mod original_dst;
 pub mod outbound;

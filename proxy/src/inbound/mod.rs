@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
@@ -27,6 +26,7 @@ use crate::http::rewrite;
 use crate::identity::{
     classify_io_error, describe_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure,
 };
+use crate::lifecycle::{admission, Admission, Labels, Lifecycle};
 use crate::metrics::{ConnectionGuard, Metrics, INBOUND};
 use crate::ratelimit::RateLimits;
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
@@ -40,7 +40,6 @@ const TLS_HANDSHAKE: u8 = 0x16;
 const PLAINTEXT_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ntrellis-error: tls-plaintext\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 43\r\n\r\nthis port requires mTLS from a mesh peer.\r\n";
 
 pub struct Inbound {
-    service: Arc<String>,
     mode: InboundMode,
     /// The app's address, the authority of requests that name none.
     app_authority: String,
@@ -48,10 +47,9 @@ pub struct Inbound {
     tls: IdentityStore,
     metrics: Arc<Metrics>,
     limits: Limits,
-    rate_limits: Arc<RateLimits>,
-    access_control: Arc<crate::access::AccessControl>,
+    admission: Admission,
+    lifecycle: Lifecycle,
     tracing: Arc<crate::trace::Tracing>,
-    access: Arc<crate::access_log::AccessLog>,
 }
 
 // === impl Inbound ===
@@ -67,17 +65,15 @@ impl Inbound {
         access: Arc<crate::access_log::AccessLog>,
     ) -> Self {
         Self {
-            service: Arc::new(config.service.clone()),
             mode: config.inbound.mode,
             app_authority: config.inbound.app.to_string(),
             app: AppClient::new(config),
             tls,
-            metrics,
             limits: config.limits.clone(),
+            admission: Admission::new(access_control, limits, metrics.clone()),
+            lifecycle: Lifecycle::new(INBOUND, metrics.clone(), access),
+            metrics,
             tracing,
-            access,
-            rate_limits: limits,
-            access_control,
         }
     }
 
@@ -178,93 +174,57 @@ impl Inbound {
             let peer = peer.clone();
             let guard = activity.begin();
             async move {
-                let start = Instant::now();
-                let grpc = crate::grpc::is_grpc(req.headers());
-                let mut req = req;
-                let mut span = this.tracing.server(
-                    req.method(),
-                    req.uri().path(),
-                    req.headers(),
-                    peer.as_ref(),
-                    client,
-                );
-                span.inject(req.headers_mut());
-                let info = this
-                    .access
-                    .enabled()
-                    .then(|| crate::access_log::RequestInfo::of(&req));
-                let peer_id = info.as_ref().and(peer.clone());
-                let mut cause = None;
-                let mut consumer = None;
-                let resp = this.limited(req, client, peer, &mut consumer).await.unwrap_or_else(|e| {
-                    this.metrics.proxy_error(INBOUND, e.cause());
-                    if e.is_policy_decision() || matches!(e, ProxyError::Client { .. }) {
-                        // Expected under load and counted per policy: no log line per request.
-                        tracing::debug!(error = %e, cause = e.cause(), "inbound request refused");
-                    } else {
-                        tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
-                    }
-                    cause = Some(e.cause());
-                    e.into_response_for(grpc)
-                });
-                span.respond(resp.status().as_u16(), cause);
-                this.access.finish(
-                    info,
-                    crate::access_log::Outcome {
-                        direction: INBOUND,
-                        service: &this.service,
-                        response: &resp,
-                        cause,
-                        elapsed: start.elapsed(),
-                        client,
-                        peer_identity: peer_id.as_ref().and_then(|p| p.to_str().ok()),
-                        span: &span,
-                    },
-                );
-                let resp = crate::trace::end_with_body(resp, span);
-                let seconds = start.elapsed().as_secs_f64();
-                let status = resp.status().as_u16();
-                this.metrics
-                    .record_request(INBOUND, &this.service, status, seconds);
-                if let Some(c) = &consumer {
-                    this.metrics
-                        .record_consumer_request(&this.service, c, status, seconds);
-                }
+                let resp = this.handle(req, client, peer).await;
                 drop(guard);
                 Ok(resp)
             }
         })
     }
 
-    /// Authenticate and authorize, apply the service's rate and concurrency limits (per
-    /// consumer too), then forward; the concurrency slots are held until the response body
-    /// ends.
-    async fn limited(
+    /// One request from a peer (`peer`: its verified identity) or a plaintext caller,
+    /// observed from start to finish.
+    async fn handle(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
-        consumer: &mut Option<std::sync::Arc<str>>,
+    ) -> Response<ResponseBody> {
+        let observed = self.lifecycle.start(&mut req, |req| {
+            let (method, path) = (req.method(), req.uri().path());
+            self.tracing
+                .server(method, path, req.headers(), peer.as_ref(), client)
+        });
+        let peer_id = observed.logging().then(|| peer.clone()).flatten();
+        let mut consumer = None;
+        let result = self.admitted(req, client, peer, &mut consumer).await;
+        let labels = Labels {
+            service: self.admission.service(),
+            route: None,
+            client,
+            peer_identity: peer_id.as_ref(),
+        };
+        let (resp, finished) = observed.finish(result, labels);
+        self.admission
+            .count(consumer.as_ref(), finished.status, finished.seconds);
+        resp
+    }
+
+    /// Check the framing, admit (authenticate, authorize, limit), then forward; the
+    /// concurrency slots are held until the response body ends.
+    async fn admitted(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+        consumer: &mut Option<Arc<str>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         crate::headers::check_framing(&req)?;
-        let who = self.access_control.check(&mut req, peer.as_ref()).await?;
-        consumer.clone_from(&who.consumer);
-        let permits = self.rate_limits.check(
-            req.method(),
-            req.uri().path(),
-            req.headers(),
-            peer.as_ref(),
-            client.ip(),
-            who.consumer.as_deref(),
-        )?;
+        let permits = self
+            .admission
+            .check(&mut req, peer.as_ref(), client.ip(), consumer)
+            .await?;
         let resp = self.forward(req, client, peer).await?;
-        if permits.is_empty() {
-            return Ok(resp);
-        }
-        Ok(resp.map(|b| match b {
-            http_body_util::Either::Left(s) => http_body_util::Either::Left(s.hold(permits)),
-            other => other,
-        }))
+        Ok(admission::hold(resp, permits))
     }
 
     /// Rewrite for the app (identity and forwarding headers by what the connection proved)

@@ -24,9 +24,10 @@ use crate::config::Limits;
 use crate::drain;
 use crate::error::ProxyError;
 use crate::headers::{edge_forwarded, EdgeForwarded, TrustedProxies};
+use crate::lifecycle::{admission, Admission, Lifecycle};
 use crate::metrics::{ConnectionGuard, Metrics};
 use crate::outbound::Outbound;
-use crate::ratelimit::RateLimits;
+use crate::ratelimit::{Permits, RateLimits};
 use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::ResponseBody;
 
@@ -34,11 +35,12 @@ use crate::ResponseBody;
 pub const INGRESS: &str = "ingress";
 
 pub struct Ingress {
-    /// This gateway's service: the one its policies and consumer metrics name.
-    service: Arc<String>,
     outbound: Arc<Outbound>,
-    access: Arc<AccessControl>,
-    rate_limits: Arc<RateLimits>,
+    /// Admits requests to this gateway's service: the one its policies and consumer metrics
+    /// name.
+    admission: Admission,
+    /// The ingress's requests are observed under its own direction.
+    lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     limits: Limits,
     edge: Edge,
@@ -81,10 +83,9 @@ impl Ingress {
         edge: Edge,
     ) -> Self {
         Self {
-            service: Arc::new(access.service().to_string()),
+            admission: Admission::new(access, rate_limits, metrics.clone()),
+            lifecycle: outbound.lifecycle(INGRESS),
             outbound,
-            access,
-            rate_limits,
             metrics,
             limits,
             tls: TlsAcceptor::from(edge.tls.clone()),
@@ -184,8 +185,8 @@ impl Ingress {
         })
     }
 
-    /// Admit (authenticate, authorize, limit), then route into the mesh; the concurrency
-    /// slots are held until the response body ends.
+    /// Admit, then route into the mesh under the ingress's own observation; the
+    /// concurrency slots are held until the response body ends.
     async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
         let peer = conn.peer;
         let start = std::time::Instant::now();
@@ -196,69 +197,50 @@ impl Ingress {
             ip if ip == peer.ip() => peer,
             ip => SocketAddr::new(ip, 0),
         };
-        let proto = if conn.tls { "https" } else { "http" };
         let mut consumer = None;
-        let admitted = async {
-            crate::headers::check_framing(&req)?;
-            self.admit_host(&req, conn)?;
-            edge_forwarded(
-                req.headers_mut(),
-                peer.ip(),
-                &self.edge.trusted_proxies,
-                proto,
-            );
-            req.extensions_mut().insert(EdgeForwarded);
-            crate::headers::strip_internal(req.headers_mut());
-            let who = self.access.check(&mut req, None).await?;
-            consumer.clone_from(&who.consumer);
-            self.rate_limits.check(
-                req.method(),
-                req.uri().path(),
-                req.headers(),
-                None,
-                client.ip(),
-                who.consumer.as_deref(),
-            )
-        }
-        .await;
-        let resp = match admitted {
+        let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
             Ok(permits) => {
                 // HTTPRoute redirects keep the scheme the client used.
                 req.extensions_mut()
-                    .insert(crate::routing::RequestScheme(proto));
-                let resp = self.outbound.handle(req, client, INGRESS).await;
-                if permits.is_empty() {
-                    resp
-                } else {
-                    resp.map(|b| match b {
-                        http_body_util::Either::Left(s) => {
-                            http_body_util::Either::Left(s.hold(permits))
-                        }
-                        other => other,
-                    })
-                }
+                    .insert(crate::routing::RequestScheme(conn.scheme()));
+                let resp = self.outbound.handle(req, client, &self.lifecycle).await;
+                admission::hold(resp, permits)
             }
             Err(e) => {
-                let resp = self.refuse(e, grpc);
+                let resp = self.lifecycle.refuse(e, grpc);
                 // Refused before routing: counted under the gateway's own service.
                 self.metrics.record_request(
                     INGRESS,
-                    &self.service,
+                    self.admission.service(),
                     resp.status().as_u16(),
                     start.elapsed().as_secs_f64(),
                 );
                 resp
             }
         };
-        if let Some(c) = &consumer {
-            self.metrics.record_consumer_request(
-                &self.service,
-                c,
-                resp.status().as_u16(),
-                start.elapsed().as_secs_f64(),
-            );
-        }
+        let seconds = start.elapsed().as_secs_f64();
+        self.admission
+            .count(consumer.as_ref(), resp.status().as_u16(), seconds);
         resp
+    }
+
+    /// What the edge checks before anything else reads the request: its framing, its host
+    /// against the TLS connection, then its forwarding headers (rewritten by the
+    /// trusted-proxy rule) and internal headers (removed); then the common admission.
+    async fn admit(
+        &self,
+        req: &mut Request<Incoming>,
+        conn: &Conn,
+        client: SocketAddr,
+        consumer: &mut Option<Arc<str>>,
+    ) -> Result<Permits, ProxyError> {
+        crate::headers::check_framing(req)?;
+        self.admit_host(req, conn)?;
+        let trusted = &self.edge.trusted_proxies;
+        edge_forwarded(req.headers_mut(), conn.peer.ip(), trusted, conn.scheme());
+        req.extensions_mut().insert(EdgeForwarded);
+        crate::headers::strip_internal(req.headers_mut());
+        self.admission.check(req, None, client.ip(), consumer).await
     }
 
     /// A request on a TLS connection must name a host the certificate chosen by its SNI name
@@ -273,12 +255,6 @@ impl Ingress {
             return Err(ProxyError::Misdirected(host.to_string()));
         }
         Ok(())
-    }
-
-    fn refuse(&self, e: ProxyError, grpc: bool) -> Response<ResponseBody> {
-        self.metrics.proxy_error(INGRESS, e.cause());
-        tracing::debug!(error = %e, cause = e.cause(), "ingress request refused");
-        e.into_response_for(grpc)
     }
 
     /// `308 Permanent Redirect` to the same host and path over HTTPS (308 keeps the method
@@ -308,6 +284,19 @@ struct Conn {
     tls: bool,
     /// The TLS server name the client asked for (`None` without TLS or without SNI).
     sni: Option<Arc<str>>,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// The scheme the client used.
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

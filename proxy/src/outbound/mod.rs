@@ -13,7 +13,6 @@ mod routed;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
@@ -30,6 +29,7 @@ use crate::headers::{append_forwarded, is_upgrade, request_host, EdgeForwarded};
 use crate::http::origin::ExternalClient;
 use crate::http::rewrite;
 use crate::identity::IdentityStore;
+use crate::lifecycle::{Labels, Lifecycle};
 use crate::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
 use crate::original_dst::{OriginalDst, Protocol};
 use crate::pool::PeerPool;
@@ -52,6 +52,8 @@ pub struct Outbound {
     unknown: Arc<String>,
     tracing: Arc<crate::trace::Tracing>,
     access: Arc<crate::access_log::AccessLog>,
+    /// How the app's calls are observed.
+    lifecycle: Lifecycle,
     /// Learns services the snapshot does not hold (scoped stores); `None`: unknown is unknown.
     on_demand: Option<crate::discover::OnDemand>,
 }
@@ -68,6 +70,7 @@ impl Outbound {
         tracing: Arc<crate::trace::Tracing>,
         access: Arc<crate::access_log::AccessLog>,
     ) -> Self {
+        let lifecycle = Lifecycle::new(OUTBOUND, metrics.clone(), access.clone());
         Self {
             external: ExternalClient::new(config.timeouts.connect),
             routes,
@@ -82,6 +85,7 @@ impl Outbound {
             },
             unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
             tracing,
+            lifecycle,
             access,
             on_demand: None,
         }
@@ -123,7 +127,7 @@ impl Outbound {
                         req.headers_mut().remove(CONSUMER_HEADER);
                     }
                     async move {
-                        let resp = this.handle(req, client, OUTBOUND).await;
+                        let resp = this.handle(req, client, &this.lifecycle).await;
                         drop(guard);
                         Ok::<_, Infallible>(resp)
                     }
@@ -134,68 +138,34 @@ impl Outbound {
         .await;
     }
 
-    /// Route and forward one request; `direction` labels its metrics and access log line
-    /// (`outbound` for the app's calls, `ingress` for the gateway's).
+    /// How this listener observes its requests; the ingress observes its own, routed here,
+    /// under its direction.
+    pub(crate) fn lifecycle(&self, direction: &'static str) -> Lifecycle {
+        Lifecycle::new(direction, self.metrics.clone(), self.access.clone())
+    }
+
+    /// Route and forward one request, observed by `lifecycle` (the outbound listener's for
+    /// the app's calls, the ingress's for the gateway's).
     pub(crate) async fn handle(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
-        direction: &'static str,
+        lifecycle: &Lifecycle,
     ) -> Response<ResponseBody> {
-        let start = Instant::now();
-        let grpc = crate::grpc::is_grpc(req.headers());
-        let mut span = self.tracing.client(
-            req.method(),
-            req.uri().path(),
-            req.headers(),
-            request_host(&req).unwrap_or(UNKNOWN_SERVICE),
-        );
-        span.inject(req.headers_mut());
-        let mut info = self
-            .access
-            .enabled()
-            .then(|| crate::access_log::RequestInfo::of(&req));
-        let edge = direction == crate::ingress::INGRESS;
-        let (service, route, result) = self.route(req, client, edge, &mut span).await;
-        if let Some(i) = info.as_mut() {
-            i.route = Some(route.clone());
-        }
-        let mut cause = None;
-        let resp = result.unwrap_or_else(|e| {
-            self.metrics.proxy_error(direction, e.cause());
-            tracing::debug!(error = %e, cause = e.cause(), "outbound request failed");
-            cause = Some(e.cause());
-            e.into_response_for(grpc)
+        let mut observed = lifecycle.start(&mut req, |req| {
+            let host = request_host(req).unwrap_or(UNKNOWN_SERVICE);
+            self.tracing
+                .client(req.method(), req.uri().path(), req.headers(), host)
         });
-        // A refusal by the far sidecar names its cause too.
-        let cause = cause.or_else(|| {
-            resp.headers()
-                .get(crate::config::ERROR_HEADER)
-                .and_then(|v| crate::error::known_cause(v.as_bytes()))
-        });
-        span.respond(resp.status().as_u16(), cause);
-        self.access.finish(
-            info,
-            crate::access_log::Outcome {
-                direction,
-                service: &service,
-                response: &resp,
-                cause,
-                elapsed: start.elapsed(),
-                client,
-                peer_identity: None,
-                span: &span,
-            },
-        );
-        let resp = crate::trace::end_with_body(resp, span);
-        self.metrics.record_routed_request(
-            direction,
-            &service,
-            &route,
-            resp.status().as_u16(),
-            start.elapsed().as_secs_f64(),
-        );
-        resp
+        let edge = lifecycle.direction() == crate::ingress::INGRESS;
+        let (service, route, result) = self.route(req, client, edge, &mut observed.span).await;
+        let labels = Labels {
+            service: &service,
+            route: Some(&route),
+            client,
+            peer_identity: None,
+        };
+        observed.finish(result, labels).0
     }
 
     /// Forward to a mesh service: choose the endpoint and resolve the timeouts, then leave by
