@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use trellis_proxy::balance::{self, hash_key, EndpointStats, PickContext};
+use trellis_proxy::state::balance::{self, hash_key, EndpointStats, PickContext};
 
 #[path = "support/counting.rs"]
 mod counting;

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use trellis_proxy::route::{RouteTable, StatsRegistry};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::route::{RouteTable, StatsRegistry};
+use trellis_proxy::state::snapshot::Snapshot;
 
 use crate::outcome;
 

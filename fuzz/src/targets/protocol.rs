@@ -6,8 +6,8 @@
 //! Input: the first bytes a client sends; also read as `name: value` header lines.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
-use trellis_proxy::headers::{request_authority, request_host, strip_hop_by_hop};
-use trellis_proxy::original_dst::{classify, Protocol};
+use trellis_proxy::http::headers::{request_authority, request_host, strip_hop_by_hop};
+use trellis_proxy::listeners::original_dst::{classify, Protocol};
 
 use crate::outcome;
 

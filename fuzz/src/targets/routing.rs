@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use trellis_policies::{HttpRouteSpec, MeshDocument};
-use trellis_proxy::route::{RouteTable, StatsRegistry};
-use trellis_proxy::routing::{finish_response, prepare_request, Action, Decision};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::policy::routing::{finish_response, prepare_request, Action, Decision};
+use trellis_proxy::state::route::{RouteTable, StatsRegistry};
+use trellis_proxy::state::snapshot::Snapshot;
 
 use crate::outcome;
 

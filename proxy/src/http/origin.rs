@@ -10,10 +10,10 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::Streamed;
 use crate::error::ProxyError;
-use crate::headers::strip_hop_by_hop;
+use crate::http::body::Streamed;
 use crate::http::client_error;
+use crate::http::headers::strip_hop_by_hop;
 use crate::http::rewrite::{self, Host, Target};
 use crate::ResponseBody;
 

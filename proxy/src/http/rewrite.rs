@@ -11,9 +11,9 @@ use http::header::{self, HeaderValue};
 use http::uri::Scheme;
 use http::{Request, Uri, Version};
 
-use crate::config::ORIG_PROTO_HEADER;
 use crate::error::ProxyError;
-use crate::headers::{request_authority, strip_hop_by_hop};
+use crate::http::headers::ORIG_PROTO_HEADER;
+use crate::http::headers::{request_authority, strip_hop_by_hop};
 
 /// The `Host` of a request to an origin over HTTP/1.1.
 #[derive(Clone, Copy, Debug)]
