@@ -2,28 +2,43 @@
 //! configuration, the snapshot channel (file store, etcd, or a test), extra metrics and extra
 //! `/config_dump` sections from the agent.
 
+mod applier;
+mod bind;
+mod dump;
+mod edge;
+mod inputs;
+pub mod shutdown;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_policies::SpiffeId;
 
 use crate::admin::{Admin, DumpFn};
 use crate::config::Config;
 use crate::drain;
-use crate::identity::{spawn_reloader, IdentityError, IdentityFiles, TlsContext};
-use crate::listeners::inbound::Inbound;
-use crate::listeners::outbound::Outbound;
+use crate::identity::{spawn_reloader, IdentityError, IdentityFiles, IdentityStore, TlsContext};
 use crate::policy::ratelimit::RateLimits;
 use crate::readiness::Ready;
+use crate::state::discover::OnDemand;
 use crate::state::pool::PeerPool;
 use crate::state::route::{RouteTable, StatsRegistry};
 use crate::state::snapshot::Snapshot;
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::Tracing;
+use applier::Applier;
+use bind::Listeners;
+use edge::IngressListeners;
+use inputs::ProxyInputs;
+use shutdown::Shutdown;
+
+pub use applier::ServiceUsage;
+pub use bind::Bound;
+pub use shutdown::{BeforeDrain, ShutdownHandle};
 
 /// Snapshots arrive here; `None` until the source has produced its first one.
 pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
@@ -44,10 +59,6 @@ pub enum StartError {
     },
 }
 
-/// Runs when shutdown is requested, before draining starts (e.g. deregistration, so that peers
-/// stop sending before the listeners close).
-pub type BeforeDrain = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
-
 pub struct Proxy {
     config: Config,
     snapshots: SnapshotRx,
@@ -62,21 +73,6 @@ pub struct Proxy {
     stats: Arc<StatsRegistry>,
     discover: Option<Arc<dyn crate::state::discover::Discover>>,
 }
-
-/// The addresses the listeners actually bound (port 0 in the config picks a free port).
-#[derive(Clone, Copy, Debug)]
-pub struct Bound {
-    pub inbound: SocketAddr,
-    pub outbound: SocketAddr,
-    pub admin: SocketAddr,
-    /// The ingress TLS listener and its plain HTTP listener, when configured.
-    pub ingress: Option<SocketAddr>,
-    pub ingress_http: Option<SocketAddr>,
-}
-
-/// Asks a running sidecar to drain and stop. Cheap to clone.
-#[derive(Clone)]
-pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
 
 pub struct Running {
     pub bound: Bound,
@@ -165,81 +161,23 @@ impl Proxy {
         self.registry.register_collector(Box::new(
             crate::telemetry::process_metrics::ProcessCollector::new(),
         ));
-
-        let own_id = SpiffeId::for_service(&cfg.trust_domain, &cfg.service).map_err(|e| {
-            crate::config::ConfigError::Invalid {
-                field: "trust_domain".into(),
-                message: e.to_string(),
-            }
-        })?;
-        let files = IdentityFiles {
-            cert: cfg.identity.cert.clone(),
-            key: cfg.identity.key.clone(),
-            bundle: cfg.identity.bundle.clone(),
-        };
-        let tls = TlsContext::load(&files, &own_id, 1)?;
-        metrics.cert_expiry.set(tls.not_after());
-        tracing::info!(identity = %own_id, not_after = tls.not_after(), "identity loaded");
-        let tls = Arc::new(ArcSwap::from_pointee(tls));
+        let (own_id, files, tls) = load_identity(&cfg, &metrics)?;
         let spiffe = own_id.to_string();
+        let listeners = Listeners::bind(&cfg).await?;
+        let bound = listeners.bound(&cfg)?;
 
-        let bind = |what: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { what, addr, source })
-        };
-        let inbound_l = bind("inbound", cfg.inbound.listen).await?;
-        let outbound_l = bind("outbound", cfg.outbound.listen).await?;
-        let admin_l = bind("admin", cfg.admin.listen).await?;
-        let (ingress_l, ingress_http_l) = match &cfg.ingress {
-            Some(ing) => {
-                let http = match &ing.http {
-                    Some(h) => Some(bind("ingress http", h.listen).await?),
-                    None => None,
-                };
-                (Some(bind("ingress", ing.listen).await?), http)
-            }
-            None => (None, None),
-        };
-        let local = |l: &TcpListener, what, addr| {
-            l.local_addr()
-                .map_err(|source| StartError::Bind { what, addr, source })
-        };
-        let bound = Bound {
-            inbound: local(&inbound_l, "inbound", cfg.inbound.listen)?,
-            outbound: local(&outbound_l, "outbound", cfg.outbound.listen)?,
-            admin: local(&admin_l, "admin", cfg.admin.listen)?,
-            // Each listener's error names its own configured address.
-            ingress: match (&ingress_l, &cfg.ingress) {
-                (Some(l), Some(ing)) => Some(local(l, "ingress", ing.listen)?),
-                _ => None,
-            },
-            ingress_http: match (
-                &ingress_http_l,
-                cfg.ingress.as_ref().and_then(|i| i.http.as_ref()),
-            ) {
-                (Some(l), Some(http)) => Some(local(l, "ingress http", http.listen)?),
-                _ => None,
-            },
-        };
-
-        let snapshot = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
         let pool = Arc::new(PeerPool::new(tls.clone(), metrics.clone()));
-        let reloader = spawn_reloader(
-            tls.clone(),
-            files,
-            own_id,
-            cfg.identity.reload_interval,
-            metrics.clone(),
-        );
+        let reload = cfg.identity.reload_interval;
+        let reloader = spawn_reloader(tls.clone(), files, own_id, reload, metrics.clone());
         let (applied_tx, applied) = watch::channel(0u64);
-        let applied_clock = crate::telemetry::route_metrics::AppliedClock::default();
+        let clock = crate::telemetry::route_metrics::AppliedClock::default();
         self.registry.register_collector(Box::new(
-            crate::telemetry::route_metrics::RouteCollector::new(snapshot.clone(), &applied_clock),
+            crate::telemetry::route_metrics::RouteCollector::new(routes.clone(), &clock),
         ));
         let applier = Applier {
-            clock: applied_clock,
-            current: snapshot.clone(),
+            clock,
+            current: routes.clone(),
             local_zone: cfg.zone.clone(),
             gateway: cfg.ingress.as_ref().map(|_| cfg.service.clone()),
             pool: pool.clone(),
@@ -252,176 +190,80 @@ impl Proxy {
         // Idle rate-limit keys are forgotten in every mode, with or without an etcd agent.
         let key_sweeper = tokio::spawn(RateLimits::sweeper(Arc::downgrade(&self.limits)));
 
-        let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+        let instance = format!("{}-{}", cfg.service, bound.inbound.port());
+        let who = crate::telemetry::trace::Identity {
+            service: &cfg.service,
+            instance: &instance,
+            spiffe_id: &spiffe,
+        };
+        let tracing_ = Tracing::start(&cfg.tracing, who, &mut self.registry);
+        let access_log = AccessLog::start(&cfg.access_log, &mut self.registry);
+        let on_demand = self
+            .discover
+            .clone()
+            .map(|d| OnDemand::new(d, applied.clone()));
+        let inputs = ProxyInputs {
+            cfg,
+            tls,
+            metrics: metrics.clone(),
+            routes,
+            pool,
+            tracing: tracing_.clone(),
+            access_log,
+            rate_limits: self.limits.clone(),
+            access_control: self.access_control.clone(),
+            on_demand,
+        };
+        let (shutdown_tx, requested) = watch::channel(false);
         let shutdown = ShutdownHandle(Arc::new(shutdown_tx));
         let (inbound_trigger, inbound_drain) = drain::channel();
         let (outbound_trigger, outbound_drain) = drain::channel();
         let (admin_trigger, admin_drain) = drain::channel();
 
-        let instance = format!("{}-{}", cfg.service, bound.inbound.port());
-
-        let tracing_ = crate::telemetry::trace::Tracing::start(
-            &cfg.tracing,
-            crate::telemetry::trace::Identity {
-                service: &cfg.service,
-                instance: &instance,
-                spiffe_id: &spiffe,
-            },
-            &mut self.registry,
-        );
-        let access =
-            crate::telemetry::access_log::AccessLog::start(&cfg.access_log, &mut self.registry);
-        let inbound = Arc::new(Inbound::new(
-            &cfg,
-            tls.clone(),
-            metrics.clone(),
-            self.limits.clone(),
-            self.access_control.clone(),
-            tracing_.clone(),
-            access.clone(),
-        ));
-        let outbound = Arc::new(
-            Outbound::new(
-                &cfg,
-                snapshot.clone(),
-                pool.clone(),
-                tls.clone(),
-                metrics.clone(),
-                tracing_.clone(),
-                access,
-            )
-            .with_on_demand(
-                self.discover
-                    .clone()
-                    .map(|d| crate::state::discover::OnDemand::new(d, applied.clone())),
-            ),
-        );
-        let mut ingress_certs = None;
-        if let (Some(ing), Some(listener)) = (&cfg.ingress, ingress_l) {
-            let certs = crate::listeners::ingress::certs::SniCerts::load(&ing.certificates)
-                .map_err(|e| StartError::Ingress(e.to_string()))?;
-            let resolver = crate::listeners::ingress::certs::Resolver::new(certs);
-            self.registry.register_collector(Box::new(
-                crate::listeners::ingress::certs::ExpiryCollector(resolver.clone()),
-            ));
-            ingress_certs = Some(resolver.clone());
-            crate::listeners::ingress::certs::spawn_reloader(
-                resolver.clone(),
-                ing.certificates.clone(),
-                cfg.identity.reload_interval,
-                metrics.clone(),
-            );
-            let server_config = crate::listeners::ingress::server_config(resolver.clone())
-                .map_err(|e| StartError::Ingress(e.to_string()))?;
-            let edge = crate::listeners::ingress::Edge {
-                certs: resolver,
-                tls: server_config,
-                trusted_proxies: crate::http::headers::TrustedProxies::parse(&ing.trusted_proxies)
-                    .map_err(|m| StartError::Ingress(format!("trusted_proxies: {m}")))?,
-                https_port: bound.ingress.map_or(443, |a| a.port()),
-            };
-            let ingress = Arc::new(crate::listeners::ingress::Ingress::new(
-                outbound.clone(),
-                self.access_control.clone(),
-                self.limits.clone(),
-                metrics.clone(),
-                cfg.limits.clone(),
-                edge,
-            ));
-            // Outside clients stop with the inbound listener: first in the drain order.
-            tokio::spawn(ingress.clone().serve_tls(listener, inbound_drain.clone()));
-            if let (Some(h), Some(l)) = (&ing.http, ingress_http_l) {
-                tokio::spawn(ingress.serve_http(l, inbound_drain.clone(), h.redirect_to_https));
-            }
-        }
-        let app_speaks = inbound.app_knowledge();
-        tokio::spawn(inbound.serve(inbound_l, inbound_drain));
-        tokio::spawn(outbound.serve(outbound_l, outbound_drain));
-
-        let dump = {
-            let cfg = cfg.clone();
-            let snapshot = snapshot.clone();
-            let tls = tls.clone();
-            let pool = pool.clone();
-            let ready = ready.clone();
-            let limits = self.limits.clone();
-            let access_control = self.access_control.clone();
-            let ingress_certs = ingress_certs.clone();
-            let sections = self.dump_sections;
-            Arc::new(move || {
-                let t = tls.load();
-                let mut v = serde_json::json!({
-                    "config": cfg,
-                    "identity": {
-                        "spiffe_id": t.identity().to_string(),
-                        "not_after_unix": t.not_after(),
-                        "generation": t.generation(),
-                    },
-                    // What `inbound.app_protocol: auto` found the app to speak.
-                    "app_speaks": app_speaks.dump(),
-                                        "snapshot": &*snapshot.load().snapshot,
-                    "load_balancers": snapshot.load().dump(),
-                    "routing": snapshot.load().routing.dump(),
-                    // The only hosts the ingress routes (empty without an ingress).
-                    "gateway_routing": snapshot.load().gateway_routing.dump(),
-                                        "limits": limits.dump(),
-                    "access": access_control.dump(),
-                    "ingress_certificates": ingress_certs.as_ref().map(|r| {
-                        r.expiry()
-                            .into_iter()
-                            .map(|(host, not_after)| serde_json::json!({"host": host, "not_after_unix": not_after}))
-                            .collect::<Vec<_>>()
-                    }),
-                    "peer_connections": pool.len(),
-                    "ready": { "pending": ready.pending() },
-                });
-                for (name, f) in &sections {
-                    v[*name] = f();
-                }
-                v
-            }) as DumpFn
+        let inbound = inputs.inbound();
+        let outbound = inputs.outbound();
+        let ingress = IngressListeners {
+            tls: listeners.ingress,
+            http: listeners.ingress_http,
         };
+        let registry = &mut self.registry;
+        let ingress_certs = edge::start(
+            &inputs,
+            &outbound,
+            registry,
+            ingress,
+            &bound,
+            &inbound_drain,
+        )?;
+        let extra = dump::Extra {
+            app_speaks: inbound.app_knowledge(),
+            ready: ready.clone(),
+            ingress_certs,
+            sections: self.dump_sections,
+        };
+        tokio::spawn(inbound.serve(listeners.inbound, inbound_drain));
+        tokio::spawn(outbound.serve(listeners.outbound, outbound_drain));
         let admin = Arc::new(Admin {
             ready: ready.clone(),
             registry: Arc::new(self.registry),
-            dump,
+            dump: dump::config_dump(&inputs, extra),
             shutdown: shutdown.0.clone(),
             log_level: self.log_level,
         });
-        tokio::spawn(admin.serve(admin_l, admin_drain));
+        tokio::spawn(admin.serve(listeners.admin, admin_drain));
 
-        let grace = cfg.drain.grace_period;
-        let drain_ready = ready.clone();
-        let hooks = self.before_drain;
-        let done = tokio::spawn(async move {
-            let _ = shutdown_rx.wait_for(|stop| *stop).await;
-            let _not_ready = drain_ready.block("draining");
-            let start = Instant::now();
-            for hook in hooks {
-                if tokio::time::timeout(grace, hook()).await.is_err() {
-                    tracing::warn!("shutdown hook did not finish within the grace period");
-                }
-            }
-            tracing::info!(grace = ?grace, "draining: inbound stops accepting, outbound keeps serving the app");
-            let inbound_done = inbound_trigger
-                .drain(grace.saturating_sub(start.elapsed()))
-                .await;
-            let outbound_done = outbound_trigger
-                .drain(grace.saturating_sub(start.elapsed()))
-                .await;
-            if inbound_done && outbound_done {
-                tracing::info!(elapsed = ?start.elapsed(), "drained");
-            } else {
-                tracing::warn!(grace = ?grace, "grace period ended with requests still in flight");
-            }
-            // Spans of the last requests go out before the process exits.
-            tracing_.flush(std::time::Duration::from_secs(2)).await;
-            reloader.abort();
-            snapshot_task.abort();
-            key_sweeper.abort();
-            drop(admin_trigger);
-        });
-
+        let done = Shutdown {
+            requested,
+            ready: ready.clone(),
+            hooks: self.before_drain,
+            grace: inputs.cfg.drain.grace_period,
+            inbound: inbound_trigger,
+            outbound: outbound_trigger,
+            admin: admin_trigger,
+            tracing: tracing_,
+            tasks: vec![reloader, snapshot_task, key_sweeper],
+        }
+        .spawn();
         Ok(Running {
             bound,
             ready,
@@ -433,100 +275,26 @@ impl Proxy {
     }
 }
 
-/// What a snapshot updates: the route table, the connection pool, metrics and the limits.
-struct Applier {
-    clock: crate::telemetry::route_metrics::AppliedClock,
-    current: Arc<ArcSwap<RouteTable>>,
-    local_zone: Option<String>,
-    /// This sidecar's service when it is an ingress gateway: HTTPRoutes naming it in
-    /// `gateways` are compiled for the edge.
-    gateway: Option<String>,
-    pool: Arc<PeerPool>,
-    metrics: Arc<Metrics>,
-    limits: Arc<RateLimits>,
-    access_control: Arc<crate::policy::access::AccessControl>,
-    registry: Arc<StatsRegistry>,
-}
-
-/// Requests per service so far, read by a scoped store to find services nobody calls.
-#[derive(Clone)]
-pub struct ServiceUsage(Arc<StatsRegistry>);
-
-impl ServiceUsage {
-    /// Requests to `service` so far; `None` when the data plane does not hold it.
-    pub fn admitted(&self, service: &str) -> Option<u64> {
-        self.0.admitted(service)
-    }
-}
-
-// === impl Applier ===
-
-impl Applier {
-    /// Apply each snapshot the source sends, and evict pooled connections to removed endpoints.
-    async fn run(
-        self,
-        mut rx: SnapshotRx,
-        ready: crate::readiness::BlockReady,
-        applied: watch::Sender<u64>,
-    ) {
-        let Applier {
-            clock,
-            current,
-            local_zone,
-            gateway,
-            pool,
-            metrics,
-            limits,
-            access_control,
-            registry,
-        } = self;
-        let mut ready = Some(ready);
-        let mut health = crate::state::health::HealthChecks::default();
-        loop {
-            let next = rx.borrow_and_update().clone();
-            if let Some(snap) = next {
-                tracing::info!(version = snap.version, source = %snap.source, services = snap.services.len(), "applied mesh snapshot");
-                metrics.snapshots_applied.inc();
-                metrics
-                    .snapshot_version
-                    .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
-                let prev = current.load_full();
-                let gone = crate::state::route::departed(&prev.snapshot, &snap);
-                if !gone.is_empty() {
-                    pool.retain(|addr, id| !gone.iter().any(|(a, i)| *a == addr && i == id));
-                }
-                let version = snap.version;
-                limits.update(&snap);
-                access_control.update(&snap);
-                let table = Arc::new(RouteTable::update(
-                    &prev,
-                    snap,
-                    &registry,
-                    local_zone.as_deref(),
-                    gateway.as_deref(),
-                ));
-                drop(prev);
-                health.update(&table, &pool, &metrics);
-                current.store(table);
-                clock.mark();
-                applied.send_replace(version);
-                ready.take();
-            }
-            if rx.changed().await.is_err() {
-                // The source is gone; keep serving the last snapshot.
-                tracing::warn!("snapshot source closed; serving the last snapshot");
-                return;
-            }
+/// This sidecar's SPIFFE ID, its identity files, and the identity loaded from them.
+fn load_identity(
+    cfg: &Config,
+    metrics: &Metrics,
+) -> Result<(SpiffeId, IdentityFiles, IdentityStore), StartError> {
+    let own_id = SpiffeId::for_service(&cfg.trust_domain, &cfg.service).map_err(|e| {
+        crate::config::ConfigError::Invalid {
+            field: "trust_domain".into(),
+            message: e.to_string(),
         }
-    }
-}
-
-// === impl ShutdownHandle ===
-
-impl ShutdownHandle {
-    pub fn shutdown(&self) {
-        self.0.send_replace(true);
-    }
+    })?;
+    let files = IdentityFiles {
+        cert: cfg.identity.cert.clone(),
+        key: cfg.identity.key.clone(),
+        bundle: cfg.identity.bundle.clone(),
+    };
+    let tls = TlsContext::load(&files, &own_id, 1)?;
+    metrics.cert_expiry.set(tls.not_after());
+    tracing::info!(identity = %own_id, not_after = tls.not_after(), "identity loaded");
+    Ok((own_id, files, Arc::new(ArcSwap::from_pointee(tls))))
 }
 
 // === impl Running ===
