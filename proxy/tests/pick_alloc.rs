@@ -1,6 +1,6 @@
 //! Every balancer's pick is allocation-free: a counting global allocator watches picks for each
 //! algorithm at 10 and 1,000 endpoints, including consistent hashing on a header through
-//! `Route::pick`.
+//! `Target::pick`.
 
 use std::sync::Arc;
 

@@ -10,13 +10,13 @@ use super::SnapshotRx;
 use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::RateLimits;
 use crate::state::pool::PeerPool;
-use crate::state::route::{RouteTable, StatsRegistry};
+use crate::state::target::{StatsRegistry, TargetTable};
 use crate::telemetry::metrics::Metrics;
 
 /// What a snapshot updates: the route table, the connection pool, metrics and the limits.
 pub(super) struct Applier {
     pub(super) clock: crate::telemetry::route_metrics::AppliedClock,
-    pub(super) current: Arc<ArcSwap<RouteTable>>,
+    pub(super) current: Arc<ArcSwap<TargetTable>>,
     pub(super) local_zone: Option<String>,
     /// This sidecar's service when it is an ingress gateway: HTTPRoutes naming it in
     /// `gateways` are compiled for the edge.
@@ -71,14 +71,14 @@ impl Applier {
                     .snapshot_version
                     .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
                 let prev = current.load_full();
-                let gone = crate::state::route::departed(&prev.snapshot, &snap);
+                let gone = crate::state::target::departed(&prev.snapshot, &snap);
                 if !gone.is_empty() {
                     pool.retain(|addr, id| !gone.iter().any(|(a, i)| *a == addr && i == id));
                 }
                 let version = snap.version;
                 limits.update(&snap);
                 access_control.update(&snap);
-                let table = Arc::new(RouteTable::update(
+                let table = Arc::new(TargetTable::update(
                     &prev,
                     snap,
                     &registry,

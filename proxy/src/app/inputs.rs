@@ -14,7 +14,7 @@ use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::RateLimits;
 use crate::state::discover::OnDemand;
 use crate::state::pool::PeerPool;
-use crate::state::route::RouteTable;
+use crate::state::target::TargetTable;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracing;
@@ -25,7 +25,7 @@ pub(super) struct ProxyInputs {
     pub tls: IdentityStore,
     pub metrics: Arc<Metrics>,
     /// The routing view of the latest snapshot.
-    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub routes: Arc<ArcSwap<TargetTable>>,
     pub pool: Arc<PeerPool>,
     pub tracing: Arc<Tracing>,
     pub access_log: Arc<AccessLog>,

@@ -25,8 +25,8 @@ use crate::policy::ratelimit::RateLimits;
 use crate::readiness::Ready;
 use crate::state::discover::OnDemand;
 use crate::state::pool::PeerPool;
-use crate::state::route::{RouteTable, StatsRegistry};
 use crate::state::snapshot::Snapshot;
+use crate::state::target::{StatsRegistry, TargetTable};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracing;
@@ -166,7 +166,7 @@ impl Proxy {
         let listeners = Listeners::bind(&cfg).await?;
         let bound = listeners.bound(&cfg)?;
 
-        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let routes = Arc::new(ArcSwap::from_pointee(TargetTable::empty()));
         let pool = Arc::new(PeerPool::new(tls.clone(), metrics.clone()));
         let reload = cfg.identity.reload_interval;
         let reloader = spawn_reloader(tls.clone(), files, own_id, reload, metrics.clone());

@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 use crate::http::body::Streamed;
 use crate::http::client_error;
 use crate::http::headers::strip_hop_by_hop;
-use crate::http::rewrite::{self, Host, Target};
+use crate::http::rewrite::{self, Host, RequestTarget};
 use crate::ResponseBody;
 
 /// The pooled HTTP/1.1 client to origins outside the mesh (by address).
@@ -55,7 +55,7 @@ impl ExternalClient {
             request_timeout,
             stream_idle,
         } = origin;
-        rewrite::to_origin_h1(&mut req, Target::Addr(addr), host, false)?;
+        rewrite::to_origin_h1(&mut req, RequestTarget::Addr(addr), host, false)?;
         let mut resp = tokio::time::timeout(request_timeout, self.0.request(req))
             .await
             .map_err(|_| client_error::response_timeout(addr, request_timeout))?

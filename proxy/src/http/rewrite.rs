@@ -28,7 +28,7 @@ pub enum Host<'a> {
 
 /// Where an HTTP/1.1 request to an origin is addressed.
 #[derive(Clone, Copy, Debug)]
-pub enum Target {
+pub enum RequestTarget {
     /// Absolute form, `http://{addr}{path}`: the pooled client connects by the URI.
     Addr(SocketAddr),
     /// Origin form, `{path}`: the connection is already made (an upgrade's own).
@@ -73,13 +73,13 @@ pub fn to_mesh_h2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
 /// of an upgrade). `upgrade` keeps `Upgrade` and `Connection: upgrade`.
 pub fn to_origin_h1<B>(
     req: &mut Request<B>,
-    target: Target,
+    target: RequestTarget,
     host: Host<'_>,
     upgrade: bool,
 ) -> Result<(), ProxyError> {
     let uri = match target {
-        Target::Addr(addr) => absolute_uri(Scheme::HTTP, &addr.to_string(), req.uri())?,
-        Target::Origin => req
+        RequestTarget::Addr(addr) => absolute_uri(Scheme::HTTP, &addr.to_string(), req.uri())?,
+        RequestTarget::Origin => req
             .uri()
             .path_and_query()
             .map_or("/", |pq| pq.as_str())
@@ -162,7 +162,7 @@ mod tests {
     fn origin_h1_addresses_the_destination_and_sets_host() {
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let mut req = Request::get("http://example.com/x").body(()).unwrap();
-        to_origin_h1(&mut req, Target::Addr(addr), Host::AsSent, false).unwrap();
+        to_origin_h1(&mut req, RequestTarget::Addr(addr), Host::AsSent, false).unwrap();
         assert_eq!(req.uri(), "http://10.0.0.1:80/x");
         assert_eq!(req.headers()["host"], "example.com");
         let mut req = Request::get("/ws")
@@ -171,7 +171,7 @@ mod tests {
             .header("upgrade", "websocket")
             .body(())
             .unwrap();
-        to_origin_h1(&mut req, Target::Origin, Host::Requested, true).unwrap();
+        to_origin_h1(&mut req, RequestTarget::Origin, Host::Requested, true).unwrap();
         assert_eq!(req.uri(), "/ws");
         assert_eq!(req.headers()["upgrade"], "websocket");
         assert_eq!(req.headers()["host"], "chat:8080");

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use crate::error::ProxyError;
 use crate::http::client_error;
 use crate::http::headers::strip_hop_by_hop;
-use crate::http::rewrite::{self, Host, Target};
+use crate::http::rewrite::{self, Host, RequestTarget};
 use crate::identity::{Alpn, TlsContext};
 use crate::state::pool::connect_tls;
 use crate::state::snapshot::Endpoint;
@@ -42,7 +42,7 @@ pub(crate) async fn outbound(
             tracing::debug!(error = %e, "upgrade connection to peer ended with error");
         }
     });
-    rewrite::to_origin_h1(&mut req, Target::Origin, Host::Requested, true)?;
+    rewrite::to_origin_h1(&mut req, RequestTarget::Origin, Host::Requested, true)?;
     let resp = tokio::time::timeout(request_timeout, send.send_request(req))
         .await
         .map_err(|_| client_error::response_timeout(ep.addr, request_timeout))?

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::state::route::{Route, RouteTable};
+use crate::state::target::{Target, TargetTable};
 
 /// The longest a request waits for the store to answer about an unknown service. The store's
 /// agent answers promptly itself when it knows the store is unreachable; this bounds the rest.
@@ -61,8 +61,8 @@ impl OnDemand {
     pub async fn learn(
         &self,
         service: &str,
-        table: &arc_swap::ArcSwap<RouteTable>,
-    ) -> Result<Option<Arc<Route>>, String> {
+        table: &arc_swap::ArcSwap<TargetTable>,
+    ) -> Result<Option<Arc<Target>>, String> {
         let lower;
         let service = if service.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = service.to_ascii_lowercase();

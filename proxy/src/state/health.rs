@@ -15,20 +15,20 @@ use trellis_policies::HealthCheckSpec;
 
 use crate::state::balance::rand::Rng;
 use crate::state::pool::PeerPool;
-use crate::state::route::{Route, RouteTable};
+use crate::state::target::{Target, TargetTable};
 use crate::telemetry::metrics::Metrics;
 
 /// Running checkers by service, with the route each checks.
 #[derive(Default)]
 pub struct HealthChecks {
-    tasks: HashMap<String, (Arc<Route>, tokio::task::JoinHandle<()>)>,
+    tasks: HashMap<String, (Arc<Target>, tokio::task::JoinHandle<()>)>,
 }
 
 impl HealthChecks {
     /// Replace the checkers with those `table` asks for. A service whose route did not change
     /// keeps its checker (and its place in the walk): an unrelated change elsewhere in the
     /// mesh restarts nothing.
-    pub fn update(&mut self, table: &RouteTable, pool: &Arc<PeerPool>, metrics: &Arc<Metrics>) {
+    pub fn update(&mut self, table: &TargetTable, pool: &Arc<PeerPool>, metrics: &Arc<Metrics>) {
         let mut next = HashMap::new();
         for route in table.routes() {
             let Some(spec) = route.service.health_check.clone() else {
@@ -69,7 +69,7 @@ impl Drop for HealthChecks {
 }
 
 async fn check_loop(
-    route: Arc<Route>,
+    route: Arc<Target>,
     spec: HealthCheckSpec,
     pool: Arc<PeerPool>,
     metrics: Arc<Metrics>,
@@ -111,7 +111,7 @@ async fn check_loop(
     }
 }
 
-async fn check(route: &Route, i: usize, spec: &HealthCheckSpec, pool: &PeerPool) -> bool {
+async fn check(route: &Target, i: usize, spec: &HealthCheckSpec, pool: &PeerPool) -> bool {
     let ep = &route.service.endpoints[i];
     let Some(path) = &spec.http_path else {
         return tokio::net::TcpStream::connect(ep.addr).await.is_ok();

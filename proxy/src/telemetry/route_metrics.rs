@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Unit;
 
-use crate::state::route::RouteTable;
+use crate::state::target::TargetTable;
 
 /// Endpoint states, as counted by `trellis_endpoints`.
 pub const AVAILABLE: &str = "available";
@@ -32,7 +32,7 @@ struct StateLabels {
 }
 
 pub struct RouteCollector {
-    table: Arc<ArcSwap<RouteTable>>,
+    table: Arc<ArcSwap<TargetTable>>,
     /// Unix milliseconds at which the snapshot in use was applied; 0 before the first.
     applied_at_ms: Arc<AtomicU64>,
 }
@@ -58,7 +58,7 @@ impl AppliedClock {
 // === impl RouteCollector ===
 
 impl RouteCollector {
-    pub fn new(table: Arc<ArcSwap<RouteTable>>, clock: &AppliedClock) -> Self {
+    pub fn new(table: Arc<ArcSwap<TargetTable>>, clock: &AppliedClock) -> Self {
         Self {
             table,
             applied_at_ms: clock.0.clone(),

@@ -9,13 +9,13 @@ use http::Request;
 use crate::error::ProxyError;
 use crate::policy::breaker::{Breaker, Permit};
 use crate::state::balance::OutlierEvent;
-use crate::state::route::{Choice, Route};
+use crate::state::target::{Choice, Target};
 use crate::telemetry::metrics::Metrics;
 
 /// One service's endpoints and the metrics their events are counted in.
 #[derive(Clone, Copy)]
 pub(super) struct Endpoints<'a> {
-    pub route: &'a Route,
+    pub route: &'a Target,
     pub metrics: &'a Metrics,
 }
 

@@ -37,7 +37,7 @@ use crate::listeners::server::{
 };
 use crate::policy::breaker::Breaker;
 use crate::state::pool::PeerPool;
-use crate::state::route::{Route, RouteTable};
+use crate::state::target::{Target, TargetTable};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
 use crate::{drain, ResponseBody};
 use attempt::Attempts;
@@ -47,7 +47,7 @@ use resolve::{Defaults, Resolved};
 
 pub struct Outbound {
     external: ExternalClient,
-    routes: Arc<ArcSwap<RouteTable>>,
+    routes: Arc<ArcSwap<TargetTable>>,
     pool: Arc<PeerPool>,
     tls: IdentityStore,
     metrics: Arc<Metrics>,
@@ -67,7 +67,7 @@ pub struct Outbound {
 impl Outbound {
     pub fn new(
         config: &Config,
-        routes: Arc<ArcSwap<RouteTable>>,
+        routes: Arc<ArcSwap<TargetTable>>,
         pool: Arc<PeerPool>,
         tls: IdentityStore,
         metrics: Arc<Metrics>,
@@ -182,7 +182,7 @@ impl Outbound {
     /// or the attempt loop over the pooled HTTP/2 connections).
     async fn forward(
         &self,
-        route: &Route,
+        route: &Target,
         mut req: Request<Incoming>,
         client: SocketAddr,
         span: &mut crate::telemetry::trace::RequestSpan,

@@ -9,7 +9,7 @@ use http::Request;
 use crate::error::ProxyError;
 use crate::http::headers::request_authority;
 use crate::policy::routing::RouteTimeout;
-use crate::state::route::Route;
+use crate::state::target::Target;
 
 /// The sidecar's own timeouts, where a service's policy sets none.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +38,7 @@ impl Resolved {
     /// shortens it. A request that names no authority cannot be forwarded.
     pub fn resolve<B>(
         defaults: &Defaults,
-        route: &Route,
+        route: &Target,
         req: &Request<B>,
     ) -> Result<Self, ProxyError> {
         let svc = &route.service;

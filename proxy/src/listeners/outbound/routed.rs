@@ -95,7 +95,7 @@ impl Outbound {
     async fn learn(
         &self,
         service: &str,
-    ) -> Result<Option<Arc<crate::state::route::Route>>, String> {
+    ) -> Result<Option<Arc<crate::state::target::Target>>, String> {
         match &self.on_demand {
             Some(d) => d.learn(service, &self.routes).await,
             None => Ok(None),

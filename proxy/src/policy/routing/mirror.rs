@@ -22,7 +22,7 @@ use super::fault::Chance;
 use crate::http::headers::PEER_IDENTITY_HEADER;
 use crate::state::balance::rand::Rng;
 use crate::state::pool::PeerPool;
-use crate::state::route::Route;
+use crate::state::target::Target;
 use crate::RequestBody;
 
 /// Mirrored requests in flight at once in this process.
@@ -62,7 +62,7 @@ impl MirrorAction {
     pub(crate) fn maybe_spawn<B: Body>(
         &self,
         req: &Request<B>,
-        route: Option<&Arc<Route>>,
+        route: Option<&Arc<Target>>,
         rng: &Rng,
         pool: &Arc<PeerPool>,
         client: IpAddr,

@@ -1,7 +1,7 @@
 //! The compiled `HTTPRoute`s of one snapshot: per host, every match of every rule naming that
 //! host, sorted once by precedence, so a request takes the first match that holds.
 //!
-//! Built off the request path with the route table (backends resolve to their [`Route`] here,
+//! Built off the request path with the route table (backends resolve to their [`Target`] here,
 //! not per request) and swapped in with it.
 
 use std::collections::{BTreeMap, HashMap};

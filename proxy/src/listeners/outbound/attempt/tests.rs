@@ -19,8 +19,8 @@ use super::super::resolve::Resolved;
 use super::Attempts;
 use crate::error::ProxyError;
 use crate::http::headers::RETRIED_HEADER;
-use crate::state::route::{RouteTable, StatsRegistry};
 use crate::state::snapshot::{Endpoint, Snapshot};
+use crate::state::target::{StatsRegistry, TargetTable};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracing;
 use crate::RequestBody;
@@ -120,13 +120,13 @@ impl Connector for Script {
 }
 
 /// A service `s` with two endpoints and `policy` (YAML flow mappings).
-fn table(policy: &str) -> RouteTable {
+fn table(policy: &str) -> TargetTable {
     let yaml = format!(
         "services:\n  s:\n    endpoints:\n      - address: 127.0.0.1:1\n      - address: 127.0.0.1:2\n    policy: {policy}\n"
     );
     let doc = trellis_policies::parse_mesh_yaml(&yaml).unwrap();
     let snap = Snapshot::from_document(&doc, "td", 1, "t".into()).unwrap();
-    RouteTable::build(Arc::new(snap), &StatsRegistry::default(), None, None)
+    TargetTable::build(Arc::new(snap), &StatsRegistry::default(), None, None)
 }
 
 /// Run one GET through the loop; the status or the error, and how long it took.

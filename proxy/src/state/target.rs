@@ -1,4 +1,6 @@
-//! The data plane's routing view of a snapshot: per service, its endpoints with their live
+//! The data plane's service targets, built from a snapshot: per service, what a request to
+//! it is sent to (not an HTTPRoute, which decides *which* service: see
+//! [`crate::policy::routing`]): its endpoints with their live
 //! stats and the balancer its policy asks for. Built off the request path whenever a snapshot
 //! arrives; endpoints that persist across snapshots keep their stats (in-flight counts, latency,
 //! ejection).
@@ -18,9 +20,10 @@ use crate::state::balance::{
 };
 use crate::state::snapshot::{Endpoint, Service, Snapshot};
 
-pub struct RouteTable {
+/// Every service's [`Target`] by name, with the HTTPRoutes compiled against them.
+pub struct TargetTable {
     pub snapshot: Arc<Snapshot>,
-    routes: HashMap<String, Arc<Route>>,
+    routes: HashMap<String, Arc<Target>>,
     /// The snapshot's HTTPRoutes bound to the mesh (the outbound side), compiled against
     /// these routes.
     pub routing: Arc<crate::policy::routing::RoutingTable>,
@@ -29,7 +32,9 @@ pub struct RouteTable {
     pub gateway_routing: Arc<crate::policy::routing::RoutingTable>,
 }
 
-pub struct Route {
+/// One service as a destination: its endpoints with their live stats, the balancer its
+/// policy asks for, outlier detection, breakers and the retry policy.
+pub struct Target {
     pub service: Arc<Service>,
     pub stats: Vec<Arc<EndpointStats>>,
     balancer: Box<dyn Balancer>,
@@ -66,9 +71,9 @@ pub struct StatsRegistry {
     services: Mutex<HashMap<String, Arc<ServiceCounters>>>,
 }
 
-// === impl RouteTable ===
+// === impl TargetTable ===
 
-impl RouteTable {
+impl TargetTable {
     pub fn empty() -> Self {
         Self {
             snapshot: Arc::new(Snapshot::default()),
@@ -92,7 +97,7 @@ impl RouteTable {
     /// [`Service`] is the same object: a change to one service rebuilds that service's
     /// balancer only, whatever the size of the mesh. Stats of endpoints that left are dropped.
     pub fn update(
-        prev: &RouteTable,
+        prev: &TargetTable,
         snapshot: Arc<Snapshot>,
         registry: &StatsRegistry,
         local_zone: Option<&str>,
@@ -145,12 +150,12 @@ impl RouteTable {
         }
     }
 
-    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Target>> {
         self.routes.values()
     }
 
     /// The route for a host, case-insensitively.
-    pub fn route(&self, host: &str) -> Option<&Arc<Route>> {
+    pub fn route(&self, host: &str) -> Option<&Arc<Target>> {
         match self.routes.get(host) {
             Some(r) => Some(r),
             None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
@@ -203,9 +208,9 @@ struct EndpointDump {
     available: bool,
 }
 
-// === impl Route ===
+// === impl Target ===
 
-impl Route {
+impl Target {
     /// Choose an endpoint for `req`, other than `exclude` (an endpoint that just failed to
     /// connect), claiming the trial slot of an endpoint on probation. Allocation-free.
     pub fn choose<B>(&self, req: &Request<B>, client: IpAddr, exclude: Option<usize>) -> Choice {
@@ -305,7 +310,7 @@ fn build_route(
     stats_by_key: &mut HashMap<(SocketAddr, SpiffeId), Arc<EndpointStats>>,
     counters: Arc<ServiceCounters>,
     local_zone: Option<&str>,
-) -> Arc<Route> {
+) -> Arc<Target> {
     let stats: Vec<Arc<EndpointStats>> = svc
         .endpoints
         .iter()
@@ -333,7 +338,7 @@ fn build_route(
         max_ejection: od.max_ejection_time,
     };
     let max_ejected = (stats.len() * od.max_ejection_percent as usize / 100).max(1);
-    Arc::new(Route {
+    Arc::new(Target {
         service: svc.clone(),
         stats,
         balancer,
@@ -397,10 +402,10 @@ impl StatsRegistry {
 mod tests {
     use super::*;
 
-    fn table(yaml: &str, registry: &StatsRegistry) -> RouteTable {
+    fn table(yaml: &str, registry: &StatsRegistry) -> TargetTable {
         let doc = trellis_policies::parse_mesh_yaml(yaml).unwrap();
         let snap = Snapshot::from_document(&doc, "td", 1, "t".into()).unwrap();
-        RouteTable::build(Arc::new(snap), registry, Some("a"), None)
+        TargetTable::build(Arc::new(snap), registry, Some("a"), None)
     }
 
     #[tokio::test(start_paused = true)]
