@@ -25,8 +25,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use trellis_policies::{MeshDocument, Registration};
 use trellis_proxy::config::EtcdConfig;
-use trellis_proxy::ratelimit::RateLimits;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::policy::ratelimit::RateLimits;
+use trellis_proxy::state::snapshot::Snapshot;
 
 /// The global limit (requests per second) and its burst.
 const LIMIT: f64 = 1000.0;

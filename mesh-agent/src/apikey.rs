@@ -27,7 +27,7 @@ pub fn generate() -> Result<(String, String), RandomError> {
 
 /// The digest to store for `key`, as the data plane computes it.
 pub fn digest_hex(key: &str) -> String {
-    trellis_proxy::access::key_digest(key.as_bytes())
+    trellis_proxy::policy::access::key_digest(key.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use trellis_policies::Registration;
 use trellis_proxy::app::{Proxy, Running, StartError};
 use trellis_proxy::config::{Config, EtcdConfig};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 
 use crate::dns::Dns;
 use crate::etcd::discovery::Discovery;

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 use trellis_policies::MeshDocument;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 
 use crate::dns::Dns;
 

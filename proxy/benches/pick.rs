@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use trellis_proxy::balance::{self, hash_key, EndpointStats, PickContext};
+use trellis_proxy::state::balance::{self, hash_key, EndpointStats, PickContext};
 
 fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");

@@ -9,8 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use prometheus_client::registry::Registry;
 use trellis_policies::MeshDocument;
-use trellis_proxy::ratelimit::RateLimits;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::policy::ratelimit::RateLimits;
+use trellis_proxy::state::snapshot::Snapshot;
 
 fn limits(doc: serde_json::Value) -> std::sync::Arc<RateLimits> {
     let doc: MeshDocument = serde_json::from_value(doc).expect("document");

@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Method, Uri};
 use trellis_policies::HttpRouteSpec;
-use trellis_proxy::routing::{Decision, RoutingTable};
+use trellis_proxy::policy::routing::{Decision, RoutingTable};
 
 /// 100 rules on host `orders`: 25 exact paths, 25 prefixes, 25 regexes, 25 prefix + header.
 fn table() -> RoutingTable {

@@ -13,8 +13,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::config::Limits;
+use crate::listeners::server::{
+    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
+};
 use crate::readiness::Ready;
-use crate::server::{accept_loop, http_builder, serve_connection, Activity, ConnTimeouts};
 use crate::{drain, ResponseBody};
 
 /// Produces the JSON for `/config_dump`.
@@ -113,7 +115,10 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
-                let mut r = text(StatusCode::OK, crate::metrics::encode(&self.registry));
+                let mut r = text(
+                    StatusCode::OK,
+                    crate::telemetry::metrics::encode(&self.registry),
+                );
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static(

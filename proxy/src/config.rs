@@ -66,17 +66,10 @@ pub const DEFAULT_TRACE_FLUSH: Duration = Duration::from_secs(2);
 /// One export call; a collector slower than this loses the batch (counted).
 pub const DEFAULT_TRACE_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Header naming why the sidecar answered with an error instead of the upstream.
-pub const ERROR_HEADER: &str = "trellis-error";
-/// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
-pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
-/// Header carrying the authenticated consumer's name to the app.
-pub const CONSUMER_HEADER: &str = "trellis-consumer";
-/// Set on retried attempts and passed to the app, so that a later hop that sees it (apps that
-/// propagate headers) does not retry again: retries happen at one hop only.
-pub const RETRIED_HEADER: &str = "trellis-retried";
-/// Internal header: the HTTP version the app used, so the far side can restore it.
-pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
+// The mesh's header names live with the HTTP layer; named here too for existing users.
+pub use crate::http::headers::{
+    CONSUMER_HEADER, ERROR_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RETRIED_HEADER,
+};
 
 /// Whether the inbound listener accepts plaintext as well as mTLS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +87,7 @@ pub enum InboundMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AppProtocol {
-    /// Find out what the app speaks (see [`crate::app_protocol`]): the caller's version when
+    /// Find out what the app speaks (see [`crate::listeners::inbound::app_protocol`]): the caller's version when
     /// the app speaks it, gRPC as h2c, HTTP/1.1 to an app that does not answer h2c. A plain
     /// HTTP/1.1 app behind an h2 client must just work, so this never guesses.
     #[default]
@@ -884,7 +877,7 @@ impl Config {
                         .map_err(|m| invalid(&format!("ingress.certificates[{i}].hosts"), m))?;
                 }
             }
-            crate::headers::TrustedProxies::parse(&ing.trusted_proxies)
+            crate::http::headers::TrustedProxies::parse(&ing.trusted_proxies)
                 .map_err(|m| invalid("ingress.trusted_proxies", m))?;
         }
         if let Some(etcd) = &self.store.etcd {

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use crate::client_body::ClientFault;
-use crate::config::ERROR_HEADER;
+use crate::http::client_body::ClientFault;
+use crate::http::headers::ERROR_HEADER;
 use crate::identity::TlsFailure;
 
 /// A request the sidecar could not forward.
@@ -52,7 +52,7 @@ pub enum ProxyError {
     #[error("circuit breaker for `{service}` is open: {} limit reached", breaker.label())]
     BreakerOpen {
         service: String,
-        breaker: crate::breaker::Breaker,
+        breaker: crate::policy::breaker::Breaker,
     },
     #[error("connect to {addr} failed: {source}")]
     Connect {
@@ -103,7 +103,7 @@ pub enum ProxyError {
     /// stopped sending): answered 400 or 408, never counted against the endpoint.
     #[error("the client's request body failed: {message}")]
     Client {
-        fault: crate::client_body::ClientFault,
+        fault: crate::http::client_body::ClientFault,
         message: String,
     },
 }
@@ -179,20 +179,6 @@ impl ProxyError {
         }
     }
 
-    /// A failed request of hyper's pooled client to `addr` (the local app, or an external
-    /// destination): connect failures apart from everything after.
-    pub fn from_client(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> Self {
-        let message = crate::outbound::error_chain(e);
-        if e.is_connect() {
-            Self::Connect {
-                addr,
-                source: std::io::Error::other(message),
-            }
-        } else {
-            Self::Upstream { addr, message }
-        }
-    }
-
     /// A refusal a policy asked for (rate or concurrency limit), not a fault.
     pub fn is_policy_decision(&self) -> bool {
         matches!(
@@ -218,11 +204,11 @@ impl ProxyError {
             Self::NoEndpoints(_) => "no-endpoints",
             Self::AllEjected(_) => "all-endpoints-ejected",
             Self::BreakerOpen {
-                breaker: crate::breaker::Breaker::MaxRequests,
+                breaker: crate::policy::breaker::Breaker::MaxRequests,
                 ..
             } => "breaker-max-requests",
             Self::BreakerOpen {
-                breaker: crate::breaker::Breaker::MaxPending,
+                breaker: crate::policy::breaker::Breaker::MaxPending,
                 ..
             } => "breaker-max-pending",
             Self::Connect { .. } => "connect-failed",
@@ -286,7 +272,7 @@ impl ProxyError {
     pub fn into_response_for<B>(self, grpc: bool) -> Response<Either<B, Full<Bytes>>> {
         if grpc {
             let mut resp =
-                crate::grpc::error_response(self.status(), self.cause(), &self.to_string());
+                crate::http::grpc::error_response(self.status(), self.cause(), &self.to_string());
             self.add_headers(resp.headers_mut());
             resp
         } else {

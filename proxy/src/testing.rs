@@ -10,7 +10,7 @@ use trellis_policies::{EndpointSpec, MeshDocument, ServiceSpec};
 
 use crate::config::Config;
 use crate::identity::{CaError, CertificateAuthority};
-use crate::snapshot::Snapshot;
+use crate::state::snapshot::Snapshot;
 
 pub const TRUST_DOMAIN: &str = "trellis.test";
 

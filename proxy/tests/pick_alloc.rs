@@ -1,10 +1,10 @@
 //! Every balancer's pick is allocation-free: a counting global allocator watches picks for each
 //! algorithm at 10 and 1,000 endpoints, including consistent hashing on a header through
-//! `Route::pick`.
+//! `Target::pick`.
 
 use std::sync::Arc;
 
-use trellis_proxy::balance::{self, hash_key, EndpointStats, PickContext};
+use trellis_proxy::state::balance::{self, hash_key, EndpointStats, PickContext};
 
 #[path = "support/counting.rs"]
 mod counting;

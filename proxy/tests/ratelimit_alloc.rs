@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use http::{HeaderMap, HeaderValue, Method};
 use prometheus_client::registry::Registry;
 use trellis_policies::MeshDocument;
-use trellis_proxy::ratelimit::RateLimits;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::policy::ratelimit::RateLimits;
+use trellis_proxy::state::snapshot::Snapshot;
 
 #[path = "support/counting.rs"]
 mod counting;

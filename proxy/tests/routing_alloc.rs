@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use trellis_policies::HttpRouteSpec;
-use trellis_proxy::routing::{Decision, RoutingTable};
+use trellis_proxy::policy::routing::{Decision, RoutingTable};
 
 #[path = "support/counting.rs"]
 mod counting;

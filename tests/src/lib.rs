@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use trellis_proxy::app::{Proxy, Running};
 use trellis_proxy::config::Config;
 use trellis_proxy::identity::CertificateAuthority;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_proxy::testing;
 
 pub use trellis_proxy::testing::TRUST_DOMAIN;

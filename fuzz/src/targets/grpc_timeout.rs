@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, StatusCode};
-use trellis_proxy::grpc::{encode_timeout, error_response, parse_timeout, TIMEOUT_HEADER};
+use trellis_proxy::http::grpc::{encode_timeout, error_response, parse_timeout, TIMEOUT_HEADER};
 
 use crate::outcome;
 

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use trellis_proxy::auth::{AuthMetrics, JwtAuthenticator, JwtError};
+use trellis_proxy::policy::auth::{AuthMetrics, JwtAuthenticator, JwtError};
 
 use crate::outcome;
 
@@ -92,7 +92,7 @@ pub fn run(data: &[u8]) -> u64 {
     let status = auth.status();
     assert_eq!(status.len(), 1);
     assert!(!status[0].keys.is_empty(), "a loaded set has a key");
-    assert!(status[0].keys.len() <= trellis_proxy::auth::jwks::MAX_KEYS);
+    assert!(status[0].keys.len() <= trellis_proxy::policy::auth::jwks::MAX_KEYS);
     let mut label = format!("keys {} ", crate::count(status[0].keys.len()));
     for t in tokens() {
         let Some(r) = super::jwt::now(auth.authenticate(t)) else {

@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, Uri};
-use trellis_proxy::auth::{AuthMetrics, JwtAuthenticator, JwtError};
+use trellis_proxy::policy::auth::{AuthMetrics, JwtAuthenticator, JwtError};
 
 use crate::outcome;
 

@@ -16,7 +16,7 @@ pub static ALL: &[Target] = &[
     Target {
         name: "jwt",
         run: jwt::run,
-        max_len: trellis_proxy::auth::MAX_TOKEN_LEN + 64,
+        max_len: trellis_proxy::policy::auth::MAX_TOKEN_LEN + 64,
         dict: jwt::DICT,
         alloc_fixed: 1 << 20,
         alloc_per_byte: 64,

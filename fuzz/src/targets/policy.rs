@@ -2,12 +2,12 @@
 //! (`policies/src/document.rs` `parse_documents`, `PolicyDocument::validate`, `policies/src/lib.rs`
 //! `parse_mesh_yaml`, `policies/src/validate.rs`), YAML or JSON, one or many documents; then,
 //! for a mesh document that validates, the data plane's build of it (`Snapshot::from_document`,
-//! `RouteTable::build`: balancers, HTTPRoute compilation, regexes).
+//! `TargetTable::build`: balancers, HTTPRoute compilation, regexes).
 
 use std::sync::Arc;
 
-use trellis_proxy::route::{RouteTable, StatsRegistry};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
+use trellis_proxy::state::target::{StatsRegistry, TargetTable};
 
 use crate::outcome;
 
@@ -119,7 +119,7 @@ pub fn run(data: &[u8]) -> u64 {
 pub fn build(doc: &trellis_policies::MeshDocument) -> String {
     match Snapshot::from_document(doc, "trellis.local", 1, "fuzz".into()) {
         Ok(snapshot) => {
-            let table = RouteTable::build(
+            let table = TargetTable::build(
                 Arc::new(snapshot),
                 &StatsRegistry::default(),
                 Some("a"),

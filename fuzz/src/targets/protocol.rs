@@ -6,8 +6,8 @@
 //! Input: the first bytes a client sends; also read as `name: value` header lines.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
-use trellis_proxy::headers::{request_authority, request_host, strip_hop_by_hop};
-use trellis_proxy::original_dst::{classify, Protocol};
+use trellis_proxy::http::headers::{request_authority, request_host, strip_hop_by_hop};
+use trellis_proxy::listeners::original_dst::{classify, Protocol};
 
 use crate::outcome;
 
@@ -75,7 +75,7 @@ pub fn run(data: &[u8]) -> u64 {
     let authority = request_authority(&req);
     if let Some(h) = &host {
         assert!(!h.is_empty());
-        assert!(authority.as_deref().is_some_and(|a| a.contains(h.as_str())));
+        assert!(authority.is_some_and(|a| a.contains(h.as_str())));
     }
     for keep_upgrade in [false, true] {
         let mut h = headers.clone();

@@ -75,7 +75,7 @@ pub fn run(data: &[u8]) -> u64 {
     }
     for source in [IpAddr::from(ip), IpAddr::from([ip[0], ip[1], ip[2], ip[3]])] {
         let hash = || {
-            trellis_proxy::ratelimit::fuzz_key_hash(
+            trellis_proxy::policy::ratelimit::fuzz_key_hash(
                 &headers,
                 peer.as_ref(),
                 source,

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use trellis_policies::{HttpRouteSpec, MeshDocument};
-use trellis_proxy::route::{RouteTable, StatsRegistry};
-use trellis_proxy::routing::{finish_response, prepare_request, Action, Decision};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::policy::routing::{finish_response, prepare_request, Action, Decision};
+use trellis_proxy::state::snapshot::Snapshot;
+use trellis_proxy::state::target::{StatsRegistry, TargetTable};
 
 use crate::outcome;
 
@@ -102,7 +102,7 @@ pub fn run(data: &[u8]) -> u64 {
         Ok(s) => s,
         Err(e) => return outcome(&e),
     };
-    let table = RouteTable::build(
+    let table = TargetTable::build(
         Arc::new(snapshot),
         &StatsRegistry::default(),
         None,
@@ -116,7 +116,7 @@ pub fn run(data: &[u8]) -> u64 {
     outcome(&label)
 }
 
-fn route(table: &RouteTable, request: &[u8]) -> &'static str {
+fn route(table: &TargetTable, request: &[u8]) -> &'static str {
     let mut lines = request.split(|&b| b == b'\n');
     let first = lines.next().unwrap_or_default();
     let mut words = first.splitn(2, |&b| b == b' ');

@@ -29,9 +29,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use trellis_proxy::app::ServiceUsage;
 use trellis_proxy::config::EtcdConfig;
-use trellis_proxy::discover::{Discover, Discovered};
 use trellis_proxy::readiness::Ready;
-use trellis_proxy::snapshot::{Service, Snapshot};
+use trellis_proxy::state::discover::{Discover, Discovered};
+use trellis_proxy::state::snapshot::{Service, Snapshot};
 
 use super::cache::Cache;
 use super::keys::{Keys, MeshKey};

@@ -1,12 +1,12 @@
 //! The data plane's way to ask discovery about a service it does not hold (see
-//! `trellis_proxy::discover`): a bounded queue into the discovery task, answered promptly when
+//! `trellis_proxy::state::discover`): a bounded queue into the discovery task, answered promptly when
 //! etcd is known to be unreachable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
-use trellis_proxy::discover::{Discover, DiscoverFuture, Discovered};
+use trellis_proxy::state::discover::{Discover, DiscoverFuture, Discovered};
 
 /// Asks waiting for the discovery task at most; beyond it a request is answered 503 at once
 /// rather than queued behind a flood of made-up names.

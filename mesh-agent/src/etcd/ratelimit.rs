@@ -4,7 +4,7 @@
 //! publishes it under its own lease at `<prefix>/v1/ratelimit/<service>/<instance>` at most
 //! every [`PUBLISH_MIN_INTERVAL`] and only when it moved, and watches the same prefix. From that
 //! table every sidecar computes the same max-min fair split
-//! ([`trellis_proxy::ratelimit::allocate`]) and runs its buckets at its own share, so the shares
+//! ([`trellis_proxy::policy::ratelimit::allocate`]) and runs its buckets at its own share, so the shares
 //! sum to the limit. Nothing here is on the request path.
 //!
 //! - A sidecar that dies: its lease expires, its entry disappears, the others' shares grow.
@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use trellis_proxy::ratelimit::allocate::{allocate, FLOOR_FRACTION, HEADROOM};
-use trellis_proxy::ratelimit::{PolicyDemand, RateLimits};
+use trellis_proxy::policy::ratelimit::allocate::{allocate, FLOOR_FRACTION, HEADROOM};
+use trellis_proxy::policy::ratelimit::{PolicyDemand, RateLimits};
 
 use super::keys::Keys;
 use super::{backoff, Etcd, EtcdError};
@@ -542,7 +542,9 @@ mod tests {
             assert!((sum - 100.0).abs() < 1e-9, "key {key}: {sum}");
         }
         assert!(
-            (shares[2].keys[&1] - 20.0 * trellis_proxy::ratelimit::allocate::HEADROOM).abs() < 1e-9
+            (shares[2].keys[&1] - 20.0 * trellis_proxy::policy::ratelimit::allocate::HEADROOM)
+                .abs()
+                < 1e-9
         );
         assert!(shares
             .iter()

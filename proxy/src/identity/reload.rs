@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use trellis_policies::SpiffeId;
 
 use super::tls::{IdentityFiles, TlsContext};
-use crate::metrics::{Metrics, ResultLabels};
+use crate::telemetry::metrics::{Metrics, ResultLabels};
 
 /// The current identity, shared by listeners and the connection pool.
 pub type IdentityStore = Arc<ArcSwap<TlsContext>>;

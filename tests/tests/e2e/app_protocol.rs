@@ -14,7 +14,7 @@ use http::Request;
 use http_body_util::Full;
 use trellis_policies::MeshDocument;
 use trellis_proxy::config::{IngressConfig, ServerCertificate};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::backend::{grpc_frame, grpc_messages, Backend, Speaks};
 use trellis_tests::client::{self, full};
 use trellis_tests::web::{Dial, HttpsReply, WebPki};

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use trellis_policies::ServicePolicy;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::client;
 use trellis_tests::{Instances, Load};
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::Request;
 use http_body_util::Empty;
 use trellis_policies::MeshDocument;
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
 use trellis_tests::web::{loopback_ingress, Dial, HttpsReply, WebPki};

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use trellis_policies::{EndpointSpec, MeshDocument, ServicePolicy, ServiceSpec};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::client::{self, metric};
 use trellis_tests::{Mesh, Pki, Sidecar, TRUST_DOMAIN};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::Request;
 use trellis_policies::{ConcurrencyLimitSpec, MeshDocument, RateLimitSpec};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::backend::{grpc_frame, Backend};
 use trellis_tests::client::{self, metric};
 use trellis_tests::{init_logs, Pki, Sidecar};

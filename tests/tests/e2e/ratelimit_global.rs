@@ -166,7 +166,7 @@ async fn a_new_consumer_gets_its_quota_burst_with_etcd_coordination() {
     let orders =
         trellis_tests::etcd_sidecar(&pki, "orders", backend.addr, etcd.endpoints(), |_| {}).await;
     let key = "tk_docs_quota_burst";
-    let digest: String = trellis_proxy::access::key_digest(key.as_bytes())
+    let digest: String = trellis_proxy::policy::access::key_digest(key.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trellis_policies::{RetrySpec, ServicePolicy};
-use trellis_proxy::snapshot::Snapshot;
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::client::{self, metric};
 use trellis_tests::Mesh;
 

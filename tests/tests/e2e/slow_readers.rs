@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_proxy::server::H2_STREAM_WINDOW;
+use trellis_proxy::listeners::server::H2_STREAM_WINDOW;
 use trellis_tests::{client, rss_bytes, Instances};
 
 const READERS: usize = 50;

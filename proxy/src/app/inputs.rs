@@ -1,0 +1,65 @@
+//! The runtime inputs every listener is built from, in one bundle (as ztunnel's
+//! `ProxyInputs`): built once by [`super::Proxy::start`], so that a listener's constructor
+//! takes what it needs from one place instead of a growing argument list.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::identity::IdentityStore;
+use crate::listeners::inbound::Inbound;
+use crate::listeners::outbound::Outbound;
+use crate::policy::access::AccessControl;
+use crate::policy::ratelimit::RateLimits;
+use crate::state::discover::OnDemand;
+use crate::state::pool::PeerPool;
+use crate::state::target::TargetTable;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::Tracing;
+
+pub(super) struct ProxyInputs {
+    pub cfg: Config,
+    /// This sidecar's identity, swapped on rotation.
+    pub tls: IdentityStore,
+    pub metrics: Arc<Metrics>,
+    /// The routing view of the latest snapshot.
+    pub routes: Arc<ArcSwap<TargetTable>>,
+    pub pool: Arc<PeerPool>,
+    pub tracing: Arc<Tracing>,
+    pub access_log: Arc<AccessLog>,
+    pub rate_limits: Arc<RateLimits>,
+    pub access_control: Arc<AccessControl>,
+    /// Learns services the snapshots do not hold (scoped discovery).
+    pub on_demand: Option<OnDemand>,
+}
+
+// === impl ProxyInputs ===
+
+impl ProxyInputs {
+    pub fn inbound(&self) -> Arc<Inbound> {
+        Arc::new(Inbound::new(
+            &self.cfg,
+            self.tls.clone(),
+            self.metrics.clone(),
+            self.rate_limits.clone(),
+            self.access_control.clone(),
+            self.tracing.clone(),
+            self.access_log.clone(),
+        ))
+    }
+
+    pub fn outbound(&self) -> Arc<Outbound> {
+        let outbound = Outbound::new(
+            &self.cfg,
+            self.routes.clone(),
+            self.pool.clone(),
+            self.tls.clone(),
+            self.metrics.clone(),
+            self.tracing.clone(),
+            self.access_log.clone(),
+        );
+        Arc::new(outbound.with_on_demand(self.on_demand.clone()))
+    }
+}

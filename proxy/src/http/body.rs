@@ -1,0 +1,117 @@
+//! The response body the outbound side returns from a peer: the upstream's body, streamed, with
+//! an idle timeout (a stream that stops moving fails instead of holding a connection forever) and
+//! the endpoint's in-flight count held until the body ends, so least-request and peak-EWMA see
+//! long streams as load.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::state::balance::InFlight;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// No frame arrived within the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("response stream idle for {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+pub struct Streamed {
+    inner: Incoming,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    guard: Option<InFlight>,
+    /// Concurrency-limit slots, released when the body ends like `guard`.
+    permits: crate::policy::ratelimit::Permits,
+    /// The request's span, ended when the body ends.
+    span: Option<crate::telemetry::trace::RequestSpan>,
+}
+
+impl Streamed {
+    pub fn new(inner: Incoming) -> Self {
+        Self {
+            inner,
+            idle: None,
+            guard: None,
+            permits: Default::default(),
+            span: None,
+        }
+    }
+
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle = Some((d, Box::pin(tokio::time::sleep(d))));
+        self
+    }
+
+    pub fn in_flight(mut self, guard: InFlight) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    pub fn hold(mut self, permits: crate::policy::ratelimit::Permits) -> Self {
+        self.permits = permits;
+        self
+    }
+
+    pub fn traced(mut self, span: crate::telemetry::trace::RequestSpan) -> Self {
+        self.span = Some(span);
+        self
+    }
+
+    fn release(&mut self) {
+        self.guard = None;
+        self.permits = Default::default();
+        self.span = None;
+    }
+}
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                match &frame {
+                    None | Some(Err(_)) => this.release(),
+                    Some(Ok(_)) => {
+                        if let Some((d, sleep)) = &mut this.idle {
+                            sleep.as_mut().reset(Instant::now() + *d);
+                        }
+                    }
+                }
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let expired = match &mut this.idle {
+                    Some((d, sleep)) => sleep.as_mut().poll(cx).is_ready().then_some(*d),
+                    None => None,
+                };
+                match expired {
+                    Some(d) => {
+                        this.release();
+                        Poll::Ready(Some(Err(Box::new(IdleTimeout(d)))))
+                    }
+                    None => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

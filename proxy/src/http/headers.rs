@@ -1,0 +1,502 @@
+//! The mesh's own header names, and header handling shared by every direction: hop-by-hop removal per RFC 9110 section 7.6.1,
+//! `X-Forwarded-For`/`Forwarded` (RFC 7239), and upgrade detection.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Version};
+
+/// Header naming why the sidecar answered with an error instead of the upstream.
+pub const ERROR_HEADER: &str = "trellis-error";
+/// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
+pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
+/// Header carrying the authenticated consumer's name to the app.
+pub const CONSUMER_HEADER: &str = "trellis-consumer";
+/// Set on retried attempts and passed to the app, so that a later hop that sees it (apps that
+/// propagate headers) does not retry again: retries happen at one hop only.
+pub const RETRIED_HEADER: &str = "trellis-retried";
+/// Internal header: the HTTP version the app used, so the far side can restore it.
+pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
+
+/// Connection-specific headers that never cross a proxy.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Remove hop-by-hop headers, including every header the `Connection` header names.
+/// `TE: trailers` survives, because gRPC over HTTP/2 requires it. When `keep_upgrade`, the
+/// `Upgrade` header and `Connection: upgrade` are kept so an upgrade can be forwarded.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(up) = upgrade {
+        headers.insert(header::UPGRADE, up);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Forwarding headers a client at the edge could use to pass for another client or scheme;
+/// from an untrusted client they are removed, then `X-Forwarded-For`, `Forwarded` and
+/// `X-Forwarded-Proto` are written anew.
+const SPOOFABLE_FORWARDING: [&str; 6] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+];
+
+/// Set on a request whose forwarding headers the ingress already wrote, so the outbound
+/// path does not append the same hop twice.
+#[derive(Clone, Copy, Debug)]
+pub struct EdgeForwarded;
+
+/// The proxies in front of an ingress whose forwarding headers are believed (as nginx's
+/// `set_real_ip_from` with `real_ip_recursive on`, or Envoy's trusted hops by address).
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+// === impl TrustedProxies ===
+
+impl TrustedProxies {
+    /// Parse CIDRs (`10.0.0.0/8`) or single addresses; the error names the bad entry.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        entries
+            .iter()
+            .map(|e| {
+                let e = e.as_ref().trim();
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("`{e}` is not an IP address or CIDR"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The address the request came from as far as it can be believed: the TCP peer, unless
+    /// it is a trusted proxy; then, walking `X-Forwarded-For` from the right, the first
+    /// address that is not a trusted proxy (a client can write anything to the left of
+    /// what its first trusted proxy appended, so nothing further left is read).
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.contains(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(list) = value.to_str() else {
+                return client;
+            };
+            for hop in list.rsplit(',') {
+                let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                    // Garbage where a proxy should have written an address: stop at the
+                    // last address we could vouch for.
+                    return client;
+                };
+                client = ip;
+                if !self.contains(ip) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack listener's view of IPv4 peers) as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Write the forwarding headers of a request entering the mesh at the edge from `peer`: from a
+/// trusted proxy they are kept and the hop appended; from anyone else every forwarding
+/// header is dropped and replaced by what this connection shows, so the app never sees an
+/// address or scheme the client made up.
+pub fn edge_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: &TrustedProxies,
+    proto: &'static str,
+) {
+    if !trusted.contains(peer) {
+        for name in SPOOFABLE_FORWARDING {
+            headers.remove(name);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    } else if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    append_forwarded(headers, canonical(peer), proto);
+}
+
+/// Remove every `trellis-*` header: the mesh's internal headers (peer identity, consumer,
+/// retried marker, original protocol) are only ever set by sidecars, never by a client at the
+/// edge. Allocates only when a client sent one.
+pub fn strip_internal(headers: &mut HeaderMap) {
+    let internal = |n: &HeaderName| n.as_str().starts_with("trellis-");
+    if !headers.keys().any(internal) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Append the client's address to `X-Forwarded-For` and a `Forwarded` element.
+///
+/// This runs on every inbound request, so the values are formatted on the stack: one
+/// allocation per header value (its own bytes) instead of a `String` per step.
+pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => stack_value(format_args!("{prev}, {client}")),
+        _ => stack_value(format_args!("{client}")),
+    };
+    // IP addresses and the existing (already valid) value only contain visible ASCII.
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    let forwarded = match client {
+        IpAddr::V4(ip) => stack_value(format_args!("for={ip};proto={proto}")),
+        IpAddr::V6(ip) => stack_value(format_args!("for=\"[{ip}]\";proto={proto}")),
+    };
+    if let Some(v) = forwarded {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+/// A header value formatted without a heap `String` when it fits in 128 bytes (the
+/// forwarding values nearly always do); longer ones fall back to `format!`.
+fn stack_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 128];
+    let mut rest = &mut buf[..];
+    if rest.write_fmt(args).is_ok() {
+        let len = 128 - rest.len();
+        return HeaderValue::from_bytes(&buf[..len]).ok();
+    }
+    HeaderValue::from_str(&std::fmt::format(args)).ok()
+}
+
+/// Framing rules of RFC 9110/9112 that hyper lets through, checked before anything reads the
+/// request: a single `Host` field (RFC 9112 section 3.2: 400), an HTTP/2 `Host` equal to
+/// `:authority` (RFC 9113 section 8.3.1), and `Transfer-Encoding` naming only `chunked`
+/// (RFC 9112 section 6.1: a server that does not implement a coding answers 501). Proxies
+/// that disagree on framing are how requests get smuggled.
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), crate::error::ProxyError> {
+    use crate::error::ProxyError;
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host field"));
+        }
+        let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
+        if req.version() == Version::HTTP_2
+            && authority.is_some_and(|a| !a.eq_ignore_ascii_case(host.as_bytes()))
+        {
+            return Err(ProxyError::BadRequest("Host differs from :authority"));
+        }
+    }
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let codings = value
+            .to_str()
+            .map_err(|_| ProxyError::UnsupportedTransferCoding)?;
+        if codings
+            .split(',')
+            .any(|c| !c.trim().eq_ignore_ascii_case("chunked"))
+        {
+            return Err(ProxyError::UnsupportedTransferCoding);
+        }
+    }
+    Ok(())
+}
+
+/// Remove every `name=...` pair from the query (credentials read from the query must not
+/// reach the app). The URI is left as is if nothing matches.
+pub fn remove_query_param(uri: &mut http::Uri, name: &str) {
+    let Some(query) = uri.query() else {
+        return;
+    };
+    let is_param = |pair: &str| pair.split_once('=').map_or(pair, |(k, _)| k) == name;
+    if !query.split('&').any(is_param) {
+        return;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_param(p)).collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    // Built from a valid path and a subset of a valid query: always valid.
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(pq) {
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *uri = u;
+        }
+    }
+}
+
+/// An HTTP/1.1 request asking to switch protocols (WebSocket and friends).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// The host the request is addressed to, without port: the absolute-form or HTTP/2 authority
+/// first, then the `Host` header.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let host = strip_port(request_authority(req)?);
+    (!host.is_empty()).then_some(host)
+}
+
+/// The full authority (`host[:port]`) the request names: the absolute-form or HTTP/2
+/// authority first, then the `Host` header. Borrowed: read on every request, it must not
+/// allocate.
+pub fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+fn strip_port(authority: &str) -> &str {
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(h, _)| h);
+    }
+    host.split_once(':').map_or(host, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert(header::TE, "trailers, deflate".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none() && h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn keeps_upgrade_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        append_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        append_forwarded(&mut h, "::1".parse().unwrap(), "https");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1, ::1");
+        let fwd: Vec<_> = h
+            .get_all(header::FORWARDED)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            fwd,
+            vec!["for=127.0.0.1;proto=http", "for=\"[::1]\";proto=https"]
+        );
+    }
+
+    #[test]
+    fn a_long_forwarding_chain_is_appended_past_the_stack_buffer() {
+        let prev = vec!["10.0.0.1"; 30].join(", ");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", prev.parse().unwrap());
+        append_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http");
+        assert_eq!(h["x-forwarded-for"], format!("{prev}, 192.0.2.7").as_str());
+    }
+
+    #[test]
+    fn an_untrusted_edge_client_cannot_supply_forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        h.insert(
+            header::FORWARDED,
+            "for=1.2.3.4;proto=https".parse().unwrap(),
+        );
+        h.insert("x-real-ip", "1.2.3.4".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        let none = TrustedProxies::default();
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(none.client(peer, &h), peer);
+        edge_forwarded(&mut h, peer, &none, "http");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(h.get("x-real-ip").is_none());
+        let fwd: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
+        assert_eq!(fwd, vec!["for=203.0.113.9;proto=http"]);
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_chain_is_kept_and_read_from_the_right() {
+        let trusted = TrustedProxies::parse(&["10.0.0.0/8", "192.0.2.1"]).unwrap();
+        let peer: IpAddr = "10.1.1.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        // A client wrote 6.6.6.6; the load balancer 10.2.2.2 appended the real client.
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 198.51.100.7, 10.2.2.2".parse().unwrap(),
+        );
+        h.insert(header::FORWARDED, "for=198.51.100.7".parse().unwrap());
+        assert_eq!(
+            trusted.client(peer, &h),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        edge_forwarded(&mut h, peer, &trusted, "https");
+        assert_eq!(
+            h["x-forwarded-for"],
+            "6.6.6.6, 198.51.100.7, 10.2.2.2, 10.1.1.1"
+        );
+        assert_eq!(h.get_all(header::FORWARDED).iter().count(), 2);
+        // Garbage in the chain stops the walk at the last believable hop.
+        h.insert("x-forwarded-for", "1.1.1.1, nonsense".parse().unwrap());
+        assert_eq!(trusted.client(peer, &h), peer);
+        // Mapped IPv4 peers match IPv4 ranges.
+        assert!(trusted.contains("::ffff:10.9.9.9".parse().unwrap()));
+        assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
+        assert!(TrustedProxies::parse(&["example.com"]).is_err());
+    }
+
+    #[test]
+    fn query_params_are_removed() {
+        let mut u: http::Uri = "/a/b?key=s3cret&x=1&key=again&keyx=2".parse().unwrap();
+        remove_query_param(&mut u, "key");
+        assert_eq!(u.to_string(), "/a/b?x=1&keyx=2");
+        let mut u: http::Uri = "https://h/p?key=1".parse().unwrap();
+        remove_query_param(&mut u, "key");
+        assert_eq!(u.to_string(), "https://h/p");
+        let mut u: http::Uri = "/p?y=1".parse().unwrap();
+        remove_query_param(&mut u, "key");
+        assert_eq!(u.to_string(), "/p?y=1");
+    }
+
+    #[test]
+    fn framing_rules() {
+        use crate::error::ProxyError;
+        let ok = Request::get("/x")
+            .header("host", "orders")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap();
+        assert!(check_framing(&ok).is_ok());
+        let two_hosts = Request::get("/x")
+            .header("host", "orders")
+            .header("host", "payments")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            check_framing(&two_hosts),
+            Err(ProxyError::BadRequest(_))
+        ));
+        for te in ["identity, chunked", "gzip, chunked", "chunked, chunked, x"] {
+            let r = Request::post("/x")
+                .header("host", "orders")
+                .header("transfer-encoding", te)
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(
+                    check_framing(&r),
+                    Err(ProxyError::UnsupportedTransferCoding)
+                ),
+                "{te}"
+            );
+        }
+        let h2 = Request::get("https://orders/x")
+            .version(Version::HTTP_2)
+            .header("host", "payments")
+            .body(())
+            .unwrap();
+        assert!(matches!(check_framing(&h2), Err(ProxyError::BadRequest(_))));
+        let h2 = Request::get("https://orders/x")
+            .version(Version::HTTP_2)
+            .header("host", "Orders")
+            .body(())
+            .unwrap();
+        assert!(check_framing(&h2).is_ok());
+    }
+
+    #[test]
+    fn host_from_uri_or_header() {
+        let r = Request::get("http://orders:8080/x").body(()).unwrap();
+        assert_eq!(request_host(&r), Some("orders"));
+        let r = Request::get("/x")
+            .header("host", "payments")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r), Some("payments"));
+        let r = Request::get("/x")
+            .header("host", "[::1]:80")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r), Some("::1"));
+        assert_eq!(request_host(&Request::get("/x").body(()).unwrap()), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! How a request's head is rewritten as it leaves the sidecar: hop-by-hop headers, `Host`,
+//! the request target and the HTTP version.
+//!
+//! Every exit goes through here (a peer sidecar over the mesh's HTTP/2, a service outside the
+//! mesh, the pass-through to an original destination, an upgrade, the local app), so that
+//! they agree on what crosses a hop: the rules of RFC 9110 section 7.6.1 are written once.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderValue};
+use http::uri::Scheme;
+use http::{Request, Uri, Version};
+
+use crate::error::ProxyError;
+use crate::http::headers::ORIG_PROTO_HEADER;
+use crate::http::headers::{request_authority, strip_hop_by_hop};
+
+/// The `Host` of a request to an origin over HTTP/1.1.
+#[derive(Clone, Copy, Debug)]
+pub enum Host<'a> {
+    /// This host (a value that is no valid header leaves `Host` as it was).
+    Set(&'a str),
+    /// The authority the request names (absolute form first, then `Host`).
+    Requested,
+    /// `Host` as the app sent it, or the absolute form's authority when it sent none.
+    AsSent,
+}
+
+/// Where an HTTP/1.1 request to an origin is addressed.
+#[derive(Clone, Copy, Debug)]
+pub enum RequestTarget {
+    /// Absolute form, `http://{addr}{path}`: the pooled client connects by the URI.
+    Addr(SocketAddr),
+    /// Origin form, `{path}`: the connection is already made (an upgrade's own).
+    Origin,
+}
+
+/// `scheme://authority` with `uri`'s path and query (`/` when it has none).
+pub fn absolute_uri(scheme: Scheme, authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::MissingAuthority)
+}
+
+/// To a peer sidecar over the mesh's HTTP/2: the `https` URI names the request's authority
+/// (`:authority` replaces `Host`), and the app's HTTP version travels in
+/// `trellis-orig-proto` so that the far side can answer an HTTP/1 app in kind.
+pub fn to_mesh_h2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let authority = request_authority(req).ok_or(ProxyError::MissingAuthority)?;
+    let uri = absolute_uri(Scheme::HTTPS, authority, req.uri())?;
+    let orig = req.version();
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, false);
+    headers.remove(header::HOST);
+    if orig != Version::HTTP_2 {
+        let v = if orig == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        headers.insert(ORIG_PROTO_HEADER, HeaderValue::from_static(v));
+    }
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    Ok(())
+}
+
+/// To an origin over HTTP/1.1 (a service outside the mesh, an original destination, the peer
+/// of an upgrade). `upgrade` keeps `Upgrade` and `Connection: upgrade`.
+pub fn to_origin_h1<B>(
+    req: &mut Request<B>,
+    target: RequestTarget,
+    host: Host<'_>,
+    upgrade: bool,
+) -> Result<(), ProxyError> {
+    let uri = match target {
+        RequestTarget::Addr(addr) => absolute_uri(Scheme::HTTP, &addr.to_string(), req.uri())?,
+        RequestTarget::Origin => req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .parse::<Uri>()
+            .map_err(|_| ProxyError::MissingAuthority)?,
+    };
+    let value = match host {
+        Host::Set(h) => HeaderValue::from_str(h).ok(),
+        Host::Requested => request_authority(req).and_then(|a| HeaderValue::from_str(a).ok()),
+        Host::AsSent => req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let keep = matches!(host, Host::AsSent) && req.headers().contains_key(header::HOST);
+    if let Some(h) = value.filter(|_| !keep) {
+        req.headers_mut().insert(header::HOST, h);
+    }
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    Ok(())
+}
+
+/// To the local app: an absolute `http` URI to the authority the caller named (`fallback`,
+/// the app's own address, when it named none), hop-by-hop headers removed (`upgrade` keeps
+/// the upgrade's). Returns the caller's `trellis-orig-proto`, removed. The version is chosen
+/// per attempt ([`app_version`]).
+pub fn to_app<B>(
+    req: &mut Request<B>,
+    fallback: &str,
+    upgrade: bool,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    let authority = request_authority(req).unwrap_or(fallback);
+    let uri = absolute_uri(Scheme::HTTP, authority, req.uri())?;
+    let orig = req.headers_mut().remove(ORIG_PROTO_HEADER);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    *req.uri_mut() = uri;
+    Ok(orig)
+}
+
+/// One attempt to the local app in HTTP/2 (the URI carries the authority, `Host` goes) or
+/// HTTP/1.1 (`Host` carries it).
+pub fn app_version(parts: &mut http::request::Parts, h2: bool) {
+    if h2 {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+        return;
+    }
+    parts.version = Version::HTTP_11;
+    let host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    if let Some(host) = host {
+        parts.headers.insert(header::HOST, host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_h2_moves_host_to_the_uri_and_marks_the_app_version() {
+        let mut req = Request::get("/a?b=1")
+            .header("host", "orders:8080")
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .body(())
+            .unwrap();
+        to_mesh_h2(&mut req).unwrap();
+        assert_eq!(req.uri(), "https://orders:8080/a?b=1");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.headers()[ORIG_PROTO_HEADER], "HTTP/1.1");
+        assert!(!req.headers().contains_key("host") && !req.headers().contains_key("x-hop"));
+    }
+
+    #[test]
+    fn origin_h1_addresses_the_destination_and_sets_host() {
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let mut req = Request::get("http://example.com/x").body(()).unwrap();
+        to_origin_h1(&mut req, RequestTarget::Addr(addr), Host::AsSent, false).unwrap();
+        assert_eq!(req.uri(), "http://10.0.0.1:80/x");
+        assert_eq!(req.headers()["host"], "example.com");
+        let mut req = Request::get("/ws")
+            .header("host", "chat:8080")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        to_origin_h1(&mut req, RequestTarget::Origin, Host::Requested, true).unwrap();
+        assert_eq!(req.uri(), "/ws");
+        assert_eq!(req.headers()["upgrade"], "websocket");
+        assert_eq!(req.headers()["host"], "chat:8080");
+    }
+}

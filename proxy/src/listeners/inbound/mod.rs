@@ -1,0 +1,273 @@
+//! The inbound listener: mTLS from peer sidecars (plaintext too in permissive mode), forwarded
+//! to the local app as HTTP/1.1 or h2c, with the verified peer identity in a header.
+
+mod app;
+pub mod app_protocol;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, InboundMode, Limits};
+use crate::error::ProxyError;
+use crate::http::headers::PEER_IDENTITY_HEADER;
+use crate::http::headers::{
+    append_forwarded, edge_forwarded, is_upgrade, strip_hop_by_hop, TrustedProxies,
+};
+use crate::http::rewrite;
+use crate::http::upgrade;
+use crate::identity::{
+    classify_io_error, describe_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure,
+};
+use crate::listeners::inbound::app_protocol::AppKnowledge;
+use crate::listeners::lifecycle::{admission, Admission, Labels, Lifecycle};
+use crate::listeners::server::{
+    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
+};
+use crate::policy::ratelimit::RateLimits;
+use crate::telemetry::metrics::{ConnectionGuard, Metrics, INBOUND};
+use crate::{drain, ResponseBody};
+use app::{AppClient, Call};
+
+pub use app::AppConnector;
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+const PLAINTEXT_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ntrellis-error: tls-plaintext\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 43\r\n\r\nthis port requires mTLS from a mesh peer.\r\n";
+
+pub struct Inbound {
+    mode: InboundMode,
+    /// The app's address, the authority of requests that name none.
+    app_authority: String,
+    app: AppClient,
+    tls: IdentityStore,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    admission: Admission,
+    lifecycle: Lifecycle,
+    tracing: Arc<crate::telemetry::trace::Tracing>,
+}
+
+// === impl Inbound ===
+
+impl Inbound {
+    pub fn new(
+        config: &Config,
+        tls: IdentityStore,
+        metrics: Arc<Metrics>,
+        limits: Arc<RateLimits>,
+        access_control: Arc<crate::policy::access::AccessControl>,
+        tracing: Arc<crate::telemetry::trace::Tracing>,
+        access: Arc<crate::telemetry::access_log::AccessLog>,
+    ) -> Self {
+        Self {
+            mode: config.inbound.mode,
+            app_authority: config.inbound.app.to_string(),
+            app: AppClient::new(config),
+            tls,
+            limits: config.limits.clone(),
+            admission: Admission::new(access_control, limits, metrics.clone()),
+            lifecycle: Lifecycle::new(INBOUND, metrics.clone(), access),
+            metrics,
+            tracing,
+        }
+    }
+
+    /// What the app was found to speak (for `/config_dump`).
+    pub fn app_knowledge(&self) -> Arc<AppKnowledge> {
+        self.app.knowledge()
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        let builder = Arc::new(http_builder(&self.limits));
+        let max = self.limits.max_connections;
+        accept_loop(listener, max, drain, INBOUND, move |tcp, client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            async move {
+                let _conn = ConnectionGuard::new(&this.metrics, INBOUND);
+                this.connection(tcp, client, &builder, drain).await;
+            }
+        })
+        .await;
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        client: SocketAddr,
+        builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+        drain: drain::Watcher,
+    ) {
+        let timeout = self.limits.header_read_timeout;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        let activity = Activity::counted(self.metrics.byte_counters(INBOUND));
+        let timeouts = ConnTimeouts::from(&self.limits);
+        if first[0] != TLS_HANDSHAKE {
+            if self.mode == InboundMode::Strict {
+                self.metrics
+                    .tls_failure(INBOUND, TlsFailure::Plaintext.reason());
+                tracing::warn!(peer = %client, reason = "plaintext", "refused plaintext connection: inbound requires mTLS");
+                let _ = tcp.write_all(PLAINTEXT_REFUSAL).await;
+                let _ = tcp.shutdown().await;
+                return;
+            }
+            let svc = self.service_for(client, None, &activity);
+            serve_connection(builder, tcp, svc, activity, timeouts, &drain).await;
+            return;
+        }
+        let acceptor = TlsAcceptor::from(self.tls.load().server_config());
+        let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                self.metrics.tls_handshake(INBOUND);
+                tls
+            }
+            Ok(Err(e)) => {
+                let reason = classify_io_error(&e);
+                self.metrics.tls_failure(INBOUND, reason.reason());
+                tracing::warn!(peer = %client, %reason, error = %describe_io_error(&e), "rejected mTLS connection");
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .tls_failure(INBOUND, TlsFailure::Timeout.reason());
+                tracing::warn!(peer = %client, reason = "timeout", "mTLS handshake timed out");
+                return;
+            }
+        };
+        // The verifier already required a valid SPIFFE ID in our trust domain.
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| spiffe_id_from_cert(c).ok())
+            .and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
+        let svc = self.service_for(client, peer, &activity);
+        serve_connection(builder, tls, svc, activity, timeouts, &drain).await;
+    }
+
+    fn service_for(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+        activity: &Arc<Activity>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send,
+    > + Send
+           + 'static {
+        let this = self.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let this = this.clone();
+            let peer = peer.clone();
+            let guard = activity.begin();
+            async move {
+                let resp = this.handle(req, client, peer).await;
+                drop(guard);
+                Ok(resp)
+            }
+        })
+    }
+
+    /// One request from a peer (`peer`: its verified identity) or a plaintext caller,
+    /// observed from start to finish.
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+    ) -> Response<ResponseBody> {
+        let observed = self.lifecycle.start(&mut req, |req| {
+            let (method, path) = (req.method(), req.uri().path());
+            self.tracing
+                .server(method, path, req.headers(), peer.as_ref(), client)
+        });
+        let peer_id = observed.logging().then(|| peer.clone()).flatten();
+        let mut consumer = None;
+        let result = self.admitted(req, client, peer, &mut consumer).await;
+        let labels = Labels {
+            service: self.admission.service(),
+            route: None,
+            client,
+            peer_identity: peer_id.as_ref(),
+        };
+        let (resp, finished) = observed.finish(result, labels);
+        self.admission
+            .count(consumer.as_ref(), finished.status, finished.seconds);
+        resp
+    }
+
+    /// Check the framing, admit (authenticate, authorize, limit), then forward; the
+    /// concurrency slots are held until the response body ends.
+    async fn admitted(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+        consumer: &mut Option<Arc<str>>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        crate::http::headers::check_framing(&req)?;
+        let permits = self
+            .admission
+            .check(&mut req, peer.as_ref(), client.ip(), consumer)
+            .await?;
+        let resp = self.forward(req, client, peer).await?;
+        Ok(admission::hold(resp, permits))
+    }
+
+    /// Rewrite for the app (identity and forwarding headers by what the connection proved)
+    /// and send; an upgrade's two sides are joined once the app agrees.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        peer: Option<HeaderValue>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let upgrade = is_upgrade(&req);
+        let orig = rewrite::to_app(&mut req, &self.app_authority, upgrade)?;
+        let headers = req.headers_mut();
+        headers.remove(PEER_IDENTITY_HEADER);
+        if let Some(peer) = peer {
+            headers.insert(PEER_IDENTITY_HEADER, peer);
+            append_forwarded(headers, client.ip(), "https");
+        } else {
+            // A plaintext caller (permissive mode) is outside the mesh: it vouches for nothing.
+            edge_forwarded(headers, client.ip(), &TrustedProxies::default(), "http");
+        }
+        let call = Call {
+            caller_h2: match &orig {
+                Some(v) => !v.as_bytes().starts_with(b"HTTP/1"),
+                None => req.version() == Version::HTTP_2,
+            },
+            upgrade,
+            grpc: crate::http::grpc::is_grpc(req.headers()),
+        };
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let resp = self.app.send(req, call).await?;
+        Ok(match client_side {
+            Some(client_side) => upgrade::finish(client_side, resp),
+            None => {
+                let mut resp = resp;
+                strip_hop_by_hop(resp.headers_mut(), false);
+                resp.map(|b| http_body_util::Either::Left(crate::http::body::Streamed::new(b)))
+            }
+        })
+    }
+}

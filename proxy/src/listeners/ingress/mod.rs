@@ -1,0 +1,309 @@
+//! The ingress gateway: requests from outside the mesh, over TLS (a certificate per SNI host)
+//! or plain HTTP (optionally only redirected to HTTPS), admitted by this sidecar's
+//! authentication, authorization and rate limits, then routed like the outbound listener's
+//! (HTTPRoutes, balancing, retries) to mesh services over mTLS.
+//!
+//! Several ingress instances need nothing from each other: they read the same policies from
+//! etcd and share global limits (consumer quotas) through it, so any L4 balancer or DNS can
+//! spread clients over them.
+
+pub mod certs;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Limits;
+use crate::drain;
+use crate::error::ProxyError;
+use crate::http::headers::{edge_forwarded, EdgeForwarded, TrustedProxies};
+use crate::listeners::lifecycle::{admission, Admission, Lifecycle};
+use crate::listeners::outbound::Outbound;
+use crate::listeners::server::{
+    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
+};
+use crate::policy::access::AccessControl;
+use crate::policy::ratelimit::{Permits, RateLimits};
+use crate::telemetry::metrics::{ConnectionGuard, Metrics};
+use crate::ResponseBody;
+
+/// The `direction` label of the ingress listeners' connections, bytes and refusals.
+pub const INGRESS: &str = "ingress";
+
+pub struct Ingress {
+    outbound: Arc<Outbound>,
+    /// Admits requests to this gateway's service: the one its policies and consumer metrics
+    /// name.
+    admission: Admission,
+    /// The ingress's requests are observed under its own direction.
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    edge: Edge,
+    tls: TlsAcceptor,
+}
+
+/// What only the edge has: its certificates (to tell which hosts a TLS connection may ask
+/// for), the proxies in front of it, and its public HTTPS port.
+pub struct Edge {
+    pub certs: Arc<certs::Resolver>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub trusted_proxies: TrustedProxies,
+    /// The port in `Location` of HTTP -> HTTPS redirects (omitted when 443).
+    pub https_port: u16,
+}
+
+/// rustls' server config for the ingress: certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    resolver: Arc<certs::Resolver>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+// === impl Ingress ===
+
+impl Ingress {
+    pub fn new(
+        outbound: Arc<Outbound>,
+        access: Arc<AccessControl>,
+        rate_limits: Arc<RateLimits>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        edge: Edge,
+    ) -> Self {
+        Self {
+            admission: Admission::new(access, rate_limits, metrics.clone()),
+            lifecycle: outbound.lifecycle(INGRESS),
+            outbound,
+            metrics,
+            limits,
+            tls: TlsAcceptor::from(edge.tls.clone()),
+            edge,
+        }
+    }
+
+    /// Serve TLS clients until drain.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        self.serve(listener, drain, Mode::Tls).await
+    }
+
+    /// Serve plain HTTP until drain: redirected to HTTPS, or proxied like TLS requests.
+    pub async fn serve_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+        drain: drain::Watcher,
+        redirect: bool,
+    ) {
+        let mode = if redirect {
+            Mode::Redirect
+        } else {
+            Mode::Plain
+        };
+        self.serve(listener, drain, mode).await
+    }
+
+    async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher, mode: Mode) {
+        let builder = Arc::new(http_builder(&self.limits));
+        let max = self.limits.max_connections;
+        accept_loop(listener, max, drain, INGRESS, move |tcp, client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            async move {
+                let _conn = ConnectionGuard::new(&this.metrics, INGRESS);
+                let activity = Activity::counted(this.metrics.byte_counters(INGRESS));
+                let timeouts = ConnTimeouts::from(&this.limits);
+                if mode != Mode::Tls {
+                    let conn = Conn {
+                        peer: client,
+                        tls: false,
+                        sni: None,
+                    };
+                    let svc = this.service(mode, conn, &activity);
+                    serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
+                    return;
+                }
+                let handshake =
+                    tokio::time::timeout(this.limits.header_read_timeout, this.tls.accept(tcp));
+                match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let conn = Conn {
+                            peer: client,
+                            tls: true,
+                            sni: tls.get_ref().1.server_name().map(Arc::<str>::from),
+                        };
+                        let svc = this.service(mode, conn, &activity);
+                        serve_connection(&builder, tls, svc, activity, timeouts, &drain).await
+                    }
+                    Ok(Err(e)) => {
+                        this.metrics.tls_failure(INGRESS, "handshake");
+                        tracing::debug!(peer = %client, error = %e, "ingress TLS handshake failed");
+                    }
+                    Err(_) => this.metrics.tls_failure(INGRESS, "timeout"),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The per-connection request handler.
+    fn service(
+        self: &Arc<Self>,
+        mode: Mode,
+        conn: Conn,
+        activity: &Arc<Activity>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<ResponseBody>, Infallible>> + Send,
+    > + Clone {
+        let this = self.clone();
+        let act = activity.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let conn = conn.clone();
+            let guard = act.begin();
+            async move {
+                let resp = match mode {
+                    Mode::Redirect => this.redirect(&req),
+                    Mode::Tls | Mode::Plain => this.handle(req, &conn).await,
+                };
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    }
+
+    /// Admit, then route into the mesh under the ingress's own observation; the
+    /// concurrency slots are held until the response body ends.
+    async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
+        let peer = conn.peer;
+        let start = std::time::Instant::now();
+        let grpc = crate::http::grpc::is_grpc(req.headers());
+        // The client as far as it can be believed: the TCP peer unless a trusted proxy
+        // vouches for another; limits and access logs key on it.
+        let client = match self.edge.trusted_proxies.client(peer.ip(), req.headers()) {
+            ip if ip == peer.ip() => peer,
+            ip => SocketAddr::new(ip, 0),
+        };
+        let mut consumer = None;
+        let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
+            Ok(permits) => {
+                // HTTPRoute redirects keep the scheme the client used.
+                req.extensions_mut()
+                    .insert(crate::policy::routing::RequestScheme(conn.scheme()));
+                let resp = self.outbound.handle(req, client, &self.lifecycle).await;
+                admission::hold(resp, permits)
+            }
+            Err(e) => {
+                let resp = self.lifecycle.refuse(e, grpc);
+                // Refused before routing: counted under the gateway's own service.
+                self.metrics.record_request(
+                    INGRESS,
+                    self.admission.service(),
+                    resp.status().as_u16(),
+                    start.elapsed().as_secs_f64(),
+                );
+                resp
+            }
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        self.admission
+            .count(consumer.as_ref(), resp.status().as_u16(), seconds);
+        resp
+    }
+
+    /// What the edge checks before anything else reads the request: its framing, its host
+    /// against the TLS connection, then its forwarding headers (rewritten by the
+    /// trusted-proxy rule) and internal headers (removed); then the common admission.
+    async fn admit(
+        &self,
+        req: &mut Request<Incoming>,
+        conn: &Conn,
+        client: SocketAddr,
+        consumer: &mut Option<Arc<str>>,
+    ) -> Result<Permits, ProxyError> {
+        crate::http::headers::check_framing(req)?;
+        self.admit_host(req, conn)?;
+        let trusted = &self.edge.trusted_proxies;
+        edge_forwarded(req.headers_mut(), conn.peer.ip(), trusted, conn.scheme());
+        req.extensions_mut().insert(EdgeForwarded);
+        crate::http::headers::strip_internal(req.headers_mut());
+        self.admission.check(req, None, client.ip(), consumer).await
+    }
+
+    /// A request on a TLS connection must name a host the certificate chosen by its SNI name
+    /// was configured for (421 otherwise): the check that keeps `Host: orders` on a
+    /// connection opened for `api.example.com` from reaching anything `api.example.com`
+    /// does not serve.
+    fn admit_host<B>(&self, req: &Request<B>, conn: &Conn) -> Result<(), ProxyError> {
+        let Some(host) = crate::http::headers::request_host(req) else {
+            return Err(ProxyError::MissingAuthority);
+        };
+        if conn.tls && !self.edge.certs.covers(conn.sni.as_deref(), host) {
+            return Err(ProxyError::Misdirected(host.to_string()));
+        }
+        Ok(())
+    }
+
+    /// `308 Permanent Redirect` to the same host and path over HTTPS (308 keeps the method
+    /// and body, unlike 301).
+    fn redirect(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+        let host = crate::http::headers::request_host(req).unwrap_or("localhost");
+        let port = match self.edge.https_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut resp = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+            bytes::Bytes::new(),
+        )));
+        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+}
+
+/// What the connection a request arrived on says about it.
+#[derive(Clone, Debug)]
+struct Conn {
+    peer: SocketAddr,
+    tls: bool,
+    /// The TLS server name the client asked for (`None` without TLS or without SNI).
+    sni: Option<Arc<str>>,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// The scheme the client used.
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Tls,
+    Plain,
+    Redirect,
+}

@@ -1,0 +1,176 @@
+//! Observation: what every request leaves behind, however it ended.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+
+use crate::error::{known_cause, ProxyError};
+use crate::http::body::Streamed;
+use crate::http::headers::ERROR_HEADER;
+use crate::telemetry::access_log::{AccessLog, Outcome, RequestInfo};
+use crate::telemetry::metrics::{Metrics, INBOUND};
+use crate::telemetry::trace::RequestSpan;
+use crate::ResponseBody;
+
+/// How one listener observes its requests.
+pub struct Lifecycle {
+    direction: &'static str,
+    metrics: Arc<Metrics>,
+    access: Arc<AccessLog>,
+    /// Responses come from peer sidecars (every direction but inbound), whose own refusals
+    /// name their cause in `trellis-error`: the cause is recorded here too.
+    peer_causes: bool,
+}
+
+/// A request being observed; [`Observed::finish`] ends it.
+pub struct Observed<'a> {
+    lifecycle: &'a Lifecycle,
+    start: Instant,
+    grpc: bool,
+    pub span: RequestSpan,
+    info: Option<RequestInfo>,
+}
+
+/// What a finished request is counted and logged under.
+pub struct Labels<'a> {
+    pub service: &'a Arc<String>,
+    /// The HTTPRoute rule that routed it, when the listener routes (`default` when none did).
+    pub route: Option<&'a Arc<String>>,
+    pub client: SocketAddr,
+    /// The caller's verified identity (inbound).
+    pub peer_identity: Option<&'a HeaderValue>,
+}
+
+/// The status and duration a request was counted with.
+#[derive(Clone, Copy, Debug)]
+pub struct Finished {
+    pub status: u16,
+    pub seconds: f64,
+}
+
+// === impl Lifecycle ===
+
+impl Lifecycle {
+    pub fn new(direction: &'static str, metrics: Arc<Metrics>, access: Arc<AccessLog>) -> Self {
+        Self {
+            direction,
+            metrics,
+            access,
+            peer_causes: direction != INBOUND,
+        }
+    }
+
+    pub fn direction(&self) -> &'static str {
+        self.direction
+    }
+
+    /// Start observing `req` under the span `span_of` opens for it; the span's context
+    /// travels on in the request's headers.
+    pub fn start<B>(
+        &self,
+        req: &mut Request<B>,
+        span_of: impl FnOnce(&Request<B>) -> RequestSpan,
+    ) -> Observed<'_> {
+        let start = Instant::now();
+        let grpc = crate::http::grpc::is_grpc(req.headers());
+        let span = span_of(req);
+        span.inject(req.headers_mut());
+        let info = self.access.enabled().then(|| RequestInfo::of(req));
+        Observed {
+            lifecycle: self,
+            start,
+            grpc,
+            span,
+            info,
+        }
+    }
+
+    /// The response for an error (as a gRPC status for a gRPC caller), counted by cause.
+    pub fn refuse(&self, e: ProxyError, grpc: bool) -> Response<ResponseBody> {
+        self.metrics.proxy_error(self.direction, e.cause());
+        let expected = e.is_policy_decision() || matches!(e, ProxyError::Client { .. });
+        if self.direction == INBOUND && !expected {
+            tracing::warn!(error = %e, cause = e.cause(), "inbound request failed");
+        } else {
+            // Expected under load and counted per policy: no log line per request.
+            tracing::debug!(direction = self.direction, error = %e, cause = e.cause(), "request refused");
+        }
+        e.into_response_for(grpc)
+    }
+}
+
+// === impl Observed ===
+
+impl Observed<'_> {
+    /// Whether the access log will want the request's details.
+    pub fn logging(&self) -> bool {
+        self.info.is_some()
+    }
+
+    /// End the request: its response (an error's, naming the cause), span, access log line
+    /// and metrics.
+    pub fn finish(
+        mut self,
+        result: Result<Response<ResponseBody>, ProxyError>,
+        labels: Labels<'_>,
+    ) -> (Response<ResponseBody>, Finished) {
+        let lifecycle = self.lifecycle;
+        if let (Some(info), Some(route)) = (self.info.as_mut(), labels.route) {
+            info.route = Some(route.clone());
+        }
+        let mut cause = None;
+        let resp = result.unwrap_or_else(|e| {
+            cause = Some(e.cause());
+            lifecycle.refuse(e, self.grpc)
+        });
+        // A refusal by the far sidecar names its cause too.
+        let cause = cause.or_else(|| {
+            let header = resp.headers().get(ERROR_HEADER);
+            header
+                .filter(|_| lifecycle.peer_causes)
+                .and_then(|v| known_cause(v.as_bytes()))
+        });
+        self.span.respond(resp.status().as_u16(), cause);
+        let outcome = Outcome {
+            direction: lifecycle.direction,
+            service: labels.service,
+            response: &resp,
+            cause,
+            elapsed: self.start.elapsed(),
+            client: labels.client,
+            peer_identity: labels.peer_identity.and_then(|p| p.to_str().ok()),
+            span: &self.span,
+        };
+        lifecycle.access.finish(self.info, outcome);
+        let resp = end_with_body(resp, self.span);
+        let finished = Finished {
+            status: resp.status().as_u16(),
+            seconds: self.start.elapsed().as_secs_f64(),
+        };
+        let route = labels.route.unwrap_or(&lifecycle.metrics.default_route);
+        lifecycle.metrics.record_routed_request(
+            lifecycle.direction,
+            labels.service,
+            route,
+            finished.status,
+            finished.seconds,
+        );
+        (resp, finished)
+    }
+}
+
+/// Hold `span` until the response body ends (a streamed body), or end it now.
+fn end_with_body<R>(
+    resp: http::Response<http_body_util::Either<Streamed, R>>,
+    span: RequestSpan,
+) -> http::Response<http_body_util::Either<Streamed, R>> {
+    if !span.is_open() {
+        return resp;
+    }
+    resp.map(|b| match b {
+        http_body_util::Either::Left(s) => http_body_util::Either::Left(s.traced(span)),
+        other => other,
+    })
+}

@@ -1,0 +1,233 @@
+//! The outbound listener: the app's plain HTTP/1.1 or h2c calls to mesh services, addressed by
+//! `Host`/`:authority` or in absolute form (`HTTP_PROXY`), forwarded over pooled HTTP/2 + mTLS
+//! to a peer sidecar.
+
+mod attempt;
+pub(crate) mod connector;
+mod endpoints;
+mod external;
+mod payload;
+mod resolve;
+mod routed;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, Limits};
+use crate::error::ProxyError;
+use crate::http::body::Streamed;
+use crate::http::headers::{append_forwarded, is_upgrade, request_host, EdgeForwarded};
+use crate::http::headers::{CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
+use crate::http::origin::ExternalClient;
+use crate::http::rewrite;
+use crate::http::upgrade;
+use crate::identity::IdentityStore;
+use crate::listeners::lifecycle::{Labels, Lifecycle};
+use crate::listeners::original_dst::{OriginalDst, Protocol};
+use crate::listeners::server::{
+    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
+};
+use crate::policy::breaker::Breaker;
+use crate::state::pool::PeerPool;
+use crate::state::target::{Target, TargetTable};
+use crate::telemetry::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
+use crate::{drain, ResponseBody};
+use attempt::Attempts;
+use endpoints::Endpoints;
+use payload::Payload;
+use resolve::{Defaults, Resolved};
+
+pub struct Outbound {
+    external: ExternalClient,
+    routes: Arc<ArcSwap<TargetTable>>,
+    pool: Arc<PeerPool>,
+    tls: IdentityStore,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    defaults: Defaults,
+    unknown: Arc<String>,
+    tracing: Arc<crate::telemetry::trace::Tracing>,
+    access: Arc<crate::telemetry::access_log::AccessLog>,
+    /// How the app's calls are observed.
+    lifecycle: Lifecycle,
+    /// Learns services the snapshot does not hold (scoped stores); `None`: unknown is unknown.
+    on_demand: Option<crate::state::discover::OnDemand>,
+}
+
+// === impl Outbound ===
+
+impl Outbound {
+    pub fn new(
+        config: &Config,
+        routes: Arc<ArcSwap<TargetTable>>,
+        pool: Arc<PeerPool>,
+        tls: IdentityStore,
+        metrics: Arc<Metrics>,
+        tracing: Arc<crate::telemetry::trace::Tracing>,
+        access: Arc<crate::telemetry::access_log::AccessLog>,
+    ) -> Self {
+        let lifecycle = Lifecycle::new(OUTBOUND, metrics.clone(), access.clone());
+        Self {
+            external: ExternalClient::new(config.timeouts.connect),
+            routes,
+            pool,
+            tls,
+            metrics,
+            limits: config.limits.clone(),
+            defaults: Defaults {
+                connect: config.timeouts.connect,
+                request: config.timeouts.request,
+                stream_idle: config.timeouts.stream_idle,
+            },
+            unknown: Arc::new(UNKNOWN_SERVICE.to_string()),
+            tracing,
+            lifecycle,
+            access,
+            on_demand: None,
+        }
+    }
+
+    /// Learn services the snapshot does not hold through `on_demand` (scoped discovery).
+    pub fn with_on_demand(mut self, on_demand: Option<crate::state::discover::OnDemand>) -> Self {
+        self.on_demand = on_demand;
+        self
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
+        let builder = Arc::new(http_builder(&self.limits));
+        let max = self.limits.max_connections;
+        accept_loop(listener, max, drain, OUTBOUND, move |tcp, client, drain| {
+            let this = self.clone();
+            let builder = builder.clone();
+            async move {
+                let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
+                // Transparent interception: opaque TCP goes on to where the app sent it.
+                let redirected = crate::listeners::original_dst::redirected(&tcp);
+                if let Some(dst) = redirected {
+                    if crate::listeners::original_dst::detect(&tcp).await == Protocol::Opaque {
+                        crate::listeners::original_dst::tcp_passthrough(
+                            tcp,
+                            dst,
+                            this.defaults.connect,
+                        )
+                        .await;
+                        return;
+                    }
+                }
+                let activity = Activity::counted(this.metrics.byte_counters(OUTBOUND));
+                let timeouts = ConnTimeouts::from(&this.limits);
+                let act = activity.clone();
+                let svc = service_fn(move |mut req: Request<Incoming>| {
+                    let this = this.clone();
+                    let guard = act.begin();
+                    if let Some(dst) = redirected {
+                        req.extensions_mut().insert(OriginalDst(dst));
+                    }
+                    // Peers trust this header from sidecars: an app may not set it.
+                    if req.headers().contains_key(CONSUMER_HEADER) {
+                        req.headers_mut().remove(CONSUMER_HEADER);
+                    }
+                    async move {
+                        let resp = this.handle(req, client, &this.lifecycle).await;
+                        drop(guard);
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
+            }
+        })
+        .await;
+    }
+
+    /// How this listener observes its requests; the ingress observes its own, routed here,
+    /// under its direction.
+    pub(crate) fn lifecycle(&self, direction: &'static str) -> Lifecycle {
+        Lifecycle::new(direction, self.metrics.clone(), self.access.clone())
+    }
+
+    /// Route and forward one request, observed by `lifecycle` (the outbound listener's for
+    /// the app's calls, the ingress's for the gateway's).
+    pub(crate) async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        lifecycle: &Lifecycle,
+    ) -> Response<ResponseBody> {
+        let mut observed = lifecycle.start(&mut req, |req| {
+            let host = request_host(req).unwrap_or(UNKNOWN_SERVICE);
+            self.tracing
+                .client(req.method(), req.uri().path(), req.headers(), host)
+        });
+        let edge = lifecycle.direction() == crate::listeners::ingress::INGRESS;
+        let (service, route, result) = self.route(req, client, edge, &mut observed.span).await;
+        let labels = Labels {
+            service: &service,
+            route: Some(&route),
+            client,
+            peer_identity: None,
+        };
+        observed.finish(result, labels).0
+    }
+
+    /// Forward to a mesh service: choose the endpoint and resolve the timeouts, then leave by
+    /// the exit the request needs (an origin outside the mesh, an upgrade's own connection,
+    /// or the attempt loop over the pooled HTTP/2 connections).
+    async fn forward(
+        &self,
+        route: &Target,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut crate::telemetry::trace::RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let endpoints = Endpoints {
+            route,
+            metrics: &self.metrics,
+        };
+        // Held until the response headers arrive (or the request fails).
+        let _request = route
+            .counters
+            .request(route.max_requests)
+            .ok_or_else(|| endpoints.overflow(Breaker::MaxRequests))?;
+        let i = endpoints.choose(&req, client.ip(), None)?;
+        let resolved = Resolved::resolve(&self.defaults, route, &req)?;
+        sanitize(&mut req, client);
+        if let Some(host) = &route.service.external_host {
+            return self
+                .forward_external(endpoints, i, host, req, &resolved)
+                .await;
+        }
+        if is_upgrade(&req) {
+            let tls = self.tls.load_full();
+            let ep = &route.service.endpoints[i];
+            let (connect, request) = (resolved.connect_timeout, resolved.request_timeout);
+            return upgrade::outbound(&tls, ep, req, connect, request, &self.metrics).await;
+        }
+        rewrite::to_mesh_h2(&mut req)?;
+        let payload = Payload::prepare(req, &route.retry).await?;
+        route.counters.budget.deposit();
+        let attempts = Attempts::new(&*self.pool, endpoints, client.ip(), payload, &resolved);
+        let (resp, in_flight) = attempts.run(i, span).await?;
+        let idle = resolved.stream_idle;
+        Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(idle).in_flight(in_flight))))
+    }
+}
+
+/// What the app may not say: an identity (only the far side sets it) or an original protocol
+/// (this side writes it). The forwarding headers get this hop, unless the ingress wrote them
+/// already by its trusted-proxy rule.
+fn sanitize(req: &mut Request<Incoming>, client: SocketAddr) {
+    let headers = req.headers_mut();
+    headers.remove(PEER_IDENTITY_HEADER);
+    headers.remove(ORIG_PROTO_HEADER);
+    if req.extensions().get::<EdgeForwarded>().is_none() {
+        append_forwarded(req.headers_mut(), client.ip(), "http");
+    }
+}

@@ -1,0 +1,394 @@
+//! The data plane's Prometheus metrics. Label values are bounded: directions, status classes,
+//! causes and reasons are fixed tokens; services come from the mesh state (bounded by its size),
+//! never from raw request data.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Traffic the app sends out, or traffic from peers to the app.
+pub const OUTBOUND: &str = "outbound";
+pub const INBOUND: &str = "inbound";
+/// Label used when the request named a service the mesh does not know.
+pub const UNKNOWN_SERVICE: &str = "unknown";
+
+/// Labels of the per-consumer request metrics (bounded: consumers are declared in policies).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub service: Arc<String>,
+    pub consumer: Arc<str>,
+    pub status_code: u16,
+}
+
+/// Labels of request totals and latencies. `status_code` is bounded (HTTP codes are three
+/// digits, and only a few dozen occur); `route` by the HTTPRoute policies.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub service: Arc<String>,
+    /// The HTTPRoute rule's name, `default` when none routed the request (bounded by the
+    /// policies).
+    pub route: Arc<String>,
+    pub status_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub direction: &'static str,
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutlierLabels {
+    pub service: Arc<String>,
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: Arc<String>,
+    pub endpoint: String,
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
+    pub consumer_requests: Family<ConsumerLabels, Counter>,
+    pub consumer_duration: Family<ConsumerLabels, Histogram>,
+    pub open_connections: Family<DirectionLabels, Gauge>,
+    pub connections: Family<DirectionLabels, Counter>,
+    pub read_bytes: Family<DirectionLabels, Counter>,
+    pub written_bytes: Family<DirectionLabels, Counter>,
+    pub tls_handshakes: Family<DirectionLabels, Counter>,
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
+    pub proxy_errors: Family<CauseLabels, Counter>,
+    pub cert_expiry: Gauge,
+    pub cert_reloads: Family<ResultLabels, Counter>,
+    pub snapshots_applied: Counter,
+    pub snapshot_version: Gauge,
+    pub outlier_events: Family<OutlierLabels, Counter>,
+    pub endpoint_events: Family<EndpointLabels, Counter>,
+    /// The `route` label of requests no HTTPRoute routed.
+    pub default_route: Arc<String>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms .. ~26 s: sidecar overhead is sub-millisecond, upstream latency is not.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Create the metrics and register them under `registry` (which should carry the
+    /// `trellis` prefix).
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            consumer_requests: Family::default(),
+            consumer_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            open_connections: Family::default(),
+            connections: Family::default(),
+            read_bytes: Family::default(),
+            written_bytes: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_failures: Family::default(),
+            proxy_errors: Family::default(),
+            cert_expiry: Gauge::default(),
+            cert_reloads: Family::default(),
+            snapshots_applied: Counter::default(),
+            snapshot_version: Gauge::default(),
+            outlier_events: Family::default(),
+            endpoint_events: Family::default(),
+            default_route: Arc::new(crate::policy::routing::DEFAULT_ROUTE.to_string()),
+        };
+        registry.register(
+            "requests",
+            "HTTP requests handled, by direction, destination service and status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to sending its response headers",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "consumer_requests",
+            "Requests of authenticated consumers received by this sidecar or ingress, by service, consumer and status code",
+            m.consumer_requests.clone(),
+        );
+        registry.register(
+            "consumer_request_duration_seconds",
+            "Time from receiving a consumer's request to sending its response headers",
+            m.consumer_duration.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Currently open client connections",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "read_bytes",
+            "Bytes read from client connections (after TLS decryption on inbound): app requests on outbound, peer requests on inbound",
+            m.read_bytes.clone(),
+        );
+        registry.register(
+            "written_bytes",
+            "Bytes written to client connections (before TLS encryption on inbound)",
+            m.written_bytes.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Completed mTLS handshakes (peer verified), by direction",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Rejected or failed mTLS handshakes by reason (expired, not_yet_valid, unknown_ca, wrong_trust_domain, wrong_identity, plaintext, ...)",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Responses generated by the sidecar instead of the upstream, by cause",
+            m.proxy_errors.clone(),
+        );
+        registry.register(
+            "cert_expiry_timestamp_seconds",
+            "Unix time at which the sidecar's current leaf certificate expires",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "cert_reloads",
+            "Certificate reload attempts by result",
+            m.cert_reloads.clone(),
+        );
+        registry.register(
+            "snapshots_applied",
+            "Mesh snapshots applied by the data plane",
+            m.snapshots_applied.clone(),
+        );
+        registry.register(
+            "snapshot_version",
+            "Version of the mesh snapshot in use (file generation or etcd revision)",
+            m.snapshot_version.clone(),
+        );
+        registry.register(
+            "outlier_events",
+            "Outlier detection and circuit breaking by destination service: ejected, readmitted, panic_routing (every endpoint ejected, routed anyway), max_requests and max_pending (breaker overflows)",
+            m.outlier_events.clone(),
+        );
+        registry.register(
+            "endpoint_events",
+            "Endpoint state changes: ejected, readmitted, unhealthy, healthy (endpoints come from the mesh state, so the label set is bounded)",
+            m.endpoint_events.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information; always 1", build);
+        Arc::new(m)
+    }
+
+    /// A request of an authenticated consumer, received by this sidecar (or its ingress).
+    pub fn record_consumer_request(
+        &self,
+        service: &Arc<String>,
+        consumer: &Arc<str>,
+        status: u16,
+        seconds: f64,
+    ) {
+        let labels = ConsumerLabels {
+            service: service.clone(),
+            consumer: consumer.clone(),
+            status_code: status,
+        };
+        self.consumer_requests.get_or_create(&labels).inc();
+        self.consumer_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    pub fn record_request(
+        &self,
+        direction: &'static str,
+        service: &Arc<String>,
+        status: u16,
+        seconds: f64,
+    ) {
+        self.record_routed_request(direction, service, &self.default_route, status, seconds);
+    }
+
+    /// As [`Metrics::record_request`], for a request an HTTPRoute rule (`route`) routed.
+    pub fn record_routed_request(
+        &self,
+        direction: &'static str,
+        service: &Arc<String>,
+        route: &Arc<String>,
+        status: u16,
+        seconds: f64,
+    ) {
+        let labels = RequestLabels {
+            direction,
+            service: service.clone(),
+            route: route.clone(),
+            status_code: status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// The byte counters of connections accepted in `direction`.
+    pub fn byte_counters(&self, direction: &'static str) -> ByteCounters {
+        let labels = DirectionLabels { direction };
+        ByteCounters {
+            read: self.read_bytes.get_or_create(&labels).clone(),
+            written: self.written_bytes.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn tls_handshake(&self, direction: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    pub fn tls_failure(&self, direction: &'static str, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// A state change of one endpoint, counted per service too.
+    pub fn endpoint_event(
+        &self,
+        service: &Arc<String>,
+        endpoint: std::net::SocketAddr,
+        event: &'static str,
+    ) {
+        self.outlier_event(service, event);
+        let labels = EndpointLabels {
+            service: service.clone(),
+            endpoint: endpoint.to_string(),
+            event,
+        };
+        self.endpoint_events.get_or_create(&labels).inc();
+    }
+
+    pub fn outlier_event(&self, service: &Arc<String>, event: &'static str) {
+        self.outlier_events
+            .get_or_create(&OutlierLabels {
+                service: service.clone(),
+                event,
+            })
+            .inc();
+    }
+
+    pub fn proxy_error(&self, direction: &'static str, cause: &'static str) {
+        self.proxy_errors
+            .get_or_create(&CauseLabels { direction, cause })
+            .inc();
+    }
+}
+
+/// Byte counters for one direction's client connections; cheap to clone (shared atomics), so
+/// each connection's I/O wrapper holds its own handles and never looks up a label set.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCounters {
+    pub read: Counter,
+    pub written: Counter,
+}
+
+/// Counts a connection as open until dropped.
+pub struct ConnectionGuard {
+    gauge: Gauge,
+}
+
+impl ConnectionGuard {
+    pub fn new(metrics: &Metrics, direction: &'static str) -> Self {
+        let labels = DirectionLabels { direction };
+        metrics.connections.get_or_create(&labels).inc();
+        let gauge = metrics.open_connections.get_or_create(&labels).clone();
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Render a registry in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_request_and_connection_metrics() {
+        let mut reg = Registry::with_prefix("trellis");
+        let m = Metrics::register(&mut reg);
+        m.record_request(OUTBOUND, &Arc::new("orders".into()), 503, 0.002);
+        let guard = ConnectionGuard::new(&m, INBOUND);
+        m.tls_failure(INBOUND, "expired");
+        let text = encode(&reg);
+        assert!(text.contains(r#"trellis_requests_total{direction="outbound",service="orders",route="default",status_code="503"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"trellis_open_connections{direction="inbound"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"trellis_tls_handshake_failures_total{direction="inbound",reason="expired"} 1"#
+            ),
+            "{text}"
+        );
+        drop(guard);
+        assert!(encode(&reg).contains(r#"trellis_open_connections{direction="inbound"} 0"#));
+    }
+}

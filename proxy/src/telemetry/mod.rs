@@ -1,0 +1,8 @@
+//! What the sidecar tells about itself: Prometheus metrics (requests, routes, the process),
+//! the access log and distributed tracing.
+
+pub mod access_log;
+pub mod metrics;
+pub mod process_metrics;
+pub mod route_metrics;
+pub mod trace;
