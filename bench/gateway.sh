@@ -119,30 +119,43 @@ max_rps() { # NAME URL [oha args...]
     jq -r '.summary.requestsPerSec' "$D/$name.json"
 }
 codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
+# CPU ticks (user + system) of the Trellis ingress and sidecar processes.
+mesh_ticks() { cat "/proc/$MG/stat" "/proc/$MB/stat" | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'; }
+# max_rps_cpu NAME URL [oha args...]: as max_rps, and sets CPU_US to the mesh's µs per request
+max_rps_cpu() {
+    local t0 t1 rps
+    t0=$(mesh_ticks)
+    rps=$(max_rps "$@")
+    t1=$(mesh_ticks)
+    CPU_US=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v r="$rps" -v s="$SECS" 'BEGIN { printf "%.1f", t * 1e6 / hz / (r * s) }')
+    echo "$rps"
+}
 
 wait_http backend "http://127.0.0.1:$BACKEND/"
 direct=$(max_rps direct "http://127.0.0.1:$BACKEND/")
 nginx_tls=$(max_rps nginx "https://$HOST:$NGINX_TLS/" --connect-to "$HOST:$NGINX_TLS:127.0.0.1:$NGINX_TLS")
 start_mesh 0
-trellis=$(max_rps trellis "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS")
+max_rps_cpu trellis "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" >"$D/rps"
+trellis=$(cat "$D/rps") cpu_off=$CPU_US
 read -r p50_off p99_off < <(fixed_rate off --insecure --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" "https://$HOST:$G_TLS/")
 codes_off=$(codes off)
 stop_mesh
 start_mesh 1
 read -r p50_jwt p99_jwt < <(fixed_rate jwt --insecure --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" -H "authorization: Bearer $TOKEN" "https://$HOST:$G_TLS/")
 codes_jwt=$(codes jwt)
-trellis_jwt=$(max_rps trellis-jwt "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" -H "authorization: Bearer $TOKEN")
+max_rps_cpu trellis-jwt "https://$HOST:$G_TLS/" --connect-to "$HOST:$G_TLS:127.0.0.1:$G_TLS" -H "authorization: Bearer $TOKEN" >"$D/rps"
+trellis_jwt=$(cat "$D/rps") cpu_jwt=$CPU_US
 stop_mesh
 
 echo "Ingress benchmark, ${SECS}s per measurement, load on core 0, servers on core 1; $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
-echo "| path | req/s | vs direct | vs nginx TLS proxy |"
-echo "|---|---:|---:|---:|"
-row() { awk -v n="$1" -v r="$2" -v d="$direct" -v x="$nginx_tls" 'BEGIN { printf "| %s | %.0f | %.2fx | %.2fx |\n", n, r, r / d, r / x }'; }
+echo "| path | req/s | vs direct | vs nginx TLS proxy | Trellis CPU µs/req (ingress + sidecar) |"
+echo "|---|---:|---:|---:|---:|"
+row() { awk -v n="$1" -v r="$2" -v d="$direct" -v x="$nginx_tls" -v c="${3:--}" 'BEGIN { printf "| %s | %.0f | %.2fx | %.2fx | %s |\n", n, r, r / d, r / x, c }'; }
 row "direct (plaintext, baseline)" "$direct"
 row "nginx TLS-terminating proxy -> backend" "$nginx_tls"
-row "Trellis ingress -> mTLS -> sidecar -> backend" "$trellis"
-row "Trellis ingress with RS256 JWT" "$trellis_jwt"
+row "Trellis ingress -> mTLS -> sidecar -> backend" "$trellis" "$cpu_off"
+row "Trellis ingress with RS256 JWT (verified-token cache)" "$trellis_jwt" "$cpu_jwt"
 echo
 echo "At $RATE req/s through the Trellis ingress (open loop, latency-corrected):"
 echo

@@ -89,7 +89,9 @@ impl PeerPool {
         }
         // Dropping the old sender lets its connection finish in-flight streams and close.
         slot.ready.store(None);
-        let send = self.connect(&tls, ep, connect_timeout).await?;
+        // Boxed: the TLS and HTTP/2 handshakes are large futures, awaited once per peer
+        // connection, and would otherwise size every request's future.
+        let send = Box::pin(self.connect(&tls, ep, connect_timeout)).await?;
         slot.ready.store(Some(Arc::new(Pooled {
             send: send.clone(),
             generation: tls.generation(),

@@ -200,15 +200,22 @@ impl Outbound {
         let resolved = Resolved::resolve(&self.defaults, route, &req)?;
         sanitize(&mut req, client);
         if let Some(host) = &route.service.external_host {
-            return self
-                .forward_external(endpoints, i, host, req, &resolved)
-                .await;
+            // Cold exits, boxed: their futures would otherwise size every request's.
+            return Box::pin(self.forward_external(endpoints, i, host, req, &resolved)).await;
         }
         if is_upgrade(&req) {
             let tls = self.tls.load_full();
             let ep = &route.service.endpoints[i];
             let (connect, request) = (resolved.connect_timeout, resolved.request_timeout);
-            return upgrade::outbound(&tls, ep, req, connect, request, &self.metrics).await;
+            return Box::pin(upgrade::outbound(
+                &tls,
+                ep,
+                req,
+                connect,
+                request,
+                &self.metrics,
+            ))
+            .await;
         }
         rewrite::to_mesh_h2(&mut req)?;
         let payload = Payload::prepare(req, &route.retry).await?;

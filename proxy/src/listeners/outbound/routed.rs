@@ -81,9 +81,12 @@ impl Outbound {
             Some(route) => route,
             None => {
                 let host = host.to_string();
-                match self.learn(&host).await {
+                // Cold paths, boxed: their futures would otherwise size every request's.
+                match Box::pin(self.learn(&host)).await {
                     Ok(Some(route)) => route,
-                    learned => return self.unknown_host(host, learned.err(), req).await,
+                    learned => {
+                        return Box::pin(self.unknown_host(host, learned.err(), req)).await;
+                    }
                 }
             }
         };
@@ -175,7 +178,7 @@ impl Outbound {
                 let known = self.routes.load().route(&backend.service).cloned();
                 let route = match known {
                     Some(route) => route,
-                    None => match self.learn(&backend.service).await {
+                    None => match Box::pin(self.learn(&backend.service)).await {
                         Ok(Some(route)) => route,
                         learned => {
                             let err = not_found(backend.service.to_string(), learned.err());

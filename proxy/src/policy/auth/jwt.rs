@@ -234,7 +234,9 @@ impl JwtAuthenticator {
             self.unattributed.record::<()>(&Err(e));
             return Err(e);
         };
-        let result = provider.verify(parsed).await.map(Arc::new);
+        // Boxed: verification may fetch the JWKS (a connection and a TLS handshake), a large
+        // future that would otherwise size every authenticated request's, cache hits included.
+        let result = Box::pin(provider.verify(parsed)).await.map(Arc::new);
         provider.verdicts.record(&result);
         if let Ok(t) = &result {
             // `exp` is required and checked: the token stays valid until exp + skew.
