@@ -113,11 +113,12 @@ impl Outbound {
                 let redirected = crate::listeners::original_dst::redirected(&tcp);
                 if let Some(dst) = redirected {
                     if crate::listeners::original_dst::detect(&tcp).await == Protocol::Opaque {
-                        crate::listeners::original_dst::tcp_passthrough(
-                            tcp,
-                            dst,
-                            this.defaults.connect,
-                        )
+                        // Boxed: a pass-through's state would otherwise size every HTTP
+                        // connection's task.
+                        let connect = this.defaults.connect;
+                        Box::pin(crate::listeners::original_dst::tcp_passthrough(
+                            tcp, dst, connect,
+                        ))
                         .await;
                         return;
                     }
