@@ -29,6 +29,7 @@ need() {
 
 # cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT.
 build_release() {
+    [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && { AGENT="$ROOT/target/release/mesh-agent"; return; }
     (cd "$ROOT" && cargo build --release --locked -p mesh-agent "$@") >"$D/build.log" 2>&1 ||
         { tail -20 "$D/build.log"; die "build failed"; }
     AGENT="$ROOT/target/release/mesh-agent"

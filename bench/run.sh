@@ -393,6 +393,31 @@ max_run() {
     fi
 }
 
+# --- memory with many client connections ------------------------------------------------------
+# Measured on the fresh processes, before any load: what 1,000 open keep-alive connections cost
+# on top of the idle figure, not what the heap kept from the load runs.
+
+HOLD_CONNS="${BENCH_HOLD_CONNS:-1000}"
+declare -A RSS_CONNS
+# rss_with_conns PATH PROC: RSS of PROC while HOLD_CONNS connections to PATH are open and idle
+rss_with_conns() {
+    local p="$1" k="$2" port="${URL[$1]##*:}"
+    port="${port%/}"
+    coproc HOLD { ulimit -n 4096 && taskset -c 0 python3 "$ROOT/bench/hold_conns.py" "$port" "$HOLD_CONNS" backend; }
+    local line=""
+    read -r -t 60 line <&"${HOLD[0]}" || true
+    [[ "$line" == ready ]] || die "could not open $HOLD_CONNS connections to ${LABEL[$p]}"
+    sleep 1
+    RSS_CONNS[$k]=$(rss_kb "${PROC[$k]}")
+    eval "exec ${HOLD[1]}>&-"
+    wait "$HOLD_PID" 2>/dev/null || true
+}
+log "RSS with $HOLD_CONNS open client connections"
+for pair in nginx:nginx trellis2:trellis_a trellis1:trellis_b; do
+    rss_with_conns "${pair%%:*}" "${pair#*:}"
+    printf '  %-20s %s MB\n' "${LABEL[${pair%%:*}]}" "$(awk -v k="${RSS_CONNS[${pair#*:}]}" 'BEGIN { printf "%.1f", k / 1024 }')"
+done
+
 WARMUP=1
 CYCLES="${BENCH_CYCLES:-2}"
 [[ "$CYCLES" =~ ^[1-9][0-9]*$ ]] || die "BENCH_CYCLES must be a positive integer"
@@ -437,29 +462,6 @@ for p in "${PATHS[@]}"; do
         arr[$p]="${KEEP[$v,$p]}"
         unset -n arr
     done
-done
-
-# --- memory with many client connections ------------------------------------------------------
-
-HOLD_CONNS="${BENCH_HOLD_CONNS:-1000}"
-declare -A RSS_CONNS
-# rss_with_conns PATH PROC: RSS of PROC while HOLD_CONNS connections to PATH are open and idle
-rss_with_conns() {
-    local p="$1" k="$2" port="${URL[$1]##*:}"
-    port="${port%/}"
-    coproc HOLD { ulimit -n 4096 && taskset -c 0 python3 "$ROOT/bench/hold_conns.py" "$port" "$HOLD_CONNS" backend; }
-    local line=""
-    read -r -t 60 line <&"${HOLD[0]}" || true
-    [[ "$line" == ready ]] || die "could not open $HOLD_CONNS connections to ${LABEL[$p]}"
-    sleep 1
-    RSS_CONNS[$k]=$(rss_kb "${PROC[$k]}")
-    eval "exec ${HOLD[1]}>&-"
-    wait "$HOLD_PID" 2>/dev/null || true
-}
-log "RSS with $HOLD_CONNS open client connections"
-for pair in nginx:nginx trellis2:trellis_a trellis1:trellis_b; do
-    rss_with_conns "${pair%%:*}" "${pair#*:}"
-    printf '  %-20s %s MB\n' "${LABEL[${pair%%:*}]}" "$(awk -v k="${RSS_CONNS[${pair#*:}]}" 'BEGIN { printf "%.1f", k / 1024 }')"
 done
 
 # --- report ----------------------------------------------------------------------------------
