@@ -49,10 +49,11 @@ pub(super) enum Next<'a, B> {
     Done(Result<(Response<B>, InFlight), ProxyError>),
     /// Dial the same endpoint again: the request (when streamed) was never sent.
     Redial(Request<RequestBody>),
-    /// Retry on another endpoint, holding a `max_retries` slot.
+    /// Try another endpoint: a retry holds a `max_retries` slot; a request moved after a
+    /// refused connection holds none (see [`Attempts::after_connect_error`]).
     Reselect {
         unsent: Option<Request<RequestBody>>,
-        permit: Permit<'a>,
+        permit: Option<Permit<'a>>,
     },
 }
 
@@ -113,7 +114,7 @@ impl<'a, C: Connector> Attempts<'a, C> {
                     unsent: req,
                     permit,
                 } => {
-                    _retrying = Some(permit);
+                    _retrying = permit;
                     unsent = req;
                     self.exclude = Some(i);
                     self.attempt += 1;
@@ -124,7 +125,12 @@ impl<'a, C: Connector> Attempts<'a, C> {
     }
 
     /// Nothing was sent: any request, streaming or not, can go to another endpoint (retrying
-    /// the same one would repeat the same failure).
+    /// the same one would repeat the same failure). This is re-routing, not a retry: the
+    /// failed endpoint received nothing and the next one gets the request it would otherwise
+    /// not have seen, so it takes no `max_retries` slot. Otherwise, with that breaker's
+    /// default of 3, an instance dying under more than 3 concurrent requests failed the
+    /// others with 502 while healthy endpoints stood by. The retry budget still applies, and
+    /// the number of tries stays bounded by the policy's attempts (at least one move).
     fn after_connect_error(
         &self,
         i: usize,
@@ -137,10 +143,11 @@ impl<'a, C: Connector> Attempts<'a, C> {
             && self.attempt < route.retry.attempts.max(1)
             && self.endpoints.withdraw()
         {
-            if let Some(permit) = self.endpoints.retry_permit() {
-                let unsent = Some(req);
-                return Next::Reselect { unsent, permit };
-            }
+            let unsent = Some(req);
+            return Next::Reselect {
+                unsent,
+                permit: None,
+            };
         }
         Next::Done(Err(e))
     }
@@ -252,7 +259,7 @@ impl Attempt {
             drop((result, in_flight));
             return Next::Reselect {
                 unsent: None,
-                permit,
+                permit: Some(permit),
             };
         }
         Next::Done(result.map(|mut resp| {

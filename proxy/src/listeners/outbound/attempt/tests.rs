@@ -271,3 +271,22 @@ async fn a_connect_error_reselects_another_endpoint() {
     assert_eq!(connects.len(), 2);
     assert_ne!(connects[0], connects[1]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_error_moves_the_request_even_with_the_retry_breaker_full() {
+    // max_retries 0: no retry may be in flight, yet a refused connection sent nothing, so the
+    // request still moves to the other endpoint.
+    let policy = "{circuit_breaker: {max_retries: 0}}";
+    let script = Script::new(1, &[Step::Status(200)]);
+    let (result, _, _) = run(policy, TEN_SECONDS, &script).await;
+    assert_eq!(result.unwrap(), 200);
+    assert_eq!(script.connects.lock().unwrap().len(), 2);
+    // A retry after a reached endpoint still needs a slot of the breaker.
+    let script = Script::new(0, &[Step::Refused, Step::Status(200)]);
+    let (result, _, retries) = run(policy, TEN_SECONDS, &script).await;
+    assert!(
+        matches!(result, Err(ProxyError::Upstream { .. })),
+        "{result:?}"
+    );
+    assert_eq!((script.sends().len(), retries), (1, 0));
+}
