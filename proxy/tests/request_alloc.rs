@@ -27,9 +27,9 @@ const WARMUP: usize = 300;
 const REQUESTS: usize = 2_000;
 
 /// Upper bounds on allocations per request (the measured figures are printed by the test).
-const MAX_PER_REQUEST_A: f64 = 32.0;
-const MAX_PER_REQUEST_B: f64 = 33.0;
-const MAX_PER_REQUEST_ONE_HOP: f64 = 26.0;
+const MAX_PER_REQUEST_A: f64 = 26.0;
+const MAX_PER_REQUEST_B: f64 = 30.0;
+const MAX_PER_REQUEST_ONE_HOP: f64 = 23.0;
 
 #[test]
 fn allocations_per_proxied_request_are_bounded() {

@@ -213,9 +213,37 @@ fn stack_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
     let mut rest = &mut buf[..];
     if rest.write_fmt(args).is_ok() {
         let len = 128 - rest.len();
-        return HeaderValue::from_bytes(&buf[..len]).ok();
+        return shared_value(&buf[..len]);
     }
     HeaderValue::from_str(&std::fmt::format(args)).ok()
+}
+
+/// A header value whose bytes are reference-counted from the start. Why: a value made with
+/// `HeaderValue::from_bytes` owns a plain buffer that `bytes` turns into a shared one (one more
+/// allocation) the first time it is cloned, and the outbound side clones the headers of every
+/// request its retry policy may replay.
+/// Values over 128 bytes are made the plain way.
+pub fn shared_value(bytes: &[u8]) -> Option<HeaderValue> {
+    /// The bytes inline, so that the shared buffer is one allocation, like a plain one.
+    struct Inline {
+        buf: [u8; 128],
+        len: usize,
+    }
+    impl AsRef<[u8]> for Inline {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf[..self.len]
+        }
+    }
+    if bytes.len() > 128 {
+        return HeaderValue::from_bytes(bytes).ok();
+    }
+    let mut buf = [0u8; 128];
+    buf[..bytes.len()].copy_from_slice(bytes);
+    let owner = Inline {
+        buf,
+        len: bytes.len(),
+    };
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(owner)).ok()
 }
 
 /// Framing rules of RFC 9110/9112 that hyper lets through, checked before anything reads the

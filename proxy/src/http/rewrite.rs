@@ -37,7 +37,12 @@ pub enum RequestTarget {
 
 /// `scheme://authority` with `uri`'s path and query (`/` when it has none).
 pub fn absolute_uri(scheme: Scheme, authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
-    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    // The path is reused, not re-parsed: hyper's parsed path shares the connection's read
+    // buffer, so this costs no allocation now and none when a retry copies the request.
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     Uri::builder()
         .scheme(scheme)
         .authority(authority)

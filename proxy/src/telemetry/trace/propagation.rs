@@ -54,7 +54,8 @@ fn traceparent(sc: &SpanContext) -> HeaderValue {
     put(36, &sc.span_id().to_bytes());
     put(53, &[sc.trace_flags().to_u8() & 1]);
     // Every byte is an ASCII digit, letter or dash.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("00-0-0-00"))
+    crate::http::headers::shared_value(&buf)
+        .unwrap_or_else(|| HeaderValue::from_static("00-0-0-00"))
 }
 
 /// Write `sc` as the parent for the next hop (W3C, plus B3 in the form it arrived in).
