@@ -177,28 +177,8 @@ impl AccessControl {
         req: &mut Request<B>,
         peer: Option<&HeaderValue>,
     ) -> Result<Principal, ProxyError> {
-        // Only sidecars set this header: a trusted mesh peer's (mTLS-verified; its own
-        // outbound side strips the header from its app's requests) names the consumer an
-        // ingress or an earlier hop authenticated; from anyone else it is removed.
-        let trusted = peer.and_then(|p| p.to_str().ok()).is_some_and(|id| {
-            self.consumer_from_peers
-                .iter()
-                .any(|p| authz::identity_matches(p, id))
-        });
         let state = self.state.load_full();
-        if !trusted {
-            for h in &state.claim_headers {
-                req.headers_mut().remove(h);
-            }
-        }
-        let propagated = if trusted {
-            req.headers()
-                .get(CONSUMER_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(Arc::<str>::from)
-        } else {
-            req.headers_mut().remove(CONSUMER_HEADER).and(None)
-        };
+        let propagated = self.propagated_consumer(&state, req, peer);
         if state.authn.is_empty() && state.consumers.is_empty() && state.authz.is_empty() {
             // No policies here, but a consumer from upstream still keys rate limits.
             return Ok(Principal {
@@ -212,92 +192,13 @@ impl AccessControl {
         };
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let refuse = |who: &Principal, reason: &'static str, challenge: &HeaderValue| {
-            audit::authn_refused(&self.metrics, &self.service, reason, who, &method, &path);
-            ProxyError::Unauthenticated {
-                reason,
-                challenge: challenge.clone(),
-            }
+        let refuser = Refuser {
+            access: self,
+            method: &method,
+            path: &path,
         };
-
         if let Some(a) = state.authn.iter().find(|a| a.applies(&method, &path)) {
-            if let Some(jwt) = &a.jwt {
-                for h in jwt.forwarded_header_names() {
-                    req.headers_mut().remove(h);
-                }
-            }
-            if a.accepts_tokens() && a.jwt.is_none() {
-                // Its providers could not be built: nothing it covers can be verified.
-                return Err(refuse(&who, "jwt_unavailable", &a.challenge));
-            }
-            let token = a
-                .jwt
-                .as_ref()
-                .and_then(|j| j.token_from(req.headers(), req.uri()));
-            let key = a
-                .accepts_api_keys()
-                .then(|| a.api_key(req.headers(), req.uri()))
-                .flatten();
-            if token.is_none() && key.is_none() {
-                if a.required {
-                    return Err(refuse(&who, "missing_credentials", &a.challenge));
-                }
-                self.metrics.authenticated("anonymous");
-            }
-            // Verified with the token borrowed from the request; headers change only after.
-            let verified = match (token, &a.jwt) {
-                (Some(token), Some(jwt)) => Some(jwt.authenticate(token).await),
-                _ => None,
-            };
-            if let Some(verified) = verified {
-                match verified {
-                    Ok(t) => {
-                        if let Some(c) = t
-                            .subject
-                            .as_deref()
-                            .and_then(|s| state.consumers.by_subject(&t.issuer, s))
-                        {
-                            if c.disabled {
-                                return Err(refuse(
-                                    &who,
-                                    "consumer_disabled",
-                                    &a.challenge_invalid,
-                                ));
-                            }
-                            who.consumer = Some(c.name.clone());
-                        }
-                        for (h, v) in &t.forwarded_headers {
-                            req.headers_mut().insert(h.clone(), v.clone());
-                        }
-                        if let Some(jwt) = &a.jwt {
-                            let mut uri = std::mem::take(req.uri_mut());
-                            jwt.hide_token(&t.provider, req.headers_mut(), &mut uri);
-                            *req.uri_mut() = uri;
-                        }
-                        who.token = Some(t);
-                    }
-                    Err(e) => return Err(refuse(&who, e.reason(), &a.challenge_invalid)),
-                }
-            }
-            if let Some(key) = key {
-                match state.consumers.by_api_key(&key) {
-                    Some(c) if c.disabled => {
-                        who.key_id = c.key_id.clone();
-                        return Err(refuse(&who, "consumer_disabled", &a.challenge));
-                    }
-                    Some(c) => {
-                        who.key_id = c.key_id.clone();
-                        who.consumer = Some(c.name.clone());
-                        let mut uri = std::mem::take(req.uri_mut());
-                        a.hide_api_key(req.headers_mut(), &mut uri);
-                        *req.uri_mut() = uri;
-                    }
-                    None => return Err(refuse(&who, "invalid_api_key", &a.challenge)),
-                }
-            }
-            if who.token.is_some() || who.consumer.is_some() {
-                self.metrics.authenticated("ok");
-            }
+            authenticate(&state, a, req, &mut who, &refuser).await?;
         }
         if who.consumer.is_none() {
             who.consumer = propagated;
@@ -312,29 +213,59 @@ impl AccessControl {
                 who.consumer = Some(c.name.clone());
             }
         }
-
-        let verdict = state.authz.evaluate(&who, &method, &path);
-        if let Some(p) = &verdict.audit_denied_by {
-            audit::authz_refused(&self.metrics, &self.service, p, false, &who, &method, &path);
-        }
-        if let Some(policy) = verdict.denied_by {
-            audit::authz_refused(
-                &self.metrics,
-                &self.service,
-                &policy,
-                true,
-                &who,
-                &method,
-                &path,
-            );
-            return Err(ProxyError::Denied { policy });
-        }
+        self.authorize(&state, &who, &method, &path)?;
         if let Some(c) = &who.consumer {
             if let Ok(v) = HeaderValue::from_str(c) {
                 req.headers_mut().insert(CONSUMER_HEADER, v);
             }
         }
         Ok(who)
+    }
+
+    /// The consumer an earlier hop authenticated, believed only from a trusted mesh peer
+    /// (mTLS-verified; its own outbound side strips the header from its app's requests).
+    /// From anyone else the consumer header and every claim header are removed.
+    fn propagated_consumer<B>(
+        &self,
+        state: &State,
+        req: &mut Request<B>,
+        peer: Option<&HeaderValue>,
+    ) -> Option<Arc<str>> {
+        let trusted = peer.and_then(|p| p.to_str().ok()).is_some_and(|id| {
+            self.consumer_from_peers
+                .iter()
+                .any(|p| authz::identity_matches(p, id))
+        });
+        if !trusted {
+            for h in &state.claim_headers {
+                req.headers_mut().remove(h);
+            }
+            return req.headers_mut().remove(CONSUMER_HEADER).and(None);
+        }
+        req.headers()
+            .get(CONSUMER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(Arc::<str>::from)
+    }
+
+    /// The authorization policies' verdict on `who`, audited either way.
+    fn authorize(
+        &self,
+        state: &State,
+        who: &Principal,
+        method: &http::Method,
+        path: &str,
+    ) -> Result<(), ProxyError> {
+        let verdict = state.authz.evaluate(who, method, path);
+        let service = &self.service;
+        if let Some(p) = &verdict.audit_denied_by {
+            audit::authz_refused(&self.metrics, service, p, false, who, method, path);
+        }
+        if let Some(policy) = verdict.denied_by {
+            audit::authz_refused(&self.metrics, service, &policy, true, who, method, path);
+            return Err(ProxyError::Denied { policy });
+        }
+        Ok(())
     }
 
     /// Policies in force, key sets and consumer counts, for `/config_dump` (no key material).
@@ -357,6 +288,132 @@ impl AccessControl {
             "consumer_credentials": s.consumers.len(),
             "authorization_default": self.default,
         })
+    }
+}
+
+/// Refusals of one request's authentication, audited with its method and path.
+struct Refuser<'a> {
+    access: &'a AccessControl,
+    method: &'a http::Method,
+    path: &'a str,
+}
+
+// === impl Refuser ===
+
+impl Refuser<'_> {
+    fn refuse(&self, who: &Principal, reason: &'static str, challenge: &HeaderValue) -> ProxyError {
+        let a = self.access;
+        audit::authn_refused(&a.metrics, &a.service, reason, who, self.method, self.path);
+        ProxyError::Unauthenticated {
+            reason,
+            challenge: challenge.clone(),
+        }
+    }
+}
+
+/// Apply the authentication policy `a` that covers the request: its credentials (a JWT, an
+/// API key) are verified and hidden from the app, and `who` learns its consumer.
+async fn authenticate<B>(
+    state: &State,
+    a: &Authn,
+    req: &mut Request<B>,
+    who: &mut Principal,
+    refuser: &Refuser<'_>,
+) -> Result<(), ProxyError> {
+    if let Some(jwt) = &a.jwt {
+        for h in jwt.forwarded_header_names() {
+            req.headers_mut().remove(h);
+        }
+    }
+    if a.accepts_tokens() && a.jwt.is_none() {
+        // Its providers could not be built: nothing it covers can be verified.
+        return Err(refuser.refuse(who, "jwt_unavailable", &a.challenge));
+    }
+    let token = a
+        .jwt
+        .as_ref()
+        .and_then(|j| j.token_from(req.headers(), req.uri()));
+    let key = a
+        .accepts_api_keys()
+        .then(|| a.api_key(req.headers(), req.uri()))
+        .flatten();
+    if token.is_none() && key.is_none() {
+        if a.required {
+            return Err(refuser.refuse(who, "missing_credentials", &a.challenge));
+        }
+        refuser.access.metrics.authenticated("anonymous");
+    }
+    // Verified with the token borrowed from the request; headers change only after.
+    let verified = match (token, &a.jwt) {
+        (Some(token), Some(jwt)) => Some((jwt, jwt.authenticate(token).await)),
+        _ => None,
+    };
+    if let Some((jwt, verified)) = verified {
+        let t = verified.map_err(|e| refuser.refuse(who, e.reason(), &a.challenge_invalid))?;
+        accept_token(state, a, jwt, t, req, who, refuser)?;
+    }
+    if let Some(key) = key {
+        accept_api_key(state, a, &key, req, who, refuser)?;
+    }
+    if who.token.is_some() || who.consumer.is_some() {
+        refuser.access.metrics.authenticated("ok");
+    }
+    Ok(())
+}
+
+/// A verified token: its consumer (unless disabled), its forwarded claims, the token hidden.
+fn accept_token<B>(
+    state: &State,
+    a: &Authn,
+    jwt: &JwtAuthenticator,
+    t: Arc<VerifiedToken>,
+    req: &mut Request<B>,
+    who: &mut Principal,
+    refuser: &Refuser<'_>,
+) -> Result<(), ProxyError> {
+    if let Some(c) = t
+        .subject
+        .as_deref()
+        .and_then(|s| state.consumers.by_subject(&t.issuer, s))
+    {
+        if c.disabled {
+            return Err(refuser.refuse(who, "consumer_disabled", &a.challenge_invalid));
+        }
+        who.consumer = Some(c.name.clone());
+    }
+    for (h, v) in &t.forwarded_headers {
+        req.headers_mut().insert(h.clone(), v.clone());
+    }
+    let mut uri = std::mem::take(req.uri_mut());
+    jwt.hide_token(&t.provider, req.headers_mut(), &mut uri);
+    *req.uri_mut() = uri;
+    who.token = Some(t);
+    Ok(())
+}
+
+/// An API key: its consumer (unless disabled or unknown), the key hidden.
+fn accept_api_key<B>(
+    state: &State,
+    a: &Authn,
+    key: &[u8],
+    req: &mut Request<B>,
+    who: &mut Principal,
+    refuser: &Refuser<'_>,
+) -> Result<(), ProxyError> {
+    match state.consumers.by_api_key(key) {
+        Some(c) if c.disabled => {
+            who.key_id = c.key_id.clone();
+            Err(refuser.refuse(who, "consumer_disabled", &a.challenge))
+        }
+        Some(c) => {
+            who.key_id = c.key_id.clone();
+            who.consumer = Some(c.name.clone());
+            let mut uri = std::mem::take(req.uri_mut());
+            a.hide_api_key(req.headers_mut(), &mut uri);
+            *req.uri_mut() = uri;
+            Ok(())
+        }
+        None => Err(refuser.refuse(who, "invalid_api_key", &a.challenge)),
     }
 }
 
