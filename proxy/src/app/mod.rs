@@ -84,6 +84,16 @@ pub struct Running {
     done: tokio::task::JoinHandle<()>,
 }
 
+/// What [`Proxy::start`] builds before the listeners: shared with them and the applier.
+struct SharedState {
+    routes: Arc<ArcSwap<TargetTable>>,
+    pool: Arc<PeerPool>,
+    /// Version of the snapshot the data plane is routing with.
+    applied: watch::Receiver<u64>,
+    /// The background tasks the shutdown sequence ends.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
 // === impl Proxy ===
 
 impl Proxy {
@@ -154,18 +164,42 @@ impl Proxy {
     /// Validate, load the identity, bind every listener and start serving.
     pub async fn start(mut self) -> Result<Running, StartError> {
         self.config.validate()?;
-        let cfg = self.config;
-        let ready = self.ready;
+        let ready = self.ready.clone();
+        // Not ready until the first snapshot is applied: blocked before anything can ask.
         let snapshot_ready = ready.block("snapshot");
         let metrics = Metrics::register(&mut self.registry);
         self.registry.register_collector(Box::new(
             crate::telemetry::process_metrics::ProcessCollector::new(),
         ));
-        let (own_id, files, tls) = load_identity(&cfg, &metrics)?;
+        let (own_id, files, tls) = load_identity(&self.config, &metrics)?;
         let spiffe = own_id.to_string();
-        let listeners = Listeners::bind(&cfg).await?;
-        let bound = listeners.bound(&cfg)?;
+        let listeners = Listeners::bind(&self.config).await?;
+        let bound = listeners.bound(&self.config)?;
+        let state = self.spawn_state(&tls, files, own_id, &metrics, snapshot_ready);
+        let inputs = self.inputs(tls, &metrics, &state, &bound, &spiffe);
+        let (shutdown, done) = self.serve(inputs, listeners, &bound, state.tasks)?;
+        Ok(Running {
+            bound,
+            ready,
+            metrics,
+            applied: state.applied,
+            shutdown,
+            done,
+        })
+    }
 
+    /// The state the listeners read: the target table, fed by the snapshot applier; the peer
+    /// pool; the certificate reloader; the sweeper of idle rate-limit keys (in every mode,
+    /// with or without an etcd agent).
+    fn spawn_state(
+        &mut self,
+        tls: &IdentityStore,
+        files: IdentityFiles,
+        own_id: SpiffeId,
+        metrics: &Arc<Metrics>,
+        snapshot_ready: crate::readiness::BlockReady,
+    ) -> SharedState {
+        let cfg = &self.config;
         let routes = Arc::new(ArcSwap::from_pointee(TargetTable::empty()));
         let pool = Arc::new(PeerPool::new(tls.clone(), metrics.clone()));
         let reload = cfg.identity.reload_interval;
@@ -186,34 +220,63 @@ impl Proxy {
             access_control: self.access_control.clone(),
             registry: self.stats.clone(),
         };
-        let snapshot_task = tokio::spawn(applier.run(self.snapshots, snapshot_ready, applied_tx));
-        // Idle rate-limit keys are forgotten in every mode, with or without an etcd agent.
+        let snapshots = self.snapshots.clone();
+        let snapshot_task = tokio::spawn(applier.run(snapshots, snapshot_ready, applied_tx));
         let key_sweeper = tokio::spawn(RateLimits::sweeper(Arc::downgrade(&self.limits)));
+        SharedState {
+            routes,
+            pool,
+            applied,
+            tasks: vec![reloader, snapshot_task, key_sweeper],
+        }
+    }
 
+    /// The bundle every listener is built from, with tracing and the access log started.
+    fn inputs(
+        &mut self,
+        tls: IdentityStore,
+        metrics: &Arc<Metrics>,
+        state: &SharedState,
+        bound: &Bound,
+        spiffe: &str,
+    ) -> ProxyInputs {
+        let cfg = self.config.clone();
         let instance = format!("{}-{}", cfg.service, bound.inbound.port());
         let who = crate::telemetry::trace::Identity {
             service: &cfg.service,
             instance: &instance,
-            spiffe_id: &spiffe,
+            spiffe_id: spiffe,
         };
-        let tracing_ = Tracing::start(&cfg.tracing, who, &mut self.registry);
+        let tracing = Tracing::start(&cfg.tracing, who, &mut self.registry);
         let access_log = AccessLog::start(&cfg.access_log, &mut self.registry);
         let on_demand = self
             .discover
             .clone()
-            .map(|d| OnDemand::new(d, applied.clone()));
-        let inputs = ProxyInputs {
+            .map(|d| OnDemand::new(d, state.applied.clone()));
+        ProxyInputs {
             cfg,
             tls,
             metrics: metrics.clone(),
-            routes,
-            pool,
-            tracing: tracing_.clone(),
+            routes: state.routes.clone(),
+            pool: state.pool.clone(),
+            tracing,
             access_log,
             rate_limits: self.limits.clone(),
             access_control: self.access_control.clone(),
             on_demand,
-        };
+        }
+    }
+
+    /// Serve the listeners and the admin API, and spawn the shutdown sequence.
+    fn serve(
+        self,
+        inputs: ProxyInputs,
+        listeners: Listeners,
+        bound: &Bound,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Result<(ShutdownHandle, tokio::task::JoinHandle<()>), StartError> {
+        let mut registry = self.registry;
+        let ready = self.ready;
         let (shutdown_tx, requested) = watch::channel(false);
         let shutdown = ShutdownHandle(Arc::new(shutdown_tx));
         let (inbound_trigger, inbound_drain) = drain::channel();
@@ -226,13 +289,12 @@ impl Proxy {
             tls: listeners.ingress,
             http: listeners.ingress_http,
         };
-        let registry = &mut self.registry;
         let ingress_certs = edge::start(
             &inputs,
             &outbound,
-            registry,
+            &mut registry,
             ingress,
-            &bound,
+            bound,
             &inbound_drain,
         )?;
         let extra = dump::Extra {
@@ -245,7 +307,7 @@ impl Proxy {
         tokio::spawn(outbound.serve(listeners.outbound, outbound_drain));
         let admin = Arc::new(Admin {
             ready: ready.clone(),
-            registry: Arc::new(self.registry),
+            registry: Arc::new(registry),
             dump: dump::config_dump(&inputs, extra),
             shutdown: shutdown.0.clone(),
             log_level: self.log_level,
@@ -254,24 +316,17 @@ impl Proxy {
 
         let done = Shutdown {
             requested,
-            ready: ready.clone(),
+            ready,
             hooks: self.before_drain,
             grace: inputs.cfg.drain.grace_period,
             inbound: inbound_trigger,
             outbound: outbound_trigger,
             admin: admin_trigger,
-            tracing: tracing_,
-            tasks: vec![reloader, snapshot_task, key_sweeper],
+            tracing: inputs.tracing.clone(),
+            tasks,
         }
         .spawn();
-        Ok(Running {
-            bound,
-            ready,
-            metrics,
-            applied,
-            shutdown,
-            done,
-        })
+        Ok((shutdown, done))
     }
 }
 
