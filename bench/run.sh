@@ -84,7 +84,7 @@ start() {
 # --- prerequisites ---------------------------------------------------------------------------
 
 need_apt=()
-for tool in nginx:nginx haproxy:haproxy wrk:wrk jq:jq curl:curl taskset:util-linux openssl:openssl ss:iproute2; do
+for tool in nginx:nginx haproxy:haproxy wrk:wrk jq:jq curl:curl taskset:util-linux openssl:openssl ss:iproute2 python3:python3; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
 if ((${#need_apt[@]})); then
