@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::runtime::Runtime;
 use trellis_proxy::app::{Proxy, Running};
 use trellis_proxy::config::{AppProtocol, InboundMode};
+use trellis_proxy::state::snapshot::Snapshot;
 use trellis_proxy::testing;
 
 #[path = "support/counting.rs"]
@@ -44,11 +45,11 @@ fn allocations_per_proxied_request_are_bounded() {
     let mut cfg_b = testing::config("backend", dir.path(), app);
     cfg_b.inbound.mode = InboundMode::Permissive;
     cfg_b.inbound.app_protocol = AppProtocol::Http1;
-    let b = start(&rt_b, cfg_b, &[]);
+    let (b, _b_snapshots) = start(&rt_b, cfg_b, &[]);
 
     let rt_a = sidecar_runtime(SIDECAR_A);
     let cfg_a = testing::config("client", dir.path(), app);
-    let a = start(&rt_a, cfg_a, &[("backend", &[b.bound.inbound])]);
+    let (a, _a_snapshots) = start(&rt_a, cfg_a, &[("backend", &[b.bound.inbound])]);
 
     // Two hops: client -> A outbound -> (h2, mTLS) -> B inbound -> app.
     let mut conn = Client::connect(a.bound.outbound);
@@ -107,28 +108,28 @@ fn sidecar_runtime(bucket: usize) -> Runtime {
         .expect("runtime")
 }
 
+/// A started sidecar, with the sender of its snapshots (a closed channel would read as "no
+/// source").
+type Started = (Running, tokio::sync::watch::Sender<Option<Arc<Snapshot>>>);
+
 /// Start a sidecar on `rt` (its tasks, not the test thread) with a snapshot of `services`.
 fn start(
     rt: &Runtime,
     cfg: trellis_proxy::config::Config,
     services: &[(&str, &[SocketAddr])],
-) -> Running {
+) -> Started {
     let snapshot = testing::snapshot(services, 1);
-    let running = rt
-        .block_on(rt.spawn(async move {
-            let (tx, rx) = tokio::sync::watch::channel(Some(snapshot));
-            let running = Proxy::new(cfg, rx).start().await.expect("sidecar starts");
-            // The sender must outlive the test: a closed channel would read as "no source".
-            std::mem::forget(tx);
-            let mut applied = running.applied.clone();
-            tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|v| *v >= 1))
-                .await
-                .expect("snapshot applied in time")
-                .expect("applied channel open");
-            running
-        }))
-        .expect("start task");
-    running
+    rt.block_on(rt.spawn(async move {
+        let (tx, rx) = tokio::sync::watch::channel(Some(snapshot));
+        let running = Proxy::new(cfg, rx).start().await.expect("sidecar starts");
+        let mut applied = running.applied.clone();
+        tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|v| *v >= 1))
+            .await
+            .expect("snapshot applied in time")
+            .expect("applied channel open");
+        (running, tx)
+    }))
+    .expect("start task")
 }
 
 /// The app: answers every HTTP/1.1 request on a connection with `200 ok`, one thread per

@@ -205,15 +205,18 @@ pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static
     }
 }
 
-/// A header value formatted without a heap `String` when it fits in 128 bytes (the
+/// A header value formatted without a heap `String` when it fits in [`INLINE`] bytes (the
 /// forwarding values nearly always do); longer ones fall back to `format!`.
 fn stack_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
     use std::io::Write;
-    let mut buf = [0u8; 128];
-    let mut rest = &mut buf[..];
+    let mut inline = Inline {
+        buf: [0u8; INLINE],
+        len: 0,
+    };
+    let mut rest = &mut inline.buf[..];
     if rest.write_fmt(args).is_ok() {
-        let len = 128 - rest.len();
-        return shared_value(&buf[..len]);
+        inline.len = INLINE - rest.len();
+        return inline.into_value();
     }
     HeaderValue::from_str(&std::fmt::format(args)).ok()
 }
@@ -221,29 +224,37 @@ fn stack_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
 /// A header value whose bytes are reference-counted from the start. Why: a value made with
 /// `HeaderValue::from_bytes` owns a plain buffer that `bytes` turns into a shared one (one more
 /// allocation) the first time it is cloned, and the outbound side clones the headers of every
-/// request its retry policy may replay.
-/// Values over 128 bytes are made the plain way.
+/// request its retry policy may replay. Values over [`INLINE`] bytes are made the plain way.
 pub fn shared_value(bytes: &[u8]) -> Option<HeaderValue> {
-    /// The bytes inline, so that the shared buffer is one allocation, like a plain one.
-    struct Inline {
-        buf: [u8; 128],
-        len: usize,
-    }
-    impl AsRef<[u8]> for Inline {
-        fn as_ref(&self) -> &[u8] {
-            &self.buf[..self.len]
-        }
-    }
-    if bytes.len() > 128 {
+    if bytes.len() > INLINE {
         return HeaderValue::from_bytes(bytes).ok();
     }
-    let mut buf = [0u8; 128];
-    buf[..bytes.len()].copy_from_slice(bytes);
-    let owner = Inline {
-        buf,
+    let mut inline = Inline {
+        buf: [0u8; INLINE],
         len: bytes.len(),
     };
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(owner)).ok()
+    inline.buf[..bytes.len()].copy_from_slice(bytes);
+    inline.into_value()
+}
+
+const INLINE: usize = 128;
+
+/// Header bytes held inline, so that the shared buffer is one allocation, like a plain one.
+struct Inline {
+    buf: [u8; INLINE],
+    len: usize,
+}
+
+impl AsRef<[u8]> for Inline {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Inline {
+    fn into_value(self) -> Option<HeaderValue> {
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(self)).ok()
+    }
 }
 
 /// Framing rules of RFC 9110/9112 that hyper lets through, checked before anything reads the

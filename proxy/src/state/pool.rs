@@ -164,29 +164,27 @@ impl PeerPool {
         if let Some(slot) = find(&self.slots.load(), ep) {
             return slot;
         }
-        let mut created = None;
         self.modify(|slots| {
             // Another request may have created it since the lock-free miss.
             if let Some(slot) = find(slots, ep) {
-                created = Some(slot);
-                return;
+                return slot;
             }
             let slot = Arc::new(Slot::default());
             slots
                 .entry(ep.addr)
                 .or_default()
                 .push((ep.identity.clone(), slot.clone()));
-            created = Some(slot);
-        });
-        created.unwrap_or_default()
+            slot
+        })
     }
 
     /// Copy, change and publish the slot map, one writer at a time.
-    fn modify(&self, change: impl FnOnce(&mut Slots)) {
+    fn modify<R>(&self, change: impl FnOnce(&mut Slots) -> R) -> R {
         let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
         let mut slots = Slots::clone(&self.slots.load());
-        change(&mut slots);
+        let result = change(&mut slots);
         self.slots.store(Arc::new(slots));
+        result
     }
 }
 
