@@ -40,13 +40,13 @@ async fn run(n: usize) -> String {
 
     let mut sidecars = Vec::new();
     for i in 0..n {
-        let mut cfg = trellis_proxy::config::Config::new("bench", dir.path());
-        cfg.trust_domain = "bench.local".into();
+        let mut cfg = mesh_agent::config::AgentConfig::new("bench", dir.path());
+        cfg.proxy.trust_domain = "bench.local".into();
         let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        cfg.inbound.listen = any;
-        cfg.outbound.listen = any;
-        cfg.admin.listen = any;
-        let mut e = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+        cfg.proxy.inbound.listen = any;
+        cfg.proxy.outbound.listen = any;
+        cfg.proxy.admin.listen = any;
+        let mut e = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
         e.cache_file = Some(dir.path().join(format!("cache-{i}.json")));
         e.registration.instance_id = Some(format!("bench-{i}"));
         cfg.store.etcd = Some(e);
@@ -58,7 +58,7 @@ async fn run(n: usize) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let cfg = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
     let (mut all, mut each) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let yaml = format!(

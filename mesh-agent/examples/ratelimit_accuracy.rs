@@ -18,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
+use mesh_agent::config::EtcdConfig;
 use mesh_agent::etcd::ratelimit::{Coordinator, CoordinatorStatus};
 use mesh_agent::etcd::registration::{self, RegistrationHandle};
 use mesh_agent::testing::EtcdCluster;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use trellis_policies::{MeshDocument, Registration};
-use trellis_proxy::config::EtcdConfig;
 use trellis_proxy::policy::ratelimit::RateLimits;
 use trellis_proxy::state::snapshot::Snapshot;
 

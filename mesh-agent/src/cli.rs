@@ -338,7 +338,7 @@ pub struct EtcdArgs {
         value_delimiter = ','
     )]
     pub etcd_endpoints: Vec<String>,
-    #[arg(long, env = "TRELLIS_ETCD_PREFIX", default_value = trellis_proxy::config::DEFAULT_ETCD_PREFIX)]
+    #[arg(long, env = "TRELLIS_ETCD_PREFIX", default_value = crate::config::DEFAULT_ETCD_PREFIX)]
     pub etcd_prefix: String,
     /// CA bundle for TLS to etcd.
     #[arg(long, env = "TRELLIS_ETCD_CA")]
@@ -358,8 +358,8 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    pub fn config(&self) -> trellis_proxy::config::EtcdConfig {
-        let mut c = trellis_proxy::config::EtcdConfig::new(self.etcd_endpoints.clone());
+    pub fn config(&self) -> crate::config::EtcdConfig {
+        let mut c = crate::config::EtcdConfig::new(self.etcd_endpoints.clone());
         c.prefix = self.etcd_prefix.clone();
         c.ca = self.etcd_ca.clone();
         c.cert = self.etcd_cert.clone();
@@ -434,8 +434,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn execute(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Run { config, mode } => {
-            let cfg = trellis_proxy::config::Config::load(&config).map_err(|e| e.to_string())?;
-            if mode == RunMode::Ingress && cfg.ingress.is_none() {
+            let cfg = crate::config::AgentConfig::load(&config).map_err(|e| e.to_string())?;
+            if mode == RunMode::Ingress && cfg.proxy.ingress.is_none() {
                 return Err(format!(
                     "{}: --mode ingress needs an `ingress` section (listen, certificates)",
                     config.display()

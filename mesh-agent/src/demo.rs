@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::AgentConfig;
 use tokio::net::TcpListener;
 use trellis_proxy::app::Running;
-use trellis_proxy::config::Config;
 use trellis_proxy::identity::CertificateAuthority;
 
 use crate::demo_app;
@@ -227,22 +227,23 @@ async fn start_sidecar(
     app: SocketAddr,
     mesh_file: &std::path::Path,
 ) -> Result<(Running, StartStore), DemoError> {
-    let mut cfg = Config::new(service, dir);
-    cfg.trust_domain = TRUST_DOMAIN.into();
+    let mut cfg = AgentConfig::new(service, dir);
+    let p = &mut cfg.proxy;
+    p.trust_domain = TRUST_DOMAIN.into();
     let any: SocketAddr = "127.0.0.1:0".parse().map_err(setup("address"))?;
-    cfg.inbound.listen = any;
-    cfg.outbound.listen = any;
-    cfg.admin.listen = any;
-    cfg.inbound.app = app;
+    p.inbound.listen = any;
+    p.outbound.listen = any;
+    p.admin.listen = any;
+    p.inbound.app = app;
+    p.drain.grace_period = Duration::from_secs(2);
+    // Traces only when a collector is named (e.g. a local Jaeger on :4317), then every request.
+    p.tracing.enabled = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    p.tracing.sampling = 1.0;
     cfg.store.file = Some(mesh_file.to_path_buf());
     cfg.store.reload_interval = Duration::from_millis(200);
-    cfg.drain.grace_period = Duration::from_secs(2);
-    // Traces only when a collector is named (e.g. a local Jaeger on :4317), then every request.
-    cfg.tracing.enabled = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
-    cfg.tracing.sampling = 1.0;
     // The store must not read the file before it is written: start it afterwards.
     let (tx, rx) = tokio::sync::watch::channel(None);
-    let mut proxy = trellis_proxy::app::Proxy::new(cfg.clone(), rx);
+    let mut proxy = crate::run::data_plane(&cfg, rx);
     let dns = Arc::new(crate::dns::Dns::new(&[], proxy.registry_mut()));
     let store = crate::store::FileStore::new(
         mesh_file.to_path_buf(),

@@ -14,9 +14,9 @@ pub mod rollback;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::config::EtcdConfig;
 use etcd_client::GetOptions;
 use trellis_policies::{parse_documents, PolicyDocument, Registration};
-use trellis_proxy::config::EtcdConfig;
 
 use crate::etcd::keys::Keys;
 use crate::etcd::registration::InstanceStatus;

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use trellis_policies::Registration;
 use trellis_proxy::app::{Proxy, Running, StartError};
-use trellis_proxy::config::{Config, EtcdConfig};
+use trellis_proxy::config::Config;
 use trellis_proxy::state::snapshot::Snapshot;
 
+use crate::config::{AgentConfig, EtcdConfig};
 use crate::dns::Dns;
 use crate::etcd::discovery::Discovery;
 use crate::etcd::ratelimit::{Coordinator, CoordinatorStatus};
@@ -18,18 +19,20 @@ use crate::etcd::registration::{self, RegistrationHandle};
 use crate::store::{FileStore, SnapshotTx};
 
 /// Build and start a sidecar for `config`, with its store.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(config: AgentConfig) -> Result<Running, StartError> {
+    // The data plane checks its half again when it starts.
+    config.validate()?;
     let (tx, rx) = watch::channel(None);
     if let Some(etcd) = config.store.etcd.clone() {
         return start_etcd(config, etcd, tx, rx).await;
     }
     match &config.store.file {
         Some(path) => {
-            let mut proxy = new_proxy(config.clone(), rx);
+            let mut proxy = new_proxy(&config, rx);
             let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
             let fs = FileStore::new(
                 path.clone(),
-                config.trust_domain.clone(),
+                config.proxy.trust_domain.clone(),
                 config.store.reload_interval,
                 dns,
                 proxy.registry_mut(),
@@ -54,7 +57,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             })));
             // Keep the sender alive for the sidecar's lifetime: dropping it is harmless (the
             // last snapshot stays) but would log a warning.
-            let running = new_proxy(config, rx).start().await?;
+            let running = new_proxy(&config, rx).start().await?;
             std::mem::forget(tx);
             Ok(running)
         }
@@ -64,17 +67,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// etcd mode: discovery feeds the data plane; registration starts once the listeners are bound
 /// and is revoked before draining.
 async fn start_etcd(
-    config: Config,
+    agent: AgentConfig,
     etcd: EtcdConfig,
     tx: SnapshotTx,
     rx: trellis_proxy::app::SnapshotRx,
 ) -> Result<Running, StartError> {
-    let mut proxy = new_proxy(config.clone(), rx);
+    let mut proxy = new_proxy(&agent, rx);
+    let config = agent.proxy;
     let cache_file = etcd
         .cache_file
         .clone()
         .unwrap_or_else(|| default_cache_file(&config));
-    let dns = Arc::new(Dns::new(&config.dns.nameservers, proxy.registry_mut()));
+    let dns = Arc::new(Dns::new(&agent.dns.nameservers, proxy.registry_mut()));
     let ready = proxy.ready();
     let reg_metrics = registration::RegistrationMetrics::register(proxy.registry_mut());
     let mut discovery = Discovery::new(
@@ -169,11 +173,21 @@ async fn start_etcd(
 }
 
 /// A data plane with this process's log filter behind `/log_level`.
-fn new_proxy(config: Config, rx: trellis_proxy::app::SnapshotRx) -> Proxy {
-    let mut proxy = Proxy::new(config, rx);
+fn new_proxy(config: &AgentConfig, rx: trellis_proxy::app::SnapshotRx) -> Proxy {
+    let mut proxy = data_plane(config, rx);
     if let Some(control) = crate::logging::control() {
         proxy.log_level_control(control);
     }
+    proxy
+}
+
+/// A data plane for the data plane's half of `config`. Its `/config_dump` shows the whole file
+/// under `config`, the agent's `store` and `dns` included (the etcd password never: it is not
+/// serialized).
+pub(crate) fn data_plane(config: &AgentConfig, rx: trellis_proxy::app::SnapshotRx) -> Proxy {
+    let mut proxy = Proxy::new(config.proxy.clone(), rx);
+    let whole = serde_json::to_value(config).unwrap_or_default();
+    proxy.dump_section("config", Arc::new(move || whole.clone()));
     proxy
 }
 
@@ -258,7 +272,7 @@ fn default_cache_file(config: &Config) -> PathBuf {
 }
 
 /// Run until a signal or `/shutdown`, then drain.
-pub async fn run(config: Config) -> Result<(), StartError> {
+pub async fn run(config: AgentConfig) -> Result<(), StartError> {
     let running = start(config).await?;
     tracing::info!(
         inbound = %running.bound.inbound,

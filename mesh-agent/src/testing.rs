@@ -84,7 +84,7 @@ impl EtcdTls {
     }
 
     /// Point `cfg` at this CA and, with `user`, a client certificate for that user.
-    pub fn configure(&self, cfg: &mut trellis_proxy::config::EtcdConfig, user: Option<&str>) {
+    pub fn configure(&self, cfg: &mut crate::config::EtcdConfig, user: Option<&str>) {
         cfg.ca = Some(self.ca_path());
         match user {
             Some(u) => {
@@ -498,8 +498,8 @@ impl EtcdCluster {
         &self,
         cert_user: Option<&str>,
         credentials: Option<(&str, &str)>,
-    ) -> trellis_proxy::config::EtcdConfig {
-        let mut c = trellis_proxy::config::EtcdConfig::new(self.endpoints());
+    ) -> crate::config::EtcdConfig {
+        let mut c = crate::config::EtcdConfig::new(self.endpoints());
         c.timeout = Duration::from_secs(1);
         if let Some(tls) = &self.tls {
             tls.configure(&mut c, cert_user);
@@ -682,4 +682,13 @@ impl Drop for EtcdGrpcProxy {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// [`trellis_proxy::testing::config`] with the agent's half: no store yet, a short store
+/// reload interval.
+pub fn config(service: &str, dir: &Path, app: std::net::SocketAddr) -> crate::config::AgentConfig {
+    let mut cfg = crate::config::AgentConfig::new(service, dir);
+    cfg.proxy = trellis_proxy::testing::config(service, dir, app);
+    cfg.store.reload_interval = Duration::from_millis(100);
+    cfg
 }

@@ -227,8 +227,8 @@ fn shipped_examples_are_valid() {
         "examples/gateway/gateway.yaml",
     ] {
         let text = std::fs::read_to_string(root.join(cfg)).unwrap();
-        let c =
-            trellis_proxy::config::Config::from_yaml(&text, cfg).unwrap_or_else(|e| panic!("{e}"));
+        let c = mesh_agent::config::AgentConfig::from_yaml(&text, cfg)
+            .unwrap_or_else(|e| panic!("{e}"));
         c.validate().unwrap_or_else(|e| panic!("{cfg}: {e}"));
     }
     let mesh = std::fs::read_to_string(root.join("examples/standalone/mesh.yaml")).unwrap();

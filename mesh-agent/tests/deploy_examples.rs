@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_agent::config::AgentConfig;
 use serde::Deserialize;
 use serde_norway::Value;
-use trellis_proxy::config::{self as defaults, Config};
+use trellis_proxy::config as defaults;
 
 /// Time the sidecar needs after SIGTERM beyond its drain grace period: the last traces are
 /// exported within 2 s, plus deregistration.
@@ -97,9 +98,10 @@ fn kubernetes_deployment_matches_the_binary_and_the_image() {
             .unwrap_or_else(|| panic!("{name} not set"))
     };
     let yaml = s(&docs["ConfigMap/orders-sidecar"]["data"]["sidecar.yaml"]);
-    let mut cfg = Config::from_yaml(yaml, "configmap.yaml").expect("sidecar.yaml parses");
-    cfg.apply_env(env.clone()).expect("env applies");
-    cfg.validate().expect("sidecar.yaml is valid");
+    let mut agent = AgentConfig::from_yaml(yaml, "configmap.yaml").expect("sidecar.yaml parses");
+    agent.apply_env(env.clone()).expect("env applies");
+    agent.validate().expect("sidecar.yaml is valid");
+    let cfg = &agent.proxy;
     assert_eq!(env_of("TRELLIS_ADVERTISE_ADDR"), "10.1.2.3:15006");
 
     // Ports: the declared container port is the inbound listener, the image's default.
@@ -154,7 +156,7 @@ fn kubernetes_deployment_matches_the_binary_and_the_image() {
         );
     }
     assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
-    let cache = cfg
+    let cache = agent
         .store
         .etcd
         .as_ref()

@@ -96,7 +96,7 @@ fn check_sidecar(text: &str) -> Result<String, String> {
     }
     let text = serde_norway::to_string(&m).map_err(|e| e.to_string())?;
     let cfg =
-        trellis_proxy::config::Config::from_yaml(&text, "block").map_err(|e| e.to_string())?;
+        mesh_agent::config::AgentConfig::from_yaml(&text, "block").map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(if whole {
         "sidecar configuration".into()

@@ -1,4 +1,10 @@
-//! Sidecar configuration: one YAML file per sidecar plus `TRELLIS_*` environment overrides.
+//! The data plane's configuration: its part of the sidecar's YAML file plus `TRELLIS_*`
+//! environment overrides.
+//!
+//! The data plane is fed by snapshots and never reads a store, so where the snapshots come
+//! from (`store:` with its file or etcd, registration and discovery) and name resolution
+//! (`dns:`) are the agent's configuration (`mesh_agent::config`), which reads the same file and
+//! hands this part to the data plane.
 //!
 //! Defaults live here as constants so that the docs, `/config_dump` and the code agree.
 
@@ -36,24 +42,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long in-flight requests may run after SIGTERM before the sidecar exits anyway.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
-/// How often certificate and store files are checked for changes.
+/// How often the identity files are checked for changes (the agent checks a store file as
+/// often: `mesh_agent::config`).
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
-/// Key prefix in etcd; several meshes can share one etcd under different prefixes.
-pub const DEFAULT_ETCD_PREFIX: &str = "/trellis";
-/// Registration lease TTL. etcd raises TTLs below ~2 s, so shorter values are refused.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
-pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
-/// Timeout of one etcd call (connect included).
-pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
-/// How often a sidecar re-reads etcd's member list. Members are replaced rarely, and every
-/// sidecar reading it costs the cluster N / interval calls/s (the Go client does not sync at
-/// all by default): 5 minutes is a few calls per second for 1,000 sidecars.
-pub const DEFAULT_AUTO_SYNC: Duration = Duration::from_secs(300);
-/// A service learned on demand and not called for this long is dropped (its watch cancelled).
-pub const DEFAULT_DISCOVERY_IDLE: Duration = Duration::from_secs(600);
-/// Most services a sidecar learns on demand (declared and routed ones do not count): bounds
-/// what an app calling made-up names can make it hold.
-pub const DEFAULT_MAX_LEARNED: usize = 1000;
 
 /// Share of requests without trace context that start a sampled trace (parent-based after).
 pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
@@ -98,7 +89,8 @@ pub enum AppProtocol {
     H2c,
 }
 
-/// The whole sidecar configuration file.
+/// The data plane's part of the sidecar configuration file (every key but the agent's
+/// `store` and `dns`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -122,12 +114,6 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub drain: DrainConfig,
-    /// Where endpoints and policies come from.
-    #[serde(default)]
-    pub store: StoreConfig,
-    /// Name resolution for host-name endpoints and external services.
-    #[serde(default)]
-    pub dns: DnsConfig,
     /// Distributed tracing (OTLP/gRPC export).
     #[serde(default)]
     pub tracing: TracingConfig,
@@ -182,18 +168,6 @@ pub struct IngressHttpConfig {
     /// Answer every request with a redirect to `https://` (308) instead of serving it.
     #[serde(default = "d_true")]
     pub redirect_to_https: bool,
-}
-
-fn d_discovery_idle() -> Duration {
-    DEFAULT_DISCOVERY_IDLE
-}
-
-fn d_max_learned() -> usize {
-    DEFAULT_MAX_LEARNED
-}
-
-fn d_auto_sync() -> Duration {
-    DEFAULT_AUTO_SYNC
 }
 
 fn d_ingress_listen() -> SocketAddr {
@@ -330,15 +304,6 @@ fn d_trace_export_timeout() -> Duration {
     DEFAULT_TRACE_EXPORT_TIMEOUT
 }
 
-/// DNS settings; by default the system's resolver configuration (`/etc/resolv.conf`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DnsConfig {
-    /// Name servers (`ip:port`) to use instead of the system's.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nameservers: Vec<SocketAddr>,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
@@ -418,156 +383,9 @@ pub struct DrainConfig {
     pub grace_period: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// Standalone mode: a YAML mesh document, watched and hot-reloaded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<PathBuf>,
-    #[serde(default = "d_reload", with = "humantime_serde")]
-    pub reload_interval: Duration,
-    /// Production mode: registration, discovery and policies in etcd. Read by `mesh-agent`;
-    /// the data plane only ever sees the snapshots built from it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etcd: Option<EtcdConfig>,
-}
-
-/// How to reach etcd and where this sidecar keeps its fail-static cache.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    /// e.g. `http://10.0.0.1:2379`; several for a cluster.
-    pub endpoints: Vec<String>,
-    #[serde(default = "d_etcd_prefix")]
-    pub prefix: String,
-    /// PEM CA bundle for TLS to etcd (use `https://` endpoints).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca: Option<PathBuf>,
-    /// PEM client certificate and key for mutual TLS to etcd.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Never shown in `/config_dump`. `TRELLIS_ETCD_PASSWORD` overrides it.
-    #[serde(default, skip_serializing)]
-    pub password: Option<String>,
-    #[serde(default = "d_etcd_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(default = "d_lease_ttl", with = "humantime_serde")]
-    pub lease_ttl: Duration,
-    /// The last applied mesh state and its revision, for fail-static starts. Default:
-    /// `<temp dir>/trellis-<service>-<inbound port>.cache.json`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_file: Option<PathBuf>,
-    /// How often the cluster's members are learned from etcd, so a member replaced on a new
-    /// address is used without a configuration change (the Go client's auto-sync). `0s`:
-    /// never; only `endpoints` are dialled.
-    #[serde(default = "d_auto_sync", with = "humantime_serde")]
-    pub auto_sync_interval: Duration,
-    /// How this instance registers itself.
-    #[serde(default)]
-    pub registration: RegistrationConfig,
-    /// What this sidecar holds of the mesh.
-    #[serde(default)]
-    pub discovery: DiscoveryConfig,
-}
-
-/// Which part of the mesh a sidecar watches. Its cost (memory, CPU per change) follows what it
-/// holds, so by default it holds only what it uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiscoveryScope {
-    /// Its own service, the declared `dependencies`, the backends of the HTTPRoutes its
-    /// ingress serves, and every service the app calls, learned on the first request.
-    #[default]
-    OnDemand,
-    /// Every service of the mesh (one watch on the whole mesh prefix).
-    Full,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiscoveryConfig {
-    #[serde(default)]
-    pub scope: DiscoveryScope,
-    /// Services the app calls, watched from the start (no first-request lookup).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dependencies: Vec<String>,
-    /// A service learned on demand and not called for this long is dropped.
-    #[serde(default = "d_discovery_idle", with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// Most services learned on demand at once; beyond it, unknown names answer 503.
-    #[serde(default = "d_max_learned")]
-    pub max_learned: usize,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        Self {
-            scope: DiscoveryScope::default(),
-            dependencies: Vec::new(),
-            idle_timeout: DEFAULT_DISCOVERY_IDLE,
-            max_learned: DEFAULT_MAX_LEARNED,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistrationConfig {
-    /// Register at all (a client-only sidecar may not).
-    #[serde(default = "d_true")]
-    pub enabled: bool,
-    /// The address peers use to reach the inbound listener. Required when `inbound.listen` is
-    /// a wildcard address (`TRELLIS_ADVERTISE_ADDR`, e.g. the pod IP).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<SocketAddr>,
-    /// Unique per instance; default `<hostname>-<inbound port>` (`TRELLIS_INSTANCE_ID`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
-    #[serde(default = "d_weight")]
-    pub weight: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub metadata: std::collections::BTreeMap<String, String>,
-    /// Register only once `GET <app><path>` answers 2xx.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_health_path: Option<String>,
-}
-
-impl Default for RegistrationConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            address: None,
-            instance_id: None,
-            weight: 1,
-            zone: None,
-            metadata: Default::default(),
-            app_health_path: None,
-        }
-    }
-}
-
-fn d_etcd_prefix() -> String {
-    DEFAULT_ETCD_PREFIX.to_string()
-}
-fn d_etcd_timeout() -> Duration {
-    DEFAULT_ETCD_TIMEOUT
-}
-fn d_lease_ttl() -> Duration {
-    DEFAULT_LEASE_TTL
-}
 fn d_true() -> bool {
     true
 }
-fn d_weight() -> u32 {
-    1
-}
-
 fn parse_addr(s: &str) -> SocketAddr {
     // The constants above are valid literals; a failure here is a programming error caught by
     // the `defaults_parse` test.
@@ -659,15 +477,6 @@ impl Default for Timeouts {
         }
     }
 }
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            file: None,
-            reload_interval: d_reload(),
-            etcd: None,
-        }
-    }
-}
 impl Default for DrainConfig {
     fn default() -> Self {
         Self {
@@ -693,29 +502,6 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
-// === impl EtcdConfig ===
-
-impl EtcdConfig {
-    /// Defaults for everything but the endpoints.
-    pub fn new(endpoints: Vec<String>) -> Self {
-        Self {
-            endpoints,
-            prefix: d_etcd_prefix(),
-            ca: None,
-            cert: None,
-            key: None,
-            username: None,
-            password: None,
-            timeout: d_etcd_timeout(),
-            lease_ttl: d_lease_ttl(),
-            cache_file: None,
-            auto_sync_interval: d_auto_sync(),
-            registration: RegistrationConfig::default(),
-            discovery: DiscoveryConfig::default(),
-        }
-    }
-}
-
 // === impl Config ===
 
 impl Config {
@@ -738,8 +524,6 @@ impl Config {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             drain: DrainConfig::default(),
-            store: StoreConfig::default(),
-            dns: DnsConfig::default(),
             tracing: TracingConfig::default(),
             access_log: AccessLogConfig::default(),
             authorization: AuthorizationConfig::default(),
@@ -747,19 +531,9 @@ impl Config {
         }
     }
 
-    /// Read a YAML file, apply `TRELLIS_*` overrides from the process environment, validate.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut cfg = Self::from_yaml(&text, &path.display().to_string())?;
-        cfg.apply_env(std::env::vars())?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Parse YAML text; `origin` names the source in errors.
+    /// Parse YAML text holding only the data plane's keys; `origin` names the source in errors.
+    /// A whole sidecar file (with `store` and `dns`) is read by the agent, which hands this part
+    /// over.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
@@ -803,44 +577,6 @@ impl Config {
                 "TRELLIS_CERT" => self.identity.cert = value.into(),
                 "TRELLIS_KEY" => self.identity.key = value.into(),
                 "TRELLIS_BUNDLE" => self.identity.bundle = value.into(),
-                "TRELLIS_STORE_FILE" => self.store.file = Some(value.into()),
-                "TRELLIS_ETCD_ENDPOINTS" => {
-                    let endpoints = value
-                        .split(',')
-                        .map(|e| e.trim().to_string())
-                        .filter(|e| !e.is_empty())
-                        .collect();
-                    match &mut self.store.etcd {
-                        Some(etcd) => etcd.endpoints = endpoints,
-                        None => self.store.etcd = Some(EtcdConfig::new(endpoints)),
-                    }
-                }
-                "TRELLIS_ETCD_PASSWORD" => {
-                    if let Some(etcd) = &mut self.store.etcd {
-                        etcd.password = Some(value);
-                    }
-                }
-                "TRELLIS_ADVERTISE_ADDR" => {
-                    let a = addr(&value)?;
-                    if let Some(etcd) = &mut self.store.etcd {
-                        etcd.registration.address = Some(a);
-                    }
-                }
-                "TRELLIS_INSTANCE_ID" => {
-                    if let Some(etcd) = &mut self.store.etcd {
-                        etcd.registration.instance_id = Some(value);
-                    }
-                }
-                // The services the app calls (comma-separated), e.g. from a pod annotation.
-                "TRELLIS_DEPENDENCIES" => {
-                    if let Some(etcd) = &mut self.store.etcd {
-                        etcd.discovery.dependencies = value
-                            .split(',')
-                            .map(|d| d.trim().to_string())
-                            .filter(|d| !d.is_empty())
-                            .collect();
-                    }
-                }
                 _ => {}
             }
         }
@@ -879,18 +615,6 @@ impl Config {
             }
             crate::http::headers::TrustedProxies::parse(&ing.trusted_proxies)
                 .map_err(|m| invalid("ingress.trusted_proxies", m))?;
-        }
-        if let Some(etcd) = &self.store.etcd {
-            for d in &etcd.discovery.dependencies {
-                trellis_policies::validate_service_name(d)
-                    .map_err(|m| invalid("store.etcd.discovery.dependencies", m))?;
-            }
-            if etcd.discovery.idle_timeout < Duration::from_secs(1) {
-                return Err(invalid(
-                    "store.etcd.discovery.idle_timeout",
-                    "must be at least 1s".into(),
-                ));
-            }
         }
         if !(0.0..=1.0).contains(&self.access_log.sample) {
             return Err(invalid(
@@ -936,7 +660,6 @@ impl Config {
             ("timeouts.request", self.timeouts.request),
             ("timeouts.stream_idle", self.timeouts.stream_idle),
             ("identity.reload_interval", self.identity.reload_interval),
-            ("store.reload_interval", self.store.reload_interval),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be greater than zero".into()));
@@ -1004,23 +727,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("TRELLIS_ADMIN_ADDR"), "{err}");
-        cfg.apply_env([
-            (
-                "TRELLIS_ETCD_ENDPOINTS".to_string(),
-                "http://e:2379".to_string(),
-            ),
-            (
-                "TRELLIS_DEPENDENCIES".to_string(),
-                " payments, stock ,".to_string(),
-            ),
-        ])
-        .unwrap();
-        let deps = &cfg.store.etcd.as_ref().unwrap().discovery.dependencies;
-        assert_eq!(deps, &["payments".to_string(), "stock".to_string()]);
-        cfg.apply_env([("TRELLIS_DEPENDENCIES".to_string(), "Bad_Name".to_string())])
-            .unwrap();
-        let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("store.etcd.discovery.dependencies"), "{err}");
     }
 
     #[test]

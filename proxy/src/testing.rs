@@ -38,7 +38,6 @@ pub fn config(service: &str, dir: &Path, app: SocketAddr) -> Config {
     cfg.admin.listen = any;
     cfg.inbound.app = app;
     cfg.identity.reload_interval = Duration::from_millis(100);
-    cfg.store.reload_interval = Duration::from_millis(100);
     cfg.drain.grace_period = Duration::from_secs(5);
     // Spans are created and context propagated on every test request, but none is sampled
     // (and nothing exported) unless a test turns sampling up and points at its collector.

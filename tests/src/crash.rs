@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use mesh_agent::config::AgentConfig;
 use trellis_proxy::app::Bound;
-use trellis_proxy::config::Config;
 
 pub struct CrashableSidecar {
     pub bound: Bound,
@@ -20,7 +20,7 @@ pub struct CrashableSidecar {
 impl CrashableSidecar {
     /// Start `mesh_agent::run::start(cfg)` on a fresh runtime; panics if it does not start
     /// within 20 s.
-    pub fn start(cfg: Config) -> Self {
+    pub fn start(cfg: AgentConfig) -> Self {
         let (bound_tx, bound_rx) = mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mesh_agent::config::AgentConfig;
 use tempfile::TempDir;
 use tokio::sync::watch;
 use trellis_proxy::app::{Proxy, Running};
@@ -250,7 +251,7 @@ pub async fn etcd_sidecar(
     service: &str,
     app: SocketAddr,
     endpoints: Vec<String>,
-    tweak: impl FnOnce(&mut Config),
+    tweak: impl FnOnce(&mut AgentConfig),
 ) -> Running {
     let mut cfg = etcd_sidecar_config(pki, service, app, endpoints);
     tweak(&mut cfg);
@@ -265,9 +266,9 @@ pub fn etcd_sidecar_config(
     service: &str,
     app: SocketAddr,
     endpoints: Vec<String>,
-) -> Config {
-    let mut cfg = testing::config(service, pki.path(), app);
-    let mut etcd = trellis_proxy::config::EtcdConfig::new(endpoints);
+) -> AgentConfig {
+    let mut cfg = mesh_agent::testing::config(service, pki.path(), app);
+    let mut etcd = mesh_agent::config::EtcdConfig::new(endpoints);
     etcd.lease_ttl = Duration::from_secs(2);
     etcd.timeout = Duration::from_secs(1);
     etcd.cache_file = Some(pki.path().join(format!("{service}.cache.json")));

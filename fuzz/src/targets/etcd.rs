@@ -97,8 +97,8 @@ pub fn run(data: &[u8]) -> u64 {
 }
 
 fn assemble(state: &MeshState) -> String {
-    let full = trellis_proxy::config::DiscoveryConfig {
-        scope: trellis_proxy::config::DiscoveryScope::Full,
+    let full = mesh_agent::config::DiscoveryConfig {
+        scope: mesh_agent::config::DiscoveryScope::Full,
         ..Default::default()
     };
     let doc = state.to_document(&mesh_agent::etcd::scope::Scope::new(&full, "web", None));

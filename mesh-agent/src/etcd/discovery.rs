@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::EtcdConfig;
 use etcd_client::{EventType, GetOptions};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,7 +29,6 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use trellis_proxy::app::ServiceUsage;
-use trellis_proxy::config::EtcdConfig;
 use trellis_proxy::readiness::Ready;
 use trellis_proxy::state::discover::{Discover, Discovered};
 use trellis_proxy::state::snapshot::{Service, Snapshot};

@@ -17,8 +17,8 @@ pub mod watches;
 
 use std::time::Duration;
 
+use crate::config::EtcdConfig;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
-use trellis_proxy::config::EtcdConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {

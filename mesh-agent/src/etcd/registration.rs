@@ -13,11 +13,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::EtcdConfig;
 use etcd_client::PutOptions;
 use serde::Serialize;
 use tokio::sync::watch;
 use trellis_policies::Registration;
-use trellis_proxy::config::EtcdConfig;
 
 use super::keys::Keys;
 use super::{backoff, Etcd, EtcdError};

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use crate::config::{DiscoveryConfig, DiscoveryScope};
 use trellis_policies::{Policy, MESH_GATEWAY};
-use trellis_proxy::config::{DiscoveryConfig, DiscoveryScope};
 
 /// How long a name etcd does not know is answered `Missing` without asking again: bounds the
 /// reads an app calling made-up (or external) names can cause, one per name per period. Short,

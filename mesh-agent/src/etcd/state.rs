@@ -456,8 +456,8 @@ mod tests {
     use super::*;
 
     fn full() -> Scope {
-        let cfg = trellis_proxy::config::DiscoveryConfig {
-            scope: trellis_proxy::config::DiscoveryScope::Full,
+        let cfg = crate::config::DiscoveryConfig {
+            scope: crate::config::DiscoveryScope::Full,
             ..Default::default()
         };
         Scope::new(&cfg, "web", None)
@@ -573,7 +573,7 @@ mod tests {
         s.put(&keys, &a, &reg("orders", "a", 1), 2).unwrap();
         s.put(&keys, &b, &reg("stock", "b", 2), 3).unwrap();
         let scoped = |service: &str, deps: &[&str]| {
-            let cfg = trellis_proxy::config::DiscoveryConfig {
+            let cfg = crate::config::DiscoveryConfig {
                 dependencies: deps.iter().map(|d| d.to_string()).collect(),
                 ..Default::default()
             };

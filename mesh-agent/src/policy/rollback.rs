@@ -9,8 +9,8 @@
 //! Planning and committing are separate steps so that the guard can be exercised (and so a
 //! caller can show what would happen before writing).
 
+use crate::config::EtcdConfig;
 use trellis_policies::PolicyDocument;
-use trellis_proxy::config::EtcdConfig;
 
 use super::history::{self, Action, Change};
 use super::{diff, parse_ref, PolicyError};

@@ -156,7 +156,9 @@ impl Proxy {
         self.log_level = Some(f);
     }
 
-    /// Add a section to `/config_dump`.
+    /// Add a section to `/config_dump`. One named like a section of the data plane's replaces
+    /// it: the agent shows the whole configuration file (its `store` and `dns` too) under
+    /// `config`.
     pub fn dump_section(&mut self, name: &'static str, f: DumpFn) {
         self.dump_sections.push((name, f));
     }

@@ -33,7 +33,7 @@ struct Mesh {
     client: Running,
 }
 
-async fn mesh(services: &[&str], tweak: impl FnOnce(&mut trellis_proxy::config::Config)) -> Mesh {
+async fn mesh(services: &[&str], tweak: impl FnOnce(&mut mesh_agent::config::AgentConfig)) -> Mesh {
     init_logs();
     let etcd = EtcdCluster::start(1).await;
     let mut names = services.to_vec();
@@ -288,7 +288,7 @@ async fn an_ingress_holds_the_backends_its_routes_name_and_follows_route_changes
     web.leaf(m.pki.path(), "api", &["api.example.com"]);
     let app = Backend::start().await;
     let gateway = etcd_sidecar(&m.pki, "client", app.addr, m.etcd.endpoints(), |c| {
-        c.ingress = Some(trellis_tests::web::loopback_ingress(
+        c.proxy.ingress = Some(trellis_tests::web::loopback_ingress(
             m.pki.path(),
             &[("api.example.com", "api")],
             false,
@@ -309,7 +309,7 @@ async fn an_ingress_holds_the_backends_its_routes_name_and_follows_route_changes
             .map(|d| d.unwrap())
             .collect::<Vec<_>>()
     };
-    let cfg = trellis_proxy::config::EtcdConfig::new(m.etcd.endpoints());
+    let cfg = mesh_agent::config::EtcdConfig::new(m.etcd.endpoints());
     mesh_agent::policy::apply(&cfg, &route("orders"), false)
         .await
         .unwrap();

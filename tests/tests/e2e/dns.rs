@@ -46,7 +46,7 @@ async fn host_name_endpoints_and_external_services_follow_dns() {
         ),
     )
     .unwrap();
-    let mut cfg = trellis_proxy::testing::config("client", pki.path(), backend.addr);
+    let mut cfg = mesh_agent::testing::config("client", pki.path(), backend.addr);
     cfg.store.file = Some(mesh_file);
     cfg.dns.nameservers = vec![dns.addr];
     let running = mesh_agent::run::start(cfg).await.unwrap();
@@ -141,7 +141,7 @@ async fn external_service_policy_from_etcd() {
         .into_iter()
         .map(|d| d.unwrap())
         .collect();
-    let cfg = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
     mesh_agent::policy::apply(&cfg, &docs, false).await.unwrap();
     let c = client::h1(running.bound.outbound);
     wait_for(

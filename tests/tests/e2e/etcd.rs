@@ -15,8 +15,8 @@ use trellis_tests::{etcd_sidecar, init_logs, wait_for, Load, Pki};
 
 const PREFIX: &str = "/trellis/v1";
 
-fn etcd_cfg(endpoints: Vec<String>) -> trellis_proxy::config::EtcdConfig {
-    let mut c = trellis_proxy::config::EtcdConfig::new(endpoints);
+fn etcd_cfg(endpoints: Vec<String>) -> mesh_agent::config::EtcdConfig {
+    let mut c = mesh_agent::config::EtcdConfig::new(endpoints);
     c.timeout = Duration::from_secs(1);
     c
 }

@@ -41,7 +41,7 @@ impl FaultMesh {
         let pki = Pki::new(&["client", "echo"]);
         let mut backends = Vec::new();
         let mut echo = Vec::new();
-        let tweak = |c: &mut trellis_proxy::config::Config| {
+        let tweak = |c: &mut mesh_agent::config::AgentConfig| {
             if let Some(e) = c.store.etcd.as_mut() {
                 e.lease_ttl = lease_ttl;
                 e.auto_sync_interval = Duration::from_secs(1);
@@ -209,9 +209,9 @@ async fn the_leader_killed_costs_nothing() {
     };
     m.etcd.members[leader].kill();
     // The CLI works while a quorum lives, with the dead member listed first.
-    let cfg = trellis_proxy::config::EtcdConfig {
+    let cfg = mesh_agent::config::EtcdConfig {
         timeout: Duration::from_secs(1),
-        ..trellis_proxy::config::EtcdConfig::new(dead_first)
+        ..mesh_agent::config::EtcdConfig::new(dead_first)
     };
     let policy = trellis_policies::parse_documents(
         "apiVersion: trellis.dev/v1\nkind: ServicePolicy\nmetadata: {name: other}\nspec: {request_timeout: 5s}\n",

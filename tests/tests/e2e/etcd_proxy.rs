@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
+use mesh_agent::config::{AgentConfig, EtcdConfig};
 use mesh_agent::testing::{EtcdCluster, EtcdGrpcProxy, ProxyMembers};
 use trellis_proxy::app::Running;
-use trellis_proxy::config::{Config, EtcdConfig};
 use trellis_tests::backend::Backend;
 use trellis_tests::{client, etcd_sidecar, init_logs, wait_for, Pki};
 
@@ -108,7 +108,7 @@ impl ProxyMesh {
         let watchers_before = server_watchers(&etcd).await;
         let pki = Pki::new(&["client", "echo", "other"]);
         let backend = Backend::start().await;
-        let tweak = |c: &mut Config| {
+        let tweak = |c: &mut AgentConfig| {
             if let Some(e) = c.store.etcd.as_mut() {
                 e.lease_ttl = Duration::from_secs(6);
                 e.auto_sync_interval = Duration::from_secs(1);

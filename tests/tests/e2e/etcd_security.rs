@@ -9,12 +9,12 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::{GetOptions, PutOptions};
+use mesh_agent::config::EtcdConfig;
 use mesh_agent::etcd::rbac;
 use mesh_agent::etcd::{Etcd, EtcdError};
 use mesh_agent::testing::{EtcdCluster, ROOT_USER};
 use trellis_policies::parse_documents;
 use trellis_proxy::app::Running;
-use trellis_proxy::config::EtcdConfig;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
 use trellis_tests::{etcd_sidecar, etcd_sidecar_config, init_logs, wait_for, Pki};
@@ -24,7 +24,7 @@ const ROOT_PASSWORD: &str = "root-pw";
 
 /// Use `etcd`'s endpoints, TLS files and credentials in a sidecar's configuration (keeping
 /// the sidecar's lease TTL and cache file).
-fn use_etcd(cfg: &mut trellis_proxy::config::Config, etcd: &EtcdConfig) {
+fn use_etcd(cfg: &mut mesh_agent::config::AgentConfig, etcd: &EtcdConfig) {
     if let Some(e) = cfg.store.etcd.as_mut() {
         e.endpoints = etcd.endpoints.clone();
         e.ca = etcd.ca.clone();
@@ -202,6 +202,11 @@ async fn sidecars_register_and_discover_through_etcd_with_a_password() {
     let m = mesh(&root, &root).await;
     let echo_keys = keys_under(&root, &format!("{PREFIX}/mesh/services/echo/instances/")).await;
     assert_eq!(echo_keys.len(), 1, "{echo_keys:?}");
+    // `/config_dump` shows the agent's configuration with the data plane's, never the password.
+    let d = dump(&m.client).await;
+    assert_eq!(d["config"]["service"], "client");
+    assert_eq!(d["config"]["store"]["etcd"]["username"], ROOT_USER);
+    assert!(!d.to_string().contains(ROOT_PASSWORD), "{d}");
     // Without credentials nothing can be read any more.
     let anonymous = etcd.config(None, None);
     let msg = mesh_agent::policy::status(&anonymous)

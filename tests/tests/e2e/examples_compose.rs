@@ -137,13 +137,13 @@ fn compose_example_agrees_with_the_binary() {
         std::fs::read_to_string(example_dir().join("sidecar.yaml")).expect("sidecar.yaml");
     let mut configs = BTreeMap::new();
     for (name, svc) in &sidecars {
-        let mut cfg = trellis_proxy::config::Config::from_yaml(&sidecar_yaml, "sidecar.yaml")
+        let mut cfg = mesh_agent::config::AgentConfig::from_yaml(&sidecar_yaml, "sidecar.yaml")
             .expect("sidecar.yaml parses");
         let env = env_of(svc);
         cfg.apply_env(env.clone()).expect("environment applies");
         cfg.validate().expect("config validates");
         assert_eq!(
-            &cfg.service, name,
+            &cfg.proxy.service, name,
             "TRELLIS_SERVICE names the compose service"
         );
         let certs = mounts(svc);
@@ -151,11 +151,11 @@ fn compose_example_agrees_with_the_binary() {
             certs.contains_key("/etc/trellis/certs"),
             "{name}: certs volume"
         );
-        assert!(cfg.identity.cert.starts_with("/etc/trellis/certs"));
+        assert!(cfg.proxy.identity.cert.starts_with("/etc/trellis/certs"));
         assert!(env["OTEL_EXPORTER_OTLP_ENDPOINT"].starts_with("http://jaeger:4317"));
         let etcd = cfg.store.etcd.as_ref().expect("etcd store");
         assert_eq!(etcd.endpoints, vec!["http://etcd:2379".to_string()]);
-        configs.insert(name.clone(), cfg);
+        configs.insert(name.clone(), cfg.proxy);
     }
 
     // The certificate job issues one for every sidecar.

@@ -513,7 +513,7 @@ async fn http_route_from_the_file_store() {
         ),
     )
     .unwrap();
-    let mut cfg = trellis_proxy::testing::config("client", pki.path(), backend.addr);
+    let mut cfg = mesh_agent::testing::config("client", pki.path(), backend.addr);
     cfg.store.file = Some(mesh_file);
     let running = mesh_agent::run::start(cfg).await.expect("start");
     let c = client::h1(running.bound.outbound);
@@ -571,7 +571,7 @@ async fn http_route_applied_through_etcd_and_checked_by_policy_validate() {
     )
     .unwrap();
     let docs = mesh_agent::policy::load_documents(&good).expect("valid");
-    let mut cfg = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+    let mut cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
     cfg.timeout = Duration::from_secs(1);
     let report = mesh_agent::policy::apply(&cfg, &docs, false)
         .await

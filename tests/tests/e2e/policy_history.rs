@@ -18,8 +18,8 @@ use trellis_tests::{etcd_sidecar, init_logs, wait_for, Pki};
 
 const REF: &str = "ServicePolicy/echo";
 
-fn etcd_cfg(endpoints: Vec<String>) -> trellis_proxy::config::EtcdConfig {
-    let mut c = trellis_proxy::config::EtcdConfig::new(endpoints);
+fn etcd_cfg(endpoints: Vec<String>) -> mesh_agent::config::EtcdConfig {
+    let mut c = mesh_agent::config::EtcdConfig::new(endpoints);
     c.timeout = Duration::from_secs(2);
     c
 }
@@ -43,7 +43,7 @@ fn applied_rev(report: &[String]) -> i64 {
         .unwrap()
 }
 
-async fn history_json(cfg: &trellis_proxy::config::EtcdConfig) -> Vec<Value> {
+async fn history_json(cfg: &mesh_agent::config::EtcdConfig) -> Vec<Value> {
     let text = policy::history(cfg, REF, OutputFormat::Json).await.unwrap();
     serde_json::from_str::<Value>(&text)
         .unwrap()

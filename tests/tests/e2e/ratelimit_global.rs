@@ -58,7 +58,7 @@ async fn global_limit_is_shared_rebalanced_after_a_crash_and_bounded_without_etc
         .into_iter()
         .map(|d| d.unwrap())
         .collect();
-    let cfg = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
     mesh_agent::policy::apply(&cfg, &docs, false).await.unwrap();
 
     // One caller per instance, so each instance sees its own demand: 60 / 30 / 10 % of 1.5 L.
@@ -180,7 +180,7 @@ async fn a_new_consumer_gets_its_quota_burst_with_etcd_coordination() {
         .into_iter()
         .map(|d| d.expect("valid document"))
         .collect();
-    let cfg = trellis_proxy::config::EtcdConfig::new(etcd.endpoints());
+    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
     mesh_agent::policy::apply(&cfg, &docs, false)
         .await
         .expect("policies applied");

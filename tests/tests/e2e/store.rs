@@ -40,7 +40,7 @@ async fn file_store_hot_reloads_and_keeps_last_good_version() {
         ),
     )
     .unwrap();
-    let mut cfg = trellis_proxy::testing::config("client", pki.path(), backend.addr);
+    let mut cfg = mesh_agent::testing::config("client", pki.path(), backend.addr);
     cfg.store.file = Some(mesh_file.clone());
     let running = mesh_agent::run::start(cfg).await.expect("start");
     let c = client::h1(running.bound.outbound);
