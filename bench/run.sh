@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trellis proxy benchmark: one HTTP backend reached directly and through nginx, haproxy,
-# nginx two-hop mTLS, and Trellis (one hop, and the real two-sidecar mTLS path), measured in
-# one run on a 2-core machine. Load generators run on core 0, backend and proxies on core 1.
+# a bare tokio + hyper proxy (the stack's floor), nginx two-hop mTLS, and Trellis (one hop, and
+# the real two-sidecar mTLS path), measured in one run on a 2-core machine. Load generators run on core 0, backend and proxies on core 1.
 #
 #   bash bench/run.sh            # 10 s per measurement (BENCH_SECONDS=N to change)
 #   bash bench/run.sh --quick    # 2 s per measurement: smoke test
@@ -116,6 +116,13 @@ elif [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
 fi
 AGENT="${BENCH_AGENT:-$ROOT/target/release/mesh-agent}"
 [[ -x "$AGENT" ]] || die "$AGENT was not built"
+# The stack's floor: a bare tokio + hyper proxy (proxy/examples/hyper_floor.rs), no features.
+FLOOR="$ROOT/target/release/examples/hyper_floor"
+if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
+    (cd "$ROOT" && cargo build --release --locked -p trellis-proxy --example hyper_floor) >>"$D/logs/build.log" 2>&1 ||
+        { tail -30 "$D/logs/build.log" >&2; die "cargo build of the hyper floor failed"; }
+fi
+[[ -x "$FLOOR" ]] || die "$FLOOR was not built"
 
 # --- ports, certificates, configs ------------------------------------------------------------
 
@@ -123,7 +130,7 @@ AGENT="${BENCH_AGENT:-$ROOT/target/release/mesh-agent}"
 declare -A PORT
 used_ports="$(ss -Htan 2>/dev/null | awk '{print $4}' | sed 's/.*://' | sort -u)"
 next_port=$PORT_BASE
-for name in backend backend_status nginx haproxy mtls_a mtls_b mtls_b_status b_in b_out b_admin a_in a_out a_admin; do
+for name in backend backend_status nginx haproxy floor_pooled floor_paired mtls_a mtls_b mtls_b_status b_in b_out b_admin a_in a_out a_admin; do
     while grep -qx "$next_port" <<<"$used_ports"; do next_port=$((next_port + 1)); done
     PORT[$name]=$next_port
     next_port=$((next_port + 1))
@@ -183,6 +190,9 @@ render haproxy.cfg "$D/haproxy.cfg" PORT="${PORT[haproxy]}" BACKEND_PORT="${PORT
 haproxy -c -q -f "$D/haproxy.cfg" >"$D/logs/haproxy-test.log" 2>&1 ||
     { cat "$D/logs/haproxy-test.log" >&2; die "haproxy config is invalid"; }
 start haproxy haproxy -db -f "$D/haproxy.cfg"
+for mode in pooled paired; do
+    start "floor_$mode" "$FLOOR" "127.0.0.1:${PORT[floor_$mode]}" "127.0.0.1:${PORT[backend]}" "$mode"
+done
 
 render mesh.yaml "$D/mesh.yaml" B_INBOUND_PORT="${PORT[b_in]}"
 render sidecar.yaml "$D/sidecar-b.yaml" SERVICE=backend DIR="$D" CERTS="$CERTS" \
@@ -210,7 +220,7 @@ wait_port() {
         sleep 0.1
     done
 }
-for p in backend nginx haproxy mtls_a mtls_b; do
+for p in backend nginx haproxy floor_pooled floor_paired mtls_a mtls_b; do
     wait_port "${PORT[$p]}" 10 || die "$p did not listen on ${PORT[$p]} (see $D/logs/$p.log and $D/$p/error.log)"
 done
 for s in a b; do
@@ -232,6 +242,8 @@ declare -A PROC=(
     [backend]="$(worker_of "$PID_backend")"
     [nginx]="$(worker_of "$PID_nginx")"
     [haproxy]="$PID_haproxy"
+    [floor_pooled]="$PID_floor_pooled"
+    [floor_paired]="$PID_floor_paired"
     [mtls_a]="$(worker_of "$PID_mtls_a")"
     [mtls_b]="$(worker_of "$PID_mtls_b")"
     [trellis_a]="$PID_trellis_a"
@@ -241,11 +253,13 @@ for k in "${!PROC[@]}"; do [[ -n "${PROC[$k]}" ]] || die "no worker process for 
 
 # --- paths -----------------------------------------------------------------------------------
 
-PATHS=(direct nginx haproxy nginx2 trellis1 trellis2)
+PATHS=(direct nginx haproxy floor_paired floor_pooled nginx2 trellis1 trellis2)
 declare -A LABEL=(
     [direct]="direct"
     [nginx]="nginx 1-hop"
     [haproxy]="haproxy 1-hop"
+    [floor_paired]="hyper floor 1-hop (paired)"
+    [floor_pooled]="hyper floor 1-hop (pooled)"
     [nginx2]="nginx 2-hop mTLS"
     [trellis1]="Trellis 1-hop"
     [trellis2]="Trellis 2-hop mTLS"
@@ -254,6 +268,8 @@ declare -A URL=(
     [direct]="http://127.0.0.1:${PORT[backend]}/"
     [nginx]="http://127.0.0.1:${PORT[nginx]}/"
     [haproxy]="http://127.0.0.1:${PORT[haproxy]}/"
+    [floor_paired]="http://127.0.0.1:${PORT[floor_paired]}/"
+    [floor_pooled]="http://127.0.0.1:${PORT[floor_pooled]}/"
     [nginx2]="http://127.0.0.1:${PORT[mtls_a]}/"
     [trellis1]="http://127.0.0.1:${PORT[b_in]}/"
     [trellis2]="http://127.0.0.1:${PORT[a_out]}/"
@@ -263,6 +279,8 @@ declare -A PATH_PROCS=(
     [direct]=""
     [nginx]="nginx"
     [haproxy]="haproxy"
+    [floor_paired]="floor_paired"
+    [floor_pooled]="floor_pooled"
     [nginx2]="mtls_a mtls_b"
     [trellis1]="trellis_b"
     [trellis2]="trellis_a trellis_b"
@@ -466,7 +484,7 @@ done
 
 # --- report ----------------------------------------------------------------------------------
 
-declare -A REF=([direct]=nginx [nginx]=nginx [haproxy]=nginx [trellis1]=nginx [nginx2]=nginx2 [trellis2]=nginx2)
+declare -A REF=([direct]=nginx [nginx]=nginx [haproxy]=nginx [floor_paired]=nginx [floor_pooled]=nginx [trellis1]=nginx [nginx2]=nginx2 [trellis2]=nginx2)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2fx", a / b }'; }
 mb() { awk -v k="${1:-0}" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -538,6 +556,19 @@ TARGETS="$(
         "$HOLD_CONNS" "$rss_conns" "$(mb "${RSS_CONNS[nginx]}")" "$(met "$rss_conns <= 30")"
 )"
 
+# How much of Trellis's 1-hop cost is the stack under it: the bare hyper proxies do nothing but
+# forward, so no proxy built on tokio + hyper can cost less than they do.
+FLOOR_TABLE="$(
+    printf '| 1-hop path | proxy µs/req | vs nginx 1-hop | max req/s | vs nginx 1-hop |\n'
+    printf '|---|---:|---:|---:|---:|\n'
+    for p in nginx floor_paired floor_pooled trellis1; do
+        printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$p]}" "${ADDED_US[$p]}" \
+            "$(ratio "${ADDED_US[$p]}" "${ADDED_US[nginx]}")" "${RPS[$p]}" "$(ratio "${RPS[$p]}" "${RPS[nginx]}")"
+    done
+    printf '| Trellis above the pooled floor (its own work) | %s | | | |\n' \
+        "$(awk -v a="${ADDED_US[trellis1]}" -v b="${ADDED_US[floor_pooled]}" 'BEGIN { printf "%.2f", a - b }')"
+)"
+
 git_rev="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [[ -n "$(cd "$ROOT" && git status --porcelain -- proxy mesh-agent policies Cargo.lock 2>/dev/null)" ]]; then
     git_rev+=" (+ uncommitted changes)"
@@ -559,6 +590,10 @@ echo
 echo "Connections opened during the max runs (wrk keeps $CONNS connections open throughout):"
 echo
 echo "$CONN_TABLE"
+echo
+echo "The stack's floor (bare tokio + hyper proxies, proxy/examples/hyper_floor.rs):"
+echo
+echo "$FLOOR_TABLE"
 echo
 echo "Targets:"
 echo
@@ -593,6 +628,12 @@ if ((WRITE_DOCS)); then
         echo "proxy that reuses its upstream connections opens at most about as many, once):"
         echo
         echo "$CONN_TABLE"
+        echo
+        echo "The stack's floor: two bare tokio + hyper 1-hop proxies (proxy/examples/hyper_floor.rs) that"
+        echo "only forward (paired: one upstream connection per client connection through"
+        echo "hyper::client::conn; pooled: hyper-util's legacy pooled client, as Trellis's inbound uses):"
+        echo
+        echo "$FLOOR_TABLE"
         echo
         echo "Targets:"
         echo

@@ -30,6 +30,9 @@ pub struct Streamed {
     permits: crate::policy::ratelimit::Permits,
     /// The request's span, ended when the body ends.
     span: Option<crate::telemetry::trace::RequestSpan>,
+    /// The span around it, ended just after it: at the ingress, the server span of the
+    /// request from outside (boxed: no other listener has one).
+    outer: Option<Box<crate::telemetry::trace::RequestSpan>>,
 }
 
 impl Streamed {
@@ -40,6 +43,7 @@ impl Streamed {
             guard: None,
             permits: Default::default(),
             span: None,
+            outer: None,
         }
     }
 
@@ -58,8 +62,13 @@ impl Streamed {
         self
     }
 
+    /// End `span` with the body; a second span is the one around the first (ended after it).
     pub fn traced(mut self, span: crate::telemetry::trace::RequestSpan) -> Self {
-        self.span = Some(span);
+        if self.span.is_none() {
+            self.span = Some(span);
+        } else {
+            self.outer = Some(Box::new(span));
+        }
         self
     }
 
@@ -67,6 +76,7 @@ impl Streamed {
         self.guard = None;
         self.permits = Default::default();
         self.span = None;
+        self.outer = None;
     }
 }
 

@@ -16,6 +16,7 @@ use trellis_proxy::policy::access::key_digest;
 use trellis_proxy::state::snapshot::Snapshot;
 use trellis_tests::backend::Backend;
 use trellis_tests::client;
+use trellis_tests::otlp::{Collector, ReceivedSpan, CLIENT, SERVER};
 use trellis_tests::web::{loopback_ingress, Dial, WebPki};
 use trellis_tests::{init_logs, wait_for, Pki, Sidecar};
 
@@ -273,4 +274,144 @@ async fn an_ingress_that_cannot_bind_names_its_own_listener_and_address() {
             assert!(!err.contains(&admin.to_string()), "{err}");
         }
     }
+}
+
+/// The spans of `trace` once `n` have arrived (and a flush later, none more).
+async fn spans_of(c: &Collector, trace: &str, n: usize) -> Vec<ReceivedSpan> {
+    wait_for(Duration::from_secs(10), "spans exported", || async {
+        c.trace(trace).len() >= n
+    })
+    .await;
+    // Flushed every 100 ms: a span the request should not have made would be here by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = c.trace(trace);
+    assert_eq!(spans.len(), n, "{spans:#?}");
+    spans
+}
+
+fn one(spans: &[ReceivedSpan], service: &str, kind: i32) -> ReceivedSpan {
+    let mut of = spans
+        .iter()
+        .filter(|s| s.service == service && s.kind == kind);
+    let span = of
+        .next()
+        .unwrap_or_else(|| panic!("{service} {kind}: {spans:#?}"));
+    assert!(
+        of.next().is_none(),
+        "one {service} span of kind {kind}: {spans:#?}"
+    );
+    span.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_traces_every_request_it_answers_refused_or_routed() {
+    init_logs();
+    let c = Collector::start().await;
+    let traced = |cfg: &mut trellis_proxy::config::Config| {
+        cfg.tracing.endpoint = Some(c.endpoint());
+        // Only what the client sampled is traced.
+        cfg.tracing.sampling = 0.0;
+        cfg.tracing.flush_interval = Duration::from_millis(100);
+    };
+    let pki = Pki::new(&["gateway", "orders"]);
+    let web = WebPki::new();
+    let dir = pki.path();
+    web.leaf(dir, "api", &["api.example.com"]);
+    let backend = Backend::start().await;
+    let orders = Sidecar::start(&pki, "orders", backend.addr, |cfg| {
+        traced(cfg);
+        cfg.authorization.consumer_from_peers = vec![Pki::spiffe("gateway")];
+    })
+    .await;
+    let gateway = Sidecar::start(&pki, "gateway", backend.addr, |cfg| {
+        traced(cfg);
+        cfg.ingress = Some(loopback_ingress(dir, &[("api.example.com", "api")], true));
+    })
+    .await;
+    let snap = snapshot(orders.inbound());
+    orders.apply(snap.clone()).await;
+    gateway.apply(snap).await;
+    let tls_addr = gateway.running.bound.ingress.expect("ingress bound");
+    let parent = "00f067aa0ba902b7";
+
+    // Routed: the gateway's server span (the client's child), its client span, the far
+    // sidecar's server span, in one line of descent.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4731";
+    let tp = format!("00-{trace}-{parent}-01");
+    let (status, body, _) = https_get(
+        &web,
+        tls_addr,
+        "api.example.com",
+        "/echo",
+        &[("x-api-key", KEY), ("traceparent", &tp)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let spans = spans_of(&c, trace, 3).await;
+    let edge = one(&spans, "gateway", SERVER);
+    let call = one(&spans, "gateway", CLIENT);
+    let far = one(&spans, "orders", SERVER);
+    assert_eq!(edge.parent_span_id, parent);
+    assert_eq!(call.parent_span_id, edge.span_id);
+    assert_eq!(far.parent_span_id, call.span_id);
+    assert_eq!(edge.attributes["url.scheme"], "https");
+    assert_eq!(edge.attributes["url.path"], "/echo");
+    assert_eq!(edge.attributes["server.address"], "api.example.com");
+    assert_eq!(edge.attributes["client.address"], "127.0.0.1");
+    assert_eq!(edge.attributes["http.response.status_code"], "200");
+    assert_eq!(edge.status, 0, "{edge:#?}");
+    let seen: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+    assert_eq!(
+        seen["headers"]["traceparent"],
+        format!("00-{trace}-{}-01", far.span_id)
+    );
+
+    // Refused at the edge: one server span, with the status and the cause; nothing routed.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4732";
+    let tp = format!("00-{trace}-{parent}-01");
+    let (status, _, _) = https_get(
+        &web,
+        tls_addr,
+        "api.example.com",
+        "/echo",
+        &[("traceparent", &tp)],
+    )
+    .await;
+    assert_eq!(status, 401);
+    let spans = spans_of(&c, trace, 1).await;
+    let edge = one(&spans, "gateway", SERVER);
+    assert_eq!(edge.parent_span_id, parent);
+    assert_eq!(edge.attributes["http.response.status_code"], "401");
+    assert_eq!(edge.attributes["error.type"], "unauthenticated");
+    assert_eq!(
+        edge.status, 0,
+        "a 4xx is the client's error, not the server's"
+    );
+
+    // Routed to nothing: the gateway answers itself, a server error named by its cause.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4733";
+    let tp = format!("00-{trace}-{parent}-01");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port nobody listens on");
+    gateway.apply(snapshot(closed)).await;
+    let (status, _, _) = https_get(
+        &web,
+        tls_addr,
+        "api.example.com",
+        "/echo",
+        &[("x-api-key", KEY), ("traceparent", &tp)],
+    )
+    .await;
+    assert!(status >= 500, "{status}");
+    let spans = spans_of(&c, trace, 2).await;
+    let edge = one(&spans, "gateway", SERVER);
+    let call = one(&spans, "gateway", CLIENT);
+    assert_eq!(call.parent_span_id, edge.span_id);
+    assert_eq!(
+        edge.attributes["http.response.status_code"],
+        status.to_string()
+    );
+    assert_eq!(edge.attributes["error.type"], call.attributes["error.type"]);
+    assert_eq!(edge.status, 2, "{edge:#?}");
 }

@@ -213,8 +213,10 @@ impl Inbound {
     ) -> Response<ResponseBody> {
         let observed = self.lifecycle.start(&mut req, |req| {
             let (method, path) = (req.method(), req.uri().path());
+            // A verified peer identity means the request came over mTLS.
+            let scheme = if peer.is_some() { "https" } else { "http" };
             self.tracing
-                .server(method, path, req.headers(), peer.as_ref(), client)
+                .server(method, path, req.headers(), peer.as_ref(), client, scheme)
         });
         let peer_id = observed.logging().then(|| peer.clone()).flatten();
         let mut consumer = None;

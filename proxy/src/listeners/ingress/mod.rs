@@ -21,9 +21,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
 use crate::drain;
-use crate::error::ProxyError;
-use crate::http::headers::{edge_forwarded, EdgeForwarded, TrustedProxies};
-use crate::listeners::lifecycle::{admission, Admission, Lifecycle};
+use crate::error::{known_cause, ProxyError};
+use crate::http::headers::{edge_forwarded, EdgeForwarded, TrustedProxies, ERROR_HEADER};
+use crate::listeners::lifecycle::{admission, end_with_body, Admission, Lifecycle};
 use crate::listeners::outbound::Outbound;
 use crate::listeners::server::{
     accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
@@ -31,6 +31,7 @@ use crate::listeners::server::{
 use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::{Permits, RateLimits};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
+use crate::telemetry::trace::{RequestSpan, Tracing};
 use crate::ResponseBody;
 
 /// The `direction` label of the ingress listeners' connections, bytes and refusals.
@@ -43,6 +44,7 @@ pub struct Ingress {
     admission: Admission,
     /// The ingress's requests are observed under its own direction.
     lifecycle: Lifecycle,
+    tracing: Arc<Tracing>,
     metrics: Arc<Metrics>,
     limits: Limits,
     edge: Edge,
@@ -87,6 +89,7 @@ impl Ingress {
         Self {
             admission: Admission::new(access, rate_limits, metrics.clone()),
             lifecycle: outbound.lifecycle(INGRESS),
+            tracing: outbound.tracing(),
             outbound,
             metrics,
             limits,
@@ -188,7 +191,9 @@ impl Ingress {
     }
 
     /// Admit, then route into the mesh under the ingress's own observation; the
-    /// concurrency slots are held until the response body ends.
+    /// concurrency slots are held until the response body ends. The server span of the
+    /// request the edge received covers both: a refusal is in the trace with its cause, and a
+    /// routed request's client span is its child.
     async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
         let peer = conn.peer;
         let start = std::time::Instant::now();
@@ -199,6 +204,7 @@ impl Ingress {
             ip if ip == peer.ip() => peer,
             ip => SocketAddr::new(ip, 0),
         };
+        let mut span = self.server_span(&mut req, client, conn);
         let mut consumer = None;
         let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
             Ok(permits) => {
@@ -220,10 +226,33 @@ impl Ingress {
                 resp
             }
         };
+        // Whoever answered with an error (this gateway, or a sidecar behind it) named it.
+        let cause = resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| known_cause(v.as_bytes()));
+        span.respond(resp.status().as_u16(), cause);
         let seconds = start.elapsed().as_secs_f64();
         self.admission
             .count(consumer.as_ref(), resp.status().as_u16(), seconds);
-        resp
+        end_with_body(resp, span)
+    }
+
+    /// The server span of a request from outside, made the parent of what the request leads
+    /// to. The trace context a client sends is followed (it names no one: identity never
+    /// comes from it).
+    fn server_span(
+        &self,
+        req: &mut Request<Incoming>,
+        client: SocketAddr,
+        conn: &Conn,
+    ) -> RequestSpan {
+        let (method, path) = (req.method(), req.uri().path());
+        let span = self
+            .tracing
+            .server(method, path, req.headers(), None, client, conn.scheme());
+        span.inject(req.headers_mut());
+        span
     }
 
     /// What the edge checks before anything else reads the request: its framing, its host

@@ -9,4 +9,4 @@ pub mod admission;
 mod observe;
 
 pub use admission::Admission;
-pub use observe::{Finished, Labels, Lifecycle, Observed};
+pub use observe::{end_with_body, Finished, Labels, Lifecycle, Observed};

@@ -162,7 +162,7 @@ impl Observed<'_> {
 }
 
 /// Hold `span` until the response body ends (a streamed body), or end it now.
-fn end_with_body<R>(
+pub fn end_with_body<R>(
     resp: http::Response<http_body_util::Either<Streamed, R>>,
     span: RequestSpan,
 ) -> http::Response<http_body_util::Either<Streamed, R>> {

@@ -150,6 +150,11 @@ impl Outbound {
 
     /// How this listener observes its requests; the ingress observes its own, routed here,
     /// under its direction.
+    /// The tracer its spans are made with (the ingress makes its server spans with it too).
+    pub(crate) fn tracing(&self) -> Arc<crate::telemetry::trace::Tracing> {
+        self.tracing.clone()
+    }
+
     pub(crate) fn lifecycle(&self, direction: &'static str) -> Lifecycle {
         Lifecycle::new(direction, self.metrics.clone(), self.access.clone())
     }

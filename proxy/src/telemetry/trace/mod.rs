@@ -149,6 +149,7 @@ impl Tracing {
         headers: &HeaderMap,
         peer: Option<&HeaderValue>,
         client: SocketAddr,
+        scheme: &'static str,
     ) -> RequestSpan {
         let Some(tracer) = &self.tracer else {
             return RequestSpan::none();
@@ -159,7 +160,7 @@ impl Tracing {
             let mut attrs = vec![
                 KeyValue::new("http.request.method", method.to_string()),
                 KeyValue::new("url.path", path.to_string()),
-                KeyValue::new("url.scheme", "http"),
+                KeyValue::new("url.scheme", scheme),
                 KeyValue::new("client.address", client.ip().to_string()),
                 KeyValue::new("client.port", i64::from(client.port())),
             ];
