@@ -84,17 +84,9 @@ async fn serve_pooled(
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let client = client.clone();
         *req.uri_mut() = upstream_uri(&authority, req.uri());
-        async move {
-            Ok::<_, Infallible>(match client.request(req).await {
-                Ok(resp) => resp.map(|b| b.boxed()),
-                Err(_) => bad_gateway(),
-            })
-        }
+        async move { Ok::<_, Infallible>(relayed(client.request(req).await)) }
     });
-    hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), svc)
-        .await?;
-    Ok(())
+    serve(stream, svc).await
 }
 
 async fn serve_paired(
@@ -112,16 +104,30 @@ async fn serve_paired(
         let sender = sender.clone();
         async move {
             let mut sender = sender.lock().await;
-            Ok::<_, Infallible>(match sender.send_request(req).await {
-                Ok(resp) => resp.map(|b| b.boxed()),
-                Err(_) => bad_gateway(),
-            })
+            Ok::<_, Infallible>(relayed(sender.send_request(req).await))
         }
     });
+    serve(stream, svc).await
+}
+
+/// Serve one client connection with hyper's HTTP/1.1 server.
+async fn serve<S>(stream: TcpStream, svc: S) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
     hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), svc)
         .await?;
     Ok(())
+}
+
+/// The upstream's response as is, or 502 when there is none.
+fn relayed<E>(result: Result<Response<Incoming>, E>) -> Response<Body> {
+    match result {
+        Ok(resp) => resp.map(|b| b.boxed()),
+        Err(_) => bad_gateway(),
+    }
 }
 
 /// `http://<upstream><path?query>`: the legacy client dials the URI's authority.

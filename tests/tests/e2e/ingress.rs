@@ -337,15 +337,14 @@ async fn the_ingress_traces_every_request_it_answers_refused_or_routed() {
     // Routed: the gateway's server span (the client's child), its client span, the far
     // sidecar's server span, in one line of descent.
     let trace = "5bf92f3577b34da6a3ce929d0e0e4731";
-    let tp = format!("00-{trace}-{parent}-01");
-    let (status, body, _) = https_get(
-        &web,
-        tls_addr,
-        "api.example.com",
-        "/echo",
-        &[("x-api-key", KEY), ("traceparent", &tp)],
-    )
-    .await;
+    let keyed = |tp: String| {
+        let web = &web;
+        async move {
+            let headers = [("x-api-key", KEY), ("traceparent", tp.as_str())];
+            https_get(web, tls_addr, "api.example.com", "/echo", &headers).await
+        }
+    };
+    let (status, body, _) = keyed(format!("00-{trace}-{parent}-01")).await;
     assert_eq!(status, 200, "{body}");
     let spans = spans_of(&c, trace, 3).await;
     let edge = one(&spans, "gateway", SERVER);
@@ -390,19 +389,11 @@ async fn the_ingress_traces_every_request_it_answers_refused_or_routed() {
 
     // Routed to nothing: the gateway answers itself, a server error named by its cause.
     let trace = "5bf92f3577b34da6a3ce929d0e0e4733";
-    let tp = format!("00-{trace}-{parent}-01");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a port nobody listens on");
     gateway.apply(snapshot(closed)).await;
-    let (status, _, _) = https_get(
-        &web,
-        tls_addr,
-        "api.example.com",
-        "/echo",
-        &[("x-api-key", KEY), ("traceparent", &tp)],
-    )
-    .await;
+    let (status, _, _) = keyed(format!("00-{trace}-{parent}-01")).await;
     assert!(status >= 500, "{status}");
     let spans = spans_of(&c, trace, 2).await;
     let edge = one(&spans, "gateway", SERVER);
