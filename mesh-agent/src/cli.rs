@@ -71,6 +71,34 @@ pub enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// A web dashboard of the whole mesh (topology, services, instances, consumers) and its
+    /// JSON API: instances from etcd, their telemetry over mTLS (the sidecars must list this
+    /// dashboard's identity in `telemetry.readers`). Stateless: run one or several.
+    Dashboard {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Where the UI and API listen. Anything but loopback needs --token-file.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        listen: std::net::SocketAddr,
+        /// The dashboard's identity: `<dir>/<name>.pem`, `<dir>/<name>-key.pem` and
+        /// `<dir>/ca.pem`, as `mesh-agent cert issue --service <name>` writes them.
+        #[arg(long)]
+        identity_dir: PathBuf,
+        /// The dashboard's service name in its SPIFFE ID.
+        #[arg(long, default_value = "dashboard")]
+        name: String,
+        #[arg(long, default_value = trellis_proxy::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// How often every instance is read.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Instances read at once.
+        #[arg(long, default_value_t = crate::dashboard::DEFAULT_CONCURRENCY)]
+        concurrency: usize,
+        /// A file whose first line is the token the UI and API require.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// API usage per consumer, per route and per service, read from sidecars' and gateways'
     /// `/metrics` (their admin addresses).
     Report {
@@ -545,6 +573,41 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 .map_err(|e| format!("demo app on {listen}: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dashboard {
+            etcd,
+            listen,
+            identity_dir,
+            name,
+            trust_domain,
+            interval,
+            concurrency,
+            token_file,
+        } => {
+            let token = match token_file {
+                Some(f) => Some(first_line(&f)?),
+                None => None,
+            };
+            let cfg = crate::dashboard::DashboardConfig {
+                listen,
+                etcd: etcd.config(),
+                identity_dir,
+                name,
+                trust_domain,
+                interval,
+                concurrency,
+                fetch_timeout: crate::dashboard::DEFAULT_FETCH_TIMEOUT,
+                token,
+            };
+            runtime()?.block_on(async {
+                let running = crate::dashboard::start(cfg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                eprintln!("dashboard on http://{}/", running.addr);
+                let _ = tokio::signal::ctrl_c().await;
+                Ok::<_, String>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Report {
             targets,
             window,
@@ -757,4 +820,13 @@ fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first line of `path`, which must not be empty (a token or a password file).
+fn first_line(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match text.lines().next().map(str::trim) {
+        Some(line) if !line.is_empty() => Ok(line.to_string()),
+        _ => Err(format!("{}: the first line is empty", path.display())),
+    }
 }

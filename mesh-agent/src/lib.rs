@@ -5,6 +5,7 @@ pub mod apikey;
 pub mod cert;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod demo_app;
 pub mod dns;

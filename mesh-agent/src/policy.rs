@@ -19,7 +19,6 @@ use etcd_client::GetOptions;
 use trellis_policies::{parse_documents, PolicyDocument, Registration};
 
 use crate::etcd::keys::Keys;
-use crate::etcd::registration::InstanceStatus;
 use crate::etcd::{Etcd, EtcdError};
 use history::{Action, Change};
 pub use report::OutputFormat;
@@ -333,15 +332,7 @@ async fn convergence(
         .await?;
     let current = regs.header().map_or(0, |h| h.revision());
     let mesh_rev = policies_revision(etcd, &keys, current).await?;
-    let statuses = etcd
-        .call(client.get(keys.statuses(), Some(GetOptions::new().with_prefix())))
-        .await?;
-    let mut applied = BTreeMap::new();
-    for kv in statuses.kvs() {
-        if let Ok(s) = serde_json::from_slice::<InstanceStatus>(kv.value()) {
-            applied.insert((s.service.clone(), s.instance.clone()), s.applied_revision);
-        }
-    }
+    let applied = crate::etcd::registration::applied_revisions(etcd, &keys).await?;
     let mut out = format!(
         "etcd {} prefix {}: store revision {current}, policies last changed at revision {mesh_rev}\n",
         etcd.endpoint(),

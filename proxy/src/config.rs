@@ -123,6 +123,9 @@ pub struct Config {
     /// What inbound requests no authorization policy speaks for get.
     #[serde(default)]
     pub authorization: AuthorizationConfig,
+    /// Who may read this sidecar's metrics over the mesh.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// Ingress gateway listeners (`mesh-agent run --mode ingress`): TLS from outside clients,
     /// routed to mesh services over mTLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +175,17 @@ pub struct IngressHttpConfig {
 
 fn d_ingress_listen() -> SocketAddr {
     parse_addr(DEFAULT_INGRESS_ADDR)
+}
+
+/// Telemetry over the mesh: `/.well-known/trellis/metrics` and `/.well-known/trellis/summary`
+/// on the mTLS inbound listener, for a dashboard or Prometheus on another host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Peers allowed to read (SPIFFE IDs; a trailing `*` matches a prefix), e.g.
+    /// `["spiffe://example.org/service/dashboard"]`. Default none: everyone gets 403.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readers: Vec<String>,
 }
 
 /// The sidecar's authorization default.
@@ -527,6 +541,7 @@ impl Config {
             tracing: TracingConfig::default(),
             access_log: AccessLogConfig::default(),
             authorization: AuthorizationConfig::default(),
+            telemetry: TelemetryConfig::default(),
             ingress: None,
         }
     }
@@ -615,6 +630,14 @@ impl Config {
             }
             crate::http::headers::TrustedProxies::parse(&ing.trusted_proxies)
                 .map_err(|m| invalid("ingress.trusted_proxies", m))?;
+        }
+        for r in &self.telemetry.readers {
+            if !(r == "*" || r.starts_with("spiffe://")) {
+                return Err(invalid(
+                    "telemetry.readers",
+                    format!("{r:?} is not a SPIFFE ID (spiffe://<trust domain>/..., a trailing * matches a prefix)"),
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.access_log.sample) {
             return Err(invalid(

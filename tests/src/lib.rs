@@ -2,6 +2,7 @@
 //! a test backend (HTTP/1.1, h2c, gRPC framing, WebSocket, streaming), and clients.
 
 pub mod backend;
+pub mod browser;
 pub mod client;
 pub mod crash;
 pub mod dns;

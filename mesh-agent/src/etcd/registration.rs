@@ -620,3 +620,24 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+/// The revision each instance last applied, by (service, instance), from the status keys;
+/// values that do not parse are skipped.
+pub async fn applied_revisions(
+    etcd: &Etcd,
+    keys: &Keys,
+) -> Result<std::collections::BTreeMap<(String, String), i64>, EtcdError> {
+    let mut client = etcd.client.clone();
+    let statuses = etcd
+        .call(client.get(
+            keys.statuses(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        ))
+        .await?;
+    Ok(statuses
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<InstanceStatus>(kv.value()).ok())
+        .map(|s| ((s.service, s.instance), s.applied_revision))
+        .collect())
+}

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
 
 use crate::config::Config;
 use crate::identity::IdentityStore;
+use crate::listeners::inbound::telemetry::Telemetry;
 use crate::listeners::inbound::Inbound;
 use crate::listeners::outbound::Outbound;
 use crate::policy::access::AccessControl;
@@ -38,8 +40,16 @@ pub(super) struct ProxyInputs {
 // === impl ProxyInputs ===
 
 impl ProxyInputs {
-    pub fn inbound(&self) -> Arc<Inbound> {
-        Arc::new(Inbound::new(
+    /// The inbound listener; `registry` (complete by now) is what it serves to the
+    /// telemetry readers.
+    pub fn inbound(&self, registry: Arc<Registry>) -> Arc<Inbound> {
+        let telemetry = Telemetry::new(
+            &self.cfg.service,
+            &self.cfg.telemetry.readers,
+            registry,
+            self.metrics.clone(),
+        );
+        let inbound = Inbound::new(
             &self.cfg,
             self.tls.clone(),
             self.metrics.clone(),
@@ -47,7 +57,8 @@ impl ProxyInputs {
             self.access_control.clone(),
             self.tracing.clone(),
             self.access_log.clone(),
-        ))
+        );
+        Arc::new(inbound.with_telemetry(telemetry))
     }
 
     pub fn outbound(&self) -> Arc<Outbound> {

@@ -285,7 +285,6 @@ impl Proxy {
         let (outbound_trigger, outbound_drain) = drain::channel();
         let (admin_trigger, admin_drain) = drain::channel();
 
-        let inbound = inputs.inbound();
         let outbound = inputs.outbound();
         let ingress = IngressListeners {
             tls: listeners.ingress,
@@ -299,6 +298,9 @@ impl Proxy {
             bound,
             &inbound_drain,
         )?;
+        // Complete now: `/metrics` and the telemetry readers see the same registry.
+        let registry = Arc::new(registry);
+        let inbound = inputs.inbound(registry.clone());
         let extra = dump::Extra {
             app_speaks: inbound.app_knowledge(),
             ready: ready.clone(),
@@ -309,7 +311,7 @@ impl Proxy {
         tokio::spawn(outbound.serve(listeners.outbound, outbound_drain));
         let admin = Arc::new(Admin {
             ready: ready.clone(),
-            registry: Arc::new(registry),
+            registry,
             dump: dump::config_dump(&inputs, extra),
             shutdown: shutdown.0.clone(),
             log_level: self.log_level,

@@ -2,7 +2,9 @@
 //! the access log and distributed tracing.
 
 pub mod access_log;
+pub mod exposition;
 pub mod metrics;
 pub mod process_metrics;
 pub mod route_metrics;
+pub mod summary;
 pub mod trace;

@@ -41,7 +41,7 @@ pub struct RouteCollector {
 #[derive(Clone, Debug, Default)]
 pub struct AppliedClock(Arc<AtomicU64>);
 
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

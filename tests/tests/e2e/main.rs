@@ -7,6 +7,7 @@ mod admin;
 mod app_protocol;
 mod balance;
 mod client_faults;
+mod dashboard;
 mod discovery;
 mod dns;
 mod drain;

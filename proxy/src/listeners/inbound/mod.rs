@@ -3,6 +3,7 @@
 
 mod app;
 pub mod app_protocol;
+pub mod telemetry;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +56,8 @@ pub struct Inbound {
     admission: Admission,
     lifecycle: Lifecycle,
     tracing: Arc<crate::telemetry::trace::Tracing>,
+    /// Answers `/.well-known/trellis/` for the allowed readers (set by the wiring).
+    telemetry: Option<telemetry::Telemetry>,
 }
 
 // === impl Inbound ===
@@ -79,7 +82,14 @@ impl Inbound {
             lifecycle: Lifecycle::new(INBOUND, metrics.clone(), access),
             metrics,
             tracing,
+            telemetry: None,
         }
+    }
+
+    /// Serve this sidecar's telemetry under `/.well-known/trellis/` (to `telemetry.readers`).
+    pub fn with_telemetry(mut self, t: telemetry::Telemetry) -> Self {
+        self.telemetry = Some(t);
+        self
     }
 
     /// What the app was found to speak (for `/config_dump`).
@@ -211,6 +221,13 @@ impl Inbound {
         client: SocketAddr,
         peer: Option<HeaderValue>,
     ) -> Response<ResponseBody> {
+        if let Some(t) = self
+            .telemetry
+            .as_ref()
+            .filter(|_| telemetry::Telemetry::wants(&req))
+        {
+            return t.serve(&req, peer.as_ref(), client);
+        }
         let observed = self.lifecycle.start(&mut req, |req| {
             let (method, path) = (req.method(), req.uri().path());
             // A verified peer identity means the request came over mTLS.

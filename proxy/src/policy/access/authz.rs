@@ -167,7 +167,7 @@ fn rule_matches(r: &AuthzRule, who: &Principal, method: &Method, path: &str) -> 
 }
 
 /// Exact, or a prefix when the pattern ends in `*`.
-pub(super) fn identity_matches(pattern: &str, id: &str) -> bool {
+pub(crate) fn identity_matches(pattern: &str, id: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => id.starts_with(prefix),
         None => pattern == id,

@@ -11,7 +11,7 @@
 
 mod audit;
 mod authn;
-mod authz;
+pub(crate) mod authz;
 mod consumers;
 
 use std::collections::{BTreeMap, HashMap};

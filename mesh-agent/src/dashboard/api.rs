@@ -1,0 +1,354 @@
+//! The dashboard's HTTP side: the UI (one embedded page, no CDN, no build step) and the JSON
+//! API it reads. On loopback without a token; elsewhere every path but `/healthz` needs the
+//! token, as `Authorization: Bearer <token>` or the cookie `/login?token=...` sets.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+
+use super::model::{Model, Stats, HISTORY_MS};
+
+const INDEX: &str = include_str!("assets/index.html");
+const COOKIE: &str = "trellis_dashboard_token";
+/// Default window of the figures.
+const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
+
+pub struct Api {
+    model: Arc<Mutex<Model>>,
+    interval: Duration,
+    token: Option<String>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+// === impl Api ===
+
+impl Api {
+    pub fn new(model: Arc<Mutex<Model>>, interval: Duration, token: Option<String>) -> Self {
+        Self {
+            model,
+            interval,
+            token,
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(&req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(Duration::from_secs(10))
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .serve_connection(TokioIo::new(tcp), svc);
+                let _ = tokio::time::timeout(Duration::from_secs(300), conn).await;
+            });
+        }
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Resp {
+        let path = req.uri().path();
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if path == "/login" {
+            return self.login(req);
+        }
+        if !self.authorized(req) {
+            return text(StatusCode::UNAUTHORIZED, "token required\n");
+        }
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        let window = window(req.uri().query());
+        let Ok(model) = self.model.lock() else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "model unavailable\n");
+        };
+        let now = trellis_proxy::telemetry::route_metrics::unix_ms();
+        match path {
+            "/" | "/index.html" => page(),
+            "/api/v1/overview" => json_ok(&self.overview(&model, now, window)),
+            "/api/v1/consumers" => json_ok(&consumers(&model)),
+            p => match p.strip_prefix("/api/v1/services/") {
+                Some(name) if model.services.contains_key(name) || has_instances(&model, name) => {
+                    json_ok(&service(&model, name, now, window))
+                }
+                Some(_) => text(StatusCode::NOT_FOUND, "no such service\n"),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let cookie = req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                c.trim()
+                    .strip_prefix(COOKIE)
+                    .and_then(|c| c.strip_prefix('='))
+            });
+        [bearer, cookie]
+            .into_iter()
+            .flatten()
+            .any(|given| same(given.as_bytes(), token.as_bytes()))
+    }
+
+    /// `/login?token=T`: set the cookie and go to the UI.
+    fn login(&self, req: &Request<Incoming>) -> Resp {
+        let given = req
+            .uri()
+            .query()
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|kv| kv.strip_prefix("token="));
+        let ok = match (&self.token, given) {
+            (None, _) => true,
+            (Some(t), Some(g)) => same(g.as_bytes(), t.as_bytes()),
+            (Some(_), None) => false,
+        };
+        if !ok {
+            return text(StatusCode::UNAUTHORIZED, "wrong token\n");
+        }
+        let mut r = text(StatusCode::SEE_OTHER, "");
+        r.headers_mut()
+            .insert(header::LOCATION, HeaderValue::from_static("/"));
+        if let Some(cookie) = given.and_then(|g| {
+            HeaderValue::from_str(&format!("{COOKIE}={g}; HttpOnly; SameSite=Strict; Path=/")).ok()
+        }) {
+            r.headers_mut().insert(header::SET_COOKIE, cookie);
+        }
+        r
+    }
+
+    fn overview(&self, m: &Model, now: u64, window: u64) -> serde_json::Value {
+        let services: Vec<_> = service_names(m)
+            .into_iter()
+            .map(|name| {
+                let instances: Vec<_> = m.instances.values().filter(|i| i.member.service == name).collect();
+                let up = instances.iter().filter(|i| i.error.is_none() && i.last.is_some()).count();
+                json!({
+                    "name": name,
+                    "instances": instances.len(),
+                    "up": up,
+                    "stats": m.services.get(&name).map(|s| Model::stats(s, now, window)).unwrap_or_default(),
+                    "availability_1h": m.availability(&name, now, HISTORY_MS).ratio,
+                    "ejected_endpoints": instances.iter().flat_map(|i| i.ejecting.values()).sum::<f64>(),
+                })
+            })
+            .collect();
+        // Edges that carried nothing in the window are left out (a call to a name that never
+        // resolved stays in the hour's history, not on the map).
+        let edges: Vec<_> = m
+            .edges
+            .iter()
+            .map(|(edge, s)| (edge, Model::stats(s, now, window)))
+            .filter(|(_, stats)| stats.requests > 0.0)
+            .map(|((from, to), stats)| json!({"from": from, "to": to, "stats": stats}))
+            .collect();
+        json!({
+            "now_ms": now,
+            "interval_s": self.interval.as_secs_f64(),
+            "window_s": window / 1000,
+            "revision": m.revision,
+            "services": services,
+            "edges": edges,
+        })
+    }
+}
+
+fn has_instances(m: &Model, name: &str) -> bool {
+    m.instances.values().any(|i| i.member.service == name)
+}
+
+fn service_names(m: &Model) -> Vec<String> {
+    let mut names: Vec<String> = m.services.keys().cloned().collect();
+    names.extend(m.instances.values().map(|i| i.member.service.clone()));
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[derive(Serialize)]
+struct SeriesPoint {
+    t_ms: u64,
+    rps: f64,
+    error_ratio: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+fn service(m: &Model, name: &str, now: u64, window: u64) -> serde_json::Value {
+    let series: Vec<SeriesPoint> = m
+        .services
+        .get(name)
+        .into_iter()
+        .flatten()
+        .map(|p| SeriesPoint {
+            t_ms: p.t_ms,
+            rps: if p.seconds > 0.0 {
+                p.requests / p.seconds
+            } else {
+                0.0
+            },
+            error_ratio: (p.requests > 0.0).then(|| p.errors / p.requests),
+            p50_ms: p.latency.quantile(0.5).map(|v| v * 1000.0),
+            p99_ms: p.latency.quantile(0.99).map(|v| v * 1000.0),
+        })
+        .collect();
+    let edge = |(from, to): &(String, String), s| json!({"from": from, "to": to, "stats": Model::stats(s, now, window)});
+    let callers: Vec<_> = m
+        .edges
+        .iter()
+        .filter(|((_, to), _)| to == name)
+        .map(|(k, s)| edge(k, s))
+        .collect();
+    let callees: Vec<_> = m
+        .edges
+        .iter()
+        .filter(|((from, _), _)| from == name)
+        .map(|(k, s)| edge(k, s))
+        .collect();
+    let instances: Vec<_> = m
+        .instances
+        .values()
+        .filter(|i| i.member.service == name)
+        .collect();
+    let rate_limits: Vec<_> = m
+        .rate_limits
+        .iter()
+        .filter(|((s, _), _)| s == name)
+        .map(|((_, policy), (allowed, limited, peers))| json!({"policy": policy, "allowed": allowed, "limited": limited, "peers": peers}))
+        .collect();
+    let stats: Stats = m
+        .services
+        .get(name)
+        .map(|s| Model::stats(s, now, window))
+        .unwrap_or_default();
+    json!({
+        "name": name,
+        "window_s": window / 1000,
+        "stats": stats,
+        "series": series,
+        "instances": instances,
+        "availability": {
+            "1h": m.availability(name, now, HISTORY_MS),
+            "24h": m.availability(name, now, super::model::AVAILABILITY_MS),
+        },
+        "callers": callers,
+        "callees": callees,
+        "rate_limits": rate_limits,
+        "consumers": consumers(m).into_iter().filter(|c| c.service == name).collect::<Vec<_>>(),
+    })
+}
+
+#[derive(Serialize)]
+struct ConsumerUse {
+    service: String,
+    consumer: String,
+    requests: f64,
+    errors: f64,
+    by_status: BTreeMap<u16, f64>,
+}
+
+fn consumers(m: &Model) -> Vec<ConsumerUse> {
+    m.consumers
+        .iter()
+        .map(|((service, consumer), by_status)| ConsumerUse {
+            service: service.clone(),
+            consumer: consumer.clone(),
+            requests: by_status.values().sum(),
+            errors: by_status
+                .iter()
+                .filter(|(s, _)| **s >= 500)
+                .map(|(_, n)| n)
+                .sum(),
+            by_status: by_status.clone(),
+        })
+        .collect()
+}
+
+/// `?window=5m` (at most the hour kept).
+fn window(query: Option<&str>) -> u64 {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("window="))
+        .and_then(|w| humantime::parse_duration(w).ok())
+        .unwrap_or(DEFAULT_WINDOW)
+        .as_millis()
+        .clamp(1_000, u128::from(HISTORY_MS)) as u64
+}
+
+/// Equal in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn page() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(INDEX.as_bytes())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Everything is embedded: nothing may load from elsewhere.
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+        ),
+    );
+    r
+}
+
+fn json_ok<T: Serialize>(v: &T) -> Resp {
+    match serde_json::to_vec(v) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

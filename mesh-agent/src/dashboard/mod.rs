@@ -1,0 +1,166 @@
+//! `mesh-agent dashboard`: the mesh seen whole, with etcd as the only shared part.
+//!
+//! A stateless process with its own identity: every interval it reads the fleet from etcd
+//! ([`fleet`]), fetches each instance's summary over mTLS with bounded concurrency
+//! ([`scrape`]; the sidecars answer only identities in their `telemetry.readers`), keeps the
+//! last hour in memory ([`model`]) and serves a web UI and its JSON API ([`api`]). Run one or
+//! several, anywhere: they share nothing and each rebuilds its hour by itself.
+
+pub mod api;
+pub mod fleet;
+pub mod model;
+pub mod scrape;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use trellis_proxy::identity::{IdentityFiles, SpiffeId, TlsContext};
+
+use crate::config::EtcdConfig;
+use crate::etcd::keys::Keys;
+use crate::etcd::Etcd;
+
+/// Default refresh interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default summaries fetched at once.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+/// Default timeout of one summary fetch (connect, handshake, answer).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything a dashboard runs with.
+#[derive(Clone, Debug)]
+pub struct DashboardConfig {
+    pub listen: SocketAddr,
+    pub etcd: EtcdConfig,
+    /// This dashboard's identity: `<dir>/<name>.pem`, `<dir>/<name>-key.pem`, `<dir>/ca.pem`,
+    /// as `mesh-agent cert issue --service <name>` writes them.
+    pub identity_dir: PathBuf,
+    pub name: String,
+    pub trust_domain: String,
+    pub interval: Duration,
+    pub concurrency: usize,
+    pub fetch_timeout: Duration,
+    /// Required for the UI and API when `listen` is not a loopback address.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    #[error("dashboard identity: {0}")]
+    Identity(String),
+    #[error("listening on {0} (not loopback) needs --token-file: the pages show the whole mesh")]
+    TokenRequired(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running dashboard: its address, and its model (for tests).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub model: Arc<Mutex<model::Model>>,
+}
+
+/// Bind, then refresh and serve until the process ends.
+pub async fn start(cfg: DashboardConfig) -> Result<Running, DashboardError> {
+    if !cfg.listen.ip().is_loopback() && cfg.token.is_none() {
+        return Err(DashboardError::TokenRequired(cfg.listen));
+    }
+    let reader = scrape::Reader::new(Arc::new(identity(&cfg)?), cfg.fetch_timeout);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DashboardError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| DashboardError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let model = Arc::new(Mutex::new(model::Model::default()));
+    let api = Arc::new(api::Api::new(
+        model.clone(),
+        cfg.interval,
+        cfg.token.clone(),
+    ));
+    tokio::spawn(api.serve(listener));
+    tokio::spawn(refresh(cfg, reader, model.clone()));
+    tracing::info!(%addr, "dashboard serving");
+    Ok(Running { addr, model })
+}
+
+fn identity(cfg: &DashboardConfig) -> Result<TlsContext, DashboardError> {
+    let own = SpiffeId::for_service(&cfg.trust_domain, &cfg.name)
+        .map_err(|e| DashboardError::Identity(e.to_string()))?;
+    let files = IdentityFiles {
+        cert: cfg.identity_dir.join(format!("{}.pem", cfg.name)),
+        key: cfg.identity_dir.join(format!("{}-key.pem", cfg.name)),
+        bundle: cfg.identity_dir.join("ca.pem"),
+    };
+    TlsContext::load(&files, &own, 1).map_err(|e| DashboardError::Identity(e.to_string()))
+}
+
+/// Every interval: the fleet from etcd, then every instance's summary.
+async fn refresh(cfg: DashboardConfig, reader: scrape::Reader, model: Arc<Mutex<model::Model>>) {
+    let keys = Keys::new(&cfg.etcd.prefix);
+    let mut etcd: Option<Etcd> = None;
+    let mut every = tokio::time::interval(cfg.interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if etcd.as_ref().is_none_or(|e| e.has_failed()) {
+            etcd = match Etcd::connect(&cfg.etcd).await {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard cannot reach etcd; keeping what it has");
+                    continue;
+                }
+            };
+        }
+        let Some(client) = etcd.as_ref() else {
+            continue;
+        };
+        let fleet = match fleet::read(client, &keys).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the fleet from etcd failed; keeping what it has");
+                continue;
+            }
+        };
+        let reads = futures_util::stream::iter(fleet.members.iter().cloned())
+            .map(|m| {
+                let reader = reader.clone();
+                async move { read_one(&reader, &m).await }
+            })
+            .buffered(cfg.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let now = trellis_proxy::telemetry::route_metrics::unix_ms();
+        if let Ok(mut m) = model.lock() {
+            m.tick(now, fleet.revision, fleet.members, reads);
+        }
+    }
+}
+
+async fn read_one(
+    reader: &scrape::Reader,
+    m: &fleet::Member,
+) -> Result<trellis_proxy::telemetry::summary::Summary, String> {
+    let addr: SocketAddr = m
+        .address
+        .parse()
+        .map_err(|_| format!("registered address {:?} is not ip:port", m.address))?;
+    let id = SpiffeId::parse(&m.identity)
+        .map_err(|e| format!("registered identity {:?}: {e}", m.identity))?;
+    reader.summary(addr, &id).await.map_err(|e| {
+        tracing::debug!(instance = %m.instance, error = %e, "summary read failed");
+        e.to_string()
+    })
+}

@@ -1,0 +1,426 @@
+//! What the dashboard remembers: per tick, the traffic every instance reported since the
+//! previous tick (counters are cumulative, so a tick's figure is a difference), summed per
+//! service (its inbound side: what it served) and per edge (caller -> callee, from the callers'
+//! outbound and ingress sides). One hour of ticks and 24 hours of per-minute availability are
+//! kept, in memory only: a dashboard is stateless and any replica rebuilds this in an hour.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Serialize;
+use trellis_proxy::telemetry::summary::{Histogram, Summary, Traffic};
+
+use super::fleet::Member;
+
+/// How long ticks are kept.
+pub const HISTORY_MS: u64 = 60 * 60 * 1000;
+/// How long per-minute availability is kept.
+pub const AVAILABILITY_MS: u64 = 24 * 60 * 60 * 1000;
+/// A minute with at least this share of 5xx answers counts as down.
+pub const DOWN_ERROR_RATIO: f64 = 0.05;
+
+/// One tick of one series.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Point {
+    pub t_ms: u64,
+    /// Seconds the tick covers.
+    pub seconds: f64,
+    pub requests: f64,
+    pub errors: f64,
+    #[serde(skip)]
+    pub latency: Histogram,
+}
+
+/// A minute of a service: whether it was up (served with < 5 % errors, or had nothing to serve
+/// while an instance answered).
+#[derive(Clone, Debug, Serialize)]
+pub struct Minute {
+    pub start_ms: u64,
+    pub requests: f64,
+    pub errors: f64,
+    pub reachable: bool,
+}
+
+/// The last state of one instance.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub member: Member,
+    /// The last summary read (`None` until one is).
+    #[serde(skip)]
+    pub last: Option<Summary>,
+    pub last_ok_ms: Option<u64>,
+    pub error: Option<String>,
+    /// Endpoints this instance currently ejects, by destination service.
+    pub ejecting: BTreeMap<String, f64>,
+}
+
+#[derive(Default)]
+pub struct Model {
+    pub instances: BTreeMap<(String, String), InstanceView>,
+    pub services: BTreeMap<String, VecDeque<Point>>,
+    pub edges: BTreeMap<(String, String), VecDeque<Point>>,
+    /// Requests per (service, consumer) and status since this dashboard started.
+    pub consumers: BTreeMap<(String, String), BTreeMap<u16, f64>>,
+    /// Rate-limit decisions per (service, policy): (allowed, limited) since start, and peers.
+    pub rate_limits: BTreeMap<(String, String), (f64, f64, f64)>,
+    pub availability: BTreeMap<String, VecDeque<Minute>>,
+    pub last_tick_ms: Option<u64>,
+    pub revision: i64,
+}
+
+/// Windowed figures of a series.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub rps: f64,
+    pub requests: f64,
+    pub errors: f64,
+    pub error_ratio: Option<f64>,
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+// === impl Model ===
+
+impl Model {
+    /// Take one round of reads: the fleet as etcd has it and what each instance answered.
+    pub fn tick(
+        &mut self,
+        now_ms: u64,
+        revision: i64,
+        members: Vec<Member>,
+        reads: Vec<Result<Summary, String>>,
+    ) {
+        let seconds = self
+            .last_tick_ms
+            .map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
+        self.last_tick_ms = Some(now_ms);
+        self.revision = revision;
+        let mut services: BTreeMap<String, Point> = BTreeMap::new();
+        let mut edges: BTreeMap<(String, String), Point> = BTreeMap::new();
+        let mut reachable: BTreeMap<String, bool> = BTreeMap::new();
+        let mut seen = BTreeMap::new();
+        for (member, read) in members.into_iter().zip(reads) {
+            let key = (member.service.clone(), member.instance.clone());
+            let prev = self.instances.remove(&key);
+            let mut view = InstanceView {
+                last: prev.as_ref().and_then(|p| p.last.clone()),
+                last_ok_ms: prev.as_ref().and_then(|p| p.last_ok_ms),
+                error: None,
+                ejecting: BTreeMap::new(),
+                member,
+            };
+            services.entry(view.member.service.clone()).or_default();
+            let up = reachable.entry(view.member.service.clone()).or_default();
+            match read {
+                Ok(summary) => {
+                    *up = true;
+                    let older = view.last.as_ref();
+                    self.add_deltas(&summary, older, &mut services, &mut edges);
+                    view.ejecting = summary
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.ejected > 0.0)
+                        .map(|e| (e.service.clone(), e.ejected))
+                        .collect();
+                    view.last = Some(summary);
+                    view.last_ok_ms = Some(now_ms);
+                }
+                Err(e) => view.error = Some(e),
+            }
+            seen.insert(key, view);
+        }
+        self.instances = seen;
+        for (name, mut p) in services {
+            p.t_ms = now_ms;
+            p.seconds = seconds;
+            self.minute(
+                &name,
+                now_ms,
+                &p,
+                reachable.get(&name).copied().unwrap_or(false),
+            );
+            self.services.entry(name).or_default().push_back(p);
+        }
+        for (edge, mut p) in edges {
+            p.t_ms = now_ms;
+            p.seconds = seconds;
+            self.edges.entry(edge).or_default().push_back(p);
+        }
+        for series in self.services.values_mut().chain(self.edges.values_mut()) {
+            trim(series, now_ms);
+        }
+        self.services.retain(|_, s| !s.is_empty());
+        self.edges.retain(|_, s| !s.is_empty());
+    }
+
+    /// Add what `summary` counted since `older` (nothing for a first read: its counters
+    /// start before this dashboard looked).
+    fn add_deltas(
+        &mut self,
+        summary: &Summary,
+        older: Option<&Summary>,
+        services: &mut BTreeMap<String, Point>,
+        edges: &mut BTreeMap<(String, String), Point>,
+    ) {
+        let Some(older) = older else { return };
+        for t in &summary.traffic {
+            let before = older.traffic.iter().find(|o| {
+                o.direction == t.direction && o.service == t.service && o.route == t.route
+            });
+            let (requests, errors, latency) = delta(t, before);
+            let point = match t.direction.as_str() {
+                "inbound" => services.entry(t.service.clone()).or_default(),
+                "outbound" | "ingress" => edges
+                    .entry((summary.service.clone(), t.service.clone()))
+                    .or_default(),
+                _ => continue,
+            };
+            point.requests += requests;
+            point.errors += errors;
+            point.latency.merge(&latency);
+        }
+        for c in &summary.consumers {
+            let before = older
+                .consumers
+                .iter()
+                .find(|o| o.service == c.service && o.consumer == c.consumer);
+            let totals = self
+                .consumers
+                .entry((c.service.clone(), c.consumer.clone()))
+                .or_default();
+            for (status, n) in &c.statuses {
+                let was = before
+                    .and_then(|b| b.statuses.get(status))
+                    .copied()
+                    .unwrap_or(0.0);
+                *totals.entry(*status).or_default() += counter_delta(*n, was);
+            }
+        }
+        for r in &summary.rate_limits {
+            let before = older.rate_limits.iter().find(|o| o.policy == r.policy);
+            let e = self
+                .rate_limits
+                .entry((summary.service.clone(), r.policy.clone()))
+                .or_default();
+            e.0 += counter_delta(r.allowed, before.map_or(0.0, |b| b.allowed));
+            e.1 += counter_delta(r.limited, before.map_or(0.0, |b| b.limited));
+            e.2 = r.peers;
+        }
+    }
+
+    fn minute(&mut self, service: &str, now_ms: u64, p: &Point, reachable: bool) {
+        let start_ms = now_ms - now_ms % 60_000;
+        let minutes = self.availability.entry(service.to_string()).or_default();
+        match minutes.back_mut() {
+            Some(m) if m.start_ms == start_ms => {
+                m.requests += p.requests;
+                m.errors += p.errors;
+                m.reachable |= reachable;
+            }
+            _ => minutes.push_back(Minute {
+                start_ms,
+                requests: p.requests,
+                errors: p.errors,
+                reachable,
+            }),
+        }
+        while minutes
+            .front()
+            .is_some_and(|m| m.start_ms + AVAILABILITY_MS < now_ms)
+        {
+            minutes.pop_front();
+        }
+    }
+
+    /// Figures of `series` over the last `window_ms`.
+    pub fn stats(series: &VecDeque<Point>, now_ms: u64, window_ms: u64) -> Stats {
+        let mut s = Stats::default();
+        let mut seconds = 0.0;
+        let mut hist = Histogram::default();
+        for p in series.iter().filter(|p| p.t_ms + window_ms > now_ms) {
+            s.requests += p.requests;
+            s.errors += p.errors;
+            seconds += p.seconds;
+            hist.merge(&p.latency);
+        }
+        if seconds > 0.0 {
+            s.rps = s.requests / seconds;
+        }
+        if s.requests > 0.0 {
+            s.error_ratio = Some(s.errors / s.requests);
+            s.success_rate = Some(1.0 - s.errors / s.requests);
+        }
+        s.p50_ms = hist.quantile(0.5).map(|v| v * 1000.0);
+        s.p99_ms = hist.quantile(0.99).map(|v| v * 1000.0);
+        s
+    }
+
+    /// Availability of `service` over the last `window_ms`: the share of its observed minutes
+    /// that were up, with the minutes that were not.
+    pub fn availability(&self, service: &str, now_ms: u64, window_ms: u64) -> Availability {
+        let mut a = Availability::default();
+        for m in self
+            .availability
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.start_ms + window_ms > now_ms)
+        {
+            a.minutes += 1;
+            let failing = m.requests > 0.0 && m.errors / m.requests >= DOWN_ERROR_RATIO;
+            if !m.reachable || failing {
+                a.down.push(m.start_ms);
+            }
+        }
+        if a.minutes > 0 {
+            a.ratio = Some(1.0 - a.down.len() as f64 / a.minutes as f64);
+        }
+        a
+    }
+}
+
+/// Uptime / observed time, by minute.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Availability {
+    pub ratio: Option<f64>,
+    pub minutes: usize,
+    /// Start (unix ms) of each minute that was down.
+    pub down: Vec<u64>,
+}
+
+fn trim(series: &mut VecDeque<Point>, now_ms: u64) {
+    while series.front().is_some_and(|p| p.t_ms + HISTORY_MS < now_ms) {
+        series.pop_front();
+    }
+}
+
+/// `now - was` for a cumulative counter; after a restart (it went down) the whole new value.
+fn counter_delta(now: f64, was: f64) -> f64 {
+    if now >= was {
+        now - was
+    } else {
+        now
+    }
+}
+
+fn delta(t: &Traffic, before: Option<&Traffic>) -> (f64, f64, Histogram) {
+    let Some(b) = before else {
+        // A series that appeared since the last read: all of it is new.
+        return (t.requests(), t.errors(), t.latency.clone());
+    };
+    let (req, err) = (t.requests(), t.errors());
+    if req < b.requests() {
+        return (req, err, t.latency.clone());
+    }
+    let latency = t.latency.since(&b.latency).unwrap_or_default();
+    (
+        counter_delta(req, b.requests()),
+        counter_delta(err, b.errors()),
+        latency,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proxy::telemetry::summary::Traffic;
+
+    fn member(service: &str, instance: &str) -> Member {
+        Member {
+            service: service.into(),
+            instance: instance.into(),
+            address: "127.0.0.1:1".into(),
+            identity: format!("spiffe://t/service/{service}"),
+            zone: None,
+            version: "0".into(),
+            draining: false,
+            lease_ttl_left: Some(10),
+            applied_revision: Some(1),
+        }
+    }
+
+    fn summary(service: &str, ok: f64, failed: f64, calls: f64) -> Summary {
+        let traffic = |direction: &str, to: &str, statuses: Vec<(u16, f64)>| Traffic {
+            direction: direction.into(),
+            service: to.into(),
+            route: "default".into(),
+            statuses: statuses.into_iter().collect(),
+            latency: Histogram {
+                bounds: vec![0.01, 0.1],
+                counts: vec![ok + failed, ok + failed],
+                count: ok + failed,
+                sum: 0.0,
+            },
+        };
+        Summary {
+            service: service.into(),
+            traffic: vec![
+                traffic("inbound", service, vec![(200, ok), (503, failed)]),
+                traffic("outbound", "payments", vec![(200, calls)]),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ticks_are_differences_summed_over_instances_and_restarts_count_from_zero() {
+        let mut m = Model::default();
+        let members = || vec![member("orders", "a"), member("orders", "b")];
+        m.tick(
+            0,
+            1,
+            members(),
+            vec![
+                Ok(summary("orders", 100.0, 0.0, 5.0)),
+                Ok(summary("orders", 50.0, 0.0, 0.0)),
+            ],
+        );
+        // a: +90 ok, +10 failed; b restarted: 9 ok, 1 failed since.
+        m.tick(
+            10_000,
+            1,
+            members(),
+            vec![
+                Ok(summary("orders", 190.0, 10.0, 25.0)),
+                Ok(summary("orders", 9.0, 1.0, 0.0)),
+            ],
+        );
+        let s = Model::stats(&m.services["orders"], 10_000, 60_000);
+        assert_eq!((s.requests, s.errors), (110.0, 11.0));
+        assert!((s.rps - 11.0).abs() < 1e-9, "{s:?}");
+        assert_eq!(s.error_ratio, Some(0.1));
+        let e = Model::stats(
+            &m.edges[&("orders".into(), "payments".into())],
+            10_000,
+            60_000,
+        );
+        assert_eq!(e.requests, 20.0);
+        // An instance that stops answering is kept with its error and marks nothing up.
+        m.tick(
+            20_000,
+            1,
+            vec![member("orders", "a")],
+            vec![Err("refused".into())],
+        );
+        assert_eq!(m.instances.len(), 1);
+        assert!(m.instances.values().all(|i| i.error.is_some()));
+    }
+
+    #[test]
+    fn availability_counts_minutes_down() {
+        let mut m = Model::default();
+        let p = |requests, errors| Point {
+            requests,
+            errors,
+            ..Default::default()
+        };
+        m.minute("s", 0, &p(100.0, 1.0), true);
+        m.minute("s", 60_000, &p(100.0, 20.0), true);
+        m.minute("s", 120_000, &p(0.0, 0.0), false);
+        m.minute("s", 180_000, &p(0.0, 0.0), true);
+        let a = m.availability("s", 200_000, 3_600_000);
+        assert_eq!((a.minutes, a.down.clone()), (4, vec![60_000, 120_000]));
+        assert_eq!(a.ratio, Some(0.5));
+    }
+}
