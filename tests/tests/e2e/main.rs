@@ -24,6 +24,7 @@ mod identity;
 mod ingress;
 mod limits;
 mod policy_history;
+mod prometheus;
 mod ratelimit;
 mod ratelimit_global;
 mod retry;
