@@ -25,6 +25,7 @@ mod identity;
 mod ingress;
 mod limits;
 mod policy_history;
+mod prometheus;
 mod ratelimit;
 mod ratelimit_global;
 mod retry;
