@@ -20,12 +20,16 @@ use super::model::{Model, Stats, HISTORY_MS};
 
 const INDEX: &str = include_str!("assets/index.html");
 const COOKIE: &str = "trellis_dashboard_token";
+const FEDERATE: &str = "/api/v1/prometheus/federate";
 /// Default window of the figures.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
 
 pub struct Api {
     model: Arc<Mutex<Model>>,
+    /// Reads instances' metrics for the federation endpoint.
+    reader: super::scrape::Reader,
     interval: Duration,
+    concurrency: usize,
     token: Option<String>,
 }
 
@@ -34,10 +38,18 @@ type Resp = Response<Full<Bytes>>;
 // === impl Api ===
 
 impl Api {
-    pub fn new(model: Arc<Mutex<Model>>, interval: Duration, token: Option<String>) -> Self {
+    pub fn new(
+        model: Arc<Mutex<Model>>,
+        reader: super::scrape::Reader,
+        interval: Duration,
+        concurrency: usize,
+        token: Option<String>,
+    ) -> Self {
         Self {
             model,
+            reader,
             interval,
+            concurrency,
             token,
         }
     }
@@ -52,7 +64,12 @@ impl Api {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(&req)) }
+                    async move {
+                        if req.uri().path() == FEDERATE && this.authorized(&req) {
+                            return Ok::<_, Infallible>(this.federate().await);
+                        }
+                        Ok(this.handle(&req))
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .header_read_timeout(Duration::from_secs(10))
@@ -86,6 +103,12 @@ impl Api {
             "/" | "/index.html" => page(),
             "/api/v1/overview" => json_ok(&self.overview(&model, now, window)),
             "/api/v1/consumers" => json_ok(&consumers(&model)),
+            "/api/v1/prometheus/sd" => {
+                json_ok(&super::prometheus::service_discovery(&members(&model)))
+            }
+            p if p.starts_with("/api/v1/scale/") => {
+                scale(&model, &p["/api/v1/scale/".len()..], now, req.uri().query())
+            }
             p => match p.strip_prefix("/api/v1/services/") {
                 Some(name) if model.services.contains_key(name) || has_instances(&model, name) => {
                     json_ok(&service(&model, name, now, window))
@@ -94,6 +117,21 @@ impl Api {
                 None => text(StatusCode::NOT_FOUND, "not found\n"),
             },
         }
+    }
+
+    /// Every instance's metrics, read now (a Prometheus scrape of the whole mesh).
+    async fn federate(&self) -> Resp {
+        let members = match self.model.lock() {
+            Ok(m) => members(&m),
+            Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "model unavailable\n"),
+        };
+        let body = super::prometheus::federate(&self.reader, members, self.concurrency).await;
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -183,6 +221,40 @@ impl Api {
             "edges": edges,
         })
     }
+}
+
+/// `/api/v1/scale/NAME`: what KEDA's `metrics-api` scaler reads (`valueLocation: rps`, `p99_ms`,
+/// `error_ratio` or `instances_up`), over `?window=` (default 1 min: scaling reacts to now).
+fn scale(m: &Model, name: &str, now: u64, query: Option<&str>) -> Resp {
+    if !has_instances(m, name) && !m.services.contains_key(name) {
+        return text(StatusCode::NOT_FOUND, "no such service\n");
+    }
+    let window = query
+        .filter(|q| q.contains("window="))
+        .map_or(60_000, |q| window(Some(q)));
+    let stats = m
+        .services
+        .get(name)
+        .map(|s| Model::stats(s, now, window))
+        .unwrap_or_default();
+    let up = m
+        .instances
+        .values()
+        .filter(|i| i.member.service == name && i.error.is_none() && i.last.is_some())
+        .count();
+    json_ok(&json!({
+        "service": name,
+        "window_s": window / 1000,
+        "rps": stats.rps,
+        "p99_ms": stats.p99_ms.unwrap_or(0.0),
+        "error_ratio": stats.error_ratio.unwrap_or(0.0),
+        "instances_up": up,
+    }))
+}
+
+/// The instances of the last fleet read.
+fn members(m: &Model) -> Vec<super::fleet::Member> {
+    m.instances.values().map(|i| i.member.clone()).collect()
 }
 
 fn has_instances(m: &Model, name: &str) -> bool {

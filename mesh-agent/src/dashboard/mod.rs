@@ -9,6 +9,7 @@
 pub mod api;
 pub mod fleet;
 pub mod model;
+pub mod prometheus;
 pub mod scrape;
 
 use std::net::SocketAddr;
@@ -87,7 +88,9 @@ pub async fn start(cfg: DashboardConfig) -> Result<Running, DashboardError> {
     let model = Arc::new(Mutex::new(model::Model::default()));
     let api = Arc::new(api::Api::new(
         model.clone(),
+        reader.clone(),
         cfg.interval,
+        cfg.concurrency,
         cfg.token.clone(),
     ));
     tokio::spawn(api.serve(listener));

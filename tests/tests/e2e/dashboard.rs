@@ -143,6 +143,39 @@ async fn the_dashboard_shows_what_the_mesh_served_to_allowed_readers_only() {
     let down = s["availability"]["1h"]["down"].as_array().map(Vec::len);
     assert!(down.is_some_and(|d| d >= 1), "{}", s["availability"]);
 
+    // For Prometheus: the whole mesh in one scrape, each series labelled with its instance,
+    // and `up` per instance; HTTP service discovery; the KEDA figure.
+    let fed = client::get(
+        &client::h1(addr),
+        &format!("http://{addr}/api/v1/prometheus/federate"),
+    )
+    .await;
+    assert_eq!(fed.status, 200);
+    let parsed = trellis_proxy::telemetry::exposition::parse(&fed.body).expect("federation parses");
+    let echo_instance = instance["instance"].as_str().expect("instance id");
+    let up: Vec<_> = parsed.samples.iter().filter(|x| x.name == "up").collect();
+    assert_eq!(up.len(), 2, "{up:?}");
+    assert!(up.iter().all(|x| x.value == 1.0), "{up:?}");
+    let served = parsed
+        .samples
+        .iter()
+        .filter(|x| {
+            x.name == "trellis_requests_total"
+                && x.label("mesh_instance") == Some(echo_instance)
+                && x.label("direction") == Some("inbound")
+        })
+        .map(|x| x.value)
+        .sum::<f64>();
+    assert!(served >= 1000.0, "{served}");
+    let sd = api(addr, "/api/v1/prometheus/sd").await;
+    let groups = sd.as_array().expect("SD groups");
+    assert_eq!(groups.len(), 2, "{sd}");
+    assert!(groups.iter().any(|g| g["targets"][0] == inbound.to_string()
+        && g["labels"]["__meta_trellis_service"] == "echo"));
+    let scale = api(addr, "/api/v1/scale/echo").await;
+    assert!(scale["rps"].as_f64().is_some_and(|r| r > 0.0), "{scale}");
+    assert_eq!(scale["instances_up"], 1);
+
     // The pages, in a real browser.
     let top = browser::render(&format!("http://{addr}/"), "dashboard-topology", 4000);
     assert!(top.console_errors.is_empty(), "{:?}", top.console_errors);
