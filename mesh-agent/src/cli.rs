@@ -98,6 +98,23 @@ pub enum Command {
         /// A file whose first line is the token the UI and API require.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Alertmanager base URL (`http://host:9093`), repeatable: alerts of the `AlertRule`
+        /// policies go to its v2 API.
+        #[arg(long)]
+        alertmanager: Vec<String>,
+        /// A URL receiving one JSON object per alert state change (firing, resolved).
+        #[arg(long)]
+        webhook: Option<String>,
+        /// TTL of the alert evaluator's lease: how long alerts go unevaluated when the
+        /// evaluating dashboard dies.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        evaluator_ttl: Duration,
+    },
+    /// Alert rules and their state (firing, pending, inactive), as the evaluating dashboard
+    /// keeps them in etcd.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
     },
     /// API usage per consumer, per route and per service, read from sidecars' and gateways'
     /// `/metrics` (their admin addresses).
@@ -355,6 +372,15 @@ impl AuthorArg {
     }
 }
 
+#[derive(Subcommand, Debug)]
+pub enum AlertsCommand {
+    /// Every alert rule with its state, value and since when.
+    List {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
 /// How the CLI reaches etcd.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EtcdArgs {
@@ -582,6 +608,9 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             interval,
             concurrency,
             token_file,
+            alertmanager,
+            webhook,
+            evaluator_ttl,
         } => {
             let token = match token_file {
                 Some(f) => Some(first_line(&f)?),
@@ -597,6 +626,11 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 concurrency,
                 fetch_timeout: crate::dashboard::DEFAULT_FETCH_TIMEOUT,
                 token,
+                notify: crate::dashboard::alerts::Notify {
+                    alertmanagers: alertmanager,
+                    webhook,
+                },
+                evaluator_ttl,
             };
             runtime()?.block_on(async {
                 let running = crate::dashboard::start(cfg)
@@ -606,6 +640,15 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 let _ = tokio::signal::ctrl_c().await;
                 Ok::<_, String>(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Alerts {
+            command: AlertsCommand::List { etcd },
+        } => {
+            let out = runtime()?
+                .block_on(crate::dashboard::alerts::list(&etcd.config()))
+                .map_err(|e| e.to_string())?;
+            out!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Report {

@@ -75,6 +75,11 @@ pub enum Policy {
         name: String,
         spec: crate::AuthorizationSpec,
     },
+    /// An alert on one service, evaluated by a dashboard (sidecars do not hold it).
+    AlertRule {
+        name: String,
+        spec: crate::AlertRuleSpec,
+    },
 }
 
 /// The spec of a `ServicePolicy`.
@@ -117,6 +122,7 @@ pub const KINDS: &[&str] = &[
     "AuthenticationPolicy",
     "Consumer",
     "AuthorizationPolicy",
+    "AlertRule",
 ];
 
 // === impl PolicyDocument ===
@@ -259,6 +265,15 @@ impl PolicyDocument {
                     .map_err(|e| err(format!("spec: {e}")))?;
                 spec.validate().map_err(|m| err(format!("spec.{m}")))?;
                 Ok(Policy::Authorization {
+                    name: self.metadata.name.clone(),
+                    spec,
+                })
+            }
+            "AlertRule" => {
+                let spec: crate::AlertRuleSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::AlertRule {
                     name: self.metadata.name.clone(),
                     spec,
                 })

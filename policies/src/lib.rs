@@ -5,6 +5,7 @@
 //! file store and every sidecar run exactly the same checks on exactly the same types.
 
 mod access;
+mod alerts;
 mod auth;
 mod document;
 mod http_route;
@@ -17,6 +18,7 @@ pub use access::{
     ApiKeySource, ApiKeySpec, AuthenticationSpec, AuthorizationSpec, AuthzAction, AuthzFrom,
     AuthzMode, AuthzRule, AuthzTo, ConsumerSpec, JwtSubject, Quota,
 };
+pub use alerts::{AlertRuleSpec, AlertSignal, MAX_ALERT_WINDOW};
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,

@@ -6,7 +6,9 @@
 //! last hour in memory ([`model`]) and serves a web UI and its JSON API ([`api`]). Run one or
 //! several, anywhere: they share nothing and each rebuilds its hour by itself.
 
+pub mod alerts;
 pub mod api;
+mod evaluator;
 pub mod fleet;
 pub mod model;
 pub mod prometheus;
@@ -46,7 +48,15 @@ pub struct DashboardConfig {
     pub fetch_timeout: Duration,
     /// Required for the UI and API when `listen` is not a loopback address.
     pub token: Option<String>,
+    /// Where alerts go (the dashboard that holds the evaluator lease sends them).
+    pub notify: alerts::Notify,
+    /// TTL of the evaluator lease: how long the fleet goes without an evaluator when the one
+    /// evaluating dies.
+    pub evaluator_ttl: Duration,
 }
+
+/// Default TTL of the alert evaluator's lease.
+pub const DEFAULT_EVALUATOR_TTL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
@@ -61,10 +71,21 @@ pub enum DashboardError {
     },
 }
 
-/// A running dashboard: its address, and its model (for tests).
+/// A running dashboard: its address, its model (for tests) and its tasks.
 pub struct Running {
     pub addr: SocketAddr,
     pub model: Arc<Mutex<model::Model>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stop at once, as a killed process would: nothing is released (the evaluator lease
+    /// expires by itself).
+    pub fn abort(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// Bind, then refresh and serve until the process ends.
@@ -93,10 +114,13 @@ pub async fn start(cfg: DashboardConfig) -> Result<Running, DashboardError> {
         cfg.concurrency,
         cfg.token.clone(),
     ));
-    tokio::spawn(api.serve(listener));
-    tokio::spawn(refresh(cfg, reader, model.clone()));
+    let tasks = vec![
+        tokio::spawn(api.serve(listener)),
+        tokio::spawn(evaluator::run(cfg.clone(), model.clone(), addr.port())),
+        tokio::spawn(refresh(cfg, reader, model.clone())),
+    ];
     tracing::info!(%addr, "dashboard serving");
-    Ok(Running { addr, model })
+    Ok(Running { addr, model, tasks })
 }
 
 fn identity(cfg: &DashboardConfig) -> Result<TlsContext, DashboardError> {
@@ -113,21 +137,11 @@ fn identity(cfg: &DashboardConfig) -> Result<TlsContext, DashboardError> {
 /// Every interval: the fleet from etcd, then every instance's summary.
 async fn refresh(cfg: DashboardConfig, reader: scrape::Reader, model: Arc<Mutex<model::Model>>) {
     let keys = Keys::new(&cfg.etcd.prefix);
-    let mut etcd: Option<Etcd> = None;
-    let mut every = tokio::time::interval(cfg.interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn = Connection::default();
+    let mut every = ticker(cfg.interval);
     loop {
         every.tick().await;
-        if etcd.as_ref().is_none_or(|e| e.has_failed()) {
-            etcd = match Etcd::connect(&cfg.etcd).await {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "dashboard cannot reach etcd; keeping what it has");
-                    continue;
-                }
-            };
-        }
-        let Some(client) = etcd.as_ref() else {
+        let Some(client) = conn.get(&cfg.etcd).await else {
             continue;
         };
         let fleet = match fleet::read(client, &keys).await {
@@ -166,4 +180,32 @@ async fn read_one(
         tracing::debug!(instance = %m.instance, error = %e, "summary read failed");
         e.to_string()
     })
+}
+
+/// A tick every `interval`; a late one is not caught up (a slow round delays the next).
+fn ticker(interval: Duration) -> tokio::time::Interval {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every
+}
+
+/// An etcd connection, made again after a member fault.
+#[derive(Default)]
+struct Connection(Option<Etcd>);
+
+impl Connection {
+    /// The connection, or `None` (logged) while etcd cannot be reached: the caller keeps
+    /// what it has and tries again next round.
+    async fn get(&mut self, cfg: &EtcdConfig) -> Option<&Etcd> {
+        if self.0.as_ref().is_none_or(|e| e.has_failed()) {
+            self.0 = match Etcd::connect(cfg).await {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard cannot reach etcd; keeping what it has");
+                    None
+                }
+            };
+        }
+        self.0.as_ref()
+    }
 }

@@ -26,6 +26,8 @@ pub struct Point {
     pub seconds: f64,
     pub requests: f64,
     pub errors: f64,
+    /// Answered 429: refused by a rate limit.
+    pub limited: f64,
     #[serde(skip)]
     pub latency: Histogram,
 }
@@ -74,6 +76,8 @@ pub struct Stats {
     pub rps: f64,
     pub requests: f64,
     pub errors: f64,
+    /// Refused by rate limits (429), per second.
+    pub limited_rps: f64,
     pub error_ratio: Option<f64>,
     pub success_rate: Option<f64>,
     pub p50_ms: Option<f64>,
@@ -169,6 +173,8 @@ impl Model {
                 o.direction == t.direction && o.service == t.service && o.route == t.route
             });
             let (requests, errors, latency) = delta(t, before);
+            let status = |t: &Traffic| t.statuses.get(&429).copied().unwrap_or(0.0);
+            let limited = counter_delta(status(t), before.map_or(0.0, status));
             let point = match t.direction.as_str() {
                 "inbound" => services.entry(t.service.clone()).or_default(),
                 "outbound" | "ingress" => edges
@@ -178,6 +184,7 @@ impl Model {
             };
             point.requests += requests;
             point.errors += errors;
+            point.limited += limited;
             point.latency.merge(&latency);
         }
         for c in &summary.consumers {
@@ -238,14 +245,17 @@ impl Model {
         let mut s = Stats::default();
         let mut seconds = 0.0;
         let mut hist = Histogram::default();
+        let mut limited = 0.0;
         for p in series.iter().filter(|p| p.t_ms + window_ms > now_ms) {
             s.requests += p.requests;
             s.errors += p.errors;
+            limited += p.limited;
             seconds += p.seconds;
             hist.merge(&p.latency);
         }
         if seconds > 0.0 {
             s.rps = s.requests / seconds;
+            s.limited_rps = limited / seconds;
         }
         if s.requests > 0.0 {
             s.error_ratio = Some(s.errors / s.requests);
@@ -277,6 +287,43 @@ impl Model {
             a.ratio = Some(1.0 - a.down.len() as f64 / a.minutes as f64);
         }
         a
+    }
+}
+
+// === impl Model (alert signals) ===
+
+impl Model {
+    /// 5xx share of `service`'s requests over the last `window_ms`, from its per-minute
+    /// counts (which reach back 24 h, where the ticks keep one hour).
+    pub fn minute_error_ratio(&self, service: &str, now_ms: u64, window_ms: u64) -> Option<f64> {
+        let (mut requests, mut errors) = (0.0, 0.0);
+        for m in self
+            .availability
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.start_ms + 60_000 + window_ms > now_ms)
+        {
+            requests += m.requests;
+            errors += m.errors;
+        }
+        (requests > 0.0).then(|| errors / requests)
+    }
+
+    /// Instances of `service` whose last read succeeded.
+    pub fn instances_up(&self, service: &str) -> usize {
+        self.instances
+            .values()
+            .filter(|i| i.member.service == service && i.error.is_none() && i.last.is_some())
+            .count()
+    }
+
+    /// Endpoints of `service` its callers eject now.
+    pub fn ejected(&self, service: &str) -> f64 {
+        self.instances
+            .values()
+            .filter_map(|i| i.ejecting.get(service))
+            .sum()
     }
 }
 

@@ -6,6 +6,8 @@
 //! <prefix>/v1/status/<service>/<instance>                    applied revision (JSON), under the instance's lease
 //! <prefix>/v1/ratelimit/<service>/<instance>                 demand for global rate limits (JSON), under the instance's lease
 //! <prefix>/v1/history/<Kind>/<name>/<seq, 20 digits>          one audit entry per policy change (JSON)
+//! <prefix>/v1/alerts/evaluator                               the dashboard evaluating alert rules, under its lease
+//! <prefix>/v1/alerts/state/<rule>                            an alert rule's state (JSON)
 //! ```
 //!
 //! Sidecars watch `<prefix>/v1/mesh/` only: status writes, which every sidecar makes, never
@@ -80,6 +82,20 @@ impl Keys {
 
     pub fn statuses(&self) -> String {
         format!("{}/status/", self.root)
+    }
+
+    /// Who evaluates the alert rules (one dashboard of the fleet, under its lease).
+    pub fn alert_evaluator(&self) -> String {
+        format!("{}/alerts/evaluator", self.root)
+    }
+
+    /// Every alert rule's state (pending, firing, resolved), written by the evaluator.
+    pub fn alert_states(&self) -> String {
+        format!("{}/alerts/state/", self.root)
+    }
+
+    pub fn alert_state(&self, rule: &str) -> String {
+        format!("{}/alerts/state/{rule}", self.root)
     }
 
     /// One sidecar's demand for its service's global rate limits.

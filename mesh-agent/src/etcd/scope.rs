@@ -123,6 +123,7 @@ impl Scope {
             Policy::Authentication { .. } => true,
             Policy::Authorization { spec, .. } => spec.service == self.own,
             Policy::Consumer { .. } => authenticates,
+            Policy::AlertRule { .. } => false,
         }
     }
 
@@ -137,6 +138,7 @@ impl Scope {
             Policy::RateLimit { spec, .. } => spec.service == owner.service,
             Policy::ConcurrencyLimit { spec, .. } => spec.service == owner.service,
             Policy::Authorization { spec, .. } => spec.service == owner.service,
+            Policy::AlertRule { .. } => false,
             _ => true,
         }
     }

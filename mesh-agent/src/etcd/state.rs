@@ -411,6 +411,8 @@ impl MeshState {
                 Entry::Policy(_, Policy::Authorization { name, spec }) => {
                     doc.authorization.insert(name.clone(), spec.clone());
                 }
+                // Evaluated by a dashboard, not routed with.
+                Entry::Policy(_, Policy::AlertRule { .. }) => {}
             }
         }
         for svc in doc.services.values_mut() {

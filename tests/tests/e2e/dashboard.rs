@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_agent::dashboard::{scrape::Reader, DashboardConfig};
+use mesh_agent::dashboard::{alerts::Notify, scrape::Reader, DashboardConfig};
 use mesh_agent::testing::EtcdCluster;
 use trellis_proxy::identity::{IdentityFiles, SpiffeId, TlsContext};
 use trellis_tests::backend::Backend;
@@ -21,6 +21,23 @@ fn reader(pki: &Pki, name: &str) -> Reader {
     let own = SpiffeId::for_service(TRUST_DOMAIN, name).expect("identity");
     let tls = TlsContext::load(&files, &own, 1).expect("identity loads");
     Reader::new(Arc::new(tls), Duration::from_secs(2))
+}
+
+/// A dashboard on loopback reading every 300 ms, its evaluator lease 2 s.
+fn config(pki: &Pki, etcd: Vec<String>, notify: Notify) -> DashboardConfig {
+    DashboardConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        etcd: mesh_agent::config::EtcdConfig::new(etcd),
+        identity_dir: pki.path().to_path_buf(),
+        name: "dashboard".into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        interval: Duration::from_millis(300),
+        concurrency: 4,
+        fetch_timeout: Duration::from_secs(2),
+        token: None,
+        notify,
+        evaluator_ttl: Duration::from_secs(2),
+    }
 }
 
 async fn api(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
@@ -72,19 +89,9 @@ async fn the_dashboard_shows_what_the_mesh_served_to_allowed_readers_only() {
     assert_ne!(plain.status, 200, "plaintext reads nothing: {}", plain.body);
     assert!(!plain.body.contains("traffic"), "{}", plain.body);
 
-    let dash = mesh_agent::dashboard::start(DashboardConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        etcd: mesh_agent::config::EtcdConfig::new(etcd.endpoints()),
-        identity_dir: pki.path().to_path_buf(),
-        name: "dashboard".into(),
-        trust_domain: TRUST_DOMAIN.into(),
-        interval: Duration::from_millis(300),
-        concurrency: 4,
-        fetch_timeout: Duration::from_secs(2),
-        token: None,
-    })
-    .await
-    .expect("dashboard starts");
+    let dash = mesh_agent::dashboard::start(config(&pki, etcd.endpoints(), Default::default()))
+        .await
+        .expect("dashboard starts");
     let addr = dash.addr;
     // Both instances read at least twice (the first read is the baseline).
     wait_for(Duration::from_secs(10), "both instances read", || async {
@@ -206,4 +213,223 @@ async fn the_dashboard_shows_what_the_mesh_served_to_allowed_readers_only() {
 
     drop(caller);
     drop(server);
+}
+
+/// A real Alertmanager on loopback, killed on drop.
+struct Alertmanager {
+    url: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = dir.path().join("am.yml");
+        std::fs::write(
+            &cfg,
+            "route:\n  receiver: default\n  group_wait: 0s\n  group_interval: 1s\nreceivers:\n  - name: default\n",
+        )
+        .expect("config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let bin = ["prometheus-alertmanager", "alertmanager"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new("which")
+                    .arg(b)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .expect("Alertmanager: install Debian's `prometheus-alertmanager` (.ci/run does)");
+        let child = std::process::Command::new(bin)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.path={}", dir.path().display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("alertmanager starts");
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Active alerts named `name`.
+    async fn active(&self, name: &str) -> usize {
+        let addr = self
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("addr");
+        let r = client::send(
+            &client::h1(addr),
+            http::Request::get(format!("{}/api/v2/alerts?active=true", self.url))
+                .body(client::empty())
+                .expect("request"),
+        )
+        .await;
+        let Ok(r) = r else { return 0 };
+        r.json()
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| {
+                        x["labels"]["alertname"] == name && x["status"]["state"] == "active"
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn evaluator(etcd: &[String]) -> String {
+    let mut c = etcd_client::Client::connect(etcd, None)
+        .await
+        .expect("etcd");
+    let r = c
+        .get("/trellis/v1/alerts/evaluator", None)
+        .await
+        .expect("get");
+    r.kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_fires_in_alertmanager_survives_its_evaluator_dying_and_resolves() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["echo", "client", "dashboard"]);
+    let backend = Backend::start().await;
+    let readers = |c: &mut mesh_agent::config::AgentConfig| {
+        c.proxy.telemetry.readers = vec![Pki::spiffe("dashboard")];
+    };
+    let _server = etcd_sidecar(&pki, "echo", backend.addr, etcd.endpoints(), readers).await;
+    let caller = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), readers).await;
+    let c = client::h1(caller.bound.outbound);
+    wait_for(Duration::from_secs(10), "echo reachable", || async {
+        client::get(&c, "http://echo/echo").await.status == 200
+    })
+    .await;
+    let am = Alertmanager::start();
+    let rule = trellis_policies::parse_documents(
+        "apiVersion: trellis.dev/v1\nkind: AlertRule\nmetadata: {name: echo-errors}\nspec:\n  service: echo\n  signal: error_ratio\n  above: 0.2\n  window: 2s\n  for: 1s\n  labels: {severity: page}\n  annotations: {summary: echo fails}\n",
+        "rule.yaml",
+    );
+    let docs: Vec<_> = rule.into_iter().map(|d| d.expect("valid rule")).collect();
+    let etcd_cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
+    mesh_agent::policy::apply(&etcd_cfg, &docs, false)
+        .await
+        .expect("rule applied");
+    let notify = || Notify {
+        alertmanagers: vec![am.url.clone()],
+        webhook: None,
+    };
+    let a = mesh_agent::dashboard::start(config(&pki, etcd.endpoints(), notify()))
+        .await
+        .expect("a");
+    let b = mesh_agent::dashboard::start(config(&pki, etcd.endpoints(), notify()))
+        .await
+        .expect("b");
+    wait_for(Duration::from_secs(10), "an evaluator elected", || async {
+        !evaluator(&etcd.endpoints()).await.is_empty()
+    })
+    .await;
+
+    // Half the requests fail, in the background, until told to stop (bounded).
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (failing, stop) = (failing.clone(), stop.clone());
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 0..20_000u32 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let bad = failing.load(std::sync::atomic::Ordering::Relaxed) && i % 2 == 0;
+                let path = if bad { "/status/500" } else { "/echo" };
+                let _ = client::get(&c, &format!("http://echo{path}")).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    // for (1 s) + two evaluation intervals (0.6 s), plus the reads that see the errors (two
+    // intervals) and Alertmanager's own intake.
+    wait_for(
+        Duration::from_secs(10),
+        "the alert active in Alertmanager",
+        || async { am.active("echo-errors").await == 1 },
+    )
+    .await;
+    let fired_after = started.elapsed();
+    assert!(
+        fired_after < Duration::from_secs(4),
+        "fired after {fired_after:?}"
+    );
+
+    // Kill the evaluating dashboard: the other takes over within the lease TTL + 2 s, and
+    // the alert never leaves Alertmanager meanwhile.
+    let holder = evaluator(&etcd.endpoints()).await;
+    let (dead, alive) = if holder.ends_with(&format!("-{}", a.addr.port())) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    dead.abort();
+    let killed = std::time::Instant::now();
+    let mut lost = false;
+    let successor = format!("-{}", alive.addr.port());
+    while !evaluator(&etcd.endpoints()).await.ends_with(&successor) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(4),
+            "no new evaluator within TTL + 2 s"
+        );
+        lost |= am.active("echo-errors").await == 0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..10 {
+        lost |= am.active("echo-errors").await == 0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !lost,
+        "the firing alert left Alertmanager during the failover"
+    );
+    let list = mesh_agent::dashboard::alerts::list(&etcd_cfg)
+        .await
+        .expect("alerts list");
+    assert!(
+        list.contains("echo-errors") && list.contains("firing"),
+        "{list}"
+    );
+
+    // Recovery: the errors stop, the window passes, the alert resolves.
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_for(Duration::from_secs(10), "the alert resolved", || async {
+        am.active("echo-errors").await == 0
+    })
+    .await;
+    let list = mesh_agent::dashboard::alerts::list(&etcd_cfg)
+        .await
+        .expect("alerts list");
+    assert!(list.contains("inactive"), "{list}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = load.await;
+    alive.abort();
 }
