@@ -119,15 +119,27 @@ pub enum Command {
     /// API usage per consumer, per route and per service, read from sidecars' and gateways'
     /// `/metrics` (their admin addresses).
     Report {
-        /// Admin addresses (`host:port`), comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Admin addresses (`host:port`), comma-separated: the sidecars this host reaches.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "dashboard",
+            conflicts_with = "dashboard"
+        )]
         targets: Vec<String>,
+        /// A dashboard's URL (`http://host:9900`): every instance of the mesh, on any host, and
+        /// each service's uptime over 24 h with the intervals down.
+        #[arg(long)]
+        dashboard: Option<String>,
+        /// The dashboard's token (first line of the file).
+        #[arg(long, requires = "dashboard")]
+        token_file: Option<PathBuf>,
         /// Measure over this window (two scrapes this far apart, e.g. `60s`); without it,
         /// totals since each process started.
         #[arg(long, value_parser = humantime::parse_duration)]
         window: Option<Duration>,
-        #[arg(long, short, value_enum, default_value_t = crate::policy::OutputFormat::Table)]
-        output: crate::policy::OutputFormat,
+        #[arg(long, short, value_enum, default_value_t = crate::usage::ReportFormat::Table)]
+        output: crate::usage::ReportFormat,
     },
     /// Generate an API key for a consumer: prints the key (give it to the client, once) and
     /// the SHA-256 digest to put in the `Consumer` policy (never the key itself).
@@ -653,15 +665,25 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         }
         Command::Report {
             targets,
+            dashboard,
+            token_file,
             window,
             output,
         } => {
+            let source = match dashboard {
+                Some(url) => crate::usage::Source::Dashboard {
+                    url,
+                    token: token_file.as_deref().map(first_line).transpose()?,
+                },
+                None => crate::usage::Source::Targets(targets),
+            };
             let r = runtime()?
-                .block_on(crate::usage::report(&targets, window))
+                .block_on(crate::usage::report(&source, window))
                 .map_err(|e| e.to_string())?;
             match output {
-                crate::policy::OutputFormat::Table => out!("{}", crate::usage::render_table(&r)),
-                crate::policy::OutputFormat::Json => outln!(
+                crate::usage::ReportFormat::Table => out!("{}", crate::usage::render_table(&r)),
+                crate::usage::ReportFormat::Csv => out!("{}", crate::usage::render_csv(&r)),
+                crate::usage::ReportFormat::Json => outln!(
                     "{}",
                     serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
                 ),

@@ -48,6 +48,35 @@ pub struct Report {
     pub routes: BTreeMap<String, Usage>,
     /// Availability of each service as its own sidecars saw it (inbound): non-5xx / total.
     pub services: BTreeMap<String, ServiceAvailability>,
+    /// Uptime over the last 24 h as a dashboard saw it (read through `--dashboard` only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub uptime: BTreeMap<String, Uptime>,
+}
+
+/// Uptime / observed time by minute, with the intervals down (unix ms, end exclusive).
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Uptime {
+    pub ratio: Option<f64>,
+    pub minutes_observed: u64,
+    pub down: Vec<(u64, u64)>,
+}
+
+/// Output of `mesh-agent report`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    #[default]
+    Table,
+    Json,
+    /// One row per consumer, route and service: `kind,key,requests,errors,refused,p50_ms,p90_ms,p99_ms,availability`.
+    Csv,
+}
+
+/// Where the report reads from.
+pub enum Source {
+    /// Admin addresses (`host:port`), read directly: the sidecars of this host.
+    Targets(Vec<String>),
+    /// A dashboard (`http://host:9900`), which reads every instance of the mesh over mTLS.
+    Dashboard { url: String, token: Option<String> },
 }
 
 #[derive(Debug, Default, Serialize, PartialEq)]
@@ -167,6 +196,7 @@ pub fn build(samples: &[Sample], window: Option<Duration>) -> Report {
             .map(|(k, a)| (k.clone(), a.usage()))
             .collect(),
         services,
+        uptime: BTreeMap::new(),
     }
 }
 
@@ -194,47 +224,160 @@ pub fn delta(before: &[Sample], after: &[Sample]) -> Vec<Sample> {
         .collect()
 }
 
-/// Read `/metrics` from each admin address (`host:port`).
-pub async fn scrape(targets: &[String]) -> Result<Vec<Sample>, ReportError> {
+/// `GET url` (with the token as a bearer, if any): the body, or why not.
+async fn fetch(url: &str, token: Option<&str>) -> Result<Bytes, ReportError> {
+    let err = |message: String| ReportError::Scrape {
+        target: url.to_string(),
+        message,
+    };
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::get(url);
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Empty::new())
+        .map_err(|e| err(format!("not a URL: {e}")))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .map_err(|_| err("timed out after 30 s".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(err(format!("answered {}", resp.status())));
+    }
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .to_bytes())
+}
+
+/// Every sample the source has now.
+pub async fn scrape(source: &Source) -> Result<Vec<Sample>, ReportError> {
     let mut all = Vec::new();
-    for t in targets {
-        let err = |message: String| ReportError::Scrape {
-            target: t.clone(),
-            message,
-        };
-        let uri: http::Uri = format!("http://{t}/metrics")
-            .parse()
-            .map_err(|e| err(format!("not a host:port: {e}")))?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-            .await
-            .map_err(|_| err("timed out after 5 s".into()))?
-            .map_err(|e| err(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(err(format!("/metrics answered {}", resp.status())));
+    match source {
+        Source::Targets(targets) => {
+            for t in targets {
+                let body = fetch(&format!("http://{t}/metrics"), None).await?;
+                all.extend(parse(&String::from_utf8_lossy(&body)));
+            }
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .to_bytes();
-        all.extend(parse(&String::from_utf8_lossy(&body)));
+        Source::Dashboard { url, token } => {
+            let url = format!("{}/api/v1/prometheus/federate", url.trim_end_matches('/'));
+            let body = fetch(&url, token.as_deref()).await?;
+            // The per-instance `up` samples are the dashboard's, not usage.
+            all.extend(
+                parse(&String::from_utf8_lossy(&body))
+                    .into_iter()
+                    .filter(|s| s.name != "up"),
+            );
+        }
     }
     Ok(all)
 }
 
+/// Each service's uptime over 24 h, as the dashboard has it.
+async fn uptime(url: &str, token: Option<&str>) -> Result<BTreeMap<String, Uptime>, ReportError> {
+    let base = url.trim_end_matches('/');
+    let json = |b: Bytes| serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default();
+    let overview = json(fetch(&format!("{base}/api/v1/overview"), token).await?);
+    let mut out = BTreeMap::new();
+    for name in overview["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+    {
+        let s = json(fetch(&format!("{base}/api/v1/services/{name}"), token).await?);
+        let a = &s["availability"]["24h"];
+        let mut starts: Vec<u64> = a["down"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        starts.sort_unstable();
+        out.insert(
+            name.to_string(),
+            Uptime {
+                ratio: a["ratio"].as_f64(),
+                minutes_observed: a["minutes"].as_u64().unwrap_or(0),
+                down: intervals(&starts),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Consecutive down minutes joined into intervals `[start, end)`.
+fn intervals(starts: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &m in starts {
+        match out.last_mut() {
+            Some(last) if last.1 == m => last.1 = m + 60_000,
+            _ => out.push((m, m + 60_000)),
+        }
+    }
+    out
+}
+
 /// Scrape, wait `window` and scrape again (deltas), or scrape once (totals).
-pub async fn report(targets: &[String], window: Option<Duration>) -> Result<Report, ReportError> {
-    let first = scrape(targets).await?;
+pub async fn report(source: &Source, window: Option<Duration>) -> Result<Report, ReportError> {
+    let first = scrape(source).await?;
     let samples = match window {
         Some(w) => {
             tokio::time::sleep(w).await;
-            delta(&first, &scrape(targets).await?)
+            delta(&first, &scrape(source).await?)
         }
         None => first,
     };
-    Ok(build(&samples, window))
+    let mut r = build(&samples, window);
+    if let Source::Dashboard { url, token } = source {
+        r.uptime = uptime(url, token.as_deref()).await?;
+    }
+    Ok(r)
+}
+
+/// The report as CSV, one row per consumer, route and service.
+pub fn render_csv(r: &Report) -> String {
+    let mut out =
+        String::from("kind,key,requests,errors,refused,p50_ms,p90_ms,p99_ms,availability\n");
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+    for (kind, rows) in [("consumer", &r.consumers), ("route", &r.routes)] {
+        for (k, u) in rows {
+            out.push_str(&format!(
+                "{kind},{},{},{},{},{},{},{},\n",
+                csv_field(k),
+                u.requests,
+                u.errors,
+                u.refused,
+                opt(u.p50_ms),
+                opt(u.p90_ms),
+                opt(u.p99_ms)
+            ));
+        }
+    }
+    for (k, a) in &r.services {
+        let up = r.uptime.get(k).and_then(|u| u.ratio);
+        out.push_str(&format!(
+            "service,{},{},{},,,,,{}\n",
+            csv_field(k),
+            a.requests,
+            a.requests - a.successful,
+            opt(up.or(a.availability))
+        ));
+    }
+    out
+}
+
+/// A CSV field, quoted when it holds a separator, a quote or a line break.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
 }
 
 /// The report as aligned tables.
@@ -290,7 +433,35 @@ pub fn render_table(r: &Report) -> String {
                 .map_or("-".into(), |v| format!("{:.3}%", 100.0 * v))
         ));
     }
+    if !r.uptime.is_empty() {
+        out.push_str(&format!(
+            "\n{:<36} {:>12} {:>9}  down (UTC)\n",
+            "service (uptime, 24 h)", "uptime", "minutes"
+        ));
+        for (k, u) in &r.uptime {
+            let down: Vec<String> = u
+                .down
+                .iter()
+                .map(|(a, b)| format!("{}-{}", hhmm(*a), hhmm(*b)))
+                .collect();
+            out.push_str(&format!(
+                "{k:<36} {:>12} {:>9}  {}\n",
+                u.ratio.map_or("-".into(), |v| format!("{:.3}%", 100.0 * v)),
+                u.minutes_observed,
+                if down.is_empty() {
+                    "none".into()
+                } else {
+                    down.join(", ")
+                }
+            ));
+        }
+    }
     out
+}
+
+fn hhmm(ms: u64) -> String {
+    let m = (ms / 60_000) % (24 * 60);
+    format!("{:02}:{:02}", m / 60, m % 60)
 }
 
 #[cfg(test)]
@@ -323,6 +494,24 @@ trellis_requests_total{direction="inbound",service="orders",route="default",stat
         let table = render_table(&r);
         assert!(table.contains("acme @ gw"), "{table}");
         assert!(table.contains("99.000%"), "{table}");
+    }
+
+    #[test]
+    fn down_minutes_join_into_intervals_and_csv_quotes_what_it_must() {
+        assert_eq!(
+            intervals(&[0, 60_000, 180_000]),
+            vec![(0, 120_000), (180_000, 240_000)]
+        );
+        let mut r = Report::default();
+        r.consumers.insert(
+            "a,b @ gw".into(),
+            Usage {
+                requests: 2.0,
+                ..Default::default()
+            },
+        );
+        let csv = render_csv(&r);
+        assert!(csv.contains("consumer,\"a,b @ gw\",2,"), "{csv}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Just enough of the Prometheus text format to read the sidecars' own `/metrics`: samples
-//! with labels, and quantiles from cumulative histogram buckets (as PromQL's
+//! The sidecars' own `/metrics` as samples with sorted labels, and quantiles from cumulative
+//! histogram buckets (as PromQL's
 //! `histogram_quantile`: linear within the bucket).
 
 use std::collections::BTreeMap;
@@ -12,79 +12,18 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// Parse the text; lines that do not parse are skipped (comments, `# EOF`, exemplars).
+/// Parse the text; lines that do not parse are skipped (comments, `# EOF`, a malformed line).
+/// The line grammar is the data plane's own reader (`trellis_proxy::telemetry::exposition`).
 pub fn parse(text: &str) -> Vec<Sample> {
-    text.lines().filter_map(parse_line).collect()
-}
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let (name, labels, rest) = match line.find('{') {
-        Some(open) => {
-            let (labels, close) = parse_labels(&line[open + 1..])?;
-            (&line[..open], labels, &line[open + 1 + close..])
-        }
-        None => {
-            let (name, rest) = line.split_once(' ')?;
-            (name, BTreeMap::new(), rest)
-        }
-    };
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
-
-/// Labels after `{`; returns them and the offset just past the closing `}`.
-fn parse_labels(s: &str) -> Option<(BTreeMap<String, String>, usize)> {
-    let mut labels = BTreeMap::new();
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    loop {
-        while bytes.get(i).is_some_and(|b| *b == b',' || *b == b' ') {
-            i += 1;
-        }
-        if bytes.get(i) == Some(&b'}') {
-            return Some((labels, i + 1));
-        }
-        let eq = s[i..].find('=')? + i;
-        let key = s[i..eq].trim().to_string();
-        if bytes.get(eq + 1) != Some(&b'"') {
-            return None;
-        }
-        let mut value = String::new();
-        let mut j = eq + 2;
-        loop {
-            match *bytes.get(j)? {
-                b'\\' => {
-                    match *bytes.get(j + 1)? {
-                        b'n' => value.push('\n'),
-                        other => value.push(other as char),
-                    }
-                    j += 2;
-                }
-                b'"' => break,
-                _ => {
-                    // Copy one UTF-8 character.
-                    let ch = s[j..].chars().next()?;
-                    value.push(ch);
-                    j += ch.len_utf8();
-                }
-            }
-        }
-        labels.insert(key, value);
-        i = j + 1;
-    }
+    text.lines()
+        .filter_map(|line| trellis_proxy::telemetry::exposition::parse(line).ok())
+        .flat_map(|e| e.samples)
+        .map(|s| Sample {
+            name: s.name,
+            labels: s.labels.into_iter().collect(),
+            value: s.value,
+        })
+        .collect()
 }
 
 /// The `q` quantile of a histogram given as cumulative `(upper bound, count)` buckets sorted

@@ -471,7 +471,7 @@ authorization:
 
     // The usage report reads the same figures from the sidecar's admin port.
     let admin = m.server.admin().to_string();
-    let report = mesh_agent::usage::report(&[admin], None)
+    let report = mesh_agent::usage::report(&mesh_agent::usage::Source::Targets(vec![admin]), None)
         .await
         .expect("report");
     let row = &report.consumers["client-app @ orders"];

@@ -183,6 +183,29 @@ async fn the_dashboard_shows_what_the_mesh_served_to_allowed_readers_only() {
     assert!(scale["rps"].as_f64().is_some_and(|r| r > 0.0), "{scale}");
     assert_eq!(scale["instances_up"], 1);
 
+    // `mesh-agent report` across hosts, through the dashboard: usage and uptime.
+    let source = mesh_agent::usage::Source::Dashboard {
+        url: format!("http://{addr}"),
+        token: None,
+    };
+    let report = mesh_agent::usage::report(&source, None)
+        .await
+        .expect("report");
+    let served = &report.services["echo"];
+    assert!(served.requests >= 1000.0, "{served:?}");
+    assert!(
+        report.routes.keys().any(|k| k.starts_with("echo /")),
+        "{:?}",
+        report.routes
+    );
+    let up = &report.uptime["echo"];
+    assert!(!up.down.is_empty() && up.minutes_observed >= 1, "{up:?}");
+    let csv = mesh_agent::usage::render_csv(&report);
+    assert!(
+        csv.starts_with("kind,key,requests") && csv.contains("\nservice,echo,"),
+        "{csv}"
+    );
+
     // The pages, in a real browser.
     let top = browser::render(&format!("http://{addr}/"), "dashboard-topology", 4000);
     assert!(top.console_errors.is_empty(), "{:?}", top.console_errors);
