@@ -97,12 +97,15 @@ impl Summary {
             unix_ms,
             ..Default::default()
         };
-        let mut traffic: BTreeMap<(String, String, String), Traffic> = BTreeMap::new();
-        let mut consumers: BTreeMap<(String, String), ConsumerTraffic> = BTreeMap::new();
-        let mut endpoints: BTreeMap<String, EndpointStates> = BTreeMap::new();
-        let mut limits: BTreeMap<String, RateLimitUse> = BTreeMap::new();
+        // Keyed by labels borrowed from `e`: a lookup allocates nothing (a read is every
+        // sample of the registry, ~20 per series with the histogram buckets).
+        let mut traffic: BTreeMap<(&str, &str, &str), Traffic> = BTreeMap::new();
+        let mut consumers: BTreeMap<(&str, &str), ConsumerTraffic> = BTreeMap::new();
+        let mut endpoints: BTreeMap<&str, EndpointStates> = BTreeMap::new();
+        let mut limits: BTreeMap<&str, RateLimitUse> = BTreeMap::new();
         for x in &e.samples {
             let l = |k| x.label(k).unwrap_or_default().to_string();
+            let b = |k| x.label(k).unwrap_or_default();
             match x.name.as_str() {
                 "trellis_requests_total" => {
                     let t = traffic_of(&mut traffic, x);
@@ -123,7 +126,7 @@ impl Summary {
                 }
                 "trellis_consumer_requests_total" => {
                     let c = consumers
-                        .entry((l("service"), l("consumer")))
+                        .entry((b("service"), b("consumer")))
                         .or_insert_with(|| ConsumerTraffic {
                             service: l("service"),
                             consumer: l("consumer"),
@@ -142,7 +145,7 @@ impl Summary {
                 "trellis_snapshot_version" => s.snapshot_version = x.value.max(0.0) as u64,
                 "trellis_endpoints" => {
                     let e = endpoints
-                        .entry(l("service"))
+                        .entry(b("service"))
                         .or_insert_with(|| EndpointStates {
                             service: l("service"),
                             ..Default::default()
@@ -183,13 +186,14 @@ fn status(x: &Sample) -> u16 {
         .unwrap_or(0)
 }
 
-fn traffic_of<'a>(
-    map: &'a mut BTreeMap<(String, String, String), Traffic>,
-    x: &Sample,
-) -> &'a mut Traffic {
-    let l = |k| x.label(k).unwrap_or_default().to_string();
+fn traffic_of<'m, 'e>(
+    map: &'m mut BTreeMap<(&'e str, &'e str, &'e str), Traffic>,
+    x: &'e Sample,
+) -> &'m mut Traffic {
+    let b = |k| x.label(k).unwrap_or_default();
+    let l = |k| b(k).to_string();
     // Latency series have a status code too: one histogram per route, all statuses summed.
-    map.entry((l("direction"), l("service"), l("route")))
+    map.entry((b("direction"), b("service"), b("route")))
         .or_insert_with(|| Traffic {
             direction: l("direction"),
             service: l("service"),
@@ -198,10 +202,13 @@ fn traffic_of<'a>(
         })
 }
 
-fn limit_of<'a>(map: &'a mut BTreeMap<String, RateLimitUse>, x: &Sample) -> &'a mut RateLimitUse {
-    let policy = x.label("policy").unwrap_or_default().to_string();
-    map.entry(policy.clone()).or_insert_with(|| RateLimitUse {
-        policy,
+fn limit_of<'m, 'e>(
+    map: &'m mut BTreeMap<&'e str, RateLimitUse>,
+    x: &'e Sample,
+) -> &'m mut RateLimitUse {
+    let policy = x.label("policy").unwrap_or_default();
+    map.entry(policy).or_insert_with(|| RateLimitUse {
+        policy: policy.to_string(),
         ..Default::default()
     })
 }
