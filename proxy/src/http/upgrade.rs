@@ -18,6 +18,7 @@ use crate::identity::{Alpn, TlsContext};
 use crate::state::pool::connect_tls;
 use crate::state::snapshot::Endpoint;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::logs;
 use crate::ResponseBody;
 
 /// Forward an upgrade request from the app to a peer sidecar, on a connection of its own.
@@ -37,11 +38,12 @@ pub(crate) async fn outbound(
             addr: ep.addr,
             source,
         })?;
-    tokio::spawn(async move {
+    // This connection serves the one request: its lines name it.
+    tokio::spawn(logs::inherit(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upgrade connection to peer ended with error");
         }
-    });
+    }));
     rewrite::to_origin_h1(&mut req, RequestTarget::Origin, Host::Requested, true)?;
     let resp = tokio::time::timeout(request_timeout, send.send_request(req))
         .await
@@ -59,7 +61,7 @@ pub(crate) fn finish(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_side = hyper::upgrade::on(&mut resp);
         strip_hop_by_hop(resp.headers_mut(), true);
-        tokio::spawn(async move {
+        tokio::spawn(logs::inherit(async move {
             match tokio::try_join!(client_side, upstream_side) {
                 Ok((a, b)) => {
                     let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
@@ -69,7 +71,7 @@ pub(crate) fn finish(
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
-        });
+        }));
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }

@@ -24,6 +24,7 @@ mod http_route;
 mod identity;
 mod ingress;
 mod limits;
+mod logs;
 mod policy_history;
 mod prometheus;
 mod ratelimit;

@@ -36,6 +36,7 @@ use crate::listeners::server::{
 };
 use crate::policy::ratelimit::RateLimits;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, INBOUND};
+use crate::telemetry::trace::logs;
 use crate::{drain, ResponseBody};
 use app::{AppClient, Call};
 
@@ -237,7 +238,9 @@ impl Inbound {
         });
         let peer_id = observed.logging().then(|| peer.clone()).flatten();
         let mut consumer = None;
-        let result = self.admitted(req, client, peer, &mut consumer).await;
+        // What is logged while admitting and forwarding names the request's trace and span.
+        let admitted = self.admitted(req, client, peer, &mut consumer);
+        let result = logs::scope(observed.span.ids(), admitted).await;
         let labels = Labels {
             service: self.admission.service(),
             route: None,

@@ -31,7 +31,7 @@ use crate::listeners::server::{
 use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::{Permits, RateLimits};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
-use crate::telemetry::trace::{RequestSpan, Tracing};
+use crate::telemetry::trace::{logs, RequestSpan, Tracing};
 use crate::ResponseBody;
 
 /// The `direction` label of the ingress listeners' connections, bytes and refusals.
@@ -197,7 +197,6 @@ impl Ingress {
     async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
         let peer = conn.peer;
         let start = std::time::Instant::now();
-        let grpc = crate::http::grpc::is_grpc(req.headers());
         // The client as far as it can be believed: the TCP peer unless a trusted proxy
         // vouches for another; limits and access logs key on it.
         let client = match self.edge.trusted_proxies.client(peer.ip(), req.headers()) {
@@ -205,6 +204,31 @@ impl Ingress {
             ip => SocketAddr::new(ip, 0),
         };
         let mut span = self.server_span(&mut req, client, conn);
+        // What is logged from here on names the request's trace and the edge's server span
+        // (once routed, the client span: the outbound scope nests inside this one).
+        let answer = self.answer(req, conn, client, start);
+        let (resp, consumer) = logs::scope(span.ids(), answer).await;
+        // Whoever answered with an error (this gateway, or a sidecar behind it) named it.
+        let cause = resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| known_cause(v.as_bytes()));
+        span.respond(resp.status().as_u16(), cause);
+        let seconds = start.elapsed().as_secs_f64();
+        self.admission
+            .count(consumer.as_ref(), resp.status().as_u16(), seconds);
+        end_with_body(resp, span)
+    }
+
+    /// Admit and route a request, or refuse it; also the consumer it was admitted as.
+    async fn answer(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &Conn,
+        client: SocketAddr,
+        start: std::time::Instant,
+    ) -> (Response<ResponseBody>, Option<Arc<str>>) {
+        let grpc = crate::http::grpc::is_grpc(req.headers());
         let mut consumer = None;
         let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
             Ok(permits) => {
@@ -226,16 +250,7 @@ impl Ingress {
                 resp
             }
         };
-        // Whoever answered with an error (this gateway, or a sidecar behind it) named it.
-        let cause = resp
-            .headers()
-            .get(ERROR_HEADER)
-            .and_then(|v| known_cause(v.as_bytes()));
-        span.respond(resp.status().as_u16(), cause);
-        let seconds = start.elapsed().as_secs_f64();
-        self.admission
-            .count(consumer.as_ref(), resp.status().as_u16(), seconds);
-        end_with_body(resp, span)
+        (resp, consumer)
     }
 
     /// The server span of a request from outside, made the parent of what the request leads

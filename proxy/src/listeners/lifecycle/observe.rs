@@ -11,7 +11,7 @@ use crate::http::body::Streamed;
 use crate::http::headers::ERROR_HEADER;
 use crate::telemetry::access_log::{AccessLog, Outcome, RequestInfo};
 use crate::telemetry::metrics::{Metrics, INBOUND};
-use crate::telemetry::trace::RequestSpan;
+use crate::telemetry::trace::{logs, RequestSpan};
 use crate::ResponseBody;
 
 /// How one listener observes its requests.
@@ -123,7 +123,8 @@ impl Observed<'_> {
         let mut cause = None;
         let resp = result.unwrap_or_else(|e| {
             cause = Some(e.cause());
-            lifecycle.refuse(e, self.grpc)
+            // Its log line names the request's trace and span.
+            logs::sync_scope(self.span.ids(), || lifecycle.refuse(e, self.grpc))
         });
         // A refusal by the far sidecar names its cause too.
         let cause = cause.or_else(|| {

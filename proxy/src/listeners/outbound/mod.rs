@@ -39,6 +39,7 @@ use crate::policy::breaker::Breaker;
 use crate::state::pool::PeerPool;
 use crate::state::target::{Target, TargetTable};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
+use crate::telemetry::trace::logs;
 use crate::{drain, ResponseBody};
 use attempt::Attempts;
 use endpoints::Endpoints;
@@ -173,7 +174,10 @@ impl Outbound {
                 .client(req.method(), req.uri().path(), req.headers(), host)
         });
         let edge = lifecycle.direction() == crate::listeners::ingress::INGRESS;
-        let (service, route, result) = self.route(req, client, edge, &mut observed.span).await;
+        // What is logged while routing and forwarding names the request's trace and span.
+        let ids = observed.span.ids();
+        let routed = self.route(req, client, edge, &mut observed.span);
+        let (service, route, result) = logs::scope(ids, routed).await;
         let labels = Labels {
             service: &service,
             route: Some(&route),

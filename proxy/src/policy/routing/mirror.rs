@@ -23,6 +23,7 @@ use crate::http::headers::PEER_IDENTITY_HEADER;
 use crate::state::balance::rand::Rng;
 use crate::state::pool::PeerPool;
 use crate::state::target::Target;
+use crate::telemetry::trace::logs;
 use crate::RequestBody;
 
 /// Mirrored requests in flight at once in this process.
@@ -93,7 +94,8 @@ impl MirrorAction {
         let ep = ep.clone();
         let pool = pool.clone();
         let service = self.service.clone();
-        tokio::spawn(async move {
+        // Its lines name the request it copies.
+        tokio::spawn(logs::inherit(async move {
             let _slot = slot;
             let send = async {
                 let mut sender = pool
@@ -112,7 +114,7 @@ impl MirrorAction {
                 Ok(Err(e)) => tracing::debug!(%service, error = %e, "mirrored request failed"),
                 Err(_) => tracing::debug!(%service, "mirrored request timed out"),
             }
-        });
+        }));
         true
     }
 }

@@ -9,6 +9,7 @@
 //! so the next hop does not make an independent (and inconsistent) decision.
 
 pub mod export;
+pub mod logs;
 pub mod propagation;
 
 use std::net::SocketAddr;
@@ -264,6 +265,14 @@ impl RequestSpan {
         if let Some((sc, arrived_as)) = &self.context {
             propagation::inject(headers, sc, *arrived_as);
         }
+    }
+
+    /// The ids log lines written while handling the request carry ([`logs::scope`]).
+    pub fn ids(&self) -> Option<logs::RequestIds> {
+        self.context.as_ref().map(|(sc, _)| logs::RequestIds {
+            trace_id: sc.trace_id(),
+            span_id: sc.span_id(),
+        })
     }
 
     pub fn trace_id(&self) -> Option<String> {
