@@ -34,17 +34,8 @@ pub async fn federate(reader: &Reader, members: Vec<Member>, concurrency: usize)
     let mut out = String::new();
     for (m, read) in reads {
         let labels = instance_labels(&m);
-        let up = match read {
-            Ok(e) => {
-                for s in e.samples {
-                    let _ = write!(out, "{}{{{labels}", s.name);
-                    for (k, v) in &s.labels {
-                        let _ = write!(out, ",{k}=\"{}\"", Escaped(v));
-                    }
-                    let _ = writeln!(out, "}} {}", exposition::format_value(s.value));
-                }
-                1
-            }
+        let up = match read.and_then(|text| relabel(&text, &labels, &mut out)) {
+            Ok(()) => 1,
             Err(e) => {
                 tracing::debug!(instance = %m.instance, error = %e, "federation read failed");
                 0
@@ -55,7 +46,21 @@ pub async fn federate(reader: &Reader, members: Vec<Member>, concurrency: usize)
     out
 }
 
-async fn fetch(reader: &Reader, m: &Member) -> Result<exposition::Exposition, String> {
+/// Append every sample of `text` to `out` with the instance's `labels` first.
+fn relabel(text: &str, labels: &str, out: &mut String) -> Result<(), String> {
+    let e = exposition::parse(text).map_err(|e| e.to_string())?;
+    for s in e.samples {
+        let _ = write!(out, "{}{{{labels}", s.name);
+        for (k, v) in &s.labels {
+            let _ = write!(out, ",{k}=\"{}\"", Escaped(v));
+        }
+        let _ = writeln!(out, "}} {}", exposition::format_value(s.value));
+    }
+    Ok(())
+}
+
+/// The instance's metrics text.
+async fn fetch(reader: &Reader, m: &Member) -> Result<String, String> {
     let addr = m
         .address
         .parse()
@@ -65,8 +70,7 @@ async fn fetch(reader: &Reader, m: &Member) -> Result<exposition::Exposition, St
         .get(addr, &id, "metrics")
         .await
         .map_err(|e| e.to_string())?;
-    let text = std::str::from_utf8(&body).map_err(|e| e.to_string())?;
-    exposition::parse(text).map_err(|e| e.to_string())
+    String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
 }
 
 fn instance_labels(m: &Member) -> String {

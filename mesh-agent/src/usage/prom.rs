@@ -19,8 +19,12 @@ pub fn parse(text: &str) -> Vec<Sample> {
         .filter_map(|line| trellis_proxy::telemetry::exposition::parse(line).ok())
         .flat_map(|e| e.samples)
         .map(|s| Sample {
-            name: s.name,
-            labels: s.labels.into_iter().collect(),
+            name: s.name.to_string(),
+            labels: s
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_owned()))
+                .collect(),
             value: s.value,
         })
         .collect()

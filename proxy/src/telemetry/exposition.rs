@@ -5,28 +5,31 @@
 //! serve with the same parser (and re-labels it for federation). The input may come from the
 //! network, so nothing here panics: a malformed line is an error naming its line number.
 
+use std::borrow::Cow;
 use std::fmt;
 
-/// One sample: `name{labels} value`.
+/// One sample: `name{labels} value`, borrowed from the text it was read from (a label value
+/// is copied only when it had escapes): a read of a whole registry allocates one label list
+/// per sample, not two strings per label.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
+pub struct Sample<'a> {
+    pub name: &'a str,
+    pub labels: Vec<(&'a str, Cow<'a, str>)>,
     pub value: f64,
 }
 
 /// A family's declared type (`# TYPE name type`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FamilyType {
-    pub name: String,
-    pub kind: String,
+pub struct FamilyType<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
 }
 
 /// What a text exposition holds.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Exposition {
-    pub types: Vec<FamilyType>,
-    pub samples: Vec<Sample>,
+pub struct Exposition<'a> {
+    pub types: Vec<FamilyType<'a>>,
+    pub samples: Vec<Sample<'a>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -42,17 +45,17 @@ pub const MAX_BYTES: usize = 8 << 20;
 
 // === impl Sample ===
 
-impl Sample {
+impl<'a> Sample<'a> {
     pub fn label(&self, name: &str) -> Option<&str> {
         self.labels
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_ref())
     }
 }
 
 /// Parse `text`; exemplars and timestamps after the value are ignored.
-pub fn parse(text: &str) -> Result<Exposition, ExpositionError> {
+pub fn parse(text: &str) -> Result<Exposition<'_>, ExpositionError> {
     if text.len() > MAX_BYTES {
         return Err(ExpositionError {
             line: 0,
@@ -79,10 +82,7 @@ pub fn parse(text: &str) -> Result<Exposition, ExpositionError> {
                 let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
                     return Err(err("TYPE line without a name and a type"));
                 };
-                out.types.push(FamilyType {
-                    name: name.to_string(),
-                    kind: kind.to_string(),
-                });
+                out.types.push(FamilyType { name, kind });
             }
             continue;
         }
@@ -91,7 +91,7 @@ pub fn parse(text: &str) -> Result<Exposition, ExpositionError> {
     Ok(out)
 }
 
-fn sample(line: &str) -> Result<Sample, &'static str> {
+fn sample(line: &str) -> Result<Sample<'_>, &'static str> {
     let name_end = line.find(['{', ' ']).ok_or("a sample without a value")?;
     let name = &line[..name_end];
     if name.is_empty()
@@ -111,7 +111,7 @@ fn sample(line: &str) -> Result<Sample, &'static str> {
         .next()
         .ok_or("a sample without a value")?;
     Ok(Sample {
-        name: name.to_string(),
+        name,
         labels,
         value: parse_value(value)?,
     })
@@ -120,7 +120,7 @@ fn sample(line: &str) -> Result<Sample, &'static str> {
 /// Labels up to the closing brace; returns what follows it.
 fn parse_labels<'a>(
     mut s: &'a str,
-    labels: &mut Vec<(String, String)>,
+    labels: &mut Vec<(&'a str, Cow<'a, str>)>,
 ) -> Result<&'a str, &'static str> {
     loop {
         s = s.trim_start_matches([' ', ',']);
@@ -136,18 +136,24 @@ fn parse_labels<'a>(
             .strip_prefix('"')
             .ok_or("a label value without quotes")?;
         let (value, rest) = quoted(after)?;
-        labels.push((key.to_string(), value));
+        labels.push((key, value));
         s = rest;
     }
 }
 
-/// A label value up to its closing quote, unescaped (`\\`, `\"`, `\n`).
-fn quoted(s: &str) -> Result<(String, &str), &'static str> {
+/// A label value up to its closing quote, unescaped (`\\`, `\"`, `\n`): borrowed unless it
+/// had an escape.
+fn quoted(s: &str) -> Result<(Cow<'_, str>, &str), &'static str> {
+    match s.find(['"', '\\']) {
+        Some(i) if s.as_bytes()[i] == b'"' => return Ok((Cow::Borrowed(&s[..i]), &s[i + 1..])),
+        None => return Err("an unterminated label value"),
+        Some(_) => {}
+    }
     let mut out = String::new();
     let mut chars = s.char_indices();
     while let Some((i, c)) = chars.next() {
         match c {
-            '"' => return Ok((out, &s[i + 1..])),
+            '"' => return Ok((Cow::Owned(out), &s[i + 1..])),
             '\\' => match chars.next() {
                 Some((_, 'n')) => out.push('\n'),
                 Some((_, c)) => out.push(c),
@@ -212,8 +218,8 @@ mod tests {
         assert_eq!(
             e.types,
             vec![FamilyType {
-                name: "trellis_requests".into(),
-                kind: "counter".into()
+                name: "trellis_requests",
+                kind: "counter"
             }]
         );
         assert_eq!(e.samples.len(), 3);

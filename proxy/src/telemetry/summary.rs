@@ -106,7 +106,7 @@ impl Summary {
         for x in &e.samples {
             let l = |k| x.label(k).unwrap_or_default().to_string();
             let b = |k| x.label(k).unwrap_or_default();
-            match x.name.as_str() {
+            match x.name {
                 "trellis_requests_total" => {
                     let t = traffic_of(&mut traffic, x);
                     *t.statuses.entry(status(x)).or_default() += x.value;
