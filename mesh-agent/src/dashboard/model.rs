@@ -68,7 +68,14 @@ pub struct Model {
     pub availability: BTreeMap<String, VecDeque<Minute>>,
     pub last_tick_ms: Option<u64>,
     pub revision: i64,
+    /// Instances missing from the latest fleet read, with when they went missing: their last
+    /// summary stays the baseline if they come back (a registration re-made after a lease lost
+    /// to an etcd stall), so what they served meanwhile is still counted.
+    departed: BTreeMap<(String, String), (InstanceView, u64)>,
 }
+
+/// How long a departed instance's baseline is kept.
+const DEPARTED_MS: u64 = 5 * 60 * 1000;
 
 /// Windowed figures of a series.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -106,7 +113,10 @@ impl Model {
         let mut seen = BTreeMap::new();
         for (member, read) in members.into_iter().zip(reads) {
             let key = (member.service.clone(), member.instance.clone());
-            let prev = self.instances.remove(&key);
+            let prev = self
+                .instances
+                .remove(&key)
+                .or_else(|| self.departed.remove(&key).map(|(v, _)| v));
             let mut view = InstanceView {
                 last: prev.as_ref().and_then(|p| p.last.clone()),
                 last_ok_ms: prev.as_ref().and_then(|p| p.last_ok_ms),
@@ -134,7 +144,11 @@ impl Model {
             }
             seen.insert(key, view);
         }
-        self.instances = seen;
+        for (key, view) in std::mem::replace(&mut self.instances, seen) {
+            self.departed.insert(key, (view, now_ms));
+        }
+        self.departed
+            .retain(|_, (_, since)| now_ms.saturating_sub(*since) < DEPARTED_MS);
         for (name, mut p) in services {
             p.t_ms = now_ms;
             p.seconds = seconds;
@@ -452,6 +466,17 @@ mod tests {
         );
         assert_eq!(m.instances.len(), 1);
         assert!(m.instances.values().all(|i| i.error.is_some()));
+        // b, missing from one fleet read, comes back: what it served meanwhile counts.
+        let back = vec![
+            Ok(summary("orders", 190.0, 10.0, 25.0)),
+            Ok(summary("orders", 19.0, 1.0, 0.0)),
+        ];
+        m.tick(30_000, 1, members(), back);
+        let s = Model::stats(&m.services["orders"], 30_000, 10_000);
+        assert_eq!(
+            s.requests, 10.0,
+            "b's 10 since its last read, a's none: {s:?}"
+        );
     }
 
     #[test]
