@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::http::h1_pool::Checkin;
 use crate::state::balance::InFlight;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,6 +34,8 @@ pub struct Streamed {
     /// The span around it, ended just after it: at the ingress, the server span of the
     /// request from outside (boxed: no other listener has one).
     outer: Option<Box<crate::telemetry::trace::RequestSpan>>,
+    /// The pooled connection the body comes on, back to its pool when the body has ended.
+    checkin: Option<Checkin>,
 }
 
 impl Streamed {
@@ -44,6 +47,20 @@ impl Streamed {
             permits: Default::default(),
             span: None,
             outer: None,
+            checkin: None,
+        }
+    }
+
+    /// Give `checkin`'s connection back to its pool when the body has been read to the end.
+    pub fn pooled(mut self, checkin: Option<Checkin>) -> Self {
+        self.checkin = checkin;
+        self
+    }
+
+    /// The body has ended cleanly: its connection can carry the next request.
+    fn ended(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.give_back();
         }
     }
 
@@ -77,6 +94,8 @@ impl Streamed {
         self.permits = Default::default();
         self.span = None;
         self.outer = None;
+        // Not read to the end: the connection cannot carry another request.
+        self.checkin = None;
     }
 }
 
@@ -92,10 +111,19 @@ impl Body for Streamed {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 match &frame {
-                    None | Some(Err(_)) => this.release(),
+                    None => {
+                        this.ended();
+                        this.release();
+                    }
+                    Some(Err(_)) => this.release(),
                     Some(Ok(_)) => {
                         if let Some((d, sleep)) = &mut this.idle {
                             sleep.as_mut().reset(Instant::now() + *d);
+                        }
+                        // A reader that knows the length stops here, without asking for the
+                        // end.
+                        if this.inner.is_end_stream() {
+                            this.ended();
                         }
                     }
                 }

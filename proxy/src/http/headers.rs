@@ -7,16 +7,19 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
 /// Header naming why the sidecar answered with an error instead of the upstream.
-pub const ERROR_HEADER: &str = "trellis-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("trellis-error");
 /// Header carrying the verified SPIFFE ID of the calling sidecar to the app.
-pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
+pub const PEER_IDENTITY_HEADER: HeaderName = HeaderName::from_static("trellis-peer-identity");
 /// Header carrying the authenticated consumer's name to the app.
-pub const CONSUMER_HEADER: &str = "trellis-consumer";
+pub const CONSUMER_HEADER: HeaderName = HeaderName::from_static("trellis-consumer");
 /// Set on retried attempts and passed to the app, so that a later hop that sees it (apps that
 /// propagate headers) does not retry again: retries happen at one hop only.
-pub const RETRIED_HEADER: &str = "trellis-retried";
+pub const RETRIED_HEADER: HeaderName = HeaderName::from_static("trellis-retried");
 /// Internal header: the HTTP version the app used, so the far side can restore it.
-pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
+pub const ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("trellis-orig-proto");
+
+// The names are `HeaderName`s, not `&str`: a lookup by `&str` parses and validates the name
+// on every call, and these are looked up on every request.
 
 /// Connection-specific headers that never cross a proxy.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -32,12 +35,20 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// `TE: trailers` survives, because gRPC over HTTP/2 requires it. When `keep_upgrade`, the
 /// `Upgrade` header and `Connection: upgrade` are kept so an upgrade can be forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests carry none: one pass over the names instead of a lookup per name.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
             .unwrap_or("")
             .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            // `Connection: keep-alive` / `close` (nearly every HTTP/1.1 response) name no
+            // other header: nothing to parse or allocate for them.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))
             .collect();
         for name in named {
@@ -68,13 +79,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Forwarding headers a client at the edge could use to pass for another client or scheme;
 /// from an untrusted client they are removed, then `X-Forwarded-For`, `Forwarded` and
 /// `X-Forwarded-Proto` are written anew.
-const SPOOFABLE_FORWARDING: [&str; 6] = [
-    "x-forwarded-for",
-    "forwarded",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-real-ip",
+const SPOOFABLE_FORWARDING: [HeaderName; 6] = [
+    X_FORWARDED_FOR,
+    header::FORWARDED,
+    X_FORWARDED_PROTO,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
 ];
 
 /// Set on a request whose forwarding headers the ingress already wrote, so the outbound
@@ -118,7 +129,7 @@ impl TrustedProxies {
             return peer;
         }
         let mut client = peer;
-        for value in headers.get_all("x-forwarded-for").iter().rev() {
+        for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
             let Ok(list) = value.to_str() else {
                 return client;
             };
@@ -157,12 +168,14 @@ pub fn edge_forwarded(
     proto: &'static str,
 ) {
     if !trusted.contains(peer) {
-        for name in SPOOFABLE_FORWARDING {
-            headers.remove(name);
+        if headers.keys().any(|n| SPOOFABLE_FORWARDING.contains(n)) {
+            for name in SPOOFABLE_FORWARDING {
+                headers.remove(name);
+            }
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    } else if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    } else if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     append_forwarded(headers, canonical(peer), proto);
 }
@@ -182,6 +195,7 @@ pub fn strip_internal(headers: &mut HeaderMap) {
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Append the client's address to `X-Forwarded-For` and a `Forwarded` element.
 ///

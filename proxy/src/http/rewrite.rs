@@ -127,7 +127,8 @@ pub fn to_app<B>(
 }
 
 /// One attempt to the local app in HTTP/2 (the URI carries the authority, `Host` goes) or
-/// HTTP/1.1 (`Host` carries it).
+/// HTTP/1.1 (`Host` carries it, the target is in origin form: a connection to the app is
+/// no proxy).
 pub fn app_version(parts: &mut http::request::Parts, h2: bool) {
     if h2 {
         parts.version = Version::HTTP_2;
@@ -135,13 +136,24 @@ pub fn app_version(parts: &mut http::request::Parts, h2: bool) {
         return;
     }
     parts.version = Version::HTTP_11;
-    let host = parts
-        .uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-    if let Some(host) = host {
-        parts.headers.insert(header::HOST, host);
+    if let Some(a) = parts.uri.authority() {
+        // Usually the very `Host` the caller sent: kept as it is, without a copy.
+        let same = parts
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == a.as_str().as_bytes());
+        if !same {
+            if let Ok(host) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
     }
+    let origin = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(origin);
 }
 
 #[cfg(test)]

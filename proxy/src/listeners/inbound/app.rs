@@ -1,5 +1,6 @@
 //! The local app as the inbound listener reaches it: HTTP/1.1 or h2c as configured, or as
-//! found out (`app_protocol: auto`), on pooled connections to the app's one address.
+//! found out (`app_protocol: auto`), on pooled connections to the app's one address
+//! (HTTP/1.1: [`H1Pool`]; h2c: hyper-util's client, whose one connection multiplexes).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::{Client, Error as ClientError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -18,19 +19,21 @@ use crate::config::{AppProtocol, Config};
 use crate::error::ProxyError;
 use crate::http::client_body::{BodyWatch, ClientBody};
 use crate::http::client_error::{self, error_chain};
+use crate::http::h1_pool::{Checkin, H1Pool, PoolError};
+use crate::http::replay::{AttemptBody, Replay};
 use crate::http::rewrite;
-use crate::listeners::inbound::app_protocol::{AppKnowledge, AttemptBody, Proto, Replay};
+use crate::listeners::inbound::app_protocol::{AppKnowledge, Proto};
 
 /// Largest read buffer of an HTTP/1.1 connection to the app.
 const APP_READ_BUF: usize = 64 * 1024;
-/// Idle keep-alive connections to the app are closed after this long.
-const APP_POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle keep-alive connections to the app are closed after this long (both protocols).
+const APP_POOL_IDLE: Duration = crate::http::h1_pool::IDLE_TIMEOUT;
 
 pub(super) struct AppClient {
     addr: SocketAddr,
     protocol: AppProtocol,
     request_timeout: Duration,
-    h1: Client<AppConnector, AttemptBody>,
+    h1: Arc<H1Pool>,
     h2: Client<AppConnector, AttemptBody>,
     /// What the app speaks, for `app_protocol: auto`.
     knowledge: Arc<AppKnowledge>,
@@ -64,13 +67,12 @@ impl AppClient {
             addr: config.inbound.app,
             timeout: config.timeouts.connect,
         };
+        // What one response read from the app may hold unsent when its caller is slow:
+        // bounded like an HTTP/2 stream's window, not hyper's ~400 KB default.
+        let h1 = H1Pool::new(config.inbound.app, config.timeouts.connect, APP_READ_BUF);
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(APP_POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            // What one response read from the app may hold unsent when its caller is slow:
-            // bounded like an HTTP/2 stream's window, not hyper's ~400 KB default.
-            .http1_max_buf_size(APP_READ_BUF);
-        let h1 = b.build(connector.clone());
+            .pool_timer(TokioTimer::new());
         let h2 = b
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -96,23 +98,29 @@ impl AppClient {
 
     /// Send `req` (its URI already absolute) within the request timeout. A body the caller
     /// broke is the caller's fault (400/408), not a failing app: the caller's sidecar must
-    /// not count it against this endpoint.
+    /// not count it against this endpoint. An HTTP/1.1 response comes with its pooled
+    /// connection, to go back when the body has ended.
     pub async fn send(
         &self,
         req: Request<Incoming>,
         call: Call,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Checkin>), ProxyError> {
         let (parts, body) = req.into_parts();
-        let (body, watch) = ClientBody::new(body);
-        let body = Replay::new(body);
-        let attempts = self.attempts(parts, &body, &watch, call);
+        // An empty body (most requests) needs neither a watch nor a replay slot.
+        let (body, watch) = if body.is_end_stream() {
+            (Replay::empty(), None)
+        } else {
+            let (body, watch) = ClientBody::new(body);
+            (Replay::new(body), Some(watch))
+        };
+        let attempts = self.attempts(parts, &body, watch.as_deref(), call);
         let result = match tokio::time::timeout(self.request_timeout, attempts).await {
             Err(_) => Err(client_error::response_timeout(
                 self.addr,
                 self.request_timeout,
             )),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(Some(e))) => Err(client_error::from_pooled(self.addr, &e)),
+            Ok(Err(Some(e))) => Err(e.into_proxy_error(self.addr)),
             Ok(Err(None)) => Err(ProxyError::Upstream {
                 addr: self.addr,
                 message: "no request left to send".into(),
@@ -120,7 +128,7 @@ impl AppClient {
         };
         result.map_err(|e| {
             let timed_out = matches!(e, ProxyError::ResponseTimeout { .. });
-            match watch.blame(timed_out) {
+            match watch.and_then(|w| w.blame(timed_out)) {
                 Some(fault) => ProxyError::Client {
                     fault,
                     message: e.to_string(),
@@ -151,9 +159,9 @@ impl AppClient {
         &self,
         parts: http::request::Parts,
         body: &Replay,
-        watch: &BodyWatch,
+        watch: Option<&BodyWatch>,
         call: Call,
-    ) -> Result<Response<Incoming>, Option<ClientError>> {
+    ) -> Result<(Response<Incoming>, Option<Checkin>), Option<AttemptError>> {
         let first = self.first_protocol(call, body).await;
         let may_fall_back = self.protocol == AppProtocol::Auto && !call.upgrade && !call.grpc;
         let mut tries = Tries {
@@ -172,12 +180,11 @@ impl AppClient {
                 Some(p) => p,
                 None => return Err(None),
             };
-            rewrite::app_version(&mut p, tries.proto == Proto::H2c);
-            let req = Request::from_parts(p, body.attempt());
-            let result = match tries.proto {
-                Proto::Http1 => self.h1.request(req).await,
-                Proto::H2c => self.h2.request(req).await,
-            };
+            let h2 = tries.proto == Proto::H2c;
+            rewrite::app_version(&mut p, h2);
+            let result = self
+                .attempt(Request::from_parts(p, body.attempt()), h2)
+                .await;
             let e = match result {
                 Ok(resp) => {
                     if self.protocol == AppProtocol::Auto && !call.upgrade {
@@ -193,21 +200,35 @@ impl AppClient {
         }
     }
 
+    /// One attempt in one protocol.
+    async fn attempt(
+        &self,
+        req: Request<AttemptBody>,
+        h2: bool,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), AttemptError> {
+        if h2 {
+            let resp = self.h2.request(req).await.map_err(AttemptError::H2c)?;
+            return Ok((resp, None));
+        }
+        self.h1.send(req).await.map_err(AttemptError::Http1)
+    }
+
     /// Whether a failed attempt goes again: in the other protocol when the app does not
     /// speak the one tried, or once on a fresh connection when a pooled connection that was
     /// closing (or sent something while idle) never carried this request.
     async fn try_again(
         &self,
         tries: &mut Tries,
-        e: &ClientError,
-        watch: &BodyWatch,
+        e: &AttemptError,
+        watch: Option<&BodyWatch>,
         body: &Replay,
     ) -> bool {
         let proto = tries.proto;
+        let client_fault = watch.is_some_and(|w| w.blame(false).is_some());
         let next = if tries.may_fall_back
             && proto == tries.first
             && !e.is_connect()
-            && watch.blame(false).is_none()
+            && !client_fault
             && body.replayable()
             && protocol_mismatch(proto, e)
         {
@@ -216,16 +237,58 @@ impl AppClient {
             None
         };
         if let Some(other) = next {
-            tracing::info!(app = %self.addr, from = ?proto, to = ?other, error = %error_chain(e), "the app does not speak the protocol tried: repeating the request in the one it speaks");
+            tracing::info!(app = %self.addr, from = ?proto, to = ?other, error = %e.chain(), "the app does not speak the protocol tried: repeating the request in the one it speaks");
             tries.proto = other;
             return true;
         }
         if !tries.stale_retried && tries.may_fall_back && body.replayable() && stale_connection(e) {
             tries.stale_retried = true;
-            tracing::debug!(app = %self.addr, error = %error_chain(e), "pooled connection to the app was stale; sending again on a new one");
+            tracing::debug!(app = %self.addr, error = %e.chain(), "pooled connection to the app was stale; sending again on a new one");
             return true;
         }
         false
+    }
+}
+
+/// A failed attempt, in either protocol's client.
+#[derive(Debug)]
+enum AttemptError {
+    Http1(PoolError),
+    H2c(ClientError),
+}
+
+// === impl AttemptError ===
+
+impl AttemptError {
+    fn is_connect(&self) -> bool {
+        match self {
+            Self::Http1(e) => e.is_connect(),
+            Self::H2c(e) => e.is_connect(),
+        }
+    }
+
+    /// The first hyper error in the chain.
+    fn hyper(&self) -> Option<&hyper::Error> {
+        match self {
+            Self::Http1(e) => e.hyper(),
+            Self::H2c(e) => hyper_source(e),
+        }
+    }
+
+    fn chain(&self) -> String {
+        match self {
+            Self::Http1(e) => error_chain(e),
+            Self::H2c(e) => error_chain(e),
+        }
+    }
+
+    /// Connect failures apart from everything after (one mapping for every exit).
+    fn into_proxy_error(self, addr: SocketAddr) -> ProxyError {
+        match self {
+            Self::H2c(e) => client_error::from_pooled(addr, &e),
+            Self::Http1(PoolError::Connect { source, .. }) => ProxyError::Connect { addr, source },
+            Self::Http1(PoolError::Http(e)) => client_error::upstream(addr, &e),
+        }
     }
 }
 
@@ -241,8 +304,8 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
 
 /// hyper gave the request back unsent: the pooled connection was closing or had received
 /// bytes while idle.
-fn stale_connection(e: &ClientError) -> bool {
-    hyper_source(e).is_some_and(|h| h.is_canceled())
+fn stale_connection(e: &AttemptError) -> bool {
+    e.hyper().is_some_and(|h| h.is_canceled())
 }
 
 /// Whether a failed attempt in `proto` may be the app speaking another protocol, the only
@@ -251,11 +314,11 @@ fn stale_connection(e: &ClientError) -> bool {
 /// otherwise would send it an `OPTIONS *` per failure. For h2c: any failure, since the h2c
 /// probe sends the app no request and it alone decides (an app that speaks h2c keeps the
 /// failure).
-fn protocol_mismatch(proto: Proto, e: &ClientError) -> bool {
+fn protocol_mismatch(proto: Proto, e: &AttemptError) -> bool {
     if proto == Proto::H2c {
         return true;
     }
-    hyper_source(e).is_some_and(|h| {
+    e.hyper().is_some_and(|h| {
         h.is_parse() || h.is_incomplete_message() || h.to_string().contains("unexpected message")
     })
 }

@@ -20,21 +20,15 @@
 //! A failed attempt is repeated in the other protocol only when fresh probes prove the app
 //! does not speak the protocol of the failed attempt (so the app cannot have acted on it), and
 //! only if the request body was never handed to the failed attempt (or is empty): see
-//! [`Replay`]. A body is never sent twice.
+//! [`crate::http::replay::Replay`]. A body is never sent twice.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-use crate::http::client_body::ClientBody;
 
 /// The protocol of one attempt towards the app.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,90 +304,6 @@ pub async fn probe_h1(addr: SocketAddr, timeout: Duration) -> std::io::Result<Op
         0 => None,
         _ => Some(first.starts_with(b"HTTP/1.") || b"HTTP/1.".starts_with(&first)),
     })
-}
-
-/// A request body that at most one attempt may take. Each attempt gets an [`AttemptBody`];
-/// the first one polled takes the client's body out of the shared slot, so a later attempt
-/// can tell whether it may still be sent (nothing taken) or the request must fail.
-#[derive(Debug)]
-pub struct Replay {
-    slot: Arc<Mutex<Option<ClientBody>>>,
-    empty: bool,
-    hint: SizeHint,
-}
-
-impl Replay {
-    pub fn new(body: ClientBody) -> Self {
-        let empty = body.is_end_stream();
-        let hint = body.size_hint();
-        Self {
-            slot: Arc::new(Mutex::new(Some(body))),
-            empty,
-            hint,
-        }
-    }
-
-    /// Whether another attempt can still send the whole body: it is empty, or no attempt has
-    /// taken it yet.
-    pub fn replayable(&self) -> bool {
-        self.empty || self.slot.lock().map(|s| s.is_some()).unwrap_or(false)
-    }
-
-    /// The body for one attempt.
-    pub fn attempt(&self) -> AttemptBody {
-        AttemptBody {
-            slot: self.slot.clone(),
-            taken: None,
-            empty: self.empty,
-            hint: self.hint,
-        }
-    }
-}
-
-/// One attempt's view of a [`Replay`] body.
-#[derive(Debug)]
-pub struct AttemptBody {
-    slot: Arc<Mutex<Option<ClientBody>>>,
-    taken: Option<ClientBody>,
-    empty: bool,
-    hint: SizeHint,
-}
-
-impl Body for AttemptBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if self.taken.is_none() {
-            let taken = self.slot.lock().ok().and_then(|mut s| s.take());
-            match taken {
-                Some(b) => self.taken = Some(b),
-                // Only an empty body is ever given to a second attempt.
-                None => return Poll::Ready(None),
-            }
-        }
-        match self.taken.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.taken {
-            Some(b) => b.is_end_stream(),
-            None => self.empty,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.taken {
-            Some(b) => b.size_hint(),
-            None => self.hint,
-        }
-    }
 }
 
 #[cfg(test)]

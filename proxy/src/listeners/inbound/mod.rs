@@ -299,13 +299,16 @@ impl Inbound {
             grpc: crate::http::grpc::is_grpc(req.headers()),
         };
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let resp = self.app.send(req, call).await?;
+        let (resp, checkin) = self.app.send(req, call).await?;
         Ok(match client_side {
             Some(client_side) => upgrade::finish(client_side, resp),
             None => {
                 let mut resp = resp;
                 strip_hop_by_hop(resp.headers_mut(), false);
-                resp.map(|b| http_body_util::Either::Left(crate::http::body::Streamed::new(b)))
+                resp.map(|b| {
+                    let body = crate::http::body::Streamed::new(b).pooled(checkin);
+                    http_body_util::Either::Left(body)
+                })
             }
         })
     }

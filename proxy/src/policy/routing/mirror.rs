@@ -152,7 +152,7 @@ mod tests {
         assert_eq!(c.version(), Version::HTTP_2);
         assert_eq!(c.headers()[ORIG_PROTO_HEADER], "HTTP/1.1");
         assert_eq!(c.headers()["x-keep"], "1");
-        for gone in ["host", "connection", "x-hop", PEER_IDENTITY_HEADER] {
+        for gone in ["host", "connection", "x-hop", PEER_IDENTITY_HEADER.as_str()] {
             assert!(!c.headers().contains_key(gone), "{gone}");
         }
         assert!(c.body().is_end_stream());
