@@ -613,6 +613,27 @@ async fn the_service_page_shows_requests_in_flight_policy_history_and_rate_limit
     .await;
     assert_eq!(api(addr, "/api/v1/scale/echo").await["in_flight"], 0.0);
 
+    // Cancelled by the caller long before the app answers: out of the count at once too.
+    let cancelled: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { client::get(&c, "http://echo/slow/20000").await })
+        })
+        .collect();
+    wait_for(Duration::from_secs(8), "2 requests in flight", || async {
+        api(addr, "/api/v1/services/echo").await["in_flight"] == 2.0
+    })
+    .await;
+    for t in cancelled {
+        t.abort();
+    }
+    wait_for(
+        Duration::from_secs(8),
+        "cancelled requests out of the count",
+        || async { api(addr, "/api/v1/services/echo").await["in_flight"] == 0.0 },
+    )
+    .await;
+
     // Written twice: two versions, newest first, the second a diff of the changed line; the
     // first created the key.
     let policies = api(addr, "/api/v1/services/echo/policies").await;
