@@ -6,7 +6,7 @@
 //! in the policy's history in the same transaction ([`history`]), and can be rolled back
 //! ([`rollback`]).
 
-mod diff;
+pub(crate) mod diff;
 pub mod history;
 pub mod report;
 pub mod rollback;

@@ -12,6 +12,7 @@ mod http_route;
 mod limits;
 mod mesh;
 mod spiffe;
+mod targets;
 mod validate;
 
 pub use access::{

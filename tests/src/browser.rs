@@ -37,6 +37,12 @@ pub fn screenshot_dir() -> PathBuf {
 
 /// Load `url` (scripts get `budget_ms` of virtual time), save a screenshot as `<name>.png`.
 pub fn render(url: &str, name: &str, budget_ms: u32) -> Rendered {
+    render_tall(url, name, budget_ms, 1000)
+}
+
+/// As [`render`], in a window `height` pixels tall: a screenshot shows only the window, and a
+/// long page's lower sections are what some tests need to see.
+pub fn render_tall(url: &str, name: &str, budget_ms: u32, height: u32) -> Rendered {
     let browser = chromium();
     let shot = screenshot_dir().join(format!("{name}.png"));
     let profile = tempfile::tempdir().expect("browser profile dir");
@@ -48,10 +54,10 @@ pub fn render(url: &str, name: &str, budget_ms: u32) -> Rendered {
             "--disable-gpu",
             "--no-first-run",
             "--hide-scrollbars",
-            "--window-size=1280,1000",
             "--enable-logging=stderr",
             "--v=0",
         ])
+        .arg(format!("--window-size=1280,{height}"))
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(format!("--virtual-time-budget={budget_ms}"))
         .args(extra)

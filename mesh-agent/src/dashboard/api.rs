@@ -21,6 +21,9 @@ use super::model::{Model, Stats, HISTORY_MS};
 const INDEX: &str = include_str!("assets/index.html");
 const COOKIE: &str = "trellis_dashboard_token";
 const FEDERATE: &str = "/api/v1/prometheus/federate";
+const SERVICES: &str = "/api/v1/services/";
+/// `/api/v1/services/NAME/policies`: read from etcd at request time.
+const POLICIES: &str = "/policies";
 /// Default window of the figures.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
 
@@ -31,6 +34,31 @@ pub struct Api {
     interval: Duration,
     concurrency: usize,
     token: Option<String>,
+    policies: PolicyReader,
+}
+
+/// Reads a service's policies and their histories from etcd when its page asks: they are not
+/// part of the model (which holds what sidecars report), and a read is a handful of gets.
+pub struct PolicyReader {
+    etcd: crate::etcd::Connector,
+    keys: crate::etcd::keys::Keys,
+}
+
+impl PolicyReader {
+    pub fn new(cfg: crate::config::EtcdConfig) -> Self {
+        Self {
+            keys: crate::etcd::keys::Keys::new(&cfg.prefix),
+            etcd: crate::etcd::Connector::new(cfg),
+        }
+    }
+
+    async fn read(
+        &self,
+        service: &str,
+    ) -> Result<super::policies::ServicePolicies, crate::etcd::EtcdError> {
+        let etcd = self.etcd.connect().await?;
+        super::policies::read(&etcd, &self.keys, service).await
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -44,6 +72,7 @@ impl Api {
         interval: Duration,
         concurrency: usize,
         token: Option<String>,
+        policies: PolicyReader,
     ) -> Self {
         Self {
             model,
@@ -51,6 +80,7 @@ impl Api {
             interval,
             concurrency,
             token,
+            policies,
         }
     }
 
@@ -67,6 +97,11 @@ impl Api {
                     async move {
                         if req.uri().path() == FEDERATE && this.authorized(&req) {
                             return Ok::<_, Infallible>(this.federate().await);
+                        }
+                        if let Some(name) = policies_of(req.uri().path()) {
+                            if this.authorized(&req) && req.method() == Method::GET {
+                                return Ok(this.service_policies(name).await);
+                            }
                         }
                         Ok(this.handle(&req))
                     }
@@ -109,7 +144,7 @@ impl Api {
             p if p.starts_with("/api/v1/scale/") => {
                 scale(&model, &p["/api/v1/scale/".len()..], now, req.uri().query())
             }
-            p => match p.strip_prefix("/api/v1/services/") {
+            p => match p.strip_prefix(SERVICES) {
                 Some(name) if model.services.contains_key(name) || has_instances(&model, name) => {
                     json_ok(&service(&model, name, now, window))
                 }
@@ -132,6 +167,15 @@ impl Api {
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         r
+    }
+
+    /// The policies applying to `name`, read from etcd now. An etcd failure is the answer
+    /// (502 with its message), so the page can show it beside everything else.
+    async fn service_policies(&self, name: &str) -> Resp {
+        match self.policies.read(name).await {
+            Ok(p) => json_ok(&p),
+            Err(e) => text(StatusCode::BAD_GATEWAY, &format!("reading policies: {e}\n")),
+        }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -223,8 +267,10 @@ impl Api {
     }
 }
 
-/// `/api/v1/scale/NAME`: what KEDA's `metrics-api` scaler reads (`valueLocation: rps`, `p99_ms`,
-/// `error_ratio` or `instances_up`), over `?window=` (default 1 min: scaling reacts to now).
+/// `/api/v1/scale/NAME`: what KEDA's `metrics-api` scaler reads (`valueLocation: rps`,
+/// `in_flight`, `p99_ms`, `error_ratio` or `instances_up`), over `?window=` (default 1 min:
+/// scaling reacts to now). `in_flight` is not windowed: it is the requests being served at
+/// the instances' last reads, the figure concurrency-based scaling wants.
 fn scale(m: &Model, name: &str, now: u64, query: Option<&str>) -> Resp {
     if !has_instances(m, name) && !m.services.contains_key(name) {
         return text(StatusCode::NOT_FOUND, "no such service\n");
@@ -246,10 +292,18 @@ fn scale(m: &Model, name: &str, now: u64, query: Option<&str>) -> Resp {
         "service": name,
         "window_s": window / 1000,
         "rps": stats.rps,
+        "in_flight": m.in_flight(name),
         "p99_ms": stats.p99_ms.unwrap_or(0.0),
         "error_ratio": stats.error_ratio.unwrap_or(0.0),
         "instances_up": up,
     }))
+}
+
+/// `NAME` of `/api/v1/services/NAME/policies`.
+fn policies_of(path: &str) -> Option<&str> {
+    path.strip_prefix(SERVICES)?
+        .strip_suffix(POLICIES)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 
 /// The instances of the last fleet read.
@@ -329,11 +383,15 @@ fn service(m: &Model, name: &str, now: u64, window: u64) -> serde_json::Value {
         "name": name,
         "window_s": window / 1000,
         "stats": stats,
+        "in_flight": m.in_flight(name),
         "series": series,
         "instances": instances,
         "availability": {
             "1h": m.availability(name, now, HISTORY_MS),
             "24h": m.availability(name, now, super::model::AVAILABILITY_MS),
+            // The rule the page explains next to the figure: a minute is down when at least
+            // this share of its requests failed (5xx), or when no instance answered a read.
+            "down_error_ratio": super::model::DOWN_ERROR_RATIO,
         },
         "callers": callers,
         "callees": callees,

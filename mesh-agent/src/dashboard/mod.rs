@@ -11,6 +11,7 @@ pub mod api;
 mod evaluator;
 pub mod fleet;
 pub mod model;
+pub mod policies;
 pub mod prometheus;
 pub mod scrape;
 
@@ -113,6 +114,7 @@ pub async fn start(cfg: DashboardConfig) -> Result<Running, DashboardError> {
         cfg.interval,
         cfg.concurrency,
         cfg.token.clone(),
+        api::PolicyReader::new(cfg.etcd.clone()),
     ));
     let tasks = vec![
         tokio::spawn(api.serve(listener)),

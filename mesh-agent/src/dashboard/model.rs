@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
-use trellis_proxy::telemetry::summary::{Histogram, Summary, Traffic};
+use trellis_proxy::telemetry::summary::{Histogram, RateLimitUse, Summary, Traffic};
 
 use super::fleet::Member;
 
@@ -54,6 +54,26 @@ pub struct InstanceView {
     pub error: Option<String>,
     /// Endpoints this instance currently ejects, by destination service.
     pub ejecting: BTreeMap<String, f64>,
+    /// Requests this instance was serving (inbound, not yet answered) at its last read; `None`
+    /// while it cannot be read, or from a sidecar too old to say.
+    pub in_flight: Option<f64>,
+    /// Its rate-limit budgets and their use between its last two reads.
+    pub rate_limits: Vec<InstanceLimit>,
+}
+
+/// One rate limit as one instance enforces it: its share of the budget and what it decided
+/// between its last two reads.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceLimit {
+    pub policy: String,
+    /// This instance's share of the limit, requests per second.
+    pub share_per_second: f64,
+    /// Sidecars sharing the limit, this one included (1 for a local limit).
+    pub peers: f64,
+    /// Allowed and limited per second over the last interval; `None` on the first read (no
+    /// earlier counter to subtract).
+    pub allowed_rps: Option<f64>,
+    pub limited_rps: Option<f64>,
 }
 
 #[derive(Default)]
@@ -122,6 +142,8 @@ impl Model {
                 last_ok_ms: prev.as_ref().and_then(|p| p.last_ok_ms),
                 error: None,
                 ejecting: BTreeMap::new(),
+                in_flight: None,
+                rate_limits: Vec::new(),
                 member,
             };
             services.entry(view.member.service.clone()).or_default();
@@ -131,6 +153,8 @@ impl Model {
                     *up = true;
                     let older = view.last.as_ref();
                     self.add_deltas(&summary, older, &mut services, &mut edges);
+                    view.rate_limits = instance_limits(&summary, older);
+                    view.in_flight = summary.in_flight.get(INBOUND).copied();
                     view.ejecting = summary
                         .endpoints
                         .iter()
@@ -332,6 +356,15 @@ impl Model {
             .count()
     }
 
+    /// Requests `service` was serving at its instances' last reads (those that answered).
+    pub fn in_flight(&self, service: &str) -> f64 {
+        self.instances
+            .values()
+            .filter(|i| i.member.service == service && i.error.is_none())
+            .filter_map(|i| i.in_flight)
+            .sum()
+    }
+
     /// Endpoints of `service` its callers eject now.
     pub fn ejected(&self, service: &str) -> f64 {
         self.instances
@@ -348,6 +381,34 @@ pub struct Availability {
     pub minutes: usize,
     /// Start (unix ms) of each minute that was down.
     pub down: Vec<u64>,
+}
+
+/// The direction a service's own requests are counted under.
+const INBOUND: &str = "inbound";
+
+/// Each rate limit of `summary` with its rates since `older`, over the time between the two
+/// summaries by the sidecar's own clock (the read itself may have been slow).
+fn instance_limits(summary: &Summary, older: Option<&Summary>) -> Vec<InstanceLimit> {
+    let seconds = older
+        .map(|o| summary.unix_ms.saturating_sub(o.unix_ms) as f64 / 1000.0)
+        .filter(|s| *s > 0.0);
+    summary
+        .rate_limits
+        .iter()
+        .map(|r| {
+            let before = older.and_then(|o| o.rate_limits.iter().find(|b| b.policy == r.policy));
+            let rate = |now: f64, was: fn(&RateLimitUse) -> f64| {
+                seconds.map(|s| counter_delta(now, before.map_or(0.0, was)) / s)
+            };
+            InstanceLimit {
+                policy: r.policy.clone(),
+                share_per_second: r.share_per_second,
+                peers: r.peers,
+                allowed_rps: rate(r.allowed, |b| b.allowed),
+                limited_rps: rate(r.limited, |b| b.limited),
+            }
+        })
+        .collect()
 }
 
 fn trim(series: &mut VecDeque<Point>, now_ms: u64) {
@@ -476,6 +537,59 @@ mod tests {
         assert_eq!(
             s.requests, 10.0,
             "b's 10 since its last read, a's none: {s:?}"
+        );
+    }
+
+    #[test]
+    fn instances_report_in_flight_and_rate_limit_use_per_interval() {
+        let mut m = Model::default();
+        let read = |unix_ms, in_flight, allowed, limited| {
+            let mut s = summary("orders", 0.0, 0.0, 0.0);
+            s.unix_ms = unix_ms;
+            s.in_flight.insert("inbound".into(), in_flight);
+            s.in_flight.insert("outbound".into(), 9.0);
+            s.rate_limits.push(RateLimitUse {
+                policy: "orders-rps".into(),
+                allowed,
+                limited,
+                share_per_second: 5.0,
+                peers: 2.0,
+            });
+            s
+        };
+        m.tick(
+            0,
+            1,
+            vec![member("orders", "a")],
+            vec![Ok(read(1_000, 3.0, 10.0, 0.0))],
+        );
+        let first = &m.instances[&("orders".into(), "a".into())];
+        assert_eq!(
+            first.rate_limits[0].allowed_rps, None,
+            "no rate from one read"
+        );
+        assert_eq!(m.in_flight("orders"), 3.0, "inbound only");
+        m.tick(
+            2_000,
+            1,
+            vec![member("orders", "a")],
+            vec![Ok(read(3_000, 0.0, 30.0, 4.0))],
+        );
+        let view = &m.instances[&("orders".into(), "a".into())];
+        let l = &view.rate_limits[0];
+        assert_eq!((l.allowed_rps, l.limited_rps), (Some(10.0), Some(2.0)));
+        assert_eq!((l.share_per_second, l.peers), (5.0, 2.0));
+        assert_eq!(m.in_flight("orders"), 0.0);
+        m.tick(
+            4_000,
+            1,
+            vec![member("orders", "a")],
+            vec![Err("refused".into())],
+        );
+        assert_eq!(
+            m.in_flight("orders"),
+            0.0,
+            "an unread instance counts nothing"
         );
     }
 

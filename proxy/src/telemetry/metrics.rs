@@ -83,6 +83,8 @@ pub struct Metrics {
     pub consumer_requests: Family<ConsumerLabels, Counter>,
     pub consumer_duration: Family<ConsumerLabels, Histogram>,
     pub open_connections: Family<DirectionLabels, Gauge>,
+    /// Requests received and not yet answered, by direction (see [`InFlight`]).
+    pub requests_in_flight: Family<DirectionLabels, Gauge>,
     pub connections: Family<DirectionLabels, Counter>,
     pub read_bytes: Family<DirectionLabels, Counter>,
     pub written_bytes: Family<DirectionLabels, Counter>,
@@ -116,6 +118,7 @@ impl Metrics {
             consumer_requests: Family::default(),
             consumer_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             open_connections: Family::default(),
+            requests_in_flight: Family::default(),
             connections: Family::default(),
             read_bytes: Family::default(),
             written_bytes: Family::default(),
@@ -154,6 +157,11 @@ impl Metrics {
             "open_connections",
             "Currently open client connections",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests received and not yet answered (response headers not sent), by direction",
+            m.requests_in_flight.clone(),
         );
         registry.register(
             "connections",
@@ -357,6 +365,37 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Counts one request as in flight until dropped.
+///
+/// Why a guard borrowing the gauge: the request path pays exactly one atomic add when the
+/// request starts and one atomic sub when it ends, with no label lookup, no lock, no
+/// allocation and no reference count (the gauge is looked up once per listener, see
+/// [`Metrics::in_flight_gauge`]). Dropping it is what ends the count, so a request whose
+/// future is cancelled (the client went away, a timeout fired) is never counted forever.
+pub struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    pub fn start(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Metrics {
+    /// The in-flight gauge of `direction`, looked up once by a listener and held for its life.
+    pub fn in_flight_gauge(&self, direction: &'static str) -> Gauge {
+        self.requests_in_flight
+            .get_or_create(&DirectionLabels { direction })
+            .clone()
+    }
+}
+
 /// Render a registry in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
@@ -390,5 +429,19 @@ mod tests {
         );
         drop(guard);
         assert!(encode(&reg).contains(r#"trellis_open_connections{direction="inbound"} 0"#));
+    }
+
+    #[test]
+    fn a_request_is_in_flight_until_its_guard_drops() {
+        let mut reg = Registry::with_prefix("trellis");
+        let m = Metrics::register(&mut reg);
+        let gauge = m.in_flight_gauge(INBOUND);
+        let (a, b) = (InFlight::start(&gauge), InFlight::start(&gauge));
+        let line = |n| format!(r#"trellis_requests_in_flight{{direction="inbound"}} {n}"#);
+        assert!(encode(&reg).contains(&line(2)), "{}", encode(&reg));
+        drop(a);
+        // A cancelled request's future is dropped with its guard: the count goes back too.
+        drop(b);
+        assert!(encode(&reg).contains(&line(0)), "{}", encode(&reg));
     }
 }

@@ -27,6 +27,12 @@ pub struct Summary {
     pub causes: Vec<CauseCount>,
     /// Open client connections by direction.
     pub open_connections: BTreeMap<String, f64>,
+    /// Requests received and not yet answered, by direction, at `unix_ms`. The inbound figure
+    /// is this instance's share of its service's in-flight requests (a sidecar fronts one
+    /// service). Absent from summaries of older sidecars, hence the default: the version
+    /// stays 1.
+    #[serde(default)]
+    pub in_flight: BTreeMap<String, f64>,
     pub endpoints: Vec<EndpointStates>,
     pub rate_limits: Vec<RateLimitUse>,
 }
@@ -141,6 +147,9 @@ impl Summary {
                 }),
                 "trellis_open_connections" => {
                     *s.open_connections.entry(l("direction")).or_default() += x.value;
+                }
+                "trellis_requests_in_flight" => {
+                    *s.in_flight.entry(l("direction")).or_default() += x.value;
                 }
                 "trellis_snapshot_version" => s.snapshot_version = x.value.max(0.0) as u64,
                 "trellis_endpoints" => {
@@ -327,6 +336,8 @@ trellis_endpoints{service="payments",state="ejected"} 1
 trellis_ratelimit_decisions_total{policy="p",decision="limited"} 4
 trellis_ratelimit_peers{policy="p"} 3
 trellis_snapshot_version 42
+trellis_requests_in_flight{direction="inbound"} 7
+trellis_requests_in_flight{direction="outbound"} 0
 "#;
 
     #[test]
@@ -348,6 +359,16 @@ trellis_snapshot_version 42
         assert_eq!(s.endpoints[0].ejected, 1.0);
         assert_eq!(s.rate_limits[0].limited, 4.0);
         assert_eq!(s.rate_limits[0].peers, 3.0);
+        assert_eq!(s.in_flight.get("inbound"), Some(&7.0));
+        assert_eq!(s.in_flight.get("outbound"), Some(&0.0));
+    }
+
+    #[test]
+    fn a_summary_without_in_flight_still_reads() {
+        // What a sidecar built before the field answers.
+        let old = r#"{"version":1,"service":"orders","unix_ms":1,"snapshot_version":2,"traffic":[],"consumers":[],"causes":[],"open_connections":{},"endpoints":[],"rate_limits":[]}"#;
+        let s: Summary = serde_json::from_str(old).expect("older summaries read");
+        assert!(s.in_flight.is_empty());
     }
 
     #[test]

@@ -233,6 +233,13 @@ async fn the_dashboard_shows_what_the_mesh_served_to_allowed_readers_only() {
         page.dom
     );
     assert!(page.dom.contains("Calls in and out"), "{}", page.dom);
+    // 0 % available next to 90 % successful: the page says why, beside the figure.
+    assert!(
+        page.dom
+            .contains("so it can read 0 % next to a 90 % success rate"),
+        "{}",
+        page.dom
+    );
 
     drop(caller);
     drop(server);
@@ -455,4 +462,216 @@ async fn an_alert_fires_in_alertmanager_survives_its_evaluator_dying_and_resolve
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = load.await;
     alive.abort();
+}
+
+/// The stored form of `ServicePolicy/echo` with `request_timeout`, as `policy apply` writes it.
+fn echo_policy(timeout: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"trellis.dev/v1","kind":"ServicePolicy","metadata":{{"name":"echo"}},"spec":{{"request_timeout":"{timeout}"}}}}"#
+    )
+}
+
+fn policy<'a>(policies: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    policies["policies"]
+        .as_array()
+        .and_then(|p| {
+            p.iter().find(|p| {
+                format!(
+                    "{}/{}",
+                    p["kind"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ) == id
+            })
+        })
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Slow requests held open through the mesh are in flight on the service page and in the KEDA
+/// figure, and leave it when answered; a policy written twice (straight to etcd, around the
+/// CLI) shows both versions and the changed line; each instance's rate-limit use has its row;
+/// the browser shows the new sections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_page_shows_requests_in_flight_policy_history_and_rate_limit_use() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["echo", "client", "dashboard"]);
+    let backend = Backend::start().await;
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .expect("etcd");
+    let key = "/trellis/v1/mesh/policies/ServicePolicy/echo";
+    for timeout in ["20s", "25s"] {
+        raw.put(key, echo_policy(timeout), None).await.expect("put");
+    }
+    // A limit on /echo only (the slow requests below must not be refused), low enough that a
+    // burst is partly limited.
+    let limit = trellis_policies::parse_documents(
+        "apiVersion: trellis.dev/v1\nkind: RateLimitPolicy\nmetadata: {name: echo-limit}\nspec: {service: echo, match: {path: {prefix: /echo}}, scope: global, limit: {requests: 20, per: second}, burst: 20}\n",
+        "limit.yaml",
+    );
+    let docs: Vec<_> = limit.into_iter().map(|d| d.expect("valid limit")).collect();
+    let etcd_cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
+    mesh_agent::policy::apply(&etcd_cfg, &docs, false)
+        .await
+        .expect("limit applied");
+    let readers = |c: &mut mesh_agent::config::AgentConfig| {
+        c.proxy.telemetry.readers = vec![Pki::spiffe("dashboard")];
+    };
+    let server = etcd_sidecar(&pki, "echo", backend.addr, etcd.endpoints(), readers).await;
+    let caller = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), readers).await;
+    let c = client::h1(caller.bound.outbound);
+    wait_for(Duration::from_secs(10), "echo reachable", || async {
+        client::get(&c, "http://echo/echo").await.status == 200
+    })
+    .await;
+    let dash = mesh_agent::dashboard::start(config(&pki, etcd.endpoints(), Default::default()))
+        .await
+        .expect("dashboard starts");
+    let addr = dash.addr;
+    wait_for(Duration::from_secs(10), "echo read", || async {
+        service(&api(addr, "/api/v1/overview").await, "echo")["up"] == 1
+    })
+    .await;
+
+    // A burst over the limit: allowed and limited, in this instance's row.
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        statuses.push(client::get(&c, "http://echo/echo").await.status.as_u16());
+    }
+    assert!(statuses.contains(&200), "{statuses:?}");
+    wait_for(
+        Duration::from_secs(10),
+        "the rate-limit use read",
+        || async {
+            let s = api(addr, "/api/v1/services/echo").await;
+            s["instances"][0]["rate_limits"]
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["policy"] == "echo-limit"))
+                .is_some_and(|l| {
+                    l["allowed_rps"].is_f64() && l["share_per_second"].as_f64() > Some(0.0)
+                })
+        },
+    )
+    .await;
+    let s = api(addr, "/api/v1/services/echo").await;
+    let total = &s["rate_limits"][0];
+    assert!(total["allowed"].as_f64() > Some(0.0), "{total}");
+
+    // Four requests held open by the app for 12 s: in flight at echo's inbound side.
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                client::get(&c, "http://echo/slow/12000")
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(8), "4 requests in flight", || async {
+        let s = api(addr, "/api/v1/services/echo").await;
+        s["in_flight"] == 4.0 && s["instances"][0]["in_flight"] == 4.0
+    })
+    .await;
+    let scale = api(addr, "/api/v1/scale/echo").await;
+    assert_eq!(scale["in_flight"], 4.0, "{scale}");
+
+    // The page while they are held: in flight, the limit's row, the policies and their diff.
+    let page = browser::render_tall(
+        &format!("http://{addr}/#/service/echo"),
+        "dashboard-service-echo-details",
+        4000,
+        2400,
+    );
+    assert!(page.console_errors.is_empty(), "{:?}", page.console_errors);
+    for expected in [
+        "in flight (now)",
+        "Rate limits per instance",
+        "echo-limit",
+        "Policies that apply",
+        "ServicePolicy/echo",
+        "RateLimitPolicy/echo-limit",
+        "+  request_timeout: 25s",
+        "id=\"availability-rule\"",
+        "share of observed minutes that were up",
+    ] {
+        assert!(
+            page.dom.contains(expected),
+            "{expected} not on the page: {}",
+            page.dom
+        );
+    }
+
+    for h in held {
+        assert_eq!(h.await.expect("request task"), 200);
+    }
+    wait_for(Duration::from_secs(5), "nothing in flight", || async {
+        let s = api(addr, "/api/v1/services/echo").await;
+        s["in_flight"] == 0.0 && s["instances"][0]["in_flight"] == 0.0
+    })
+    .await;
+    assert_eq!(api(addr, "/api/v1/scale/echo").await["in_flight"], 0.0);
+
+    // Cancelled by the caller long before the app answers: out of the count at once too.
+    let cancelled: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { client::get(&c, "http://echo/slow/20000").await })
+        })
+        .collect();
+    wait_for(Duration::from_secs(8), "2 requests in flight", || async {
+        api(addr, "/api/v1/services/echo").await["in_flight"] == 2.0
+    })
+    .await;
+    for t in cancelled {
+        t.abort();
+    }
+    wait_for(
+        Duration::from_secs(8),
+        "cancelled requests out of the count",
+        || async { api(addr, "/api/v1/services/echo").await["in_flight"] == 0.0 },
+    )
+    .await;
+
+    // Written twice: two versions, newest first, the second a diff of the changed line; the
+    // first created the key.
+    let policies = api(addr, "/api/v1/services/echo/policies").await;
+    let sp = policy(&policies, "ServicePolicy/echo");
+    let versions = sp["versions"].as_array().expect("versions");
+    assert_eq!(versions.len(), 2, "{sp}");
+    let diff: Vec<&str> = versions[0]["diff"]
+        .as_array()
+        .expect("a diff")
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert!(diff.contains(&"-  request_timeout: 20s"), "{diff:?}");
+    assert!(diff.contains(&"+  request_timeout: 25s"), "{diff:?}");
+    assert_eq!(sp["end"]["reason"], "created", "{sp}");
+    assert_eq!(sp["applies"], "calls to it");
+    assert!(sp["error"].is_null(), "{sp}");
+    assert_eq!(
+        policy(&policies, "RateLimitPolicy/echo-limit")["applies"],
+        "rate-limits it"
+    );
+    // The client's page lists neither.
+    let other = api(addr, "/api/v1/services/client/policies").await;
+    assert!(policy(&other, "ServicePolicy/echo").is_null(), "{other}");
+
+    // Compacted: etcd forgets the first version, and the history says where it ends.
+    let now = raw
+        .get(key, None)
+        .await
+        .expect("get")
+        .header()
+        .map_or(0, |h| h.revision());
+    raw.compact(now, None).await.expect("compact");
+    let policies = api(addr, "/api/v1/services/echo/policies").await;
+    let sp = policy(&policies, "ServicePolicy/echo");
+    assert_eq!(sp["versions"].as_array().map(Vec::len), Some(1), "{sp}");
+    assert_eq!(sp["end"]["reason"], "compacted", "{sp}");
+    dash.abort();
+    drop(caller);
+    drop(server);
 }

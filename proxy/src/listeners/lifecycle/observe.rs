@@ -10,14 +10,18 @@ use crate::error::{known_cause, ProxyError};
 use crate::http::body::Streamed;
 use crate::http::headers::ERROR_HEADER;
 use crate::telemetry::access_log::{AccessLog, Outcome, RequestInfo};
-use crate::telemetry::metrics::{Metrics, INBOUND};
+use crate::telemetry::metrics::{InFlight, Metrics, INBOUND};
 use crate::telemetry::trace::{logs, RequestSpan};
 use crate::ResponseBody;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// How one listener observes its requests.
 pub struct Lifecycle {
     direction: &'static str,
     metrics: Arc<Metrics>,
+    /// This direction's `trellis_requests_in_flight`, looked up once here so that a request
+    /// costs one atomic add and one sub, not a label lookup.
+    in_flight: Gauge,
     access: Arc<AccessLog>,
     /// Responses come from peer sidecars (every direction but inbound), whose own refusals
     /// name their cause in `trellis-error`: the cause is recorded here too.
@@ -31,6 +35,8 @@ pub struct Observed<'a> {
     grpc: bool,
     pub span: RequestSpan,
     info: Option<RequestInfo>,
+    /// Counted in flight until `finish` ends it, or until the request's future is dropped.
+    _in_flight: InFlight<'a>,
 }
 
 /// What a finished request is counted and logged under.
@@ -56,6 +62,7 @@ impl Lifecycle {
     pub fn new(direction: &'static str, metrics: Arc<Metrics>, access: Arc<AccessLog>) -> Self {
         Self {
             direction,
+            in_flight: metrics.in_flight_gauge(direction),
             metrics,
             access,
             peer_causes: direction != INBOUND,
@@ -73,6 +80,7 @@ impl Lifecycle {
         req: &mut Request<B>,
         span_of: impl FnOnce(&Request<B>) -> RequestSpan,
     ) -> Observed<'_> {
+        let in_flight = InFlight::start(&self.in_flight);
         let start = Instant::now();
         let grpc = crate::http::grpc::is_grpc(req.headers());
         let span = span_of(req);
@@ -84,6 +92,7 @@ impl Lifecycle {
             grpc,
             span,
             info,
+            _in_flight: in_flight,
         }
     }
 
