@@ -232,3 +232,157 @@ impl std::fmt::Debug for Checkin {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::replay::Replay;
+    use http_body_util::BodyExt;
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// How the test app answers each request on a connection.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// `200` with a 2-byte body, keep-alive.
+        Ok,
+        /// `200` with `Connection: close`, then closes.
+        Close,
+        /// `200` with a 100 KB body, keep-alive.
+        Large,
+        /// `200`, then closes the connection without saying so (an idle timeout that raced).
+        CloseSilently,
+    }
+
+    /// An app on a std thread; returns its address and how many connections it accepted.
+    fn app(answer: Answer) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || serve(stream, answer));
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn serve(stream: std::net::TcpStream, answer: Answer) {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut out = stream;
+        loop {
+            // Read one request head (the tests send no bodies).
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let (head, body): (&str, Vec<u8>) = match answer {
+                Answer::Ok | Answer::CloseSilently => ("", b"ok".to_vec()),
+                Answer::Close => ("connection: close\r\n", b"ok".to_vec()),
+                Answer::Large => ("", vec![b'x'; 100_000]),
+            };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\n{head}content-length: {}\r\n\r\n",
+                body.len()
+            );
+            if out.write_all(resp.as_bytes()).is_err() || out.write_all(&body).is_err() {
+                return;
+            }
+            if matches!(answer, Answer::Close | Answer::CloseSilently) {
+                return;
+            }
+        }
+    }
+
+    fn get() -> Request<AttemptBody> {
+        Request::get("/")
+            .header(http::header::HOST, "app")
+            .body(Replay::empty().attempt())
+            .expect("request")
+    }
+
+    /// Send one request and read its body to the end, giving the connection back.
+    async fn round_trip(pool: &Arc<H1Pool>) -> usize {
+        let (resp, checkin) = pool.send(get()).await.expect("response");
+        let body = crate::http::body::Streamed::new(resp.into_body()).pooled(checkin);
+        body.collect().await.expect("body").to_bytes().len()
+    }
+
+    fn pool(addr: SocketAddr) -> Arc<H1Pool> {
+        H1Pool::new(addr, Duration::from_secs(2), 64 * 1024)
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (addr, accepted) = app(Answer::Ok);
+        let pool = pool(addr);
+        for _ in 0..20 {
+            assert_eq!(round_trip(&pool).await, 2);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_each_get_a_connection_and_all_come_back() {
+        let (addr, accepted) = app(Answer::Large);
+        let pool = pool(addr);
+        let rounds = (0..8).map(|_| round_trip(&pool));
+        let sizes = futures_util::future::join_all(rounds).await;
+        assert!(sizes.iter().all(|n| *n == 100_000), "{sizes:?}");
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!((1..=8).contains(&opened), "opened {opened}");
+        assert_eq!(pool.idle(), opened);
+        // And they are reused: no new connection for the next round.
+        for _ in 0..8 {
+            round_trip(&pool).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), opened);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_read_closes_its_connection() {
+        let (addr, accepted) = app(Answer::Large);
+        let pool = pool(addr);
+        let (resp, checkin) = pool.send(get()).await.expect("response");
+        let mut body = crate::http::body::Streamed::new(resp.into_body()).pooled(checkin);
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert!(first.data_ref().is_some_and(|d| d.len() < 100_000));
+        drop(body);
+        assert_eq!(pool.idle(), 0, "a half-read connection must not go back");
+        assert_eq!(round_trip(&pool).await, 100_000);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_the_app_closes_are_not_reused() {
+        for answer in [Answer::Close, Answer::CloseSilently] {
+            let (addr, accepted) = app(answer);
+            let pool = pool(addr);
+            for _ in 0..5 {
+                assert_eq!(round_trip(&pool).await, 2);
+                // Let the connection's task see the close (the race itself is covered by
+                // the unsent-request retry).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let e = pool(addr).send(get()).await.expect_err("nothing listens");
+        assert!(e.is_connect(), "{e}");
+    }
+}
