@@ -19,10 +19,11 @@ pub const RETRIED_HEADER: HeaderName = HeaderName::from_static("trellis-retried"
 pub const ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("trellis-orig-proto");
 
 // The names are `HeaderName`s, not `&str`: a lookup by `&str` parses and validates the name
-// on every call, and these are looked up on every request.
+// on every call, and these are looked up on every request. The lists are `static`: a `const`
+// array is built and dropped again at every use.
 
 /// Connection-specific headers that never cross a proxy.
-const HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -64,7 +65,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if te_trailers {
@@ -79,7 +80,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Forwarding headers a client at the edge could use to pass for another client or scheme;
 /// from an untrusted client they are removed, then `X-Forwarded-For`, `Forwarded` and
 /// `X-Forwarded-Proto` are written anew.
-const SPOOFABLE_FORWARDING: [HeaderName; 6] = [
+static SPOOFABLE_FORWARDING: [HeaderName; 6] = [
     X_FORWARDED_FOR,
     header::FORWARDED,
     X_FORWARDED_PROTO,
@@ -169,7 +170,7 @@ pub fn edge_forwarded(
 ) {
     if !trusted.contains(peer) {
         if headers.keys().any(|n| SPOOFABLE_FORWARDING.contains(n)) {
-            for name in SPOOFABLE_FORWARDING {
+            for name in &SPOOFABLE_FORWARDING {
                 headers.remove(name);
             }
         }

@@ -109,44 +109,61 @@ pub fn to_origin_h1<B>(
     Ok(())
 }
 
-/// To the local app: an absolute `http` URI to the authority the caller named (`fallback`,
-/// the app's own address, when it named none), hop-by-hop headers removed (`upgrade` keeps
-/// the upgrade's). Returns the caller's `trellis-orig-proto`, removed. The version is chosen
-/// per attempt ([`app_version`]).
-pub fn to_app<B>(
-    req: &mut Request<B>,
-    fallback: &str,
-    upgrade: bool,
-) -> Result<Option<HeaderValue>, ProxyError> {
-    let authority = request_authority(req).unwrap_or(fallback);
-    let uri = absolute_uri(Scheme::HTTP, authority, req.uri())?;
+/// To the local app: hop-by-hop headers and the mesh's protocol marker go (the marker is
+/// returned: the caller's HTTP version). The target and `Host` are set per attempt by
+/// [`app_version`], since the protocol may change between attempts.
+pub fn to_app<B>(req: &mut Request<B>, upgrade: bool) -> Option<HeaderValue> {
     let orig = req.headers_mut().remove(ORIG_PROTO_HEADER);
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    *req.uri_mut() = uri;
-    Ok(orig)
+    orig
 }
 
-/// One attempt to the local app in HTTP/2 (the URI carries the authority, `Host` goes) or
-/// HTTP/1.1 (`Host` carries it, the target is in origin form: a connection to the app is
-/// no proxy).
-pub fn app_version(parts: &mut http::request::Parts, h2: bool) {
+/// One attempt to the local app in HTTP/2 (an absolute URI carries the authority, `Host`
+/// goes) or HTTP/1.1 (`Host` carries it, the target is in origin form: a connection to the
+/// app is no proxy). The authority is the request's (absolute form first, then `Host`), or
+/// `fallback` (the app's address) when it names none; one that is no valid authority is
+/// refused.
+pub fn app_version(
+    parts: &mut http::request::Parts,
+    h2: bool,
+    fallback: &HeaderValue,
+) -> Result<(), ProxyError> {
     if h2 {
+        let authority = match parts.uri.authority() {
+            Some(a) => a.as_str(),
+            None => parts
+                .headers
+                .get(header::HOST)
+                .unwrap_or(fallback)
+                .to_str()
+                .map_err(|_| ProxyError::MissingAuthority)?,
+        };
+        parts.uri = absolute_uri(Scheme::HTTP, authority, &parts.uri)?;
         parts.version = Version::HTTP_2;
         parts.headers.remove(header::HOST);
-        return;
+        return Ok(());
     }
     parts.version = Version::HTTP_11;
-    if let Some(a) = parts.uri.authority() {
-        // Usually the very `Host` the caller sent: kept as it is, without a copy.
-        let same = parts
-            .headers
-            .get(header::HOST)
-            .is_some_and(|h| h.as_bytes() == a.as_str().as_bytes());
-        if !same {
-            if let Ok(host) = HeaderValue::from_str(a.as_str()) {
+    match parts.uri.authority() {
+        Some(a) => {
+            // Usually the very `Host` the caller sent: kept as it is, without a copy.
+            let same = parts
+                .headers
+                .get(header::HOST)
+                .is_some_and(|h| h.as_bytes() == a.as_str().as_bytes());
+            if !same {
+                let host =
+                    HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::MissingAuthority)?;
                 parts.headers.insert(header::HOST, host);
             }
         }
+        None => match parts.headers.get(header::HOST) {
+            Some(h) if !is_authority(h.as_bytes()) => return Err(ProxyError::MissingAuthority),
+            Some(_) => {}
+            None => {
+                parts.headers.insert(header::HOST, fallback.clone());
+            }
+        },
     }
     let origin = parts
         .uri
@@ -154,11 +171,82 @@ pub fn app_version(parts: &mut http::request::Parts, h2: bool) {
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     parts.uri = Uri::from(origin);
+    Ok(())
+}
+
+/// Whether `b` can be a URI authority (RFC 3986 section 3.2: userinfo, host, port), checked
+/// without building one.
+fn is_authority(b: &[u8]) -> bool {
+    !b.is_empty()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@[]%".contains(c))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parts(req: Request<()>) -> http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn to_the_app_over_http1_the_callers_host_stays_and_the_target_is_origin_form() {
+        let fallback = HeaderValue::from_static("127.0.0.1:8080");
+        // An HTTP/1.1 caller: origin form and Host.
+        let mut p = parts(
+            Request::get("/a?b=1")
+                .header("host", "orders")
+                .body(())
+                .unwrap(),
+        );
+        app_version(&mut p, false, &fallback).unwrap();
+        assert_eq!(p.uri, "/a?b=1");
+        assert_eq!(p.headers["host"], "orders");
+        // A mesh (h2) caller: the authority was in the URI.
+        let mut p = parts(Request::get("https://orders:81/x").body(()).unwrap());
+        app_version(&mut p, false, &fallback).unwrap();
+        assert_eq!(p.uri, "/x");
+        assert_eq!(p.headers["host"], "orders:81");
+        assert_eq!(p.version, Version::HTTP_11);
+        // Absolute form wins over a different Host (RFC 9112 section 3.2.2).
+        let mut p = parts(
+            Request::get("http://real/x")
+                .header("host", "other")
+                .body(())
+                .unwrap(),
+        );
+        app_version(&mut p, false, &fallback).unwrap();
+        assert_eq!(p.headers["host"], "real");
+        // No authority at all (HTTP/1.0): the app's address.
+        let mut p = parts(Request::get("/").body(()).unwrap());
+        app_version(&mut p, false, &fallback).unwrap();
+        assert_eq!(p.headers["host"], "127.0.0.1:8080");
+        // A Host that is no authority is refused, as before.
+        let mut p = parts(Request::get("/").header("host", "a b").body(()).unwrap());
+        assert!(matches!(
+            app_version(&mut p, false, &fallback),
+            Err(ProxyError::MissingAuthority)
+        ));
+    }
+
+    #[test]
+    fn to_the_app_over_h2c_the_authority_moves_to_the_uri() {
+        let fallback = HeaderValue::from_static("127.0.0.1:8080");
+        let mut p = parts(
+            Request::get("/a")
+                .header("host", "orders")
+                .body(())
+                .unwrap(),
+        );
+        app_version(&mut p, true, &fallback).unwrap();
+        assert_eq!(p.uri, "http://orders/a");
+        assert!(p.headers.get("host").is_none());
+        assert_eq!(p.version, Version::HTTP_2);
+        let mut p = parts(Request::get("/").body(()).unwrap());
+        app_version(&mut p, true, &fallback).unwrap();
+        assert_eq!(p.uri, "http://127.0.0.1:8080/");
+    }
 
     #[test]
     fn mesh_h2_moves_host_to_the_uri_and_marks_the_app_version() {

@@ -33,6 +33,8 @@ pub(super) struct AppClient {
     addr: SocketAddr,
     protocol: AppProtocol,
     request_timeout: Duration,
+    /// The app's address, the authority of requests that name none.
+    authority: http::HeaderValue,
     h1: Arc<H1Pool>,
     h2: Client<AppConnector, AttemptBody>,
     /// What the app speaks, for `app_protocol: auto`.
@@ -83,6 +85,10 @@ impl AppClient {
             addr: config.inbound.app,
             protocol: config.inbound.app_protocol,
             request_timeout: config.timeouts.request,
+            authority: crate::http::headers::shared_value(
+                config.inbound.app.to_string().as_bytes(),
+            )
+            .unwrap_or_else(|| http::HeaderValue::from_static("localhost")),
             h1,
             h2,
             knowledge: Arc::new(AppKnowledge::new(
@@ -181,7 +187,9 @@ impl AppClient {
                 None => return Err(None),
             };
             let h2 = tries.proto == Proto::H2c;
-            rewrite::app_version(&mut p, h2);
+            if let Err(e) = rewrite::app_version(&mut p, h2, &self.authority) {
+                return Err(Some(AttemptError::Request(e)));
+            }
             let result = self
                 .attempt(Request::from_parts(p, body.attempt()), h2)
                 .await;
@@ -253,6 +261,8 @@ impl AppClient {
 /// A failed attempt, in either protocol's client.
 #[derive(Debug)]
 enum AttemptError {
+    /// The request cannot be sent as it is (no valid authority).
+    Request(ProxyError),
     Http1(PoolError),
     H2c(ClientError),
 }
@@ -262,6 +272,7 @@ enum AttemptError {
 impl AttemptError {
     fn is_connect(&self) -> bool {
         match self {
+            Self::Request(_) => false,
             Self::Http1(e) => e.is_connect(),
             Self::H2c(e) => e.is_connect(),
         }
@@ -270,6 +281,7 @@ impl AttemptError {
     /// The first hyper error in the chain.
     fn hyper(&self) -> Option<&hyper::Error> {
         match self {
+            Self::Request(_) => None,
             Self::Http1(e) => e.hyper(),
             Self::H2c(e) => hyper_source(e),
         }
@@ -277,6 +289,7 @@ impl AttemptError {
 
     fn chain(&self) -> String {
         match self {
+            Self::Request(e) => e.to_string(),
             Self::Http1(e) => error_chain(e),
             Self::H2c(e) => error_chain(e),
         }
@@ -285,6 +298,7 @@ impl AttemptError {
     /// Connect failures apart from everything after (one mapping for every exit).
     fn into_proxy_error(self, addr: SocketAddr) -> ProxyError {
         match self {
+            Self::Request(e) => e,
             Self::H2c(e) => client_error::from_pooled(addr, &e),
             Self::Http1(PoolError::Connect { source, .. }) => ProxyError::Connect { addr, source },
             Self::Http1(PoolError::Http(e)) => client_error::upstream(addr, &e),

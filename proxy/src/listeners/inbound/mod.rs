@@ -48,8 +48,6 @@ const PLAINTEXT_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ntrellis-error: tl
 
 pub struct Inbound {
     mode: InboundMode,
-    /// The app's address, the authority of requests that name none.
-    app_authority: String,
     app: AppClient,
     tls: IdentityStore,
     metrics: Arc<Metrics>,
@@ -75,7 +73,6 @@ impl Inbound {
     ) -> Self {
         Self {
             mode: config.inbound.mode,
-            app_authority: config.inbound.app.to_string(),
             app: AppClient::new(config),
             tls,
             limits: config.limits.clone(),
@@ -280,7 +277,7 @@ impl Inbound {
         peer: Option<HeaderValue>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let upgrade = is_upgrade(&req);
-        let orig = rewrite::to_app(&mut req, &self.app_authority, upgrade)?;
+        let orig = rewrite::to_app(&mut req, upgrade);
         let headers = req.headers_mut();
         headers.remove(PEER_IDENTITY_HEADER);
         if let Some(peer) = peer {

@@ -143,12 +143,14 @@ impl Observed<'_> {
                 .and_then(|v| known_cause(v.as_bytes()))
         });
         self.span.respond(resp.status().as_u16(), cause);
+        // One clock read for the log line and the metrics.
+        let elapsed = self.start.elapsed();
         let outcome = Outcome {
             direction: lifecycle.direction,
             service: labels.service,
             response: &resp,
             cause,
-            elapsed: self.start.elapsed(),
+            elapsed,
             client: labels.client,
             peer_identity: labels.peer_identity.and_then(|p| p.to_str().ok()),
             span: &self.span,
@@ -157,7 +159,7 @@ impl Observed<'_> {
         let resp = end_with_body(resp, self.span);
         let finished = Finished {
             status: resp.status().as_u16(),
-            seconds: self.start.elapsed().as_secs_f64(),
+            seconds: elapsed.as_secs_f64(),
         };
         let route = labels.route.unwrap_or(&lifecycle.metrics.default_route);
         lifecycle.metrics.record_routed_request(
