@@ -12,12 +12,13 @@
 # with its own inbound/outbound/admin ports on 127.0.0.1 and one tokio worker, allowing the
 # dashboard's identity in `telemetry.readers`; light traffic (every service calls the next
 # once, then ~8 req/s through 4 sidecars for the rest of the run); the dashboard at
-# DASH_INTERVAL. Then two windows of DASH_SECS each:
-#   on:  the dashboard running: its CPU and RSS, every round's `refresh` from /api/v1/overview
-#        (duration, instances read and failed), the sidecars' CPU;
-#   off: the dashboard stopped: the same sidecars' CPU.
-# The difference is what being observed costs a sidecar: for DASH_SAMPLE sidecars that carry
-# no traffic during the windows, and for the mean of the whole fleet.
+# DASH_INTERVAL. Then three windows of DASH_SECS each:
+#   before:  the dashboard not started yet: the sidecars' CPU;
+#   running: its CPU and RSS, every round's `refresh` from /api/v1/overview (duration,
+#            instances read and failed), the sidecars' CPU;
+#   after:   the dashboard stopped: the sidecars' CPU.
+# Running minus the mean of before and after is what being observed costs a sidecar: for
+# DASH_SAMPLE sidecars that carry no traffic during the windows, and for the whole fleet.
 #
 # --quick: 30 sidecars in 6 services, 20 s windows (a smoke test: figures are noisy).
 # --no-docs: do not rewrite the fleet section of docs/dashboard.md.
@@ -218,13 +219,16 @@ echo "  $ok of $total answered 200"
 
 # For the rest of the run, ~8 req/s: svc-00 -> svc-01 and svc-02 -> svc-03 (first instances).
 TRAFFIC_END=$((SECONDS + 3 * SECS + 600))
+# Its curl runs in the background and is waited for, so that TERM (cleanup) ends both at once.
 (
+    trap 'kill $(jobs -p) 2>/dev/null; exit 0' TERM
     while ((SECONDS < TRAFFIC_END)); do
         # shellcheck disable=SC2046
-        curl -s -m 5 -H "Host: $(svc_name 1)" $(urls "${OUT[0]}" 4) || true
-        # shellcheck disable=SC2046
-        curl -s -m 5 -H "Host: $(svc_name 3)" $(urls "${OUT[$((2 * PER))]}" 4) || true
-        sleep 1
+        curl -s -m 5 -H "Host: $(svc_name 1)" $(urls "${OUT[0]}" 4) \
+            --next -s -m 5 -H "Host: $(svc_name 3)" $(urls "${OUT[$((2 * PER))]}" 4) &
+        wait $! || true
+        sleep 1 &
+        wait $! || true
     done
 ) &
 PIDS+=($!)
@@ -293,6 +297,15 @@ window_end() { # TAG
 overview() { curl -sf -m 5 "$DASH/api/v1/overview?window=1m" || true; }
 
 # --- the dashboard -----------------------------------------------------------------------------
+
+# Window "before": the same sidecars before the dashboard starts (with the window "after" it
+# stopped, what they cost unobserved; two windows around the observed one cancel a drift of
+# the machine's load).
+log "window before the dashboard starts: ${SECS} s"
+WINDOW_EXTRA=()
+window_start
+sleep "$SECS"
+window_end before
 
 log "dashboard at a ${INTERVAL} s interval on $DASH"
 dash_args=(dashboard --identity-dir "$D/certs" --name dashboard --trust-domain bench.local
@@ -365,6 +378,11 @@ result refresh.fleet_max "$(jq -s '[.[].fleet_ms] | max | floor' "$ROUNDS")"
 result refresh.read_min "$(jq -s '[.[].read] | min' "$ROUNDS")"
 result refresh.failed_max "$(jq -s '[.[].failed] | max' "$ROUNDS")"
 
+# What the dashboard counted of the light traffic (a check that the summaries were read and
+# folded, not only fetched).
+result traffic.rps "$(overview | jq --arg a "$(svc_name 1)" --arg b "$(svc_name 3)" \
+    '[.services[] | select(.name == $a or .name == $b) | .stats.rps] | add // 0 | . * 10 | round / 10')"
+
 log "stopping the dashboard"
 kill -INT "$DASH_PID" 2>/dev/null || true
 deadline=$((SECONDS + 10))
@@ -373,15 +391,16 @@ kill -KILL "$DASH_PID" 2>/dev/null || true
 wait "$DASH_PID" 2>/dev/null || true
 sleep 3
 
-log "window with the dashboard stopped: ${SECS} s"
+log "window after the dashboard stopped: ${SECS} s"
 WINDOW_EXTRA=()
 window_start
 sleep "$SECS"
-window_end off
+window_end after
 
 # --- report ------------------------------------------------------------------------------------
 
-cost() { awk -v a="$(res "on.$1")" -v b="$(res "off.$1")" 'BEGIN { printf "%.4f", a - b }'; }
+# Observed minus the mean of before and after.
+cost() { awk -v a="$(res "on.$1")" -v b="$(res "before.$1")" -v c="$(res "after.$1")" 'BEGIN { printf "%.4f", a - (b + c) / 2 }'; }
 result cost.sample "$(cost sample)"
 result cost.fleet "$(cost fleet)"
 met() { if awk "BEGIN { exit !($1) }"; then echo met; else echo "**NOT met**"; fi; }
@@ -398,7 +417,7 @@ env_line() {
 }
 
 report() {
-    echo "$(env_line). $N sidecars ($S services x $PER instances) and etcd, the dashboard and nginx all on this machine; dashboard interval ${INTERVAL} s, concurrency ${CONCURRENCY:-default}; windows of $(res on.secs) s (dashboard running, $(res rounds) rounds) and $(res off.secs) s (stopped). Both cores busy $(res on.busy) % / $(res off.busy) % (running / stopped), of which other users' processes $(res on.others) % / $(res off.others) %; steal $(res on.steal) % / $(res off.steal) %."
+    echo "$(env_line). $N sidecars ($S services x $PER instances) and etcd, the dashboard and nginx all on this machine; dashboard interval ${INTERVAL} s, concurrency ${CONCURRENCY:-default}; three windows of $SECS s: before the dashboard starts, while it runs ($(res rounds) rounds), after it stopped. Both cores busy $(res before.busy) / $(res on.busy) / $(res after.busy) % (before / running / after), of which other users' processes $(res before.others) / $(res on.others) / $(res after.others) %; steal $(res before.steal) / $(res on.steal) / $(res after.steal) %."
     echo
     echo '| figure | measured | target | result |'
     echo '|---|---:|---:|---|'
@@ -407,15 +426,19 @@ report() {
     printf '| of which the fleet read from etcd, max | %s ms | | |\n' "$(res refresh.fleet_max)"
     printf '| instances read per round (min) / failed (max) | %s / %s of %s | all | %s |\n' \
         "$(res refresh.read_min)" "$(res refresh.failed_max)" "$N" "$(met "$(res refresh.read_min) == $N")"
+    printf '| requests the dashboard counted (%s and %s, last minute) | %s req/s | ~8 (what was sent) | |\n' \
+        "$(svc_name 1)" "$(svc_name 3)" "$(res traffic.rps)"
     printf '| dashboard CPU | %s %% of a core | <= 20 %% | %s |\n' "$(res dash.cpu)" "$(met "$(res dash.cpu) <= 20")"
     printf '| dashboard RSS (max) | %s MB | | |\n' "$(res dash.rss)"
-    printf '| %s idle sidecars: CPU each, dashboard running / stopped | %s / %s %% of a core | | |\n' \
-        "$K" "$(res on.sample)" "$(res off.sample)"
+    printf '| %s idle sidecars: CPU each, before / running / after | %s / %s / %s %% of a core | | |\n' \
+        "$K" "$(res before.sample)" "$(res on.sample)" "$(res after.sample)"
+    printf '| all %s sidecars: CPU each, before / running / after | %s / %s / %s %% of a core | | |\n' \
+        "$N" "$(res before.fleet)" "$(res on.fleet)" "$(res after.fleet)"
     printf '| being observed, per sidecar (those %s) | %s %% of a core | <= 0.1 %% | %s |\n' \
         "$K" "$(res cost.sample)" "$(met "$(res cost.sample) <= 0.1")"
     printf '| being observed, per sidecar (mean of all %s) | %s %% of a core | <= 0.1 %% | %s |\n' \
         "$N" "$(res cost.fleet)" "$(met "$(res cost.fleet) <= 0.1")"
-    printf '| etcd CPU, dashboard running / stopped | %s / %s %% of a core | | |\n' "$(res on.etcd)" "$(res off.etcd)"
+    printf '| etcd CPU, before / running / after | %s / %s / %s %% of a core | | |\n' "$(res before.etcd)" "$(res on.etcd)" "$(res after.etcd)"
 }
 report >"$D/report.md"
 echo
