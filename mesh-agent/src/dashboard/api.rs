@@ -261,6 +261,7 @@ impl Api {
             "interval_s": self.interval.as_secs_f64(),
             "window_s": window / 1000,
             "revision": m.revision,
+            "refresh": m.refresh,
             "services": services,
             "edges": edges,
         })

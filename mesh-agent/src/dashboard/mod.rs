@@ -143,6 +143,8 @@ async fn refresh(cfg: DashboardConfig, reader: scrape::Reader, model: Arc<Mutex<
     let mut every = ticker(cfg.interval);
     loop {
         every.tick().await;
+        let started = std::time::Instant::now();
+        let started_ms = trellis_proxy::telemetry::route_metrics::unix_ms();
         let Some(client) = conn.get(&cfg.etcd).await else {
             continue;
         };
@@ -153,6 +155,7 @@ async fn refresh(cfg: DashboardConfig, reader: scrape::Reader, model: Arc<Mutex<
                 continue;
             }
         };
+        let fleet_took = started.elapsed();
         let reads = futures_util::stream::iter(fleet.members.iter().cloned())
             .map(|m| {
                 let reader = reader.clone();
@@ -162,7 +165,9 @@ async fn refresh(cfg: DashboardConfig, reader: scrape::Reader, model: Arc<Mutex<
             .collect::<Vec<_>>()
             .await;
         let now = trellis_proxy::telemetry::route_metrics::unix_ms();
+        let took = started.elapsed();
         if let Ok(mut m) = model.lock() {
+            m.refreshed(started_ms, fleet_took, took, &reads);
             m.tick(now, fleet.revision, fleet.members, reads);
         }
     }

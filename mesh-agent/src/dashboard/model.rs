@@ -88,10 +88,33 @@ pub struct Model {
     pub availability: BTreeMap<String, VecDeque<Minute>>,
     pub last_tick_ms: Option<u64>,
     pub revision: i64,
+    /// What the last refresh round cost (`None` before the first one).
+    pub refresh: Option<Refresh>,
     /// Instances missing from the latest fleet read, with when they went missing: their last
     /// summary stays the baseline if they come back (a registration re-made after a lease lost
     /// to an etcd stall), so what they served meanwhile is still counted.
     departed: BTreeMap<(String, String), (InstanceView, u64)>,
+}
+
+/// One refresh round: how long reading the fleet and every summary took, and how many
+/// instances answered. Shown in `/api/v1/overview` as `refresh`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Refresh {
+    /// When the round started (unix ms).
+    pub started_ms: u64,
+    /// From the start of the round until the model had every answer: the fleet read from etcd
+    /// plus every summary read, in ms.
+    pub duration_ms: f64,
+    /// The fleet read alone (registrations, statuses, lease TTLs), in ms.
+    pub fleet_ms: f64,
+    /// Instances in the fleet read.
+    pub instances: usize,
+    /// Instances whose summary was read.
+    pub read: usize,
+    /// Instances whose summary could not be read (refused, timed out, not a summary).
+    pub failed: usize,
+    /// Rounds completed since this dashboard started.
+    pub rounds: u64,
 }
 
 /// How long a departed instance's baseline is kept.
@@ -194,6 +217,28 @@ impl Model {
         }
         self.services.retain(|_, s| !s.is_empty());
         self.edges.retain(|_, s| !s.is_empty());
+    }
+
+    /// Record what the round that started at `started_ms` cost: `fleet` for the etcd read,
+    /// `total` until every read had answered.
+    pub fn refreshed<T, E>(
+        &mut self,
+        started_ms: u64,
+        fleet: std::time::Duration,
+        total: std::time::Duration,
+        reads: &[Result<T, E>],
+    ) {
+        let read = reads.iter().filter(|r| r.is_ok()).count();
+        let rounds = self.refresh.as_ref().map_or(0, |r| r.rounds) + 1;
+        self.refresh = Some(Refresh {
+            started_ms,
+            duration_ms: total.as_secs_f64() * 1000.0,
+            fleet_ms: fleet.as_secs_f64() * 1000.0,
+            instances: reads.len(),
+            read,
+            failed: reads.len() - read,
+            rounds,
+        });
     }
 
     /// Add what `summary` counted since `older` (nothing for a first read: its counters
@@ -590,6 +635,28 @@ mod tests {
             m.in_flight("orders"),
             0.0,
             "an unread instance counts nothing"
+        );
+    }
+
+    #[test]
+    fn a_refresh_round_records_its_duration_and_the_reads_that_failed() {
+        let mut m = Model::default();
+        assert_eq!(m.refresh, None);
+        let reads: Vec<Result<(), String>> = vec![Ok(()), Err("refused".into()), Ok(())];
+        let ms = std::time::Duration::from_millis;
+        m.refreshed(1_000, ms(40), ms(250), &reads);
+        m.refreshed(11_000, ms(30), ms(200), &reads[..1]);
+        assert_eq!(
+            m.refresh,
+            Some(Refresh {
+                started_ms: 11_000,
+                duration_ms: 200.0,
+                fleet_ms: 30.0,
+                instances: 1,
+                read: 1,
+                failed: 0,
+                rounds: 2,
+            })
         );
     }
 
