@@ -25,7 +25,7 @@ pub struct IdleTimeout(pub Duration);
 
 pub struct Streamed {
     inner: Incoming,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle: Option<Idle>,
     guard: Option<InFlight>,
     /// Concurrency-limit slots, released when the body ends like `guard`.
     permits: crate::policy::ratelimit::Permits,
@@ -65,7 +65,11 @@ impl Streamed {
     }
 
     pub fn idle_timeout(mut self, d: Duration) -> Self {
-        self.idle = Some((d, Box::pin(tokio::time::sleep(d))));
+        self.idle = Some(Idle {
+            after: d,
+            sleep: None,
+            moved: false,
+        });
         self
     }
 
@@ -99,6 +103,35 @@ impl Streamed {
     }
 }
 
+/// The idle timeout of a body, armed only while the body waits for the upstream: a response
+/// that is complete by the time it is read (most small ones) never touches the clock or the
+/// timer wheel, and a frame costs no clock read (the deadline moves at the next wait).
+struct Idle {
+    after: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the deadline was last set.
+    moved: bool,
+}
+
+// === impl Idle ===
+
+impl Idle {
+    /// Ready once the body has waited `after` since it last moved.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let after = self.after;
+        let sleep = match &mut self.sleep {
+            Some(sleep) if self.moved => {
+                sleep.as_mut().reset(Instant::now() + after);
+                sleep
+            }
+            Some(sleep) => sleep,
+            None => self.sleep.insert(Box::pin(tokio::time::sleep(after))),
+        };
+        self.moved = false;
+        sleep.as_mut().poll(cx)
+    }
+}
+
 impl Body for Streamed {
     type Data = Bytes;
     type Error = BoxError;
@@ -117,8 +150,8 @@ impl Body for Streamed {
                     }
                     Some(Err(_)) => this.release(),
                     Some(Ok(_)) => {
-                        if let Some((d, sleep)) = &mut this.idle {
-                            sleep.as_mut().reset(Instant::now() + *d);
+                        if let Some(idle) = &mut this.idle {
+                            idle.moved = true;
                         }
                         // A reader that knows the length stops here, without asking for the
                         // end.
@@ -131,7 +164,7 @@ impl Body for Streamed {
             }
             Poll::Pending => {
                 let expired = match &mut this.idle {
-                    Some((d, sleep)) => sleep.as_mut().poll(cx).is_ready().then_some(*d),
+                    Some(idle) => idle.poll_waiting(cx).is_ready().then_some(idle.after),
                     None => None,
                 };
                 match expired {
@@ -151,5 +184,37 @@ impl Body for Streamed {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Poll `idle` once, as a body that is waiting does.
+    async fn waits(idle: &mut Idle) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(idle.poll_waiting(cx).is_pending())).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_last_frame_while_the_body_waits() {
+        let after = Duration::from_secs(10);
+        let mut idle = Idle {
+            after,
+            sleep: None,
+            moved: false,
+        };
+        // Armed at the first wait, not before.
+        assert!(idle.sleep.is_none());
+        assert!(waits(&mut idle).await);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(waits(&mut idle).await, "9 s of 10");
+        // A frame moves the deadline at the next wait.
+        idle.moved = true;
+        assert!(waits(&mut idle).await);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(waits(&mut idle).await, "9 s since the frame");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!waits(&mut idle).await, "11 s without a frame: expired");
     }
 }
