@@ -98,13 +98,9 @@ pub enum Command {
         /// A file whose first line is the token the UI and API require.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Alertmanager base URL (`http://host:9093`), repeatable: alerts of the `AlertRule`
-        /// policies go to its v2 API.
-        #[arg(long)]
-        alertmanager: Vec<String>,
-        /// A URL receiving one JSON object per alert state change (firing, resolved).
-        #[arg(long)]
-        webhook: Option<String>,
+        /// Where alerts go (`--alertmanager`, `--webhook`) and the TLS of https ones.
+        #[command(flatten)]
+        alerts: Box<AlertArgs>,
         /// TTL of the alert evaluator's lease: how long alerts go unevaluated when the
         /// evaluating dashboard dies.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -199,6 +195,43 @@ pub enum Command {
         #[command(subcommand)]
         command: IptablesCommand,
     },
+}
+
+/// The dashboard's alert destinations. Boxed in [`Command`]: they would make its
+/// `Dashboard` variant much larger than the others.
+#[derive(clap::Args, Debug)]
+pub struct AlertArgs {
+    /// Alertmanager base URL (`http://host:9093` or `https://...`), repeatable: alerts of
+    /// the `AlertRule` policies go to its v2 API.
+    #[arg(long)]
+    alertmanager: Vec<String>,
+    /// A URL (`http://` or `https://`) receiving one JSON object per alert state change
+    /// (firing, resolved).
+    #[arg(long)]
+    webhook: Option<String>,
+    /// PEM CA bundle that https alert destinations must chain to, instead of the public
+    /// roots compiled in (a private CA, or the system's bundle file).
+    #[arg(long)]
+    alert_ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) presented to https alert destinations (mTLS to
+    /// Alertmanager); needs --alert-client-key.
+    #[arg(long)]
+    alert_client_cert: Option<PathBuf>,
+    /// PEM private key of --alert-client-cert.
+    #[arg(long)]
+    alert_client_key: Option<PathBuf>,
+}
+
+impl AlertArgs {
+    fn notify(self) -> crate::dashboard::alerts::Notify {
+        crate::dashboard::alerts::Notify {
+            alertmanagers: self.alertmanager,
+            webhook: self.webhook,
+            ca_file: self.alert_ca_file,
+            client_cert: self.alert_client_cert,
+            client_key: self.alert_client_key,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -620,8 +653,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             interval,
             concurrency,
             token_file,
-            alertmanager,
-            webhook,
+            alerts,
             evaluator_ttl,
         } => {
             let token = match token_file {
@@ -638,10 +670,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 concurrency,
                 fetch_timeout: crate::dashboard::DEFAULT_FETCH_TIMEOUT,
                 token,
-                notify: crate::dashboard::alerts::Notify {
-                    alertmanagers: alertmanager,
-                    webhook,
-                },
+                notify: alerts.notify(),
                 evaluator_ttl,
             };
             runtime()?.block_on(async {

@@ -367,7 +367,7 @@ async fn an_alert_fires_in_alertmanager_survives_its_evaluator_dying_and_resolve
         .expect("rule applied");
     let notify = || Notify {
         alertmanagers: vec![am.url.clone()],
-        webhook: None,
+        ..Notify::default()
     };
     let a = mesh_agent::dashboard::start(config(&pki, etcd.endpoints(), notify()))
         .await
