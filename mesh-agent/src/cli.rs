@@ -924,3 +924,49 @@ fn first_line(path: &std::path::Path) -> Result<String, String> {
         _ => Err(format!("{}: the first line is empty", path.display())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn dashboard_alert_flags_parse_into_its_notify_settings() {
+        let cli = Cli::try_parse_from([
+            "mesh-agent",
+            "dashboard",
+            "--identity-dir",
+            "/etc/trellis",
+            "--alertmanager",
+            "https://am.internal:9093",
+            "--webhook",
+            "https://hooks.internal/t",
+            "--alert-ca-file",
+            "/etc/trellis/alerts-ca.pem",
+            "--alert-client-cert",
+            "/etc/trellis/c.pem",
+            "--alert-client-key",
+            "/etc/trellis/c-key.pem",
+        ])
+        .expect("parses");
+        let Command::Dashboard { alerts, .. } = cli.command else {
+            panic!("not the dashboard: {:?}", cli.command);
+        };
+        let n = alerts.notify();
+        assert_eq!(n.alertmanagers, ["https://am.internal:9093"]);
+        assert_eq!(n.webhook.as_deref(), Some("https://hooks.internal/t"));
+        assert_eq!(
+            n.ca_file.as_deref(),
+            Some(Path::new("/etc/trellis/alerts-ca.pem"))
+        );
+        assert_eq!(
+            n.client_cert.as_deref(),
+            Some(Path::new("/etc/trellis/c.pem"))
+        );
+        assert_eq!(
+            n.client_key.as_deref(),
+            Some(Path::new("/etc/trellis/c-key.pem"))
+        );
+    }
+}

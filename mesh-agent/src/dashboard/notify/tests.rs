@@ -204,6 +204,31 @@ async fn a_certificate_for_another_name_is_refused_with_that_reason() {
 }
 
 #[tokio::test]
+async fn an_expired_certificate_is_refused_with_that_reason() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca(dir.path(), "ca");
+    // Valid until the second it is issued: expired once that second has passed.
+    let cert = ca
+        .issue_for_hosts(&["localhost"], Duration::ZERO)
+        .expect("leaf");
+    std::fs::write(dir.path().join("server.pem"), &cert.cert_pem).expect("write cert");
+    std::fs::write(dir.path().join("server-key.pem"), &cert.key_pem).expect("write key");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (port, received) = receiver(dir.path(), "server", None).await;
+    let n = Notifier::new(&webhook(port, dir.path(), Some("ca"))).expect("notifier");
+    let hook = n.webhook.clone().expect("webhook");
+    let err = n
+        .post(&hook, &serde_json::json!({}))
+        .await
+        .expect_err("expired");
+    assert!(
+        matches!(&err, DeliveryError::Tls(r) if r.contains("has expired")),
+        "{err}"
+    );
+    assert!(received.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
 async fn mtls_alertmanager_gets_alerts_only_with_the_client_certificate() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = ca(dir.path(), "ca");
