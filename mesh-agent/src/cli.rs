@@ -98,13 +98,9 @@ pub enum Command {
         /// A file whose first line is the token the UI and API require.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Alertmanager base URL (`http://host:9093`), repeatable: alerts of the `AlertRule`
-        /// policies go to its v2 API.
-        #[arg(long)]
-        alertmanager: Vec<String>,
-        /// A URL receiving one JSON object per alert state change (firing, resolved).
-        #[arg(long)]
-        webhook: Option<String>,
+        /// Where alerts go (`--alertmanager`, `--webhook`) and the TLS of https ones.
+        #[command(flatten)]
+        alerts: Box<AlertArgs>,
         /// TTL of the alert evaluator's lease: how long alerts go unevaluated when the
         /// evaluating dashboard dies.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -199,6 +195,43 @@ pub enum Command {
         #[command(subcommand)]
         command: IptablesCommand,
     },
+}
+
+/// The dashboard's alert destinations. Boxed in [`Command`]: they would make its
+/// `Dashboard` variant much larger than the others.
+#[derive(clap::Args, Debug)]
+pub struct AlertArgs {
+    /// Alertmanager base URL (`http://host:9093` or `https://...`), repeatable: alerts of
+    /// the `AlertRule` policies go to its v2 API.
+    #[arg(long)]
+    alertmanager: Vec<String>,
+    /// A URL (`http://` or `https://`) receiving one JSON object per alert state change
+    /// (firing, resolved).
+    #[arg(long)]
+    webhook: Option<String>,
+    /// PEM CA bundle that https alert destinations must chain to, instead of the public
+    /// roots compiled in (a private CA, or the system's bundle file).
+    #[arg(long)]
+    alert_ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) presented to https alert destinations (mTLS to
+    /// Alertmanager); needs --alert-client-key.
+    #[arg(long)]
+    alert_client_cert: Option<PathBuf>,
+    /// PEM private key of --alert-client-cert.
+    #[arg(long)]
+    alert_client_key: Option<PathBuf>,
+}
+
+impl AlertArgs {
+    fn notify(self) -> crate::dashboard::alerts::Notify {
+        crate::dashboard::alerts::Notify {
+            alertmanagers: self.alertmanager,
+            webhook: self.webhook,
+            ca_file: self.alert_ca_file,
+            client_cert: self.alert_client_cert,
+            client_key: self.alert_client_key,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -620,8 +653,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             interval,
             concurrency,
             token_file,
-            alertmanager,
-            webhook,
+            alerts,
             evaluator_ttl,
         } => {
             let token = match token_file {
@@ -638,10 +670,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 concurrency,
                 fetch_timeout: crate::dashboard::DEFAULT_FETCH_TIMEOUT,
                 token,
-                notify: crate::dashboard::alerts::Notify {
-                    alertmanagers: alertmanager,
-                    webhook,
-                },
+                notify: alerts.notify(),
                 evaluator_ttl,
             };
             runtime()?.block_on(async {
@@ -893,5 +922,51 @@ fn first_line(path: &std::path::Path) -> Result<String, String> {
     match text.lines().next().map(str::trim) {
         Some(line) if !line.is_empty() => Ok(line.to_string()),
         _ => Err(format!("{}: the first line is empty", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn dashboard_alert_flags_parse_into_its_notify_settings() {
+        let cli = Cli::try_parse_from([
+            "mesh-agent",
+            "dashboard",
+            "--identity-dir",
+            "/etc/trellis",
+            "--alertmanager",
+            "https://am.internal:9093",
+            "--webhook",
+            "https://hooks.internal/t",
+            "--alert-ca-file",
+            "/etc/trellis/alerts-ca.pem",
+            "--alert-client-cert",
+            "/etc/trellis/c.pem",
+            "--alert-client-key",
+            "/etc/trellis/c-key.pem",
+        ])
+        .expect("parses");
+        let Command::Dashboard { alerts, .. } = cli.command else {
+            panic!("not the dashboard: {:?}", cli.command);
+        };
+        let n = alerts.notify();
+        assert_eq!(n.alertmanagers, ["https://am.internal:9093"]);
+        assert_eq!(n.webhook.as_deref(), Some("https://hooks.internal/t"));
+        assert_eq!(
+            n.ca_file.as_deref(),
+            Some(Path::new("/etc/trellis/alerts-ca.pem"))
+        );
+        assert_eq!(
+            n.client_cert.as_deref(),
+            Some(Path::new("/etc/trellis/c.pem"))
+        );
+        assert_eq!(
+            n.client_key.as_deref(),
+            Some(Path::new("/etc/trellis/c-key.pem"))
+        );
     }
 }

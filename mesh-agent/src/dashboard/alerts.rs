@@ -8,6 +8,7 @@
 //! sent), a pending one keeps the time it started.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
@@ -23,13 +24,22 @@ use crate::etcd::{Etcd, EtcdError};
 const BURN_PAIRS: [(u64, u64, f64); 2] =
     [(3_600_000, 300_000, 14.4), (6 * 3_600_000, 1_800_000, 6.0)];
 
-/// Where alerts go.
+/// Where alerts go, and the TLS settings of `https://` destinations (checked at startup by
+/// [`super::notify::Notifier::new`]).
 #[derive(Clone, Debug, Default)]
 pub struct Notify {
-    /// Alertmanager base URLs (`http://host:9093`); alerts are posted to `/api/v2/alerts`.
+    /// Alertmanager base URLs (`http://host:9093`, `https://am.internal`); alerts are posted
+    /// to `/api/v2/alerts`.
     pub alertmanagers: Vec<String>,
     /// A URL receiving one JSON object per state change.
     pub webhook: Option<String>,
+    /// PEM bundle that https destinations' certificates must chain to, instead of the
+    /// compiled-in public roots (a private CA, or the system's bundle file).
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to https destinations (mTLS); needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
 }
 
 /// One rule's state, as kept in etcd.

@@ -5,25 +5,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
-
-use super::alerts::{self, AlertState, Notify};
+use super::alerts::{self, AlertState};
 use super::model::Model;
+use super::notify::Notifier;
 use super::DashboardConfig;
 use crate::etcd::keys::Keys;
 use crate::etcd::{Etcd, EtcdError};
-
-type Http = Client<HttpConnector, Full<Bytes>>;
 
 /// One dashboard's evaluator side.
 struct Evaluator {
     keys: Keys,
     me: String,
-    notify: Notify,
-    http: Http,
+    notifier: Arc<Notifier>,
     /// How long a firing alert sent to Alertmanager stays valid without being sent again.
     valid_for: Duration,
     lease: Option<Lease>,
@@ -36,13 +29,17 @@ struct Lease {
 }
 
 /// Evaluate while holding the lease; `port` (the bound one) tells dashboards of one host apart.
-pub async fn run(cfg: DashboardConfig, model: Arc<Mutex<Model>>, port: u16) {
+pub async fn run(
+    cfg: DashboardConfig,
+    notifier: Arc<Notifier>,
+    model: Arc<Mutex<Model>>,
+    port: u16,
+) {
     let me = format!("{}-{}-{port}", crate::run::hostname(), std::process::id());
     let mut ev = Evaluator {
         keys: Keys::new(&cfg.etcd.prefix),
         me,
-        notify: cfg.notify.clone(),
-        http: Client::builder(TokioExecutor::new()).build_http(),
+        notifier,
         valid_for: (cfg.interval * 4).max(Duration::from_secs(60)),
         lease: None,
     };
@@ -81,6 +78,9 @@ impl Evaluator {
         let mut states = alerts::states(etcd, &self.keys).await?;
         let now = trellis_proxy::telemetry::route_metrics::unix_ms();
         let mut outgoing = Vec::new();
+        // Webhook bodies, sent after every rule is evaluated and saved: a slow or failing
+        // destination must not hold back the evaluation of the other rules.
+        let mut changes = Vec::new();
         for (name, spec) in &rules {
             let prev = states.remove(name).unwrap_or_else(|| AlertState {
                 rule: name.clone(),
@@ -104,7 +104,7 @@ impl Evaluator {
             }
             if changed && (next.state == "firing" || prev.state == "firing") {
                 tracing::warn!(rule = %name, service = %spec.service, state = %next.state, value = ?value, "alert");
-                self.webhook(&next).await;
+                changes.push(webhook_body(&next));
             }
             if next.state == "firing" || (prev.state == "firing" && changed) {
                 outgoing.push(alerts::alertmanager_alert(&next, now, self.valid_for));
@@ -121,10 +121,7 @@ impl Evaluator {
             etcd.call(client.delete(self.keys.alert_state(&rule), None))
                 .await?;
         }
-        if !outgoing.is_empty() {
-            self.alertmanagers(&serde_json::Value::Array(outgoing))
-                .await;
-        }
+        self.deliver(changes, outgoing).await;
         Ok(())
     }
 
@@ -146,38 +143,28 @@ impl Evaluator {
         Ok(id)
     }
 
-    async fn alertmanagers(&self, alerts: &serde_json::Value) {
-        for base in &self.notify.alertmanagers {
-            let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
-            self.post(&url, alerts).await;
+    /// Send this round's notifications, every destination at once, each within its own
+    /// deadline. A failure (refused connection, TLS handshake, status, timeout) is logged by
+    /// the notifier; Alertmanager gets its firing alerts again next round, as ever.
+    async fn deliver(&self, changes: Vec<serde_json::Value>, outgoing: Vec<serde_json::Value>) {
+        let n = &self.notifier;
+        let any = !outgoing.is_empty();
+        let alerts = serde_json::Value::Array(outgoing);
+        let mut sends = Vec::new();
+        if let Some(hook) = &n.webhook {
+            sends.extend(changes.iter().map(|body| n.deliver(hook, body)));
         }
+        if any {
+            sends.extend(n.alertmanagers.iter().map(|am| n.deliver(am, &alerts)));
+        }
+        futures_util::future::join_all(sends).await;
     }
+}
 
-    async fn webhook(&self, s: &AlertState) {
-        if let Some(url) = &self.notify.webhook {
-            let body = serde_json::json!({
-                "status": if s.state == "firing" { "firing" } else { "resolved" },
-                "alert": s,
-            });
-            self.post(url, &body).await;
-        }
-    }
-
-    /// POST `body` as JSON; a failure is logged, never retried past the next round (firing
-    /// alerts are sent again every round anyway).
-    async fn post(&self, url: &str, body: &serde_json::Value) {
-        let req = http::Request::post(url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())));
-        let Ok(req) = req else {
-            tracing::warn!(%url, "alert destination is not a valid URL");
-            return;
-        };
-        match tokio::time::timeout(Duration::from_secs(5), self.http.request(req)).await {
-            Ok(Ok(r)) if r.status().is_success() => {}
-            Ok(Ok(r)) => tracing::warn!(%url, status = %r.status(), "alert destination refused"),
-            Ok(Err(e)) => tracing::warn!(%url, error = %e, "alert destination unreachable"),
-            Err(_) => tracing::warn!(%url, "alert destination timed out"),
-        }
-    }
+/// The webhook's object for a change between firing and not.
+fn webhook_body(s: &AlertState) -> serde_json::Value {
+    serde_json::json!({
+        "status": if s.state == "firing" { "firing" } else { "resolved" },
+        "alert": s,
+    })
 }

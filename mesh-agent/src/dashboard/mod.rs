@@ -11,6 +11,7 @@ pub mod api;
 mod evaluator;
 pub mod fleet;
 pub mod model;
+pub mod notify;
 pub mod policies;
 pub mod prometheus;
 pub mod scrape;
@@ -65,6 +66,8 @@ pub enum DashboardError {
     Identity(String),
     #[error("listening on {0} (not loopback) needs --token-file: the pages show the whole mesh")]
     TokenRequired(SocketAddr),
+    #[error("alert notifications: {0}")]
+    Notify(#[from] notify::NotifyConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -95,6 +98,7 @@ pub async fn start(cfg: DashboardConfig) -> Result<Running, DashboardError> {
         return Err(DashboardError::TokenRequired(cfg.listen));
     }
     let reader = scrape::Reader::new(Arc::new(identity(&cfg)?), cfg.fetch_timeout);
+    let notifier = Arc::new(notify::Notifier::new(&cfg.notify)?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| DashboardError::Bind {
@@ -118,7 +122,12 @@ pub async fn start(cfg: DashboardConfig) -> Result<Running, DashboardError> {
     ));
     let tasks = vec![
         tokio::spawn(api.serve(listener)),
-        tokio::spawn(evaluator::run(cfg.clone(), model.clone(), addr.port())),
+        tokio::spawn(evaluator::run(
+            cfg.clone(),
+            notifier,
+            model.clone(),
+            addr.port(),
+        )),
         tokio::spawn(refresh(cfg, reader, model.clone())),
     ];
     tracing::info!(%addr, "dashboard serving");
