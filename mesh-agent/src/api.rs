@@ -68,6 +68,8 @@ pub enum ApiError {
     Corrupt { key: String, reason: String },
     #[error("cannot encode: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("cannot compress a document: {0}")]
+    Compress(std::io::Error),
 }
 
 /// What the index says about one service version.
@@ -217,10 +219,7 @@ fn gunzip_bounded(bytes: &[u8]) -> Result<Vec<u8>, String> {
 /// The blob and the index entry of a spec, refused when too large to store.
 fn encode(spec: &Spec) -> Result<(Vec<u8>, IndexEntry), ApiError> {
     let canonical = canonical_bytes(&spec.document);
-    let blob = gzip(&canonical).map_err(|source| ApiError::Read {
-        path: PathBuf::from("(gzip)"),
-        source,
-    })?;
+    let blob = gzip(&canonical).map_err(ApiError::Compress)?;
     if blob.len() > MAX_STORED_BYTES {
         return Err(ApiError::StoredTooLarge {
             service: spec.service.clone(),

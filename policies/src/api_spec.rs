@@ -37,6 +37,9 @@ pub const METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 
+/// Fields whose values are literal data, where a `$ref` key is data and not a reference.
+const LITERAL_FIELDS: &[&str] = &["example", "const", "enum"];
+
 /// Path item fields that are not operations.
 const PATH_ITEM_FIELDS: &[&str] = &["$ref", "summary", "description", "servers", "parameters"];
 
@@ -312,7 +315,10 @@ fn check_refs(doc: &Value, v: &Value, path: &mut Path) -> Result<(), SpecError> 
                 follow_ref(doc, r).map_err(|m| invalid(path, m))?;
                 path.pop();
             }
-            for (k, child) in map {
+            for (k, child) in map
+                .iter()
+                .filter(|(k, _)| !LITERAL_FIELDS.contains(&k.as_str()))
+            {
                 path.push(k);
                 check_refs(doc, child, path)?;
                 path.pop();
@@ -560,6 +566,32 @@ mod tests {
             json!({"openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "x-deep": deep});
         let e = check(doc).unwrap_err();
         assert!(e.contains("nested deeper than 64 levels"), "{e}");
+    }
+
+    #[test]
+    fn yaml_alias_bombs_and_literal_refs_are_handled() {
+        // "Billion laughs": nine levels of nine aliases, a few hundred bytes of text.
+        let mut text =
+            String::from("openapi: 3.1.0\ninfo: {title: t, version: '1'}\na0: &a0 [x]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let t = std::time::Instant::now();
+        let e = parse_document(&text).unwrap_err().to_string();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            e.starts_with("the document is neither JSON nor YAML"),
+            "{e}"
+        );
+        // A `$ref` inside an example is data.
+        let doc = json!({"openapi": "3.1.0", "info": {"title": "t", "version": "1"},
+            "components": {"schemas": {"S": {"type": "object", "example": {"$ref": "nowhere"}}}}});
+        check(doc).expect("example values are not references");
     }
 
     #[test]
