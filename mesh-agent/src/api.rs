@@ -247,15 +247,18 @@ fn encode(spec: &Spec) -> Result<(Vec<u8>, IndexEntry), ApiError> {
 /// spec says what was written.
 pub async fn put(cfg: &EtcdConfig, specs: &[Spec], dry_run: bool) -> Result<Vec<String>, ApiError> {
     let encoded = specs.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+    if dry_run {
+        // Validation, hashing and compression are all offline: no need for etcd.
+        return Ok(encoded
+            .iter()
+            .map(|(_, e)| format!("{} (dry run)", describe(e, "would store")))
+            .collect());
+    }
     let etcd = Etcd::connect(cfg).await?;
     let keys = Keys::new(&cfg.prefix);
     let mut report = Vec::new();
     for (blob, entry) in encoded {
-        let line = match dry_run {
-            true => format!("{} (dry run)", describe(&entry, "would store")),
-            false => put_one(&etcd, &keys, blob, &entry).await?,
-        };
-        report.push(line);
+        report.push(put_one(&etcd, &keys, blob, &entry).await?);
     }
     Ok(report)
 }

@@ -356,6 +356,12 @@ async fn api_commands_through_the_binary() {
     let f1 = write(dir.path(), "openapi.json", v1);
     let f2 = write(dir.path(), "v2.yaml", v2);
 
+    // A dry run is offline: validated, hashed and compressed, etcd never asked.
+    let dry = ok(agent("http://127.0.0.1:1").args(["api", "put", &f2, "--dry-run"]));
+    assert!(
+        dry.starts_with("orders v2: would store sha256:") && dry.contains("(dry run)"),
+        "{dry}"
+    );
     let out = ok(agent(&ep).args(["api", "put", &f1, "--service", "orders", "--version", "v1"]));
     assert!(out.starts_with("orders v1: stored sha256:"), "{out}");
     let v = ok(agent(&ep).args(["policy", "validate", "-f", &f2]));
