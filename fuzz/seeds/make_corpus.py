@@ -150,4 +150,20 @@ for p in ["GET / HTTP/1.1\r\nhost: orders\r\nconnection: keep-alive, x-a\r\nx-a:
           "PO", "CONNECT orders:443 HTTP/1.1\nhost: [::1]:443\nupgrade: websocket\nconnection: upgrade\nte: trailers",
           "SSH-2.0-OpenSSH_9.6\r\n"]:
     put("protocol", p)
+# --- openapi: two versions of one API (every breaking change kind), a $ref'd response, a cycle,
+# Swagger 2.0 ---
+V1 = {"openapi": "3.1.0", "info": {"title": "Orders API", "version": "1.0.0"},
+      "paths": {"/orders": {"get": {"parameters": [{"name": "limit", "in": "query"}],
+                                    "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Order"}}}}}}},
+                            "post": {"requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["item"], "properties": {"item": {"type": "string"}}}}}}, "responses": {"201": {"description": "created"}}}},
+                "/orders/{id}": {"delete": {"responses": {"204": {"description": "deleted"}}}}},
+      "components": {"schemas": {"Order": {"type": "object", "properties": {"id": {"type": "string"}, "note": {"type": "string"}, "parent": {"$ref": "#/components/schemas/Order"}}}}}}
+V2 = json.loads(json.dumps(V1))
+V2["paths"]["/orders/{id}"] = {"get": {"responses": {"200": {"description": "ok"}}}}
+V2["paths"]["/orders"]["get"]["parameters"] = [{"name": "tenant", "in": "query", "required": True}]
+del V2["components"]["schemas"]["Order"]["properties"]["note"]
+put("openapi", json.dumps(V1) + "\0" + json.dumps(V2))
+put("openapi", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\npaths:\n  /a:\n    get:\n      responses:\n        '200': {$ref: '#/components/responses/R'}\ncomponents:\n  responses:\n    R: {description: ok}\n\0openapi: 3.1.0\ninfo: {title: t, version: '2'}\n")
+put("openapi", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\ncomponents:\n  schemas:\n    A: {$ref: '#/components/schemas/B'}\n    B: {$ref: '#/components/schemas/A'}\n")
+put("openapi", "{\"openapi\": \"2.0\", \"info\": {}}")
 print("corpus written to", OUT)

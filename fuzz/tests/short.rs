@@ -118,3 +118,8 @@ fn every_target_has_a_test() {
         ]
     );
 }
+
+#[test]
+fn openapi() {
+    short_pass("openapi");
+}

@@ -106,6 +106,12 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         evaluator_ttl: Duration,
     },
+    /// OpenAPI documents of the mesh's services, stored in etcd once per content hash
+    /// (docs/api-specs.md).
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
     /// Alert rules and their state (firing, pending, inactive), as the evaluating dashboard
     /// keeps them in etcd.
     Alerts {
@@ -418,6 +424,51 @@ impl AuthorArg {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ApiCommand {
+    /// Validate and store OpenAPI documents: `ApiSpec` policy documents, or with --service and
+    /// --version one bare OpenAPI document (JSON or YAML).
+    Put {
+        /// A YAML file of `ApiSpec` documents, or an OpenAPI document with --service/--version.
+        file: PathBuf,
+        #[arg(long, requires = "version")]
+        service: Option<String>,
+        #[arg(long, requires = "service")]
+        version: Option<String>,
+        /// Validate and show what would be stored, without writing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Every stored API version: service, version, content hash, sizes and title.
+    List {
+        #[arg(long, short, value_enum, default_value_t = crate::policy::OutputFormat::Table)]
+        output: crate::policy::OutputFormat,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Print a stored OpenAPI document (JSON).
+    Get {
+        service: String,
+        /// Default: the version written most recently.
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// What changed between two versions, breaking changes flagged and listed first.
+    Diff {
+        service: String,
+        from: String,
+        to: String,
+        #[arg(long, short, value_enum, default_value_t = crate::policy::OutputFormat::Table)]
+        output: crate::policy::OutputFormat,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum AlertsCommand {
     /// Every alert rule with its state, value and since when.
     List {
@@ -681,6 +732,13 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 let _ = tokio::signal::ctrl_c().await;
                 Ok::<_, String>(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Api { command } => {
+            let out = runtime()?
+                .block_on(crate::api::execute(command))
+                .map_err(|e| e.to_string())?;
+            out!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Alerts {

@@ -1,6 +1,7 @@
 //! `mesh-agent`: the Trellis sidecar binary. It wires the data plane (`trellis-proxy`) to its
 //! configuration sources and provides the operator commands.
 
+pub mod api;
 pub mod apikey;
 pub mod cert;
 pub mod cli;

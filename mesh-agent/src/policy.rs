@@ -61,6 +61,8 @@ pub enum PolicyError {
     TooManyOps { changes: usize, source: EtcdError },
     #[error("cannot encode a document: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Api(#[from] Box<crate::api::ApiError>),
     #[error("etcd is out of space (its NOSPACE alarm is raised: the backend database reached --quota-backend-bytes, 2 GiB by default) and refuses every write; nothing was written. Sidecars keep serving. Free space, then clear the alarm: `etcdctl compact $(etcdctl endpoint status -w json | jq '.[0].Status.header.revision')`, `etcdctl defrag --cluster`, `etcdctl alarm disarm` (docs/etcd.md, \"Quotas and compaction\") ({0})")]
     NoSpace(EtcdError),
 }
@@ -145,12 +147,29 @@ pub async fn apply_as(
     dry_run: bool,
     author: &str,
 ) -> Result<Vec<String>, PolicyError> {
+    // `ApiSpec` documents are stored by content hash, not under the policies (docs/api-specs.md).
+    let (specs, docs): (Vec<&PolicyDocument>, Vec<&PolicyDocument>) =
+        docs.iter().partition(|d| d.kind == "ApiSpec");
+    let mut report = match specs.is_empty() {
+        true => Vec::new(),
+        false => {
+            let specs: Vec<_> = specs
+                .iter()
+                .filter_map(|d| crate::api::spec_of(d))
+                .collect();
+            crate::api::put(cfg, &specs, dry_run)
+                .await
+                .map_err(Box::new)?
+        }
+    };
+    if docs.is_empty() {
+        return Ok(report);
+    }
     let etcd = Etcd::connect(cfg).await?;
     let mut client = etcd.client.clone();
     let keys = Keys::new(&cfg.prefix);
     let mut changes = Vec::new();
-    let mut report = Vec::new();
-    for doc in docs {
+    for doc in docs.iter().copied() {
         let key = keys.policy(&doc.kind, &doc.metadata.name);
         let current = etcd.call(client.get(key.as_str(), None)).await?;
         let (mod_rev, previous, same) = match current.kvs().first() {

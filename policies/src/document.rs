@@ -80,6 +80,16 @@ pub enum Policy {
         name: String,
         spec: crate::AlertRuleSpec,
     },
+    /// An OpenAPI document for one service and version. Not stored under the policies: the
+    /// CLI writes it once per content hash (`mesh-agent api`, docs/api-specs.md), so sidecars
+    /// never receive it.
+    ApiSpec {
+        name: String,
+        spec: Box<crate::ApiSpecSpec>,
+        /// The document, parsed and checked.
+        document: serde_json::Value,
+        summary: crate::SpecSummary,
+    },
 }
 
 /// The spec of a `ServicePolicy`.
@@ -123,6 +133,7 @@ pub const KINDS: &[&str] = &[
     "Consumer",
     "AuthorizationPolicy",
     "AlertRule",
+    "ApiSpec",
 ];
 
 // === impl PolicyDocument ===
@@ -276,6 +287,17 @@ impl PolicyDocument {
                 Ok(Policy::AlertRule {
                     name: self.metadata.name.clone(),
                     spec,
+                })
+            }
+            "ApiSpec" => {
+                let spec: crate::ApiSpecSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                let (document, summary) = spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::ApiSpec {
+                    name: self.metadata.name.clone(),
+                    spec: Box::new(spec),
+                    document,
+                    summary,
                 })
             }
             other => Err(err(format!(

@@ -6,6 +6,8 @@
 
 mod access;
 mod alerts;
+mod api_diff;
+mod api_spec;
 mod auth;
 mod document;
 mod http_route;
@@ -20,6 +22,12 @@ pub use access::{
     AuthzMode, AuthzRule, AuthzTo, ConsumerSpec, JwtSubject, Quota,
 };
 pub use alerts::{AlertRuleSpec, AlertSignal, MAX_ALERT_WINDOW};
+pub use api_diff::{diff as diff_api, ApiChange, ChangeKind, MAX_SCHEMA_NODES};
+pub use api_spec::{
+    canonical_bytes, follow_ref, parse_document as parse_openapi,
+    validate_document as validate_openapi, validate_version as validate_api_version, ApiSpecSpec,
+    SpecError, SpecSummary, MAX_DEPTH as MAX_SPEC_DEPTH, MAX_REF_HOPS, MAX_SPEC_BYTES,
+};
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,

@@ -40,6 +40,7 @@ impl Policy {
                 (spec.service == service).then_some("authorizes its callers")
             }
             Self::AlertRule { spec, .. } => (spec.service == service).then_some("alerts on it"),
+            Self::ApiSpec { spec, .. } => (spec.service == service).then_some("documents its API"),
             Self::Consumer { .. } => None,
         }
     }

@@ -6,6 +6,7 @@ pub mod etcd;
 pub mod grpc_timeout;
 pub mod jwks;
 pub mod jwt;
+pub mod openapi;
 pub mod policy;
 pub mod protocol;
 pub mod ratelimit;
@@ -84,5 +85,13 @@ pub static ALL: &[Target] = &[
         dict: protocol::DICT,
         alloc_fixed: 256 << 10,
         alloc_per_byte: 64,
+    },
+    Target {
+        name: "openapi",
+        run: openapi::run,
+        max_len: 64 * 1024,
+        dict: openapi::DICT,
+        alloc_fixed: 16 << 20,
+        alloc_per_byte: 1024,
     },
 ];

@@ -22,6 +22,8 @@ pub const DICT: &[&[u8]] = &[
     b"Authorization",
     b"Consumer",
     b"ExternalService",
+    b"ApiSpec",
+    b"document: ",
     b"metadata:\n  name: ",
     b"spec:\n",
     b"---\n",

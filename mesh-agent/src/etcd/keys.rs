@@ -8,6 +8,8 @@
 //! <prefix>/v1/history/<Kind>/<name>/<seq, 20 digits>          one audit entry per policy change (JSON)
 //! <prefix>/v1/alerts/evaluator                               the dashboard evaluating alert rules, under its lease
 //! <prefix>/v1/alerts/state/<rule>                            an alert rule's state (JSON)
+//! <prefix>/v1/apis/specs/<sha256 hex>                        an OpenAPI document: gzip of its canonical JSON, once per content
+//! <prefix>/v1/apis/index/<service>/<version>                 which document a service's API version has (JSON)
 //! ```
 //!
 //! Sidecars watch `<prefix>/v1/mesh/` only: status writes, which every sidecar makes, never
@@ -96,6 +98,26 @@ impl Keys {
 
     pub fn alert_state(&self, rule: &str) -> String {
         format!("{}/alerts/state/{rule}", self.root)
+    }
+
+    /// An OpenAPI document, keyed by the SHA-256 of its canonical JSON: written once however
+    /// many versions or instances carry the same document.
+    pub fn api_spec(&self, sha256_hex: &str) -> String {
+        format!("{}/apis/specs/{sha256_hex}", self.root)
+    }
+
+    /// Every API version's index entry.
+    pub fn api_index(&self) -> String {
+        format!("{}/apis/index/", self.root)
+    }
+
+    /// The index entries of one service's API versions.
+    pub fn api_service(&self, service: &str) -> String {
+        format!("{}/apis/index/{service}/", self.root)
+    }
+
+    pub fn api_version(&self, service: &str, version: &str) -> String {
+        format!("{}{version}", self.api_service(service))
     }
 
     /// One sidecar's demand for its service's global rate limits.

@@ -123,7 +123,7 @@ impl Scope {
             Policy::Authentication { .. } => true,
             Policy::Authorization { spec, .. } => spec.service == self.own,
             Policy::Consumer { .. } => authenticates,
-            Policy::AlertRule { .. } => false,
+            Policy::AlertRule { .. } | Policy::ApiSpec { .. } => false,
         }
     }
 
@@ -138,7 +138,7 @@ impl Scope {
             Policy::RateLimit { spec, .. } => spec.service == owner.service,
             Policy::ConcurrencyLimit { spec, .. } => spec.service == owner.service,
             Policy::Authorization { spec, .. } => spec.service == owner.service,
-            Policy::AlertRule { .. } => false,
+            Policy::AlertRule { .. } | Policy::ApiSpec { .. } => false,
             _ => true,
         }
     }

@@ -413,6 +413,8 @@ impl MeshState {
                 }
                 // Evaluated by a dashboard, not routed with.
                 Entry::Policy(_, Policy::AlertRule { .. }) => {}
+                // Stored by content hash outside the mesh prefix; never routed with.
+                Entry::Policy(_, Policy::ApiSpec { .. }) => {}
             }
         }
         for svc in doc.services.values_mut() {

@@ -4,6 +4,7 @@
 mod access;
 mod access_log;
 mod admin;
+mod api_specs;
 mod app_protocol;
 mod balance;
 mod client_faults;
