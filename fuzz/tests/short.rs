@@ -114,7 +114,8 @@ fn every_target_has_a_test() {
             "routing",
             "grpc_timeout",
             "ratelimit",
-            "protocol"
+            "protocol",
+            "openapi"
         ]
     );
 }
