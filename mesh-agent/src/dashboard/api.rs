@@ -24,6 +24,8 @@ const FEDERATE: &str = "/api/v1/prometheus/federate";
 const SERVICES: &str = "/api/v1/services/";
 /// `/api/v1/services/NAME/policies`: read from etcd at request time.
 const POLICIES: &str = "/policies";
+/// `/api/v1/services/NAME/alerts`: the service's alert rules and their states, from etcd.
+const ALERTS: &str = "/alerts";
 /// Default window of the figures.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
 
@@ -58,6 +60,40 @@ impl PolicyReader {
     ) -> Result<super::policies::ServicePolicies, crate::etcd::EtcdError> {
         let etcd = self.etcd.connect().await?;
         super::policies::read(&etcd, &self.keys, service).await
+    }
+
+    /// The states of `service`'s alert rules (kept in etcd by whichever dashboard evaluates
+    /// them), firing first; a rule never evaluated yet is listed as `inactive`.
+    async fn alerts(
+        &self,
+        service: &str,
+    ) -> Result<Vec<super::alerts::AlertState>, crate::etcd::EtcdError> {
+        let etcd = self.etcd.connect().await?;
+        let rules = super::alerts::rules(&etcd, &self.keys).await?;
+        let mut states = super::alerts::states(&etcd, &self.keys).await?;
+        let mut out: Vec<_> = rules
+            .into_iter()
+            .filter(|(_, spec)| spec.service == service)
+            .map(|(name, _)| {
+                states.remove(&name).unwrap_or(super::alerts::AlertState {
+                    rule: name,
+                    service: service.to_string(),
+                    state: "inactive".into(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let rank = |s: &str| match s {
+            "firing" => 0,
+            "pending" => 1,
+            _ => 2,
+        };
+        out.sort_by(|a, b| {
+            rank(&a.state)
+                .cmp(&rank(&b.state))
+                .then(a.rule.cmp(&b.rule))
+        });
+        Ok(out)
     }
 }
 
@@ -101,6 +137,11 @@ impl Api {
                         if let Some(name) = policies_of(req.uri().path()) {
                             if this.authorized(&req) && req.method() == Method::GET {
                                 return Ok(this.service_policies(name).await);
+                            }
+                        }
+                        if let Some(name) = alerts_of(req.uri().path()) {
+                            if this.authorized(&req) && req.method() == Method::GET {
+                                return Ok(this.service_alerts(name).await);
                             }
                         }
                         Ok(this.handle(&req))
@@ -175,6 +216,13 @@ impl Api {
         match self.policies.read(name).await {
             Ok(p) => json_ok(&p),
             Err(e) => text(StatusCode::BAD_GATEWAY, &format!("reading policies: {e}\n")),
+        }
+    }
+
+    async fn service_alerts(&self, name: &str) -> Resp {
+        match self.policies.alerts(name).await {
+            Ok(a) => json_ok(&a),
+            Err(e) => text(StatusCode::BAD_GATEWAY, &format!("reading alerts: {e}\n")),
         }
     }
 
@@ -304,6 +352,13 @@ fn scale(m: &Model, name: &str, now: u64, query: Option<&str>) -> Resp {
 fn policies_of(path: &str) -> Option<&str> {
     path.strip_prefix(SERVICES)?
         .strip_suffix(POLICIES)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// The service named by `/api/v1/services/NAME/alerts`.
+fn alerts_of(path: &str) -> Option<&str> {
+    path.strip_prefix(SERVICES)?
+        .strip_suffix(ALERTS)
         .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 

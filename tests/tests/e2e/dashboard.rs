@@ -448,6 +448,24 @@ async fn an_alert_fires_in_alertmanager_survives_its_evaluator_dying_and_resolve
         list.contains("echo-errors") && list.contains("firing"),
         "{list}"
     );
+    // The service page shows the rule firing, with its summary, from either dashboard.
+    let alerts = api(alive.addr, "/api/v1/services/echo/alerts").await;
+    assert_eq!(alerts[0]["rule"], "echo-errors", "{alerts}");
+    assert_eq!(alerts[0]["state"], "firing", "{alerts}");
+    let page = browser::render(
+        &format!("http://{}/#/service/echo", alive.addr),
+        "dashboard-service-echo-alert-firing",
+        4000,
+    );
+    assert!(page.console_errors.is_empty(), "{:?}", page.console_errors);
+    assert!(
+        page.dom.contains(r#"<section id="alerts">"#)
+            && page.dom.contains("echo-errors")
+            && page.dom.contains("echo fails")
+            && page.dom.contains(r#"<td class="bad">firing</td>"#),
+        "{}",
+        page.dom
+    );
 
     // Recovery: the errors stop, the window passes, the alert resolves.
     failing.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -459,6 +477,8 @@ async fn an_alert_fires_in_alertmanager_survives_its_evaluator_dying_and_resolve
         .await
         .expect("alerts list");
     assert!(list.contains("inactive"), "{list}");
+    let alerts = api(alive.addr, "/api/v1/services/echo/alerts").await;
+    assert_eq!(alerts[0]["state"], "inactive", "{alerts}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = load.await;
     alive.abort();
