@@ -134,12 +134,12 @@ impl Api {
                         if req.uri().path() == FEDERATE && this.authorized(&req) {
                             return Ok::<_, Infallible>(this.federate().await);
                         }
-                        if let Some(name) = policies_of(req.uri().path()) {
+                        if let Some(name) = service_part(req.uri().path(), POLICIES) {
                             if this.authorized(&req) && req.method() == Method::GET {
                                 return Ok(this.service_policies(name).await);
                             }
                         }
-                        if let Some(name) = alerts_of(req.uri().path()) {
+                        if let Some(name) = service_part(req.uri().path(), ALERTS) {
                             if this.authorized(&req) && req.method() == Method::GET {
                                 return Ok(this.service_alerts(name).await);
                             }
@@ -348,17 +348,10 @@ fn scale(m: &Model, name: &str, now: u64, query: Option<&str>) -> Resp {
     }))
 }
 
-/// `NAME` of `/api/v1/services/NAME/policies`.
-fn policies_of(path: &str) -> Option<&str> {
+/// `NAME` of `/api/v1/services/NAME{part}` (`part`: [`POLICIES`], [`ALERTS`]).
+fn service_part<'a>(path: &'a str, part: &str) -> Option<&'a str> {
     path.strip_prefix(SERVICES)?
-        .strip_suffix(POLICIES)
-        .filter(|n| !n.is_empty() && !n.contains('/'))
-}
-
-/// The service named by `/api/v1/services/NAME/alerts`.
-fn alerts_of(path: &str) -> Option<&str> {
-    path.strip_prefix(SERVICES)?
-        .strip_suffix(ALERTS)
+        .strip_suffix(part)
         .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 
