@@ -439,6 +439,24 @@ mod tests {
     }
 
     #[test]
+    fn consumer_requests_are_counted_per_route() {
+        let mut reg = Registry::with_prefix("trellis");
+        let m = Metrics::register(&mut reg);
+        let (gw, acme) = (Arc::new("gw".to_string()), Arc::<str>::from("acme"));
+        let list = Arc::new("list".to_string());
+        m.record_consumer_request(&gw, &acme, &list, 200, 0.001);
+        m.record_consumer_request(&gw, &acme, &list, 200, 0.001);
+        m.record_consumer_request(&gw, &acme, &m.default_route, 429, 0.0);
+        let text = encode(&reg);
+        for line in [
+            r#"trellis_consumer_requests_total{service="gw",consumer="acme",route="list",status_code="200"} 2"#,
+            r#"trellis_consumer_requests_total{service="gw",consumer="acme",route="default",status_code="429"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+
+    #[test]
     fn a_request_is_in_flight_until_its_guard_drops() {
         let mut reg = Registry::with_prefix("trellis");
         let m = Metrics::register(&mut reg);
