@@ -22,6 +22,8 @@ const INDEX: &str = include_str!("assets/index.html");
 const COOKIE: &str = "trellis_dashboard_token";
 const FEDERATE: &str = "/api/v1/prometheus/federate";
 const SERVICES: &str = "/api/v1/services/";
+/// Usage per consumer and route, with each consumer's quota (from etcd) and its use.
+const CONSUMERS: &str = "/api/v1/consumers";
 /// `/api/v1/services/NAME/policies`: read from etcd at request time.
 const POLICIES: &str = "/policies";
 /// `/api/v1/services/NAME/alerts`: the service's alert rules and their states, from etcd.
@@ -60,6 +62,14 @@ impl PolicyReader {
     ) -> Result<super::policies::ServicePolicies, crate::etcd::EtcdError> {
         let etcd = self.etcd.connect().await?;
         super::policies::read(&etcd, &self.keys, service).await
+    }
+
+    /// Every consumer's quota, read from etcd now.
+    async fn quotas(&self) -> Result<BTreeMap<String, trellis_policies::Quota>, String> {
+        let etcd = self.etcd.connect().await.map_err(|e| e.to_string())?;
+        super::policies::quotas(&etcd, &self.keys)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// The states of `service`'s alert rules (kept in etcd by whichever dashboard evaluates
@@ -139,6 +149,12 @@ impl Api {
                                 return Ok(this.service_policies(name).await);
                             }
                         }
+                        if req.uri().path() == CONSUMERS
+                            && this.authorized(&req)
+                            && req.method() == Method::GET
+                        {
+                            return Ok(this.consumers().await);
+                        }
                         if let Some(name) = service_part(req.uri().path(), ALERTS) {
                             if this.authorized(&req) && req.method() == Method::GET {
                                 return Ok(this.service_alerts(name).await);
@@ -178,7 +194,6 @@ impl Api {
         match path {
             "/" | "/index.html" => page(),
             "/api/v1/overview" => json_ok(&self.overview(&model, now, window)),
-            "/api/v1/consumers" => json_ok(&consumers(&model)),
             "/api/v1/prometheus/sd" => {
                 json_ok(&super::prometheus::service_discovery(&members(&model)))
             }
@@ -217,6 +232,16 @@ impl Api {
             Ok(p) => json_ok(&p),
             Err(e) => text(StatusCode::BAD_GATEWAY, &format!("reading policies: {e}\n")),
         }
+    }
+
+    /// Usage per consumer, with the quotas read from etcd now; when they cannot be read, the
+    /// usage still, each row saying why its quota is missing.
+    async fn consumers(&self) -> Resp {
+        let quotas = self.policies.quotas().await;
+        let Ok(model) = self.model.lock() else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "model unavailable\n");
+        };
+        json_ok(&consumers(&model, quotas.as_ref().map_err(String::as_str)))
     }
 
     async fn service_alerts(&self, name: &str) -> Resp {
@@ -445,34 +470,121 @@ fn service(m: &Model, name: &str, now: u64, window: u64) -> serde_json::Value {
         "callers": callers,
         "callees": callees,
         "rate_limits": rate_limits,
-        "consumers": consumers(m).into_iter().filter(|c| c.service == name).collect::<Vec<_>>(),
+        "consumers": consumers(m, Ok(&BTreeMap::new())).into_iter().filter(|c| c.service == name).collect::<Vec<_>>(),
     })
 }
 
+/// One consumer's use of one service: totals since this dashboard started (`requests`,
+/// `errors`, `by_status`, as before routes were counted), the same per HTTPRoute rule, and its
+/// quota with the use of its last period.
 #[derive(Serialize)]
 struct ConsumerUse {
     service: String,
     consumer: String,
     requests: f64,
     errors: f64,
+    /// Answered 429 (refused by its quota or another rate limit).
+    limited: f64,
+    by_status: BTreeMap<u16, f64>,
+    routes: Vec<RouteUse>,
+    /// `None`: no quota (or it could not be read: see `quota_error`).
+    quota: Option<QuotaUse>,
+    quota_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct RouteUse {
+    route: String,
+    requests: f64,
+    errors: f64,
+    limited: f64,
     by_status: BTreeMap<u16, f64>,
 }
 
-fn consumers(m: &Model) -> Vec<ConsumerUse> {
-    m.consumers
+/// A quota and its use in the last period up to the last read (see [`Model::period_use`]).
+#[derive(Serialize)]
+struct QuotaUse {
+    /// Requests allowed per period.
+    requests: u32,
+    per: trellis_policies::Per,
+    period_s: u32,
+    burst: Option<u32>,
+    /// Admitted in the period: what used the budget.
+    used: f64,
+    /// Refused (429) in the period.
+    refused: f64,
+    /// Requests counted in the period, refused ones included.
+    requests_in_period: f64,
+}
+
+fn sum_where(by_status: &BTreeMap<u16, f64>, keep: impl Fn(u16) -> bool) -> f64 {
+    by_status
         .iter()
-        .map(|((service, consumer), by_status)| ConsumerUse {
-            service: service.clone(),
-            consumer: consumer.clone(),
+        .filter(|(s, _)| keep(**s))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn consumers(
+    m: &Model,
+    quotas: Result<&BTreeMap<String, trellis_policies::Quota>, &str>,
+) -> Vec<ConsumerUse> {
+    let mut out: Vec<ConsumerUse> = Vec::new();
+    for ((service, consumer, route), by_status) in &m.consumers {
+        let r = RouteUse {
+            route: route.clone(),
             requests: by_status.values().sum(),
-            errors: by_status
-                .iter()
-                .filter(|(s, _)| **s >= 500)
-                .map(|(_, n)| n)
-                .sum(),
+            errors: sum_where(by_status, |s| s >= 500),
+            limited: sum_where(by_status, |s| s == 429),
             by_status: by_status.clone(),
-        })
-        .collect()
+        };
+        // Sorted by (service, consumer, route): a consumer's routes are adjacent.
+        let c = match out.last_mut() {
+            Some(c) if &c.service == service && &c.consumer == consumer => c,
+            _ => {
+                out.push(ConsumerUse {
+                    service: service.clone(),
+                    consumer: consumer.clone(),
+                    requests: 0.0,
+                    errors: 0.0,
+                    limited: 0.0,
+                    by_status: BTreeMap::new(),
+                    routes: Vec::new(),
+                    quota: None,
+                    quota_error: None,
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        c.requests += r.requests;
+        c.errors += r.errors;
+        c.limited += r.limited;
+        for (s, n) in by_status {
+            *c.by_status.entry(*s).or_default() += n;
+        }
+        c.routes.push(r);
+    }
+    for c in &mut out {
+        match quotas {
+            Ok(q) => {
+                c.quota = q.get(&c.consumer).map(|q| {
+                    let period_s = q.limit.per.seconds();
+                    let u = m.period_use(&c.service, &c.consumer, u64::from(period_s) * 1000);
+                    QuotaUse {
+                        requests: q.limit.requests,
+                        per: q.limit.per,
+                        period_s,
+                        burst: q.burst,
+                        used: u.used,
+                        refused: u.refused,
+                        requests_in_period: u.requests,
+                    }
+                })
+            }
+            Err(e) => c.quota_error = Some(format!("reading quotas: {e}")),
+        }
+    }
+    out
 }
 
 /// `?window=5m` (at most the hour kept).

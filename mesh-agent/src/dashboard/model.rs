@@ -32,6 +32,33 @@ pub struct Point {
     pub latency: Histogram,
 }
 
+/// How long per-consumer ticks are kept: two of the longest quota period (a minute), enough
+/// to cover a period that straddles a tick. Memory is bounded by consumers x services x ticks
+/// in two minutes (12 at the default 10 s interval), a few dozen bytes each.
+pub const CONSUMER_HISTORY_MS: u64 = 2 * 60 * 1000;
+
+/// One tick of one consumer at one service: its requests since the previous tick.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ConsumerTick {
+    pub t_ms: u64,
+    /// Seconds the tick covers (0 for the first one: nothing to subtract from).
+    pub seconds: f64,
+    pub requests: f64,
+    /// Answered 429: refused by the consumer's quota (or another rate limit).
+    pub refused: f64,
+}
+
+/// A consumer's requests at a service in the last period of its quota.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PeriodUse {
+    /// Requests counted in the period, refused ones included.
+    pub requests: f64,
+    /// Of which answered 429.
+    pub refused: f64,
+    /// Admitted: what used the quota's budget (`requests - refused`).
+    pub used: f64,
+}
+
 /// A minute of a service: whether it was up (served with < 5 % errors, or had nothing to serve
 /// while an instance answered).
 #[derive(Clone, Debug, Serialize)]
@@ -81,8 +108,11 @@ pub struct Model {
     pub instances: BTreeMap<(String, String), InstanceView>,
     pub services: BTreeMap<String, VecDeque<Point>>,
     pub edges: BTreeMap<(String, String), VecDeque<Point>>,
-    /// Requests per (service, consumer) and status since this dashboard started.
-    pub consumers: BTreeMap<(String, String), BTreeMap<u16, f64>>,
+    /// Requests per (service, consumer, route) and status since this dashboard started.
+    pub consumers: BTreeMap<(String, String, String), BTreeMap<u16, f64>>,
+    /// Per (service, consumer), what each tick of the last [`CONSUMER_HISTORY_MS`] counted
+    /// (all routes): what a quota's use in its last period is computed from.
+    pub consumer_ticks: BTreeMap<(String, String), VecDeque<ConsumerTick>>,
     /// Rate-limit decisions per (service, policy): (allowed, limited) since start, and peers.
     pub rate_limits: BTreeMap<(String, String), (f64, f64, f64)>,
     pub availability: BTreeMap<String, VecDeque<Minute>>,
@@ -152,6 +182,7 @@ impl Model {
         self.revision = revision;
         let mut services: BTreeMap<String, Point> = BTreeMap::new();
         let mut edges: BTreeMap<(String, String), Point> = BTreeMap::new();
+        let mut consumers: BTreeMap<(String, String), ConsumerTick> = BTreeMap::new();
         let mut reachable: BTreeMap<String, bool> = BTreeMap::new();
         let mut seen = BTreeMap::new();
         for (member, read) in members.into_iter().zip(reads) {
@@ -175,7 +206,7 @@ impl Model {
                 Ok(summary) => {
                     *up = true;
                     let older = view.last.as_ref();
-                    self.add_deltas(&summary, older, &mut services, &mut edges);
+                    self.add_deltas(&summary, older, &mut services, &mut edges, &mut consumers);
                     view.rate_limits = instance_limits(&summary, older);
                     view.in_flight = summary.in_flight.get(INBOUND).copied();
                     view.ejecting = summary
@@ -217,6 +248,48 @@ impl Model {
         }
         self.services.retain(|_, s| !s.is_empty());
         self.edges.retain(|_, s| !s.is_empty());
+        for (key, mut tick) in consumers {
+            tick.t_ms = now_ms;
+            tick.seconds = seconds;
+            self.consumer_ticks.entry(key).or_default().push_back(tick);
+        }
+        for ticks in self.consumer_ticks.values_mut() {
+            while ticks
+                .front()
+                .is_some_and(|t| t.t_ms + CONSUMER_HISTORY_MS < now_ms)
+            {
+                ticks.pop_front();
+            }
+        }
+        self.consumer_ticks.retain(|_, t| !t.is_empty());
+    }
+
+    /// What `consumer` sent `service` in the `period_ms` up to the last tick (the last read of
+    /// the fleet): a quota's current period as the dashboard can see it. A tick counts in full
+    /// when it lies within the period, pro rata when it straddles the period's start (a tick
+    /// longer than a per-second period counts as its average rate over the period).
+    pub fn period_use(&self, service: &str, consumer: &str, period_ms: u64) -> PeriodUse {
+        let mut u = PeriodUse::default();
+        let Some(end) = self.last_tick_ms else {
+            return u;
+        };
+        let start = end.saturating_sub(period_ms) as f64;
+        let key = (service.to_string(), consumer.to_string());
+        for t in self.consumer_ticks.get(&key).into_iter().flatten().rev() {
+            if t.t_ms as f64 <= start {
+                break;
+            }
+            let covered_ms = t.seconds * 1000.0;
+            if covered_ms <= 0.0 {
+                continue;
+            }
+            let from = t.t_ms as f64 - covered_ms;
+            let share = ((t.t_ms as f64 - from.max(start)) / covered_ms).clamp(0.0, 1.0);
+            u.requests += t.requests * share;
+            u.refused += t.refused * share;
+        }
+        u.used = (u.requests - u.refused).max(0.0);
+        u
     }
 
     /// Record what the round that started at `started_ms` cost: `fleet` for the etcd read,
@@ -249,6 +322,7 @@ impl Model {
         older: Option<&Summary>,
         services: &mut BTreeMap<String, Point>,
         edges: &mut BTreeMap<(String, String), Point>,
+        consumers: &mut BTreeMap<(String, String), ConsumerTick>,
     ) {
         let Some(older) = older else { return };
         for t in &summary.traffic {
@@ -274,9 +348,12 @@ impl Model {
             let before = older
                 .consumers
                 .iter()
-                .find(|o| o.service == c.service && o.consumer == c.consumer);
+                .find(|o| o.service == c.service && o.consumer == c.consumer && o.route == c.route);
             let totals = self
                 .consumers
+                .entry((c.service.clone(), c.consumer.clone(), c.route.clone()))
+                .or_default();
+            let tick = consumers
                 .entry((c.service.clone(), c.consumer.clone()))
                 .or_default();
             for (status, n) in &c.statuses {
@@ -284,7 +361,12 @@ impl Model {
                     .and_then(|b| b.statuses.get(status))
                     .copied()
                     .unwrap_or(0.0);
-                *totals.entry(*status).or_default() += counter_delta(*n, was);
+                let d = counter_delta(*n, was);
+                *totals.entry(*status).or_default() += d;
+                tick.requests += d;
+                if *status == 429 {
+                    tick.refused += d;
+                }
             }
         }
         for r in &summary.rate_limits {
@@ -491,7 +573,7 @@ fn delta(t: &Traffic, before: Option<&Traffic>) -> (f64, f64, Histogram) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_proxy::telemetry::summary::Traffic;
+    use trellis_proxy::telemetry::summary::{ConsumerTraffic, Traffic};
 
     fn member(service: &str, instance: &str) -> Member {
         Member {
@@ -658,6 +740,69 @@ mod tests {
                 rounds: 2,
             })
         );
+    }
+
+    fn consumer_read(routes: &[(&str, f64, f64)]) -> Summary {
+        let mut s = summary("gw", 0.0, 0.0, 0.0);
+        s.consumers = routes
+            .iter()
+            .map(|(route, ok, refused)| ConsumerTraffic {
+                service: "gw".into(),
+                consumer: "acme".into(),
+                route: route.to_string(),
+                statuses: [(200, *ok), (429, *refused)].into_iter().collect(),
+            })
+            .collect();
+        s
+    }
+
+    #[test]
+    fn consumers_are_counted_per_route_and_per_quota_period() {
+        let mut m = Model::default();
+        let gw = || vec![member("gw", "a")];
+        let at = |m: &mut Model, t, routes: &[(&str, f64, f64)]| {
+            m.tick(t, 1, gw(), vec![Ok(consumer_read(routes))])
+        };
+        at(&mut m, 0, &[("list", 100.0, 0.0), ("get", 10.0, 0.0)]);
+        // Every 10 s: list +6 ok, get +3 ok and +1 refused.
+        for i in 1..=8u64 {
+            let f = i as f64;
+            at(
+                &mut m,
+                i * 10_000,
+                &[("list", 100.0 + 6.0 * f, 0.0), ("get", 10.0 + 3.0 * f, f)],
+            );
+        }
+        let key = |r: &str| ("gw".to_string(), "acme".to_string(), r.to_string());
+        assert_eq!(m.consumers[&key("list")].get(&200), Some(&48.0));
+        assert_eq!(m.consumers[&key("get")].get(&200), Some(&24.0));
+        assert_eq!(m.consumers[&key("get")].get(&429), Some(&8.0));
+        // A minute: the last six ticks, 10 requests each, 1 refused.
+        let minute = m.period_use("gw", "acme", 60_000);
+        assert_eq!(
+            minute,
+            PeriodUse {
+                requests: 60.0,
+                refused: 6.0,
+                used: 54.0
+            }
+        );
+        // A second: a tenth of the last tick.
+        let second = m.period_use("gw", "acme", 1_000);
+        assert!((second.requests - 1.0).abs() < 1e-9, "{second:?}");
+        assert!((second.used - 0.9).abs() < 1e-9, "{second:?}");
+        assert_eq!(m.period_use("gw", "nobody", 60_000), PeriodUse::default());
+        // Ticks older than two minutes are dropped: memory stays bounded.
+        for i in 9..=30u64 {
+            let f = i as f64;
+            at(
+                &mut m,
+                i * 10_000,
+                &[("list", 100.0 + 6.0 * f, 0.0), ("get", 10.0 + 3.0 * f, f)],
+            );
+        }
+        let ticks = &m.consumer_ticks[&("gw".to_string(), "acme".to_string())];
+        assert_eq!(ticks.len(), 13, "{ticks:?}");
     }
 
     #[test]

@@ -131,6 +131,37 @@ pub async fn read(etcd: &Etcd, keys: &Keys, service: &str) -> Result<ServicePoli
     })
 }
 
+/// Every valid `Consumer` policy with a quota: the quota by consumer name. An invalid one is
+/// skipped (sidecars refuse it too), with a warning.
+pub async fn quotas(
+    etcd: &Etcd,
+    keys: &Keys,
+) -> Result<std::collections::BTreeMap<String, trellis_policies::Quota>, EtcdError> {
+    let mut client = etcd.client.clone();
+    let prefix = format!("{}Consumer/", keys.policies());
+    let resp = etcd
+        .call(client.get(prefix, Some(GetOptions::new().with_prefix())))
+        .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for kv in resp.kvs() {
+        let parsed = serde_json::from_slice::<PolicyDocument>(kv.value())
+            .map_err(|e| e.to_string())
+            .and_then(|d| d.validate().map_err(|e| e.to_string()));
+        match parsed {
+            Ok(Policy::Consumer { name, spec }) => {
+                if let Some(q) = spec.quota {
+                    out.insert(name, q);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "consumer skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A stored policy found to apply, before its history is read.
 struct Applying {
     kind: String,

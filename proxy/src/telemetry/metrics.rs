@@ -22,6 +22,9 @@ pub const UNKNOWN_SERVICE: &str = "unknown";
 pub struct ConsumerLabels {
     pub service: Arc<String>,
     pub consumer: Arc<str>,
+    /// The HTTPRoute rule that routed the request (ingress), `default` when none did
+    /// (inbound, or refused before routing).
+    pub route: Arc<String>,
     pub status_code: u16,
 }
 
@@ -145,7 +148,7 @@ impl Metrics {
         );
         registry.register(
             "consumer_requests",
-            "Requests of authenticated consumers received by this sidecar or ingress, by service, consumer and status code",
+            "Requests of authenticated consumers received by this sidecar or ingress, by service, consumer, route and status code",
             m.consumer_requests.clone(),
         );
         registry.register(
@@ -233,17 +236,21 @@ impl Metrics {
         Arc::new(m)
     }
 
-    /// A request of an authenticated consumer, received by this sidecar (or its ingress).
+    /// A request of an authenticated consumer, received by this sidecar (or its ingress),
+    /// routed by the HTTPRoute rule `route` (`default`: none). The labels are reference
+    /// counts of strings the caller holds: no allocation per request.
     pub fn record_consumer_request(
         &self,
         service: &Arc<String>,
         consumer: &Arc<str>,
+        route: &Arc<String>,
         status: u16,
         seconds: f64,
     ) {
         let labels = ConsumerLabels {
             service: service.clone(),
             consumer: consumer.clone(),
+            route: route.clone(),
             status_code: status,
         };
         self.consumer_requests.get_or_create(&labels).inc();
@@ -429,6 +436,24 @@ mod tests {
         );
         drop(guard);
         assert!(encode(&reg).contains(r#"trellis_open_connections{direction="inbound"} 0"#));
+    }
+
+    #[test]
+    fn consumer_requests_are_counted_per_route() {
+        let mut reg = Registry::with_prefix("trellis");
+        let m = Metrics::register(&mut reg);
+        let (gw, acme) = (Arc::new("gw".to_string()), Arc::<str>::from("acme"));
+        let list = Arc::new("list".to_string());
+        m.record_consumer_request(&gw, &acme, &list, 200, 0.001);
+        m.record_consumer_request(&gw, &acme, &list, 200, 0.001);
+        m.record_consumer_request(&gw, &acme, &m.default_route, 429, 0.0);
+        let text = encode(&reg);
+        for line in [
+            r#"trellis_consumer_requests_total{service="gw",consumer="acme",route="list",status_code="200"} 2"#,
+            r#"trellis_consumer_requests_total{service="gw",consumer="acme",route="default",status_code="429"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

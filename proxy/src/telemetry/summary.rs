@@ -49,11 +49,32 @@ pub struct Traffic {
     pub latency: Histogram,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Requests of one consumer to one service, through one HTTPRoute rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConsumerTraffic {
     pub service: String,
     pub consumer: String,
+    /// The HTTPRoute rule that routed them (at an ingress); `default` when none did (inbound,
+    /// refused before routing), and in the summaries of older sidecars, which had no route:
+    /// the version stays 1.
+    #[serde(default = "default_route")]
+    pub route: String,
     pub statuses: BTreeMap<u16, f64>,
+}
+
+impl Default for ConsumerTraffic {
+    fn default() -> Self {
+        Self {
+            service: String::new(),
+            consumer: String::new(),
+            route: default_route(),
+            statuses: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_route() -> String {
+    crate::policy::routing::DEFAULT_ROUTE.to_string()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -106,7 +127,7 @@ impl Summary {
         // Keyed by labels borrowed from `e`: a lookup allocates nothing (a read is every
         // sample of the registry, ~20 per series with the histogram buckets).
         let mut traffic: BTreeMap<(&str, &str, &str), Traffic> = BTreeMap::new();
-        let mut consumers: BTreeMap<(&str, &str), ConsumerTraffic> = BTreeMap::new();
+        let mut consumers: BTreeMap<(&str, &str, &str), ConsumerTraffic> = BTreeMap::new();
         let mut endpoints: BTreeMap<&str, EndpointStates> = BTreeMap::new();
         let mut limits: BTreeMap<&str, RateLimitUse> = BTreeMap::new();
         for x in &e.samples {
@@ -132,11 +153,12 @@ impl Summary {
                 }
                 "trellis_consumer_requests_total" => {
                     let c = consumers
-                        .entry((b("service"), b("consumer")))
+                        .entry((b("service"), b("consumer"), route(x)))
                         .or_insert_with(|| ConsumerTraffic {
                             service: l("service"),
                             consumer: l("consumer"),
-                            ..Default::default()
+                            route: route(x).to_string(),
+                            statuses: BTreeMap::new(),
                         });
                     *c.statuses.entry(status(x)).or_default() += x.value;
                 }
@@ -187,6 +209,12 @@ impl Summary {
         s.rate_limits = limits.into_values().collect();
         s
     }
+}
+
+/// The `route` label; `default` for a sidecar from before consumer series had one.
+fn route<'e>(x: &'e Sample) -> &'e str {
+    x.label("route")
+        .unwrap_or(crate::policy::routing::DEFAULT_ROUTE)
 }
 
 fn status(x: &Sample) -> u16 {
@@ -338,6 +366,10 @@ trellis_ratelimit_peers{policy="p"} 3
 trellis_snapshot_version 42
 trellis_requests_in_flight{direction="inbound"} 7
 trellis_requests_in_flight{direction="outbound"} 0
+trellis_consumer_requests_total{service="orders",consumer="acme",route="list",status_code="200"} 5
+trellis_consumer_requests_total{service="orders",consumer="acme",route="get",status_code="200"} 3
+trellis_consumer_requests_total{service="orders",consumer="acme",route="get",status_code="429"} 2
+trellis_consumer_requests_total{service="orders",consumer="old",status_code="200"} 1
 "#;
 
     #[test]
@@ -361,6 +393,32 @@ trellis_requests_in_flight{direction="outbound"} 0
         assert_eq!(s.rate_limits[0].peers, 3.0);
         assert_eq!(s.in_flight.get("inbound"), Some(&7.0));
         assert_eq!(s.in_flight.get("outbound"), Some(&0.0));
+        let consumers: Vec<_> = s
+            .consumers
+            .iter()
+            .map(|c| (c.consumer.as_str(), c.route.as_str(), c.statuses.clone()))
+            .collect();
+        assert_eq!(
+            consumers,
+            vec![
+                ("acme", "get", BTreeMap::from([(200, 3.0), (429, 2.0)])),
+                ("acme", "list", BTreeMap::from([(200, 5.0)])),
+                // A series without the label (an older sidecar's registry).
+                ("old", "default", BTreeMap::from([(200, 1.0)])),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_consumer_without_route_reads_as_the_default_route() {
+        // A consumer entry of a sidecar built before the field.
+        let old = r#"{"version":1,"service":"gw","unix_ms":1,"snapshot_version":2,"traffic":[],"consumers":[{"service":"gw","consumer":"acme","statuses":{"200":4}}],"causes":[],"open_connections":{},"endpoints":[],"rate_limits":[]}"#;
+        let s: Summary = serde_json::from_str(old).expect("older summaries read");
+        assert_eq!(s.consumers[0].route, "default");
+        assert_eq!(s.consumers[0].statuses.get(&200), Some(&4.0));
+        // And what is written now carries it.
+        let again: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
     }
 
     #[test]

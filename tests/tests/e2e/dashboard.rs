@@ -893,3 +893,193 @@ async fn alerts_reach_an_https_webhook_with_its_ca_and_nothing_arrives_with_anot
     good.abort();
     bad.abort();
 }
+
+/// The hex SHA-256 of an API key, as a `Consumer` policy stores it.
+fn key_digest(key: &str) -> String {
+    trellis_proxy::policy::access::key_digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The consumers page over a real ingress: requests of API-key consumers through two HTTPRoute
+/// rules are counted per route; a consumer over its quota (3 a minute, shared through etcd) shows
+/// its use of the period and its refusals; the page renders both tables in a browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumers_page_shows_use_per_route_and_quota_use() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["gateway", "orders", "dashboard"]);
+    let web = trellis_tests::web::WebPki::new();
+    web.leaf(pki.path(), "api", &["api.example.com"]);
+    let backend = Backend::start().await;
+    let (acme_key, beta_key) = ("tk_dash_acme", "tk_dash_beta");
+    let yaml = format!(
+        "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {{name: edge}}\n\
+         spec:\n  hosts: [api.example.com]\n  gateways: [gateway]\n  rules:\n\
+         \x20   - name: list\n      matches: [{{path: {{prefix: /echo/list}}}}]\n      backends: [{{service: orders}}]\n\
+         \x20   - name: get\n      matches: [{{path: {{prefix: /echo/get}}}}]\n      backends: [{{service: orders}}]\n---\n\
+         apiVersion: trellis.dev/v1\nkind: AuthenticationPolicy\nmetadata: {{name: gateway-keys}}\n\
+         spec: {{service: gateway, api_keys: {{header: x-api-key}}}}\n---\n\
+         apiVersion: trellis.dev/v1\nkind: Consumer\nmetadata: {{name: acme}}\n\
+         spec: {{api_keys: [{{id: k1, sha256: \"{}\"}}], quota: {{limit: {{requests: 3, per: minute}}, burst: 3}}}}\n---\n\
+         apiVersion: trellis.dev/v1\nkind: Consumer\nmetadata: {{name: beta}}\n\
+         spec: {{api_keys: [{{id: k1, sha256: \"{}\"}}]}}\n",
+        key_digest(acme_key),
+        key_digest(beta_key),
+    );
+    let docs: Vec<_> = trellis_policies::parse_documents(&yaml, "consumers.yaml")
+        .into_iter()
+        .map(|d| d.expect("valid policy"))
+        .collect();
+    let etcd_cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
+    mesh_agent::policy::apply(&etcd_cfg, &docs, false)
+        .await
+        .expect("policies applied");
+    let readers = |c: &mut mesh_agent::config::AgentConfig| {
+        c.proxy.telemetry.readers = vec![Pki::spiffe("dashboard")];
+    };
+    let _orders = etcd_sidecar(&pki, "orders", backend.addr, etcd.endpoints(), readers).await;
+    let dir = pki.path().to_path_buf();
+    let gateway = etcd_sidecar(&pki, "gateway", backend.addr, etcd.endpoints(), |c| {
+        readers(c);
+        let ingress =
+            trellis_tests::web::loopback_ingress(&dir, &[("api.example.com", "api")], false);
+        c.proxy.ingress = Some(ingress);
+    })
+    .await;
+    let edge = gateway.bound.ingress_http.expect("plain ingress bound");
+    let c = client::h1(edge);
+    let call = |path: &'static str, key: &'static str| {
+        let c = c.clone();
+        async move {
+            let req = http::Request::get(format!("http://api.example.com{path}"))
+                .header("x-api-key", key)
+                .body(client::empty())
+                .expect("request");
+            client::send(&c, req).await.expect("answer").status.as_u16()
+        }
+    };
+    // Routed to orders, and the quota's share allocated, before anything is counted.
+    wait_for(
+        Duration::from_secs(15),
+        "beta routed at the edge",
+        || async { call("/echo/list", beta_key).await == 200 },
+    )
+    .await;
+    wait_for(Duration::from_secs(15), "acme's quota shared", || async {
+        let dump = client::admin(gateway.bound.admin, "/config_dump")
+            .await
+            .json();
+        dump["etcd"]["rate_limit_sharing"]["shares"]["quota.acme.gateway"]
+            .as_f64()
+            .is_some_and(|v| v > 0.049)
+    })
+    .await;
+
+    let dash = mesh_agent::dashboard::start(config(&pki, etcd.endpoints(), Default::default()))
+        .await
+        .expect("dashboard starts");
+    let addr = dash.addr;
+    // The gateway read once: the baseline what follows is counted from.
+    wait_for(Duration::from_secs(10), "gateway read", || async {
+        let o = api(addr, "/api/v1/overview").await;
+        service(&o, "gateway")["up"] == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // beta: 1 through `list`, 2 through `get`; acme: 2 + 1 admitted (its burst), then 2
+    // refused by its quota, before routing (so under `default`).
+    let mut statuses = Vec::new();
+    for (path, key) in [
+        ("/echo/list", beta_key),
+        ("/echo/get", beta_key),
+        ("/echo/get", beta_key),
+        ("/echo/list", acme_key),
+        ("/echo/list", acme_key),
+        ("/echo/get", acme_key),
+        ("/echo/get", acme_key),
+        ("/echo/list", acme_key),
+    ] {
+        statuses.push(call(path, key).await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 429, 429]);
+
+    let row = |cs: &serde_json::Value, consumer: &str| {
+        cs.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c["consumer"] == consumer && c["service"] == "gateway")
+            })
+            .cloned()
+            .unwrap_or_default()
+    };
+    let route = |c: &serde_json::Value, route: &str| {
+        c["routes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["route"] == route))
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(30), "the requests counted", || async {
+        let cs = api(addr, "/api/v1/consumers").await;
+        row(&cs, "acme")["requests"] == 5.0 && row(&cs, "beta")["requests"] == 3.0
+    })
+    .await;
+    let cs = api(addr, "/api/v1/consumers").await;
+    let (acme, beta) = (row(&cs, "acme"), row(&cs, "beta"));
+    // Totals as before routes were counted.
+    assert_eq!(acme["limited"], 2.0, "{acme}");
+    assert_eq!(acme["by_status"]["200"], 3.0, "{acme}");
+    assert_eq!(acme["by_status"]["429"], 2.0, "{acme}");
+    assert_eq!(route(&beta, "list")["requests"], 1.0, "{beta}");
+    assert_eq!(route(&beta, "get")["requests"], 2.0, "{beta}");
+    assert_eq!(route(&acme, "list")["by_status"]["200"], 2.0, "{acme}");
+    assert_eq!(route(&acme, "get")["by_status"]["200"], 1.0, "{acme}");
+    assert_eq!(route(&acme, "default")["by_status"]["429"], 2.0, "{acme}");
+    assert_eq!(route(&acme, "default")["limited"], 2.0, "{acme}");
+    // The quota, from etcd, and its use in the last minute.
+    let q = &acme["quota"];
+    assert_eq!(
+        (&q["requests"], &q["per"], &q["period_s"], &q["burst"]),
+        (
+            &serde_json::json!(3),
+            &serde_json::json!("minute"),
+            &serde_json::json!(60),
+            &serde_json::json!(3)
+        ),
+        "{acme}"
+    );
+    assert_eq!(
+        (&q["used"], &q["refused"]),
+        (&serde_json::json!(3.0), &serde_json::json!(2.0)),
+        "{acme}"
+    );
+    assert_eq!(q["requests_in_period"], 5.0, "{acme}");
+    assert!(
+        beta["quota"].is_null() && beta["quota_error"].is_null(),
+        "{beta}"
+    );
+
+    // The page, in a real browser: a row per consumer and route, and the quota table.
+    let page = browser::render_tall(
+        &format!("http://{addr}/#/consumers"),
+        "dashboard-consumers",
+        4000,
+        800,
+    );
+    assert!(page.console_errors.is_empty(), "{:?}", page.console_errors);
+    assert!(!page.dom.contains(r#"<h2 class="bad">"#), "{}", page.dom);
+    for expected in [
+        "Usage per consumer and route",
+        "<td class=\"\">acme</td><td class=\"\">gateway</td><td class=\"\">list</td><td class=\"num \">2</td>",
+        "<td class=\"\">acme</td><td class=\"\">gateway</td><td class=\"\">get</td><td class=\"num \">1</td>",
+        "<td class=\"\">acme</td><td class=\"\">gateway</td><td class=\"\">default</td><td class=\"num \">2</td>",
+        "<td class=\"\">beta</td><td class=\"\">gateway</td><td class=\"\">get</td><td class=\"num \">2</td>",
+        "Quotas (current period)",
+        "<td class=\"\">3 / minute, burst 3</td><td class=\"num bad\">3 / 3 (100 %)</td><td class=\"num bad\">2</td>",
+    ] {
+        assert!(page.dom.contains(expected), "{expected} in {}", page.dom);
+    }
+}

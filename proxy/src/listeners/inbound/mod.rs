@@ -246,7 +246,7 @@ impl Inbound {
         };
         let (resp, finished) = observed.finish(result, labels);
         self.admission
-            .count(consumer.as_ref(), finished.status, finished.seconds);
+            .count(consumer.as_ref(), None, finished.status, finished.seconds);
         resp
     }
 

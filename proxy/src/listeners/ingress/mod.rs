@@ -207,7 +207,7 @@ impl Ingress {
         // What is logged from here on names the request's trace and the edge's server span
         // (once routed, the client span: the outbound scope nests inside this one).
         let answer = self.answer(req, conn, client, start);
-        let (resp, consumer) = logs::scope(span.ids(), answer).await;
+        let (resp, consumer, route) = logs::scope(span.ids(), answer).await;
         // Whoever answered with an error (this gateway, or a sidecar behind it) named it.
         let cause = resp
             .headers()
@@ -215,27 +215,41 @@ impl Ingress {
             .and_then(|v| known_cause(v.as_bytes()));
         span.respond(resp.status().as_u16(), cause);
         let seconds = start.elapsed().as_secs_f64();
-        self.admission
-            .count(consumer.as_ref(), resp.status().as_u16(), seconds);
+        self.admission.count(
+            consumer.as_ref(),
+            route.as_ref(),
+            resp.status().as_u16(),
+            seconds,
+        );
         end_with_body(resp, span)
     }
 
-    /// Admit and route a request, or refuse it; also the consumer it was admitted as.
+    /// Admit and route a request, or refuse it; also the consumer it was admitted as and the
+    /// HTTPRoute rule that routed it (`None` when refused before routing).
     async fn answer(
         &self,
         mut req: Request<Incoming>,
         conn: &Conn,
         client: SocketAddr,
         start: std::time::Instant,
-    ) -> (Response<ResponseBody>, Option<Arc<str>>) {
+    ) -> (
+        Response<ResponseBody>,
+        Option<Arc<str>>,
+        Option<Arc<String>>,
+    ) {
         let grpc = crate::http::grpc::is_grpc(req.headers());
         let mut consumer = None;
+        let mut route = None;
         let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
             Ok(permits) => {
                 // HTTPRoute redirects keep the scheme the client used.
                 req.extensions_mut()
                     .insert(crate::policy::routing::RequestScheme(conn.scheme()));
-                let resp = self.outbound.handle(req, client, &self.lifecycle).await;
+                let (resp, routed) = self
+                    .outbound
+                    .handle_routed(req, client, &self.lifecycle)
+                    .await;
+                route = Some(routed);
                 admission::hold(resp, permits)
             }
             Err(e) => {
@@ -250,7 +264,7 @@ impl Ingress {
                 resp
             }
         };
-        (resp, consumer)
+        (resp, consumer, route)
     }
 
     /// The server span of a request from outside, made the parent of what the request leads

@@ -65,11 +65,19 @@ impl Admission {
         )
     }
 
-    /// Count the request of an authenticated consumer once its status is known.
-    pub fn count(&self, consumer: Option<&Arc<str>>, status: u16, seconds: f64) {
+    /// Count the request of an authenticated consumer once its status is known, under the
+    /// HTTPRoute rule that routed it (`None`: none did, counted as `default`).
+    pub fn count(
+        &self,
+        consumer: Option<&Arc<str>>,
+        route: Option<&Arc<String>>,
+        status: u16,
+        seconds: f64,
+    ) {
         if let Some(c) = consumer {
+            let route = route.unwrap_or(&self.metrics.default_route);
             self.metrics
-                .record_consumer_request(&self.service, c, status, seconds);
+                .record_consumer_request(&self.service, c, route, status, seconds);
         }
     }
 }

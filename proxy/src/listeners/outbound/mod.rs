@@ -164,10 +164,21 @@ impl Outbound {
     /// the app's calls, the ingress's for the gateway's).
     pub(crate) async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: SocketAddr,
         lifecycle: &Lifecycle,
     ) -> Response<ResponseBody> {
+        self.handle_routed(req, client, lifecycle).await.0
+    }
+
+    /// As [`Outbound::handle`], with the HTTPRoute rule that routed the request (`default`
+    /// when none did): the ingress counts its consumers per route.
+    pub(crate) async fn handle_routed(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        lifecycle: &Lifecycle,
+    ) -> (Response<ResponseBody>, Arc<String>) {
         let mut observed = lifecycle.start(&mut req, |req| {
             let host = request_host(req).unwrap_or(UNKNOWN_SERVICE);
             self.tracing
@@ -184,7 +195,8 @@ impl Outbound {
             client,
             peer_identity: None,
         };
-        observed.finish(result, labels).0
+        let resp = observed.finish(result, labels).0;
+        (resp, route)
     }
 
     /// Forward to a mesh service: choose the endpoint and resolve the timeouts, then leave by
