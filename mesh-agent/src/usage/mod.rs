@@ -44,6 +44,9 @@ pub struct Report {
     pub window_seconds: Option<f64>,
     /// Keyed `consumer @ service`.
     pub consumers: BTreeMap<String, Usage>,
+    /// Keyed `consumer @ service / route` (the HTTPRoute rule at the ingress; `default` where
+    /// none routed: a sidecar's inbound side, or refused before routing).
+    pub consumer_routes: BTreeMap<String, Usage>,
     /// Keyed `service / route` (requests routed by callers' sidecars and gateways).
     pub routes: BTreeMap<String, Usage>,
     /// Availability of each service as its own sidecars saw it (inbound): non-5xx / total.
@@ -145,9 +148,15 @@ impl Acc {
     }
 }
 
+/// The route of a consumer sample: sidecars from before the label read as `default`.
+fn route_of(s: &Sample) -> &str {
+    s.labels.get("route").map_or("default", String::as_str)
+}
+
 /// Build the report from samples (a window's deltas, or totals).
 pub fn build(samples: &[Sample], window: Option<Duration>) -> Report {
     let mut consumers: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut consumer_routes: BTreeMap<String, Acc> = BTreeMap::new();
     let mut routes: BTreeMap<String, Acc> = BTreeMap::new();
     let mut services: BTreeMap<String, ServiceAvailability> = BTreeMap::new();
     let label = |s: &Sample, k: &str| s.labels.get(k).cloned().unwrap_or_default();
@@ -157,10 +166,14 @@ pub fn build(samples: &[Sample], window: Option<Duration>) -> Report {
         match s.name.as_str() {
             "trellis_consumer_requests_total" => {
                 let key = format!("{} @ {}", label(s, "consumer"), label(s, "service"));
+                let by_route = format!("{key} / {}", route_of(s));
+                consumer_routes.entry(by_route).or_default().count(s);
                 consumers.entry(key).or_default().count(s);
             }
             "trellis_consumer_request_duration_seconds_bucket" => {
                 let key = format!("{} @ {}", label(s, "consumer"), label(s, "service"));
+                let by_route = format!("{key} / {}", route_of(s));
+                consumer_routes.entry(by_route).or_default().bucket(s);
                 consumers.entry(key).or_default().bucket(s);
             }
             "trellis_requests_total" if routed(s) => {
@@ -187,6 +200,10 @@ pub fn build(samples: &[Sample], window: Option<Duration>) -> Report {
     Report {
         window_seconds: window.map(|w| w.as_secs_f64()),
         consumers: consumers
+            .iter()
+            .map(|(k, a)| (k.clone(), a.usage()))
+            .collect(),
+        consumer_routes: consumer_routes
             .iter()
             .map(|(k, a)| (k.clone(), a.usage()))
             .collect(),
@@ -344,7 +361,11 @@ pub fn render_csv(r: &Report) -> String {
     let mut out =
         String::from("kind,key,requests,errors,refused,p50_ms,p90_ms,p99_ms,availability\n");
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
-    for (kind, rows) in [("consumer", &r.consumers), ("route", &r.routes)] {
+    for (kind, rows) in [
+        ("consumer", &r.consumers),
+        ("consumer_route", &r.consumer_routes),
+        ("route", &r.routes),
+    ] {
         for (k, u) in rows {
             out.push_str(&format!(
                 "{kind},{},{},{},{},{},{},{},\n",
@@ -397,6 +418,7 @@ pub fn render_table(r: &Report) -> String {
     };
     for (title, rows) in [
         ("consumer @ service", &r.consumers),
+        ("consumer @ service / route", &r.consumer_routes),
         ("service / route", &r.routes),
     ] {
         out.push_str(&format!(
@@ -471,7 +493,8 @@ mod tests {
     #[test]
     fn consumers_routes_and_availability_from_samples() {
         let text = r#"
-trellis_consumer_requests_total{service="gw",consumer="acme",status_code="200"} 8
+trellis_consumer_requests_total{service="gw",consumer="acme",route="list",status_code="200"} 6
+trellis_consumer_requests_total{service="gw",consumer="acme",route="get",status_code="200"} 2
 trellis_consumer_requests_total{service="gw",consumer="acme",status_code="429"} 1
 trellis_consumer_requests_total{service="gw",consumer="acme",status_code="503"} 1
 trellis_consumer_request_duration_seconds_bucket{service="gw",consumer="acme",status_code="200",le="0.001"} 4
@@ -490,6 +513,11 @@ trellis_requests_total{direction="inbound",service="orders",route="default",stat
         // 10 observations: 4 <= 1 ms, 6 in (1, 2] ms; the median is at 1.17 ms.
         assert_eq!(acme.p50_ms, Some(1.17));
         assert_eq!(r.routes["orders / canary"].requests, 5.0);
+        // Per route too; a sample without the label (an older sidecar) is `default`.
+        assert_eq!(r.consumer_routes["acme @ gw / list"].requests, 6.0);
+        assert_eq!(r.consumer_routes["acme @ gw / get"].requests, 2.0);
+        assert_eq!(r.consumer_routes["acme @ gw / default"].requests, 2.0);
+        assert!(render_csv(&r).contains("consumer_route,acme @ gw / list,6,"));
         assert_eq!(r.services["orders"].availability, Some(0.99));
         let table = render_table(&r);
         assert!(table.contains("acme @ gw"), "{table}");
