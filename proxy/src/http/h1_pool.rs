@@ -198,8 +198,9 @@ impl H1Pool {
         Ok(sender)
     }
 
-    /// Idle connections now (for tests and `/config_dump`).
-    pub fn idle(&self) -> usize {
+    /// Idle connections now (what the tests check reuse by).
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 }
