@@ -631,7 +631,7 @@ if ((WRITE_DOCS)); then
         echo
         echo "The stack's floor: two bare tokio + hyper 1-hop proxies (proxy/examples/hyper_floor.rs) that"
         echo "only forward (paired: one upstream connection per client connection through"
-        echo "hyper::client::conn; pooled: hyper-util's legacy pooled client, as Trellis's inbound uses):"
+        echo "hyper::client::conn; pooled: hyper-util's legacy pooled client, one shared connection pool as in Trellis's inbound):"
         echo
         echo "$FLOOR_TABLE"
         echo
