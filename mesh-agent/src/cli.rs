@@ -254,6 +254,10 @@ pub enum EtcdCommand {
         /// An operator's etcd user name, to get `trellis-operator`.
         #[arg(long)]
         operator: Option<String>,
+        /// Also let the service's sidecars store their app's OpenAPI document (`api_spec:`):
+        /// readwrite on the shared `apis/specs/` prefix and on its own `apis/index/<S>/`.
+        #[arg(long)]
+        api_specs: bool,
         /// Create or update the role and user in etcd (as etcd's root user) instead of
         /// printing etcdctl commands.
         #[arg(long)]
@@ -880,12 +884,22 @@ fn etcd(command: EtcdCommand) -> Result<ExitCode, String> {
     let EtcdCommand::Rbac {
         service,
         operator,
+        api_specs,
         apply,
         password_file,
         etcd,
     } = command;
+    if api_specs && service.is_none() {
+        return Err("--api-specs is for a service's role: give --service".into());
+    }
     let plan = match (service, operator) {
-        (Some(s), _) => rbac::service_plan(&etcd.etcd_prefix, &s),
+        (Some(s), _) => rbac::service_plan(&etcd.etcd_prefix, &s).map(|mut p| {
+            if api_specs {
+                p.grants
+                    .extend(rbac::api_spec_grants(&etcd.etcd_prefix, &s));
+            }
+            p
+        }),
         (None, Some(user)) => rbac::operator_plan(&etcd.etcd_prefix, &user),
         (None, None) => return Err("give --service or --operator".into()),
     }

@@ -38,10 +38,17 @@ pub const DEFAULT_DISCOVERY_IDLE: Duration = Duration::from_secs(600);
 /// Most services a sidecar learns on demand (declared and routed ones do not count): bounds
 /// what an app calling made-up names can make it hold.
 pub const DEFAULT_MAX_LEARNED: usize = 1000;
+/// How often the app's OpenAPI document is fetched again (`api_spec.interval`); until the
+/// first answer (the app is still starting) it is tried every [`API_SPEC_STARTUP_RETRY`].
+pub const DEFAULT_API_SPEC_INTERVAL: Duration = Duration::from_secs(60);
+pub const MIN_API_SPEC_INTERVAL: Duration = Duration::from_secs(1);
+pub const API_SPEC_STARTUP_RETRY: Duration = Duration::from_secs(1);
+/// Timeout of one fetch of the app's document, body included.
+pub const DEFAULT_API_SPEC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The top-level keys of the sidecar file the agent owns; the data plane's [`Config`] is read
 /// from every other key.
-const AGENT_KEYS: &[&str] = &["store", "dns"];
+const AGENT_KEYS: &[&str] = &["store", "dns", "api_spec"];
 
 /// The whole sidecar configuration file: the data plane's part, handed to the proxy, and the
 /// agent's. Serialized as one flat document (for `/config_dump`), as the file is written.
@@ -53,6 +60,79 @@ pub struct AgentConfig {
     pub store: StoreConfig,
     /// Name resolution for host-name endpoints and external services.
     pub dns: DnsConfig,
+    /// The app's own OpenAPI document, fetched and stored in etcd (docs/api-specs.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_spec: Option<ApiSpecFetchConfig>,
+}
+
+/// `api_spec:`: where the app serves its OpenAPI document and under which version the mesh
+/// lists it. Needs `store.etcd`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSpecFetchConfig {
+    /// Path on the app (`inbound.app`), e.g. `/openapi.json`; JSON or YAML.
+    pub path: String,
+    /// The version the mesh lists it under; default: the document's `info.version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default = "d_api_spec_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "d_api_spec_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl ApiSpecFetchConfig {
+    /// Defaults for everything but the path.
+    pub fn new(path: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            version: None,
+            interval: DEFAULT_API_SPEC_INTERVAL,
+            timeout: DEFAULT_API_SPEC_TIMEOUT,
+        }
+    }
+
+    fn validate(&self, etcd: bool) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            field: format!("api_spec.{field}"),
+            message,
+        };
+        let is_path = self.path.starts_with('/')
+            && format!("http://localhost{}", self.path)
+                .parse::<http::Uri>()
+                .is_ok_and(|u| u.path_and_query().is_some_and(|p| p.as_str() == self.path));
+        if !is_path {
+            return Err(invalid(
+                "path",
+                format!(
+                    "`{}` is not a URL path starting with `/` (e.g. `/openapi.json`)",
+                    self.path
+                ),
+            ));
+        }
+        if let Some(v) = &self.version {
+            trellis_policies::validate_api_version(v).map_err(|m| invalid("version", m))?;
+        }
+        if self.interval < MIN_API_SPEC_INTERVAL {
+            return Err(invalid("interval", "must be at least 1s".into()));
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval {
+            return Err(invalid(
+                "timeout",
+                format!(
+                    "must be greater than zero and at most the interval ({})",
+                    humantime::format_duration(self.interval)
+                ),
+            ));
+        }
+        if !etcd {
+            return Err(invalid(
+                "path",
+                "needs `store.etcd`: fetched documents are stored in etcd".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The agent's keys of a sidecar file. Not `deny_unknown_fields`: the data plane's keys are
@@ -64,6 +144,8 @@ struct AgentKeys {
     store: StoreConfig,
     #[serde(default)]
     dns: DnsConfig,
+    #[serde(default)]
+    api_spec: Option<ApiSpecFetchConfig>,
 }
 
 /// Where endpoints and policies come from (`store:`).
@@ -231,6 +313,14 @@ fn d_auto_sync() -> Duration {
     DEFAULT_AUTO_SYNC
 }
 
+fn d_api_spec_interval() -> Duration {
+    DEFAULT_API_SPEC_INTERVAL
+}
+
+fn d_api_spec_timeout() -> Duration {
+    DEFAULT_API_SPEC_TIMEOUT
+}
+
 /// Name resolution for host-name endpoints and external services (`dns:`); by default the system's resolver configuration (`/etc/resolv.conf`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,6 +373,7 @@ impl AgentConfig {
             proxy: Config::new(service, cert_dir),
             store: StoreConfig::default(),
             dns: DnsConfig::default(),
+            api_spec: None,
         }
     }
 
@@ -307,9 +398,17 @@ impl AgentConfig {
             message: e.to_string(),
         };
         let proxy = split::data_plane(serde_norway::Deserializer::from_str(text)).map_err(parse)?;
-        let AgentKeys { store, dns } =
-            AgentKeys::deserialize(serde_norway::Deserializer::from_str(text)).map_err(parse)?;
-        Ok(Self { proxy, store, dns })
+        let AgentKeys {
+            store,
+            dns,
+            api_spec,
+        } = AgentKeys::deserialize(serde_norway::Deserializer::from_str(text)).map_err(parse)?;
+        Ok(Self {
+            proxy,
+            store,
+            dns,
+            api_spec,
+        })
     }
 
     /// Apply overrides: the data plane's ([`Config::apply_env`]), then the store's. Unknown
@@ -330,7 +429,11 @@ impl AgentConfig {
     /// Semantic checks that serde cannot express, of both halves.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.proxy.validate()?;
-        self.store.validate()
+        self.store.validate()?;
+        match &self.api_spec {
+            Some(a) => a.validate(self.store.etcd.is_some()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -537,5 +640,72 @@ mod tests {
             err.starts_with("store.etcd.discovery.idle_timeout:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn api_spec_section_gets_defaults_and_is_checked() {
+        let etcd = "store: {etcd: {endpoints: [http://e:2379]}}\n";
+        let cfg = parse(&format!(
+            "{MINIMAL}{etcd}api_spec: {{path: /openapi.json}}\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.api_spec, Some(ApiSpecFetchConfig::new("/openapi.json")));
+        let a = cfg.api_spec.as_ref().unwrap();
+        assert_eq!(a.interval, DEFAULT_API_SPEC_INTERVAL);
+        assert_eq!(a.timeout, DEFAULT_API_SPEC_TIMEOUT);
+        assert_eq!(a.version, None);
+        cfg.validate().unwrap();
+        let dump = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(dump["api_spec"]["path"], "/openapi.json");
+        assert!(parse(MINIMAL).unwrap().api_spec.is_none());
+
+        let cfg = parse(&format!(
+            "{MINIMAL}{etcd}api_spec: {{path: /v2/openapi.yaml, version: v2, interval: 10s, timeout: 2s}}\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.api_spec.as_ref().unwrap().version.as_deref(),
+            Some("v2")
+        );
+
+        let err = parse(&format!(
+            "{MINIMAL}{etcd}api_spec: {{path: /o, intervall: 1s}}\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("unknown field `intervall`"), "{err}");
+        let err = parse(&format!("{MINIMAL}{etcd}api_spec: {{interval: 1s}}\n")).unwrap_err();
+        assert!(err.contains("missing field `path`"), "{err}");
+
+        let invalid = |yaml: &str| {
+            parse(&format!("{MINIMAL}{etcd}api_spec: {yaml}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let err = invalid("{path: openapi.json}");
+        assert!(err.starts_with("api_spec.path:"), "{err}");
+        assert!(err.contains("starting with `/`"), "{err}");
+        let err = invalid("{path: '/open api.json'}");
+        assert!(err.starts_with("api_spec.path:"), "{err}");
+        let err = invalid("{path: /o, version: 'v 1'}");
+        assert!(err.starts_with("api_spec.version:"), "{err}");
+        let err = invalid("{path: /o, interval: 100ms}");
+        assert!(
+            err.starts_with("api_spec.interval: must be at least 1s"),
+            "{err}"
+        );
+        let err = invalid("{path: /o, interval: 2s, timeout: 5s}");
+        assert!(err.starts_with("api_spec.timeout:"), "{err}");
+        let err = invalid("{path: /o, timeout: 0s}");
+        assert!(err.starts_with("api_spec.timeout:"), "{err}");
+        // Specs live in etcd: without it the section is refused.
+        let err = parse(&format!("{MINIMAL}api_spec: {{path: /o}}\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs `store.etcd`"), "{err}");
     }
 }

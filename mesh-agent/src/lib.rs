@@ -2,6 +2,7 @@
 //! configuration sources and provides the operator commands.
 
 pub mod api;
+pub mod api_fetch;
 pub mod apikey;
 pub mod cert;
 pub mod cli;

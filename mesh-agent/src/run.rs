@@ -81,6 +81,16 @@ async fn start_etcd(
     let dns = Arc::new(Dns::new(&agent.dns.nameservers, proxy.registry_mut()));
     let ready = proxy.ready();
     let reg_metrics = registration::RegistrationMetrics::register(proxy.registry_mut());
+    let spec_fetcher = agent.api_spec.clone().map(|a| {
+        let metrics = crate::api_fetch::FetchMetrics::register(proxy.registry_mut());
+        crate::api_fetch::SpecFetcher::new(
+            a,
+            etcd.clone(),
+            &config.service,
+            config.inbound.app,
+            metrics,
+        )
+    });
     let mut discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
@@ -139,8 +149,21 @@ async fn start_etcd(
             }
         })
     }));
+    // The app's OpenAPI document: fetched in the background, stopped before draining.
+    let fetch_slot: Arc<Mutex<Option<tokio::task::AbortHandle>>> = Arc::default();
+    let fetch_hook = fetch_slot.clone();
+    proxy.before_drain(Box::new(move || {
+        if let Some(h) = fetch_hook.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.abort();
+        }
+        Box::pin(async {})
+    }));
     let running = proxy.start().await?;
     tokio::spawn(discovery.run());
+    if let Some(f) = spec_fetcher {
+        let task = tokio::spawn(f.run());
+        *fetch_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+    }
     if etcd.registration.enabled {
         let record = registration_record(&config, &etcd, running.bound.inbound);
         let health = etcd

@@ -328,6 +328,42 @@ async fn etcd_rbac_prints_and_applies_least_privilege_roles() {
         "{refused}"
     );
     assert!(refused.contains("permission denied"), "{refused}");
+    // `--api-specs`: orders' sidecars may store their app's documents under their own
+    // service only; payments' (without it) may not store any.
+    let doc = write(
+        dir.path(),
+        "openapi.json",
+        r#"{"openapi": "3.1.0", "info": {"title": "Orders", "version": "1"}, "paths": {}}"#,
+    );
+    let refused = fails(agent(&ep).args(["etcd", "rbac", "--operator", "bob", "--api-specs"]));
+    assert!(refused.contains("--service"), "{refused}");
+    let applied = ok(agent(&ep)
+        .args([
+            "etcd",
+            "rbac",
+            "--service",
+            "orders",
+            "--api-specs",
+            "--apply",
+        ])
+        .args(root));
+    assert!(
+        applied.contains("/trellis/v1/apis/index/orders/"),
+        "{applied}"
+    );
+    let put = |service: &str, user: &str, pw: &str| {
+        let mut c = agent(&ep);
+        c.args(["api", "put", &doc, "--service", service, "--version", "v1"])
+            .args(["--etcd-user", user, "--etcd-password", pw]);
+        c
+    };
+    let out = ok(&mut put("orders", "orders", "orders-pw"));
+    assert!(out.starts_with("orders v1: stored"), "{out}");
+    let refused = fails(&mut put("payments", "orders", "orders-pw"));
+    assert!(refused.contains("permission denied"), "{refused}");
+    let refused = fails(&mut put("payments", "payments", "payments-pw"));
+    assert!(refused.contains("permission denied"), "{refused}");
+
     // A wrong password, named as such.
     let refused =
         fails(

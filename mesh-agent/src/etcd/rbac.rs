@@ -11,6 +11,9 @@
 //! | readwrite | `<prefix>/v1/status/S/` | its applied revision (`mesh-agent status`) |
 //! | readwrite | `<prefix>/v1/ratelimit/S/` | its demand for S's global rate limits, and the table of its peers' |
 //!
+//! With `--api-specs` ([`api_spec_grants`]), also readwrite on `<prefix>/v1/apis/specs/` and
+//! `<prefix>/v1/apis/index/S/`: the app's OpenAPI documents (`api_spec:`).
+//!
 //! So a compromised sidecar of `S` cannot register instances of another service, change a
 //! policy, or fake another service's status or rate-limit demand. (It can still overwrite a
 //! registration of another instance of `S`: the service is the unit of trust, as its
@@ -133,6 +136,26 @@ pub fn service_plan(prefix: &str, service: &str) -> Result<Plan, RbacError> {
             },
         ],
     })
+}
+
+/// `etcd rbac --service S --api-specs`: what a sidecar of `service` with `api_spec:` also
+/// writes (docs/api-specs.md). The documents are shared by content hash, so that prefix is
+/// common to every service: a compromised sidecar could overwrite or delete another service's
+/// document there, which readers detect (the hash is checked) but cannot repair. Hence opt-in.
+pub fn api_spec_grants(prefix: &str, service: &str) -> Vec<Grant> {
+    let k = Keys::new(prefix);
+    vec![
+        Grant {
+            access: Access::ReadWrite,
+            prefix: k.api_spec(""),
+            why: "the app's OpenAPI documents, stored once per content hash (shared)",
+        },
+        Grant {
+            access: Access::ReadWrite,
+            prefix: k.api_service(service),
+            why: "the index entries of its API versions",
+        },
+    ]
 }
 
 /// The operators' role, given to `user`.
@@ -385,6 +408,14 @@ mod tests {
             .collect();
         assert_eq!(reads, ["/trellis/v1/mesh/"]);
         assert!(service_plan("/trellis", "Bad Name").is_err());
+        let api: Vec<String> = api_spec_grants("/trellis", "orders")
+            .into_iter()
+            .map(|g| g.prefix)
+            .collect();
+        assert_eq!(
+            api,
+            ["/trellis/v1/apis/specs/", "/trellis/v1/apis/index/orders/"]
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! and diffed with the breaking changes flagged; `ApiSpec` documents through `policy apply`;
 //! invalid and oversized documents refused with the reason; a document near the stored limit
 //! accepted by etcd's default request limit; and garbage written straight into etcd answered
-//! with an error naming the key, not a panic.
+//! with an error naming the key, not a panic. And the sidecar's own fetch of the app's
+//! document (`api_spec:`): listed once the app serves it, an invalid one logged and the last
+//! good kept, a new version listed too.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -356,4 +358,149 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// A tiny app: answers every request with `body` (404 while it is `None`), one request per
+/// connection.
+async fn spec_app(body: std::sync::Arc<std::sync::Mutex<Option<String>>>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let current = body.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let (status, text) = match current {
+                    Some(t) => ("200 OK", t),
+                    None => ("404 Not Found", String::new()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    text.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(text.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn listed(endpoints: &[String]) -> Vec<(String, String)> {
+    let cfg = mesh_agent::config::EtcdConfig::new(endpoints.to_vec());
+    api::entries(&cfg)
+        .await
+        .map(|es| es.into_iter().map(|e| (e.service, e.version)).collect())
+        .unwrap_or_default()
+}
+
+// A current-thread runtime: the sidecar's tasks run on this thread, where the capturing
+// subscriber is the default.
+#[tokio::test]
+async fn the_sidecar_stores_the_document_its_app_serves_and_keeps_the_last_good() {
+    let logs = mesh_agent::logging::Captured::default();
+    let _default = tracing::dispatcher::set_default(&logs.subscriber(
+        mesh_agent::logging::LogFormat::Json,
+        "warn,mesh_agent::api_fetch=info",
+    ));
+    let etcd = EtcdCluster::start(1).await;
+    let endpoints = etcd.endpoints();
+    let pki = trellis_tests::Pki::new(&["orders"]);
+    let body = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let app = spec_app(body.clone()).await;
+    let sidecar = trellis_tests::etcd_sidecar(&pki, "orders", app, endpoints.clone(), |c| {
+        let mut a = mesh_agent::config::ApiSpecFetchConfig::new("/openapi.json");
+        a.interval = Duration::from_secs(1);
+        a.timeout = Duration::from_secs(1);
+        c.api_spec = Some(a);
+    })
+    .await;
+    let limit = Duration::from_secs(15);
+
+    // The app answers 404 first (still starting): nothing stored, the sidecar serves anyway.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(listed(&endpoints).await.is_empty());
+    trellis_tests::wait_for(limit, "the sidecar ready", || async {
+        trellis_tests::client::admin(sidecar.bound.admin, "/ready")
+            .await
+            .status
+            == 200
+    })
+    .await;
+
+    // It serves its document: listed under info.version.
+    *body.lock().unwrap() = Some(v1().to_string());
+    let started = Instant::now();
+    trellis_tests::wait_for(limit, "1.0.0 listed", || async {
+        listed(&endpoints).await == [("orders".to_string(), "1.0.0".to_string())]
+    })
+    .await;
+    eprintln!("listed {:?} after the app served it", started.elapsed());
+
+    // An invalid one: logged once with the reason, counted, the last good kept.
+    let mut bad = v1();
+    bad["paths"]["/orders"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        ["items"]["$ref"] = json!("#/components/schemas/Missing");
+    bad["info"]["version"] = json!("1.1.0");
+    *body.lock().unwrap() = Some(bad.to_string());
+    let invalid = "the app's OpenAPI document is invalid; not stored, the last good one stays";
+    let deadline = Instant::now() + limit;
+    while !logs.lines().iter().any(|l| l.contains(invalid)) {
+        assert!(Instant::now() < deadline, "not logged: {:#?}", logs.lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several more rounds with the same body: not logged again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let lines: Vec<String> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(invalid))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("$.paths") && lines[0].contains("Missing"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        listed(&endpoints).await,
+        [("orders".to_string(), "1.0.0".to_string())]
+    );
+    let metrics = trellis_tests::client::admin(sidecar.bound.admin, "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("api_spec_fetch_failures_total{kind=\"invalid\"} 1")),
+        "{metrics}"
+    );
+
+    // A new valid version: listed next to the first.
+    *body.lock().unwrap() = Some(v2().to_string());
+    trellis_tests::wait_for(limit, "2.0.0 listed too", || async {
+        listed(&endpoints).await
+            == [
+                ("orders".to_string(), "1.0.0".to_string()),
+                ("orders".to_string(), "2.0.0".to_string()),
+            ]
+    })
+    .await;
+    let got = api::get(
+        &mesh_agent::config::EtcdConfig::new(endpoints.clone()),
+        "orders",
+        Some("2.0.0"),
+    )
+    .await
+    .unwrap();
+    let got: Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(got, v2());
 }
