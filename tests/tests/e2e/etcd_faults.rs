@@ -330,7 +330,11 @@ async fn members_replaced_are_found_without_a_configuration_change() {
 async fn etcd_out_of_space_keeps_registrations_and_traffic() {
     // A 4 MiB quota is reached in a second with 64 KiB values.
     let etcd = EtcdCluster::start_with_args(3, &["--quota-backend-bytes", "4194304"]).await;
-    let m = FaultMesh::start(etcd, Duration::from_secs(3)).await;
+    // A 6 s lease (the other fault tests use 3 s): filling the quota keeps three members on two
+    // cores busy writing, and a quorum that stalls for more than a short TTL really does
+    // expire leases; what is under test is that NOSPACE itself costs none.
+    let ttl = Duration::from_secs(6);
+    let m = FaultMesh::start(etcd, ttl).await;
     let cfg = mesh_agent::testing::EtcdCluster::config(&m.etcd, None, None);
     // A policy to delete later: deletions are allowed under NOSPACE and are mesh changes.
     let probe = trellis_policies::parse_documents(
@@ -376,7 +380,7 @@ async fn etcd_out_of_space_keeps_registrations_and_traffic() {
         "{err}"
     );
     // Several lease TTLs under the alarm.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(ttl * 5 / 2).await;
 
     // The way out: delete, compact, defragment, disarm.
     c.delete(
