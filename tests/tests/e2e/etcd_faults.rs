@@ -114,12 +114,20 @@ impl FaultMesh {
     /// Every DELETE of an instance key since the mesh started (replayed from etcd's history).
     async fn instance_deletes(&self) -> Vec<String> {
         let mut c = etcd_client(&self.etcd).await;
-        let head = tokio::time::timeout(Duration::from_secs(5), c.get("x", None))
-            .await
-            .expect("read in time")
-            .expect("read")
-            .header()
-            .map_or(0, |h| h.revision());
+        // The cluster may still be electing after the fault ("leader changed"): the harness's
+        // own read retries, within a bound, what a client of etcd would retry.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let head = loop {
+            match tokio::time::timeout(Duration::from_secs(5), c.get("x", None)).await {
+                Ok(Ok(resp)) => break resp.header().map_or(0, |h| h.revision()),
+                Ok(Err(e)) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("reading the head revision: {e}; again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(Err(e)) => panic!("read: {e}"),
+                Err(_) => panic!("read in time"),
+            }
+        };
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.start_revision + 1)
