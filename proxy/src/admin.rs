@@ -13,9 +13,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::config::Limits;
-use crate::listeners::server::{
-    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
-};
+use crate::listeners::protocol::http_builders;
+use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
 use crate::readiness::Ready;
 use crate::{drain, ResponseBody};
 
@@ -39,7 +38,7 @@ pub type LogLevelFn = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send 
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
         let limits = Limits::default();
-        let builder = Arc::new(http_builder(&limits));
+        let builder = Arc::new(http_builders(&limits));
         accept_loop(listener, 64, drain, "admin", move |tcp, _client, drain| {
             let this = self.clone();
             let builder = builder.clone();

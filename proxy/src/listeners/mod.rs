@@ -8,4 +8,5 @@ pub mod ingress;
 pub mod lifecycle;
 pub mod original_dst;
 pub mod outbound;
+pub mod protocol;
 pub mod server;

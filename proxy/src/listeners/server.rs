@@ -12,18 +12,16 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
 use crate::drain;
+use crate::listeners::protocol::{HttpBuilders, KnowsVersion};
 use crate::telemetry::metrics::ByteCounters;
 
-/// hyper refuses read buffers smaller than this.
-const MIN_H1_BUF: usize = 8192;
 /// Streams one HTTP/2 client may have open at once.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Flow-control credit per HTTP/2 stream: the most one stream may have buffered unread at
@@ -34,29 +32,6 @@ pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// stream on the connection waits). Credit is not memory: memory is what stalled streams
 /// actually hold, at most [`H2_STREAM_WINDOW`] each.
 pub const H2_CONN_WINDOW: u32 = H2_MAX_CONCURRENT_STREAMS * H2_STREAM_WINDOW;
-const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-
-/// An HTTP/1.1 + HTTP/2 (h2c prior knowledge or ALPN h2) server builder with our limits.
-///
-/// hyper's own `header_read_timeout` is off: it also runs while a keep-alive connection is
-/// idle, which would close apps' pooled connections after a few seconds. The header timeout is
-/// enforced by [`serve_connection`] instead, only while a request head is pending.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
-        .max_headers(limits.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONN_WINDOW)
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
-    b
-}
 
 /// Accept connections until drain starts, never holding more than `max_connections` at once:
 /// past the limit, new connections wait in the kernel's backlog instead of being accepted.
@@ -313,24 +288,32 @@ where
 /// down gracefully: HTTP/2 sends GOAWAY and finishes open streams, HTTP/1 finishes the current
 /// response and closes.
 pub async fn serve_connection<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
+    builders: &HttpBuilders,
     io: I,
     service: S,
     activity: Arc<Activity>,
     timeouts: ConnTimeouts,
     drain: &drain::Watcher,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + KnowsVersion + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<crate::ResponseBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Bounded like the request head it is the start of.
+    let version = tokio::select! {
+        v = io.http_version() => v,
+        _ = tokio::time::sleep(timeouts.header_read) => {
+            tracing::debug!("closing connection: no request within the header timeout");
+            return;
+        }
+        _ = drain.signaled() => return,
+    };
     let io = Watched {
         inner: io,
         activity: activity.clone(),
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), Boxed(service));
-    tokio::pin!(conn);
+    let mut conn = builders.serve(version, TokioIo::new(io), Boxed(service));
     let check_every = (timeouts.idle.min(timeouts.header_read) / 4).max(Duration::from_millis(25));
     let mut tick = tokio::time::interval(check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -339,7 +322,7 @@ pub async fn serve_connection<I, S>(
     let mut closing = false;
     loop {
         tokio::select! {
-            res = conn.as_mut() => {
+            res = &mut conn => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with error");
                 }
@@ -347,7 +330,7 @@ pub async fn serve_connection<I, S>(
             }
             _ = &mut drained, if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
             }
             _ = tick.tick(), if !closing => {
                 if activity.head_pending_for().is_some_and(|d| d >= timeouts.header_read) {
@@ -358,7 +341,7 @@ pub async fn serve_connection<I, S>(
                 } else if activity.idle_for().is_some_and(|d| d >= timeouts.idle) {
                     tracing::debug!("closing idle connection");
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                 }
             }
         }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -31,9 +30,8 @@ use crate::identity::{
 };
 use crate::listeners::inbound::app_protocol::AppKnowledge;
 use crate::listeners::lifecycle::{admission, Admission, Labels, Lifecycle};
-use crate::listeners::server::{
-    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
-};
+use crate::listeners::protocol::{http_builders, HttpBuilders};
+use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
 use crate::policy::ratelimit::RateLimits;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, INBOUND};
 use crate::telemetry::trace::logs;
@@ -96,7 +94,7 @@ impl Inbound {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
-        let builder = Arc::new(http_builder(&self.limits));
+        let builder = Arc::new(http_builders(&self.limits));
         let max = self.limits.max_connections;
         accept_loop(listener, max, drain, INBOUND, move |tcp, client, drain| {
             let this = self.clone();
@@ -113,7 +111,7 @@ impl Inbound {
         self: Arc<Self>,
         mut tcp: TcpStream,
         client: SocketAddr,
-        builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+        builder: &HttpBuilders,
         drain: drain::Watcher,
     ) {
         let timeout = self.limits.header_read_timeout;
@@ -148,7 +146,7 @@ impl Inbound {
         self: Arc<Self>,
         tcp: TcpStream,
         client: SocketAddr,
-        builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+        builder: &HttpBuilders,
         drain: drain::Watcher,
         activity: Arc<Activity>,
         timeouts: ConnTimeouts,

@@ -25,9 +25,8 @@ use crate::error::{known_cause, ProxyError};
 use crate::http::headers::{edge_forwarded, EdgeForwarded, TrustedProxies, ERROR_HEADER};
 use crate::listeners::lifecycle::{admission, end_with_body, Admission, Lifecycle};
 use crate::listeners::outbound::Outbound;
-use crate::listeners::server::{
-    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
-};
+use crate::listeners::protocol::http_builders;
+use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
 use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::{Permits, RateLimits};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
@@ -119,7 +118,7 @@ impl Ingress {
     }
 
     async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher, mode: Mode) {
-        let builder = Arc::new(http_builder(&self.limits));
+        let builder = Arc::new(http_builders(&self.limits));
         let max = self.limits.max_connections;
         accept_loop(listener, max, drain, INGRESS, move |tcp, client, drain| {
             let this = self.clone();

@@ -32,9 +32,8 @@ use crate::http::upgrade;
 use crate::identity::IdentityStore;
 use crate::listeners::lifecycle::{Labels, Lifecycle};
 use crate::listeners::original_dst::{OriginalDst, Protocol};
-use crate::listeners::server::{
-    accept_loop, http_builder, serve_connection, Activity, ConnTimeouts,
-};
+use crate::listeners::protocol::http_builders;
+use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
 use crate::policy::breaker::Breaker;
 use crate::state::pool::PeerPool;
 use crate::state::target::{Target, TargetTable};
@@ -103,7 +102,7 @@ impl Outbound {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
-        let builder = Arc::new(http_builder(&self.limits));
+        let builder = Arc::new(http_builders(&self.limits));
         let max = self.limits.max_connections;
         accept_loop(listener, max, drain, OUTBOUND, move |tcp, client, drain| {
             let this = self.clone();
