@@ -66,6 +66,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("etcd key {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("{0} has a stored API document, but no HTTPRoute bound to gateway `{1}` reaches it: it is not public there")]
+    NotPublic(String, String),
     #[error("cannot encode: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("cannot compress a document: {0}")]
@@ -330,7 +332,7 @@ fn parse_entry(key: &str, value: &[u8]) -> Result<IndexEntry, ApiError> {
 }
 
 /// The index entry of `service` at `version`, or its most recently written one.
-async fn entry(
+pub(crate) async fn entry(
     etcd: &Etcd,
     keys: &Keys,
     service: &str,
@@ -352,7 +354,11 @@ async fn entry(
 }
 
 /// The document an index entry names: inflated with a bound, its hash checked, re-validated.
-async fn document(etcd: &Etcd, keys: &Keys, entry: &IndexEntry) -> Result<Value, ApiError> {
+pub(crate) async fn document(
+    etcd: &Etcd,
+    keys: &Keys,
+    entry: &IndexEntry,
+) -> Result<Value, ApiError> {
     let mut client = etcd.client.clone();
     let key = keys.api_spec(&entry.sha256);
     let corrupt = |reason: String| ApiError::Corrupt {
@@ -435,6 +441,25 @@ pub async fn execute(command: crate::cli::ApiCommand) -> Result<String, ApiError
             version,
             etcd,
         } => Ok(get(&etcd.config(), &service, version.as_deref()).await? + "\n"),
+        C::Public {
+            gateway,
+            public_url,
+            service,
+            title,
+            etcd,
+        } => {
+            let req = crate::api_public::Request {
+                gateway: &gateway,
+                public_url: public_url.as_deref(),
+                service: service.as_deref(),
+                title: &title,
+            };
+            let (doc, notes) = crate::api_public::public(&etcd.config(), &req).await?;
+            for n in notes {
+                eprintln!("note: {n}");
+            }
+            Ok(doc)
+        }
         C::Diff {
             service,
             from,

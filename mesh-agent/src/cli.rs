@@ -460,6 +460,25 @@ pub enum ApiCommand {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// The APIs an ingress gateway exposes, as its consumers see them: paths mapped through
+    /// the HTTPRoutes bound to it (matches, methods, prefix rewrites), its public URL as the
+    /// server, its authentication as security schemes. One combined OpenAPI document, or one
+    /// service's with --service. What cannot be shown (regex matches) is noted on stderr.
+    Public {
+        /// The ingress's service name, as HTTPRoute `gateways` name it.
+        #[arg(long)]
+        gateway: String,
+        /// The URL consumers call; `https://<route host>` when unset.
+        #[arg(long)]
+        public_url: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        /// The combined document's title.
+        #[arg(long, default_value = "APIs")]
+        title: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// What changed between two versions, breaking changes flagged and listed first.
     Diff {
         service: String,

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod api_fetch;
+pub mod api_public;
 pub mod apikey;
 pub mod cert;
 pub mod cli;

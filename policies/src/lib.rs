@@ -7,6 +7,7 @@
 mod access;
 mod alerts;
 mod api_diff;
+mod api_public;
 mod api_spec;
 mod auth;
 mod document;
@@ -23,6 +24,10 @@ pub use access::{
 };
 pub use alerts::{AlertRuleSpec, AlertSignal, MAX_ALERT_WINDOW};
 pub use api_diff::{diff as diff_api, ApiChange, ChangeKind, MAX_SCHEMA_NODES};
+pub use api_public::{
+    combined as combined_public_api, public_apis, public_path, Gateway, PublicApi, RouteInput,
+    SpecInput,
+};
 pub use api_spec::{
     canonical_bytes, follow_ref, parse_document as parse_openapi,
     validate_document as validate_openapi, validate_version as validate_api_version, ApiSpecSpec,

@@ -191,6 +191,93 @@ async fn two_versions_are_stored_once_per_hash_listed_read_and_diffed() {
     assert_eq!(count(&mut c, "/trellis/v1/mesh/policies/").await, 0);
 }
 
+/// `api public`: the gateway's view through its routes. `orders` is reached through a prefix
+/// rewrite, `billing` only inside the mesh; the gateway's API-key policy becomes a security
+/// scheme; a garbage policy value in etcd is named and left out, not fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_view_maps_paths_through_the_gateway_routes() {
+    let etcd = EtcdCluster::start(1).await;
+    let ep = etcd.endpoints()[0].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let billing = json!({"openapi": "3.1.0", "info": {"title": "Billing", "version": "1"},
+        "paths": {"/invoices": {"get": {"responses": {"200": {"description": "ok"}}}}}});
+    for (service, doc) in [("orders", v1()), ("billing", billing)] {
+        let f = write(dir.path(), &format!("{service}.json"), &doc.to_string());
+        run(&ep, &["put", &f, "--service", service, "--version", "v1"])
+            .await
+            .unwrap();
+    }
+    let policies = "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: shop}\nspec:\n  hosts: [api.example.com]\n  gateways: [edge]\n  rules:\n  - matches: [{path: {prefix: /shop}}]\n    rewrite: {path_prefix: /orders}\n    backends: [{service: orders}]\n---\napiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: internal}\nspec:\n  hosts: [billing]\n  rules:\n  - backends: [{service: billing}]\n---\napiVersion: trellis.dev/v1\nkind: AuthenticationPolicy\nmetadata: {name: edge-keys}\nspec:\n  service: edge\n  api_keys: {header: x-api-key}\n";
+    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
+    let docs: Vec<_> = parse_documents(policies, "t")
+        .into_iter()
+        .map(|d| d.unwrap())
+        .collect();
+    mesh_agent::policy::apply_as(&cfg, &docs, false, "alice")
+        .await
+        .unwrap();
+    let mut c = Client::connect([ep.as_str()], None).await.unwrap();
+    c.put(
+        "/trellis/v1/mesh/policies/HTTPRoute/garbage",
+        "{not json",
+        None,
+    )
+    .await
+    .unwrap();
+
+    let out = run(
+        &ep,
+        &[
+            "public",
+            "--gateway",
+            "edge",
+            "--public-url",
+            "https://api.example.com",
+        ],
+    )
+    .await
+    .unwrap();
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    assert_eq!(paths, ["/shop", "/shop/{id}"], "{doc:#}");
+    assert_eq!(doc["servers"][0]["url"], "https://api.example.com");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["apiKey"],
+        json!({"type": "apiKey", "in": "header", "name": "x-api-key"})
+    );
+    assert_eq!(
+        doc["paths"]["/shop"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+            ["items"]["$ref"],
+        "#/components/schemas/orders.Order"
+    );
+    trellis_policies::validate_openapi(&doc).expect("the combined document is valid OpenAPI");
+
+    let req = mesh_agent::api_public::Request {
+        gateway: "edge",
+        public_url: None,
+        service: Some("orders"),
+        title: "t",
+    };
+    let (one, notes) = mesh_agent::api_public::public(&cfg, &req).await.unwrap();
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["info"]["title"], "Orders API");
+    assert_eq!(one["servers"][0]["url"], "https://api.example.com");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("HTTPRoute/garbage"), "{notes:?}");
+
+    let internal = run(
+        &ep,
+        &["public", "--gateway", "edge", "--service", "billing"],
+    )
+    .await;
+    assert!(
+        matches!(&internal, Err(ApiError::NotPublic(s, g)) if s == "billing" && g == "edge"),
+        "{internal:?}"
+    );
+    let unknown = run(&ep, &["public", "--gateway", "edge", "--service", "nosuch"]).await;
+    assert!(matches!(unknown, Err(ApiError::NotFound(_))), "{unknown:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_oversized_and_garbage_specs_give_clear_errors() {
     init_logs();

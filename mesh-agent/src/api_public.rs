@@ -1,0 +1,133 @@
+//! `mesh-agent api public`: the APIs an ingress gateway exposes, as its consumers see them.
+//!
+//! Reads the `HTTPRoute` and `AuthenticationPolicy` policies and the latest stored document of
+//! every service from etcd, and prints the public view `trellis_policies::public_apis` builds:
+//! one service's document, or one combined document for the whole gateway. A policy value that
+//! does not parse is named on stderr and left out; the rest is still shown.
+
+use std::collections::BTreeSet;
+
+use etcd_client::GetOptions;
+use trellis_policies::{
+    combined_public_api, public_apis, AuthenticationSpec, Gateway, HttpRouteSpec, Policy,
+    PolicyDocument, RouteInput, SpecInput,
+};
+
+use crate::api::{document, entries, entry, ApiError};
+use crate::config::EtcdConfig;
+use crate::etcd::keys::Keys;
+use crate::etcd::Etcd;
+
+/// What `api public` was asked for.
+pub struct Request<'a> {
+    pub gateway: &'a str,
+    pub public_url: Option<&'a str>,
+    /// One service's document instead of the combined one.
+    pub service: Option<&'a str>,
+    pub title: &'a str,
+}
+
+/// The routes and the gateway's authentication policies stored in etcd.
+struct Policies {
+    routes: Vec<(String, HttpRouteSpec)>,
+    auth: Vec<AuthenticationSpec>,
+}
+
+/// The public document(s) as pretty JSON, and notes on what could not be shown.
+pub async fn public(
+    cfg: &EtcdConfig,
+    req: &Request<'_>,
+) -> Result<(String, Vec<String>), ApiError> {
+    let etcd = Etcd::connect(cfg).await?;
+    let keys = Keys::new(&cfg.prefix);
+    let (policies, mut notes) = policies(&etcd, &keys, req.gateway).await?;
+    let services: BTreeSet<String> = entries(cfg).await?.into_iter().map(|e| e.service).collect();
+    if let Some(s) = req.service.filter(|s| !services.contains(*s)) {
+        return Err(ApiError::NotFound(s.to_string()));
+    }
+    let mut docs = Vec::new();
+    for service in services
+        .iter()
+        .filter(|s| req.service.is_none_or(|x| x == *s))
+    {
+        let e = entry(&etcd, &keys, service, None).await?;
+        docs.push((
+            e.version.clone(),
+            service.clone(),
+            document(&etcd, &keys, &e).await?,
+        ));
+    }
+    let gateway = Gateway {
+        name: req.gateway,
+        public_url: req.public_url,
+        auth: policies.auth.iter().collect(),
+    };
+    let routes: Vec<RouteInput> = policies
+        .routes
+        .iter()
+        .map(|(name, spec)| RouteInput { name, spec })
+        .collect();
+    let specs: Vec<SpecInput> = docs
+        .iter()
+        .map(|(version, service, doc)| SpecInput {
+            service,
+            version,
+            doc,
+        })
+        .collect();
+    let apis = public_apis(&gateway, &routes, &specs);
+    for api in &apis {
+        notes.extend(api.skipped.iter().map(|s| format!("{}: {s}", api.service)));
+    }
+    let doc = match req.service {
+        Some(service) => match apis.into_iter().next() {
+            Some(api) => api.document,
+            None => {
+                return Err(ApiError::NotPublic(
+                    service.to_string(),
+                    req.gateway.to_string(),
+                ))
+            }
+        },
+        None => {
+            let (doc, skipped) = combined_public_api(&gateway, req.title, &apis);
+            notes.extend(skipped);
+            doc
+        }
+    };
+    Ok((serde_json::to_string_pretty(&doc)? + "\n", notes))
+}
+
+/// Every `HTTPRoute`, and the `AuthenticationPolicy`s of `gateway`; notes name the values
+/// that could not be read.
+async fn policies(
+    etcd: &Etcd,
+    keys: &Keys,
+    gateway: &str,
+) -> Result<(Policies, Vec<String>), ApiError> {
+    let mut client = etcd.client.clone();
+    let prefix = keys.policies();
+    let resp = etcd
+        .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+        .await?;
+    let mut out = Policies {
+        routes: Vec::new(),
+        auth: Vec::new(),
+    };
+    let mut notes = Vec::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key());
+        let policy = serde_json::from_slice::<PolicyDocument>(kv.value())
+            .map_err(|e| e.to_string())
+            .and_then(|d| d.validate().map_err(|e| e.to_string()));
+        match policy {
+            Ok(Policy::HttpRoute { name, spec }) => out.routes.push((name, *spec)),
+            Ok(Policy::Authentication { spec, .. }) if spec.service == gateway => {
+                out.auth.push(spec)
+            }
+            Ok(_) => {}
+            Err(e) => notes.push(format!("etcd key {key} left out: {e}")),
+        }
+    }
+    Ok((out, notes))
+}
