@@ -310,8 +310,13 @@ async fn put_one(
 /// Every index entry, ordered by service and version.
 pub async fn entries(cfg: &EtcdConfig) -> Result<Vec<IndexEntry>, ApiError> {
     let etcd = Etcd::connect(cfg).await?;
+    entries_with(&etcd, &Keys::new(&cfg.prefix)).await
+}
+
+/// [`entries`] on a connection already made.
+pub(crate) async fn entries_with(etcd: &Etcd, keys: &Keys) -> Result<Vec<IndexEntry>, ApiError> {
     let mut client = etcd.client.clone();
-    let prefix = Keys::new(&cfg.prefix).api_index();
+    let prefix = keys.api_index();
     let resp = etcd
         .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
         .await?;

@@ -8,12 +8,13 @@
 use std::collections::BTreeSet;
 
 use etcd_client::GetOptions;
+use serde_json::Value;
 use trellis_policies::{
     combined_public_api, public_apis, AuthenticationSpec, Gateway, HttpRouteSpec, Policy,
-    PolicyDocument, RouteInput, SpecInput,
+    PolicyDocument, PublicApi, RouteInput, SpecInput,
 };
 
-use crate::api::{document, entries, entry, ApiError};
+use crate::api::{document, entries_with, entry, ApiError};
 use crate::config::EtcdConfig;
 use crate::etcd::keys::Keys;
 use crate::etcd::Etcd;
@@ -40,8 +41,37 @@ pub async fn public(
 ) -> Result<(String, Vec<String>), ApiError> {
     let etcd = Etcd::connect(cfg).await?;
     let keys = Keys::new(&cfg.prefix);
-    let (policies, mut notes) = policies(&etcd, &keys, req.gateway).await?;
-    let services: BTreeSet<String> = entries(cfg).await?.into_iter().map(|e| e.service).collect();
+    let mut view = view(&etcd, &keys, req).await?;
+    let doc = match req.service {
+        Some(service) => match view.apis.into_iter().next() {
+            Some(api) => api.document,
+            None => {
+                return Err(ApiError::NotPublic(
+                    service.to_string(),
+                    req.gateway.to_string(),
+                ))
+            }
+        },
+        None => {
+            let (doc, skipped) = combined(req, &view.apis);
+            view.notes.extend(skipped);
+            doc
+        }
+    };
+    Ok((serde_json::to_string_pretty(&doc)? + "\n", view.notes))
+}
+
+/// The public APIs of a gateway, and notes on what could not be shown.
+pub struct View {
+    pub apis: Vec<PublicApi>,
+    pub notes: Vec<String>,
+}
+
+/// The public view as etcd holds it now: its routes and authentication, and the latest
+/// stored document of every service (of `req.service` only, when set).
+pub async fn view(etcd: &Etcd, keys: &Keys, req: &Request<'_>) -> Result<View, ApiError> {
+    let (policies, mut notes) = policies(etcd, keys, req.gateway).await?;
+    let services: BTreeSet<String> = index(etcd, keys).await?;
     if let Some(s) = req.service.filter(|s| !services.contains(*s)) {
         return Err(ApiError::NotFound(s.to_string()));
     }
@@ -50,18 +80,14 @@ pub async fn public(
         .iter()
         .filter(|s| req.service.is_none_or(|x| x == *s))
     {
-        let e = entry(&etcd, &keys, service, None).await?;
+        let e = entry(etcd, keys, service, None).await?;
         docs.push((
             e.version.clone(),
             service.clone(),
-            document(&etcd, &keys, &e).await?,
+            document(etcd, keys, &e).await?,
         ));
     }
-    let gateway = Gateway {
-        name: req.gateway,
-        public_url: req.public_url,
-        auth: policies.auth.iter().collect(),
-    };
+    let gateway = gateway(req, &policies.auth);
     let routes: Vec<RouteInput> = policies
         .routes
         .iter()
@@ -79,23 +105,59 @@ pub async fn public(
     for api in &apis {
         notes.extend(api.skipped.iter().map(|s| format!("{}: {s}", api.service)));
     }
-    let doc = match req.service {
-        Some(service) => match apis.into_iter().next() {
-            Some(api) => api.document,
-            None => {
-                return Err(ApiError::NotPublic(
-                    service.to_string(),
-                    req.gateway.to_string(),
-                ))
+    Ok(View { apis, notes })
+}
+
+/// The combined document of `apis`, and what it could not show.
+pub fn combined(req: &Request<'_>, apis: &[PublicApi]) -> (Value, Vec<String>) {
+    // The security schemes are already in each API's document; the combined one takes the
+    // union of theirs.
+    let gateway = gateway(req, &[]);
+    let (mut doc, skipped) = combined_public_api(&gateway, req.title, apis);
+    let schemes: serde_json::Map<String, Value> = apis
+        .iter()
+        .filter_map(|a| {
+            a.document
+                .pointer("/components/securitySchemes")?
+                .as_object()
+        })
+        .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .collect();
+    let security = apis
+        .iter()
+        .find_map(|a| a.document.get("security"))
+        .cloned();
+    if let Some(obj) = doc.as_object_mut() {
+        if !schemes.is_empty() {
+            let components = obj
+                .entry("components")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(c) = components.as_object_mut() {
+                c.insert("securitySchemes".into(), Value::Object(schemes));
             }
-        },
-        None => {
-            let (doc, skipped) = combined_public_api(&gateway, req.title, &apis);
-            notes.extend(skipped);
-            doc
         }
-    };
-    Ok((serde_json::to_string_pretty(&doc)? + "\n", notes))
+        if let Some(s) = security {
+            obj.insert("security".into(), s);
+        }
+    }
+    (doc, skipped)
+}
+
+fn gateway<'a>(req: &Request<'a>, auth: &'a [AuthenticationSpec]) -> Gateway<'a> {
+    Gateway {
+        name: req.gateway,
+        public_url: req.public_url,
+        auth: auth.iter().collect(),
+    }
+}
+
+/// The services with a stored document.
+async fn index(etcd: &Etcd, keys: &Keys) -> Result<BTreeSet<String>, ApiError> {
+    Ok(entries_with(etcd, keys)
+        .await?
+        .into_iter()
+        .map(|e| e.service)
+        .collect())
 }
 
 /// Every `HTTPRoute`, and the `AuthenticationPolicy`s of `gateway`; notes name the values

@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod iptables;
 pub mod logging;
 pub mod policy;
+pub mod portal;
 pub mod run;
 pub mod store;
 #[cfg(feature = "testing")]

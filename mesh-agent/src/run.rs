@@ -64,6 +64,29 @@ pub async fn start(config: AgentConfig) -> Result<Running, StartError> {
     }
 }
 
+/// A background task's handle, aborted before the proxy drains.
+#[derive(Clone, Default)]
+struct AbortSlot(Arc<Mutex<Option<tokio::task::AbortHandle>>>);
+
+impl AbortSlot {
+    fn hold(&self, task: tokio::task::JoinHandle<()>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+    }
+}
+
+/// A slot whose task `proxy` aborts before it drains.
+fn abort_before_drain(proxy: &mut trellis_proxy::app::Proxy) -> AbortSlot {
+    let slot = AbortSlot::default();
+    let hook = slot.clone();
+    proxy.before_drain(Box::new(move || {
+        if let Some(h) = hook.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.abort();
+        }
+        Box::pin(async {})
+    }));
+    slot
+}
+
 /// etcd mode: discovery feeds the data plane; registration starts once the listeners are bound
 /// and is revoked before draining.
 async fn start_etcd(
@@ -91,6 +114,17 @@ async fn start_etcd(
             metrics,
         )
     });
+    let portal = config
+        .ingress
+        .as_ref()
+        .and_then(|i| i.portal.clone())
+        .map(|p| crate::portal::PortalRefresher {
+            etcd: etcd.clone(),
+            gateway: config.service.clone(),
+            title: format!("{} APIs", config.service),
+            portal: p,
+            docs: proxy.portal_docs(),
+        });
     let mut discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
@@ -149,20 +183,17 @@ async fn start_etcd(
             }
         })
     }));
-    // The app's OpenAPI document: fetched in the background, stopped before draining.
-    let fetch_slot: Arc<Mutex<Option<tokio::task::AbortHandle>>> = Arc::default();
-    let fetch_hook = fetch_slot.clone();
-    proxy.before_drain(Box::new(move || {
-        if let Some(h) = fetch_hook.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            h.abort();
-        }
-        Box::pin(async {})
-    }));
+    // The app's OpenAPI document and the portal's: read in the background, stopped before
+    // draining.
+    let fetch_slot = abort_before_drain(&mut proxy);
+    let portal_slot = abort_before_drain(&mut proxy);
     let running = proxy.start().await?;
     tokio::spawn(discovery.run());
+    if let Some(p) = portal {
+        portal_slot.hold(tokio::spawn(p.run()));
+    }
     if let Some(f) = spec_fetcher {
-        let task = tokio::spawn(f.run());
-        *fetch_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+        fetch_slot.hold(tokio::spawn(f.run()));
     }
     if etcd.registration.enabled {
         let record = registration_record(&config, &etcd, running.bound.inbound);

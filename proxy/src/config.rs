@@ -152,6 +152,21 @@ pub struct IngressConfig {
     /// replaced by its TCP address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// The developer portal: the public API documents, answered on a host of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portal: Option<PortalConfig>,
+}
+
+/// Where the ingress answers with the public view of the mesh's APIs
+/// (`listeners/ingress/portal.rs`, docs/api-specs.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalConfig {
+    /// The portal's host name; requests for it are answered by the portal, never routed.
+    pub host: String,
+    /// The URL consumers call, shown as the APIs' server; `https://<route host>` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

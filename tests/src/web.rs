@@ -68,6 +68,7 @@ pub fn loopback_ingress(
             redirect_to_https,
         }),
         trusted_proxies: Vec::new(),
+        portal: None,
     }
 }
 

@@ -50,6 +50,10 @@ pub(super) fn start(
         trusted_proxies: TrustedProxies::parse(&ing.trusted_proxies)
             .map_err(|m| StartError::Ingress(format!("trusted_proxies: {m}")))?,
         https_port: bound.ingress.map_or(443, |a| a.port()),
+        portal: ing
+            .portal
+            .as_ref()
+            .map(|p| ingress::portal::Portal::new(p, inputs.portal.clone())),
     };
     let ingress = Arc::new(Ingress::new(
         outbound.clone(),

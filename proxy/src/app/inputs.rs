@@ -33,6 +33,8 @@ pub(super) struct ProxyInputs {
     pub access_log: Arc<AccessLog>,
     pub rate_limits: Arc<RateLimits>,
     pub access_control: Arc<AccessControl>,
+    /// The developer portal's documents, published by the agent.
+    pub portal: crate::listeners::ingress::portal::PortalDocs,
     /// Learns services the snapshots do not hold (scoped discovery).
     pub on_demand: Option<OnDemand>,
 }

@@ -72,6 +72,7 @@ pub struct Proxy {
     /// Endpoint stats and per-service counters, shared by successive route tables.
     stats: Arc<StatsRegistry>,
     discover: Option<Arc<dyn crate::state::discover::Discover>>,
+    portal: crate::listeners::ingress::portal::PortalDocs,
 }
 
 pub struct Running {
@@ -117,6 +118,7 @@ impl Proxy {
             log_level: None,
             stats: Arc::default(),
             discover: None,
+            portal: Arc::default(),
         }
     }
 
@@ -132,6 +134,11 @@ impl Proxy {
     }
 
     /// The inbound rate and concurrency limits, for the agent to share global limits.
+    /// Where the agent publishes the developer portal's documents (an ingress with `portal`).
+    pub fn portal_docs(&self) -> crate::listeners::ingress::portal::PortalDocs {
+        self.portal.clone()
+    }
+
     pub fn rate_limits(&self) -> Arc<RateLimits> {
         self.limits.clone()
     }
@@ -265,6 +272,7 @@ impl Proxy {
             access_log,
             rate_limits: self.limits.clone(),
             access_control: self.access_control.clone(),
+            portal: self.portal.clone(),
             on_demand,
         }
     }

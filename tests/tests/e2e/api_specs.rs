@@ -191,6 +191,32 @@ async fn two_versions_are_stored_once_per_hash_listed_read_and_diffed() {
     assert_eq!(count(&mut c, "/trellis/v1/mesh/policies/").await, 0);
 }
 
+/// `orders` (as [`v1`]) and an internal `billing` stored at version v1.
+async fn store_orders_and_billing(ep: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let billing = json!({"openapi": "3.1.0", "info": {"title": "Billing", "version": "1"},
+        "paths": {"/invoices": {"get": {"responses": {"200": {"description": "ok"}}}}}});
+    for (service, doc) in [("orders", v1()), ("billing", billing)] {
+        let f = write(dir.path(), &format!("{service}.json"), &doc.to_string());
+        run(ep, &["put", &f, "--service", service, "--version", "v1"])
+            .await
+            .unwrap();
+    }
+}
+
+/// Apply policy documents (YAML) as `policy apply` does; the etcd configuration.
+async fn apply(etcd: &EtcdCluster, yaml: &str) -> mesh_agent::config::EtcdConfig {
+    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
+    let docs: Vec<_> = parse_documents(yaml, "t")
+        .into_iter()
+        .map(|d| d.unwrap())
+        .collect();
+    mesh_agent::policy::apply_as(&cfg, &docs, false, "alice")
+        .await
+        .unwrap();
+    cfg
+}
+
 /// `api public`: the gateway's view through its routes. `orders` is reached through a prefix
 /// rewrite, `billing` only inside the mesh; the gateway's API-key policy becomes a security
 /// scheme; a garbage policy value in etcd is named and left out, not fatal.
@@ -198,24 +224,9 @@ async fn two_versions_are_stored_once_per_hash_listed_read_and_diffed() {
 async fn the_public_view_maps_paths_through_the_gateway_routes() {
     let etcd = EtcdCluster::start(1).await;
     let ep = etcd.endpoints()[0].clone();
-    let dir = tempfile::tempdir().unwrap();
-    let billing = json!({"openapi": "3.1.0", "info": {"title": "Billing", "version": "1"},
-        "paths": {"/invoices": {"get": {"responses": {"200": {"description": "ok"}}}}}});
-    for (service, doc) in [("orders", v1()), ("billing", billing)] {
-        let f = write(dir.path(), &format!("{service}.json"), &doc.to_string());
-        run(&ep, &["put", &f, "--service", service, "--version", "v1"])
-            .await
-            .unwrap();
-    }
+    store_orders_and_billing(&ep).await;
     let policies = "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: shop}\nspec:\n  hosts: [api.example.com]\n  gateways: [edge]\n  rules:\n  - matches: [{path: {prefix: /shop}}]\n    rewrite: {path_prefix: /orders}\n    backends: [{service: orders}]\n---\napiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: internal}\nspec:\n  hosts: [billing]\n  rules:\n  - backends: [{service: billing}]\n---\napiVersion: trellis.dev/v1\nkind: AuthenticationPolicy\nmetadata: {name: edge-keys}\nspec:\n  service: edge\n  api_keys: {header: x-api-key}\n";
-    let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
-    let docs: Vec<_> = parse_documents(policies, "t")
-        .into_iter()
-        .map(|d| d.unwrap())
-        .collect();
-    mesh_agent::policy::apply_as(&cfg, &docs, false, "alice")
-        .await
-        .unwrap();
+    let cfg = apply(&etcd, policies).await;
     let mut c = Client::connect([ep.as_str()], None).await.unwrap();
     c.put(
         "/trellis/v1/mesh/policies/HTTPRoute/garbage",
@@ -590,4 +601,76 @@ async fn the_sidecar_stores_the_document_its_app_serves_and_keeps_the_last_good(
     .unwrap();
     let got: Value = serde_json::from_str(&got).unwrap();
     assert_eq!(got, v2());
+}
+
+/// The portal: an ingress with `portal` serves the public view from etcd on its own host,
+/// through its routes, without routing those requests; and keeps serving it when etcd is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_portal_serves_the_public_documents_and_survives_etcd_loss() {
+    let mut etcd = EtcdCluster::start(1).await;
+    let ep = etcd.endpoints()[0].clone();
+    store_orders_and_billing(&ep).await;
+    let route = "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: shop}\nspec:\n  hosts: [api.example.com]\n  gateways: [edge]\n  rules:\n  - matches: [{path: {prefix: /shop}}]\n    rewrite: {path_prefix: /orders}\n    backends: [{service: orders}]\n";
+    apply(&etcd, route).await;
+
+    let pki = trellis_tests::Pki::new(&["edge"]);
+    let web = trellis_tests::web::WebPki::new();
+    web.leaf(pki.path(), "portal", &["developer.example.com"]);
+    let app: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let gateway = trellis_tests::etcd_sidecar(&pki, "edge", app, etcd.endpoints(), |c| {
+        let mut ingress = trellis_tests::web::loopback_ingress(
+            pki.path(),
+            &[("developer.example.com", "portal")],
+            false,
+        );
+        ingress.portal = Some(trellis_proxy::config::PortalConfig {
+            host: "developer.example.com".into(),
+            public_url: Some("https://api.example.com".into()),
+        });
+        c.proxy.ingress = Some(ingress);
+    })
+    .await;
+    let plain = gateway.bound.ingress_http.expect("http bound");
+    let client = trellis_tests::client::h1(plain);
+    let get = |path: &str| {
+        let client = &client;
+        let uri = format!("http://developer.example.com{path}");
+        async move { trellis_tests::client::get(client, &uri).await }
+    };
+    trellis_tests::wait_for(
+        Duration::from_secs(15),
+        "the portal's first documents",
+        || async { get("/openapi.json").await.status == 200 },
+    )
+    .await;
+
+    let all = get("/openapi.json").await;
+    assert_eq!(all.headers["content-type"], "application/json");
+    let doc = all.json();
+    let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    assert_eq!(paths, ["/shop", "/shop/{id}"], "{doc:#}");
+    assert_eq!(doc["servers"][0]["url"], "https://api.example.com");
+    trellis_policies::validate_openapi(&doc).expect("valid OpenAPI");
+    let catalog = get("/apis").await.json();
+    assert_eq!(catalog.as_array().unwrap().len(), 1, "{catalog:#}");
+    assert_eq!(catalog[0]["service"], "orders");
+    assert_eq!(catalog[0]["title"], "Orders API");
+    assert_eq!(catalog[0]["paths"], 2);
+    let one = get("/apis/orders/openapi.json").await.json();
+    assert_eq!(one["info"]["title"], "Orders API");
+    // Internal services are not published; the portal's host is never routed.
+    assert_eq!(get("/apis/billing/openapi.json").await.status, 404);
+    assert_eq!(get("/shop").await.status, 404);
+    let post = http::Request::post("http://developer.example.com/openapi.json")
+        .body(trellis_tests::client::empty())
+        .unwrap();
+    let post = trellis_tests::client::send(&client, post).await.unwrap();
+    assert_eq!(post.status, 405);
+
+    // etcd gone: the last documents keep being served.
+    etcd.members[0].kill();
+    tokio::time::sleep(mesh_agent::portal::REFRESH + Duration::from_secs(1)).await;
+    let after = get("/openapi.json").await;
+    assert_eq!(after.status, 200);
+    assert_eq!(after.json(), doc);
 }

@@ -87,6 +87,7 @@ impl World {
                 }],
                 http: None,
                 trusted_proxies: Vec::new(),
+                portal: None,
             });
         })
         .await;

@@ -259,6 +259,7 @@ async fn an_ingress_that_cannot_bind_names_its_own_listener_and_address() {
                 redirect_to_https: true,
             }),
             trusted_proxies: Vec::new(),
+            portal: None,
         });
         let admin = cfg.admin.listen;
         let (_tx, rx) = tokio::sync::watch::channel(None);

@@ -8,6 +8,7 @@
 //! spread clients over them.
 
 pub mod certs;
+pub mod portal;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ pub struct Edge {
     pub trusted_proxies: TrustedProxies,
     /// The port in `Location` of HTTP -> HTTPS redirects (omitted when 443).
     pub https_port: u16,
+    /// The developer portal's host and documents, when configured.
+    pub portal: Option<portal::Portal>,
 }
 
 /// rustls' server config for the ingress: certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN.
@@ -237,6 +240,9 @@ impl Ingress {
         Option<Arc<String>>,
     ) {
         let grpc = crate::http::grpc::is_grpc(req.headers());
+        if let Some(resp) = self.portal(&req, conn) {
+            return (resp, None, None);
+        }
         let mut consumer = None;
         let mut route = None;
         let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
@@ -264,6 +270,17 @@ impl Ingress {
             }
         };
         (resp, consumer, route)
+    }
+
+    /// The portal's answer, when the request is for its host (on a connection allowed to name
+    /// it): public documents, so before authentication and limits, and never routed.
+    fn portal(&self, req: &Request<Incoming>, conn: &Conn) -> Option<Response<ResponseBody>> {
+        let portal = self.edge.portal.as_ref()?;
+        let host = crate::http::headers::request_host(req)?;
+        if !portal.serves(host) || self.admit_host(req, conn).is_err() {
+            return None;
+        }
+        Some(portal.answer(req))
     }
 
     /// The server span of a request from outside, made the parent of what the request leads
