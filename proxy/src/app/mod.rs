@@ -68,6 +68,7 @@ pub struct Proxy {
     before_drain: Vec<BeforeDrain>,
     limits: Arc<RateLimits>,
     access_control: Arc<crate::policy::access::AccessControl>,
+    cache: Arc<crate::cache::ResponseCache>,
     log_level: Option<crate::admin::LogLevelFn>,
     /// Endpoint stats and per-service counters, shared by successive route tables.
     stats: Arc<StatsRegistry>,
@@ -105,8 +106,10 @@ impl Proxy {
             &config.authorization,
             &mut registry,
         );
+        let cache = crate::cache::ResponseCache::new(&config.service, &mut registry);
         Self {
             access_control,
+            cache,
             config,
             snapshots,
             registry,
@@ -220,6 +223,7 @@ impl Proxy {
             metrics: metrics.clone(),
             limits: self.limits.clone(),
             access_control: self.access_control.clone(),
+            cache: self.cache.clone(),
             registry: self.stats.clone(),
         };
         let snapshots = self.snapshots.clone();
@@ -265,6 +269,7 @@ impl Proxy {
             access_log,
             rate_limits: self.limits.clone(),
             access_control: self.access_control.clone(),
+            cache: self.cache.clone(),
             on_demand,
         }
     }
