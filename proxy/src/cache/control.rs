@@ -197,11 +197,14 @@ pub fn initial_age(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_secs);
+    // `Date` has a resolution of one second: the fraction it truncates is not age (counted,
+    // it would make every response up to a second old on arrival).
     let apparent = resp
         .get(header::DATE)
         .and_then(http_date)
         .and_then(|d| response_time.duration_since(d).ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .saturating_sub(Duration::from_secs(1));
     let delay = response_time
         .duration_since(request_time)
         .unwrap_or_default();
@@ -335,7 +338,16 @@ mod tests {
         let r = h(&[("age", "100")]);
         assert_eq!(initial_age(&r, t0, t0 + S(2)), S(102));
         let r = h(&[("date", &httpdate::fmt_http_date(t0 - S(30)))]);
-        assert_eq!(initial_age(&r, t0, t0), S(30));
+        assert_eq!(
+            initial_age(&r, t0, t0),
+            S(29),
+            "less Date's one-second resolution"
+        );
+        let r = h(&[("date", &httpdate::fmt_http_date(t0))]);
+        assert_eq!(
+            initial_age(&r, t0, t0 + Duration::from_millis(999)),
+            Duration::from_millis(999)
+        );
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl ResponseCache {
         for (name, spec) in snap
             .cache_policies
             .iter()
-            .filter(|(_, s)| s.service == self.service)
+            .filter(|(_, s)| s.service == self.service && s.enabled)
         {
             let kept = old.iter().find(|c| &c.name == name && &c.spec == spec);
             list.push(
