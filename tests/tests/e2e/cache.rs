@@ -566,3 +566,91 @@ async fn without_a_policy_nothing_is_cached_or_marked() {
     }
     assert_eq!(c.origin.count("/n"), 2);
 }
+
+/// `cache purge` writes one etcd record; every sidecar of the service applies it from its
+/// watch and stops serving the purged object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_through_etcd_reaches_every_sidecar() {
+    init_logs();
+    let etcd = mesh_agent::testing::EtcdCluster::start(1).await;
+    let pki = Pki::new(&["echo"]);
+    let origin = Origin::start().await;
+    origin.script(|p| {
+        let tag = if p.uri.path() == "/t" { "t1" } else { "t2" };
+        reply(
+            200,
+            &[("cache-control", "max-age=600"), ("surrogate-key", tag)],
+            "x",
+        )
+    });
+    let mut sidecars = Vec::new();
+    for _ in 0..3 {
+        let s = trellis_tests::etcd_sidecar(&pki, "echo", origin.addr, etcd.endpoints(), |c| {
+            c.proxy.inbound.mode = InboundMode::Permissive;
+        })
+        .await;
+        sidecars.push(s);
+    }
+    let cfg = etcd.config(None, None);
+    let yaml = "apiVersion: trellis.dev/v1\nkind: CachePolicy\nmetadata: {name: echo-cache}\nspec: {service: echo}\n";
+    let docs: Vec<_> = trellis_policies::parse_documents(yaml, "t")
+        .into_iter()
+        .map(|d| d.expect("document"))
+        .collect();
+    mesh_agent::policy::apply(&cfg, &docs, false)
+        .await
+        .expect("apply");
+    let clients: Vec<_> = sidecars
+        .iter()
+        .map(|s| client::h1(s.bound.inbound))
+        .collect();
+    let get = |c: &client::HttpClient, path: &str| {
+        let req = Request::get(format!("http://echo{path}"))
+            .body(client::empty())
+            .expect("req");
+        let c = c.clone();
+        async move { client::send(&c, req).await.map(|r| status(&r).to_string()) }
+    };
+    for c in &clients {
+        wait_for_hit(c, &get, "/t").await;
+        wait_for_hit(c, &get, "/other").await;
+    }
+    let purge = mesh_agent::cache_purge::Purge {
+        service: "echo".into(),
+        tag: Some("t1".into()),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let report = purge.write(&cfg, "test").await.expect("purge written");
+    assert_eq!(report[0], "CachePurge/echo created", "{report:?}");
+    for s in &sidecars {
+        trellis_tests::wait_for(Duration::from_secs(5), "purge applied", || async {
+            let text = client::admin(s.bound.admin, "/metrics").await.body;
+            client::metric(&text, "trellis_cache_purges_applied_total") >= 1.0
+        })
+        .await;
+    }
+    eprintln!(
+        "purge applied by 3 sidecars {:?} after the write",
+        started.elapsed()
+    );
+    for c in &clients {
+        assert_eq!(get(c, "/t").await.as_deref(), Ok("MISS"), "purged by tag");
+        assert_eq!(
+            get(c, "/other").await.as_deref(),
+            Ok("HIT"),
+            "other tags kept"
+        );
+    }
+}
+
+async fn wait_for_hit<F, Fut>(c: &client::HttpClient, get: &F, path: &str)
+where
+    F: Fn(&client::HttpClient, &str) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    trellis_tests::wait_for(Duration::from_secs(10), "cache policy applied", || async {
+        get(c, path).await.as_deref() == Ok("HIT")
+    })
+    .await;
+}
