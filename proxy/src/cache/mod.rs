@@ -112,6 +112,10 @@ pub struct Plan {
     resource: Arc<str>,
     primary: String,
     kind: Kind,
+    /// Stale entries may be revalidated in the background (the inbound side, whose origin
+    /// is the local app); at the edge the origin is whatever the route picks, so they are
+    /// revalidated in the foreground.
+    background: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,6 +226,24 @@ impl ResponseCache {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
+        self.plan_for(req, consumer, true)
+    }
+
+    /// [`ResponseCache::plan`] for the ingress, whose responses come from routed services:
+    /// no background revalidation (the revalidator reaches the local app only).
+    pub fn edge_plan<B>(&self, req: &Request<B>, consumer: Option<&str>) -> Option<Plan> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        self.plan_for(req, consumer, false)
+    }
+
+    fn plan_for<B>(
+        &self,
+        req: &Request<B>,
+        consumer: Option<&str>,
+        background: bool,
+    ) -> Option<Plan> {
         let kind = match *req.method() {
             Method::GET | Method::HEAD => Kind::Lookup,
             Method::POST | Method::PUT | Method::DELETE | Method::PATCH => Kind::Invalidate,
@@ -247,6 +269,7 @@ impl ResponseCache {
             resource,
             primary,
             kind,
+            background,
         })
     }
 
@@ -484,7 +507,13 @@ impl Plan {
     /// Start a background revalidation (one per key at a time); `false` when there is no way
     /// to (the stale entry is then revalidated in the foreground).
     fn background<B>(&self, req: &Request<B>, stored: &Arc<Entry>) -> bool {
-        let Some(rv) = self.shared.revalidator.get().cloned() else {
+        let Some(rv) = self
+            .shared
+            .revalidator
+            .get()
+            .filter(|_| self.background)
+            .cloned()
+        else {
             return false;
         };
         let Some(leader) = self.policy.inflight.try_lead(&self.primary) else {

@@ -654,3 +654,93 @@ where
     })
     .await;
 }
+
+/// The ingress caches the mesh's responses under the gateway's own policy, one entry per
+/// consumer unless the policy is public.
+#[tokio::test]
+async fn the_ingress_caches_per_consumer_unless_public() {
+    use trellis_proxy::policy::access::key_digest;
+    init_logs();
+    let pki = Pki::new(&["gateway", "orders"]);
+    let web = trellis_tests::web::WebPki::new();
+    web.leaf(pki.path(), "api", &["api.example.com"]);
+    let origin = Origin::start().await;
+    origin.script(|p| {
+        let who = p
+            .headers
+            .get("trellis-consumer")
+            .map_or("-", |v| v.to_str().unwrap_or("?"));
+        reply(200, &[("cache-control", "max-age=60")], who)
+    });
+    let orders = Sidecar::start(&pki, "orders", origin.addr, |c| {
+        c.authorization.consumer_from_peers = vec![Pki::spiffe("gateway")];
+    })
+    .await;
+    let gateway = Sidecar::start(&pki, "gateway", origin.addr, |c| {
+        c.ingress = Some(trellis_tests::web::loopback_ingress(
+            pki.path(),
+            &[("api.example.com", "api")],
+            false,
+        ));
+    })
+    .await;
+    let hex = |k: &str| {
+        key_digest(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let doc = |public: bool| -> trellis_policies::MeshDocument {
+        serde_json::from_value(serde_json::json!({
+            "services": {"orders": {"endpoints": [{"address": orders.inbound().to_string()}]}},
+            "http_routes": {"edge": {"hosts": ["api.example.com"], "gateways": ["gateway"],
+                "rules": [{"backends": [{"service": "orders"}]}]}},
+            "authentication": {"keys": {"service": "gateway", "api_keys": {"header": "x-api-key"}}},
+            "consumers": {
+                "acme": {"api_keys": [{"id": "a", "sha256": hex("key-acme-1")}]},
+                "globex": {"api_keys": [{"id": "g", "sha256": hex("key-globex-1")}]},
+            },
+            "cache_policies": {"edge": {"service": "gateway", "public": public}},
+        }))
+        .expect("document")
+    };
+    let snap = snapshot_of(&doc(false));
+    orders.apply(snap.clone()).await;
+    gateway.apply(snap).await;
+    let edge = client::h1(gateway.running.bound.ingress_http.expect("http bound"));
+    let get = |path: &'static str, key: &'static str| {
+        let edge = edge.clone();
+        async move {
+            let req = Request::get(format!("http://api.example.com{path}"))
+                .header("x-api-key", key)
+                .body(client::empty())
+                .expect("req");
+            let r = client::send(&edge, req).await.expect("reply");
+            (status(&r).to_string(), r.body)
+        }
+    };
+    assert_eq!(
+        get("/o", "key-acme-1").await,
+        ("MISS".into(), "acme".into())
+    );
+    assert_eq!(
+        get("/o", "key-globex-1").await,
+        ("MISS".into(), "globex".into())
+    );
+    assert_eq!(get("/o", "key-acme-1").await, ("HIT".into(), "acme".into()));
+    assert_eq!(
+        get("/o", "key-globex-1").await,
+        ("HIT".into(), "globex".into())
+    );
+    assert_eq!(origin.count("/o"), 2);
+    // Public: one entry for every consumer.
+    let snap = snapshot_of(&doc(true));
+    orders.apply(snap.clone()).await;
+    gateway.apply(snap).await;
+    assert_eq!(get("/p", "key-acme-1").await.0, "MISS");
+    assert_eq!(
+        get("/p", "key-globex-1").await,
+        ("HIT".into(), "acme".into())
+    );
+    assert_eq!(origin.count("/p"), 1);
+}
