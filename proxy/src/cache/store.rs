@@ -196,3 +196,102 @@ impl Store {
         self.entries.entry_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1024 * 1024;
+
+    fn entry(i: usize, size: usize) -> Entry {
+        Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![(i % 251) as u8; size]),
+            cc: CacheControl::default(),
+            lifetime: Duration::from_secs(600),
+            initial_age: Duration::ZERO,
+            stored: Instant::now(),
+            fetched: Instant::now(),
+            resource: Arc::from(format!("h\0/o/{i}")),
+            tags: vec![],
+            vary: Arc::from([]),
+        }
+    }
+
+    fn rss() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_string();
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// A working set of 1 GiB of distinct 64 KiB objects through a 64 MiB store: the bytes
+    /// held and the process's RSS stay within the bound.
+    #[test]
+    fn a_gigabyte_of_distinct_objects_stays_within_the_bound() {
+        let m = CacheMetrics::default();
+        let store = Store::new(64 * MB, &m);
+        let h = HeaderMap::new();
+        let before = rss();
+        let mut peak = before;
+        for i in 0..16 * 1024 {
+            store.insert(&format!("k{i}"), &h, entry(i, 64 * 1024), &m);
+            if i % 1024 == 0 {
+                store.sync();
+                peak = peak.max(rss());
+            }
+        }
+        store.sync();
+        let held = u64::try_from(m.bytes.get()).unwrap_or(0);
+        let growth = peak.saturating_sub(before);
+        eprintln!(
+            "held {} MiB, peak RSS growth {} MiB, {} evictions",
+            held / MB,
+            growth / MB,
+            m.evictions.get()
+        );
+        assert!(held <= 64 * MB, "held {held}");
+        assert!(m.evictions.get() > 10_000);
+        assert!(growth <= 128 * MB, "RSS grew {} MiB", growth / MB);
+    }
+
+    /// The hit ratio on a Zipf(1) distribution over 16,384 objects (1 GiB) with a 64 MiB
+    /// store (1/16 of the working set), reported.
+    #[test]
+    fn zipf_hit_ratio_is_reported() {
+        let m = CacheMetrics::default();
+        let store = Store::new(64 * MB, &m);
+        let h = HeaderMap::new();
+        let n = 16 * 1024;
+        let cdf: Vec<f64> = (1..=n)
+            .scan(0.0, |acc, k| {
+                *acc += 1.0 / f64::from(k);
+                Some(*acc)
+            })
+            .collect();
+        let total = cdf[cdf.len() - 1];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let (mut hits, requests) = (0u32, 60_000u32);
+        for _ in 0..requests {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64 * total;
+            let i = cdf.partition_point(|c| *c < u);
+            let key = format!("k{i}");
+            if store.get(&store.variant_key(&key, &h)).is_some() {
+                hits += 1;
+            } else {
+                store.insert(&key, &h, entry(i, 64 * 1024), &m);
+            }
+        }
+        let ratio = f64::from(hits) / f64::from(requests);
+        eprintln!("Zipf(1), 16384 objects of 64 KiB, 64 MiB store: hit ratio {ratio:.3}");
+        // The most popular 1,000 objects fit and draw over half the requests.
+        assert!(ratio > 0.5, "hit ratio {ratio}");
+    }
+}
