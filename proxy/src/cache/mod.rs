@@ -449,10 +449,18 @@ impl Plan {
                     _leader: leader,
                 };
                 let tee = Tee::new(pending, limit, expected);
-                resp.map(|b| match b {
-                    http_body_util::Either::Left(s) => http_body_util::Either::Left(s.teed(tee)),
-                    local => local,
-                })
+                // An empty body is never polled: it is complete now.
+                if http_body::Body::is_end_stream(resp.body()) {
+                    tee.finish();
+                    resp
+                } else {
+                    resp.map(|b| match b {
+                        http_body_util::Either::Left(s) => {
+                            http_body_util::Either::Left(s.teed(tee))
+                        }
+                        local => local,
+                    })
+                }
             }
         };
         self.mark(&mut resp, status);
@@ -477,13 +485,17 @@ impl Plan {
         match upstream(req).await {
             Ok(resp) if ours && resp.status() == StatusCode::NOT_MODIFIED => {
                 let fresh = stored.refreshed(resp.headers(), fetch.requested, &self.policy.spec);
+                drop(resp);
+                // Purged while revalidating: answer, but do not bring it back.
+                if (self.shared.purged_since(fetch.started))(&fresh) {
+                    return Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()));
+                }
                 let fresh = self.policy.store.insert(
                     &self.primary,
                     &fetch.headers,
                     fresh,
                     &self.shared.metrics,
                 );
-                drop(resp);
                 Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
             }
             Ok(resp) if resp.status().is_server_error() && may_stale => {

@@ -744,3 +744,18 @@ async fn the_ingress_caches_per_consumer_unless_public() {
     );
     assert_eq!(origin.count("/p"), 1);
 }
+
+#[tokio::test]
+async fn empty_bodies_are_stored_too() {
+    let c = Cached::start(serde_json::json!({})).await;
+    c.origin.script(|p| match p.uri.path() {
+        "/204" => reply(204, &[("cache-control", "max-age=60")], ""),
+        _ => reply(200, &[("cache-control", "max-age=60")], ""),
+    });
+    for p in ["/204", "/empty"] {
+        assert_eq!(status(&c.get("echo", p, &[]).await), "MISS");
+        let hit = c.get("echo", p, &[]).await;
+        assert_eq!((status(&hit), hit.body.as_str()), ("HIT", ""), "{p}");
+        assert_eq!(c.origin.count(p), 1, "{p}");
+    }
+}
