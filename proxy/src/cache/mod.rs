@@ -612,3 +612,129 @@ impl Shared {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(policies: serde_json::Value, purges: serde_json::Value) -> Snapshot {
+        let doc: trellis_policies::MeshDocument = serde_json::from_value(serde_json::json!({
+            "cache_policies": policies,
+            "cache_purges": purges,
+        }))
+        .expect("document");
+        Snapshot::from_document(&doc, "td", 1, "test".into()).expect("snapshot")
+    }
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "h");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn plans_only_for_the_own_services_enabled_policies() {
+        let cache = ResponseCache::inert();
+        assert!(
+            cache.plan(&req("GET", "/a", &[]), None).is_none(),
+            "no snapshot yet"
+        );
+        cache.update(&snapshot(
+            serde_json::json!({"x": {"service": "other"}}),
+            serde_json::json!({}),
+        ));
+        assert!(
+            cache.plan(&req("GET", "/a", &[]), None).is_none(),
+            "another service's"
+        );
+        let mine = ResponseCache::with_metrics("web", CacheMetrics::default());
+        mine.update(&snapshot(
+            serde_json::json!({"off": {"service": "web", "enabled": false}}),
+            serde_json::json!({}),
+        ));
+        assert!(
+            !mine.enabled.load(Ordering::Relaxed),
+            "a disabled policy costs nothing"
+        );
+        let on =
+            serde_json::json!({"c": {"service": "web", "match": {"path": {"prefix": "/api"}}}});
+        mine.update(&snapshot(on.clone(), serde_json::json!({})));
+        let kind = |m: &str, uri: &str, h: &[(&str, &str)]| {
+            mine.plan(&req(m, uri, h), None).map(|p| p.kind)
+        };
+        assert_eq!(kind("GET", "/api/x", &[]), Some(Kind::Lookup));
+        assert_eq!(kind("HEAD", "/api/x", &[]), Some(Kind::Lookup));
+        assert_eq!(kind("GET", "/other", &[]), None);
+        assert_eq!(kind("POST", "/api/x", &[]), Some(Kind::Invalidate));
+        assert_eq!(kind("OPTIONS", "/api/x", &[]), None);
+        assert_eq!(
+            kind("GET", "/api/x", &[("range", "bytes=0-1")]),
+            Some(Kind::Bypass)
+        );
+        assert_eq!(
+            kind("GET", "/api/x", &[("cache-control", "no-store")]),
+            Some(Kind::Bypass)
+        );
+        // An unchanged policy keeps its store across snapshots; a changed one starts empty.
+        let before = mine.policies.load()[0].store.clone();
+        mine.update(&snapshot(on, serde_json::json!({})));
+        assert!(Arc::ptr_eq(&before, &mine.policies.load()[0].store));
+        mine.update(&snapshot(
+            serde_json::json!({"c": {"service": "web"}}),
+            serde_json::json!({}),
+        ));
+        assert!(!Arc::ptr_eq(&before, &mine.policies.load()[0].store));
+    }
+
+    #[test]
+    fn consumers_are_isolated_unless_public() {
+        let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
+        cache.update(&snapshot(
+            serde_json::json!({"c": {"service": "web"}}),
+            serde_json::json!({}),
+        ));
+        let r = req("GET", "/a", &[]);
+        let a = cache.plan(&r, Some("acme")).expect("plan").primary;
+        let b = cache.plan(&r, Some("globex")).expect("plan").primary;
+        assert_ne!(a, b);
+        cache.update(&snapshot(
+            serde_json::json!({"c": {"service": "web", "public": true}}),
+            serde_json::json!({}),
+        ));
+        let a = cache.plan(&r, Some("acme")).expect("plan").primary;
+        let b = cache.plan(&r, Some("globex")).expect("plan").primary;
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_purge_record_is_applied_once_and_a_bad_one_refused() {
+        let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
+        let policy = serde_json::json!({"c": {"service": "web"}});
+        let purge = |id: u64, tag: &str| serde_json::json!({"web": {"service": "web", "id": id, "tag": tag}});
+        cache.update(&snapshot(policy.clone(), purge(1, "t")));
+        cache.update(&snapshot(policy.clone(), purge(1, "t")));
+        assert_eq!(cache.shared.metrics.purges.get(), 1);
+        cache.update(&snapshot(policy.clone(), purge(2, "t")));
+        assert_eq!(cache.shared.metrics.purges.get(), 2);
+        // Bypassing validation (a snapshot built by hand): refused, counted.
+        let mut snap = snapshot(policy, serde_json::json!({}));
+        snap.cache_purges.insert(
+            "web".into(),
+            CachePurgeSpec {
+                service: "web".into(),
+                id: 3,
+                prefix: Some("no-slash".into()),
+                key: None,
+                tag: None,
+            },
+        );
+        cache.update(&snap);
+        assert_eq!(cache.shared.metrics.purge_errors.get(), 1);
+        assert_eq!(cache.shared.metrics.purges.get(), 2);
+    }
+}

@@ -101,6 +101,8 @@ impl Entry {
     }
 }
 
+// === impl KeepFor ===
+
 impl moka::Expiry<String, Arc<Entry>> for KeepFor {
     fn expire_after_create(&self, _: &String, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
         Some(e.keep())
