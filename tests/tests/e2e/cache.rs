@@ -791,6 +791,38 @@ async fn a_purge_through_etcd_reaches_every_sidecar() {
             "other tags kept"
         );
     }
+    // Records written around the CLI that do not validate (a purge with two selectors, a
+    // policy with an unknown field): refused by every sidecar, counted, the last good kept.
+    let mut etcd = etcd_client::Client::connect(m._etcd.endpoints(), None)
+        .await
+        .expect("etcd");
+    let bad_purge = r#"{"apiVersion":"trellis.dev/v1","kind":"CachePurge","metadata":{"name":"echo"},"spec":{"service":"echo","id":9,"tag":"t2","prefix":"/"}}"#;
+    let bad_policy = r#"{"apiVersion":"trellis.dev/v1","kind":"CachePolicy","metadata":{"name":"echo-cache"},"spec":{"service":"echo","ttl":"1s"}}"#;
+    for (key, value) in [
+        ("/trellis/v1/mesh/policies/CachePurge/echo", bad_purge),
+        (
+            "/trellis/v1/mesh/policies/CachePolicy/echo-cache",
+            bad_policy,
+        ),
+    ] {
+        etcd.put(key, value, None).await.expect("put");
+    }
+    for s in &m.sidecars {
+        let admin = client::h1(s.bound.admin);
+        let uri = format!("http://{}/metrics", s.bound.admin);
+        trellis_tests::wait_for(Duration::from_secs(5), "bad records rejected", || async {
+            let text = client::get(&admin, &uri).await.body;
+            client::metric(&text, "trellis_policy_rejected_total{kind=\"policy\"}") >= 2.0
+        })
+        .await;
+    }
+    for c in &m.clients {
+        assert_eq!(
+            cache_status(c, "/other").await.as_deref(),
+            Ok("HIT"),
+            "last good kept"
+        );
+    }
 }
 
 /// 20 purges, each reaching 10 sidecars through etcd: no sidecar serves the purged object
