@@ -351,6 +351,7 @@ async fn stale_only_with_the_origins_permission_and_must_revalidate_is_504() {
     // must-revalidate wins over stale-if-error: 504 (nginx serves stale, or answers 502).
     let mr = c.get("echo", "/mr", &[]).await;
     assert_eq!(mr.status, StatusCode::GATEWAY_TIMEOUT, "{:?}", mr.headers);
+    assert_eq!(mr.cause(), "cache-revalidation-failed");
     let sie = c.get("echo", "/sie", &[]).await;
     assert_eq!(
         (sie.status.as_u16(), status(&sie), sie.body.as_str()),
