@@ -168,8 +168,11 @@ impl Body for Streamed {
                         if let Some(idle) = &mut this.idle {
                             idle.moved = true;
                         }
-                        if let (Some(tee), Some(data)) = (&mut this.tee, f.data_ref()) {
-                            tee.data(data);
+                        // One branch when nothing is being cached.
+                        if let Some(tee) = &mut this.tee {
+                            if let Some(data) = f.data_ref() {
+                                tee.data(data);
+                            }
                         }
                         // A reader that knows the length stops here, without asking for the
                         // end.
