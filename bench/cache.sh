@@ -81,7 +81,7 @@ codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
 # CPU ticks (user + system) of a process and its children (nginx's worker).
 ticks() { # PID
     local pids
-    pids="$1 $(pgrep -P "$1" | tr '\n' ' ')"
+    pids="$1 $(pgrep -P "$1" | tr '\n' ' ' || true)"
     for p in $pids; do cat "/proc/$p/stat"; done | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'
 }
 # max_rps_cpu PID NAME URL [oha args...]: req/s, and CPU_US the process's µs per request.
@@ -99,20 +99,20 @@ wait_http nginx "http://127.0.0.1:$NGINX/hit"
 curl -sf -o /dev/null "http://127.0.0.1:$NGINX/hit"
 [[ "$(curl -s -o /dev/null -D - "http://127.0.0.1:$NGINX/hit" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }')" == HIT ]] ||
     die "nginx does not answer /hit from its cache"
-nginx_rps=$(max_rps_cpu "$NGINX_PID" nginx-hit "http://127.0.0.1:$NGINX/hit"); nginx_cpu=$CPU_US
+max_rps_cpu "$NGINX_PID" nginx-hit "http://127.0.0.1:$NGINX/hit" >"$D/rps"; nginx_rps=$(cat "$D/rps") nginx_cpu=$CPU_US
 read -r nginx_p50 nginx_p99 < <(fixed_rate nginx-hit-rate "http://127.0.0.1:$NGINX/hit")
 
 start_sidecar 1
 curl -sf -o /dev/null "http://127.0.0.1:$S_IN/hit"
 [[ "$(curl -s -o /dev/null -D - "http://127.0.0.1:$S_IN/hit" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }')" == HIT ]] ||
     die "the sidecar does not answer /hit from its cache"
-hit_rps=$(max_rps_cpu "$SC" trellis-hit "http://127.0.0.1:$S_IN/hit"); hit_cpu=$CPU_US
+max_rps_cpu "$SC" trellis-hit "http://127.0.0.1:$S_IN/hit" >"$D/rps"; hit_rps=$(cat "$D/rps") hit_cpu=$CPU_US
 read -r hit_p50 hit_p99 < <(fixed_rate trellis-hit-rate "http://127.0.0.1:$S_IN/hit")
-miss_rps=$(max_rps_cpu "$SC" trellis-miss "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url); miss_cpu=$CPU_US
+max_rps_cpu "$SC" trellis-miss "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"; miss_rps=$(cat "$D/rps") miss_cpu=$CPU_US
 miss_codes=$(codes trellis-miss)
 stop_sidecar
 start_sidecar 0
-plain_rps=$(max_rps_cpu "$SC" trellis-plain "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url); plain_cpu=$CPU_US
+max_rps_cpu "$SC" trellis-plain "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"; plain_rps=$(cat "$D/rps") plain_cpu=$CPU_US
 stop_sidecar
 
 echo "Cache benchmark, ${SECS}s per measurement, load on core 0, proxies and backend on core 1; $(date -u '+%Y-%m-%d %H:%M UTC')"
