@@ -35,22 +35,30 @@ build_release() {
     AGENT="$ROOT/target/release/mesh-agent"
 }
 
-# An nginx server on 127.0.0.1:PORT answering `200 ok`, one worker on core 1.
-start_backend() {
-    mkdir -p "$D/nginx/tmp"
-    cat >"$D/nginx/nginx.conf" <<CONF
+# The head of an nginx configuration NAME (one worker, files under $D/nginx), up to and inside
+# `http {`: the caller writes its servers and the closing brace.
+nginx_conf_head() { # NAME
+    cat <<CONF
 worker_processes 1;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log warn;
+pid $D/nginx/$1.pid;
+error_log $D/nginx/$1-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   client_body_temp_path $D/nginx/tmp; proxy_temp_path $D/nginx/tmp;
   fastcgi_temp_path $D/nginx/tmp; uwsgi_temp_path $D/nginx/tmp; scgi_temp_path $D/nginx/tmp;
+CONF
+}
+
+# An nginx server on 127.0.0.1:PORT answering `200 ok`, one worker on core 1.
+start_backend() {
+    mkdir -p "$D/nginx/tmp"
+    { nginx_conf_head nginx; cat <<CONF
   server { listen 127.0.0.1:$1; keepalive_requests 1000000;
            location / { return 200 "ok\n"; } }
 }
 CONF
+    } >"$D/nginx/nginx.conf"
     taskset -c 1 nginx -c "$D/nginx/nginx.conf" -p "$D/nginx" -g 'daemon off;' &
     PIDS+=($!)
 }

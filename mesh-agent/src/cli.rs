@@ -54,6 +54,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// The response caches of a service's sidecars (docs/caching.md).
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Policies stored in etcd.
     Policy {
         #[command(subcommand)]
@@ -341,6 +346,29 @@ impl IptablesArgs {
 pub enum RunMode {
     Sidecar,
     Ingress,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Drop cached responses on every sidecar of a service: one etcd record, applied by each
+    /// from its watch. Everything of the service without a selector.
+    Purge {
+        #[arg(long)]
+        service: String,
+        /// Paths starting with this prefix (any query).
+        #[arg(long, conflicts_with_all = ["key", "tag"])]
+        prefix: Option<String>,
+        /// One path with its query, exactly (`/items?page=2`).
+        #[arg(long, conflicts_with = "tag")]
+        key: Option<String>,
+        /// Responses that named this tag in `Surrogate-Key`.
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        author: AuthorArg,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -762,6 +790,31 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 .block_on(crate::api::execute(command))
                 .map_err(|e| e.to_string())?;
             out!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache {
+            command:
+                CacheCommand::Purge {
+                    service,
+                    prefix,
+                    key,
+                    tag,
+                    author,
+                    etcd,
+                },
+        } => {
+            let purge = crate::cache_purge::Purge {
+                service,
+                prefix,
+                key,
+                tag,
+            };
+            let lines = runtime()?
+                .block_on(purge.write(&etcd.config(), &author.resolve()))
+                .map_err(|e| e.to_string())?;
+            for l in lines {
+                outln!("{l}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Alerts {

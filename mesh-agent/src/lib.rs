@@ -5,6 +5,7 @@ pub mod api;
 pub mod api_fetch;
 pub mod api_public;
 pub mod apikey;
+pub mod cache_purge;
 pub mod cert;
 pub mod cli;
 pub mod config;

@@ -75,6 +75,16 @@ pub enum Policy {
         name: String,
         spec: crate::AuthorizationSpec,
     },
+    /// Response caching on a service's inbound side, named by `metadata.name`.
+    CachePolicy {
+        name: String,
+        spec: Box<crate::CachePolicySpec>,
+    },
+    /// The latest purge of a service's cached responses; `metadata.name` is the service.
+    CachePurge {
+        name: String,
+        spec: crate::CachePurgeSpec,
+    },
     /// An alert on one service, evaluated by a dashboard (sidecars do not hold it).
     AlertRule {
         name: String,
@@ -134,6 +144,8 @@ pub const KINDS: &[&str] = &[
     "AuthorizationPolicy",
     "AlertRule",
     "ApiSpec",
+    "CachePolicy",
+    "CachePurge",
 ];
 
 // === impl PolicyDocument ===
@@ -276,6 +288,30 @@ impl PolicyDocument {
                     .map_err(|e| err(format!("spec: {e}")))?;
                 spec.validate().map_err(|m| err(format!("spec.{m}")))?;
                 Ok(Policy::Authorization {
+                    name: self.metadata.name.clone(),
+                    spec,
+                })
+            }
+            "CachePolicy" => {
+                let spec: crate::CachePolicySpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                Ok(Policy::CachePolicy {
+                    name: self.metadata.name.clone(),
+                    spec: Box::new(spec),
+                })
+            }
+            "CachePurge" => {
+                let spec: crate::CachePurgeSpec = serde_json::from_value(self.spec.clone())
+                    .map_err(|e| err(format!("spec: {e}")))?;
+                spec.validate().map_err(|m| err(format!("spec.{m}")))?;
+                if spec.service != self.metadata.name {
+                    return Err(err(format!(
+                        "spec.service: a purge is stored under its service's name (`{}`)",
+                        spec.service
+                    )));
+                }
+                Ok(Policy::CachePurge {
                     name: self.metadata.name.clone(),
                     spec,
                 })

@@ -10,6 +10,7 @@ mod api_diff;
 mod api_public;
 mod api_spec;
 mod auth;
+mod cache;
 mod document;
 mod http_route;
 mod limits;
@@ -34,6 +35,9 @@ pub use api_spec::{
     SpecError, SpecSummary, MAX_DEPTH as MAX_SPEC_DEPTH, MAX_REF_HOPS, MAX_SPEC_BYTES,
 };
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
+pub use cache::{
+    CacheKeySpec, CachePolicySpec, CachePurgeSpec, MAX_CACHE_BYTES, MAX_CACHE_TTL, MIN_CACHE_BYTES,
+};
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,
     KINDS,

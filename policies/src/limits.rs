@@ -112,6 +112,14 @@ pub enum Per {
     Minute,
 }
 
+/// A non-empty lower-case header name (letters, digits, `-`, `_`, `.`): how policies name
+/// the headers they key on.
+pub(crate) fn is_lower_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
 // === impl LimitKey ===
 
 impl LimitKey {
@@ -164,11 +172,7 @@ impl RateLimitSpec {
             return Err(format!("key.headers: at most {MAX_KEY_HEADERS} headers"));
         }
         for h in &self.key.headers {
-            if h.is_empty()
-                || !h
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-            {
+            if !is_lower_header_name(h) {
                 return Err(format!(
                     "key.headers: `{h}` is not a lower-case header name"
                 ));

@@ -32,6 +32,12 @@ pub struct MeshDocument {
     /// Authorization policies by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub authorization: BTreeMap<String, crate::AuthorizationSpec>,
+    /// Cache policies by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cache_policies: BTreeMap<String, crate::CachePolicySpec>,
+    /// The latest cache purge of each service, by service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cache_purges: BTreeMap<String, crate::CachePurgeSpec>,
 }
 
 /// One service: where its instances are and how to call it.

@@ -40,6 +40,12 @@ impl Policy {
                 (spec.service == service).then_some("authorizes its callers")
             }
             Self::AlertRule { spec, .. } => (spec.service == service).then_some("alerts on it"),
+            Self::CachePolicy { spec, .. } => {
+                (spec.service == service).then_some("caches its responses")
+            }
+            Self::CachePurge { spec, .. } => {
+                (spec.service == service).then_some("purged its cache")
+            }
             Self::ApiSpec { spec, .. } => (spec.service == service).then_some("documents its API"),
             Self::Consumer { .. } => None,
         }

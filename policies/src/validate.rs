@@ -205,6 +205,16 @@ pub fn validate(doc: &MeshDocument) -> Result<(), ValidationErrors> {
             push(format!("authorization.{name}"), m);
         }
     }
+    for (name, c) in &doc.cache_policies {
+        if let Err(m) = c.validate() {
+            push(format!("cache_policies.{name}"), m);
+        }
+    }
+    for (name, p) in &doc.cache_purges {
+        if let Err(m) = p.validate() {
+            push(format!("cache_purges.{name}"), m);
+        }
+    }
     for (name, svc) in &doc.services {
         let base = format!("services.{name}");
         if let Err(m) = validate_service_name(name) {

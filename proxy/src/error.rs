@@ -136,6 +136,9 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         "denied",
         "client-body-error",
         "client-body-timeout",
+        // Answered by the response cache (docs/caching.md).
+        "cache-revalidation-failed",
+        "cache-miss-only-if-cached",
     ];
     CAUSES.iter().copied().find(|c| c.as_bytes() == v)
 }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod atomic_file;
+pub mod cache;
 pub mod config;
 pub mod drain;
 pub mod error;

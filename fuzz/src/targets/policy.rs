@@ -23,6 +23,8 @@ pub const DICT: &[&[u8]] = &[
     b"Consumer",
     b"ExternalService",
     b"ApiSpec",
+    b"CachePolicy",
+    b"CachePurge",
     b"document: ",
     b"metadata:\n  name: ",
     b"spec:\n",

@@ -122,6 +122,8 @@ impl Scope {
             // needs every authentication policy (they are few; enforcement is per service).
             Policy::Authentication { .. } => true,
             Policy::Authorization { spec, .. } => spec.service == self.own,
+            Policy::CachePolicy { spec, .. } => spec.service == self.own,
+            Policy::CachePurge { spec, .. } => spec.service == self.own,
             Policy::Consumer { .. } => authenticates,
             Policy::AlertRule { .. } | Policy::ApiSpec { .. } => false,
         }
@@ -138,6 +140,8 @@ impl Scope {
             Policy::RateLimit { spec, .. } => spec.service == owner.service,
             Policy::ConcurrencyLimit { spec, .. } => spec.service == owner.service,
             Policy::Authorization { spec, .. } => spec.service == owner.service,
+            Policy::CachePolicy { spec, .. } => spec.service == owner.service,
+            Policy::CachePurge { spec, .. } => spec.service == owner.service,
             Policy::AlertRule { .. } | Policy::ApiSpec { .. } => false,
             _ => true,
         }

@@ -411,6 +411,12 @@ impl MeshState {
                 Entry::Policy(_, Policy::Authorization { name, spec }) => {
                     doc.authorization.insert(name.clone(), spec.clone());
                 }
+                Entry::Policy(_, Policy::CachePolicy { name, spec }) => {
+                    doc.cache_policies.insert(name.clone(), (**spec).clone());
+                }
+                Entry::Policy(_, Policy::CachePurge { name, spec }) => {
+                    doc.cache_purges.insert(name.clone(), spec.clone());
+                }
                 // Evaluated by a dashboard, not routed with.
                 Entry::Policy(_, Policy::AlertRule { .. }) => {}
                 // Stored by content hash outside the mesh prefix; never routed with.

@@ -25,6 +25,7 @@ pub(super) struct Applier {
     pub(super) metrics: Arc<Metrics>,
     pub(super) limits: Arc<RateLimits>,
     pub(super) access_control: Arc<AccessControl>,
+    pub(super) cache: Arc<crate::cache::ResponseCache>,
     pub(super) registry: Arc<StatsRegistry>,
 }
 
@@ -58,6 +59,7 @@ impl Applier {
             metrics,
             limits,
             access_control,
+            cache,
             registry,
         } = self;
         let mut ready = Some(ready);
@@ -78,6 +80,7 @@ impl Applier {
                 let version = snap.version;
                 limits.update(&snap);
                 access_control.update(&snap);
+                cache.update(&snap);
                 let table = Arc::new(TargetTable::update(
                     &prev,
                     snap,

@@ -55,14 +55,15 @@ pub(super) fn start(
             .as_ref()
             .map(|p| ingress::portal::Portal::new(p, inputs.portal.clone())),
     };
-    let ingress = Arc::new(Ingress::new(
+    let ingress = Ingress::new(
         outbound.clone(),
         inputs.access_control.clone(),
         inputs.rate_limits.clone(),
         inputs.metrics.clone(),
         cfg.limits.clone(),
         edge,
-    ));
+    );
+    let ingress = Arc::new(ingress.with_cache(inputs.cache.clone()));
     // Outside clients stop with the inbound listener: first in the drain order.
     tokio::spawn(ingress.clone().serve_tls(listener, drain.clone()));
     if let (Some(h), Some(l)) = (&ing.http, listeners.http) {

@@ -35,6 +35,8 @@ pub(super) struct ProxyInputs {
     pub access_control: Arc<AccessControl>,
     /// The developer portal's documents, published by the agent.
     pub portal: crate::listeners::ingress::portal::PortalDocs,
+    /// The inbound response cache (applied by each snapshot).
+    pub cache: Arc<crate::cache::ResponseCache>,
     /// Learns services the snapshots do not hold (scoped discovery).
     pub on_demand: Option<OnDemand>,
 }
@@ -60,7 +62,15 @@ impl ProxyInputs {
             self.tracing.clone(),
             self.access_log.clone(),
         );
-        Arc::new(inbound.with_telemetry(telemetry))
+        self.cache.set_revalidator(crate::cache::app_revalidator(
+            self.cfg.inbound.app,
+            self.cfg.timeouts.request,
+        ));
+        Arc::new(
+            inbound
+                .with_telemetry(telemetry)
+                .with_cache(self.cache.clone()),
+        )
     }
 
     pub fn outbound(&self) -> Arc<Outbound> {

@@ -68,6 +68,7 @@ pub struct Proxy {
     before_drain: Vec<BeforeDrain>,
     limits: Arc<RateLimits>,
     access_control: Arc<crate::policy::access::AccessControl>,
+    cache: Arc<crate::cache::ResponseCache>,
     log_level: Option<crate::admin::LogLevelFn>,
     /// Endpoint stats and per-service counters, shared by successive route tables.
     stats: Arc<StatsRegistry>,
@@ -106,8 +107,10 @@ impl Proxy {
             &config.authorization,
             &mut registry,
         );
+        let cache = crate::cache::ResponseCache::new(&config.service, &mut registry);
         Self {
             access_control,
+            cache,
             config,
             snapshots,
             registry,
@@ -227,6 +230,7 @@ impl Proxy {
             metrics: metrics.clone(),
             limits: self.limits.clone(),
             access_control: self.access_control.clone(),
+            cache: self.cache.clone(),
             registry: self.stats.clone(),
         };
         let snapshots = self.snapshots.clone();
@@ -273,6 +277,7 @@ impl Proxy {
             rate_limits: self.limits.clone(),
             access_control: self.access_control.clone(),
             portal: self.portal.clone(),
+            cache: self.cache.clone(),
             on_demand,
         }
     }

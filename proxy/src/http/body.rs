@@ -36,6 +36,9 @@ pub struct Streamed {
     outer: Option<Box<crate::telemetry::trace::RequestSpan>>,
     /// The pooled connection the body comes on, back to its pool when the body has ended.
     checkin: Option<Checkin>,
+    /// Copies the body into the response cache as it passes (boxed: only cached misses have
+    /// one).
+    tee: Option<Box<crate::cache::Tee>>,
 }
 
 impl Streamed {
@@ -48,7 +51,14 @@ impl Streamed {
             span: None,
             outer: None,
             checkin: None,
+            tee: None,
         }
+    }
+
+    /// Store the body in the response cache as it streams; stored only if it ends cleanly.
+    pub fn teed(mut self, tee: crate::cache::Tee) -> Self {
+        self.tee = Some(Box::new(tee));
+        self
     }
 
     /// Give `checkin`'s connection back to its pool when the body has been read to the end.
@@ -61,6 +71,9 @@ impl Streamed {
     fn ended(&mut self) {
         if let Some(c) = self.checkin.take() {
             c.give_back();
+        }
+        if let Some(tee) = self.tee.take() {
+            tee.finish();
         }
     }
 
@@ -100,6 +113,8 @@ impl Streamed {
         self.outer = None;
         // Not read to the end: the connection cannot carry another request.
         self.checkin = None;
+        // Nor can the cache keep a body that did not end.
+        self.tee = None;
     }
 }
 
@@ -149,9 +164,15 @@ impl Body for Streamed {
                         this.release();
                     }
                     Some(Err(_)) => this.release(),
-                    Some(Ok(_)) => {
+                    Some(Ok(f)) => {
                         if let Some(idle) = &mut this.idle {
                             idle.moved = true;
+                        }
+                        // One branch when nothing is being cached.
+                        if let Some(tee) = &mut this.tee {
+                            if let Some(data) = f.data_ref() {
+                                tee.data(data);
+                            }
                         }
                         // A reader that knows the length stops here, without asking for the
                         // end.

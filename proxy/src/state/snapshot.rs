@@ -38,6 +38,12 @@ pub struct Snapshot {
     pub consumers: BTreeMap<String, trellis_policies::ConsumerSpec>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub authorization: BTreeMap<String, trellis_policies::AuthorizationSpec>,
+    /// Cache policies by name (each sidecar applies those of its own service).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cache_policies: BTreeMap<String, trellis_policies::CachePolicySpec>,
+    /// The latest cache purge of each service.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cache_purges: BTreeMap<String, trellis_policies::CachePurgeSpec>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +115,8 @@ impl Snapshot {
             authentication: doc.authentication.clone(),
             consumers: doc.consumers.clone(),
             authorization: doc.authorization.clone(),
+            cache_policies: doc.cache_policies.clone(),
+            cache_purges: doc.cache_purges.clone(),
         })
     }
 
@@ -137,6 +145,8 @@ impl Snapshot {
             authentication: self.authentication.clone(),
             consumers: self.consumers.clone(),
             authorization: self.authorization.clone(),
+            cache_policies: self.cache_policies.clone(),
+            cache_purges: self.cache_purges.clone(),
         }
     }
 

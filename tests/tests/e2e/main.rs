@@ -7,6 +7,7 @@ mod admin;
 mod api_specs;
 mod app_protocol;
 mod balance;
+mod cache;
 mod client_faults;
 mod dashboard;
 mod discovery;

@@ -55,6 +55,8 @@ pub struct Inbound {
     tracing: Arc<crate::telemetry::trace::Tracing>,
     /// Answers `/.well-known/trellis/` for the allowed readers (set by the wiring).
     telemetry: Option<telemetry::Telemetry>,
+    /// Responses of the app, under the service's cache policies (none: one atomic load).
+    cache: Arc<crate::cache::ResponseCache>,
 }
 
 // === impl Inbound ===
@@ -79,7 +81,14 @@ impl Inbound {
             metrics,
             tracing,
             telemetry: None,
+            cache: crate::cache::ResponseCache::inert(),
         }
+    }
+
+    /// Cache the app's responses under the service's cache policies.
+    pub fn with_cache(mut self, cache: Arc<crate::cache::ResponseCache>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Serve this sidecar's telemetry under `/.well-known/trellis/` (to `telemetry.readers`).
@@ -262,7 +271,13 @@ impl Inbound {
             .admission
             .check(&mut req, peer.as_ref(), client.ip(), consumer)
             .await?;
-        let resp = self.forward(req, client, peer).await?;
+        let resp = match self.cache.plan(&req, consumer.as_deref()) {
+            None => self.forward(req, client, peer).await?,
+            Some(plan) => {
+                plan.serve(req, |req| self.forward(req, client, peer))
+                    .await?
+            }
+        };
         Ok(admission::hold(resp, permits))
     }
 

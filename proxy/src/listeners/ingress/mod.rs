@@ -49,6 +49,8 @@ pub struct Ingress {
     limits: Limits,
     edge: Edge,
     tls: TlsAcceptor,
+    /// Responses of the mesh, under the gateway's own cache policies.
+    cache: Arc<crate::cache::ResponseCache>,
 }
 
 /// What only the edge has: its certificates (to tell which hosts a TLS connection may ask
@@ -97,7 +99,14 @@ impl Ingress {
             limits,
             tls: TlsAcceptor::from(edge.tls.clone()),
             edge,
+            cache: crate::cache::ResponseCache::inert(),
         }
+    }
+
+    /// Cache the mesh's responses under the gateway service's cache policies.
+    pub fn with_cache(mut self, cache: Arc<crate::cache::ResponseCache>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Serve TLS clients until drain.
@@ -250,12 +259,20 @@ impl Ingress {
                 // HTTPRoute redirects keep the scheme the client used.
                 req.extensions_mut()
                     .insert(crate::policy::routing::RequestScheme(conn.scheme()));
-                let (resp, routed) = self
-                    .outbound
-                    .handle_routed(req, client, &self.lifecycle)
-                    .await;
-                route = Some(routed);
-                admission::hold(resp, permits)
+                let routed = &mut route;
+                let upstream = |req| async move {
+                    let (resp, r) = self
+                        .outbound
+                        .handle_routed(req, client, &self.lifecycle)
+                        .await;
+                    *routed = Some(r);
+                    Ok(resp)
+                };
+                let resp = match self.cache.edge_plan(&req, consumer.as_deref()) {
+                    None => upstream(req).await,
+                    Some(plan) => plan.serve(req, upstream).await,
+                };
+                admission::hold(resp.unwrap_or_else(|e| e.into_response_for(grpc)), permits)
             }
             Err(e) => {
                 let resp = self.lifecycle.refuse(e, grpc);

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The response cache against nginx's proxy_cache, in one run (docs/caching.md#benchmark):
+#  1. hit path: max throughput and CPU per request, and p50/p99 at a fixed rate, through
+#     nginx (proxy_cache, proxy_cache_lock) and through a Trellis sidecar (inbound, plain HTTP,
+#     a CachePolicy), both in front of the same backend sending `Cache-Control: max-age=600`;
+#  2. miss path: a distinct URL per request (every request a miss, stored), through the
+#     sidecar with the CachePolicy and through the same sidecar without one.
+# Load on core 0, proxies and the backend on core 1; nginx gets one worker.
+#
+#   bash bench/cache.sh      # BENCH_SECONDS (10), BENCH_RATE (1000), BENCH_PORT_BASE (28600)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+SECS="${BENCH_SECONDS:-10}"
+RATE="${BENCH_RATE:-1000}"
+BASE="${BENCH_PORT_BASE:-28600}"
+bench_init cache
+need oha nginx python3 jq curl
+build_release
+
+BACKEND=$BASE; NGINX=$((BASE + 1)); S_IN=$((BASE + 2)); S_OUT=$((BASE + 3)); S_ADM=$((BASE + 4))
+mkdir -p "$D/nginx/tmp" "$D/nginx/cache" "$D/certs"
+
+# The backend and the caching proxy: one nginx process each, one worker on core 1.
+{ nginx_conf_head backend; cat <<CONF
+  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
+           location / { add_header Cache-Control "max-age=600"; return 200 "ok\n"; } }
+}
+CONF
+} >"$D/nginx/backend.conf"
+{ nginx_conf_head cache; cat <<CONF
+  proxy_cache_path $D/nginx/cache keys_zone=c:10m max_size=64m;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGINX; keepalive_requests 1000000;
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_cache c; proxy_cache_lock on; proxy_cache_revalidate on;
+      proxy_cache_use_stale error timeout updating; proxy_cache_background_update on;
+      add_header X-Cache-Status \$upstream_cache_status;
+    }
+  }
+}
+CONF
+} >"$D/nginx/cache.conf"
+taskset -c 1 nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
+taskset -c 1 nginx -c "$D/nginx/cache.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+
+"$AGENT" cert init --trust-domain bench.local --dir "$D/certs" >/dev/null
+"$AGENT" cert issue --service backend --dir "$D/certs" >/dev/null
+cat >"$D/sidecar.yaml" <<CONF
+service: backend
+trust_domain: bench.local
+identity: {cert: $D/certs/backend.pem, key: $D/certs/backend-key.pem, bundle: $D/certs/ca.pem}
+inbound: {listen: 127.0.0.1:$S_IN, app: 127.0.0.1:$BACKEND, app_protocol: http1, mode: permissive}
+outbound: {listen: 127.0.0.1:$S_OUT}
+admin: {listen: 127.0.0.1:$S_ADM}
+store: {file: $D/mesh.yaml}
+tracing: {enabled: false}
+CONF
+mesh_file() { # WITH-CACHE (0|1)
+    echo "services: {}"
+    if [[ "$1" == 1 ]]; then
+        echo "cache_policies: {bench: {service: backend, max_bytes: 67108864, max_object_bytes: 1048576}}"
+    fi
+}
+start_sidecar() { # WITH-CACHE
+    mesh_file "$1" >"$D/mesh.yaml"
+    RUST_LOG=warn taskset -c 1 "$AGENT" run --config "$D/sidecar.yaml" 2>"$D/sidecar.log" & SC=$!
+    wait_http "sidecar (cache=$1)" "http://127.0.0.1:$S_IN/warm"
+}
+stop_sidecar() { kill -TERM "$SC"; wait "$SC" 2>/dev/null || true; }
+
+max_rps() { # NAME URL [oha args...]
+    local name="$1" url="$2"; shift 2
+    taskset -c 0 oha -z "${SECS}s" -c 64 -w --no-tui --output-format json "$@" "$url" \
+        >"$D/$name.json" 2>/dev/null || die "oha failed ($name)"
+    jq -r '.summary.requestsPerSec' "$D/$name.json"
+}
+codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
+# CPU ticks (user + system) of a process and its children (nginx's worker).
+ticks() { # PID
+    local pids
+    pids="$1 $(pgrep -P "$1" | tr '\n' ' ' || true)"
+    for p in $pids; do cat "/proc/$p/stat"; done | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'
+}
+# max_rps_cpu PID NAME URL [oha args...]: req/s, and CPU_US the process's µs per request.
+max_rps_cpu() {
+    local pid="$1" t0 t1 rps; shift
+    t0=$(ticks "$pid")
+    rps=$(max_rps "$@")
+    t1=$(ticks "$pid")
+    CPU_US=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v r="$rps" -v s="$SECS" 'BEGIN { printf "%.1f", t * 1e6 / hz / (r * s) }')
+    echo "$rps"
+}
+
+wait_http backend "http://127.0.0.1:$BACKEND/"
+wait_http nginx "http://127.0.0.1:$NGINX/hit"
+curl -sf -o /dev/null "http://127.0.0.1:$NGINX/hit"
+[[ "$(curl -s -o /dev/null -D - "http://127.0.0.1:$NGINX/hit" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }')" == HIT ]] ||
+    die "nginx does not answer /hit from its cache"
+max_rps_cpu "$NGINX_PID" nginx-hit "http://127.0.0.1:$NGINX/hit" >"$D/rps"; nginx_rps=$(cat "$D/rps") nginx_cpu=$CPU_US
+read -r nginx_p50 nginx_p99 < <(fixed_rate nginx-hit-rate "http://127.0.0.1:$NGINX/hit")
+
+start_sidecar 1
+curl -sf -o /dev/null "http://127.0.0.1:$S_IN/hit"
+[[ "$(curl -s -o /dev/null -D - "http://127.0.0.1:$S_IN/hit" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }')" == HIT ]] ||
+    die "the sidecar does not answer /hit from its cache"
+max_rps_cpu "$SC" trellis-hit "http://127.0.0.1:$S_IN/hit" >"$D/rps"; hit_rps=$(cat "$D/rps") hit_cpu=$CPU_US
+read -r hit_p50 hit_p99 < <(fixed_rate trellis-hit-rate "http://127.0.0.1:$S_IN/hit")
+max_rps_cpu "$SC" trellis-miss "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"; miss_rps=$(cat "$D/rps") miss_cpu=$CPU_US
+miss_codes=$(codes trellis-miss)
+stop_sidecar
+start_sidecar 0
+max_rps_cpu "$SC" trellis-plain "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"; plain_rps=$(cat "$D/rps") plain_cpu=$CPU_US
+stop_sidecar
+
+echo "Cache benchmark, ${SECS}s per measurement, load on core 0, proxies and backend on core 1; $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo
+echo "| path | req/s | CPU µs/req (proxy) | p50 ms at $RATE req/s | p99 ms at $RATE req/s |"
+echo "|---|---:|---:|---:|---:|"
+printf '| nginx proxy_cache hit | %.0f | %s | %.3f | %.3f |\n' "$nginx_rps" "$nginx_cpu" "$nginx_p50" "$nginx_p99"
+printf '| Trellis sidecar cache hit | %.0f | %s | %.3f | %.3f |\n' "$hit_rps" "$hit_cpu" "$hit_p50" "$hit_p99"
+printf '| Trellis sidecar, every request a miss (stored) | %.0f | %s | | |\n' "$miss_rps" "$miss_cpu"
+printf '| Trellis sidecar without a cache policy, same URLs | %.0f | %s | | |\n' "$plain_rps" "$plain_cpu"
+echo
+echo "miss statuses: $miss_codes"
+awk -v m="$miss_cpu" -v p="$plain_cpu" 'BEGIN { printf "miss-path CPU overhead vs no cache: %+.1f %%\n", (m / p - 1) * 100 }'

@@ -1,0 +1,465 @@
+//! RFC 9111's rules for a shared cache, as pure functions over header maps and times: what may
+//! be stored, for how long it is fresh, how old it is, and what a request accepts.
+//!
+//! Written here rather than taken from `http-cache-semantics` (which resolves from the
+//! registry): that crate implements RFC 7234 without RFC 5861's `stale-while-revalidate` and
+//! `stale-if-error`, keeps its freshness lifetime private (so a policy's default and maximum
+//! TTL cannot be applied), rewrites `Date` on every hit, and clones both header maps into every
+//! entry. The rules below are the few the cache needs, each tested on its own.
+
+use std::time::{Duration, SystemTime};
+
+use http::{header, HeaderMap, Method, StatusCode};
+
+/// A `Cache-Control` field, parsed. Unknown directives are ignored (RFC 9111 5.2.3); a
+/// malformed delta-seconds makes the directive count as present with value 0, which is the
+/// conservative reading for every directive taking one (stale at once, no stale window).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub only_if_cached: bool,
+    pub max_stale: Option<u64>,
+    pub min_fresh: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+}
+
+/// Statuses a cache understands and may store (RFC 9110 15.1 "heuristically cacheable", less
+/// 206: range requests are not cached).
+const STORABLE: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+
+// === impl CacheControl ===
+
+impl CacheControl {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut cc = Self::default();
+        for v in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(v) = v.to_str() else { continue };
+            for d in v.split(',') {
+                let (name, arg) = match d.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (d.trim(), None),
+                };
+                cc.directive(&name.to_ascii_lowercase(), arg);
+            }
+        }
+        cc
+    }
+
+    fn directive(&mut self, name: &str, arg: Option<&str>) {
+        let secs = || Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0));
+        match name {
+            "max-age" => self.max_age = secs(),
+            "s-maxage" => self.s_maxage = secs(),
+            "no-store" => self.no_store = true,
+            "no-cache" => self.no_cache = true,
+            "private" => self.private = true,
+            "public" => self.public = true,
+            "must-revalidate" => self.must_revalidate = true,
+            "proxy-revalidate" => self.proxy_revalidate = true,
+            "only-if-cached" => self.only_if_cached = true,
+            // Without a value, any staleness is accepted.
+            "max-stale" => self.max_stale = Some(arg.map_or(u64::MAX, |a| a.parse().unwrap_or(0))),
+            "min-fresh" => self.min_fresh = secs(),
+            "stale-while-revalidate" => self.stale_while_revalidate = secs(),
+            "stale-if-error" => self.stale_if_error = secs(),
+            _ => {}
+        }
+    }
+
+    /// The origin forbids serving this response stale by any means (RFC 9111 5.2.2.2, 5.2.2.8,
+    /// and `no-cache`, which forbids reuse without validation at all).
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.no_cache
+    }
+}
+
+/// Why a response is not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotStored {
+    Method,
+    Status,
+    NoStore,
+    Private,
+    Authorization,
+    SetCookie,
+    VaryStar,
+    NoFreshness,
+}
+
+/// RFC 9111 section 3 for a shared cache, a little stricter: a `Set-Cookie` response is never
+/// shared, and a response without explicit freshness is stored only when the policy gives a
+/// default TTL (no heuristic freshness from `Last-Modified`).
+pub fn storable(
+    method: &Method,
+    req: &HeaderMap,
+    status: StatusCode,
+    resp: &HeaderMap,
+    cc: &CacheControl,
+    has_default_ttl: bool,
+) -> Result<(), NotStored> {
+    if method != Method::GET {
+        return Err(NotStored::Method);
+    }
+    if !STORABLE.contains(&status.as_u16()) {
+        return Err(NotStored::Status);
+    }
+    if cc.no_store || CacheControl::parse(req).no_store {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private {
+        return Err(NotStored::Private);
+    }
+    // RFC 9111 3.5: only these directives let a shared cache reuse an authorized response.
+    if req.contains_key(header::AUTHORIZATION)
+        && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate)
+    {
+        return Err(NotStored::Authorization);
+    }
+    if resp.contains_key(header::SET_COOKIE) {
+        return Err(NotStored::SetCookie);
+    }
+    if vary_names(resp).iter().any(|n| n == "*") {
+        return Err(NotStored::VaryStar);
+    }
+    let explicit =
+        cc.max_age.is_some() || cc.s_maxage.is_some() || resp.contains_key(header::EXPIRES);
+    let validated = cc.no_cache && validators(resp);
+    if !(explicit || has_default_ttl || validated) {
+        return Err(NotStored::NoFreshness);
+    }
+    Ok(())
+}
+
+/// The response carries a validator a revalidation can send back.
+pub fn validators(resp: &HeaderMap) -> bool {
+    resp.contains_key(header::ETAG) || resp.contains_key(header::LAST_MODIFIED)
+}
+
+/// The lower-case header names of `Vary`, in order.
+pub fn vary_names(resp: &HeaderMap) -> Vec<String> {
+    resp.get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// RFC 9111 4.2.1 for a shared cache: `s-maxage`, else `max-age`, else `Expires - Date`
+/// (an invalid `Expires` means already expired), else the policy's default; capped at
+/// `max_ttl`. `no-cache` makes every reuse a revalidation.
+pub fn lifetime(
+    resp: &HeaderMap,
+    cc: &CacheControl,
+    default_ttl: Option<Duration>,
+    max_ttl: Duration,
+    response_time: SystemTime,
+) -> Duration {
+    if cc.no_cache {
+        return Duration::ZERO;
+    }
+    let explicit = cc
+        .s_maxage
+        .or(cc.max_age)
+        .map(Duration::from_secs)
+        .or_else(|| {
+            let expires = resp.get(header::EXPIRES)?;
+            let Some(expires) = http_date(expires) else {
+                return Some(Duration::ZERO);
+            };
+            let date = resp
+                .get(header::DATE)
+                .and_then(http_date)
+                .unwrap_or(response_time);
+            Some(expires.duration_since(date).unwrap_or_default())
+        });
+    explicit.or(default_ttl).unwrap_or_default().min(max_ttl)
+}
+
+/// RFC 9111 4.2.3's `corrected_initial_age`: the origin's (and upstream caches') `Age`, plus
+/// the time the response took to arrive, or the apparent age from `Date` when larger.
+pub fn initial_age(
+    resp: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
+    let age_value = resp
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs);
+    // `Date` has a resolution of one second: the fraction it truncates is not age (counted,
+    // it would make every response up to a second old on arrival).
+    let apparent = resp
+        .get(header::DATE)
+        .and_then(http_date)
+        .and_then(|d| response_time.duration_since(d).ok())
+        .unwrap_or_default()
+        .saturating_sub(Duration::from_secs(1));
+    let delay = response_time
+        .duration_since(request_time)
+        .unwrap_or_default();
+    apparent.max(age_value + delay)
+}
+
+pub fn http_date(v: &http::HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(v.to_str().ok()?).ok()
+}
+
+/// How a stored response may answer a request, given its age and the request's own
+/// directives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// Fresh, and the request accepts it.
+    Fresh,
+    /// Stale, within the origin's `stale-while-revalidate` window (or the client's
+    /// `max-stale`): serve it and revalidate in the background.
+    StaleWhileRevalidate,
+    /// Must be validated with the origin first.
+    Revalidate,
+}
+
+/// RFC 9111 4.2 and 5.2.1, RFC 5861 section 3.
+pub fn usable(age: Duration, lifetime: Duration, stored: &CacheControl, req: &CacheControl) -> Use {
+    let secs = |s: u64| Duration::from_secs(s);
+    if req.no_cache || req.max_age.is_some_and(|m| age > secs(m)) {
+        return Use::Revalidate;
+    }
+    let left = lifetime.saturating_sub(age);
+    if age < lifetime && req.min_fresh.is_none_or(|m| left >= secs(m)) {
+        return Use::Fresh;
+    }
+    if stored.forbids_stale() {
+        return Use::Revalidate;
+    }
+    let stale_for = age.saturating_sub(lifetime);
+    if req.max_stale.is_some_and(|m| stale_for <= secs(m)) {
+        return Use::Fresh;
+    }
+    if stored
+        .stale_while_revalidate
+        .is_some_and(|w| stale_for <= secs(w))
+    {
+        return Use::StaleWhileRevalidate;
+    }
+    Use::Revalidate
+}
+
+/// A stale response may answer an origin error only within the origin's `stale-if-error`
+/// window (RFC 5861 section 4), never when it forbids stale use.
+pub fn stale_if_error(age: Duration, lifetime: Duration, stored: &CacheControl) -> bool {
+    !stored.forbids_stale()
+        && stored
+            .stale_if_error
+            .is_some_and(|w| age.saturating_sub(lifetime) <= Duration::from_secs(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        m
+    }
+
+    fn cc(v: &str) -> CacheControl {
+        CacheControl::parse(&h(&[("cache-control", v)]))
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn parses_directives_case_insensitively_and_malformed_values_conservatively() {
+        let c = cc("Max-Age=60, s-maxage=\"30\", must-revalidate, stale-while-revalidate=x");
+        assert_eq!(c.max_age, Some(60));
+        assert_eq!(c.s_maxage, Some(30));
+        assert!(c.must_revalidate);
+        assert_eq!(c.stale_while_revalidate, Some(0));
+        assert_eq!(cc("max-age=-1").max_age, Some(0));
+        assert_eq!(cc("max-stale").max_stale, Some(u64::MAX));
+        assert_eq!(cc(",,;;garbage=,").max_age, None);
+    }
+
+    #[test]
+    fn s_maxage_beats_max_age_beats_expires_capped_by_max_ttl() {
+        let now = SystemTime::UNIX_EPOCH + S(1_000_000);
+        let r = h(&[("cache-control", "max-age=60, s-maxage=10")]);
+        assert_eq!(
+            lifetime(&r, &CacheControl::parse(&r), None, S(3600), now),
+            S(10)
+        );
+        let r = h(&[("cache-control", "max-age=7200")]);
+        assert_eq!(
+            lifetime(&r, &CacheControl::parse(&r), None, S(3600), now),
+            S(3600)
+        );
+        let date = httpdate::fmt_http_date(now);
+        let exp = httpdate::fmt_http_date(now + S(120));
+        let r = h(&[("date", &date), ("expires", &exp)]);
+        assert_eq!(
+            lifetime(&r, &CacheControl::default(), None, S(3600), now),
+            S(120)
+        );
+        let r = h(&[("expires", "0")]);
+        assert_eq!(
+            lifetime(&r, &CacheControl::default(), Some(S(50)), S(3600), now),
+            S(0)
+        );
+        assert_eq!(
+            lifetime(&h(&[]), &CacheControl::default(), Some(S(50)), S(3600), now),
+            S(50)
+        );
+        let r = h(&[("cache-control", "no-cache, max-age=60")]);
+        assert_eq!(
+            lifetime(&r, &CacheControl::parse(&r), None, S(3600), now),
+            S(0)
+        );
+    }
+
+    #[test]
+    fn the_origins_age_counts() {
+        let t0 = SystemTime::UNIX_EPOCH + S(1_000_000);
+        let r = h(&[("age", "100")]);
+        assert_eq!(initial_age(&r, t0, t0 + S(2)), S(102));
+        let r = h(&[("date", &httpdate::fmt_http_date(t0 - S(30)))]);
+        assert_eq!(
+            initial_age(&r, t0, t0),
+            S(29),
+            "less Date's one-second resolution"
+        );
+        let r = h(&[("date", &httpdate::fmt_http_date(t0))]);
+        assert_eq!(
+            initial_age(&r, t0, t0 + Duration::from_millis(999)),
+            Duration::from_millis(999)
+        );
+    }
+
+    #[test]
+    fn shared_cache_storability() {
+        let get = Method::GET;
+        let ok = StatusCode::OK;
+        let st = |req: &[(&str, &str)], resp: &[(&str, &str)]| {
+            let (q, r) = (h(req), h(resp));
+            storable(&get, &q, ok, &r, &CacheControl::parse(&r), false)
+        };
+        assert_eq!(st(&[], &[("cache-control", "max-age=5")]), Ok(()));
+        assert_eq!(
+            st(&[], &[("cache-control", "private, max-age=5")]),
+            Err(NotStored::Private)
+        );
+        assert_eq!(
+            st(&[], &[("cache-control", "no-store, max-age=5")]),
+            Err(NotStored::NoStore)
+        );
+        assert_eq!(
+            st(
+                &[("cache-control", "no-store")],
+                &[("cache-control", "max-age=5")]
+            ),
+            Err(NotStored::NoStore)
+        );
+        let auth = [("authorization", "Bearer x")];
+        assert_eq!(
+            st(&auth, &[("cache-control", "max-age=5")]),
+            Err(NotStored::Authorization)
+        );
+        assert_eq!(st(&auth, &[("cache-control", "public, max-age=5")]), Ok(()));
+        assert_eq!(st(&auth, &[("cache-control", "s-maxage=5")]), Ok(()));
+        assert_eq!(
+            st(&[], &[("cache-control", "max-age=5"), ("vary", "*")]),
+            Err(NotStored::VaryStar)
+        );
+        assert_eq!(
+            st(
+                &[],
+                &[("cache-control", "max-age=5"), ("set-cookie", "a=b")]
+            ),
+            Err(NotStored::SetCookie)
+        );
+        assert_eq!(st(&[], &[]), Err(NotStored::NoFreshness));
+        assert_eq!(
+            st(&[], &[("cache-control", "no-cache"), ("etag", "\"a\"")]),
+            Ok(())
+        );
+        let r = h(&[("cache-control", "max-age=5")]);
+        let cc = CacheControl::parse(&r);
+        assert_eq!(
+            storable(&Method::POST, &h(&[]), ok, &r, &cc, true),
+            Err(NotStored::Method)
+        );
+        assert_eq!(
+            storable(
+                &get,
+                &h(&[]),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &r,
+                &cc,
+                true
+            ),
+            Err(NotStored::Status)
+        );
+        assert_eq!(
+            storable(&get, &h(&[]), ok, &h(&[]), &CacheControl::default(), true),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn fresh_then_stale_within_the_origins_windows_only() {
+        let none = CacheControl::default();
+        let swr = cc("max-age=10, stale-while-revalidate=5, stale-if-error=20");
+        assert_eq!(usable(S(9), S(10), &swr, &none), Use::Fresh);
+        assert_eq!(usable(S(14), S(10), &swr, &none), Use::StaleWhileRevalidate);
+        assert_eq!(usable(S(16), S(10), &swr, &none), Use::Revalidate);
+        assert!(stale_if_error(S(29), S(10), &swr));
+        assert!(!stale_if_error(S(31), S(10), &swr));
+        // No permission from the origin: never stale.
+        assert_eq!(usable(S(11), S(10), &none, &none), Use::Revalidate);
+        assert!(!stale_if_error(S(11), S(10), &none));
+        // must-revalidate overrides the stale windows.
+        let mr = cc("max-age=10, must-revalidate, stale-while-revalidate=5, stale-if-error=20");
+        assert_eq!(usable(S(11), S(10), &mr, &none), Use::Revalidate);
+        assert!(!stale_if_error(S(11), S(10), &mr));
+    }
+
+    #[test]
+    fn request_directives() {
+        let stored = cc("max-age=100");
+        assert_eq!(
+            usable(S(5), S(100), &stored, &cc("no-cache")),
+            Use::Revalidate
+        );
+        assert_eq!(
+            usable(S(50), S(100), &stored, &cc("max-age=10")),
+            Use::Revalidate
+        );
+        assert_eq!(
+            usable(S(50), S(100), &stored, &cc("min-fresh=60")),
+            Use::Revalidate
+        );
+        assert_eq!(
+            usable(S(105), S(100), &stored, &cc("max-stale=10")),
+            Use::Fresh
+        );
+        assert_eq!(
+            usable(S(105), S(100), &stored, &cc("max-stale=1")),
+            Use::Revalidate
+        );
+    }
+}

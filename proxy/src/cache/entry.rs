@@ -1,0 +1,354 @@
+//! Building entries from responses and responses from entries: what is stored (end-to-end
+//! headers, never `Age` or hop-by-hop fields), what a 304 changes (RFC 9111 4.3.4: its
+//! headers replace the stored ones), and the conditional requests that revalidate them.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::{Either, Full};
+use trellis_policies::CachePolicySpec;
+
+use super::control::{self, CacheControl, NotStored};
+use super::store::Entry;
+use crate::ResponseBody;
+
+/// `Surrogate-Key`: space-separated tags a purge can name.
+const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+/// Most tags kept per entry.
+const MAX_TAGS: usize = 32;
+
+/// Never stored: per-hop, computed per hit, or this sidecar's own.
+const NOT_STORED: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::AGE,
+    super::CACHE_STATUS,
+];
+
+/// A 304 does not change these (RFC 9111 3.2: the stored body's framing stays).
+const KEPT_ON_304: [HeaderName; 3] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+];
+
+/// The request side of a fetch, taken before the request goes upstream.
+pub struct Fetch {
+    pub requested: SystemTime,
+    pub started: Instant,
+    pub method: http::Method,
+    pub headers: HeaderMap,
+}
+
+// === impl Fetch ===
+
+impl Fetch {
+    pub fn start<B>(req: &Request<B>) -> Self {
+        Self {
+            requested: SystemTime::now(),
+            started: Instant::now(),
+            method: req.method().clone(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    /// The entry for `resp` (body still empty), or why it is not stored.
+    pub fn entry<B>(
+        &self,
+        resp: &Response<B>,
+        spec: &CachePolicySpec,
+        resource: &Arc<str>,
+    ) -> Result<Entry, NotStored> {
+        let h = resp.headers();
+        let cc = CacheControl::parse(h);
+        control::storable(
+            &self.method,
+            &self.headers,
+            resp.status(),
+            h,
+            &cc,
+            spec.default_ttl.is_some(),
+        )?;
+        let response_time = SystemTime::now();
+        let mut headers = h.clone();
+        for name in &NOT_STORED {
+            headers.remove(name);
+        }
+        Ok(Entry {
+            status: resp.status(),
+            lifetime: control::lifetime(h, &cc, spec.default_ttl, spec.max_ttl, response_time),
+            initial_age: control::initial_age(h, self.requested, response_time),
+            stored: Instant::now(),
+            fetched: self.started,
+            resource: resource.clone(),
+            tags: tags(h),
+            vary: control::vary_names(h).into(),
+            cc,
+            headers,
+            body: Bytes::new(),
+        })
+    }
+}
+
+fn tags(h: &HeaderMap) -> Vec<String> {
+    h.get_all(SURROGATE_KEY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(str::split_ascii_whitespace)
+        .take(MAX_TAGS)
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+// === impl Entry ===
+
+impl Entry {
+    /// The stored response as a hit, with its current `Age` (RFC 9111 5.1: a cache sends it).
+    pub fn response(&self, head: bool, now: Instant) -> Response<ResponseBody> {
+        let body = if head {
+            Bytes::new()
+        } else {
+            self.body.clone()
+        };
+        let mut resp = Response::new(Either::Right(Full::new(body)));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.clone();
+        resp.headers_mut()
+            .insert(header::AGE, HeaderValue::from(self.age(now).as_secs()));
+        resp
+    }
+
+    /// This entry updated by a 304: its headers replace the stored ones (but not the body's
+    /// framing), and freshness restarts from the 304.
+    pub fn refreshed(
+        &self,
+        not_modified: &HeaderMap,
+        requested: SystemTime,
+        spec: &CachePolicySpec,
+    ) -> Entry {
+        let mut headers = self.headers.clone();
+        let replaced = not_modified
+            .keys()
+            .filter(|k| !KEPT_ON_304.contains(k) && !NOT_STORED.contains(k));
+        for name in replaced {
+            headers.remove(name);
+            for v in not_modified.get_all(name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        let cc = CacheControl::parse(&headers);
+        let response_time = SystemTime::now();
+        let lifetime =
+            control::lifetime(&headers, &cc, spec.default_ttl, spec.max_ttl, response_time);
+        Entry {
+            status: self.status,
+            lifetime,
+            initial_age: control::initial_age(not_modified, requested, response_time),
+            stored: Instant::now(),
+            fetched: self.fetched,
+            resource: self.resource.clone(),
+            tags: tags(&headers),
+            vary: self.vary.clone(),
+            cc,
+            headers,
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// Make `h` a conditional request on `stored`'s validators, unless the client sent its own
+/// conditions (its 304 is then its own, passed through). `true` when validators were added.
+pub fn add_validators(h: &mut HeaderMap, stored: &Entry) -> bool {
+    if h.contains_key(header::IF_NONE_MATCH) || h.contains_key(header::IF_MODIFIED_SINCE) {
+        return false;
+    }
+    let mut added = false;
+    if let Some(etag) = stored.headers.get(header::ETAG) {
+        h.insert(header::IF_NONE_MATCH, etag.clone());
+        added = true;
+    }
+    if let Some(lm) = stored.headers.get(header::LAST_MODIFIED) {
+        h.insert(header::IF_MODIFIED_SINCE, lm.clone());
+        added = true;
+    }
+    added
+}
+
+/// A client's `If-None-Match` names the stored ETag: a fresh hit answers 304.
+pub fn not_modified(h: &HeaderMap, stored: &Entry) -> bool {
+    let (Some(inm), Some(etag)) = (
+        h.get(header::IF_NONE_MATCH),
+        stored.headers.get(header::ETAG),
+    ) else {
+        return false;
+    };
+    let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let etag = etag.to_str().map(weak).unwrap_or_default();
+    inm.to_str()
+        .is_ok_and(|v| v.trim() == "*" || v.split(',').any(|t| weak(t) == etag))
+}
+
+/// The GET a background revalidation sends: the client's request headers (without this
+/// sidecar's identity header, which only the inbound listener sets) and the validators.
+pub fn revalidation_request<B>(
+    req: &Request<B>,
+    stored: &Entry,
+) -> Request<http_body_util::Empty<Bytes>> {
+    let mut out = Request::new(http_body_util::Empty::new());
+    *out.uri_mut() = req.uri().clone();
+    let h = out.headers_mut();
+    *h = req.headers().clone();
+    h.remove(crate::http::headers::PEER_IDENTITY_HEADER);
+    for name in &NOT_STORED {
+        h.remove(name);
+    }
+    h.remove(header::IF_NONE_MATCH);
+    h.remove(header::IF_MODIFIED_SINCE);
+    if let Some(host) = crate::http::headers::request_authority(req) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            h.insert(header::HOST, v);
+        }
+    }
+    add_validators(h, stored);
+    out
+}
+
+/// The resource a same-origin `Location` or `Content-Location` names (RFC 9111 4.4).
+pub fn same_origin(resource: &str, v: Option<&HeaderValue>) -> Option<Arc<str>> {
+    let v = v?.to_str().ok()?;
+    let (authority, _) = resource.split_once('\0')?;
+    let path = match v.parse::<http::Uri>().ok()? {
+        u if u.authority().is_none() && v.starts_with('/') => v.to_string(),
+        u if u
+            .authority()
+            .is_some_and(|a| a.as_str().eq_ignore_ascii_case(authority)) =>
+        {
+            u.path_and_query()
+                .map_or("/".to_string(), |p| p.to_string())
+        }
+        _ => return None,
+    };
+    Some(format!("{authority}\0{path}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn entry(headers: &[(&str, &str)]) -> Entry {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        Entry {
+            status: http::StatusCode::OK,
+            cc: CacheControl::parse(&h),
+            headers: h,
+            body: Bytes::from_static(b"body"),
+            lifetime: Duration::from_secs(10),
+            initial_age: Duration::from_secs(3),
+            stored: Instant::now(),
+            fetched: Instant::now(),
+            resource: Arc::from("h\0/a"),
+            tags: vec![],
+            vary: Arc::from([]),
+        }
+    }
+
+    #[test]
+    fn a_hit_carries_its_age_including_the_origins() {
+        let e = entry(&[("cache-control", "max-age=10")]);
+        let resp = e.response(false, e.stored + Duration::from_secs(2));
+        assert_eq!(resp.headers()["age"], "5");
+        let head = e.response(true, Instant::now());
+        assert!(
+            matches!(head.body(), Either::Right(b) if http_body::Body::size_hint(b).exact() == Some(0))
+        );
+    }
+
+    #[test]
+    fn a_304_replaces_the_stored_headers_but_not_the_framing() {
+        let e = entry(&[
+            ("cache-control", "max-age=10"),
+            ("etag", "\"v1\""),
+            ("x-version", "1"),
+            ("content-length", "4"),
+        ]);
+        let mut nm = HeaderMap::new();
+        nm.insert("cache-control", "max-age=60".parse().unwrap());
+        nm.insert("x-version", "2".parse().unwrap());
+        nm.insert("content-length", "0".parse().unwrap());
+        let spec: CachePolicySpec =
+            serde_json::from_value(serde_json::json!({"service": "a"})).unwrap();
+        let r = e.refreshed(&nm, SystemTime::now(), &spec);
+        assert_eq!(r.headers["x-version"], "2");
+        assert_eq!(r.headers["content-length"], "4");
+        assert_eq!(r.headers["etag"], "\"v1\"");
+        assert_eq!(r.lifetime, Duration::from_secs(60));
+        assert_eq!(r.body, "body");
+    }
+
+    #[test]
+    fn validators_and_conditional_hits() {
+        let e = entry(&[
+            ("etag", "W/\"v1\""),
+            ("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+        ]);
+        let mut h = HeaderMap::new();
+        assert!(add_validators(&mut h, &e));
+        assert_eq!(h["if-none-match"], "W/\"v1\"");
+        let mut own = HeaderMap::new();
+        own.insert("if-none-match", "\"x\"".parse().unwrap());
+        assert!(
+            !add_validators(&mut own, &e),
+            "the client's own conditions stand"
+        );
+        let mut c = HeaderMap::new();
+        c.insert("if-none-match", "\"a\", \"v1\"".parse().unwrap());
+        assert!(not_modified(&c, &e));
+        c.insert("if-none-match", "\"b\"".parse().unwrap());
+        assert!(!not_modified(&c, &e));
+    }
+
+    #[test]
+    fn same_origin_locations_only() {
+        let r = "api.example\0/items";
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(
+            same_origin(r, Some(&v("/items/7"))).as_deref(),
+            Some("api.example\0/items/7")
+        );
+        assert_eq!(
+            same_origin(r, Some(&v("http://api.example/x?y=1"))).as_deref(),
+            Some("api.example\0/x?y=1")
+        );
+        assert_eq!(same_origin(r, Some(&v("http://evil.example/x"))), None);
+        assert_eq!(same_origin(r, None), None);
+    }
+
+    #[test]
+    fn surrogate_keys_become_tags() {
+        let mut h = HeaderMap::new();
+        h.insert("surrogate-key", "product-7  catalog".parse().unwrap());
+        assert_eq!(tags(&h), ["product-7", "catalog"]);
+    }
+}

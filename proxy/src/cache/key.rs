@@ -1,0 +1,160 @@
+//! Cache keys. The primary key names the resource as the client asked for it: the authority
+//! (so one host's entry is never served for another, unlike nginx's default key), the path and
+//! the query (whole, or the policy's chosen parameters, sorted), the policy's key headers and,
+//! unless the policy is public, the consumer. A response's `Vary` then picks a variant under
+//! the primary key.
+//!
+//! Parts are separated by a byte that cannot occur in any of them (NUL is refused in URIs and
+//! header values), so no two different requests build the same key.
+
+use http::{HeaderMap, Request};
+use trellis_policies::CacheKeySpec;
+
+const SEP: char = '\0';
+
+/// The resource part of a key, `authority SEP path?query`: what purges and unsafe-method
+/// invalidation match on.
+pub fn resource<B>(req: &Request<B>, spec: &CacheKeySpec) -> String {
+    let authority = crate::http::headers::request_authority(req)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let path = req.uri().path();
+    let mut out = String::with_capacity(authority.len() + path.len() + 32);
+    out.push_str(&authority);
+    out.push(SEP);
+    out.push_str(path);
+    let query = req.uri().query().unwrap_or_default();
+    match &spec.query {
+        None if !query.is_empty() => {
+            out.push('?');
+            out.push_str(query);
+        }
+        None => {}
+        Some(names) => {
+            let mut kept: Vec<&str> = query
+                .split('&')
+                .filter(|p| names.iter().any(|n| p.split('=').next() == Some(n)))
+                .collect();
+            kept.sort_unstable();
+            if !kept.is_empty() {
+                out.push('?');
+                out.push_str(&kept.join("&"));
+            }
+        }
+    }
+    out
+}
+
+/// The primary key: the resource, the policy's key headers and the consumer.
+pub fn primary(
+    resource: &str,
+    headers: &HeaderMap,
+    spec: &CacheKeySpec,
+    consumer: Option<&str>,
+) -> String {
+    let mut out = String::with_capacity(resource.len() + 16);
+    out.push_str(resource);
+    out.push(SEP);
+    out.push_str(consumer.unwrap_or("-"));
+    for name in &spec.headers {
+        out.push(SEP);
+        push_values(&mut out, headers, name);
+    }
+    out
+}
+
+/// The variant key under `primary` for the request headers the response's `Vary` names.
+pub fn variant(primary: &str, headers: &HeaderMap, vary: &[String]) -> String {
+    let mut out = String::with_capacity(primary.len() + 16 * vary.len() + 1);
+    out.push_str(primary);
+    out.push(SEP);
+    for name in vary {
+        out.push(SEP);
+        push_values(&mut out, headers, name);
+    }
+    out
+}
+
+/// A header's values, joined; a missing header differs from an empty one.
+fn push_values(out: &mut String, headers: &HeaderMap, name: &str) {
+    let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() {
+        out.push('\u{1}');
+        return;
+    }
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&String::from_utf8_lossy(v.as_bytes()));
+    }
+}
+
+/// The path and query of a resource key (for purges by path or prefix).
+pub fn path_of(resource: &str) -> &str {
+    resource.split_once(SEP).map_or(resource, |(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: &str) -> Request<()> {
+        Request::get(uri).header("host", host).body(()).unwrap()
+    }
+
+    #[test]
+    fn the_authority_is_part_of_the_key() {
+        let spec = CacheKeySpec::default();
+        assert_ne!(
+            resource(&req("/a", "one.example"), &spec),
+            resource(&req("/a", "two.example"), &spec)
+        );
+        assert_eq!(
+            resource(&req("/a", "One.Example"), &spec),
+            resource(&req("/a", "one.example"), &spec)
+        );
+        assert_eq!(path_of(&resource(&req("/a?x=1", "h"), &spec)), "/a?x=1");
+    }
+
+    #[test]
+    fn chosen_query_parameters_are_sorted() {
+        let spec = CacheKeySpec {
+            query: Some(vec!["a".into(), "b".into()]),
+            headers: vec![],
+        };
+        let k1 = resource(&req("/p?b=2&utm=x&a=1", "h"), &spec);
+        let k2 = resource(&req("/p?a=1&b=2", "h"), &spec);
+        assert_eq!(k1, k2);
+        assert!(k1.ends_with("/p?a=1&b=2"));
+        let whole = CacheKeySpec::default();
+        assert_ne!(
+            resource(&req("/p?b=2&a=1", "h"), &whole),
+            resource(&req("/p?a=1&b=2", "h"), &whole)
+        );
+    }
+
+    #[test]
+    fn consumers_headers_and_variants_separate_entries() {
+        let spec = CacheKeySpec {
+            query: None,
+            headers: vec!["x-tenant".into()],
+        };
+        let mut h = HeaderMap::new();
+        let a = primary("r", &h, &spec, Some("acme"));
+        let b = primary("r", &h, &spec, Some("globex"));
+        assert_ne!(a, b);
+        let missing = primary("r", &h, &spec, None);
+        h.insert("x-tenant", "".parse().unwrap());
+        assert_ne!(
+            missing,
+            primary("r", &h, &spec, None),
+            "missing differs from empty"
+        );
+        let vary = vec!["accept-encoding".to_string()];
+        let plain = variant(&a, &HeaderMap::new(), &vary);
+        let mut gz = HeaderMap::new();
+        gz.insert("accept-encoding", "gzip".parse().unwrap());
+        assert_ne!(plain, variant(&a, &gz, &vary));
+    }
+}

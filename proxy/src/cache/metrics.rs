@@ -1,0 +1,72 @@
+//! The cache's metrics: results by `X-Cache-Status`, bytes stored, evictions, coalesced waits
+//! and purges applied.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    pub requests: Family<StatusLabel, Counter>,
+    pub bytes: Gauge,
+    pub evictions: Counter,
+    pub coalesced: Counter,
+    pub coalesce_timeouts: Counter,
+    pub purges: Counter,
+    pub purge_errors: Counter,
+}
+
+// === impl CacheMetrics ===
+
+impl CacheMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "cache_requests",
+            "Requests a cache policy applied to, by X-Cache-Status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes held by the response cache (keys, headers and bodies)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Entries evicted to stay within the memory bound",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "cache_coalesced_waits",
+            "Requests that waited for an identical request's response instead of going upstream",
+            m.coalesced.clone(),
+        );
+        registry.register(
+            "cache_coalesce_timeouts",
+            "Waits for an identical request that timed out (the request went upstream itself)",
+            m.coalesce_timeouts.clone(),
+        );
+        registry.register(
+            "cache_purges_applied",
+            "Cache purges applied from the store",
+            m.purges.clone(),
+        );
+        registry.register(
+            "cache_purge_errors",
+            "Cache purge records refused (the last good state is kept)",
+            m.purge_errors.clone(),
+        );
+        m
+    }
+
+    pub fn count(&self, status: &'static str) {
+        self.requests.get_or_create(&StatusLabel { status }).inc();
+    }
+}

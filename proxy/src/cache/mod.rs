@@ -1,0 +1,740 @@
+//! Response caching on the inbound side of a sidecar (responses of its app), under the
+//! `CachePolicy`s of its own service, with RFC 9111's shared-cache semantics (see
+//! `docs/caching.md` and [`control`]).
+//!
+//! The request path pays for it only when a policy applies: [`ResponseCache::plan`] is one
+//! atomic load and a branch when none does. A plan then answers from the store (fresh: HIT;
+//! stale within the origin's `stale-while-revalidate`: STALE, revalidated in the background),
+//! revalidates with the origin (a 304 refreshes the stored headers: REVALIDATED), or goes
+//! upstream (MISS, EXPIRED), coalescing identical misses and storing the response while it
+//! streams to the client.
+//!
+//! Purges come from the store like policies (a `CachePurge` record per service, applied by each
+//! sidecar from its watch); unsafe methods that succeed invalidate their target at once.
+
+mod coalesce;
+pub mod control;
+mod entry;
+mod key;
+mod metrics;
+mod revalidate;
+mod store;
+mod tee;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use trellis_policies::{CachePolicySpec, CachePurgeSpec};
+
+use crate::error::ProxyError;
+use crate::state::snapshot::Snapshot;
+use crate::ResponseBody;
+use coalesce::{Inflight, Leader, Turn};
+use control::{CacheControl, Use};
+use store::{Entry, Selector, Store};
+
+pub use metrics::CacheMetrics;
+pub use revalidate::{app_revalidator, Revalidator};
+pub use tee::Tee;
+
+/// The header naming how the cache answered.
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
+pub const HIT: &str = "HIT";
+pub const MISS: &str = "MISS";
+pub const STALE: &str = "STALE";
+pub const REVALIDATED: &str = "REVALIDATED";
+pub const BYPASS: &str = "BYPASS";
+pub const EXPIRED: &str = "EXPIRED";
+
+/// Purges remembered, so that a response already on its way when a purge arrived is not
+/// stored after it.
+const RECENT_PURGES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("background revalidation of {uri} failed: {message}")]
+    Revalidation { uri: String, message: String },
+}
+
+/// The cache of one sidecar: a store per `CachePolicy` of its service.
+pub struct ResponseCache {
+    service: String,
+    /// Some policy applies: the request path's one check.
+    enabled: AtomicBool,
+    policies: ArcSwap<Vec<Arc<Compiled>>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    metrics: CacheMetrics,
+    revalidator: OnceLock<Revalidator>,
+    recent: Mutex<VecDeque<(Instant, Selector)>>,
+    /// The id of the last purge applied.
+    last_purge: Mutex<Option<u64>>,
+}
+
+/// One policy with its store; kept across snapshots while its spec is unchanged.
+struct Compiled {
+    name: String,
+    spec: CachePolicySpec,
+    store: Arc<Store>,
+    inflight: Arc<Inflight>,
+    /// When each resource was last invalidated by an unsafe method.
+    invalidated: moka::sync::Cache<Arc<str>, Instant>,
+}
+
+/// A listener's answer to a request.
+pub type Answer = Result<Response<ResponseBody>, ProxyError>;
+
+/// The listener's own forward of a request, called at most once per plan.
+pub trait Upstream<B>: FnOnce(Request<B>) -> <Self as Upstream<B>>::Sent {
+    type Sent: Future<Output = Answer>;
+}
+
+impl<B, F, Fut> Upstream<B> for F
+where
+    F: FnOnce(Request<B>) -> Fut,
+    Fut: Future<Output = Answer>,
+{
+    type Sent = Fut;
+}
+
+/// What the cache does with one request, decided before it goes anywhere.
+pub struct Plan {
+    policy: Arc<Compiled>,
+    shared: Arc<Shared>,
+    resource: Arc<str>,
+    primary: String,
+    kind: Kind,
+    /// Stale entries may be revalidated in the background (the inbound side, whose origin
+    /// is the local app); at the edge the origin is whatever the route picks, so they are
+    /// revalidated in the foreground.
+    background: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Lookup,
+    /// Range requests, `no-store` requests: straight through.
+    Bypass,
+    /// An unsafe method: a success invalidates the target.
+    Invalidate,
+}
+
+// === impl ResponseCache ===
+
+impl ResponseCache {
+    pub fn new(service: &str, registry: &mut Registry) -> Arc<Self> {
+        Self::with_metrics(service, CacheMetrics::register(registry))
+    }
+
+    /// A cache whose metrics are registered nowhere (tests, listeners built without one).
+    pub fn inert() -> Arc<Self> {
+        Self::with_metrics("", CacheMetrics::default())
+    }
+
+    fn with_metrics(service: &str, metrics: CacheMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            service: service.to_string(),
+            enabled: AtomicBool::new(false),
+            policies: ArcSwap::from_pointee(Vec::new()),
+            shared: Arc::new(Shared {
+                metrics,
+                revalidator: OnceLock::new(),
+                recent: Mutex::new(VecDeque::new()),
+                last_purge: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Revalidate stale entries in the background with `r` (`stale-while-revalidate`);
+    /// without one they are revalidated in the foreground.
+    pub fn set_revalidator(&self, r: Revalidator) {
+        let _ = self.shared.revalidator.set(r);
+    }
+
+    /// Apply a snapshot: the policies of this sidecar's service (a store survives while its
+    /// policy is unchanged) and its latest purge.
+    pub fn update(&self, snap: &Snapshot) {
+        let old = self.policies.load_full();
+        let mut list = Vec::new();
+        for (name, spec) in snap
+            .cache_policies
+            .iter()
+            .filter(|(_, s)| s.service == self.service && s.enabled)
+        {
+            let kept = old.iter().find(|c| &c.name == name && &c.spec == spec);
+            list.push(
+                kept.cloned()
+                    .unwrap_or_else(|| Arc::new(Compiled::new(name, spec, &self.shared.metrics))),
+            );
+        }
+        self.enabled.store(!list.is_empty(), Ordering::Release);
+        self.policies.store(Arc::new(list));
+        if let Some(p) = snap.cache_purges.get(&self.service) {
+            self.purge(p);
+        }
+    }
+
+    /// Apply a purge record once (records are replaced, each with a new id).
+    fn purge(&self, p: &CachePurgeSpec) {
+        {
+            let mut last = self
+                .shared
+                .last_purge
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *last == Some(p.id) {
+                return;
+            }
+            *last = Some(p.id);
+        }
+        if let Err(message) = p.validate() {
+            // Validated when read from the store; a bad record is refused, the cache kept.
+            self.shared.metrics.purge_errors.inc();
+            tracing::warn!(service = %p.service, %message, "cache purge refused");
+            return;
+        }
+        let selector = match (&p.prefix, &p.key, &p.tag) {
+            (Some(prefix), _, _) => Selector::Prefix(prefix.clone()),
+            (_, Some(key), _) => Selector::Key(key.clone()),
+            (_, _, Some(tag)) => Selector::Tag(tag.clone()),
+            _ => Selector::All,
+        };
+        for c in self.policies.load().iter() {
+            c.store.purge(selector.clone());
+        }
+        let mut recent = self.shared.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_PURGES {
+            recent.pop_front();
+        }
+        recent.push_back((Instant::now(), selector.clone()));
+        self.shared.metrics.purges.inc();
+        tracing::info!(service = %p.service, id = p.id, ?selector, "cache purge applied");
+    }
+
+    /// What to do with a request: `None` (the cost of a sidecar without a cache policy: one
+    /// atomic load) when no policy applies. `consumer` isolates entries unless the policy is
+    /// public.
+    pub fn plan<B>(&self, req: &Request<B>, consumer: Option<&str>) -> Option<Plan> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        self.plan_for(req, consumer, true)
+    }
+
+    /// [`ResponseCache::plan`] for the ingress, whose responses come from routed services:
+    /// no background revalidation (the revalidator reaches the local app only).
+    pub fn edge_plan<B>(&self, req: &Request<B>, consumer: Option<&str>) -> Option<Plan> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        self.plan_for(req, consumer, false)
+    }
+
+    fn plan_for<B>(
+        &self,
+        req: &Request<B>,
+        consumer: Option<&str>,
+        background: bool,
+    ) -> Option<Plan> {
+        let kind = match *req.method() {
+            Method::GET | Method::HEAD => Kind::Lookup,
+            Method::POST | Method::PUT | Method::DELETE | Method::PATCH => Kind::Invalidate,
+            _ => return None,
+        };
+        let path = req.uri().path();
+        let policies = self.policies.load();
+        let policy = policies.iter().find(|c| match kind {
+            Kind::Invalidate => c.spec.applies("GET", path),
+            _ => c.spec.applies(req.method().as_str(), path),
+        })?;
+        let spec = &policy.spec;
+        let resource: Arc<str> = key::resource(req, &spec.key).into();
+        let consumer = consumer.filter(|_| !spec.public);
+        let primary = key::primary(&resource, req.headers(), &spec.key, consumer);
+        let kind = match kind {
+            Kind::Lookup if bypass(req.headers()) => Kind::Bypass,
+            k => k,
+        };
+        Some(Plan {
+            policy: policy.clone(),
+            shared: self.shared.clone(),
+            resource,
+            primary,
+            kind,
+            background,
+        })
+    }
+
+    /// Entries held (after pending maintenance), for tests and `/config_dump`.
+    pub fn entries(&self) -> u64 {
+        self.policies
+            .load()
+            .iter()
+            .map(|c| {
+                c.store.sync();
+                c.store.entry_count()
+            })
+            .sum()
+    }
+}
+
+/// Requests the cache passes straight through: ranges (not cached) and `no-store`.
+fn bypass(h: &HeaderMap) -> bool {
+    h.contains_key(header::RANGE)
+        || h.contains_key(header::UPGRADE)
+        || (h.contains_key(header::CACHE_CONTROL) && CacheControl::parse(h).no_store)
+}
+
+// === impl Compiled ===
+
+impl Compiled {
+    fn new(name: &str, spec: &CachePolicySpec, metrics: &CacheMetrics) -> Self {
+        Self {
+            name: name.to_string(),
+            spec: spec.clone(),
+            store: Arc::new(Store::new(spec.max_bytes, metrics)),
+            inflight: Arc::default(),
+            invalidated: moka::sync::Cache::builder()
+                .max_capacity(16 * 1024)
+                .time_to_live(spec.max_ttl + Duration::from_secs(3600))
+                .build(),
+        }
+    }
+}
+
+// === impl Plan ===
+
+impl Plan {
+    /// Answer the request from the cache, or through `upstream` (the listener's own forward).
+    pub async fn serve<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
+        match self.kind {
+            Kind::Bypass => {
+                let mut resp = upstream(req).await?;
+                self.mark(&mut resp, BYPASS);
+                Ok(resp)
+            }
+            Kind::Invalidate => self.invalidate(req, upstream).await,
+            Kind::Lookup => self.lookup(req, upstream).await,
+        }
+    }
+
+    async fn lookup<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
+        let now = Instant::now();
+        let req_cc = CacheControl::parse(req.headers());
+        if let Some(entry) = self.find(req.headers()) {
+            let age = entry.age(now);
+            return match control::usable(age, entry.lifetime, &entry.cc, &req_cc) {
+                Use::Fresh => Ok(self.hit(&entry, &req, HIT, now)),
+                Use::StaleWhileRevalidate if self.background(&req, &entry) => {
+                    Ok(self.hit(&entry, &req, STALE, now))
+                }
+                _ => self.revalidate(req, entry, upstream).await,
+            };
+        }
+        if req_cc.only_if_cached {
+            self.shared.metrics.count(MISS);
+            let msg = "only-if-cached: no stored response";
+            return Ok(crate::error::error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "cache-miss-only-if-cached",
+                msg,
+            ));
+        }
+        let leader = match self.coalesce(&req).await {
+            Ok(entry) => return Ok(self.hit(&entry, &req, HIT, Instant::now())),
+            Err(leader) => leader,
+        };
+        self.miss(req, upstream, leader, MISS).await
+    }
+
+    /// A stored response for this request that it may use: not invalidated or purged since,
+    /// and not an unshareable one for an authorized request.
+    fn find(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
+        let variant = self.policy.store.variant_key(&self.primary, headers);
+        let entry = self.policy.store.get(&variant)?;
+        if self
+            .policy
+            .invalidated
+            .get(&self.resource)
+            .is_some_and(|at| entry.fetched <= at)
+        {
+            return None;
+        }
+        // RFC 9111 3.5: only these let a shared cache answer an authorized request.
+        let shareable = entry.cc.public || entry.cc.s_maxage.is_some() || entry.cc.must_revalidate;
+        if headers.contains_key(header::AUTHORIZATION) && !shareable {
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Wait for an identical miss already upstream (bounded), then look again: the entry, or
+    /// the leadership of this miss (`None`: go upstream without coalescing).
+    async fn coalesce<B>(&self, req: &Request<B>) -> Result<Arc<Entry>, Option<Leader>> {
+        if req.method() != Method::GET {
+            return Err(None);
+        }
+        let rx = match self.policy.inflight.join(&self.primary) {
+            Turn::Lead(l) => return Err(Some(l)),
+            Turn::Wait(rx) => rx,
+        };
+        if !coalesce::wait(rx, self.policy.spec.coalesce_wait).await {
+            self.shared.metrics.coalesce_timeouts.inc();
+            return Err(None);
+        }
+        self.shared.metrics.coalesced.inc();
+        let now = Instant::now();
+        let req_cc = CacheControl::parse(req.headers());
+        match self.find(req.headers()) {
+            Some(e) if control::usable(e.age(now), e.lifetime, &e.cc, &req_cc) == Use::Fresh => {
+                Ok(e)
+            }
+            _ => Err(None),
+        }
+    }
+
+    async fn miss<B>(
+        self,
+        req: Request<B>,
+        upstream: impl Upstream<B>,
+        leader: Option<Leader>,
+        status: &'static str,
+    ) -> Answer {
+        let fetch = entry::Fetch::start(&req);
+        let resp = upstream(req).await?;
+        Ok(self.store(fetch, resp, leader, status))
+    }
+
+    /// Attach the store to a response from upstream when it may be stored, and mark it.
+    fn store(
+        &self,
+        fetch: entry::Fetch,
+        resp: Response<ResponseBody>,
+        leader: Option<Leader>,
+        status: &'static str,
+    ) -> Response<ResponseBody> {
+        let spec = &self.policy.spec;
+        let mut status = status;
+        let mut resp = match fetch.entry(&resp, spec, &self.resource) {
+            Err(why) => {
+                tracing::trace!(?why, "response not stored");
+                resp
+            }
+            Ok(_)
+                if entry::content_length(resp.headers())
+                    .is_some_and(|n| n > spec.max_object_bytes) =>
+            {
+                status = BYPASS;
+                resp
+            }
+            Ok(e) => {
+                let limit = usize::try_from(spec.max_object_bytes).unwrap_or(usize::MAX);
+                let expected =
+                    entry::content_length(resp.headers()).and_then(|n| usize::try_from(n).ok());
+                let pending = tee::Pending {
+                    store: self.policy.store.clone(),
+                    primary: self.primary.clone(),
+                    req_headers: fetch.headers,
+                    entry: e,
+                    metrics: self.shared.metrics.clone(),
+                    purged: self.shared.purged_since(fetch.started),
+                    _leader: leader,
+                };
+                let tee = Tee::new(pending, limit, expected);
+                // An empty body is never polled: it is complete now.
+                if http_body::Body::is_end_stream(resp.body()) {
+                    tee.finish();
+                    resp
+                } else {
+                    resp.map(|b| match b {
+                        http_body_util::Either::Left(s) => {
+                            http_body_util::Either::Left(s.teed(tee))
+                        }
+                        local => local,
+                    })
+                }
+            }
+        };
+        self.mark(&mut resp, status);
+        resp
+    }
+
+    /// Validate a stored response with the origin (conditional request with its validators,
+    /// unless the client sent its own): a 304 refreshes it; an origin error may be answered
+    /// with it only within `stale-if-error`; an unreachable origin with `must-revalidate` is
+    /// a 504 (RFC 9111 5.2.2.2).
+    async fn revalidate<B>(
+        self,
+        mut req: Request<B>,
+        stored: Arc<Entry>,
+        upstream: impl Upstream<B>,
+    ) -> Answer {
+        let age = stored.age(Instant::now());
+        let ours = entry::add_validators(req.headers_mut(), &stored);
+        let fetch = entry::Fetch::start(&req);
+        let head = req.method() == Method::HEAD;
+        let may_stale = control::stale_if_error(age, stored.lifetime, &stored.cc);
+        match upstream(req).await {
+            Ok(resp) if ours && resp.status() == StatusCode::NOT_MODIFIED => {
+                let fresh = stored.refreshed(resp.headers(), fetch.requested, &self.policy.spec);
+                drop(resp);
+                // Purged while revalidating: answer, but do not bring it back.
+                if (self.shared.purged_since(fetch.started))(&fresh) {
+                    return Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()));
+                }
+                let fresh = self.policy.store.insert(
+                    &self.primary,
+                    &fetch.headers,
+                    fresh,
+                    &self.shared.metrics,
+                );
+                Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
+            }
+            Ok(resp) if resp.status().is_server_error() && may_stale => {
+                Ok(self.hit_parts(&stored, head, STALE, Instant::now()))
+            }
+            Ok(resp) => Ok(self.store(fetch, resp, None, EXPIRED)),
+            Err(_) if may_stale => Ok(self.hit_parts(&stored, head, STALE, Instant::now())),
+            Err(e) if stored.cc.must_revalidate || stored.cc.proxy_revalidate => {
+                self.shared.metrics.count(EXPIRED);
+                let msg = format!("stored response must be revalidated and the origin failed: {e}");
+                Ok(crate::error::error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "cache-revalidation-failed",
+                    &msg,
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Start a background revalidation (one per key at a time); `false` when there is no way
+    /// to (the stale entry is then revalidated in the foreground).
+    fn background<B>(&self, req: &Request<B>, stored: &Arc<Entry>) -> bool {
+        let Some(rv) = self
+            .shared
+            .revalidator
+            .get()
+            .filter(|_| self.background)
+            .cloned()
+        else {
+            return false;
+        };
+        let Some(leader) = self.policy.inflight.try_lead(&self.primary) else {
+            // Already being fetched or revalidated: the stale entry answers meanwhile.
+            return true;
+        };
+        let job = revalidate::Job {
+            request: entry::revalidation_request(req, stored),
+            stored: stored.clone(),
+            store: self.policy.store.clone(),
+            primary: self.primary.clone(),
+            spec: self.policy.spec.clone(),
+            resource: self.resource.clone(),
+            metrics: self.shared.metrics.clone(),
+            leader,
+        };
+        tokio::spawn(job.run(rv));
+        true
+    }
+
+    /// Invalidate the target (and same-origin `Location` / `Content-Location`) of an unsafe
+    /// method that succeeded (RFC 9111 4.4).
+    async fn invalidate<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
+        let resp = upstream(req).await?;
+        if resp.status().is_success() || resp.status().is_redirection() {
+            let now = Instant::now();
+            self.policy.invalidated.insert(self.resource.clone(), now);
+            for h in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(r) = entry::same_origin(&self.resource, resp.headers().get(h)) {
+                    self.policy.invalidated.insert(r, now);
+                }
+            }
+        }
+        Ok(resp)
+    }
+
+    fn hit<B>(
+        &self,
+        e: &Entry,
+        req: &Request<B>,
+        status: &'static str,
+        now: Instant,
+    ) -> Response<ResponseBody> {
+        if status == HIT && entry::not_modified(req.headers(), e) {
+            let mut resp = e.response(true, now);
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            self.mark(&mut resp, status);
+            return resp;
+        }
+        self.hit_parts(e, req.method() == Method::HEAD, status, now)
+    }
+
+    fn hit_parts(
+        &self,
+        e: &Entry,
+        head: bool,
+        status: &'static str,
+        now: Instant,
+    ) -> Response<ResponseBody> {
+        let mut resp = e.response(head, now);
+        self.mark(&mut resp, status);
+        resp
+    }
+
+    fn mark(&self, resp: &mut Response<ResponseBody>, status: &'static str) {
+        self.shared.metrics.count(status);
+        resp.headers_mut()
+            .insert(CACHE_STATUS, HeaderValue::from_static(status));
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Whether a purge since `started` selects an entry (checked just before storing it).
+    fn purged_since(
+        self: &Arc<Self>,
+        started: Instant,
+    ) -> Box<dyn Fn(&Entry) -> bool + Send + Sync> {
+        let shared = self.clone();
+        Box::new(move |e| {
+            let recent = shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.iter().any(|(at, s)| *at >= started && e.matches(s))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(policies: serde_json::Value, purges: serde_json::Value) -> Snapshot {
+        let doc: trellis_policies::MeshDocument = serde_json::from_value(serde_json::json!({
+            "cache_policies": policies,
+            "cache_purges": purges,
+        }))
+        .expect("document");
+        Snapshot::from_document(&doc, "td", 1, "test".into()).expect("snapshot")
+    }
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "h");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn plans_only_for_the_own_services_enabled_policies() {
+        let cache = ResponseCache::inert();
+        assert!(
+            cache.plan(&req("GET", "/a", &[]), None).is_none(),
+            "no snapshot yet"
+        );
+        cache.update(&snapshot(
+            serde_json::json!({"x": {"service": "other"}}),
+            serde_json::json!({}),
+        ));
+        assert!(
+            cache.plan(&req("GET", "/a", &[]), None).is_none(),
+            "another service's"
+        );
+        let mine = ResponseCache::with_metrics("web", CacheMetrics::default());
+        mine.update(&snapshot(
+            serde_json::json!({"off": {"service": "web", "enabled": false}}),
+            serde_json::json!({}),
+        ));
+        assert!(
+            !mine.enabled.load(Ordering::Relaxed),
+            "a disabled policy costs nothing"
+        );
+        let on =
+            serde_json::json!({"c": {"service": "web", "match": {"path": {"prefix": "/api"}}}});
+        mine.update(&snapshot(on.clone(), serde_json::json!({})));
+        let kind = |m: &str, uri: &str, h: &[(&str, &str)]| {
+            mine.plan(&req(m, uri, h), None).map(|p| p.kind)
+        };
+        assert_eq!(kind("GET", "/api/x", &[]), Some(Kind::Lookup));
+        assert_eq!(kind("HEAD", "/api/x", &[]), Some(Kind::Lookup));
+        assert_eq!(kind("GET", "/other", &[]), None);
+        assert_eq!(kind("POST", "/api/x", &[]), Some(Kind::Invalidate));
+        assert_eq!(kind("OPTIONS", "/api/x", &[]), None);
+        assert_eq!(
+            kind("GET", "/api/x", &[("range", "bytes=0-1")]),
+            Some(Kind::Bypass)
+        );
+        assert_eq!(
+            kind("GET", "/api/x", &[("cache-control", "no-store")]),
+            Some(Kind::Bypass)
+        );
+        // An unchanged policy keeps its store across snapshots; a changed one starts empty.
+        let before = mine.policies.load()[0].store.clone();
+        mine.update(&snapshot(on, serde_json::json!({})));
+        assert!(Arc::ptr_eq(&before, &mine.policies.load()[0].store));
+        mine.update(&snapshot(
+            serde_json::json!({"c": {"service": "web"}}),
+            serde_json::json!({}),
+        ));
+        assert!(!Arc::ptr_eq(&before, &mine.policies.load()[0].store));
+    }
+
+    #[test]
+    fn consumers_are_isolated_unless_public() {
+        let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
+        cache.update(&snapshot(
+            serde_json::json!({"c": {"service": "web"}}),
+            serde_json::json!({}),
+        ));
+        let r = req("GET", "/a", &[]);
+        let a = cache.plan(&r, Some("acme")).expect("plan").primary;
+        let b = cache.plan(&r, Some("globex")).expect("plan").primary;
+        assert_ne!(a, b);
+        cache.update(&snapshot(
+            serde_json::json!({"c": {"service": "web", "public": true}}),
+            serde_json::json!({}),
+        ));
+        let a = cache.plan(&r, Some("acme")).expect("plan").primary;
+        let b = cache.plan(&r, Some("globex")).expect("plan").primary;
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_purge_record_is_applied_once_and_a_bad_one_refused() {
+        let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
+        let policy = serde_json::json!({"c": {"service": "web"}});
+        let purge = |id: u64, tag: &str| serde_json::json!({"web": {"service": "web", "id": id, "tag": tag}});
+        cache.update(&snapshot(policy.clone(), purge(1, "t")));
+        cache.update(&snapshot(policy.clone(), purge(1, "t")));
+        assert_eq!(cache.shared.metrics.purges.get(), 1);
+        cache.update(&snapshot(policy.clone(), purge(2, "t")));
+        assert_eq!(cache.shared.metrics.purges.get(), 2);
+        // Bypassing validation (a snapshot built by hand): refused, counted.
+        let mut snap = snapshot(policy, serde_json::json!({}));
+        snap.cache_purges.insert(
+            "web".into(),
+            CachePurgeSpec {
+                service: "web".into(),
+                id: 3,
+                prefix: Some("no-slash".into()),
+                key: None,
+                tag: None,
+            },
+        );
+        cache.update(&snap);
+        assert_eq!(cache.shared.metrics.purge_errors.get(), 1);
+        assert_eq!(cache.shared.metrics.purges.get(), 2);
+    }
+}

@@ -1,0 +1,102 @@
+//! Background revalidation (`stale-while-revalidate`, RFC 5861 section 3): the stale entry
+//! answers at once, and a conditional GET to the origin, sent by a task of its own, refreshes
+//! or replaces it. One at a time per key (the coalescing leader's slot), so a burst of stale
+//! hits sends one request.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use trellis_policies::CachePolicySpec;
+
+use super::coalesce::Leader;
+use super::metrics::CacheMetrics;
+use super::store::{Entry, Store};
+use super::CacheError;
+
+type Sent = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
+
+/// Sends a revalidation request to the origin.
+pub type Revalidator = Arc<dyn Fn(Request<Empty<Bytes>>) -> Sent + Send + Sync>;
+
+/// A revalidator that sends to the local app over HTTP/1.1 (what every app the inbound
+/// listener reaches speaks, in `auto` mode too), within `timeout`.
+pub fn app_revalidator(app: SocketAddr, timeout: Duration) -> Revalidator {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    Arc::new(move |mut req| {
+        let client = client.clone();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!("http://{app}{path}").parse::<http::Uri>();
+        Box::pin(async move {
+            *req.uri_mut() = uri.map_err(|e| e.to_string())?;
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no response within {timeout:?}")),
+            }
+        })
+    })
+}
+
+pub(super) struct Job {
+    pub request: Request<Empty<Bytes>>,
+    pub stored: Arc<Entry>,
+    pub store: Arc<Store>,
+    pub primary: String,
+    pub spec: CachePolicySpec,
+    pub resource: Arc<str>,
+    pub metrics: CacheMetrics,
+    pub leader: Leader,
+}
+
+// === impl Job ===
+
+impl Job {
+    pub async fn run(self, send: Revalidator) {
+        let uri = self.request.uri().to_string();
+        if let Err(e) = self.revalidate(send).await {
+            let CacheError::Revalidation { message, .. } = &e;
+            tracing::debug!(%uri, %message, "background revalidation failed; the stale entry stays until its windows end");
+        }
+    }
+
+    async fn revalidate(self, send: Revalidator) -> Result<(), CacheError> {
+        let uri = self.request.uri().to_string();
+        let fail = |message: String| CacheError::Revalidation {
+            uri: uri.clone(),
+            message,
+        };
+        let fetch = super::entry::Fetch::start(&self.request);
+        let resp = send(self.request).await.map_err(fail)?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            let fresh = self
+                .stored
+                .refreshed(resp.headers(), fetch.requested, &self.spec);
+            self.store
+                .insert(&self.primary, &fetch.headers, fresh, &self.metrics);
+            return Ok(());
+        }
+        let Ok(mut entry) = fetch.entry(&resp, &self.spec, &self.resource) else {
+            // Not storable now: the stale entry ends with its windows.
+            return Ok(());
+        };
+        let limit = usize::try_from(self.spec.max_object_bytes).unwrap_or(usize::MAX);
+        let body = Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        entry.body = body.to_bytes();
+        entry.stored = std::time::Instant::now();
+        self.store
+            .insert(&self.primary, &fetch.headers, entry, &self.metrics);
+        drop(self.leader);
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! Storing a response while it streams to the client: the body's frames are copied as they
+//! pass (the client is never made to wait for the whole body), and the entry is inserted only
+//! when the body has ended cleanly with every byte its `Content-Length` announced. A body that
+//! fails, is abandoned by the client, or grows past the object limit is dropped: nothing
+//! half-written is ever served.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+
+use super::coalesce::Leader;
+use super::metrics::CacheMetrics;
+use super::store::{Entry, Store};
+
+pub struct Tee {
+    buf: BytesMut,
+    limit: usize,
+    /// The announced length, checked at the end.
+    expected: Option<usize>,
+    overflowed: bool,
+    pending: Option<Pending>,
+}
+
+/// What the entry is made of once the body is complete.
+pub(super) struct Pending {
+    pub store: Arc<Store>,
+    pub primary: String,
+    pub req_headers: HeaderMap,
+    /// Headers, freshness and times: everything but the body.
+    pub entry: Entry,
+    pub metrics: CacheMetrics,
+    /// Purged since the request started: do not store (the purge must win).
+    pub purged: Box<dyn Fn(&Entry) -> bool + Send + Sync>,
+    pub _leader: Option<Leader>,
+}
+
+// === impl Tee ===
+
+impl Tee {
+    pub(super) fn new(pending: Pending, limit: usize, expected: Option<usize>) -> Self {
+        Self {
+            buf: BytesMut::with_capacity(expected.unwrap_or(8 * 1024).min(limit)),
+            limit,
+            expected,
+            overflowed: false,
+            pending: Some(pending),
+        }
+    }
+
+    /// A data frame passed to the client.
+    pub fn data(&mut self, chunk: &Bytes) {
+        if self.overflowed {
+            return;
+        }
+        if self.buf.len() + chunk.len() > self.limit {
+            // Over the object limit: the rest streams through, nothing is stored.
+            self.overflowed = true;
+            self.buf = BytesMut::new();
+            self.pending = None;
+            return;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The body ended cleanly: store the entry if it is whole.
+    pub fn finish(mut self) {
+        let Some(p) = self.pending.take() else { return };
+        if self.overflowed || self.expected.is_some_and(|n| n != self.buf.len()) {
+            return;
+        }
+        let mut entry = p.entry;
+        entry.body = std::mem::take(&mut self.buf).freeze();
+        if (p.purged)(&entry) {
+            return;
+        }
+        p.store
+            .insert(&p.primary, &p.req_headers, entry, &p.metrics);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn pending(store: &Arc<Store>, m: &CacheMetrics) -> Pending {
+        Pending {
+            store: store.clone(),
+            primary: "p".into(),
+            req_headers: HeaderMap::new(),
+            entry: Entry {
+                status: http::StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                cc: Default::default(),
+                lifetime: Duration::from_secs(60),
+                initial_age: Duration::ZERO,
+                stored: Instant::now(),
+                fetched: Instant::now(),
+                resource: Arc::from("h\0/a"),
+                tags: vec![],
+                vary: Arc::from([]),
+            },
+            metrics: m.clone(),
+            purged: Box::new(|_| false),
+            _leader: None,
+        }
+    }
+
+    #[test]
+    fn only_whole_bodies_within_the_limit_are_stored() {
+        let m = CacheMetrics::default();
+        let store = Arc::new(Store::new(1 << 20, &m));
+        let key = |s: &Store| s.get(&s.variant_key("p", &HeaderMap::new()));
+
+        // Announced 10 bytes, 5 arrived (the upstream closed mid-body): not stored.
+        let mut t = Tee::new(pending(&store, &m), 100, Some(10));
+        t.data(&Bytes::from_static(b"hello"));
+        t.finish();
+        assert!(key(&store).is_none());
+
+        // Past the limit: streamed through, not stored.
+        let mut t = Tee::new(pending(&store, &m), 4, None);
+        t.data(&Bytes::from_static(b"hello"));
+        t.finish();
+        assert!(key(&store).is_none());
+
+        // Abandoned (dropped without finish): not stored.
+        let mut t = Tee::new(pending(&store, &m), 100, None);
+        t.data(&Bytes::from_static(b"hel"));
+        drop(t);
+        assert!(key(&store).is_none());
+
+        let mut t = Tee::new(pending(&store, &m), 100, Some(10));
+        t.data(&Bytes::from_static(b"hello"));
+        t.data(&Bytes::from_static(b"world"));
+        t.finish();
+        assert_eq!(key(&store).unwrap().body, "helloworld");
+    }
+}
