@@ -201,6 +201,22 @@ pub enum Command {
         #[command(subcommand)]
         command: IptablesCommand,
     },
+    /// Add the sidecar to the workloads of a Kubernetes manifest (YAML or JSON; Deployment,
+    /// StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, List) and print it. Options come
+    /// from these flags or from `trellis.dev/*` annotations on the pod template.
+    Inject {
+        /// The manifest, `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        options: Box<crate::inject::options::Options>,
+    },
+    /// Remove what `inject` added, restoring the workloads exactly.
+    Uninject {
+        /// The manifest, `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
 }
 
 /// The dashboard's alert destinations. Boxed in [`Command`]: they would make its
@@ -678,6 +694,14 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             command,
         } => wait_ready(admin, timeout, interval, command),
         Command::Iptables { command } => iptables(command),
+        Command::Inject { file, options } => {
+            crate::inject::cli::run(&file, crate::inject::manifest::Mode::Inject(&options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninject { file } => {
+            crate::inject::cli::run(&file, crate::inject::manifest::Mode::Uninject)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Etcd { command } => etcd(command),
         Command::DemoApp {
             listen,

@@ -1,0 +1,1 @@
+//! JSONPatch (RFC 6902) between two pods.

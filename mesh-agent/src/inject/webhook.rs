@@ -1,0 +1,1 @@
+//! `mesh-agent injector`: the mutating admission webhook.
