@@ -320,8 +320,10 @@ fn kubelet_probe_ports_are_not_captured() {
 
 /// Where `kubernetes-validate` is: on PATH, or in the venv `.ci/run` makes.
 fn kubernetes_validate() -> Option<PathBuf> {
-    let venv = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/trellis-kubeval/bin/kubernetes-validate"));
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    let venv = cache.map(|c| c.join("trellis-kubeval/bin/kubernetes-validate"));
     let on_path = Command::new("kubernetes-validate")
         .arg("--version")
         .output()

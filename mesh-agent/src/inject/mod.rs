@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod options;
 pub mod patch;
 pub mod pod;
+pub mod review;
 pub mod sidecar;
 pub mod webhook;
 

@@ -1,0 +1,276 @@
+//! `mesh-agent injector` over real TLS: AdmissionReview v1 requests shaped as in the
+//! Kubernetes API reference, answered with a JSONPatch that, applied to the pod, gives the
+//! pod `mesh-agent inject` makes (the golden files of tests/inject_data).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use mesh_agent::inject::options::Options;
+use mesh_agent::inject::webhook::{self, InjectorConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use trellis_proxy::identity::CertificateAuthority;
+
+/// The Service name the API server dials (the certificate's DNS SAN).
+const HOST: &str = "trellis-injector.trellis-system.svc";
+/// The flags of the CLI's golden files.
+const FLAGS: &[&str] = &[
+    "--etcd-endpoints",
+    "http://etcd.trellis-system.svc:2379",
+    "--otlp-endpoint",
+    "http://otel-collector.observability.svc:4317",
+];
+
+fn data(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/inject_data")
+        .join(name);
+    let text = std::fs::read_to_string(&path).expect("test data");
+    let doc: serde_norway::Value = serde_norway::from_str(&text).expect("yaml");
+    serde_json::to_value(doc).expect("json")
+}
+
+/// A started injector and a client trusting its CA.
+struct Injector {
+    addr: std::net::SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    _dir: tempfile::TempDir,
+}
+
+impl Injector {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca =
+            CertificateAuthority::generate("example.org", Duration::from_secs(3600)).expect("ca");
+        let leaf = ca
+            .issue_for_hosts(&[HOST], Duration::from_secs(3600))
+            .expect("leaf");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, &leaf.cert_pem).expect("cert");
+        std::fs::write(&key, &leaf.key_pem).expect("key");
+        let running = webhook::start(InjectorConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            cert,
+            key,
+            reload_interval: Duration::from_secs(1),
+            options: Options::from_flags(FLAGS).expect("flags"),
+        })
+        .await
+        .expect("injector starts");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca pem"))
+            .expect("root");
+        let mut client =
+            rustls::ClientConfig::builder_with_provider(trellis_proxy::identity::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            addr: running.addr,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            _dir: dir,
+        }
+    }
+
+    /// One HTTPS request; the status and the body.
+    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let name = ServerName::try_from(HOST).expect("name");
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake verifies the injector");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("http");
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", HOST)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, body.to_vec())
+    }
+
+    async fn review(&self, path: &str, review: &Value) -> Value {
+        let (status, body) = self
+            .call("POST", path, review.to_string().into_bytes())
+            .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let answer: Value = serde_json::from_slice(&body).expect("json answer");
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(answer["kind"], "AdmissionReview");
+        assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+        answer["response"].clone()
+    }
+}
+
+/// An AdmissionReview v1 for `operation` on `pod`, as the API server sends it.
+fn admission_review(pod: &Value, operation: &str) -> Value {
+    let gvk = json!({"group": "", "version": "v1", "kind": "Pod"});
+    let gvr = json!({"group": "", "version": "v1", "resource": "pods"});
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": gvk,
+            "resource": gvr,
+            "requestKind": gvk,
+            "requestResource": gvr,
+            "name": pod["metadata"]["name"],
+            "namespace": "shop",
+            "operation": operation,
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "uid": "014fbff9a07c",
+                "groups": ["system:serviceaccounts", "system:authenticated"]
+            },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
+/// Apply a JSONPatch of object-member operations (all the injector sends).
+fn apply(doc: &mut Value, patch: &[Value]) {
+    for op in patch {
+        let path = op["path"].as_str().expect("path");
+        let mut tokens: Vec<String> = path
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        let last = tokens.pop().expect("member");
+        let parent = tokens.iter().fold(&mut *doc, |v, t| {
+            v.get_mut(t).unwrap_or_else(|| panic!("no {t} in {path}"))
+        });
+        let obj = parent.as_object_mut().expect("an object member");
+        match op["op"].as_str().expect("op") {
+            "add" => {
+                obj.insert(last, op["value"].clone());
+            }
+            "replace" => {
+                assert!(obj.contains_key(&last), "replace of a missing {path}");
+                obj.insert(last, op["value"].clone());
+            }
+            "remove" => {
+                obj.remove(&last).expect("remove of a missing member");
+            }
+            other => panic!("unexpected op {other}"),
+        }
+    }
+}
+
+fn patch_of(response: &Value) -> Vec<Value> {
+    assert_eq!(response["allowed"], true, "{response}");
+    assert_eq!(response["patchType"], "JSONPatch", "{response}");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("patch"))
+        .expect("base64");
+    serde_json::from_slice(&raw).expect("a JSON array of operations")
+}
+
+/// A pod as a controller creates it from a workload's template.
+fn pod_from_template(template: &Value, generate_name: &str) -> Value {
+    let mut meta = template["metadata"].clone();
+    meta["generateName"] = json!(generate_name);
+    meta["namespace"] = json!("shop");
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]})
+}
+
+#[tokio::test]
+async fn the_patched_pod_is_the_pod_the_cli_makes() {
+    let injector = Injector::start().await;
+    let cases = [
+        (data("pod.yaml"), data("golden/pod.yaml")),
+        (
+            pod_from_template(&data("statefulset.yaml")["spec"]["template"], "ledger-"),
+            pod_from_template(
+                &data("golden/statefulset.yaml")["spec"]["template"],
+                "ledger-",
+            ),
+        ),
+        (
+            pod_from_template(&data("job.yaml")["spec"]["template"], "nightly-report-"),
+            pod_from_template(
+                &data("golden/job.yaml")["spec"]["template"],
+                "nightly-report-",
+            ),
+        ),
+    ];
+    for (pod, cli) in cases {
+        let response = injector
+            .review("/inject", &admission_review(&pod, "CREATE"))
+            .await;
+        let mut patched = pod.clone();
+        apply(&mut patched, &patch_of(&response));
+        assert_eq!(patched, cli);
+        // A pod already injected (from an injected template) gets no patch.
+        let again = injector
+            .review("/inject", &admission_review(&cli, "CREATE"))
+            .await;
+        assert_eq!(again["allowed"], true);
+        assert!(again.get("patch").is_none(), "{again}");
+    }
+}
+
+#[tokio::test]
+async fn gates_operations_and_refusals() {
+    let injector = Injector::start().await;
+    let pod = data("pod.yaml");
+    // Other namespaces: only annotated pods.
+    let r = injector
+        .review("/inject-annotated", &admission_review(&pod, "CREATE"))
+        .await;
+    assert_eq!(r["allowed"], true);
+    assert!(r.get("patch").is_none(), "{r}");
+    let mut annotated = pod.clone();
+    annotated["metadata"]["annotations"] = json!({"trellis.dev/inject": "enabled"});
+    let r = injector
+        .review("/inject-annotated", &admission_review(&annotated, "CREATE"))
+        .await;
+    assert!(!patch_of(&r).is_empty());
+    // Updates are not injected (a pod's containers cannot change after creation).
+    let r = injector
+        .review("/inject", &admission_review(&pod, "UPDATE"))
+        .await;
+    assert!(r.get("patch").is_none(), "{r}");
+    // A refusal denies the pod with the reason.
+    let mut host = pod.clone();
+    host["spec"]["hostNetwork"] = json!(true);
+    let r = injector
+        .review("/inject", &admission_review(&host, "CREATE"))
+        .await;
+    assert_eq!(r["allowed"], false);
+    let message = r["status"]["message"].as_str().expect("message");
+    assert!(message.contains("hostNetwork"), "{message}");
+    // Not an AdmissionReview, an unknown path, and the health check.
+    let (status, _) = injector
+        .call("POST", "/inject", b"{\"kind\": 1}".to_vec())
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = injector.call("POST", "/elsewhere", Vec::new()).await;
+    assert_eq!(status, 404);
+    let (status, body) = injector.call("GET", "/healthz", Vec::new()).await;
+    assert_eq!((status, body.as_slice()), (200, b"ok\n".as_slice()));
+}
