@@ -332,10 +332,10 @@ fn kubernetes_validate() -> Option<PathBuf> {
     on_path.or(venv.filter(|p| p.exists()))
 }
 
-/// Every injected workload against the Kubernetes 1.31 schemas (native sidecars are on by
-/// default from 1.29), strictly: an unknown or misspelt field fails.
-#[test]
-fn injected_workloads_pass_the_kubernetes_schemas() {
+/// Check `docs` against the Kubernetes 1.31 schemas (native sidecars are on by default from
+/// 1.29), strictly: an unknown or misspelt field fails. Skipped where the validator is not
+/// installed, except in CI (`.ci/run` installs it).
+fn validate_schemas(docs: &[Value], origin: &Path) {
     let Some(validate) = kubernetes_validate() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -345,6 +345,28 @@ fn injected_workloads_pass_the_kubernetes_schemas() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("out.yaml");
+    std::fs::write(
+        &file,
+        manifest::render(Format::Yaml, docs).expect("renders"),
+    )
+    .expect("write");
+    let out = Command::new(&validate)
+        .args(["--strict", "--quiet", "-k", "1.31"])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate runs");
+    assert!(
+        out.status.success(),
+        "{}: {}{}",
+        origin.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn injected_workloads_pass_the_kubernetes_schemas() {
     for input in inputs() {
         let (_, docs) = parse(&read(&golden(&input)));
         // A List's items one by one (its schema does not look inside them); the custom
@@ -357,24 +379,7 @@ fn injected_workloads_pass_the_kubernetes_schemas() {
             })
             .filter(|d| d["apiVersion"].as_str() != Some("argoproj.io/v1alpha1"))
             .collect();
-        let file = dir.path().join("out.yaml");
-        std::fs::write(
-            &file,
-            manifest::render(Format::Yaml, &known).expect("renders"),
-        )
-        .expect("write");
-        let out = Command::new(&validate)
-            .args(["--strict", "--quiet", "-k", "1.31"])
-            .arg(&file)
-            .output()
-            .expect("kubernetes-validate runs");
-        assert!(
-            out.status.success(),
-            "{}: {}{}",
-            input.display(),
-            text(&out.stdout),
-            text(&out.stderr)
-        );
+        validate_schemas(&known, &input);
     }
 }
 
@@ -413,4 +418,101 @@ fn bad_input_is_refused_whole() {
     let binary = mesh_agent(&["inject", "-f", "-"], "\u{0}\u{1}binary");
     assert_eq!(binary.status.code(), Some(1));
     assert!(binary.stdout.is_empty());
+}
+
+/// `examples/kubernetes/inject/injector.yaml` agrees with the binary: the Deployment's args
+/// parse as `mesh-agent injector`, the port, certificate paths, Secret, Service name and
+/// webhook paths line up, and the core documents pass the schemas.
+#[test]
+fn the_injector_manifests_agree_with_the_binary() {
+    use clap::Parser;
+    use mesh_agent::cli::{Cli, Command as Cmd};
+    use mesh_agent::inject::webhook::{HEALTH_PATH, INJECT_ANNOTATED_PATH, INJECT_PATH};
+    let path = root().join("examples/kubernetes/inject/injector.yaml");
+    let (_, docs) = parse(&read(&path));
+    let doc = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let pod = template(doc("Deployment"), &["spec", "template", "spec"]);
+    let container = &pod["containers"][0];
+    let args = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str);
+    let cli = Cli::try_parse_from(std::iter::once("mesh-agent").chain(args)).expect("args parse");
+    let Cmd::Injector {
+        listen,
+        tls_cert,
+        tls_key,
+        options,
+    } = cli.command
+    else {
+        panic!("not `injector`: {:?}", cli.command);
+    };
+    assert_eq!(
+        options.config_map, "trellis-sidecar",
+        "the ConfigMap of sidecar-configmap.yaml"
+    );
+    let port = named(&container["ports"], "webhook");
+    assert_eq!(
+        port["containerPort"].as_u64(),
+        Some(u64::from(listen.port()))
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(
+            (get["path"].as_str(), get["scheme"].as_str()),
+            (Some(HEALTH_PATH), Some("HTTPS"))
+        );
+    }
+    let mount = named(&container["volumeMounts"], "certs")["mountPath"]
+        .as_str()
+        .expect("mount");
+    assert_eq!(tls_cert.parent(), Some(Path::new(mount)));
+    assert_eq!(tls_key.parent(), Some(Path::new(mount)));
+    let secret = named(&pod["volumes"], "certs")["secret"]["secretName"].clone();
+    let certificate = doc("Certificate");
+    assert_eq!(certificate["spec"]["secretName"], secret);
+    let service = doc("Service");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "webhook");
+    let ns = service["metadata"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    let dns = format!(
+        "{}.{ns}.svc",
+        service["metadata"]["name"].as_str().expect("name")
+    );
+    assert!(certificate["spec"]["dnsNames"]
+        .as_sequence()
+        .expect("dnsNames")
+        .contains(&Value::from(dns)));
+    let hooks = doc("MutatingWebhookConfiguration")["webhooks"]
+        .as_sequence()
+        .expect("webhooks");
+    let paths: Vec<&str> = hooks
+        .iter()
+        .filter_map(|h| h["clientConfig"]["service"]["path"].as_str())
+        .collect();
+    assert_eq!(paths, [INJECT_PATH, INJECT_ANNOTATED_PATH]);
+    for h in hooks {
+        assert_eq!(
+            h["clientConfig"]["service"]["name"],
+            service["metadata"]["name"]
+        );
+        assert_eq!(
+            h["clientConfig"]["service"]["port"],
+            service["spec"]["ports"][0]["port"]
+        );
+    }
+    validate_schemas(
+        &docs
+            .iter()
+            .filter(|d| d["apiVersion"].as_str() != Some("cert-manager.io/v1"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        &path,
+    );
 }

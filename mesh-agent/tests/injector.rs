@@ -44,6 +44,7 @@ struct Injector {
 }
 
 impl Injector {
+    /// With a certificate from a CA of `CertificateAuthority` for [`HOST`].
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca =
@@ -51,21 +52,26 @@ impl Injector {
         let leaf = ca
             .issue_for_hosts(&[HOST], Duration::from_secs(3600))
             .expect("leaf");
-        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert, &leaf.cert_pem).expect("cert");
-        std::fs::write(&key, &leaf.key_pem).expect("key");
+        std::fs::write(dir.path().join("tls.crt"), &leaf.cert_pem).expect("cert");
+        std::fs::write(dir.path().join("tls.key"), &leaf.key_pem).expect("key");
+        Self::start_in(dir, "", ca.cert_pem()).await
+    }
+
+    /// With `tls.crt` and `tls.key` of `dir/sub`, trusting `ca_pem`.
+    async fn start_in(dir: tempfile::TempDir, sub: &str, ca_pem: &str) -> Self {
+        let certs = dir.path().join(sub);
         let running = webhook::start(InjectorConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            cert,
-            key,
-            reload_interval: Duration::from_secs(1),
+            cert: certs.join("tls.crt"),
+            key: certs.join("tls.key"),
+            reload_interval: Duration::from_millis(100),
             options: Options::from_flags(FLAGS).expect("flags"),
         })
         .await
         .expect("injector starts");
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca pem"))
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca pem"))
             .expect("root");
         let mut client =
             rustls::ClientConfig::builder_with_provider(trellis_proxy::identity::crypto_provider())
@@ -81,8 +87,8 @@ impl Injector {
         }
     }
 
-    /// One HTTPS request; the status and the body.
-    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+    /// A TLS connection that verified the injector as [`HOST`].
+    async fn connect(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .expect("connect");
@@ -92,6 +98,19 @@ impl Injector {
             .connect(name, tcp)
             .await
             .expect("TLS handshake verifies the injector");
+        tls
+    }
+
+    /// The certificate the injector presents now.
+    async fn served_certificate(&self) -> Vec<u8> {
+        let tls = self.connect().await;
+        let (_, session) = tls.get_ref();
+        session.peer_certificates().expect("certificate")[0].to_vec()
+    }
+
+    /// One HTTPS request; the status and the body.
+    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let tls = self.connect().await;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .expect("http");
@@ -273,4 +292,68 @@ async fn gates_operations_and_refusals() {
     assert_eq!(status, 404);
     let (status, body) = injector.call("GET", "/healthz", Vec::new()).await;
     assert_eq!((status, body.as_slice()), (200, b"ok\n".as_slice()));
+}
+
+/// examples/kubernetes/inject/injector-certs.sh (the way without cert-manager): its
+/// certificate is served and verified for the Service name; run again (renewal), it keeps the
+/// CA and the running injector serves the new certificate without a restart.
+#[tokio::test]
+async fn the_documented_certificate_script_makes_what_the_injector_serves() {
+    let has_openssl = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok();
+    if !has_openssl {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openssl is missing; .ci/run installs it"
+        );
+        return eprintln!("skipped: no openssl");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/kubernetes/inject/injector-certs.sh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("certs");
+    let run = || {
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&out_dir)
+            .output()
+            .expect("bash");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("create secret tls trellis-injector-tls"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mutatingwebhookconfiguration trellis-injector"),
+            "{text}"
+        );
+    };
+    run();
+    let ca = std::fs::read_to_string(out_dir.join("ca.crt")).expect("ca.crt");
+    let first = std::fs::read(out_dir.join("tls.crt")).expect("tls.crt");
+    let injector = Injector::start_in(dir, "certs", &ca).await;
+    let (status, _) = injector.call("GET", "/healthz", Vec::new()).await;
+    assert_eq!(status, 200);
+    let pem = |b: &[u8]| CertificateDer::from_pem_slice(b).expect("pem").to_vec();
+    assert_eq!(injector.served_certificate().await, pem(&first));
+    run();
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("ca.crt")).expect("ca.crt"),
+        ca,
+        "CA kept"
+    );
+    let renewed = pem(&std::fs::read(out_dir.join("tls.crt")).expect("tls.crt"));
+    assert_ne!(renewed, pem(&first));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while injector.served_certificate().await != renewed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "renewed certificate not served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

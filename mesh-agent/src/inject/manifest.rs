@@ -52,7 +52,8 @@ pub fn rewrite(text: &str, mode: Mode<'_>) -> Result<Rewritten, InjectError> {
 
 /// JSON when the input is a stream of JSON values, else YAML (which also reads most JSON).
 /// Mappings keep their key order (serde_norway's mapping is ordered). Empty documents
-/// (comments only) are dropped.
+/// (comments only) are dropped. YAML is read and written as Kubernetes reads it
+/// ([`super::yaml`]).
 pub fn parse(text: &str) -> Result<(Format, Vec<Value>), InjectError> {
     if text.trim_start().starts_with(['{', '[']) {
         let json: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(text)
@@ -64,7 +65,8 @@ pub fn parse(text: &str) -> Result<(Format, Vec<Value>), InjectError> {
     }
     let mut docs = Vec::new();
     for d in serde_norway::Deserializer::from_str(text) {
-        let v = Value::deserialize(d).map_err(|e| InjectError::Parse(e.to_string()))?;
+        let mut v = Value::deserialize(d).map_err(|e| InjectError::Parse(e.to_string()))?;
+        super::yaml::restore_octal_modes(&mut v);
         if !v.is_null() {
             docs.push(v);
         }
@@ -76,7 +78,7 @@ pub fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
     let mut out = String::new();
     for (i, d) in docs.iter().enumerate() {
         let text = match format {
-            Format::Yaml => serde_norway::to_string(d).map_err(|e| e.to_string()),
+            Format::Yaml => Ok(super::yaml::to_string(d)),
             Format::Json => serde_json::to_string_pretty(d)
                 .map(|s| s + "\n")
                 .map_err(|e| e.to_string()),

@@ -18,6 +18,7 @@ pub mod pod;
 pub mod review;
 pub mod sidecar;
 pub mod webhook;
+pub mod yaml;
 
 /// The sidecar container's name (a native sidecar: an init container restarted always).
 pub const SIDECAR_NAME: &str = "mesh-agent";

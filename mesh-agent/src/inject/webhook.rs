@@ -29,6 +29,12 @@ use trellis_proxy::listeners::ingress::certs::{self, CertError, Resolver, SniCer
 use super::options::{Gate, Options};
 use super::review::{self, Decision};
 
+/// The route of namespaces labelled for injection ([`Gate::UnlessDisabled`]).
+pub const INJECT_PATH: &str = "/inject";
+/// The route of other namespaces ([`Gate::OnlyEnabled`]).
+pub const INJECT_ANNOTATED_PATH: &str = "/inject-annotated";
+pub const HEALTH_PATH: &str = "/healthz";
+
 /// An AdmissionReview carries one pod; the API server caps requests at 3 MiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 /// A client that has not finished its TLS handshake by then is dropped.
@@ -130,9 +136,9 @@ async fn handle(
     options: Arc<Options>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let gate = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => return Ok(reply(StatusCode::OK, "text/plain", "ok\n")),
-        (&Method::POST, "/inject") => Gate::UnlessDisabled,
-        (&Method::POST, "/inject-annotated") => Gate::OnlyEnabled,
+        (&Method::GET, HEALTH_PATH) => return Ok(reply(StatusCode::OK, "text/plain", "ok\n")),
+        (&Method::POST, INJECT_PATH) => Gate::UnlessDisabled,
+        (&Method::POST, INJECT_ANNOTATED_PATH) => Gate::OnlyEnabled,
         _ => return Ok(reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")),
     };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
