@@ -18,6 +18,8 @@ const FLAGS: &[&str] = &[
     "http://etcd.trellis-system.svc:2379",
     "--otlp-endpoint",
     "http://otel-collector.observability.svc:4317",
+    "--trust-domain",
+    "example.org",
 ];
 
 fn root() -> PathBuf {
@@ -456,6 +458,17 @@ fn the_injector_manifests_agree_with_the_binary() {
         options.config_map, "trellis-sidecar",
         "the ConfigMap of sidecar-configmap.yaml"
     );
+    let (_, cm) = parse(&read(
+        &root().join("examples/kubernetes/inject/sidecar-configmap.yaml"),
+    ));
+    let file = cm[0]["data"]["sidecar.yaml"]
+        .as_str()
+        .expect("sidecar.yaml");
+    let cfg = AgentConfig::from_yaml(file, "trellis-sidecar").expect("parses");
+    assert_eq!(
+        options.trust_domain, cfg.proxy.trust_domain,
+        "SPIFFE IDs of --certs csi"
+    );
     let port = named(&container["ports"], "webhook");
     assert_eq!(
         port["containerPort"].as_u64(),
@@ -514,5 +527,51 @@ fn the_injector_manifests_agree_with_the_binary() {
             .cloned()
             .collect::<Vec<_>>(),
         &path,
+    );
+}
+
+/// `trellis.dev/certs: csi`: the csi-driver's certificate carries the SPIFFE ID the sidecar
+/// requires of its own certificate (the shared ConfigMap's trust domain, the service), and
+/// its files are where the configuration reads them.
+#[test]
+fn csi_certificates_carry_the_identity_the_sidecar_expects() {
+    let (_, docs) = parse(&read(&golden(&data().join("csi.yaml"))));
+    let spec = template(&docs[0], &["spec", "template", "spec"]);
+    let csi = &named(&spec["volumes"], "trellis-certs")["csi"];
+    assert_eq!(csi["driver"], "csi.cert-manager.io");
+    let attrs = &csi["volumeAttributes"];
+    let (_, cm) = parse(&read(
+        &root().join("examples/kubernetes/inject/sidecar-configmap.yaml"),
+    ));
+    let file = cm[0]["data"]["sidecar.yaml"]
+        .as_str()
+        .expect("sidecar.yaml");
+    let mut cfg = AgentConfig::from_yaml(file, "trellis-sidecar").expect("parses");
+    cfg.proxy.service = "inventory".into();
+    let want = trellis_policies::SpiffeId::for_service(&cfg.proxy.trust_domain, &cfg.proxy.service)
+        .expect("id");
+    assert_eq!(
+        attrs["csi.cert-manager.io/uri-sans"].as_str(),
+        Some(want.to_string().as_str())
+    );
+    // The driver's default file names are the ones the configuration reads.
+    for f in [
+        &cfg.proxy.identity.cert,
+        &cfg.proxy.identity.key,
+        &cfg.proxy.identity.bundle,
+    ] {
+        let name = f.file_name().and_then(|n| n.to_str()).expect("file name");
+        assert!(["tls.crt", "tls.key", "ca.crt"].contains(&name), "{name}");
+    }
+    let fs_group = attrs["csi.cert-manager.io/fs-group"]
+        .as_str()
+        .expect("fs-group");
+    let sidecar = named(&spec["initContainers"], "mesh-agent");
+    assert_eq!(
+        Some(fs_group),
+        sidecar["securityContext"]["runAsGroup"]
+            .as_u64()
+            .map(|g| g.to_string())
+            .as_deref()
     );
 }

@@ -25,6 +25,8 @@ const FLAGS: &[&str] = &[
     "http://etcd.trellis-system.svc:2379",
     "--otlp-endpoint",
     "http://otel-collector.observability.svc:4317",
+    "--trust-domain",
+    "example.org",
 ];
 
 fn data(name: &str) -> Value {

@@ -16,6 +16,7 @@ pub const SKIP_OUTBOUND_PORTS: &str = "trellis.dev/skip-outbound-ports";
 pub const SKIP_OUTBOUND_CIDRS: &str = "trellis.dev/skip-outbound-cidrs";
 pub const LOG_LEVEL: &str = "trellis.dev/log-level";
 pub const APP_PORT: &str = "trellis.dev/app-port";
+pub const CERTS: &str = "trellis.dev/certs";
 pub const CERTS_SECRET: &str = "trellis.dev/certs-secret";
 pub const CPU_REQUEST: &str = "trellis.dev/cpu-request";
 pub const MEMORY_REQUEST: &str = "trellis.dev/memory-request";
@@ -30,6 +31,16 @@ pub enum Interception {
     /// No init container (restricted Pod Security Standard): the app uses the sidecar as its
     /// HTTP proxy (`HTTP_PROXY=http://127.0.0.1:15001`).
     Explicit,
+}
+
+/// Where the sidecar's certificate, key and trust bundle come from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Certs {
+    /// A Secret per service (`<service>-certs`): `tls.crt`, `tls.key`, `ca.crt`.
+    Secret,
+    /// cert-manager's csi-driver: a key and certificate per pod, made on the node, with the
+    /// service's SPIFFE ID, renewed by the driver (the sidecar re-reads the files).
+    Csi,
 }
 
 /// Whether a pod without a `trellis.dev/inject` annotation is injected.
@@ -57,9 +68,19 @@ pub struct Options {
     /// TRELLIS_SERVICE).
     #[arg(long, default_value = "trellis-sidecar")]
     pub config_map: String,
+    #[arg(long, value_enum, default_value_t = Certs::Secret)]
+    pub certs: Certs,
     /// The Secret with `tls.crt`, `tls.key` and `ca.crt` (default: `<service>-certs`).
     #[arg(long)]
     pub certs_secret: Option<String>,
+    /// `--certs csi`: the cert-manager issuer signing the pods' certificates.
+    #[arg(long, default_value = "trellis-ca")]
+    pub csi_issuer: String,
+    #[arg(long, default_value = "ClusterIssuer")]
+    pub csi_issuer_kind: String,
+    /// `--certs csi`: the trust domain of the SPIFFE IDs (the ConfigMap's `trust_domain`).
+    #[arg(long, default_value = trellis_proxy::config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// etcd endpoints, comma-separated (default: the ConfigMap's).
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
@@ -160,6 +181,15 @@ impl Options {
             option: "service".into(),
             message: m,
         })?;
+        if opts.certs == Certs::Csi {
+            trellis_policies::SpiffeId::for_service(&opts.trust_domain, &service).map_err(|e| {
+                InjectError::Option {
+                    what: what.into(),
+                    option: "trust-domain".into(),
+                    message: e.to_string(),
+                }
+            })?;
+        }
         let certs_secret = opts
             .certs_secret
             .clone()
@@ -194,6 +224,10 @@ impl Options {
         }
         if let Some(v) = text(CPU_LIMIT)? {
             self.cpu_limit = Some(v);
+        }
+        if let Some(v) = ann.get(CERTS)? {
+            self.certs = clap::ValueEnum::from_str(v, false)
+                .map_err(|_| ann.bad(CERTS, format!("{v:?} is not secret or csi")))?;
         }
         if let Some(v) = ann.get(INTERCEPTION)? {
             self.interception = clap::ValueEnum::from_str(v, false).map_err(|_| {

@@ -4,7 +4,7 @@
 
 use serde_norway::{Mapping, Value};
 
-use super::options::{Interception, Settings};
+use super::options::{Certs, Interception, Settings};
 use super::{INIT_NAME, SIDECAR_NAME};
 
 pub const CONFIG_VOLUME: &str = "trellis-config";
@@ -224,28 +224,61 @@ fn volume_mounts() -> Value {
     ])
 }
 
-/// The volumes, in [`super::VOLUMES`] order. The Secret's files are world-readable (0444)
-/// rather than group-readable with an `fsGroup` as in the hand-written example: setting the
-/// pod's fsGroup would change the ownership of the app's own volumes, and only the sidecar
-/// container mounts this volume.
+/// The volumes, in [`super::VOLUMES`] order.
 pub fn volumes(set: &Settings) -> Vec<Value> {
     vec![
         map([
             ("name", s(CONFIG_VOLUME)),
             ("configMap", map([("name", s(&set.opts.config_map))])),
         ]),
-        map([
-            ("name", s(CERTS_VOLUME)),
-            (
-                "secret",
-                map([
-                    ("secretName", s(&set.certs_secret)),
-                    ("defaultMode", Value::from(0o444)),
-                ]),
-            ),
-        ]),
+        certs_volume(set),
         map([("name", s(CACHE_VOLUME)), ("emptyDir", map([]))]),
     ]
+}
+
+/// The Secret's files are world-readable (0444) rather than group-readable with an `fsGroup`
+/// as in the hand-written example: setting the pod's fsGroup would change the ownership of the
+/// app's own volumes, and only the sidecar container mounts this volume. The csi-driver's
+/// files get the sidecar's group instead (its own attribute, not the pod's fsGroup).
+fn certs_volume(set: &Settings) -> Value {
+    let o = &set.opts;
+    let source = match o.certs {
+        Certs::Secret => (
+            "secret",
+            map([
+                ("secretName", s(&set.certs_secret)),
+                ("defaultMode", Value::from(0o444)),
+            ]),
+        ),
+        Certs::Csi => {
+            let id = format!("spiffe://{}/service/{}", o.trust_domain, set.service);
+            let attr = |k: &str| format!("csi.cert-manager.io/{k}");
+            let attributes = Value::Mapping(
+                [
+                    (attr("issuer-name"), o.csi_issuer.clone()),
+                    (attr("issuer-kind"), o.csi_issuer_kind.clone()),
+                    (attr("uri-sans"), id),
+                    (
+                        attr("key-usages"),
+                        "digital signature,server auth,client auth".into(),
+                    ),
+                    (attr("fs-group"), PROXY_UID.to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (s(k), s(v)))
+                .collect(),
+            );
+            (
+                "csi",
+                map([
+                    ("driver", s("csi.cert-manager.io")),
+                    ("readOnly", Value::Bool(true)),
+                    ("volumeAttributes", attributes),
+                ]),
+            )
+        }
+    };
+    map([("name", s(CERTS_VOLUME)), source])
 }
 
 /// The grace period that covers the app's own shutdown (its previous grace period) plus the
