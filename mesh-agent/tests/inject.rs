@@ -228,6 +228,16 @@ fn the_hand_written_example_is_what_inject_makes() {
     }
 }
 
+/// The `sidecar.yaml` of examples/kubernetes/inject/sidecar-configmap.yaml, parsed.
+fn shared_config() -> AgentConfig {
+    let path = root().join("examples/kubernetes/inject/sidecar-configmap.yaml");
+    let (_, cm) = parse(&read(&path));
+    let file = cm[0]["data"]["sidecar.yaml"]
+        .as_str()
+        .expect("sidecar.yaml");
+    AgentConfig::from_yaml(file, "trellis-sidecar").expect("parses")
+}
+
 /// The shared ConfigMap plus the injected environment make a configuration `mesh-agent run`
 /// accepts, whose files are on the injected volumes and whose admin address is the one the
 /// probes' `wait-ready` dials by default.
@@ -238,13 +248,7 @@ fn the_injected_sidecar_gets_a_valid_configuration() {
     )));
     let spec = template(&injected[0], &["spec", "template", "spec"]);
     let sidecar = named(&spec["initContainers"], "mesh-agent");
-    let (_, cm) = parse(&read(
-        &root().join("examples/kubernetes/inject/sidecar-configmap.yaml"),
-    ));
-    let file = cm[0]["data"]["sidecar.yaml"]
-        .as_str()
-        .expect("sidecar.yaml");
-    let mut cfg = AgentConfig::from_yaml(file, "trellis-sidecar").expect("parses");
+    let mut cfg = shared_config();
     let env: Vec<(String, String)> = sidecar["env"]
         .as_sequence()
         .expect("env")
@@ -458,13 +462,7 @@ fn the_injector_manifests_agree_with_the_binary() {
         options.config_map, "trellis-sidecar",
         "the ConfigMap of sidecar-configmap.yaml"
     );
-    let (_, cm) = parse(&read(
-        &root().join("examples/kubernetes/inject/sidecar-configmap.yaml"),
-    ));
-    let file = cm[0]["data"]["sidecar.yaml"]
-        .as_str()
-        .expect("sidecar.yaml");
-    let cfg = AgentConfig::from_yaml(file, "trellis-sidecar").expect("parses");
+    let cfg = shared_config();
     assert_eq!(
         options.trust_domain, cfg.proxy.trust_domain,
         "SPIFFE IDs of --certs csi"
@@ -540,13 +538,7 @@ fn csi_certificates_carry_the_identity_the_sidecar_expects() {
     let csi = &named(&spec["volumes"], "trellis-certs")["csi"];
     assert_eq!(csi["driver"], "csi.cert-manager.io");
     let attrs = &csi["volumeAttributes"];
-    let (_, cm) = parse(&read(
-        &root().join("examples/kubernetes/inject/sidecar-configmap.yaml"),
-    ));
-    let file = cm[0]["data"]["sidecar.yaml"]
-        .as_str()
-        .expect("sidecar.yaml");
-    let mut cfg = AgentConfig::from_yaml(file, "trellis-sidecar").expect("parses");
+    let mut cfg = shared_config();
     cfg.proxy.service = "inventory".into();
     let want = trellis_policies::SpiffeId::for_service(&cfg.proxy.trust_domain, &cfg.proxy.service)
         .expect("id");
