@@ -426,7 +426,8 @@ fn bad_input_is_refused_whole() {
     assert!(binary.stdout.is_empty());
 }
 
-/// `examples/kubernetes/inject/injector.yaml` agrees with the binary: the Deployment's args
+/// `examples/kubernetes/inject/injector.yaml` (and its cert-manager certificate) agree with
+/// the binary: the Deployment's args
 /// parse as `mesh-agent injector`, the port, certificate paths, Secret, Service name and
 /// webhook paths line up, and the core documents pass the schemas.
 #[test]
@@ -435,7 +436,9 @@ fn the_injector_manifests_agree_with_the_binary() {
     use mesh_agent::cli::{Cli, Command as Cmd};
     use mesh_agent::inject::webhook::{HEALTH_PATH, INJECT_ANNOTATED_PATH, INJECT_PATH};
     let path = root().join("examples/kubernetes/inject/injector.yaml");
-    let (_, docs) = parse(&read(&path));
+    let (_, mut docs) = parse(&read(&path));
+    let cert_manager = root().join("examples/kubernetes/inject/injector-cert-manager.yaml");
+    docs.extend(parse(&read(&cert_manager)).1);
     let doc = |kind: &str| {
         docs.iter()
             .find(|d| d["kind"].as_str() == Some(kind))

@@ -7,7 +7,7 @@
 # Without --apply it writes ca.crt, ca.key, tls.crt, tls.key into DIR and prints the kubectl
 # commands; with --apply it also runs them: the trellis-injector-tls Secret is created or
 # replaced, and the MutatingWebhookConfiguration's caBundle set to ca.crt (apply injector.yaml
-# first; its cert-manager Issuer and Certificate can be deleted in this setup). Run it again
+# first; injector-cert-manager.yaml is not needed in this setup). Run it again
 # before tls.crt expires (365 days); the injector re-reads the renewed files, and the CA (10
 # years) is kept when DIR already has one.
 set -euo pipefail
