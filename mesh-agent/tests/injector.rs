@@ -49,13 +49,7 @@ impl Injector {
     /// With a certificate from a CA of `CertificateAuthority` for [`HOST`].
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca =
-            CertificateAuthority::generate("example.org", Duration::from_secs(3600)).expect("ca");
-        let leaf = ca
-            .issue_for_hosts(&[HOST], Duration::from_secs(3600))
-            .expect("leaf");
-        std::fs::write(dir.path().join("tls.crt"), &leaf.cert_pem).expect("cert");
-        std::fs::write(dir.path().join("tls.key"), &leaf.key_pem).expect("key");
+        let ca = write_certificate(dir.path());
         Self::start_in(dir, "", ca.cert_pem()).await
     }
 
@@ -71,6 +65,15 @@ impl Injector {
         })
         .await
         .expect("injector starts");
+        Self {
+            addr: running.addr,
+            tls: Self::client(ca_pem),
+            _dir: dir,
+        }
+    }
+
+    /// A TLS client trusting only `ca_pem`.
+    fn client(ca_pem: &str) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca pem"))
@@ -82,11 +85,7 @@ impl Injector {
                 .with_root_certificates(roots)
                 .with_no_client_auth();
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Self {
-            addr: running.addr,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(client)),
-            _dir: dir,
-        }
+        tokio_rustls::TlsConnector::from(Arc::new(client))
     }
 
     /// A TLS connection that verified the injector as [`HOST`].
@@ -141,6 +140,17 @@ impl Injector {
         assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
         answer["response"].clone()
     }
+}
+
+/// `tls.crt` and `tls.key` for [`HOST`] in `dir`, from a new CA (returned).
+fn write_certificate(dir: &Path) -> CertificateAuthority {
+    let ca = CertificateAuthority::generate("example.org", Duration::from_secs(3600)).expect("ca");
+    let leaf = ca
+        .issue_for_hosts(&[HOST], Duration::from_secs(3600))
+        .expect("leaf");
+    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem).expect("cert");
+    std::fs::write(dir.join("tls.key"), &leaf.key_pem).expect("key");
+    ca
 }
 
 /// An AdmissionReview v1 for `operation` on `pod`, as the API server sends it.
@@ -246,9 +256,18 @@ async fn the_patched_pod_is_the_pod_the_cli_makes() {
         let mut patched = pod.clone();
         apply(&mut patched, &patch_of(&response));
         assert_eq!(patched, cli);
-        // A pod already injected (from an injected template) gets no patch.
+        // A pod from an injected template gets no patch, even with the defaults the API
+        // server fills in.
+        let mut defaulted = cli.clone();
+        for c in defaulted["spec"]["initContainers"]
+            .as_array_mut()
+            .expect("init containers")
+        {
+            c["imagePullPolicy"] = json!("IfNotPresent");
+            c["terminationMessagePath"] = json!("/dev/termination-log");
+        }
         let again = injector
-            .review("/inject", &admission_review(&cli, "CREATE"))
+            .review("/inject", &admission_review(&defaulted, "CREATE"))
             .await;
         assert_eq!(again["allowed"], true);
         assert!(again.get("patch").is_none(), "{again}");
@@ -358,4 +377,54 @@ async fn the_documented_certificate_script_makes_what_the_injector_serves() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The `mesh-agent injector` command itself: serves /healthz on the given address with the
+/// given certificate, and exits 0 on SIGTERM (the kubelet stopping the pod).
+#[tokio::test]
+async fn the_injector_command_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = write_certificate(dir.path());
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["injector", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mesh-agent injector starts");
+    let client = Injector::client(ca.cert_pem());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "injector not listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let injector = Injector {
+        addr,
+        tls: client,
+        _dir: dir,
+    };
+    let (status, _) = injector.call("GET", "/healthz", Vec::new()).await;
+    assert_eq!(status, 200);
+    let pid = child.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("status");
+    assert!(status.success(), "{status}");
 }

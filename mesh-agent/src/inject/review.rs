@@ -92,7 +92,10 @@ pub fn answer(body: &[u8], opts: &Options, gate: Gate) -> Result<(Value, Decisio
     Ok((response(&request.uid, extra), decision))
 }
 
-/// The patch operations, or `None` when the pod is not to be injected (or already is).
+/// The patch operations, or `None` when the pod is not to be injected or already is. A pod
+/// made from a template `mesh-agent inject` rewrote is left as it is: the API server has
+/// filled in defaults of its containers, which re-injecting would patch away for nothing, and
+/// with `reinvocationPolicy: IfNeeded` the injector also sees its own pods again.
 fn injected(
     pod_json: &Value,
     opts: &Options,
@@ -103,6 +106,12 @@ fn injected(
         what: what.into(),
         message: e,
     };
+    if pod_json["metadata"]["annotations"]
+        .get(super::INJECTED_ANNOTATION)
+        .is_some()
+    {
+        return Ok(None);
+    }
     let mut pod: serde_norway::Value =
         serde_json::from_value(pod_json.clone()).map_err(|e| malformed(e.to_string()))?;
     let template = pod
