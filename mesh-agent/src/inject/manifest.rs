@@ -4,7 +4,7 @@
 //! document refuses the whole input, so no output is ever half-injected.
 
 use serde::Deserialize;
-use serde_norway::Value;
+use serde_norway::{Mapping, Value};
 
 use super::options::{Gate, Options};
 use super::pod::{self, Outcome};
@@ -101,18 +101,10 @@ fn walk(
     mode: Mode<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<(), InjectError> {
-    let not_object = || InjectError::NotAnObject { what: at.into() };
-    let m = doc.as_mapping_mut().ok_or_else(not_object)?;
-    let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
-    let (Some(api), Some(kind)) = (text("apiVersion"), text("kind")) else {
-        return Err(not_object());
-    };
-    let name = m
-        .get("metadata")
-        .and_then(|x| x.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let what = format!("{at} ({kind}/{name})");
+    let m = doc
+        .as_mapping_mut()
+        .ok_or_else(|| InjectError::NotAnObject { what: at.into() })?;
+    let (api, kind, what) = identify(m, at)?;
     match template(&api, &kind) {
         Some(Template::List) => {
             let items = match m.get_mut("items") {
@@ -126,16 +118,7 @@ fn walk(
             Ok(())
         }
         Some(Template::Here) => one(m, &what, mode, warnings),
-        Some(Template::At(path)) => {
-            let mut t = m;
-            for key in path {
-                t = match t.get_mut(*key) {
-                    Some(Value::Mapping(next)) => next,
-                    _ => return Err(malformed(&what, &format!("no {}", path.join(".")))),
-                };
-            }
-            one(t, &what, mode, warnings)
-        }
+        Some(Template::At(path)) => one(descend(m, path, &what)?, &what, mode, warnings),
         None if PODLESS.contains(&kind.as_str()) => Ok(()),
         None => {
             warnings.push(format!(
@@ -146,8 +129,38 @@ fn walk(
     }
 }
 
+/// `apiVersion`, `kind`, and how errors name the object (`document 2 (Deployment/orders)`).
+fn identify(m: &Mapping, at: &str) -> Result<(String, String, String), InjectError> {
+    let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+    let (Some(api), Some(kind)) = (text("apiVersion"), text("kind")) else {
+        return Err(InjectError::NotAnObject { what: at.into() });
+    };
+    let name = m
+        .get("metadata")
+        .and_then(|x| x.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let what = format!("{at} ({kind}/{name})");
+    Ok((api, kind, what))
+}
+
+/// The mapping at `path` (the pod template of a workload).
+fn descend<'a>(
+    mut m: &'a mut Mapping,
+    path: &[&str],
+    what: &str,
+) -> Result<&'a mut Mapping, InjectError> {
+    for key in path {
+        m = match m.get_mut(*key) {
+            Some(Value::Mapping(next)) => next,
+            _ => return Err(malformed(what, &format!("no {}", path.join(".")))),
+        };
+    }
+    Ok(m)
+}
+
 fn one(
-    template: &mut serde_norway::Mapping,
+    template: &mut Mapping,
     what: &str,
     mode: Mode<'_>,
     warnings: &mut Vec<String>,

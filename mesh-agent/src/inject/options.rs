@@ -156,40 +156,14 @@ impl Options {
         what: &str,
     ) -> Result<Option<Settings>, InjectError> {
         let ann = Annotations::of(meta, what)?;
-        let enabled = match ann.get(INJECT)? {
-            Some("enabled" | "true") => true,
-            Some("disabled" | "false") => false,
-            Some(other) => {
-                return Err(ann.bad(INJECT, format!("{other:?} is not enabled or disabled")))
-            }
-            None => gate == Gate::UnlessDisabled,
-        };
-        if !enabled {
+        if !ann.enabled(gate)? {
             return Ok(None);
         }
         let mut opts = self.clone();
-        opts.apply(&ann)?;
+        opts.apply_text(&ann)?;
+        opts.apply_parsed(&ann)?;
         opts.validate(what)?;
-        let service = opts
-            .service
-            .clone()
-            .or_else(|| label(meta, "app.kubernetes.io/name"))
-            .or_else(|| label(meta, "app"))
-            .ok_or_else(|| InjectError::NoService { what: what.into() })?;
-        trellis_policies::validate_service_name(&service).map_err(|m| InjectError::Option {
-            what: what.into(),
-            option: "service".into(),
-            message: m,
-        })?;
-        if opts.certs == Certs::Csi {
-            trellis_policies::SpiffeId::for_service(&opts.trust_domain, &service).map_err(|e| {
-                InjectError::Option {
-                    what: what.into(),
-                    option: "trust-domain".into(),
-                    message: e.to_string(),
-                }
-            })?;
-        }
+        let service = opts.service_of(meta, what)?;
         let certs_secret = opts
             .certs_secret
             .clone()
@@ -201,41 +175,58 @@ impl Options {
         }))
     }
 
-    /// Annotations replace the flags' values.
-    fn apply(&mut self, ann: &Annotations) -> Result<(), InjectError> {
-        let text = |key| ann.get(key).map(|v| v.map(str::to_string));
-        if let Some(v) = text(SERVICE)? {
-            self.service = Some(v);
+    /// The service: the option, else the template's labels. It must make a valid SPIFFE ID.
+    fn service_of(&self, meta: Option<&Mapping>, what: &str) -> Result<String, InjectError> {
+        let bad = |option: &str, message: String| InjectError::Option {
+            what: what.into(),
+            option: option.into(),
+            message,
+        };
+        let service = self
+            .service
+            .clone()
+            .or_else(|| label(meta, "app.kubernetes.io/name"))
+            .or_else(|| label(meta, "app"))
+            .ok_or_else(|| InjectError::NoService { what: what.into() })?;
+        trellis_policies::validate_service_name(&service).map_err(|m| bad("service", m))?;
+        if self.certs == Certs::Csi {
+            trellis_policies::SpiffeId::for_service(&self.trust_domain, &service)
+                .map_err(|e| bad("trust-domain", e.to_string()))?;
         }
-        if let Some(v) = text(CERTS_SECRET)? {
-            self.certs_secret = Some(v);
-        }
-        if let Some(v) = text(LOG_LEVEL)? {
-            self.log_level = Some(v);
+        Ok(service)
+    }
+
+    /// Annotations replace the flags' values: those taken as they are...
+    fn apply_text(&mut self, ann: &Annotations) -> Result<(), InjectError> {
+        for (key, field) in [
+            (SERVICE, &mut self.service),
+            (CERTS_SECRET, &mut self.certs_secret),
+            (LOG_LEVEL, &mut self.log_level),
+            (CPU_LIMIT, &mut self.cpu_limit),
+        ] {
+            if let Some(v) = ann.get(key)? {
+                *field = Some(v.to_string());
+            }
         }
         for (key, field) in [
             (CPU_REQUEST, &mut self.cpu_request),
             (MEMORY_REQUEST, &mut self.memory_request),
             (MEMORY_LIMIT, &mut self.memory_limit),
         ] {
-            if let Some(v) = text(key)? {
-                *field = v;
+            if let Some(v) = ann.get(key)? {
+                *field = v.to_string();
             }
         }
-        if let Some(v) = text(CPU_LIMIT)? {
-            self.cpu_limit = Some(v);
-        }
+        Ok(())
+    }
+
+    /// ...and those parsed (a choice, ports).
+    fn apply_parsed(&mut self, ann: &Annotations) -> Result<(), InjectError> {
         if let Some(v) = ann.get(CERTS)? {
-            self.certs = clap::ValueEnum::from_str(v, false)
-                .map_err(|_| ann.bad(CERTS, format!("{v:?} is not secret or csi")))?;
+            self.certs = ann.choice(CERTS, v)?;
         }
         if let Some(v) = ann.get(INTERCEPTION)? {
-            self.interception = clap::ValueEnum::from_str(v, false).map_err(|_| {
-                ann.bad(
-                    INTERCEPTION,
-                    format!("{v:?} is not transparent or explicit"),
-                )
-            })?;
+            self.interception = ann.choice(INTERCEPTION, v)?;
         }
         if let Some(v) = ann.get(APP_PORT)? {
             self.app_port = Some(ann.port(APP_PORT, v)?);
@@ -315,6 +306,26 @@ impl<'a> Annotations<'a> {
             Some(Value::String(s)) => Ok(Some(s.trim())),
             Some(_) => Err(self.bad(key, "must be a string (quote it)".into())),
         }
+    }
+
+    /// `trellis.dev/inject`, or the gate's default.
+    fn enabled(&self, gate: Gate) -> Result<bool, InjectError> {
+        match self.get(INJECT)? {
+            Some("enabled" | "true") => Ok(true),
+            Some("disabled" | "false") => Ok(false),
+            Some(other) => Err(self.bad(INJECT, format!("{other:?} is not enabled or disabled"))),
+            None => Ok(gate == Gate::UnlessDisabled),
+        }
+    }
+
+    /// One of a flag's values (`transparent`, `csi`...).
+    fn choice<T: clap::ValueEnum>(&self, key: &str, v: &str) -> Result<T, InjectError> {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|x| x.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        T::from_str(v, false)
+            .map_err(|_| self.bad(key, format!("{v:?} is not one of {}", names.join(", "))))
     }
 
     fn port(&self, key: &str, v: &str) -> Result<u16, InjectError> {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_norway::{Mapping, Value};
 
-use super::options::{Gate, Options};
+use super::options::{Gate, Options, Settings};
 use super::sidecar::{self, s};
 use super::{InjectError, INIT_NAME, INJECTED_ANNOTATION, SIDECAR_NAME, VOLUMES};
 
@@ -48,31 +48,34 @@ pub fn inject(
     let Some(set) = opts.resolve(meta, gate, what)? else {
         return Ok(Outcome::Skipped);
     };
-    let mut undo = Undo::default();
     let spec = match t.get_mut("spec") {
         Some(Value::Mapping(m)) => m,
         _ => return Err(malformed(what, "the pod template has no spec mapping")),
     };
     check(spec, what)?;
-    let ports = probe_ports(spec);
-    let created = |key: &str, spec: &Mapping| !matches!(spec.get(key), Some(Value::Sequence(_)));
-    if created("initContainers", spec) {
-        undo.created.push("spec.initContainers".into());
-    }
-    if created("volumes", spec) {
-        undo.created.push("spec.volumes".into());
-    }
-    let inits = sidecar::init_containers(&set, &ports);
-    update_seq(spec, "initContainers", |v| {
-        v.splice(0..0, inits);
-    });
-    update_seq(spec, "volumes", |v| v.extend(sidecar::volumes(&set)));
-    undo.termination_grace_period_seconds = grace(spec, what)?;
-    let seconds = sidecar::grace_seconds(&set, undo.termination_grace_period_seconds);
-    spec.insert(s("terminationGracePeriodSeconds"), Value::from(seconds));
+    let undo = add_sidecar(spec, &set, what)?;
     mark(&mut t, undo, what)?;
     *template = t;
     Ok(Outcome::Injected)
+}
+
+/// The containers first, the volumes last, the grace period; what to undo.
+fn add_sidecar(spec: &mut Mapping, set: &Settings, what: &str) -> Result<Undo, InjectError> {
+    let mut undo = Undo::default();
+    for key in ["initContainers", "volumes"] {
+        if !matches!(spec.get(key), Some(Value::Sequence(_))) {
+            undo.created.push(format!("spec.{key}"));
+        }
+    }
+    let inits = sidecar::init_containers(set, &probe_ports(spec));
+    update_seq(spec, "initContainers", |v| {
+        v.splice(0..0, inits);
+    });
+    update_seq(spec, "volumes", |v| v.extend(sidecar::volumes(set)));
+    undo.termination_grace_period_seconds = grace(spec, what)?;
+    let seconds = sidecar::grace_seconds(set, undo.termination_grace_period_seconds);
+    spec.insert(s("terminationGracePeriodSeconds"), Value::from(seconds));
+    Ok(undo)
 }
 
 /// Remove what [`inject`] added and restore what it replaced. `false`: not injected.

@@ -61,27 +61,7 @@ fn iptables_init(set: &Settings, probe_ports: &[u16]) -> Value {
         s("--proxy-uid"),
         s(PROXY_UID.to_string()),
     ];
-    let mut inbound: Vec<u16> = set.opts.skip_inbound_ports.clone();
-    inbound.extend(probe_ports);
-    inbound.sort_unstable();
-    inbound.dedup();
-    let joined = |v: &[String]| v.join(",");
-    let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>();
-    for (flag, values) in [
-        ("--exclude-inbound-ports", ports(&inbound)),
-        (
-            "--exclude-outbound-ports",
-            ports(&set.opts.skip_outbound_ports),
-        ),
-        (
-            "--exclude-outbound-cidrs",
-            set.opts.skip_outbound_cidrs.clone(),
-        ),
-    ] {
-        if !values.is_empty() {
-            args.extend([s(flag), s(joined(&values))]);
-        }
-    }
+    args.extend(exclusions(set, probe_ports));
     map([
         ("name", s(INIT_NAME)),
         ("image", s(&set.opts.init_image)),
@@ -102,6 +82,32 @@ fn iptables_init(set: &Settings, probe_ports: &[u16]) -> Value {
             ]),
         ),
     ])
+}
+
+/// `--exclude-*` arguments of `iptables install`, each only when it has values.
+fn exclusions(set: &Settings, probe_ports: &[u16]) -> Vec<Value> {
+    let mut inbound: Vec<u16> = set.opts.skip_inbound_ports.clone();
+    inbound.extend(probe_ports);
+    inbound.sort_unstable();
+    inbound.dedup();
+    let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>();
+    let mut args = Vec::new();
+    for (flag, values) in [
+        ("--exclude-inbound-ports", ports(&inbound)),
+        (
+            "--exclude-outbound-ports",
+            ports(&set.opts.skip_outbound_ports),
+        ),
+        (
+            "--exclude-outbound-cidrs",
+            set.opts.skip_outbound_cidrs.clone(),
+        ),
+    ] {
+        if !values.is_empty() {
+            args.extend([s(flag), s(values.join(","))]);
+        }
+    }
+    args
 }
 
 /// The native sidecar: restarted always, its startup probe gating the app containers.
