@@ -27,8 +27,10 @@ pub fn to_string(v: &Value) -> String {
     match v {
         Value::Mapping(m) if !m.is_empty() => mapping(&mut out, m, 0, false),
         Value::Sequence(s) if !s.is_empty() => sequence(&mut out, s, 0, false),
+        // A literal block's lines are indented even at the top: at column 0 they would read
+        // as a new document's keys or comments.
         _ => {
-            inline(&mut out, v, 0);
+            inline(&mut out, v, 2);
             out.push('\n');
         }
     }
@@ -279,6 +281,14 @@ mod tests {
             text.contains("  f.yaml: |\n    k: v\n\n    other: 2\n"),
             "{text}"
         );
+    }
+
+    /// Found by the `inject` fuzz target: a document that is only a multi-line string had its
+    /// lines at column 0, where `# ...` reads as a comment.
+    #[test]
+    fn a_document_that_is_text_keeps_its_lines() {
+        round_trip("|\n  # Several documents: a workload,ms: {app: a}}\n");
+        round_trip("\"a\\n# b\\n\\nc: d\\n\"");
     }
 
     #[test]
