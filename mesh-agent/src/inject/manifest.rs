@@ -66,7 +66,7 @@ pub fn parse(text: &str) -> Result<(Format, Vec<Value>), InjectError> {
     let mut docs = Vec::new();
     for d in serde_norway::Deserializer::from_str(text) {
         let mut v = Value::deserialize(d).map_err(|e| InjectError::Parse(e.to_string()))?;
-        super::yaml::restore_octal_modes(&mut v);
+        super::yaml::as_kubernetes_reads(&mut v);
         if !v.is_null() {
             docs.push(v);
         }

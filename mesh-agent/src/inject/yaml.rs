@@ -5,9 +5,10 @@
 //! strings to a YAML 1.2 reader, but booleans or numbers to kubectl, which then refuses an
 //! annotation or env value that is not a string. So the output is written here: a string
 //! stays plain only when it cannot be read as anything else under either version, otherwise it
-//! is double-quoted (JSON escaping is valid YAML); multi-line strings become literal blocks.
-//! Mappings keep their order. On input, the one YAML 1.1 reading Kubernetes manifests rely on
-//! is restored: a plain octal file mode (`defaultMode: 0440`) is the number Kubernetes reads.
+//! is quoted; multi-line strings become literal blocks. Mappings keep their order. On input,
+//! values are taken as Kubernetes takes them ([`as_kubernetes_reads`]): a plain octal file mode
+//! (`defaultMode: 0440`) is a number, custom tags are dropped. Unquoted YAML 1.1 booleans
+//! (`readOnly: yes`) are read as the strings YAML 1.2 makes of them, and written quoted.
 
 use std::fmt::Write as _;
 
@@ -37,8 +38,15 @@ pub fn to_string(v: &Value) -> String {
     out
 }
 
-/// Turn `defaultMode: 0440` (a string to a YAML 1.2 reader) into the number Kubernetes reads.
-pub fn restore_octal_modes(v: &mut Value) {
+/// Read values as Kubernetes does: `defaultMode: 0440` (a string to a YAML 1.2 reader) is the
+/// number it means, and a custom tag (`!thing value`, which Kubernetes' decoding drops) leaves
+/// only its value.
+pub fn as_kubernetes_reads(v: &mut Value) {
+    if let Value::Tagged(t) = v {
+        let inner = std::mem::replace(&mut t.value, Value::Null);
+        *v = inner;
+        return as_kubernetes_reads(v);
+    }
     match v {
         Value::Mapping(m) => {
             for (k, val) in m.iter_mut() {
@@ -48,10 +56,10 @@ pub fn restore_octal_modes(v: &mut Value) {
                         *val = Value::from(n);
                     }
                 }
-                restore_octal_modes(val);
+                as_kubernetes_reads(val);
             }
         }
-        Value::Sequence(s) => s.iter_mut().for_each(restore_octal_modes),
+        Value::Sequence(s) => s.iter_mut().for_each(as_kubernetes_reads),
         _ => {}
     }
 }
@@ -123,10 +131,11 @@ fn inline(out: &mut String, v: &Value, block_at: usize) {
         Value::String(s) => string(out, s, block_at),
         Value::Mapping(_) => out.push_str("{}"),
         Value::Sequence(_) => out.push_str("[]"),
+        // [`as_kubernetes_reads`] removed the tags of what was read; one made in code is
+        // written as its value alone (flow style is valid YAML).
         Value::Tagged(t) => {
-            // Not in Kubernetes manifests; kept, in flow style, rather than refused.
             let flow = serde_json::to_string(&t.value).unwrap_or_else(|_| "null".into());
-            let _ = write!(out, "{} {flow}", t.tag);
+            out.push_str(&flow);
         }
     }
 }
@@ -291,12 +300,24 @@ mod tests {
         round_trip("\"a\\n# b\\n\\nc: d\\n\"");
     }
 
+    /// Found by the `inject` fuzz target: a custom tag was written in a form that does not
+    /// parse.
+    #[test]
+    fn custom_tags_leave_their_value() {
+        let mut v: Value = serde_norway::from_str("! Existing\n").expect("yaml");
+        as_kubernetes_reads(&mut v);
+        assert_eq!(v, Value::from("Existing"));
+        let mut v: Value = serde_norway::from_str("a: !thing {b: !other 1}\n").expect("yaml");
+        as_kubernetes_reads(&mut v);
+        assert_eq!(round_trip(&to_string(&v)).0, v);
+    }
+
     #[test]
     fn octal_modes_are_the_numbers_kubernetes_reads() {
         let mut v: Value =
             serde_norway::from_str("secret: {defaultMode: 0440, items: [{mode: 0400}]}\nx: '0440'")
                 .expect("yaml");
-        restore_octal_modes(&mut v);
+        as_kubernetes_reads(&mut v);
         assert_eq!(v["secret"]["defaultMode"], Value::from(0o440));
         assert_eq!(v["secret"]["items"][0]["mode"], Value::from(0o400));
         assert_eq!(v["x"], Value::from("0440"));
