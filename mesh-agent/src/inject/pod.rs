@@ -20,7 +20,8 @@ pub enum Outcome {
 }
 
 /// What `uninject` restores, kept as JSON in the [`INJECTED_ANNOTATION`]: the values the
-/// injection replaced and the keys it created (removed again if still empty).
+/// injection replaced, the keys it created (removed again if still empty) and the keys it
+/// found null (null again if still empty: in place, so that injecting again keeps the order).
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Undo {
@@ -28,6 +29,19 @@ struct Undo {
     termination_grace_period_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     created: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    nulls: Vec<String>,
+}
+
+impl Undo {
+    /// Note what `key` of `map` (at `path`) was before a list or mapping is put there.
+    fn note(&mut self, map: &Mapping, key: &str, path: String) {
+        match map.get(key) {
+            None => self.created.push(path),
+            Some(Value::Null) => self.nulls.push(path),
+            Some(_) => {}
+        }
+    }
 }
 
 /// Add the sidecar to `template` (its `metadata` and `spec`). An injected template is first
@@ -63,9 +77,7 @@ pub fn inject(
 fn add_sidecar(spec: &mut Mapping, set: &Settings, what: &str) -> Result<Undo, InjectError> {
     let mut undo = Undo::default();
     for key in ["initContainers", "volumes"] {
-        if !matches!(spec.get(key), Some(Value::Sequence(_))) {
-            undo.created.push(format!("spec.{key}"));
-        }
+        undo.note(spec, key, format!("spec.{key}"));
     }
     let inits = sidecar::init_containers(set, &probe_ports(spec));
     update_seq(spec, "initContainers", |v| {
@@ -111,7 +123,10 @@ fn uninject_in(t: &mut Mapping, what: &str) -> Result<bool, InjectError> {
         a.shift_remove(INJECTED_ANNOTATION);
     }
     for path in undo.created.iter().rev() {
-        remove_if_empty(t, path);
+        reset_if_empty(t, path, None);
+    }
+    for path in &undo.nulls {
+        reset_if_empty(t, path, Some(Value::Null));
     }
     Ok(true)
 }
@@ -206,7 +221,7 @@ fn mark(t: &mut Mapping, mut undo: Undo, what: &str) -> Result<(), InjectError> 
         return Err(malformed(what, "metadata is not a mapping"));
     };
     if !matches!(meta.get("annotations"), Some(Value::Mapping(_))) {
-        undo.created.push("metadata.annotations".into());
+        undo.note(meta, "annotations", "metadata.annotations".into());
         meta.insert(s("annotations"), Value::Mapping(Mapping::new()));
     }
     let json = serde_json::to_string(&undo).map_err(|e| malformed(what, &e.to_string()))?;
@@ -237,8 +252,9 @@ fn remove_named(spec: &mut Mapping, key: &str, names: &[&str]) {
     }
 }
 
-/// Remove the key at a dotted `path` when its value is an empty list or mapping.
-fn remove_if_empty(t: &mut Mapping, path: &str) {
+/// When the value at a dotted `path` is an empty list or mapping: remove the key, or (`to`)
+/// put that value back in its place.
+fn reset_if_empty(t: &mut Mapping, path: &str, to: Option<Value>) {
     let mut parts: Vec<&str> = path.split('.').collect();
     let Some(last) = parts.pop() else { return };
     let mut m = t;
@@ -253,8 +269,14 @@ fn remove_if_empty(t: &mut Mapping, path: &str) {
         Some(Value::Mapping(v)) => v.is_empty(),
         _ => false,
     };
-    if empty {
-        m.shift_remove(last);
+    match (empty, to) {
+        (false, _) => {}
+        (true, None) => {
+            m.shift_remove(last);
+        }
+        (true, Some(v)) => {
+            m.insert(s(last), v);
+        }
     }
 }
 
@@ -284,6 +306,9 @@ mod tests {
             "spec: {containers: [{name: a, image: b}]}",
             "spec: {containers: [{name: a, image: b}], volumes: [], initContainers: []}",
             "metadata: {annotations: {}}\nspec: {containers: [{name: a, image: b}]}",
+            // Found by the `inject` fuzz target: null lists moved to the end when injected
+            // again.
+            "metadata: {annotations: null, x: 1}\nspec: {volumes: null, containers: [{name: a}], initContainers: ~}",
         ] {
             let original = template(yaml);
             let mut t = original.clone();
