@@ -18,6 +18,9 @@ use serde_norway::{Mapping, Value};
 const RESERVED: &[&str] = &[
     "y", "yes", "n", "no", "true", "false", "on", "off", "null", "~",
 ];
+/// Longer keys are written as explicit keys (`? key`), below YAML's 1024-character limit on
+/// implicit ones.
+const MAX_SIMPLE_KEY: usize = 1000;
 /// The integer fields of volumes (secret, configMap, projected, downwardAPI items) that
 /// manifests write in octal.
 const MODE_KEYS: &[&str] = &["defaultMode", "mode"];
@@ -81,7 +84,17 @@ fn mapping(out: &mut String, m: &Mapping, at: usize, continued: bool) {
         if i > 0 || !continued {
             indent(out, at);
         }
-        key(out, k);
+        let mut written = String::new();
+        key(&mut written, k);
+        if written.len() > MAX_SIMPLE_KEY {
+            // YAML allows implicit keys up to 1024 characters; longer ones are explicit.
+            out.push_str("? ");
+            out.push_str(&written);
+            out.push('\n');
+            indent(out, at);
+        } else {
+            out.push_str(&written);
+        }
         out.push(':');
         match v {
             Value::Mapping(child) if !child.is_empty() => {
@@ -233,6 +246,7 @@ fn literal(out: &mut String, s: &str, at: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inject::sidecar::{map, s};
 
     fn round_trip(yaml: &str) -> (Value, String) {
         let v: Value = serde_norway::from_str(yaml).expect("input");
@@ -298,6 +312,22 @@ mod tests {
     fn a_document_that_is_text_keeps_its_lines() {
         round_trip("|\n  # Several documents: a workload,ms: {app: a}}\n");
         round_trip("\"a\\n# b\\n\\nc: d\\n\"");
+    }
+
+    /// Found by the `inject` fuzz target: a key over 1024 characters cannot be implicit.
+    #[test]
+    fn long_keys_are_explicit() {
+        let long = s("k".repeat(1100));
+        let mut item = Mapping::new();
+        item.insert(long.clone(), map([("a", Value::from(1))]));
+        item.insert(s("b"), Value::from(2));
+        let mut m = Mapping::new();
+        m.insert(long, Value::from(1));
+        m.insert(s("list"), Value::Sequence(vec![Value::Mapping(item)]));
+        let v = Value::Mapping(m);
+        let text = to_string(&v);
+        let back: Value = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(back, v, "{text}");
     }
 
     /// Found by the `inject` fuzz target: a custom tag was written in a form that does not
