@@ -167,3 +167,11 @@ put("openapi", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\npaths:\n  /a:\n 
 put("openapi", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\ncomponents:\n  schemas:\n    A: {$ref: '#/components/schemas/B'}\n    B: {$ref: '#/components/schemas/A'}\n")
 put("openapi", "{\"openapi\": \"2.0\", \"info\": {}}")
 print("corpus written to", OUT)
+
+# --- inject: the injection tests' manifests (every workload kind, a List in JSON, YAML 1.1
+# quirks), the example app, and an injected one.
+for path in sorted(glob.glob(os.path.join(ROOT, "mesh-agent/tests/inject_data/*.*"))
+                   + [os.path.join(ROOT, "examples/kubernetes/inject/app.yaml"),
+                      os.path.join(ROOT, "mesh-agent/tests/inject_data/golden/statefulset.yaml")]):
+    with open(path, "rb") as f:
+        put("inject", f.read())

@@ -115,7 +115,8 @@ fn every_target_has_a_test() {
             "grpc_timeout",
             "ratelimit",
             "protocol",
-            "openapi"
+            "openapi",
+            "inject"
         ]
     );
 }
@@ -123,4 +124,9 @@ fn every_target_has_a_test() {
 #[test]
 fn openapi() {
     short_pass("openapi");
+}
+
+#[test]
+fn inject() {
+    short_pass("inject");
 }

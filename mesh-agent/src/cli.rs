@@ -206,6 +206,36 @@ pub enum Command {
         #[command(subcommand)]
         command: IptablesCommand,
     },
+    /// Add the sidecar to the workloads of a Kubernetes manifest (YAML or JSON; Deployment,
+    /// StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, List) and print it. Options come
+    /// from these flags or from `trellis.dev/*` annotations on the pod template.
+    Inject {
+        /// The manifest, `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        options: Box<crate::inject::options::Options>,
+    },
+    /// The sidecar injector: a mutating admission webhook (AdmissionReview v1 over HTTPS)
+    /// answering pod creations with the JSONPatch `inject` would make. Stateless: run several.
+    Injector {
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// PEM certificate (chain) the API server verifies against the webhook's caBundle;
+        /// re-read when it changes.
+        #[arg(long, default_value = "/etc/trellis-injector/tls.crt")]
+        tls_cert: PathBuf,
+        #[arg(long, default_value = "/etc/trellis-injector/tls.key")]
+        tls_key: PathBuf,
+        #[command(flatten)]
+        options: Box<crate::inject::options::Options>,
+    },
+    /// Remove what `inject` added, restoring the workloads exactly.
+    Uninject {
+        /// The manifest, `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
 }
 
 /// The dashboard's alert destinations. Boxed in [`Command`]: they would make its
@@ -725,6 +755,30 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             command,
         } => wait_ready(admin, timeout, interval, command),
         Command::Iptables { command } => iptables(command),
+        Command::Inject { file, options } => {
+            crate::inject::cli::run(&file, crate::inject::manifest::Mode::Inject(&options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Injector {
+            listen,
+            tls_cert,
+            tls_key,
+            options,
+        } => {
+            let cfg = crate::inject::webhook::InjectorConfig {
+                listen,
+                cert: tls_cert,
+                key: tls_key,
+                reload_interval: trellis_proxy::config::DEFAULT_RELOAD_INTERVAL,
+                options: *options,
+            };
+            runtime()?.block_on(injector(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninject { file } => {
+            crate::inject::cli::run(&file, crate::inject::manifest::Mode::Uninject)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Etcd { command } => etcd(command),
         Command::DemoApp {
             listen,
@@ -1058,6 +1112,22 @@ fn iptables(command: IptablesCommand) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serve until SIGTERM (the kubelet stopping the pod) or SIGINT.
+async fn injector(cfg: crate::inject::webhook::InjectorConfig) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let running = crate::inject::webhook::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(addr = %running.addr, "injector serving");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    running.task.abort();
+    Ok(())
 }
 
 /// The first line of `path`, which must not be empty (a token or a password file).

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod demo_app;
 pub mod dns;
 pub mod etcd;
+pub mod inject;
 pub mod iptables;
 pub mod logging;
 pub mod policy;

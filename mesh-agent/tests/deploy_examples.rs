@@ -21,12 +21,16 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Every YAML document under `examples/kubernetes/`, by `kind/name`.
+/// Every YAML document directly under `examples/kubernetes/`, by `kind/name` (the
+/// subdirectories, such as the injection's `inject/`, are tested by `tests/inject.rs`).
 fn kubernetes_docs() -> BTreeMap<String, Value> {
     let mut docs = BTreeMap::new();
     let dir = root().join("examples/kubernetes");
     for entry in std::fs::read_dir(&dir).expect("examples/kubernetes") {
         let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).expect("readable");
         for doc in serde_norway::Deserializer::from_str(&text) {
             let v = Value::deserialize(doc)

@@ -4,6 +4,7 @@ use crate::Target;
 
 pub mod etcd;
 pub mod grpc_timeout;
+pub mod inject;
 pub mod jwks;
 pub mod jwt;
 pub mod openapi;
@@ -91,6 +92,14 @@ pub static ALL: &[Target] = &[
         run: openapi::run,
         max_len: 64 * 1024,
         dict: openapi::DICT,
+        alloc_fixed: 16 << 20,
+        alloc_per_byte: 1024,
+    },
+    Target {
+        name: "inject",
+        run: inject::run,
+        max_len: 64 * 1024,
+        dict: inject::DICT,
         alloc_fixed: 16 << 20,
         alloc_per_byte: 1024,
     },
