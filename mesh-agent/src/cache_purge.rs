@@ -26,6 +26,12 @@ impl Purge {
     /// The record, with a fresh id (the time in nanoseconds: a later purge has a larger one),
     /// validated as every sidecar will validate it.
     pub fn document(&self) -> Result<PolicyDocument, String> {
+        self.document_after(None)
+    }
+
+    /// [`Purge::document`], naming `previous` (the id of the record it replaces) so that a
+    /// sidecar that did not apply that one knows it missed a purge.
+    pub fn document_after(&self, previous: Option<u64>) -> Result<PolicyDocument, String> {
         let id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -35,6 +41,7 @@ impl Purge {
             prefix: self.prefix.clone(),
             key: self.key.clone(),
             tag: self.tag.clone(),
+            previous,
         };
         let doc = PolicyDocument {
             api_version: API_VERSION.into(),
@@ -50,10 +57,31 @@ impl Purge {
     }
 
     /// Write the record; one line per what was done.
+    ///
+    /// The record names the one it replaces. Two purges of one service written at the same
+    /// moment may name the same predecessor; a sidecar that saw neither then applies only the
+    /// second's selector (docs/caching.md).
     pub async fn write(&self, cfg: &EtcdConfig, author: &str) -> Result<Vec<String>, PolicyError> {
-        let doc = self.document().map_err(|e| PolicyError::Invalid(vec![e]))?;
+        let previous = current_id(cfg, &self.service).await?;
+        let doc = self
+            .document_after(previous)
+            .map_err(|e| PolicyError::Invalid(vec![e]))?;
         crate::policy::apply_as(cfg, &[doc], false, author).await
     }
+}
+
+/// The id of the service's current purge record, if there is one that can be read.
+async fn current_id(cfg: &EtcdConfig, service: &str) -> Result<Option<u64>, PolicyError> {
+    let etcd = crate::etcd::Etcd::connect(cfg).await?;
+    let mut client = etcd.client.clone();
+    let key = crate::etcd::keys::Keys::new(&cfg.prefix).policy("CachePurge", service);
+    let resp = etcd.call(client.get(key, None)).await?;
+    // A record that does not parse names nothing; sidecars refused it too.
+    Ok(resp
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<PolicyDocument>(kv.value()).ok())
+        .and_then(|d| d.spec.get("id").and_then(serde_json::Value::as_u64)))
 }
 
 #[cfg(test)]

@@ -104,6 +104,12 @@ pub struct CachePurgeSpec {
     /// Entries whose response named this tag in `Surrogate-Key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// The id of the record this one replaced (the CLI reads it before writing). Only the
+    /// latest record of a service is kept, so a sidecar that last applied another one (it was
+    /// disconnected, or two purges landed within one snapshot) missed at least one purge
+    /// whose selector it cannot know: it purges everything of the service instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<u64>,
 }
 
 fn yes() -> bool {

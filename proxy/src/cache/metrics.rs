@@ -21,6 +21,7 @@ pub struct CacheMetrics {
     pub coalesce_timeouts: Counter,
     pub purges: Counter,
     pub purge_errors: Counter,
+    pub purge_gaps: Counter,
 }
 
 // === impl CacheMetrics ===
@@ -57,6 +58,11 @@ impl CacheMetrics {
             "cache_purges_applied",
             "Cache purges applied from the store",
             m.purges.clone(),
+        );
+        registry.register(
+            "cache_purge_gaps",
+            "Purge records that did not follow the last one applied (at least one purge was missed): everything of the service was purged",
+            m.purge_gaps.clone(),
         );
         registry.register(
             "cache_purge_errors",

@@ -182,9 +182,10 @@ impl ResponseCache {
         }
     }
 
-    /// Apply a purge record once (records are replaced, each with a new id).
+    /// Apply a purge record once (records are replaced, each with a new id). A record that
+    /// does not follow the last one applied means purges were missed: everything goes.
     fn purge(&self, p: &CachePurgeSpec) {
-        {
+        let missed = {
             let mut last = self
                 .shared
                 .last_purge
@@ -193,8 +194,10 @@ impl ResponseCache {
             if *last == Some(p.id) {
                 return;
             }
+            let missed = p.previous != *last;
             *last = Some(p.id);
-        }
+            missed
+        };
         if let Err(message) = p.validate() {
             // Validated when read from the store; a bad record is refused, the cache kept.
             self.shared.metrics.purge_errors.inc();
@@ -202,6 +205,11 @@ impl ResponseCache {
             return;
         }
         let selector = match (&p.prefix, &p.key, &p.tag) {
+            _ if missed => {
+                self.shared.metrics.purge_gaps.inc();
+                tracing::info!(service = %p.service, "cache purges were missed: purging everything of the service");
+                Selector::All
+            }
             (Some(prefix), _, _) => Selector::Prefix(prefix.clone()),
             (_, Some(key), _) => Selector::Key(key.clone()),
             (_, _, Some(tag)) => Selector::Tag(tag.clone()),
@@ -715,12 +723,17 @@ mod tests {
     fn a_purge_record_is_applied_once_and_a_bad_one_refused() {
         let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
         let policy = serde_json::json!({"c": {"service": "web"}});
-        let purge = |id: u64, tag: &str| serde_json::json!({"web": {"service": "web", "id": id, "tag": tag}});
-        cache.update(&snapshot(policy.clone(), purge(1, "t")));
-        cache.update(&snapshot(policy.clone(), purge(1, "t")));
+        let purge = |id: u64, previous: Option<u64>| serde_json::json!({"web": {"service": "web", "id": id, "tag": "t", "previous": previous}});
+        cache.update(&snapshot(policy.clone(), purge(1, None)));
+        cache.update(&snapshot(policy.clone(), purge(1, None)));
         assert_eq!(cache.shared.metrics.purges.get(), 1);
-        cache.update(&snapshot(policy.clone(), purge(2, "t")));
+        cache.update(&snapshot(policy.clone(), purge(2, Some(1))));
         assert_eq!(cache.shared.metrics.purges.get(), 2);
+        assert_eq!(
+            cache.shared.metrics.purge_gaps.get(),
+            0,
+            "each followed the last"
+        );
         // Bypassing validation (a snapshot built by hand): refused, counted.
         let mut snap = snapshot(policy, serde_json::json!({}));
         snap.cache_purges.insert(
@@ -731,10 +744,46 @@ mod tests {
                 prefix: Some("no-slash".into()),
                 key: None,
                 tag: None,
+                previous: Some(2),
             },
         );
         cache.update(&snap);
         assert_eq!(cache.shared.metrics.purge_errors.get(), 1);
         assert_eq!(cache.shared.metrics.purges.get(), 2);
+        // Record 4 was never seen (two purges within one snapshot, or a disconnection): 5
+        // names it as its predecessor, so everything of the service is purged.
+        cache.update(&snapshot(
+            serde_json::json!({"c": {"service": "web"}}),
+            purge(5, Some(4)),
+        ));
+        assert_eq!(cache.shared.metrics.purge_gaps.get(), 1);
+        assert_eq!(cache.shared.metrics.purges.get(), 3);
+    }
+
+    #[test]
+    fn a_missed_purge_purges_everything_of_the_service() {
+        let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
+        let policy = serde_json::json!({"c": {"service": "web"}});
+        let purge = |id: u64, previous: Option<u64>, tag: &str| serde_json::json!({"web": {"service": "web", "id": id, "tag": tag, "previous": previous}});
+        cache.update(&snapshot(policy.clone(), purge(1, None, "a")));
+        let store = cache.policies.load()[0].store.clone();
+        let m = CacheMetrics::default();
+        let entry = store::tests::entry(1, 10);
+        let tagged = Entry {
+            tags: vec!["other-tag".into()],
+            ..entry
+        };
+        store.insert("h\0/o/1", &http::HeaderMap::new(), tagged, &m);
+        let purged_all = |store: &store::Store| {
+            store.sync();
+            store.entry_count() == 0
+        };
+        assert!(!purged_all(&store));
+        // Follows 1: only tag `b` goes, the entry tagged `other-tag` stays.
+        cache.update(&snapshot(policy.clone(), purge(2, Some(1), "b")));
+        assert!(!purged_all(&store));
+        // Skips 3: everything goes, whatever its own selector.
+        cache.update(&snapshot(policy, purge(4, Some(3), "b")));
+        assert!(purged_all(&store));
     }
 }

@@ -200,12 +200,12 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const MB: u64 = 1024 * 1024;
 
-    fn entry(i: usize, size: usize) -> Entry {
+    pub(in crate::cache) fn entry(i: usize, size: usize) -> Entry {
         Entry {
             status: StatusCode::OK,
             headers: HeaderMap::new(),

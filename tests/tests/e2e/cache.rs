@@ -530,14 +530,14 @@ async fn purges_by_key_prefix_and_tag() {
     assert_eq!(status(&c.get("echo", "/p/b", &[]).await), "HIT");
     c.apply(
         policy.clone(),
-        serde_json::json!({"echo": {"service": "echo", "id": 2, "tag": "t1"}}),
+        serde_json::json!({"echo": {"service": "echo", "id": 2, "previous": 1, "tag": "t1"}}),
     )
     .await;
     assert_eq!(status(&c.get("echo", "/p/tagged", &[]).await), "MISS");
     assert_eq!(status(&c.get("echo", "/q/c", &[]).await), "HIT");
     c.apply(
         policy.clone(),
-        serde_json::json!({"echo": {"service": "echo", "id": 3, "prefix": "/p/"}}),
+        serde_json::json!({"echo": {"service": "echo", "id": 3, "previous": 2, "prefix": "/p/"}}),
     )
     .await;
     assert_eq!(status(&c.get("echo", "/p/b", &[]).await), "MISS");
@@ -545,15 +545,28 @@ async fn purges_by_key_prefix_and_tag() {
     // The same record again (another snapshot) is not applied twice.
     c.apply(
         policy.clone(),
-        serde_json::json!({"echo": {"service": "echo", "id": 3, "prefix": "/p/"}}),
+        serde_json::json!({"echo": {"service": "echo", "id": 3, "previous": 2, "prefix": "/p/"}}),
     )
     .await;
     assert_eq!(status(&c.get("echo", "/p/b", &[]).await), "HIT");
     c.apply(
         policy,
-        serde_json::json!({"echo": {"service": "echo", "id": 4}}),
+        serde_json::json!({"echo": {"service": "echo", "id": 4, "previous": 3}}),
     )
     .await;
+    assert_eq!(status(&c.get("echo", "/x/y", &[]).await), "MISS");
+    // A record that does not follow the last one applied (5 was never seen): whatever its
+    // selector, everything of the service goes.
+    for p in ["/q/c", "/x/y"] {
+        c.get("echo", p, &[]).await;
+        assert_eq!(status(&c.get("echo", p, &[]).await), "HIT");
+    }
+    c.apply(
+        serde_json::json!({}),
+        serde_json::json!({"echo": {"service": "echo", "id": 6, "previous": 5, "key": "/nothing"}}),
+    )
+    .await;
+    assert_eq!(status(&c.get("echo", "/q/c", &[]).await), "MISS");
     assert_eq!(status(&c.get("echo", "/x/y", &[]).await), "MISS");
 }
 
@@ -864,6 +877,16 @@ async fn twenty_purges_reach_ten_sidecars() {
                 "purge {n}"
             );
         }
+    }
+    // Each record named the one it replaced: no sidecar saw a gap (which would have purged
+    // everything of the service).
+    for s in &m.sidecars {
+        let uri = format!("http://{}/metrics", s.bound.admin);
+        let text = client::get(&client::h1(s.bound.admin), &uri).await.body;
+        assert!(
+            text.contains("trellis_cache_purge_gaps_total 0"),
+            "a gap was seen"
+        );
     }
     took.sort();
     let p99 = took[took.len() - 1];
