@@ -39,7 +39,11 @@ pub struct Tracing {
 
 /// One request's span. Dropping it ends the span, so it is held until the response body ends.
 pub struct RequestSpan {
-    span: Option<Span>,
+    /// Only a recording span is kept, and boxed: an SDK span is about 300 bytes, and this
+    /// value travels with every response (in `Streamed`), copied at each layer it passes. A
+    /// span that is not sampled records nothing and ends as a no-op, so nothing is lost by
+    /// dropping it at once; its context (below) still propagates.
+    span: Option<Box<Span>>,
     server: bool,
     /// The endpoint of the last attempt and the retries made (kept for the access log even
     /// when the span is not recorded).
@@ -252,7 +256,7 @@ impl RequestSpan {
     fn new(span: Span, server: bool, arrived_as: Option<Format>) -> Self {
         let sc = span.span_context().clone();
         Self {
-            span: Some(span),
+            span: span.is_recording().then(|| Box::new(span)),
             server,
             endpoint: None,
             retries: 0,
@@ -282,10 +286,10 @@ impl RequestSpan {
     }
 
     fn recording(&mut self) -> Option<&mut Span> {
-        self.span.as_mut().filter(|s| s.is_recording())
+        self.span.as_deref_mut().filter(|s| s.is_recording())
     }
 
-    /// Whether there is a span to end (tracing is on for this request).
+    /// Whether there is a span to end (the request is traced and sampled).
     pub fn is_open(&self) -> bool {
         self.span.is_some()
     }
