@@ -110,37 +110,7 @@ pub async fn view(etcd: &Etcd, keys: &Keys, req: &Request<'_>) -> Result<View, A
 
 /// The combined document of `apis`, and what it could not show.
 pub fn combined(req: &Request<'_>, apis: &[PublicApi]) -> (Value, Vec<String>) {
-    // The security schemes are already in each API's document; the combined one takes the
-    // union of theirs.
-    let gateway = gateway(req, &[]);
-    let (mut doc, skipped) = combined_public_api(&gateway, req.title, apis);
-    let schemes: serde_json::Map<String, Value> = apis
-        .iter()
-        .filter_map(|a| {
-            a.document
-                .pointer("/components/securitySchemes")?
-                .as_object()
-        })
-        .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())))
-        .collect();
-    let security = apis
-        .iter()
-        .find_map(|a| a.document.get("security"))
-        .cloned();
-    if let Some(obj) = doc.as_object_mut() {
-        if !schemes.is_empty() {
-            let components = obj
-                .entry("components")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if let Some(c) = components.as_object_mut() {
-                c.insert("securitySchemes".into(), Value::Object(schemes));
-            }
-        }
-        if let Some(s) = security {
-            obj.insert("security".into(), s);
-        }
-    }
-    (doc, skipped)
+    combined_public_api(&gateway(req, &[]), req.title, apis)
 }
 
 fn gateway<'a>(req: &Request<'a>, auth: &'a [AuthenticationSpec]) -> Gateway<'a> {

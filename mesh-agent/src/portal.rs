@@ -3,7 +3,8 @@
 //! data plane whole (`PortalDocs`). The request path only reads what was published.
 //!
 //! When etcd cannot be read, or holds something that does not parse, the last published
-//! documents keep being served; the failure is logged once per distinct message.
+//! documents keep being served; the failure is counted
+//! (`trellis_portal_refresh_failures_total`) and logged once per distinct message.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct PortalRefresher {
     pub portal: PortalConfig,
     pub docs: PortalDocs,
     pub title: String,
+    /// Refreshes that failed (etcd unreachable, a document that does not read back).
+    pub failures: prometheus_client::metrics::counter::Counter,
 }
 
 // === impl PortalRefresher ===
@@ -42,6 +45,7 @@ impl PortalRefresher {
             match self.refresh(&mut conn).await {
                 Ok(()) => last_error.clear(),
                 Err(e) => {
+                    self.failures.inc();
                     // A broken connection is made again next time.
                     conn = None;
                     let message = e.to_string();

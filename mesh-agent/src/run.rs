@@ -119,6 +119,15 @@ async fn start_etcd(
         .as_ref()
         .and_then(|i| i.portal.clone())
         .map(|p| crate::portal::PortalRefresher {
+            failures: {
+                let c = prometheus_client::metrics::counter::Counter::default();
+                proxy.registry_mut().register(
+                    "portal_refresh_failures",
+                    "Failed reads of the developer portal's documents from etcd (the last ones read keep being served)",
+                    c.clone(),
+                );
+                c
+            },
             etcd: etcd.clone(),
             gateway: config.service.clone(),
             title: format!("{} APIs", config.service),

@@ -275,10 +275,13 @@ fn apply_security(doc: &mut Map<String, Value>, auth: &[&AuthenticationSpec]) {
 
 /// One OpenAPI document for the whole gateway: every public API's paths, their components
 /// renamed `<service>.<name>` (two services may both have a `User` schema) with every
-/// reference rewritten to match, operation ids prefixed the same way.
+/// reference rewritten to match, operation ids prefixed the same way. The security schemes
+/// are the union of the APIs' (the gateway's, already in each, and the apps' own), and the
+/// requirement is the gateway's, as each API states it.
 pub fn combined(gateway: &Gateway, title: &str, apis: &[PublicApi]) -> (Value, Vec<String>) {
     let mut paths = Map::new();
     let mut components: Map<String, Value> = Map::new();
+    let mut schemes = Map::new();
     let mut skipped = Vec::new();
     for api in apis {
         let mut doc = api.document.clone();
@@ -286,6 +289,9 @@ pub fn combined(gateway: &Gateway, title: &str, apis: &[PublicApi]) -> (Value, V
         if let Some(own) = doc.get("components").and_then(Value::as_object) {
             for (kind, entries) in own {
                 if kind == "securitySchemes" {
+                    if let Some(e) = entries.as_object() {
+                        schemes.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    }
                     continue;
                 }
                 let Some(entries) = entries.as_object() else {
@@ -324,11 +330,20 @@ pub fn combined(gateway: &Gateway, title: &str, apis: &[PublicApi]) -> (Value, V
         "servers": servers(gateway, &[]),
         "paths": paths,
     });
+    if !schemes.is_empty() {
+        components.insert("securitySchemes".into(), Value::Object(schemes));
+    }
+    let security = apis
+        .iter()
+        .find_map(|a| a.document.get("security"))
+        .cloned();
     if let Some(obj) = doc.as_object_mut() {
         if !components.is_empty() {
             obj.insert("components".into(), Value::Object(components));
         }
-        apply_security(obj, &gateway.auth);
+        if let Some(s) = security {
+            obj.insert("security".into(), s);
+        }
     }
     (doc, skipped)
 }

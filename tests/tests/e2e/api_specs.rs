@@ -667,9 +667,15 @@ async fn the_ingress_portal_serves_the_public_documents_and_survives_etcd_loss()
     let post = trellis_tests::client::send(&client, post).await.unwrap();
     assert_eq!(post.status, 405);
 
-    // etcd gone: the last documents keep being served.
+    // etcd gone: after a refresh failed, the last documents keep being served.
     etcd.members[0].kill();
-    tokio::time::sleep(mesh_agent::portal::REFRESH + Duration::from_secs(1)).await;
+    let admin = gateway.bound.admin;
+    let limit = mesh_agent::portal::REFRESH + Duration::from_secs(15);
+    trellis_tests::wait_for(limit, "a failed portal refresh", || async {
+        let text = trellis_tests::client::admin(admin, "/metrics").await.body;
+        trellis_tests::client::metric(&text, "trellis_portal_refresh_failures_total") >= 1.0
+    })
+    .await;
     let after = get("/openapi.json").await;
     assert_eq!(after.status, 200);
     assert_eq!(after.json(), doc);
