@@ -108,10 +108,22 @@ curl -sf -o /dev/null "http://127.0.0.1:$S_IN/hit"
     die "the sidecar does not answer /hit from its cache"
 max_rps_cpu "$SC" trellis-hit "http://127.0.0.1:$S_IN/hit" >"$D/rps"; hit_rps=$(cat "$D/rps") hit_cpu=$CPU_US
 read -r hit_p50 hit_p99 < <(fixed_rate trellis-hit-rate "http://127.0.0.1:$S_IN/hit")
+# The miss path at steady state: a cache that is full and evicting, as it is after its first
+# 64 MiB (filling an empty one also pays for fresh memory, which a running sidecar does once).
+metric() { curl -s "http://127.0.0.1:$S_ADM/metrics" | awk -v m="$1" '$1 == m { print int($2) }'; }
+for k in $(seq 40); do
+    taskset -c 0 oha -z 2s -c 64 --no-tui --output-format json --rand-regex-url \
+        "http://127.0.0.1:$S_IN/fill$k/[a-z]{16}" >/dev/null 2>&1 || die "oha failed (fill)"
+    (($(metric trellis_cache_evictions_total) > 1000)) && break
+done
+(($(metric trellis_cache_evictions_total) > 1000)) || die "the cache did not fill"
 max_rps_cpu "$SC" trellis-miss "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"; miss_rps=$(cat "$D/rps") miss_cpu=$CPU_US
 miss_codes=$(codes trellis-miss)
+held=$(metric trellis_cache_bytes)
+rss_full=$(awk '/^VmRSS/ { print $2 * 1024 }' "/proc/$SC/status")
 stop_sidecar
 start_sidecar 0
+rss_plain=$(awk '/^VmRSS/ { print $2 * 1024 }' "/proc/$SC/status")
 max_rps_cpu "$SC" trellis-plain "http://127.0.0.1:$S_IN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"; plain_rps=$(cat "$D/rps") plain_cpu=$CPU_US
 stop_sidecar
 
@@ -121,8 +133,9 @@ echo "| path | req/s | CPU µs/req (proxy) | p50 ms at $RATE req/s | p99 ms at $
 echo "|---|---:|---:|---:|---:|"
 printf '| nginx proxy_cache hit | %.0f | %s | %.3f | %.3f |\n' "$nginx_rps" "$nginx_cpu" "$nginx_p50" "$nginx_p99"
 printf '| Trellis sidecar cache hit | %.0f | %s | %.3f | %.3f |\n' "$hit_rps" "$hit_cpu" "$hit_p50" "$hit_p99"
-printf '| Trellis sidecar, every request a miss (stored) | %.0f | %s | | |\n' "$miss_rps" "$miss_cpu"
+printf '| Trellis sidecar, every request a miss (stored, cache full) | %.0f | %s | | |\n' "$miss_rps" "$miss_cpu"
 printf '| Trellis sidecar without a cache policy, same URLs | %.0f | %s | | |\n' "$plain_rps" "$plain_cpu"
 echo
 echo "miss statuses: $miss_codes"
+awk -v h="$held" -v r="$rss_full" -v p="$rss_plain" 'BEGIN { printf "cache full: %.1f MiB held (bound 64 MiB), sidecar RSS %.1f MiB (%.1f MiB without a policy)\n", h / 1048576, r / 1048576, p / 1048576 }'
 awk -v m="$miss_cpu" -v p="$plain_cpu" 'BEGIN { printf "miss-path CPU overhead vs no cache: %+.1f %%\n", (m / p - 1) * 100 }'

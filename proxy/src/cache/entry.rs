@@ -76,10 +76,7 @@ impl Fetch {
             spec.default_ttl.is_some(),
         )?;
         let response_time = SystemTime::now();
-        let mut headers = h.clone();
-        for name in &NOT_STORED {
-            headers.remove(name);
-        }
+        let headers = detached(h.iter().filter(|(k, _)| !NOT_STORED.contains(k)));
         Ok(Entry {
             status: resp.status(),
             lifetime: control::lifetime(h, &cc, spec.default_ttl, spec.max_ttl, response_time),
@@ -94,6 +91,34 @@ impl Fetch {
             body: Bytes::new(),
         })
     }
+}
+
+/// A copy of these headers that owns its values. A parsed header value is a slice of the
+/// connection's read buffer (hyper's HTTP/1 parser and h2's HPACK decoder both slice it):
+/// stored as it is, every entry would keep a whole read buffer (8 KiB or more) alive for a
+/// few hundred bytes of headers, so a cache bounded at 64 MiB held 700 MB, and every
+/// response made the connection allocate a fresh buffer. The values are copied into one
+/// buffer per entry, which the entry's weight counts.
+pub(super) fn detached<'a>(
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) -> HeaderMap {
+    let pairs: Vec<_> = headers.collect();
+    let mut buf = bytes::BytesMut::with_capacity(pairs.iter().map(|(_, v)| v.len()).sum());
+    for (_, v) in &pairs {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let buf = buf.freeze();
+    let mut out = HeaderMap::with_capacity(pairs.len());
+    let mut at = 0;
+    for (name, v) in pairs {
+        let end = at + v.len();
+        let mut value =
+            HeaderValue::from_maybe_shared(buf.slice(at..end)).unwrap_or_else(|_| v.clone());
+        value.set_sensitive(v.is_sensitive());
+        out.append(name.clone(), value);
+        at = end;
+    }
+    out
 }
 
 fn tags(h: &HeaderMap) -> Vec<String> {
@@ -141,16 +166,13 @@ impl Entry {
         requested: SystemTime,
         spec: &CachePolicySpec,
     ) -> Entry {
-        let mut headers = self.headers.clone();
-        let replaced = not_modified
-            .keys()
-            .filter(|k| !KEPT_ON_304.contains(k) && !NOT_STORED.contains(k));
-        for name in replaced {
-            headers.remove(name);
-            for v in not_modified.get_all(name) {
-                headers.append(name.clone(), v.clone());
-            }
-        }
+        let replaced = |k: &HeaderName| !KEPT_ON_304.contains(k) && !NOT_STORED.contains(k);
+        let kept = self
+            .headers
+            .iter()
+            .filter(|(k, _)| !(replaced(k) && not_modified.contains_key(*k)));
+        let new = not_modified.iter().filter(|(k, _)| replaced(k));
+        let headers = detached(kept.chain(new));
         let cc = CacheControl::parse(&headers);
         let response_time = SystemTime::now();
         let lifetime =
@@ -272,6 +294,58 @@ mod tests {
             tags: vec![],
             vary: Arc::from([]),
         }
+    }
+
+    /// Header values sliced out of a connection's read buffer, as hyper and h2 parse them.
+    fn sliced(buf: &Bytes, headers: &[(&'static str, std::ops::Range<usize>)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, r) in headers {
+            let v = HeaderValue::from_maybe_shared(buf.slice(r.clone())).unwrap();
+            h.append(HeaderName::from_static(k), v);
+        }
+        h
+    }
+
+    fn within(v: &HeaderValue, buf: &Bytes) -> bool {
+        let (p, range) = (v.as_bytes().as_ptr() as usize, buf.as_ptr_range());
+        (range.start as usize..range.end as usize).contains(&p)
+    }
+
+    #[test]
+    fn stored_headers_do_not_keep_the_read_buffer_alive() {
+        let mut raw = vec![b'x'; 8192];
+        raw[..12].copy_from_slice(b"max-age=60\"v");
+        let buf = Bytes::from(raw);
+        let h = sliced(
+            &buf,
+            &[("cache-control", 0..10), ("etag", 10..12), ("age", 0..2)],
+        );
+        let resp = {
+            let mut r = Response::new(());
+            *r.headers_mut() = h;
+            r
+        };
+        let req = Request::get("/a").body(()).unwrap();
+        let spec: CachePolicySpec =
+            serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
+        let e = Fetch::start(&req)
+            .entry(&resp, &spec, &Arc::from("h\0/a"))
+            .unwrap();
+        assert_eq!(e.headers.get("cache-control").unwrap(), "max-age=60");
+        assert_eq!(e.headers.get("etag").unwrap(), "\"v");
+        assert!(e.headers.get("age").is_none(), "never stored");
+        assert!(e.headers.values().all(|v| !within(v, &buf)));
+
+        // A 304's values are sliced from its own buffer too.
+        let buf304 = Bytes::from(vec![b'y'; 8192]);
+        let refreshed = e.refreshed(
+            &sliced(&buf304, &[("x-new", 0..4)]),
+            SystemTime::now(),
+            &spec,
+        );
+        assert_eq!(refreshed.headers.get("x-new").unwrap(), "yyyy");
+        assert_eq!(refreshed.headers.get("etag").unwrap(), "\"v");
+        assert!(refreshed.headers.values().all(|v| !within(v, &buf304)));
     }
 
     #[test]

@@ -87,6 +87,8 @@ struct Compiled {
     inflight: Arc<Inflight>,
     /// When each resource was last invalidated by an unsafe method.
     invalidated: moka::sync::Cache<Arc<str>, Instant>,
+    /// Something was invalidated: until then lookups skip `invalidated`.
+    any_invalidated: AtomicBool,
 }
 
 /// A listener's answer to a request.
@@ -314,6 +316,7 @@ impl Compiled {
                 .max_capacity(16 * 1024)
                 .time_to_live(spec.max_ttl + Duration::from_secs(3600))
                 .build(),
+            any_invalidated: AtomicBool::new(false),
         }
     }
 }
@@ -368,11 +371,12 @@ impl Plan {
     fn find(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
         let variant = self.policy.store.variant_key(&self.primary, headers);
         let entry = self.policy.store.get(&variant)?;
-        if self
-            .policy
-            .invalidated
-            .get(&self.resource)
-            .is_some_and(|at| entry.fetched <= at)
+        let policy = &self.policy;
+        if policy.any_invalidated.load(Ordering::Acquire)
+            && policy
+                .invalidated
+                .get(&self.resource)
+                .is_some_and(|at| entry.fetched <= at)
         {
             return None;
         }
@@ -560,6 +564,7 @@ impl Plan {
         let resp = upstream(req).await?;
         if resp.status().is_success() || resp.status().is_redirection() {
             let now = Instant::now();
+            self.policy.any_invalidated.store(true, Ordering::Release);
             self.policy.invalidated.insert(self.resource.clone(), now);
             for h in [header::LOCATION, header::CONTENT_LOCATION] {
                 if let Some(r) = entry::same_origin(&self.resource, resp.headers().get(h)) {

@@ -2,6 +2,7 @@
 //! concurrent cache bounded in bytes (moka, with a weigher counting the key, the headers and
 //! the body), each entry kept until its freshness lifetime and stale windows are over.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,11 @@ use http::{HeaderMap, StatusCode};
 
 use super::control::CacheControl;
 use super::metrics::CacheMetrics;
+
+/// Bytes an entry costs besides its key, headers and body (see [`Entry::weight`]).
+const ENTRY_OVERHEAD: usize = 1280;
+/// Bytes a stored header costs besides its name and value (the header map's bucket and index).
+const HEADER_OVERHEAD: usize = 96;
 
 /// One stored response.
 #[derive(Debug)]
@@ -50,6 +56,9 @@ pub struct Store {
     entries: moka::sync::Cache<String, Arc<Entry>>,
     /// The `Vary` names last seen for each primary key: which variant key a request looks up.
     vary: moka::sync::Cache<String, Arc<[String]>>,
+    /// Some response stored here had a `Vary`: until one has, lookups skip `vary` (one
+    /// concurrent-map lookup less per request).
+    any_vary: AtomicBool,
 }
 
 /// Each entry lives for its lifetime, its stale windows and (when it can be revalidated) as
@@ -80,13 +89,18 @@ impl Entry {
             .max(Duration::from_secs(1))
     }
 
+    /// The memory this entry holds, as the bound counts it: its key, headers and body, and
+    /// the fixed cost of an entry (this struct, its header map's table, the store's own
+    /// nodes and the allocator's rounding). Measured: a sidecar holding 97,000 small
+    /// responses (5 headers, 3-byte bodies) used 2.05 KiB of RSS per entry; counting 256
+    /// bytes of fixed cost made a 64 MiB cache take 200 MB.
     fn weight(&self, key: &str) -> u32 {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .map(|(k, v)| k.as_str().len() + v.len() + HEADER_OVERHEAD)
             .sum();
-        let total = key.len() + headers + self.body.len() + self.resource.len() + 256;
+        let total = key.len() + headers + self.body.len() + self.resource.len() + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -142,12 +156,20 @@ impl Store {
             .max_capacity((max_bytes / 4096).max(1024))
             .time_to_idle(Duration::from_secs(24 * 3600))
             .build();
-        Self { entries, vary }
+        Self {
+            entries,
+            vary,
+            any_vary: AtomicBool::new(false),
+        }
     }
 
     /// The variant key a request with these headers looks up under `primary`.
     pub fn variant_key(&self, primary: &str, headers: &HeaderMap) -> String {
-        let names = self.vary.get(primary).unwrap_or_else(|| Arc::from([]));
+        let names = match self.any_vary.load(Ordering::Relaxed) {
+            true => self.vary.get(primary),
+            false => None,
+        };
+        let names = names.unwrap_or_else(|| Arc::from([]));
         super::key::variant(primary, headers, &names)
     }
 
@@ -163,7 +185,12 @@ impl Store {
         entry: Entry,
         metrics: &CacheMetrics,
     ) -> Arc<Entry> {
-        if !entry.vary.is_empty() || self.vary.contains_key(primary) {
+        if !entry.vary.is_empty() {
+            self.any_vary.store(true, Ordering::Relaxed);
+        }
+        if !entry.vary.is_empty()
+            || (self.any_vary.load(Ordering::Relaxed) && self.vary.contains_key(primary))
+        {
             self.vary.insert(primary.to_string(), entry.vary.clone());
         }
         let key = super::key::variant(primary, req_headers, &entry.vary);

@@ -686,6 +686,64 @@ async fn empty_bodies_are_stored_too() {
     }
 }
 
+/// The cache's bound holds for the process, not only for the bytes it counts: an entry's
+/// headers are copied out of the connection's read buffer (they were slices of it, so each
+/// stored response kept a whole 8 KiB buffer alive: a 64 MiB cache reached 700 MB RSS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_responses_stay_within_the_memory_bound() {
+    const BOUND: u64 = 4 << 20;
+    let c = Cached::start(serde_json::json!({"max_bytes": BOUND})).await;
+    let padding = "x".repeat(200);
+    c.origin.script(move |_| {
+        let h = [
+            ("cache-control", "max-age=600"),
+            ("content-type", "application/json"),
+            ("etag", "\"0123456789abcdef\""),
+            ("x-padding", padding.as_str()),
+        ];
+        reply(200, &h, "{\"ok\":true}")
+    });
+    // Warm up the connections and the allocator, then fill the cache twice over (about 2 KiB
+    // of weight per entry: ~2,000 entries fit, 8,000 go through).
+    for i in 0..200 {
+        c.get("echo", &format!("/warm/{i}"), &[]).await;
+    }
+    let before = trellis_tests::rss_bytes();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks: Vec<_> = (0..4)
+        .map(|t| {
+            let client = client::h1(c.sidecar.inbound());
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                for i in 0..2_000 {
+                    let req = Request::get(format!("http://echo/fill/{t}/{i}"))
+                        .body(client::empty())
+                        .expect("request");
+                    let r = client::send(&client, req).await.expect("fill");
+                    assert_eq!(r.status, StatusCode::OK);
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("filler");
+    }
+    let grown = trellis_tests::rss_bytes().saturating_sub(before);
+    assert_eq!(c.origin.count("/fill/0/0"), 1);
+    assert_eq!(c.origin.count("/fill/3/1999"), 1);
+    eprintln!(
+        "{} responses through a {} MiB cache: RSS grew {} MiB",
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        BOUND >> 20,
+        grown >> 20
+    );
+    // The bound, plus room for the allocator and the test's own clients. Pinned read buffers
+    // (8 KiB for each entry held) made it 33 MiB; an entry weighed at less than it costs
+    // (256 bytes of fixed cost instead of 1,280) made it 11 MiB.
+    assert!(grown <= BOUND + (6 << 20), "RSS grew {} MiB", grown >> 20);
+}
+
 /// `n` sidecars of `echo` in etcd mode, in front of one origin, under a `CachePolicy`
 /// applied through etcd, each holding `path` (a HIT).
 struct EtcdCaches {
