@@ -45,6 +45,12 @@ pub struct Record<'a> {
     /// The sidecar's own decision or failure (`trellis-error`): rate-limited, breaker-*,
     /// connect-failed, ...; null when the app answered.
     pub cause: Option<&'static str>,
+    /// How the response cache answered (`X-Cache-Status`: HIT, MISS, STALE, REVALIDATED,
+    /// BYPASS, EXPIRED), here or at a sidecar upstream; absent when no cache policy applied.
+    /// Not in `cause`, which names the sidecar's own refusals and failures: a cached answer
+    /// is neither, and `errors_only` logs would fill with every hit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'a str>,
     /// Request start to response headers.
     pub duration_ms: f64,
     pub client: SocketAddr,
@@ -145,6 +151,7 @@ impl AccessLog {
             authority: info.authority.as_deref(),
             status,
             cause: o.cause,
+            cache: cache_status(o.response.headers()),
             duration_ms: millis(o.elapsed),
             client: o.client,
             peer_identity: o.peer_identity,
@@ -183,6 +190,11 @@ impl RequestInfo {
     }
 }
 
+/// The response cache's answer, when the response carries one.
+pub fn cache_status(h: &http::HeaderMap) -> Option<&str> {
+    h.get(crate::cache::CACHE_STATUS)?.to_str().ok()
+}
+
 pub fn content_length(h: &http::HeaderMap) -> Option<u64> {
     h.get(http::header::CONTENT_LENGTH)?
         .to_str()
@@ -195,10 +207,11 @@ pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// `time direction service "METHOD path" status cause duration upstream retries trace route`.
+/// `time direction service "METHOD path" status cause duration upstream retries trace route`,
+/// then `cache=STATUS` when the response cache answered.
 fn text(r: &Record<'_>) -> String {
     let dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
-    format!(
+    let mut line = format!(
         "{} {} {} \"{} {}\" {} {} {}ms client={} peer={} upstream={} retries={} bytes={} trace={} route={}",
         r.time,
         r.direction,
@@ -215,7 +228,12 @@ fn text(r: &Record<'_>) -> String {
         dash(r.response_bytes.map(|b| b.to_string())),
         dash(r.trace_id.clone()),
         r.route,
-    )
+    );
+    if let Some(cache) = r.cache {
+        line.push_str(" cache=");
+        line.push_str(cache);
+    }
+    line
 }
 
 async fn write(path: Option<std::path::PathBuf>, mut rx: mpsc::Receiver<String>) {

@@ -121,11 +121,19 @@ struct Cached {
 
 impl Cached {
     async fn start(policy: serde_json::Value) -> Self {
+        Self::start_with(policy, |_| {}).await
+    }
+
+    async fn start_with(
+        policy: serde_json::Value,
+        tweak: impl FnOnce(&mut trellis_proxy::config::Config),
+    ) -> Self {
         init_logs();
         let pki = Pki::new(&["echo"]);
         let origin = Origin::start().await;
         let sidecar = Sidecar::start(&pki, "echo", origin.addr, |c| {
             c.inbound.mode = InboundMode::Permissive;
+            tweak(c);
         })
         .await;
         let client = client::h1(sidecar.inbound());
@@ -683,6 +691,61 @@ async fn empty_bodies_are_stored_too() {
         let hit = c.get("echo", p, &[]).await;
         assert_eq!((status(&hit), hit.body.as_str()), ("HIT", ""), "{p}");
         assert_eq!(c.origin.count(p), 1, "{p}");
+    }
+}
+
+/// How the cache answered is in the access log (`cache`) and on the request's span
+/// (`trellis.cache.status`), not only in the response header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_status_is_logged_and_traced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let collector = trellis_tests::otlp::Collector::start().await;
+    let (path, endpoint) = (log.clone(), collector.endpoint());
+    let c = Cached::start_with(serde_json::json!({}), move |cfg| {
+        cfg.access_log.enabled = true;
+        cfg.access_log.path = Some(path);
+        cfg.tracing.endpoint = Some(endpoint);
+        cfg.tracing.sampling = 1.0;
+        cfg.tracing.flush_interval = Duration::from_millis(100);
+    })
+    .await;
+    c.origin
+        .script(|_| reply(200, &[("cache-control", "max-age=60")], "a"));
+    let traces = [
+        "4bf92f3577b34da6a3ce929d0e0e4701",
+        "4bf92f3577b34da6a3ce929d0e0e4702",
+    ];
+    for (trace, want) in traces.iter().zip(["MISS", "HIT"]) {
+        let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+        let r = c.get("echo", "/logged", &[("traceparent", &parent)]).await;
+        assert_eq!(status(&r), want);
+    }
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    trellis_tests::wait_for(Duration::from_secs(5), "two log lines", || async {
+        lines().len() == 2
+    })
+    .await;
+    let got: Vec<_> = lines().iter().map(|l| l["cache"].clone()).collect();
+    assert_eq!(got, [serde_json::json!("MISS"), serde_json::json!("HIT")]);
+    assert!(
+        lines().iter().all(|l| l["cause"].is_null()),
+        "a cached answer is not a cause"
+    );
+    for (trace, want) in traces.iter().zip(["MISS", "HIT"]) {
+        trellis_tests::wait_for(Duration::from_secs(10), "span exported", || async {
+            !collector.trace(trace).is_empty()
+        })
+        .await;
+        let spans = collector.trace(trace);
+        let got = spans[0].attributes.get("trellis.cache.status");
+        assert_eq!(got.map(String::as_str), Some(want), "{spans:#?}");
     }
 }
 

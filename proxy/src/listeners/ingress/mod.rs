@@ -30,6 +30,7 @@ use crate::listeners::protocol::http_builders;
 use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
 use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::{Permits, RateLimits};
+use crate::telemetry::access_log::cache_status;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 use crate::telemetry::trace::{logs, RequestSpan, Tracing};
 use crate::ResponseBody;
@@ -224,7 +225,7 @@ impl Ingress {
             .headers()
             .get(ERROR_HEADER)
             .and_then(|v| known_cause(v.as_bytes()));
-        span.respond(resp.status().as_u16(), cause);
+        span.respond(resp.status().as_u16(), cause, cache_status(resp.headers()));
         let seconds = start.elapsed().as_secs_f64();
         self.admission.count(
             consumer.as_ref(),

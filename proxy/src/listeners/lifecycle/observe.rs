@@ -9,7 +9,7 @@ use http::{HeaderValue, Request, Response};
 use crate::error::{known_cause, ProxyError};
 use crate::http::body::Streamed;
 use crate::http::headers::ERROR_HEADER;
-use crate::telemetry::access_log::{AccessLog, Outcome, RequestInfo};
+use crate::telemetry::access_log::{cache_status, AccessLog, Outcome, RequestInfo};
 use crate::telemetry::metrics::{InFlight, Metrics, INBOUND};
 use crate::telemetry::trace::{logs, RequestSpan};
 use crate::ResponseBody;
@@ -142,7 +142,8 @@ impl Observed<'_> {
                 .filter(|_| lifecycle.peer_causes)
                 .and_then(|v| known_cause(v.as_bytes()))
         });
-        self.span.respond(resp.status().as_u16(), cause);
+        self.span
+            .respond(resp.status().as_u16(), cause, cache_status(resp.headers()));
         // One clock read for the log line and the metrics.
         let elapsed = self.start.elapsed();
         let outcome = Outcome {

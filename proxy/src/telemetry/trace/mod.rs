@@ -320,11 +320,20 @@ impl RequestSpan {
         }
     }
 
-    /// The response status; `cause` is the sidecar's `trellis-error` when it answered itself.
+    /// The response status; `cause` is the sidecar's `trellis-error` when it answered itself,
+    /// `cache_status` the response cache's answer (`X-Cache-Status`) when one applied.
     /// Server spans are errors on 5xx, client spans on 4xx and 5xx (semantic conventions).
-    pub fn respond(&mut self, status: u16, cause: Option<&'static str>) {
+    pub fn respond(
+        &mut self,
+        status: u16,
+        cause: Option<&'static str>,
+        cache_status: Option<&str>,
+    ) {
         let threshold = if self.server { 500 } else { 400 };
         let Some(s) = self.recording() else { return };
+        if let Some(cache) = cache_status {
+            s.set_attribute(KeyValue::new("trellis.cache.status", cache.to_string()));
+        }
         s.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
