@@ -200,21 +200,46 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 
 /// Append the client's address to `X-Forwarded-For` and a `Forwarded` element.
 ///
-/// This runs on every inbound request, so the values are formatted on the stack: one
-/// allocation per header value (its own bytes) instead of a `String` per step.
+/// This runs on every proxied request, so both values are formatted on the stack into one
+/// buffer that becomes one shared allocation, which the two header values slice (one
+/// allocation for both instead of a `String` per step, or one per value).
 pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => stack_value(format_args!("{prev}, {client}")),
-        _ => stack_value(format_args!("{client}")),
+    let prev = headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| !p.is_empty());
+    let mut both = Inline::<{ 2 * INLINE }>::new();
+    let xff = match prev {
+        Some(prev) => both.push(format_args!("{prev}, {client}")),
+        None => both.push(format_args!("{client}")),
+    };
+    let forwarded = match client {
+        IpAddr::V4(ip) => both.push(format_args!("for={ip};proto={proto}")),
+        IpAddr::V6(ip) => both.push(format_args!("for=\"[{ip}]\";proto={proto}")),
+    };
+    let (xff, forwarded) = match (xff, forwarded) {
+        (Some(x), Some(f)) => {
+            let shared = bytes::Bytes::from_owner(both);
+            let value = |r| HeaderValue::from_maybe_shared(shared.slice(r)).ok();
+            (value(x), value(f))
+        }
+        // A long `X-Forwarded-For` chain: each value on its own.
+        _ => {
+            let xff = match prev {
+                Some(prev) => HeaderValue::from_str(&format!("{prev}, {client}")).ok(),
+                None => HeaderValue::from_str(&client.to_string()).ok(),
+            };
+            let forwarded = match client {
+                IpAddr::V4(ip) => stack_value(format_args!("for={ip};proto={proto}")),
+                IpAddr::V6(ip) => stack_value(format_args!("for=\"[{ip}]\";proto={proto}")),
+            };
+            (xff, forwarded)
+        }
     };
     // IP addresses and the existing (already valid) value only contain visible ASCII.
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    let forwarded = match client {
-        IpAddr::V4(ip) => stack_value(format_args!("for={ip};proto={proto}")),
-        IpAddr::V6(ip) => stack_value(format_args!("for=\"[{ip}]\";proto={proto}")),
-    };
     if let Some(v) = forwarded {
         headers.append(header::FORWARDED, v);
     }
@@ -223,14 +248,8 @@ pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static
 /// A header value formatted without a heap `String` when it fits in [`INLINE`] bytes (the
 /// forwarding values nearly always do); longer ones fall back to `format!`.
 fn stack_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
-    use std::io::Write;
-    let mut inline = Inline {
-        buf: [0u8; INLINE],
-        len: 0,
-    };
-    let mut rest = &mut inline.buf[..];
-    if rest.write_fmt(args).is_ok() {
-        inline.len = INLINE - rest.len();
+    let mut inline = Inline::<INLINE>::new();
+    if inline.push(args).is_some() {
         return inline.into_value();
     }
     HeaderValue::from_str(&std::fmt::format(args)).ok()
@@ -244,29 +263,45 @@ pub fn shared_value(bytes: &[u8]) -> Option<HeaderValue> {
     if bytes.len() > INLINE {
         return HeaderValue::from_bytes(bytes).ok();
     }
-    let mut inline = Inline {
-        buf: [0u8; INLINE],
-        len: bytes.len(),
-    };
+    let mut inline = Inline::<INLINE>::new();
     inline.buf[..bytes.len()].copy_from_slice(bytes);
+    inline.len = bytes.len();
     inline.into_value()
 }
 
 const INLINE: usize = 128;
 
 /// Header bytes held inline, so that the shared buffer is one allocation, like a plain one.
-struct Inline {
-    buf: [u8; INLINE],
+struct Inline<const N: usize> {
+    buf: [u8; N],
     len: usize,
 }
 
-impl AsRef<[u8]> for Inline {
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
-impl Inline {
+impl<const N: usize> Inline<N> {
+    fn new() -> Self {
+        Self {
+            buf: [0u8; N],
+            len: 0,
+        }
+    }
+
+    /// Format `args` after what is there; the range it took, or `None` when it did not fit.
+    fn push(&mut self, args: std::fmt::Arguments<'_>) -> Option<std::ops::Range<usize>> {
+        use std::io::Write;
+        let start = self.len;
+        let mut rest = &mut self.buf[start..];
+        let room = rest.len();
+        rest.write_fmt(args).ok()?;
+        self.len = start + room - rest.len();
+        Some(start..self.len)
+    }
+
     fn into_value(self) -> Option<HeaderValue> {
         HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(self)).ok()
     }
@@ -425,6 +460,7 @@ mod tests {
         h.insert("x-forwarded-for", prev.parse().unwrap());
         append_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http");
         assert_eq!(h["x-forwarded-for"], format!("{prev}, 192.0.2.7").as_str());
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.7;proto=http");
     }
 
     #[test]
