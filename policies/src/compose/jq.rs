@@ -102,7 +102,9 @@ impl JqFilter {
             Some(Err(e)) => return Err(JqError::Run(e.to_string())),
             None => return Err(JqError::NoOutput),
         };
-        Ok(value.to_string().into_bytes())
+        let mut out = Vec::with_capacity(body.len());
+        write(&mut out, &value);
+        Ok(out)
     }
 }
 
@@ -112,17 +114,74 @@ impl std::fmt::Debug for JqFilter {
     }
 }
 
-/// Strict JSON, checked before jaq's reader (which accepts a superset) sees it.
+/// Strict JSON (serde_json's reader, not jaq's, which accepts a superset such as `NaN`, and
+/// is several times slower).
 fn parse(body: &[u8]) -> Result<Val, JqError> {
+    check(body)?;
+    serde_json::from_slice::<Val>(body).map_err(|e| JqError::Json(e.to_string()))
+}
+
+/// What any body must be before a parser sees it: UTF-8, nested at most [`MAX_DEPTH`] deep.
+pub(super) fn check(body: &[u8]) -> Result<(), JqError> {
     if let Err(e) = std::str::from_utf8(body) {
         return Err(JqError::Utf8(e.valid_up_to()));
     }
     if depth(body) > MAX_DEPTH {
         return Err(JqError::TooDeep);
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map_err(|e| JqError::Json(e.to_string()))?;
-    jaq_json::read::parse_single(body).map_err(|e| JqError::Json(e.to_string()))
+    Ok(())
+}
+
+/// Compact JSON, as jq prints it with `-c` (non-finite numbers as `null`, since JSON has
+/// none); strings escaped by serde_json. jaq's own printer formats byte by byte.
+fn write(out: &mut Vec<u8>, v: &Val) {
+    use jaq_json::Num;
+    match v {
+        Val::Null => out.extend_from_slice(b"null"),
+        Val::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Val::Num(Num::Float(f)) if !f.is_finite() => out.extend_from_slice(b"null"),
+        Val::Num(Num::Float(f)) => {
+            out.extend_from_slice(ryu::Buffer::new().format_finite(*f).as_bytes())
+        }
+        Val::Num(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        Val::TStr(b) | Val::BStr(b) => write_str(out, b),
+        Val::Arr(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write(out, item);
+            }
+            out.push(b']');
+        }
+        Val::Obj(fields) => {
+            out.push(b'{');
+            for (i, (k, item)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                match k {
+                    Val::TStr(b) | Val::BStr(b) => write_str(out, b),
+                    // jaq allows other keys; JSON wants strings.
+                    other => {
+                        let mut key = Vec::new();
+                        write(&mut key, other);
+                        write_str(out, &key);
+                    }
+                }
+                out.push(b':');
+                write(out, item);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, b: &[u8]) {
+    let s = String::from_utf8_lossy(b);
+    // Writing JSON for a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &*s);
 }
 
 /// The deepest nesting of `[` and `{` outside strings; linear, no recursion.
@@ -150,6 +209,13 @@ fn depth(body: &[u8]) -> usize {
     }
     max
 }
+
+// Shared by every request of a rule, across threads (jaq's values are `Rc`, so only the
+// compiled filter may be shared: values never leave `apply`). Checked at compile time.
+const _: fn() = || {
+    fn is<T: Send + Sync>() {}
+    is::<JqFilter>();
+};
 
 #[cfg(test)]
 mod tests {
@@ -189,6 +255,17 @@ mod tests {
         assert!(matches!(f.apply(b"{\"a\": }"), Err(JqError::Json(_))));
         assert!(matches!(f.apply(b"NaN"), Err(JqError::Json(_))));
         assert!(matches!(f.apply(b"{} {}"), Err(JqError::Json(_))));
+        assert!(matches!(f.apply(b"{'a': 1}"), Err(JqError::Json(_))));
+        assert!(matches!(f.apply(b"[1,]"), Err(JqError::Json(_))));
+        // Numbers, escapes and non-finite results as jq -c prints them.
+        assert_eq!(
+            run(
+                "[., 1.5, 1e400 * 0 + infinite, (\"a\\\"b\\n\" | .), {(\"k\"): null}]",
+                "12345678901234567890"
+            )
+            .unwrap(),
+            r#"[12345678901234567890,1.5,null,"a\"b\n",{"k":null}]"#
+        );
         let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
         assert_eq!(f.apply(deep.as_bytes()), Err(JqError::TooDeep));
         let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));

@@ -7,11 +7,13 @@
 //! aggregate's path templates are parsed by [`Template::parse`].
 
 mod aggregate;
+mod fields;
 mod jq;
 mod template;
 mod transform;
 
 pub use aggregate::{AggregateCall, AggregateSpec, MergeMode, MAX_CALLS};
+pub use fields::FieldOps;
 pub use jq::{compile_jq, JqError, JqFilter, MAX_JQ_LEN};
 pub use template::{Part, Template};
-pub use transform::{BodyTransform, TransformSpec, MAX_TRANSFORM_BODY};
+pub use transform::{BodyProgram, BodyTransform, TransformSpec, MAX_TRANSFORM_BODY};

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::jq::{compile_jq, JqFilter};
+use super::fields::{segments, FieldOps};
+use super::jq::{compile_jq, JqError, JqFilter};
 
 /// Default and largest body a transform buffers.
 const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
@@ -45,6 +46,23 @@ pub struct TransformSpec {
     pub jq: Option<String>,
 }
 
+/// A compiled body transform.
+#[derive(Debug)]
+pub enum BodyProgram {
+    Fields(FieldOps),
+    Jq(JqFilter),
+}
+
+impl BodyProgram {
+    /// Transform a JSON body (UTF-8, at most 64 levels deep, strict JSON).
+    pub fn apply(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
+        match self {
+            Self::Fields(f) => f.apply(body),
+            Self::Jq(f) => f.apply(body),
+        }
+    }
+}
+
 fn default_max_body() -> u64 {
     DEFAULT_MAX_BODY
 }
@@ -73,14 +91,40 @@ impl BodyTransform {
 // === impl TransformSpec ===
 
 impl TransformSpec {
-    /// The whole transform as one compiled jq program; the error names the field.
-    pub fn compile(&self) -> Result<JqFilter, String> {
+    /// The transform compiled: field operations alone run natively; with `jq`, everything
+    /// is one jq program. The error names the field.
+    pub fn compile(&self) -> Result<BodyProgram, String> {
+        let Some(jq) = &self.jq else {
+            let program = self.program()?;
+            return Ok(BodyProgram::Fields(self.field_ops(program)?));
+        };
         // The operator's own program alone first, so that an error quotes what they wrote.
-        if let Some(jq) = &self.jq {
-            compile_jq(jq).map_err(|m| format!("jq: {m}"))?;
-        }
+        compile_jq(jq).map_err(|m| format!("jq: {m}"))?;
         let program = self.program()?;
-        compile_jq(&program).map_err(|m| format!("jq: {m}"))
+        let filter = compile_jq(&program).map_err(|m| format!("jq: {m}"))?;
+        Ok(BodyProgram::Jq(filter))
+    }
+
+    /// The native form of the field operations (`_program` checked the pointers already).
+    fn field_ops(&self, _program: String) -> Result<FieldOps, String> {
+        let seg = |p: &str| segments(p);
+        Ok(FieldOps {
+            remove: self
+                .remove
+                .iter()
+                .map(|p| seg(p))
+                .collect::<Result<_, _>>()?,
+            rename: self
+                .rename
+                .iter()
+                .map(|(f, t)| Ok((seg(f)?, seg(t)?)))
+                .collect::<Result<_, String>>()?,
+            add: self
+                .add
+                .iter()
+                .map(|(p, v)| Ok((seg(p)?, v.clone())))
+                .collect::<Result<_, String>>()?,
+        })
     }
 
     /// The field operations as jq, then the rule's own program.
@@ -117,9 +161,12 @@ impl TransformSpec {
 }
 
 /// `_set(path; value)`: as `setpath`, creating missing objects (and arrays, for a number)
-/// on the way, as jq does and jaq's `setpath` does not.
+/// on the way, as jq does and jaq's `setpath` does not; an index equal to an array's length
+/// appends (as the native operations do).
 const SET: &str = "def _set($p; $v): if ($p | length) == 0 then $v else $p[0] as $k \
     | (if . == null then (if ($k | type) == \"number\" then [] else {} end) else . end) \
+    | (if ($k | type) == \"number\" and (. | type) == \"array\" and $k == length \
+       then . + [null] else . end) \
     | .[$k] |= _set($p[1:]; $v) end;";
 
 /// A JSON pointer (RFC 6901) as a jq path: `/items/0/a~1b` -> `["items",0,"a/b"]`; segments of

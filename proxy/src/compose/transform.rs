@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use trellis_policies::compose::{BodyTransform, JqFilter};
+use trellis_policies::compose::{BodyProgram, BodyTransform};
 
 use super::body::{collect, Collect};
 use super::ComposeError;
@@ -17,8 +17,8 @@ use crate::ResponseBody;
 /// A compiled `transform`: its jq programs, compiled once per policy.
 #[derive(Debug)]
 pub struct Transform {
-    request: Option<JqFilter>,
-    response: Option<JqFilter>,
+    request: Option<BodyProgram>,
+    response: Option<BodyProgram>,
     max_body: u64,
 }
 
