@@ -14,6 +14,17 @@ pub enum Collect {
     Failed(String),
 }
 
+/// A request body that could not be buffered: 413 over the limit, else the client's fault.
+pub fn refused_request(e: Collect, limit: u64) -> crate::error::ProxyError {
+    match e {
+        Collect::TooLarge => super::ComposeError::RequestTooLarge { limit }.into(),
+        Collect::Failed(message) => crate::error::ProxyError::Client {
+            fault: crate::http::client_body::ClientFault::BodyError,
+            message,
+        },
+    }
+}
+
 /// The declared length, when it is a number.
 pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers

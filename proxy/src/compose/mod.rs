@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod body;
+pub mod grpc_web;
 pub mod transform;
 
 use bytes::Bytes;
@@ -31,6 +32,8 @@ pub enum ComposeError {
     BadUpstreamBody(JqError),
     #[error("the upstream answer failed while it was read: {0}")]
     UpstreamBodyFailed(String),
+    #[error("the gRPC-Web text body cannot be decoded: {0}")]
+    BadGrpcWeb(String),
     #[error("the path does not fit the aggregate's parameters `{0}`")]
     PathMismatch(String),
     /// A required call of an aggregate failed: answered with the upstream's status and cause.
@@ -50,7 +53,7 @@ impl ComposeError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequestBody(_) | Self::BadGrpcWeb(_) => StatusCode::BAD_REQUEST,
             Self::UpstreamTooLarge { .. }
             | Self::BadUpstreamBody(_)
             | Self::UpstreamBodyFailed(_) => StatusCode::BAD_GATEWAY,
@@ -64,6 +67,7 @@ impl ComposeError {
         match self {
             Self::RequestTooLarge { .. } => "body-too-large",
             Self::BadRequestBody(_) => "bad-json-body",
+            Self::BadGrpcWeb(_) => "bad-grpc-web",
             Self::UpstreamTooLarge { .. } => "upstream-body-too-large",
             Self::BadUpstreamBody(_) => "bad-upstream-json",
             Self::UpstreamBodyFailed(_) => "upstream-failed",
@@ -92,6 +96,7 @@ impl ComposeError {
 pub const CAUSES: &[&str] = &[
     "body-too-large",
     "bad-json-body",
+    "bad-grpc-web",
     "upstream-body-too-large",
     "bad-upstream-json",
     "upstream-status",

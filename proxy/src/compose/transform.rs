@@ -8,10 +8,9 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use trellis_policies::compose::{BodyProgram, BodyTransform};
 
-use super::body::{collect, Collect};
+use super::body::{collect, refused_request, Collect};
 use super::ComposeError;
 use crate::error::ProxyError;
-use crate::http::client_body::ClientFault;
 use crate::ResponseBody;
 
 /// A compiled `transform`: its jq programs, compiled once per policy.
@@ -47,15 +46,7 @@ impl Transform {
         let (mut parts, body) = req.into_parts();
         let bytes = collect(&parts.headers, body, self.max_body)
             .await
-            .map_err(|e| match e {
-                Collect::TooLarge => ProxyError::from(ComposeError::RequestTooLarge {
-                    limit: self.max_body,
-                }),
-                Collect::Failed(message) => ProxyError::Client {
-                    fault: ClientFault::BodyError,
-                    message,
-                },
-            })?;
+            .map_err(|e| refused_request(e, self.max_body))?;
         if self.response.is_some() {
             parts.headers.insert(
                 header::ACCEPT_ENCODING,

@@ -311,11 +311,17 @@ const SHOP: &str = r#"
 "#;
 
 async fn post(addr: SocketAddr, path: &str, body: client::Body) -> client::Reply {
+    post_with(&client::h1(addr), path, body).await
+}
+
+/// A body the gateway refuses before reading it all is sent over h2c: HTTP/1.1 would see the
+/// connection close under a request still being written (a broken pipe, not the answer).
+async fn post_with(c: &client::HttpClient, path: &str, body: client::Body) -> client::Reply {
     let req = Request::post(format!("http://{HOST}{path}"))
         .header("content-type", "application/json")
         .body(body)
         .expect("request");
-    client::send(&client::h1(addr), req).await.expect("reply")
+    client::send(c, req).await.expect("reply")
 }
 
 /// Request and response bodies reshaped by field operations and jq; malformed, too deep, not
@@ -375,8 +381,9 @@ async fn body_transforms_reshape_json_and_refuse_bad_bodies_before_the_backend()
             "larger than 4096",
         ),
     ];
+    let h2 = client::h2c(addr);
     for (what, body, status, cause, detail) in cases {
-        let r = post(addr, "/reflect", client::full(body)).await;
+        let r = post_with(&h2, "/reflect", client::full(body)).await;
         assert_eq!(r.status.as_u16(), status, "{what}: {}", r.body);
         assert_eq!(r.cause(), cause, "{what}");
         assert_eq!(r.headers["content-type"], "application/problem+json");
@@ -392,7 +399,7 @@ async fn body_transforms_reshape_json_and_refuse_bad_bodies_before_the_backend()
         Ok::<_, client::BoxError>(http_body::Frame::data(bytes::Bytes::from(vec![b' '; 1024])))
     }));
     let streamed = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks));
-    let r = post(addr, "/reflect", streamed).await;
+    let r = post_with(&h2, "/reflect", streamed).await;
     assert_eq!(r.status, 413, "{}", r.body);
     assert_eq!(
         e.backend.requests.load(Ordering::Relaxed),
@@ -420,4 +427,111 @@ async fn body_transforms_reshape_json_and_refuse_bad_bodies_before_the_backend()
     let r = client::send(&client::h1(addr), req).await.expect("reply");
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.cause(), "upstream-body-too-large");
+}
+
+const RPC: &str = r#"
+  rpc:
+    hosts: [api.example.com]
+    gateways: [gateway]
+    rules:
+      - name: rpc
+        matches: [{path: {prefix: /test.Echo}}]
+        backends: [{service: orders}]
+"#;
+
+/// A message `0x0a 0x03 "abc"` (protobuf field 1 = "abc") in gRPC's framing.
+const MESSAGE: &[u8] = b"\x00\x00\x00\x00\x05\x0a\x03abc";
+
+/// POST `body` as `content_type` with `c` (HTTP/1.1 as a browser would, or h2c for a body
+/// refused before it is read): status, headers, the body's exact bytes.
+async fn grpc_web(
+    c: &client::HttpClient,
+    method: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let req = Request::post(format!("http://{HOST}/test.Echo/{method}"))
+        .header("content-type", content_type)
+        .header("x-grpc-web", "1")
+        .body(client::full(body))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    (parts.status.as_u16(), parts.headers, bytes.to_vec())
+}
+
+/// gRPC-Web's trailer frame: flag 0x80, big-endian length, `name:value\r\n` lines.
+fn trailer_frame(block: &str) -> Vec<u8> {
+    let mut f = vec![0x80];
+    f.extend_from_slice(&(block.len() as u32).to_be_bytes());
+    f.extend_from_slice(block.as_bytes());
+    f
+}
+
+/// Binary and text gRPC-Web from a browser-like HTTP/1.1 client, byte for byte: the gRPC
+/// service behind the ingress sees plain gRPC, the client gets its messages then the
+/// trailers as the last frame (base64 for text); a text body that does not decode is refused
+/// before anything reaches the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_binary_and_text_are_translated_byte_for_byte() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let e = edge(None, RPC).await;
+    let h1 = client::h1(e.plain());
+    let h2 = client::h2c(e.plain());
+    let two = [MESSAGE, MESSAGE].concat();
+    let expected = [
+        two.as_slice(),
+        &trailer_frame("grpc-status:0\r\nx-message-count:2\r\n"),
+    ]
+    .concat();
+
+    let (status, headers, body) =
+        grpc_web(&h1, "Say", "application/grpc-web+proto", two.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/grpc-web+proto");
+    assert_eq!(body, expected, "{:?}", String::from_utf8_lossy(&body));
+
+    // Text: base64 in, base64 out, the same bytes once decoded; the request as one padded
+    // piece per message, as clients that encode message by message send it.
+    let text = format!("{}{}", b64.encode(MESSAGE), b64.encode(MESSAGE));
+    let (status, headers, body) =
+        grpc_web(&h1, "Say", "application/grpc-web-text", text.into_bytes()).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/grpc-web-text+proto");
+    assert_eq!(
+        String::from_utf8(body).expect("base64 text"),
+        b64.encode(&expected)
+    );
+
+    // A failing call: no messages, the status in the trailer frame.
+    let (status, _, body) = grpc_web(&h1, "Fail", "application/grpc-web", MESSAGE.to_vec()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        trailer_frame("grpc-status:5\r\ngrpc-message:no such thing\r\nx-message-count:1\r\n")
+    );
+
+    let seen = e.backend.requests.load(Ordering::Relaxed);
+    for bad in [&b"AAAAAAUKA2FiYw="[..], b"!!!!", b"AAAA AAA"] {
+        let (status, headers, body) =
+            grpc_web(&h1, "Say", "application/grpc-web-text", bad.to_vec()).await;
+        let body = String::from_utf8_lossy(&body);
+        // A trailers-only gRPC error, which gRPC-Web clients read from the headers.
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(headers["trellis-error"], "bad-grpc-web", "{body}");
+        assert_eq!(headers["grpc-status"], "13");
+        assert_eq!(headers["content-type"], "application/grpc-web-text+proto");
+    }
+    // A text body over gRPC's default message size limit (4 MiB).
+    let huge = b64.encode(vec![0u8; 4 * 1024 * 1024]).into_bytes();
+    let (_, headers, _) = grpc_web(&h2, "Say", "application/grpc-web-text", huge).await;
+    assert_eq!(headers["trellis-error"], "body-too-large");
+    assert_eq!(headers["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+    assert_eq!(e.backend.requests.load(Ordering::Relaxed), seen);
 }

@@ -13,8 +13,8 @@ use hyper::body::Incoming;
 
 use super::Outbound;
 use crate::compose::aggregate::{Answer, Call, Failure};
-use crate::compose::body::{collect, Collect};
-use crate::compose::{Aggregate, Transform};
+use crate::compose::body::{collect, refused_request, Collect};
+use crate::compose::{grpc_web, Aggregate, ComposeError, Transform};
 use crate::error::{known_cause, ProxyError};
 use crate::http::headers::{request_host, ERROR_HEADER};
 use crate::listeners::lifecycle::{Labels, Lifecycle};
@@ -239,22 +239,55 @@ impl Outbound {
         client: SocketAddr,
         span: &mut RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let limit = req
-            .extensions()
+        let limit = self.body_time(route, &req);
+        let req = within(limit, t.request(req)).await?;
+        let resp = self.forward_built(route, req, client, span).await?;
+        t.response(resp).await
+    }
+
+    /// Forward a gRPC-Web text request: its base64 body read whole (bounded) and decoded
+    /// first, so that a body that does not decode reaches no one.
+    pub(super) async fn forward_web_text(
+        &self,
+        route: &Target,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limit = self.body_time(route, &req);
+        let decoded = async {
+            let (parts, body) = req.into_parts();
+            let max = grpc_web::MAX_TEXT_BODY;
+            let text = collect(&parts.headers, body, max)
+                .await
+                .map_err(|e| refused_request(e, max))?;
+            let body = grpc_web::decode_text(&text).map_err(ComposeError::BadGrpcWeb)?;
+            Ok(Request::from_parts(parts, body))
+        };
+        let req = within(limit, decoded).await?;
+        self.forward_built(route, req, client, span).await
+    }
+
+    /// The time a request body may take to arrive: the rule's or service's request timeout.
+    fn body_time<B>(&self, route: &Target, req: &Request<B>) -> Duration {
+        req.extensions()
             .get::<RouteTimeout>()
             .map(|t| t.0)
             .or(route.service.request_timeout)
-            .unwrap_or(self.defaults.request);
-        let req = match tokio::time::timeout(limit, t.request(req)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(ProxyError::Client {
-                    fault: crate::http::client_body::ClientFault::BodyStalled,
-                    message: format!("the request body did not arrive within {limit:?}"),
-                })
-            }
-        };
-        let resp = self.forward_built(route, req, client, span).await?;
-        t.response(resp).await
+            .unwrap_or(self.defaults.request)
+    }
+}
+
+/// `read`, or a stalled client's error once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    match tokio::time::timeout(limit, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::Client {
+            fault: crate::http::client_body::ClientFault::BodyStalled,
+            message: format!("the request body did not arrive within {limit:?}"),
+        }),
     }
 }

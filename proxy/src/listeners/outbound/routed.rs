@@ -202,7 +202,14 @@ impl Outbound {
                         self.defaults.request,
                     );
                 }
+                let web_text = req
+                    .extensions()
+                    .get::<crate::compose::grpc_web::WebText>()
+                    .is_some();
                 let result = match &rule.transform {
+                    None if web_text => {
+                        Box::pin(self.forward_web_text(&route, req, client, span)).await
+                    }
                     None => self.forward(&route, req, client, span).await,
                     Some(t) => {
                         let transformed = self.forward_transformed(t, &route, req, client, span);
