@@ -80,6 +80,13 @@ pub struct HttpRouteRule {
     pub fault: Option<Fault>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Answer with the merged JSON answers of several mesh calls (ingress only; see
+    /// [`crate::compose`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<crate::compose::AggregateSpec>,
+    /// JSON body transforms of a forwarding rule (see [`crate::compose`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<crate::compose::BodyTransform>,
     /// Time allowed for the response headers; overrides the backend service's request timeout.
     #[serde(
         default,
@@ -366,6 +373,11 @@ impl HttpRouteSpec {
         }
         let mut names = HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
+            if r.aggregate.is_some() && self.binds(MESH) {
+                return Err(format!(
+                    "rules[{i}].aggregate: only at an ingress gateway (list it in `gateways`, without `{MESH}`)"
+                ));
+            }
             r.validate().map_err(|m| format!("rules[{i}].{m}"))?;
             let name = self.rule_name(policy, i);
             if r.name.is_some() {
@@ -394,11 +406,21 @@ impl HttpRouteRule {
             forwards,
             self.redirect.is_some(),
             self.direct_response.is_some(),
+            self.aggregate.is_some(),
         ];
         if actions.iter().filter(|a| **a).count() != 1 {
             return Err(
-                "backends: set exactly one of `backends`, `redirect` and `direct_response`".into(),
+                "backends: set exactly one of `backends`, `redirect`, `direct_response` and `aggregate`".into(),
             );
+        }
+        if let Some(a) = &self.aggregate {
+            a.validate().map_err(|m| format!("aggregate.{m}"))?;
+        }
+        if let Some(t) = &self.transform {
+            if !forwards {
+                return Err("transform: only applies to a rule with `backends`".into());
+            }
+            t.validate().map_err(|m| format!("transform.{m}"))?;
         }
         if !forwards {
             for (field, set) in [

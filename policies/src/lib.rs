@@ -11,6 +11,7 @@ mod api_public;
 mod api_spec;
 mod auth;
 mod cache;
+pub mod compose;
 mod document;
 mod http_route;
 mod limits;

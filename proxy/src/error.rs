@@ -106,6 +106,9 @@ pub enum ProxyError {
         fault: crate::http::client_body::ClientFault,
         message: String,
     },
+    /// An aggregate or a body transform could not answer (docs/composition.md).
+    #[error(transparent)]
+    Compose(#[from] crate::compose::ComposeError),
 }
 
 /// The causes a peer sidecar may name in `trellis-error`, as static strings (a header value
@@ -140,7 +143,11 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         "cache-revalidation-failed",
         "cache-miss-only-if-cached",
     ];
-    CAUSES.iter().copied().find(|c| c.as_bytes() == v)
+    CAUSES
+        .iter()
+        .chain(crate::compose::CAUSES)
+        .copied()
+        .find(|c| c.as_bytes() == v)
 }
 
 // === impl ProxyError ===
@@ -179,6 +186,7 @@ impl ProxyError {
                 fault: ClientFault::BodyStalled,
                 ..
             } => StatusCode::REQUEST_TIMEOUT,
+            Self::Compose(e) => e.status(),
         }
     }
 
@@ -232,11 +240,15 @@ impl ProxyError {
                 fault: ClientFault::BodyStalled,
                 ..
             } => "client-body-timeout",
+            Self::Compose(e) => e.cause(),
         }
     }
 
     /// The response sent to the caller: status, cause header, and the message as a text body.
     pub fn into_response<B>(self) -> Response<Either<B, Full<Bytes>>> {
+        if let Self::Compose(e) = self {
+            return e.into_response();
+        }
         let mut resp = error_response(self.status(), self.cause(), &self.to_string());
         self.add_headers(resp.headers_mut());
         resp

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod atomic_file;
 pub mod cache;
+pub mod compose;
 pub mod config;
 pub mod drain;
 pub mod error;

@@ -238,6 +238,24 @@ async fn route(
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
         }
+        ("slowjson", Some(ms)) => {
+            // The echo's JSON, after `ms` (an aggregate's slow service).
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+            echo(&req)
+        }
+        ("reflect", _) => {
+            // The request's body and content type back (a body transform's upstream).
+            let ct = req.headers().get("content-type").cloned();
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return full(StatusCode::BAD_REQUEST, format!("body error: {e}")),
+            };
+            let mut r = full(StatusCode::OK, body);
+            if let Some(ct) = ct {
+                r.headers_mut().insert("content-type", ct);
+            }
+            r
+        }
         ("slow", Some(ms)) => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
             full(StatusCode::OK, "done")

@@ -503,6 +503,37 @@ mod tests {
         assert!(s.rejected.is_empty());
     }
 
+    /// A composed route whose jq program does not compile is refused with the reason; the
+    /// route's last good version stays in the document (docs/composition.md).
+    #[test]
+    fn an_http_route_whose_jq_does_not_compile_keeps_the_last_good_one() {
+        let keys = Keys::new("/t");
+        let mut s = MeshState::default();
+        let route = |jq: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "apiVersion": "trellis.dev/v1", "kind": "HTTPRoute", "metadata": {"name": "shop"},
+                "spec": {"hosts": ["api.example.com"], "gateways": ["edge"], "rules": [{
+                    "backends": [{"service": "orders"}],
+                    "transform": {"response": {"jq": jq}}}]}
+            }))
+            .unwrap()
+        };
+        let k = keys.policy("HTTPRoute", "shop");
+        assert_eq!(s.put(&keys, &k, &route("{data: .}"), 5), Ok(true));
+        let e = s.put(&keys, &k, &route("{data: .} |"), 6).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("transform.response.jq: `{data: .} |` does not parse"),
+            "{e}"
+        );
+        let doc = s.to_document(&full());
+        let kept = doc.http_routes["shop"].rules[0].transform.as_ref().unwrap();
+        assert_eq!(
+            kept.response.as_ref().unwrap().jq.as_deref(),
+            Some("{data: .}")
+        );
+    }
+
     #[test]
     fn resync_applies_only_differences() {
         let keys = Keys::new("/t");

@@ -39,6 +39,9 @@ pub struct Streamed {
     /// Copies the body into the response cache as it passes (boxed: only cached misses have
     /// one).
     tee: Option<Box<crate::cache::Tee>>,
+    /// Rewrites the frames as gRPC-Web's, at the ingress (boxed: only browsers' calls have
+    /// one).
+    web: Option<Box<crate::compose::grpc_web::Encoder>>,
 }
 
 impl Streamed {
@@ -52,6 +55,7 @@ impl Streamed {
             outer: None,
             checkin: None,
             tee: None,
+            web: None,
         }
     }
 
@@ -97,6 +101,12 @@ impl Streamed {
     }
 
     /// End `span` with the body; a second span is the one around the first (ended after it).
+    /// Send the frames as gRPC-Web's: trailers as the last data frame, base64 for text.
+    pub fn grpc_web(mut self, encoder: crate::compose::grpc_web::Encoder) -> Self {
+        self.web = Some(Box::new(encoder));
+        self
+    }
+
     pub fn traced(mut self, span: crate::telemetry::trace::RequestSpan) -> Self {
         if self.span.is_none() {
             self.span = Some(span);
@@ -181,7 +191,20 @@ impl Body for Streamed {
                         }
                     }
                 }
-                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+                let frame = frame.map(|r| r.map_err(Into::into));
+                let Some(web) = this.web.as_deref_mut() else {
+                    return Poll::Ready(frame);
+                };
+                let last = this.inner.is_end_stream();
+                Poll::Ready(frame.map(|r| {
+                    r.map(|f| match f.into_data() {
+                        Ok(data) => Frame::data(web.data(data, last)),
+                        Err(f) => match f.into_trailers() {
+                            Ok(t) => Frame::data(web.trailers(&t)),
+                            Err(f) => f,
+                        },
+                    })
+                }))
             }
             Poll::Pending => {
                 let expired = match &mut this.idle {
@@ -204,6 +227,10 @@ impl Body for Streamed {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.web.is_some() {
+            // Trailers become data, text grows by a third: the length is not the upstream's.
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }

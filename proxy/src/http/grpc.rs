@@ -61,7 +61,8 @@ pub fn code_for(status: StatusCode) -> u32 {
         401 => 16,       // UNAUTHENTICATED
         403 => 7,        // PERMISSION_DENIED
         404 | 501 => 12, // UNIMPLEMENTED: no such route / transfer coding (gRPC's HTTP mapping)
-        429 => 8,        // RESOURCE_EXHAUSTED
+        // RESOURCE_EXHAUSTED (413: a message over the size limit, as gRPC servers answer).
+        413 | 429 => 8,
         // UNAVAILABLE; 421: the client should retry on a connection for that host.
         421 | 502 | 503 => 14,
         504 => 4, // DEADLINE_EXCEEDED

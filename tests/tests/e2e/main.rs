@@ -9,6 +9,7 @@ mod app_protocol;
 mod balance;
 mod cache;
 mod client_faults;
+mod compose;
 mod dashboard;
 mod discovery;
 mod dns;

@@ -253,6 +253,8 @@ impl Ingress {
         if let Some(resp) = self.portal(&req, conn) {
             return (resp, None, None);
         }
+        // Browsers' gRPC-Web becomes gRPC here, and its answer gRPC-Web again.
+        let web = crate::compose::grpc_web::accept(&mut req);
         let mut consumer = None;
         let mut route = None;
         let resp = match self.admit(&mut req, conn, client, &mut consumer).await {
@@ -286,6 +288,10 @@ impl Ingress {
                 );
                 resp
             }
+        };
+        let resp = match web {
+            Some(mode) => crate::compose::grpc_web::respond(resp, mode),
+            None => resp,
         };
         (resp, consumer, route)
     }

@@ -3,6 +3,7 @@
 //! to a peer sidecar.
 
 mod attempt;
+mod compose;
 pub(crate) mod connector;
 mod endpoints;
 mod external;
@@ -178,12 +179,16 @@ impl Outbound {
         client: SocketAddr,
         lifecycle: &Lifecycle,
     ) -> (Response<ResponseBody>, Arc<String>) {
+        let edge = lifecycle.direction() == crate::listeners::ingress::INGRESS;
+        if let Some((rule, aggregate)) = edge.then(|| self.edge_aggregate(&req)).flatten() {
+            let resp = Box::pin(self.aggregate(&rule, &aggregate, req, client, lifecycle)).await;
+            return (resp, rule.name.clone());
+        }
         let mut observed = lifecycle.start(&mut req, |req| {
             let host = request_host(req).unwrap_or(UNKNOWN_SERVICE);
             self.tracing
                 .client(req.method(), req.uri().path(), req.headers(), host)
         });
-        let edge = lifecycle.direction() == crate::listeners::ingress::INGRESS;
         // What is logged while routing and forwarding names the request's trace and span.
         let ids = observed.span.ids();
         let routed = self.route(req, client, edge, &mut observed.span);
@@ -240,8 +245,57 @@ impl Outbound {
         }
         rewrite::to_mesh_h2(&mut req)?;
         let payload = Payload::prepare(req, &route.retry).await?;
+        self.send(route, endpoints, i, payload, &resolved, client, span)
+            .await
+    }
+
+    /// As [`Outbound::forward`], for a request this sidecar built (an aggregate's call, a
+    /// transformed body): a normal mesh call (balancing, breakers, retries, mTLS), to mesh
+    /// services only.
+    pub(crate) async fn forward_built(
+        &self,
+        route: &Target,
+        mut req: Request<bytes::Bytes>,
+        client: SocketAddr,
+        span: &mut crate::telemetry::trace::RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let endpoints = Endpoints {
+            route,
+            metrics: &self.metrics,
+        };
+        let _request = route
+            .counters
+            .request(route.max_requests)
+            .ok_or_else(|| endpoints.overflow(Breaker::MaxRequests))?;
+        let i = endpoints.choose(&req, client.ip(), None)?;
+        let resolved = Resolved::resolve(&self.defaults, route, &req)?;
+        sanitize(&mut req, client);
+        if route.service.external_host.is_some() {
+            return Err(ProxyError::BadRequest(
+                "composed requests go to mesh services, not external ones",
+            ));
+        }
+        rewrite::to_mesh_h2(&mut req)?;
+        let payload = Payload::built(req, &route.retry);
+        self.send(route, endpoints, i, payload, &resolved, client, span)
+            .await
+    }
+
+    /// The attempt loop over the pooled HTTP/2 connections; the response body streams on
+    /// under the service's idle timeout, counted in flight until it ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        route: &Target,
+        endpoints: Endpoints<'_>,
+        i: usize,
+        payload: Payload,
+        resolved: &Resolved,
+        client: SocketAddr,
+        span: &mut crate::telemetry::trace::RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         route.counters.budget.deposit();
-        let attempts = Attempts::new(&*self.pool, endpoints, client.ip(), payload, &resolved);
+        let attempts = Attempts::new(&*self.pool, endpoints, client.ip(), payload, resolved);
         let (resp, in_flight) = attempts.run(i, span).await?;
         let idle = resolved.stream_idle;
         Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(idle).in_flight(in_flight))))
@@ -251,7 +305,7 @@ impl Outbound {
 /// What the app may not say: an identity (only the far side sets it) or an original protocol
 /// (this side writes it). The forwarding headers get this hop, unless the ingress wrote them
 /// already by its trusted-proxy rule.
-fn sanitize(req: &mut Request<Incoming>, client: SocketAddr) {
+fn sanitize<B>(req: &mut Request<B>, client: SocketAddr) {
     let headers = req.headers_mut();
     headers.remove(PEER_IDENTITY_HEADER);
     headers.remove(ORIG_PROTO_HEADER);

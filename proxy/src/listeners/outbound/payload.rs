@@ -22,6 +22,9 @@ pub(super) enum Payload {
         parts: http::request::Parts,
         body: Bytes,
     },
+    /// Built by the sidecar itself (a composed call, a transformed body) and not allowed to be
+    /// retried: sent once, and no client can have broken it.
+    Once { req: Option<Request<RequestBody>> },
     /// Sent once. The watch tells, after a failure, whether the client broke its own body.
     Streamed {
         req: Option<Request<RequestBody>>,
@@ -61,6 +64,21 @@ impl Payload {
         Ok(Self::Buffered { parts, body })
     }
 
+    /// A body the sidecar built: replayed by retries under the same rules as a client's
+    /// buffered body (idempotent methods unless allowed, within the size limit).
+    pub fn built(req: Request<Bytes>, retry: &RetrySpec) -> Self {
+        let may_retry = retry.attempts > 0
+            && !req.headers().contains_key(RETRIED_HEADER)
+            && (retry.allow_non_idempotent || idempotent(req.method()))
+            && req.body().len() as u64 <= retry.max_body_bytes;
+        let (parts, body) = req.into_parts();
+        if may_retry {
+            return Self::Buffered { parts, body };
+        }
+        let req = Request::from_parts(parts, Either::Right(Full::new(body)));
+        Self::Once { req: Some(req) }
+    }
+
     /// Whether a failed attempt may be sent again.
     pub fn replayable(&self) -> bool {
         matches!(self, Self::Buffered { .. })
@@ -76,7 +94,7 @@ impl Payload {
     ) -> Option<Request<RequestBody>> {
         match self {
             Self::Buffered { parts, body } => Some(replay(parts, body, attempt > 0)),
-            Self::Streamed { req, .. } => unsent.or_else(|| req.take()),
+            Self::Streamed { req, .. } | Self::Once { req } => unsent.or_else(|| req.take()),
         }
     }
 

@@ -95,7 +95,7 @@ impl Outbound {
     }
 
     /// Ask the store about a service this sidecar does not hold (scoped discovery).
-    async fn learn(
+    pub(super) async fn learn(
         &self,
         service: &str,
     ) -> Result<Option<Arc<crate::state::target::Target>>, String> {
@@ -171,6 +171,9 @@ impl Outbound {
                 (host.clone(), Ok(r.response(scheme, authority, req.uri())))
             }
             Action::Direct(d) => (host.clone(), Ok(d.response())),
+            // Answered by the ingress before routing (validation binds aggregates to
+            // gateways only).
+            Action::Aggregate(_) => (host.clone(), Err(ProxyError::NoRoute(host.to_string()))),
             Action::Forward { .. } => {
                 let Some(backend) = rule.backend() else {
                     return (host.clone(), Err(ProxyError::NoRoute(host.to_string())));
@@ -199,7 +202,20 @@ impl Outbound {
                         self.defaults.request,
                     );
                 }
-                let result = self.forward(&route, req, client, span).await;
+                let web_text = req
+                    .extensions()
+                    .get::<crate::compose::grpc_web::WebText>()
+                    .is_some();
+                let result = match &rule.transform {
+                    None if web_text => {
+                        Box::pin(self.forward_web_text(&route, req, client, span)).await
+                    }
+                    None => self.forward(&route, req, client, span).await,
+                    Some(t) => {
+                        let transformed = self.forward_transformed(t, &route, req, client, span);
+                        Box::pin(transformed).await
+                    }
+                };
                 (route.service.name.clone(), result)
             }
         };
@@ -213,7 +229,7 @@ impl Outbound {
 
 /// A service the snapshot does not hold and the store did not provide: unknown, or the store
 /// could not be asked (`store_error`).
-fn not_found(service: String, store_error: Option<String>) -> ProxyError {
+pub(super) fn not_found(service: String, store_error: Option<String>) -> ProxyError {
     match store_error {
         Some(cause) => ProxyError::DiscoveryUnavailable { service, cause },
         None => ProxyError::UnknownService(service),

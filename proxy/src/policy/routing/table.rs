@@ -24,6 +24,8 @@ pub struct RoutingTable {
     /// `*.example.com` routes, keyed by `.example.com`: a suffix match (Gateway API), the
     /// longest suffix first, looked up with slices of the request's host (no allocation).
     wildcards: HashMap<String, HostRoutes>,
+    /// Some rule is an aggregate: the ingress looks for one before it opens a client span.
+    aggregates: bool,
 }
 
 /// The routes of one host, most specific match first.
@@ -48,14 +50,21 @@ pub struct Rule {
     pub fault: Option<FaultAction>,
     pub mirror: Option<MirrorAction>,
     pub timeout: Option<Duration>,
+    /// JSON body transforms (forwarding rules only).
+    pub transform: Option<Arc<crate::compose::Transform>>,
     /// Draws for backend weights, faults and mirroring.
     pub(crate) rng: Rng,
 }
 
 pub enum Action {
-    Forward { backends: Vec<Backend>, total: u64 },
+    Forward {
+        backends: Vec<Backend>,
+        total: u64,
+    },
     Redirect(RedirectAction),
     Direct(DirectAction),
+    /// Answer with several mesh calls' merged answers (ingress only).
+    Aggregate(Arc<crate::compose::Aggregate>),
 }
 
 /// A backend names its service; its route is looked up in the current route table for each
@@ -95,6 +104,7 @@ impl RoutingTable {
         is_service: impl Fn(&str) -> bool,
     ) -> Self {
         let mut hosts: HashMap<String, HostRoutes> = HashMap::new();
+        let mut aggregates = false;
         for (policy, spec) in specs.iter().filter(|(_, s)| s.binds(gateway)) {
             let rules: Result<Vec<Arc<Rule>>, String> = spec
                 .rules
@@ -113,6 +123,9 @@ impl RoutingTable {
                     continue;
                 }
             };
+            aggregates |= rules
+                .iter()
+                .any(|r| matches!(r.action, Action::Aggregate(_)));
             for host in &spec.hosts {
                 let entry = hosts.entry(host.clone()).or_insert_with(|| HostRoutes {
                     host: Arc::new(host.clone()),
@@ -142,7 +155,16 @@ impl RoutingTable {
                 wildcards.insert(k[1..].to_string(), r);
             }
         }
-        Self { hosts, wildcards }
+        Self {
+            hosts,
+            wildcards,
+            aggregates,
+        }
+    }
+
+    /// Whether some rule is an aggregate.
+    pub fn has_aggregates(&self) -> bool {
+        self.aggregates
     }
 
     pub fn is_empty(&self) -> bool {
@@ -234,6 +256,9 @@ impl Rule {
             Action::Direct(DirectAction::compile(d)?)
         } else if let Some(rd) = &r.redirect {
             Action::Redirect(RedirectAction::compile(rd)?)
+        } else if let Some(a) = &r.aggregate {
+            let a = crate::compose::Aggregate::compile(a).map_err(|m| format!("aggregate.{m}"))?;
+            Action::Aggregate(Arc::new(a))
         } else {
             let backends: Vec<Backend> = r
                 .backends
@@ -270,6 +295,12 @@ impl Rule {
                 .as_ref()
                 .map(|m| MirrorAction::new(Arc::new(m.service.clone()), m.percent)),
             timeout: r.timeout,
+            transform: r
+                .transform
+                .as_ref()
+                .map(|t| crate::compose::Transform::compile(t).map(Arc::new))
+                .transpose()
+                .map_err(|m| format!("transform.{m}"))?,
             rng: Rng::new(),
         })
     }

@@ -1,0 +1,107 @@
+//! A jq body transform on a 2 kB JSON body, per request: strict parse (UTF-8, depth, JSON),
+//! the compiled program, compact output. Goal (docs/composition.md): at most 20 µs.
+//!
+//! `cargo bench -p trellis-policies --bench transform`
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion};
+use trellis_policies::compose::{compile_jq, BodyProgram, TransformSpec};
+
+/// A reshape of the kind a public contract asks for.
+const RESHAPE: &str = "{id, customer: .customer.name, \
+    lines: [.items[] | {sku, total: (.price * .qty)}], total: ([.items[] | .price * .qty] | add)}";
+
+/// An order of about 2 kB.
+fn body() -> Vec<u8> {
+    let items: Vec<serde_json::Value> = (0..22)
+        .map(|i| {
+            serde_json::json!({"sku": format!("SKU-{i:05}"), "name": format!("Item number {i}"),
+                "price": 10 + i, "qty": 1 + i % 3, "tags": ["a", "b"]})
+        })
+        .collect();
+    let v = serde_json::json!({
+        "id": "ord-123456", "internal": {"shard": 7, "trace": "abc"},
+        "customer": {"name": "Ana Lima", "email": "ana@example.com",
+            "address": {"street": "1 Main St", "city": "Lisbon", "zip": "1000-001"}},
+        "items": items,
+    });
+    let b = serde_json::to_vec(&v).expect("JSON");
+    assert!((1900..2300).contains(&b.len()), "{} bytes", b.len());
+    b
+}
+
+fn transforms(c: &mut Criterion) {
+    let body = body();
+    let reshape = compile_jq(RESHAPE).expect("compiles");
+    c.bench_function("jq reshape, 2 kB body", |b| {
+        b.iter(|| reshape.apply(&body).expect("transforms"))
+    });
+    let native = fields().compile().expect("compiles");
+    c.bench_function("field operations (native), 2 kB body", |b| {
+        b.iter(|| native.apply(&body).expect("transforms"))
+    });
+    let ops = TransformSpec {
+        jq: Some(". + {total: (.items | map(.price) | add)}".into()),
+        ..fields()
+    };
+    let ops = ops.compile().expect("compiles");
+    c.bench_function("field operations + jq, 2 kB body", |b| {
+        b.iter(|| ops.apply(&body).expect("transforms"))
+    });
+    let identity = compile_jq(".").expect("compiles");
+    c.bench_function("identity (parse + write), 2 kB body", |b| {
+        b.iter(|| identity.apply(&body).expect("transforms"))
+    });
+}
+
+fn fields() -> TransformSpec {
+    serde_norway::from_str("{remove: [/internal], rename: {/customer/name: /name}, add: {/v: 2}}")
+        .expect("spec")
+}
+
+/// This process's user + system CPU time, from /proc (clock ticks of 10 ms).
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time per transform, which a loaded machine (other builds on the same cores) inflates
+/// far less than the wall time criterion reports.
+fn cpu_per_transform() {
+    let body = body();
+    let reshape = BodyProgram::Jq(compile_jq(RESHAPE).expect("compiles"));
+    let native = fields().compile().expect("compiles");
+    let identity = BodyProgram::Jq(compile_jq(".").expect("compiles"));
+    let n = 20_000u32;
+    for (name, program) in [
+        ("jq reshape", &reshape),
+        ("field operations (native)", &native),
+        ("identity jq", &identity),
+    ] {
+        let (Some(start), wall) = (cpu_time(), Instant::now()) else {
+            return;
+        };
+        for _ in 0..n {
+            std::hint::black_box(program.apply(&body).expect("transforms"));
+        }
+        if let Some(end) = cpu_time() {
+            println!(
+                "{name}, 2 kB body: {:.1} us CPU, {:.1} us wall per transform ({n} runs)",
+                (end - start).as_secs_f64() * 1e6 / f64::from(n),
+                wall.elapsed().as_secs_f64() * 1e6 / f64::from(n),
+            );
+        }
+    }
+}
+
+criterion_group!(benches, transforms);
+
+fn main() {
+    benches();
+    cpu_per_transform();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,293 @@
+//! Composition's mesh calls: an aggregate's fan-out at the edge and a transformed rule's
+//! forward. Each call is a normal mesh call ([`Outbound::forward_built`]) observed like any
+//! routed request (metrics, access log, a client span), so an aggregate's trace shows the
+//! ingress's server span with one child per call.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::Outbound;
+use crate::compose::aggregate::{Answer, Call, Failure};
+use crate::compose::body::{collect, refused_request, Collect};
+use crate::compose::{grpc_web, Aggregate, ComposeError, Transform};
+use crate::error::{known_cause, ProxyError};
+use crate::http::headers::{request_host, ERROR_HEADER};
+use crate::listeners::lifecycle::{Labels, Lifecycle};
+use crate::policy::routing::{self, Action, Decision, RouteTimeout, Rule};
+use crate::state::target::Target;
+use crate::telemetry::trace::{logs, RequestSpan};
+use crate::ResponseBody;
+
+/// Headers of the public request an aggregate's calls do not inherit: its framing, its
+/// content negotiation and conditions (each call asks for plain JSON, whole).
+const NOT_INHERITED: [header::HeaderName; 13] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::ACCEPT,
+    header::ACCEPT_ENCODING,
+    header::RANGE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
+/// What every call of one aggregate shares.
+struct Fanout<'a> {
+    rule: &'a Arc<String>,
+    headers: HeaderMap,
+    client: SocketAddr,
+    lifecycle: &'a Lifecycle,
+    max_answer: u64,
+}
+
+impl Outbound {
+    /// The aggregate rule an edge request matches, if any (a second routing decision, made
+    /// only when the gateway's table has aggregates).
+    pub(super) fn edge_aggregate<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Option<(Arc<Rule>, Arc<Aggregate>)> {
+        let table = self.routes.load();
+        if !table.gateway_routing.has_aggregates() {
+            return None;
+        }
+        let host = request_host(req)?;
+        let decision = table
+            .gateway_routing
+            .decide(host, req.method(), req.uri(), req.headers());
+        match decision {
+            Decision::Matched { rule, .. } => match &rule.action {
+                Action::Aggregate(a) => Some((rule.clone(), a.clone())),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Answer an aggregate: its calls, merged; a failed required call's status and cause.
+    pub(super) async fn aggregate(
+        &self,
+        rule: &Rule,
+        aggregate: &Aggregate,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        lifecycle: &Lifecycle,
+    ) -> Response<ResponseBody> {
+        let grpc = crate::http::grpc::is_grpc(req.headers());
+        let (parts, _body) = req.into_parts();
+        let mut headers = parts.headers;
+        for h in &NOT_INHERITED {
+            headers.remove(h);
+        }
+        let fanout = Fanout {
+            rule: &rule.name,
+            headers,
+            client,
+            lifecycle,
+            max_answer: aggregate.max_answer,
+        };
+        let result = match aggregate.inputs(parts.uri.path(), parts.uri.query()) {
+            Ok(inputs) => {
+                let fanout = &fanout;
+                aggregate
+                    .run(&inputs, |c, path| self.aggregate_call(fanout, c, path))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(mut resp) => {
+                routing::finish_response(rule, &mut resp);
+                resp
+            }
+            Err(e) => lifecycle.refuse(ProxyError::Compose(e), grpc),
+        }
+    }
+
+    /// One call of an aggregate: a `GET`, its answer read whole within the call's time
+    /// and size limits and parsed as JSON.
+    async fn aggregate_call(&self, f: &Fanout<'_>, c: &Call, path: String) -> Answer {
+        let start = Instant::now();
+        let failed = |status: StatusCode, cause: &'static str, message: String| Failure {
+            status,
+            cause,
+            message,
+        };
+        let mut req = Request::new(Bytes::new());
+        *req.uri_mut() = path.parse().map_err(|e| {
+            failed(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("`{path}`: {e}"),
+            )
+        })?;
+        *req.headers_mut() = f.headers.clone();
+        let h = req.headers_mut();
+        if let Ok(host) = HeaderValue::from_str(&c.service) {
+            h.insert(header::HOST, host);
+        }
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if let Some(t) = c.timeout {
+            req.extensions_mut().insert(RouteTimeout(t));
+        }
+        let resp = self
+            .mesh_call(&c.service, f.rule, req, f.client, f.lifecycle)
+            .await;
+        if !resp.status().is_success() {
+            let cause = resp
+                .headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| known_cause(v.as_bytes()))
+                .unwrap_or("upstream-status");
+            let message = format!("answered {}", resp.status());
+            return Err(failed(resp.status(), cause, message));
+        }
+        let (parts, body) = resp.into_parts();
+        let left = c.timeout.map(|t| t.saturating_sub(start.elapsed()));
+        let read = collect(&parts.headers, body, f.max_answer);
+        let bytes = match tokio::time::timeout(left.unwrap_or(Duration::MAX), read).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(Collect::TooLarge)) => {
+                let m = format!("the answer is larger than {} bytes", f.max_answer);
+                return Err(failed(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-body-too-large",
+                    m,
+                ));
+            }
+            Ok(Err(Collect::Failed(m))) => {
+                return Err(failed(StatusCode::BAD_GATEWAY, "upstream-failed", m))
+            }
+            Err(_) => {
+                let m = "the answer's body did not arrive in time".to_string();
+                return Err(failed(StatusCode::GATEWAY_TIMEOUT, "response-timeout", m));
+            }
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| failed(StatusCode::BAD_GATEWAY, "bad-upstream-json", e.to_string()))
+    }
+
+    /// A request this sidecar built, to `service`, observed like a routed request: a client
+    /// span (the child of the span named in its headers), metrics and the access log under
+    /// `route`.
+    async fn mesh_call(
+        &self,
+        service: &Arc<String>,
+        route: &Arc<String>,
+        mut req: Request<Bytes>,
+        client: SocketAddr,
+        lifecycle: &Lifecycle,
+    ) -> Response<ResponseBody> {
+        let mut observed = lifecycle.start(&mut req, |req| {
+            self.tracing
+                .client(req.method(), req.uri().path(), req.headers(), service)
+        });
+        observed.span.route(route);
+        let ids = observed.span.ids();
+        let sent = self.call_service(service, req, client, &mut observed.span);
+        let result = logs::scope(ids, sent).await;
+        let labels = Labels {
+            service,
+            route: Some(route),
+            client,
+            peer_identity: None,
+        };
+        observed.finish(result, labels).0
+    }
+
+    async fn call_service(
+        &self,
+        service: &Arc<String>,
+        req: Request<Bytes>,
+        client: SocketAddr,
+        span: &mut RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let known = self.routes.load().route(service).cloned();
+        let route = match known {
+            Some(route) => route,
+            None => match Box::pin(self.learn(service)).await {
+                Ok(Some(route)) => route,
+                learned => {
+                    return Err(super::routed::not_found(service.to_string(), learned.err()))
+                }
+            },
+        };
+        self.forward_built(&route, req, client, span).await
+    }
+
+    /// Forward through a rule's body transforms: the request read whole (within the request
+    /// timeout) and transformed before anything is sent, the answer transformed after.
+    pub(super) async fn forward_transformed(
+        &self,
+        t: &Transform,
+        route: &Target,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limit = self.body_time(route, &req);
+        let req = within(limit, t.request(req)).await?;
+        let resp = self.forward_built(route, req, client, span).await?;
+        t.response(resp).await
+    }
+
+    /// Forward a gRPC-Web text request: its base64 body read whole (bounded) and decoded
+    /// first, so that a body that does not decode reaches no one.
+    pub(super) async fn forward_web_text(
+        &self,
+        route: &Target,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limit = self.body_time(route, &req);
+        let decoded = async {
+            let (parts, body) = req.into_parts();
+            let max = grpc_web::MAX_TEXT_BODY;
+            let text = collect(&parts.headers, body, max)
+                .await
+                .map_err(|e| refused_request(e, max))?;
+            let body = grpc_web::decode_text(&text).map_err(ComposeError::BadGrpcWeb)?;
+            Ok(Request::from_parts(parts, body))
+        };
+        let req = within(limit, decoded).await?;
+        self.forward_built(route, req, client, span).await
+    }
+
+    /// The time a request body may take to arrive: the rule's or service's request timeout.
+    fn body_time<B>(&self, route: &Target, req: &Request<B>) -> Duration {
+        req.extensions()
+            .get::<RouteTimeout>()
+            .map(|t| t.0)
+            .or(route.service.request_timeout)
+            .unwrap_or(self.defaults.request)
+    }
+}
+
+/// `read`, or a stalled client's error once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    match tokio::time::timeout(limit, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::Client {
+            fault: crate::http::client_body::ClientFault::BodyStalled,
+            message: format!("the request body did not arrive within {limit:?}"),
+        }),
+    }
+}
