@@ -193,9 +193,26 @@ impl Browser {
 
     /// A PNG of the window, saved under `target/screenshots/<name>.png`.
     pub async fn screenshot(&mut self, name: &str) -> PathBuf {
-        let r = self
-            .call("Page.captureScreenshot", json!({"format": "png"}))
-            .await;
+        self.capture(name, json!({"format": "png"})).await
+    }
+
+    /// A PNG of the whole page, however long (at most 4000 pixels).
+    pub async fn screenshot_full(&mut self, name: &str) -> PathBuf {
+        let m = self.call("Page.getLayoutMetrics", json!({})).await;
+        let height = m["cssContentSize"]["height"]
+            .as_f64()
+            .unwrap_or(900.0)
+            .min(4000.0);
+        let clip = json!({"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1});
+        self.capture(
+            name,
+            json!({"format": "png", "captureBeyondViewport": true, "clip": clip}),
+        )
+        .await
+    }
+
+    async fn capture(&mut self, name: &str, params: Value) -> PathBuf {
+        let r = self.call("Page.captureScreenshot", params).await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(r["data"].as_str().expect("data"))
             .expect("base64");

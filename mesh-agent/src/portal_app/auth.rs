@@ -105,12 +105,14 @@ impl Inner {
         csrf: bool,
     ) -> Result<(Session, Account), Response<Bytes>> {
         let sessions = self.sessions().await?;
-        let session = session::cookie_value(&req.headers)
-            .and_then(|v| sessions.verify(v, now()))
-            .ok_or_else(|| {
-                self.metrics.refused("session");
-                error(StatusCode::UNAUTHORIZED, "sign in first")
-            })?;
+        let Some(cookie) = session::cookie_value(&req.headers) else {
+            return Err(error(StatusCode::UNAUTHORIZED, "sign in first"));
+        };
+        // A cookie that is not a session of ours: forged, altered, expired, another mesh's.
+        let session = sessions.verify(cookie, now()).ok_or_else(|| {
+            self.metrics.refused("session");
+            error(StatusCode::UNAUTHORIZED, "sign in again")
+        })?;
         if csrf {
             let token = req
                 .headers

@@ -24,17 +24,17 @@ use trellis_tests::{client, etcd_sidecar, init_logs, wait_for, Pki};
 const PORTAL: &str = "developer.example.com";
 const API: &str = "api.example.com";
 
-/// `orders` v1: list and get, each order with `id`, `total` and `note`.
+/// `orders` v1 (under `/echo/`, where the test app echoes requests): list and get, each order with `id`, `total` and `note`.
 fn v1() -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Orders API", "version": "1.0.0", "description": "Orders of the shop."},
         "paths": {
-            "/orders": {"get": {"summary": "List orders",
+            "/echo/orders": {"get": {"summary": "List orders",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}],
                 "responses": {"200": {"description": "the orders", "content": {"application/json":
                     {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Order"}}}}}}}},
-            "/orders/{id}": {"get": {"summary": "One order",
+            "/echo/orders/{id}": {"get": {"summary": "One order",
                 "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the order", "content": {"application/json":
                     {"schema": {"$ref": "#/components/schemas/Order"}}}}}},
@@ -55,21 +55,21 @@ fn v2() -> Value {
         .as_object_mut()
         .expect("props")
         .remove("note");
-    d["paths"]["/orders/{id}"]
+    d["paths"]["/echo/orders/{id}"]
         .as_object_mut()
         .expect("item")
         .remove("delete");
-    d["paths"]["/orders"]["get"]["parameters"]
+    d["paths"]["/echo/orders"]["get"]["parameters"]
         .as_array_mut()
         .expect("params")
         .push(json!({"name": "region", "in": "query", "required": true, "schema": {"type": "string"}}));
-    d["paths"]["/orders"]["post"] = json!({"summary": "Place an order",
+    d["paths"]["/echo/orders"]["post"] = json!({"summary": "Place an order",
         "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
         "responses": {"201": {"description": "placed"}}});
     d
 }
 
-const POLICIES: &str = "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: shop}\nspec:\n  hosts: [api.example.com]\n  gateways: [edge]\n  rules:\n  - name: shop\n    matches: [{path: {prefix: /shop}}]\n    rewrite: {path_prefix: /orders}\n    backends: [{service: orders}]\n---\napiVersion: trellis.dev/v1\nkind: AuthenticationPolicy\nmetadata: {name: edge-keys}\nspec:\n  service: edge\n  api_keys: {header: x-api-key}\n";
+const POLICIES: &str = "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: shop}\nspec:\n  hosts: [api.example.com]\n  gateways: [edge]\n  rules:\n  - name: shop\n    matches: [{path: {prefix: /shop}}]\n    rewrite: {path_prefix: /echo/orders}\n    backends: [{service: orders}]\n---\napiVersion: trellis.dev/v1\nkind: AuthenticationPolicy\nmetadata: {name: edge-keys}\nspec:\n  service: edge\n  api_keys: {header: x-api-key}\n";
 
 /// A mesh with `orders` (v1 and v2 documents stored, an echo app behind a sidecar) and
 /// `replicas` ingress gateways `edge`, each with the portal on [`PORTAL`].
@@ -78,8 +78,8 @@ struct Mesh {
     web: WebPki,
     _pki: Pki,
     _backend: Backend,
-    _orders: mesh_agent::run::Running,
-    gateways: Vec<mesh_agent::run::Running>,
+    _orders: trellis_proxy::app::Running,
+    gateways: Vec<trellis_proxy::app::Running>,
 }
 
 impl Mesh {
@@ -218,7 +218,8 @@ impl Mesh {
             sni: true,
             h2: false,
         };
-        self.web.send(dial, req).await.status
+        let r = self.web.send(dial, req).await;
+                r.status
     }
 
     async fn invite(&self) -> String {
@@ -246,7 +247,7 @@ async fn consumer(endpoint: &str, args: &[&str]) -> String {
 fn browser_args(mesh: &Mesh) -> Vec<String> {
     let port = mesh.tls(0).port();
     vec![
-        format!("--host-resolver-rules=MAP {PORTAL}:443 127.0.0.1:{port}, MAP {API}:443 127.0.0.1:{port}"),
+        format!("--host-resolver-rules=MAP {PORTAL} 127.0.0.1:{port}, MAP {API} 127.0.0.1:{port}"),
         // The test CA is not the browser's; the portal's cookies still need HTTPS.
         "--ignore-certificate-errors".to_string(),
     ]
@@ -302,7 +303,7 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
     // Reference: the public view (paths through the gateway's rewrite), its schemas.
     b.goto(&format!("{base}/#/apis/orders")).await;
     b.wait(
-        "document.querySelectorAll('.op').length === 2",
+        "document.querySelectorAll('.op').length === 3",
         "the operations of v2",
     )
     .await;
@@ -321,7 +322,7 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
         text.contains("region") && text.contains("total") && text.contains("in cents"),
         "{text}"
     );
-    assert_png(&b.screenshot("portal-reference").await);
+    assert_png(&b.screenshot_full("portal-reference").await);
 
     // Changelog v1 -> v2: the three breaking changes flagged.
     b.goto(&format!("{base}/#/apis/orders/changelog")).await;
@@ -342,10 +343,10 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
     );
     let breaking = b.eval("[...document.querySelectorAll('.change.breaking .loc')].map(e => e.textContent).join(' | ')").await;
     let breaking = breaking.as_str().expect("s");
-    for what in ["DELETE /orders/{id}", "GET /orders"] {
+    for what in ["DELETE /echo/orders/{id}", "GET /echo/orders"] {
         assert!(breaking.contains(what), "{breaking}");
     }
-    assert_png(&b.screenshot("portal-changelog").await);
+    assert_png(&b.screenshot_full("portal-changelog").await);
 
     // Sign up with the invite; the keys page follows.
     b.goto(&format!("{base}/#/signup?invite={invite}")).await;
@@ -416,7 +417,7 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
     let shown = shown.as_str().expect("s");
     // The echo app saw the request as routed: the prefix rewritten, the consumer named.
     assert!(
-        shown.contains("/orders?region=eu") && shown.contains("portal-ann-"),
+        shown.contains("/echo/orders?region=eu") && shown.contains("portal-ann-"),
         "{shown}"
     );
     b.eval("window.scrollTo(0, document.querySelector('.op[data-op=\"GET /shop\"] .try-result').getBoundingClientRect().top + window.scrollY - 300)").await;
