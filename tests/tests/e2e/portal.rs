@@ -311,7 +311,7 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
         .eval("[...document.querySelectorAll('.op')].map(o => o.dataset.op).join(',')")
         .await;
     assert_eq!(
-        ops, "GET /shop,POST /shop",
+        ops, "GET /shop,POST /shop,GET /shop/{id}",
         "the public paths of the latest version"
     );
     let text = b

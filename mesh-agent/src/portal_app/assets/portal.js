@@ -38,7 +38,7 @@ function notice(kind, text, id) {
 
 function show(...nodes) {
   const main = document.getElementById("main");
-  main.replaceChildren(...nodes);
+  main.replaceChildren(...nodes.flat(2).filter(n => n !== null && n !== undefined && n !== false));
 }
 
 async function loadMe() {
