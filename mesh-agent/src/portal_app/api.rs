@@ -23,7 +23,7 @@ macro_rules! signed_in {
     ($inner:expr, $req:expr, $csrf:expr) => {
         match $inner.account($req, $csrf).await {
             Ok(x) => x,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         }
     };
 }
@@ -50,7 +50,7 @@ pub async fn create_key(inner: &Inner, req: &AppRequest) -> Response<Bytes> {
     let (_, account) = signed_in!(inner, req, true);
     let label = match body::<NewKey>(req).map(|k| k.label) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if label.is_empty()
         || label.len() > 40
@@ -155,7 +155,7 @@ pub async fn try_it(inner: &Inner, req: &AppRequest) -> Response<Bytes> {
     let (_, account) = signed_in!(inner, req, true);
     let t: TryRequest = match body(req) {
         Ok(t) => t,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let doc = inner.docs.docs.load().apis.get(&t.service).cloned();
     let Some(doc) = doc.and_then(|d| serde_json::from_slice::<Value>(&d).ok()) else {

@@ -16,7 +16,9 @@ use trellis_proxy::listeners::ingress::portal::{AppRequest, PortalDocs};
 use super::session::{self, Session, Sessions};
 use super::store::{now, Account, AccountState, Store, StoreError};
 use super::throttle::Throttle;
-use super::{body, error, json_response, too_many, PortalMetrics, Relay, Settings};
+use super::{
+    body, error, json_response, refuse, too_many, PortalMetrics, Refusal, Relay, Settings,
+};
 
 /// Argon2 runs at most this many at once: each takes ~19 MiB and tens of milliseconds.
 const HASHING: usize = 2;
@@ -68,16 +70,16 @@ impl Inner {
         }
     }
 
-    async fn sessions(&self) -> Result<&Sessions, Response<Bytes>> {
+    async fn sessions(&self) -> Result<&Sessions, Refusal> {
         self.sessions
             .get_or_try_init(|| async { self.store.secret().await.map(|s| Sessions::new(&s)) })
             .await
-            .map_err(|e| unavailable(&e))
+            .map_err(|e| Box::new(unavailable(&e)))
     }
 
     /// A state-changing request from a page must come from the portal's own origin (when the
     /// browser names one; other clients have no cookie to abuse).
-    pub fn check_origin(&self, req: &AppRequest) -> Result<(), Response<Bytes>> {
+    pub fn check_origin(&self, req: &AppRequest) -> Result<(), Refusal> {
         let Some(origin) = req.headers.get(header::ORIGIN) else {
             return Ok(());
         };
@@ -93,7 +95,10 @@ impl Inner {
             Some(h) if h.eq_ignore_ascii_case(&self.host) => Ok(()),
             _ => {
                 self.metrics.refused("origin");
-                Err(error(StatusCode::FORBIDDEN, "cross-origin request refused"))
+                Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "cross-origin request refused",
+                ))
             }
         }
     }
@@ -103,10 +108,10 @@ impl Inner {
         &self,
         req: &AppRequest,
         csrf: bool,
-    ) -> Result<(Session, Account), Response<Bytes>> {
+    ) -> Result<(Session, Account), Refusal> {
         let sessions = self.sessions().await?;
         let Some(cookie) = session::cookie_value(&req.headers) else {
-            return Err(error(StatusCode::UNAUTHORIZED, "sign in first"));
+            return Err(refuse(StatusCode::UNAUTHORIZED, "sign in first"));
         };
         // A cookie that is not a session of ours: forged, altered, expired, another mesh's.
         let session = sessions.verify(cookie, now()).ok_or_else(|| {
@@ -121,30 +126,30 @@ impl Inner {
                 .unwrap_or("");
             if !sessions.check_csrf(&session, token) {
                 self.metrics.refused("csrf");
-                return Err(error(StatusCode::FORBIDDEN, "missing or wrong CSRF token"));
+                return Err(refuse(StatusCode::FORBIDDEN, "missing or wrong CSRF token"));
             }
         }
         match self.store.account(&session.a).await {
             Ok(Some((a, _))) if a.state == AccountState::Active => Ok((session, a)),
             Ok(_) => {
                 self.metrics.refused("session");
-                Err(error(
+                Err(refuse(
                     StatusCode::UNAUTHORIZED,
                     "this account cannot sign in",
                 ))
             }
-            Err(e) => Err(unavailable(&e)),
+            Err(e) => Err(Box::new(unavailable(&e))),
         }
     }
 
     pub async fn me(&self, req: &AppRequest) -> Response<Bytes> {
         let (session, account) = match self.account(req, false).await {
             Ok(x) => x,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let csrf = match self.sessions().await {
             Ok(s) => s.csrf(&session),
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         json_response(
             StatusCode::OK,
@@ -159,7 +164,7 @@ impl Inner {
         }
         let c: Credentials = match body(req) {
             Ok(c) => c,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let email = match check_email(&c.email).and_then(|e| check_password(&c.password).map(|_| e))
         {
@@ -168,11 +173,11 @@ impl Inner {
         };
         let (digest, consumer, state) = match self.invited(&c, &email).await {
             Ok(x) => x,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let password = match self.hash(c.password).await {
             Ok(p) => p,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let account = Account {
             email: email.clone(),
@@ -211,13 +216,13 @@ impl Inner {
         &self,
         c: &Credentials,
         email: &str,
-    ) -> Result<(Option<String>, String, AccountState), Response<Bytes>> {
+    ) -> Result<(Option<String>, String, AccountState), Refusal> {
         let Some(token) = c.invite.as_deref().filter(|t| !t.is_empty()) else {
             if self.open_signup {
                 return Ok((None, consumer_name(email), AccountState::Pending));
             }
             self.metrics.refused("invite");
-            return Err(error(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
                 "an invite is required to sign up",
             ));
@@ -231,12 +236,12 @@ impl Inner {
             )),
             Ok(_) => {
                 self.metrics.refused("invite");
-                Err(error(
+                Err(refuse(
                     StatusCode::FORBIDDEN,
                     "the invite is unknown, used or expired",
                 ))
             }
-            Err(e) => Err(unavailable(&e)),
+            Err(e) => Err(Box::new(unavailable(&e))),
         }
     }
 
@@ -248,7 +253,7 @@ impl Inner {
         }
         let c: Credentials = match body(req) {
             Ok(c) => c,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let email = c.email.trim().to_ascii_lowercase();
         if let Err(wait) = self.throttle.account_open(&email, start) {
@@ -263,12 +268,12 @@ impl Inner {
             Some(a) => a.password.clone(),
             None => match self.decoy().await {
                 Ok(d) => d,
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             },
         };
         let ok = match self.verify(c.password, hash).await {
             Ok(ok) => ok && found.is_some(),
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let Some(account) = found.filter(|_| ok) else {
             self.throttle.failed(&email, Instant::now());
@@ -298,7 +303,7 @@ impl Inner {
 
     pub async fn signout(&self, req: &AppRequest) -> Response<Bytes> {
         if let Err(resp) = self.account(req, true).await {
-            return resp;
+            return *resp;
         }
         let mut resp = json_response(StatusCode::OK, &json!({"signed_out": true}));
         if let Ok(v) = HeaderValue::from_str(&session::set_cookie("", 0)) {
@@ -311,7 +316,7 @@ impl Inner {
     async fn signed_in(&self, account: &Account, status: StatusCode) -> Response<Bytes> {
         let sessions = match self.sessions().await {
             Ok(s) => s,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         let Some((s, cookie)) = sessions.issue(&account.email, now()) else {
             return error(
@@ -329,26 +334,26 @@ impl Inner {
         resp
     }
 
-    async fn decoy(&self) -> Result<String, Response<Bytes>> {
+    async fn decoy(&self) -> Result<String, Refusal> {
         self.decoy
             .get_or_try_init(|| self.hash("decoy password, never anyone's".into()))
             .await
             .cloned()
     }
 
-    async fn hash(&self, password: String) -> Result<String, Response<Bytes>> {
+    async fn hash(&self, password: String) -> Result<String, Refusal> {
         let _permit = self.hashing.acquire().await.map_err(|_| busy())?;
         tokio::task::spawn_blocking(move || hash_password(&password))
             .await
             .map_err(|_| busy())?
-            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, &e))
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, &e))
     }
 
-    async fn verify(&self, password: String, hash: String) -> Result<bool, Response<Bytes>> {
+    async fn verify(&self, password: String, hash: String) -> Result<bool, Refusal> {
         let _permit = self.hashing.acquire().await.map_err(|_| busy())?;
         tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
-            .map_err(|_| busy())
+            .map_err(|_| Box::new(busy()))
     }
 }
 

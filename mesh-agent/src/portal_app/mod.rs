@@ -118,7 +118,7 @@ impl PortalApp {
         let inner = &self.0;
         if req.method != Method::GET && req.method != Method::HEAD {
             if let Err(resp) = inner.check_origin(&req) {
-                return resp;
+                return *resp;
             }
         }
         let Some(api) = path.strip_prefix("/portal/api/") else {
@@ -152,6 +152,10 @@ impl trellis_proxy::listeners::ingress::portal::PortalApp for PortalApp {
     }
 }
 
+/// An answer that ends a request early; boxed, as a `Response` is large to move through
+/// every `Result` on the way.
+pub(crate) type Refusal = Box<Response<Bytes>>;
+
 /// A JSON answer; never cached (it may hold a key shown once, or an account's data).
 pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response<Bytes> {
     let mut resp = Response::new(Bytes::from(body.to_string()));
@@ -167,6 +171,10 @@ pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response<Bytes>
         HeaderValue::from_static("nosniff"),
     );
     resp
+}
+
+pub(crate) fn refuse(status: StatusCode, message: &str) -> Refusal {
+    Box::new(error(status, message))
 }
 
 pub(crate) fn error(status: StatusCode, message: &str) -> Response<Bytes> {
@@ -187,9 +195,9 @@ pub(crate) fn too_many(wait: std::time::Duration) -> Response<Bytes> {
 }
 
 /// The JSON body of a request as `T`, or a 400 naming the problem.
-pub(crate) fn body<T: serde::de::DeserializeOwned>(req: &AppRequest) -> Result<T, Response<Bytes>> {
+pub(crate) fn body<T: serde::de::DeserializeOwned>(req: &AppRequest) -> Result<T, Refusal> {
     serde_json::from_slice(&req.body).map_err(|e| {
-        error(
+        refuse(
             StatusCode::BAD_REQUEST,
             &format!("the body is not the expected JSON: {e}"),
         )

@@ -219,7 +219,7 @@ impl Mesh {
             h2: false,
         };
         let r = self.web.send(dial, req).await;
-                r.status
+        r.status
     }
 
     async fn invite(&self) -> String {

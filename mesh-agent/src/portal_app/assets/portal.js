@@ -171,7 +171,8 @@ function operation(d, service, path, method, op, params) {
   const responses = Object.entries(op.responses || {}).map(([code, r]) => {
     const rr = resolve(d, r);
     const media = rr.content ? Object.values(rr.content)[0] : null;
-    return h("div", {}, h("h3", {}, h("span", { class: "pill " + (code.startsWith("2") ? "ok" : "bad") }, code), " ", rr.description || ""),
+    return h("div", {}, h("h3", {}, h("span", { class: "pill " + (code.startsWith("2") ? "ok" : "bad") }, code), " ", rr.description || "",
+      media && media.schema ? h("span", { class: "type" }, " · " + typeOf(d, media.schema)) : null),
       media && media.schema ? h("ul", { class: "schema" }, schemaTree(d, media.schema, 0)) : null);
   });
   return h("section", { class: "op", "data-op": method.toUpperCase() + " " + path },
@@ -186,10 +187,8 @@ function operation(d, service, path, method, op, params) {
 }
 
 function tryPanel(service, path, method, params, hasBody) {
-  const panel = h("div", { class: "try" });
   if (!state.me) {
-    panel.append(h("span", { class: "muted" }, "Try it out: "), h("a", { href: "#/signin" }, "sign in"), h("span", { class: "muted" }, " with a key."));
-    return panel;
+    return h("div", { class: "try" }, h("span", { class: "muted" }, "Try it out: "), h("a", { href: "#/signin" }, "sign in"), h("span", { class: "muted" }, " with a key."));
   }
   const inputs = {};
   const fields = params.filter(p => p.in === "path" || p.in === "query").map(p => {
@@ -221,9 +220,8 @@ function tryPanel(service, path, method, params, hasBody) {
         h("span", { class: "mono muted" }, d.sent + " · " + d.millis + " ms")),
       h("pre", {}, text || "(empty body)"));
   });
-  panel.append(h("strong", {}, "Try it out"), h("div", { class: "grid" }, fields), h("label", {}, "API key"), key,
+  return h("div", { class: "try" }, h("strong", {}, "Try it out"), h("div", { class: "grid" }, fields), h("label", {}, "API key"), key,
     bodyInput ? [h("label", {}, "Body (JSON)"), bodyInput] : null, h("p", {}, send), out);
-  return panel;
 }
 
 async function viewChangelog(service) {
@@ -252,7 +250,7 @@ async function viewChangelog(service) {
   to.addEventListener("change", draw);
   show(h("h1", {}, (title && title.title) || service), tabs(service, "changelog"),
     versions.length < 2 ? h("p", { class: "muted" }, "Only one version is published: nothing to compare yet.") :
-      [h("div", { class: "row" }, h("label", {}, "From"), from, h("label", {}, "to"), to), out]);
+      [h("div", { class: "row pick" }, h("span", {}, "From"), from, h("span", {}, "to"), to), out]);
   if (versions.length > 1) await draw();
 }
 
@@ -324,7 +322,7 @@ async function viewKeys(fresh) {
       if (state.lastKey) state.lastKey = null;
       viewKeys(notice("ok", "Key " + k.id + " revoked.", "revoked"));
     });
-    return h("tr", { class: "key-row", "data-id": k.id }, h("td", { class: "mono" }, k.id), h("td", { class: "num" }, h("span", { class: "row" }, rotate, revoke)));
+    return h("tr", { class: "key-row", "data-id": k.id }, h("td", { class: "mono" }, k.id), h("td", {}, h("div", { class: "row end" }, rotate, revoke)));
   });
   const q = r.data.quota;
   show(h("h1", {}, "API keys"),
