@@ -214,6 +214,7 @@ async fn start_etcd(
         let ledger = crate::portal_app::start(
             crate::portal_app::Settings {
                 etcd: crate::etcd::Connector::new(etcd.clone()),
+                gateway: config.service.clone(),
                 portal: p,
                 docs,
                 metrics,

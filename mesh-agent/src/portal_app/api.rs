@@ -223,6 +223,26 @@ pub async fn versions(inner: &Inner, service: &str) -> Response<Bytes> {
     }
 }
 
+/// One version's public document (the reference page's version picker).
+pub async fn version_document(inner: &Inner, service: &str, version: &str) -> Response<Bytes> {
+    if !published(inner, service) {
+        return error(StatusCode::NOT_FOUND, "no such public API");
+    }
+    match public_versions(inner, service, &[version]).await {
+        Ok(docs) => match docs.into_iter().next().flatten() {
+            Some(doc) => json_response(StatusCode::OK, &doc),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "a version this gateway does not publish",
+            ),
+        },
+        Err(crate::api::ApiError::NotFound(what)) => {
+            error(StatusCode::NOT_FOUND, &format!("{what} not found"))
+        }
+        Err(e) => super::auth::unavailable(&e),
+    }
+}
+
 /// `?from=v1&to=v2`: the changes, breaking ones first and flagged.
 pub async fn changelog(inner: &Inner, service: &str, query: &str) -> Response<Bytes> {
     if !published(inner, service) {
@@ -238,18 +258,45 @@ pub async fn changelog(inner: &Inner, service: &str, query: &str) -> Response<By
     let (Some(from), Some(to)) = (param("from"), param("to")) else {
         return error(StatusCode::BAD_REQUEST, "set ?from=VERSION&to=VERSION");
     };
-    match crate::api::diff(inner.store.cfg(), service, &from, &to).await {
-        Ok(changes) => json_response(
-            StatusCode::OK,
-            &json!({"service": service, "from": from, "to": to,
-                    "breaking": changes.iter().filter(|c| c.breaking).count(),
-                    "changes": changes.iter().map(|c| json!({
-                        "kind": c.kind.as_str(), "breaking": c.breaking,
-                        "location": c.location, "detail": c.detail})).collect::<Vec<_>>()}),
-        ),
+    let changes = match public_versions(inner, service, &[&from, &to]).await {
+        Ok(docs) => match docs.as_slice() {
+            [Some(old), Some(new)] => trellis_policies::diff_api(old, new),
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "a version this gateway does not publish",
+                )
+            }
+        },
         Err(crate::api::ApiError::NotFound(what)) => {
-            error(StatusCode::NOT_FOUND, &format!("{what} not found"))
+            return error(StatusCode::NOT_FOUND, &format!("{what} not found"))
         }
-        Err(e) => super::auth::unavailable(&e),
-    }
+        Err(e) => return super::auth::unavailable(&e),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"service": service, "from": from, "to": to,
+                "breaking": changes.iter().filter(|c| c.breaking).count(),
+                "changes": changes.iter().map(|c| json!({
+                    "kind": c.kind.as_str(), "breaking": c.breaking,
+                    "location": c.location, "detail": c.detail})).collect::<Vec<_>>()}),
+    )
+}
+
+/// `versions` of `service` as this gateway publishes them.
+async fn public_versions(
+    inner: &Inner,
+    service: &str,
+    versions: &[&str],
+) -> Result<Vec<Option<Value>>, crate::api::ApiError> {
+    let cfg = inner.store.cfg();
+    let etcd = crate::etcd::Etcd::connect(cfg).await?;
+    let keys = crate::etcd::keys::Keys::new(&cfg.prefix);
+    let req = crate::api_public::Request {
+        gateway: &inner.gateway,
+        public_url: inner.public_url.as_deref(),
+        service: Some(service),
+        title: "",
+    };
+    crate::api_public::public_versions(&etcd, &keys, &req, service, versions).await
 }

@@ -34,6 +34,9 @@ pub(crate) struct Inner {
     pub relay: Relay,
     host: String,
     open_signup: bool,
+    /// This gateway's service name and public URL: the public view's.
+    pub gateway: String,
+    pub public_url: Option<String>,
     pub metrics: PortalMetrics,
     /// Verified against when the account does not exist, so that a wrong email takes as
     /// long as a wrong password (no account discovery by timing).
@@ -65,6 +68,8 @@ impl Inner {
             },
             host: s.portal.host.to_ascii_lowercase(),
             open_signup: s.portal.open_signup,
+            gateway: s.gateway,
+            public_url: s.portal.public_url.clone(),
             metrics: s.metrics,
             decoy: OnceCell::new(),
         }

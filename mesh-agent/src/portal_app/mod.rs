@@ -78,6 +78,8 @@ impl PortalMetrics {
 /// Everything the portal's app needs, built by the agent once the ingress is bound.
 pub struct Settings {
     pub etcd: crate::etcd::Connector,
+    /// This gateway's service name (the public view's routes are those bound to it).
+    pub gateway: String,
     pub portal: PortalConfig,
     pub docs: PortalDocs,
     pub metrics: PortalMetrics,
@@ -137,6 +139,9 @@ impl PortalApp {
             (Method::GET, ["usage"]) => api::usage(inner, &req).await,
             (Method::POST, ["try"]) => api::try_it(inner, &req).await,
             (Method::GET, ["apis", service, "versions"]) => api::versions(inner, service).await,
+            (Method::GET, ["apis", service, "versions", version]) => {
+                api::version_document(inner, service, version).await
+            }
             (Method::GET, ["apis", service, "changelog"]) => {
                 api::changelog(inner, service, req.uri.query().unwrap_or("")).await
             }

@@ -323,6 +323,21 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
         "{text}"
     );
     assert_png(&b.screenshot_full("portal-reference").await);
+    // Another version's reference, picked from the list.
+    b.eval("(() => { const s = document.querySelector('#version'); s.value = 'v1'; s.dispatchEvent(new Event('change')); return true; })()").await;
+    b.wait(
+        "[...document.querySelectorAll('.op')].some(o => o.dataset.op === 'DELETE /shop/{id}')",
+        "v1's reference",
+    )
+    .await;
+    let v1_text = b
+        .eval("document.querySelector('#operations').innerText")
+        .await;
+    assert!(
+        !v1_text.as_str().expect("text").contains("region"),
+        "{v1_text}"
+    );
+    assert_png(&b.screenshot("portal-reference-v1").await);
 
     // Changelog v1 -> v2: the three breaking changes flagged.
     b.goto(&format!("{base}/#/apis/orders/changelog")).await;
@@ -343,7 +358,7 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
     );
     let breaking = b.eval("[...document.querySelectorAll('.change.breaking .loc')].map(e => e.textContent).join(' | ')").await;
     let breaking = breaking.as_str().expect("s");
-    for what in ["DELETE /echo/orders/{id}", "GET /echo/orders"] {
+    for what in ["DELETE /shop/{id}", "GET /shop"] {
         assert!(breaking.contains(what), "{breaking}");
     }
     assert_png(&b.screenshot_full("portal-changelog").await);
@@ -856,6 +871,35 @@ async fn the_portal_refuses_what_an_attacker_tries_and_any_replica_serves_any_co
         )
         .await;
     assert_eq!(spoofed.status, 429);
+
+    // Rotation: a new key under the same label, shown once; the old one stops working.
+    let rotated = mesh
+        .portal(
+            0,
+            "POST",
+            "/portal/api/keys/ci/rotate",
+            None,
+            &[("cookie", &ann_cookie), ("x-csrf-token", &ann_csrf)],
+        )
+        .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    let old_key = key;
+    let key = serde_json::from_str::<Value>(&rotated.body).expect("json")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    assert_ne!(key, old_key);
+    wait_for(
+        Duration::from_secs(15),
+        "the rotated key accepted",
+        || async { mesh.call_api(1, &key).await == 200 },
+    )
+    .await;
+    assert_eq!(
+        mesh.call_api(1, &old_key).await,
+        401,
+        "the old key is refused"
+    );
 
     // The operator's view and control.
     let accounts = consumer(&mesh.endpoint(), &["accounts"]).await;

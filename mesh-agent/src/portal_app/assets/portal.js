@@ -56,13 +56,18 @@ async function catalog() {
   return state.catalog;
 }
 
-async function doc(service) {
-  if (!state.docs[service]) {
-    const r = await api("GET", "/apis/" + encodeURIComponent(service) + "/openapi.json");
+// The latest public document, or one version's.
+async function doc(service, version) {
+  const id = service + "@" + (version || "");
+  if (!state.docs[id]) {
+    const path = version
+      ? "/portal/api/apis/" + encodeURIComponent(service) + "/versions/" + encodeURIComponent(version)
+      : "/apis/" + encodeURIComponent(service) + "/openapi.json";
+    const r = await api("GET", path);
     if (!r.ok) return null;
-    state.docs[service] = r.data;
+    state.docs[id] = r.data;
   }
-  return state.docs[service];
+  return state.docs[id];
 }
 
 // === views ===
@@ -130,9 +135,15 @@ function methodClass(m) {
   return ["get", "post", "put", "patch", "delete"].includes(m) ? "m-" + m : "m-other";
 }
 
-async function viewReference(service) {
-  const d = await doc(service);
-  if (!d) return show(notice("error", "No public API named " + service + "."));
+async function viewReference(service, version) {
+  const d = await doc(service, version);
+  if (!d) return show(notice("error", version ? "Version " + version + " of " + service + " is not published." : "No public API named " + service + "."));
+  const listed = await api("GET", "/portal/api/apis/" + encodeURIComponent(service) + "/versions");
+  const versions = listed.ok ? listed.data.map(v => v.version) : [];
+  const current = version || ((state.catalog || []).find(a => a.service === service) || {}).version;
+  const picker = versions.length > 1 ? h("select", { id: "version", "aria-label": "Version" },
+    versions.map(v => h("option", { value: v, selected: v === current }, v))) : null;
+  if (picker) picker.addEventListener("change", () => { location.hash = "#/apis/" + encodeURIComponent(service) + "/v/" + encodeURIComponent(picker.value); });
   const info = d.info || {};
   const server = (d.servers && d.servers[0] && d.servers[0].url) || "";
   const schemes = (d.components && d.components.securitySchemes) || {};
@@ -146,8 +157,8 @@ async function viewReference(service) {
   }
   show(h("h1", {}, info.title || service),
     tabs(service, "reference"),
-    h("p", {}, h("span", { class: "pill" }, "version " + (info.version || "")), " ",
-      server ? h("span", { class: "mono" }, server) : null),
+    h("div", { class: "row pick" }, picker ? [h("span", {}, "Version"), picker] : null,
+      h("span", { class: "pill" }, (info.version || "")), server ? h("span", { class: "mono" }, server) : null),
     info.description ? h("p", { class: "muted" }, info.description) : null,
     keyScheme ? h("p", { class: "muted" }, "Authentication: an API key in the " + keyScheme.in + " ", h("code", {}, keyScheme.name), ".") : null,
     h("div", { id: "operations" }, ops.length ? ops : h("p", { class: "muted" }, "This API publishes no paths.")));
@@ -362,7 +373,8 @@ async function route() {
   try {
     if (!parts.length || (parts[0] === "apis" && parts.length === 1)) await viewCatalog();
     else if (parts[0] === "apis" && parts[2] === "changelog") { await catalog(); await viewChangelog(parts[1]); }
-    else if (parts[0] === "apis") await viewReference(parts[1]);
+    else if (parts[0] === "apis" && parts[2] === "v") { await catalog(); await viewReference(parts[1], parts[3]); }
+    else if (parts[0] === "apis") { await catalog(); await viewReference(parts[1]); }
     else if (parts[0] === "signup") viewSignup();
     else if (parts[0] === "signin") viewSignin();
     else if (parts[0] === "keys") await viewKeys();
