@@ -260,7 +260,12 @@ impl Inner {
             Ok(c) => c,
             Err(resp) => return *resp,
         };
-        let email = c.email.trim().to_ascii_lowercase();
+        // Not an address anyone could have signed up with: refused like a wrong password,
+        // and never used as an etcd key.
+        let Ok(email) = check_email(&c.email) else {
+            self.metrics.signin("wrong_password");
+            return error(StatusCode::UNAUTHORIZED, "wrong email or password");
+        };
         if let Err(wait) = self.throttle.account_open(&email, start) {
             self.metrics.signin("throttled");
             return too_many(wait);

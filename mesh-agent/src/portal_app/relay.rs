@@ -163,8 +163,21 @@ fn dial(addr: SocketAddr) -> SocketAddr {
 /// The request the ingress gets: only a method and a path of the page's choosing; the host
 /// is the API's.
 fn build(target: &Target, req: &TryRequest) -> Result<(Request<Full<Bytes>>, String), RelayError> {
-    let method = Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
-        .map_err(|_| RelayError::Bad(format!("`{}` is not an HTTP method", req.method)))?;
+    let method = match req.method.to_ascii_uppercase().as_str() {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
+        "POST" => Method::POST,
+        "PUT" => Method::PUT,
+        "PATCH" => Method::PATCH,
+        "DELETE" => Method::DELETE,
+        "OPTIONS" => Method::OPTIONS,
+        _ => {
+            return Err(RelayError::Bad(format!(
+                "`{}` is not a method an OpenAPI operation can have here",
+                req.method
+            )))
+        }
+    };
     if !req.path.starts_with('/') || req.path.starts_with("//") {
         return Err(RelayError::Bad(
             "the path must start with a single `/`".into(),
@@ -313,6 +326,11 @@ mod tests {
             sent,
             "GET https://api.example.com/v2/shop?x=1&api_key=<key>"
         );
+        let connect = TryRequest {
+            method: "CONNECT".into(),
+            ..req_with(&req)
+        };
+        assert!(build(&target, &connect).is_err());
         for bad in ["shop", "//evil.example/x", "http://evil/"] {
             let req = TryRequest {
                 path: bad.into(),

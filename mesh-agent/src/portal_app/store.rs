@@ -199,13 +199,30 @@ impl Store {
             .transpose()
     }
 
-    /// Write `value` at `<prefix>/v1/portal/<rel>`.
-    pub async fn put(&self, rel: &str, value: Vec<u8>) -> Result<(), StoreError> {
+    /// Write `value` at `<prefix>/v1/portal/<rel>`, attached to `lease` (etcd deletes it when
+    /// the lease expires) when set.
+    pub async fn put(
+        &self,
+        rel: &str,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> Result<(), StoreError> {
         let etcd = self.etcd().await?;
         let key = format!("{}{rel}", self.root);
-        etcd.call(etcd.client.clone().put(key.as_str(), value, None))
+        let opts = lease.map(|id| etcd_client::PutOptions::new().with_lease(id));
+        etcd.call(etcd.client.clone().put(key.as_str(), value, opts))
             .await?;
         Ok(())
+    }
+
+    /// A lease of `ttl`: what expires data nobody needs after a while.
+    pub async fn lease(&self, ttl: std::time::Duration) -> Result<i64, StoreError> {
+        let etcd = self.etcd().await?;
+        let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let resp = etcd
+            .call(etcd.client.clone().lease_grant(secs, None))
+            .await?;
+        Ok(resp.id())
     }
 
     /// Every key under `<prefix>/v1/portal/<rel>`, relative to it, and its value.

@@ -5,7 +5,8 @@
 //! what it counted today under `<prefix>/v1/portal/usage/<consumer>/<day>/<replica>`; the
 //! portal adds the replicas up. A replica's name is random per process, so a restart starts a
 //! new entry instead of overwriting the day's counts; at midnight (UTC) the counters at that
-//! moment become the next day's zero. No central collector: the portal reads etcd.
+//! moment become the next day's zero. A day's entries share one lease, so etcd drops them after
+//! [`RETENTION`]. No central collector: the portal reads etcd.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::store::{now, Store, StoreError};
 
 pub const INTERVAL: Duration = Duration::from_secs(5);
+/// How long a day's entries are kept: each day's are attached to one lease of this TTL.
+pub const RETENTION: Duration = Duration::from_secs(32 * 86_400);
 
 /// One route's counts on one day.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -45,6 +48,8 @@ impl Ledger {
         let mut base = Totals::new();
         let mut day = day_of(now());
         let mut written: BTreeMap<String, BTreeMap<String, Counts>> = BTreeMap::new();
+        // The lease of the current day's entries.
+        let mut lease: Option<i64> = None;
         let mut last_error = String::new();
         loop {
             tokio::time::sleep(INTERVAL).await;
@@ -59,6 +64,16 @@ impl Ledger {
             if today != day {
                 (base, day) = (totals.clone(), today);
                 written.clear();
+                lease = None;
+            }
+            if lease.is_none() {
+                match self.store.lease(RETENTION).await {
+                    Ok(id) => lease = Some(id),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "portal usage: no lease yet");
+                        continue;
+                    }
+                }
             }
             let by_consumer = since(&totals, &base);
             for (consumer, routes) in by_consumer {
@@ -67,16 +82,21 @@ impl Ledger {
                 }
                 let key = format!("usage/{consumer}/{day}/{}", self.replica);
                 let value = serde_json::to_vec(&routes).unwrap_or_default();
-                match self.store.put(&key, value).await {
+                match self.store.put(&key, value, lease).await {
                     Ok(()) => {
                         written.insert(consumer, routes);
                         last_error.clear();
                     }
-                    Err(e) if e.to_string() != last_error => {
-                        last_error = e.to_string();
-                        tracing::warn!(error = %last_error, "portal usage: cannot record usage in etcd");
+                    Err(e) => {
+                        // The lease may be what failed (expired, or etcd restored from an
+                        // older backup): a new one next time.
+                        lease = None;
+                        if e.to_string() != last_error {
+                            last_error = e.to_string();
+                            tracing::warn!(error = %last_error, "portal usage: cannot record usage in etcd");
+                        }
+                        break;
                     }
-                    Err(_) => {}
                 }
             }
         }

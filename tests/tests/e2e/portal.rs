@@ -457,6 +457,30 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
         "shop"
     );
     assert_png(&b.screenshot("portal-usage").await);
+    // Each day's usage entries expire with a lease (kept about a month).
+    let mut etcd = Client::connect([mesh.endpoint()], None)
+        .await
+        .expect("etcd");
+    let usage = etcd
+        .get(
+            "/trellis/v1/portal/usage/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("get");
+    assert!(!usage.kvs().is_empty());
+    for kv in usage.kvs() {
+        let ttl = etcd
+            .lease_time_to_live(kv.lease(), None)
+            .await
+            .expect("lease")
+            .ttl();
+        assert!(
+            ttl > 31 * 86_400,
+            "{} expires in {ttl} s",
+            kv.key_str().unwrap_or("")
+        );
+    }
 
     // Revoke: the next call is refused.
     b.goto(&format!("{base}/#/keys")).await;
@@ -697,6 +721,7 @@ async fn the_portal_refuses_what_an_attacker_tries_and_any_replica_serves_any_co
         listed.body
     );
     // Both replicas accept the key once their snapshots carry it.
+    let made_at = std::time::Instant::now();
     for i in 0..2 {
         wait_for(Duration::from_secs(15), "the key accepted", || async {
             mesh.call_api(i, &key).await == 200
@@ -704,6 +729,10 @@ async fn the_portal_refuses_what_an_attacker_tries_and_any_replica_serves_any_co
         .await;
     }
 
+    eprintln!(
+        "portal: a new key accepted by both replicas {:?} after it was shown",
+        made_at.elapsed()
+    );
     // Nothing in etcd holds the key or the password in clear: the digest and Argon2id only.
     let mut etcd = Client::connect([mesh.endpoint()], None)
         .await
@@ -823,6 +852,7 @@ async fn the_portal_refuses_what_an_attacker_tries_and_any_replica_serves_any_co
         "locked for now, even with the right password"
     );
     assert!(right.headers.contains_key("retry-after"));
+    let signin_at = std::time::Instant::now();
     let other = mesh
         .portal_from(
             0,
@@ -834,6 +864,10 @@ async fn the_portal_refuses_what_an_attacker_tries_and_any_replica_serves_any_co
         )
         .await;
     assert_eq!(other.status, 200, "{}", other.body);
+    eprintln!(
+        "portal: a sign-in (Argon2id verification included) took {:?}",
+        signin_at.elapsed()
+    );
     // Many accounts from one address: the address's budget runs out.
     let from = Some("127.0.0.3".parse().expect("ip"));
     let mut refused_at = None;
