@@ -102,3 +102,36 @@ pub fn revoke(spec: &mut ConsumerSpec, id: &str) -> Result<(), PolicyError> {
         false => Err(PolicyError::NotFound(format!("key `{id}`"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_added_rotated_and_revoked_by_label_within_the_limit() {
+        let mut spec = ConsumerSpec::default();
+        let digest = |n: u8| format!("{n:02x}").repeat(32);
+        add(&mut spec, "laptop", &digest(1)).expect("add");
+        assert!(
+            add(&mut spec, "laptop", &digest(2)).is_err(),
+            "labels are unique"
+        );
+        rotate(&mut spec, "laptop", &digest(3)).expect("rotate");
+        assert_eq!(spec.api_keys[0].sha256, digest(3));
+        assert!(matches!(
+            rotate(&mut spec, "nope", &digest(4)),
+            Err(PolicyError::NotFound(_))
+        ));
+        for n in 1..MAX_PORTAL_KEYS {
+            add(&mut spec, &format!("k{n}"), &digest(n as u8 + 10)).expect("add");
+        }
+        assert!(add(&mut spec, "one-too-many", &digest(99)).is_err());
+        spec.validate().expect("a valid Consumer");
+        revoke(&mut spec, "laptop").expect("revoke");
+        assert!(spec.api_keys.iter().all(|k| k.id != "laptop"));
+        assert!(matches!(
+            revoke(&mut spec, "laptop"),
+            Err(PolicyError::NotFound(_))
+        ));
+    }
+}

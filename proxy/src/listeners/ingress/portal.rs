@@ -293,6 +293,22 @@ mod tests {
         );
     }
 
+    /// A client that never finishes its body is answered 408, not waited for.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_ends_times_out() {
+        let p = portal(PortalContent::default());
+        assert!(p.docs.app.set(Arc::new(Echo)).is_ok());
+        let never = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let req = Request::post("/portal/api/signin")
+            .body(never)
+            .expect("request");
+        let peer: SocketAddr = "192.0.2.7:4000".parse().expect("addr");
+        let resp = p.answer(req, peer, true).await;
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+
     #[test]
     fn documents_by_path_and_clear_statuses_otherwise() {
         let mut apis = BTreeMap::new();
