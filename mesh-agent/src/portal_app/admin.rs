@@ -101,6 +101,10 @@ async fn set_state(store: &Store, email: &str, state: AccountState) -> Result<St
         .await?
         .ok_or_else(|| AdminError::NoAccount(email.clone()))?;
     account.state = state;
+    if state == AccountState::Suspended {
+        // Its sessions end now, and stay ended if it is approved again.
+        account.generation += 1;
+    }
     if !store.update_account(&account, rev).await? {
         return Err(AdminError::Conflict(format!("account {email}")));
     }

@@ -135,7 +135,9 @@ impl Inner {
             }
         }
         match self.store.account(&session.a).await {
-            Ok(Some((a, _))) if a.state == AccountState::Active => Ok((session, a)),
+            Ok(Some((a, _))) if a.state == AccountState::Active && session.g == a.generation => {
+                Ok((session, a))
+            }
             Ok(_) => {
                 self.metrics.refused("session");
                 Err(refuse(
@@ -190,6 +192,7 @@ impl Inner {
             consumer,
             state,
             created: now(),
+            generation: 0,
         };
         match self.store.create_account(&account, digest.as_deref()).await {
             Ok(()) => {}
@@ -311,9 +314,25 @@ impl Inner {
         }
     }
 
+    /// Ends every session of the account.
     pub async fn signout(&self, req: &AppRequest) -> Response<Bytes> {
-        if let Err(resp) = self.account(req, true).await {
-            return *resp;
+        let (session, _) = match self.account(req, true).await {
+            Ok(x) => x,
+            Err(resp) => return *resp,
+        };
+        for _ in 0..3 {
+            match self.store.account(&session.a).await {
+                Ok(Some((mut a, rev))) => {
+                    a.generation += 1;
+                    match self.store.update_account(&a, rev).await {
+                        Ok(true) => break,
+                        Ok(false) => continue,
+                        Err(e) => return unavailable(&e),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return unavailable(&e),
+            }
         }
         let mut resp = json_response(StatusCode::OK, &json!({"signed_out": true}));
         if let Ok(v) = HeaderValue::from_str(&session::set_cookie("", 0)) {
@@ -328,7 +347,7 @@ impl Inner {
             Ok(s) => s,
             Err(resp) => return *resp,
         };
-        let Some((s, cookie)) = sessions.issue(&account.email, now()) else {
+        let Some((s, cookie)) = sessions.issue(&account.email, account.generation, now()) else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no randomness for a session",

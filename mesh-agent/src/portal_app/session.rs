@@ -29,6 +29,8 @@ pub struct Session {
     pub x: u64,
     /// Random, per sign-in: what the CSRF token is bound to.
     pub n: String,
+    /// The account's session generation when issued (`Account::generation`).
+    pub g: u64,
 }
 
 pub struct Sessions {
@@ -45,13 +47,14 @@ impl Sessions {
     }
 
     /// A new session for `email` and its cookie value.
-    pub fn issue(&self, email: &str, now: u64) -> Option<(Session, String)> {
+    pub fn issue(&self, email: &str, generation: u64, now: u64) -> Option<(Session, String)> {
         let mut nonce = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).ok()?;
         let s = Session {
             a: email.to_string(),
             x: now + TTL_SECS,
             n: B64.encode(nonce),
+            g: generation,
         };
         let payload = serde_json::to_vec(&s).ok()?;
         let tag = hmac::sign(&self.key, &labelled(b"session", &payload));
@@ -115,7 +118,7 @@ mod tests {
     #[test]
     fn forged_altered_expired_and_foreign_cookies_are_refused() {
         let s = Sessions::new(&[7u8; 32]);
-        let (session, cookie) = s.issue("ann@example.com", 1000).expect("issue");
+        let (session, cookie) = s.issue("ann@example.com", 0, 1000).expect("issue");
         assert_eq!(s.verify(&cookie, 1001), Some(session.clone()));
         assert_eq!(s.verify(&cookie, 1000 + TTL_SECS), None, "expired");
         // Another secret (another mesh) does not accept it.
@@ -128,7 +131,7 @@ mod tests {
         assert_eq!(s.verify("garbage", 1001), None);
         assert_eq!(s.verify("a.b.c", 1001), None);
         // CSRF tokens are per session.
-        let (other, _) = s.issue("ann@example.com", 1000).expect("issue");
+        let (other, _) = s.issue("ann@example.com", 0, 1000).expect("issue");
         let token = s.csrf(&session);
         assert!(s.check_csrf(&session, &token));
         assert!(!s.check_csrf(&other, &token));

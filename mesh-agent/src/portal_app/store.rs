@@ -50,6 +50,14 @@ pub struct Account {
     pub state: AccountState,
     /// Unix seconds.
     pub created: u64,
+    /// The generation of its sessions: a session of another generation is refused, so signing
+    /// out (which moves it on) ends every session of the account, a copied cookie's too.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

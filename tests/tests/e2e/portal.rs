@@ -972,6 +972,32 @@ async fn the_portal_refuses_what_an_attacker_tries_and_any_replica_serves_any_co
         )
         .await;
     }
+
+    // Signing out ends the session everywhere, a copy of the cookie included.
+    let out = mesh
+        .portal(
+            0,
+            "POST",
+            "/portal/api/signout",
+            None,
+            &[("cookie", &ann_cookie), ("x-csrf-token", &ann_csrf)],
+        )
+        .await;
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert!(out.headers["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .contains("Max-Age=0"));
+    let copied = mesh
+        .portal(
+            1,
+            "GET",
+            "/portal/api/keys",
+            None,
+            &[("cookie", &ann_cookie)],
+        )
+        .await;
+    assert_eq!(copied.status, 401, "{}", copied.body);
 }
 
 /// Without an invite, with `open_signup`: the account waits for `consumer approve`.
