@@ -368,6 +368,7 @@ async fn a_consumer_signs_up_gets_a_key_tries_the_api_sees_usage_and_revokes_it_
     b.wait("document.querySelector('#signup-invite') && document.querySelector('#signup-invite').value", "the invite in the form").await;
     b.fill("#signup-email", "ann@example.com").await;
     b.fill("#signup-password", "correct horse battery").await;
+    assert_png(&b.screenshot("portal-signup").await);
     b.click("#signup-submit").await;
     b.wait(
         "document.body.dataset.view === 'keys' && document.querySelector('#key-create')",

@@ -293,7 +293,7 @@ function credentialsForm(kind) {
 }
 
 function viewSignup() {
-  show(h("h1", {}, "Sign up"), h("p", { class: "muted" }, "With an invite from the API's operators your account works at once; without one it waits for their approval."), credentialsForm("signup"));
+  show(h("h1", {}, "Sign up"), h("p", { class: "muted" }, "An invite from the API's operators makes your account work at once. Where they allow sign-ups without one, your account waits for their approval."), credentialsForm("signup"));
 }
 
 function viewSignin() {
