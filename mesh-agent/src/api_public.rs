@@ -108,6 +108,39 @@ pub async fn view(etcd: &Etcd, keys: &Keys, req: &Request<'_>) -> Result<View, A
     Ok(View { apis, notes })
 }
 
+/// The public document of `service` at each of `versions`, as today's routes and
+/// authentication show it (`None` where the gateway exposes nothing of that version): what the
+/// portal's changelog compares, so that it names the paths consumers call and never an
+/// unpublished one.
+pub async fn public_versions(
+    etcd: &Etcd,
+    keys: &Keys,
+    req: &Request<'_>,
+    service: &str,
+    versions: &[&str],
+) -> Result<Vec<Option<Value>>, ApiError> {
+    let (policies, _) = policies(etcd, keys, req.gateway).await?;
+    let gateway = gateway(req, &policies.auth);
+    let routes: Vec<RouteInput> = policies
+        .routes
+        .iter()
+        .map(|(name, spec)| RouteInput { name, spec })
+        .collect();
+    let mut out = Vec::new();
+    for version in versions {
+        let e = entry(etcd, keys, service, Some(version)).await?;
+        let doc = document(etcd, keys, &e).await?;
+        let spec = SpecInput {
+            service,
+            version,
+            doc: &doc,
+        };
+        let api = public_apis(&gateway, &routes, &[spec]).into_iter().next();
+        out.push(api.map(|a| a.document));
+    }
+    Ok(out)
+}
+
 /// The combined document of `apis`, and what it could not show.
 pub fn combined(req: &Request<'_>, apis: &[PublicApi]) -> (Value, Vec<String>) {
     combined_public_api(&gateway(req, &[]), req.title, apis)

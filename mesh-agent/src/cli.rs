@@ -155,6 +155,11 @@ pub enum Command {
         #[arg(long, default_value = "key-1")]
         id: String,
     },
+    /// The developer portal's consumer accounts (docs/portal.md): invites, approvals.
+    Consumer {
+        #[command(subcommand)]
+        command: ConsumerCommand,
+    },
     /// Run a demo mesh on this machine: two services with two instances each, plus a client.
     Demo {
         /// Stop after this many seconds and exit non-zero if any request failed.
@@ -483,6 +488,47 @@ impl AuthorArg {
             _ => crate::policy::history::default_author(),
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsumerCommand {
+    /// Make an invite to sign up on the portal: printed once, stored as a digest, used once.
+    Invite {
+        /// Bind the account to this existing Consumer (default: a new one named after it).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// How long the invite works.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// A note for the operators (who it is for).
+        #[arg(long, default_value = "")]
+        note: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Let an account that signed up without an invite sign in.
+    Approve {
+        email: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Refuse an account's sign-ins (its keys stay until revoked in its Consumer policy).
+    Suspend {
+        email: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete an account (its Consumer policy and keys stay).
+    Remove {
+        email: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Every portal account: email, state, consumer.
+    Accounts {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -905,6 +951,13 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
                 ),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Consumer { command } => {
+            let out = runtime()?
+                .block_on(crate::portal_app::admin::execute(command))
+                .map_err(|e| e.to_string())?;
+            out!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Apikey { id } => {

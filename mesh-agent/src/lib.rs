@@ -19,6 +19,7 @@ pub mod iptables;
 pub mod logging;
 pub mod policy;
 pub mod portal;
+pub mod portal_app;
 pub mod run;
 pub mod store;
 #[cfg(feature = "testing")]

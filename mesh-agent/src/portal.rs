@@ -72,9 +72,9 @@ impl PortalRefresher {
         };
         let v = view(etcd, &Keys::new(&self.etcd.prefix), &req).await?;
         let content = content(&req, &v.apis)?;
-        if **self.docs.load() != content {
+        if **self.docs.docs.load() != content {
             tracing::info!(apis = v.apis.len(), notes = ?v.notes, "portal: API documents updated");
-            self.docs.store(Arc::new(content));
+            self.docs.docs.store(Arc::new(content));
         }
         Ok(())
     }

@@ -134,6 +134,14 @@ async fn start_etcd(
             portal: p,
             docs: proxy.portal_docs(),
         });
+    let portal_app = config
+        .ingress
+        .as_ref()
+        .and_then(|i| Some((i.portal.clone()?, i.certificates.clone())))
+        .map(|(p, certs)| {
+            let metrics = crate::portal_app::PortalMetrics::register(proxy.registry_mut());
+            (p, certs, metrics, proxy.portal_docs())
+        });
     let mut discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
@@ -196,10 +204,26 @@ async fn start_etcd(
     // draining.
     let fetch_slot = abort_before_drain(&mut proxy);
     let portal_slot = abort_before_drain(&mut proxy);
+    let usage_slot = abort_before_drain(&mut proxy);
     let running = proxy.start().await?;
     tokio::spawn(discovery.run());
     if let Some(p) = portal {
         portal_slot.hold(tokio::spawn(p.run()));
+    }
+    if let (Some((p, certs, metrics, docs)), Some(ingress)) = (portal_app, running.bound.ingress) {
+        let ledger = crate::portal_app::start(
+            crate::portal_app::Settings {
+                etcd: crate::etcd::Connector::new(etcd.clone()),
+                gateway: config.service.clone(),
+                portal: p,
+                docs,
+                metrics,
+                ingress,
+                certificates: certs,
+            },
+            running.bound.admin,
+        );
+        usage_slot.hold(tokio::spawn(ledger.run()));
     }
     if let Some(f) = spec_fetcher {
         fetch_slot.hold(tokio::spawn(f.run()));

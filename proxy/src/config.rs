@@ -167,6 +167,10 @@ pub struct PortalConfig {
     /// The URL consumers call, shown as the APIs' server; `https://<route host>` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// Let anyone sign up without an invite; such accounts wait for `mesh-agent consumer
+    /// approve`. Off: an invite (`mesh-agent consumer invite`) is required.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open_signup: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod browser;
+pub mod cdp;
 pub mod client;
 pub mod crash;
 pub mod dns;

@@ -626,6 +626,7 @@ async fn the_ingress_portal_serves_the_public_documents_and_survives_etcd_loss()
         ingress.portal = Some(trellis_proxy::config::PortalConfig {
             host: "developer.example.com".into(),
             public_url: Some("https://api.example.com".into()),
+            open_signup: false,
         });
         c.proxy.ingress = Some(ingress);
     })

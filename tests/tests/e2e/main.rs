@@ -29,6 +29,7 @@ mod ingress;
 mod limits;
 mod logs;
 mod policy_history;
+mod portal;
 mod prometheus;
 mod ratelimit;
 mod ratelimit_global;

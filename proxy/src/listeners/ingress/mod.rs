@@ -250,8 +250,8 @@ impl Ingress {
         Option<Arc<String>>,
     ) {
         let grpc = crate::http::grpc::is_grpc(req.headers());
-        if let Some(resp) = self.portal(&req, conn) {
-            return (resp, None, None);
+        if let Some(portal) = self.portal(&req, conn) {
+            return (portal.answer(req, conn.peer, conn.tls).await, None, None);
         }
         // Browsers' gRPC-Web becomes gRPC here, and its answer gRPC-Web again.
         let web = crate::compose::grpc_web::accept(&mut req);
@@ -296,15 +296,16 @@ impl Ingress {
         (resp, consumer, route)
     }
 
-    /// The portal's answer, when the request is for its host (on a connection allowed to name
-    /// it): public documents, so before authentication and limits, and never routed.
-    fn portal(&self, req: &Request<Incoming>, conn: &Conn) -> Option<Response<ResponseBody>> {
+    /// The portal, when the request is for its host (on a connection allowed to name it): it
+    /// answers before authentication and limits (public documents, and its own accounts),
+    /// and is never routed.
+    fn portal(&self, req: &Request<Incoming>, conn: &Conn) -> Option<&portal::Portal> {
         let portal = self.edge.portal.as_ref()?;
         let host = crate::http::headers::request_host(req)?;
         if !portal.serves(host) || self.admit_host(req, conn).is_err() {
             return None;
         }
-        Some(portal.answer(req))
+        Some(portal)
     }
 
     /// The server span of a request from outside, made the parent of what the request leads
