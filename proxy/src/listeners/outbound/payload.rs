@@ -34,7 +34,13 @@ pub(super) enum Payload {
 impl Payload {
     /// Retries replay the body, so only small bodies of known length are buffered (and only
     /// for idempotent methods unless allowed); anything else streams once.
-    pub async fn prepare(req: Request<Incoming>, retry: &RetrySpec) -> Result<Self, ProxyError> {
+    pub async fn prepare(
+        mut req: Request<Incoming>,
+        retry: &RetrySpec,
+    ) -> Result<Self, ProxyError> {
+        if let Some(body) = crate::http::read_ahead::take(&mut req) {
+            return Ok(Self::read_ahead(req, body, retry));
+        }
         let may_retry = retry.attempts > 0
             && !req.headers().contains_key(RETRIED_HEADER)
             && (retry.allow_non_idempotent || idempotent(req.method()))
@@ -59,6 +65,23 @@ impl Payload {
             })?
             .to_bytes();
         Ok(Self::Buffered { parts, body })
+    }
+
+    /// A body the edge read already (to validate it): replayed like a buffered one when the
+    /// retry policy allows it, else sent once as it is.
+    fn read_ahead(req: Request<Incoming>, body: Bytes, retry: &RetrySpec) -> Self {
+        let may_retry = retry.attempts > 0
+            && !req.headers().contains_key(RETRIED_HEADER)
+            && (retry.allow_non_idempotent || idempotent(req.method()))
+            && body.len() as u64 <= retry.max_body_bytes;
+        let (parts, _) = req.into_parts();
+        if may_retry {
+            return Self::Buffered { parts, body };
+        }
+        let req = Some(Request::from_parts(parts, Either::Right(Full::new(body))));
+        // Read whole before it was sent: whatever fails now is not the client's body.
+        let watch = Arc::new(BodyWatch::default());
+        Self::Streamed { req, watch }
     }
 
     /// Whether a failed attempt may be sent again.

@@ -48,6 +48,8 @@ pub struct Rule {
     pub fault: Option<FaultAction>,
     pub mirror: Option<MirrorAction>,
     pub timeout: Option<Duration>,
+    /// OpenAPI validation of the rule's requests (gateway tables only: sidecars do not validate).
+    pub validation: Option<crate::validate::RuleValidation>,
     /// Draws for backend weights, faults and mirroring.
     pub(crate) rng: Rng,
 }
@@ -102,7 +104,12 @@ impl RoutingTable {
                 .enumerate()
                 .map(|(i, r)| {
                     Rule::compile(spec.rule_name(policy, i), r)
-                        .map(Arc::new)
+                        .map(|mut rule| {
+                            if gateway == trellis_policies::MESH_GATEWAY {
+                                rule.validation = None;
+                            }
+                            Arc::new(rule)
+                        })
                         .map_err(|m| format!("rules[{i}]: {m}"))
                 })
                 .collect();
@@ -270,6 +277,10 @@ impl Rule {
                 .as_ref()
                 .map(|m| MirrorAction::new(Arc::new(m.service.clone()), m.percent)),
             timeout: r.timeout,
+            validation: r
+                .validation
+                .as_ref()
+                .map(crate::validate::RuleValidation::new),
             rng: Rng::new(),
         })
     }
