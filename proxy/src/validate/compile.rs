@@ -182,8 +182,13 @@ impl CompiledSpec {
         's: 'p,
     {
         let (item, captures) = self.paths.find(path).ok_or(false)?;
-        let op = item.ops.iter().find(|(m, _)| m == method).ok_or(true)?;
-        Ok((&op.1, captures))
+        let find = |want: &Method| item.ops.iter().find(|(m, _)| m == want);
+        // HEAD is GET without the body (RFC 9110): a document rarely lists it.
+        let op = match find(method) {
+            None if method == Method::HEAD => find(&Method::GET),
+            found => found,
+        };
+        Ok((&op.ok_or(true)?.1, captures))
     }
 
     /// The methods of `path`, for `Allow`.

@@ -138,6 +138,9 @@ impl EdgeValidation {
         };
         let spec = spec.clone();
         drop(set);
+        if is_preflight(req) {
+            return Ok(None);
+        }
         let op = match spec.operation(req.method(), req.uri().path()) {
             Ok((op, captures)) => {
                 if rule.enforce {
@@ -193,6 +196,15 @@ impl EdgeValidation {
         tracing::debug!(%route, reason = p.reason, detail = %p.detail, "request refused by validation");
         Box::new(p.response())
     }
+}
+
+/// A CORS preflight (`OPTIONS` with `Access-Control-Request-Method`) is the browser asking
+/// whether it may send the request, not a call of the API: it is not checked.
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// 404 for a path the document does not describe, 405 (with `Allow`) for a method.

@@ -160,6 +160,8 @@ fn a_table_of_valid_and_invalid_requests_in_both_dialects() {
         ("POST", "/orders", &[("content-type", "text/plain")], good.clone(), 415, "content_type", ""),
         ("POST", "/orders", &[], good.clone(), 415, "content_type", ""),
         ("DELETE", "/orders", &[], String::new(), 405, "unknown_operation", ""),
+        ("HEAD", "/orders/42", &[], String::new(), 200, "", ""),
+        ("HEAD", "/orders/abc", &[], String::new(), 400, "path_param", "path id"),
         ("GET", "/customers", &[], String::new(), 404, "unknown_operation", ""),
     ];
     for v31 in [true, false] {

@@ -301,11 +301,26 @@ async fn requests_are_validated_at_the_edge_and_responses_audited() {
         "{p}"
     );
     assert_eq!(edge.send("DELETE", "/shop/1", None, "").await.status, 405);
+    assert_eq!(edge.send("OPTIONS", "/shop", None, "").await.status, 405);
     assert_eq!(
         seen.lock().unwrap().len(),
         before,
         "the app saw a refused request"
     );
+    // A CORS preflight is not a call of the API: forwarded unchecked (over HTTP/2 this time).
+    let preflight = Request::options("https://api.example.com/shop")
+        .header("origin", "https://shop.example.com")
+        .header("access-control-request-method", "POST")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let dial = Dial {
+        addr: edge.addr,
+        from: None,
+        name: "api.example.com",
+        sni: true,
+        h2: true,
+    };
+    assert_eq!(edge.web.send(dial, preflight).await.status, 201);
 
     // Audit: a response the document does not allow is passed on unchanged and counted.
     let r = edge.send("GET", "/shop/7", None, "").await;
