@@ -197,8 +197,8 @@ for round in 1 2; do
         host=plain.bench.local
         [[ $kind == enforce ]] && host=api.bench.local
         [[ $kind == audit ]] && host=audit.bench.local
-        r=$(measure "$kind-$round" "$host")
-        RPS[$kind-$round]=$r CPU[$kind-$round]=$CPU_G CPUM[$kind-$round]=$CPU_M
+        measure "$kind-$round" "$host" >"$D/rps"
+        RPS[$kind-$round]=$(cat "$D/rps") CPU[$kind-$round]=$CPU_G CPUM[$kind-$round]=$CPU_M
     done
 done
 mismatches=$(curl -s "http://127.0.0.1:$G_ADM/metrics" | awk '$1 ~ /^trellis_validation_response_mismatches_total/ { s += $2 } END { print s + 0 }')

@@ -77,6 +77,10 @@ fn check_param(p: &Param, raws: &[Cow<'_, str>]) -> Option<FieldError> {
     let Check { validator, shape } = p.check.as_ref()?;
     let split = p.location != In::Query || !p.explode;
     let value = read(shape, raws, split);
+    // The fast path: no error locations tracked, no messages built.
+    if validator.is_valid(&value) {
+        return None;
+    }
     let e = validator.validate(&value).err()?;
     Some(FieldError::new(location, &p.name, e.to_string()))
 }
@@ -168,6 +172,10 @@ pub fn check_json(validator: &Validator, body: &[u8]) -> Result<(), Problem> {
         )
         .detail(format!("the body is not valid JSON: {e}"))
     })?;
+    // The fast path: no error locations tracked, no messages built.
+    if validator.is_valid(&value) {
+        return Ok(());
+    }
     let errors: Vec<FieldError> = validator
         .iter_errors(&value)
         .take(MAX_ERRORS)
