@@ -252,6 +252,7 @@ async fn requests_are_validated_at_the_edge_and_responses_audited() {
         .await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(r.headers["trellis-error"], "request-invalid");
     let p: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(
         (
