@@ -163,6 +163,15 @@ async fn index(etcd: &Etcd, keys: &Keys) -> Result<BTreeSet<String>, ApiError> {
         .collect())
 }
 
+/// Every `HTTPRoute` stored; notes name the policy values that could not be read.
+pub(crate) async fn routes(
+    etcd: &Etcd,
+    keys: &Keys,
+) -> Result<(Vec<(String, HttpRouteSpec)>, Vec<String>), ApiError> {
+    let (p, notes) = policies(etcd, keys, "").await?;
+    Ok((p.routes, notes))
+}
+
 /// Every `HTTPRoute`, and the `AuthenticationPolicy`s of `gateway`; notes name the values
 /// that could not be read.
 async fn policies(

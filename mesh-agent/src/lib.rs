@@ -4,6 +4,7 @@
 pub mod api;
 pub mod api_fetch;
 pub mod api_public;
+pub mod api_validators;
 pub mod apikey;
 pub mod cache_purge;
 pub mod cert;

@@ -168,6 +168,21 @@ pub async fn apply_as(
     let etcd = Etcd::connect(cfg).await?;
     let mut client = etcd.client.clone();
     let keys = Keys::new(&cfg.prefix);
+    // A route validating with a document must name one stored (or stored just above).
+    let applied = specs
+        .iter()
+        .filter_map(|d| crate::api::spec_of(d))
+        .map(|s| trellis_policies::ApiRef {
+            service: s.service,
+            version: s.version,
+        })
+        .collect();
+    let problems = crate::api_validators::check_routes(&etcd, &keys, &docs, &applied)
+        .await
+        .map_err(Box::new)?;
+    if !problems.is_empty() {
+        return Err(PolicyError::Invalid(problems));
+    }
     let mut changes = Vec::new();
     for doc in docs.iter().copied() {
         let key = keys.policy(&doc.kind, &doc.metadata.name);

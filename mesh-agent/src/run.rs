@@ -142,6 +142,16 @@ async fn start_etcd(
             let metrics = crate::portal_app::PortalMetrics::register(proxy.registry_mut());
             (p, certs, metrics, proxy.portal_docs())
         });
+    // OpenAPI validation of the gateway's routes: its documents, compiled off the request path.
+    let validators = config.ingress.as_ref().map(|_| {
+        let metrics = crate::api_validators::LoaderMetrics::register(proxy.registry_mut());
+        crate::api_validators::ValidatorLoader::new(
+            etcd.clone(),
+            config.service.clone(),
+            proxy.api_validators(),
+            metrics,
+        )
+    });
     let mut discovery = Discovery::new(
         etcd.clone(),
         config.trust_domain.clone(),
@@ -205,7 +215,11 @@ async fn start_etcd(
     let fetch_slot = abort_before_drain(&mut proxy);
     let portal_slot = abort_before_drain(&mut proxy);
     let usage_slot = abort_before_drain(&mut proxy);
+    let validators_slot = abort_before_drain(&mut proxy);
     let running = proxy.start().await?;
+    if let Some(v) = validators {
+        validators_slot.hold(tokio::spawn(v.run()));
+    }
     tokio::spawn(discovery.run());
     if let Some(p) = portal {
         portal_slot.hold(tokio::spawn(p.run()));

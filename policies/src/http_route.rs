@@ -94,6 +94,9 @@ pub struct HttpRouteRule {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// Requests checked against a stored OpenAPI document at the ingress (docs/api-validation.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<crate::api_validation::RouteValidation>,
 }
 
 /// All the conditions of one match must hold.
@@ -379,6 +382,12 @@ impl HttpRouteSpec {
                 ));
             }
             r.validate().map_err(|m| format!("rules[{i}].{m}"))?;
+            if let Some(v) = &r.validation {
+                v.validate().map_err(|m| format!("rules[{i}].{m}"))?;
+                if self.gateways.iter().all(|g| g == MESH) {
+                    return Err(format!("rules[{i}].validation: applies at an ingress gateway; the route binds none (add it to `gateways`)"));
+                }
+            }
             let name = self.rule_name(policy, i);
             if r.name.is_some() {
                 check_rule_name(&name).map_err(|m| format!("rules[{i}].name: {m}"))?;
@@ -428,6 +437,7 @@ impl HttpRouteRule {
                 ("mirror", self.mirror.is_some()),
                 ("timeout", self.timeout.is_some()),
                 ("request_headers", self.request_headers.is_some()),
+                ("validation", self.validation.is_some()),
             ] {
                 if set {
                     return Err(format!(

@@ -9,6 +9,7 @@ mod alerts;
 mod api_diff;
 mod api_public;
 mod api_spec;
+mod api_validation;
 mod auth;
 mod cache;
 pub mod compose;
@@ -34,6 +35,10 @@ pub use api_spec::{
     canonical_bytes, follow_ref, parse_document as parse_openapi,
     validate_document as validate_openapi, validate_version as validate_api_version, ApiSpecSpec,
     SpecError, SpecSummary, MAX_DEPTH as MAX_SPEC_DEPTH, MAX_REF_HOPS, MAX_SPEC_BYTES,
+};
+pub use api_validation::{
+    ApiRef, RequestMode, ResponseMode, RouteValidation, DEFAULT_VALIDATION_BODY,
+    MAX_VALIDATION_BODY,
 };
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use cache::{

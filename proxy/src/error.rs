@@ -142,6 +142,8 @@ pub fn known_cause(v: &[u8]) -> Option<&'static str> {
         // Answered by the response cache (docs/caching.md).
         "cache-revalidation-failed",
         "cache-miss-only-if-cached",
+        // Refused by OpenAPI validation at the ingress (docs/api-validation.md).
+        "request-invalid",
     ];
     CAUSES
         .iter()

@@ -19,6 +19,7 @@ pub mod policy;
 pub mod readiness;
 pub mod state;
 pub mod telemetry;
+pub mod validate;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -35,6 +35,8 @@ pub(super) struct ProxyInputs {
     pub access_control: Arc<AccessControl>,
     /// The developer portal's documents, published by the agent.
     pub portal: crate::listeners::ingress::portal::PortalDocs,
+    /// OpenAPI validation of the gateway's routes (used when an ingress is configured).
+    pub validation: Arc<crate::validate::EdgeValidation>,
     /// The inbound response cache (applied by each snapshot).
     pub cache: Arc<crate::cache::ResponseCache>,
     /// Learns services the snapshots do not hold (scoped discovery).
@@ -83,6 +85,11 @@ impl ProxyInputs {
             self.tracing.clone(),
             self.access_log.clone(),
         );
-        Arc::new(outbound.with_on_demand(self.on_demand.clone()))
+        let validation = self.cfg.ingress.is_some().then(|| self.validation.clone());
+        Arc::new(
+            outbound
+                .with_on_demand(self.on_demand.clone())
+                .with_validation(validation),
+        )
     }
 }

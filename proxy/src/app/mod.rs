@@ -74,6 +74,9 @@ pub struct Proxy {
     stats: Arc<StatsRegistry>,
     discover: Option<Arc<dyn crate::state::discover::Discover>>,
     portal: crate::listeners::ingress::portal::PortalDocs,
+    /// OpenAPI validation at the ingress: its compiled documents (published by the agent) and
+    /// metrics.
+    validation: Arc<crate::validate::EdgeValidation>,
 }
 
 pub struct Running {
@@ -108,7 +111,9 @@ impl Proxy {
             &mut registry,
         );
         let cache = crate::cache::ResponseCache::new(&config.service, &mut registry);
+        let validation = Arc::new(crate::validate::EdgeValidation::new(&mut registry));
         Self {
+            validation,
             access_control,
             cache,
             config,
@@ -140,6 +145,12 @@ impl Proxy {
     /// Where the agent publishes the developer portal's documents (an ingress with `portal`).
     pub fn portal_docs(&self) -> crate::listeners::ingress::portal::PortalDocs {
         self.portal.clone()
+    }
+
+    /// Where the agent publishes the compiled OpenAPI documents the gateway's routes validate
+    /// with (an ingress).
+    pub fn api_validators(&self) -> crate::validate::ApiValidators {
+        self.validation.validators.clone()
     }
 
     pub fn rate_limits(&self) -> Arc<RateLimits> {
@@ -277,6 +288,7 @@ impl Proxy {
             rate_limits: self.limits.clone(),
             access_control: self.access_control.clone(),
             portal: self.portal.clone(),
+            validation: self.validation.clone(),
             cache: self.cache.clone(),
             on_demand,
         }

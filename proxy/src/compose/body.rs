@@ -35,6 +35,27 @@ pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// A request's body: the bytes the edge already read to validate it (its `Incoming` is then
+/// empty), or `body` read now, at most `limit` bytes either way.
+pub async fn request_body<B>(
+    parts: &mut http::request::Parts,
+    body: B,
+    limit: u64,
+) -> Result<Bytes, Collect>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match parts
+        .extensions
+        .remove::<crate::http::read_ahead::ReadAhead>()
+    {
+        Some(ahead) if ahead.0.len() as u64 > limit => Err(Collect::TooLarge),
+        Some(ahead) => Ok(ahead.0),
+        None => collect(&parts.headers, body, limit).await,
+    }
+}
+
 /// Read `body` whole, at most `limit` bytes; a declared length over it is refused before
 /// anything is read.
 pub async fn collect<B>(headers: &HeaderMap, body: B, limit: u64) -> Result<Bytes, Collect>

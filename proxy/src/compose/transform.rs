@@ -44,7 +44,7 @@ impl Transform {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (mut parts, body) = req.into_parts();
-        let bytes = collect(&parts.headers, body, self.max_body)
+        let bytes = super::body::request_body(&mut parts, body, self.max_body)
             .await
             .map_err(|e| refused_request(e, self.max_body))?;
         if self.response.is_some() {

@@ -42,6 +42,9 @@ pub struct Streamed {
     /// Rewrites the frames as gRPC-Web's, at the ingress (boxed: only browsers' calls have
     /// one).
     web: Option<Box<crate::compose::grpc_web::Encoder>>,
+    /// Copies the body for its check against the API's description (audit mode, boxed:
+    /// only validated routes have one).
+    audit: Option<Box<crate::validate::audit::AuditTap>>,
 }
 
 impl Streamed {
@@ -56,7 +59,14 @@ impl Streamed {
             checkin: None,
             tee: None,
             web: None,
+            audit: None,
         }
+    }
+
+    /// Check the body against the API's description as it streams (audit: never altered).
+    pub fn audited(mut self, tap: crate::validate::audit::AuditTap) -> Self {
+        self.audit = Some(Box::new(tap));
+        self
     }
 
     /// Store the body in the response cache as it streams; stored only if it ends cleanly.
@@ -78,6 +88,9 @@ impl Streamed {
         }
         if let Some(tee) = self.tee.take() {
             tee.finish();
+        }
+        if let Some(audit) = self.audit.take() {
+            audit.finish();
         }
     }
 
@@ -125,6 +138,7 @@ impl Streamed {
         self.checkin = None;
         // Nor can the cache keep a body that did not end.
         self.tee = None;
+        self.audit = None;
     }
 }
 
@@ -182,6 +196,11 @@ impl Body for Streamed {
                         if let Some(tee) = &mut this.tee {
                             if let Some(data) = f.data_ref() {
                                 tee.data(data);
+                            }
+                        }
+                        if let Some(audit) = &mut this.audit {
+                            if let Some(data) = f.data_ref() {
+                                audit.data(data);
                             }
                         }
                         // A reader that knows the length stops here, without asking for the

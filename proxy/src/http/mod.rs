@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod h1_pool;
 pub mod headers;
 pub mod origin;
+pub mod read_ahead;
 pub mod replay;
 pub mod rewrite;
 pub mod upgrade;

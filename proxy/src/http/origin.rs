@@ -19,7 +19,10 @@ use crate::ResponseBody;
 
 /// The pooled HTTP/1.1 client to origins outside the mesh (by address).
 #[derive(Clone)]
-pub struct ExternalClient(hyper_util::client::legacy::Client<HttpConnector, Incoming>);
+pub struct ExternalClient(hyper_util::client::legacy::Client<HttpConnector, OriginBody>);
+
+/// The client's body as it arrives, or one the edge read ahead to validate it.
+type OriginBody = Either<Incoming, http_body_util::Full<bytes::Bytes>>;
 
 /// How a request to an origin outside the mesh is sent.
 pub struct Origin<'a> {
@@ -56,6 +59,10 @@ impl ExternalClient {
             stream_idle,
         } = origin;
         rewrite::to_origin_h1(&mut req, RequestTarget::Addr(addr), host, false)?;
+        let req = match crate::http::read_ahead::take(&mut req) {
+            Some(body) => req.map(|_| Either::Right(http_body_util::Full::new(body))),
+            None => req.map(Either::Left),
+        };
         let mut resp = tokio::time::timeout(request_timeout, self.0.request(req))
             .await
             .map_err(|_| client_error::response_timeout(addr, request_timeout))?

@@ -5,6 +5,7 @@ mod access;
 mod access_log;
 mod admin;
 mod api_specs;
+mod api_validation;
 mod app_protocol;
 mod balance;
 mod cache;

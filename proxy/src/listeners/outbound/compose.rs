@@ -256,9 +256,9 @@ impl Outbound {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let limit = self.body_time(route, &req);
         let decoded = async {
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
             let max = grpc_web::MAX_TEXT_BODY;
-            let text = collect(&parts.headers, body, max)
+            let text = crate::compose::body::request_body(&mut parts, body, max)
                 .await
                 .map_err(|e| refused_request(e, max))?;
             let body = grpc_web::decode_text(&text).map_err(ComposeError::BadGrpcWeb)?;

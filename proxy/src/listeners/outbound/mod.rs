@@ -61,6 +61,8 @@ pub struct Outbound {
     lifecycle: Lifecycle,
     /// Learns services the snapshot does not hold (scoped stores); `None`: unknown is unknown.
     on_demand: Option<crate::state::discover::OnDemand>,
+    /// OpenAPI validation of HTTPRoute rules that ask for it (set for an ingress only).
+    validation: Option<Arc<crate::validate::EdgeValidation>>,
 }
 
 // === impl Outbound ===
@@ -93,7 +95,14 @@ impl Outbound {
             lifecycle,
             access,
             on_demand: None,
+            validation: None,
         }
+    }
+
+    /// Validate requests of rules with `validation` (an ingress gateway).
+    pub fn with_validation(mut self, v: Option<Arc<crate::validate::EdgeValidation>>) -> Self {
+        self.validation = v;
+        self
     }
 
     /// Learn services the snapshot does not hold through `on_demand` (scoped discovery).

@@ -37,7 +37,13 @@ pub(super) enum Payload {
 impl Payload {
     /// Retries replay the body, so only small bodies of known length are buffered (and only
     /// for idempotent methods unless allowed); anything else streams once.
-    pub async fn prepare(req: Request<Incoming>, retry: &RetrySpec) -> Result<Self, ProxyError> {
+    pub async fn prepare(
+        mut req: Request<Incoming>,
+        retry: &RetrySpec,
+    ) -> Result<Self, ProxyError> {
+        if let Some(body) = crate::http::read_ahead::take(&mut req) {
+            return Ok(Self::read_ahead(req, body, retry));
+        }
         let may_retry = retry.attempts > 0
             && !req.headers().contains_key(RETRIED_HEADER)
             && (retry.allow_non_idempotent || idempotent(req.method()))
@@ -67,16 +73,27 @@ impl Payload {
     /// A body the sidecar built: replayed by retries under the same rules as a client's
     /// buffered body (idempotent methods unless allowed, within the size limit).
     pub fn built(req: Request<Bytes>, retry: &RetrySpec) -> Self {
-        let may_retry = retry.attempts > 0
-            && !req.headers().contains_key(RETRIED_HEADER)
-            && (retry.allow_non_idempotent || idempotent(req.method()))
-            && req.body().len() as u64 <= retry.max_body_bytes;
+        let replay = may_replay(&req, req.body().len(), retry);
         let (parts, body) = req.into_parts();
-        if may_retry {
+        if replay {
             return Self::Buffered { parts, body };
         }
         let req = Request::from_parts(parts, Either::Right(Full::new(body)));
         Self::Once { req: Some(req) }
+    }
+
+    /// A body the edge read already (to validate it): replayed like a buffered one when the
+    /// retry policy allows it, else sent once as it is.
+    fn read_ahead(req: Request<Incoming>, body: Bytes, retry: &RetrySpec) -> Self {
+        let replay = may_replay(&req, body.len(), retry);
+        let (parts, _) = req.into_parts();
+        if replay {
+            return Self::Buffered { parts, body };
+        }
+        let req = Some(Request::from_parts(parts, Either::Right(Full::new(body))));
+        // Read whole before it was sent: whatever fails now is not the client's body.
+        let watch = Arc::new(BodyWatch::default());
+        Self::Streamed { req, watch }
     }
 
     /// Whether a failed attempt may be sent again.
@@ -124,4 +141,14 @@ fn replay(parts: &http::request::Parts, body: &Bytes, retried: bool) -> Request<
             .insert(RETRIED_HEADER, HeaderValue::from_static("1"));
     }
     req
+}
+
+/// Whether a request whose body (`len` bytes) is already in memory may be sent again: under
+/// the same rules as a client's buffered body (idempotent methods unless allowed, within the
+/// size limit, never one already retried by a sidecar before).
+fn may_replay<B>(req: &Request<B>, len: usize, retry: &RetrySpec) -> bool {
+    retry.attempts > 0
+        && !req.headers().contains_key(RETRIED_HEADER)
+        && (retry.allow_non_idempotent || idempotent(req.method()))
+        && len as u64 <= retry.max_body_bytes
 }

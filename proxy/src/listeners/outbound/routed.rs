@@ -190,6 +190,10 @@ impl Outbound {
                     },
                 };
                 routing::prepare_request(rule, prefix, &mut req);
+                let audit = match self.validate(rule, &mut req).await {
+                    Ok(audit) => audit,
+                    Err(refused) => return (host.clone(), Ok(*refused)),
+                };
                 if let Some(m) = &rule.mirror {
                     let table = self.routes.load();
                     m.maybe_spawn(
@@ -216,6 +220,7 @@ impl Outbound {
                         Box::pin(transformed).await
                     }
                 };
+                let result = result.map(|resp| crate::validate::audit::attach(audit, resp));
                 (route.service.name.clone(), result)
             }
         };
@@ -224,6 +229,20 @@ impl Outbound {
             resp
         });
         (service, result)
+    }
+}
+
+impl Outbound {
+    /// The rule's OpenAPI validation, at the ingress (the only listener given one).
+    async fn validate(
+        &self,
+        rule: &Rule,
+        req: &mut Request<Incoming>,
+    ) -> Result<Option<crate::validate::audit::Audit>, Box<Response<ResponseBody>>> {
+        let (Some(v), Some(edge)) = (&rule.validation, &self.validation) else {
+            return Ok(None);
+        };
+        edge.check(v, &rule.name, req, self.defaults.request).await
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// JSON body transforms (forwarding rules only).
     pub transform: Option<Arc<crate::compose::Transform>>,
+    /// OpenAPI validation of the rule's requests (gateway tables only: sidecars do not validate).
+    pub validation: Option<crate::validate::RuleValidation>,
     /// Draws for backend weights, faults and mirroring.
     pub(crate) rng: Rng,
 }
@@ -112,7 +114,12 @@ impl RoutingTable {
                 .enumerate()
                 .map(|(i, r)| {
                     Rule::compile(spec.rule_name(policy, i), r)
-                        .map(Arc::new)
+                        .map(|mut rule| {
+                            if gateway == trellis_policies::MESH_GATEWAY {
+                                rule.validation = None;
+                            }
+                            Arc::new(rule)
+                        })
                         .map_err(|m| format!("rules[{i}]: {m}"))
                 })
                 .collect();
@@ -301,6 +308,10 @@ impl Rule {
                 .map(|t| crate::compose::Transform::compile(t).map(Arc::new))
                 .transpose()
                 .map_err(|m| format!("transform.{m}"))?,
+            validation: r
+                .validation
+                .as_ref()
+                .map(crate::validate::RuleValidation::new),
             rng: Rng::new(),
         })
     }

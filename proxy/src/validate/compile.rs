@@ -1,0 +1,432 @@
+//! One OpenAPI document compiled for the request path: its paths as a [`PathTable`], each
+//! operation's parameters, request body and responses with their JSON Schema validators built
+//! (`jsonschema`, draft 2020-12, formats checked, linear-time regexes). Built by the agent when
+//! a document changes, once per content hash, and shared read-only by every request.
+//!
+//! Schemas are compiled where they are: each validator is `{"$ref": "<doc>#<pointer>"}` against
+//! the whole (dialect-normalized) document registered once, so `$ref`s between components
+//! resolve in memory and nothing is copied per schema. No retriever: a reference outside the
+//! document (refused when it was stored anyway) fails the compilation.
+
+use std::sync::Arc;
+
+use http::Method;
+use jsonschema::{Draft, PatternOptions, Registry, Validator};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use serde_json::{json, Map, Value};
+
+use super::dialect;
+use super::paths::PathTable;
+
+/// The URI the document is registered under.
+const ROOT: &str = "urn:trellis:openapi";
+/// Most `$ref` hops followed to reach a parameter, body or response.
+const MAX_HOPS: usize = 32;
+/// Characters escaped in a pointer written as a URI fragment (`{id}` in a path).
+const FRAGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// Why a document could not be compiled; the message names the place.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("the document's schemas cannot be registered: {0}")]
+    Registry(String),
+    #[error("{at}: {message}")]
+    Schema { at: String, message: String },
+    #[error("{at}: `$ref` chain does not resolve within {MAX_HOPS} hops")]
+    Ref { at: String },
+}
+
+/// A compiled document.
+pub struct CompiledSpec {
+    paths: PathTable<PathItem>,
+    /// Operations compiled, for logs.
+    pub operations: usize,
+}
+
+/// The operations of one path.
+#[derive(Default)]
+pub struct PathItem {
+    ops: Vec<(Method, Arc<Operation>)>,
+}
+
+/// What one operation accepts and answers.
+pub struct Operation {
+    pub(super) params: Vec<Param>,
+    pub(super) body: Option<BodySpec>,
+    pub(super) responses: Vec<(StatusKey, Content)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum In {
+    Path,
+    Query,
+    Header,
+}
+
+pub(super) struct Param {
+    pub name: String,
+    pub location: In,
+    pub required: bool,
+    /// Query arrays: repeated (`?t=a&t=b`, the default) or comma-separated (`explode: false`).
+    pub explode: bool,
+    pub check: Option<Check>,
+}
+
+/// A compiled schema, and the JSON type a parameter's text is read as.
+pub(super) struct Check {
+    pub validator: Validator,
+    pub shape: Shape,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Shape {
+    Text,
+    Integer,
+    Number,
+    Boolean,
+    Array(Box<Shape>),
+}
+
+pub(super) struct BodySpec {
+    pub required: bool,
+    pub content: Content,
+}
+
+/// Media ranges (lower-case) and the schema of each JSON one; empty: anything goes.
+#[derive(Default)]
+pub(super) struct Content(pub Vec<(String, Option<Validator>)>);
+
+#[derive(Debug, PartialEq)]
+pub(super) enum StatusKey {
+    Exact(u16),
+    /// `2XX`: the first digit.
+    Range(u16),
+    Default,
+}
+
+/// Builds validators against the registered document.
+struct Compiler<'d> {
+    doc: &'d Value,
+    registry: Registry<'static>,
+}
+
+// === impl CompiledSpec ===
+
+impl CompiledSpec {
+    /// Compile `doc` (a stored, validated OpenAPI 3.0 or 3.1 document).
+    pub fn compile(doc: &Value) -> Result<Self, CompileError> {
+        let v30 = doc
+            .get("openapi")
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.starts_with("3.0"));
+        let mut doc = doc.clone();
+        dialect::normalize(&mut doc, v30);
+        let registry = Registry::new()
+            .draft(Draft::Draft202012)
+            .add(ROOT, doc.clone())
+            .and_then(|b| b.prepare())
+            .map_err(|e| CompileError::Registry(e.to_string()))?;
+        let compiler = Compiler {
+            doc: &doc,
+            registry,
+        };
+        let mut paths = PathTable::new();
+        let mut operations = 0;
+        let empty = Map::new();
+        let items = doc
+            .get("paths")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        for (path, item) in items {
+            let at = format!("/paths/{}", escape(path));
+            let (item, at) = compiler.follow(item, at)?;
+            let mut ops = Vec::new();
+            for (key, op) in item.as_object().unwrap_or(&empty) {
+                let Ok(method) = Method::from_bytes(key.to_ascii_uppercase().as_bytes()) else {
+                    continue;
+                };
+                if !METHODS.contains(&key.as_str()) {
+                    continue;
+                }
+                let op = compiler.operation((&item, &at), op, &format!("{at}/{key}"))?;
+                ops.push((method, Arc::new(op)));
+            }
+            operations += ops.len();
+            paths.insert(path, PathItem { ops });
+        }
+        Ok(Self { paths, operations })
+    }
+
+    /// The operation for `method` on `path`, and the path's parameters; `Err(true)` when the
+    /// path is known but not the method, `Err(false)` when the path is not.
+    pub(super) fn operation<'s, 'p>(
+        &'s self,
+        method: &Method,
+        path: &'p str,
+    ) -> Result<(&'s Arc<Operation>, super::paths::Captures<'p>), bool>
+    where
+        's: 'p,
+    {
+        let (item, captures) = self.paths.find(path).ok_or(false)?;
+        let find = |want: &Method| item.ops.iter().find(|(m, _)| m == want);
+        // HEAD is GET without the body (RFC 9110): a document rarely lists it.
+        let op = match find(method) {
+            None if method == Method::HEAD => find(&Method::GET),
+            found => found,
+        };
+        Ok((&op.ok_or(true)?.1, captures))
+    }
+
+    /// The methods of `path`, for `Allow`.
+    pub(super) fn methods(&self, path: &str) -> Vec<&Method> {
+        self.paths
+            .find(path)
+            .map(|(item, _)| item.ops.iter().map(|(m, _)| m).collect())
+            .unwrap_or_default()
+    }
+}
+
+const METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+// === impl Compiler ===
+
+impl Compiler<'_> {
+    /// Follow `$ref`s from `v` (at pointer `at`) to what they name, and its pointer.
+    fn follow(&self, v: &Value, at: String) -> Result<(Value, String), CompileError> {
+        let (mut v, mut at) = (v.clone(), at);
+        for _ in 0..MAX_HOPS {
+            let Some(r) = v.get("$ref").and_then(Value::as_str) else {
+                return Ok((v, at));
+            };
+            let pointer = r
+                .strip_prefix('#')
+                .ok_or(CompileError::Ref { at: at.clone() })?;
+            let target = self
+                .doc
+                .pointer(pointer)
+                .ok_or(CompileError::Ref { at: at.clone() })?;
+            at = pointer.to_string();
+            v = target.clone();
+        }
+        Err(CompileError::Ref { at })
+    }
+
+    /// One operation at `at`, under its path item (and the item's pointer).
+    fn operation(
+        &self,
+        (item, item_at): (&Value, &str),
+        op: &Value,
+        at: &str,
+    ) -> Result<Operation, CompileError> {
+        let mut params: Vec<Param> = Vec::new();
+        // Operation parameters override the path's by name and location.
+        let lists = [
+            (op.get("parameters"), format!("{at}/parameters")),
+            (item.get("parameters"), format!("{item_at}/parameters")),
+        ];
+        for (list, list_at) in lists {
+            let Some(list) = list.and_then(Value::as_array) else {
+                continue;
+            };
+            for (i, p) in list.iter().enumerate() {
+                let Some(param) = self.param(p, format!("{list_at}/{i}"))? else {
+                    continue;
+                };
+                let known = params
+                    .iter()
+                    .any(|q| q.location == param.location && q.name == param.name);
+                if !known {
+                    params.push(param);
+                }
+            }
+        }
+        let body = match op.get("requestBody") {
+            None => None,
+            Some(b) => {
+                let (b, b_at) = self.follow(b, format!("{at}/requestBody"))?;
+                Some(BodySpec {
+                    required: b.get("required").and_then(Value::as_bool) == Some(true),
+                    content: self.content(&b, &b_at)?,
+                })
+            }
+        };
+        let mut responses = Vec::new();
+        if let Some(rs) = op.get("responses").and_then(Value::as_object) {
+            for (code, r) in rs {
+                let Some(key) = StatusKey::parse(code) else {
+                    continue;
+                };
+                let (r, r_at) = self.follow(r, format!("{at}/responses/{}", escape(code)))?;
+                responses.push((key, self.content(&r, &r_at)?));
+            }
+        }
+        Ok(Operation {
+            params,
+            body,
+            responses,
+        })
+    }
+
+    /// A parameter; `None` for cookies and the headers OpenAPI says to ignore.
+    fn param(&self, p: &Value, at: String) -> Result<Option<Param>, CompileError> {
+        let (p, at) = self.follow(p, at)?;
+        let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
+        let location = match p.get("in").and_then(Value::as_str) {
+            Some("path") => In::Path,
+            Some("query") => In::Query,
+            Some("header") => In::Header,
+            _ => return Ok(None),
+        };
+        let ignored = ["accept", "content-type", "authorization"];
+        if location == In::Header && ignored.contains(&name.to_ascii_lowercase().as_str()) {
+            return Ok(None);
+        }
+        let check = match p.get("schema") {
+            Some(s) => Some(Check {
+                shape: self.shape(s, 0),
+                validator: self.validator(&format!("{at}/schema"))?,
+            }),
+            None => None,
+        };
+        Ok(Some(Param {
+            name: match location {
+                In::Header => name.to_ascii_lowercase(),
+                _ => name.to_string(),
+            },
+            location,
+            required: location == In::Path
+                || p.get("required").and_then(Value::as_bool) == Some(true),
+            explode: p.get("explode").and_then(Value::as_bool) != Some(false),
+            check,
+        }))
+    }
+
+    /// The JSON type a parameter's text is read as: the schema's first non-null type.
+    fn shape(&self, schema: &Value, depth: usize) -> Shape {
+        let Ok((schema, _)) = self.follow(schema, String::new()) else {
+            return Shape::Text;
+        };
+        let ty = match schema.get("type") {
+            Some(Value::String(t)) => t.as_str(),
+            Some(Value::Array(ts)) => ts
+                .iter()
+                .filter_map(Value::as_str)
+                .find(|t| *t != "null")
+                .unwrap_or("string"),
+            _ => "string",
+        };
+        match ty {
+            "integer" => Shape::Integer,
+            "number" => Shape::Number,
+            "boolean" => Shape::Boolean,
+            "array" if depth == 0 => {
+                let items = schema.get("items").map(|i| self.shape(i, 1));
+                Shape::Array(Box::new(items.unwrap_or(Shape::Text)))
+            }
+            _ => Shape::Text,
+        }
+    }
+
+    /// `content` of a request body or response at `at`.
+    fn content(&self, v: &Value, at: &str) -> Result<Content, CompileError> {
+        let mut out = Vec::new();
+        if let Some(content) = v.get("content").and_then(Value::as_object) {
+            for (media, m) in content {
+                let range = media.to_ascii_lowercase();
+                let schema = match (is_json(&range), m.get("schema")) {
+                    (true, Some(_)) => {
+                        Some(self.validator(&format!("{at}/content/{}/schema", escape(media)))?)
+                    }
+                    _ => None,
+                };
+                out.push((range, schema));
+            }
+        }
+        Ok(Content(out))
+    }
+
+    /// The validator of the schema at pointer `at` of the document.
+    fn validator(&self, at: &str) -> Result<Validator, CompileError> {
+        let fragment = utf8_percent_encode(at, FRAGMENT);
+        let schema = json!({ "$ref": format!("{ROOT}#{fragment}") });
+        jsonschema::options()
+            .with_draft(Draft::Draft202012)
+            .with_registry(&self.registry)
+            .should_validate_formats(true)
+            .with_pattern_options(PatternOptions::regex())
+            .build(&schema)
+            .map_err(|e| CompileError::Schema {
+                at: at.to_string(),
+                message: e.to_string(),
+            })
+    }
+}
+
+// === impl StatusKey ===
+
+impl StatusKey {
+    fn parse(code: &str) -> Option<Self> {
+        if code == "default" {
+            return Some(Self::Default);
+        }
+        if let Ok(n) = code.parse::<u16>() {
+            return Some(Self::Exact(n));
+        }
+        let b = code.as_bytes();
+        let range = b.len() == 3 && b[0].is_ascii_digit() && b[1..].eq_ignore_ascii_case(b"XX");
+        range.then(|| Self::Range(u16::from(b[0] - b'0')))
+    }
+}
+
+// === impl Content ===
+
+impl Content {
+    /// The entry for a `Content-Type` (its essence, lower-case): exact, then `type/*`, then
+    /// `*/*`. `Some(None)`: accepted without a schema.
+    pub fn find(&self, essence: &str) -> Option<&Option<Validator>> {
+        let major = essence.split('/').next().unwrap_or("");
+        let by = |want: &dyn Fn(&str) -> bool| self.0.iter().find(|(r, _)| want(r));
+        by(&|r| r == essence)
+            .or_else(|| by(&|r| r.strip_suffix("/*") == Some(major)))
+            .or_else(|| by(&|r| r == "*/*"))
+            .map(|(_, v)| v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// JSON media types: `application/json` and `*/*+json`.
+pub(super) fn is_json(essence: &str) -> bool {
+    essence == "application/json" || essence.ends_with("+json")
+}
+
+/// One JSON pointer segment.
+fn escape(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// The status keys of an operation's responses in the order they apply: exact, range, default.
+pub(super) fn response_for(responses: &[(StatusKey, Content)], status: u16) -> Option<&Content> {
+    let find = |k: &StatusKey| responses.iter().find(|(key, _)| key == k).map(|(_, c)| c);
+    find(&StatusKey::Exact(status))
+        .or_else(|| find(&StatusKey::Range(status / 100)))
+        .or_else(|| find(&StatusKey::Default))
+}
