@@ -35,7 +35,7 @@ use crate::listeners::lifecycle::{Labels, Lifecycle};
 use crate::listeners::original_dst::{OriginalDst, Protocol};
 use crate::listeners::protocol::http_builders;
 use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
-use crate::policy::breaker::Breaker;
+use crate::policy::breaker::{Breaker, Permit};
 use crate::state::pool::PeerPool;
 use crate::state::target::{Target, TargetTable};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, OUTBOUND, UNKNOWN_SERVICE};
@@ -222,18 +222,7 @@ impl Outbound {
         client: SocketAddr,
         span: &mut crate::telemetry::trace::RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let endpoints = Endpoints {
-            route,
-            metrics: &self.metrics,
-        };
-        // Held until the response headers arrive (or the request fails).
-        let _request = route
-            .counters
-            .request(route.max_requests)
-            .ok_or_else(|| endpoints.overflow(Breaker::MaxRequests))?;
-        let i = endpoints.choose(&req, client.ip(), None)?;
-        let resolved = Resolved::resolve(&self.defaults, route, &req)?;
-        sanitize(&mut req, client);
+        let (endpoints, _request, i, resolved) = self.admit(route, &mut req, client)?;
         if let Some(host) = &route.service.external_host {
             // Cold exits, boxed: their futures would otherwise size every request's.
             return Box::pin(self.forward_external(endpoints, i, host, req, &resolved)).await;
@@ -268,17 +257,7 @@ impl Outbound {
         client: SocketAddr,
         span: &mut crate::telemetry::trace::RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let endpoints = Endpoints {
-            route,
-            metrics: &self.metrics,
-        };
-        let _request = route
-            .counters
-            .request(route.max_requests)
-            .ok_or_else(|| endpoints.overflow(Breaker::MaxRequests))?;
-        let i = endpoints.choose(&req, client.ip(), None)?;
-        let resolved = Resolved::resolve(&self.defaults, route, &req)?;
-        sanitize(&mut req, client);
+        let (endpoints, _request, i, resolved) = self.admit(route, &mut req, client)?;
         if route.service.external_host.is_some() {
             return Err(ProxyError::BadRequest(
                 "composed requests go to mesh services, not external ones",
@@ -288,6 +267,29 @@ impl Outbound {
         let payload = Payload::built(req, &route.retry);
         self.send(route, endpoints, i, payload, &resolved, client, span)
             .await
+    }
+
+    /// The first steps of every mesh call: the service's request budget (its permit is held
+    /// until the response headers arrive, or the request fails), an endpoint, the call's
+    /// timeouts, and the request cleaned of what a caller may not send.
+    fn admit<'a, B>(
+        &'a self,
+        route: &'a Target,
+        req: &mut Request<B>,
+        client: SocketAddr,
+    ) -> Result<(Endpoints<'a>, Permit<'a>, usize, Resolved), ProxyError> {
+        let endpoints = Endpoints {
+            route,
+            metrics: &self.metrics,
+        };
+        let permit = route
+            .counters
+            .request(route.max_requests)
+            .ok_or_else(|| endpoints.overflow(Breaker::MaxRequests))?;
+        let i = endpoints.choose(req, client.ip(), None)?;
+        let resolved = Resolved::resolve(&self.defaults, route, req)?;
+        sanitize(req, client);
+        Ok((endpoints, permit, i, resolved))
     }
 
     /// The attempt loop over the pooled HTTP/2 connections; the response body streams on
