@@ -76,7 +76,7 @@ impl Fetch {
             spec.default_ttl.is_some(),
         )?;
         let response_time = SystemTime::now();
-        let headers = detached(h.iter().filter(|(k, _)| !NOT_STORED.contains(k)));
+        let headers = detached(|| h.iter().filter(|(k, _)| !NOT_STORED.contains(k)));
         Ok(Entry {
             status: resp.status(),
             lifetime: control::lifetime(h, &cc, spec.default_ttl, spec.max_ttl, response_time),
@@ -99,18 +99,24 @@ impl Fetch {
 /// few hundred bytes of headers, so a cache bounded at 64 MiB held 700 MB, and every
 /// response made the connection allocate a fresh buffer. The values are copied into one
 /// buffer per entry, which the entry's weight counts.
-pub(super) fn detached<'a>(
-    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-) -> HeaderMap {
-    let pairs: Vec<_> = headers.collect();
-    let mut buf = bytes::BytesMut::with_capacity(pairs.iter().map(|(_, v)| v.len()).sum());
-    for (_, v) in &pairs {
+pub(super) fn detached<'a, I>(headers: impl Fn() -> I) -> HeaderMap
+where
+    I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+{
+    // Walked twice (sizes, then values) rather than collected: no list allocated per entry.
+    let (mut len, mut count) = (0, 0);
+    for (_, v) in headers() {
+        len += v.len();
+        count += 1;
+    }
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    for (_, v) in headers() {
         buf.extend_from_slice(v.as_bytes());
     }
     let buf = buf.freeze();
-    let mut out = HeaderMap::with_capacity(pairs.len());
+    let mut out = HeaderMap::with_capacity(count);
     let mut at = 0;
-    for (name, v) in pairs {
+    for (name, v) in headers() {
         let end = at + v.len();
         let mut value =
             HeaderValue::from_maybe_shared(buf.slice(at..end)).unwrap_or_else(|_| v.clone());
@@ -167,12 +173,13 @@ impl Entry {
         spec: &CachePolicySpec,
     ) -> Entry {
         let replaced = |k: &HeaderName| !KEPT_ON_304.contains(k) && !NOT_STORED.contains(k);
-        let kept = self
-            .headers
-            .iter()
-            .filter(|(k, _)| !(replaced(k) && not_modified.contains_key(*k)));
-        let new = not_modified.iter().filter(|(k, _)| replaced(k));
-        let headers = detached(kept.chain(new));
+        let headers = detached(|| {
+            let kept = self
+                .headers
+                .iter()
+                .filter(|(k, _)| !(replaced(k) && not_modified.contains_key(*k)));
+            kept.chain(not_modified.iter().filter(|(k, _)| replaced(k)))
+        });
         let cc = CacheControl::parse(&headers);
         let response_time = SystemTime::now();
         let lifetime =
