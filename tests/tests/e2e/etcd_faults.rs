@@ -63,12 +63,20 @@ impl FaultMesh {
         let mut c = Client::connect(etcd.endpoints(), None)
             .await
             .expect("etcd client");
-        let start_revision = c
-            .get("x", None)
-            .await
-            .expect("read")
-            .header()
-            .map_or(0, |h| h.revision());
+        // A loaded machine can see an election while the cluster settles ("leader changed"):
+        // the harness's own read retries; what the test measures starts after it.
+        let mut tries = 0;
+        let start_revision = loop {
+            match c.get("x", None).await {
+                Ok(r) => break r.header().map_or(0, |h| h.revision()),
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("harness read retried: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        };
         Self {
             etcd,
             _pki: pki,
