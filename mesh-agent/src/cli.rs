@@ -48,6 +48,11 @@ pub enum Command {
         /// listener, certificates). A sidecar may have one too.
         #[arg(long, value_enum, default_value_t = RunMode::Sidecar, env = "TRELLIS_MODE")]
         mode: RunMode,
+        /// Worker threads (1 to 64; default: the CPUs this process may run on). With 1, the
+        /// sidecar runs on one thread (tokio's current-thread scheduler). Set it from the
+        /// container's CPU limit: a CPU quota is not visible to the default.
+        #[arg(long, env = "TRELLIS_WORKERS", value_parser = crate::runtime::parse_workers)]
+        workers: Option<usize>,
     },
     /// Certificate authority and workload certificates.
     Cert {
@@ -702,15 +707,16 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+    crate::runtime::for_command().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn execute(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Run { config, mode } => {
+        Command::Run {
+            config,
+            mode,
+            workers,
+        } => {
             let cfg = crate::config::AgentConfig::load(&config).map_err(|e| e.to_string())?;
             if mode == RunMode::Ingress && cfg.proxy.ingress.is_none() {
                 return Err(format!(
@@ -718,7 +724,10 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     config.display()
                 ));
             }
-            runtime()?
+            let workers = crate::runtime::workers(workers);
+            tracing::info!(workers, "starting the runtime");
+            crate::runtime::for_agent(workers)
+                .map_err(|e| format!("cannot start the async runtime ({workers} workers): {e}"))?
                 .block_on(crate::run::run(cfg))
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)

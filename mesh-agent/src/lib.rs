@@ -22,6 +22,7 @@ pub mod policy;
 pub mod portal;
 pub mod portal_app;
 pub mod run;
+pub mod runtime;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

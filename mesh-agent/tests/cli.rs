@@ -90,8 +90,11 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
 
     let admin_port = free_port();
     let cfg = write_config(dir.path(), admin_port);
+    // One worker: the sidecar runs on tokio's current-thread scheduler (mesh-agent/src/runtime.rs),
+    // which must serve the admin API, take signals and drain like the multi-thread one.
     let mut child = agent()
         .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("TRELLIS_WORKERS", "1")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -152,6 +155,11 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
         err.contains("SIGTERM received") && err.contains("drained"),
         "{err}"
     );
+    assert!(err.contains("workers=1"), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "no colour codes in a log that is not a terminal: {err:?}"
+    );
 }
 
 #[test]
@@ -193,6 +201,14 @@ fn config_errors_name_the_field_and_position() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("TRELLIS_ADMIN_ADDR"));
+
+    let out = agent()
+        .args(["run", "--config", cfg.to_str().unwrap(), "--workers", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("from 1 to 64"), "{err}");
 }
 
 #[test]

@@ -182,6 +182,25 @@ fn env(set: &Settings) -> Value {
     if let Some(l) = &o.log_level {
         vars.push(var("RUST_LOG", l.clone()));
     }
+    if o.cpu_limit.is_some() {
+        // The sidecar cannot see a CPU quota: without this it sizes its runtime from the node's
+        // CPUs. Kubernetes rounds the limit up to whole CPUs (divisor 1), so `500m` gives one
+        // worker, on tokio's current-thread scheduler (mesh-agent/src/runtime.rs).
+        vars.push(map([
+            ("name", s("TRELLIS_WORKERS")),
+            (
+                "valueFrom",
+                map([(
+                    "resourceFieldRef",
+                    map([
+                        ("containerName", s(SIDECAR_NAME)),
+                        ("resource", s("limits.cpu")),
+                        ("divisor", s("1")),
+                    ]),
+                )]),
+            ),
+        ]));
+    }
     list(vars)
 }
 
