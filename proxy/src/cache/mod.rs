@@ -69,6 +69,8 @@ pub struct ResponseCache {
     service: String,
     /// Some policy applies: the request path's one check.
     enabled: AtomicBool,
+    /// Some policy names an HTTPRoute: the ingress finds the request's before planning.
+    routes: AtomicBool,
     policies: ArcSwap<Vec<Arc<Compiled>>>,
     shared: Arc<Shared>,
 }
@@ -150,6 +152,7 @@ impl ResponseCache {
         Arc::new(Self {
             service: service.to_string(),
             enabled: AtomicBool::new(false),
+            routes: AtomicBool::new(false),
             policies: ArcSwap::from_pointee(Vec::new()),
             shared: Arc::new(Shared {
                 metrics,
@@ -182,6 +185,10 @@ impl ResponseCache {
                     .unwrap_or_else(|| Arc::new(Compiled::new(name, spec, &self.shared.metrics))),
             );
         }
+        // The most specific first: a route's rule, a route, the whole service.
+        list.sort_by_key(|c| c.spec.precedence());
+        let routes = list.iter().any(|c| c.spec.http_route.is_some());
+        self.routes.store(routes, Ordering::Release);
         self.enabled.store(!list.is_empty(), Ordering::Release);
         self.policies.store(Arc::new(list));
         if let Some(p) = snap.cache_purges.get(&self.service) {
@@ -241,22 +248,35 @@ impl ResponseCache {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
-        self.plan_for(req, consumer, true)
+        self.plan_for(req, consumer, None, true)
+    }
+
+    /// Some policy caches only the requests of an HTTPRoute: [`ResponseCache::edge_plan`]
+    /// needs the route.
+    pub fn names_routes(&self) -> bool {
+        self.routes.load(Ordering::Acquire)
     }
 
     /// [`ResponseCache::plan`] for the ingress, whose responses come from routed services:
-    /// no background revalidation (the revalidator reaches the local app only).
-    pub fn edge_plan<B>(&self, req: &Request<B>, consumer: Option<&str>) -> Option<Plan> {
+    /// no background revalidation (the revalidator reaches the local app only). `route`
+    /// names the HTTPRoute and rule that route the request, if any.
+    pub fn edge_plan<B>(
+        &self,
+        req: &Request<B>,
+        consumer: Option<&str>,
+        route: Option<(&str, &str)>,
+    ) -> Option<Plan> {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
-        self.plan_for(req, consumer, false)
+        self.plan_for(req, consumer, route, false)
     }
 
     fn plan_for<B>(
         &self,
         req: &Request<B>,
         consumer: Option<&str>,
+        route: Option<(&str, &str)>,
         background: bool,
     ) -> Option<Plan> {
         let kind = match *req.method() {
@@ -267,8 +287,8 @@ impl ResponseCache {
         let path = req.uri().path();
         let policies = self.policies.load();
         let policy = policies.iter().find(|c| match kind {
-            Kind::Invalidate => c.spec.applies("GET", path),
-            _ => c.spec.applies(req.method().as_str(), path),
+            Kind::Invalidate => c.spec.applies("GET", path, route),
+            _ => c.spec.applies(req.method().as_str(), path, route),
         })?;
         let spec = &policy.spec;
         let resource: Arc<str> = key::resource(req, &spec.key).into();
