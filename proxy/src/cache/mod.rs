@@ -308,7 +308,7 @@ impl ResponseCache {
         })
     }
 
-    /// Entries held (after pending maintenance), for tests and `/config_dump`.
+    /// Entries held, for tests and `/config_dump`.
     pub fn entries(&self) -> u64 {
         self.policies
             .load()
