@@ -46,18 +46,7 @@ taskset -c 1 nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & P
 taskset -c 1 nginx -c "$D/nginx/cache.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 
-"$AGENT" cert init --trust-domain bench.local --dir "$D/certs" >/dev/null
-"$AGENT" cert issue --service backend --dir "$D/certs" >/dev/null
-cat >"$D/sidecar.yaml" <<CONF
-service: backend
-trust_domain: bench.local
-identity: {cert: $D/certs/backend.pem, key: $D/certs/backend-key.pem, bundle: $D/certs/ca.pem}
-inbound: {listen: 127.0.0.1:$S_IN, app: 127.0.0.1:$BACKEND, app_protocol: http1, mode: permissive}
-outbound: {listen: 127.0.0.1:$S_OUT}
-admin: {listen: 127.0.0.1:$S_ADM}
-store: {file: $D/mesh.yaml}
-tracing: {enabled: false}
-CONF
+backend_sidecar_config
 mesh_file() { # WITH-CACHE (0|1)
     echo "services: {}"
     if [[ "$1" == 1 ]]; then

@@ -35,6 +35,24 @@ build_release() {
     AGENT="$ROOT/target/release/mesh-agent"
 }
 
+# $D/sidecar.yaml: a sidecar of `backend` (certificates under $D/certs, made here) whose plain
+# inbound listener ($S_IN, permissive) fronts the app at $BACKEND, its mesh read from
+# $D/mesh.yaml, outbound on $S_OUT, admin on $S_ADM (the cache benchmarks).
+backend_sidecar_config() {
+    "$AGENT" cert init --trust-domain bench.local --dir "$D/certs" >/dev/null
+    "$AGENT" cert issue --service backend --dir "$D/certs" >/dev/null
+    cat >"$D/sidecar.yaml" <<CONF
+service: backend
+trust_domain: bench.local
+identity: {cert: $D/certs/backend.pem, key: $D/certs/backend-key.pem, bundle: $D/certs/ca.pem}
+inbound: {listen: 127.0.0.1:$S_IN, app: 127.0.0.1:$BACKEND, app_protocol: http1, mode: permissive}
+outbound: {listen: 127.0.0.1:$S_OUT}
+admin: {listen: 127.0.0.1:$S_ADM}
+store: {file: $D/mesh.yaml}
+tracing: {enabled: false}
+CONF
+}
+
 # The head of an nginx configuration NAME (one worker, files under $D/nginx), up to and inside
 # `http {`: the caller writes its servers and the closing brace.
 nginx_conf_head() { # NAME

@@ -41,6 +41,12 @@ pub struct CachePolicySpec {
     /// Only requests matching this route are cached; all requests of `methods` when absent.
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub route: Option<RouteMatch>,
+    /// Only requests an ingress gateway routes by this HTTPRoute (and rule). Absent: every
+    /// request of the service. A policy naming a route takes precedence over one that does
+    /// not (see [`CachePolicySpec::precedence`]); on a sidecar's inbound side, where no
+    /// HTTPRoute decides, it caches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_route: Option<CacheRouteRef>,
     /// Cached methods: `GET` and/or `HEAD` (the only methods whose responses are reused).
     #[serde(default = "get_head")]
     pub methods: Vec<String>,
@@ -85,6 +91,17 @@ pub struct CacheKeySpec {
     /// `Vary`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<String>,
+}
+
+/// The HTTPRoute (and optionally one of its rules) whose requests a policy caches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRouteRef {
+    /// The HTTPRoute's `metadata.name`.
+    pub name: String,
+    /// One rule by the name its metrics carry (`rules[].name`, or `<route>-<index>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// `CachePurge`: drop a service's cached responses on every one of its sidecars.
@@ -144,6 +161,9 @@ impl CachePolicySpec {
         if let Some(r) = &self.route {
             r.validate().map_err(|m| format!("match.{m}"))?;
         }
+        if let Some(r) = &self.http_route {
+            r.validate().map_err(|m| format!("http_route.{m}"))?;
+        }
         if self.methods.is_empty() {
             return Err("methods: name GET and/or HEAD".into());
         }
@@ -189,11 +209,43 @@ impl CachePolicySpec {
         }
     }
 
-    /// Does this policy cache a request with this method and path?
-    pub fn applies(&self, method: &str, path: &str) -> bool {
+    /// Does this policy cache a request with this method and path, routed (at an ingress) by
+    /// `route`: the HTTPRoute's name and its rule's?
+    pub fn applies(&self, method: &str, path: &str, route: Option<(&str, &str)>) -> bool {
         self.enabled
             && self.methods.iter().any(|m| m == method)
             && self.route.as_ref().is_none_or(|r| r.matches(method, path))
+            && self.http_route.as_ref().is_none_or(|r| r.selects(route))
+    }
+
+    /// Which of a service's policies decides first when several apply to a request: one
+    /// naming a rule of an HTTPRoute (0), then one naming an HTTPRoute (1), then one for the
+    /// whole service (2); policy names order the rest.
+    pub fn precedence(&self) -> u8 {
+        match &self.http_route {
+            Some(CacheRouteRef { rule: Some(_), .. }) => 0,
+            Some(_) => 1,
+            None => 2,
+        }
+    }
+}
+
+// === impl CacheRouteRef ===
+
+impl CacheRouteRef {
+    fn validate(&self) -> Result<(), String> {
+        crate::document::validate_name(&self.name).map_err(|m| format!("name: {m}"))?;
+        if let Some(r) = &self.rule {
+            crate::http_route::check_rule_name(r).map_err(|m| format!("rule: {m}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a request routed by `route` (HTTPRoute name, rule name) is this one's.
+    pub fn selects(&self, route: Option<(&str, &str)>) -> bool {
+        route.is_some_and(|(name, rule)| {
+            name == self.name && self.rule.as_deref().is_none_or(|r| r == rule)
+        })
     }
 }
 
@@ -273,16 +325,54 @@ mod tests {
         assert_eq!(s.max_ttl, Duration::from_secs(86400));
         assert_eq!(s.default_ttl, None);
         assert_eq!(s.max_bytes, 64 << 20);
-        assert!(s.applies("GET", "/x") && s.applies("HEAD", "/") && !s.applies("POST", "/x"));
+        assert!(
+            s.applies("GET", "/x", None)
+                && s.applies("HEAD", "/", None)
+                && !s.applies("POST", "/x", None)
+        );
     }
 
     #[test]
     fn a_route_match_narrows_what_is_cached() {
         let s = spec(serde_json::json!({"service": "catalog", "match": {"path": {"prefix": "/api"}}, "methods": ["GET"]})).unwrap();
-        assert!(s.applies("GET", "/api/items"));
-        assert!(!s.applies("GET", "/apix") && !s.applies("HEAD", "/api"));
+        assert!(s.applies("GET", "/api/items", None));
+        assert!(!s.applies("GET", "/apix", None) && !s.applies("HEAD", "/api", None));
         let off = spec(serde_json::json!({"service": "catalog", "enabled": false})).unwrap();
-        assert!(!off.applies("GET", "/"));
+        assert!(!off.applies("GET", "/", None));
+    }
+
+    #[test]
+    fn an_http_route_selector_caches_only_that_routes_requests() {
+        let whole = spec(serde_json::json!({"service": "edge"})).unwrap();
+        let route =
+            spec(serde_json::json!({"service": "edge", "http_route": {"name": "items"}})).unwrap();
+        let rule = spec(
+            serde_json::json!({"service": "edge", "http_route": {"name": "items", "rule": "list"}}),
+        )
+        .unwrap();
+        assert!(whole.applies("GET", "/", None) && whole.applies("GET", "/", Some(("a", "b"))));
+        assert!(route.applies("GET", "/", Some(("items", "items-0"))));
+        assert!(!route.applies("GET", "/", Some(("users", "users-0"))));
+        assert!(
+            !route.applies("GET", "/", None),
+            "no HTTPRoute decided: not cached"
+        );
+        assert!(rule.applies("GET", "/", Some(("items", "list"))));
+        assert!(!rule.applies("GET", "/", Some(("items", "search"))));
+        assert!(rule.precedence() < route.precedence() && route.precedence() < whole.precedence());
+        let bad = |j: serde_json::Value| spec(j).unwrap_err();
+        assert!(
+            bad(serde_json::json!({"service": "edge", "http_route": {"name": "Items"}}))
+                .contains("http_route.name")
+        );
+        assert!(bad(
+            serde_json::json!({"service": "edge", "http_route": {"name": "i", "rule": "default"}})
+        )
+        .contains("http_route.rule"));
+        assert!(bad(
+            serde_json::json!({"service": "edge", "http_route": {"name": "i", "path": "/"}})
+        )
+        .contains("unknown field `path`"));
     }
 
     #[test]

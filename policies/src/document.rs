@@ -345,7 +345,7 @@ impl PolicyDocument {
 }
 
 /// Names are used in etcd keys: lowercase DNS-label characters only.
-fn validate_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name

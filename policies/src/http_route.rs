@@ -314,7 +314,7 @@ fn check_percent(what: &str, p: f64) -> Result<(), String> {
 }
 
 /// Rule names become label values: short, lower-case, no surprises in PromQL.
-fn check_rule_name(n: &str) -> Result<(), String> {
+pub(crate) fn check_rule_name(n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 63
         && n.bytes()

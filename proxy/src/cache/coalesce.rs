@@ -2,16 +2,32 @@
 //! arriving meanwhile wait for it, bounded, then look the cache up again. The leader's guard
 //! is released when its response is stored, found not storable, or abandoned, so a waiter
 //! never waits for a response that will not come.
+//!
+//! Most misses are never joined, so a miss costs one short lock and a map slot keyed by the
+//! key's hash (no copy of the key, no channel): the channel that wakes waiters is made by the
+//! first waiter. Two keys with the same 64-bit hash share a slot: a waiter then finds nothing
+//! stored for its key when woken and goes upstream itself, as after a timeout.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use quick_cache::DefaultHashBuilder;
 use tokio::sync::watch;
 
-#[derive(Default)]
+/// Independent locks: concurrent misses for different keys rarely meet.
+const SHARDS: usize = 16;
+
 pub struct Inflight {
-    leaders: Mutex<HashMap<String, watch::Receiver<()>>>,
+    hasher: DefaultHashBuilder,
+    shards: [Mutex<HashMap<u64, Slot>>; SHARDS],
+}
+
+/// A key being fetched; the sender exists once someone waits.
+#[derive(Default)]
+struct Slot {
+    done: Option<watch::Sender<()>>,
 }
 
 pub enum Turn {
@@ -21,35 +37,55 @@ pub enum Turn {
 
 /// Held by the request that went upstream; dropping it wakes the waiters.
 pub struct Leader {
-    key: String,
+    hash: u64,
     set: Arc<Inflight>,
-    _done: watch::Sender<()>,
 }
 
 // === impl Inflight ===
 
+impl Default for Inflight {
+    fn default() -> Self {
+        Self {
+            hasher: DefaultHashBuilder::default(),
+            shards: std::array::from_fn(|_| Mutex::default()),
+        }
+    }
+}
+
 impl Inflight {
     /// Lead the request for `key`, or wait for the one already leading it.
     pub fn join(self: &Arc<Self>, key: &str) -> Turn {
-        let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = leaders.get(key) {
-            return Turn::Wait(rx.clone());
+        let hash = self.hasher.hash_one(key);
+        let mut slots = self.shard(hash);
+        if let Some(slot) = slots.get_mut(&hash) {
+            let done = slot.done.get_or_insert_with(|| watch::channel(()).0);
+            return Turn::Wait(done.subscribe());
         }
-        let (tx, rx) = watch::channel(());
-        leaders.insert(key.to_string(), rx);
+        slots.insert(hash, Slot::default());
         Turn::Lead(Leader {
-            key: key.to_string(),
+            hash,
             set: self.clone(),
-            _done: tx,
         })
     }
 
     /// Lead only if nobody is (a background revalidation never waits).
     pub fn try_lead(self: &Arc<Self>, key: &str) -> Option<Leader> {
-        match self.join(key) {
-            Turn::Lead(l) => Some(l),
-            Turn::Wait(_) => None,
+        let hash = self.hasher.hash_one(key);
+        let mut slots = self.shard(hash);
+        if slots.contains_key(&hash) {
+            return None;
         }
+        slots.insert(hash, Slot::default());
+        Some(Leader {
+            hash,
+            set: self.clone(),
+        })
+    }
+
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
+        // The high bits: the map uses the low ones.
+        let i = (hash >> 60) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -65,10 +101,11 @@ pub async fn wait(mut rx: watch::Receiver<()>, max: Duration) -> bool {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        // Removed before the sender drops (fields drop after this): a woken waiter that misses
-        // again may lead the next request.
-        let mut leaders = self.set.leaders.lock().unwrap_or_else(|p| p.into_inner());
-        leaders.remove(&self.key);
+        // Removed under the lock, then the sender dropped: a waiter subscribed under the same
+        // lock, so none misses the wake-up, and one that misses again may lead the next
+        // request.
+        let slot = self.set.shard(self.hash).remove(&self.hash);
+        drop(slot);
     }
 }
 

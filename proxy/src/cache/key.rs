@@ -63,8 +63,13 @@ pub fn primary(
     out
 }
 
-/// The variant key under `primary` for the request headers the response's `Vary` names.
+/// The variant key under `primary` for the request headers the response's `Vary` names:
+/// `primary` itself without a `Vary` (no key part contains the separator, so it cannot be
+/// the key of a variant).
 pub fn variant(primary: &str, headers: &HeaderMap, vary: &[String]) -> String {
+    if vary.is_empty() {
+        return primary.to_string();
+    }
     let mut out = String::with_capacity(primary.len() + 16 * vary.len() + 1);
     out.push_str(primary);
     out.push(SEP);

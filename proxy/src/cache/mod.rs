@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -55,6 +55,8 @@ pub const EXPIRED: &str = "EXPIRED";
 /// Purges remembered, so that a response already on its way when a purge arrived is not
 /// stored after it.
 const RECENT_PURGES: usize = 64;
+/// Invalidations by unsafe methods remembered per policy.
+const INVALIDATIONS: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -67,6 +69,8 @@ pub struct ResponseCache {
     service: String,
     /// Some policy applies: the request path's one check.
     enabled: AtomicBool,
+    /// Some policy names an HTTPRoute: the ingress finds the request's before planning.
+    routes: AtomicBool,
     policies: ArcSwap<Vec<Arc<Compiled>>>,
     shared: Arc<Shared>,
 }
@@ -85,8 +89,11 @@ struct Compiled {
     spec: CachePolicySpec,
     store: Arc<Store>,
     inflight: Arc<Inflight>,
-    /// When each resource was last invalidated by an unsafe method.
-    invalidated: moka::sync::Cache<Arc<str>, Instant>,
+    /// When each resource was last invalidated by an unsafe method. Bounded by count, without
+    /// expiry: a record only hides entries fetched before it, so an old one is harmless, and
+    /// one evicted early lets through at most an entry it should have hidden (16,384 recent
+    /// invalidations are kept).
+    invalidated: quick_cache::sync::Cache<Arc<str>, Instant>,
     /// Something was invalidated: until then lookups skip `invalidated`.
     any_invalidated: AtomicBool,
 }
@@ -145,6 +152,7 @@ impl ResponseCache {
         Arc::new(Self {
             service: service.to_string(),
             enabled: AtomicBool::new(false),
+            routes: AtomicBool::new(false),
             policies: ArcSwap::from_pointee(Vec::new()),
             shared: Arc::new(Shared {
                 metrics,
@@ -177,6 +185,10 @@ impl ResponseCache {
                     .unwrap_or_else(|| Arc::new(Compiled::new(name, spec, &self.shared.metrics))),
             );
         }
+        // The most specific first: a route's rule, a route, the whole service.
+        list.sort_by_key(|c| c.spec.precedence());
+        let routes = list.iter().any(|c| c.spec.http_route.is_some());
+        self.routes.store(routes, Ordering::Release);
         self.enabled.store(!list.is_empty(), Ordering::Release);
         self.policies.store(Arc::new(list));
         if let Some(p) = snap.cache_purges.get(&self.service) {
@@ -236,22 +248,35 @@ impl ResponseCache {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
-        self.plan_for(req, consumer, true)
+        self.plan_for(req, consumer, None, true)
+    }
+
+    /// Some policy caches only the requests of an HTTPRoute: [`ResponseCache::edge_plan`]
+    /// needs the route.
+    pub fn names_routes(&self) -> bool {
+        self.routes.load(Ordering::Acquire)
     }
 
     /// [`ResponseCache::plan`] for the ingress, whose responses come from routed services:
-    /// no background revalidation (the revalidator reaches the local app only).
-    pub fn edge_plan<B>(&self, req: &Request<B>, consumer: Option<&str>) -> Option<Plan> {
+    /// no background revalidation (the revalidator reaches the local app only). `route`
+    /// names the HTTPRoute and rule that route the request, if any.
+    pub fn edge_plan<B>(
+        &self,
+        req: &Request<B>,
+        consumer: Option<&str>,
+        route: Option<(&str, &str)>,
+    ) -> Option<Plan> {
         if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
-        self.plan_for(req, consumer, false)
+        self.plan_for(req, consumer, route, false)
     }
 
     fn plan_for<B>(
         &self,
         req: &Request<B>,
         consumer: Option<&str>,
+        route: Option<(&str, &str)>,
         background: bool,
     ) -> Option<Plan> {
         let kind = match *req.method() {
@@ -262,8 +287,8 @@ impl ResponseCache {
         let path = req.uri().path();
         let policies = self.policies.load();
         let policy = policies.iter().find(|c| match kind {
-            Kind::Invalidate => c.spec.applies("GET", path),
-            _ => c.spec.applies(req.method().as_str(), path),
+            Kind::Invalidate => c.spec.applies("GET", path, route),
+            _ => c.spec.applies(req.method().as_str(), path, route),
         })?;
         let spec = &policy.spec;
         let resource: Arc<str> = key::resource(req, &spec.key).into();
@@ -283,15 +308,12 @@ impl ResponseCache {
         })
     }
 
-    /// Entries held (after pending maintenance), for tests and `/config_dump`.
+    /// Entries held, for tests and `/config_dump`.
     pub fn entries(&self) -> u64 {
         self.policies
             .load()
             .iter()
-            .map(|c| {
-                c.store.sync();
-                c.store.entry_count()
-            })
+            .map(|c| c.store.entry_count())
             .sum()
     }
 }
@@ -310,12 +332,9 @@ impl Compiled {
         Self {
             name: name.to_string(),
             spec: spec.clone(),
-            store: Arc::new(Store::new(spec.max_bytes, metrics)),
+            store: Arc::new(Store::new(spec.max_bytes, spec.max_object_bytes, metrics)),
             inflight: Arc::default(),
-            invalidated: moka::sync::Cache::builder()
-                .max_capacity(16 * 1024)
-                .time_to_live(spec.max_ttl + Duration::from_secs(3600))
-                .build(),
+            invalidated: quick_cache::sync::Cache::new(INVALIDATIONS),
             any_invalidated: AtomicBool::new(false),
         }
     }
@@ -369,8 +388,7 @@ impl Plan {
     /// A stored response for this request that it may use: not invalidated or purged since,
     /// and not an unshareable one for an authorized request.
     fn find(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
-        let variant = self.policy.store.variant_key(&self.primary, headers);
-        let entry = self.policy.store.get(&variant)?;
+        let entry = self.policy.store.lookup(&self.primary, headers)?;
         let policy = &self.policy;
         if policy.any_invalidated.load(Ordering::Acquire)
             && policy
@@ -456,7 +474,6 @@ impl Plan {
                     primary: self.primary.clone(),
                     req_headers: fetch.headers,
                     entry: e,
-                    metrics: self.shared.metrics.clone(),
                     purged: self.shared.purged_since(fetch.started),
                     _leader: leader,
                 };
@@ -502,12 +519,10 @@ impl Plan {
                 if (self.shared.purged_since(fetch.started))(&fresh) {
                     return Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()));
                 }
-                let fresh = self.policy.store.insert(
-                    &self.primary,
-                    &fetch.headers,
-                    fresh,
-                    &self.shared.metrics,
-                );
+                let fresh = self
+                    .policy
+                    .store
+                    .insert(&self.primary, &fetch.headers, fresh);
                 Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
             }
             Ok(resp) if resp.status().is_server_error() && may_stale => {
@@ -551,7 +566,6 @@ impl Plan {
             primary: self.primary.clone(),
             spec: self.policy.spec.clone(),
             resource: self.resource.clone(),
-            metrics: self.shared.metrics.clone(),
             leader,
         };
         tokio::spawn(job.run(rv));
@@ -772,17 +786,13 @@ mod tests {
         let purge = |id: u64, previous: Option<u64>, tag: &str| serde_json::json!({"web": {"service": "web", "id": id, "tag": tag, "previous": previous}});
         cache.update(&snapshot(policy.clone(), purge(1, None, "a")));
         let store = cache.policies.load()[0].store.clone();
-        let m = CacheMetrics::default();
         let entry = store::tests::entry(1, 10);
         let tagged = Entry {
             tags: vec!["other-tag".into()],
             ..entry
         };
-        store.insert("h\0/o/1", &http::HeaderMap::new(), tagged, &m);
-        let purged_all = |store: &store::Store| {
-            store.sync();
-            store.entry_count() == 0
-        };
+        store.insert("h\0/o/1", &http::HeaderMap::new(), tagged);
+        let purged_all = |store: &store::Store| store.entry_count() == 0;
         assert!(!purged_all(&store));
         // Follows 1: only tag `b` goes, the entry tagged `other-tag` stays.
         cache.update(&snapshot(policy.clone(), purge(2, Some(1), "b")));

@@ -18,7 +18,6 @@ use hyper_util::rt::TokioExecutor;
 use trellis_policies::CachePolicySpec;
 
 use super::coalesce::Leader;
-use super::metrics::CacheMetrics;
 use super::store::{Entry, Store};
 use super::CacheError;
 
@@ -52,7 +51,6 @@ pub(super) struct Job {
     pub primary: String,
     pub spec: CachePolicySpec,
     pub resource: Arc<str>,
-    pub metrics: CacheMetrics,
     pub leader: Leader,
 }
 
@@ -79,8 +77,7 @@ impl Job {
             let fresh = self
                 .stored
                 .refreshed(resp.headers(), fetch.requested, &self.spec);
-            self.store
-                .insert(&self.primary, &fetch.headers, fresh, &self.metrics);
+            self.store.insert(&self.primary, &fetch.headers, fresh);
             return Ok(());
         }
         let Ok(mut entry) = fetch.entry(&resp, &self.spec, &self.resource) else {
@@ -94,8 +91,7 @@ impl Job {
             .map_err(|e| fail(e.to_string()))?;
         entry.body = body.to_bytes();
         entry.stored = std::time::Instant::now();
-        self.store
-            .insert(&self.primary, &fetch.headers, entry, &self.metrics);
+        self.store.insert(&self.primary, &fetch.headers, entry);
         drop(self.leader);
         Ok(())
     }

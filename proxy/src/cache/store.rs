@@ -1,13 +1,26 @@
 //! Stored responses: complete entries only (a body is inserted once it has arrived whole), in a
-//! concurrent cache bounded in bytes (moka, with a weigher counting the key, the headers and
-//! the body), each entry kept until its freshness lifetime and stale windows are over.
+//! concurrent cache bounded in bytes ([quick_cache]'s S3-FIFO store, weighed by the key, the
+//! headers and the body), each entry kept until its freshness lifetime and stale windows are
+//! over.
+//!
+//! quick_cache rather than moka (the miss path's profile, docs/caching.md#benchmark): an insert
+//! into a full moka cache with an eviction listener took per-key locks, rehashed its tombstones
+//! and ran its housekeeping, about 6.7 µs per stored response; quick_cache's shards are plain
+//! locked tables with no background work. It has no per-entry expiry, so each entry carries its
+//! deadline, checked at lookup (an expired entry found is removed); the rest are evicted by the
+//! byte bound like any other.
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use super::control::CacheControl;
 use super::metrics::CacheMetrics;
@@ -16,6 +29,9 @@ use super::metrics::CacheMetrics;
 const ENTRY_OVERHEAD: usize = 1280;
 /// Bytes a stored header costs besides its name and value (the header map's bucket and index).
 const HEADER_OVERHEAD: usize = 96;
+/// The weight of a typical small entry, to size the store's tables (an estimate: within an
+/// order of magnitude is enough).
+const TYPICAL_WEIGHT: u64 = 2048;
 
 /// One stored response.
 #[derive(Debug)]
@@ -53,17 +69,49 @@ pub enum Selector {
 }
 
 pub struct Store {
-    entries: moka::sync::Cache<String, Arc<Entry>>,
+    entries: Cache<String, Slot, ByWeight, DefaultHashBuilder, Accounting>,
     /// The `Vary` names last seen for each primary key: which variant key a request looks up.
-    vary: moka::sync::Cache<String, Arc<[String]>>,
+    vary: Cache<String, Arc<[String]>>,
     /// Some response stored here had a `Vary`: until one has, lookups skip `vary` (one
     /// concurrent-map lookup less per request).
     any_vary: AtomicBool,
+    hasher: DefaultHashBuilder,
+    bytes: Gauge,
+    evictions: Counter,
 }
 
-/// Each entry lives for its lifetime, its stale windows and (when it can be revalidated) as
-/// long again, so that an expired entry can still answer a 304.
-struct KeepFor;
+/// What the store holds for a key: the entry, its weight (computed once: the store weighs an
+/// entry again whenever it considers evicting it) and until when it may be used.
+#[derive(Clone)]
+struct Slot {
+    entry: Arc<Entry>,
+    weight: u32,
+    /// Its lifetime, its stale windows and (when it can be revalidated) as long again, so
+    /// that an expired entry can still answer a 304.
+    until: Instant,
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+/// Counts what leaves the store by eviction (the bytes gauge for every departure, the
+/// evictions counter only for entries pushed out by the bound, not for replaced ones).
+#[derive(Clone)]
+struct Accounting {
+    hasher: DefaultHashBuilder,
+}
+
+/// One insert's departures.
+#[derive(Default)]
+struct Departed {
+    /// The hash of the key being inserted: an entry leaving under it was replaced (or was
+    /// the new one, refused as too heavy), not evicted.
+    inserting: u64,
+    freed: i64,
+    evicted: u64,
+    /// The first entry that left, dropped after the shard's lock is released.
+    dropped: Option<Slot>,
+}
 
 // === impl Entry ===
 
@@ -115,76 +163,95 @@ impl Entry {
     }
 }
 
-// === impl KeepFor ===
+// === impl Slot ===
 
-impl moka::Expiry<String, Arc<Entry>> for KeepFor {
-    fn expire_after_create(&self, _: &String, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
-        Some(e.keep())
+impl Weighter<String, Slot> for ByWeight {
+    fn weight(&self, _: &String, s: &Slot) -> u64 {
+        u64::from(s.weight)
     }
+}
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        e: &Arc<Entry>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(e.keep())
+// === impl Accounting ===
+
+impl Lifecycle<String, Slot> for Accounting {
+    type RequestState = Departed;
+
+    fn on_evict(&self, d: &mut Departed, key: String, s: Slot) {
+        d.freed += i64::from(s.weight);
+        if self.hasher.hash_one(&key) != d.inserting {
+            d.evicted += 1;
+        }
+        if d.dropped.is_none() {
+            d.dropped = Some(s);
+        }
     }
 }
 
 // === impl Store ===
 
 impl Store {
-    pub fn new(max_bytes: u64, metrics: &CacheMetrics) -> Self {
-        let bytes = metrics.bytes.clone();
-        let evictions = metrics.evictions.clone();
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|k: &String, e: &Arc<Entry>| e.weight(k))
-            .expire_after(KeepFor)
-            .support_invalidation_closures()
-            .eviction_listener(move |k, e: Arc<Entry>, cause| {
-                bytes.dec_by(i64::from(e.weight(&k)));
-                if cause == moka::notification::RemovalCause::Size {
-                    evictions.inc();
-                }
-            })
-            .build();
+    /// A store of at most `max_bytes`, for objects of at most `max_object_bytes` (the policy
+    /// keeps it within a quarter of the bound).
+    pub fn new(max_bytes: u64, max_object_bytes: u64, metrics: &CacheMetrics) -> Self {
+        let hasher = DefaultHashBuilder::default();
+        let entries = Cache::with_options(
+            options(max_bytes, shards(max_bytes, max_object_bytes)),
+            ByWeight,
+            hasher.clone(),
+            Accounting {
+                hasher: hasher.clone(),
+            },
+        );
         // A few names per primary key; bounded by count, far below the entries' bytes.
-        let vary = moka::sync::Cache::builder()
-            .max_capacity((max_bytes / 4096).max(1024))
-            .time_to_idle(Duration::from_secs(24 * 3600))
-            .build();
+        let vary = Cache::new(
+            usize::try_from(max_bytes / 4096)
+                .unwrap_or(1 << 20)
+                .max(1024),
+        );
         Self {
             entries,
             vary,
             any_vary: AtomicBool::new(false),
+            hasher,
+            bytes: metrics.bytes.clone(),
+            evictions: metrics.evictions.clone(),
         }
     }
 
-    /// The variant key a request with these headers looks up under `primary`.
-    pub fn variant_key(&self, primary: &str, headers: &HeaderMap) -> String {
-        let names = match self.any_vary.load(Ordering::Relaxed) {
-            true => self.vary.get(primary),
-            false => None,
-        };
-        let names = names.unwrap_or_else(|| Arc::from([]));
-        super::key::variant(primary, headers, &names)
+    /// The entry a request with these headers may use under `primary`: the variant its
+    /// `Vary` selects (without one, the primary key itself: no key is built).
+    pub fn lookup(&self, primary: &str, headers: &HeaderMap) -> Option<Arc<Entry>> {
+        match self.vary_names(primary) {
+            Some(names) => self.get(&super::key::variant(primary, headers, &names)),
+            None => self.get(primary),
+        }
     }
 
+    /// The `Vary` names last stored under `primary`, if any.
+    fn vary_names(&self, primary: &str) -> Option<Arc<[String]>> {
+        match self.any_vary.load(Ordering::Relaxed) {
+            true => self.vary.get(primary).filter(|n| !n.is_empty()),
+            false => None,
+        }
+    }
+
+    /// The entry stored under this variant key, unless it has outlived its keep (removed).
     pub fn get(&self, variant: &str) -> Option<Arc<Entry>> {
-        self.entries.get(variant)
+        let slot = self.entries.get(variant)?;
+        if slot.until > Instant::now() {
+            return Some(slot.entry);
+        }
+        let removed = self
+            .entries
+            .remove_if(variant, |s| Arc::ptr_eq(&s.entry, &slot.entry));
+        if let Some((_, s)) = removed {
+            self.bytes.dec_by(i64::from(s.weight));
+        }
+        None
     }
 
     /// Store a complete entry under `primary`, keyed by the variant its `Vary` selects.
-    pub fn insert(
-        &self,
-        primary: &str,
-        req_headers: &HeaderMap,
-        entry: Entry,
-        metrics: &CacheMetrics,
-    ) -> Arc<Entry> {
+    pub fn insert(&self, primary: &str, req_headers: &HeaderMap, entry: Entry) -> Arc<Entry> {
         if !entry.vary.is_empty() {
             self.any_vary.store(true, Ordering::Relaxed);
         }
@@ -194,36 +261,59 @@ impl Store {
             self.vary.insert(primary.to_string(), entry.vary.clone());
         }
         let key = super::key::variant(primary, req_headers, &entry.vary);
-        metrics.bytes.inc_by(i64::from(entry.weight(&key)));
-        let entry = Arc::new(entry);
-        self.entries.insert(key, entry.clone());
+        let slot = Slot {
+            weight: entry.weight(&key),
+            until: entry.stored + entry.keep(),
+            entry: Arc::new(entry),
+        };
+        let entry = slot.entry.clone();
+        let mut departed = Departed {
+            inserting: self.hasher.hash_one(&key),
+            ..Departed::default()
+        };
+        self.bytes.inc_by(i64::from(slot.weight));
+        self.entries.insert_with_lifecycle(key, slot, &mut departed);
+        self.bytes.dec_by(departed.freed);
+        self.evictions.inc_by(departed.evicted);
         entry
     }
 
-    /// Drop every entry `s` selects. Lookups stop returning them at once; moka removes them
-    /// in its maintenance.
+    /// Drop every entry `s` selects, at once.
     pub fn purge(&self, s: Selector) {
-        if s == Selector::All {
-            self.entries.invalidate_all();
-            return;
-        }
-        if let Err(e) = self
-            .entries
-            .invalidate_entries_if(move |_, e| e.matches(&s))
-        {
-            tracing::warn!(error = %e, "cache purge could not be registered; dropping every entry");
-            self.entries.invalidate_all();
-        }
-    }
-
-    /// Run moka's pending maintenance (tests and metrics readers).
-    pub fn sync(&self) {
-        self.entries.run_pending_tasks();
+        self.entries.retain(|_, slot| {
+            let keep = !slot.entry.matches(&s);
+            if !keep {
+                self.bytes.dec_by(i64::from(slot.weight));
+            }
+            keep
+        });
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.entries.entry_count()
+        u64::try_from(self.entries.len()).unwrap_or(u64::MAX)
     }
+}
+
+/// The store's shards: as many as lock contention wants (four per core, quick_cache's
+/// default), but few enough that each shard (the bound is split between them) still holds
+/// two of the largest objects: a heavier one would never be admitted.
+fn shards(max_bytes: u64, max_object_bytes: u64) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let fit = max_bytes / (2 * (max_object_bytes + ENTRY_OVERHEAD as u64)).max(1);
+    let fit = usize::try_from(fit).unwrap_or(usize::MAX).max(1);
+    let n = (4 * cores).min(fit);
+    // A power of two (quick_cache rounds up otherwise).
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
+fn options(max_bytes: u64, shards: usize) -> quick_cache::Options {
+    let items = usize::try_from(max_bytes / TYPICAL_WEIGHT).unwrap_or(usize::MAX);
+    OptionsBuilder::new()
+        .weight_capacity(max_bytes)
+        .estimated_items_capacity(items.max(64))
+        .shards(shards)
+        .build()
+        .expect("only a missing option is refused, and every one is set")
 }
 
 #[cfg(test)]
@@ -258,23 +348,57 @@ pub(super) mod tests {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// The bytes gauge follows every departure (eviction, replacement, expiry found at
+    /// lookup, purge), and only the bound's evictions count as evictions.
+    #[test]
+    fn bytes_and_evictions_are_accounted_for_every_departure() {
+        let m = CacheMetrics::default();
+        let store = Store::new(MB, MB / 4, &m);
+        let h = HeaderMap::new();
+        store.insert("a", &h, entry(1, 1000));
+        let one = m.bytes.get();
+        assert!(one > 1000);
+        store.insert("a", &h, entry(2, 1000));
+        assert_eq!(m.bytes.get(), one, "replaced, not added");
+        assert_eq!(m.evictions.get(), 0, "a replacement is no eviction");
+        assert_eq!(store.lookup("a", &h).map(|e| e.body[0]), Some(2));
+
+        // Past its keep (lifetime, no windows, no validator): removed when found.
+        let mut old = entry(3, 1000);
+        old.lifetime = Duration::ZERO;
+        old.stored = Instant::now() - Duration::from_secs(5);
+        store.insert("old", &h, old);
+        assert_eq!(store.entry_count(), 2);
+        assert!(store.lookup("old", &h).is_none());
+        assert_eq!(store.entry_count(), 1);
+        assert_eq!(m.bytes.get(), one);
+
+        // Filling past the bound evicts, counted; what is held stays within it.
+        for i in 0..200 {
+            store.insert(&format!("k{i}"), &h, entry(i, 16 * 1024));
+        }
+        assert!(m.evictions.get() > 100, "{}", m.evictions.get());
+        let held = u64::try_from(m.bytes.get()).unwrap_or(u64::MAX);
+        assert!(held <= MB, "held {held}");
+        store.purge(Selector::Prefix("/o/".into()));
+        assert_eq!((store.entry_count(), m.bytes.get()), (0, 0));
+    }
+
     /// A working set of 1 GiB of distinct 64 KiB objects through a 64 MiB store: the bytes
     /// held and the process's RSS stay within the bound.
     #[test]
     fn a_gigabyte_of_distinct_objects_stays_within_the_bound() {
         let m = CacheMetrics::default();
-        let store = Store::new(64 * MB, &m);
+        let store = Store::new(64 * MB, MB, &m);
         let h = HeaderMap::new();
         let before = rss();
         let mut peak = before;
         for i in 0..16 * 1024 {
-            store.insert(&format!("k{i}"), &h, entry(i, 64 * 1024), &m);
+            store.insert(&format!("k{i}"), &h, entry(i, 64 * 1024));
             if i % 1024 == 0 {
-                store.sync();
                 peak = peak.max(rss());
             }
         }
-        store.sync();
         let held = u64::try_from(m.bytes.get()).unwrap_or(0);
         let growth = peak.saturating_sub(before);
         eprintln!(
@@ -293,7 +417,7 @@ pub(super) mod tests {
     #[test]
     fn zipf_hit_ratio_is_reported() {
         let m = CacheMetrics::default();
-        let store = Store::new(64 * MB, &m);
+        let store = Store::new(64 * MB, MB, &m);
         let h = HeaderMap::new();
         let n = 16 * 1024;
         let cdf: Vec<f64> = (1..=n)
@@ -312,10 +436,10 @@ pub(super) mod tests {
             let u = (x >> 11) as f64 / (1u64 << 53) as f64 * total;
             let i = cdf.partition_point(|c| *c < u);
             let key = format!("k{i}");
-            if store.get(&store.variant_key(&key, &h)).is_some() {
+            if store.lookup(&key, &h).is_some() {
                 hits += 1;
             } else {
-                store.insert(&key, &h, entry(i, 64 * 1024), &m);
+                store.insert(&key, &h, entry(i, 64 * 1024));
             }
         }
         let ratio = f64::from(hits) / f64::from(requests);

@@ -10,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 
 use super::coalesce::Leader;
-use super::metrics::CacheMetrics;
 use super::store::{Entry, Store};
 
 pub struct Tee {
@@ -29,7 +28,6 @@ pub(super) struct Pending {
     pub req_headers: HeaderMap,
     /// Headers, freshness and times: everything but the body.
     pub entry: Entry,
-    pub metrics: CacheMetrics,
     /// Purged since the request started: do not store (the purge must win).
     pub purged: Box<dyn Fn(&Entry) -> bool + Send + Sync>,
     pub _leader: Option<Leader>,
@@ -74,17 +72,17 @@ impl Tee {
         if (p.purged)(&entry) {
             return;
         }
-        p.store
-            .insert(&p.primary, &p.req_headers, entry, &p.metrics);
+        p.store.insert(&p.primary, &p.req_headers, entry);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::metrics::CacheMetrics;
     use super::*;
     use std::time::{Duration, Instant};
 
-    fn pending(store: &Arc<Store>, m: &CacheMetrics) -> Pending {
+    fn pending(store: &Arc<Store>) -> Pending {
         Pending {
             store: store.clone(),
             primary: "p".into(),
@@ -102,7 +100,6 @@ mod tests {
                 tags: vec![],
                 vary: Arc::from([]),
             },
-            metrics: m.clone(),
             purged: Box::new(|_| false),
             _leader: None,
         }
@@ -111,28 +108,28 @@ mod tests {
     #[test]
     fn only_whole_bodies_within_the_limit_are_stored() {
         let m = CacheMetrics::default();
-        let store = Arc::new(Store::new(1 << 20, &m));
-        let key = |s: &Store| s.get(&s.variant_key("p", &HeaderMap::new()));
+        let store = Arc::new(Store::new(1 << 20, 1 << 18, &m));
+        let key = |s: &Store| s.lookup("p", &HeaderMap::new());
 
         // Announced 10 bytes, 5 arrived (the upstream closed mid-body): not stored.
-        let mut t = Tee::new(pending(&store, &m), 100, Some(10));
+        let mut t = Tee::new(pending(&store), 100, Some(10));
         t.data(&Bytes::from_static(b"hello"));
         t.finish();
         assert!(key(&store).is_none());
 
         // Past the limit: streamed through, not stored.
-        let mut t = Tee::new(pending(&store, &m), 4, None);
+        let mut t = Tee::new(pending(&store), 4, None);
         t.data(&Bytes::from_static(b"hello"));
         t.finish();
         assert!(key(&store).is_none());
 
         // Abandoned (dropped without finish): not stored.
-        let mut t = Tee::new(pending(&store, &m), 100, None);
+        let mut t = Tee::new(pending(&store), 100, None);
         t.data(&Bytes::from_static(b"hel"));
         drop(t);
         assert!(key(&store).is_none());
 
-        let mut t = Tee::new(pending(&store, &m), 100, Some(10));
+        let mut t = Tee::new(pending(&store), 100, Some(10));
         t.data(&Bytes::from_static(b"hello"));
         t.data(&Bytes::from_static(b"world"));
         t.finish();

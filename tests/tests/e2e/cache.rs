@@ -679,6 +679,85 @@ async fn the_ingress_caches_per_consumer_unless_public() {
     assert_eq!(origin.count("/p"), 1);
 }
 
+/// A CachePolicy naming an HTTPRoute caches at the ingress only the requests that route
+/// routes: two routes to one service, one cached; then one rule of a route.
+#[tokio::test]
+async fn a_policy_for_one_http_route_caches_only_its_requests() {
+    init_logs();
+    let pki = Pki::new(&["gateway", "orders"]);
+    let web = trellis_tests::web::WebPki::new();
+    web.leaf(pki.path(), "api", &["api.example.com"]);
+    let origin = Origin::start().await;
+    origin.script(|_| reply(200, &[("cache-control", "max-age=60")], "ok"));
+    let orders = Sidecar::start(&pki, "orders", origin.addr, |_| {}).await;
+    let gateway = Sidecar::start(&pki, "gateway", origin.addr, |c| {
+        c.ingress = Some(trellis_tests::web::loopback_ingress(
+            pki.path(),
+            &[("api.example.com", "api")],
+            false,
+        ));
+    })
+    .await;
+    let route = |prefix: &str, rules: serde_json::Value| {
+        let rules: Vec<serde_json::Value> = rules
+            .as_array()
+            .expect("rules")
+            .iter()
+            .map(|r| serde_json::json!({"name": r, "matches": [{"path": {"prefix": format!("{prefix}/{}", r.as_str().unwrap_or(""))}}],
+                "backends": [{"service": "orders"}]}))
+            .collect();
+        serde_json::json!({"hosts": ["api.example.com"], "gateways": ["gateway"], "rules": rules})
+    };
+    let apply = |selector: serde_json::Value| {
+        let doc: trellis_policies::MeshDocument = serde_json::from_value(serde_json::json!({
+            "services": {"orders": {"endpoints": [{"address": orders.inbound().to_string()}]}},
+            "http_routes": {
+                "items": route("/items", serde_json::json!(["list", "search"])),
+                "users": route("/users", serde_json::json!(["all"])),
+            },
+            "cache_policies": {"items-cache": {"service": "gateway", "http_route": selector}},
+        }))
+        .expect("document");
+        trellis_policies::validate(&doc).expect("valid");
+        snapshot_of(&doc)
+    };
+    let snap = apply(serde_json::json!({"name": "items"}));
+    orders.apply(snap.clone()).await;
+    gateway.apply(snap).await;
+    let edge = client::h1(gateway.running.bound.ingress_http.expect("http bound"));
+    let get = |path: &'static str| {
+        let edge = edge.clone();
+        async move {
+            let req = Request::get(format!("http://api.example.com{path}"))
+                .body(client::empty())
+                .expect("req");
+            let r = client::send(&edge, req).await.expect("reply");
+            assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+            status(&r).to_string()
+        }
+    };
+    // The route the policy names: stored, then a hit, whichever of its rules.
+    for path in ["/items/list", "/items/search"] {
+        assert_eq!(get(path).await, "MISS", "{path}");
+        assert_eq!(get(path).await, "HIT", "{path}");
+        assert_eq!(origin.count(path), 1, "{path}");
+    }
+    // The other route to the same service: not cached, not marked.
+    assert_eq!(get("/users/all").await, "none");
+    assert_eq!(get("/users/all").await, "none");
+    assert_eq!(origin.count("/users/all"), 2);
+
+    // One rule of the route: only its requests.
+    let snap = apply(serde_json::json!({"name": "items", "rule": "search"}));
+    orders.apply(snap.clone()).await;
+    gateway.apply(snap).await;
+    assert_eq!(get("/items/search/2").await, "MISS");
+    assert_eq!(get("/items/search/2").await, "HIT");
+    assert_eq!(get("/items/list/2").await, "none");
+    assert_eq!(get("/items/list/2").await, "none");
+    assert_eq!(origin.count("/items/list/2"), 2);
+}
+
 #[tokio::test]
 async fn empty_bodies_are_stored_too() {
     let c = Cached::start(serde_json::json!({})).await;

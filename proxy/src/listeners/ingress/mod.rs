@@ -271,7 +271,13 @@ impl Ingress {
                     *routed = Some(r);
                     Ok(resp)
                 };
-                let resp = match self.cache.edge_plan(&req, consumer.as_deref()) {
+                // A policy may cache one HTTPRoute's requests only: which one routes this.
+                let rule = match self.cache.names_routes() {
+                    true => self.outbound.edge_rule(&req),
+                    false => None,
+                };
+                let names = rule.as_ref().map(|r| (&*r.policy, r.name.as_str()));
+                let resp = match self.cache.edge_plan(&req, consumer.as_deref(), names) {
                     None => upstream(req).await,
                     Some(plan) => plan.serve(req, upstream).await,
                 };

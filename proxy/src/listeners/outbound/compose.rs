@@ -53,6 +53,20 @@ struct Fanout<'a> {
 impl Outbound {
     /// The aggregate rule an edge request matches, if any (a second routing decision, made
     /// only when the gateway's table has aggregates).
+    /// The ingress's HTTPRoute rule for a request (a cache policy may name it), decided as
+    /// routing will decide it.
+    pub(crate) fn edge_rule<B>(&self, req: &Request<B>) -> Option<Arc<Rule>> {
+        let table = self.routes.load();
+        let host = request_host(req)?;
+        let decision = table
+            .gateway_routing
+            .decide(host, req.method(), req.uri(), req.headers());
+        match decision {
+            Decision::Matched { rule, .. } => Some(rule.clone()),
+            _ => None,
+        }
+    }
+
     pub(super) fn edge_aggregate<B>(
         &self,
         req: &Request<B>,

@@ -42,6 +42,8 @@ pub struct HostRoutes {
 pub struct Rule {
     /// The `route` label.
     pub name: Arc<String>,
+    /// The HTTPRoute it belongs to (its `metadata.name`): what a route's `CachePolicy` names.
+    pub policy: Arc<str>,
     matchers: Vec<Matcher>,
     pub action: Action,
     pub request_headers: Option<HeaderOps>,
@@ -108,12 +110,13 @@ impl RoutingTable {
         let mut hosts: HashMap<String, HostRoutes> = HashMap::new();
         let mut aggregates = false;
         for (policy, spec) in specs.iter().filter(|(_, s)| s.binds(gateway)) {
+            let owner: Arc<str> = Arc::from(policy.as_str());
             let rules: Result<Vec<Arc<Rule>>, String> = spec
                 .rules
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    Rule::compile(spec.rule_name(policy, i), r)
+                    Rule::compile(owner.clone(), spec.rule_name(policy, i), r)
                         .map(|mut rule| {
                             if gateway == trellis_policies::MESH_GATEWAY {
                                 rule.validation = None;
@@ -250,7 +253,7 @@ impl RoutingTable {
 // === impl Rule ===
 
 impl Rule {
-    fn compile(name: String, r: &HttpRouteRule) -> Result<Self, String> {
+    fn compile(policy: Arc<str>, name: String, r: &HttpRouteRule) -> Result<Self, String> {
         let matchers = if r.matches.is_empty() {
             vec![Matcher::any()]
         } else {
@@ -283,6 +286,7 @@ impl Rule {
         };
         Ok(Self {
             name: Arc::new(name),
+            policy,
             matchers,
             action,
             request_headers: r

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The cache's miss path in instructions per request (valgrind's callgrind: repeatable on a busy
+# machine, unlike CPU time): a sidecar with a CachePolicy whose store is full and evicting,
+# every request a new URL (a miss, stored), against the same sidecar without a policy, same
+# URLs. docs/caching.md#benchmark.
+#
+#   bash bench/cache_callgrind.sh   # BENCH_REQUESTS (2000), BENCH_CACHE_BYTES (4 MiB),
+#                                   # BENCH_PORT_BASE (28700), BENCH_SKIP_BUILD=1
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+N="${BENCH_REQUESTS:-2000}"
+BYTES="${BENCH_CACHE_BYTES:-4194304}"
+BASE="${BENCH_PORT_BASE:-28700}"
+bench_init cache-callgrind
+need valgrind callgrind_control nginx python3 curl
+build_release
+
+BACKEND=$BASE; S_IN=$((BASE + 1)); S_OUT=$((BASE + 2)); S_ADM=$((BASE + 3))
+mkdir -p "$D/nginx/tmp" "$D/certs"
+{ nginx_conf_head backend; cat <<CONF
+  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
+           location / { add_header Cache-Control "max-age=600"; return 200 "ok\n"; } }
+}
+CONF
+} >"$D/nginx/backend.conf"
+nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
+
+backend_sidecar_config
+
+# COUNT requests for distinct paths under PREFIX on one keep-alive connection.
+load() { # PREFIX COUNT
+    python3 - "$S_IN" "$1" "$2" <<'PY'
+import http.client, sys
+port, prefix, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", f"{prefix}/{i}", headers={"Host": "backend"})
+    r = c.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"{prefix}/{i}: {r.status}")
+PY
+}
+metric() { curl -s "http://127.0.0.1:$S_ADM/metrics" | awk -v m="$1" '$1 == m { print int($2) }'; }
+
+# Instructions per request of the sidecar over N misses, after filling its store.
+run() { # WITH-CACHE (0|1)
+    echo "services: {}" >"$D/mesh.yaml"
+    if [[ "$1" == 1 ]]; then
+        echo "cache_policies: {bench: {service: backend, max_bytes: $BYTES, max_object_bytes: 65536}}" >>"$D/mesh.yaml"
+    fi
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$D/cg.$1.%p" \
+        "$AGENT" run --config "$D/sidecar.yaml" 2>"$D/sidecar.$1.log" & SC=$!
+    for _ in $(seq 600); do curl -sf -o /dev/null -m 2 "http://127.0.0.1:$S_IN/warm" && break; sleep 0.2; done
+    # Fill until the store evicts (without a policy: the same warm-up).
+    load "/fill" $((BYTES / 1000))
+    if [[ "$1" == 1 ]]; then
+        (($(metric trellis_cache_evictions_total) > 100)) || die "the cache did not fill"
+    fi
+    callgrind_control -z "$SC" >/dev/null
+    load "/miss" "$N"
+    callgrind_control -d "$SC" >/dev/null
+    local ir
+    ir=$(cat "$D"/cg."$1".*.* 2>/dev/null | awk '/^(summary|totals):/ { if ($2 > t) t = $2 } END { print t + 0 }')
+    kill -TERM "$SC"; wait "$SC" 2>/dev/null || true
+    rm -f "$D"/cg."$1".*
+    echo $((ir / N))
+}
+
+with=$(run 1)
+without=$(run 0)
+echo "Miss path, instructions per request (callgrind, $N requests, store of $BYTES bytes full and evicting); $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "| sidecar | instructions/request |"
+echo "|---|---:|"
+echo "| with a CachePolicy (every request a miss, stored) | $with |"
+echo "| without a policy, same URLs | $without |"
+awk -v a="$with" -v b="$without" 'BEGIN { printf "miss-path overhead: %+.1f %%\n", (a / b - 1) * 100 }'
