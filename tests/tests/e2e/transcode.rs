@@ -75,7 +75,11 @@ fn refusal(r: &Reply) -> (u16, String, Value) {
         r.body
     );
     let doc: Value = serde_json::from_str(&r.body).expect("problem document");
-    (r.status.as_u16(), r.cause().to_string(), doc["field"].clone())
+    (
+        r.status.as_u16(),
+        r.cause().to_string(),
+        doc["field"].clone(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,9 +110,11 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
 
     // Unary GET: path variables (one of two segments), the rest from the query string.
     let path = "/v1/shelves/3/items/42?title=hi%21&tags=a&tags=b&draft=true";
-    trellis_tests::wait_for(Duration::from_secs(30), "the first transcoded call", || async {
-        call(&h1, "GET", HOST, path, b"").await.status == 200
-    })
+    trellis_tests::wait_for(
+        Duration::from_secs(30),
+        "the first transcoded call",
+        || async { call(&h1, "GET", HOST, path, b"").await.status == 200 },
+    )
     .await;
     let r = call(&h1, "GET", HOST, path, b"").await;
     assert_eq!(r.headers["content-type"], "application/json");
@@ -120,13 +126,27 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
     // POST with the body as the message; well-known types in their JSON forms.
     let item = json!({"title": "t", "created": "2026-12-03T10:00:00Z", "ttl": "2s",
         "kind": "BOOK", "data": "aGk=", "count": 3, "big": "18446744073709551615"});
-    let r = call(&h1, "POST", HOST, "/v1/shelves/1/items", item.to_string().as_bytes()).await;
+    let r = call(
+        &h1,
+        "POST",
+        HOST,
+        "/v1/shelves/1/items",
+        item.to_string().as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let mut want = item.clone();
     want["name"] = json!("shelves/1");
     assert_eq!(r.json(), want);
     // PATCH with the body as one field.
-    let r = call(&h1, "PATCH", HOST, "/v1/items/9/meta", br#"{"author": "ana"}"#).await;
+    let r = call(
+        &h1,
+        "PATCH",
+        HOST,
+        "/v1/items/9/meta",
+        br#"{"author": "ana"}"#,
+    )
+    .await;
     assert_eq!(r.json(), json!({"id": "9", "meta": {"author": "ana"}}));
 
     // Server streaming: a JSON array, or one document per line.
@@ -152,7 +172,9 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
         .header("te", "trailers")
         .body(client::full(grpc_frame(b"\x10\x07")))
         .expect("request");
-    let r = client::send(&client::h2c(plain), grpc).await.expect("reply");
+    let r = client::send(&client::h2c(plain), grpc)
+        .await
+        .expect("reply");
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["content-type"], "application/grpc");
 
@@ -160,24 +182,48 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
     let seen = backend.requests.load(Ordering::Relaxed);
     let plain_call = "/test.Echo/Plain";
     for (body, want) in [
-        (&br#"{"title": "a",}"#[..], (400, "bad-json-body", Value::Null)),
+        (
+            &br#"{"title": "a",}"#[..],
+            (400, "bad-json-body", Value::Null),
+        ),
         (br#"{"title": "\xff"}"#, (400, "bad-json-body", Value::Null)),
-        (br#"{"nope": 1}"#, (400, "bad-request-message", json!("nope"))),
-        (br#"{"meta": {"pages": "many"}}"#, (400, "bad-request-message", json!("meta.pages"))),
-        (br#"{"kind": "NOVEL"}"#, (400, "bad-request-message", json!("kind"))),
+        (
+            br#"{"nope": 1}"#,
+            (400, "bad-request-message", json!("nope")),
+        ),
+        (
+            br#"{"meta": {"pages": "many"}}"#,
+            (400, "bad-request-message", json!("meta.pages")),
+        ),
+        (
+            br#"{"kind": "NOVEL"}"#,
+            (400, "bad-request-message", json!("kind")),
+        ),
         (b"[1, 2]", (400, "bad-request-message", Value::Null)),
     ] {
         let r = call(&h1, "POST", HOST, plain_call, body).await;
-        assert_eq!(refusal(&r), (want.0, want.1.to_string(), want.2), "{}", r.body);
+        assert_eq!(
+            refusal(&r),
+            (want.0, want.1.to_string(), want.2),
+            "{}",
+            r.body
+        );
     }
     let big = format!(r#"{{"title": "{}"}}"#, "x".repeat(5000));
     let r = call(&h1, "POST", HOST, plain_call, big.as_bytes()).await;
     assert_eq!(refusal(&r).0, 413, "{}", r.body);
     let r = call(&h1, "GET", HOST, "/v1/items/1?nope=1", b"").await;
-    assert_eq!(refusal(&r), (400, "bad-request-message".into(), json!("nope")));
+    assert_eq!(
+        refusal(&r),
+        (400, "bad-request-message".into(), json!("nope"))
+    );
     let r = call(&h1, "GET", HOST, "/v2/items/1", b"").await;
     assert_eq!(refusal(&r).0, 404, "{}", r.body);
-    assert_eq!(backend.requests.load(Ordering::Relaxed), seen, "nothing reached the service");
+    assert_eq!(
+        backend.requests.load(Ordering::Relaxed),
+        seen,
+        "nothing reached the service"
+    );
 
     // A version naming a service the descriptor set lacks is refused by `policy apply` (and
     // `validate`), and, written past validation, by the gateway, which keeps the last good
@@ -190,7 +236,9 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
         .expect_err("refused by `policy apply`")
         .to_string();
     assert!(
-        e.contains("grpc_transcode.service: `test.Nope` is not in the descriptor set (it has: test.Echo)"),
+        e.contains(
+            "grpc_transcode.service: `test.Nope` is not in the descriptor set (it has: test.Echo)"
+        ),
         "{e}"
     );
     let bad = parse_documents(&route("test.Nope"), "t")
@@ -203,12 +251,18 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
     raw.put(key.as_str(), serde_json::to_vec(&bad).expect("json"), None)
         .await
         .expect("put");
-    trellis_tests::wait_for(Duration::from_secs(10), "the gateway refuses it", || async {
-        let d = client::admin(gateway.bound.admin, "/config_dump").await.json();
-        d["etcd"]["discovery"]["rejected"][&key]["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("`test.Nope` is not in the descriptor set"))
-    })
+    trellis_tests::wait_for(
+        Duration::from_secs(10),
+        "the gateway refuses it",
+        || async {
+            let d = client::admin(gateway.bound.admin, "/config_dump")
+                .await
+                .json();
+            d["etcd"]["discovery"]["rejected"][&key]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("`test.Nope` is not in the descriptor set"))
+        },
+    )
     .await;
     let r = call(&h1, "GET", HOST, "/v1/items/7", b"").await;
     assert_eq!((r.status.as_u16(), r.json()), (200, json!({"id": "7"})));
