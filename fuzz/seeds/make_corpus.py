@@ -166,6 +166,14 @@ put("openapi", json.dumps(V1) + "\0" + json.dumps(V2))
 put("openapi", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\npaths:\n  /a:\n    get:\n      responses:\n        '200': {$ref: '#/components/responses/R'}\ncomponents:\n  responses:\n    R: {description: ok}\n\0openapi: 3.1.0\ninfo: {title: t, version: '2'}\n")
 put("openapi", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\ncomponents:\n  schemas:\n    A: {$ref: '#/components/schemas/B'}\n    B: {$ref: '#/components/schemas/A'}\n")
 put("openapi", "{\"openapi\": \"2.0\", \"info\": {}}")
+# --- transcode: JSON requests to the test gRPC service of tests/proto/transcode.proto ---
+for r in ["GET /v1/shelves/3/items/42?title=hi%21&tags=a&tags=b&draft=true&meta.pages=3\n",
+          "POST /v1/shelves/1/items\n{\"title\": \"t\", \"created\": \"2026-12-03T10:00:00Z\", \"ttl\": \"2s\", \"kind\": \"BOOK\", \"data\": \"aGk=\", \"count\": 3, \"big\": \"18446744073709551615\"}",
+          "PATCH /v1/items/9/meta\n{\"author\": \"ana\", \"pages\": 12}",
+          "GET /v1/items/5:stream\n", "GET /v1/missing/1\n", "GET /v1/items/a%2Fb%20c?count=0&created=1970-01-01T00:00:01Z\n",
+          "POST /test.Echo/Plain\n{\"meta\": {\"pages\": \"many\"}, \"nope\": [1, {}]}",
+          "POST /test.Echo/Plain\n[1, 2]", "GET /v1/shelves/%ff/items/1\n"]:
+    put("transcode", r)
 print("corpus written to", OUT)
 
 # --- inject: the injection tests' manifests (every workload kind, a List in JSON, YAML 1.1

@@ -1,6 +1,7 @@
 //! Fuzz targets for everything in Trellis that parses input a stranger controls: tokens and key
 //! sets, policy documents and registrations as read from etcd, SPIFFE IDs and certificates,
-//! HTTPRoute matching and rewriting, `grpc-timeout`, rate-limit keys and protocol detection.
+//! HTTPRoute matching and rewriting, `grpc-timeout`, rate-limit keys, protocol detection and
+//! JSON requests to a transcoded gRPC service.
 //!
 //! Each target is a `fn(&[u8]) -> u64` that must never panic whatever the bytes: it returns an
 //! *outcome label* (a hash of what happened, e.g. which error) that the stable driver uses as

@@ -116,7 +116,8 @@ fn every_target_has_a_test() {
             "ratelimit",
             "protocol",
             "openapi",
-            "inject"
+            "inject",
+            "transcode"
         ]
     );
 }
@@ -129,4 +130,9 @@ fn openapi() {
 #[test]
 fn inject() {
     short_pass("inject");
+}
+
+#[test]
+fn transcode() {
+    short_pass("transcode");
 }

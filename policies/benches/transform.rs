@@ -3,10 +3,12 @@
 //!
 //! `cargo bench -p trellis-policies --bench transform`
 
-use std::time::{Duration, Instant};
-
 use criterion::{criterion_group, Criterion};
 use trellis_policies::compose::{compile_jq, BodyProgram, TransformSpec};
+
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::per_run;
 
 /// A reshape of the kind a public contract asks for.
 const RESHAPE: &str = "{id, customer: .customer.name, \
@@ -60,17 +62,7 @@ fn fields() -> TransformSpec {
         .expect("spec")
 }
 
-/// This process's user + system CPU time, from /proc (clock ticks of 10 ms).
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-/// CPU time per transform, which a loaded machine (other builds on the same cores) inflates
-/// far less than the wall time criterion reports.
+/// CPU time per transform.
 fn cpu_per_transform() {
     let body = body();
     let reshape = BodyProgram::Jq(compile_jq(RESHAPE).expect("compiles"));
@@ -82,19 +74,10 @@ fn cpu_per_transform() {
         ("field operations (native)", &native),
         ("identity jq", &identity),
     ] {
-        let (Some(start), wall) = (cpu_time(), Instant::now()) else {
-            return;
-        };
-        for _ in 0..n {
-            std::hint::black_box(program.apply(&body).expect("transforms"));
-        }
-        if let Some(end) = cpu_time() {
-            println!(
-                "{name}, 2 kB body: {:.1} us CPU, {:.1} us wall per transform ({n} runs)",
-                (end - start).as_secs_f64() * 1e6 / f64::from(n),
-                wall.elapsed().as_secs_f64() * 1e6 / f64::from(n),
-            );
-        }
+        let label = format!("{name}, 2 kB body");
+        per_run(&label, "transform", n, || {
+            program.apply(&body).expect("transforms")
+        });
     }
 }
 

@@ -376,7 +376,8 @@ fn resolve_pointer<'a>(doc: &'a Value, reference: &str) -> Result<&'a Value, Str
         .ok_or_else(|| format!("`{reference}` does not resolve within the document"))
 }
 
-fn kind(v: &Value) -> &'static str {
+/// A JSON value's kind, with its article, for error messages.
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -87,6 +87,10 @@ pub struct HttpRouteRule {
     /// JSON body transforms of a forwarding rule (see [`crate::compose`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<crate::compose::BodyTransform>,
+    /// The rule's backend is a gRPC service, also offered as REST/JSON from its descriptor set
+    /// and `google.api.http` annotations (ingress only; see [`crate::compose`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_transcode: Option<crate::compose::GrpcTranscode>,
     /// Time allowed for the response headers; overrides the backend service's request timeout.
     #[serde(
         default,
@@ -376,10 +380,15 @@ impl HttpRouteSpec {
         }
         let mut names = HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
-            if r.aggregate.is_some() && self.binds(MESH) {
-                return Err(format!(
-                    "rules[{i}].aggregate: only at an ingress gateway (list it in `gateways`, without `{MESH}`)"
-                ));
+            for (field, set) in [
+                ("aggregate", r.aggregate.is_some()),
+                ("grpc_transcode", r.grpc_transcode.is_some()),
+            ] {
+                if set && self.binds(MESH) {
+                    return Err(format!(
+                        "rules[{i}].{field}: only at an ingress gateway (list it in `gateways`, without `{MESH}`)"
+                    ));
+                }
             }
             r.validate().map_err(|m| format!("rules[{i}].{m}"))?;
             if let Some(v) = &r.validation {
@@ -430,6 +439,12 @@ impl HttpRouteRule {
                 return Err("transform: only applies to a rule with `backends`".into());
             }
             t.validate().map_err(|m| format!("transform.{m}"))?;
+        }
+        if let Some(t) = &self.grpc_transcode {
+            if !forwards || self.transform.is_some() || self.rewrite.is_some() {
+                return Err("grpc_transcode: only applies to a rule with `backends`, without `transform` or `rewrite` (the path is matched as the client sent it)".into());
+            }
+            t.validate().map_err(|m| format!("grpc_transcode.{m}"))?;
         }
         if !forwards {
             for (field, set) in [

@@ -2,7 +2,8 @@
 //! `/echo` (request description as JSON), `/upload` (counts a streamed body), `/download/<n>`
 //! (streams n bytes), `/slow/<ms>`, `/status/<code>`, `/ws` (WebSocket echo), and gRPC methods
 //! `/test.Echo/Unary`, `/test.Echo/Stream` (bidi, echoes each message as it arrives) and
-//! `/test.Echo/Fail` (error status in trailers), `/test.Echo/Slow` (answers after 2 s).
+//! `/test.Echo/Fail` (error status in trailers), `/test.Echo/Slow` (answers after 2 s),
+//! `/test.Echo/Repeat` (each message three times: a server stream).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -392,9 +393,16 @@ async fn grpc(method: String, req: Request<Incoming>) -> Response<Body> {
                 buf.extend_from_slice(&data);
                 for msg in grpc_messages(&mut buf) {
                     count += 1;
-                    if method != "Fail" && tx.send(Ok(Frame::data(grpc_frame(&msg)))).await.is_err()
-                    {
-                        return;
+                    // `Repeat` (server streaming) answers each message three times.
+                    let copies = match method.as_str() {
+                        "Fail" => 0,
+                        "Repeat" => 3,
+                        _ => 1,
+                    };
+                    for _ in 0..copies {
+                        if tx.send(Ok(Frame::data(grpc_frame(&msg)))).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }

@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod routing;
 pub mod spiffe;
+pub mod transcode;
 
 pub static ALL: &[Target] = &[
     Target {
@@ -101,6 +102,14 @@ pub static ALL: &[Target] = &[
         max_len: 64 * 1024,
         dict: inject::DICT,
         alloc_fixed: 16 << 20,
+        alloc_per_byte: 1024,
+    },
+    Target {
+        name: "transcode",
+        run: transcode::run,
+        max_len: 16 * 1024,
+        dict: transcode::DICT,
+        alloc_fixed: 4 << 20,
         alloc_per_byte: 1024,
     },
 ];

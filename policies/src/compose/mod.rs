@@ -1,6 +1,7 @@
 //! API composition at the edge, as HTTPRoute rule fields: `aggregate` (one public call that
-//! fans out to several services and merges their JSON answers) and `transform` (JSON body
-//! transforms with jq, compiled by jaq).
+//! fans out to several services and merges their JSON answers), `transform` (JSON body
+//! transforms with jq, compiled by jaq) and `grpc_transcode` (a gRPC service as REST/JSON,
+//! from its descriptor set).
 //!
 //! Validated here so that a policy that validates compiles in the data plane: the jq
 //! expressions are compiled by [`compile_jq`], the same function the proxy uses, and the
@@ -10,10 +11,15 @@ mod aggregate;
 mod fields;
 mod jq;
 mod template;
+mod transcode;
 mod transform;
 
 pub use aggregate::{AggregateCall, AggregateSpec, MergeMode, MAX_CALLS};
 pub use fields::FieldOps;
 pub use jq::{compile_jq, JqError, JqFilter, MAX_JQ_LEN};
 pub use template::{Part, Template};
+pub use transcode::{
+    Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError, Transcoder,
+    MAX_DESCRIPTOR_SET, MAX_TRANSCODE_BYTES,
+};
 pub use transform::{BodyProgram, BodyTransform, TransformSpec, MAX_TRANSFORM_BODY};

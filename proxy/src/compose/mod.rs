@@ -1,5 +1,6 @@
 //! API composition at the edge, compiled from HTTPRoute rules: aggregates (one public call
-//! answered by several mesh calls, merged) and JSON body transforms (jq, by jaq).
+//! answered by several mesh calls, merged), JSON body transforms (jq, by jaq) and gRPC-JSON
+//! transcoding (a gRPC service as REST/JSON); and gRPC-Web, translated to gRPC.
 //!
 //! Both buffer bodies, so both bound them: a request over the limit is refused before anything
 //! is sent (nothing reaches a backend half-made), an upstream answer over it fails the call.
@@ -9,15 +10,58 @@
 pub mod aggregate;
 pub mod body;
 pub mod grpc_web;
+pub mod transcode;
 pub mod transform;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
-use trellis_policies::compose::JqError;
+use trellis_policies::compose::{JqError, TranscodeError};
 
 pub use aggregate::Aggregate;
 pub use transform::Transform;
+
+/// Rewrites a streamed response body's frames at the ingress: as gRPC-Web's, or as JSON (a
+/// transcoded server stream).
+#[derive(Debug)]
+pub enum Reframe {
+    Web(grpc_web::Encoder),
+    Json(transcode::JsonStream),
+}
+
+// === impl Reframe ===
+
+impl Reframe {
+    /// One frame rewritten; `last`: no frame follows.
+    pub fn frame(
+        &mut self,
+        frame: http_body::Frame<Bytes>,
+        last: bool,
+    ) -> Result<http_body::Frame<Bytes>, crate::http::body::BoxError> {
+        let frame = match frame.into_data() {
+            Ok(data) => match self {
+                Self::Web(w) => w.data(data, last),
+                Self::Json(j) => j.data(&data, last)?,
+            },
+            Err(f) => match f.into_trailers() {
+                Ok(t) => match self {
+                    Self::Web(w) => w.trailers(&t),
+                    Self::Json(j) => j.trailers(&t),
+                },
+                Err(f) => return Ok(f),
+            },
+        };
+        Ok(http_body::Frame::data(frame))
+    }
+
+    /// The body ended: what is still owed (a JSON stream's closing).
+    pub fn end(&mut self) -> Option<Bytes> {
+        match self {
+            Self::Web(_) => None,
+            Self::Json(j) => j.end(),
+        }
+    }
+}
 
 /// Why a composed request could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +80,21 @@ pub enum ComposeError {
     BadGrpcWeb(String),
     #[error("the path does not fit the aggregate's parameters `{0}`")]
     PathMismatch(String),
+    #[error("no HTTP binding of the gRPC service fits `{method} {path}`")]
+    NoBinding { method: String, path: String },
+    /// A JSON request that does not map to the method's input message (or an answer that is
+    /// not its output message).
+    #[error("{0}")]
+    Transcode(TranscodeError),
+    #[error("the upstream's gRPC answer cannot be transcoded: {0}")]
+    BadUpstreamGrpc(String),
+    /// A transcoded call failed with a gRPC status: answered with its HTTP mapping.
+    #[error("the service answered {}: {message}", transcode::code_name(*code))]
+    GrpcStatus {
+        code: u32,
+        message: String,
+        cause: &'static str,
+    },
     /// A required call of an aggregate failed: answered with the upstream's status and cause.
     #[error("call `{call}` to `{service}` failed ({cause}): {message}")]
     CallFailed {
@@ -57,8 +116,13 @@ impl ComposeError {
             Self::UpstreamTooLarge { .. }
             | Self::BadUpstreamBody(_)
             | Self::UpstreamBodyFailed(_) => StatusCode::BAD_GATEWAY,
-            Self::PathMismatch(_) => StatusCode::NOT_FOUND,
+            Self::PathMismatch(_) | Self::NoBinding { .. } => StatusCode::NOT_FOUND,
             Self::CallFailed { status, .. } => *status,
+            Self::Transcode(TranscodeError::BadUpstream { .. }) | Self::BadUpstreamGrpc(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::Transcode(_) => StatusCode::BAD_REQUEST,
+            Self::GrpcStatus { code, .. } => transcode::http_status(*code),
         }
     }
 
@@ -71,8 +135,13 @@ impl ComposeError {
             Self::UpstreamTooLarge { .. } => "upstream-body-too-large",
             Self::BadUpstreamBody(_) => "bad-upstream-json",
             Self::UpstreamBodyFailed(_) => "upstream-failed",
-            Self::PathMismatch(_) => "no-route",
-            Self::CallFailed { cause, .. } => cause,
+            Self::PathMismatch(_) | Self::NoBinding { .. } => "no-route",
+            Self::CallFailed { cause, .. } | Self::GrpcStatus { cause, .. } => cause,
+            Self::Transcode(TranscodeError::BadJson(_)) => "bad-json-body",
+            Self::Transcode(TranscodeError::BadUpstream { .. }) | Self::BadUpstreamGrpc(_) => {
+                "bad-upstream-grpc"
+            }
+            Self::Transcode(_) => "bad-request-message",
         }
     }
 
@@ -84,13 +153,44 @@ impl ComposeError {
             "status": self.status().as_u16(),
             "detail": self.to_string(),
         });
-        if let Self::CallFailed { call, service, .. } = &self {
-            doc["call"] = call.as_str().into();
-            doc["service"] = service.as_str().into();
+        match &self {
+            Self::CallFailed { call, service, .. } => {
+                doc["call"] = call.as_str().into();
+                doc["service"] = service.as_str().into();
+            }
+            Self::Transcode(e) => {
+                if let Some(f) = e.field() {
+                    doc["field"] = f.into();
+                }
+            }
+            // google.rpc.Status's JSON fields too, which gRPC-JSON clients read.
+            Self::GrpcStatus { code, message, .. } => {
+                doc["code"] = (*code).into();
+                doc["grpc_status"] = transcode::code_name(*code).into();
+                doc["message"] = message.as_str().into();
+            }
+            _ => {}
         }
         problem(self.status(), self.cause(), &doc)
     }
 }
+
+/// Headers of a public request that a call the gateway builds from it does not carry: its
+/// framing, content negotiation and conditions (the gateway asks for whole, plain answers).
+pub const NOT_CARRIED: [header::HeaderName; 12] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::ACCEPT,
+    header::ACCEPT_ENCODING,
+    header::RANGE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
 
 /// The causes composition names in `trellis-error` (besides the upstream's own).
 pub const CAUSES: &[&str] = &[
@@ -102,6 +202,8 @@ pub const CAUSES: &[&str] = &[
     "upstream-status",
     "aggregate-dependency-failed",
     "aggregate-missing-field",
+    "bad-request-message",
+    "bad-upstream-grpc",
 ];
 
 /// A `application/problem+json` response with `trellis-error: cause`.

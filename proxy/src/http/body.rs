@@ -39,9 +39,9 @@ pub struct Streamed {
     /// Copies the body into the response cache as it passes (boxed: only cached misses have
     /// one).
     tee: Option<Box<crate::cache::Tee>>,
-    /// Rewrites the frames as gRPC-Web's, at the ingress (boxed: only browsers' calls have
-    /// one).
-    web: Option<Box<crate::compose::grpc_web::Encoder>>,
+    /// Rewrites the frames as gRPC-Web's or as JSON, at the ingress (boxed: only browsers'
+    /// calls and transcoded streams have one).
+    reframe: Option<Box<crate::compose::Reframe>>,
     /// Copies the body for its check against the API's description (audit mode, boxed:
     /// only validated routes have one).
     audit: Option<Box<crate::validate::audit::AuditTap>>,
@@ -58,7 +58,7 @@ impl Streamed {
             outer: None,
             checkin: None,
             tee: None,
-            web: None,
+            reframe: None,
             audit: None,
         }
     }
@@ -116,7 +116,13 @@ impl Streamed {
     /// End `span` with the body; a second span is the one around the first (ended after it).
     /// Send the frames as gRPC-Web's: trailers as the last data frame, base64 for text.
     pub fn grpc_web(mut self, encoder: crate::compose::grpc_web::Encoder) -> Self {
-        self.web = Some(Box::new(encoder));
+        self.reframe = Some(Box::new(crate::compose::Reframe::Web(encoder)));
+        self
+    }
+
+    /// Send a transcoded gRPC server stream's messages as JSON as they come.
+    pub fn grpc_json(mut self, stream: crate::compose::transcode::JsonStream) -> Self {
+        self.reframe = Some(Box::new(crate::compose::Reframe::Json(stream)));
         self
     }
 
@@ -211,19 +217,14 @@ impl Body for Streamed {
                     }
                 }
                 let frame = frame.map(|r| r.map_err(Into::into));
-                let Some(web) = this.web.as_deref_mut() else {
+                let Some(reframe) = this.reframe.as_deref_mut() else {
                     return Poll::Ready(frame);
                 };
                 let last = this.inner.is_end_stream();
-                Poll::Ready(frame.map(|r| {
-                    r.map(|f| match f.into_data() {
-                        Ok(data) => Frame::data(web.data(data, last)),
-                        Err(f) => match f.into_trailers() {
-                            Ok(t) => Frame::data(web.trailers(&t)),
-                            Err(f) => f,
-                        },
-                    })
-                }))
+                Poll::Ready(match frame {
+                    Some(r) => Some(r.and_then(|f| reframe.frame(f, last))),
+                    None => reframe.end().map(|tail| Ok(Frame::data(tail))),
+                })
             }
             Poll::Pending => {
                 let expired = match &mut this.idle {
@@ -246,8 +247,9 @@ impl Body for Streamed {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.web.is_some() {
-            // Trailers become data, text grows by a third: the length is not the upstream's.
+        if self.reframe.is_some() {
+            // Trailers become data, text grows by a third, JSON is not protobuf: the length
+            // is not the upstream's.
             return SizeHint::default();
         }
         self.inner.size_hint()

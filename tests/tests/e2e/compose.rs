@@ -535,3 +535,77 @@ async fn grpc_web_binary_and_text_are_translated_byte_for_byte() {
     assert_eq!(headers["grpc-status"], "8", "RESOURCE_EXHAUSTED");
     assert_eq!(e.backend.requests.load(Ordering::Relaxed), seen);
 }
+
+/// Where `.ci/run` installs the npm `grpc-web` client library and `xhr2`, if they are there
+/// and `node` runs.
+fn grpc_web_modules() -> Result<std::path::PathBuf, String> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .ok_or("no cache directory (HOME unset)")?;
+    let modules = cache.join("trellis-grpc-web/node_modules");
+    if !modules.join("grpc-web").is_dir() || !modules.join("xhr2").is_dir() {
+        return Err(format!("no grpc-web and xhr2 in {}", modules.display()));
+    }
+    let node = std::process::Command::new("node").arg("--version").output();
+    match node {
+        Ok(o) if o.status.success() => Ok(modules),
+        _ => Err("node does not run".into()),
+    }
+}
+
+/// gRPC-Web from the npm `grpc-web` library itself (the browsers' client), under node, in
+/// both formats: a unary call's message, a failing call's status and message, a server
+/// stream's three messages. Skipped, saying why, when node or the package is absent outside
+/// CI (`.ci/run` installs them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_from_the_npm_client_library() {
+    let modules = match grpc_web_modules() {
+        Ok(m) => m,
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: {why} (bash .ci/run installs them)");
+            return;
+        }
+        Err(why) => panic!("{why}"),
+    };
+    // [`RPC`] for `localhost`: the npm client's XMLHttpRequest cannot set `Host`.
+    let e = edge(None, &RPC.replace("[api.example.com]", "[localhost]")).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc-web/call.js");
+    let base = format!("http://localhost:{}", e.plain().port());
+    for format in ["text", "binary"] {
+        let run = tokio::process::Command::new("node")
+            .arg(&script)
+            .arg(&base)
+            .arg(format)
+            .env("NODE_PATH", &modules)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("node in time")
+            .expect("node runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(lines.len(), 3, "{format}: {stdout}\n{stderr}");
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"call": "Say", "code": 0, "message": "0a03616263"}),
+            "{format}"
+        );
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"call": "Fail", "code": 5, "message": "no such thing"}),
+            "{format}"
+        );
+        assert_eq!(
+            lines[2],
+            serde_json::json!({"call": "Repeat", "code": 0,
+                "messages": ["0a03616263", "0a03616263", "0a03616263"]}),
+            "{format}"
+        );
+    }
+}

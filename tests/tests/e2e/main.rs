@@ -40,4 +40,5 @@ mod slow_readers;
 mod store;
 mod streaming;
 mod tracing;
+mod transcode;
 mod websocket;

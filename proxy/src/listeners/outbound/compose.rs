@@ -1,7 +1,8 @@
-//! Composition's mesh calls: an aggregate's fan-out at the edge and a transformed rule's
-//! forward. Each call is a normal mesh call ([`Outbound::forward_built`]) observed like any
-//! routed request (metrics, access log, a client span), so an aggregate's trace shows the
-//! ingress's server span with one child per call.
+//! Composition's mesh calls: an aggregate's fan-out at the edge, a transformed rule's
+//! forward and a transcoded JSON request's gRPC call. Each call is a normal mesh call
+//! ([`Outbound::forward_built`]) observed like any routed request (metrics, access log, a
+//! client span), so an aggregate's trace shows the ingress's server span with one child per
+//! call.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use hyper::body::Incoming;
 use super::Outbound;
 use crate::compose::aggregate::{Answer, Call, Failure};
 use crate::compose::body::{collect, refused_request, Collect};
-use crate::compose::{grpc_web, Aggregate, ComposeError, Transform};
+use crate::compose::{grpc_web, transcode, Aggregate, ComposeError, Transform};
 use crate::error::{known_cause, ProxyError};
 use crate::http::headers::{request_host, ERROR_HEADER};
 use crate::listeners::lifecycle::{Labels, Lifecycle};
@@ -22,24 +23,7 @@ use crate::policy::routing::{self, Action, Decision, RouteTimeout, Rule};
 use crate::state::target::Target;
 use crate::telemetry::trace::{logs, RequestSpan};
 use crate::ResponseBody;
-
-/// Headers of the public request an aggregate's calls do not inherit: its framing, its
-/// content negotiation and conditions (each call asks for plain JSON, whole).
-const NOT_INHERITED: [header::HeaderName; 13] = [
-    header::HOST,
-    header::CONTENT_LENGTH,
-    header::CONTENT_TYPE,
-    header::TRANSFER_ENCODING,
-    header::EXPECT,
-    header::ACCEPT,
-    header::ACCEPT_ENCODING,
-    header::RANGE,
-    header::IF_MATCH,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-];
+use trellis_policies::compose::Transcoder;
 
 /// What every call of one aggregate shares.
 struct Fanout<'a> {
@@ -100,7 +84,9 @@ impl Outbound {
         let grpc = crate::http::grpc::is_grpc(req.headers());
         let (parts, _body) = req.into_parts();
         let mut headers = parts.headers;
-        for h in &NOT_INHERITED {
+        // Each call has its own host and asks for plain JSON, whole.
+        headers.remove(header::HOST);
+        for h in &crate::compose::NOT_CARRIED {
             headers.remove(h);
         }
         let fanout = Fanout {
@@ -257,6 +243,22 @@ impl Outbound {
         let req = within(limit, t.request(req)).await?;
         let resp = self.forward_built(route, req, client, span).await?;
         t.response(resp).await
+    }
+
+    /// Forward a JSON request to a gRPC service: mapped to the method's message (within the
+    /// request timeout) before anything is sent, the answer mapped back to JSON.
+    pub(super) async fn forward_transcoded(
+        &self,
+        t: &Transcoder,
+        route: &Target,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limit = self.body_time(route, &req);
+        let (req, binding) = within(limit, transcode::request(t, req)).await?;
+        let resp = self.forward_built(route, req, client, span).await?;
+        transcode::response(t, binding, resp).await
     }
 
     /// Forward a gRPC-Web text request: its base64 body read whole (bounded) and decoded

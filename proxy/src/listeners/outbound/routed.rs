@@ -210,12 +210,20 @@ impl Outbound {
                     .extensions()
                     .get::<crate::compose::grpc_web::WebText>()
                     .is_some();
-                let result = match &rule.transform {
-                    None if web_text => {
+                let transcoded = rule
+                    .transcode
+                    .as_deref()
+                    .filter(|_| !crate::http::grpc::is_grpc(req.headers()));
+                let result = match (transcoded, &rule.transform) {
+                    // JSON to a gRPC service; its gRPC (and gRPC-Web) callers pass as they are.
+                    (Some(t), _) => {
+                        Box::pin(self.forward_transcoded(t, &route, req, client, span)).await
+                    }
+                    (None, None) if web_text => {
                         Box::pin(self.forward_web_text(&route, req, client, span)).await
                     }
-                    None => self.forward(&route, req, client, span).await,
-                    Some(t) => {
+                    (None, None) => self.forward(&route, req, client, span).await,
+                    (None, Some(t)) => {
                         let transformed = self.forward_transformed(t, &route, req, client, span);
                         Box::pin(transformed).await
                     }

@@ -54,6 +54,8 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// JSON body transforms (forwarding rules only).
     pub transform: Option<Arc<crate::compose::Transform>>,
+    /// gRPC-JSON transcoding of the backend's gRPC service (gateway tables only).
+    pub transcode: Option<Arc<trellis_policies::compose::Transcoder>>,
     /// OpenAPI validation of the rule's requests (gateway tables only: sidecars do not validate).
     pub validation: Option<crate::validate::RuleValidation>,
     /// Draws for backend weights, faults and mirroring.
@@ -312,6 +314,12 @@ impl Rule {
                 .map(|t| crate::compose::Transform::compile(t).map(Arc::new))
                 .transpose()
                 .map_err(|m| format!("transform.{m}"))?,
+            transcode: r
+                .grpc_transcode
+                .as_ref()
+                .map(|t| t.compile().map(Arc::new))
+                .transpose()
+                .map_err(|m| format!("grpc_transcode.{m}"))?,
             validation: r
                 .validation
                 .as_ref()
