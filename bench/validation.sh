@@ -19,6 +19,8 @@
 # `callgrind_control --zero` and `--dump`: the ingress's instructions per request, all its
 # threads. Its background work (the 5 s refresh of the routes and documents, the etcd watch)
 # is measured idle first and subtracted, pro rata of each measurement's duration.
+# BENCH_CALLGRIND_KEEP=DIR keeps each route's profile there (DIR/plain.out, ...), for
+# callgrind_annotate.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECS="${BENCH_SECONDS:-10}"
@@ -168,7 +170,7 @@ sidecar_config gateway "$G_IN" "$G_OUT" "$G_ADM" "$G_TLS" >"$D/g.yaml"
 RUST_LOG=warn taskset -c 1 "$AGENT" run --config "$D/b.yaml" 2>"$D/b.log" & MB=$!; PIDS+=("$MB")
 UNDER=()
 [[ "$CALLGRIND" == 1 ]] && UNDER=(valgrind --tool=callgrind --callgrind-out-file="$D/cg.out")
-RUST_LOG=warn taskset -c 1 "${UNDER[@]}" "$AGENT" run --mode ingress --config "$D/g.yaml" 2>"$D/g.log" & MG=$!; PIDS+=("$MG")
+RUST_LOG=warn taskset -c 1 "${UNDER[@]}" "${AGENT_UNDER_TEST:-$AGENT}" run --mode ingress --config "$D/g.yaml" 2>"$D/g.log" & MG=$!; PIDS+=("$MG")
 
 post() { # HOST [BODY-FILE] -> status code
     curl -s -o "$D/last.out" -w '%{http_code}' -k --resolve "$1:$G_TLS:127.0.0.1" \
@@ -192,20 +194,21 @@ if [[ "$CALLGRIND" == 1 ]]; then
         awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$f"
     }
     for _ in $(seq "$REQUESTS"); do printf 'url = "https://%%HOST%%:%s/orders"\noutput = /dev/null\n' "$G_TLS"; done >"$D/urls.tmpl"
-    callgrind_control -z "$MG" >/dev/null
+    callgrind_control -z "$MG" >/dev/null 2>&1
     sleep 10
-    callgrind_control -d "$MG" >/dev/null
+    callgrind_control -d "$MG" >/dev/null 2>&1
     IDLE=$(awk -v ir="$(dumped)" 'BEGIN { printf "%.0f", ir / 10 }')
     # ir NAME HOST: the ingress's instructions per request, background subtracted.
     ir() {
         sed "s/%HOST%/$2/" "$D/urls.tmpl" >"$D/urls"
-        callgrind_control -z "$MG" >/dev/null
+        callgrind_control -z "$MG" >/dev/null 2>&1
         local t0 t1 codes
         t0=$(date +%s.%N)
         codes=$(curl -s -k --resolve "$2:$G_TLS:127.0.0.1" -H 'content-type: application/json' \
             --data-binary "@$D/order.json" -w '%{http_code}\n' -K "$D/urls" | sort | uniq -c | tr -s ' ')
         t1=$(date +%s.%N)
-        callgrind_control -d "$MG" >/dev/null
+        callgrind_control -d "$MG" >/dev/null 2>&1
+        [[ -n "${BENCH_CALLGRIND_KEEP:-}" ]] && cp "$(ls -t "$D"/cg.out.* | head -1)" "$BENCH_CALLGRIND_KEEP/$1.out"
         [[ "$codes" == " $REQUESTS 200" ]] || die "$1: not every answer was 200: $codes"
         awk -v ir="$(dumped)" -v idle="$IDLE" -v t="$(echo "$t1 - $t0" | bc)" -v n="$REQUESTS" \
             'BEGIN { printf "%.0f\n", (ir - idle * t) / n }'
