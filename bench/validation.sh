@@ -12,13 +12,25 @@
 # change on the machine hits all three; the ratios are per round, their median is reported.
 #
 #   bash bench/validation.sh   # BENCH_SECONDS (10), BENCH_ROUNDS (3), BENCH_PORT_BASE (28800), BENCH_SKIP_BUILD
+#
+# BENCH_CALLGRIND=1 counts instructions instead (repeatable on a busy machine, where CPU time
+# is not): the ingress runs under valgrind's callgrind, and each measurement is BENCH_REQUESTS
+# (2000) sequential POSTs of the order from one curl on one keep-alive connection, between
+# `callgrind_control --zero` and `--dump`: the ingress's instructions per request, all its
+# threads. Its background work (the 5 s refresh of the routes and documents, the etcd watch)
+# is measured idle first and subtracted, pro rata of each measurement's duration.
+# BENCH_CALLGRIND_KEEP=DIR keeps each route's profile there (DIR/plain.out, ...), for
+# callgrind_annotate.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECS="${BENCH_SECONDS:-10}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 BASE="${BENCH_PORT_BASE:-28800}"
 bench_init validation
-need oha nginx openssl etcd jq curl taskset
+CALLGRIND="${BENCH_CALLGRIND:-0}"
+REQUESTS="${BENCH_REQUESTS:-2000}"
+if [[ "$CALLGRIND" == 1 ]]; then need valgrind callgrind_control; else need oha; fi
+need nginx openssl etcd jq curl taskset
 build_release
 
 BACKEND=$BASE; B_IN=$((BASE + 1)); B_OUT=$((BASE + 2)); B_ADM=$((BASE + 3))
@@ -156,13 +168,15 @@ CONF
 sidecar_config orders "$B_IN" "$B_OUT" "$B_ADM" >"$D/b.yaml"
 sidecar_config gateway "$G_IN" "$G_OUT" "$G_ADM" "$G_TLS" >"$D/g.yaml"
 RUST_LOG=warn taskset -c 1 "$AGENT" run --config "$D/b.yaml" 2>"$D/b.log" & MB=$!; PIDS+=("$MB")
-RUST_LOG=warn taskset -c 1 "$AGENT" run --mode ingress --config "$D/g.yaml" 2>"$D/g.log" & MG=$!; PIDS+=("$MG")
+UNDER=()
+[[ "$CALLGRIND" == 1 ]] && UNDER=(valgrind --tool=callgrind --callgrind-out-file="$D/cg.out")
+RUST_LOG=warn taskset -c 1 "${UNDER[@]}" "${AGENT_UNDER_TEST:-$AGENT}" run --mode ingress --config "$D/g.yaml" 2>"$D/g.log" & MG=$!; PIDS+=("$MG")
 
 post() { # HOST [BODY-FILE] -> status code
     curl -s -o "$D/last.out" -w '%{http_code}' -k --resolve "$1:$G_TLS:127.0.0.1" \
         -H 'content-type: application/json' --data-binary "@${2:-$D/order.json}" "https://$1:$G_TLS/orders"
 }
-for _ in $(seq 200); do
+for _ in $(seq $(( CALLGRIND == 1 ? 1200 : 200 ))); do
     [[ "$(post api.bench.local)" == 200 && "$(post plain.bench.local)" == 200 ]] && break
     sleep 0.1
 done
@@ -172,6 +186,49 @@ sed 's/"qty": 1,/"qty": 0,/' "$D/order.json" >"$D/bad.json"
 [[ "$(post plain.bench.local "$D/bad.json")" == 200 ]] || die "the plain route refused an order"
 
 # --- measurements -----------------------------------------------------------------------------
+if [[ "$CALLGRIND" == 1 ]]; then
+    # The instructions of the last dump (callgrind_control -d), all threads.
+    dumped() {
+        local f
+        f=$(ls -t "$D"/cg.out.* | head -1)
+        awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$f"
+    }
+    for _ in $(seq "$REQUESTS"); do printf 'url = "https://%%HOST%%:%s/orders"\noutput = /dev/null\n' "$G_TLS"; done >"$D/urls.tmpl"
+    callgrind_control -z "$MG" >/dev/null 2>&1
+    sleep 10
+    callgrind_control -d "$MG" >/dev/null 2>&1
+    IDLE=$(awk -v ir="$(dumped)" 'BEGIN { printf "%.0f", ir / 10 }')
+    # ir NAME HOST: the ingress's instructions per request, background subtracted.
+    ir() {
+        sed "s/%HOST%/$2/" "$D/urls.tmpl" >"$D/urls"
+        callgrind_control -z "$MG" >/dev/null 2>&1
+        local t0 t1 codes
+        t0=$(date +%s.%N)
+        codes=$(curl -s -k --resolve "$2:$G_TLS:127.0.0.1" -H 'content-type: application/json' \
+            --data-binary "@$D/order.json" -w '%{http_code}\n' -K "$D/urls" | sort | uniq -c | tr -s ' ')
+        t1=$(date +%s.%N)
+        callgrind_control -d "$MG" >/dev/null 2>&1
+        [[ -n "${BENCH_CALLGRIND_KEEP:-}" ]] && cp "$(ls -t "$D"/cg.out.* | head -1)" "$BENCH_CALLGRIND_KEEP/$1.out"
+        [[ "$codes" == " $REQUESTS 200" ]] || die "$1: not every answer was 200: $codes"
+        awk -v ir="$(dumped)" -v idle="$IDLE" -v t="$(echo "$t1 - $t0" | bc)" -v n="$REQUESTS" \
+            'BEGIN { printf "%.0f\n", (ir - idle * t) / n }'
+    }
+    declare -A IR
+    echo "Validation benchmark under callgrind: $REQUESTS sequential POSTs of a $(wc -c <"$D/order.json")-byte JSON order per measurement; background $IDLE instructions/s subtracted; $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "| route | round | ingress instructions/request | vs plain |"
+    echo "|---|---:|---:|---:|"
+    for round in $(seq "$ROUNDS"); do
+        IR[plain]=$(ir plain plain.bench.local)
+        IR[enforce]=$(ir enforce api.bench.local)
+        IR[audit]=$(ir audit audit.bench.local)
+        for kind in plain enforce audit; do
+            awk -v k="$kind" -v rd="$round" -v c="${IR[$kind]}" -v p="${IR[plain]}" \
+                'BEGIN { printf "| %s | %s | %d | %+.1f %% |\n", k, rd, c, (c / p - 1) * 100 }'
+        done
+    done
+    exit 0
+fi
 ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 # measure NAME HOST: req/s; sets CPU_G (ingress µs/req) and CPU_M (ingress + sidecar).
 measure() {

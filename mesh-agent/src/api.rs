@@ -1,4 +1,5 @@
-//! `mesh-agent api put|list|get|diff`: OpenAPI documents in etcd, once per content hash
+//! `mesh-agent api put|list|get|diff`: OpenAPI documents in etcd (`delete` and `gc`:
+//! [`crate::api_delete`]), once per content hash
 //! (docs/api-specs.md).
 //!
 //! A document is stored as the gzip of its canonical JSON under
@@ -64,6 +65,8 @@ pub enum ApiError {
     },
     #[error("no API spec stored for {0}; see `mesh-agent api list`")]
     NotFound(String),
+    #[error("not deleted: validation at the edge uses it: {0} (change the routes first, or delete with --force)")]
+    InUse(String),
     #[error("etcd key {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("{0} has a stored API document, but no HTTPRoute bound to gateway `{1}` reaches it: it is not public there")]
@@ -329,7 +332,7 @@ pub(crate) async fn entries_with(etcd: &Etcd, keys: &Keys) -> Result<Vec<IndexEn
     Ok(out)
 }
 
-fn parse_entry(key: &str, value: &[u8]) -> Result<IndexEntry, ApiError> {
+pub(crate) fn parse_entry(key: &str, value: &[u8]) -> Result<IndexEntry, ApiError> {
     serde_json::from_slice(value).map_err(|e| ApiError::Corrupt {
         key: key.to_string(),
         reason: format!("not an API index entry: {e}"),
@@ -475,12 +478,27 @@ pub async fn execute(command: crate::cli::ApiCommand) -> Result<String, ApiError
             let changes = diff(&etcd.config(), &service, &from, &to).await?;
             render_diff(&service, &from, &to, &changes, output)
         }
+        C::Delete {
+            service,
+            version,
+            all: _,
+            force,
+            etcd,
+        } => {
+            let d = crate::api_delete::Deletion {
+                service: &service,
+                version: version.as_deref(),
+                force,
+            };
+            Ok(lines(crate::api_delete::delete(&etcd.config(), &d).await?))
+        }
+        C::Gc { dry_run, etcd } => Ok(lines(crate::api_delete::gc(&etcd.config(), dry_run).await?)),
     }
 }
 
 // === rendering ===
 
-fn short(hash: &str) -> &str {
+pub(crate) fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }
 

@@ -588,6 +588,32 @@ pub enum ApiCommand {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// Delete one version of a service's API (--version), or every version (--all); then the
+    /// stored documents no version names any more. Refused while an HTTPRoute validates with
+    /// a deleted version, unless --force.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["version", "all"])))]
+    Delete {
+        service: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// Every version of the service.
+        #[arg(long)]
+        all: bool,
+        /// Delete even when an HTTPRoute's `validation` names the version.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete the stored documents that no service version names (left by an interrupted
+    /// delete, or by a delete that raced a put).
+    Gc {
+        /// List what would be deleted, without deleting.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// What changed between two versions, breaking changes flagged and listed first.
     Diff {
         service: String,

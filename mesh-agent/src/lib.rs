@@ -2,6 +2,7 @@
 //! configuration sources and provides the operator commands.
 
 pub mod api;
+pub mod api_delete;
 pub mod api_fetch;
 pub mod api_public;
 pub mod api_validators;

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use super::dialect;
 use super::paths::PathTable;
+use super::views::{self, Side};
 
 /// The URI the document is registered under.
 const ROOT: &str = "urn:trellis:openapi";
@@ -75,15 +76,35 @@ pub enum In {
     Path,
     Query,
     Header,
+    Cookie,
 }
 
 pub(super) struct Param {
     pub name: String,
     pub location: In,
     pub required: bool,
-    /// Query arrays: repeated (`?t=a&t=b`, the default) or comma-separated (`explode: false`).
+    /// How an array or object is written (OpenAPI's `style`; the location's default).
+    pub style: Style,
+    /// Query and cookie arrays and objects: one key per item or property (`?t=a&t=b`,
+    /// `?color=red&size=10`: the default) or one comma-separated value (`explode: false`).
     pub explode: bool,
     pub check: Option<Check>,
+}
+
+/// OpenAPI's parameter `style`s the checks read; `label` and `matrix` (path parameters with
+/// a leading `.` or `;`) are read as `simple`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Style {
+    /// Query and cookie default: `t=a,b` or `t=a&t=b`.
+    Form,
+    /// Path and header default: `a,b`; an object `k,v,k,v` (`k=v,k=v` exploded).
+    Simple,
+    /// `?filter[color]=red&filter[size]=10`: an object, one key per property.
+    DeepObject,
+    /// `?t=a|b`.
+    PipeDelimited,
+    /// `?t=a%20b`.
+    SpaceDelimited,
 }
 
 /// A compiled schema, and the JSON type a parameter's text is read as.
@@ -99,6 +120,8 @@ pub(super) enum Shape {
     Number,
     Boolean,
     Array(Box<Shape>),
+    /// Its properties' shapes (others are read as text).
+    Object(Vec<(String, Shape)>),
 }
 
 pub(super) struct BodySpec {
@@ -122,6 +145,19 @@ pub(super) enum StatusKey {
 struct Compiler<'d> {
     doc: &'d Value,
     registry: Registry<'static>,
+    /// The document as request bodies see it (`readOnly`), when it differs.
+    request: Option<Registry<'static>>,
+    /// The document as response bodies see it (`writeOnly`), when it differs.
+    response: Option<Registry<'static>>,
+}
+
+/// The document registered for validators to `$ref` into.
+fn register(doc: Value) -> Result<Registry<'static>, CompileError> {
+    Registry::new()
+        .draft(Draft::Draft202012)
+        .add(ROOT, doc)
+        .and_then(|b| b.prepare())
+        .map_err(|e| CompileError::Registry(e.to_string()))
 }
 
 // === impl CompiledSpec ===
@@ -135,14 +171,12 @@ impl CompiledSpec {
             .is_some_and(|v| v.starts_with("3.0"));
         let mut doc = doc.clone();
         dialect::normalize(&mut doc, v30);
-        let registry = Registry::new()
-            .draft(Draft::Draft202012)
-            .add(ROOT, doc.clone())
-            .and_then(|b| b.prepare())
-            .map_err(|e| CompileError::Registry(e.to_string()))?;
+        let view = |side| views::view(&doc, side).map(register).transpose();
         let compiler = Compiler {
             doc: &doc,
-            registry,
+            registry: register(doc.clone())?,
+            request: view(Side::Request)?,
+            response: view(Side::Response)?,
         };
         let mut paths = PathTable::new();
         let mut operations = 0;
@@ -262,7 +296,7 @@ impl Compiler<'_> {
                 let (b, b_at) = self.follow(b, format!("{at}/requestBody"))?;
                 Some(BodySpec {
                     required: b.get("required").and_then(Value::as_bool) == Some(true),
-                    content: self.content(&b, &b_at)?,
+                    content: self.content(&b, &b_at, Side::Request)?,
                 })
             }
         };
@@ -273,7 +307,7 @@ impl Compiler<'_> {
                     continue;
                 };
                 let (r, r_at) = self.follow(r, format!("{at}/responses/{}", escape(code)))?;
-                responses.push((key, self.content(&r, &r_at)?));
+                responses.push((key, self.content(&r, &r_at, Side::Response)?));
             }
         }
         Ok(Operation {
@@ -283,7 +317,7 @@ impl Compiler<'_> {
         })
     }
 
-    /// A parameter; `None` for cookies and the headers OpenAPI says to ignore.
+    /// A parameter; `None` for the headers OpenAPI says to ignore.
     fn param(&self, p: &Value, at: String) -> Result<Option<Param>, CompileError> {
         let (p, at) = self.follow(p, at)?;
         let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
@@ -291,7 +325,17 @@ impl Compiler<'_> {
             Some("path") => In::Path,
             Some("query") => In::Query,
             Some("header") => In::Header,
+            Some("cookie") => In::Cookie,
             _ => return Ok(None),
+        };
+        let style = match p.get("style").and_then(Value::as_str) {
+            Some("deepObject") => Style::DeepObject,
+            Some("pipeDelimited") => Style::PipeDelimited,
+            Some("spaceDelimited") => Style::SpaceDelimited,
+            Some("form") => Style::Form,
+            Some(_) => Style::Simple,
+            None if matches!(location, In::Query | In::Cookie) => Style::Form,
+            None => Style::Simple,
         };
         let ignored = ["accept", "content-type", "authorization"];
         if location == In::Header && ignored.contains(&name.to_ascii_lowercase().as_str()) {
@@ -300,7 +344,7 @@ impl Compiler<'_> {
         let check = match p.get("schema") {
             Some(s) => Some(Check {
                 shape: self.shape(s, 0),
-                validator: self.validator(&format!("{at}/schema"))?,
+                validator: self.validator(&format!("{at}/schema"), None)?,
             }),
             None => None,
         };
@@ -312,7 +356,12 @@ impl Compiler<'_> {
             location,
             required: location == In::Path
                 || p.get("required").and_then(Value::as_bool) == Some(true),
-            explode: p.get("explode").and_then(Value::as_bool) != Some(false),
+            // OpenAPI: `explode` defaults to true for `form`, false for the other styles.
+            explode: p
+                .get("explode")
+                .and_then(Value::as_bool)
+                .unwrap_or(style == Style::Form),
+            style,
             check,
         }))
     }
@@ -339,19 +388,25 @@ impl Compiler<'_> {
                 let items = schema.get("items").map(|i| self.shape(i, 1));
                 Shape::Array(Box::new(items.unwrap_or(Shape::Text)))
             }
+            "object" if depth == 0 => {
+                let props = schema.get("properties").and_then(Value::as_object);
+                let shapes = props.into_iter().flatten();
+                Shape::Object(shapes.map(|(k, s)| (k.clone(), self.shape(s, 1))).collect())
+            }
             _ => Shape::Text,
         }
     }
 
     /// `content` of a request body or response at `at`.
-    fn content(&self, v: &Value, at: &str) -> Result<Content, CompileError> {
+    fn content(&self, v: &Value, at: &str, side: Side) -> Result<Content, CompileError> {
         let mut out = Vec::new();
         if let Some(content) = v.get("content").and_then(Value::as_object) {
             for (media, m) in content {
                 let range = media.to_ascii_lowercase();
                 let schema = match (is_json(&range), m.get("schema")) {
                     (true, Some(_)) => {
-                        Some(self.validator(&format!("{at}/content/{}/schema", escape(media)))?)
+                        let at = format!("{at}/content/{}/schema", escape(media));
+                        Some(self.validator(&at, Some(side))?)
                     }
                     _ => None,
                 };
@@ -361,20 +416,29 @@ impl Compiler<'_> {
         Ok(Content(out))
     }
 
-    /// The validator of the schema at pointer `at` of the document.
-    fn validator(&self, at: &str) -> Result<Validator, CompileError> {
+    /// The validator of the schema at pointer `at` of the document; for a body, its side's
+    /// view and keyword (`readOnly` refused in requests, `writeOnly` in responses).
+    fn validator(&self, at: &str, side: Option<Side>) -> Result<Validator, CompileError> {
         let fragment = utf8_percent_encode(at, FRAGMENT);
         let schema = json!({ "$ref": format!("{ROOT}#{fragment}") });
-        jsonschema::options()
+        let view = match side {
+            Some(Side::Request) => self.request.as_ref(),
+            Some(Side::Response) => self.response.as_ref(),
+            None => None,
+        };
+        let options = jsonschema::options()
             .with_draft(Draft::Draft202012)
-            .with_registry(&self.registry)
+            .with_registry(view.unwrap_or(&self.registry))
             .should_validate_formats(true)
-            .with_pattern_options(PatternOptions::regex())
-            .build(&schema)
-            .map_err(|e| CompileError::Schema {
-                at: at.to_string(),
-                message: e.to_string(),
-            })
+            .with_pattern_options(PatternOptions::regex());
+        let options = match side {
+            Some(side) => options.with_keyword(side.flag(), views::keyword(side)),
+            None => options,
+        };
+        options.build(&schema).map_err(|e| CompileError::Schema {
+            at: at.to_string(),
+            message: e.to_string(),
+        })
     }
 }
 

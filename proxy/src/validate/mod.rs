@@ -26,6 +26,7 @@ pub mod problem;
 mod request;
 #[cfg(test)]
 mod tests;
+mod views;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -141,19 +142,20 @@ impl EdgeValidation {
         if is_preflight(req) {
             return Ok(None);
         }
-        let op = match spec.operation(req.method(), req.uri().path()) {
+        let (method, uri) = (req.method(), req.uri());
+        let op = match spec.operation(method, uri.path()) {
             Ok((op, captures)) => {
                 if rule.enforce {
-                    let errors =
-                        request::check_params(op, &captures, req.uri().query(), req.headers());
-                    if !errors.is_empty() {
-                        return Err(self.refuse(route, Problem::invalid(errors)));
-                    }
+                    check_params(op, &captures, uri.query(), req.headers())
+                        .map_err(|p| self.refuse(route, p))?;
                 }
                 op.clone()
             }
             Err(_) if !rule.enforce => return Ok(None),
-            Err(path_known) => return Err(self.refuse(route, unknown(&spec, req, path_known))),
+            Err(path_known) => {
+                let p = unknown(&spec, method, uri.path(), path_known);
+                return Err(self.refuse(route, p));
+            }
         };
         if rule.enforce {
             self.check_body(&op, rule, req, body_timeout)
@@ -207,9 +209,41 @@ fn is_preflight<B>(req: &Request<B>) -> bool {
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
+/// The checks of a request whose body is already in memory, in the order
+/// [`EdgeValidation::check`] runs them (which reads the body, bounded, between the parameters
+/// and the schema): for the tests and the benchmark (`proxy/benches/validation.rs`).
+pub fn check_request(
+    spec: &CompiledSpec,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> Result<(), Problem> {
+    let (op, captures) = spec
+        .operation(method, uri.path())
+        .map_err(|known| unknown(spec, method, uri.path(), known))?;
+    check_params(op, &captures, uri.query(), headers)?;
+    match request::plan_body(op.body.as_ref(), headers, body.is_empty())? {
+        BodyPlan::Pass => Ok(()),
+        BodyPlan::Json(validator) => request::check_json(validator, body),
+    }
+}
+
+fn check_params(
+    op: &compile::Operation,
+    captures: &paths::Captures<'_>,
+    query: Option<&str>,
+    headers: &http::HeaderMap,
+) -> Result<(), Problem> {
+    let errors = request::check_params(op, captures, query, headers);
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(Problem::invalid(errors)),
+    }
+}
+
 /// 404 for a path the document does not describe, 405 (with `Allow`) for a method.
-fn unknown(spec: &CompiledSpec, req: &Request<Incoming>, path_known: bool) -> Problem {
-    let path = req.uri().path();
+fn unknown(spec: &CompiledSpec, method: &http::Method, path: &str, path_known: bool) -> Problem {
     if !path_known {
         return Problem::new(
             StatusCode::NOT_FOUND,
@@ -227,8 +261,7 @@ fn unknown(spec: &CompiledSpec, req: &Request<Incoming>, path_known: bool) -> Pr
             "The API does not describe this method for this path",
         )
         .detail(format!(
-            "{} is not an operation of the API on this path",
-            req.method()
+            "{method} is not an operation of the API on this path"
         ))
     }
 }

@@ -1,6 +1,6 @@
 //! The answer to a request validation refuses: `application/problem+json` (RFC 9457) naming
 //! what failed: `type`, `title`, `status`, `detail`, and each failing field with where it is
-//! (`in`: `path`, `query`, `header` or `body`) and its name (a parameter) or JSON pointer (a
+//! (`in`: `path`, `query`, `header`, `cookie` or `body`) and its name (a parameter) or JSON pointer (a
 //! body field).
 
 use bytes::Bytes;
@@ -162,6 +162,7 @@ impl Location {
             Self::Param(In::Path) => "path",
             Self::Param(In::Query) => "query",
             Self::Param(In::Header) => "header",
+            Self::Param(In::Cookie) => "cookie",
             Self::Body => "body",
         }
     }
@@ -178,6 +179,7 @@ impl Location {
             Self::Param(In::Path) => "path_param",
             Self::Param(In::Query) => "query_param",
             Self::Param(In::Header) => "header",
+            Self::Param(In::Cookie) => "cookie_param",
             Self::Body => "body_schema",
         }
     }

@@ -1,10 +1,12 @@
-//! A request against its operation: path, query and header parameters (required, type, enum,
+//! A request against its operation: path, query, header and cookie parameters (required, type, enum,
 //! format: whatever the parameter's schema says, its text read as the schema's type first),
 //! then the body's content type and, for JSON, its schema. Pure functions of the request's
 //! parts; reading the body is [`super::body`]'s.
 //!
 //! Query parameters the document does not name are allowed (clients add tracking and cache
-//! busting parameters; OpenAPI does not forbid them). Cookie parameters are not checked.
+//! busting parameters; OpenAPI does not forbid them). Arrays and objects are read as their
+//! `style` and `explode` write them (`?t=a&t=b`, `?t=a,b`, `?t=a|b`,
+//! `?filter[color]=red&filter[size]=10`, `?color=red&size=10`, `k,v,k,v`).
 
 use std::borrow::Cow;
 
@@ -13,7 +15,7 @@ use jsonschema::error::ValidationErrorKind;
 use jsonschema::{ValidationError, Validator};
 use serde_json::Value;
 
-use super::compile::{is_json, BodySpec, Check, In, Operation, Param, Shape};
+use super::compile::{is_json, BodySpec, Check, In, Operation, Param, Shape, Style};
 use super::paths::Captures;
 use super::problem::{FieldError, Location, Problem, MAX_ERRORS};
 
@@ -25,6 +27,14 @@ pub enum BodyPlan<'o> {
     Json(&'o Validator),
 }
 
+/// A request's parameter sources, each parsed once and only when a parameter reads it.
+struct Sources<'r> {
+    captures: &'r Captures<'r>,
+    query: Vec<(Cow<'r, str>, Cow<'r, str>)>,
+    cookies: Vec<(&'r str, &'r str)>,
+    headers: &'r HeaderMap,
+}
+
 /// The parameters' errors, in the document's order.
 pub fn check_params(
     op: &Operation,
@@ -32,32 +42,22 @@ pub fn check_params(
     query: Option<&str>,
     headers: &HeaderMap,
 ) -> Vec<FieldError> {
-    let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = match query {
-        Some(q) if op.params.iter().any(|p| p.location == In::Query) => {
-            form_urlencoded::parse(q.as_bytes()).collect()
-        }
-        _ => Vec::new(),
+    let reads = |l: In| op.params.iter().any(|p| p.location == l);
+    let src = Sources {
+        captures,
+        query: match query {
+            Some(q) if reads(In::Query) => form_urlencoded::parse(q.as_bytes()).collect(),
+            _ => Vec::new(),
+        },
+        cookies: match reads(In::Cookie) {
+            true => cookies(headers),
+            false => Vec::new(),
+        },
+        headers,
     };
     let mut errors = Vec::new();
     for p in &op.params {
-        let raws: Vec<Cow<'_, str>> = match p.location {
-            In::Path => captures
-                .iter()
-                .filter(|(n, _)| *n == p.name)
-                .map(|(_, v)| v.clone())
-                .collect(),
-            In::Query => pairs
-                .iter()
-                .filter(|(n, _)| *n == p.name)
-                .map(|(_, v)| v.clone())
-                .collect(),
-            In::Header => headers
-                .get_all(p.name.as_str())
-                .iter()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()))
-                .collect(),
-        };
-        if let Some(e) = check_param(p, &raws) {
+        if let Some(e) = check_param(p, &src) {
             errors.push(e);
             if errors.len() == MAX_ERRORS {
                 break;
@@ -67,37 +67,161 @@ pub fn check_params(
     errors
 }
 
-fn check_param(p: &Param, raws: &[Cow<'_, str>]) -> Option<FieldError> {
+fn check_param(p: &Param, src: &Sources<'_>) -> Option<FieldError> {
     let location = Location::Param(p.location);
-    if raws.is_empty() {
+    let Some(value) = src.read(p) else {
         return p
             .required
             .then(|| FieldError::new(location, &p.name, "required but missing"));
-    }
-    let Check { validator, shape } = p.check.as_ref()?;
-    let split = p.location != In::Query || !p.explode;
-    let value = read(shape, raws, split);
+    };
+    let Check { validator, .. } = p.check.as_ref()?;
     // The fast path: no error locations tracked, no messages built.
     if validator.is_valid(&value) {
         return None;
     }
     let e = validator.validate(&value).err()?;
-    Some(FieldError::new(location, &p.name, e.to_string()))
+    // A property of a deepObject is named as the client wrote it: `filter[size]`.
+    let member = e
+        .instance_path()
+        .as_str()
+        .strip_prefix('/')
+        .map(str::to_string);
+    let name = match member {
+        Some(m) if p.style == Style::DeepObject => format!("{}[{m}]", p.name),
+        _ => p.name.clone(),
+    };
+    Some(FieldError::new(location, name, e.to_string()))
+}
+
+// === impl Sources ===
+
+impl Sources<'_> {
+    /// The parameter's value as its schema's type (`None`: absent); without a schema, any
+    /// value (only its presence is checked).
+    fn read(&self, p: &Param) -> Option<Value> {
+        let shape = p.check.as_ref().map_or(&Shape::Text, |c| &c.shape);
+        match shape {
+            Shape::Object(props) if self.by_member(p) => {
+                let members = self.members(p, props);
+                (!members.is_empty()).then(|| object(props, members))
+            }
+            _ => {
+                let raws = self.raws(p);
+                (!raws.is_empty()).then(|| read(shape, &raws, p))
+            }
+        }
+    }
+
+    /// An object written one key per property: `deepObject`, or `form` exploded.
+    fn by_member(&self, p: &Param) -> bool {
+        p.style == Style::DeepObject
+            || (p.style == Style::Form && p.explode && p.location == In::Query)
+    }
+
+    /// `name[key]=v` pairs (deepObject), or the pairs named by the object's properties.
+    fn members(&self, p: &Param, props: &[(String, Shape)]) -> Vec<(String, Cow<'_, str>)> {
+        let key = |k: &str| match p.style {
+            Style::DeepObject => k
+                .strip_prefix(p.name.as_str())
+                .and_then(|r| r.strip_prefix('['))
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string),
+            _ => props.iter().any(|(n, _)| n == k).then(|| k.to_string()),
+        };
+        self.query
+            .iter()
+            .filter_map(|(k, v)| Some((key(k)?, v.clone())))
+            .collect()
+    }
+
+    /// Every value of the parameter, in request order.
+    fn raws(&self, p: &Param) -> Vec<Cow<'_, str>> {
+        let name = p.name.as_str();
+        match p.location {
+            In::Path => (self.captures.iter())
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+                .collect(),
+            In::Query => (self.query.iter())
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .collect(),
+            In::Cookie => (self.cookies.iter())
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| Cow::Borrowed(*v))
+                .collect(),
+            In::Header => (self.headers.get_all(name).iter())
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                .collect(),
+        }
+    }
+}
+
+/// The `name=value` pairs of the request's `Cookie` headers (RFC 6265 section 5.4: `; `
+/// separated); values as sent (cookies are not percent-decoded).
+fn cookies(headers: &HeaderMap) -> Vec<(&str, &str)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .map(|(n, v)| (n.trim(), v.trim().trim_matches('"')))
+        .collect()
 }
 
 /// A parameter's text as the JSON value its schema describes; text that does not parse as
 /// the type stays a string, for the schema to name the mismatch.
-fn read(shape: &Shape, raws: &[Cow<'_, str>], split: bool) -> Value {
+fn read(shape: &Shape, raws: &[Cow<'_, str>], p: &Param) -> Value {
+    let one = || raws.first().map_or("", |r| r.as_ref());
+    let delimiter = match p.style {
+        Style::PipeDelimited => '|',
+        Style::SpaceDelimited => ' ',
+        _ => ',',
+    };
+    // Repeated keys (`?t=a&t=b`) are an exploded query or cookie array's items.
+    let split = !(p.explode && matches!(p.location, In::Query | In::Cookie));
     match shape {
         Shape::Array(item) => {
             let parts: Vec<&str> = match (split, raws) {
-                (true, [one]) => one.split(',').collect(),
+                (true, [one]) => one.split(delimiter).collect(),
                 _ => raws.iter().map(|r| r.as_ref()).collect(),
             };
             Value::Array(parts.into_iter().map(|s| scalar(item, s)).collect())
         }
-        _ => scalar(shape, raws.first().map_or("", |r| r.as_ref())),
+        Shape::Object(props) => object(props, pairs(one(), p.explode, delimiter)),
+        _ => scalar(shape, one()),
     }
+}
+
+/// An object written in one value: `k,v,k,v`, or exploded (`simple` headers) `k=v,k=v`.
+fn pairs(text: &str, explode: bool, delimiter: char) -> Vec<(String, Cow<'_, str>)> {
+    let mut parts = text.split(delimiter);
+    let mut out = Vec::new();
+    if explode {
+        for part in parts {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            out.push((k.to_string(), Cow::Borrowed(v)));
+        }
+        return out;
+    }
+    while let Some(k) = parts.next() {
+        out.push((k.to_string(), Cow::Borrowed(parts.next().unwrap_or(""))));
+    }
+    out
+}
+
+/// An object of the properties written, each read as its schema's type.
+fn object(props: &[(String, Shape)], members: Vec<(String, Cow<'_, str>)>) -> Value {
+    let mut map = serde_json::Map::new();
+    for (k, v) in members {
+        let shape = props
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map_or(&Shape::Text, |(_, s)| s);
+        map.insert(k, scalar(shape, &v));
+    }
+    Value::Object(map)
 }
 
 fn scalar(shape: &Shape, s: &str) -> Value {
@@ -109,7 +233,7 @@ fn scalar(shape: &Shape, s: &str) -> Value {
             .and_then(serde_json::Number::from_f64)
             .map(Value::Number),
         Shape::Boolean => s.parse::<bool>().ok().map(Value::Bool),
-        Shape::Text | Shape::Array(_) => None,
+        Shape::Text | Shape::Array(_) | Shape::Object(_) => None,
     };
     parsed.unwrap_or_else(|| Value::String(s.to_string()))
 }

@@ -5,12 +5,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use serde_json::{json, Value};
 
 use super::audit::Audit;
 use super::problem::Problem;
-use super::request::{check_json, check_params, plan_body, BodyPlan};
 use super::{CompiledSpec, ValidationMetrics};
 
 const TENANT: &str = "6f1c1f5e-8d52-4a4e-9d2b-1f3c0f7a9b10";
@@ -93,25 +92,7 @@ fn check(
             HeaderValue::from_str(v).unwrap(),
         );
     }
-    let (op, captures) = spec.operation(&method, uri.path()).map_err(|known| {
-        Problem::new(
-            if known {
-                StatusCode::METHOD_NOT_ALLOWED
-            } else {
-                StatusCode::NOT_FOUND
-            },
-            "unknown_operation",
-            "",
-        )
-    })?;
-    let errors = check_params(op, &captures, uri.query(), &h);
-    if !errors.is_empty() {
-        return Err(Problem::invalid(errors));
-    }
-    match plan_body(op.body.as_ref(), &h, body.is_empty())? {
-        BodyPlan::Pass => Ok(()),
-        BodyPlan::Json(v) => check_json(v, body),
-    }
+    super::check_request(spec, &method, &uri, &h, body)
 }
 
 #[test]
@@ -361,4 +342,159 @@ fn body_json(resp: Response<crate::ResponseBody>) -> Value {
         .unwrap()
         .to_bytes();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+/// An API with `readOnly`/`writeOnly` properties, cookie parameters and object and delimited
+/// query parameters.
+fn users_api() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Users", "version": "1"},
+        "paths": {"/users": {
+            "post": {
+                "parameters": [
+                    {"name": "session", "in": "cookie", "required": true, "schema": {"type": "string", "pattern": "^[a-f0-9]{8}$"}},
+                    {"name": "debug", "in": "cookie", "schema": {"type": "boolean"}}
+                ],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}},
+                "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}}}
+            },
+            "get": {
+                "parameters": [
+                    {"name": "filter", "in": "query", "style": "deepObject", "explode": true, "schema": {
+                        "type": "object", "additionalProperties": false, "properties": {
+                            "age": {"type": "integer", "minimum": 0}, "role": {"type": "string", "enum": ["admin", "user"]}}}},
+                    {"name": "page", "in": "query", "schema": {"type": "object", "properties": {
+                        "size": {"type": "integer", "maximum": 100}, "after": {"type": "string"}}}},
+                    {"name": "fields", "in": "query", "style": "pipeDelimited", "explode": false, "schema": {
+                        "type": "array", "items": {"type": "string", "enum": ["id", "name", "email"]}}},
+                    {"name": "point", "in": "query", "explode": false, "schema": {
+                        "type": "object", "required": ["x", "y"], "properties": {"x": {"type": "number"}, "y": {"type": "number"}}}}
+                ],
+                "responses": {"200": {"description": "ok"}}
+            }
+        }},
+        "components": {"schemas": {
+            "Id": {"type": "integer", "readOnly": true},
+            "User": {"type": "object", "required": ["id", "name", "password"], "properties": {
+                "id": {"$ref": "#/components/schemas/Id"},
+                "name": {"type": "string"},
+                "password": {"type": "string", "minLength": 8, "writeOnly": true},
+                "created": {"type": "string", "format": "date-time", "readOnly": true}
+            }}
+        }}
+    })
+}
+
+#[test]
+fn read_only_fields_cookies_and_object_query_parameters() {
+    let spec = CompiledSpec::compile(&users_api()).expect("compiles");
+    let user = |extra: Value| {
+        let mut u = json!({"name": "ada", "password": "longenough"});
+        u.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        u.to_string()
+    };
+    let ct = "application/json";
+    // (method, uri, cookie, body, status, reason, the failing field)
+    type Case<'a> = (&'a str, &'a str, &'a str, String, u16, &'a str, &'a str);
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        // `id` is required, but read-only: not in requests.
+        ("POST", "/users", "session=deadbeef", user(json!({})), 200, "", ""),
+        ("POST", "/users", "session=deadbeef", user(json!({"id": 5})), 400, "body_schema", "body /id"),
+        ("POST", "/users", "session=deadbeef", user(json!({"created": "2026-12-03T20:00:00Z"})), 400, "body_schema", "body /created"),
+        ("POST", "/users", "session=deadbeef", user(json!({"password": "short"})), 400, "body_schema", "body /password"),
+        ("POST", "/users", "", user(json!({})), 400, "cookie_param", "cookie session"),
+        ("POST", "/users", "theme=dark", user(json!({})), 400, "cookie_param", "cookie session"),
+        ("POST", "/users", "session=NOTHEX!!", user(json!({})), 400, "cookie_param", "cookie session"),
+        ("POST", "/users", "theme=dark; session=deadbeef; debug=true", user(json!({})), 200, "", ""),
+        ("POST", "/users", "session=deadbeef; debug=yes", user(json!({})), 400, "cookie_param", "cookie debug"),
+        ("GET", "/users?filter[age]=30&filter[role]=admin", "", String::new(), 200, "", ""),
+        ("GET", "/users?filter%5Bage%5D=30", "", String::new(), 200, "", ""),
+        ("GET", "/users?filter[age]=-1", "", String::new(), 400, "query_param", "query filter[age]"),
+        ("GET", "/users?filter[age]=old", "", String::new(), 400, "query_param", "query filter[age]"),
+        ("GET", "/users?filter[role]=root", "", String::new(), 400, "query_param", "query filter[role]"),
+        ("GET", "/users?filter[color]=red", "", String::new(), 400, "query_param", "query filter"),
+        ("GET", "/users?size=10&after=x7", "", String::new(), 200, "", ""),
+        ("GET", "/users?size=500", "", String::new(), 400, "query_param", "query page"),
+        ("GET", "/users?fields=id|name", "", String::new(), 200, "", ""),
+        ("GET", "/users?fields=id|age", "", String::new(), 400, "query_param", "query fields"),
+        ("GET", "/users?point=x,1.5,y,2", "", String::new(), 200, "", ""),
+        ("GET", "/users?point=x,1.5", "", String::new(), 400, "query_param", "query point"),
+        ("GET", "/users?point=x,a,y,2", "", String::new(), 400, "query_param", "query point"),
+    ];
+    for (method, uri, cookie, body, status, reason, field) in &cases {
+        let what = format!("{method} {uri} cookie `{cookie}` {body}");
+        let mut headers = vec![("content-type", ct)];
+        if !cookie.is_empty() {
+            headers.push(("cookie", *cookie));
+        }
+        match check(&spec, method, uri, &headers, body.as_bytes()) {
+            Ok(()) => assert_eq!(*status, 200, "{what}: accepted"),
+            Err(p) => {
+                assert_eq!(
+                    (p.status.as_u16(), p.reason),
+                    (*status, *reason),
+                    "{what}: {p:?}"
+                );
+                let first = p.fields.first().expect("a field");
+                let got = format!("{} {}", first.location.as_str(), first.name);
+                assert_eq!(got, *field, "{what}: {p:?}");
+            }
+        }
+    }
+    // The refusal of a read-only field says why.
+    let p = check(
+        &spec,
+        "POST",
+        "/users",
+        &[("content-type", ct), ("cookie", "session=deadbeef")],
+        user(json!({"id": 5})).as_bytes(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        p.detail,
+        "body field `/id`: is read-only: set by the server, it must not be sent"
+    );
+}
+
+#[test]
+fn write_only_fields_in_responses_are_flagged_by_the_audit() {
+    let spec = Arc::new(CompiledSpec::compile(&users_api()).unwrap());
+    let (op, _) = spec.operation(&Method::POST, "/users").unwrap();
+    let metrics = Arc::new(ValidationMetrics::default());
+    let route = Arc::new("users".to_string());
+    let mismatches = || {
+        metrics
+            .response_mismatches
+            .get_or_create(&super::metrics::ReasonLabels {
+                route: route.clone(),
+                reason: "body_schema",
+            })
+            .get()
+    };
+    // `password` is required, but write-only: not in responses; `id` (read-only) is.
+    for (body, expected) in [
+        (json!({"id": 1, "name": "ada"}), 0),
+        (json!({"id": 1, "name": "ada", "password": "longenough"}), 1),
+        (json!({"name": "ada"}), 2),
+    ] {
+        let audit = Audit {
+            op: op.clone(),
+            route: route.clone(),
+            metrics: metrics.clone(),
+            limit: 1024,
+        };
+        let resp = Response::builder()
+            .status(201)
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        let mut tap = audit.start(&resp).expect("a JSON body to check");
+        tap.data(&Bytes::from(body.to_string()));
+        tap.finish();
+        assert_eq!(mismatches(), expected, "{body}");
+    }
 }

@@ -1,4 +1,4 @@
-//! `mesh-agent api put|list|get|diff` against a real etcd (issue 19, "specs in the mesh"): two
+//! `mesh-agent api put|list|get|diff|delete|gc` against a real etcd (issue 19, "specs in the mesh"): two
 //! versions of a service's OpenAPI document stored once per content hash, listed, read back
 //! and diffed with the breaking changes flagged; `ApiSpec` documents through `policy apply`;
 //! invalid and oversized documents refused with the reason; a document near the stored limit
@@ -192,6 +192,104 @@ async fn two_versions_are_stored_once_per_hash_listed_read_and_diffed() {
 }
 
 /// `orders` (as [`v1`]) and an internal `billing` stored at version v1.
+/// `api delete` and `api gc`: a version's index entry goes, and its document only once no
+/// other version names it; a version an HTTPRoute validates with is kept unless forced; a
+/// document left without any version (written straight into etcd here) is collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_are_deleted_and_documents_no_version_names_collected() {
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Client::connect(etcd.endpoints(), None).await.unwrap();
+    // v1 and v1-b share one document; v2 has its own.
+    for (version, doc) in [("v1", v1()), ("v1-b", v1()), ("v2", v2())] {
+        let f = write(dir.path(), &format!("{version}.json"), &doc.to_string());
+        run(
+            &ep,
+            &["put", &f, "--service", "orders", "--version", version],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(count(&mut c, "/trellis/v1/apis/specs/").await, 2);
+
+    // The shared document stays while v1-b names it.
+    let out = run(&ep, &["delete", "orders", "--version", "v1"])
+        .await
+        .unwrap();
+    assert_eq!(out, "orders v1: deleted\n");
+    assert_eq!(count(&mut c, "/trellis/v1/apis/specs/").await, 2);
+    let e = run(&ep, &["get", "orders", "--version", "v1"])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)), "{e}");
+    assert!(run(&ep, &["get", "orders", "--version", "v1-b"])
+        .await
+        .is_ok());
+
+    // A version validation uses is refused, naming the route; --force deletes it.
+    let route = "apiVersion: trellis.dev/v1\nkind: HTTPRoute\nmetadata: {name: shop}\nspec:\n  hosts: [api.example.com]\n  gateways: [edge]\n  rules:\n  - backends: [{service: orders}]\n    validation: {spec: {service: orders, version: v1-b}}\n";
+    apply(&etcd, route).await;
+    let e = run(&ep, &["delete", "orders", "--version", "v1-b"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("validation at the edge uses it: HTTPRoute/shop rules[0] (orders v1-b)"),
+        "{e}"
+    );
+    assert_eq!(count(&mut c, "/trellis/v1/apis/index/").await, 2);
+    let out = run(&ep, &["delete", "orders", "--version", "v1-b", "--force"])
+        .await
+        .unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "orders v1-b: deleted", "{out}");
+    assert!(
+        lines[1].starts_with("document sha256:")
+            && lines[1].ends_with("deleted (no version names it)"),
+        "{out}"
+    );
+    assert_eq!(count(&mut c, "/trellis/v1/apis/specs/").await, 1);
+    let listed = run(&ep, &["list"]).await.unwrap();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(listed.contains(" v2 "), "{listed}");
+
+    // Unknown versions and services are errors, not silent successes.
+    let e = run(&ep, &["delete", "orders", "--version", "v9"])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)), "{e}");
+    let e = run(&ep, &["delete", "billing", "--all"]).await.unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)), "{e}");
+
+    // gc: a stray document no version names is listed by a dry run, then deleted; v2's stays.
+    c.put("/trellis/v1/apis/specs/00ff", "stray", None)
+        .await
+        .unwrap();
+    let out = run(&ep, &["gc", "--dry-run"]).await.unwrap();
+    assert_eq!(out, "document sha256:00ff: would be deleted\n");
+    assert_eq!(count(&mut c, "/trellis/v1/apis/specs/").await, 2);
+    let out = run(&ep, &["gc"]).await.unwrap();
+    assert_eq!(out, "document sha256:00ff: deleted (no version names it)\n");
+    assert_eq!(
+        run(&ep, &["gc"]).await.unwrap(),
+        "no unreferenced documents\n"
+    );
+    assert!(run(&ep, &["get", "orders", "--version", "v2"])
+        .await
+        .is_ok());
+
+    // --all: every version of the service, then its documents.
+    let out = run(&ep, &["delete", "orders", "--all"]).await.unwrap();
+    assert!(
+        out.starts_with("orders v2: deleted\ndocument sha256:"),
+        "{out}"
+    );
+    assert_eq!(count(&mut c, "/trellis/v1/apis/specs/").await, 0);
+    assert_eq!(count(&mut c, "/trellis/v1/apis/index/").await, 0);
+}
+
 async fn store_orders_and_billing(ep: &str) {
     let dir = tempfile::tempdir().unwrap();
     let billing = json!({"openapi": "3.1.0", "info": {"title": "Billing", "version": "1"},
