@@ -27,12 +27,14 @@ need() {
     done
 }
 
-# cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT.
+# cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT, and TARGET (the
+# target directory: CARGO_TARGET_DIR when set).
 build_release() {
-    [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && { AGENT="$ROOT/target/release/mesh-agent"; return; }
+    TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+    AGENT="$TARGET/release/mesh-agent"
+    [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && return
     (cd "$ROOT" && cargo build --release --locked -p mesh-agent "$@") >"$D/build.log" 2>&1 ||
         { tail -20 "$D/build.log"; die "build failed"; }
-    AGENT="$ROOT/target/release/mesh-agent"
 }
 
 # $D/sidecar.yaml: a sidecar of `backend` (certificates under $D/certs, made here) whose plain
