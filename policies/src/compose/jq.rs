@@ -18,7 +18,7 @@ type Data = data::JustLut<Val>;
 pub struct JqFilter {
     filter: jaq_core::compile::Filter<jaq_core::Native<Data>>,
     /// The same program compiled natively, when it is in the fast path's subset.
-    native: Option<jq_native::Node>,
+    native: Option<jq_native::Program>,
 }
 
 /// Why a body could not be transformed: the client's (or upstream's) body is not the JSON the
@@ -112,13 +112,18 @@ impl JqFilter {
         self.apply_jaq(body)
     }
 
+    /// With the native form of a program jaq compiled as `self` (field operations in front).
+    pub(super) fn with_native(self, native: Option<jq_native::Program>) -> Self {
+        Self { native, ..self }
+    }
+
     /// Whether the program runs natively (when the body lets it).
     pub fn is_native(&self) -> bool {
         self.native.is_some()
     }
 
     /// [`Self::apply`] by jaq alone, on a body [`check`]ed already.
-    fn apply_jaq(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
+    pub(super) fn apply_jaq(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
         let input = parse(body)?;
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input)).map(unwrap_valr);
@@ -306,11 +311,20 @@ mod tests {
 /// the subset and every body of a generated set, `apply` gives what jaq alone gives, byte for
 /// byte, errors included; and the fast path does run for most of them.
 #[cfg(test)]
-mod differential {
+pub(super) mod differential {
     use super::*;
 
+    impl JqFilter {
+        /// The native path alone (`None`: it gave up, or there is none).
+        pub(in crate::compose) fn apply_native(&self, body: &[u8]) -> Option<Vec<u8>> {
+            let native = self.native.as_ref()?;
+            check(body).ok()?;
+            jq_native::apply(native, body).ok()
+        }
+    }
+
     /// xorshift64*: deterministic, so that a failure replays.
-    struct Rng(u64);
+    pub(in crate::compose) struct Rng(pub u64);
 
     impl Rng {
         fn next(&mut self) -> u64 {
@@ -319,10 +333,10 @@ mod differential {
             self.0 ^= self.0 >> 27;
             self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
         }
-        fn below(&mut self, n: usize) -> usize {
+        pub(in crate::compose) fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
-        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        pub(in crate::compose) fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
             xs[self.below(xs.len())]
         }
     }
@@ -403,7 +417,7 @@ mod differential {
         }
     }
 
-    fn bodies(r: &mut Rng) -> Vec<Vec<u8>> {
+    pub(in crate::compose) fn bodies(r: &mut Rng) -> Vec<Vec<u8>> {
         let mut out: Vec<Vec<u8>> = [
             // Duplicate keys (the last value, in the first place), escapes in keys and values,
             // numbers at jaq's integer limits and floats as serde_json reads them.

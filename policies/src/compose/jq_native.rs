@@ -108,10 +108,105 @@ impl From<Bail> for Stop {
 
 type Out<'o, 'a> = &'o mut dyn FnMut(V<'a>) -> Result<(), Stop>;
 
+/// A transform's native form: its field operations (as `transform.rs` writes them in jq),
+/// then a program of the subset.
+#[derive(Debug)]
+pub(super) struct Program {
+    remove: Vec<Vec<Seg>>,
+    rename: Vec<(Vec<Seg>, Vec<Seg>)>,
+    add: Vec<(Vec<Seg>, serde_json::Value)>,
+    node: Node,
+}
+
+/// A JSON pointer's segment as `transform::jq_path` makes it: up to 9 digits index arrays.
+#[derive(Debug)]
+enum Seg {
+    Key(Box<str>),
+    Index(usize),
+}
+
 /// The program in the subset, or `None` (jaq runs it).
-pub(super) fn compile(code: &str) -> Option<Node> {
+pub(super) fn compile(code: &str) -> Option<Program> {
     let term = jaq_core::load::parse(code, |p| p.term())?;
-    node(&term)
+    Some(Program {
+        remove: Vec::new(),
+        rename: Vec::new(),
+        add: Vec::new(),
+        node: node(&term)?,
+    })
+}
+
+/// Field operations (pointers already checked by `transform.rs`) followed by `jq`, or `None`.
+pub(super) fn compile_with_fields<'s>(
+    remove: impl IntoIterator<Item = &'s String>,
+    rename: impl IntoIterator<Item = (&'s String, &'s String)>,
+    add: impl IntoIterator<Item = (&'s String, &'s serde_json::Value)>,
+    jq: &str,
+) -> Option<Program> {
+    let mut program = compile(jq)?;
+    program.remove = remove.into_iter().map(|p| segs(p)).collect::<Option<_>>()?;
+    program.rename = rename
+        .into_iter()
+        .map(|(f, t)| Some((segs(f)?, segs(t)?)))
+        .collect::<Option<_>>()?;
+    program.add = add
+        .into_iter()
+        .map(|(p, v)| Some((segs(p)?, fits(v).then(|| v.clone())?)))
+        .collect::<Option<_>>()?;
+    Some(program)
+}
+
+fn segs(pointer: &str) -> Option<Vec<Seg>> {
+    let rest = pointer.strip_prefix('/')?;
+    Some(
+        rest.split('/')
+            .map(|seg| {
+                let seg = seg.replace("~1", "/").replace("~0", "~");
+                match seg.parse::<usize>() {
+                    Ok(i) if seg.len() <= 9 && seg.bytes().all(|b| b.is_ascii_digit()) => {
+                        Seg::Index(i)
+                    }
+                    _ => Seg::Key(seg.into()),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Whether an `add` value reads the same here as jaq reads it as a jq literal (integers that
+/// jaq would hold as big integers do not).
+fn fits(v: &serde_json::Value) -> bool {
+    match v {
+        // jaq keeps a literal that is not an integer as its text (`1e+100`), printed as it
+        // is: only floats whose text is what this module prints (`ryu`'s) fit.
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => {
+                f.is_finite() && n.to_string() == ryu::Buffer::new().format_finite(f)
+            }
+            _ => n.as_i64().is_some_and(|i| i != i64::MIN),
+        },
+        serde_json::Value::Array(a) => a.iter().all(fits),
+        serde_json::Value::Object(o) => o.len() <= MAX_KEYS && o.values().all(fits),
+        _ => true,
+    }
+}
+
+fn from_json(v: &serde_json::Value) -> V<'_> {
+    use serde_json::Value;
+    match v {
+        Value::Null => V::Null,
+        Value::Bool(b) => V::Bool(*b),
+        Value::Number(n) => n
+            .as_i64()
+            .map_or_else(|| V::Float(n.as_f64().unwrap_or(0.0)), V::Int),
+        Value::String(s) => V::Str(S::B(s)),
+        Value::Array(a) => V::Arr(Rc::new(a.iter().map(from_json).collect())),
+        Value::Object(o) => V::Obj(Rc::new(
+            o.iter()
+                .map(|(k, v)| (S::B(k.as_str()), from_json(v)))
+                .collect(),
+        )),
+    }
 }
 
 fn node(t: &Term<&str>) -> Option<Node> {
@@ -193,12 +288,25 @@ fn literal(t: &Term<&str>) -> Option<String> {
 
 /// Parse `body` (already checked: UTF-8, depth), run `program`, write its first output as
 /// compact JSON; [`Bail`] whenever jaq must decide.
-pub(super) fn apply(program: &Node, body: &[u8]) -> Result<Vec<u8>, Bail> {
+pub(super) fn apply(program: &Program, body: &[u8]) -> Result<Vec<u8>, Bail> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let input = de.deserialize_any(Visit).map_err(|_| Bail)?;
+    let mut input = de.deserialize_any(Visit).map_err(|_| Bail)?;
     de.end().map_err(|_| Bail)?;
+    for p in &program.remove {
+        remove(&mut input, p);
+    }
+    for (from, to) in &program.rename {
+        let v = get(&input, from)?;
+        if !matches!(v, V::Null) {
+            remove(&mut input, from);
+            set(&mut input, to, v)?;
+        }
+    }
+    for (p, v) in &program.add {
+        set(&mut input, p, from_json(v))?;
+    }
     let mut first = None;
-    let r = program.run(input, &mut |v| {
+    let r = program.node.run(input, &mut |v| {
         first = Some(v);
         Err(Stop::Done)
     });
@@ -370,6 +478,101 @@ fn math<'a>(op: Op, l: V<'a>, r: V<'a>) -> Result<V<'a>, Bail> {
         (Op::Mul, Float(x), Float(y)) => Float(x * y),
         _ => return Err(Bail),
     })
+}
+
+// === field operations, as transform.rs writes them in jq ===
+
+/// `try delpaths([path]) catch .`: the element goes if the whole path is there (an object's
+/// key: jaq's `IndexMap::swap_remove`, the last field takes its place; an array's index in
+/// bounds), else nothing changes.
+fn remove(v: &mut V, path: &[Seg]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = v;
+    for seg in parents {
+        at = match (at, seg) {
+            (V::Obj(o), Seg::Key(k)) => {
+                match Rc::make_mut(o)
+                    .iter_mut()
+                    .find(|(key, _)| key.as_str() == &**k)
+                {
+                    Some((_, x)) => x,
+                    None => return,
+                }
+            }
+            (V::Arr(a), Seg::Index(i)) => match Rc::make_mut(a).get_mut(*i) {
+                Some(x) => x,
+                None => return,
+            },
+            _ => return,
+        };
+    }
+    match (at, last) {
+        (V::Obj(o), Seg::Key(k)) => {
+            if let Some(i) = o.iter().position(|(key, _)| key.as_str() == &**k) {
+                Rc::make_mut(o).swap_remove(i);
+            }
+        }
+        (V::Arr(a), Seg::Index(i)) if *i < a.len() => {
+            Rc::make_mut(a).remove(*i);
+        }
+        _ => {}
+    }
+}
+
+/// `getpath(path)`: `null` for what is missing; jaq's errors are its own.
+fn get<'a>(v: &V<'a>, path: &[Seg]) -> Result<V<'a>, Bail> {
+    let mut at = v.clone();
+    for seg in path {
+        at = match (&at, seg) {
+            (V::Null, _) | (V::Obj(_), Seg::Index(_)) => V::Null,
+            (V::Obj(o), Seg::Key(k)) => o
+                .iter()
+                .find(|(key, _)| key.as_str() == &**k)
+                .map_or(V::Null, |(_, x)| x.clone()),
+            (V::Arr(a), Seg::Index(i)) => a.get(*i).cloned().unwrap_or(V::Null),
+            _ => return Err(Bail),
+        };
+    }
+    Ok(at)
+}
+
+/// `_set(path; x)`: missing objects (arrays, for an index) made on the way, an index equal
+/// to an array's length appends; what jaq refuses (or sets with a number key) is its own.
+fn set<'a>(at: &mut V<'a>, path: &'a [Seg], x: V<'a>) -> Result<(), Bail> {
+    let Some((seg, rest)) = path.split_first() else {
+        *at = x;
+        return Ok(());
+    };
+    if matches!(at, V::Null) {
+        *at = match seg {
+            Seg::Index(_) => V::Arr(Rc::default()),
+            Seg::Key(_) => V::Obj(Rc::default()),
+        };
+    }
+    match (at, seg) {
+        (V::Arr(a), Seg::Index(i)) => {
+            let a = Rc::make_mut(a);
+            if *i == a.len() {
+                a.push(V::Null);
+            }
+            set(a.get_mut(*i).ok_or(Bail)?, rest, x)
+        }
+        (V::Obj(o), Seg::Key(k)) => {
+            let o = Rc::make_mut(o);
+            let i = match o.iter().position(|(key, _)| key.as_str() == &**k) {
+                Some(i) => i,
+                None if o.len() >= MAX_KEYS => return Err(Bail),
+                None => {
+                    o.push((S::B(k), V::Null));
+                    o.len() - 1
+                }
+            };
+            set(&mut o[i].1, rest, x)
+        }
+        _ => Err(Bail),
+    }
 }
 
 // === read ===
