@@ -286,11 +286,14 @@ fn literal(t: &Term<&str>) -> Option<String> {
 
 // === run ===
 
-/// Parse `body` (already checked: UTF-8, depth), run `program`, write its first output as
-/// compact JSON; [`Bail`] whenever jaq must decide.
+/// Parse `body`, run `program`, write its first output as compact JSON; [`Bail`] whenever
+/// jaq must decide, and for any body that `jq::check` would refuse: serde_json's reader
+/// refuses what is not UTF-8 (outside strings as a syntax error, inside them by its own
+/// check), and the reader here anything nested deeper than `jq::MAX_DEPTH`, so no scan of the
+/// body comes first.
 pub(super) fn apply(program: &Program, body: &[u8]) -> Result<Vec<u8>, Bail> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let mut input = de.deserialize_any(Visit).map_err(|_| Bail)?;
+    let mut input = de.deserialize_any(Visit(0)).map_err(|_| Bail)?;
     de.end().map_err(|_| Bail)?;
     for p in &program.remove {
         remove(&mut input, p);
@@ -578,7 +581,18 @@ fn set<'a>(at: &mut V<'a>, path: &'a [Seg], x: V<'a>) -> Result<(), Bail> {
 // === read ===
 
 /// serde_json's strict reader into [`V`]: strings without escapes borrowed from the body.
-struct Visit;
+/// The number is the depth of the value's container (0 for the top).
+struct Visit(usize);
+
+impl Visit {
+    /// A container's elements, one level deeper; past `jq::MAX_DEPTH` levels, an error.
+    fn inner<E: de::Error>(&self) -> Result<Seed, E> {
+        if self.0 >= super::jq::MAX_DEPTH {
+            return Err(E::custom("too deep"));
+        }
+        Ok(Seed(self.0 + 1))
+    }
+}
 
 impl<'de> de::Visitor<'de> for Visit {
     type Value = V<'de>;
@@ -611,28 +625,31 @@ impl<'de> de::Visitor<'de> for Visit {
         Ok(V::Str(S::O(Rc::from(s))))
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<V<'de>, A::Error> {
+        let seed = self.inner()?;
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(v) = seq.next_element_seed(Seed)? {
+        while let Some(v) = seq.next_element_seed(seed)? {
             items.push(v);
         }
         Ok(V::Arr(Rc::new(items)))
     }
     fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<V<'de>, A::Error> {
+        let seed = self.inner()?;
         let mut fields = Vec::new();
         while let Some(k) = map.next_key_seed(Key)? {
-            let v = map.next_value_seed(Seed)?;
+            let v = map.next_value_seed(seed)?;
             insert(&mut fields, k, v).map_err(|_| de::Error::custom("too many keys"))?;
         }
         Ok(V::Obj(Rc::new(fields)))
     }
 }
 
-struct Seed;
+#[derive(Clone, Copy)]
+struct Seed(usize);
 
 impl<'de> de::DeserializeSeed<'de> for Seed {
     type Value = V<'de>;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<V<'de>, D::Error> {
-        d.deserialize_any(Visit)
+        d.deserialize_any(Visit(self.0))
     }
 }
 
