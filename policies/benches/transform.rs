@@ -10,28 +10,9 @@ use trellis_policies::compose::{compile_jq, BodyProgram, TransformSpec};
 mod cpu;
 use cpu::per_run;
 
-/// A reshape of the kind a public contract asks for.
-const RESHAPE: &str = "{id, customer: .customer.name, \
-    lines: [.items[] | {sku, total: (.price * .qty)}], total: ([.items[] | .price * .qty] | add)}";
-
-/// An order of about 2 kB.
-fn body() -> Vec<u8> {
-    let items: Vec<serde_json::Value> = (0..22)
-        .map(|i| {
-            serde_json::json!({"sku": format!("SKU-{i:05}"), "name": format!("Item number {i}"),
-                "price": 10 + i, "qty": 1 + i % 3, "tags": ["a", "b"]})
-        })
-        .collect();
-    let v = serde_json::json!({
-        "id": "ord-123456", "internal": {"shard": 7, "trace": "abc"},
-        "customer": {"name": "Ana Lima", "email": "ana@example.com",
-            "address": {"street": "1 Main St", "city": "Lisbon", "zip": "1000-001"}},
-        "items": items,
-    });
-    let b = serde_json::to_vec(&v).expect("JSON");
-    assert!((1900..2300).contains(&b.len()), "{} bytes", b.len());
-    b
-}
+#[path = "support/order.rs"]
+mod order;
+use order::{body, FIELDS, FIELDS_JQ, RESHAPE};
 
 fn transforms(c: &mut Criterion) {
     let body = body();
@@ -44,7 +25,7 @@ fn transforms(c: &mut Criterion) {
         b.iter(|| native.apply(&body).expect("transforms"))
     });
     let ops = TransformSpec {
-        jq: Some(". + {total: (.items | map(.price) | add)}".into()),
+        jq: Some(FIELDS_JQ.into()),
         ..fields()
     };
     let ops = ops.compile().expect("compiles");
@@ -58,8 +39,7 @@ fn transforms(c: &mut Criterion) {
 }
 
 fn fields() -> TransformSpec {
-    serde_norway::from_str("{remove: [/internal], rename: {/customer/name: /name}, add: {/v: 2}}")
-        .expect("spec")
+    serde_norway::from_str(FIELDS).expect("spec")
 }
 
 /// CPU time per transform.

@@ -10,6 +10,7 @@
 mod aggregate;
 mod fields;
 mod jq;
+mod jq_native;
 mod template;
 mod transcode;
 mod transform;

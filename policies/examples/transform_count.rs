@@ -1,0 +1,53 @@
+//! Runs one body transform N times, for instruction counts that a busy machine does not
+//! disturb (docs/composition.md#cost):
+//!
+//! ```sh
+//! cargo build --release -p trellis-policies --example transform_count
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/transform_count reshape 1000
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/transform_count reshape 0
+//! ```
+//!
+//! The difference of the two totals divided by N is the cost of one transform (the run with
+//! 0 transforms counts start-up, building the body and compiling the program). Without
+//! valgrind it prints the CPU time per transform (`/proc/self/stat`, for large N).
+
+use trellis_policies::compose::{compile_jq, BodyProgram, TransformSpec};
+
+#[path = "../benches/support/cpu.rs"]
+mod cpu;
+#[path = "../benches/support/order.rs"]
+mod order;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(which), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<u32>().ok()))
+    else {
+        eprintln!("usage: transform_count fields|identity|fields-jq|reshape N");
+        std::process::exit(2);
+    };
+    let fields = || serde_norway::from_str::<TransformSpec>(order::FIELDS).expect("spec");
+    let program = match which.as_str() {
+        "fields" => fields().compile().expect("compiles"),
+        "fields-jq" => TransformSpec {
+            jq: Some(order::FIELDS_JQ.into()),
+            ..fields()
+        }
+        .compile()
+        .expect("compiles"),
+        "identity" => BodyProgram::Jq(compile_jq(".").expect("compiles")),
+        "reshape" => BodyProgram::Jq(compile_jq(order::RESHAPE).expect("compiles")),
+        other => {
+            eprintln!("unknown transform `{other}`");
+            std::process::exit(2);
+        }
+    };
+    let body = order::body();
+    // One run outside the count, so that the run with N = 0 pays the first-use costs too.
+    let _ = program.apply(&body).expect("transforms");
+    // With N = 0 too, so that the difference holds nothing but the transforms.
+    cpu::per_run(&format!("{which}, 2 kB body"), "transform", n, || {
+        program
+            .apply(std::hint::black_box(&body))
+            .expect("transforms")
+    });
+}
