@@ -514,8 +514,10 @@ impl<'a> Iterator for Items<'a> {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Both representations side by side: the tests' and the fuzz target's (`fuzz/src/targets/
+/// json_body.rs`) check that a body parses and validates the same as a `serde_json::Value`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod equivalence {
     use jsonschema::json::SerdeJson;
     use jsonschema::{Draft, PatternOptions, Validator};
     use serde_json::json;
@@ -523,7 +525,7 @@ mod tests {
     use super::*;
 
     /// Both representations' validators of `schema`, configured as the ingress's are.
-    fn validators(schema: &Value) -> (Validator<SerdeJson>, Validator<Tape>) {
+    pub fn validators(schema: &Value) -> (Validator<SerdeJson>, Validator<Tape>) {
         let serde = jsonschema::options()
             .with_draft(Draft::Draft202012)
             .should_validate_formats(true)
@@ -541,7 +543,10 @@ mod tests {
 
     /// What a validation says, in full: validity, and each error's message, instance,
     /// instance path, schema path and kind, in order.
-    fn outcome<'i, F: Json>(v: &'i Validator<F>, node: F::Node<'i>) -> (bool, Vec<String>, String) {
+    pub fn outcome<'i, F: Json>(
+        v: &'i Validator<F>,
+        node: F::Node<'i>,
+    ) -> (bool, Vec<String>, String) {
         let errors = v
             .iter_errors(node.clone())
             .map(|e| {
@@ -563,7 +568,7 @@ mod tests {
 
     /// The text parsed both ways: the same `Value`, or the same error; and validated both
     /// ways against each schema: the same outcome.
-    fn assert_same(text: &[u8], schemas: &[(Validator<SerdeJson>, Validator<Tape>)]) {
+    pub fn assert_same(text: &[u8], schemas: &[(Validator<SerdeJson>, Validator<Tape>)]) {
         let value = serde_json::from_slice::<Value>(text);
         let doc = Doc::parse(text);
         match (&value, &doc) {
@@ -589,7 +594,7 @@ mod tests {
     }
 
     /// A schema using most keywords, each with the instance's members, items or scalars.
-    fn rich_schema() -> Value {
+    pub fn rich_schema() -> Value {
         json!({
             "type": "object",
             "required": ["a", "b"],
@@ -622,7 +627,7 @@ mod tests {
     }
 
     /// `bench/validation.sh`'s order schema.
-    fn order_schema() -> Value {
+    pub fn order_schema() -> Value {
         json!({
             "type": "object", "required": ["customer", "currency", "lines"],
             "properties": {
@@ -639,7 +644,7 @@ mod tests {
         })
     }
 
-    fn all_schemas() -> Vec<(Validator<SerdeJson>, Validator<Tape>)> {
+    pub fn all_schemas() -> Vec<(Validator<SerdeJson>, Validator<Tape>)> {
         vec![
             validators(&rich_schema()),
             validators(&order_schema()),
@@ -657,6 +662,37 @@ mod tests {
             }),
         ]
     }
+
+    /// The fuzz target: `data` parsed and validated both ways against [`all_schemas`] (built
+    /// once); panics where the two differ. The outcome: the parse error, or the type and which
+    /// schemas passed.
+    pub fn fuzz(data: &[u8]) -> String {
+        static SCHEMAS: std::sync::OnceLock<Vec<(Validator<SerdeJson>, Validator<Tape>)>> =
+            std::sync::OnceLock::new();
+        let schemas = SCHEMAS.get_or_init(all_schemas);
+        assert_same(data, schemas);
+        match serde_json::from_slice::<Value>(data) {
+            Err(e) => e.to_string(),
+            Ok(v) => {
+                let passed: Vec<&str> = schemas
+                    .iter()
+                    .map(|(s, _)| if s.is_valid(&v) { "pass" } else { "fail" })
+                    .collect();
+                let kind = match &v {
+                    Value::Object(_) => "object",
+                    Value::Array(_) => "array",
+                    _ => "scalar",
+                };
+                format!("{kind} {}", passed.join(" "))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::equivalence::*;
+    use super::*;
 
     #[test]
     fn validates_exactly_like_value_on_a_table_of_cases() {
