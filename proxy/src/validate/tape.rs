@@ -18,7 +18,7 @@
 //! for Python, Ruby and Postgres `jsonb` bytes, and a borrowing parser (`simd-json`'s tape,
 //! `serde_json::value::RawValue`) would either be a second JSON parser with its own errors
 //! and rules, or still need the tree. This is `serde_json`'s parser with a different
-//! `Visitor`: about 300 lines, no `unsafe`.
+//! `Visitor`: about 500 lines with their comments, no `unsafe`.
 
 use std::borrow::Cow;
 use std::fmt;
