@@ -136,6 +136,14 @@ for d in docs:
 put("routing", "hosts: [orders, \"*.example.com\"]\nrules:\n- matches: [{path: {regex: '/re/[0-9]+'}, headers: [{name: x-a, present: true}], query: [{name: q, exact: '1'}]}]\n  backends: [{service: users}]\n  rewrite: {path: /new, host: 'users:8080'}\n- matches: [{path: {prefix: /p/}}]\n  backends: [{service: orders}]\n  rewrite: {path_prefix: /}\n" + requests + "\0GET /re/12?q=1\nx-a: y\nhost: a.example.com\0GET /p/x/y")
 put("routing", "hosts: [users]\nrules:\n- redirect: {scheme: https, port: 8443, path: /moved, status: 308}\n\0GET /anything?x=1\nhost: users")
 
+# --- json_body ---
+for b in ['{"a": 3, "b": "ab", "c": [1, 2], "d": {"k": [1, 2.0]}, "e": [1, 2.5], "f": null}',
+          '{"a": 0, "b": "A", "a": "x", "\\u0061b": "\\ud83e\\udd80", "i": {"x": true, "y": 1}}',
+          '{"customer": "ada@example.com", "currency": "EUR", "placed": "2026-12-03T20:00:00Z", "lines": [{"sku": "ABC-0001", "qty": 1, "price": 9.99}]}',
+          '[[[1, 18446744073709551616, -0, 1e-400]], {"l": {"v": 1, "next": {"v": "x"}}}]',
+          '{"customer": "\xff\xfe"}', '{"a": 1,}', '[' * 130 + ']' * 130, '"\\u00e9"']:
+    put("json_body", b.encode("latin-1") if "\xff" in b else b)
+
 # --- grpc_timeout ---
 for v in ["300m", "1H", "99999999S", "100000000n", "5u", "0m", "+5m", "1 S", "H", "", "12x", "1" * 30]:
     put("grpc_timeout", v)

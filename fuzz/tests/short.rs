@@ -91,6 +91,11 @@ fn grpc_timeout() {
 }
 
 #[test]
+fn json_body() {
+    short_pass("json_body");
+}
+
+#[test]
 fn ratelimit() {
     short_pass("ratelimit");
 }
@@ -117,7 +122,8 @@ fn every_target_has_a_test() {
             "protocol",
             "openapi",
             "inject",
-            "transcode"
+            "transcode",
+            "json_body"
         ]
     );
 }

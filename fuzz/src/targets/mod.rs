@@ -5,6 +5,7 @@ use crate::Target;
 pub mod etcd;
 pub mod grpc_timeout;
 pub mod inject;
+pub mod json_body;
 pub mod jwks;
 pub mod jwt;
 pub mod openapi;
@@ -111,5 +112,14 @@ pub static ALL: &[Target] = &[
         dict: transcode::DICT,
         alloc_fixed: 4 << 20,
         alloc_per_byte: 1024,
+    },
+    Target {
+        name: "json_body",
+        run: json_body::run,
+        max_len: 16 * 1024,
+        dict: json_body::DICT,
+        // the schemas, compiled on the first input
+        alloc_fixed: 16 << 20,
+        alloc_per_byte: 64,
     },
 ];

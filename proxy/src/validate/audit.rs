@@ -13,11 +13,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Response};
-use serde_json::Value;
 
 use super::compile::{is_json, response_for, Operation};
 use super::metrics::ValidationMetrics;
 use super::request::pointer;
+use super::tape::Doc;
 
 /// Response bodies up to this size are checked as their last frame passes, larger ones on a
 /// task of their own.
@@ -179,19 +179,19 @@ fn check_body(
     else {
         return;
     };
-    let value: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
+    let doc = match Doc::parse(body) {
+        Ok(doc) => doc,
         Err(e) => {
             metrics.mismatch(route, "body_malformed");
             log_mismatch(route, "body_malformed", &format!("not valid JSON: {e}"));
             return;
         }
     };
-    if validator.is_valid(&value) {
+    if validator.is_valid(doc.root()) {
         return;
     }
     let first = validator
-        .iter_errors(&value)
+        .iter_errors(doc.root())
         .next()
         .map(|e| format!("body field `{}`: {e}", pointer(&e)));
     if let Some(message) = first {

@@ -11,12 +11,14 @@
 use std::sync::Arc;
 
 use http::Method;
+use jsonschema::json::Json;
 use jsonschema::{Draft, PatternOptions, Registry, Validator};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Map, Value};
 
 use super::dialect;
 use super::paths::PathTable;
+use super::tape::Tape;
 use super::views::{self, Side};
 
 /// The URI the document is registered under.
@@ -131,7 +133,7 @@ pub(super) struct BodySpec {
 
 /// Media ranges (lower-case) and the schema of each JSON one; empty: anything goes.
 #[derive(Default)]
-pub(super) struct Content(pub Vec<(String, Option<Validator>)>);
+pub(super) struct Content(pub Vec<(String, Option<Validator<Tape>>)>);
 
 #[derive(Debug, PartialEq)]
 pub(super) enum StatusKey {
@@ -418,7 +420,13 @@ impl Compiler<'_> {
 
     /// The validator of the schema at pointer `at` of the document; for a body, its side's
     /// view and keyword (`readOnly` refused in requests, `writeOnly` in responses).
-    fn validator(&self, at: &str, side: Option<Side>) -> Result<Validator, CompileError> {
+    /// Parameters' values are built as `serde_json::Value`s (`SerdeJson`), bodies are parsed
+    /// into a [`Doc`](super::tape::Doc) (`Tape`).
+    fn validator<F: Json>(
+        &self,
+        at: &str,
+        side: Option<Side>,
+    ) -> Result<Validator<F>, CompileError> {
         let fragment = utf8_percent_encode(at, FRAGMENT);
         let schema = json!({ "$ref": format!("{ROOT}#{fragment}") });
         let view = match side {
@@ -426,7 +434,7 @@ impl Compiler<'_> {
             Some(Side::Response) => self.response.as_ref(),
             None => None,
         };
-        let options = jsonschema::options()
+        let options = jsonschema::options_for::<F>()
             .with_draft(Draft::Draft202012)
             .with_registry(view.unwrap_or(&self.registry))
             .should_validate_formats(true)
@@ -463,7 +471,7 @@ impl StatusKey {
 impl Content {
     /// The entry for a `Content-Type` (its essence, lower-case): exact, then `type/*`, then
     /// `*/*`. `Some(None)`: accepted without a schema.
-    pub fn find(&self, essence: &str) -> Option<&Option<Validator>> {
+    pub fn find(&self, essence: &str) -> Option<&Option<Validator<Tape>>> {
         let major = essence.split('/').next().unwrap_or("");
         let by = |want: &dyn Fn(&str) -> bool| self.0.iter().find(|(r, _)| want(r));
         by(&|r| r == essence)

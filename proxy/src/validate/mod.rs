@@ -24,6 +24,7 @@ pub mod metrics;
 mod paths;
 pub mod problem;
 mod request;
+pub mod tape;
 #[cfg(test)]
 mod tests;
 mod views;

@@ -18,13 +18,14 @@ use serde_json::Value;
 use super::compile::{is_json, BodySpec, Check, In, Operation, Param, Shape, Style};
 use super::paths::Captures;
 use super::problem::{FieldError, Location, Problem, MAX_ERRORS};
+use super::tape::{Doc, Tape};
 
 /// What the body needs, once the parameters passed.
 pub enum BodyPlan<'o> {
     /// Nothing to read: no body described, or one accepted without a schema.
     Pass,
     /// Read (bounded) and check against this schema.
-    Json(&'o Validator),
+    Json(&'o Validator<Tape>),
 }
 
 /// A request's parameter sources, each parsed once and only when a parameter reads it.
@@ -287,8 +288,9 @@ pub fn plan_body<'o>(
 
 /// A JSON body against its schema: malformed JSON names the line and column, a mismatch
 /// names each failing field by JSON pointer (a missing required field by its own pointer).
-pub fn check_json(validator: &Validator, body: &[u8]) -> Result<(), Problem> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+pub fn check_json(validator: &Validator<Tape>, body: &[u8]) -> Result<(), Problem> {
+    // Parsed in place (strings borrowed from `body`), not into a `serde_json::Value`.
+    let doc = Doc::parse(body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "body_malformed",
@@ -297,11 +299,11 @@ pub fn check_json(validator: &Validator, body: &[u8]) -> Result<(), Problem> {
         .detail(format!("the body is not valid JSON: {e}"))
     })?;
     // The fast path: no error locations tracked, no messages built.
-    if validator.is_valid(&value) {
+    if validator.is_valid(doc.root()) {
         return Ok(());
     }
     let errors: Vec<FieldError> = validator
-        .iter_errors(&value)
+        .iter_errors(doc.root())
         .take(MAX_ERRORS)
         .map(|e| FieldError::new(Location::Body, pointer(&e), e.to_string()))
         .collect();

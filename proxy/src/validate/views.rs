@@ -10,6 +10,7 @@
 //! and a keyword ([`keyword`]) that fails wherever the flagged schema meets a value. A document
 //! that flags nothing has no views (the one document serves both sides, no copy is made).
 
+use jsonschema::json::Json;
 use jsonschema::paths::Location;
 use jsonschema::{Keyword, ValidationError};
 use serde_json::{Map, Value};
@@ -121,12 +122,12 @@ fn is_flagged(schema: &Value, doc: &Value, flag: &str) -> bool {
 }
 
 /// What a keyword factory answers.
-type Built<'a> = Result<Box<dyn for<'i> Keyword<'i>>, ValidationError<'a>>;
+type Built<'a, F> = Result<Box<dyn for<'i> Keyword<'i, F>>, ValidationError<'a>>;
 
 /// The factory of the side's keyword: fails on any value where the schema says `true`.
-pub fn keyword(
+pub fn keyword<F: Json>(
     side: Side,
-) -> impl for<'a> Fn(&'a Map<String, Value>, &'a Value, Location) -> Built<'a> + Send + Sync + 'static
+) -> impl for<'a> Fn(&'a Map<String, Value>, &'a Value, Location) -> Built<'a, F> + Send + Sync + 'static
 {
     move |_, value, _| {
         Ok(Box::new(Refuse {
@@ -140,15 +141,15 @@ struct Refuse {
     message: Option<&'static str>,
 }
 
-impl<'i> Keyword<'i> for Refuse {
-    fn validate(&self, _: &'i Value) -> Result<(), ValidationError<'i>> {
+impl<'i, F: Json> Keyword<'i, F> for Refuse {
+    fn validate(&self, _: F::Node<'i>) -> Result<(), ValidationError<'i>> {
         match self.message {
             None => Ok(()),
             Some(m) => Err(ValidationError::custom(m)),
         }
     }
 
-    fn is_valid(&self, _: &'i Value) -> bool {
+    fn is_valid(&self, _: F::Node<'i>) -> bool {
         self.message.is_none()
     }
 }
