@@ -281,6 +281,60 @@ mod tests {
         );
     }
 
+    /// The status line hyper answers a request with `n` headers (plus `host` and
+    /// `connection`), served by `version`'s connection built from `limits`.
+    async fn status_with_headers(limits: &Limits, version: HttpVersion, n: usize) -> String {
+        let builders = http_builders(limits);
+        let (mut client, server) = pair().await;
+        let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            let body: ResponseBody = http_body_util::Either::Right(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"ok"),
+            ));
+            Ok::<_, std::convert::Infallible>(Response::new(body))
+        });
+        let io = hyper_util::rt::TokioIo::new(server);
+        let serving = tokio::spawn(async move {
+            let _ = builders.serve(version, io, service).await;
+        });
+        let headers: String = (0..n).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let req = format!("GET / HTTP/1.1\r\nhost: a\r\n{headers}connection: close\r\n\r\n");
+        client.write_all(req.as_bytes()).await.expect("write");
+        let mut resp = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut resp);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("answered")
+            .expect("read");
+        serving.abort();
+        String::from_utf8_lossy(&resp)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// hyper's default bound (100) is left to hyper, any other is handed to it: both hold, on
+    /// the HTTP/1 connection and on the version-sniffing one.
+    #[tokio::test]
+    async fn the_header_count_bound_holds_at_hypers_default_and_at_another_value() {
+        let default = Limits::default();
+        let custom = Limits {
+            max_headers: 20,
+            ..Limits::default()
+        };
+        for version in [HttpVersion::Http1, HttpVersion::Unknown] {
+            // 98 + host + connection = 100 headers: at the bound.
+            let at = status_with_headers(&default, version, 98).await;
+            assert!(at.starts_with("HTTP/1.1 200"), "{version:?}: {at}");
+            let over = status_with_headers(&default, version, 120).await;
+            assert!(over.starts_with("HTTP/1.1 431"), "{version:?}: {over}");
+            let ok = status_with_headers(&custom, version, 18).await;
+            assert!(ok.starts_with("HTTP/1.1 200"), "{version:?}: {ok}");
+            let over = status_with_headers(&custom, version, 30).await;
+            assert!(over.starts_with("HTTP/1.1 431"), "{version:?}: {over}");
+        }
+    }
+
     #[tokio::test]
     async fn a_closed_connection_is_left_to_hyper() {
         let (client, server) = pair().await;
