@@ -54,9 +54,9 @@ measure() { # NAME PORT CMD...
     local pid=$!
     for _ in $(seq 600); do curl -sf -o /dev/null -m 2 -H 'Host: backend' "http://127.0.0.1:$port/warm" && break; sleep 0.2; done
     load "$port" 200
-    callgrind_control -z "$pid" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
     load "$port" "$N"
-    callgrind_control -d "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null 2>&1
     local ir out
     out=$(ls -t "$D"/cg."$name".*.* | head -1)
     ir=$(awk '/^(summary|totals):/ { if ($2 > t) t = $2 } END { print t + 0 }' "$out")
