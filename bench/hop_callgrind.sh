@@ -4,7 +4,7 @@
 # hyper proxies of proxy/examples/hyper_floor.rs, all in front of the same nginx backend, each
 # sent the same N sequential GETs on one keep-alive connection. User-space instructions only:
 # the kernel's share (the same syscalls for all three, docs/performance.md) is not counted.
-# docs/performance.md#instructions-per-request-on-the-1-hop-path.
+# docs/performance.md, "Instructions per request on the 1-hop path".
 #
 #   bash bench/hop_callgrind.sh   # BENCH_REQUESTS (2000), BENCH_PORT_BASE (28800),
 #                                 # BENCH_SKIP_BUILD=1, BENCH_CALLGRIND_KEEP=DIR (keep the
