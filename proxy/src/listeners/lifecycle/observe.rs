@@ -10,7 +10,7 @@ use crate::error::{known_cause, ProxyError};
 use crate::http::body::Streamed;
 use crate::http::headers::ERROR_HEADER;
 use crate::telemetry::access_log::{cache_status, AccessLog, Outcome, RequestInfo};
-use crate::telemetry::metrics::{InFlight, Metrics, INBOUND};
+use crate::telemetry::metrics::{InFlight, Metrics, RequestCounters, INBOUND};
 use crate::telemetry::trace::{logs, RequestSpan};
 use crate::ResponseBody;
 use prometheus_client::metrics::gauge::Gauge;
@@ -22,6 +22,8 @@ pub struct Lifecycle {
     /// This direction's `trellis_requests_in_flight`, looked up once here so that a request
     /// costs one atomic add and one sub, not a label lookup.
     in_flight: Gauge,
+    /// This listener's request counters, kept by label set.
+    counters: RequestCounters,
     access: Arc<AccessLog>,
     /// Responses come from peer sidecars (every direction but inbound), whose own refusals
     /// name their cause in `trellis-error`: the cause is recorded here too.
@@ -63,6 +65,7 @@ impl Lifecycle {
         Self {
             direction,
             in_flight: metrics.in_flight_gauge(direction),
+            counters: RequestCounters::new(direction),
             metrics,
             access,
             peer_causes: direction != INBOUND,
@@ -163,8 +166,8 @@ impl Observed<'_> {
             seconds: elapsed.as_secs_f64(),
         };
         let route = labels.route.unwrap_or(&lifecycle.metrics.default_route);
-        lifecycle.metrics.record_routed_request(
-            lifecycle.direction,
+        lifecycle.counters.record(
+            &lifecycle.metrics,
             labels.service,
             route,
             finished.status,
