@@ -209,30 +209,21 @@ pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static
         .and_then(|v| v.to_str().ok())
         .filter(|p| !p.is_empty());
     let mut both = Inline::<{ 2 * INLINE }>::new();
-    let (xff, forwarded) = match (prev, client) {
-        // The common case, written byte by byte: `fmt`'s machinery costs about 700
-        // instructions per request here (docs/performance.md).
-        (None, IpAddr::V4(ip)) => {
-            let xff = both.extend(|b| b.put_ipv4(ip));
-            let forwarded = both.extend(|b| {
-                b.put(b"for=")?;
-                b.put_ipv4(ip)?;
-                b.put(b";proto=")?;
-                b.put(proto.as_bytes())
-            });
-            (xff, forwarded)
-        }
-        _ => {
-            let xff = match prev {
-                Some(prev) => both.push(format_args!("{prev}, {client}")),
-                None => both.push(format_args!("{client}")),
-            };
-            let forwarded = match client {
-                IpAddr::V4(ip) => both.push(format_args!("for={ip};proto={proto}")),
-                IpAddr::V6(ip) => both.push(format_args!("for=\"[{ip}]\";proto={proto}")),
-            };
-            (xff, forwarded)
-        }
+    // An IPv4 address is written byte by byte: `fmt`'s machinery costs about 700
+    // instructions per request here (docs/performance.md).
+    let xff = match (prev, client) {
+        (Some(prev), _) => both.push(format_args!("{prev}, {client}")),
+        (None, IpAddr::V4(ip)) => both.extend(|b| b.put_ipv4(ip)),
+        (None, IpAddr::V6(_)) => both.push(format_args!("{client}")),
+    };
+    let forwarded = match client {
+        IpAddr::V4(ip) => both.extend(|b| {
+            b.put(b"for=")?;
+            b.put_ipv4(ip)?;
+            b.put(b";proto=")?;
+            b.put(proto.as_bytes())
+        }),
+        IpAddr::V6(ip) => both.push(format_args!("for=\"[{ip}]\";proto={proto}")),
     };
     let (xff, forwarded) = match (xff, forwarded) {
         (Some(x), Some(f)) => {

@@ -298,16 +298,9 @@ impl Metrics {
         status: u16,
         seconds: f64,
     ) {
-        let labels = RequestLabels {
-            direction,
-            service: service.clone(),
-            route: route.clone(),
-            status_code: status,
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.request_duration
-            .get_or_create(&labels)
-            .observe(seconds);
+        let (count, duration) = self.request_handles(direction, service, route, status);
+        count.inc();
+        duration.observe(seconds);
     }
 
     /// The byte counters of connections accepted in `direction`.
