@@ -27,5 +27,6 @@ pub mod runtime;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trim;
 pub mod usage;
 pub mod wait_ready;

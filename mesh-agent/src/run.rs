@@ -381,6 +381,8 @@ pub async fn run(config: AgentConfig) -> Result<(), StartError> {
         admin = %running.bound.admin,
         "sidecar started"
     );
+    // Startup code's pages are unmapped once ready: what stays resident is what runs.
+    tokio::spawn(crate::trim::after_ready(running.ready.clone()));
     let handle = running.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;
