@@ -341,6 +341,9 @@ if ((IDLE_BUSY_PCT > 5)); then
     warn "core 1 is ${IDLE_BUSY_PCT}% busy (or stolen by the hypervisor) before any load: something else is running, CPU numbers will be inflated"
 fi
 
+# Idle RSS of a settled process: a sidecar unmaps its startup code's pages 2 s after it turns
+# ready (mesh-agent/src/trim.rs); sample well after that, the same moment for every process.
+sleep 3
 declare -A RSS_IDLE RSS_LOAD
 for k in "${!PROC[@]}"; do RSS_IDLE[$k]=$(rss_kb "${PROC[$k]}"); done
 
