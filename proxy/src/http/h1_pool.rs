@@ -110,7 +110,9 @@ impl H1Pool {
         loop {
             let (mut sender, pooled) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: a new connection's state (connect, handshake) is not carried by
+                // every request's future, most of which find a pooled connection.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.lend(resp, sender)),

@@ -36,11 +36,23 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// `TE: trailers` survives, because gRPC over HTTP/2 requires it. When `keep_upgrade`, the
 /// `Upgrade` header and `Connection: upgrade` are kept so an upgrade can be forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most requests carry none: one pass over the names instead of a lookup per name.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // One pass over the names says which are present: most requests carry none, and most
+    // HTTP/1.1 responses only `Connection: keep-alive`, so each absent name costs no lookup
+    // (a `remove` per listed name was about 1,500 instructions per response).
+    let present = hop_by_hop_present(headers);
+    if present == 0 {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
+    let has = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .is_some_and(|i| present & (1 << i) != 0)
+    };
+    if let Some(conn) = has(&header::CONNECTION)
+        .then(|| headers.get(header::CONNECTION))
+        .flatten()
+    {
         let named: Vec<HeaderName> = conn
             .to_str()
             .unwrap_or("")
@@ -56,17 +68,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    let upgrade = keep_upgrade
+    let te_trailers = has(&header::TE)
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    let upgrade = (keep_upgrade && has(&header::UPGRADE))
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -75,6 +90,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Which of [`HOP_BY_HOP`] `headers` has, one bit each by position.
+fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
+    headers.keys().fold(0, |m, n| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == n)
+            .map_or(m, |i| m | (1 << i))
+    })
 }
 
 /// Forwarding headers a client at the edge could use to pass for another client or scheme;
@@ -492,6 +517,28 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none() && h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed_and_others_kept() {
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert("x-before", "1".parse().unwrap());
+            h.append(name.clone(), "close".parse().unwrap());
+            h.append(name.clone(), "x".parse().unwrap());
+            h.insert("x-after", "2".parse().unwrap());
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.get(name).is_none(), "{name} kept");
+            assert_eq!((h["x-before"].as_bytes(), h["x-after"].as_bytes()), (&b"1"[..], &b"2"[..]));
+            assert_eq!(h.len(), 2, "{name}: {h:?}");
+        }
+        // None present: untouched.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "a".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.remove(header::TE);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

@@ -144,7 +144,9 @@ impl AppClient {
         })
     }
 
-    /// Upgrades need HTTP/1.1 (HTTP/2 cannot carry them); gRPC needs HTTP/2.
+    /// Upgrades need HTTP/1.1 (HTTP/2 cannot carry them); gRPC needs HTTP/2. A probe of the
+    /// app (`auto`, before its protocol is known) is boxed: it runs for the first requests
+    /// only, and inline its state would be carried, and copied, by every request's future.
     async fn first_protocol(&self, call: Call, body: &Replay) -> Proto {
         match self.protocol {
             _ if call.upgrade => Proto::Http1,
@@ -152,9 +154,13 @@ impl AppClient {
             AppProtocol::H2c => Proto::H2c,
             AppProtocol::Auto if call.grpc => Proto::H2c,
             AppProtocol::Auto => {
-                self.knowledge
-                    .choose(call.caller_h2, body.replayable())
-                    .await
+                let replayable = body.replayable();
+                match self.knowledge.known_choice(call.caller_h2, replayable) {
+                    Some(p) => p,
+                    None => {
+                        Box::pin(self.knowledge.choose(call.caller_h2, replayable)).await
+                    }
+                }
             }
         }
     }
@@ -202,7 +208,9 @@ impl AppClient {
                 }
                 Err(e) => e,
             };
-            if !self.try_again(&mut tries, &e, watch, body).await {
+            // Boxed: failures are rare, and their probes' state would otherwise be carried
+            // by every request's future.
+            if !Box::pin(self.try_again(&mut tries, &e, watch, body)).await {
                 return Err(Some(e));
             }
         }

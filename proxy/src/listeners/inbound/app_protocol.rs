@@ -183,6 +183,9 @@ impl AppKnowledge {
     /// caller's request goes as HTTP/1.1 unless the app is known to lack it; before a body
     /// that could not be replayed is sent to an app that speaks h2c, HTTP/1.1 is confirmed.
     pub async fn choose(&self, caller_h2: bool, replayable: bool) -> Proto {
+        if let Some(p) = self.known_choice(caller_h2, replayable) {
+            return p;
+        }
         if caller_h2 {
             return match self.speaks_h2c(false).await {
                 Known::Yes => Proto::H2c,
@@ -202,6 +205,24 @@ impl AppKnowledge {
                     Known::Yes | Known::Unknown => Proto::Http1,
                 }
             }
+        }
+    }
+
+    /// [`AppKnowledge::choose`]'s answer when what is known decides it without a probe (every
+    /// request once the app's protocol has been learned): no future to build and await.
+    pub fn known_choice(&self, caller_h2: bool, replayable: bool) -> Option<Proto> {
+        if caller_h2 {
+            return match self.h2c() {
+                Known::Yes => Some(Proto::H2c),
+                Known::No => Some(Proto::Http1),
+                Known::Unknown => None,
+            };
+        }
+        match self.h1() {
+            Known::Yes => Some(Proto::Http1),
+            Known::No => Some(Proto::H2c),
+            Known::Unknown if replayable => Some(Proto::Http1),
+            Known::Unknown => None,
         }
     }
 

@@ -31,7 +31,9 @@ use crate::identity::{
 use crate::listeners::inbound::app_protocol::AppKnowledge;
 use crate::listeners::lifecycle::{admission, Admission, Labels, Lifecycle};
 use crate::listeners::protocol::{http_builders, HttpBuilders};
-use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
+use crate::listeners::server::{
+    accept_loop, serve_connection, Activity, ActivityGuard, ConnTimeouts,
+};
 use crate::policy::ratelimit::RateLimits;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, INBOUND};
 use crate::telemetry::trace::logs;
@@ -206,32 +208,26 @@ impl Inbound {
            + 'static {
         let this = self.clone();
         let activity = activity.clone();
-        service_fn(move |req| {
-            let this = this.clone();
-            let peer = peer.clone();
-            let guard = activity.begin();
-            async move {
-                let resp = this.handle(req, client, peer).await;
-                drop(guard);
-                Ok(resp)
-            }
-        })
+        // The request's future is `handle`'s own, not wrapped in another async block: each
+        // layer would move the whole (several KB) future once more per request.
+        service_fn(move |req| this.clone().handle(req, client, peer.clone(), activity.begin()))
     }
 
     /// One request from a peer (`peer`: its verified identity) or a plaintext caller,
-    /// observed from start to finish.
+    /// observed from start to finish; the connection counts as busy until it ends (`_busy`).
     async fn handle(
-        &self,
+        self: Arc<Self>,
         mut req: Request<Incoming>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
-    ) -> Response<ResponseBody> {
+        _busy: ActivityGuard,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         if let Some(t) = self
             .telemetry
             .as_ref()
             .filter(|_| telemetry::Telemetry::wants(&req))
         {
-            return t.serve(&req, peer.as_ref(), client);
+            return Ok(t.serve(&req, peer.as_ref(), client));
         }
         let observed = self.lifecycle.start(&mut req, |req| {
             let (method, path) = (req.method(), req.uri().path());
@@ -254,7 +250,7 @@ impl Inbound {
         let (resp, finished) = observed.finish(result, labels);
         self.admission
             .count(consumer.as_ref(), None, finished.status, finished.seconds);
-        resp
+        Ok(resp)
     }
 
     /// Check the framing, admit (authenticate, authorize, limit), then forward; the
@@ -273,9 +269,10 @@ impl Inbound {
             .await?;
         let resp = match self.cache.plan(&req, consumer.as_deref()) {
             None => self.forward(req, client, peer).await?,
+            // Boxed: the cache's state (lookup, coalescing, storing) is larger than the rest
+            // of the request's; inline, every request would carry and copy it, cached or not.
             Some(plan) => {
-                plan.serve(req, |req| self.forward(req, client, peer))
-                    .await?
+                Box::pin(plan.serve(req, |req| self.forward(req, client, peer))).await?
             }
         };
         Ok(admission::hold(resp, permits))
