@@ -42,7 +42,8 @@ pub use api_validation::{
 };
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use cache::{
-    CacheKeySpec, CachePolicySpec, CachePurgeSpec, CacheRouteRef, MAX_CACHE_BYTES, MAX_CACHE_TTL,
+    CacheDiskSpec, CacheKeySpec, CachePolicySpec, CachePurgeSpec, CacheRouteRef, MAX_CACHE_BYTES,
+    MAX_CACHE_TTL,
     MIN_CACHE_BYTES,
 };
 pub use document::{
