@@ -492,23 +492,33 @@ mod tests {
         let d = ok.disk.unwrap();
         assert_eq!(d.object_limit(), 64 << 20);
         let small = disk(serde_json::json!({"path": "/c", "max_bytes": 4u64 << 20})).unwrap();
-        assert_eq!(small.disk.unwrap().object_limit(), 1 << 20, "a quarter of the bound");
+        assert_eq!(
+            small.disk.unwrap().object_limit(),
+            1 << 20,
+            "a quarter of the bound"
+        );
         let bad = |d: serde_json::Value| disk(d).unwrap_err();
         for p in ["relative/dir", "/", "/a/../etc", "/a/./b", ""] {
             let e = bad(serde_json::json!({"path": p, "max_bytes": 1u64 << 30}));
             assert!(e.contains("disk.path"), "{p}: {e}");
         }
-        assert!(bad(serde_json::json!({"path": "/c", "max_bytes": 1024})).contains("disk.max_bytes"));
-        assert!(bad(serde_json::json!({"path": "/c", "max_bytes": 1u64 << 50}))
-            .contains("disk.max_bytes"));
+        assert!(
+            bad(serde_json::json!({"path": "/c", "max_bytes": 1024})).contains("disk.max_bytes")
+        );
+        assert!(
+            bad(serde_json::json!({"path": "/c", "max_bytes": 1u64 << 50}))
+                .contains("disk.max_bytes")
+        );
         for n in [0u64, 1 << 29] {
             let e = bad(
                 serde_json::json!({"path": "/c", "max_bytes": 1u64 << 30, "max_object_bytes": n}),
             );
             assert!(e.contains("disk.max_object_bytes"), "{e}");
         }
-        assert!(bad(serde_json::json!({"path": "/c", "max_bytes": 1u64 << 30, "size": 1}))
-            .contains("unknown field `size`"));
+        assert!(
+            bad(serde_json::json!({"path": "/c", "max_bytes": 1u64 << 30, "size": 1}))
+                .contains("unknown field `size`")
+        );
         assert!(bad(serde_json::json!({"max_bytes": 1u64 << 30})).contains("missing field `path`"));
     }
 

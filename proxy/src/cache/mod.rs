@@ -323,7 +323,9 @@ impl ResponseCache {
     pub fn disk_entries(&self) -> Vec<(std::path::PathBuf, u64)> {
         let policies = self.policies.load();
         let tiers = policies.iter().filter_map(|c| c.store.disk());
-        tiers.map(|d| (d.dir().to_path_buf(), d.entry_count())).collect()
+        tiers
+            .map(|d| (d.dir().to_path_buf(), d.entry_count()))
+            .collect()
     }
 }
 
@@ -526,7 +528,11 @@ impl Plan {
             started: fetch.started,
             _leader: leader,
         };
-        Tee::new(pending, limit, expected.and_then(|n| usize::try_from(n).ok()))
+        Tee::new(
+            pending,
+            limit,
+            expected.and_then(|n| usize::try_from(n).ok()),
+        )
     }
 
     /// Write a body announced too large for memory to the disk tier as it streams; `None`

@@ -108,7 +108,14 @@ impl Tee {
         let p = self.pending.take()?;
         let key = super::key::variant(&p.primary, &p.req_headers, &p.entry.vary);
         let expected = self.expected.map(|n| n as u64);
-        let mut sink = disk.tee(key, p.primary.len(), p.entry, p.started, p._leader, expected)?;
+        let mut sink = disk.tee(
+            key,
+            p.primary.len(),
+            p.entry,
+            p.started,
+            p._leader,
+            expected,
+        )?;
         let so_far = std::mem::take(&mut self.buf).freeze();
         sink.data(&so_far).then_some(sink)
     }

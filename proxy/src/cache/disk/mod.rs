@@ -164,7 +164,11 @@ impl DiskTier {
         let shards = super::store::shards(capacity, spec.object_limit());
         let options = OptionsBuilder::new()
             .weight_capacity(capacity)
-            .estimated_items_capacity(usize::try_from(capacity / (64 * 1024)).unwrap_or(1 << 20).max(64))
+            .estimated_items_capacity(
+                usize::try_from(capacity / (64 * 1024))
+                    .unwrap_or(1 << 20)
+                    .max(64),
+            )
             .shards(shards)
             .build()
             .expect("only a missing option is refused, and every one is set");
@@ -178,8 +182,17 @@ impl DiskTier {
                 down_until: AtomicU64::new(0),
                 down: AtomicBool::new(false),
             }),
-            index: Cache::with_options(options, BySize, DefaultHashBuilder::default(), Default::default()),
-            vary: Cache::new(usize::try_from(capacity / (64 * 1024)).unwrap_or(1 << 20).max(1024)),
+            index: Cache::with_options(
+                options,
+                BySize,
+                DefaultHashBuilder::default(),
+                Default::default(),
+            ),
+            vary: Cache::new(
+                usize::try_from(capacity / (64 * 1024))
+                    .unwrap_or(1 << 20)
+                    .max(1024),
+            ),
             any_vary: AtomicBool::new(false),
             object_limit: spec.object_limit(),
             writing: AtomicU64::new(0),
@@ -214,7 +227,11 @@ impl DiskTier {
     /// The entry stored on disk for this request, its file checked up to its first body
     /// block (read off the runtime's threads). A file that fails a check is a miss, counted
     /// and removed.
-    pub async fn lookup(self: &Arc<Self>, primary: &str, headers: &HeaderMap) -> Option<Arc<Entry>> {
+    pub async fn lookup(
+        self: &Arc<Self>,
+        primary: &str,
+        headers: &HeaderMap,
+    ) -> Option<Arc<Entry>> {
         let key = self.variant(primary, headers);
         let file = self.index.get(&key)?;
         if file.until <= Instant::now() {
@@ -308,13 +325,28 @@ impl DiskTier {
     }
 
     /// Write an entry the memory tier evicted, unless it is about to expire anyway.
-    pub fn demote(self: &Arc<Self>, key: String, primary_len: usize, entry: Arc<Entry>, until: Instant) {
+    pub fn demote(
+        self: &Arc<Self>,
+        key: String,
+        primary_len: usize,
+        entry: Arc<Entry>,
+        until: Instant,
+    ) {
         let soon = Instant::now() + Duration::from_secs(1);
         if until <= soon || entry.disk.is_some() || entry.body.len() as u64 > self.object_limit {
             return;
         }
         let Some(permit) = self.permit() else { return };
-        let job = Job::new(self, key, primary_len, entry, Instant::now(), Source::Memory, permit, None);
+        let job = Job::new(
+            self,
+            key,
+            primary_len,
+            entry,
+            Instant::now(),
+            Source::Memory,
+            permit,
+            None,
+        );
         blocking(move || job.run());
     }
 
@@ -335,7 +367,16 @@ impl DiskTier {
         }
         let permit = self.permit()?;
         let (tx, rx) = mpsc::channel(TEE_QUEUE);
-        let job = Job::new(self, key, primary_len, Arc::new(entry), started, Source::Tee(rx), permit, leader);
+        let job = Job::new(
+            self,
+            key,
+            primary_len,
+            Arc::new(entry),
+            started,
+            Source::Tee(rx),
+            permit,
+            leader,
+        );
         blocking(move || job.run());
         Some(Sink {
             tx,
@@ -348,9 +389,20 @@ impl DiskTier {
     /// Write `entry` (refreshed by a 304, its body still in another file of the tier) under
     /// `key`; the old file answers until the new one replaces it.
     pub fn refresh(self: &Arc<Self>, key: String, primary_len: usize, entry: Arc<Entry>) {
-        let Some(body) = entry.disk.clone() else { return };
+        let Some(body) = entry.disk.clone() else {
+            return;
+        };
         let Some(permit) = self.permit() else { return };
-        let job = Job::new(self, key, primary_len, entry, Instant::now(), Source::File(body), permit, None);
+        let job = Job::new(
+            self,
+            key,
+            primary_len,
+            entry,
+            Instant::now(),
+            Source::File(body),
+            permit,
+            None,
+        );
         blocking(move || job.run());
     }
 
@@ -365,7 +417,9 @@ impl DiskTier {
             self.any_vary.store(true, Ordering::Relaxed);
         }
         let primary = job.key.get(..job.primary_len).unwrap_or(&job.key);
-        if !e.vary.is_empty() || (self.any_vary.load(Ordering::Relaxed) && self.vary.contains_key(primary)) {
+        if !e.vary.is_empty()
+            || (self.any_vary.load(Ordering::Relaxed) && self.vary.contains_key(primary))
+        {
             self.vary.insert(primary.to_string(), e.vary.clone());
         }
         self.index.insert(job.key.clone(), file);
@@ -378,7 +432,9 @@ impl DiskTier {
         let m = &self.shared.metrics;
         m.disk_write_failures.inc();
         let until = self.shared.millis() + COOLDOWN.as_millis() as u64;
-        self.shared.down_until.store(until.max(1), Ordering::Relaxed);
+        self.shared
+            .down_until
+            .store(until.max(1), Ordering::Relaxed);
         if !self.shared.down.swap(true, Ordering::Relaxed) {
             m.disk_down.inc();
             tracing::warn!(dir = %self.shared.dir.display(), error = %e, cooldown = ?COOLDOWN, "cache disk tier write failed: serving from memory only until a write succeeds again");
@@ -427,7 +483,10 @@ impl TierShared {
 
 impl DiskFile {
     fn new(shared: &Arc<TierShared>, name: String, bytes: u64, e: &Entry) -> Self {
-        shared.metrics.disk_bytes.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        shared
+            .metrics
+            .disk_bytes
+            .inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
         Self {
             name,
             bytes,
@@ -452,7 +511,10 @@ impl DiskFile {
 impl Drop for DiskFile {
     fn drop(&mut self) {
         let shared = &self.shared;
-        shared.metrics.disk_bytes.dec_by(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+        shared
+            .metrics
+            .disk_bytes
+            .dec_by(i64::try_from(self.bytes).unwrap_or(i64::MAX));
         if !shared.closing.load(Ordering::Relaxed) {
             let path = self.path();
             blocking(move || {
@@ -573,10 +635,15 @@ impl Job {
 
     /// Copy (and check) another file's body.
     fn copy(&mut self, w: &mut format::FileWriter, body: &DiskBody) -> Result<(), Abandoned> {
-        let o = format::open(&body.file().path(), body.file().bytes, body.key()).map_err(|e| match e {
-            ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => Abandoned::Incomplete,
-            e => Abandoned::Corrupt(e),
-        })?;
+        let o =
+            format::open(&body.file().path(), body.file().bytes, body.key()).map_err(
+                |e| match e {
+                    ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Abandoned::Incomplete
+                    }
+                    e => Abandoned::Corrupt(e),
+                },
+            )?;
         let (mut file, mut left) = (o.file, o.body_len);
         let mut chunk = o.first;
         loop {
@@ -601,7 +668,9 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
-        self.tier.writing.fetch_sub(self.reserved, Ordering::Relaxed);
+        self.tier
+            .writing
+            .fetch_sub(self.reserved, Ordering::Relaxed);
     }
 }
 
@@ -635,13 +704,16 @@ fn remove_earlier_runs(root: &Path, ours: &Path) {
     let mut removed = 0;
     for e in list.flatten() {
         let path = e.path();
-        let ours_or_other = path == ours || !e.file_name().to_string_lossy().starts_with(DIR_PREFIX);
+        let ours_or_other =
+            path == ours || !e.file_name().to_string_lossy().starts_with(DIR_PREFIX);
         if ours_or_other || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         match std::fs::remove_dir_all(&path) {
             Ok(()) => removed += 1,
-            Err(error) => tracing::warn!(dir = %path.display(), %error, "cannot remove an earlier run's cache files"),
+            Err(error) => {
+                tracing::warn!(dir = %path.display(), %error, "cannot remove an earlier run's cache files")
+            }
         }
     }
     if removed > 0 {

@@ -80,11 +80,7 @@ impl DiskBody {
     /// The body as a stream: from the file opened at lookup, or (a second response from the
     /// same lookup) from the file opened again.
     pub fn stream(self: &Arc<Self>) -> DiskStream {
-        let taken = self
-            .opened
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = self.opened.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (file, ready, reading) = match taken {
             Some((f, first)) => (Some(f), Some(first), None),
             None => {
