@@ -260,7 +260,7 @@ impl Body for Streamed {
                         }
                     }
                 }
-                let frame = frame.map(|r| r.map_err(Into::into));
+                // `frame` already carries the boxed error.
                 let Some(reframe) = this.reframe.as_deref_mut() else {
                     return Poll::Ready(frame);
                 };
