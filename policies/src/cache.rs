@@ -27,6 +27,14 @@ pub const MAX_KEY_PARTS: usize = 16;
 pub const MAX_COALESCE_WAIT: Duration = Duration::from_secs(60);
 /// Longest purge selector (prefix, key or tag).
 pub const MAX_PURGE_SELECTOR: usize = 1024;
+/// Smallest and largest bound of one policy's disk tier.
+pub const MIN_CACHE_DISK_BYTES: u64 = 1024 * 1024;
+pub const MAX_CACHE_DISK_BYTES: u64 = 16 * 1024 * 1024 * 1024 * 1024;
+/// Largest object the disk tier takes when the policy names no limit (a quarter of the
+/// tier's bound when that is smaller, see [`CacheDiskSpec::object_limit`]).
+pub const DEFAULT_CACHE_DISK_OBJECT: u64 = 64 * 1024 * 1024;
+/// Longest disk tier path.
+pub const MAX_CACHE_DISK_PATH: usize = 1024;
 
 /// `CachePolicy`: cache the responses a service's sidecars receive from their app (or its
 /// ingress receives from the mesh).
@@ -78,6 +86,27 @@ pub struct CachePolicySpec {
     /// going upstream itself.
     #[serde(default = "default_coalesce_wait", with = "humantime_serde")]
     pub coalesce_wait: Duration,
+    /// A second tier on local disk, for responses too large for memory and entries the
+    /// memory bound evicts. Absent: memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<CacheDiskSpec>,
+}
+
+/// The disk tier of a `CachePolicy` (per sidecar, like the memory bound).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheDiskSpec {
+    /// An absolute directory the sidecar may write (an `emptyDir` of its own): the sidecar
+    /// keeps its files in a subdirectory named `trellis-cache.<run>` and removes only such
+    /// subdirectories left by earlier runs, never anything else there.
+    pub path: String,
+    /// Bound of the tier's files, in bytes (headers, bodies, checksums, and the files being
+    /// written).
+    pub max_bytes: u64,
+    /// Larger responses are not written to disk. Absent: 64 MiB, or a quarter of
+    /// `max_bytes` when that is smaller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_object_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +222,9 @@ impl CachePolicySpec {
                 MAX_COALESCE_WAIT.as_secs()
             ));
         }
+        if let Some(d) = &self.disk {
+            d.validate().map_err(|m| format!("disk.{m}"))?;
+        }
         self.key.validate().map_err(|m| format!("key.{m}"))
     }
 
@@ -227,6 +259,49 @@ impl CachePolicySpec {
             Some(_) => 1,
             None => 2,
         }
+    }
+}
+
+// === impl CacheDiskSpec ===
+
+impl CacheDiskSpec {
+    fn validate(&self) -> Result<(), String> {
+        let p = std::path::Path::new(&self.path);
+        if !p.is_absolute()
+            || self.path.len() > MAX_CACHE_DISK_PATH
+            || self.path.contains('\0')
+            || p.parent().is_none()
+        {
+            return Err(format!(
+                "path: `{}` must be an absolute directory other than `/`, at most {MAX_CACHE_DISK_PATH} bytes",
+                self.path
+            ));
+        }
+        // `a/../b` would name another directory than it reads as (checked on the text:
+        // `Path::components` drops inner `.`s).
+        if self.path.split('/').any(|c| c == "." || c == "..") {
+            return Err(format!(
+                "path: `{}` must not contain `.` or `..` components",
+                self.path
+            ));
+        }
+        if !(MIN_CACHE_DISK_BYTES..=MAX_CACHE_DISK_BYTES).contains(&self.max_bytes) {
+            return Err(format!(
+                "max_bytes: must be between {MIN_CACHE_DISK_BYTES} and {MAX_CACHE_DISK_BYTES}"
+            ));
+        }
+        match self.max_object_bytes {
+            Some(n) if n == 0 || n > self.max_bytes / 4 => Err(
+                "max_object_bytes: must be between 1 and a quarter of max_bytes (the files being written count against the bound too)".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The largest object the tier takes.
+    pub fn object_limit(&self) -> u64 {
+        self.max_object_bytes
+            .unwrap_or_else(|| DEFAULT_CACHE_DISK_OBJECT.min(self.max_bytes / 4))
     }
 }
 
@@ -401,6 +476,46 @@ mod tests {
         assert!(bad(serde_json::json!({"key": {"query": ["a=b"]}})).contains("key.query"));
         assert!(bad(serde_json::json!({"ttl": "1s"})).contains("unknown field `ttl`"));
         assert!(bad(serde_json::json!({"service": "Bad"})).contains("service"));
+    }
+
+    #[test]
+    fn a_disk_tier_is_optional_and_validated() {
+        let s = spec(serde_json::json!({"service": "catalog"})).unwrap();
+        assert_eq!(s.disk, None, "memory only by default");
+        let disk = |d: serde_json::Value| spec(serde_json::json!({"service": "c", "disk": d}));
+        let ok = disk(serde_json::json!({"path": "/var/cache/trellis", "max_bytes": 1u64 << 30}))
+            .unwrap();
+        let d = ok.disk.unwrap();
+        assert_eq!(d.object_limit(), 64 << 20);
+        let small = disk(serde_json::json!({"path": "/c", "max_bytes": 4u64 << 20})).unwrap();
+        assert_eq!(
+            small.disk.unwrap().object_limit(),
+            1 << 20,
+            "a quarter of the bound"
+        );
+        let bad = |d: serde_json::Value| disk(d).unwrap_err();
+        for p in ["relative/dir", "/", "/a/../etc", "/a/./b", ""] {
+            let e = bad(serde_json::json!({"path": p, "max_bytes": 1u64 << 30}));
+            assert!(e.contains("disk.path"), "{p}: {e}");
+        }
+        assert!(
+            bad(serde_json::json!({"path": "/c", "max_bytes": 1024})).contains("disk.max_bytes")
+        );
+        assert!(
+            bad(serde_json::json!({"path": "/c", "max_bytes": 1u64 << 50}))
+                .contains("disk.max_bytes")
+        );
+        for n in [0u64, 1 << 29] {
+            let e = bad(
+                serde_json::json!({"path": "/c", "max_bytes": 1u64 << 30, "max_object_bytes": n}),
+            );
+            assert!(e.contains("disk.max_object_bytes"), "{e}");
+        }
+        assert!(
+            bad(serde_json::json!({"path": "/c", "max_bytes": 1u64 << 30, "size": 1}))
+                .contains("unknown field `size`")
+        );
+        assert!(bad(serde_json::json!({"max_bytes": 1u64 << 30})).contains("missing field `path`"));
     }
 
     #[test]

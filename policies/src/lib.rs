@@ -42,8 +42,8 @@ pub use api_validation::{
 };
 pub use auth::{JwksSource, JwtProviderSpec, TokenSource};
 pub use cache::{
-    CacheKeySpec, CachePolicySpec, CachePurgeSpec, CacheRouteRef, MAX_CACHE_BYTES, MAX_CACHE_TTL,
-    MIN_CACHE_BYTES,
+    CacheDiskSpec, CacheKeySpec, CachePolicySpec, CachePurgeSpec, CacheRouteRef, MAX_CACHE_BYTES,
+    MAX_CACHE_TTL, MIN_CACHE_BYTES,
 };
 pub use document::{
     parse_documents, DocumentError, Metadata, Policy, PolicyDocument, Registration, API_VERSION,

@@ -89,6 +89,7 @@ impl Fetch {
             cc,
             headers,
             body: Bytes::new(),
+            disk: None,
         })
     }
 }
@@ -150,13 +151,14 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
 
 impl Entry {
     /// The stored response as a hit, with its current `Age` (RFC 9111 5.1: a cache sends it).
+    /// A body on disk streams from its file.
     pub fn response(&self, head: bool, now: Instant) -> Response<ResponseBody> {
-        let body = if head {
-            Bytes::new()
-        } else {
-            self.body.clone()
+        let body = match &self.disk {
+            Some(d) if !head => Either::Left(crate::http::body::Streamed::from_disk(d.stream())),
+            _ if head => Either::Right(Full::new(Bytes::new())),
+            _ => Either::Right(Full::new(self.body.clone())),
         };
-        let mut resp = Response::new(Either::Right(Full::new(body)));
+        let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
         resp.headers_mut()
@@ -196,6 +198,7 @@ impl Entry {
             cc,
             headers,
             body: self.body.clone(),
+            disk: self.disk.clone(),
         }
     }
 }
@@ -300,6 +303,7 @@ mod tests {
             resource: Arc::from("h\0/a"),
             tags: vec![],
             vary: Arc::from([]),
+            disk: None,
         }
     }
 

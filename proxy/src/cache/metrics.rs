@@ -22,6 +22,13 @@ pub struct CacheMetrics {
     pub purges: Counter,
     pub purge_errors: Counter,
     pub purge_gaps: Counter,
+    pub disk_hits: Counter,
+    pub disk_bytes: Gauge,
+    pub disk_writes: Counter,
+    pub disk_write_failures: Counter,
+    pub disk_writes_skipped: Counter,
+    pub disk_corrupt: Counter,
+    pub disk_down: Gauge,
 }
 
 // === impl CacheMetrics ===
@@ -69,7 +76,46 @@ impl CacheMetrics {
             "Cache purge records refused (the last good state is kept)",
             m.purge_errors.clone(),
         );
+        m.register_disk(registry);
         m
+    }
+
+    fn register_disk(&self, registry: &mut Registry) {
+        registry.register(
+            "cache_disk_hits",
+            "Responses answered from the disk tier (X-Cache-Status stays HIT, STALE or REVALIDATED)",
+            self.disk_hits.clone(),
+        );
+        registry.register(
+            "cache_disk_bytes",
+            "Bytes of the disk tier's files (headers, bodies and checksums)",
+            self.disk_bytes.clone(),
+        );
+        registry.register(
+            "cache_disk_writes",
+            "Files written to the disk tier",
+            self.disk_writes.clone(),
+        );
+        registry.register(
+            "cache_disk_write_failures",
+            "Disk tier writes that failed (full disk, read-only or unwritable directory): writes stop for a cool-down",
+            self.disk_write_failures.clone(),
+        );
+        registry.register(
+            "cache_disk_writes_skipped",
+            "Disk tier writes not made because the disk was behind (every writer busy, or the bound of files being written reached)",
+            self.disk_writes_skipped.clone(),
+        );
+        registry.register(
+            "cache_disk_corrupt",
+            "Disk tier files dropped because their length, checksums or key did not match (answered as a miss)",
+            self.disk_corrupt.clone(),
+        );
+        registry.register(
+            "cache_disk_down",
+            "Disk tiers whose writes are off after a failure (memory only until a write succeeds)",
+            self.disk_down.clone(),
+        );
     }
 
     pub fn count(&self, status: &'static str) {

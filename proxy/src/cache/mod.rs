@@ -14,6 +14,7 @@
 
 mod coalesce;
 pub mod control;
+mod disk;
 mod entry;
 mod key;
 mod metrics;
@@ -39,6 +40,7 @@ use coalesce::{Inflight, Leader, Turn};
 use control::{CacheControl, Use};
 use store::{Entry, Selector, Store};
 
+pub use disk::DiskStream;
 pub use metrics::CacheMetrics;
 pub use revalidate::{app_revalidator, Revalidator};
 pub use tee::Tee;
@@ -316,6 +318,15 @@ impl ResponseCache {
             .map(|c| c.store.entry_count())
             .sum()
     }
+
+    /// Entries held by the disk tiers, and the directory each writes (tests, `/config_dump`).
+    pub fn disk_entries(&self) -> Vec<(std::path::PathBuf, u64)> {
+        let policies = self.policies.load();
+        let tiers = policies.iter().filter_map(|c| c.store.disk());
+        tiers
+            .map(|d| (d.dir().to_path_buf(), d.entry_count()))
+            .collect()
+    }
 }
 
 /// Requests the cache passes straight through: ranges (not cached) and `no-store`.
@@ -332,7 +343,13 @@ impl Compiled {
         Self {
             name: name.to_string(),
             spec: spec.clone(),
-            store: Arc::new(Store::new(spec.max_bytes, spec.max_object_bytes, metrics)),
+            store: Arc::new(
+                Store::new(spec.max_bytes, spec.max_object_bytes, metrics).with_disk(
+                    spec.disk
+                        .as_ref()
+                        .map(|d| disk::DiskTier::new(name, d, metrics)),
+                ),
+            ),
             inflight: Arc::default(),
             invalidated: quick_cache::sync::Cache::new(INVALIDATIONS),
             any_invalidated: AtomicBool::new(false),
@@ -359,7 +376,7 @@ impl Plan {
     async fn lookup<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
         let now = Instant::now();
         let req_cc = CacheControl::parse(req.headers());
-        if let Some(entry) = self.find(req.headers()) {
+        if let Some(entry) = self.find_any(req.headers()).await {
             let age = entry.age(now);
             return match control::usable(age, entry.lifetime, &entry.cc, &req_cc) {
                 Use::Fresh => Ok(self.hit(&entry, &req, HIT, now)),
@@ -385,10 +402,26 @@ impl Plan {
         self.miss(req, upstream, leader, MISS).await
     }
 
-    /// A stored response for this request that it may use: not invalidated or purged since,
-    /// and not an unshareable one for an authorized request.
+    /// A stored response for this request that it may use, from memory or else from the
+    /// disk tier (whose file is opened off the runtime's threads).
+    async fn find_any(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
+        if let Some(e) = self.find(headers) {
+            return Some(e);
+        }
+        let disk = self.policy.store.disk()?;
+        let entry = disk.lookup(&self.primary, headers).await?;
+        self.admit(entry, headers)
+    }
+
+    /// A stored response in memory for this request that it may use.
     fn find(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
         let entry = self.policy.store.lookup(&self.primary, headers)?;
+        self.admit(entry, headers)
+    }
+
+    /// `entry` unless it was invalidated or purged since, or is an unshareable one for an
+    /// authorized request.
+    fn admit(&self, entry: Arc<Entry>, headers: &HeaderMap) -> Option<Arc<Entry>> {
         let policy = &self.policy;
         if policy.any_invalidated.load(Ordering::Acquire)
             && policy
@@ -423,7 +456,7 @@ impl Plan {
         self.shared.metrics.coalesced.inc();
         let now = Instant::now();
         let req_cc = CacheControl::parse(req.headers());
-        match self.find(req.headers()) {
+        match self.find_any(req.headers()).await {
             Some(e) if control::usable(e.age(now), e.lifetime, &e.cc, &req_cc) == Use::Fresh => {
                 Ok(e)
             }
@@ -458,42 +491,63 @@ impl Plan {
                 tracing::trace!(?why, "response not stored");
                 resp
             }
-            Ok(_)
-                if entry::content_length(resp.headers())
-                    .is_some_and(|n| n > spec.max_object_bytes) =>
-            {
-                status = BYPASS;
-                resp
-            }
             Ok(e) => {
-                let limit = usize::try_from(spec.max_object_bytes).unwrap_or(usize::MAX);
-                let expected =
-                    entry::content_length(resp.headers()).and_then(|n| usize::try_from(n).ok());
-                let pending = tee::Pending {
-                    store: self.policy.store.clone(),
-                    primary: self.primary.clone(),
-                    req_headers: fetch.headers,
-                    entry: e,
-                    purged: self.shared.purged_since(fetch.started),
-                    _leader: leader,
+                let expected = entry::content_length(resp.headers());
+                let tee = match expected.filter(|n| *n > spec.max_object_bytes) {
+                    Some(n) => self.disk_tee(&fetch, e, leader, n),
+                    None => Some(self.memory_tee(fetch, e, leader, expected)),
                 };
-                let tee = Tee::new(pending, limit, expected);
-                // An empty body is never polled: it is complete now.
-                if http_body::Body::is_end_stream(resp.body()) {
-                    tee.finish();
-                    resp
-                } else {
-                    resp.map(|b| match b {
-                        http_body_util::Either::Left(s) => {
-                            http_body_util::Either::Left(s.teed(tee))
-                        }
-                        local => local,
-                    })
+                match tee {
+                    Some(tee) => teed(resp, tee),
+                    None => {
+                        status = BYPASS;
+                        resp
+                    }
                 }
             }
         };
         self.mark(&mut resp, status);
         resp
+    }
+
+    /// Store the body in memory as it streams (or on disk if it grows too large).
+    fn memory_tee(
+        &self,
+        fetch: entry::Fetch,
+        e: Entry,
+        leader: Option<Leader>,
+        expected: Option<u64>,
+    ) -> Tee {
+        let limit = usize::try_from(self.policy.spec.max_object_bytes).unwrap_or(usize::MAX);
+        let pending = tee::Pending {
+            store: self.policy.store.clone(),
+            primary: self.primary.clone(),
+            req_headers: fetch.headers,
+            entry: e,
+            purged: self.shared.purged_since(fetch.started),
+            started: fetch.started,
+            _leader: leader,
+        };
+        Tee::new(
+            pending,
+            limit,
+            expected.and_then(|n| usize::try_from(n).ok()),
+        )
+    }
+
+    /// Write a body announced too large for memory to the disk tier as it streams; `None`
+    /// (not stored) without a tier, above its limit, or while it takes no writes.
+    fn disk_tee(
+        &self,
+        fetch: &entry::Fetch,
+        e: Entry,
+        leader: Option<Leader>,
+        len: u64,
+    ) -> Option<Tee> {
+        let disk = self.policy.store.disk()?;
+        let key = key::variant(&self.primary, &fetch.headers, &e.vary);
+        let sink = disk.tee(key, self.primary.len(), e, fetch.started, leader, Some(len))?;
+        Some(Tee::to_disk(sink))
     }
 
     /// Validate a stored response with the origin (conditional request with its validators,
@@ -612,6 +666,10 @@ impl Plan {
         status: &'static str,
         now: Instant,
     ) -> Response<ResponseBody> {
+        if e.disk.is_some() {
+            self.shared.metrics.disk_hits.inc();
+            tracing::debug!(tier = "disk", status, "cache answer from the disk tier");
+        }
         let mut resp = e.response(head, now);
         self.mark(&mut resp, status);
         resp
@@ -622,6 +680,19 @@ impl Plan {
         resp.headers_mut()
             .insert(CACHE_STATUS, HeaderValue::from_static(status));
     }
+}
+
+/// `resp` with its body copied into `tee` as it streams.
+fn teed(resp: Response<ResponseBody>, tee: Tee) -> Response<ResponseBody> {
+    // An empty body is never polled: it is complete now.
+    if http_body::Body::is_end_stream(resp.body()) {
+        tee.finish();
+        return resp;
+    }
+    resp.map(|b| match b {
+        http_body_util::Either::Left(s) => http_body_util::Either::Left(s.teed(tee)),
+        local => local,
+    })
 }
 
 // === impl Shared ===

@@ -23,6 +23,7 @@ use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use super::control::CacheControl;
+use super::disk::DiskTier;
 use super::metrics::CacheMetrics;
 
 /// Bytes an entry costs besides its key, headers and body (see [`Entry::weight`]).
@@ -55,6 +56,8 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// The request headers its `Vary` names, lower-case: the variant it answers.
     pub vary: Arc<[String]>,
+    /// Loaded from the disk tier: the body is streamed from its file (`body` is empty).
+    pub disk: Option<Arc<super::disk::DiskBody>>,
 }
 
 /// What a purge removes.
@@ -69,6 +72,9 @@ pub enum Selector {
 }
 
 pub struct Store {
+    /// The policy's disk tier, if it has one: evicted entries go there, and lookups that
+    /// miss here look there.
+    disk: Option<Arc<DiskTier>>,
     entries: Cache<String, Slot, ByWeight, DefaultHashBuilder, Accounting>,
     /// The `Vary` names last seen for each primary key: which variant key a request looks up.
     vary: Cache<String, Arc<[String]>>,
@@ -86,6 +92,9 @@ pub struct Store {
 struct Slot {
     entry: Arc<Entry>,
     weight: u32,
+    /// The length of the primary key the variant key starts with (for the disk tier's
+    /// `Vary` map when the entry is evicted there; fits in the slot's padding).
+    primary_len: u32,
     /// Its lifetime, its stale windows and (when it can be revalidated) as long again, so
     /// that an expired entry can still answer a 304.
     until: Instant,
@@ -111,6 +120,8 @@ struct Departed {
     evicted: u64,
     /// The first entry that left, dropped after the shard's lock is released.
     dropped: Option<Slot>,
+    /// With a disk tier: the entries the bound evicted, written there after the insert.
+    demoted: Option<Vec<(String, Slot)>>,
 }
 
 // === impl Entry ===
@@ -121,7 +132,9 @@ impl Entry {
         self.initial_age + now.saturating_duration_since(self.stored)
     }
 
-    fn keep(&self) -> Duration {
+    /// How long the entry is kept: its lifetime, its stale windows and (when it can be
+    /// revalidated) as long again.
+    pub(super) fn keep(&self) -> Duration {
         let windows = self
             .cc
             .stale_while_revalidate
@@ -153,13 +166,18 @@ impl Entry {
     }
 
     pub fn matches(&self, s: &Selector) -> bool {
-        let path = super::key::path_of(&self.resource);
-        match s {
-            Selector::All => true,
-            Selector::Prefix(p) => path.starts_with(p.as_str()),
-            Selector::Key(k) => path == k,
-            Selector::Tag(t) => self.tags.iter().any(|x| x == t),
-        }
+        selects(&self.resource, &self.tags, s)
+    }
+}
+
+/// Whether `s` selects an entry of this resource and tags (in memory or on disk).
+pub(super) fn selects(resource: &str, tags: &[String], s: &Selector) -> bool {
+    let path = super::key::path_of(resource);
+    match s {
+        Selector::All => true,
+        Selector::Prefix(p) => path.starts_with(p.as_str()),
+        Selector::Key(k) => path == k,
+        Selector::Tag(t) => tags.iter().any(|x| x == t),
     }
 }
 
@@ -180,6 +198,9 @@ impl Lifecycle<String, Slot> for Accounting {
         d.freed += i64::from(s.weight);
         if self.hasher.hash_one(&key) != d.inserting {
             d.evicted += 1;
+            if let Some(demoted) = &mut d.demoted {
+                demoted.push((key, s.clone()));
+            }
         }
         if d.dropped.is_none() {
             d.dropped = Some(s);
@@ -209,6 +230,7 @@ impl Store {
                 .max(1024),
         );
         Self {
+            disk: None,
             entries,
             vary,
             any_vary: AtomicBool::new(false),
@@ -216,6 +238,16 @@ impl Store {
             bytes: metrics.bytes.clone(),
             evictions: metrics.evictions.clone(),
         }
+    }
+
+    /// This store with a disk tier behind it.
+    pub fn with_disk(mut self, disk: Option<Arc<DiskTier>>) -> Self {
+        self.disk = disk;
+        self
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskTier>> {
+        self.disk.as_ref()
     }
 
     /// The entry a request with these headers may use under `primary`: the variant its
@@ -250,8 +282,15 @@ impl Store {
         None
     }
 
-    /// Store a complete entry under `primary`, keyed by the variant its `Vary` selects.
+    /// Store a complete entry under `primary`, keyed by the variant its `Vary` selects. An
+    /// entry whose body is on disk (refreshed by a 304) is rewritten there instead.
     pub fn insert(&self, primary: &str, req_headers: &HeaderMap, entry: Entry) -> Arc<Entry> {
+        if let (Some(disk), Some(_)) = (&self.disk, &entry.disk) {
+            let key = super::key::variant(primary, req_headers, &entry.vary);
+            let entry = Arc::new(entry);
+            disk.refresh(key, primary.len(), entry.clone());
+            return entry;
+        }
         if !entry.vary.is_empty() {
             self.any_vary.store(true, Ordering::Relaxed);
         }
@@ -263,23 +302,37 @@ impl Store {
         let key = super::key::variant(primary, req_headers, &entry.vary);
         let slot = Slot {
             weight: entry.weight(&key),
+            primary_len: u32::try_from(primary.len()).unwrap_or(u32::MAX),
             until: entry.stored + entry.keep(),
             entry: Arc::new(entry),
         };
         let entry = slot.entry.clone();
         let mut departed = Departed {
             inserting: self.hasher.hash_one(&key),
+            demoted: self.disk.as_ref().map(|_| Vec::new()),
             ..Departed::default()
         };
+        if let Some(disk) = &self.disk {
+            // An older copy on disk must not answer once this one is evicted unwritten.
+            disk.forget(&key);
+        }
         self.bytes.inc_by(i64::from(slot.weight));
         self.entries.insert_with_lifecycle(key, slot, &mut departed);
         self.bytes.dec_by(departed.freed);
         self.evictions.inc_by(departed.evicted);
+        if let (Some(disk), Some(demoted)) = (&self.disk, departed.demoted) {
+            for (key, s) in demoted {
+                disk.demote(key, s.primary_len as usize, s.entry, s.until);
+            }
+        }
         entry
     }
 
-    /// Drop every entry `s` selects, at once.
+    /// Drop every entry `s` selects, at once (on disk too).
     pub fn purge(&self, s: Selector) {
+        if let Some(disk) = &self.disk {
+            disk.purge(&s);
+        }
         self.entries.retain(|_, slot| {
             let keep = !slot.entry.matches(&s);
             if !keep {
@@ -297,7 +350,7 @@ impl Store {
 /// The store's shards: as many as lock contention wants (four per core, quick_cache's
 /// default), but few enough that each shard (the bound is split between them) still holds
 /// two of the largest objects: a heavier one would never be admitted.
-fn shards(max_bytes: u64, max_object_bytes: u64) -> usize {
+pub(super) fn shards(max_bytes: u64, max_object_bytes: u64) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let fit = max_bytes / (2 * (max_object_bytes + ENTRY_OVERHEAD as u64)).max(1);
     let fit = usize::try_from(fit).unwrap_or(usize::MAX).max(1);
@@ -335,6 +388,7 @@ pub(super) mod tests {
             resource: Arc::from(format!("h\0/o/{i}")),
             tags: vec![],
             vary: Arc::from([]),
+            disk: None,
         }
     }
 

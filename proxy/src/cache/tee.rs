@@ -3,13 +3,20 @@
 //! when the body has ended cleanly with every byte its `Content-Length` announced. A body that
 //! fails, is abandoned by the client, or grows past the object limit is dropped: nothing
 //! half-written is ever served.
+//!
+//! With a disk tier, a body too large for memory goes to disk instead: from its first frame
+//! when its `Content-Length` says so, or from the frame that overflows the memory limit (the
+//! frames buffered so far are written first). The frames are then queued to the file's
+//! writer, never buffered whole.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 
 use super::coalesce::Leader;
+use super::disk::Sink;
 use super::store::{Entry, Store};
 
 pub struct Tee {
@@ -19,6 +26,8 @@ pub struct Tee {
     expected: Option<usize>,
     overflowed: bool,
     pending: Option<Pending>,
+    /// Writing to the disk tier (boxed: only large bodies have one).
+    disk: Option<Box<Sink>>,
 }
 
 /// What the entry is made of once the body is complete.
@@ -30,6 +39,8 @@ pub(super) struct Pending {
     pub entry: Entry,
     /// Purged since the request started: do not store (the purge must win).
     pub purged: Box<dyn Fn(&Entry) -> bool + Send + Sync>,
+    /// When the request was sent (the disk tier's purge check).
+    pub started: Instant,
     pub _leader: Option<Leader>,
 }
 
@@ -43,6 +54,19 @@ impl Tee {
             expected,
             overflowed: false,
             pending: Some(pending),
+            disk: None,
+        }
+    }
+
+    /// A tee writing straight to the disk tier (the body is too large for memory).
+    pub(super) fn to_disk(sink: Sink) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            limit: 0,
+            expected: None,
+            overflowed: false,
+            pending: None,
+            disk: Some(Box::new(sink)),
         }
     }
 
@@ -51,18 +75,57 @@ impl Tee {
         if self.overflowed {
             return;
         }
+        if let Some(sink) = &mut self.disk {
+            if !sink.data(chunk) {
+                self.abandon();
+            }
+            return;
+        }
         if self.buf.len() + chunk.len() > self.limit {
-            // Over the object limit: the rest streams through, nothing is stored.
-            self.overflowed = true;
-            self.buf = BytesMut::new();
-            self.pending = None;
+            // Over the memory tier's limit: to disk, or the rest streams through unstored.
+            match self.spill() {
+                Some(sink) => {
+                    self.disk = Some(Box::new(sink));
+                    self.data(chunk);
+                }
+                None => self.abandon(),
+            }
             return;
         }
         self.buf.extend_from_slice(chunk);
     }
 
+    fn abandon(&mut self) {
+        self.overflowed = true;
+        self.buf = BytesMut::new();
+        self.pending = None;
+        self.disk = None;
+    }
+
+    /// Move the body so far to a disk write, if the policy has a disk tier that takes it.
+    fn spill(&mut self) -> Option<Sink> {
+        let disk = self.pending.as_ref()?.store.disk()?.clone();
+        let p = self.pending.take()?;
+        let key = super::key::variant(&p.primary, &p.req_headers, &p.entry.vary);
+        let expected = self.expected.map(|n| n as u64);
+        let mut sink = disk.tee(
+            key,
+            p.primary.len(),
+            p.entry,
+            p.started,
+            p._leader,
+            expected,
+        )?;
+        let so_far = std::mem::take(&mut self.buf).freeze();
+        sink.data(&so_far).then_some(sink)
+    }
+
     /// The body ended cleanly: store the entry if it is whole.
     pub fn finish(mut self) {
+        if let Some(sink) = self.disk.take() {
+            sink.finish();
+            return;
+        }
         let Some(p) = self.pending.take() else { return };
         if self.overflowed || self.expected.is_some_and(|n| n != self.buf.len()) {
             return;
@@ -99,8 +162,10 @@ mod tests {
                 resource: Arc::from("h\0/a"),
                 tags: vec![],
                 vary: Arc::from([]),
+                disk: None,
             },
             purged: Box::new(|_| false),
+            started: Instant::now(),
             _leader: None,
         }
     }

@@ -24,7 +24,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct IdleTimeout(pub Duration);
 
 pub struct Streamed {
-    inner: Incoming,
+    inner: Inner,
     idle: Option<Idle>,
     guard: Option<InFlight>,
     /// Concurrency-limit slots, released when the body ends like `guard`.
@@ -47,8 +47,52 @@ pub struct Streamed {
     audit: Option<Box<crate::validate::audit::AuditTap>>,
 }
 
+/// Where the frames come from: the upstream, or (a disk tier's cache hit) a file.
+enum Inner {
+    Upstream(Incoming),
+    Disk(crate::cache::DiskStream),
+}
+
+impl Body for Inner {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Disk(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Disk(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Disk(b) => b.size_hint(),
+        }
+    }
+}
+
 impl Streamed {
     pub fn new(inner: Incoming) -> Self {
+        Self::with_inner(Inner::Upstream(inner))
+    }
+
+    /// A cached body streamed from the disk tier.
+    pub fn from_disk(stream: crate::cache::DiskStream) -> Self {
+        Self::with_inner(Inner::Disk(stream))
+    }
+
+    fn with_inner(inner: Inner) -> Self {
         Self {
             inner,
             idle: None,
@@ -216,7 +260,7 @@ impl Body for Streamed {
                         }
                     }
                 }
-                let frame = frame.map(|r| r.map_err(Into::into));
+                // `frame` already carries the boxed error.
                 let Some(reframe) = this.reframe.as_deref_mut() else {
                     return Poll::Ready(frame);
                 };

@@ -1096,3 +1096,394 @@ async fn twenty_purges_reach_ten_sidecars() {
     );
     assert!(p99 <= Duration::from_millis(200), "p99 {p99:?}");
 }
+
+// === The disk tier ===
+
+/// A body of `n` varied ASCII bytes (so that a shifted or flipped byte shows), seeded by `seed`.
+fn varied(n: usize, seed: u32) -> String {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect()
+}
+
+/// The tier's committed files (not the ones being written) under `root`, with their sizes.
+fn disk_files(root: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            // Removed since the listing (evicted in the background): gone.
+            let Ok(meta) = e.metadata() else { continue };
+            let path = e.path();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if !e.file_name().to_string_lossy().starts_with("tmp.") {
+                out.push((path, meta.len()));
+            }
+        }
+    }
+    out
+}
+
+impl Cached {
+    async fn metric(&self, series: &str) -> f64 {
+        let text = client::admin(self.sidecar.admin(), "/metrics").await.body;
+        client::metric(&text, series)
+    }
+
+    /// Wait until the disk tier has written `n` files in all.
+    async fn disk_writes(&self, n: f64) {
+        let what = format!("{n} disk writes");
+        trellis_tests::wait_for(Duration::from_secs(10), &what, || async {
+            self.metric("trellis_cache_disk_writes_total").await >= n
+        })
+        .await;
+    }
+}
+
+/// A policy with 1 MiB of memory (objects of at most 64 KiB) and a disk tier under `dir`.
+fn with_disk(dir: &std::path::Path, disk_bytes: u64) -> serde_json::Value {
+    serde_json::json!({
+        "max_bytes": 1048576,
+        "max_object_bytes": 65536,
+        "disk": {"path": dir.to_str().expect("utf-8"), "max_bytes": disk_bytes},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_evicted_objects_are_served_from_disk_byte_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A leftover of an earlier run, and a file of someone else's: the first goes, not the
+    // second.
+    let old = dir.path().join("trellis-cache.1-1/echo-cache.0");
+    std::fs::create_dir_all(&old).expect("mkdir");
+    std::fs::write(old.join("0000000000000000.0"), "stale").expect("write");
+    std::fs::write(dir.path().join("operator-notes.txt"), "keep").expect("write");
+    let c = Cached::start(with_disk(dir.path(), 64 << 20)).await;
+    let big = varied(300_000, 1);
+    let b = big.clone();
+    c.origin.script(move |p| match p.uri.path() {
+        "/big" => reply(200, &[("cache-control", "max-age=60")], &b),
+        path => reply(
+            200,
+            &[("cache-control", "max-age=60")],
+            &varied(
+                20_000,
+                path.len() as u32 * 7 + path.as_bytes()[path.len() - 1] as u32,
+            ),
+        ),
+    });
+    let r = c.get("echo", "/big", &[]).await;
+    assert_eq!((status(&r), r.body.len()), ("MISS", 300_000));
+    c.disk_writes(1.0).await;
+    let r = c.get("echo", "/big", &[]).await;
+    assert_eq!(status(&r), "HIT");
+    assert!(r.body == big, "byte-identical body from disk");
+    assert_eq!(header(&r, "content-length"), "300000");
+    assert_eq!(c.origin.count("/big"), 1);
+    assert!(!old.exists(), "an earlier run's directory is removed");
+    assert!(
+        dir.path().join("operator-notes.txt").exists(),
+        "nothing else is touched"
+    );
+
+    // 20 KB objects through 1 MiB of memory: the first ones are evicted to disk and still hit.
+    for i in 0..120 {
+        assert_eq!(
+            status(&c.get("echo", &format!("/s/{i}"), &[]).await),
+            "MISS"
+        );
+    }
+    assert!(c.metric("trellis_cache_evictions_total").await > 0.0);
+    c.disk_writes(2.0).await;
+    // Let the last evictions' writes land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = c.metric("trellis_cache_disk_hits_total").await;
+    for i in 0..120 {
+        let path = format!("/s/{i}");
+        let r = c.get("echo", &path, &[]).await;
+        assert_eq!(
+            status(&r),
+            "HIT",
+            "{path}: from memory or, evicted, from disk"
+        );
+        let seed = path.len() as u32 * 7 + path.as_bytes()[path.len() - 1] as u32;
+        assert!(r.body == varied(20_000, seed), "{path}");
+        assert_eq!(c.origin.count(&path), 1);
+    }
+    // Memory holds fewer than 50 of them: the rest came from disk.
+    let from_disk = c.metric("trellis_cache_disk_hits_total").await - before;
+    assert!(from_disk >= 70.0, "{from_disk} disk hits");
+    assert!(c.metric("trellis_cache_disk_bytes").await > 300_000.0);
+    // HEAD from a disk entry: headers only.
+    let r = c.send("HEAD", "echo", "/big", &[]).await;
+    assert_eq!((status(&r), r.body.len()), ("HIT", 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_or_truncated_disk_file_is_a_miss_refetched_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Cached::start(with_disk(dir.path(), 64 << 20)).await;
+    let big = varied(300_000, 2);
+    let b = big.clone();
+    c.origin
+        .script(move |_| reply(200, &[("cache-control", "max-age=60")], &b));
+    c.get("echo", "/big", &[]).await;
+    c.disk_writes(1.0).await;
+    let only = |n: usize| {
+        let files = disk_files(dir.path());
+        assert_eq!(files.len(), n, "{files:?}");
+        files.into_iter().next()
+    };
+    // A byte flipped in the first block (bit rot, someone editing the file): a miss, the
+    // origin asked again, the file gone, counted.
+    let (file, _) = only(1).expect("file");
+    let mut raw = std::fs::read(&file).expect("read");
+    let at = raw.len() - 300_000;
+    raw[at] ^= 0x01;
+    std::fs::write(&file, &raw).expect("write");
+    let r = c.get("echo", "/big", &[]).await;
+    assert_eq!(status(&r), "MISS");
+    assert!(r.body == big);
+    assert_eq!(c.origin.count("/big"), 2);
+    assert_eq!(c.metric("trellis_cache_disk_corrupt_total").await, 1.0);
+    assert!(!file.exists(), "the corrupt file is removed");
+
+    // Truncated (a full disk, a crash): refused before a byte is sent.
+    c.disk_writes(2.0).await;
+    let (file, len) = only(1).expect("file");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open");
+    f.set_len(len / 2).expect("truncate");
+    let r = c.get("echo", "/big", &[]).await;
+    assert_eq!(status(&r), "MISS");
+    assert!(r.body == big);
+    assert_eq!(c.metric("trellis_cache_disk_corrupt_total").await, 2.0);
+
+    // A byte flipped past the first block: the response is cut where the bad block starts,
+    // never delivered whole with a wrong byte; the next request is a miss.
+    c.disk_writes(3.0).await;
+    let (file, _) = only(1).expect("file");
+    let mut raw = std::fs::read(&file).expect("read");
+    let end = raw.len() - 10;
+    raw[end] ^= 0x01;
+    std::fs::write(&file, &raw).expect("write");
+    let req = Request::get("http://echo/big")
+        .body(client::empty())
+        .expect("req");
+    match client::send(&c.client, req).await {
+        Err(e) => assert!(e.contains("body"), "{e}"),
+        Ok(r) => panic!("a corrupt body was delivered whole: {} bytes", r.body.len()),
+    }
+    assert_eq!(c.metric("trellis_cache_disk_corrupt_total").await, 3.0);
+    let fresh = client::h1(c.sidecar.inbound());
+    let req = Request::get("http://echo/big")
+        .body(client::empty())
+        .expect("req");
+    let r = client::send(&fresh, req).await.expect("refetched");
+    assert_eq!(status(&r), "MISS");
+    assert!(r.body == big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_mid_body_leaves_no_disk_file() {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s = served.clone();
+    let origin = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let head =
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 300000\r\n\r\n";
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let _ = tcp.write_all(&[b'x'; 150_000]).await;
+            let _ = tcp.shutdown().await;
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&["echo"]);
+    let sidecar = Sidecar::start(&pki, "echo", addr, |c| {
+        c.inbound.mode = InboundMode::Permissive
+    })
+    .await;
+    let mut spec = with_disk(dir.path(), 64 << 20);
+    spec["service"] = "echo".into();
+    let doc: trellis_policies::MeshDocument =
+        serde_json::from_value(serde_json::json!({"cache_policies": {"c": spec}})).expect("doc");
+    sidecar.apply(snapshot_of(&doc)).await;
+    let h1 = client::h1(sidecar.inbound());
+    for _ in 0..2 {
+        let req = Request::get("http://echo/cut")
+            .body(client::empty())
+            .expect("req");
+        assert!(
+            client::send(&h1, req).await.is_err(),
+            "the client sees the cut"
+        );
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "never served from disk"
+    );
+    // Give an abandoned write time to (wrongly) land, then look.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = client::admin(sidecar.admin(), "/metrics").await.body;
+    assert_eq!(
+        client::metric(&text, "trellis_cache_disk_writes_total"),
+        0.0
+    );
+    let mut all = Vec::new();
+    let mut dirs = vec![dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                all.push(e.path());
+            }
+        }
+    }
+    assert!(all.is_empty(), "no file, not even a temporary one: {all:?}");
+    origin.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_bound_holds_over_many_objects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bound: u64 = 2 << 20;
+    let c = Cached::start(with_disk(dir.path(), bound)).await;
+    c.origin.script(|p| {
+        let n = p.uri.path().len() as u32;
+        reply(200, &[("cache-control", "max-age=60")], &varied(100_000, n))
+    });
+    // 80 objects of 100 KB (8 MB) through a 2 MiB tier, one by one and in bursts.
+    for i in 0..80 {
+        c.get("echo", &format!("/o/{i}"), &[]).await;
+        if i % 10 == 9 {
+            let held: u64 = disk_files(dir.path()).iter().map(|f| f.1).sum();
+            assert!(held <= bound, "{held} bytes on disk after {i} objects");
+        }
+    }
+    c.disk_writes(15.0).await;
+    // Evicted files are removed in the background: wait for the gauge and the directory to
+    // agree.
+    let mut held = 0;
+    for _ in 0..100 {
+        held = disk_files(dir.path()).iter().map(|f| f.1).sum::<u64>();
+        if c.metric("trellis_cache_disk_bytes").await as u64 == held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.metric("trellis_cache_disk_bytes").await as u64, held);
+    assert!(held <= bound && held > bound / 4, "{held}");
+    let writes = c.metric("trellis_cache_disk_writes_total").await;
+    assert!(writes >= 15.0, "{writes}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_removes_disk_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = with_disk(dir.path(), 64 << 20);
+    let c = Cached::start(policy.clone()).await;
+    c.origin.script(|p| {
+        let tag = if p.uri.path().starts_with("/t") {
+            "tagged"
+        } else {
+            "none"
+        };
+        reply(
+            200,
+            &[("cache-control", "max-age=60"), ("surrogate-key", tag)],
+            &varied(200_000, 3),
+        )
+    });
+    for p in ["/p/a", "/p/b", "/q/c", "/t/d"] {
+        c.get("echo", p, &[]).await;
+    }
+    c.disk_writes(4.0).await;
+    assert_eq!(disk_files(dir.path()).len(), 4);
+    c.apply(
+        policy.clone(),
+        serde_json::json!({"echo": {"service": "echo", "id": 1, "prefix": "/p/"}}),
+    )
+    .await;
+    assert_eq!(status(&c.get("echo", "/p/a", &[]).await), "MISS");
+    assert_eq!(status(&c.get("echo", "/q/c", &[]).await), "HIT");
+    c.apply(
+        policy.clone(),
+        serde_json::json!({"echo": {"service": "echo", "id": 2, "previous": 1, "tag": "tagged"}}),
+    )
+    .await;
+    assert_eq!(status(&c.get("echo", "/t/d", &[]).await), "MISS");
+    assert_eq!(status(&c.get("echo", "/q/c", &[]).await), "HIT");
+    // The purged files leave the directory: /q/c stays, /p/a and /t/d were written again.
+    c.disk_writes(6.0).await;
+    trellis_tests::wait_for(Duration::from_secs(5), "purged files removed", || async {
+        disk_files(dir.path()).len() == 3
+    })
+    .await;
+    c.apply(
+        policy,
+        serde_json::json!({"echo": {"service": "echo", "id": 3, "previous": 2}}),
+    )
+    .await;
+    trellis_tests::wait_for(Duration::from_secs(5), "every file removed", || async {
+        disk_files(dir.path()).is_empty()
+    })
+    .await;
+    assert_eq!(c.metric("trellis_cache_disk_bytes").await, 0.0);
+    assert_eq!(status(&c.get("echo", "/q/c", &[]).await), "MISS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_disk_directory_degrades_to_memory_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A path under a regular file: no directory can be made there, even by root.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").expect("write");
+    let c = Cached::start(with_disk(&file.join("cache"), 64 << 20)).await;
+    c.origin.script(|p| match p.uri.path() {
+        "/big" => reply(200, &[("cache-control", "max-age=60")], &varied(200_000, 4)),
+        _ => reply(200, &[("cache-control", "max-age=60")], "small"),
+    });
+    for _ in 0..3 {
+        let r = c.get("echo", "/big", &[]).await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, 200_000));
+    }
+    trellis_tests::wait_for(Duration::from_secs(5), "a write failure", || async {
+        c.metric("trellis_cache_disk_write_failures_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(c.metric("trellis_cache_disk_down").await, 1.0);
+    // Writes are off for the cool-down: more large responses try nothing, and still stream.
+    let failures = c.metric("trellis_cache_disk_write_failures_total").await;
+    for _ in 0..3 {
+        let r = c.get("echo", "/big", &[]).await;
+        assert_eq!((r.status, status(&r)), (StatusCode::OK, "BYPASS"));
+    }
+    assert_eq!(
+        c.metric("trellis_cache_disk_write_failures_total").await,
+        failures
+    );
+    // The memory tier serves on.
+    c.get("echo", "/small", &[]).await;
+    let r = c.get("echo", "/small", &[]).await;
+    assert_eq!(
+        (r.status, status(&r), r.body.as_str()),
+        (StatusCode::OK, "HIT", "small")
+    );
+}
