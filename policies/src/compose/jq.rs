@@ -87,9 +87,16 @@ pub fn compile_jq(code: &str) -> Result<JqFilter, String> {
     }
     prelude.push(main);
     let modules = Loader::new(prelude)
-        .load(&arena, File { code: MAIN, path: () })
+        .load(
+            &arena,
+            File {
+                code: MAIN,
+                path: (),
+            },
+        )
         .map_err(|errs| format!("`{code}` does not parse: {}", describe(&errs)))?;
-    let filter = compile(modules).map_err(|names| format!("`{code}` (bounded) does not compile: undefined {names}"))?;
+    let filter = compile(modules)
+        .map_err(|names| format!("`{code}` (bounded) does not compile: undefined {names}"))?;
     Ok(JqFilter {
         filter: Arc::new(filter),
         native: jq_native::compile(code).map(Arc::new),
@@ -156,7 +163,7 @@ impl JqFilter {
     ///
     /// A program in the native subset (jq_native.rs) runs natively, and by jaq whenever the
     /// native run gives up (an error to report, a value it does not hold): the output is the
-    /// same either way. jaq runs on a thread of its own (see [`Self::spawn_jaq`]); this waits
+    /// same either way. jaq runs on a jaq thread (see [`Self::spawn_jaq`]); this waits
     /// for it (an async caller uses [`Self::apply_native`] and [`Self::spawn_jaq`] instead).
     pub fn apply(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
         if let Some(out) = self.apply_native(body) {
@@ -166,8 +173,11 @@ impl JqFilter {
         self.spawn_jaq(body.to_vec(), move |r| {
             let _ = tx.send(r);
         })?;
-        rx.recv()
-            .unwrap_or_else(|_| Err(JqError::Panic("the jaq thread ended without an answer".into())))
+        rx.recv().unwrap_or_else(|_| {
+            Err(JqError::Panic(
+                "the jaq thread ended without an answer".into(),
+            ))
+        })
     }
 
     /// The native fast path alone: `None` when the program is not in its subset or the run
@@ -176,18 +186,21 @@ impl JqFilter {
         jq_native::apply(self.native.as_deref()?, body).ok()
     }
 
-    /// Run jaq on `body` on a new thread with a large stack (jq_bound.rs), and give `done` the
-    /// outcome there. The thread ends when the run does, within the bounds.
+    /// Run jaq on `body` on one of the jaq threads (jq_bound.rs: a few threads with a large
+    /// stack), and give `done` the outcome there.
     pub fn spawn_jaq<B, F>(&self, body: B, done: F) -> Result<(), JqError>
     where
         B: AsRef<[u8]> + Send + 'static,
         F: FnOnce(Result<Vec<u8>, JqError>) + Send + 'static,
     {
         let this = self.clone();
-        jq_bound::spawn(move || {
+        jq_bound::submit(Box::new(move || {
             let body = body.as_ref();
-            done(check(body).and_then(|()| this.apply_jaq(body)));
-        })
+            let out = check(body).and_then(|()| this.apply_jaq(body));
+            let retire = matches!(out, Err(JqError::Limit(_) | JqError::Panic(_)));
+            done(out);
+            retire
+        }))
         .map_err(|e| JqError::Unavailable(e.to_string()))
     }
 
@@ -631,7 +644,10 @@ pub(super) mod differential {
         let (mut runs, mut native, mut limited) = (0, 0, 0);
         for code in &programs {
             let Ok(f) = compile_jq(code) else {
-                assert!(plain::compile(code).is_none(), "`{code}` compiles unbounded only");
+                assert!(
+                    plain::compile(code).is_none(),
+                    "`{code}` compiles unbounded only"
+                );
                 continue;
             };
             let unbounded = plain::compile(code).expect("compiles unbounded");
@@ -668,7 +684,10 @@ pub(super) mod differential {
             }
         }
         // The generated programs repeat strings by `9223372036854775807` now and then.
-        assert!(limited > 0 && limited < runs / 100, "{limited} of {runs} limited");
+        assert!(
+            limited > 0 && limited < runs / 100,
+            "{limited} of {runs} limited"
+        );
         // Not vacuous: the fast path took a good share of the runs (most of the others are
         // errors on bodies of the wrong shape or refused bodies, which jaq reports).
         assert!(

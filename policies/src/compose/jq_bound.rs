@@ -37,6 +37,8 @@
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use jaq_core::box_iter::{flat_map_with, map_with};
 use jaq_core::data::{DataT, HasLut};
@@ -48,16 +50,21 @@ use jaq_core::path::{Part, Path};
 use jaq_core::{Cv, Error, Exn, RunPtr, ValR, ValXs};
 use jaq_json::{Num, Val};
 
-/// Stack of a thread that runs jaq. Only the pages used are committed; a value nested a
-/// million levels deep (a step or more per level, so within [`DEFAULT_STEPS`]) is dropped
-/// recursively in about 100 MB of it (measured by `deep_values_are_dropped_on_the_stack`).
+/// Stack of a thread that runs jaq. Only the pages used are committed. A value takes a step
+/// or more per level of nesting, and its drop (also comparison, printing) recurses per level:
+/// the deepest a run can build before its memory ceiling stops it (16 MiB bodies: 600 MB,
+/// some million levels) is dropped well within this (checked by hand with a 3 million-key
+/// body; `deep_recursion_and_deep_values_stop_cleanly` drops 200 000 levels).
 pub const STACK_BYTES: usize = 512 * 1024 * 1024;
 /// How much of the stack the evaluation itself may use before it stops (the rest is for the
 /// recursive drop, comparison and printing of the values it built).
 const EVAL_STACK: usize = 256 * 1024 * 1024;
-/// Default step budget of one run: about 0.1-0.3 s of jaq on this machine; a reshape of a
-/// 2 kB body takes some 3 000 steps, of a 1 MiB body about 1.5 million (docs/composition.md).
-pub const DEFAULT_STEPS: u64 = 10_000_000;
+/// Steps per byte of the body limit a run may take by default: a reshape, filter and sort of
+/// a 850 kB body (9 000 items) takes 400 000-800 000 steps, a simple reshape half that; jaq
+/// runs 15-35 million steps a second on this machine (docs/composition.md).
+pub const STEPS_PER_BODY_BYTE: u64 = 4;
+/// Fewest and most steps of the default budget (1 MiB body: 4.2 million, about 0.15-0.3 s).
+pub const DEFAULT_STEPS: (u64, u64) = (1_000_000, 64 * 1024 * 1024);
 /// The largest step budget a policy may set.
 pub const MAX_STEPS: u64 = 1_000_000_000;
 /// Bytes an `Val` takes in an array (the size estimate of arrays and objects).
@@ -99,8 +106,17 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self::for_body(1 << 20, DEFAULT_STEPS)
+        let body = 1 << 20;
+        Self::for_body(body, default_steps(body))
     }
+}
+
+/// The step budget of a transform of bodies of at most `max_body` bytes, unless the policy
+/// sets one.
+pub fn default_steps(max_body: u64) -> u64 {
+    max_body
+        .saturating_mul(STEPS_PER_BODY_BYTE)
+        .clamp(DEFAULT_STEPS.0, DEFAULT_STEPS.1)
 }
 
 /// Why a run was stopped.
@@ -151,7 +167,7 @@ impl Budget {
         if self.stack_top.saturating_sub(here) > EVAL_STACK {
             stop(Stop::Depth);
         }
-        if left % MEMORY_EVERY == 0 {
+        if (self.limits.steps - left) % MEMORY_EVERY == MEMORY_EVERY - 1 {
             self.check_memory();
         }
     }
@@ -191,12 +207,24 @@ fn stack_address() -> usize {
     std::hint::black_box(&marker) as *const u8 as usize
 }
 
-/// The process's resident memory (Linux: `VmRSS` of /proc/self/status), read in a few µs.
+/// The process's resident memory (Linux: /proc/self/statm, about 2 µs to read; its pages
+/// converted to bytes with the page size found once from /proc/self/status's `VmRSS`).
 fn resident_bytes() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
+    static PAGE: OnceLock<Option<usize>> = OnceLock::new();
+    let page = (*PAGE.get_or_init(|| {
+        let pages = resident_pages()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        // Rounded to a power of two: the two reads are a few pages apart.
+        Some((kb * 1024 / pages.max(1)).max(4096).next_power_of_two())
+    }))?;
+    resident_pages()?.checked_mul(page)
+}
+
+fn resident_pages() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    statm.split_whitespace().nth(1)?.parse().ok()
 }
 
 // === jaq's data ===
@@ -270,7 +298,9 @@ fn base<D: for<'a> DataT<V<'a> = Val, Data<'a> = Env<'a>>>() -> Box<[Filter<RunP
     ])
 }
 
-fn tostring<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(cv: Cv<'a, D>) -> ValXs<'a, Val> {
+fn tostring<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(
+    cv: Cv<'a, D>,
+) -> ValXs<'a, Val> {
     let b = budget(&cv);
     bome(Ok(match cv.1 {
         s @ Val::TStr(_) => s,
@@ -300,9 +330,11 @@ fn math<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(
     let b = ctx.data().budget;
     let (r, rc) = ctx.pop_fun();
     let (l, lc) = ctx.pop_fun();
-    let pairs = flat_map_with(l.run((lc, input.clone())), (rc, input), move |x, (rc, input)| {
-        map_with(r.run((rc, input)), x, |y, x| (x, y))
-    });
+    let pairs = flat_map_with(
+        l.run((lc, input.clone())),
+        (rc, input),
+        move |x, (rc, input)| map_with(r.run((rc, input)), x, |y, x| (x, y)),
+    );
     Box::new(pairs.map(move |(x, y)| Ok(op(b, x?, y?)?)))
 }
 
@@ -352,7 +384,9 @@ fn mul(b: &Budget, l: Val, r: Val) -> ValR<Val> {
 }
 
 /// `range($from; $upto; $by)` as jaq's (jaq-core's `range`, a step per number).
-fn range<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(mut cv: Cv<'a, D>) -> ValXs<'a, Val> {
+fn range<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(
+    mut cv: Cv<'a, D>,
+) -> ValXs<'a, Val> {
     use std::cmp::Ordering::{Equal, Greater, Less};
     let b = budget(&cv);
     let by = cv.0.pop_var();
@@ -379,7 +413,9 @@ fn range<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(mut cv: Cv<'a, D
 
 /// `fromjson` as jaq's, on a string nested at most [`super::jq::MAX_DEPTH`] deep (jaq's reader
 /// recurses per level: a body's string of `[`s would overflow the stack).
-fn fromjson<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(cv: Cv<'a, D>) -> ValXs<'a, Val> {
+fn fromjson<'a, D: for<'b> DataT<V<'b> = Val, Data<'b> = Env<'b>>>(
+    cv: Cv<'a, D>,
+) -> ValXs<'a, Val> {
     let s = match &cv.1 {
         Val::TStr(s) => s.clone(),
         other => return bome(Err(Error::typ(other.clone(), "string"))),
@@ -496,7 +532,10 @@ pub(super) fn rewrite<'s>(t: Term<&'s str>, lhs: bool) -> Term<&'s str> {
             let update = Term::BinOp(
                 Box::new(rewrite(*l, true)),
                 BinaryOp::Update,
-                Box::new(Term::Call(native(op), vec![Term::Id, Term::Var(UPDATE_VAR)])),
+                Box::new(Term::Call(
+                    native(op),
+                    vec![Term::Id, Term::Var(UPDATE_VAR)],
+                )),
             );
             Term::BinOp(
                 bx(r),
@@ -539,9 +578,12 @@ pub(super) fn rewrite<'s>(t: Term<&'s str>, lhs: bool) -> Term<&'s str> {
         ),
         Term::Neg(t) => Term::Neg(bx(t)),
         Term::Label(x, t) => Term::Label(x, bx(t)),
-        Term::Fold(name, xs, p, args) => {
-            Term::Fold(name, bx(xs), pattern(p, lhs), args.into_iter().map(rw).collect())
-        }
+        Term::Fold(name, xs, p, args) => Term::Fold(
+            name,
+            bx(xs),
+            pattern(p, lhs),
+            args.into_iter().map(rw).collect(),
+        ),
         Term::TryCatch(t, c) => Term::TryCatch(bx(t), c.map(bx)),
         Term::IfThenElse(branches, other) => Term::IfThenElse(
             branches.into_iter().map(|(c, t)| (rw(c), rw(t))).collect(),
@@ -600,7 +642,7 @@ fn native(op: Math) -> &'static str {
 // === running ===
 
 /// Run `filter` on `input` within `limits`: its first output, or why there is none. Must run
-/// on a thread with [`STACK_BYTES`] of stack (see [`spawn`]).
+/// on a thread with [`STACK_BYTES`] of stack (see [`submit`]).
 pub(super) fn run(
     filter: &jaq_core::Filter<Bounded>,
     input: Val,
@@ -641,11 +683,271 @@ pub(super) fn run(
     }
 }
 
-/// Run `job` on a new thread with [`STACK_BYTES`] of stack.
-pub fn spawn(job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
-    std::thread::Builder::new()
+/// A job for a jaq thread; `true`: the thread should end after it (its run hit a bound, and
+/// may have touched much of its stack, which a live thread would keep resident).
+pub(super) type Job = Box<dyn FnOnce() -> bool + Send>;
+
+/// The threads that run jaq: a few, each with [`STACK_BYTES`] of stack, fed by one queue.
+/// Started on first use; a thread whose run hit a bound is replaced by a fresh one.
+struct Pool {
+    tx: Mutex<mpsc::Sender<Job>>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    threads: AtomicUsize,
+}
+
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+/// How many jaq threads: the cores, 2 to 4. jaq is CPU-bound, so more threads than cores only
+/// share them; but two at least, so that one body running up to its budget delays the others'
+/// jaq runs by a time slice, not by its whole run.
+fn pool_size() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+/// Run `job` on a jaq thread (queued behind the runs before it).
+pub(super) fn submit(job: Job) -> std::io::Result<()> {
+    let pool = POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel();
+        Pool {
+            tx: Mutex::new(tx),
+            rx: Arc::new(Mutex::new(rx)),
+            threads: AtomicUsize::new(0),
+        }
+    });
+    while pool.threads.load(Ordering::Acquire) < pool_size() {
+        start_thread(pool)?;
+    }
+    let tx = pool.tx.lock().unwrap_or_else(|e| e.into_inner());
+    tx.send(job)
+        .map_err(|_| std::io::Error::other("the jaq threads are gone"))
+}
+
+fn start_thread(pool: &'static Pool) -> std::io::Result<()> {
+    pool.threads.fetch_add(1, Ordering::AcqRel);
+    let rx = Arc::clone(&pool.rx);
+    let started = std::thread::Builder::new()
         .name("trellis-jq".into())
         .stack_size(STACK_BYTES)
-        .spawn(job)
-        .map(drop)
+        .spawn(move || loop {
+            let job = {
+                let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+                rx.recv()
+            };
+            let Ok(job) = job else {
+                break;
+            };
+            if job() {
+                // Replaced by a fresh thread (if none can start, the next submit tries).
+                pool.threads.fetch_sub(1, Ordering::AcqRel);
+                let _ = start_thread(pool);
+                break;
+            }
+        });
+    if let Err(e) = started {
+        pool.threads.fetch_sub(1, Ordering::AcqRel);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Hostile bodies against careless programs: each run ends quickly with the bound it hit,
+/// on its own thread, and the process goes on.
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::super::jq::{compile_jq, JqError};
+    use super::*;
+
+    /// Small enough for a debug build to run out of steps in a second or two.
+    fn limits() -> Limits {
+        Limits::for_body(1 << 20, 2_000_000)
+    }
+
+    fn run(code: &str, body: &str) -> (Result<String, JqError>, Duration) {
+        let f = compile_jq(code).expect("compiles").with_limits(limits());
+        let start = Instant::now();
+        let out = f.apply(body.as_bytes());
+        let took = start.elapsed();
+        (out.map(|b| String::from_utf8(b).expect("utf-8")), took)
+    }
+
+    #[track_caller]
+    fn stops(code: &str, body: &str, want: fn(&Stop) -> bool) -> Stop {
+        let (out, took) = run(code, body);
+        let Err(JqError::Limit(stop)) = out else {
+            panic!("`{code}` on {body}: {out:?}");
+        };
+        assert!(want(&stop), "`{code}` on {body}: {stop:?}");
+        assert!(took < Duration::from_secs(20), "`{code}`: {took:?}");
+        stop
+    }
+
+    #[test]
+    fn strings_repeated_by_a_body_number_are_refused_before_they_are_built() {
+        let value = |s: &Stop| matches!(s, Stop::Value { .. });
+        let stop = stops(".s * .n", r#"{"s": "abc", "n": 10000000000}"#, value);
+        assert_eq!(
+            stop,
+            Stop::Value {
+                size: 30_000_000_000,
+                limit: 4 << 20
+            }
+        );
+        // jaq itself panics with `capacity overflow` on this one.
+        stops(r#""s" * 9223372036854775807"#, "null", value);
+        stops(
+            ".n * .s | ascii_downcase",
+            r#"{"s": "x", "n": 9223372036854775807}"#,
+            value,
+        );
+        stops(
+            r#"reduce range(.n) as $i ("x"; . + .)"#,
+            r#"{"n": 64}"#,
+            value,
+        );
+        stops(
+            r#"reduce range(.n) as $i ([1]; . + .)"#,
+            r#"{"n": 64}"#,
+            value,
+        );
+        // Within the limit, as jaq gives it; non-positive counts give null.
+        assert_eq!(
+            run(".s * .n", r#"{"s": "ab", "n": 3}"#).0.unwrap(),
+            r#""ababab""#
+        );
+        assert_eq!(run(".s * .n", r#"{"s": "ab", "n": -3}"#).0.unwrap(), "null");
+        let (out, _) = run(r#"(.s | tostring) + "\(.n)""#, r#"{"s": "a", "n": [1]}"#);
+        assert_eq!(out.unwrap(), r#""a[1]""#);
+    }
+
+    #[test]
+    fn loops_run_out_of_steps() {
+        let steps = |s: &Stop| matches!(s, Stop::Steps(2_000_000) | Stop::Memory(_));
+        stops("[range(.n)] | length", r#"{"n": 1e12}"#, steps);
+        stops("[limit(.n; repeat(1))] | length", r#"{"n": 1e12}"#, steps);
+        stops("last(range(.n))", r#"{"n": 1e12}"#, |s| {
+            *s == Stop::Steps(2_000_000)
+        });
+        stops("until(. < 0; . + 1)", "0", |s| *s == Stop::Steps(2_000_000));
+        stops("[.[] | while(true; .)]", "[1]", steps);
+        stops("def f: f; f", "0", |s| *s == Stop::Steps(2_000_000));
+        stops("def f: . + 1 | f; f", "0", |s| *s == Stop::Steps(2_000_000));
+        // `..` over a value that shares itself: 2^60 values, a step each.
+        stops(
+            "reduce range(.n) as $i (1; [., .]) | [..] | length",
+            r#"{"n": 60}"#,
+            steps,
+        );
+        // Within the budget, as jaq gives it.
+        assert_eq!(
+            run("[range(.n)] | length", r#"{"n": 1000}"#).0.unwrap(),
+            "1000"
+        );
+    }
+
+    #[test]
+    fn deep_recursion_and_deep_values_stop_cleanly() {
+        // Non-tail recursion: the evaluation's own stack.
+        // (The stack's pages count as resident memory: the ceiling may come first.)
+        let deep = |s: &Stop| matches!(s, Stop::Depth | Stop::Steps(_) | Stop::Memory(_));
+        stops("def f: [f]; f", "0", deep);
+        stops("def f: 1 + f; f", "0", deep);
+        // A value nested as deep as the body is long: dropped on the run's stack.
+        let (out, _) = run(
+            r#"reduce .[] as $k (1; {($k): .}) | [getpath(["a", "a"]) | length, (. == .)]"#,
+            &format!("[{}]", vec!["\"a\""; 200_000].join(",")),
+        );
+        assert_eq!(out.unwrap(), "[1,true]");
+        stops(
+            "reduce range(.n) as $i (0; [.]) | length",
+            r#"{"n": 1e9}"#,
+            |s| matches!(s, Stop::Steps(_)),
+        );
+        // An output nested past what readers take.
+        stops("reduce range(200) as $i (0; [.])", "null", |s| {
+            *s == Stop::Depth
+        });
+        // jaq's JSON reader recurses per level: a body's string of brackets.
+        let (out, _) = run(
+            ".p | fromjson",
+            &format!(r#"{{"p": "{}"}}"#, "[".repeat(100_000)),
+        );
+        assert!(
+            matches!(&out, Err(JqError::Run(m)) if m.contains("nested deeper than 64")),
+            "{out:?}"
+        );
+        assert_eq!(
+            run(".p | fromjson", r#"{"p": "[1, {\"a\": 2}]"}"#)
+                .0
+                .unwrap(),
+            r#"[1,{"a":2}]"#
+        );
+    }
+
+    #[test]
+    fn printing_and_output_are_bounded() {
+        let value = |s: &Stop| matches!(s, Stop::Value { .. });
+        // 2^40 leaves in a few steps of sharing: printed, they would be terabytes.
+        stops(
+            "reduce range(.n) as $i (1; [., .]) | tojson",
+            r#"{"n": 40}"#,
+            value,
+        );
+        stops(
+            "reduce range(.n) as $i (1; [., .]) | tostring",
+            r#"{"n": 40}"#,
+            value,
+        );
+        stops(
+            r#"reduce range(.n) as $i (1; [., .]) | "\(.)""#,
+            r#"{"n": 40}"#,
+            value,
+        );
+        stops(
+            r#"reduce range(.n) as $i (1; [., .]) | @base64"#,
+            r#"{"n": 40}"#,
+            value,
+        );
+        stops("reduce range(.n) as $i (1; [., .])", r#"{"n": 40}"#, |s| {
+            *s == Stop::Output(1 << 20)
+        });
+        // Errors quote values clipped.
+        let (out, _) = run("reduce range(.n) as $i (1; [., .]) | .a", r#"{"n": 40}"#);
+        let Err(JqError::Run(m)) = out else {
+            panic!("{out:?}");
+        };
+        assert!(m.len() < 300 && m.starts_with("cannot index [[[["), "{m}");
+    }
+
+    #[test]
+    fn memory_that_accumulates_is_bounded() {
+        // Each value under the size limit, many of them kept: resident memory grows past
+        // the ceiling (96 MiB here) long before the steps run out.
+        let body = format!(r#"{{"s": "{}"}}"#, "x".repeat(1 << 18));
+        let stop = stops(
+            "[limit(100000; repeat(.s | explode))] | length",
+            &body,
+            |_| true,
+        );
+        assert_eq!(stop, Stop::Memory(96 << 20));
+    }
+
+    #[test]
+    fn halt_ends_the_run_not_the_process() {
+        assert_eq!(run("halt", "1").0, Err(JqError::NoOutput));
+        assert_eq!(run("1, halt_error", "1").0.unwrap(), "1");
+    }
+
+    #[test]
+    fn products_of_big_integers_are_bounded() {
+        let (out, _) = run(
+            "reduce range(20) as $i (.n; . * .)",
+            r#"{"n": 4611686018427387904}"#,
+        );
+        assert!(
+            matches!(&out, Err(JqError::Run(m)) if m.contains("at most 4096")),
+            "{out:?}"
+        );
+    }
 }

@@ -19,7 +19,10 @@ mod transform;
 pub use aggregate::{AggregateCall, AggregateSpec, MergeMode, MAX_CALLS};
 pub use fields::FieldOps;
 pub use jq::{compile_jq, JqError, JqFilter, MAX_JQ_LEN};
-pub use jq_bound::{Limits as JqLimits, Stop as JqStop, DEFAULT_STEPS as DEFAULT_JQ_STEPS, MAX_STEPS as MAX_JQ_STEPS};
+pub use jq_bound::{
+    default_steps as default_jq_steps, Limits as JqLimits, Stop as JqStop,
+    MAX_STEPS as MAX_JQ_STEPS,
+};
 pub use template::{Part, Template};
 pub use transcode::{
     Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError, Transcoder,
