@@ -715,7 +715,13 @@ pub(super) fn submit(job: Job) -> std::io::Result<()> {
         }
     });
     while pool.threads.load(Ordering::Acquire) < pool_size() {
-        start_thread(pool)?;
+        if let Err(e) = start_thread(pool) {
+            // Fewer threads than wanted still run the queue; none cannot.
+            if pool.threads.load(Ordering::Acquire) == 0 {
+                return Err(e);
+            }
+            break;
+        }
     }
     let tx = pool.tx.lock().unwrap_or_else(|e| e.into_inner());
     tx.send(job)

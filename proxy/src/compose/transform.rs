@@ -110,15 +110,24 @@ async fn run(f: &BodyProgram, body: Bytes) -> Result<Vec<u8>, JqError> {
         return Err(JqError::NoOutput);
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    jaq.spawn_jaq(body, move |out| {
+    if let Err(e) = jaq.spawn_jaq(body, move |out| {
         // The request may be gone (client closed): nothing to tell.
         let _ = tx.send(out);
-    })?;
-    rx.await.unwrap_or_else(|_| {
+    }) {
+        tracing::warn!(error = %e, "jq transform could not be run");
+        return Err(e);
+    }
+    let out = rx.await.unwrap_or_else(|_| {
         Err(JqError::Panic(
             "the jaq thread ended without an answer".into(),
         ))
-    })
+    });
+    // A bound a body runs into is counted by cause like any refusal; jaq itself failing is
+    // ours to look at.
+    if let Err(e @ (JqError::Panic(_) | JqError::Unavailable(_))) = &out {
+        tracing::warn!(error = %e, "jq transform failed inside jaq");
+    }
+    out
 }
 
 fn set_length(h: &mut HeaderMap, n: usize) {
