@@ -73,7 +73,7 @@ pub fn compile_jq(code: &str) -> Result<JqFilter, String> {
     let modules = Loader::new(std_defs())
         .load(&arena, File { code, path: () })
         .map_err(|errs| format!("`{code}` does not parse: {}", describe(&errs)))?;
-    compile(modules).map_err(|names| format!("`{code}` does not compile: undefined {names}"))?;
+    compile(modules).map_err(|names| not_compiled(code, &names))?;
     let term = jaq_core::load::parse(code, |p| p.term())
         .ok_or_else(|| format!("`{code}` does not parse as one jq term"))?;
     let main = jaq_core::load::parse::Def {
@@ -95,8 +95,12 @@ pub fn compile_jq(code: &str) -> Result<JqFilter, String> {
             },
         )
         .map_err(|errs| format!("`{code}` does not parse: {}", describe(&errs)))?;
-    let filter = compile(modules)
-        .map_err(|names| format!("`{code}` (bounded) does not compile: undefined {names}"))?;
+    let filter = compile(modules).map_err(|names| {
+        format!(
+            "`{code}` (bounded) does not compile: undefined {}",
+            quoted(&names)
+        )
+    })?;
     Ok(JqFilter {
         filter: Arc::new(filter),
         native: jq_native::compile(code).map(Arc::new),
@@ -104,29 +108,91 @@ pub fn compile_jq(code: &str) -> Result<JqFilter, String> {
     })
 }
 
+/// Builtins of jq and jaq a transform may not call, and why: they read the sidecar's process
+/// state or write to its log. The operator's program is trusted but may be careless, and the
+/// body is hostile: `{data: ., env: env}` in a response transform would send the sidecar's
+/// environment (tokens, keys) to every client, and `debug` or `stderr` writes each body to
+/// the sidecar's log (jaq-std's `log` calls, which the sidecar's subscriber prints), as often
+/// and as large as clients like. Refused rather than made inert: a program that reads `env`
+/// would otherwise run and quietly give `null`s, which hides the mistake.
+///
+/// The definitions and natives of these names are left out of what programs compile against
+/// (so a name jaq adds later under one of them is left out too), and a program calling one is
+/// refused when the policy is validated, naming it. A program's own `def env: ...;` or
+/// `... as $ENV` is its own and compiles. jaq 3 defines neither `input`, `inputs`,
+/// `input_filename`, `$ENV` nor `$__loc__`: they are listed for the message and in case it
+/// does. Kept: `halt` (the run ends with no output; it cannot end the sidecar), `now` and
+/// the local-time builtins (the clock and the time zone are no secret), `error` (fails the
+/// transform: the client gets the program's message, which the operator wrote).
+pub(super) const REFUSED: &[(&str, &str)] = &[
+    ("env", ENVIRONMENT),
+    ("$ENV", ENVIRONMENT),
+    ("debug", LOG),
+    ("debug_empty", LOG),
+    ("stderr", LOG),
+    ("stderr_empty", LOG),
+    ("halt_error", LOG),
+    ("input", INPUTS),
+    ("inputs", INPUTS),
+    ("input_filename", PROCESS),
+    ("input_line_number", PROCESS),
+    ("$__loc__", PROCESS),
+    ("$__prog_args", PROCESS),
+    ("get_search_list", PROCESS),
+    ("get_prog_origin", PROCESS),
+    ("get_jq_origin", PROCESS),
+];
+const ENVIRONMENT: &str = "it reads the sidecar's environment variables, which may hold secrets";
+const LOG: &str = "it writes to the sidecar's log (`error(...)` fails the transform instead)";
+const INPUTS: &str = "a transform has one input, the body";
+const PROCESS: &str = "it reads the sidecar's process state, not the body";
+
+/// Why `name` (a variable with its `$`) is refused, if it is.
+fn refused(name: &str) -> Option<&'static str> {
+    REFUSED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, why)| *why)
+}
+
+/// The message for a program that does not compile: a refused builtin by name and reason,
+/// else the undefined names.
+fn not_compiled(code: &str, names: &[String]) -> String {
+    if let Some((name, why)) = names.iter().find_map(|n| refused(n).map(|why| (n, why))) {
+        return format!("`{code}` calls `{name}`, which transforms may not use: {why}");
+    }
+    format!("`{code}` does not compile: undefined {}", quoted(names))
+}
+
+fn quoted(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    quoted.join(", ")
+}
+
 fn std_defs() -> impl Iterator<Item = jaq_core::load::parse::Def<&'static str>> {
     jaq_core::defs()
         .chain(jaq_std::defs())
         .chain(jaq_json::defs())
+        .filter(|def| refused(def.name).is_none())
 }
 
-/// Compile with our natives first (they replace jaq's of the same name), then jaq's.
+/// Compile with our natives first (they replace jaq's of the same name), then jaq's, less
+/// the [`REFUSED`] ones. Fails with the undefined names (jaq's variables keep their `$`).
 fn compile(
     modules: jaq_core::load::Modules<&str, ()>,
-) -> Result<jaq_core::Filter<Bounded>, String> {
+) -> Result<jaq_core::Filter<Bounded>, Vec<String>> {
     let funs = jq_bound::funs()
         .chain(jaq_core::funs::<Bounded>())
         .chain(jaq_std::funs::<Bounded>())
-        .chain(jaq_json::funs::<Bounded>());
+        .chain(jaq_json::funs::<Bounded>())
+        .filter(|(name, ..)| refused(name).is_none());
     Compiler::default()
         .with_funs(funs)
         .compile(modules)
         .map_err(|errs| {
-            let names: Vec<String> = errs
-                .iter()
-                .flat_map(|(_, es)| es.iter().map(|(name, _)| format!("`{name}`")))
-                .collect();
-            names.join(", ")
+            errs.iter()
+                .flat_map(|(_, es)| es.iter().map(|(name, _)| name.to_string()))
+                .collect()
         })
 }
 
@@ -384,6 +450,123 @@ mod tests {
         assert!(e.contains("undefined `nosuchfilter`"), "{e}");
         assert!(compile_jq(&"a".repeat(MAX_JQ_LEN + 1)).is_err());
     }
+
+    #[test]
+    fn builtins_that_read_the_process_or_write_its_log_are_refused_by_name() {
+        for (code, name) in [
+            ("env", "env"),
+            ("$ENV", "$ENV"),
+            ("$ENV.HOME", "$ENV"),
+            ("env.PATH", "env"),
+            ("{data: ., leak: env}", "env"),
+            ("def f: env.AWS_SECRET_ACCESS_KEY; {k: f}", "env"),
+            ("try env catch null", "env"),
+            ("[$ENV[]]", "$ENV"),
+            ("debug", "debug"),
+            ("debug(\"x: \\(.)\")", "debug"),
+            (".a | debug | .b", "debug"),
+            ("stderr", "stderr"),
+            (".[] | stderr_empty", "stderr_empty"),
+            ("debug_empty", "debug_empty"),
+            ("halt_error", "halt_error"),
+            ("halt_error(1)", "halt_error"),
+            ("input", "input"),
+            ("[inputs]", "inputs"),
+            ("input_filename", "input_filename"),
+            ("$__loc__", "$__loc__"),
+            ("$__prog_args", "$__prog_args"),
+        ] {
+            let e = compile_jq(code).expect_err(code);
+            let want = format!("`{code}` calls `{name}`, which transforms may not use: ");
+            assert!(e.starts_with(&want), "{code}: {e}");
+            assert!(e.ends_with(refused(name).expect(name)), "{code}: {e}");
+        }
+        let e = compile_jq("env").unwrap_err();
+        assert!(
+            e.contains("environment variables, which may hold secrets"),
+            "{e}"
+        );
+        let e = compile_jq("stderr").unwrap_err();
+        assert!(e.contains("sidecar's log"), "{e}");
+        // A refused name among undefined ones is the one reported.
+        let e = compile_jq("nosuchfilter | env").unwrap_err();
+        assert!(e.contains("calls `env`"), "{e}");
+    }
+
+    #[test]
+    fn ordinary_programs_and_the_harmless_builtins_still_compile() {
+        for code in [
+            ".",
+            "{id, name: .user.name} | with_entries(.value |= tostring)",
+            "[.items[] | select(.price > 1)] | sort_by(.sku) | map(.sku) | join(\",\")",
+            "if .a then error(\"no a\") else . end",
+            ".when | todate",
+            "now | type",
+            "[.[] | halt]",
+            "\"\\(.a)\" | test(\"x\"; \"i\") | @base64",
+            "{} as $ENV | $ENV",
+        ] {
+            assert!(compile_jq(code).is_ok(), "{code}: {:?}", compile_jq(code));
+        }
+        // A program's own definitions of the names are its own.
+        assert_eq!(run("def env: {PATH: 1}; env.PATH", "null").unwrap(), "1");
+        assert_eq!(
+            run("def debug: . + 1; {b: (.a | debug)}", r#"{"a": 1}"#).unwrap(),
+            r#"{"b":2}"#
+        );
+        assert_eq!(run(". as $ENV | $ENV.a", r#"{"a": 3}"#).unwrap(), "3");
+        // `halt` is inert: the run ends without output; it does not end the sidecar.
+        assert_eq!(run(".a | halt", r#"{"a": 3}"#), Err(JqError::NoOutput));
+    }
+
+    /// Every builtin jaq offers a transform, so that a jaq upgrade that adds one is reviewed
+    /// (does it read process state or write to the log? then [`REFUSED`]) before it ships.
+    #[test]
+    fn the_builtins_offered_are_known() {
+        let mut names: Vec<&str> = std_defs()
+            .map(|d| d.name)
+            .chain(
+                jq_bound::funs()
+                    .chain(jaq_core::funs::<Bounded>())
+                    .chain(jaq_std::funs::<Bounded>())
+                    .chain(jaq_json::funs::<Bounded>())
+                    .map(|(name, ..)| name)
+                    .filter(|name| refused(name).is_none()),
+            )
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let names = names.join(" ");
+        assert_eq!(
+            names, KNOWN_BUILTINS,
+            "review the new builtins, then update"
+        );
+    }
+
+    /// The names jaq 3.1 / jaq-std 3.0 / jaq-json 2.0 offer, less [`REFUSED`] (with ours,
+    /// `_trellis_*`, jq_bound.rs). Reviewed: none reads process state or writes to the log but
+    /// the clock and time zone (`now`, `localtime`, `strflocaltime`) and `halt`
+    /// (inert, see [`REFUSED`]).
+    const KNOWN_BUILTINS: &str = "\
+     @base64 @base64d @html @htmld @json @sh @text @uri @urid _trellis_add _trellis_mul \
+     _trellis_tostring abs acos acosh add all any arrays ascii_downcase ascii_upcase asin \
+     asinh atan atan2 atanh booleans bsearch capture capture_of_match cbrt ceil combinations \
+     contains copysign cos cosh decode_base64 decode_uri del delpaths drem empty \
+     encode_base64 encode_uri endswith erf erfc error error_empty escape_html escape_sh exp \
+     exp10 exp2 explode expm1 fabs false fdim finites first flatten floor fma fmax fmin fmod \
+     frexp from_entries fromdate fromdateiso8601 fromjson gamma getpath gmtime group_by gsub \
+     halt has hypot ilogb implode in index indices infinite inside isarray isboolean isempty \
+     isfinite isinfinite isnan isnormal isnumber isobject isstring iterables j0 j1 jn join \
+     key_values keys keys_unsorted last ldexp length lgamma limit localtime log log10 log1p \
+     log2 logb ltrim ltrimstr map map_values match matches max max_by max_by_or_empty min \
+     min_by min_by_or_empty mktime modf nan nearbyint nextafter nexttoward normals not now \
+     nth null nulls numbers objects path path_value paths pick pow pow10 range recurse \
+     remainder repeat reverse rindex rint round rtrim rtrimstr scalars scalb scalbln scan \
+     scan_ select setpath significand sin sinh skip sort sort_by split split_ split_matches \
+     splits sqrt startswith strflocaltime strftime strings strptime sub tan tanh test tgamma \
+     to_entries toboolean tobytes todate todateiso8601 tojson tonumber tostring totype \
+     transpose trim true trunc type unescape_html unique unique_by until utf8bytelength \
+     values walk while with_entries y0 y1 yn";
 
     #[test]
     fn bad_bodies_are_told_apart() {

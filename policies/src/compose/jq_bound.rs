@@ -943,7 +943,10 @@ mod tests {
     #[test]
     fn halt_ends_the_run_not_the_process() {
         assert_eq!(run("halt", "1").0, Err(JqError::NoOutput));
-        assert_eq!(run("1, halt_error", "1").0.unwrap(), "1");
+        assert_eq!(run("1, halt", "1").0.unwrap(), "1");
+        assert_eq!(run("halt(3)", "1").0, Err(JqError::NoOutput));
+        // `halt_error` writes to the sidecar's log: refused at compile time (jq.rs, REFUSED).
+        assert!(compile_jq("1, halt_error").is_err());
     }
 
     #[test]

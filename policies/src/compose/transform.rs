@@ -282,6 +282,18 @@ jq: ". + {count: (.items | length)}"
                 "response.jq: `frobnicate` does not compile",
             ),
             (
+                "{response: {jq: '{data: ., path: env.PATH}'}}",
+                "response.jq: `{data: ., path: env.PATH}` calls `env`, which transforms may not use",
+            ),
+            (
+                "{request: {add: {/a: 1}, jq: '$ENV.HOME'}}",
+                "request.jq: `$ENV.HOME` calls `$ENV`",
+            ),
+            (
+                "{request: {jq: '.a | debug'}}",
+                "request.jq: `.a | debug` calls `debug`",
+            ),
+            (
                 "{response: {remove: [a]}}",
                 "response.remove[0]: `a` is not a JSON pointer",
             ),
