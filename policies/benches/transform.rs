@@ -4,7 +4,7 @@
 //! `cargo bench -p trellis-policies --bench transform`
 
 use criterion::{criterion_group, Criterion};
-use trellis_policies::compose::{compile_jq, BodyProgram, TransformSpec};
+use trellis_policies::compose::{compile_jq, BodyProgram, JqLimits, TransformSpec};
 
 #[path = "support/cpu.rs"]
 mod cpu;
@@ -20,7 +20,7 @@ fn transforms(c: &mut Criterion) {
     c.bench_function("jq reshape, 2 kB body", |b| {
         b.iter(|| reshape.apply(&body).expect("transforms"))
     });
-    let native = fields().compile().expect("compiles");
+    let native = fields().compile(JqLimits::default()).expect("compiles");
     c.bench_function("field operations (native), 2 kB body", |b| {
         b.iter(|| native.apply(&body).expect("transforms"))
     });
@@ -28,7 +28,7 @@ fn transforms(c: &mut Criterion) {
         jq: Some(FIELDS_JQ.into()),
         ..fields()
     };
-    let ops = ops.compile().expect("compiles");
+    let ops = ops.compile(JqLimits::default()).expect("compiles");
     c.bench_function("field operations + jq, 2 kB body", |b| {
         b.iter(|| ops.apply(&body).expect("transforms"))
     });
@@ -46,7 +46,7 @@ fn fields() -> TransformSpec {
 fn cpu_per_transform() {
     let body = body();
     let reshape = BodyProgram::Jq(compile_jq(RESHAPE).expect("compiles"));
-    let native = fields().compile().expect("compiles");
+    let native = fields().compile(JqLimits::default()).expect("compiles");
     let identity = BodyProgram::Jq(compile_jq(".").expect("compiles"));
     let n = 20_000u32;
     for (name, program) in [

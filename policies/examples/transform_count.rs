@@ -11,7 +11,7 @@
 //! 0 transforms counts start-up, building the body and compiling the program). Without
 //! valgrind it prints the CPU time per transform (`/proc/self/stat`, for large N).
 
-use trellis_policies::compose::{compile_jq, BodyProgram, TransformSpec};
+use trellis_policies::compose::{compile_jq, BodyProgram, JqLimits, TransformSpec};
 
 #[path = "../benches/support/cpu.rs"]
 mod cpu;
@@ -22,20 +22,25 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(which), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<u32>().ok()))
     else {
-        eprintln!("usage: transform_count fields|identity|fields-jq|reshape N");
+        eprintln!("usage: transform_count fields|identity|fields-jq|reshape|reshape-jaq N");
         std::process::exit(2);
     };
     let fields = || serde_norway::from_str::<TransformSpec>(order::FIELDS).expect("spec");
     let program = match which.as_str() {
-        "fields" => fields().compile().expect("compiles"),
+        "fields" => fields().compile(JqLimits::default()).expect("compiles"),
         "fields-jq" => TransformSpec {
             jq: Some(order::FIELDS_JQ.into()),
             ..fields()
         }
-        .compile()
+        .compile(JqLimits::default())
         .expect("compiles"),
         "identity" => BodyProgram::Jq(compile_jq(".").expect("compiles")),
         "reshape" => BodyProgram::Jq(compile_jq(order::RESHAPE).expect("compiles")),
+        // The same outside the fast path's subset (`select`): jaq runs it, bounded, on a
+        // thread of its own (jq_bound.rs).
+        "reshape-jaq" => BodyProgram::Jq(
+            compile_jq(&format!("{} | select(true)", order::RESHAPE)).expect("compiles"),
+        ),
         other => {
             eprintln!("unknown transform `{other}`");
             std::process::exit(2);

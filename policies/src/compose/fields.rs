@@ -114,12 +114,12 @@ mod tests {
              add: {/meta/source: edge, /items/2: 9}}",
         )
         .unwrap();
-        let native = spec.compile().unwrap();
+        let native = spec.compile(Default::default()).unwrap();
         let with_jq = TransformSpec {
             jq: Some(".".into()),
             ..spec
         }
-        .compile()
+        .compile(Default::default())
         .unwrap();
         let body = br#"{"secret": 1, "user": {"name": "ana"}, "items": [1, 2, 3]}"#;
         let a: serde_json::Value = serde_json::from_slice(&native.apply(body).unwrap()).unwrap();

@@ -1,24 +1,36 @@
 //! jq filters compiled by jaq: once per policy (validation compiles them the same way, so a
-//! policy that validates compiles in the data plane), run per request on a bounded body.
+//! policy that validates compiles in the data plane), run per request on a bounded body, within
+//! a bounded budget (jq_bound.rs).
+
+use std::sync::Arc;
 
 use jaq_core::load::{Arena, File, Loader};
-use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
+use jaq_core::Compiler;
 use jaq_json::Val;
 
+use super::jq_bound::{self, Bounded, Limits, Stop};
 use super::jq_native;
 
 /// Longest jq program.
 pub const MAX_JQ_LEN: usize = 16 * 1024;
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128).
 pub(super) const MAX_DEPTH: usize = 64;
+/// Deepest nesting of an output (a body the sidecar sends on; serde_json, as most readers,
+/// refuses more than 128 levels).
+const MAX_OUTPUT_DEPTH: usize = 128;
 
-type Data = data::JustLut<Val>;
+/// The name the operator's program is defined under, after jaq's standard library.
+const MAIN: &str = "_trellis_main";
 
 /// A compiled jq program; shared by every request of its rule.
+#[derive(Clone)]
 pub struct JqFilter {
-    filter: jaq_core::compile::Filter<jaq_core::Native<Data>>,
+    /// jaq's program, with the bounded operators (jq_bound.rs); shared with the threads that
+    /// run it.
+    filter: Arc<jaq_core::Filter<Bounded>>,
     /// The same program compiled natively, when it is in the fast path's subset.
-    native: Option<jq_native::Program>,
+    native: Option<Arc<jq_native::Program>>,
+    limits: Limits,
 }
 
 /// Why a body could not be transformed: the client's (or upstream's) body is not the JSON the
@@ -35,37 +47,153 @@ pub enum JqError {
     Run(String),
     #[error("the transform gave no value")]
     NoOutput,
+    /// The run went past one of its bounds (jq_bound.rs): the body asks for more than the
+    /// transform may spend.
+    #[error("{0}")]
+    Limit(Stop),
+    /// jaq panicked (a bug in jaq, caught: the sidecar goes on).
+    #[error("the transform failed inside jaq: {0}")]
+    Panic(String),
+    /// No thread could be started to run jaq.
+    #[error("the transform could not be run: {0}")]
+    Unavailable(String),
 }
 
-/// Compile `code` with jq's standard library (jaq-std and jaq-json definitions).
+/// Compile `code` with jq's standard library (jaq-std and jaq-json definitions), bounded by
+/// [`Limits::default`] (see [`JqFilter::with_limits`]).
+///
+/// The program is compiled twice: as written, for jaq's own error messages; then with the
+/// bounded operators (jq_bound.rs: `+`, `*`, `..`, string interpolation rewritten in the
+/// program and in jaq's standard library), which is what runs.
 pub fn compile_jq(code: &str) -> Result<JqFilter, String> {
     if code.len() > MAX_JQ_LEN {
         return Err(format!("longer than {MAX_JQ_LEN} bytes"));
     }
-    let defs = jaq_core::defs()
-        .chain(jaq_std::defs())
-        .chain(jaq_json::defs());
-    let funs = jaq_core::funs::<Data>()
-        .chain(jaq_std::funs::<Data>())
-        .chain(jaq_json::funs::<Data>());
-    let loader = Loader::new(defs);
     let arena = Arena::default();
-    let program = File { code, path: () };
-    let modules = loader
-        .load(&arena, program)
+    let modules = Loader::new(std_defs())
+        .load(&arena, File { code, path: () })
         .map_err(|errs| format!("`{code}` does not parse: {}", describe(&errs)))?;
-    let filter = Compiler::default()
+    compile(modules).map_err(|names| not_compiled(code, &names))?;
+    let term = jaq_core::load::parse(code, |p| p.term())
+        .ok_or_else(|| format!("`{code}` does not parse as one jq term"))?;
+    let main = jaq_core::load::parse::Def {
+        name: MAIN,
+        args: Vec::new(),
+        body: jq_bound::rewrite(term, false),
+    };
+    let mut prelude = Vec::new();
+    for def in std_defs() {
+        prelude.push(jq_bound::rewrite_def(def));
+    }
+    prelude.push(main);
+    let modules = Loader::new(prelude)
+        .load(
+            &arena,
+            File {
+                code: MAIN,
+                path: (),
+            },
+        )
+        .map_err(|errs| format!("`{code}` does not parse: {}", describe(&errs)))?;
+    let filter = compile(modules).map_err(|names| {
+        format!(
+            "`{code}` (bounded) does not compile: undefined {}",
+            quoted(&names)
+        )
+    })?;
+    Ok(JqFilter {
+        filter: Arc::new(filter),
+        native: jq_native::compile(code).map(Arc::new),
+        limits: Limits::default(),
+    })
+}
+
+/// Builtins of jq and jaq a transform may not call, and why: they read the sidecar's process
+/// state or write to its log. The operator's program is trusted but may be careless, and the
+/// body is hostile: `{data: ., env: env}` in a response transform would send the sidecar's
+/// environment (tokens, keys) to every client, and `debug` or `stderr` writes each body to
+/// the sidecar's log (jaq-std's `log` calls, which the sidecar's subscriber prints), as often
+/// and as large as clients like. Refused rather than made inert: a program that reads `env`
+/// would otherwise run and quietly give `null`s, which hides the mistake.
+///
+/// The definitions and natives of these names are left out of what programs compile against
+/// (so a name jaq adds later under one of them is left out too), and a program calling one is
+/// refused when the policy is validated, naming it. A program's own `def env: ...;` or
+/// `... as $ENV` is its own and compiles. jaq 3 defines neither `input`, `inputs`,
+/// `input_filename`, `$ENV` nor `$__loc__`: they are listed for the message and in case it
+/// does. Kept: `halt` (the run ends with no output; it cannot end the sidecar), `now` and
+/// the local-time builtins (the clock and the time zone are no secret), `error` (fails the
+/// transform: the client gets the program's message, which the operator wrote).
+pub(super) const REFUSED: &[(&str, &str)] = &[
+    ("env", ENVIRONMENT),
+    ("$ENV", ENVIRONMENT),
+    ("debug", LOG),
+    ("debug_empty", LOG),
+    ("stderr", LOG),
+    ("stderr_empty", LOG),
+    ("halt_error", LOG),
+    ("input", INPUTS),
+    ("inputs", INPUTS),
+    ("input_filename", PROCESS),
+    ("input_line_number", PROCESS),
+    ("$__loc__", PROCESS),
+    ("$__prog_args", PROCESS),
+    ("get_search_list", PROCESS),
+    ("get_prog_origin", PROCESS),
+    ("get_jq_origin", PROCESS),
+];
+const ENVIRONMENT: &str = "it reads the sidecar's environment variables, which may hold secrets";
+const LOG: &str = "it writes to the sidecar's log (`error(...)` fails the transform instead)";
+const INPUTS: &str = "a transform has one input, the body";
+const PROCESS: &str = "it reads the sidecar's process state, not the body";
+
+/// Why `name` (a variable with its `$`) is refused, if it is.
+fn refused(name: &str) -> Option<&'static str> {
+    REFUSED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, why)| *why)
+}
+
+/// The message for a program that does not compile: a refused builtin by name and reason,
+/// else the undefined names.
+fn not_compiled(code: &str, names: &[String]) -> String {
+    if let Some((name, why)) = names.iter().find_map(|n| refused(n).map(|why| (n, why))) {
+        return format!("`{code}` calls `{name}`, which transforms may not use: {why}");
+    }
+    format!("`{code}` does not compile: undefined {}", quoted(names))
+}
+
+fn quoted(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    quoted.join(", ")
+}
+
+fn std_defs() -> impl Iterator<Item = jaq_core::load::parse::Def<&'static str>> {
+    jaq_core::defs()
+        .chain(jaq_std::defs())
+        .chain(jaq_json::defs())
+        .filter(|def| refused(def.name).is_none())
+}
+
+/// Compile with our natives first (they replace jaq's of the same name), then jaq's, less
+/// the [`REFUSED`] ones. Fails with the undefined names (jaq's variables keep their `$`).
+fn compile(
+    modules: jaq_core::load::Modules<&str, ()>,
+) -> Result<jaq_core::Filter<Bounded>, Vec<String>> {
+    let funs = jq_bound::funs()
+        .chain(jaq_core::funs::<Bounded>())
+        .chain(jaq_std::funs::<Bounded>())
+        .chain(jaq_json::funs::<Bounded>())
+        .filter(|(name, ..)| refused(name).is_none());
+    Compiler::default()
         .with_funs(funs)
         .compile(modules)
         .map_err(|errs| {
-            let names: Vec<String> = errs
-                .iter()
-                .flat_map(|(_, es)| es.iter().map(|(name, _)| format!("`{name}`")))
-                .collect();
-            format!("`{code}` does not compile: undefined {}", names.join(", "))
-        })?;
-    let native = jq_native::compile(code);
-    Ok(JqFilter { filter, native })
+            errs.iter()
+                .flat_map(|(_, es)| es.iter().map(|(name, _)| name.to_string()))
+                .collect()
+        })
 }
 
 fn describe<P>(errs: &jaq_core::load::Errors<&str, P>) -> String {
@@ -101,20 +229,58 @@ impl JqFilter {
     ///
     /// A program in the native subset (jq_native.rs) runs natively, and by jaq whenever the
     /// native run gives up (an error to report, a value it does not hold): the output is the
-    /// same either way.
+    /// same either way. jaq runs on a jaq thread (see [`Self::spawn_jaq`]); this waits
+    /// for it (an async caller uses [`Self::apply_native`] and [`Self::spawn_jaq`] instead).
     pub fn apply(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
-        if let Some(native) = &self.native {
-            if let Ok(out) = jq_native::apply(native, body) {
-                return Ok(out);
-            }
+        if let Some(out) = self.apply_native(body) {
+            return Ok(out);
         }
-        check(body)?;
-        self.apply_jaq(body)
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.spawn_jaq(body.to_vec(), move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.recv().unwrap_or_else(|_| {
+            Err(JqError::Panic(
+                "the jaq thread ended without an answer".into(),
+            ))
+        })
+    }
+
+    /// The native fast path alone: `None` when the program is not in its subset or the run
+    /// gave up (then jaq must run).
+    pub fn apply_native(&self, body: &[u8]) -> Option<Vec<u8>> {
+        jq_native::apply(self.native.as_deref()?, body).ok()
+    }
+
+    /// Run jaq on `body` on one of the jaq threads (jq_bound.rs: a few threads with a large
+    /// stack), and give `done` the outcome there.
+    pub fn spawn_jaq<B, F>(&self, body: B, done: F) -> Result<(), JqError>
+    where
+        B: AsRef<[u8]> + Send + 'static,
+        F: FnOnce(Result<Vec<u8>, JqError>) + Send + 'static,
+    {
+        let this = self.clone();
+        jq_bound::submit(Box::new(move || {
+            let body = body.as_ref();
+            let out = check(body).and_then(|()| this.apply_jaq(body));
+            let retire = matches!(out, Err(JqError::Limit(_) | JqError::Panic(_)));
+            done(out);
+            retire
+        }))
+        .map_err(|e| JqError::Unavailable(e.to_string()))
+    }
+
+    /// The same filter with other bounds.
+    pub fn with_limits(self, limits: Limits) -> Self {
+        Self { limits, ..self }
     }
 
     /// With the native form of a program jaq compiled as `self` (field operations in front).
     pub(super) fn with_native(self, native: Option<jq_native::Program>) -> Self {
-        Self { native, ..self }
+        Self {
+            native: native.map(Arc::new),
+            ..self
+        }
     }
 
     /// Whether the program runs natively (when the body lets it).
@@ -122,18 +288,16 @@ impl JqFilter {
         self.native.is_some()
     }
 
-    /// [`Self::apply`] by jaq alone, on a body [`check`]ed already.
+    /// [`Self::apply`] by jaq alone, on a body [`check`]ed already, on this thread (which
+    /// needs [`jq_bound::STACK_BYTES`] of stack for the worst bodies).
     pub(super) fn apply_jaq(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
         let input = parse(body)?;
-        let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
-        let mut out = self.filter.id.run((ctx, input)).map(unwrap_valr);
-        let value = match out.next() {
-            Some(Ok(v)) => v,
-            Some(Err(e)) => return Err(JqError::Run(e.to_string())),
-            None => return Err(JqError::NoOutput),
-        };
+        let value = jq_bound::run(&self.filter, input, self.limits)?;
         let mut out = Vec::with_capacity(body.len());
-        write(&mut out, &value);
+        let written = write(&mut out, &value, 0, self.limits.output_bytes);
+        // A deep output is freed on this (large) stack, not the caller's.
+        drop(value);
+        written.map_err(JqError::Limit)?;
         Ok(out)
     }
 }
@@ -163,8 +327,15 @@ pub(super) fn check(body: &[u8]) -> Result<(), JqError> {
 
 /// Compact JSON, as jq prints it with `-c` (non-finite numbers as `null`, since JSON has
 /// none); strings escaped by serde_json. jaq's own printer formats byte by byte.
-fn write(out: &mut Vec<u8>, v: &Val) {
+///
+/// At most `limit` bytes (checked after each string and between elements, so a value that
+/// shares one array many times over is refused before it is written out whole) and
+/// [`MAX_OUTPUT_DEPTH`] levels.
+fn write(out: &mut Vec<u8>, v: &Val, level: usize, limit: usize) -> Result<(), Stop> {
     use jaq_json::Num;
+    if level > MAX_OUTPUT_DEPTH {
+        return Err(Stop::Depth);
+    }
     match v {
         Val::Null => out.extend_from_slice(b"null"),
         Val::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
@@ -180,7 +351,7 @@ fn write(out: &mut Vec<u8>, v: &Val) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write(out, item);
+                write(out, item, level + 1, limit)?;
             }
             out.push(b']');
         }
@@ -195,16 +366,20 @@ fn write(out: &mut Vec<u8>, v: &Val) {
                     // jaq allows other keys; JSON wants strings.
                     other => {
                         let mut key = Vec::new();
-                        write(&mut key, other);
+                        write(&mut key, other, level + 1, limit)?;
                         write_str(out, &key);
                     }
                 }
                 out.push(b':');
-                write(out, item);
+                write(out, item, level + 1, limit)?;
             }
             out.push(b'}');
         }
     }
+    if out.len() > limit {
+        return Err(Stop::Output(limit));
+    }
+    Ok(())
 }
 
 fn write_str(out: &mut Vec<u8>, b: &[u8]) {
@@ -214,7 +389,7 @@ fn write_str(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 /// The deepest nesting of `[` and `{` outside strings; linear, no recursion.
-fn depth(body: &[u8]) -> usize {
+pub(super) fn depth(body: &[u8]) -> usize {
     let (mut level, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
     for &b in body {
         if in_str {
@@ -240,7 +415,7 @@ fn depth(body: &[u8]) -> usize {
 }
 
 // Shared by every request of a rule, across threads (jaq's values are `Rc`, so only the
-// compiled filter may be shared: values never leave `apply`). Checked at compile time.
+// compiled filter may be shared: values never leave the run). Checked at compile time.
 const _: fn() = || {
     fn is<T: Send + Sync>() {}
     is::<JqFilter>();
@@ -275,6 +450,123 @@ mod tests {
         assert!(e.contains("undefined `nosuchfilter`"), "{e}");
         assert!(compile_jq(&"a".repeat(MAX_JQ_LEN + 1)).is_err());
     }
+
+    #[test]
+    fn builtins_that_read_the_process_or_write_its_log_are_refused_by_name() {
+        for (code, name) in [
+            ("env", "env"),
+            ("$ENV", "$ENV"),
+            ("$ENV.HOME", "$ENV"),
+            ("env.PATH", "env"),
+            ("{data: ., leak: env}", "env"),
+            ("def f: env.AWS_SECRET_ACCESS_KEY; {k: f}", "env"),
+            ("try env catch null", "env"),
+            ("[$ENV[]]", "$ENV"),
+            ("debug", "debug"),
+            ("debug(\"x: \\(.)\")", "debug"),
+            (".a | debug | .b", "debug"),
+            ("stderr", "stderr"),
+            (".[] | stderr_empty", "stderr_empty"),
+            ("debug_empty", "debug_empty"),
+            ("halt_error", "halt_error"),
+            ("halt_error(1)", "halt_error"),
+            ("input", "input"),
+            ("[inputs]", "inputs"),
+            ("input_filename", "input_filename"),
+            ("$__loc__", "$__loc__"),
+            ("$__prog_args", "$__prog_args"),
+        ] {
+            let e = compile_jq(code).expect_err(code);
+            let want = format!("`{code}` calls `{name}`, which transforms may not use: ");
+            assert!(e.starts_with(&want), "{code}: {e}");
+            assert!(e.ends_with(refused(name).expect(name)), "{code}: {e}");
+        }
+        let e = compile_jq("env").unwrap_err();
+        assert!(
+            e.contains("environment variables, which may hold secrets"),
+            "{e}"
+        );
+        let e = compile_jq("stderr").unwrap_err();
+        assert!(e.contains("sidecar's log"), "{e}");
+        // A refused name among undefined ones is the one reported.
+        let e = compile_jq("nosuchfilter | env").unwrap_err();
+        assert!(e.contains("calls `env`"), "{e}");
+    }
+
+    #[test]
+    fn ordinary_programs_and_the_harmless_builtins_still_compile() {
+        for code in [
+            ".",
+            "{id, name: .user.name} | with_entries(.value |= tostring)",
+            "[.items[] | select(.price > 1)] | sort_by(.sku) | map(.sku) | join(\",\")",
+            "if .a then error(\"no a\") else . end",
+            ".when | todate",
+            "now | type",
+            "[.[] | halt]",
+            "\"\\(.a)\" | test(\"x\"; \"i\") | @base64",
+            "{} as $ENV | $ENV",
+        ] {
+            assert!(compile_jq(code).is_ok(), "{code}: {:?}", compile_jq(code));
+        }
+        // A program's own definitions of the names are its own.
+        assert_eq!(run("def env: {PATH: 1}; env.PATH", "null").unwrap(), "1");
+        assert_eq!(
+            run("def debug: . + 1; {b: (.a | debug)}", r#"{"a": 1}"#).unwrap(),
+            r#"{"b":2}"#
+        );
+        assert_eq!(run(". as $ENV | $ENV.a", r#"{"a": 3}"#).unwrap(), "3");
+        // `halt` is inert: the run ends without output; it does not end the sidecar.
+        assert_eq!(run(".a | halt", r#"{"a": 3}"#), Err(JqError::NoOutput));
+    }
+
+    /// Every builtin jaq offers a transform, so that a jaq upgrade that adds one is reviewed
+    /// (does it read process state or write to the log? then [`REFUSED`]) before it ships.
+    #[test]
+    fn the_builtins_offered_are_known() {
+        let mut names: Vec<&str> = std_defs()
+            .map(|d| d.name)
+            .chain(
+                jq_bound::funs()
+                    .chain(jaq_core::funs::<Bounded>())
+                    .chain(jaq_std::funs::<Bounded>())
+                    .chain(jaq_json::funs::<Bounded>())
+                    .map(|(name, ..)| name)
+                    .filter(|name| refused(name).is_none()),
+            )
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let names = names.join(" ");
+        assert_eq!(
+            names, KNOWN_BUILTINS,
+            "review the new builtins, then update"
+        );
+    }
+
+    /// The names jaq 3.1 / jaq-std 3.0 / jaq-json 2.0 offer, less [`REFUSED`] (with ours,
+    /// `_trellis_*`, jq_bound.rs). Reviewed: none reads process state or writes to the log but
+    /// the clock and time zone (`now`, `localtime`, `strflocaltime`) and `halt`
+    /// (inert, see [`REFUSED`]).
+    const KNOWN_BUILTINS: &str = "\
+     @base64 @base64d @html @htmld @json @sh @text @uri @urid _trellis_add _trellis_mul \
+     _trellis_tostring abs acos acosh add all any arrays ascii_downcase ascii_upcase asin \
+     asinh atan atan2 atanh booleans bsearch capture capture_of_match cbrt ceil combinations \
+     contains copysign cos cosh decode_base64 decode_uri del delpaths drem empty \
+     encode_base64 encode_uri endswith erf erfc error error_empty escape_html escape_sh exp \
+     exp10 exp2 explode expm1 fabs false fdim finites first flatten floor fma fmax fmin fmod \
+     frexp from_entries fromdate fromdateiso8601 fromjson gamma getpath gmtime group_by gsub \
+     halt has hypot ilogb implode in index indices infinite inside isarray isboolean isempty \
+     isfinite isinfinite isnan isnormal isnumber isobject isstring iterables j0 j1 jn join \
+     key_values keys keys_unsorted last ldexp length lgamma limit localtime log log10 log1p \
+     log2 logb ltrim ltrimstr map map_values match matches max max_by max_by_or_empty min \
+     min_by min_by_or_empty mktime modf nan nearbyint nextafter nexttoward normals not now \
+     nth null nulls numbers objects path path_value paths pick pow pow10 range recurse \
+     remainder repeat reverse rindex rint round rtrim rtrimstr scalars scalb scalbln scan \
+     scan_ select setpath significand sin sinh skip sort sort_by split split_ split_matches \
+     splits sqrt startswith strflocaltime strftime strings strptime sub tan tanh test tgamma \
+     to_entries toboolean tobytes todate todateiso8601 tojson tonumber tostring totype \
+     transpose trim true trunc type unescape_html unique unique_by until utf8bytelength \
+     values walk while with_entries y0 y1 yn";
 
     #[test]
     fn bad_bodies_are_told_apart() {
@@ -314,13 +606,6 @@ mod tests {
 pub(super) mod differential {
     use super::*;
 
-    impl JqFilter {
-        /// The native path alone (`None`: it gave up, or there is none).
-        pub(in crate::compose) fn apply_native(&self, body: &[u8]) -> Option<Vec<u8>> {
-            jq_native::apply(self.native.as_ref()?, body).ok()
-        }
-    }
-
     /// xorshift64*: deterministic, so that a failure replays.
     pub(in crate::compose) struct Rng(pub u64);
 
@@ -336,6 +621,47 @@ pub(super) mod differential {
         }
         pub(in crate::compose) fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
             xs[self.below(xs.len())]
+        }
+    }
+
+    /// jaq as it is, unbounded: what the bounded runs are compared with.
+    mod plain {
+        use super::super::{parse, write, JqError};
+        use crate::compose::jq_bound::Clipped;
+        use jaq_core::load::{Arena, File, Loader};
+        use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
+        use jaq_json::Val;
+
+        type Data = data::JustLut<Val>;
+        pub type Filter = jaq_core::compile::Filter<jaq_core::Native<Data>>;
+
+        pub fn compile(code: &str) -> Option<Filter> {
+            let defs = jaq_core::defs()
+                .chain(jaq_std::defs())
+                .chain(jaq_json::defs());
+            let funs = jaq_core::funs::<Data>()
+                .chain(jaq_std::funs::<Data>())
+                .chain(jaq_json::funs::<Data>());
+            let arena = Arena::default();
+            let modules = Loader::new(defs)
+                .load(&arena, File { code, path: () })
+                .ok()?;
+            Compiler::default().with_funs(funs).compile(modules).ok()
+        }
+
+        pub fn run(f: &Filter, body: &[u8]) -> Result<Vec<u8>, JqError> {
+            let input = parse(body)?;
+            let ctx = Ctx::<Data>::new(&f.lut, Vars::new([]));
+            let mut out = f.id.run((ctx, input)).map(unwrap_valr);
+            let value = match out.next() {
+                Some(Ok(v)) => v,
+                // Clipped as the bounded runs clip it.
+                Some(Err(e)) => return Err(JqError::Run(Clipped(&e).to_string())),
+                None => return Err(JqError::NoOutput),
+            };
+            let mut out = Vec::new();
+            write(&mut out, &value, 0, usize::MAX).map_err(JqError::Limit)?;
+            Ok(out)
         }
     }
 
@@ -490,36 +816,44 @@ pub(super) mod differential {
         .map(|s| s.to_string())
         .collect();
         programs.extend((0..400).map(|i| program(&mut r, 1 + i % 4)));
-        // jaq's panics are caught below; their messages would bury the test's own.
+        // Plain jaq panics on a few inputs (`"s" * 9223372036854775807`: a string repeated
+        // past memory); caught below, their messages would bury the test's own.
         thread_local!(static IN_JAQ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
         std::panic::set_hook(Box::new(|info| {
             if !IN_JAQ.get() {
                 eprintln!("{info}");
             }
         }));
-        let (mut runs, mut native) = (0, 0);
+        let (mut runs, mut native, mut limited) = (0, 0, 0);
         for code in &programs {
             let Ok(f) = compile_jq(code) else {
+                assert!(
+                    plain::compile(code).is_none(),
+                    "`{code}` compiles unbounded only"
+                );
                 continue;
             };
+            let unbounded = plain::compile(code).expect("compiles unbounded");
             for body in &bodies {
                 runs += 1;
-                // jaq panics on a few inputs (`"s" * 9223372036854775807`: a string repeated
-                // past memory); the fast path must leave those to it.
+                let jaq = check(body).and_then(|()| f.apply_jaq(body));
+                // The rewrite (jq_bound.rs) keeps jaq's meaning: the bounded run gives what
+                // jaq alone gives, byte for byte, errors included, but where it stops.
                 IN_JAQ.set(true);
-                let jaq = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    check(body).and_then(|()| f.apply_jaq(body))
+                let plain = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check(body).and_then(|()| plain::run(&unbounded, body))
                 }));
                 IN_JAQ.set(false);
-                let fast = f.native.as_ref().and_then(|n| {
-                    check(body)
-                        .ok()
-                        .and_then(|()| jq_native::apply(n, body).ok())
-                });
-                let Ok(jaq) = jaq else {
-                    assert_eq!(fast, None, "`{code}` panics in jaq");
+                match (&jaq, plain) {
+                    (Err(JqError::Limit(_)), _) => limited += 1,
+                    (_, Ok(plain)) => assert_eq!(jaq, plain, "`{code}` bounded and not"),
+                    (_, Err(_)) => panic!("`{code}` panics unbounded, gives {jaq:?} bounded"),
+                }
+                let fast = check(body).ok().and_then(|()| f.apply_native(body));
+                if let Err(JqError::Limit(_)) = jaq {
+                    assert_eq!(fast, None, "`{code}` runs past its bounds in jaq");
                     continue;
-                };
+                }
                 if let Some(fast) = &fast {
                     native += 1;
                     assert_eq!(
@@ -532,6 +866,11 @@ pub(super) mod differential {
                 assert_eq!(f.apply(body), jaq, "`{code}`");
             }
         }
+        // The generated programs repeat strings by `9223372036854775807` now and then.
+        assert!(
+            limited > 0 && limited < runs / 100,
+            "{limited} of {runs} limited"
+        );
         // Not vacuous: the fast path took a good share of the runs (most of the others are
         // errors on bodies of the wrong shape or refused bodies, which jaq reports).
         assert!(

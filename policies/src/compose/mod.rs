@@ -10,6 +10,7 @@
 mod aggregate;
 mod fields;
 mod jq;
+mod jq_bound;
 mod jq_native;
 mod template;
 mod transcode;
@@ -18,6 +19,10 @@ mod transform;
 pub use aggregate::{AggregateCall, AggregateSpec, MergeMode, MAX_CALLS};
 pub use fields::FieldOps;
 pub use jq::{compile_jq, JqError, JqFilter, MAX_JQ_LEN};
+pub use jq_bound::{
+    default_steps as default_jq_steps, Limits as JqLimits, Stop as JqStop,
+    MAX_STEPS as MAX_JQ_STEPS,
+};
 pub use template::{Part, Template};
 pub use transcode::{
     Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError, Transcoder,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fields::{segments, FieldOps};
 use super::jq::{compile_jq, JqError, JqFilter};
+use super::jq_bound::{default_steps, Limits, MAX_STEPS};
 use super::jq_native;
 
 /// Default and largest body a transform buffers.
@@ -27,6 +28,11 @@ pub struct BodyTransform {
     /// answers 413, a larger upstream answer 502.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
+    /// The step budget of one jq run (jaq's evaluation steps; docs/composition.md): by default
+    /// 4 per byte of `max_body_bytes`, at least 1 million, at most 64 Mi. A body that makes
+    /// the program run longer fails the transform (`transform-budget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_jq_steps: Option<u64>,
 }
 
 /// Field operations, applied in the order `remove`, `rename`, `add`, then `jq`.
@@ -55,11 +61,29 @@ pub enum BodyProgram {
 }
 
 impl BodyProgram {
-    /// Transform a JSON body (UTF-8, at most 64 levels deep, strict JSON).
+    /// Transform a JSON body (UTF-8, at most 64 levels deep, strict JSON), waiting for jaq's
+    /// thread when jaq runs (tests, benches; the proxy uses [`Self::apply_inline`]).
     pub fn apply(&self, body: &[u8]) -> Result<Vec<u8>, JqError> {
         match self {
             Self::Fields(f) => f.apply(body),
             Self::Jq(f) => f.apply(body),
+        }
+    }
+
+    /// What runs on the caller's thread, in microseconds: the field operations, or the jq fast
+    /// path. `None`: jaq must run ([`Self::jaq`], on a jaq thread).
+    pub fn apply_inline(&self, body: &[u8]) -> Option<Result<Vec<u8>, JqError>> {
+        match self {
+            Self::Fields(f) => Some(f.apply(body)),
+            Self::Jq(f) => f.apply_native(body).map(Ok),
+        }
+    }
+
+    /// The jq program, when there is one.
+    pub fn jaq(&self) -> Option<&JqFilter> {
+        match self {
+            Self::Fields(_) => None,
+            Self::Jq(f) => Some(f),
         }
     }
 }
@@ -71,6 +95,15 @@ fn default_max_body() -> u64 {
 // === impl BodyTransform ===
 
 impl BodyTransform {
+    /// The bounds of one jq run of this transform (jq_bound.rs): steps as set or by default,
+    /// sizes from `max_body_bytes`.
+    pub fn limits(&self) -> Limits {
+        let steps = self
+            .max_jq_steps
+            .unwrap_or_else(|| default_steps(self.max_body_bytes));
+        Limits::for_body(self.max_body_bytes, steps)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.request.is_none() && self.response.is_none() {
             return Err("set `request`, `response` or both".into());
@@ -80,9 +113,15 @@ impl BodyTransform {
                 "max_body_bytes: between 1 and {MAX_TRANSFORM_BODY}"
             ));
         }
+        if let Some(n) = self.max_jq_steps {
+            if !(1_000..=MAX_STEPS).contains(&n) {
+                return Err(format!("max_jq_steps: between 1000 and {MAX_STEPS}"));
+            }
+        }
         for (field, spec) in [("request", &self.request), ("response", &self.response)] {
             if let Some(s) = spec {
-                s.compile().map_err(|m| format!("{field}.{m}"))?;
+                s.compile(self.limits())
+                    .map_err(|m| format!("{field}.{m}"))?;
             }
         }
         Ok(())
@@ -93,8 +132,9 @@ impl BodyTransform {
 
 impl TransformSpec {
     /// The transform compiled: field operations alone run natively; with `jq`, everything
-    /// is one jq program. The error names the field.
-    pub fn compile(&self) -> Result<BodyProgram, String> {
+    /// is one jq program, run within `limits` (see [`BodyTransform::limits`]). The error names
+    /// the field.
+    pub fn compile(&self, limits: Limits) -> Result<BodyProgram, String> {
         let Some(jq) = &self.jq else {
             let program = self.program()?;
             return Ok(BodyProgram::Fields(self.field_ops(program)?));
@@ -105,7 +145,9 @@ impl TransformSpec {
         let filter = compile_jq(&program).map_err(|m| format!("jq: {m}"))?;
         // The same, run natively when `jq` is in the fast path's subset (jq_native.rs).
         let native = jq_native::compile_with_fields(&self.remove, &self.rename, &self.add, jq);
-        Ok(BodyProgram::Jq(filter.with_native(native)))
+        Ok(BodyProgram::Jq(
+            filter.with_native(native).with_limits(limits),
+        ))
     }
 
     /// The native form of the field operations (`_program` checked the pointers already).
@@ -210,7 +252,7 @@ add: {/version: 2, /meta/source: edge}
 jq: ". + {count: (.items | length)}"
 "#,
         );
-        let f = s.compile().expect("compiles");
+        let f = s.compile(Limits::default()).expect("compiles");
         let out = f
             .apply(br#"{"secret": 1, "user": {"name": "ana"}, "items": [1, 2, 3]}"#)
             .unwrap();
@@ -240,10 +282,26 @@ jq: ". + {count: (.items | length)}"
                 "response.jq: `frobnicate` does not compile",
             ),
             (
+                "{response: {jq: '{data: ., path: env.PATH}'}}",
+                "response.jq: `{data: ., path: env.PATH}` calls `env`, which transforms may not use",
+            ),
+            (
+                "{request: {add: {/a: 1}, jq: '$ENV.HOME'}}",
+                "request.jq: `$ENV.HOME` calls `$ENV`",
+            ),
+            (
+                "{request: {jq: '.a | debug'}}",
+                "request.jq: `.a | debug` calls `debug`",
+            ),
+            (
                 "{response: {remove: [a]}}",
                 "response.remove[0]: `a` is not a JSON pointer",
             ),
             ("{response: {jq: .}, max_body_bytes: 0}", "max_body_bytes"),
+            (
+                "{response: {jq: .}, max_jq_steps: 10}",
+                "max_jq_steps: between 1000",
+            ),
         ];
         for (yaml, want) in cases {
             let t: BodyTransform = serde_norway::from_str(yaml).expect(yaml);
@@ -324,7 +382,7 @@ jq: ". + {count: (.items | length)}"
                 add,
                 jq: Some(programs[i % programs.len()].into()),
             };
-            let Ok(BodyProgram::Jq(f)) = spec.compile() else {
+            let Ok(BodyProgram::Jq(f)) = spec.compile(Limits::default()) else {
                 panic!("{spec:?} compiles");
             };
             native_specs += usize::from(f.is_native());

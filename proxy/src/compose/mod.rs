@@ -112,6 +112,13 @@ impl ComposeError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // jaq broke or could not run: the gateway's fault, whatever the body.
+            Self::BadRequestBody(JqError::Panic(_) | JqError::Unavailable(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            // A body that makes the program run past its budget is refused like any body the
+            // program cannot take: 400, the client's to change (a 5xx would invite retries of
+            // the same costly body).
             Self::BadRequestBody(_) | Self::BadGrpcWeb(_) => StatusCode::BAD_REQUEST,
             Self::UpstreamTooLarge { .. }
             | Self::BadUpstreamBody(_)
@@ -128,6 +135,11 @@ impl ComposeError {
 
     /// The `trellis-error` token and metrics label.
     pub fn cause(&self) -> &'static str {
+        if let Self::BadRequestBody(e) | Self::BadUpstreamBody(e) = self {
+            if let Some(cause) = transform_cause(e) {
+                return cause;
+            }
+        }
         match self {
             Self::RequestTooLarge { .. } => "body-too-large",
             Self::BadRequestBody(_) => "bad-json-body",
@@ -175,6 +187,16 @@ impl ComposeError {
     }
 }
 
+/// The cause of a transform that failed for its bounds or inside jaq, rather than for the
+/// body's JSON or the program's own error.
+fn transform_cause(e: &JqError) -> Option<&'static str> {
+    match e {
+        JqError::Limit(_) => Some("transform-budget"),
+        JqError::Panic(_) | JqError::Unavailable(_) => Some("transform-failed"),
+        _ => None,
+    }
+}
+
 /// Headers of a public request that a call the gateway builds from it does not carry: its
 /// framing, content negotiation and conditions (the gateway asks for whole, plain answers).
 pub const NOT_CARRIED: [header::HeaderName; 12] = [
@@ -204,6 +226,8 @@ pub const CAUSES: &[&str] = &[
     "aggregate-missing-field",
     "bad-request-message",
     "bad-upstream-grpc",
+    "transform-budget",
+    "transform-failed",
 ];
 
 /// A `application/problem+json` response with `trellis-error: cause`.

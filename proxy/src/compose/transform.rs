@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use trellis_policies::compose::{BodyProgram, BodyTransform};
+use trellis_policies::compose::{BodyProgram, BodyTransform, JqError};
 
 use super::body::{collect, refused_request, Collect};
 use super::ComposeError;
@@ -25,8 +25,9 @@ pub struct Transform {
 
 impl Transform {
     pub fn compile(spec: &BodyTransform) -> Result<Self, String> {
+        let limits = spec.limits();
         let compile = |s: &Option<trellis_policies::compose::TransformSpec>| {
-            s.as_ref().map(|s| s.compile()).transpose()
+            s.as_ref().map(|s| s.compile(limits)).transpose()
         };
         Ok(Self {
             request: compile(&spec.request).map_err(|m| format!("request.{m}"))?,
@@ -55,7 +56,7 @@ impl Transform {
         }
         let bytes = match &self.request {
             Some(f) if !bytes.is_empty() => {
-                let out = f.apply(&bytes).map_err(ComposeError::BadRequestBody)?;
+                let out = run(f, bytes).await.map_err(ComposeError::BadRequestBody)?;
                 set_length(&mut parts.headers, out.len());
                 Bytes::from(out)
             }
@@ -86,7 +87,7 @@ impl Transform {
                 },
                 Collect::Failed(m) => ComposeError::UpstreamBodyFailed(m),
             })?;
-        let out = f.apply(&bytes).map_err(ComposeError::BadUpstreamBody)?;
+        let out = run(f, bytes).await.map_err(ComposeError::BadUpstreamBody)?;
         // Validators of the upstream's representation do not describe this one.
         parts.headers.remove(header::ETAG);
         parts.headers.remove(header::LAST_MODIFIED);
@@ -96,6 +97,37 @@ impl Transform {
             Either::Right(Full::new(Bytes::from(out))),
         ))
     }
+}
+
+/// Transform `body`: on this task when the program runs natively (field operations, the jq
+/// fast path: microseconds), else on a jaq thread (policies' jq_bound.rs: bounded in steps,
+/// sizes, memory and stack), awaited, so that this worker serves other requests meanwhile.
+async fn run(f: &BodyProgram, body: Bytes) -> Result<Vec<u8>, JqError> {
+    if let Some(out) = f.apply_inline(&body) {
+        return out;
+    }
+    let Some(jaq) = f.jaq() else {
+        return Err(JqError::NoOutput);
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if let Err(e) = jaq.spawn_jaq(body, move |out| {
+        // The request may be gone (client closed): nothing to tell.
+        let _ = tx.send(out);
+    }) {
+        tracing::warn!(error = %e, "jq transform could not be run");
+        return Err(e);
+    }
+    let out = rx.await.unwrap_or_else(|_| {
+        Err(JqError::Panic(
+            "the jaq thread ended without an answer".into(),
+        ))
+    });
+    // A bound a body runs into is counted by cause like any refusal; jaq itself failing is
+    // ours to look at.
+    if let Err(e @ (JqError::Panic(_) | JqError::Unavailable(_))) = &out {
+        tracing::warn!(error = %e, "jq transform failed inside jaq");
+    }
+    out
 }
 
 fn set_length(h: &mut HeaderMap, n: usize) {

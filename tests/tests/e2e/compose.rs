@@ -609,3 +609,103 @@ async fn grpc_web_from_the_npm_client_library() {
         );
     }
 }
+
+/// Careless programs (issue 22): the number in the body decides how long they run or how
+/// large a value they build.
+const HOSTILE: &str = r#"
+  hostile:
+    hosts: [api.example.com]
+    gateways: [gateway]
+    rules:
+      - name: loop
+        matches: [{path: {prefix: /reflect/loop}}]
+        backends: [{service: orders}]
+        transform:
+          max_jq_steps: 20000000
+          request: {jq: '{n: ([limit(.n; repeat(1))] | length)}'}
+      - name: repeat-response
+        matches: [{path: {prefix: /reflect/repeat}}]
+        backends: [{service: orders}]
+        transform:
+          response: {jq: '{s: (.s * .n)}'}
+      - name: fine
+        matches: [{path: {prefix: /reflect/fine}}]
+        backends: [{service: orders}]
+        transform:
+          request: {jq: '{n: .n} | select(.n > 0)'}
+      - name: native
+        matches: [{path: {prefix: /reflect/native}}]
+        backends: [{service: orders}]
+        transform:
+          request: {jq: '{n: .n}'}
+"#;
+
+/// A body that makes its transform run past the step budget gets a clean 400
+/// (`transform-budget`) and never reaches the backend; one that makes a response transform
+/// build a 30 GB string a 502; and while the first runs out its budget on a jaq thread, other
+/// requests on the same ingress (one worker thread here, as a sidecar pinned to one CPU runs)
+/// are answered at once, natively and by jaq.
+#[tokio::test(flavor = "current_thread")]
+async fn a_runaway_transform_is_stopped_while_other_requests_are_served() {
+    let e = edge(None, HOSTILE).await;
+    let addr = e.plain();
+    let seen = e.backend.requests.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let hostile = tokio::spawn(async move {
+        let r = post(addr, "/reflect/loop", client::full(r#"{"n": 1e15}"#)).await;
+        (r, start.elapsed())
+    });
+    // Let the hostile run start before the others are sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for path in ["/reflect/native", "/reflect/fine", "/reflect/loop"] {
+        let sent = Instant::now();
+        let r = post(addr, path, client::full(r#"{"n": 3}"#)).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert_eq!(r.json()["n"], 3, "{path}");
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "{path}: {:?}",
+            sent.elapsed()
+        );
+        assert!(!hostile.is_finished(), "{path}: the hostile run was over");
+    }
+    let (r, took) = hostile.await.expect("hostile request");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.cause(), "transform-budget");
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let detail = r.json()["detail"].as_str().unwrap_or("").to_string();
+    assert!(detail.contains("more than 20000000 steps"), "{detail}");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert_eq!(
+        e.backend.requests.load(Ordering::Relaxed),
+        seen + 3,
+        "the refused body never reached the backend"
+    );
+
+    // The response side: the upstream's answer asks for a 30 GB string.
+    let r = post(
+        addr,
+        "/reflect/repeat",
+        client::full(r#"{"s": "abc", "n": 10000000000}"#),
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.cause(), "transform-budget");
+    assert!(r.body.contains("30000000000 bytes"), "{}", r.body);
+    let r = post(
+        addr,
+        "/reflect/repeat",
+        client::full(r#"{"s": "ab", "n": 2}"#),
+    )
+    .await;
+    assert_eq!(r.json(), serde_json::json!({"s": "abab"}));
+
+    let metrics = client::admin(e.gateway.admin(), "/metrics").await.body;
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("trellis_proxy_errors_total") && l.contains("cause=\"transform-budget\"")
+        })
+        .unwrap_or_else(|| panic!("transform-budget counted: {metrics}"));
+    assert!(counted.ends_with(" 2"), "{counted}");
+}
