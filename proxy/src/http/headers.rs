@@ -529,7 +529,10 @@ mod tests {
             h.insert("x-after", "2".parse().unwrap());
             strip_hop_by_hop(&mut h, false);
             assert!(h.get(name).is_none(), "{name} kept");
-            assert_eq!((h["x-before"].as_bytes(), h["x-after"].as_bytes()), (&b"1"[..], &b"2"[..]));
+            assert_eq!(
+                (h["x-before"].as_bytes(), h["x-after"].as_bytes()),
+                (&b"1"[..], &b"2"[..])
+            );
             assert_eq!(h.len(), 2, "{name}: {h:?}");
         }
         // None present: untouched.

@@ -157,9 +157,7 @@ impl AppClient {
                 let replayable = body.replayable();
                 match self.knowledge.known_choice(call.caller_h2, replayable) {
                     Some(p) => p,
-                    None => {
-                        Box::pin(self.knowledge.choose(call.caller_h2, replayable)).await
-                    }
+                    None => Box::pin(self.knowledge.choose(call.caller_h2, replayable)).await,
                 }
             }
         }

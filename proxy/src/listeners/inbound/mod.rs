@@ -210,7 +210,10 @@ impl Inbound {
         let activity = activity.clone();
         // The request's future is `handle`'s own, not wrapped in another async block: each
         // layer would move the whole (several KB) future once more per request.
-        service_fn(move |req| this.clone().handle(req, client, peer.clone(), activity.begin()))
+        service_fn(move |req| {
+            this.clone()
+                .handle(req, client, peer.clone(), activity.begin())
+        })
     }
 
     /// One request from a peer (`peer`: its verified identity) or a plaintext caller,
@@ -271,9 +274,7 @@ impl Inbound {
             None => self.forward(req, client, peer).await?,
             // Boxed: the cache's state (lookup, coalescing, storing) is larger than the rest
             // of the request's; inline, every request would carry and copy it, cached or not.
-            Some(plan) => {
-                Box::pin(plan.serve(req, |req| self.forward(req, client, peer))).await?
-            }
+            Some(plan) => Box::pin(plan.serve(req, |req| self.forward(req, client, peer))).await?,
         };
         Ok(admission::hold(resp, permits))
     }
