@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 1-hop path in instructions per request (valgrind's callgrind: repeatable on a busy
+# The 1-hop path (and the 2-hop path's client sidecar) in instructions per request (valgrind's callgrind: repeatable on a busy
 # machine, unlike CPU time): Trellis's inbound listener in permissive mode against the two bare
 # hyper proxies of proxy/examples/hyper_floor.rs, all in front of the same nginx backend, each
 # sent the same N sequential GETs on one keep-alive connection. User-space instructions only:
@@ -73,9 +73,38 @@ trellis=$(TRELLIS_WORKERS=1 RUST_LOG=warn measure trellis "$S_IN" "$AGENT" run -
 paired=$(measure paired "$P" "$FLOOR" "127.0.0.1:$P" "127.0.0.1:$BACKEND" paired)
 pooled=$(measure pooled "$P" "$FLOOR" "127.0.0.1:$P" "127.0.0.1:$BACKEND" pooled)
 
+# The client side of the 2-hop path: sidecar A (HTTP/1.1 from the app, HTTP/2 over mTLS to B)
+# under callgrind, sidecar B (the configuration above) running normally.
+A_IN=$((BASE + 5)); A_OUT=$((BASE + 6)); A_ADM=$((BASE + 7))
+"$AGENT" cert issue --service client --dir "$D/certs" >/dev/null
+cat >"$D/mesh.yaml" <<CONF
+services:
+  backend:
+    endpoints:
+      - address: 127.0.0.1:$S_IN
+CONF
+cat >"$D/sidecar-a.yaml" <<CONF
+service: client
+trust_domain: bench.local
+identity: {cert: $D/certs/client.pem, key: $D/certs/client-key.pem, bundle: $D/certs/ca.pem}
+inbound: {listen: 127.0.0.1:$A_IN, app: 127.0.0.1:$BACKEND, app_protocol: http1}
+outbound: {listen: 127.0.0.1:$A_OUT}
+admin: {listen: 127.0.0.1:$A_ADM}
+store: {file: $D/mesh.yaml}
+tracing: {enabled: false}
+CONF
+TRELLIS_WORKERS=1 RUST_LOG=warn "$AGENT" run --config "$D/sidecar.yaml" >"$D/b.log" 2>&1 &
+B_PID=$!
+wait_http "sidecar B" "http://127.0.0.1:$S_ADM/ready"
+outbound=$(TRELLIS_WORKERS=1 RUST_LOG=warn measure outbound "$A_OUT" "$AGENT" run --config "$D/sidecar-a.yaml")
+kill -TERM "$B_PID"; wait "$B_PID" 2>/dev/null || true
+
 echo "1-hop path, user-space instructions per request (callgrind, $N sequential GETs on one keep-alive connection); $(date -u '+%Y-%m-%d %H:%M UTC'); Trellis $(git -C "$ROOT" rev-parse --short HEAD)"
 echo "| proxy | instructions/request | vs paired floor |"
 echo "|---|---:|---:|"
 for row in "hyper floor, paired connections:$paired" "hyper floor, pooled client:$pooled" "Trellis inbound, permissive (one worker):$trellis"; do
     awk -v n="${row%%:*}" -v v="${row##*:}" -v b="$paired" 'BEGIN { printf "| %s | %d | %.2fx |\n", n, v, v / b }'
 done
+echo
+echo "2-hop path, client side: Trellis outbound (sidecar A: HTTP/1.1 in, HTTP/2 + mTLS out to sidecar B), same requests: $outbound instructions/request"
+

@@ -785,7 +785,9 @@ mod tests {
             panic!("`{code}` on {body}: {out:?}");
         };
         assert!(want(&stop), "`{code}` on {body}: {stop:?}");
-        assert!(took < Duration::from_secs(20), "`{code}`: {took:?}");
+        // A guard against a run that never stops, not a speed target (the test profile is
+        // unoptimised and CI machines are shared): the bounds' costs are in docs/composition.md.
+        assert!(took < Duration::from_secs(90), "`{code}`: {took:?}");
         stop
     }
 

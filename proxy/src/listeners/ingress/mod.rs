@@ -27,7 +27,9 @@ use crate::http::headers::{edge_forwarded, EdgeForwarded, TrustedProxies, ERROR_
 use crate::listeners::lifecycle::{admission, end_with_body, Admission, Lifecycle};
 use crate::listeners::outbound::Outbound;
 use crate::listeners::protocol::http_builders;
-use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
+use crate::listeners::server::{
+    accept_loop, serve_connection, Activity, ActivityGuard, ConnTimeouts,
+};
 use crate::policy::access::AccessControl;
 use crate::policy::ratelimit::{Permits, RateLimits};
 use crate::telemetry::access_log::cache_status;
@@ -188,25 +190,30 @@ impl Ingress {
         let this = self.clone();
         let act = activity.clone();
         service_fn(move |req: Request<Incoming>| {
-            let this = this.clone();
-            let conn = conn.clone();
-            let guard = act.begin();
-            async move {
-                let resp = match mode {
-                    Mode::Redirect => this.redirect(&req),
-                    Mode::Tls | Mode::Plain => this.handle(req, &conn).await,
-                };
-                drop(guard);
-                Ok::<_, Infallible>(resp)
-            }
+            let busy = act.begin();
+            this.clone().serve_request(req, conn.clone(), mode, busy)
         })
     }
 
+    /// One request on a connection of `mode`; the connection counts as busy until it ends
+    /// (`_busy`). The service's future itself: a wrapping async block would move the whole
+    /// (several KB) future once more per request.
+    ///
     /// Admit, then route into the mesh under the ingress's own observation; the
     /// concurrency slots are held until the response body ends. The server span of the
     /// request the edge received covers both: a refusal is in the trace with its cause, and a
     /// routed request's client span is its child.
-    async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
+    async fn serve_request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        mode: Mode,
+        _busy: ActivityGuard,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        if mode == Mode::Redirect {
+            return Ok(self.redirect(&req));
+        }
+        let conn = &conn;
         let peer = conn.peer;
         let start = std::time::Instant::now();
         // The client as far as it can be believed: the TCP peer unless a trusted proxy
@@ -233,7 +240,7 @@ impl Ingress {
             resp.status().as_u16(),
             seconds,
         );
-        end_with_body(resp, span)
+        Ok(end_with_body(resp, span))
     }
 
     /// Admit and route a request, or refuse it; also the consumer it was admitted as and the

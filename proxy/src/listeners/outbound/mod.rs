@@ -34,7 +34,9 @@ use crate::identity::IdentityStore;
 use crate::listeners::lifecycle::{Labels, Lifecycle};
 use crate::listeners::original_dst::{OriginalDst, Protocol};
 use crate::listeners::protocol::http_builders;
-use crate::listeners::server::{accept_loop, serve_connection, Activity, ConnTimeouts};
+use crate::listeners::server::{
+    accept_loop, serve_connection, Activity, ActivityGuard, ConnTimeouts,
+};
 use crate::policy::breaker::{Breaker, Permit};
 use crate::state::pool::PeerPool;
 use crate::state::target::{Target, TargetTable};
@@ -137,8 +139,7 @@ impl Outbound {
                 let timeouts = ConnTimeouts::from(&this.limits);
                 let act = activity.clone();
                 let svc = service_fn(move |mut req: Request<Incoming>| {
-                    let this = this.clone();
-                    let guard = act.begin();
+                    let busy = act.begin();
                     if let Some(dst) = redirected {
                         req.extensions_mut().insert(OriginalDst(dst));
                     }
@@ -146,11 +147,7 @@ impl Outbound {
                     if req.headers().contains_key(CONSUMER_HEADER) {
                         req.headers_mut().remove(CONSUMER_HEADER);
                     }
-                    async move {
-                        let resp = this.handle(req, client, &this.lifecycle).await;
-                        drop(guard);
-                        Ok::<_, Infallible>(resp)
-                    }
+                    this.clone().handle(req, client, busy)
                 });
                 serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
             }
@@ -169,15 +166,16 @@ impl Outbound {
         Lifecycle::new(direction, self.metrics.clone(), self.access.clone())
     }
 
-    /// Route and forward one request, observed by `lifecycle` (the outbound listener's for
-    /// the app's calls, the ingress's for the gateway's).
-    pub(crate) async fn handle(
-        &self,
+    /// Route and forward one of the app's requests; the connection counts as busy until it
+    /// ends (`_busy`). The service's future itself: a wrapping async block (or another
+    /// layer) would move the whole, several KB, future once more per request.
+    async fn handle(
+        self: Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
-        lifecycle: &Lifecycle,
-    ) -> Response<ResponseBody> {
-        self.handle_routed(req, client, lifecycle).await.0
+        _busy: ActivityGuard,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        Ok(self.handle_routed(req, client, &self.lifecycle).await.0)
     }
 
     /// As [`Outbound::handle`], with the HTTPRoute rule that routed the request (`default`
