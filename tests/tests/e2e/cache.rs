@@ -467,20 +467,7 @@ async fn large_responses_stream_through_and_are_not_stored() {
 async fn a_body_cut_short_is_passed_on_and_never_stored() {
     init_logs();
     // A raw origin: announces 1000 bytes, sends 10, closes.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let s = served.clone();
-    let origin = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut buf = [0u8; 4096];
-            let _ = tcp.read(&mut buf).await;
-            let head = "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 1000\r\n\r\n0123456789";
-            let _ = tcp.write_all(head.as_bytes()).await;
-            let _ = tcp.shutdown().await;
-        }
-    });
+    let (addr, served, origin) = cutting_origin(1000, 10).await;
     let pki = Pki::new(&["echo"]);
     let sidecar = Sidecar::start(&pki, "echo", addr, |c| {
         c.inbound.mode = InboundMode::Permissive
@@ -491,21 +478,7 @@ async fn a_body_cut_short_is_passed_on_and_never_stored() {
     }))
     .expect("doc");
     sidecar.apply(snapshot_of(&doc)).await;
-    let h1 = client::h1(sidecar.inbound());
-    for _ in 0..2 {
-        let req = Request::get("http://echo/cut")
-            .body(client::empty())
-            .expect("req");
-        assert!(
-            client::send(&h1, req).await.is_err(),
-            "the client sees the cut"
-        );
-    }
-    assert_eq!(
-        served.load(std::sync::atomic::Ordering::Relaxed),
-        2,
-        "never served from the cache"
-    );
+    cut_twice_and_both_reach_the_origin(&sidecar, &served).await;
     origin.abort();
 }
 
@@ -1296,22 +1269,7 @@ async fn a_corrupted_or_truncated_disk_file_is_a_miss_refetched_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_closing_mid_body_leaves_no_disk_file() {
     init_logs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let s = served.clone();
-    let origin = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut buf = [0u8; 4096];
-            let _ = tcp.read(&mut buf).await;
-            let head =
-                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 300000\r\n\r\n";
-            let _ = tcp.write_all(head.as_bytes()).await;
-            let _ = tcp.write_all(&[b'x'; 150_000]).await;
-            let _ = tcp.shutdown().await;
-        }
-    });
+    let (addr, served, origin) = cutting_origin(300_000, 150_000).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&["echo"]);
     let sidecar = Sidecar::start(&pki, "echo", addr, |c| {
@@ -1323,21 +1281,7 @@ async fn an_upstream_closing_mid_body_leaves_no_disk_file() {
     let doc: trellis_policies::MeshDocument =
         serde_json::from_value(serde_json::json!({"cache_policies": {"c": spec}})).expect("doc");
     sidecar.apply(snapshot_of(&doc)).await;
-    let h1 = client::h1(sidecar.inbound());
-    for _ in 0..2 {
-        let req = Request::get("http://echo/cut")
-            .body(client::empty())
-            .expect("req");
-        assert!(
-            client::send(&h1, req).await.is_err(),
-            "the client sees the cut"
-        );
-    }
-    assert_eq!(
-        served.load(std::sync::atomic::Ordering::Relaxed),
-        2,
-        "never served from disk"
-    );
+    cut_twice_and_both_reach_the_origin(&sidecar, &served).await;
     // Give an abandoned write time to (wrongly) land, then look.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let text = client::admin(sidecar.admin(), "/metrics").await.body;
@@ -1485,5 +1429,58 @@ async fn an_unwritable_disk_directory_degrades_to_memory_only() {
     assert_eq!(
         (r.status, status(&r), r.body.as_str()),
         (StatusCode::OK, "HIT", "small")
+    );
+}
+
+/// A raw origin that announces `announced` body bytes, sends `sent` of them and closes; it
+/// counts the requests it was sent.
+async fn cutting_origin(
+    announced: usize,
+    sent: usize,
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s = served.clone();
+    let origin = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {announced}\r\n\r\n"
+            );
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let _ = tcp.write_all(&vec![b'x'; sent]).await;
+            let _ = tcp.shutdown().await;
+        }
+    });
+    (addr, served, origin)
+}
+
+/// Two requests for the cut response: the client sees each cut, and both reached the origin
+/// (nothing half-stored was served).
+async fn cut_twice_and_both_reach_the_origin(
+    sidecar: &Sidecar,
+    served: &std::sync::atomic::AtomicU64,
+) {
+    let h1 = client::h1(sidecar.inbound());
+    for _ in 0..2 {
+        let req = Request::get("http://echo/cut")
+            .body(client::empty())
+            .expect("req");
+        assert!(
+            client::send(&h1, req).await.is_err(),
+            "the client sees the cut"
+        );
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "never served from the cache"
     );
 }
