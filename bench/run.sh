@@ -9,7 +9,9 @@
 #
 # Environment: BENCH_SECONDS (10), BENCH_RATE (1000 req/s for the latency runs),
 # BENCH_CONNS (32 wrk connections), BENCH_PORT_BASE (28100), BENCH_SKIP_BUILD=1,
-# BENCH_AGENT=PATH (another mesh-agent binary), BENCH_HOLD_CONNS (1000).
+# BENCH_AGENT=PATH (another mesh-agent binary), BENCH_HOLD_CONNS (1000). Diagnostics instead of
+# the run: BENCH_SYSCALLS=1 (per path: sequential latency, CPU and syscalls per request), with
+# BENCH_TIMELINE=PATH (a few requests' syscalls, timestamped) or BENCH_HOLD=1 (keep it all up).
 # Method and results: docs/benchmarks.md.
 set -euo pipefail
 
@@ -24,7 +26,7 @@ for arg in "$@"; do
         --quick) QUICK=1 ;;
         --no-docs) WRITE_DOCS=0 ;;
         -h | --help)
-            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -299,6 +301,76 @@ done
 # nginx A really verified B and B really verified A: a request without a client cert must fail.
 if curl -sk -m 5 -o /dev/null -w '%{http_code}' "https://127.0.0.1:${PORT[mtls_b]}/" | grep -q '^200$'; then
     die "nginx B accepted a request without a client certificate"
+fi
+
+# --- syscalls per request (BENCH_SYSCALLS=1: count, print, exit) --------------------------------
+# Every process of a path under `strace -c -f` while N sequential GETs go over one keep-alive
+# connection: at low load a request's latency is mostly its syscalls and wakeups, so this shows
+# where a proxy does more kernel round trips than another (docs/performance.md).
+if [[ "${BENCH_SYSCALLS:-0}" == 1 ]]; then
+    command -v strace >/dev/null || die "BENCH_SYSCALLS=1 needs strace"
+    SN="${BENCH_REQUESTS:-2000}"
+    seq_load() { # URL COUNT
+        python3 - "$1" "$2" <<'PY'
+import http.client, sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1]); n = int(sys.argv[2])
+c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+for i in range(n):
+    c.request("GET", "/", headers={"Host": "backend"})
+    r = c.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"request {i}: {r.status}")
+PY
+    }
+    if [[ "${BENCH_HOLD:-0}" == 1 ]]; then # keep everything running for a look by hand
+        for p in "${PATHS[@]}"; do echo "url $p ${URL[$p]}"; done
+        for k in "${!PROC[@]}"; do echo "pid $k ${PROC[$k]}"; done
+        echo "held; kill $$ to stop"; while sleep 3600; do :; done
+    fi
+    if [[ -n "${BENCH_TIMELINE:-}" ]]; then # one path's syscalls with timestamps, a few requests
+        p="$BENCH_TIMELINE"; args=()
+        for k in ${PATH_PROCS[$p]}; do args+=(-p "${PROC[$k]}"); done
+        seq_load "${URL[$p]}" 200
+        strace -f -ttt -T -qq -o "$D/timeline" "${args[@]}" & st=$!
+        sleep 1; seq_load "${URL[$p]}" 20; sleep 0.2; kill -INT $st; wait $st || true
+        echo "pids: ${PROC[*]}"; tail -60 "$D/timeline"; exit 0
+    fi
+    for p in direct nginx haproxy floor_paired trellis1 nginx2 trellis2; do
+        # one request at a time (-c 1): the latency of the path alone, no queueing; and the
+        # CPU time (schedstat, ns) each process of the path spent per request meanwhile
+        declare -A NS0=()
+        declare -A CS0=()
+        for k in ${PATH_PROCS[$p]} backend; do
+            NS0[$k]=$(cat /proc/"${PROC[$k]}"/task/*/schedstat | awk '{ s += $1 } END { print s }')
+            CS0[$k]=$(cat /proc/"${PROC[$k]}"/task/*/status | awk '/ctxt_switches/ { s += $2 } END { print s }')
+        done
+        taskset -c 0 oha -n "$SN" -c 1 --no-tui "${OHA_JSON[@]}" -H "$HOST_HDR" "${URL[$p]}" >"$D/seq.$p.json" 2>/dev/null
+        cpu=""
+        for k in ${PATH_PROCS[$p]} backend; do
+            cpu+=" $k $(cat /proc/"${PROC[$k]}"/task/*/schedstat | awk -v a="${NS0[$k]}" -v n="$SN" '{ s += $1 } END { printf "%.1f", (s - a) / n / 1000 }')"
+            cpu+=" (switches $(cat /proc/"${PROC[$k]}"/task/*/status | awk -v a="${CS0[$k]}" -v n="$SN" '/ctxt_switches/ { s += $2 } END { printf "%.2f", (s - a) / n }')/req)"
+        done
+        printf '%-28s sequential p50 %s p99 %s ms; CPU us/req:%s\n' "${LABEL[$p]}" \
+            "$(jq -r '.latencyPercentiles.p50 * 1000 | . * 1000 | round / 1000' "$D/seq.$p.json")" \
+            "$(jq -r '.latencyPercentiles.p99 * 1000 | . * 1000 | round / 1000' "$D/seq.$p.json")" "$cpu"
+        [[ "$p" == direct ]] && continue
+        seq_load "${URL[$p]}" 200
+        for k in ${PATH_PROCS[$p]}; do
+            pid="${PROC[$k]}"
+            [[ -z "$pid" ]] && pid="$(eval echo "\$PID_$k")"
+            strace -c -f -qq -o "$D/strace.$p.$k" -p "$pid" &
+            eval "ST_$k=$!"
+        done
+        sleep 1
+        seq_load "${URL[$p]}" "$SN"
+        for k in ${PATH_PROCS[$p]}; do eval "kill -INT \$ST_$k; wait \$ST_$k" 2>/dev/null || true; done
+        for k in ${PATH_PROCS[$p]}; do
+            printf '%-28s %-12s' "${LABEL[$p]}" "$k"
+            awk -v n="$SN" '$NF != "total" && $4 ~ /^[0-9]+$/ { c[$NF] = $4 } $NF == "total" { t = $4 }
+                END { printf " %6.2f/req:", t / n; for (k in c) if (c[k] / n >= 0.05) printf " %s %.2f", k, c[k] / n; print "" }' "$D/strace.$p.$k"
+        done
+    done
+    exit 0
 fi
 
 # --- measurement helpers ---------------------------------------------------------------------
