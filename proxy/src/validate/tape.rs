@@ -28,6 +28,8 @@ use jsonschema::JsonType;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+mod fast;
+
 /// The representation, for `jsonschema::options_for::<Tape>()`.
 pub struct Tape;
 
@@ -83,36 +85,21 @@ pub struct TapeArray<'a> {
 impl<'a> Doc<'a> {
     /// Parse `body` as `serde_json::from_slice` does (same errors), borrowing its strings.
     pub fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        let mut b = Builder::for_body(body.len());
         match std::str::from_utf8(body) {
-            // The usual case: valid UTF-8 as a whole, checked at once (word by word), so that
-            // the `str` reader does not check each string again as the byte reader does.
-            Ok(text) => Self::parse_from(serde_json::Deserializer::from_str(text), body.len()),
+            // The usual case: valid UTF-8 as a whole, checked at once (word by word). The
+            // fast scanner reads what it can (no escapes, simple numbers), else `serde_json`'s
+            // `str` reader, which does not check each string again as the byte reader does.
+            Ok(text) => match fast::parse(text, &mut b) {
+                Some(root) => Ok(b.finish(root)),
+                None => {
+                    b.clear();
+                    b.parse_from(serde_json::Deserializer::from_str(text))
+                }
+            },
             // The byte reader finds the error where `from_slice` does, with the same message.
-            Err(_) => Self::parse_from(serde_json::Deserializer::from_slice(body), body.len()),
+            Err(_) => b.parse_from(serde_json::Deserializer::from_slice(body)),
         }
-    }
-
-    fn parse_from<R: serde_json::de::Read<'a>>(
-        mut de: serde_json::Deserializer<R>,
-        len: usize,
-    ) -> Result<Self, serde_json::Error> {
-        // About one value per 12 bytes of a typical body, one member per 16; a guess (the
-        // vectors grow if need be) that keeps a body to five allocations.
-        let mut b = Builder {
-            slots: Vec::with_capacity(len / 12 + 1),
-            items: Vec::with_capacity(len / 32 + 1),
-            members: Vec::with_capacity(len / 16 + 1),
-            open_items: Vec::with_capacity(32),
-            open_members: Vec::with_capacity(32),
-        };
-        let root = ValueSeed(&mut b).deserialize(&mut de)?;
-        de.end()?;
-        Ok(Doc {
-            slots: b.slots,
-            items: b.items,
-            members: b.members,
-            root,
-        })
     }
 
     /// The document's value, for a validator built with `options_for::<Tape>()`.
@@ -139,9 +126,73 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    /// About one value per 12 bytes of a typical body, one member per 16; a guess (the
+    /// vectors grow if need be) that keeps a body to five allocations.
+    fn for_body(len: usize) -> Self {
+        Builder {
+            slots: Vec::with_capacity(len / 12 + 1),
+            items: Vec::with_capacity(len / 32 + 1),
+            members: Vec::with_capacity(len / 16 + 1),
+            open_items: Vec::with_capacity(32),
+            open_members: Vec::with_capacity(32),
+        }
+    }
+
+    /// Emptied for another parse of the same body, keeping the vectors' capacity.
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.items.clear();
+        self.members.clear();
+        self.open_items.clear();
+        self.open_members.clear();
+    }
+
+    fn parse_from<R: serde_json::de::Read<'a>>(
+        mut self,
+        mut de: serde_json::Deserializer<R>,
+    ) -> Result<Doc<'a>, serde_json::Error> {
+        let root = ValueSeed(&mut self).deserialize(&mut de)?;
+        de.end()?;
+        Ok(self.finish(root))
+    }
+
+    fn finish(self, root: usize) -> Doc<'a> {
+        Doc {
+            slots: self.slots,
+            items: self.items,
+            members: self.members,
+            root,
+        }
+    }
+
     fn push(&mut self, slot: Slot<'a>) -> usize {
         self.slots.push(slot);
         self.slots.len() - 1
+    }
+
+    /// The array whose items are `open_items[mark..]`.
+    fn close_array(&mut self, mark: usize) -> usize {
+        let start = self.items.len();
+        self.items.extend(self.open_items.drain(mark..));
+        let len = self.items.len() - start;
+        self.push(Slot::Array { start, len })
+    }
+
+    /// The object whose members are `open_members[mark..]`, in the client's order.
+    fn close_object(&mut self, mark: usize) -> usize {
+        // `serde_json::Map` (a `BTreeMap`): key order, the last of equal keys kept. The sort
+        // is stable, so of a run of equal keys the last is the last written.
+        self.open_members[mark..].sort_by(|x, y| x.0.cmp(&y.0));
+        let start = self.members.len();
+        let mut open = self.open_members.drain(mark..).peekable();
+        while let Some(member) = open.next() {
+            if open.peek().is_none_or(|next| next.0 != member.0) {
+                self.members.push(member);
+            }
+        }
+        drop(open);
+        let len = self.members.len() - start;
+        self.push(Slot::Object { start, len })
     }
 }
 
@@ -212,10 +263,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, 'de> {
         while let Some(i) = seq.next_element_seed(ValueSeed(&mut *b))? {
             b.open_items.push(i);
         }
-        let start = b.items.len();
-        b.items.extend(b.open_items.drain(mark..));
-        let len = b.items.len() - start;
-        Ok(b.push(Slot::Array { start, len }))
+        Ok(b.close_array(mark))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
@@ -225,19 +273,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, 'de> {
             let value = map.next_value_seed(ValueSeed(&mut *b))?;
             b.open_members.push((key, value));
         }
-        // `serde_json::Map` (a `BTreeMap`): key order, the last of equal keys kept. The sort
-        // is stable, so of a run of equal keys the last is the last written.
-        b.open_members[mark..].sort_by(|x, y| x.0.cmp(&y.0));
-        let start = b.members.len();
-        let mut open = b.open_members.drain(mark..).peekable();
-        while let Some(member) = open.next() {
-            if open.peek().is_none_or(|next| next.0 != member.0) {
-                b.members.push(member);
-            }
-        }
-        drop(open);
-        let len = b.members.len() - start;
-        Ok(b.push(Slot::Object { start, len }))
+        Ok(b.close_object(mark))
     }
 }
 
@@ -693,6 +729,7 @@ pub mod equivalence {
 mod tests {
     use super::equivalence::*;
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn validates_exactly_like_value_on_a_table_of_cases() {
@@ -891,10 +928,16 @@ mod tests {
         // What the loop covered: the lenient schema passed and failed, errors in bytes that
         // are not UTF-8 and in bytes that are.
         let (mut valid, mut invalid, mut not_utf8, mut malformed) = (0, 0, 0, 0);
+        // and which were read by the fast scanner, which by serde_json after it gave up
+        let (mut scanned, mut by_serde) = (0, 0);
         for _ in 0..3000 {
             let mut text = String::new();
             g.value(0, &mut text);
             assert_same(text.as_bytes(), &schemas);
+            match scans(&text) {
+                true => scanned += 1,
+                false => by_serde += 1,
+            }
             if let Ok(v) = serde_json::from_str::<Value>(&text) {
                 match schemas[4].0.is_valid(&v) {
                     true => valid += 1,
@@ -918,5 +961,108 @@ mod tests {
             valid > 20 && invalid > 1000 && not_utf8 > 100 && malformed > 1000,
             "{valid} {invalid} {not_utf8} {malformed}"
         );
+        assert!(scanned > 1000 && by_serde > 300, "{scanned} {by_serde}");
+    }
+
+    /// Whether the fast scanner reads `text` whole (rather than leaving it to serde_json).
+    fn scans(text: &str) -> bool {
+        fast::parse(text, &mut Builder::for_body(text.len())).is_some()
+    }
+
+    #[test]
+    fn the_fast_scanner_reads_typical_bodies_and_leaves_the_rest_to_serde_json() {
+        let order = serde_json::to_string(&json!({
+            "customer": "ada@example.com", "n": [1, -2, 0, 9.99, 1.5e3, true, false, null],
+            "nested": {"b": {}, "a": []}, "empty": ""
+        }))
+        .unwrap();
+        assert!(scans(&order), "{order}");
+        assert!(scans(" \t\r\n[ 1 , {\"a\" : \"b\" } ] \n"));
+        let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(scans(&deep(64)));
+        // numbers it does not compute itself: each read by serde_json, within the scan
+        for text in [
+            "-0",
+            "[0.0, -0.0]",
+            "12345678901234567890",
+            "1.2345678901234567",
+            "1e-30",
+            "1e0001",
+        ] {
+            assert!(scans(text), "{text}");
+            assert_same(text.as_bytes(), &all_schemas());
+        }
+        // escapes, control characters, a number out of range, deep nesting, anything
+        // malformed: serde_json's, from the start (the same document or error either way)
+        for text in [
+            r#"{"a": "x\ny"}"#,
+            r#"{"a\u0062": 1}"#,
+            "\"tab\there\"",
+            "1e400",
+            &deep(65),
+            "01",
+            "1.",
+            "-",
+            "[1,]",
+            r#"{"a":1,}"#,
+            "tru",
+            "\u{feff}{}",
+            "{} x",
+        ] {
+            assert!(!scans(text), "{text}");
+            assert_same(text.as_bytes(), &all_schemas());
+        }
+    }
+
+    /// Numbers as both parsers read them, bit for bit: integers and decimals of every length
+    /// around the scanner's limits, exponents around its range.
+    #[test]
+    fn the_fast_scanner_reads_numbers_bit_for_bit_like_serde_json() {
+        let mut g = Gen(0x2545_f491_4f6c_dd1d);
+        let mut scanned = 0;
+        for _ in 0..20_000 {
+            let digits: String = (0..1 + g.below(20))
+                .map(|_| char::from(b'0' + g.below(10) as u8))
+                .collect();
+            let digits = digits.trim_start_matches('0');
+            let digits = if digits.is_empty() { "0" } else { digits };
+            let point = g.below(digits.len() as u64 + 1) as usize;
+            let mut text = String::from(if g.below(3) == 0 { "-" } else { "" });
+            match point {
+                0 => text.push_str(digits),
+                _ => {
+                    let (int, frac) = digits.split_at(point);
+                    text.push_str(int);
+                    if !frac.is_empty() {
+                        text.push('.');
+                        text.push_str(frac);
+                    }
+                }
+            }
+            if g.below(3) == 0 {
+                let e = g.below(60) as i64 - 30;
+                text.push_str(&format!("{}{e}", g.pick(&["e", "E"])));
+            }
+            let text = format!("[{text}]");
+            scanned += usize::from(scans(&text));
+            let doc = Doc::parse(text.as_bytes());
+            match (serde_json::from_str::<Value>(&text), doc) {
+                (Ok(Value::Array(want)), Ok(doc)) => {
+                    let got = doc.root().to_value().into_owned();
+                    let (want, got) = (&want[0], &got[0]);
+                    assert_eq!(
+                        (want.as_u64(), want.as_i64()),
+                        (got.as_u64(), got.as_i64()),
+                        "{text}"
+                    );
+                    let bits = |v: &Value| v.as_f64().map(f64::to_bits);
+                    assert_eq!(bits(want), bits(got), "{text}");
+                    assert_eq!(want.is_f64(), got.is_f64(), "{text}");
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => panic!("{text}: {a:?} {:?}", b.map(|_| ())),
+            }
+        }
+        assert!(scanned > 8_000, "{scanned}");
     }
 }
