@@ -28,8 +28,6 @@ use jsonschema::JsonType;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
-mod fast;
-
 /// The representation, for `jsonschema::options_for::<Tape>()`.
 pub struct Tape;
 
@@ -42,7 +40,14 @@ pub struct Doc<'a> {
     /// Each object's members, sorted by key, without duplicates; values as indices into `slots`.
     members: Vec<(Cow<'a, str>, usize)>,
     root: usize,
+    /// Every object's members in key order; else those of objects up to [`SMALL`] members are
+    /// in the client's order ([`Doc::parse_unordered`]).
+    ordered: bool,
 }
+
+/// Objects of up to this many members are searched by key linearly ([`TapeObject::get`]),
+/// and may keep their members in the client's order; larger ones are always sorted.
+const SMALL: usize = 8;
 
 enum Slot<'a> {
     Null,
@@ -85,21 +90,43 @@ pub struct TapeArray<'a> {
 impl<'a> Doc<'a> {
     /// Parse `body` as `serde_json::from_slice` does (same errors), borrowing its strings.
     pub fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
-        let mut b = Builder::for_body(body.len());
+        Self::parse_with(body, true)
+    }
+
+    /// As [`Doc::parse`], but an object of up to [`SMALL`] members keeps them in the client's
+    /// order (the last of duplicate keys kept, as always): what [`Validator::is_valid`] needs,
+    /// whose answer does not depend on the order, without a sort per object. Errors are listed
+    /// in the members' order: ask for them on [`Doc::into_ordered`].
+    ///
+    /// [`Validator::is_valid`]: jsonschema::Validator::is_valid
+    pub fn parse_unordered(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        Self::parse_with(body, false)
+    }
+
+    fn parse_with(body: &'a [u8], ordered: bool) -> Result<Self, serde_json::Error> {
+        let b = Builder::for_body(body.len(), ordered);
         match std::str::from_utf8(body) {
-            // The usual case: valid UTF-8 as a whole, checked at once (word by word). The
-            // fast scanner reads what it can (no escapes, simple numbers), else `serde_json`'s
-            // `str` reader, which does not check each string again as the byte reader does.
-            Ok(text) => match fast::parse(text, &mut b) {
-                Some(root) => Ok(b.finish(root)),
-                None => {
-                    b.clear();
-                    b.parse_from(serde_json::Deserializer::from_str(text))
-                }
-            },
+            // The usual case: valid UTF-8 as a whole, checked at once (word by word), so that
+            // the `str` reader does not check each string again as the byte reader does.
+            Ok(text) => b.parse_from(serde_json::Deserializer::from_str(text)),
             // The byte reader finds the error where `from_slice` does, with the same message.
             Err(_) => b.parse_from(serde_json::Deserializer::from_slice(body)),
         }
+    }
+
+    /// The same document with every object's members in key order (as [`Doc::parse`] makes
+    /// it): for the errors of a document read by [`Doc::parse_unordered`].
+    pub fn into_ordered(mut self) -> Self {
+        if !self.ordered {
+            for slot in &self.slots {
+                if let Slot::Object { start, len } = *slot {
+                    // no duplicate keys left: an unstable sort orders them all the same
+                    self.members[start..start + len].sort_unstable_by(|x, y| x.0.cmp(&y.0));
+                }
+            }
+            self.ordered = true;
+        }
+        self
     }
 
     /// The document's value, for a validator built with `options_for::<Tape>()`.
@@ -118,6 +145,8 @@ impl<'a> Doc<'a> {
 /// The vectors being filled, and the children of the containers still open (a stack each:
 /// a container moves its own to `items`/`members` when it closes).
 struct Builder<'a> {
+    /// Every object's members sorted by key (else only those of objects over [`SMALL`]).
+    ordered: bool,
     slots: Vec<Slot<'a>>,
     items: Vec<usize>,
     members: Vec<(Cow<'a, str>, usize)>,
@@ -128,23 +157,15 @@ struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// About one value per 12 bytes of a typical body, one member per 16; a guess (the
     /// vectors grow if need be) that keeps a body to five allocations.
-    fn for_body(len: usize) -> Self {
+    fn for_body(len: usize, ordered: bool) -> Self {
         Builder {
+            ordered,
             slots: Vec::with_capacity(len / 12 + 1),
             items: Vec::with_capacity(len / 32 + 1),
             members: Vec::with_capacity(len / 16 + 1),
             open_items: Vec::with_capacity(32),
             open_members: Vec::with_capacity(32),
         }
-    }
-
-    /// Emptied for another parse of the same body, keeping the vectors' capacity.
-    fn clear(&mut self) {
-        self.slots.clear();
-        self.items.clear();
-        self.members.clear();
-        self.open_items.clear();
-        self.open_members.clear();
     }
 
     fn parse_from<R: serde_json::de::Read<'a>>(
@@ -162,12 +183,30 @@ impl<'a> Builder<'a> {
             items: self.items,
             members: self.members,
             root,
+            ordered: self.ordered,
         }
     }
 
     fn push(&mut self, slot: Slot<'a>) -> usize {
         self.slots.push(slot);
         self.slots.len() - 1
+    }
+
+    /// The object whose members are `open_members[mark..]` (at most [`SMALL`]): kept in the
+    /// client's order, a member dropped when its key comes again later (the last one wins, as
+    /// in the sorted case).
+    fn close_object_unordered(&mut self, mark: usize) -> usize {
+        let open = &self.open_members[mark..];
+        let mut keep = [true; SMALL];
+        for (j, (key, _)) in open.iter().enumerate() {
+            keep[j] = !open[j + 1..].iter().any(|(later, _)| later == key);
+        }
+        let start = self.members.len();
+        let members = self.open_members.drain(mark..).zip(keep);
+        self.members
+            .extend(members.filter(|(_, keep)| *keep).map(|(m, _)| m));
+        let len = self.members.len() - start;
+        self.push(Slot::Object { start, len })
     }
 
     /// The array whose items are `open_items[mark..]`.
@@ -180,6 +219,9 @@ impl<'a> Builder<'a> {
 
     /// The object whose members are `open_members[mark..]`, in the client's order.
     fn close_object(&mut self, mark: usize) -> usize {
+        if !self.ordered && self.open_members.len() - mark <= SMALL {
+            return self.close_object_unordered(mark);
+        }
         // `serde_json::Map` (a `BTreeMap`): key order, the last of equal keys kept. The sort
         // is stable, so of a run of equal keys the last is the last written.
         self.open_members[mark..].sort_by(|x, y| x.0.cmp(&y.0));
@@ -333,6 +375,7 @@ impl Json for Tape {
             items: Vec::new(),
             members: Vec::new(),
             root: 0,
+            ordered: true,
         };
         f(doc.root())
     }
@@ -627,6 +670,37 @@ pub mod equivalence {
                 doc.as_ref().map(|_| ())
             ),
         }
+        assert_same_unordered(text, &value, schemas);
+    }
+
+    /// The request path's reading ([`Doc::parse_unordered`], then [`Doc::into_ordered`] for
+    /// the errors): the same validity before ordering, the same outcome after, the same error.
+    fn assert_same_unordered(
+        text: &[u8],
+        value: &Result<Value, serde_json::Error>,
+        schemas: &[(Validator<SerdeJson>, Validator<Tape>)],
+    ) {
+        let doc = Doc::parse_unordered(text);
+        match (value, doc) {
+            (Ok(value), Ok(doc)) => {
+                for (serde, tape) in schemas {
+                    let valid = tape.is_valid(doc.root());
+                    assert_eq!(
+                        valid,
+                        serde.is_valid(value),
+                        "{}",
+                        String::from_utf8_lossy(text)
+                    );
+                }
+                let doc = doc.into_ordered();
+                assert_eq!(&doc.root().to_value().into_owned(), value);
+                for (serde, tape) in schemas {
+                    assert_eq!(outcome(tape, doc.root()), outcome(serde, value));
+                }
+            }
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            (a, b) => panic!("{a:?} {:?}", b.map(|_| ())),
+        }
     }
 
     /// A schema using most keywords, each with the instance's members, items or scalars.
@@ -821,6 +895,31 @@ mod tests {
         assert_eq!(strings, [true, false]);
     }
 
+    #[test]
+    fn small_objects_keep_the_clients_order_until_ordered_and_the_last_duplicate_wins() {
+        let keys = |doc: &Doc<'_>| -> Vec<String> {
+            let obj = doc.root().as_object().unwrap();
+            obj.members()
+                .map(|(k, v)| format!("{k}={:?}", v.to_value().as_u64()))
+                .collect()
+        };
+        let body = br#"{"b": 1, "c": 2, "a": 3, "b": 4}"#;
+        let doc = Doc::parse_unordered(body).unwrap();
+        assert_eq!(keys(&doc), ["c=Some(2)", "a=Some(3)", "b=Some(4)"]);
+        let doc = doc.into_ordered();
+        assert_eq!(keys(&doc), ["a=Some(3)", "b=Some(4)", "c=Some(2)"]);
+        assert_eq!(keys(&Doc::parse(body).unwrap()), keys(&doc));
+        // over `SMALL` members: sorted either way (found by binary search)
+        let big: Vec<String> = (0..=SMALL)
+            .rev()
+            .map(|i| format!("\"k{i}\": {i}"))
+            .collect();
+        let body = format!("{{{}}}", big.join(", "));
+        let doc = Doc::parse_unordered(body.as_bytes()).unwrap();
+        let sorted: Vec<String> = (0..=SMALL).map(|i| format!("k{i}=Some({i})")).collect();
+        assert_eq!(keys(&doc), sorted);
+    }
+
     /// A small deterministic generator (xorshift): no dependency for a fuzz-ish loop.
     struct Gen(u64);
 
@@ -928,16 +1027,10 @@ mod tests {
         // What the loop covered: the lenient schema passed and failed, errors in bytes that
         // are not UTF-8 and in bytes that are.
         let (mut valid, mut invalid, mut not_utf8, mut malformed) = (0, 0, 0, 0);
-        // and which were read by the fast scanner, which by serde_json after it gave up
-        let (mut scanned, mut by_serde) = (0, 0);
         for _ in 0..3000 {
             let mut text = String::new();
             g.value(0, &mut text);
             assert_same(text.as_bytes(), &schemas);
-            match scans(&text) {
-                true => scanned += 1,
-                false => by_serde += 1,
-            }
             if let Ok(v) = serde_json::from_str::<Value>(&text) {
                 match schemas[4].0.is_valid(&v) {
                     true => valid += 1,
@@ -961,108 +1054,5 @@ mod tests {
             valid > 20 && invalid > 1000 && not_utf8 > 100 && malformed > 1000,
             "{valid} {invalid} {not_utf8} {malformed}"
         );
-        assert!(scanned > 1000 && by_serde > 300, "{scanned} {by_serde}");
-    }
-
-    /// Whether the fast scanner reads `text` whole (rather than leaving it to serde_json).
-    fn scans(text: &str) -> bool {
-        fast::parse(text, &mut Builder::for_body(text.len())).is_some()
-    }
-
-    #[test]
-    fn the_fast_scanner_reads_typical_bodies_and_leaves_the_rest_to_serde_json() {
-        let order = serde_json::to_string(&json!({
-            "customer": "ada@example.com", "n": [1, -2, 0, 9.99, 1.5e3, true, false, null],
-            "nested": {"b": {}, "a": []}, "empty": ""
-        }))
-        .unwrap();
-        assert!(scans(&order), "{order}");
-        assert!(scans(" \t\r\n[ 1 , {\"a\" : \"b\" } ] \n"));
-        let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        assert!(scans(&deep(64)));
-        // numbers it does not compute itself: each read by serde_json, within the scan
-        for text in [
-            "-0",
-            "[0.0, -0.0]",
-            "12345678901234567890",
-            "1.2345678901234567",
-            "1e-30",
-            "1e0001",
-        ] {
-            assert!(scans(text), "{text}");
-            assert_same(text.as_bytes(), &all_schemas());
-        }
-        // escapes, control characters, a number out of range, deep nesting, anything
-        // malformed: serde_json's, from the start (the same document or error either way)
-        for text in [
-            r#"{"a": "x\ny"}"#,
-            r#"{"a\u0062": 1}"#,
-            "\"tab\there\"",
-            "1e400",
-            &deep(65),
-            "01",
-            "1.",
-            "-",
-            "[1,]",
-            r#"{"a":1,}"#,
-            "tru",
-            "\u{feff}{}",
-            "{} x",
-        ] {
-            assert!(!scans(text), "{text}");
-            assert_same(text.as_bytes(), &all_schemas());
-        }
-    }
-
-    /// Numbers as both parsers read them, bit for bit: integers and decimals of every length
-    /// around the scanner's limits, exponents around its range.
-    #[test]
-    fn the_fast_scanner_reads_numbers_bit_for_bit_like_serde_json() {
-        let mut g = Gen(0x2545_f491_4f6c_dd1d);
-        let mut scanned = 0;
-        for _ in 0..20_000 {
-            let digits: String = (0..1 + g.below(20))
-                .map(|_| char::from(b'0' + g.below(10) as u8))
-                .collect();
-            let digits = digits.trim_start_matches('0');
-            let digits = if digits.is_empty() { "0" } else { digits };
-            let point = g.below(digits.len() as u64 + 1) as usize;
-            let mut text = String::from(if g.below(3) == 0 { "-" } else { "" });
-            match point {
-                0 => text.push_str(digits),
-                _ => {
-                    let (int, frac) = digits.split_at(point);
-                    text.push_str(int);
-                    if !frac.is_empty() {
-                        text.push('.');
-                        text.push_str(frac);
-                    }
-                }
-            }
-            if g.below(3) == 0 {
-                let e = g.below(60) as i64 - 30;
-                text.push_str(&format!("{}{e}", g.pick(&["e", "E"])));
-            }
-            let text = format!("[{text}]");
-            scanned += usize::from(scans(&text));
-            let doc = Doc::parse(text.as_bytes());
-            match (serde_json::from_str::<Value>(&text), doc) {
-                (Ok(Value::Array(want)), Ok(doc)) => {
-                    let got = doc.root().to_value().into_owned();
-                    let (want, got) = (&want[0], &got[0]);
-                    assert_eq!(
-                        (want.as_u64(), want.as_i64()),
-                        (got.as_u64(), got.as_i64()),
-                        "{text}"
-                    );
-                    let bits = |v: &Value| v.as_f64().map(f64::to_bits);
-                    assert_eq!(bits(want), bits(got), "{text}");
-                    assert_eq!(want.is_f64(), got.is_f64(), "{text}");
-                }
-                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
-                (a, b) => panic!("{text}: {a:?} {:?}", b.map(|_| ())),
-            }
-        }
-        assert!(scanned > 8_000, "{scanned}");
     }
 }
