@@ -803,7 +803,6 @@ pub mod equivalence {
 mod tests {
     use super::equivalence::*;
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn validates_exactly_like_value_on_a_table_of_cases() {
