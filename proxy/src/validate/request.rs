@@ -289,8 +289,9 @@ pub fn plan_body<'o>(
 /// A JSON body against its schema: malformed JSON names the line and column, a mismatch
 /// names each failing field by JSON pointer (a missing required field by its own pointer).
 pub fn check_json(validator: &Validator<Tape>, body: &[u8]) -> Result<(), Problem> {
-    // Parsed in place (strings borrowed from `body`), not into a `serde_json::Value`.
-    let doc = Doc::parse(body).map_err(|e| {
+    // Parsed in place (strings borrowed from `body`), not into a `serde_json::Value`; the
+    // members of small objects left in the client's order (no sort) until errors are wanted.
+    let doc = Doc::parse_unordered(body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "body_malformed",
@@ -302,6 +303,8 @@ pub fn check_json(validator: &Validator<Tape>, body: &[u8]) -> Result<(), Proble
     if validator.is_valid(doc.root()) {
         return Ok(());
     }
+    // A refusal: the errors in key order, as `serde_json::Map` lists members.
+    let doc = doc.into_ordered();
     let errors: Vec<FieldError> = validator
         .iter_errors(doc.root())
         .take(MAX_ERRORS)

@@ -40,7 +40,14 @@ pub struct Doc<'a> {
     /// Each object's members, sorted by key, without duplicates; values as indices into `slots`.
     members: Vec<(Cow<'a, str>, usize)>,
     root: usize,
+    /// Every object's members in key order; else those of objects up to [`SMALL`] members are
+    /// in the client's order ([`Doc::parse_unordered`]).
+    ordered: bool,
 }
+
+/// Objects of up to this many members are searched by key linearly ([`TapeObject::get`]),
+/// and may keep their members in the client's order; larger ones are always sorted.
+const SMALL: usize = 8;
 
 enum Slot<'a> {
     Null,
@@ -83,36 +90,43 @@ pub struct TapeArray<'a> {
 impl<'a> Doc<'a> {
     /// Parse `body` as `serde_json::from_slice` does (same errors), borrowing its strings.
     pub fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        Self::parse_with(body, true)
+    }
+
+    /// As [`Doc::parse`], but an object of up to [`SMALL`] members keeps them in the client's
+    /// order (the last of duplicate keys kept, as always): what [`Validator::is_valid`] needs,
+    /// whose answer does not depend on the order, without a sort per object. Errors are listed
+    /// in the members' order: ask for them on [`Doc::into_ordered`].
+    ///
+    /// [`Validator::is_valid`]: jsonschema::Validator::is_valid
+    pub fn parse_unordered(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        Self::parse_with(body, false)
+    }
+
+    fn parse_with(body: &'a [u8], ordered: bool) -> Result<Self, serde_json::Error> {
+        let b = Builder::for_body(body.len(), ordered);
         match std::str::from_utf8(body) {
             // The usual case: valid UTF-8 as a whole, checked at once (word by word), so that
             // the `str` reader does not check each string again as the byte reader does.
-            Ok(text) => Self::parse_from(serde_json::Deserializer::from_str(text), body.len()),
+            Ok(text) => b.parse_from(serde_json::Deserializer::from_str(text)),
             // The byte reader finds the error where `from_slice` does, with the same message.
-            Err(_) => Self::parse_from(serde_json::Deserializer::from_slice(body), body.len()),
+            Err(_) => b.parse_from(serde_json::Deserializer::from_slice(body)),
         }
     }
 
-    fn parse_from<R: serde_json::de::Read<'a>>(
-        mut de: serde_json::Deserializer<R>,
-        len: usize,
-    ) -> Result<Self, serde_json::Error> {
-        // About one value per 12 bytes of a typical body, one member per 16; a guess (the
-        // vectors grow if need be) that keeps a body to five allocations.
-        let mut b = Builder {
-            slots: Vec::with_capacity(len / 12 + 1),
-            items: Vec::with_capacity(len / 32 + 1),
-            members: Vec::with_capacity(len / 16 + 1),
-            open_items: Vec::with_capacity(32),
-            open_members: Vec::with_capacity(32),
-        };
-        let root = ValueSeed(&mut b).deserialize(&mut de)?;
-        de.end()?;
-        Ok(Doc {
-            slots: b.slots,
-            items: b.items,
-            members: b.members,
-            root,
-        })
+    /// The same document with every object's members in key order (as [`Doc::parse`] makes
+    /// it): for the errors of a document read by [`Doc::parse_unordered`].
+    pub fn into_ordered(mut self) -> Self {
+        if !self.ordered {
+            for slot in &self.slots {
+                if let Slot::Object { start, len } = *slot {
+                    // no duplicate keys left: an unstable sort orders them all the same
+                    self.members[start..start + len].sort_unstable_by(|x, y| x.0.cmp(&y.0));
+                }
+            }
+            self.ordered = true;
+        }
+        self
     }
 
     /// The document's value, for a validator built with `options_for::<Tape>()`.
@@ -131,6 +145,8 @@ impl<'a> Doc<'a> {
 /// The vectors being filled, and the children of the containers still open (a stack each:
 /// a container moves its own to `items`/`members` when it closes).
 struct Builder<'a> {
+    /// Every object's members sorted by key (else only those of objects over [`SMALL`]).
+    ordered: bool,
     slots: Vec<Slot<'a>>,
     items: Vec<usize>,
     members: Vec<(Cow<'a, str>, usize)>,
@@ -139,9 +155,86 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    /// About one value per 12 bytes of a typical body, one member per 16; a guess (the
+    /// vectors grow if need be) that keeps a body to five allocations.
+    fn for_body(len: usize, ordered: bool) -> Self {
+        Builder {
+            ordered,
+            slots: Vec::with_capacity(len / 12 + 1),
+            items: Vec::with_capacity(len / 32 + 1),
+            members: Vec::with_capacity(len / 16 + 1),
+            open_items: Vec::with_capacity(32),
+            open_members: Vec::with_capacity(32),
+        }
+    }
+
+    fn parse_from<R: serde_json::de::Read<'a>>(
+        mut self,
+        mut de: serde_json::Deserializer<R>,
+    ) -> Result<Doc<'a>, serde_json::Error> {
+        let root = ValueSeed(&mut self).deserialize(&mut de)?;
+        de.end()?;
+        Ok(self.finish(root))
+    }
+
+    fn finish(self, root: usize) -> Doc<'a> {
+        Doc {
+            slots: self.slots,
+            items: self.items,
+            members: self.members,
+            root,
+            ordered: self.ordered,
+        }
+    }
+
     fn push(&mut self, slot: Slot<'a>) -> usize {
         self.slots.push(slot);
         self.slots.len() - 1
+    }
+
+    /// The object whose members are `open_members[mark..]` (at most [`SMALL`]): kept in the
+    /// client's order, a member dropped when its key comes again later (the last one wins, as
+    /// in the sorted case).
+    fn close_object_unordered(&mut self, mark: usize) -> usize {
+        let open = &self.open_members[mark..];
+        let mut keep = [true; SMALL];
+        for (j, (key, _)) in open.iter().enumerate() {
+            keep[j] = !open[j + 1..].iter().any(|(later, _)| later == key);
+        }
+        let start = self.members.len();
+        let members = self.open_members.drain(mark..).zip(keep);
+        self.members
+            .extend(members.filter(|(_, keep)| *keep).map(|(m, _)| m));
+        let len = self.members.len() - start;
+        self.push(Slot::Object { start, len })
+    }
+
+    /// The array whose items are `open_items[mark..]`.
+    fn close_array(&mut self, mark: usize) -> usize {
+        let start = self.items.len();
+        self.items.extend(self.open_items.drain(mark..));
+        let len = self.items.len() - start;
+        self.push(Slot::Array { start, len })
+    }
+
+    /// The object whose members are `open_members[mark..]`, in the client's order.
+    fn close_object(&mut self, mark: usize) -> usize {
+        if !self.ordered && self.open_members.len() - mark <= SMALL {
+            return self.close_object_unordered(mark);
+        }
+        // `serde_json::Map` (a `BTreeMap`): key order, the last of equal keys kept. The sort
+        // is stable, so of a run of equal keys the last is the last written.
+        self.open_members[mark..].sort_by(|x, y| x.0.cmp(&y.0));
+        let start = self.members.len();
+        let mut open = self.open_members.drain(mark..).peekable();
+        while let Some(member) = open.next() {
+            if open.peek().is_none_or(|next| next.0 != member.0) {
+                self.members.push(member);
+            }
+        }
+        drop(open);
+        let len = self.members.len() - start;
+        self.push(Slot::Object { start, len })
     }
 }
 
@@ -212,10 +305,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, 'de> {
         while let Some(i) = seq.next_element_seed(ValueSeed(&mut *b))? {
             b.open_items.push(i);
         }
-        let start = b.items.len();
-        b.items.extend(b.open_items.drain(mark..));
-        let len = b.items.len() - start;
-        Ok(b.push(Slot::Array { start, len }))
+        Ok(b.close_array(mark))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
@@ -225,19 +315,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, 'de> {
             let value = map.next_value_seed(ValueSeed(&mut *b))?;
             b.open_members.push((key, value));
         }
-        // `serde_json::Map` (a `BTreeMap`): key order, the last of equal keys kept. The sort
-        // is stable, so of a run of equal keys the last is the last written.
-        b.open_members[mark..].sort_by(|x, y| x.0.cmp(&y.0));
-        let start = b.members.len();
-        let mut open = b.open_members.drain(mark..).peekable();
-        while let Some(member) = open.next() {
-            if open.peek().is_none_or(|next| next.0 != member.0) {
-                b.members.push(member);
-            }
-        }
-        drop(open);
-        let len = b.members.len() - start;
-        Ok(b.push(Slot::Object { start, len }))
+        Ok(b.close_object(mark))
     }
 }
 
@@ -297,6 +375,7 @@ impl Json for Tape {
             items: Vec::new(),
             members: Vec::new(),
             root: 0,
+            ordered: true,
         };
         f(doc.root())
     }
@@ -591,6 +670,37 @@ pub mod equivalence {
                 doc.as_ref().map(|_| ())
             ),
         }
+        assert_same_unordered(text, &value, schemas);
+    }
+
+    /// The request path's reading ([`Doc::parse_unordered`], then [`Doc::into_ordered`] for
+    /// the errors): the same validity before ordering, the same outcome after, the same error.
+    fn assert_same_unordered(
+        text: &[u8],
+        value: &Result<Value, serde_json::Error>,
+        schemas: &[(Validator<SerdeJson>, Validator<Tape>)],
+    ) {
+        let doc = Doc::parse_unordered(text);
+        match (value, doc) {
+            (Ok(value), Ok(doc)) => {
+                for (serde, tape) in schemas {
+                    let valid = tape.is_valid(doc.root());
+                    assert_eq!(
+                        valid,
+                        serde.is_valid(value),
+                        "{}",
+                        String::from_utf8_lossy(text)
+                    );
+                }
+                let doc = doc.into_ordered();
+                assert_eq!(&doc.root().to_value().into_owned(), value);
+                for (serde, tape) in schemas {
+                    assert_eq!(outcome(tape, doc.root()), outcome(serde, value));
+                }
+            }
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            (a, b) => panic!("{a:?} {:?}", b.map(|_| ())),
+        }
     }
 
     /// A schema using most keywords, each with the instance's members, items or scalars.
@@ -782,6 +892,31 @@ mod tests {
             })
             .collect();
         assert_eq!(strings, [true, false]);
+    }
+
+    #[test]
+    fn small_objects_keep_the_clients_order_until_ordered_and_the_last_duplicate_wins() {
+        let keys = |doc: &Doc<'_>| -> Vec<String> {
+            let obj = doc.root().as_object().unwrap();
+            obj.members()
+                .map(|(k, v)| format!("{k}={:?}", v.to_value().as_u64()))
+                .collect()
+        };
+        let body = br#"{"b": 1, "c": 2, "a": 3, "b": 4}"#;
+        let doc = Doc::parse_unordered(body).unwrap();
+        assert_eq!(keys(&doc), ["c=Some(2)", "a=Some(3)", "b=Some(4)"]);
+        let doc = doc.into_ordered();
+        assert_eq!(keys(&doc), ["a=Some(3)", "b=Some(4)", "c=Some(2)"]);
+        assert_eq!(keys(&Doc::parse(body).unwrap()), keys(&doc));
+        // over `SMALL` members: sorted either way (found by binary search)
+        let big: Vec<String> = (0..=SMALL)
+            .rev()
+            .map(|i| format!("\"k{i}\": {i}"))
+            .collect();
+        let body = format!("{{{}}}", big.join(", "));
+        let doc = Doc::parse_unordered(body.as_bytes()).unwrap();
+        let sorted: Vec<String> = (0..=SMALL).map(|i| format!("k{i}=Some({i})")).collect();
+        assert_eq!(keys(&doc), sorted);
     }
 
     /// A small deterministic generator (xorshift): no dependency for a fuzz-ish loop.
