@@ -70,7 +70,7 @@ pub enum ProxyError {
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("upstream {addr} failed: {message}")]
     Upstream { addr: SocketAddr, message: String },

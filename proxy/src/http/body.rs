@@ -47,9 +47,11 @@ pub struct Streamed {
     audit: Option<Box<crate::validate::audit::AuditTap>>,
 }
 
-/// Where the frames come from: the upstream, or (a disk tier's cache hit) a file.
+/// Where the frames come from: the upstream (hyper's, or a mesh peer's HTTP/2 stream), or (a
+/// disk tier's cache hit) a file.
 enum Inner {
     Upstream(Incoming),
+    Mesh(crate::http::mesh_h2::MeshBody),
     Disk(crate::cache::DiskStream),
 }
 
@@ -63,6 +65,7 @@ impl Body for Inner {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Mesh(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Disk(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -70,6 +73,7 @@ impl Body for Inner {
     fn is_end_stream(&self) -> bool {
         match self {
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Mesh(b) => b.is_end_stream(),
             Inner::Disk(b) => b.is_end_stream(),
         }
     }
@@ -77,6 +81,7 @@ impl Body for Inner {
     fn size_hint(&self) -> SizeHint {
         match self {
             Inner::Upstream(b) => b.size_hint(),
+            Inner::Mesh(b) => b.size_hint(),
             Inner::Disk(b) => b.size_hint(),
         }
     }
@@ -85,6 +90,11 @@ impl Body for Inner {
 impl Streamed {
     pub fn new(inner: Incoming) -> Self {
         Self::with_inner(Inner::Upstream(inner))
+    }
+
+    /// A mesh peer's response body.
+    pub fn from_mesh(inner: crate::http::mesh_h2::MeshBody) -> Self {
+        Self::with_inner(Inner::Mesh(inner))
     }
 
     /// A cached body streamed from the disk tier.

@@ -13,6 +13,7 @@ pub mod client_error;
 pub mod grpc;
 pub mod h1_pool;
 pub mod headers;
+pub mod mesh_h2;
 pub mod origin;
 pub mod read_ahead;
 pub mod replay;

@@ -36,7 +36,7 @@ pub(crate) async fn outbound(
         .await
         .map_err(|source| ProxyError::Handshake {
             addr: ep.addr,
-            source,
+            source: source.into(),
         })?;
     // This connection serves the one request: its lines name it.
     tokio::spawn(logs::inherit(async move {

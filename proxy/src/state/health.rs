@@ -116,9 +116,6 @@ async fn check(route: &Target, i: usize, spec: &HealthCheckSpec, pool: &PeerPool
     let Some(path) = &spec.http_path else {
         return tokio::net::TcpStream::connect(ep.addr).await.is_ok();
     };
-    let Ok(mut send) = pool.get(ep, spec.timeout).await else {
-        return false;
-    };
     let uri = Uri::builder()
         .scheme("https")
         .authority(route.service.name.as_str())
@@ -132,5 +129,5 @@ async fn check(route: &Target, i: usize, spec: &HealthCheckSpec, pool: &PeerPool
         "user-agent",
         http::HeaderValue::from_static("trellis-health-check"),
     );
-    matches!(send.send_request(req).await, Ok(resp) if resp.status().is_success())
+    matches!(pool.request(ep, spec.timeout, req).await, Ok(resp) if resp.status().is_success())
 }

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{Request, Response};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -17,6 +16,7 @@ use tokio_rustls::TlsConnector;
 use trellis_policies::SpiffeId;
 
 use crate::error::ProxyError;
+use crate::http::mesh_h2::{self, Keepalive, Sender};
 use crate::identity::{
     classify_io_error, describe_io_error, Alpn, IdentityStore, TlsContext, TlsFailure,
 };
@@ -25,8 +25,10 @@ use crate::telemetry::metrics::{Metrics, OUTBOUND};
 use crate::RequestBody;
 
 /// Pings detect a dead peer on an otherwise idle pooled connection.
-const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const H2_KEEPALIVE: Keepalive = Keepalive {
+    interval: Duration::from_secs(20),
+    timeout: Duration::from_secs(10),
+};
 
 /// The pooled connection to one peer (endpoint address and expected identity).
 ///
@@ -40,7 +42,7 @@ struct Slot {
 }
 
 struct Pooled {
-    send: http2::SendRequest<RequestBody>,
+    send: Sender,
     generation: u64,
 }
 
@@ -75,7 +77,7 @@ impl PeerPool {
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
+    ) -> Result<Sender, ProxyError> {
         let slot = self.slot(ep);
         let generation = self.tls.load().generation();
         if let Some(send) = live(&slot, generation) {
@@ -104,28 +106,34 @@ impl PeerPool {
         tls: &TlsContext,
         ep: &Endpoint,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
+    ) -> Result<Sender, ProxyError> {
         let io = connect_tls(tls, ep, Alpn::H2, connect_timeout, &self.metrics).await?;
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let settings = mesh_h2::Settings {
             // One slow reader must not stall the connection every request to this peer shares.
-            .initial_stream_window_size(crate::listeners::server::H2_STREAM_WINDOW)
-            .initial_connection_window_size(crate::listeners::server::H2_CONN_WINDOW)
-            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(io))
+            stream_window: crate::listeners::server::H2_STREAM_WINDOW,
+            conn_window: crate::listeners::server::H2_CONN_WINDOW,
+            keepalive: H2_KEEPALIVE,
+        };
+        Sender::handshake(io, settings, ep.addr)
             .await
             .map_err(|source| ProxyError::Handshake {
                 addr: ep.addr,
-                source,
-            })?;
-        let addr = ep.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %addr, error = %e, "peer connection closed with error");
-            }
-        });
-        Ok(send)
+                source: source.into(),
+            })
+    }
+
+    /// Send `req` to `ep` on its pooled connection (made if needed): for the pool's own
+    /// callers outside the attempt loop (health checks, mirrored copies), which do not retry.
+    pub async fn request(
+        &self,
+        ep: &Endpoint,
+        connect_timeout: Duration,
+        req: Request<RequestBody>,
+    ) -> Result<Response<mesh_h2::MeshBody>, ProxyError> {
+        let send = self.get(ep, connect_timeout).await?;
+        send.send(req)
+            .await
+            .map_err(|e| crate::http::client_error::upstream(ep.addr, &e))
     }
 
     /// Forget the connection to `ep` (after it refused a request), so the next call reconnects.
@@ -197,7 +205,7 @@ fn find(slots: &Slots, ep: &Endpoint) -> Option<Arc<Slot>> {
 }
 
 /// The slot's sender if its connection is open and made with the current certificate.
-fn live(slot: &Slot, generation: u64) -> Option<http2::SendRequest<RequestBody>> {
+fn live(slot: &Slot, generation: u64) -> Option<Sender> {
     let guard = slot.ready.load();
     let pooled = guard.as_ref()?;
     (!pooled.send.is_closed() && pooled.generation == generation).then(|| pooled.send.clone())

@@ -3,9 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::http::mesh_h2::{MeshBody, SendError, Sender};
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 
 use crate::error::ProxyError;
 use crate::http::client_error;
@@ -55,8 +54,8 @@ pub(crate) enum Sent<B> {
 // === impl PeerPool as Connector ===
 
 impl Connector for PeerPool {
-    type Conn = SendRequest<RequestBody>;
-    type Body = Incoming;
+    type Conn = Sender;
+    type Body = MeshBody;
 
     fn connect(
         &self,
@@ -67,19 +66,17 @@ impl Connector for PeerPool {
     }
 
     /// If the connection turns out to be closing before the request was written (a GOAWAY
-    /// race), hyper gives the request back unsent.
+    /// race), the request comes back unsent.
     async fn send(
         &self,
         ep: &Endpoint,
-        mut conn: Self::Conn,
+        conn: Self::Conn,
         req: Request<RequestBody>,
-    ) -> Sent<Incoming> {
-        match conn.try_send_request(req).await {
+    ) -> Sent<MeshBody> {
+        match conn.send(req).await {
             Ok(resp) => Sent::Done(Ok(resp)),
-            Err(mut e) => match e.take_message() {
-                Some(req) => Sent::HandedBack(req),
-                None => Sent::Done(Err(client_error::upstream(ep.addr, e.error()))),
-            },
+            Err(SendError::NotSent(req)) => Sent::HandedBack(*req),
+            Err(e) => Sent::Done(Err(client_error::upstream(ep.addr, &e))),
         }
     }
 

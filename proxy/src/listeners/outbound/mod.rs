@@ -307,7 +307,13 @@ impl Outbound {
         let attempts = Attempts::new(&*self.pool, endpoints, client.ip(), payload, resolved);
         let (resp, in_flight) = attempts.run(i, span).await?;
         let idle = resolved.stream_idle;
-        Ok(resp.map(|b| Either::Left(Streamed::new(b).idle_timeout(idle).in_flight(in_flight))))
+        Ok(resp.map(|b| {
+            Either::Left(
+                Streamed::from_mesh(b)
+                    .idle_timeout(idle)
+                    .in_flight(in_flight),
+            )
+        }))
     }
 }
 

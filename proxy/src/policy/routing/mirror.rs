@@ -98,11 +98,10 @@ impl MirrorAction {
         tokio::spawn(logs::inherit(async move {
             let _slot = slot;
             let send = async {
-                let mut sender = pool
-                    .get(&ep, connect_timeout)
+                let resp = pool
+                    .request(&ep, connect_timeout, copy)
                     .await
                     .map_err(|e| e.to_string())?;
-                let resp = sender.send_request(copy).await.map_err(|e| e.to_string())?;
                 let mut body = resp.into_body();
                 while let Some(frame) = body.frame().await {
                     frame.map_err(|e| e.to_string())?;
