@@ -25,7 +25,7 @@ pub use jq_bound::{
 };
 pub use template::{Part, Template};
 pub use transcode::{
-    Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError, Transcoder,
+    ArraySplitter, Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError, Transcoder,
     MAX_DESCRIPTOR_SET, MAX_TRANSCODE_BYTES,
 };
 pub use transform::{BodyProgram, BodyTransform, TransformSpec, MAX_TRANSFORM_BODY};

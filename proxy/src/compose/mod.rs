@@ -149,7 +149,7 @@ impl ComposeError {
             Self::UpstreamBodyFailed(_) => "upstream-failed",
             Self::PathMismatch(_) | Self::NoBinding { .. } => "no-route",
             Self::CallFailed { cause, .. } | Self::GrpcStatus { cause, .. } => cause,
-            Self::Transcode(TranscodeError::BadJson(_)) => "bad-json-body",
+            Self::Transcode(e) if e.is_bad_json() => "bad-json-body",
             Self::Transcode(TranscodeError::BadUpstream { .. }) | Self::BadUpstreamGrpc(_) => {
                 "bad-upstream-grpc"
             }
@@ -173,6 +173,9 @@ impl ComposeError {
             Self::Transcode(e) => {
                 if let Some(f) = e.field() {
                     doc["field"] = f.into();
+                }
+                if let Some(i) = e.element() {
+                    doc["element"] = i.into();
                 }
             }
             // google.rpc.Status's JSON fields too, which gRPC-JSON clients read.

@@ -246,7 +246,9 @@ impl Outbound {
     }
 
     /// Forward a JSON request to a gRPC service: mapped to the method's message (within the
-    /// request timeout) before anything is sent, the answer mapped back to JSON.
+    /// request timeout) before anything is sent, the answer mapped back to JSON. A
+    /// client-streaming method's array streams instead, element by element; when the gateway
+    /// cuts it (a bad element, the body limit), the client is answered with that cause.
     pub(super) async fn forward_transcoded(
         &self,
         t: &Transcoder,
@@ -255,8 +257,25 @@ impl Outbound {
         client: SocketAddr,
         span: &mut RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (binding, vars) = transcode::find(t, &req)?;
+        let read_ahead = req
+            .extensions()
+            .get::<crate::http::read_ahead::ReadAhead>()
+            .is_some();
+        if binding.client_streaming && !read_ahead {
+            let (req, watch, failed) = transcode::upload(t, binding.clone(), vars, req)?;
+            let sent = self.forward_mapped(route, req, watch, client, span).await;
+            let answer = match sent {
+                Ok(resp) => transcode::response(t, binding, resp).await,
+                Err(e) => Err(e),
+            };
+            return match failed.take() {
+                Some(cause) => Err(cause.into()),
+                None => answer,
+            };
+        }
         let limit = self.body_time(route, &req);
-        let (req, binding) = within(limit, transcode::request(t, req)).await?;
+        let req = within(limit, transcode::request(t, &binding, vars, req)).await?;
         let resp = self.forward_built(route, req, client, span).await?;
         transcode::response(t, binding, resp).await
     }
