@@ -416,7 +416,14 @@ async fn grpc(method: String, req: Request<Incoming>, log: GrpcLog) -> Response<
             let frame = match frame {
                 Ok(f) => f,
                 Err(e) => {
-                    call.broken = Some(e.to_string());
+                    // With its causes: hyper's own message does not say why the stream ended.
+                    let mut text = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        text.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    call.broken = Some(text);
                     break;
                 }
             };
