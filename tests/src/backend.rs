@@ -1,5 +1,7 @@
 //! The test app behind the server sidecar. Routes:
-//! `/echo` (request description as JSON), `/upload` (counts a streamed body), `/download/<n>`
+//! `/echo` (request description as JSON), `/reflect` (the body and its content type back),
+//! `/flaky/<key>/<n>` (503 n times, then 200; `/flakyjson/...` as JSON), `/upload` (counts a
+//! streamed body), `/download/<n>`
 //! (streams n bytes), `/slow/<ms>`, `/status/<code>`, `/ws` (WebSocket echo), and gRPC methods
 //! `/test.Echo/Unary`, `/test.Echo/Stream` (bidi, echoes each message as it arrives) and
 //! `/test.Echo/Fail` (error status in trailers), `/test.Echo/Slow` (answers after 2 s),
@@ -217,9 +219,9 @@ async fn route(
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
         }
-        ("flaky", Some(rest)) => {
+        (kind @ ("flaky" | "flakyjson"), Some(rest)) => {
             // /flaky/<key>/<n>: 503 for the first n calls with this key, then 200. `?after=S`
-            // adds Retry-After: S to the 503s.
+            // adds Retry-After: S to the 503s. `/flakyjson/...` answers its 200 as JSON.
             let (key, n) = rest.rsplit_once('/').unwrap_or((rest, "1"));
             let n: u32 = n.parse().unwrap_or(1);
             let seen = {
@@ -240,6 +242,13 @@ async fn route(
                 return r;
             }
             let retried = req.headers().get("trellis-retried").is_some();
+            if kind == "flakyjson" {
+                let v = serde_json::json!({"call": seen, "retried": retried});
+                let mut r = full(StatusCode::OK, v.to_string());
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
+                return r;
+            }
             full(StatusCode::OK, format!("call {seen}, retried={retried}"))
         }
         ("stall", Some(ms)) => {

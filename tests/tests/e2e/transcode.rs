@@ -370,7 +370,12 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
     // An empty array: a call with no message, answered with the empty message.
     let from = log_len();
     let r = call(&h1, "POST", HOST, collect, b" [ ] ").await;
-    assert_eq!((r.status.as_u16(), r.json()), (200, json!({})), "{}", r.body);
+    assert_eq!(
+        (r.status.as_u16(), r.json()),
+        (200, json!({})),
+        "{}",
+        r.body
+    );
     let seen = calls_seen(&env.backend, "Collect", from, 1).await;
     assert_eq!((seen[0].messages.len(), &seen[0].broken), (0, &None));
 
@@ -378,8 +383,16 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
     // element; the service got the two whole messages, then a cancelled call (never a
     // complete one, nor a half message).
     for (bad, cause, field) in [
-        (&br#"{"tags": [1,}, {"tags": ["d"]}]"#[..], "bad-json-body", Value::Null),
-        (br#"{"nope": 1}, {"tags": ["d"]}]"#, "bad-request-message", json!("nope")),
+        (
+            &br#"{"tags": [1,}, {"tags": ["d"]}]"#[..],
+            "bad-json-body",
+            Value::Null,
+        ),
+        (
+            br#"{"nope": 1}, {"tags": ["d"]}]"#,
+            "bad-request-message",
+            json!("nope"),
+        ),
     ] {
         let from = log_len();
         let (tx, reply) = post_streamed(&h1, collect);
@@ -401,8 +414,14 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
             ],
             "the whole messages before the bad element, nothing after"
         );
-        let broken = seen[0].broken.as_deref().expect("the call did not complete");
-        assert!(broken.contains("stream no longer needed") || broken.contains("cancel"), "{broken}");
+        let broken = seen[0]
+            .broken
+            .as_deref()
+            .expect("the call did not complete");
+        assert!(
+            broken.contains("stream no longer needed") || broken.contains("cancel"),
+            "{broken}"
+        );
     }
 
     // An element past the body limit (4 KiB on this rule): 413, the call cancelled; a

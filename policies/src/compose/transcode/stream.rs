@@ -240,7 +240,10 @@ mod tests {
             (b"[1] x", "data after the array"),
             (b"[1][2]", "data after the array"),
             (b"[{}", "the body ended before the array was closed"),
-            (b"[{\"a\": \"]", "the body ended before the array was closed"),
+            (
+                b"[{\"a\": \"]",
+                "the body ended before the array was closed",
+            ),
         ] {
             let e = split(body, 1).unwrap_err();
             assert!(e.is_bad_json(), "{e}");

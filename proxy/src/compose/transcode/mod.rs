@@ -15,10 +15,10 @@ mod upload;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use hyper::body::Incoming;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
 use trellis_policies::compose::{Binding, StreamFormat, Transcoder};
 
 use super::body::{refused_request, request_body};
