@@ -485,3 +485,87 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
     got.extend_from_slice(&rest);
     assert_eq!(got, br#"[{"id":"1"},{"id":"2"}]"#);
 }
+
+/// A route whose body transform and aggregate compile, then a version whose jq program does
+/// not: `policy apply` refuses it with the reason, and a gateway that reads it from the store
+/// anyway refuses it too and keeps serving the last good version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transform_that_does_not_compile_is_refused_and_the_last_good_kept() {
+    const SHOP: &str = "shop.example.com";
+    let shop = |jq: &str| {
+        format!(
+            r#"apiVersion: trellis.dev/v1
+kind: HTTPRoute
+metadata: {{name: shop}}
+spec:
+  hosts: [{SHOP}]
+  gateways: [edge]
+  rules:
+    - name: checkout
+      matches: [{{path: {{prefix: /checkout}}}}]
+      aggregate:
+        calls:
+          - {{name: seen, service: books, method: POST, path: /reflect, body: {{transform: {{jq: '{jq}'}}}}}}
+    - name: shop
+      backends: [{{service: books}}]
+      transform: {{response: {{jq: '{jq}'}}}}
+"#
+        )
+    };
+    let env = env().await;
+    let cfg = mesh_agent::config::EtcdConfig::new(env.etcd.endpoints());
+    apply(&cfg, &shop("{m: .method}")).await.expect("applied");
+    let h1 = client::h1(env.plain);
+    trellis_tests::wait_for(Duration::from_secs(30), "the shop route", || async {
+        call(&h1, "GET", SHOP, "/echo", b"").await.status == 200
+    })
+    .await;
+    let r = call(&h1, "GET", SHOP, "/echo", b"").await;
+    assert_eq!(r.json(), json!({"m": "GET"}));
+    let r = call(&h1, "POST", SHOP, "/checkout", br#"{"method": "x"}"#).await;
+    assert_eq!(r.json(), json!({"seen": {"m": "x"}}), "{}", r.body);
+
+    let bad = shop("{m: .method");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("shop.yaml");
+    std::fs::write(&file, &bad).expect("written");
+    let e = mesh_agent::policy::load_documents(&file)
+        .map(|_| ())
+        .expect_err("refused by `policy apply`")
+        .to_string();
+    assert!(
+        e.contains("rules[0].aggregate.calls[0].body: transform.jq: `{m: .method` does not parse"),
+        "{e}"
+    );
+    let doc = parse_documents(&bad, "t")
+        .remove(0)
+        .expect("a policy document");
+    let key = format!("{PREFIX}/mesh/policies/HTTPRoute/shop");
+    let mut raw = etcd_client::Client::connect(env.etcd.endpoints(), None)
+        .await
+        .expect("etcd client");
+    raw.put(key.as_str(), serde_json::to_vec(&doc).expect("json"), None)
+        .await
+        .expect("put");
+    trellis_tests::wait_for(
+        Duration::from_secs(10),
+        "the gateway refuses it",
+        || async {
+            let d = client::admin(env.gateway.bound.admin, "/config_dump")
+                .await
+                .json();
+            d["etcd"]["discovery"]["rejected"][&key]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("does not parse"))
+        },
+    )
+    .await;
+    let r = call(&h1, "GET", SHOP, "/echo", b"").await;
+    assert_eq!(
+        r.json(),
+        json!({"m": "GET"}),
+        "the last good version serves"
+    );
+    let r = call(&h1, "POST", SHOP, "/checkout", br#"{"method": "y"}"#).await;
+    assert_eq!(r.json(), json!({"seen": {"m": "y"}}), "{}", r.body);
+}
