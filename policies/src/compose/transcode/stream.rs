@@ -102,7 +102,7 @@ impl ArraySplitter {
 
     /// A byte outside any element.
     fn between(&mut self, b: u8) -> Result<(), TranscodeError> {
-        if b.is_ascii_whitespace() {
+        if is_space(b) {
             return Ok(());
         }
         match (self.state, b) {
@@ -174,12 +174,17 @@ impl ArraySplitter {
                 });
             }
             b',' | b']' | b'}' if self.depth == 0 => return Ok(Step::EndedBefore),
-            b if b.is_ascii_whitespace() && self.depth == 0 => return Ok(Step::EndedBefore),
+            b if is_space(b) && self.depth == 0 => return Ok(Step::EndedBefore),
             _ => {}
         }
         self.element.push(b);
         Ok(Step::Kept)
     }
+}
+
+/// JSON's whitespace (RFC 8259: not form feed, which `is_ascii_whitespace` counts).
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 fn bad(message: &str) -> TranscodeError {
@@ -222,6 +227,8 @@ mod tests {
             assert_eq!(split(body, step).unwrap(), want, "step {step}");
         }
         assert_eq!(split(b"[]", 1).unwrap(), Vec::<String>::new());
+        // Form feed is not JSON's whitespace: it stays in the element, which then fails.
+        assert_eq!(split(b"[\x0c1]", 1).unwrap(), ["\u{c}1"]);
         assert_eq!(split(b" [ ]\n", 2).unwrap(), Vec::<String>::new());
     }
 
