@@ -180,7 +180,11 @@ for r in ["GET /v1/shelves/3/items/42?title=hi%21&tags=a&tags=b&draft=true&meta.
           "PATCH /v1/items/9/meta\n{\"author\": \"ana\", \"pages\": 12}",
           "GET /v1/items/5:stream\n", "GET /v1/missing/1\n", "GET /v1/items/a%2Fb%20c?count=0&created=1970-01-01T00:00:01Z\n",
           "POST /test.Echo/Plain\n{\"meta\": {\"pages\": \"many\"}, \"nope\": [1, {}]}",
-          "POST /test.Echo/Plain\n[1, 2]", "GET /v1/shelves/%ff/items/1\n"]:
+          "POST /test.Echo/Plain\n[1, 2]", "GET /v1/shelves/%ff/items/1\n",
+          # Client streams: a JSON array of messages, split as it streams.
+          "POST /v1/shelves/1/items:collect\n[{\"id\": 1, \"tags\": [\"a,]\"]}, {\"title\": \"\\\"}\"}]",
+          "POST /test.Echo/Chat\n [ ] ", "POST /v1/shelves/1/items:collect\n[{\"nope\": 1}, {},]",
+          "POST /test.Echo/Chat\n[[[{}]], 1 2]"]:
     put("transcode", r)
 print("corpus written to", OUT)
 

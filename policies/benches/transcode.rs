@@ -2,7 +2,8 @@
 //! does not do (its bytes pass as they are): the JSON request mapped to the method's message
 //! (parse, path variables and query parameters, the proto3 JSON mapping, protobuf encoding)
 //! and the answer's message mapped back to JSON. The test service of `tests/proto/`, an `Item`
-//! of about 1 kB (text, 20 tags, a timestamp, a duration, a wrapper, an enum, bytes).
+//! of about 1 kB (text, 20 tags, a timestamp, a duration, a wrapper, an enum, bytes); and a
+//! client stream's array of ten of them, split and mapped element by element.
 //!
 //! `cargo bench -p trellis-policies --bench transcode`; instructions per request, repeatable
 //! on a loaded machine: the bench binary under `valgrind --tool=callgrind` with
@@ -11,7 +12,7 @@
 
 use base64::Engine as _;
 use criterion::{criterion_group, Criterion};
-use trellis_policies::compose::{GrpcTranscode, Transcoder};
+use trellis_policies::compose::{ArraySplitter, GrpcTranscode, Transcoder};
 
 #[path = "support/cpu.rs"]
 mod cpu;
@@ -73,6 +74,37 @@ impl Work {
             .expect("maps")
     }
 
+    /// A client stream's body, ten of the 1 kB items as one JSON array: split into its
+    /// elements and each mapped to a message, as the gateway does while it streams.
+    fn stream(&self, array: &[u8]) -> Vec<u8> {
+        let (b, vars) = self
+            .t
+            .find("POST", "/v1/shelves/3/items:collect")
+            .expect("binding");
+        let vars = vars.expect("vars");
+        let mut out = Vec::new();
+        let mut s = ArraySplitter::default();
+        s.feed(array, |i, e| {
+            out.extend(b.stream_message(i, e, &vars, None, false)?);
+            Ok(())
+        })
+        .expect("maps");
+        s.finish().expect("closed");
+        out
+    }
+
+    fn array(&self) -> Vec<u8> {
+        let mut a = b"[".to_vec();
+        for i in 0..10 {
+            if i > 0 {
+                a.push(b',');
+            }
+            a.extend_from_slice(&self.body);
+        }
+        a.push(b']');
+        a
+    }
+
     fn answer(&self) -> Vec<u8> {
         let (b, _) = self.t.find("POST", "/test.Echo/Plain").expect("binding");
         b.response(&self.message).expect("maps")
@@ -86,6 +118,10 @@ fn transcoding(c: &mut Criterion) {
     });
     c.bench_function("GET path + query -> message", |b| b.iter(|| w.get()));
     c.bench_function("1 kB message -> JSON answer", |b| b.iter(|| w.answer()));
+    let array = w.array();
+    c.bench_function("STREAM 10 x 1 kB array -> 10 messages", |b| {
+        b.iter(|| w.stream(&array))
+    });
 }
 
 /// CPU time per mapping (a loaded machine inflates it far less than criterion's wall time).
@@ -98,12 +134,16 @@ fn cpu_per_request() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000u32);
     let phase = std::env::var("TRANSCODE_PHASE").unwrap_or_default();
-    let runs: [(&str, &dyn Fn() -> Vec<u8>); 3] = [
+    let array = w.array();
+    let runs: [(&str, &dyn Fn() -> Vec<u8>); 4] = [
         ("POST 1 kB JSON body -> message", &|| {
             Work::post(&w.t, &w.body)
         }),
         ("GET path + query -> message", &|| w.get()),
         ("1 kB message -> JSON answer", &|| w.answer()),
+        ("STREAM 10 x 1 kB array -> 10 messages", &|| {
+            w.stream(&array)
+        }),
     ];
     for (name, f) in runs {
         if !name.starts_with(phase.as_str()) {

@@ -1,9 +1,13 @@
 //! The test app behind the server sidecar. Routes:
-//! `/echo` (request description as JSON), `/upload` (counts a streamed body), `/download/<n>`
+//! `/echo` (request description as JSON), `/reflect` (the body and its content type back),
+//! `/flaky/<key>/<n>` (503 n times, then 200; `/flakyjson/...` as JSON), `/upload` (counts a
+//! streamed body), `/download/<n>`
 //! (streams n bytes), `/slow/<ms>`, `/status/<code>`, `/ws` (WebSocket echo), and gRPC methods
 //! `/test.Echo/Unary`, `/test.Echo/Stream` (bidi, echoes each message as it arrives) and
 //! `/test.Echo/Fail` (error status in trailers), `/test.Echo/Slow` (answers after 2 s),
-//! `/test.Echo/Repeat` (each message three times: a server stream).
+//! `/test.Echo/Repeat` (each message three times: a server stream), `/test.Echo/Collect` (one
+//! answer after the last message: their concatenation, a client stream). Every gRPC call is
+//! logged in [`Backend::grpc_calls`] with how its request stream ended.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,9 +41,23 @@ pub enum Speaks {
     H2c,
 }
 
+/// One gRPC call as the service saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcCall {
+    pub method: String,
+    /// Whole messages received.
+    pub messages: Vec<Bytes>,
+    /// `None`: the request stream ended cleanly; else the error that ended it (a reset).
+    pub broken: Option<String>,
+}
+
+/// The gRPC calls a backend has seen, in the order their request streams ended.
+pub type GrpcLog = Arc<std::sync::Mutex<Vec<GrpcCall>>>;
+
 pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
+    pub grpc_calls: GrpcLog,
     /// Status `/healthz` answers (200 until a test changes it); health checks do not count in
     /// `requests`.
     pub health: Arc<std::sync::atomic::AtomicU16>,
@@ -89,6 +107,8 @@ impl Backend {
         let flaky: Flaky = Arc::default();
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let health_state = health.clone();
+        let grpc_calls: GrpcLog = Arc::default();
+        let log = grpc_calls.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -99,6 +119,7 @@ impl Backend {
                 let counter = counter.clone();
                 let flaky = flaky.clone();
                 let health = health_state.clone();
+                let log = log.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         // Health checks and `OPTIONS *` (a server-wide probe, not a call of
@@ -106,8 +127,8 @@ impl Backend {
                         if req.uri().path() != "/healthz" && req.uri() != "*" {
                             counter.fetch_add(1, Ordering::Relaxed);
                         }
-                        let (flaky, health) = (flaky.clone(), health.clone());
-                        async move { Ok::<_, Infallible>(route(req, &flaky, &health).await) }
+                        let (flaky, health, log) = (flaky.clone(), health.clone(), log.clone());
+                        async move { Ok::<_, Infallible>(route(req, &flaky, &health, log).await) }
                     });
                     let io = TokioIo::new(tcp);
                     // (The auto builder's `http1_only`/`http2_only` do nothing with upgrades.)
@@ -135,6 +156,7 @@ impl Backend {
         Self {
             addr,
             requests,
+            grpc_calls,
             health,
             task: std::sync::Mutex::new(Some(task)),
         }
@@ -158,6 +180,7 @@ async fn route(
     req: Request<Incoming>,
     flaky: &Flaky,
     health: &std::sync::atomic::AtomicU16,
+    log: GrpcLog,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
@@ -196,9 +219,9 @@ async fn route(
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
         }
-        ("flaky", Some(rest)) => {
+        (kind @ ("flaky" | "flakyjson"), Some(rest)) => {
             // /flaky/<key>/<n>: 503 for the first n calls with this key, then 200. `?after=S`
-            // adds Retry-After: S to the 503s.
+            // adds Retry-After: S to the 503s. `/flakyjson/...` answers its 200 as JSON.
             let (key, n) = rest.rsplit_once('/').unwrap_or((rest, "1"));
             let n: u32 = n.parse().unwrap_or(1);
             let seen = {
@@ -219,6 +242,13 @@ async fn route(
                 return r;
             }
             let retried = req.headers().get("trellis-retried").is_some();
+            if kind == "flakyjson" {
+                let v = serde_json::json!({"call": seen, "retried": retried});
+                let mut r = full(StatusCode::OK, v.to_string());
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
+                return r;
+            }
             full(StatusCode::OK, format!("call {seen}, retried={retried}"))
         }
         ("stall", Some(ms)) => {
@@ -267,7 +297,7 @@ async fn route(
             "",
         ),
         ("ws", _) => websocket(req),
-        ("test.Echo", Some(method)) => grpc(method.to_string(), req).await,
+        ("test.Echo", Some(method)) => grpc(method.to_string(), req, log).await,
         _ => full(StatusCode::NOT_FOUND, "no such route"),
     }
 }
@@ -371,7 +401,7 @@ fn grpc_trailers(status: u32, message: &str, count: usize) -> HeaderMap {
     t
 }
 
-async fn grpc(method: String, req: Request<Incoming>) -> Response<Body> {
+async fn grpc(method: String, req: Request<Incoming>, log: GrpcLog) -> Response<Body> {
     if req
         .headers()
         .get("content-type")
@@ -386,26 +416,55 @@ async fn grpc(method: String, req: Request<Incoming>) -> Response<Body> {
     let mut body = req.into_body();
     tokio::spawn(async move {
         let mut buf = BytesMut::new();
-        let mut count = 0;
+        let mut call = GrpcCall {
+            method: method.clone(),
+            messages: Vec::new(),
+            broken: None,
+        };
         while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { return };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    // With its causes: hyper's own message does not say why the stream ended.
+                    let mut text = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        text.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    call.broken = Some(text);
+                    break;
+                }
+            };
             if let Ok(data) = frame.into_data() {
                 buf.extend_from_slice(&data);
                 for msg in grpc_messages(&mut buf) {
-                    count += 1;
-                    // `Repeat` (server streaming) answers each message three times.
+                    call.messages.push(msg.clone());
+                    // `Repeat` (server streaming) answers each message three times; `Collect`
+                    // (client streaming) once at the end.
                     let copies = match method.as_str() {
-                        "Fail" => 0,
+                        "Fail" | "Collect" => 0,
                         "Repeat" => 3,
                         _ => 1,
                     };
                     for _ in 0..copies {
                         if tx.send(Ok(Frame::data(grpc_frame(&msg)))).await.is_err() {
+                            log.lock().unwrap().push(call);
                             return;
                         }
                     }
                 }
             }
+        }
+        let count = call.messages.len();
+        let broken = call.broken.is_some();
+        if method == "Collect" && !broken {
+            let all: Vec<u8> = call.messages.iter().flat_map(|m| m.to_vec()).collect();
+            let _ = tx.send(Ok(Frame::data(grpc_frame(&all)))).await;
+        }
+        log.lock().unwrap().push(call);
+        if broken {
+            return;
         }
         let trailers = match method.as_str() {
             "Fail" => grpc_trailers(5, "no such thing", count),

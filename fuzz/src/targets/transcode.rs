@@ -1,14 +1,17 @@
 //! gRPC-JSON transcoding (`policies/src/compose/transcode/`): a stranger's JSON request
 //! matched against the binding table (path templates, verbs, percent-decoding) and mapped to
 //! the method's message (body, path variables, query parameters, the proto3 JSON mapping),
-//! on the test service of `tests/proto/transcode.proto`.
+//! on the test service of `tests/proto/transcode.proto`. A client-streaming method's body
+//! (`POST /v1/shelves/1/items:collect`, `POST /test.Echo/Chat`) is split into its array's
+//! elements as it would stream, in two pieces cut where the input says, and checked against
+//! serde_json reading the whole array.
 //!
 //! Input: `METHOD PATH[?QUERY]\nBODY`.
 
 use std::sync::OnceLock;
 
 use base64::Engine as _;
-use trellis_policies::compose::{GrpcTranscode, Transcoder};
+use trellis_policies::compose::{ArraySplitter, Binding, GrpcTranscode, Transcoder};
 
 use crate::outcome;
 
@@ -25,6 +28,10 @@ pub const DICT: &[&[u8]] = &[
     b"/meta",
     b"/v1/missing/",
     b"/test.Echo/Plain",
+    b"/test.Echo/Chat",
+    b"/items:collect",
+    b"[{}, ",
+    b"]",
     b"?title=",
     b"&tags=",
     b"meta.pages=",
@@ -81,6 +88,9 @@ pub fn run(data: &[u8]) -> u64 {
         binding.template.vars.len(),
         "one value per variable"
     );
+    if binding.client_streaming {
+        return stream(binding, body, &vars, query);
+    }
     match binding.request(body, vars, query, false) {
         Ok(message) => {
             // What the gateway encodes is a message of the method's input type: it reads back
@@ -94,6 +104,61 @@ pub fn run(data: &[u8]) -> u64 {
             );
             outcome(&format!("mapped {}", binding.grpc_path))
         }
+        Err(e) => outcome(&e.to_string()),
+    }
+}
+
+/// A client stream's body: its elements, fed in two pieces, are those serde_json finds in
+/// the whole array (when it reads one), and each maps to a message that reads back.
+fn stream(binding: &Binding, body: &[u8], vars: &[String], query: Option<&str>) -> u64 {
+    let cut = body
+        .first()
+        .map_or(0, |b| usize::from(*b) % (body.len() + 1));
+    let mut splitter = ArraySplitter::default();
+    let mut elements: Vec<Vec<u8>> = Vec::new();
+    let mut mapped = 0;
+    let fed = splitter
+        .feed(&body[..cut], |_, e| {
+            elements.push(e.to_vec());
+            Ok(())
+        })
+        .and_then(|()| {
+            splitter.feed(&body[cut..], |_, e| {
+                elements.push(e.to_vec());
+                Ok(())
+            })
+        })
+        .and_then(|()| splitter.finish());
+    let values: Option<Vec<serde_json::Value>> = elements
+        .iter()
+        .map(|e| serde_json::from_slice(e).ok())
+        .collect();
+    let whole = serde_json::from_slice::<Vec<serde_json::Value>>(body);
+    match (&fed, values, &whole) {
+        (Ok(()), Some(v), Ok(w)) => assert_eq!(&v, w, "the elements are the array's"),
+        // One level deeper than its deepest element: past serde_json's limit.
+        (Ok(()), Some(_), Err(e)) if e.to_string().contains("recursion limit") => {}
+        (Ok(()), Some(_), Err(e)) => panic!("split into JSON values, but not a JSON array: {e}"),
+        (_, _, Ok(w)) if fed.is_err() => {
+            let depth_limited = body.iter().filter(|b| **b == b'[' || **b == b'{').count() > 128;
+            assert!(
+                depth_limited,
+                "a JSON array of {} values refused: {fed:?}",
+                w.len()
+            );
+        }
+        _ => {}
+    }
+    for (i, e) in elements.iter().enumerate() {
+        if let Ok(message) = binding.stream_message(i, e, vars, query, false) {
+            binding
+                .response(&message)
+                .unwrap_or_else(|e| panic!("an encoded request does not decode: {e}"));
+            mapped += 1;
+        }
+    }
+    match fed {
+        Ok(()) => outcome(&format!("stream of {} ({mapped} mapped)", elements.len())),
         Err(e) => outcome(&e.to_string()),
     }
 }

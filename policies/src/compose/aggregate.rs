@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::jq_bound::{default_steps, Limits};
 use super::template::Template;
+use super::transform::{BodyProgram, TransformSpec};
 use crate::validate::{validate_service_name, MAX_TIMEOUT};
 
 /// Most calls of one aggregate.
 pub const MAX_CALLS: usize = 16;
-/// Default and largest size of one call's answer.
+/// Default and largest size of one call's answer, and of the public request's body.
 const DEFAULT_MAX_ANSWER: u64 = 1024 * 1024;
 const MAX_ANSWER: u64 = 16 * 1024 * 1024;
 
@@ -32,6 +34,50 @@ pub struct AggregateSpec {
     /// The largest answer of one call, in bytes (default 1 MiB): a larger one fails the call.
     #[serde(default = "default_max_answer")]
     pub max_answer_bytes: u64,
+    /// The largest public request body, in bytes (default 1 MiB), read when a call's `body`
+    /// is built from it: a larger one answers 413 before any call is made.
+    #[serde(default = "default_max_answer", skip_serializing_if = "is_default_max")]
+    pub max_body_bytes: u64,
+}
+
+/// An aggregate call's HTTP method. Only `GET`, `DELETE` and the methods that carry a body:
+/// `HEAD` has no answer to merge, and the others are not calls an API composes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CallMethod {
+    #[default]
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// Where a call's JSON body comes from: exactly one of the three, all read from the public
+/// request's JSON body.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallBody {
+    /// The public body as it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole: bool,
+    /// A JSON pointer (RFC 6901) into the public body: the value there (a body without it
+    /// answers 400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<String>,
+    /// Field operations and jq over the public body, as a `transform.request` (compiled once
+    /// per policy, bounded the same way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<TransformSpec>,
+}
+
+/// A compiled [`CallBody`].
+#[derive(Debug)]
+pub enum BodySource {
+    Whole,
+    /// The pointer as written (serde_json reads it).
+    Pointer(String),
+    Program(BodyProgram),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +109,69 @@ pub struct AggregateCall {
     /// and marks the answer partial. Required by default.
     #[serde(default = "yes")]
     pub required: bool,
+    /// `GET` (the default), `POST`, `PUT`, `PATCH` or `DELETE`. Retried as any mesh call of
+    /// that method: `POST` and `PATCH` only when the service's retry policy allows
+    /// non-idempotent methods.
+    #[serde(default, skip_serializing_if = "is_get")]
+    pub method: CallMethod,
+    /// The call's JSON body, built from the public request's (not with `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<CallBody>,
+}
+
+fn is_get(m: &CallMethod) -> bool {
+    *m == CallMethod::Get
+}
+
+fn is_default_max(n: &u64) -> bool {
+    *n == DEFAULT_MAX_ANSWER
+}
+
+// === impl CallMethod ===
+
+impl CallMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+            Self::Put => "PUT",
+            Self::Patch => "PATCH",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
+// === impl CallBody ===
+
+impl CallBody {
+    /// The source compiled (a transform's program within `limits`); the error names the
+    /// field.
+    pub fn compile(&self, limits: Limits) -> Result<BodySource, String> {
+        let set = [self.whole, self.pointer.is_some(), self.transform.is_some()];
+        match set.iter().filter(|s| **s).count() {
+            0 => {
+                return Err(
+                    "names nothing: set one of `whole: true`, `pointer` and `transform`".into(),
+                )
+            }
+            1 => {}
+            _ => return Err("set only one of `whole`, `pointer` and `transform`".into()),
+        }
+        if let Some(p) = &self.pointer {
+            if !p.starts_with('/') {
+                return Err(format!(
+                    "pointer: `{p}` is not a JSON pointer (starts with '/'; `whole: true` is the whole body)"
+                ));
+            }
+            return Ok(BodySource::Pointer(p.clone()));
+        }
+        match &self.transform {
+            Some(t) => Ok(BodySource::Program(
+                t.compile(limits).map_err(|m| format!("transform.{m}"))?,
+            )),
+            None => Ok(BodySource::Whole),
+        }
+    }
 }
 
 /// A call's name is a JSON field and a header list item: short and plain.
@@ -108,14 +217,44 @@ impl AggregateSpec {
         Ok((params, calls))
     }
 
+    /// The bounds of a call body's jq run: from `max_body_bytes`, as a transform's.
+    pub fn limits(&self) -> Limits {
+        Limits::for_body(self.max_body_bytes, default_steps(self.max_body_bytes))
+    }
+
+    /// Each call's body source, compiled (`None`: the call sends no body).
+    pub fn bodies(&self) -> Result<Vec<Option<BodySource>>, String> {
+        self.calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let Some(b) = &c.body else { return Ok(None) };
+                if c.method == CallMethod::Get {
+                    return Err(format!(
+                        "calls[{i}].body: a GET call carries no body (set `method`)"
+                    ));
+                }
+                b.compile(self.limits())
+                    .map(Some)
+                    .map_err(|m| format!("calls[{i}].body: {m}"))
+            })
+            .collect()
+    }
+
     /// Check the spec; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.calls.is_empty() || self.calls.len() > MAX_CALLS {
             return Err(format!("calls: write 1 to {MAX_CALLS} calls"));
         }
-        if self.max_answer_bytes == 0 || self.max_answer_bytes > MAX_ANSWER {
-            return Err(format!("max_answer_bytes: between 1 and {MAX_ANSWER}"));
+        for (field, v) in [
+            ("max_answer_bytes", self.max_answer_bytes),
+            ("max_body_bytes", self.max_body_bytes),
+        ] {
+            if v == 0 || v > MAX_ANSWER {
+                return Err(format!("{field}: between 1 and {MAX_ANSWER}"));
+            }
         }
+        self.bodies()?;
         let (params, templates) = self.templates()?;
         let declared: HashSet<&str> = params.iter().flat_map(|p| p.params()).collect();
         if let Some(p) = &params {
@@ -190,6 +329,34 @@ mod tests {
     }
 
     #[test]
+    fn calls_with_methods_and_bodies_validate() {
+        let s = spec(
+            r#"aggregate:
+      max_body_bytes: 2048
+      calls:
+        - {name: a, service: a, path: /a, method: POST, body: {pointer: /order}}
+        - {name: b, service: b, path: /b, method: PUT, body: {whole: true}}
+        - {name: c, service: c, path: /c, method: PATCH, body: {transform: {jq: '{id: .id}'}}}
+        - {name: d, service: d, path: /d, method: DELETE}"#,
+        )
+        .unwrap();
+        let a = s.rules[0].aggregate.as_ref().unwrap();
+        let bodies = a.bodies().unwrap();
+        assert!(matches!(&bodies[0], Some(super::BodySource::Pointer(p)) if p == "/order"));
+        assert!(matches!(bodies[1], Some(super::BodySource::Whole)));
+        let Some(super::BodySource::Program(p)) = &bodies[2] else {
+            panic!("a program")
+        };
+        assert_eq!(p.apply(br#"{"id": 3, "x": 1}"#).unwrap(), br#"{"id":3}"#);
+        assert!(bodies[3].is_none());
+        assert_eq!(a.calls[3].method.as_str(), "DELETE");
+        // Defaults are not written back (a stored policy reads the same).
+        let json = serde_json::to_value(a).unwrap();
+        assert!(json["calls"][3].get("body").is_none());
+        assert_eq!(json["max_body_bytes"], 2048);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             ("aggregate: {calls: []}", "rules[0].aggregate.calls: write 1 to"),
@@ -232,6 +399,46 @@ mod tests {
             (
                 "aggregate: {calls: [{name: a, service: a, path: /}], max_answer_bytes: 0}",
                 "max_answer_bytes",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /}], max_body_bytes: 0}",
+                "max_body_bytes: between 1 and",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, body: {whole: true}}]}",
+                "rules[0].aggregate.calls[0].body: a GET call carries no body",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: POST, body: {}}]}",
+                "rules[0].aggregate.calls[0].body: names nothing",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: POST, body: {whole: false}}]}",
+                "calls[0].body: names nothing",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: PUT, body: {whole: true, pointer: /a}}]}",
+                "calls[0].body: set only one of",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: PUT, body: {pointer: a}}]}",
+                "calls[0].body: pointer: `a` is not a JSON pointer",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: PATCH, body: {transform: {jq: '.a |'}}}]}",
+                "calls[0].body: transform.jq: `.a |` does not parse",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: POST, body: {transform: {remove: [x]}}}]}",
+                "calls[0].body: transform.remove[0]",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: HEAD}]}",
+                "unknown variant `HEAD`",
+            ),
+            (
+                "aggregate: {calls: [{name: a, service: a, path: /, method: POST, body: {nope: 1}}]}",
+                "unknown field `nope`",
             ),
             (
                 "aggregate: {calls: [{name: a, service: a, path: /, retries: 3}]}",

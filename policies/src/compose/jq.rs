@@ -314,6 +314,13 @@ fn parse(body: &[u8]) -> Result<Val, JqError> {
     serde_json::from_slice::<Val>(body).map_err(|e| JqError::Json(e.to_string()))
 }
 
+/// A JSON body read as a transform reads it: UTF-8, strict JSON, nested at most
+/// [`MAX_DEPTH`] deep (an aggregate's public body, whose parts its calls send).
+pub fn read_json(body: &[u8]) -> Result<serde_json::Value, JqError> {
+    check(body)?;
+    serde_json::from_slice(body).map_err(|e| JqError::Json(e.to_string()))
+}
+
 /// What any body must be before a parser sees it: UTF-8, nested at most [`MAX_DEPTH`] deep.
 pub(super) fn check(body: &[u8]) -> Result<(), JqError> {
     if let Err(e) = std::str::from_utf8(body) {

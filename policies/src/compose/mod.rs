@@ -16,16 +16,18 @@ mod template;
 mod transcode;
 mod transform;
 
-pub use aggregate::{AggregateCall, AggregateSpec, MergeMode, MAX_CALLS};
+pub use aggregate::{
+    AggregateCall, AggregateSpec, BodySource, CallBody, CallMethod, MergeMode, MAX_CALLS,
+};
 pub use fields::FieldOps;
-pub use jq::{compile_jq, JqError, JqFilter, MAX_JQ_LEN};
+pub use jq::{compile_jq, read_json, JqError, JqFilter, MAX_JQ_LEN};
 pub use jq_bound::{
     default_steps as default_jq_steps, Limits as JqLimits, Stop as JqStop,
     MAX_STEPS as MAX_JQ_STEPS,
 };
 pub use template::{Part, Template};
 pub use transcode::{
-    Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError, Transcoder,
-    MAX_DESCRIPTOR_SET, MAX_TRANSCODE_BYTES,
+    ArraySplitter, Binding, BodyRule, GrpcTranscode, PathTemplate, StreamFormat, TranscodeError,
+    Transcoder, MAX_DESCRIPTOR_SET, MAX_TRANSCODE_BYTES,
 };
 pub use transform::{BodyProgram, BodyTransform, TransformSpec, MAX_TRANSFORM_BODY};

@@ -15,7 +15,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use serde_json::{Map, Value};
-use trellis_policies::compose::{AggregateSpec, MergeMode, Part, Template};
+use trellis_policies::compose::{
+    read_json, AggregateSpec, BodySource, CallMethod, MergeMode, Part, Template,
+};
 
 use super::ComposeError;
 use crate::ResponseBody;
@@ -33,11 +35,18 @@ pub struct Aggregate {
     pub calls: Vec<Call>,
     /// The largest answer of one call.
     pub max_answer: u64,
+    /// The largest public request body, read when a call's body is built from it.
+    pub max_body: u64,
 }
 
 #[derive(Debug)]
 pub struct Call {
+    /// Its place in [`Aggregate::calls`].
+    pub index: usize,
     pub name: Arc<str>,
+    pub method: http::Method,
+    /// Where its JSON body comes from; `None`: it sends none.
+    pub body: Option<BodySource>,
     pub service: Arc<String>,
     path: Template,
     /// Earlier calls whose answers the path needs.
@@ -69,16 +78,22 @@ impl Aggregate {
     pub fn compile(spec: &AggregateSpec) -> Result<Self, String> {
         let (params, templates) = spec.templates()?;
         let names: Vec<&str> = spec.calls.iter().map(|c| c.name.as_str()).collect();
+        let bodies = spec.bodies()?;
         let calls = spec
             .calls
             .iter()
             .zip(templates)
-            .map(|(c, path)| {
+            .zip(bodies)
+            .enumerate()
+            .map(|(index, ((c, path), body))| {
                 let deps = path
                     .calls()
                     .filter_map(|d| names.iter().position(|n| *n == d))
                     .collect();
                 Call {
+                    index,
+                    method: method(c.method),
+                    body,
                     name: Arc::from(c.name.as_str()),
                     service: Arc::new(c.service.clone()),
                     path,
@@ -93,7 +108,44 @@ impl Aggregate {
             merge: spec.merge,
             calls,
             max_answer: spec.max_answer_bytes,
+            max_body: spec.max_body_bytes,
         })
+    }
+
+    /// Whether a call's body is built from the public request's.
+    pub fn reads_body(&self) -> bool {
+        self.calls.iter().any(|c| c.body.is_some())
+    }
+
+    /// Each call's body (by call index), built from the public request's JSON `body` before
+    /// any call leaves: a body that is not JSON, lacks a pointer's value, or that a call's
+    /// program fails on answers 400 and no call is made.
+    pub async fn call_bodies(&self, body: Bytes) -> Result<Vec<Option<Bytes>>, ComposeError> {
+        let value = read_json(&body).map_err(ComposeError::BadRequestBody)?;
+        let mut out = Vec::with_capacity(self.calls.len());
+        for c in &self.calls {
+            let built = match &c.body {
+                None => None,
+                Some(BodySource::Whole) => Some(body.clone()),
+                Some(BodySource::Pointer(p)) => {
+                    let v = value
+                        .pointer(p)
+                        .ok_or_else(|| ComposeError::MissingBodyField {
+                            call: c.name.to_string(),
+                            pointer: p.clone(),
+                        })?;
+                    Some(Bytes::from(v.to_string()))
+                }
+                Some(BodySource::Program(f)) => {
+                    let v = super::transform::run(f, body.clone())
+                        .await
+                        .map_err(ComposeError::BadRequestBody)?;
+                    Some(Bytes::from(v))
+                }
+            };
+            out.push(built);
+        }
+        Ok(out)
     }
 
     /// The template inputs of a request with this path and query, or why its path does not
@@ -322,6 +374,16 @@ impl Aggregate {
             h.insert(PARTIAL_HEADER, v);
         }
         resp
+    }
+}
+
+fn method(m: CallMethod) -> http::Method {
+    match m {
+        CallMethod::Get => http::Method::GET,
+        CallMethod::Post => http::Method::POST,
+        CallMethod::Put => http::Method::PUT,
+        CallMethod::Patch => http::Method::PATCH,
+        CallMethod::Delete => http::Method::DELETE,
     }
 }
 

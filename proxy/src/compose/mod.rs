@@ -78,6 +78,9 @@ pub enum ComposeError {
     UpstreamBodyFailed(String),
     #[error("the gRPC-Web text body cannot be decoded: {0}")]
     BadGrpcWeb(String),
+    /// An aggregate call's body points at a field the public body lacks.
+    #[error("call `{call}`: the request body has nothing at `{pointer}`")]
+    MissingBodyField { call: String, pointer: String },
     #[error("the path does not fit the aggregate's parameters `{0}`")]
     PathMismatch(String),
     #[error("no HTTP binding of the gRPC service fits `{method} {path}`")]
@@ -119,7 +122,9 @@ impl ComposeError {
             // A body that makes the program run past its budget is refused like any body the
             // program cannot take: 400, the client's to change (a 5xx would invite retries of
             // the same costly body).
-            Self::BadRequestBody(_) | Self::BadGrpcWeb(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequestBody(_) | Self::BadGrpcWeb(_) | Self::MissingBodyField { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Self::UpstreamTooLarge { .. }
             | Self::BadUpstreamBody(_)
             | Self::UpstreamBodyFailed(_) => StatusCode::BAD_GATEWAY,
@@ -142,14 +147,14 @@ impl ComposeError {
         }
         match self {
             Self::RequestTooLarge { .. } => "body-too-large",
-            Self::BadRequestBody(_) => "bad-json-body",
+            Self::BadRequestBody(_) | Self::MissingBodyField { .. } => "bad-json-body",
             Self::BadGrpcWeb(_) => "bad-grpc-web",
             Self::UpstreamTooLarge { .. } => "upstream-body-too-large",
             Self::BadUpstreamBody(_) => "bad-upstream-json",
             Self::UpstreamBodyFailed(_) => "upstream-failed",
             Self::PathMismatch(_) | Self::NoBinding { .. } => "no-route",
             Self::CallFailed { cause, .. } | Self::GrpcStatus { cause, .. } => cause,
-            Self::Transcode(TranscodeError::BadJson(_)) => "bad-json-body",
+            Self::Transcode(e) if e.is_bad_json() => "bad-json-body",
             Self::Transcode(TranscodeError::BadUpstream { .. }) | Self::BadUpstreamGrpc(_) => {
                 "bad-upstream-grpc"
             }
@@ -170,9 +175,16 @@ impl ComposeError {
                 doc["call"] = call.as_str().into();
                 doc["service"] = service.as_str().into();
             }
+            Self::MissingBodyField { call, pointer } => {
+                doc["call"] = call.as_str().into();
+                doc["pointer"] = pointer.as_str().into();
+            }
             Self::Transcode(e) => {
                 if let Some(f) = e.field() {
                     doc["field"] = f.into();
+                }
+                if let Some(i) = e.element() {
+                    doc["element"] = i.into();
                 }
             }
             // google.rpc.Status's JSON fields too, which gRPC-JSON clients read.

@@ -102,7 +102,7 @@ impl Transform {
 /// Transform `body`: on this task when the program runs natively (field operations, the jq
 /// fast path: microseconds), else on a jaq thread (policies' jq_bound.rs: bounded in steps,
 /// sizes, memory and stack), awaited, so that this worker serves other requests meanwhile.
-async fn run(f: &BodyProgram, body: Bytes) -> Result<Vec<u8>, JqError> {
+pub(super) async fn run(f: &BodyProgram, body: Bytes) -> Result<Vec<u8>, JqError> {
     if let Some(out) = f.apply_inline(&body) {
         return out;
     }

@@ -38,11 +38,31 @@ pub enum ClientFault {
     BodyStalled,
 }
 
-/// An [`Incoming`] body that reports to a [`BodyWatch`].
+/// An [`Incoming`] body (or one the sidecar maps from it) that reports to a [`BodyWatch`].
 #[derive(Debug)]
 pub struct ClientBody {
-    inner: Incoming,
+    inner: Source,
     watch: Arc<BodyWatch>,
+}
+
+/// A request body the sidecar rewrites while it streams (a client-streaming call's JSON array
+/// becoming gRPC messages): its errors are the client's body's.
+pub type MappedBody = std::pin::Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+enum Source {
+    Incoming(Incoming),
+    Mapped(MappedBody),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Incoming(b) => b.fmt(f),
+            Self::Mapped(_) => f.write_str("Mapped"),
+        }
+    }
 }
 
 // === impl BodyWatch ===
@@ -71,7 +91,20 @@ impl ClientBody {
             watch.0.store(ENDED, Ordering::Release);
         }
         let body = Self {
-            inner,
+            inner: Source::Incoming(inner),
+            watch: watch.clone(),
+        };
+        (body, watch)
+    }
+
+    /// Wrap a body the sidecar maps from the client's as it streams.
+    pub fn mapped(inner: MappedBody) -> (Self, Arc<BodyWatch>) {
+        let watch = Arc::new(BodyWatch::default());
+        if inner.is_end_stream() {
+            watch.0.store(ENDED, Ordering::Release);
+        }
+        let body = Self {
+            inner: Source::Mapped(inner),
             watch: watch.clone(),
         };
         (body, watch)
@@ -80,18 +113,23 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match &mut self.inner {
+            Source::Incoming(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            Source::Mapped(b) => b.as_mut().poll_frame(cx),
+        };
         let state = match &polled {
             Poll::Pending => WAITING_ON_CLIENT,
             Poll::Ready(None) => ENDED,
             Poll::Ready(Some(Err(_))) => FAILED,
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => ENDED,
+            Poll::Ready(Some(Ok(_))) if self.is_end_stream() => ENDED,
             Poll::Ready(Some(Ok(_))) => FLOWING,
         };
         self.watch.0.store(state, Ordering::Release);
@@ -99,11 +137,17 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Incoming(b) => b.is_end_stream(),
+            Source::Mapped(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Incoming(b) => b.size_hint(),
+            Source::Mapped(b) => b.size_hint(),
+        }
     }
 }
 

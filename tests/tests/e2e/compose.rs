@@ -324,6 +324,120 @@ async fn post_with(c: &client::HttpClient, path: &str, body: client::Body) -> cl
     client::send(c, req).await.expect("reply")
 }
 
+const CHECKOUT: &str = r#"
+  checkout:
+    hosts: [api.example.com]
+    gateways: [gateway]
+    rules:
+      - name: checkout
+        matches: [{path: {prefix: /checkout}, method: POST}]
+        aggregate:
+          max_body_bytes: 1024
+          calls:
+            - {name: order, service: orders, method: POST, path: /reflect/orders, body: {pointer: /order}}
+            - name: bill
+              service: users
+              method: PUT
+              path: /reflect/bills
+              body: {transform: {jq: '{total: (.order.items | map(.price) | add), who: .customer}'}}
+      - name: retries
+        matches: [{path: {prefix: /retries}}]
+        aggregate:
+          params: /retries/{k}
+          calls:
+            - {name: post, service: orders, method: POST, path: "/flakyjson/p{k}/1", body: {whole: true}, required: false}
+            - {name: put, service: users, method: PUT, path: "/flakyjson/u{k}/1", body: {whole: true}, required: false}
+"#;
+
+/// A `POST` aggregate: each call sends its own part of the public JSON body (a pointer into
+/// it, a jq reshape) with its own method; a public body that is not JSON, lacks a part, or is
+/// too large is refused before any call; a `POST` call is not retried, a `PUT` call is (the
+/// mesh's idempotency rules, the services' default retry policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_aggregate_sends_each_call_its_part_of_the_body() {
+    let e = edge(None, CHECKOUT).await;
+    let addr = e.plain();
+    let body = r#"{"order": {"items": [{"price": 2}, {"price": 3}]}, "customer": "ana"}"#;
+    let r = post(addr, "/checkout", client::full(body)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // `/reflect` answers the body each service received.
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"order": {"items": [{"price": 2}, {"price": 3}]},
+            "bill": {"total": 5, "who": "ana"}})
+    );
+
+    let seen = e.backend.requests.load(Ordering::Relaxed);
+    let big = format!(r#"{{"order": "{}"}}"#, "x".repeat(2000));
+    let cases: Vec<(Vec<u8>, u16, &str, &str)> = vec![
+        (
+            br#"{"order": {"items": ["#.to_vec(),
+            400,
+            "bad-json-body",
+            "not JSON",
+        ),
+        (Vec::new(), 400, "bad-json-body", "not JSON"),
+        (
+            b"{\"order\": \"\xff\"}".to_vec(),
+            400,
+            "bad-json-body",
+            "not UTF-8",
+        ),
+        (
+            br#"{"customer": "ana"}"#.to_vec(),
+            400,
+            "bad-json-body",
+            "nothing at `/order`",
+        ),
+        (
+            br#"{"order": {"items": 3}}"#.to_vec(),
+            400,
+            "bad-json-body",
+            "cannot be transformed",
+        ),
+        (
+            big.into_bytes(),
+            413,
+            "body-too-large",
+            "larger than 1024 bytes",
+        ),
+    ];
+    for (body, status, cause, detail) in cases {
+        let shown = String::from_utf8_lossy(&body).into_owned();
+        let r = post(addr, "/checkout", client::full(body)).await;
+        assert_eq!(
+            (r.status.as_u16(), r.cause()),
+            (status, cause),
+            "{shown}: {}",
+            r.body
+        );
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert!(r.body.contains(detail), "{shown}: {}", r.body);
+    }
+    assert_eq!(
+        e.backend.requests.load(Ordering::Relaxed),
+        seen,
+        "no call was made for a refused body"
+    );
+
+    // Both services fail the first call with 503: the PUT is retried (and marked), the POST
+    // is not.
+    let r = post(addr, "/retries/1", client::full("{}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        v["put"],
+        serde_json::json!({"call": 2, "retried": true}),
+        "{v}"
+    );
+    assert_eq!(
+        v["_partial"],
+        serde_json::json!({"post": "upstream-status"}),
+        "{v}"
+    );
+    assert_eq!(r.headers["trellis-partial"], "post");
+}
+
 /// Request and response bodies reshaped by field operations and jq; malformed, too deep, not
 /// UTF-8 or too large bodies refused with a problem document before anything reaches the
 /// backend; an oversized upstream answer is a 502.

@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use http::Request;
+use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
 use trellis_policies::parse_documents;
-use trellis_tests::backend::{grpc_frame, Backend};
+use trellis_tests::backend::{grpc_frame, Backend, GrpcCall};
 use trellis_tests::client::{self, HttpClient, Reply};
 
 const HOST: &str = "api.example.com";
@@ -82,15 +84,26 @@ fn refusal(r: &Reply) -> (u16, String, Value) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() {
+/// A real etcd holding the `books` route, the test gRPC service behind its sidecar, and the
+/// gateway's plain HTTP ingress.
+struct Env {
+    etcd: mesh_agent::testing::EtcdCluster,
+    backend: Backend,
+    _books: trellis_proxy::app::Running,
+    gateway: trellis_proxy::app::Running,
+    plain: std::net::SocketAddr,
+    _web: trellis_tests::web::WebPki,
+    _pki: trellis_tests::Pki,
+}
+
+async fn env() -> Env {
     trellis_tests::init_logs();
     let etcd = mesh_agent::testing::EtcdCluster::start(1).await;
     let cfg = mesh_agent::config::EtcdConfig::new(etcd.endpoints());
     apply(&cfg, &route("test.Echo")).await.expect("applied");
     let backend = Backend::start().await;
     let pki = trellis_tests::Pki::new(&["books", "edge"]);
-    let _books =
+    let books =
         trellis_tests::etcd_sidecar(&pki, "books", backend.addr, etcd.endpoints(), |_| {}).await;
     let web = trellis_tests::web::WebPki::new();
     web.leaf(pki.path(), "api", &[HOST]);
@@ -107,15 +120,36 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
     .await;
     let plain = gateway.bound.ingress_http.expect("plain ingress bound");
     let h1 = client::h1(plain);
-
-    // Unary GET: path variables (one of two segments), the rest from the query string.
-    let path = "/v1/shelves/3/items/42?title=hi%21&tags=a&tags=b&draft=true";
     trellis_tests::wait_for(
         Duration::from_secs(30),
         "the first transcoded call",
-        || async { call(&h1, "GET", HOST, path, b"").await.status == 200 },
+        || async { call(&h1, "GET", HOST, "/v1/items/1", b"").await.status == 200 },
     )
     .await;
+    Env {
+        etcd,
+        backend,
+        _books: books,
+        gateway,
+        plain,
+        _web: web,
+        _pki: pki,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() {
+    let Env {
+        etcd,
+        backend,
+        gateway,
+        plain,
+        ..
+    } = env().await;
+    let h1 = client::h1(plain);
+
+    // Unary GET: path variables (one of two segments), the rest from the query string.
+    let path = "/v1/shelves/3/items/42?title=hi%21&tags=a&tags=b&draft=true";
     let r = call(&h1, "GET", HOST, path, b"").await;
     assert_eq!(r.headers["content-type"], "application/json");
     assert_eq!(
@@ -266,4 +300,272 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
     .await;
     let r = call(&h1, "GET", HOST, "/v1/items/7", b"").await;
     assert_eq!((r.status.as_u16(), r.json()), (200, json!({"id": "7"})));
+}
+
+/// A request body sent in pieces, each when the test sends it: the sender and the body.
+fn streamed() -> (tokio::sync::mpsc::Sender<Bytes>, client::Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let piece = rx.recv().await?;
+        Some((Ok::<_, client::BoxError>(http_body::Frame::data(piece)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(stream).boxed())
+}
+
+/// A streamed JSON `POST` of `path`, answered on its own task.
+fn post_streamed(
+    h1: &HttpClient,
+    path: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Reply>,
+) {
+    let (tx, body) = streamed();
+    let req = Request::post(format!("http://{HOST}{path}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("request");
+    let h1 = h1.clone();
+    let reply = tokio::spawn(async move { client::send(&h1, req).await.expect("reply") });
+    (tx, reply)
+}
+
+/// The calls of `method` the service saw since `from`, once `n` of them have ended.
+async fn calls_seen(backend: &Backend, method: &str, from: usize, n: usize) -> Vec<GrpcCall> {
+    let mut seen = Vec::new();
+    trellis_tests::wait_for(Duration::from_secs(10), "the service's log", || {
+        seen = backend.grpc_calls.lock().expect("log")[from..]
+            .iter()
+            .filter(|c| c.method == method)
+            .cloned()
+            .collect();
+        let done = seen.len() >= n;
+        async move { done }
+    })
+    .await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one() {
+    let env = env().await;
+    let h1 = client::h1(env.plain);
+    let log_len = || env.backend.grpc_calls.lock().expect("log").len();
+    let collect = "/v1/shelves/1/items:collect";
+
+    // Several elements: one call, each element one message with the path's `name` woven in;
+    // the service answers their merge (repeated fields appended, the last scalar kept).
+    let from = log_len();
+    let body = br#"[{"tags": ["a"], "id": 1}, {"tags": ["b"], "id": 2},
+        {"tags": ["c"], "title": "t"}]"#;
+    let r = call(&h1, "POST", HOST, collect, body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"name": "shelves/1", "id": "2", "title": "t", "tags": ["a", "b", "c"]})
+    );
+    let seen = calls_seen(&env.backend, "Collect", from, 1).await;
+    assert_eq!((seen[0].messages.len(), &seen[0].broken), (3, &None));
+
+    // An empty array: a call with no message, answered with the empty message.
+    let from = log_len();
+    let r = call(&h1, "POST", HOST, collect, b" [ ] ").await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()),
+        (200, json!({})),
+        "{}",
+        r.body
+    );
+    let seen = calls_seen(&env.backend, "Collect", from, 1).await;
+    assert_eq!((seen[0].messages.len(), &seen[0].broken), (0, &None));
+
+    // A malformed element in the middle, after two good ones went out: 400 naming the
+    // element; the service got the two whole messages, then a cancelled call (never a
+    // complete one, nor a half message).
+    for (bad, cause, field) in [
+        (
+            &br#"{"tags": [1,}, {"tags": ["d"]}]"#[..],
+            "bad-json-body",
+            Value::Null,
+        ),
+        (
+            br#"{"nope": 1}, {"tags": ["d"]}]"#,
+            "bad-request-message",
+            json!("nope"),
+        ),
+    ] {
+        let from = log_len();
+        let (tx, reply) = post_streamed(&h1, collect);
+        let first = br#"[{"tags": ["a"]}, {"tags": ["b"]},"#;
+        tx.send(Bytes::from_static(first)).await.expect("sent");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(Bytes::from_static(bad)).await.expect("sent");
+        drop(tx);
+        let r = reply.await.expect("reply task");
+        assert_eq!(refusal(&r), (400, cause.to_string(), field), "{}", r.body);
+        assert_eq!(r.json()["element"], json!(2), "{}", r.body);
+        let seen = calls_seen(&env.backend, "Collect", from, 1).await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(
+            seen[0].messages,
+            [
+                &b"\x0a\x09shelves/1\x4a\x01a"[..],
+                &b"\x0a\x09shelves/1\x4a\x01b"[..]
+            ],
+            "the whole messages before the bad element, nothing after"
+        );
+        let broken = seen[0]
+            .broken
+            .as_deref()
+            .expect("the call did not complete");
+        assert!(
+            broken.contains("stream no longer needed") || broken.contains("cancel"),
+            "{broken}"
+        );
+    }
+
+    // An element past the body limit (4 KiB on this rule): 413, the call cancelled; a
+    // declared length past it is refused before any call is made.
+    let from = log_len();
+    let (tx, reply) = post_streamed(&h1, collect);
+    tx.send(Bytes::from_static(br#"[{"title": "a"},"#))
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let big = format!(r#"{{"title": "{}"}}]"#, "x".repeat(5000));
+    tx.send(Bytes::from(big)).await.expect("sent");
+    drop(tx);
+    let r = reply.await.expect("reply task");
+    assert_eq!(
+        refusal(&r),
+        (413, "body-too-large".into(), Value::Null),
+        "{}",
+        r.body
+    );
+    let seen = calls_seen(&env.backend, "Collect", from, 1).await;
+    assert_eq!(seen[0].messages.len(), 1, "{seen:?}");
+    assert!(seen[0].broken.is_some(), "{seen:?}");
+    let seen = env.backend.requests.load(Ordering::Relaxed);
+    let big = format!("[{}]", vec!["{}"; 1500].join(","));
+    let r = call(&h1, "POST", HOST, collect, big.as_bytes()).await;
+    assert_eq!((refusal(&r).0, r.cause()), (413, "body-too-large"));
+    assert_eq!(
+        env.backend.requests.load(Ordering::Relaxed),
+        seen,
+        "a declared length past the limit: nothing sent"
+    );
+
+    // Bidirectional: each element goes out as it completes and its echo comes back before
+    // the array is closed.
+    let (tx, body) = streamed();
+    let req = Request::post(format!("http://{HOST}/test.Echo/Chat"))
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("request");
+    tx.send(Bytes::from_static(br#"[{"id": 1}"#))
+        .await
+        .expect("sent");
+    let resp = client::h2c(env.plain).request(req).await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while !got.ends_with(br#"[{"id":"1"}"#) {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the first echo before the array is closed")
+            .expect("a frame")
+            .expect("data");
+        got.extend_from_slice(&frame.into_data().unwrap_or_default());
+    }
+    tx.send(Bytes::from_static(br#", {"id": 2}]"#))
+        .await
+        .expect("sent");
+    drop(tx);
+    let rest = body.collect().await.expect("the rest").to_bytes();
+    got.extend_from_slice(&rest);
+    assert_eq!(got, br#"[{"id":"1"},{"id":"2"}]"#);
+}
+
+/// A route whose body transform and aggregate compile, then a version whose jq program does
+/// not: `policy apply` refuses it with the reason, and a gateway that reads it from the store
+/// anyway refuses it too and keeps serving the last good version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transform_that_does_not_compile_is_refused_and_the_last_good_kept() {
+    const SHOP: &str = "shop.example.com";
+    let shop = |jq: &str| {
+        format!(
+            r#"apiVersion: trellis.dev/v1
+kind: HTTPRoute
+metadata: {{name: shop}}
+spec:
+  hosts: [{SHOP}]
+  gateways: [edge]
+  rules:
+    - name: checkout
+      matches: [{{path: {{prefix: /checkout}}}}]
+      aggregate:
+        calls:
+          - {{name: seen, service: books, method: POST, path: /reflect, body: {{transform: {{jq: '{jq}'}}}}}}
+    - name: shop
+      backends: [{{service: books}}]
+      transform: {{response: {{jq: '{jq}'}}}}
+"#
+        )
+    };
+    let env = env().await;
+    let cfg = mesh_agent::config::EtcdConfig::new(env.etcd.endpoints());
+    apply(&cfg, &shop("{m: .method}")).await.expect("applied");
+    let h1 = client::h1(env.plain);
+    trellis_tests::wait_for(Duration::from_secs(30), "the shop route", || async {
+        call(&h1, "GET", SHOP, "/echo", b"").await.status == 200
+    })
+    .await;
+    let r = call(&h1, "GET", SHOP, "/echo", b"").await;
+    assert_eq!(r.json(), json!({"m": "GET"}));
+    let r = call(&h1, "POST", SHOP, "/checkout", br#"{"method": "x"}"#).await;
+    assert_eq!(r.json(), json!({"seen": {"m": "x"}}), "{}", r.body);
+
+    let bad = shop("{m: .method");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("shop.yaml");
+    std::fs::write(&file, &bad).expect("written");
+    let e = mesh_agent::policy::load_documents(&file)
+        .map(|_| ())
+        .expect_err("refused by `policy apply`")
+        .to_string();
+    assert!(
+        e.contains("rules[0].aggregate.calls[0].body: transform.jq: `{m: .method` does not parse"),
+        "{e}"
+    );
+    let doc = parse_documents(&bad, "t")
+        .remove(0)
+        .expect("a policy document");
+    let key = format!("{PREFIX}/mesh/policies/HTTPRoute/shop");
+    let mut raw = etcd_client::Client::connect(env.etcd.endpoints(), None)
+        .await
+        .expect("etcd client");
+    raw.put(key.as_str(), serde_json::to_vec(&doc).expect("json"), None)
+        .await
+        .expect("put");
+    trellis_tests::wait_for(
+        Duration::from_secs(10),
+        "the gateway refuses it",
+        || async {
+            let d = client::admin(env.gateway.bound.admin, "/config_dump")
+                .await
+                .json();
+            d["etcd"]["discovery"]["rejected"][&key]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("does not parse"))
+        },
+    )
+    .await;
+    let r = call(&h1, "GET", SHOP, "/echo", b"").await;
+    assert_eq!(
+        r.json(),
+        json!({"m": "GET"}),
+        "the last good version serves"
+    );
+    let r = call(&h1, "POST", SHOP, "/checkout", br#"{"method": "y"}"#).await;
+    assert_eq!(r.json(), json!({"seen": {"m": "y"}}), "{}", r.body);
 }

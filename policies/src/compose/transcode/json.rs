@@ -25,6 +25,12 @@ pub enum TranscodeError {
     BadPath(String),
     #[error("the upstream's message is not a `{message}`: {error}")]
     BadUpstream { message: String, error: String },
+    /// An element of a client-streaming call's array that does not map (0-based index).
+    #[error("element {index} of the array: {error}")]
+    InElement {
+        index: usize,
+        error: Box<TranscodeError>,
+    },
 }
 
 // === impl TranscodeError ===
@@ -35,6 +41,25 @@ impl TranscodeError {
         match self {
             Self::BadField { field, .. } => Some(field),
             Self::BadQuery { name, .. } => Some(name),
+            Self::InElement { error, .. } => error.field(),
+            _ => None,
+        }
+    }
+
+    /// Whether the body is not JSON at all (rather than JSON that names no field, or the
+    /// wrong type).
+    pub fn is_bad_json(&self) -> bool {
+        match self {
+            Self::BadJson(_) => true,
+            Self::InElement { error, .. } => error.is_bad_json(),
+            _ => false,
+        }
+    }
+
+    /// The array element at fault, for a client-streaming call.
+    pub fn element(&self) -> Option<usize> {
+        match self {
+            Self::InElement { index, .. } => Some(*index),
             _ => None,
         }
     }
@@ -52,9 +77,38 @@ impl Binding {
         query: Option<&str>,
         ignore_unknown_query: bool,
     ) -> Result<Vec<u8>, TranscodeError> {
-        let mut root = self.body_object(body)?;
+        self.message(self.body_object(body)?, &vars, query, ignore_unknown_query)
+    }
+
+    /// One request message of a client-streaming call from its array element (which the
+    /// splitter found, so never empty): as a unary body, with the same path variables and
+    /// query parameters woven into every message, as Envoy does.
+    pub fn stream_message(
+        &self,
+        index: usize,
+        element: &[u8],
+        vars: &[String],
+        query: Option<&str>,
+        ignore_unknown_query: bool,
+    ) -> Result<Vec<u8>, TranscodeError> {
+        let in_element = |e| TranscodeError::InElement {
+            index,
+            error: Box::new(e),
+        };
+        let root = self.body_object(element).map_err(in_element)?;
+        self.message(root, vars, query, ignore_unknown_query)
+            .map_err(in_element)
+    }
+
+    fn message(
+        &self,
+        mut root: Map<String, Value>,
+        vars: &[String],
+        query: Option<&str>,
+        ignore_unknown_query: bool,
+    ) -> Result<Vec<u8>, TranscodeError> {
         for (fields, value) in self.vars.iter().zip(vars) {
-            let v = scalar(fields_last(fields), &value).map_err(|message| {
+            let v = scalar(fields_last(fields), value).map_err(|message| {
                 TranscodeError::BadPath(format!("`{}`: {message}", dotted(fields)))
             })?;
             set(&mut root, fields, v, false);

@@ -12,6 +12,7 @@
 
 mod json;
 mod rules;
+mod stream;
 mod template;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use json::TranscodeError;
 pub use rules::{Binding, BodyRule};
+pub use stream::ArraySplitter;
 pub use template::PathTemplate;
 
 /// Largest descriptor set (decoded), in bytes.
@@ -197,6 +199,7 @@ pub(crate) mod tests {
         assert_eq!(
             t.routes(),
             [
+                "POST /v1/{name=shelves/*}/items:collect -> /test.Echo/Collect",
                 "GET /v1/{name=shelves/*}/items/{id} -> /test.Echo/Say",
                 "POST /v1/{name=shelves/*}/items -> /test.Echo/Create",
                 "PATCH /v1/items/{id}/meta -> /test.Echo/Annotate",
@@ -204,12 +207,17 @@ pub(crate) mod tests {
                 "GET /v1/items/{id} -> /test.Echo/Say",
                 "GET /v1/missing/{id} -> /test.Echo/Fail",
                 "POST /test.Echo/Plain -> /test.Echo/Plain",
+                "POST /test.Echo/Chat -> /test.Echo/Chat",
             ]
         );
         let (b, vars) = t.find("GET", "/v1/items/7:stream").unwrap();
         assert_eq!(b.grpc_path, "/test.Echo/Repeat");
-        assert!(b.server_streaming);
+        assert!(b.server_streaming && !b.client_streaming);
         assert_eq!(vars.unwrap(), ["7"]);
+        let (b, _) = t.find("POST", "/v1/shelves/1/items:collect").unwrap();
+        assert!(b.client_streaming && !b.server_streaming);
+        let (b, _) = t.find("POST", "/test.Echo/Chat").unwrap();
+        assert!(b.client_streaming && b.server_streaming);
         assert!(t.find("POST", "/v1/items/7").is_none());
         assert!(t.find("GET", "/v2/items/7").is_none());
     }

@@ -30,6 +30,8 @@ pub struct Binding {
     pub input: MessageDescriptor,
     pub output: MessageDescriptor,
     pub server_streaming: bool,
+    /// The request is a stream of messages: the body is a JSON array of them.
+    pub client_streaming: bool,
     pub body: BodyRule,
     /// The path variables' fields, in the template's order.
     pub(super) vars: Vec<Vec<FieldDescriptor>>,
@@ -65,18 +67,10 @@ pub fn bindings(
                 .flatten()
         });
         let Some(rule) = rule else {
-            if method.is_client_streaming() {
-                continue;
-            }
             let path = format!("/{}/{}", service.full_name(), name);
             out.push(binding(&method, "POST", &path, "*", "").map_err(|m| format!("{name}: {m}"))?);
             continue;
         };
-        if method.is_client_streaming() {
-            return Err(format!(
-                "{name}: client-streaming methods are not transcoded; remove its `{HTTP_OPTION}` option"
-            ));
-        }
         let mut rules = vec![rule.clone()];
         if let Some(Value::List(more)) = rule.get_field_by_name("additional_bindings").as_deref() {
             rules.extend(more.iter().filter_map(|v| v.as_message().cloned()));
@@ -139,6 +133,11 @@ fn binding(
         .map(|v| path_field(&input, &v.field_path).map_err(|m| format!("`{path}`: {m}")))
         .collect::<Result<Vec<_>, _>>()?;
     let body = match body {
+        "" if method.is_client_streaming() => {
+            return Err(format!(
+                "`{verb} {path}`: a client-streaming method takes its messages from the body (a JSON array): set `body`"
+            ))
+        }
         "" => BodyRule::None,
         "*" => BodyRule::Whole,
         f => BodyRule::Field(
@@ -165,6 +164,7 @@ fn binding(
         input,
         output,
         server_streaming: method.is_server_streaming(),
+        client_streaming: method.is_client_streaming(),
         body,
         vars,
         response_body,
@@ -272,5 +272,17 @@ mod tests {
         );
         let e = binding(&m, "POST", "/v1/x", "*", "nope").unwrap_err();
         assert!(e.contains("response_body: `nope`"), "{e}");
+    }
+
+    #[test]
+    fn client_streaming_methods_take_their_messages_from_the_body() {
+        let m = method("Collect");
+        let e = binding(&m, "POST", "/v1/x", "", "").unwrap_err();
+        assert!(
+            e.contains("`POST /v1/x`: a client-streaming method takes its messages from the body"),
+            "{e}"
+        );
+        let b = binding(&m, "POST", "/v1/{name}", "meta", "").unwrap();
+        assert!(b.client_streaming && matches!(b.body, BodyRule::Field(_)));
     }
 }

@@ -168,3 +168,55 @@ fn paths_must_fit_the_params_and_values_stay_in_their_segment() {
     );
     assert_eq!(query_value(Some("a=1"), "q"), None);
 }
+
+#[tokio::test]
+async fn call_bodies_are_built_from_the_public_body_before_any_call() {
+    let a = aggregate(
+        r#"
+calls:
+  - {name: order, service: orders, path: /orders, method: POST, body: {pointer: /order}}
+  - {name: bill, service: billing, path: /bills, method: PUT, body: {transform: {jq: '{total: (.order.items | map(.price) | add), who: .customer}'}}}
+  - {name: audit, service: audit, path: /audit, method: POST, body: {whole: true}}
+  - {name: user, service: users, path: /users/1}
+"#,
+    );
+    assert!(a.reads_body());
+    assert_eq!(a.calls[1].method, http::Method::PUT);
+    let public = r#"{"order": {"items": [{"price": 2}, {"price": 3}]}, "customer": "ana"}"#;
+    let bodies = a.call_bodies(Bytes::from(public)).await.expect("built");
+    let json = |i: usize| -> Value {
+        serde_json::from_slice(bodies[i].as_ref().expect("a body")).unwrap()
+    };
+    assert_eq!(
+        json(0),
+        serde_json::json!({"items": [{"price": 2}, {"price": 3}]})
+    );
+    assert_eq!(json(1), serde_json::json!({"total": 5, "who": "ana"}));
+    assert_eq!(bodies[2].as_deref(), Some(public.as_bytes()));
+    assert!(bodies[3].is_none());
+
+    // The client's body at fault: 400, whatever the call.
+    for (body, cause, detail) in [
+        ("{\"order\": ", "bad-json-body", "not JSON"),
+        ("", "bad-json-body", "not JSON"),
+        ("{\"order\": \"\u{0}\"}", "bad-json-body", "not JSON"),
+        (
+            r#"{"customer": "ana"}"#,
+            "bad-json-body",
+            "call `order`: the request body has nothing at `/order`",
+        ),
+        (
+            r#"{"order": {"items": 3}}"#,
+            "bad-json-body",
+            "cannot be transformed",
+        ),
+    ] {
+        let e = a.call_bodies(Bytes::from(body)).await.expect_err(body);
+        assert_eq!(
+            (e.status().as_u16(), e.cause()),
+            (400, cause),
+            "{body}: {e}"
+        );
+        assert!(e.to_string().contains(detail), "{body}: {e}");
+    }
+}

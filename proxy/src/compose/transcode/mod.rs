@@ -10,54 +10,112 @@
 
 mod status;
 mod stream;
+mod upload;
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
 use trellis_policies::compose::{Binding, StreamFormat, Transcoder};
 
 use super::body::{refused_request, request_body};
 use super::ComposeError;
 use crate::error::ProxyError;
+use crate::http::client_body::{BodyWatch, ClientBody};
 use crate::ResponseBody;
 
 pub use status::{code_name, http_status};
 pub use stream::JsonStream;
+pub use upload::{Failed, Upload};
 
-/// The gRPC call for a JSON request: its binding found (404 when none fits, before the body
-/// is read), its body read (at most the limit: 413) and mapped to the input message (400
-/// naming the field), framed as one gRPC message.
+/// The binding a JSON request fits, with its path variables (404 when none fits, before the
+/// body is read; 400 for a variable that does not decode).
+pub fn find<B>(
+    t: &Transcoder,
+    req: &Request<B>,
+) -> Result<(Arc<Binding>, Vec<String>), ProxyError> {
+    let Some((binding, vars)) = t.find(req.method().as_str(), req.uri().path()) else {
+        return Err(ComposeError::NoBinding {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+        }
+        .into());
+    };
+    let vars = vars.map_err(|m| {
+        ComposeError::Transcode(trellis_policies::compose::TranscodeError::BadPath(m))
+    })?;
+    Ok((binding.clone(), vars))
+}
+
+/// The gRPC call for a JSON request: its body read (at most the limit: 413) and mapped to the
+/// input message (400 naming the field), framed as one gRPC message (or, for a
+/// client-streaming method whose body the edge read already, as all of them).
 pub async fn request<B>(
     t: &Transcoder,
+    binding: &Binding,
+    vars: Vec<String>,
     req: Request<B>,
-) -> Result<(Request<Bytes>, Arc<Binding>), ProxyError>
+) -> Result<Request<Bytes>, ProxyError>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (mut parts, body) = req.into_parts();
-    let found = t.find(parts.method.as_str(), parts.uri.path());
-    let Some((binding, vars)) = found else {
-        return Err(ComposeError::NoBinding {
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_string(),
-        }
-        .into());
-    };
-    let binding = binding.clone();
-    let vars = vars.map_err(|m| {
-        ComposeError::Transcode(trellis_policies::compose::TranscodeError::BadPath(m))
-    })?;
     let json = request_body(&mut parts, body, t.max_body)
         .await
         .map_err(|e| refused_request(e, t.max_body))?;
-    let message = binding
-        .request(&json, vars, parts.uri.query(), t.ignore_unknown_query)
-        .map_err(ComposeError::Transcode)?;
-    let framed = frame(&message);
+    let query = parts.uri.query();
+    let ignore = t.ignore_unknown_query;
+    let framed = if binding.client_streaming {
+        upload::whole(binding, &json, &vars, query, ignore)?
+    } else {
+        let message = binding
+            .request(&json, vars, query, ignore)
+            .map_err(ComposeError::Transcode)?;
+        let mut b = BytesMut::new();
+        upload::put_frame(&mut b, &message);
+        b.freeze()
+    };
+    grpc_parts(&mut parts, binding)?;
+    let h = &mut parts.headers;
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(framed.len()));
+    Ok(Request::from_parts(parts, framed))
+}
+
+/// The gRPC call of a client-streaming method: the client's JSON array becomes the request's
+/// messages as it streams ([`Upload`]), within the body limit (a larger `Content-Length` is
+/// refused before anything is sent). The [`Failed`] slot holds why the body was cut, if it
+/// was.
+pub fn upload(
+    t: &Transcoder,
+    binding: Arc<Binding>,
+    vars: Vec<String>,
+    req: Request<Incoming>,
+) -> Result<(Request<ClientBody>, Arc<BodyWatch>, Failed), ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    if super::body::declared_length(&parts.headers).is_some_and(|n| n > t.max_body) {
+        return Err(ComposeError::RequestTooLarge { limit: t.max_body }.into());
+    }
+    grpc_parts(&mut parts, &binding)?;
+    let query = parts.uri.query().map(str::to_string);
+    let (upload, failed) = Upload::new(
+        body,
+        binding.clone(),
+        vars,
+        query,
+        t.ignore_unknown_query,
+        t.max_body,
+    );
+    let (body, watch) = ClientBody::mapped(Box::pin(upload));
+    Ok((Request::from_parts(parts, body), watch, failed))
+}
+
+/// The gRPC request line and headers of a transcoded call (its query is dropped: it was read
+/// into the message).
+fn grpc_parts(parts: &mut http::request::Parts, binding: &Binding) -> Result<(), ProxyError> {
     parts.method = Method::POST;
     parts.uri = grpc_uri(&parts.uri, &binding.grpc_path)?;
     // gRPC is HTTP/2 whatever the client spoke: no `trellis-orig-proto` for the far side.
@@ -72,17 +130,7 @@ where
     );
     h.insert(header::TE, HeaderValue::from_static("trailers"));
     h.insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(framed.len()));
-    Ok((Request::from_parts(parts, framed), binding))
-}
-
-/// One uncompressed gRPC message: flag 0, a 4-byte big-endian length, the message.
-fn frame(message: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + message.len());
-    b.put_u8(0);
-    b.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-    b.put_slice(message);
-    b.freeze()
+    Ok(())
 }
 
 /// The request's URI with the gRPC method's path (its authority kept, its query dropped).

@@ -43,7 +43,8 @@ async fn a_json_request_becomes_one_framed_grpc_message() {
         .header("authorization", "Bearer x")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    let (req, b) = request(&t, req).await.unwrap();
+    let (b, vars) = find(&t, &req).unwrap();
+    let req = request(&t, &b, vars, req).await.unwrap();
     assert_eq!(b.grpc_path, "/test.Echo/Say");
     assert_eq!(req.method(), Method::POST);
     assert_eq!(req.uri(), "/test.Echo/Say");
@@ -75,7 +76,12 @@ async fn refused(
     let req = b
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap();
-    match request(t, req).await {
+    let found = find(t, &req);
+    let sent = match found {
+        Ok((b, vars)) => request(t, &b, vars, req).await,
+        Err(e) => Err(e),
+    };
+    match sent {
         Err(e) => (e.status(), e.cause()),
         Ok(_) => panic!("{uri} was not refused"),
     }
@@ -185,4 +191,34 @@ async fn a_trailers_only_error_answers_its_http_status() {
     assert_eq!(doc["grpc_status"], "NOT_FOUND");
     assert_eq!(doc["message"], "no such thing");
     assert_eq!(doc["status"], 404);
+}
+
+#[tokio::test]
+async fn a_client_stream_read_whole_becomes_all_its_messages() {
+    let t = transcoder("array");
+    let req = Request::post("/v1/shelves/3/items:collect")
+        .body(Full::new(Bytes::from_static(
+            br#"[{"id": 1}, {"title": "a"}]"#,
+        )))
+        .unwrap();
+    let (b, vars) = find(&t, &req).unwrap();
+    assert!(b.client_streaming);
+    let req = request(&t, &b, vars, req).await.unwrap();
+    assert_eq!(req.uri(), "/test.Echo/Collect");
+    // Two framed messages, each with the path's name woven in.
+    let one = b"\x0a\x09shelves/3\x10\x01";
+    let two = b"\x0a\x09shelves/3\x1a\x01a";
+    let mut want = vec![0, 0, 0, 0, one.len() as u8];
+    want.extend_from_slice(one);
+    want.extend_from_slice(&[0, 0, 0, 0, two.len() as u8]);
+    want.extend_from_slice(two);
+    assert_eq!(&req.body()[..], &want[..]);
+    for (body, cause) in [
+        ("[{\"id\": 1},]", "bad-json-body"),
+        ("{}", "bad-json-body"),
+        ("[{\"nope\": 1}]", "bad-request-message"),
+    ] {
+        let got = refused(&t, "POST", "/v1/shelves/3/items:collect", body, None).await;
+        assert_eq!(got, (StatusCode::BAD_REQUEST, cause), "{body}");
+    }
 }

@@ -32,6 +32,8 @@ struct Fanout<'a> {
     client: SocketAddr,
     lifecycle: &'a Lifecycle,
     max_answer: u64,
+    /// Each call's body (by call index), built before any call left.
+    bodies: Vec<Option<Bytes>>,
 }
 
 impl Outbound {
@@ -82,7 +84,14 @@ impl Outbound {
         lifecycle: &Lifecycle,
     ) -> Response<ResponseBody> {
         let grpc = crate::http::grpc::is_grpc(req.headers());
-        let (parts, _body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let bodies = match self
+            .aggregate_bodies(rule, aggregate, &mut parts, body)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => return lifecycle.refuse(e, grpc),
+        };
         let mut headers = parts.headers;
         // Each call has its own host and asks for plain JSON, whole.
         headers.remove(header::HOST);
@@ -95,6 +104,7 @@ impl Outbound {
             client,
             lifecycle,
             max_answer: aggregate.max_answer,
+            bodies,
         };
         let result = match aggregate.inputs(parts.uri.path(), parts.uri.query()) {
             Ok(inputs) => {
@@ -114,8 +124,33 @@ impl Outbound {
         }
     }
 
-    /// One call of an aggregate: a `GET`, its answer read whole within the call's time
-    /// and size limits and parsed as JSON.
+    /// The calls' bodies, built from the public request's JSON body (read whole, at most
+    /// `max_body_bytes`, within the rule's request timeout) before any call leaves; nothing
+    /// is read when no call has a body.
+    async fn aggregate_bodies(
+        &self,
+        rule: &Rule,
+        a: &Aggregate,
+        parts: &mut http::request::Parts,
+        body: Incoming,
+    ) -> Result<Vec<Option<Bytes>>, ProxyError> {
+        if !a.reads_body() {
+            return Ok(vec![None; a.calls.len()]);
+        }
+        let limit = rule.timeout.unwrap_or(self.defaults.request);
+        let read = async {
+            let bytes = crate::compose::body::request_body(parts, body, a.max_body)
+                .await
+                .map_err(|e| refused_request(e, a.max_body))?;
+            a.call_bodies(bytes).await.map_err(ProxyError::Compose)
+        };
+        within(limit, read).await
+    }
+
+    /// One call of an aggregate: its method and body, its answer read whole within the
+    /// call's time and size limits and parsed as JSON. Retried as any mesh call of its
+    /// method (`Outbound::forward_built`): `POST` and `PATCH` only when the service's retry
+    /// policy allows non-idempotent methods.
     async fn aggregate_call(&self, f: &Fanout<'_>, c: &Call, path: String) -> Answer {
         let start = Instant::now();
         let failed = |status: StatusCode, cause: &'static str, message: String| Failure {
@@ -123,7 +158,9 @@ impl Outbound {
             cause,
             message,
         };
-        let mut req = Request::new(Bytes::new());
+        let body = f.bodies.get(c.index).cloned().flatten();
+        let mut req = Request::new(body.clone().unwrap_or_default());
+        *req.method_mut() = c.method.clone();
         *req.uri_mut() = path.parse().map_err(|e| {
             failed(
                 StatusCode::BAD_REQUEST,
@@ -141,6 +178,13 @@ impl Outbound {
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
+        if let Some(b) = &body {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+        }
         if let Some(t) = c.timeout {
             req.extensions_mut().insert(RouteTimeout(t));
         }
@@ -246,7 +290,9 @@ impl Outbound {
     }
 
     /// Forward a JSON request to a gRPC service: mapped to the method's message (within the
-    /// request timeout) before anything is sent, the answer mapped back to JSON.
+    /// request timeout) before anything is sent, the answer mapped back to JSON. A
+    /// client-streaming method's array streams instead, element by element; when the gateway
+    /// cuts it (a bad element, the body limit), the client is answered with that cause.
     pub(super) async fn forward_transcoded(
         &self,
         t: &Transcoder,
@@ -255,8 +301,25 @@ impl Outbound {
         client: SocketAddr,
         span: &mut RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (binding, vars) = transcode::find(t, &req)?;
+        let read_ahead = req
+            .extensions()
+            .get::<crate::http::read_ahead::ReadAhead>()
+            .is_some();
+        if binding.client_streaming && !read_ahead {
+            let (req, watch, failed) = transcode::upload(t, binding.clone(), vars, req)?;
+            let sent = self.forward_mapped(route, req, watch, client, span).await;
+            let answer = match sent {
+                Ok(resp) => transcode::response(t, binding, resp).await,
+                Err(e) => Err(e),
+            };
+            return match failed.take() {
+                Some(cause) => Err(cause.into()),
+                None => answer,
+            };
+        }
         let limit = self.body_time(route, &req);
-        let (req, binding) = within(limit, transcode::request(t, req)).await?;
+        let req = within(limit, transcode::request(t, &binding, vars, req)).await?;
         let resp = self.forward_built(route, req, client, span).await?;
         transcode::response(t, binding, resp).await
     }

@@ -267,6 +267,29 @@ impl Outbound {
             .await
     }
 
+    /// As [`Outbound::forward_built`], for a body the sidecar maps from the client's as it
+    /// streams (a transcoded client stream): sent once, never replayed, and a failure of the
+    /// body is the client's (`watch`), not the endpoint's.
+    pub(crate) async fn forward_mapped(
+        &self,
+        route: &Target,
+        mut req: Request<crate::http::client_body::ClientBody>,
+        watch: Arc<crate::http::client_body::BodyWatch>,
+        client: SocketAddr,
+        span: &mut crate::telemetry::trace::RequestSpan,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (endpoints, _request, i, resolved) = self.admit(route, &mut req, client)?;
+        if route.service.external_host.is_some() {
+            return Err(ProxyError::BadRequest(
+                "composed requests go to mesh services, not external ones",
+            ));
+        }
+        rewrite::to_mesh_h2(&mut req)?;
+        let payload = Payload::mapped(req, watch);
+        self.send(route, endpoints, i, payload, &resolved, client, span)
+            .await
+    }
+
     /// The first steps of every mesh call: the service's request budget (its permit is held
     /// until the response headers arrive, or the request fails), an endpoint, the call's
     /// timeouts, and the request cleaned of what a caller may not send.

@@ -82,6 +82,14 @@ impl Payload {
         Self::Once { req: Some(req) }
     }
 
+    /// A body the sidecar maps from the client's while it streams: sent once, its failures
+    /// blamed on the client through `watch`.
+    pub fn mapped(req: Request<ClientBody>, watch: Arc<BodyWatch>) -> Self {
+        let (parts, body) = req.into_parts();
+        let req = Some(Request::from_parts(parts, Either::Left(body)));
+        Self::Streamed { req, watch }
+    }
+
     /// A body the edge read already (to validate it): replayed like a buffered one when the
     /// retry policy allows it, else sent once as it is.
     fn read_ahead(req: Request<Incoming>, body: Bytes, retry: &RetrySpec) -> Self {
