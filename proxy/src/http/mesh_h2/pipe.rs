@@ -95,7 +95,7 @@ async fn pump(body: &mut RequestBody, stream: &mut SendStream<Bytes>) -> Result<
         };
         let frame = frame.map_err(|e| {
             tracing::debug!(error = %e, "request body failed while streaming to the peer");
-            Stop::Reset(Reason::INTERNAL_ERROR)
+            Stop::Reset(reset_reason(&*e))
         })?;
         match frame.into_data() {
             Ok(data) => {
@@ -127,4 +127,18 @@ fn next_frame(
         return Poll::Ready(Err(Stop::Gone));
     }
     Pin::new(body).poll_frame(cx).map(Ok)
+}
+
+/// hyper's rule for a body that fails: reset with the HTTP/2 reason found in the error's
+/// chain (a transcoded client stream fails with `CANCEL`, which a gRPC server reads as a
+/// cancelled call), `INTERNAL_ERROR` otherwise.
+pub(super) fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(reason) = err.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cur = err.source();
+    }
+    Reason::INTERNAL_ERROR
 }

@@ -170,3 +170,13 @@ async fn a_peer_that_answers_pings_is_kept() {
     let resp = send.send(request("GET", b"")).await.unwrap();
     assert_eq!(text(resp).await, "GET 0 none");
 }
+
+#[test]
+fn a_failed_body_resets_with_the_reason_it_carries() {
+    use h2::Reason;
+    let cancel: Box<dyn std::error::Error + Send + Sync> =
+        Box::new(h2::Error::from(Reason::CANCEL));
+    assert_eq!(pipe::reset_reason(&*cancel), Reason::CANCEL);
+    let other: Box<dyn std::error::Error + Send + Sync> = "client went away".into();
+    assert_eq!(pipe::reset_reason(&*other), Reason::INTERNAL_ERROR);
+}
