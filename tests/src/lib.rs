@@ -125,6 +125,35 @@ impl Sidecar {
     }
 }
 
+/// A loopback port that refuses connections for as long as this lives: a bound socket that does
+/// not listen. Why not a listener's port after dropping it: the kernel hands that port to the
+/// next socket bound to port 0, another test's listener running in parallel, and the "app that
+/// is down" then answers (a flaky 502 test under load).
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind a loopback port");
+        let addr = socket.local_addr().expect("its address");
+        Self {
+            _socket: socket,
+            addr,
+        }
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A fresh snapshot version (every snapshot a test sends gets its own, so `apply` can wait for it).
 pub fn next_version() -> u64 {
     static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

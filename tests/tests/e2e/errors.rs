@@ -47,10 +47,8 @@ fn doc(services: &[(&str, &[String], Option<Duration>)]) -> Arc<Snapshot> {
 #[tokio::test]
 async fn unknown_service_no_endpoints_connect_failure_and_timeout() {
     let mesh = Mesh::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let closed_port = trellis_tests::ClosedPort::new();
+    let closed = closed_port.addr.to_string();
     mesh.client
         .apply(doc(&[
             (
@@ -93,10 +91,8 @@ async fn unknown_service_no_endpoints_connect_failure_and_timeout() {
 async fn app_down_behind_the_inbound_sidecar_is_a_502() {
     trellis_tests::init_logs();
     let pki = Pki::new(&["client", "echo"]);
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed_port = trellis_tests::ClosedPort::new();
+    let closed = closed_port.addr;
     let server = Sidecar::start(&pki, "echo", closed, |_| {}).await;
     server.route(&[]).await;
     let client_sc = Sidecar::start(&pki, "client", closed, |_| {}).await;

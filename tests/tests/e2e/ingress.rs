@@ -390,9 +390,8 @@ async fn the_ingress_traces_every_request_it_answers_refused_or_routed() {
 
     // Routed to nothing: the gateway answers itself, a server error named by its cause.
     let trace = "5bf92f3577b34da6a3ce929d0e0e4733";
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a port nobody listens on");
+    let closed_port = trellis_tests::ClosedPort::new();
+    let closed = closed_port.addr;
     gateway.apply(snapshot(closed)).await;
     let (status, _, _) = keyed(format!("00-{trace}-{parent}-01")).await;
     assert!(status >= 500, "{status}");

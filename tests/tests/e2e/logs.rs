@@ -3,7 +3,6 @@
 //! carries the trace id of that request's access log line and the span id of the span it
 //! exports; a line outside any request carries neither.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,12 +25,6 @@ fn observed(c: &mut Config, endpoint: String, access: &Path) {
     c.tracing.flush_interval = Duration::from_millis(100);
     c.access_log.enabled = true;
     c.access_log.path = Some(access.to_path_buf());
-}
-
-/// A loopback address nothing listens on: the app that is down.
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// The JSON lines of `lines` whose message is `message`.
@@ -66,11 +59,14 @@ async fn lines_logged_for_a_request_carry_its_trace_and_span_ids() {
         client_log.clone(),
         server_log.clone(),
     );
+    // The app that is down.
+    let app = trellis_tests::ClosedPort::new();
+    let app_addr = app.addr;
     let mesh = Mesh::start_with(
         move |c| observed(c, e1, &cl),
         move |c| {
             observed(c, e2, &sl);
-            c.inbound.app = closed_port();
+            c.inbound.app = app_addr;
         },
     )
     .await;

@@ -237,9 +237,8 @@ async fn unsampled_context_is_propagated_without_spans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_no_request_and_drops_are_counted() {
     // A port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let dead = trellis_tests::ClosedPort::new();
+    let endpoint = format!("http://{}", dead.addr);
     let mesh = Mesh::start_with(traced(endpoint.clone(), 1.0), traced(endpoint, 1.0)).await;
     let c = client::h1(mesh.client.outbound());
     for _ in 0..50 {
