@@ -158,7 +158,8 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotSent(_) => f.write_str("connection closed before the request was sent"),
-            Self::Failed(e) => write!(f, "http2: {e}"),
+            // The detail is the source (`client_error::error_chain` joins them).
+            Self::Failed(_) => f.write_str("HTTP/2 request to the peer failed"),
         }
     }
 }

@@ -180,3 +180,14 @@ fn a_failed_body_resets_with_the_reason_it_carries() {
     let other: Box<dyn std::error::Error + Send + Sync> = "client went away".into();
     assert_eq!(pipe::reset_reason(&*other), Reason::INTERNAL_ERROR);
 }
+
+#[test]
+fn a_failed_request_names_the_http2_cause_once() {
+    let e = SendError::Failed(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    let chain = crate::http::client_error::error_chain(&e);
+    assert!(
+        chain.starts_with("HTTP/2 request to the peer failed: "),
+        "{chain}"
+    );
+    assert_eq!(chain.matches("refused").count(), 1, "{chain}");
+}
