@@ -246,7 +246,7 @@ impl AppClient {
             && body.replayable()
             && protocol_mismatch(proto, e)
         {
-            self.knowledge.fallback(proto).await
+            self.knowledge.fallback(proto, answered_otherwise(e)).await
         } else {
             None
         };
@@ -341,6 +341,14 @@ fn protocol_mismatch(proto: Proto, e: &AttemptError) -> bool {
     e.hyper().is_some_and(|h| {
         h.is_parse() || h.is_incomplete_message() || h.to_string().contains("unexpected message")
     })
+}
+
+/// A failed HTTP/1.1 attempt was answered, but not in HTTP/1.1: hyper could not parse the
+/// answer, or the app spoke before the request was written (an HTTP/1.1 server never does; an
+/// h2c server sends its SETTINGS frame first).
+fn answered_otherwise(e: &AttemptError) -> bool {
+    e.hyper()
+        .is_some_and(|h| h.is_parse() || h.to_string().contains("unexpected message"))
 }
 
 /// The first hyper error among `e`'s sources.

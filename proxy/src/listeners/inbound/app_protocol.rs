@@ -229,8 +229,10 @@ impl AppKnowledge {
     /// After an attempt in `failed` ended without a response (not a connect error, not a
     /// timeout, not the client's fault): the protocol to repeat it in, if fresh probes prove
     /// that the app does not speak `failed` (so it cannot have acted on the request) and does
-    /// speak the other one. `None` keeps the failure.
-    pub async fn fallback(&self, failed: Proto) -> Option<Proto> {
+    /// speak the other one. `None` keeps the failure. `answered_otherwise`: the failed
+    /// HTTP/1.1 attempt was answered with bytes that are no HTTP/1.1 (an h2c server's
+    /// SETTINGS frame, sent before or instead of reading the request).
+    pub async fn fallback(&self, failed: Proto, answered_otherwise: bool) -> Option<Proto> {
         match failed {
             Proto::H2c => match self.speaks_h2c(true).await {
                 // No h2c, so nothing of the attempt was a request to the app. HTTP/1.1 is
@@ -245,6 +247,14 @@ impl AppKnowledge {
                 }
                 match self.speaks_h1(true).await {
                     Known::No => Some(Proto::H2c),
+                    // The `OPTIONS *` probe heard nothing: an h2c-only server may reset the
+                    // connection on a preface it cannot parse before its SETTINGS frame is
+                    // read (seen under load). The attempt itself was answered in something
+                    // else than HTTP/1.1 by an app that speaks h2c: that is the answer.
+                    Known::Unknown if answered_otherwise => {
+                        self.set(Proto::Http1, false);
+                        Some(Proto::H2c)
+                    }
                     Known::Yes | Known::Unknown => None,
                 }
             }
@@ -330,6 +340,50 @@ pub async fn probe_h1(addr: SocketAddr, timeout: Duration) -> std::io::Result<Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An h2c-only app that resets (no answer at all) a connection that does not open with the
+    /// HTTP/2 preface, as a server may under load.
+    async fn resetting_h2c_app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut first = [0u8; 3];
+                    if tcp.read_exact(&mut first).await.is_err() {
+                        return;
+                    }
+                    if &first == b"PRI" {
+                        let _ = tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                        let mut rest = [0u8; 64];
+                        while matches!(tcp.read(&mut rest).await, Ok(n) if n > 0) {}
+                    } else {
+                        let _ = tcp.set_zero_linger();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_h1_attempt_answered_in_h2_falls_back_even_when_the_h1_probe_hears_nothing() {
+        let addr = resetting_h2c_app().await;
+        // Only the probes: nothing proves the app lacks HTTP/1.1, so no fallback.
+        let knowledge = AppKnowledge::new(addr, Duration::from_secs(2));
+        assert_eq!(knowledge.fallback(Proto::Http1, false).await, None);
+        assert_eq!(knowledge.h1(), Known::Unknown);
+        // The failed attempt was answered in something else than HTTP/1.1: fall back, and
+        // remember it, so that the next request goes as h2c at once.
+        let knowledge = AppKnowledge::new(addr, Duration::from_secs(2));
+        assert_eq!(
+            knowledge.fallback(Proto::Http1, true).await,
+            Some(Proto::H2c)
+        );
+        assert_eq!(knowledge.h1(), Known::No);
+        assert_eq!(knowledge.h2c(), Known::Yes);
+        assert_eq!(knowledge.known_choice(false, true), Some(Proto::H2c));
+    }
 
     #[test]
     fn an_h2_servers_settings_frame_is_told_from_an_http1_status_line() {
