@@ -145,6 +145,14 @@ impl H1Pool {
         (resp, Some(checkin))
     }
 
+    /// Drop every idle connection: one turned out stale (the app restarted, say), and the
+    /// others were opened to the same process.
+    pub fn clear_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
     /// The most recently used idle connection that can take a request now.
     fn checkout(&self) -> Option<SendRequest<AttemptBody>> {
         let mut idle = self.idle.lock().ok()?;

@@ -257,6 +257,9 @@ impl AppClient {
         }
         if !tries.stale_retried && tries.may_fall_back && body.replayable() && stale_connection(e) {
             tries.stale_retried = true;
+            // "On a new one": the other idle connections went stale with this one (an app
+            // restart ends them all), and the pool would hand out the next of them.
+            self.h1.clear_idle();
             tracing::debug!(app = %self.addr, error = %e.chain(), "pooled connection to the app was stale; sending again on a new one");
             return true;
         }
@@ -338,17 +341,23 @@ fn protocol_mismatch(proto: Proto, e: &AttemptError) -> bool {
     if proto == Proto::H2c {
         return true;
     }
-    e.hyper().is_some_and(|h| {
-        h.is_parse() || h.is_incomplete_message() || h.to_string().contains("unexpected message")
-    })
+    e.hyper()
+        .is_some_and(|h| h.is_parse() || h.is_incomplete_message() || spoke_first(h))
+}
+
+/// hyper's "received unexpected message from connection": the app sent bytes before the
+/// request was written. The words are the error's cause, not its `Display`, which says only
+/// "operation was canceled" (so a check of `to_string()` never matched, and an h2c app whose
+/// SETTINGS frame arrived first failed the request instead of the fallback taking it).
+fn spoke_first(h: &hyper::Error) -> bool {
+    crate::http::client_error::error_chain(h).contains("unexpected message")
 }
 
 /// A failed HTTP/1.1 attempt was answered, but not in HTTP/1.1: hyper could not parse the
 /// answer, or the app spoke before the request was written (an HTTP/1.1 server never does; an
 /// h2c server sends its SETTINGS frame first).
 fn answered_otherwise(e: &AttemptError) -> bool {
-    e.hyper()
-        .is_some_and(|h| h.is_parse() || h.to_string().contains("unexpected message"))
+    e.hyper().is_some_and(|h| h.is_parse() || spoke_first(h))
 }
 
 /// The first hyper error among `e`'s sources.
