@@ -86,25 +86,23 @@ impl BodyWatch {
 impl ClientBody {
     /// Wrap `inner`; the returned watch outlives the body (which the HTTP client consumes).
     pub fn new(inner: Incoming) -> (Self, Arc<BodyWatch>) {
-        let watch = Arc::new(BodyWatch::default());
-        if inner.is_end_stream() {
-            watch.0.store(ENDED, Ordering::Release);
-        }
-        let body = Self {
-            inner: Source::Incoming(inner),
-            watch: watch.clone(),
-        };
-        (body, watch)
+        let ended = inner.is_end_stream();
+        Self::wrap(Source::Incoming(inner), ended)
     }
 
     /// Wrap a body the sidecar maps from the client's as it streams.
     pub fn mapped(inner: MappedBody) -> (Self, Arc<BodyWatch>) {
+        let ended = inner.is_end_stream();
+        Self::wrap(Source::Mapped(inner), ended)
+    }
+
+    fn wrap(inner: Source, ended: bool) -> (Self, Arc<BodyWatch>) {
         let watch = Arc::new(BodyWatch::default());
-        if inner.is_end_stream() {
+        if ended {
             watch.0.store(ENDED, Ordering::Release);
         }
         let body = Self {
-            inner: Source::Mapped(inner),
+            inner,
             watch: watch.clone(),
         };
         (body, watch)

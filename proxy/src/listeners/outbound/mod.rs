@@ -255,13 +255,7 @@ impl Outbound {
         client: SocketAddr,
         span: &mut crate::telemetry::trace::RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let (endpoints, _request, i, resolved) = self.admit(route, &mut req, client)?;
-        if route.service.external_host.is_some() {
-            return Err(ProxyError::BadRequest(
-                "composed requests go to mesh services, not external ones",
-            ));
-        }
-        rewrite::to_mesh_h2(&mut req)?;
+        let (endpoints, _request, i, resolved) = self.admit_composed(route, &mut req, client)?;
         let payload = Payload::built(req, &route.retry);
         self.send(route, endpoints, i, payload, &resolved, client, span)
             .await
@@ -278,16 +272,28 @@ impl Outbound {
         client: SocketAddr,
         span: &mut crate::telemetry::trace::RequestSpan,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let (endpoints, _request, i, resolved) = self.admit(route, &mut req, client)?;
+        let (endpoints, _request, i, resolved) = self.admit_composed(route, &mut req, client)?;
+        let payload = Payload::mapped(req, watch);
+        self.send(route, endpoints, i, payload, &resolved, client, span)
+            .await
+    }
+
+    /// [`Outbound::admit`] for a request this sidecar composed: mesh services only, and the
+    /// request made HTTP/2 for the peer.
+    fn admit_composed<'a, B>(
+        &'a self,
+        route: &'a Target,
+        req: &mut Request<B>,
+        client: SocketAddr,
+    ) -> Result<(Endpoints<'a>, Permit<'a>, usize, Resolved), ProxyError> {
+        let admitted = self.admit(route, req, client)?;
         if route.service.external_host.is_some() {
             return Err(ProxyError::BadRequest(
                 "composed requests go to mesh services, not external ones",
             ));
         }
-        rewrite::to_mesh_h2(&mut req)?;
-        let payload = Payload::mapped(req, watch);
-        self.send(route, endpoints, i, payload, &resolved, client, span)
-            .await
+        rewrite::to_mesh_h2(req)?;
+        Ok(admitted)
     }
 
     /// The first steps of every mesh call: the service's request budget (its permit is held
