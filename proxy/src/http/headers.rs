@@ -114,11 +114,6 @@ static SPOOFABLE_FORWARDING: [HeaderName; 6] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
-/// Set on a request whose forwarding headers the ingress already wrote, so the outbound
-/// path does not append the same hop twice.
-#[derive(Clone, Copy, Debug)]
-pub struct EdgeForwarded;
-
 /// The proxies in front of an ingress whose forwarding headers are believed (as nginx's
 /// `set_real_ip_from` with `real_ip_recursive on`, or Envoy's trusted hops by address).
 #[derive(Clone, Debug, Default)]

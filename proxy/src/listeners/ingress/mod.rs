@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Limits;
 use crate::drain;
 use crate::error::{known_cause, ProxyError};
-use crate::http::headers::{edge_forwarded, EdgeForwarded, TrustedProxies, ERROR_HEADER};
+use crate::http::headers::{edge_forwarded, TrustedProxies, ERROR_HEADER};
 use crate::listeners::lifecycle::{admission, end_with_body, Admission, Lifecycle};
 use crate::listeners::outbound::Outbound;
 use crate::listeners::protocol::http_builders;
@@ -352,7 +352,6 @@ impl Ingress {
         self.admit_host(req, conn)?;
         let trusted = &self.edge.trusted_proxies;
         edge_forwarded(req.headers_mut(), conn.peer.ip(), trusted, conn.scheme());
-        req.extensions_mut().insert(EdgeForwarded);
         crate::http::headers::strip_internal(req.headers_mut());
         self.admission.check(req, None, client.ip(), consumer).await
     }

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use crate::config::{Config, Limits};
 use crate::error::ProxyError;
 use crate::http::body::Streamed;
-use crate::http::headers::{append_forwarded, is_upgrade, request_host, EdgeForwarded};
+use crate::http::headers::{is_upgrade, request_host};
 use crate::http::headers::{CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
 use crate::http::origin::ExternalClient;
 use crate::http::rewrite;
@@ -315,7 +315,7 @@ impl Outbound {
             .ok_or_else(|| endpoints.overflow(Breaker::MaxRequests))?;
         let i = endpoints.choose(req, client.ip(), None)?;
         let resolved = Resolved::resolve(&self.defaults, route, req)?;
-        sanitize(req, client);
+        sanitize(req);
         Ok((endpoints, permit, i, resolved))
     }
 
@@ -347,13 +347,16 @@ impl Outbound {
 }
 
 /// What the app may not say: an identity (only the far side sets it) or an original protocol
-/// (this side writes it). The forwarding headers get this hop, unless the ingress wrote them
-/// already by its trusted-proxy rule.
-fn sanitize<B>(req: &mut Request<B>, client: SocketAddr) {
+/// (this side writes it).
+///
+/// The forwarding headers (`X-Forwarded-For`, `Forwarded`) are not touched here: the client
+/// of an outbound sidecar is its own pod (loopback, or the pod's address when traffic is
+/// intercepted), which is exactly the address the far side's inbound sidecar sees and appends.
+/// A second, identical hop would tell the app nothing and cost two header fields on every
+/// mesh request (HPACK on both sides of the hop); Envoy's and Linkerd's outbound sidecars do
+/// not append either. At the edge the ingress has written them by its trusted-proxy rule.
+fn sanitize<B>(req: &mut Request<B>) {
     let headers = req.headers_mut();
     headers.remove(PEER_IDENTITY_HEADER);
     headers.remove(ORIG_PROTO_HEADER);
-    if req.extensions().get::<EdgeForwarded>().is_none() {
-        append_forwarded(req.headers_mut(), client.ip(), "http");
-    }
 }
