@@ -131,8 +131,8 @@ errors() { curl -s "http://127.0.0.1:$G_ADM/metrics" | awk '$1 ~ /^trellis_proxy
 ERRORS0=$(errors)
 
 # --- measurements -------------------------------------------------------------------------------
-# Run time (ns) of all of PID's threads.
-runtime() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d\n", s }'; }
+# Run time (ns) of all of PID's threads (%.0f: mawk's %d stops at 2^31).
+runtime() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 # Distinct load-client connections the ingress holds, sampled until $D/stop exists.
 watch_conns() { # OUT
     : >"$1"

@@ -692,7 +692,8 @@ pub(super) mod differential {
             return leaf(r);
         }
         let g = |r: &mut Rng| program(r, depth - 1);
-        match r.below(12) {
+        let cmp = r.pick(&["==", "!=", "<", "<=", ">", ">="]);
+        match r.below(17) {
             0 | 1 => leaf(r),
             2 => format!("[{}]", g(r)),
             3 => format!("{{{k}, {k2}: {}}}", g(r)),
@@ -703,17 +704,51 @@ pub(super) mod differential {
             8 => format!("({} - {})", g(r), g(r)),
             9 => format!("({} * {})", g(r), g(r)),
             10 => format!("map({})", g(r)),
+            11 => format!("select({} {cmp} {})", g(r), g(r)),
+            12 => format!("({} // {})", g(r), g(r)),
+            13 => format!("(if {} then {} else {} end)", g(r), g(r), g(r)),
+            14 => format!("({} {} {})", g(r), r.pick(&["and", "or"]), g(r)),
+            15 => {
+                let unary = [
+                    "length",
+                    "keys",
+                    "keys_unsorted",
+                    "to_entries",
+                    "from_entries",
+                    "type",
+                    "not",
+                    "tostring",
+                    "first",
+                    "last",
+                    "join(\",\")",
+                    "values",
+                    "empty",
+                    ".[1]",
+                    ".[-1]",
+                ];
+                let f = match r.below(6) {
+                    0 => format!("has(\"{k}\")"),
+                    1 => format!("has({})", r.pick(&["0", "-1", "2"])),
+                    2 => format!("del(.{k})"),
+                    3 => format!("del(.{k}.{k2})"),
+                    4 => format!("\"<\\({})|\\(.{k})>\"", g(r)),
+                    _ => r.pick(&unary).to_string(),
+                };
+                format!("({} | {f})", g(r))
+            }
             // Around the subset: jaq alone runs these.
             _ => [
-                "(.a // 1)",
-                ".[0]",
-                "length",
+                "(.a // 1 | . as $x | $x)",
+                "@base64 \"\\(.a)\"",
+                "ascii_downcase",
                 ".a?",
                 "-1",
                 "1.5",
                 "{(.a): 1}",
                 "[.[] | . / 2]",
-            ][r.below(8)]
+                "del(.a, .b)",
+                ".[1:]",
+            ][r.below(10)]
             .into(),
         }
     }
@@ -767,6 +802,15 @@ pub(super) mod differential {
             "null",
             r#"{}"#,
             // Invalid bodies, whatever the program.
+            // The widened subset's edge values: booleans, zeros, empty containers, entries
+            // with and without a value or a string key, nested objects for `del`.
+            "true",
+            r#"[true, false, null, 0, -0.0, "", [], {}, "ééx", -9223372036854775808]"#,
+            r#"[{"key": "a", "value": 1}, {"key": "b"}, {"key": "a", "value": 3}]"#,
+            r#"[{"key": 1, "value": 2}]"#,
+            r#"{"a": {"b": {"c": 1}, "d": 2}, "b": {"b": 2}, "items": [{"price": 1}, {"price": 1.0}], "n": "x"}"#,
+            r#"{"a": [1, [2], {"b": 1}], "b": [1, [2], {"b": 1.0}], "n": 0.0, "qty": -0.0}"#,
+            r#"{"a": "b", "b": "a", "items": ["x", 1, true, null], "price": 1e308, "qty": 1e308}"#,
             r#"{"a": 1,}"#,
             r#"{"a": NaN}"#,
             r#"{"a": 1} {"b": 2}"#,
@@ -818,6 +862,64 @@ pub(super) mod differential {
             "[.[] | . * 2]",
             ".a.b.c",
             "[.items[].price] | add",
+            // The widened subset (select, comparisons, `//`, `if`, `and`/`or`, interpolation,
+            // entries, `length`, `keys`, `has`, `del`, `join`, indexes).
+            "[.items[] | select(.price > 2)]",
+            "map(select(. != null))",
+            "select(.a == 1)",
+            ".a // \"default\"",
+            ".n // .a // 7",
+            "(.a, .b) // 1",
+            ".a // empty",
+            "if .a then .b else \"no\" end",
+            "if .a == 1 then 1 elif .b then 2 end",
+            "[.[] | if . then 1 else 0 end]",
+            ".a and .b",
+            ".a or .b",
+            "(.a, null) and (true, false)",
+            ".a | not",
+            "[.[] | type]",
+            "length",
+            "[.[] | length]",
+            ".items | length",
+            "keys",
+            "keys_unsorted",
+            "[.[] | keys?]",
+            "has(\"a\")",
+            "has(0)",
+            "has(-1)",
+            "to_entries",
+            "from_entries",
+            "with_entries({key: \"k\\(.key)\", value})",
+            "to_entries | from_entries",
+            "del(.a)",
+            "del(.a.b)",
+            "del(.items)",
+            "del(.a.b.c)",
+            "\"\\(.a)-\\(.b)\"",
+            "\"id=\\(.n), \\(.a)\"",
+            "tostring",
+            "[.[] | tostring]",
+            ".items | join(\",\")",
+            "join(\", \")",
+            ".[0]",
+            ".[-1]",
+            ".items[1]",
+            ".a[0]",
+            "first",
+            "last",
+            "[.[] | . < 2]",
+            "[.[] | . >= \"a\"]",
+            ".a == .b",
+            ".a != .b",
+            ".a < .b",
+            "[.[] | [., .] | .[0] == .[1]]",
+            "[.items[] | values]",
+            "map(has(\"a\"))",
+            "{order: .id, who: \"\\(.customer.name) <\\(.customer.email)>\", \
+             city: (.customer.address.city // \"unknown\"), \
+             lines: [.items[] | select(.qty > 1) | {sku, total: (.price * .qty)}], \
+             count: (.items | length), priority: (if (.items | length) > 20 then \"high\" else \"normal\" end)}",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -892,16 +994,28 @@ pub(super) mod differential {
             ".",
             ". + {total: (.items | map(.price) | add)}",
             "{id, customer: .customer.name, lines: [.items[] | {sku, total: (.price * .qty)}]}",
+            "[.items[] | select(.status == \"open\" and .qty >= 1)]",
+            ".a // \"default\"",
+            "if .a then 1 elif .b then 2 else 3 end",
+            "if .a then 1 end",
+            "length, keys, keys_unsorted, has(\"a\"), type, not, tostring, values, empty",
+            "to_entries, from_entries, with_entries(.value), join(\",\")",
+            "del(.a), del(.a.b), .[0], .a[-1], first, last",
+            "\"\\(.a) and \\(.b | length)\"",
+            "(.a < .b) or (.a != .b)",
         ] {
             assert!(compile_jq(code).unwrap().is_native(), "{code}");
         }
         for code in [
             "def f: .; f",
             ".a?",
-            "length",
             "1.5",
-            ".[0]",
-            "\"\\(.a)\"",
+            ".[1:]",
+            "@base64 \"\\(.a)\"",
+            ". as $x | $x",
+            "del(.a, .b)",
+            "del(.[0])",
+            "ascii_downcase",
             "$__loc__",
         ] {
             let f = compile_jq(code);
