@@ -271,6 +271,11 @@ fn node(t: &Term<&str>) -> Option<Node> {
         // jaq reads an integer literal into a machine integer (`isize`, 64 bits here); other
         // literals are decimals kept as text, not in the subset.
         Term::Num(n) => Node::Int(n.parse::<i64>().ok()?),
+        // `-1`: jaq negates the integer.
+        Term::Neg(n) => match &**n {
+            Term::Num(n) => Node::Int(n.parse::<i64>().ok()?.checked_neg()?),
+            _ => return None,
+        },
         Term::Str(None, parts) => match literal(t) {
             Some(s) => Node::Str(s.into()),
             None => Node::Interp(pieces(parts)?),
