@@ -21,7 +21,8 @@
 //! transcode_load load 127.0.0.1:8080 api.bench.local grpc 2 32 20000      # closed loop
 //! transcode_load load 127.0.0.1:8080 api.bench.local post 2 32 5000 1000  # 1000 req/s
 //! ```
-//! The load mode prints one JSON line: requests, seconds, rps, p50_ms, p99_ms, conns.
+//! The load mode prints one JSON line: requests, seconds, rps, p50_ms, p99_ms, conns; `sizes`
+//! prints the three request bodies' sizes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -46,18 +47,49 @@ const PER_REQUEST: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [_, "echo", listen] => echo(listen.parse()?).await,
+        [_, "sizes"] => {
+            for kind in ["grpc", "post", "get"] {
+                println!("{kind}: {} request body bytes", shape(kind)?.body.len());
+            }
+            Ok(())
+        }
         [_, "load", addr, host, kind, conns, conc, n] => {
-            load(addr.parse()?, host, kind, conns.parse()?, conc.parse()?, n.parse()?, 0.0).await
+            load(
+                addr.parse()?,
+                host,
+                kind,
+                conns.parse()?,
+                conc.parse()?,
+                n.parse()?,
+                0.0,
+            )
+            .await
         }
         [_, "load", addr, host, kind, conns, conc, n, rate] => {
             let rate: f64 = rate.parse()?;
-            load(addr.parse()?, host, kind, conns.parse()?, conc.parse()?, n.parse()?, rate).await
+            load(
+                addr.parse()?,
+                host,
+                kind,
+                conns.parse()?,
+                conc.parse()?,
+                n.parse()?,
+                rate,
+            )
+            .await
         }
-        _ => Err("usage: transcode_load echo LISTEN | load ADDR HOST grpc|post|get CONNS \
-                  CONCURRENCY REQUESTS [RATE]"
-            .into()),
+        _ => Err(
+            "usage: transcode_load echo LISTEN | sizes | load ADDR HOST grpc|post|get \
+             CONNS CONCURRENCY REQUESTS [RATE]"
+                .into(),
+        ),
     }
 }
 
@@ -165,11 +197,7 @@ fn shape(kind: &str) -> Result<Shape, BoxError> {
 }
 
 /// One request and its whole answer; an error unless 200 (and `grpc-status: 0` for gRPC).
-async fn once(
-    mut send: SendRequest<Full<Bytes>>,
-    host: &str,
-    s: &Shape,
-) -> Result<(), BoxError> {
+async fn once(mut send: SendRequest<Full<Bytes>>, host: &str, s: &Shape) -> Result<(), BoxError> {
     let mut req = Request::builder()
         .method(s.method.clone())
         .uri(format!("http://{host}{}", s.path));

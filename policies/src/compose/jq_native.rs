@@ -789,7 +789,9 @@ fn equal(a: &V, b: &V) -> bool {
         }
         (V::Float(x), V::Float(y)) => float_order(*x, *y) == std::cmp::Ordering::Equal,
         (V::Str(x), V::Str(y)) => x.as_str() == y.as_str(),
-        (V::Arr(x), V::Arr(y)) => x.len() == y.len() && x.iter().zip(y.iter()).all(|(a, b)| equal(a, b)),
+        (V::Arr(x), V::Arr(y)) => {
+            x.len() == y.len() && x.iter().zip(y.iter()).all(|(a, b)| equal(a, b))
+        }
         // `IndexMap`'s equality: the same keys with equal values, in any order.
         (V::Obj(x), V::Obj(y)) => {
             x.len() == y.len()
