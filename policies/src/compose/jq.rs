@@ -1007,6 +1007,117 @@ pub(super) mod differential {
         );
     }
 
+    /// The widened forms' edge values, spelled out: what the fast path answers itself (and
+    /// that it is jaq's answer), and where it leaves the answer (an error) to jaq.
+    #[test]
+    fn widened_forms_answer_natively_as_jaq_does_and_leave_errors_to_jaq() {
+        let native = [
+            // jaq's `swap_remove`: the last field takes the removed one's place.
+            ("del(.a)", r#"{"a": 1, "b": 2, "c": 3}"#, r#"{"c":3,"b":2}"#),
+            (
+                "del(.x.y)",
+                r#"{"x": {"y": 1, "z": 2}}"#,
+                r#"{"x":{"z":2}}"#,
+            ),
+            ("del(.nope)", r#"{"a": 1}"#, r#"{"a":1}"#),
+            // jaq-json's equality: numbers by value, objects in any key order.
+            (
+                "[.[0] == .[1], .[2] == .[3]]",
+                "[1, 1.0, -0.0, 0]",
+                "[true,true]",
+            ),
+            (
+                "[.[0] == .[1], .[0] < .[1]]",
+                r#"[{"a": 1, "b": 2}, {"b": 2, "a": 1}]"#,
+                "[true,false]",
+            ),
+            (
+                "[.[] | . < \"\"]",
+                r#"[null, false, 1e308, "", [], {}]"#,
+                "[true,true,true,false,false,false]",
+            ),
+            (".a // \"d\"", r#"{"a": false}"#, r#""d""#),
+            (".a // \"d\"", r#"{"a": 0}"#, "0"),
+            (
+                "[.[] | select(.s == \"open\") | .id]",
+                r#"[{"s": "open", "id": 1}, {"id": 2}, {"s": "open", "id": 3}]"#,
+                "[1,3]",
+            ),
+            (
+                "if .a then 1 end",
+                r#"{"a": null, "b": 2}"#,
+                r#"{"a":null,"b":2}"#,
+            ),
+            ("(true, false) and (true, false)", "null", "true"),
+            (
+                "[length, (.s | length), (.n | length)]",
+                r#"{"s": "é😀", "n": -3}"#,
+                "[2,2,3]",
+            ),
+            (
+                "[has(\"s\"), has(\"x\"), (.a | has(-1), has(2))]",
+                r#"{"s": 1, "a": [1, 2]}"#,
+                "[true,false,true,false]",
+            ),
+            ("keys", r#"{"b": 1, "a": 2, "B": 3}"#, r#"["B","a","b"]"#),
+            ("keys_unsorted", r#"{"b": 1, "a": 2}"#, r#"["b","a"]"#),
+            ("to_entries", "[7]", r#"[{"key":0,"value":7}]"#),
+            (
+                "from_entries",
+                r#"[{"key": "a"}, {"key": "b", "value": 1}, {"key": "a", "value": 2}]"#,
+                r#"{"a":2,"b":1}"#,
+            ),
+            (
+                "\"\\(.a)/\\(.b)/\\(.c)/\\(.d)\"",
+                r#"{"a": "x", "b": -1, "c": null, "d": true}"#,
+                r#""x/-1/null/true""#,
+            ),
+            (
+                "join(\"-\")",
+                r#"["a", 1, null, true]"#,
+                r#""a-1-null-true""#,
+            ),
+            ("[.[-1], .[5], .[-5]]", "[1, 2]", "[2,null,null]"),
+        ];
+        for (code, body, want) in native {
+            let f = compile_jq(code).unwrap();
+            let body = body.as_bytes();
+            let fast = f.apply_native(body);
+            assert_eq!(fast.as_deref(), Some(want.as_bytes()), "`{code}` natively");
+            assert_eq!(
+                f.apply_jaq(body).as_deref(),
+                Ok(want.as_bytes()),
+                "`{code}` by jaq"
+            );
+        }
+        // Errors and what jaq prints itself: the fast path gives up, `apply` answers jaq's.
+        let to_jaq = [
+            ("length", "true"),
+            ("has(\"a\")", r#""s""#),
+            ("from_entries", r#"[{"key": 1, "value": 2}]"#),
+            ("from_entries", "[null]"),
+            ("del(.a.b)", r#"{"a": 3}"#),
+            ("\"\\(.)\"", "1.5"),
+            ("join(\",\")", r#"[[1]]"#),
+            ("join(1)", r#"["a", "b"]"#),
+            ("select(.a == 2)", r#"{"a": 1}"#),
+            ("keys", "3"),
+        ];
+        for (code, body) in to_jaq {
+            let f = compile_jq(code).unwrap();
+            assert!(f.is_native(), "`{code}` is in the subset");
+            let body = body.as_bytes();
+            assert_eq!(f.apply_native(body), None, "`{code}` on {body:?} is jaq's");
+            assert_eq!(f.apply(body), f.apply_jaq(body), "`{code}`");
+        }
+        let jaq = |code: &str, body: &str| compile_jq(code).unwrap().apply(body.as_bytes());
+        assert!(matches!(jaq("length", "true"), Err(JqError::Run(_))));
+        assert!(matches!(
+            jaq("select(.a == 2)", r#"{"a": 1}"#),
+            Err(JqError::NoOutput)
+        ));
+    }
+
     #[test]
     fn the_subset_is_recognised() {
         for code in [
