@@ -12,13 +12,17 @@ use cpu::per_run;
 
 #[path = "support/order.rs"]
 mod order;
-use order::{body, FIELDS, FIELDS_JQ, RESHAPE};
+use order::{body, FIELDS, FIELDS_JQ, GATEWAY, RESHAPE};
 
 fn transforms(c: &mut Criterion) {
     let body = body();
     let reshape = compile_jq(RESHAPE).expect("compiles");
     c.bench_function("jq reshape, 2 kB body", |b| {
         b.iter(|| reshape.apply(&body).expect("transforms"))
+    });
+    let gateway = compile_jq(GATEWAY).expect("compiles");
+    c.bench_function("jq gateway forms, 2 kB body", |b| {
+        b.iter(|| gateway.apply(&body).expect("transforms"))
     });
     let native = fields().compile(JqLimits::default()).expect("compiles");
     c.bench_function("field operations (native), 2 kB body", |b| {
@@ -46,11 +50,13 @@ fn fields() -> TransformSpec {
 fn cpu_per_transform() {
     let body = body();
     let reshape = BodyProgram::Jq(compile_jq(RESHAPE).expect("compiles"));
+    let gateway = BodyProgram::Jq(compile_jq(GATEWAY).expect("compiles"));
     let native = fields().compile(JqLimits::default()).expect("compiles");
     let identity = BodyProgram::Jq(compile_jq(".").expect("compiles"));
     let n = 20_000u32;
     for (name, program) in [
         ("jq reshape", &reshape),
+        ("jq gateway forms", &gateway),
         ("field operations (native)", &native),
         ("identity jq", &identity),
     ] {

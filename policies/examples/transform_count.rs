@@ -22,7 +22,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(which), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<u32>().ok()))
     else {
-        eprintln!("usage: transform_count fields|identity|fields-jq|reshape|reshape-jaq N");
+        eprintln!("usage: transform_count fields|identity|fields-jq|reshape|reshape-jaq|gateway|gateway-jaq N");
         std::process::exit(2);
     };
     let fields = || serde_norway::from_str::<TransformSpec>(order::FIELDS).expect("spec");
@@ -36,10 +36,14 @@ fn main() {
         .expect("compiles"),
         "identity" => BodyProgram::Jq(compile_jq(".").expect("compiles")),
         "reshape" => BodyProgram::Jq(compile_jq(order::RESHAPE).expect("compiles")),
-        // The same outside the fast path's subset (`select`): jaq runs it, bounded, on a
+        // The same outside the fast path's subset (a variable): jaq runs it, bounded, on a
         // thread of its own (jq_bound.rs).
         "reshape-jaq" => BodyProgram::Jq(
-            compile_jq(&format!("{} | select(true)", order::RESHAPE)).expect("compiles"),
+            compile_jq(&format!("{} | . as $x | $x", order::RESHAPE)).expect("compiles"),
+        ),
+        "gateway" => BodyProgram::Jq(compile_jq(order::GATEWAY).expect("compiles")),
+        "gateway-jaq" => BodyProgram::Jq(
+            compile_jq(&format!("{} | . as $x | $x", order::GATEWAY)).expect("compiles"),
         ),
         other => {
             eprintln!("unknown transform `{other}`");
@@ -47,6 +51,16 @@ fn main() {
         }
     };
     let body = order::body();
+    if which == "gateway" {
+        // The native run gives what jaq gives on this body (the differential test in jq.rs
+        // checks the forms on many more).
+        let jaq = compile_jq(&format!("{} | . as $x | $x", order::GATEWAY)).expect("compiles");
+        assert_eq!(
+            program.apply(&body).expect("transforms"),
+            jaq.apply(&body).expect("transforms"),
+            "the native path and jaq differ"
+        );
+    }
     // One run outside the count, so that the run with N = 0 pays the first-use costs too.
     let _ = program.apply(&body).expect("transforms");
     // With N = 0 too, so that the difference holds nothing but the transforms.

@@ -5,6 +5,17 @@
 pub const RESHAPE: &str = "{id, customer: .customer.name, \
     lines: [.items[] | {sku, total: (.price * .qty)}], total: ([.items[] | .price * .qty] | add)}";
 
+/// A gateway transform of the forms that used to leave the native subset (docs/composition.md
+/// #cost): string interpolation, `//`, `select` with a comparison, `if`, `length`, `join`,
+/// `has`, `del`, `keys`, `to_entries`.
+pub const GATEWAY: &str = "{order: .id, who: \"\\(.customer.name) <\\(.customer.email)>\", \
+    city: (.customer.address.country // \"PT\"), \
+    lines: [.items[] | select(.qty > 1) | {sku, total: (.price * .qty)}], \
+    count: (.items | length), tags: (.items[0].tags | join(\",\")), \
+    priority: (if (.items | length) > 20 then \"high\" else \"normal\" end), \
+    internal: has(\"internal\"), fields: (del(.internal) | keys), \
+    address: (.customer.address | to_entries | map(\"\\(.key)=\\(.value)\") | join(\"&\"))}";
+
 /// The rule's own program in "field operations + jq".
 pub const FIELDS_JQ: &str = ". + {total: (.items | map(.price) | add)}";
 

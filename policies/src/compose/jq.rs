@@ -692,7 +692,8 @@ pub(super) mod differential {
             return leaf(r);
         }
         let g = |r: &mut Rng| program(r, depth - 1);
-        match r.below(12) {
+        let cmp = r.pick(&["==", "!=", "<", "<=", ">", ">="]);
+        match r.below(17) {
             0 | 1 => leaf(r),
             2 => format!("[{}]", g(r)),
             3 => format!("{{{k}, {k2}: {}}}", g(r)),
@@ -703,17 +704,51 @@ pub(super) mod differential {
             8 => format!("({} - {})", g(r), g(r)),
             9 => format!("({} * {})", g(r), g(r)),
             10 => format!("map({})", g(r)),
+            11 => format!("select({} {cmp} {})", g(r), g(r)),
+            12 => format!("({} // {})", g(r), g(r)),
+            13 => format!("(if {} then {} else {} end)", g(r), g(r), g(r)),
+            14 => format!("({} {} {})", g(r), r.pick(&["and", "or"]), g(r)),
+            15 => {
+                let unary = [
+                    "length",
+                    "keys",
+                    "keys_unsorted",
+                    "to_entries",
+                    "from_entries",
+                    "type",
+                    "not",
+                    "tostring",
+                    "first",
+                    "last",
+                    "join(\",\")",
+                    "values",
+                    "empty",
+                    ".[1]",
+                    ".[-1]",
+                ];
+                let f = match r.below(6) {
+                    0 => format!("has(\"{k}\")"),
+                    1 => format!("has({})", r.pick(&["0", "-1", "2"])),
+                    2 => format!("del(.{k})"),
+                    3 => format!("del(.{k}.{k2})"),
+                    4 => format!("\"<\\({})|\\(.{k})>\"", g(r)),
+                    _ => r.pick(&unary).to_string(),
+                };
+                format!("({} | {f})", g(r))
+            }
             // Around the subset: jaq alone runs these.
             _ => [
-                "(.a // 1)",
-                ".[0]",
-                "length",
+                "(.a // 1 | . as $x | $x)",
+                "@base64 \"\\(.a)\"",
+                "ascii_downcase",
                 ".a?",
                 "-1",
                 "1.5",
                 "{(.a): 1}",
                 "[.[] | . / 2]",
-            ][r.below(8)]
+                "del(.a, .b)",
+                ".[1:]",
+            ][r.below(10)]
             .into(),
         }
     }
@@ -767,6 +802,15 @@ pub(super) mod differential {
             "null",
             r#"{}"#,
             // Invalid bodies, whatever the program.
+            // The widened subset's edge values: booleans, zeros, empty containers, entries
+            // with and without a value or a string key, nested objects for `del`.
+            "true",
+            r#"[true, false, null, 0, -0.0, "", [], {}, "ééx", -9223372036854775808]"#,
+            r#"[{"key": "a", "value": 1}, {"key": "b"}, {"key": "a", "value": 3}]"#,
+            r#"[{"key": 1, "value": 2}]"#,
+            r#"{"a": {"b": {"c": 1}, "d": 2}, "b": {"b": 2}, "items": [{"price": 1}, {"price": 1.0}], "n": "x"}"#,
+            r#"{"a": [1, [2], {"b": 1}], "b": [1, [2], {"b": 1.0}], "n": 0.0, "qty": -0.0}"#,
+            r#"{"a": "b", "b": "a", "items": ["x", 1, true, null], "price": 1e308, "qty": 1e308}"#,
             r#"{"a": 1,}"#,
             r#"{"a": NaN}"#,
             r#"{"a": 1} {"b": 2}"#,
@@ -818,10 +862,70 @@ pub(super) mod differential {
             "[.[] | . * 2]",
             ".a.b.c",
             "[.items[].price] | add",
+            // The widened subset (select, comparisons, `//`, `if`, `and`/`or`, interpolation,
+            // entries, `length`, `keys`, `has`, `del`, `join`, indexes).
+            "[.items[] | select(.price > 2)]",
+            "map(select(. != null))",
+            "select(.a == 3)",
+            ".a // \"default\"",
+            ".n // .a // 7",
+            "(.a, .b) // 1",
+            ".a // empty",
+            "if .a then .b else \"no\" end",
+            "if .a == 1 then 1 elif .b then 2 end",
+            "[.[] | if . then 1 else 0 end]",
+            ".a and .b",
+            ".a or .b",
+            "(.a, null) and (true, false)",
+            ".a | not",
+            "[.[] | type]",
+            "length",
+            "[.[] | length]",
+            ".items | length",
+            "keys",
+            "keys_unsorted",
+            "[.[] | keys?]",
+            "has(\"a\")",
+            "has(0)",
+            "has(-1)",
+            "to_entries",
+            "from_entries",
+            "with_entries({key: \"k\\(.key)\", value})",
+            "to_entries | from_entries",
+            "del(.a)",
+            "del(.a.b)",
+            "del(.items)",
+            "del(.a.b.c)",
+            "\"\\(.a)-\\(.b)\"",
+            "\"id=\\(.n), \\(.a)\"",
+            "tostring",
+            "[.[] | tostring]",
+            ".items | join(\",\")",
+            "join(\", \")",
+            ".[0]",
+            ".[-1]",
+            ".items[1]",
+            ".a[0]",
+            "first",
+            "last",
+            "[.[] | . < 2]",
+            "[.[] | . >= \"a\"]",
+            ".a == .b",
+            ".a != .b",
+            ".a < .b",
+            "[.[] | [., .] | .[0] == .[1]]",
+            "[.items[] | values]",
+            "map(has(\"a\"))",
+            "{order: .id, who: \"\\(.customer.name) <\\(.customer.email)>\", \
+             city: (.customer.address.city // \"unknown\"), \
+             lines: [.items[] | select(.qty > 1) | {sku, total: (.price * .qty)}], \
+             count: (.items | length), priority: (if (.items | length) > 20 then \"high\" else \"normal\" end)}",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let fixed = programs.len();
+        let mut native_by_program = vec![0usize; programs.len()];
         programs.extend((0..400).map(|i| program(&mut r, 1 + i % 4)));
         // Plain jaq panics on a few inputs (`"s" * 9223372036854775807`: a string repeated
         // past memory); caught below, their messages would bury the test's own.
@@ -832,7 +936,7 @@ pub(super) mod differential {
             }
         }));
         let (mut runs, mut native, mut limited) = (0, 0, 0);
-        for code in &programs {
+        for (p, code) in programs.iter().enumerate() {
             let Ok(f) = compile_jq(code) else {
                 assert!(
                     plain::compile(code).is_none(),
@@ -853,6 +957,13 @@ pub(super) mod differential {
                 IN_JAQ.set(false);
                 match (&jaq, plain) {
                     (Err(JqError::Limit(_)), _) => limited += 1,
+                    // jaq's own overflow (`length` of -2^63: `i64::abs`), a panic in this
+                    // debug build, caught by the bounded run; the fast path leaves it to jaq.
+                    (Err(JqError::Panic(_)), Err(_)) => {
+                        let fast = check(body).ok().and_then(|()| f.apply_native(body));
+                        assert_eq!(fast, None, "`{code}` panics in jaq");
+                        continue;
+                    }
                     (_, Ok(plain)) => assert_eq!(jaq, plain, "`{code}` bounded and not"),
                     (_, Err(_)) => panic!("`{code}` panics unbounded, gives {jaq:?} bounded"),
                 }
@@ -863,6 +974,9 @@ pub(super) mod differential {
                 }
                 if let Some(fast) = &fast {
                     native += 1;
+                    if p < fixed {
+                        native_by_program[p] += 1;
+                    }
                     assert_eq!(
                         Ok(fast),
                         jaq.as_ref(),
@@ -871,6 +985,13 @@ pub(super) mod differential {
                     );
                 }
                 assert_eq!(f.apply(body), jaq, "`{code}`");
+            }
+        }
+        // Each fixed program ran natively on some body, but those that never give one value
+        // natively (no output, a stream inside an object, `?` outside the subset).
+        for (p, code) in programs[..fixed].iter().enumerate() {
+            if !["empty", "{a: (1, 2)}", "[.[] | keys?]"].contains(&code.as_str()) {
+                assert!(native_by_program[p] > 0, "`{code}` never ran natively");
             }
         }
         // The generated programs repeat strings by `9223372036854775807` now and then.
@@ -886,22 +1007,145 @@ pub(super) mod differential {
         );
     }
 
+    /// The widened forms' edge values, spelled out: what the fast path answers itself (and
+    /// that it is jaq's answer), and where it leaves the answer (an error) to jaq.
+    #[test]
+    fn widened_forms_answer_natively_as_jaq_does_and_leave_errors_to_jaq() {
+        let native = [
+            // jaq's `swap_remove`: the last field takes the removed one's place.
+            ("del(.a)", r#"{"a": 1, "b": 2, "c": 3}"#, r#"{"c":3,"b":2}"#),
+            (
+                "del(.x.y)",
+                r#"{"x": {"y": 1, "z": 2}}"#,
+                r#"{"x":{"z":2}}"#,
+            ),
+            ("del(.nope)", r#"{"a": 1}"#, r#"{"a":1}"#),
+            // jaq-json's equality: numbers by value, objects in any key order.
+            (
+                "[.[0] == .[1], .[2] == .[3]]",
+                "[1, 1.0, -0.0, 0]",
+                "[true,true]",
+            ),
+            (
+                "[.[0] == .[1], .[0] < .[1]]",
+                r#"[{"a": 1, "b": 2}, {"b": 2, "a": 1}]"#,
+                "[true,false]",
+            ),
+            (
+                "[.[] | . < \"\"]",
+                r#"[null, false, 1e308, "", [], {}]"#,
+                "[true,true,true,false,false,false]",
+            ),
+            (".a // \"d\"", r#"{"a": false}"#, r#""d""#),
+            (".a // \"d\"", r#"{"a": 0}"#, "0"),
+            (
+                "[.[] | select(.s == \"open\") | .id]",
+                r#"[{"s": "open", "id": 1}, {"id": 2}, {"s": "open", "id": 3}]"#,
+                "[1,3]",
+            ),
+            (
+                "if .a then 1 end",
+                r#"{"a": null, "b": 2}"#,
+                r#"{"a":null,"b":2}"#,
+            ),
+            ("(true, false) and (true, false)", "null", "true"),
+            (
+                "[length, (.s | length), (.n | length)]",
+                r#"{"s": "é😀", "n": -3}"#,
+                "[2,2,3]",
+            ),
+            (
+                "[has(\"s\"), has(\"x\"), (.a | has(-1), has(2))]",
+                r#"{"s": 1, "a": [1, 2]}"#,
+                "[true,false,true,false]",
+            ),
+            ("keys", r#"{"b": 1, "a": 2, "B": 3}"#, r#"["B","a","b"]"#),
+            ("keys_unsorted", r#"{"b": 1, "a": 2}"#, r#"["b","a"]"#),
+            ("to_entries", "[7]", r#"[{"key":0,"value":7}]"#),
+            (
+                "from_entries",
+                r#"[{"key": "a"}, {"key": "b", "value": 1}, {"key": "a", "value": 2}]"#,
+                r#"{"a":2,"b":1}"#,
+            ),
+            (
+                "\"\\(.a)/\\(.b)/\\(.c)/\\(.d)\"",
+                r#"{"a": "x", "b": -1, "c": null, "d": true}"#,
+                r#""x/-1/null/true""#,
+            ),
+            (
+                "join(\"-\")",
+                r#"["a", 1, null, true]"#,
+                r#""a-1-null-true""#,
+            ),
+            ("[.[-1], .[5], .[-5]]", "[1, 2]", "[2,null,null]"),
+        ];
+        for (code, body, want) in native {
+            let f = compile_jq(code).unwrap();
+            let body = body.as_bytes();
+            let fast = f.apply_native(body);
+            assert_eq!(fast.as_deref(), Some(want.as_bytes()), "`{code}` natively");
+            assert_eq!(
+                f.apply_jaq(body).as_deref(),
+                Ok(want.as_bytes()),
+                "`{code}` by jaq"
+            );
+        }
+        // Errors and what jaq prints itself: the fast path gives up, `apply` answers jaq's.
+        let to_jaq = [
+            ("length", "true"),
+            ("has(\"a\")", r#""s""#),
+            ("from_entries", r#"[{"key": 1, "value": 2}]"#),
+            ("from_entries", "[null]"),
+            ("del(.a.b)", r#"{"a": 3}"#),
+            ("\"\\(.)\"", "1.5"),
+            ("join(\",\")", r#"[[1]]"#),
+            ("join(1)", r#"["a", "b"]"#),
+            ("select(.a == 2)", r#"{"a": 1}"#),
+            ("keys", "3"),
+        ];
+        for (code, body) in to_jaq {
+            let f = compile_jq(code).unwrap();
+            assert!(f.is_native(), "`{code}` is in the subset");
+            let body = body.as_bytes();
+            assert_eq!(f.apply_native(body), None, "`{code}` on {body:?} is jaq's");
+            assert_eq!(f.apply(body), f.apply_jaq(body), "`{code}`");
+        }
+        let jaq = |code: &str, body: &str| compile_jq(code).unwrap().apply(body.as_bytes());
+        assert!(matches!(jaq("length", "true"), Err(JqError::Run(_))));
+        assert!(matches!(
+            jaq("select(.a == 2)", r#"{"a": 1}"#),
+            Err(JqError::NoOutput)
+        ));
+    }
+
     #[test]
     fn the_subset_is_recognised() {
         for code in [
             ".",
             ". + {total: (.items | map(.price) | add)}",
             "{id, customer: .customer.name, lines: [.items[] | {sku, total: (.price * .qty)}]}",
+            "[.items[] | select(.status == \"open\" and .qty >= 1)]",
+            ".a // \"default\"",
+            "if .a then 1 elif .b then 2 else 3 end",
+            "if .a then 1 end",
+            "length, keys, keys_unsorted, has(\"a\"), type, not, tostring, values, empty",
+            "to_entries, from_entries, with_entries(.value), join(\",\")",
+            "del(.a), del(.a.b), .[0], .a[-1], first, last",
+            "\"\\(.a) and \\(.b | length)\"",
+            "(.a < .b) or (.a != .b)",
         ] {
             assert!(compile_jq(code).unwrap().is_native(), "{code}");
         }
         for code in [
             "def f: .; f",
             ".a?",
-            "length",
             "1.5",
-            ".[0]",
-            "\"\\(.a)\"",
+            ".[1:]",
+            "@base64 \"\\(.a)\"",
+            ". as $x | $x",
+            "del(.a, .b)",
+            "del(.[0])",
+            "ascii_downcase",
             "$__loc__",
         ] {
             let f = compile_jq(code);

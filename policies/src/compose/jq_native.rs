@@ -1,7 +1,11 @@
-//! A native fast path for a narrow subset of jq: the reshapes public contracts ask for
-//! (`.`, `.a.b`, `.[]`, `|`, `,`, `[...]`, `{k, k: f}`, `+ - *`, `add`, `map(f)`, string and
-//! integer literals, `null`/`true`/`false`), run on values that borrow their strings from the
-//! body instead of jaq's reference-counted, individually boxed ones.
+//! A native fast path for a subset of jq: the reshapes and filters public contracts ask for
+//! (`.`, `.a.b`, `.[]`, `.[n]`, `|`, `,`, `[...]`, `{k, k: f}`, `+ - *`, `add`, `map(f)`,
+//! string and integer literals, `null`/`true`/`false`, `"\(f)"` interpolation, `==` `!=` `<`
+//! `<=` `>` `>=`, `and`/`or`/`not`, `//`, `if ... then ... elif ... else ... end`,
+//! `select(f)`, `empty`, `values`, `length`, `keys`, `keys_unsorted`, `has(k)`, `type`,
+//! `tostring`, `to_entries`, `from_entries`, `with_entries(f)`, `join(s)`, `first`, `last`,
+//! `del(.a.b)`), run on values that borrow their strings from the body instead of jaq's
+//! reference-counted, individually boxed ones.
 //!
 //! Why our own code and not a crate: jaq is the jq we run, and no other jq crate gives jaq's
 //! output byte for byte; what costs here is jaq's value model (two allocations per string, an
@@ -51,11 +55,63 @@ pub(super) enum Node {
     Add,
     /// `map(f)`: `[.[] | f]`.
     Map(Box<Node>),
+    /// `empty`.
+    Empty,
+    /// `l // r`: the outputs of `l` that are neither `null` nor `false`; if none, `r`'s.
+    Alt(Box<Node>, Box<Node>),
+    /// `l and r` (`false`: the value that stops), `l or r` (`true`), as jaq: for each output
+    /// of `l`, the stop value or each output of `r` as a boolean.
+    Logic(Box<Node>, bool, Box<Node>),
+    /// `l == r`, `l < r`...: jaq's cartesian product, `l` outer.
+    Cmp(Box<Node>, Cmp, Box<Node>),
+    /// `if c then t else e end` (and `elif`; no `else` is `.`), for each output of `c`;
+    /// `select(f)` is `if f then . else empty end`.
+    Ite(Box<Node>, Box<Node>, Box<Node>),
+    /// `not`.
+    Not,
+    /// `length`.
+    Length,
+    /// `keys` (sorted: `true`) and `keys_unsorted`.
+    Keys(bool),
+    /// `has(k)`.
+    Has(Box<Node>),
+    /// `to_entries`.
+    ToEntries,
+    /// `from_entries`.
+    FromEntries,
+    /// `type`.
+    Type,
+    /// `join(s)`.
+    Join(Box<Node>),
+    /// `del(.a.b)`: a path of object keys only.
+    Del(Vec<Box<str>>),
+    /// `"text \(f) text"` and `tostring` (`"\(.)"`).
+    Interp(Vec<Piece>),
+}
+
+/// A part of an interpolated string.
+#[derive(Debug)]
+pub(super) enum Piece {
+    Lit(Box<str>),
+    Term(Node),
+}
+
+/// jaq's comparison operators.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
 }
 
 #[derive(Debug)]
 pub(super) enum Step {
     Key(Box<str>),
+    /// `.[n]`: negative from the end, out of range `null` (jaq's `abs_index`).
+    Index(i64),
     Iter,
 }
 
@@ -215,7 +271,25 @@ fn node(t: &Term<&str>) -> Option<Node> {
         // jaq reads an integer literal into a machine integer (`isize`, 64 bits here); other
         // literals are decimals kept as text, not in the subset.
         Term::Num(n) => Node::Int(n.parse::<i64>().ok()?),
-        Term::Str(None, _) => Node::Str(literal(t)?.into()),
+        // `-1`: jaq negates the integer.
+        Term::Neg(n) => match &**n {
+            Term::Num(n) => Node::Int(n.parse::<i64>().ok()?.checked_neg()?),
+            _ => return None,
+        },
+        Term::Str(None, parts) => match literal(t) {
+            Some(s) => Node::Str(s.into()),
+            None => Node::Interp(pieces(parts)?),
+        },
+        Term::IfThenElse(branches, otherwise) => {
+            let mut e = match otherwise {
+                Some(e) => node(e)?,
+                None => Node::Id,
+            };
+            for (c, t) in branches.iter().rev() {
+                e = Node::Ite(Box::new(node(c)?), Box::new(node(t)?), Box::new(e));
+            }
+            e
+        }
         Term::Arr(None) => Node::Arr(None),
         Term::Arr(Some(f)) => Node::Arr(Some(Box::new(node(f)?))),
         Term::Obj(entries) => {
@@ -239,6 +313,21 @@ fn node(t: &Term<&str>) -> Option<Node> {
                 BinaryOp::Math(Math::Add) => Node::Math(l, Op::Add, r),
                 BinaryOp::Math(Math::Sub) => Node::Math(l, Op::Sub, r),
                 BinaryOp::Math(Math::Mul) => Node::Math(l, Op::Mul, r),
+                BinaryOp::Alt => Node::Alt(l, r),
+                BinaryOp::And => Node::Logic(l, false, r),
+                BinaryOp::Or => Node::Logic(l, true, r),
+                BinaryOp::Cmp(c) => Node::Cmp(
+                    l,
+                    match c {
+                        jaq_core::ops::Cmp::Eq => Cmp::Eq,
+                        jaq_core::ops::Cmp::Ne => Cmp::Ne,
+                        jaq_core::ops::Cmp::Lt => Cmp::Lt,
+                        jaq_core::ops::Cmp::Le => Cmp::Le,
+                        jaq_core::ops::Cmp::Gt => Cmp::Gt,
+                        jaq_core::ops::Cmp::Ge => Cmp::Ge,
+                    },
+                    r,
+                ),
                 _ => return None,
             }
         }
@@ -248,6 +337,39 @@ fn node(t: &Term<&str>) -> Option<Node> {
             ("false", []) => Node::Bool(false),
             ("add", []) => Node::Add,
             ("map", [f]) => Node::Map(Box::new(node(f)?)),
+            ("empty", []) => Node::Empty,
+            ("not", []) => Node::Not,
+            ("length", []) => Node::Length,
+            ("keys", []) => Node::Keys(true),
+            ("keys_unsorted", []) => Node::Keys(false),
+            ("has", [k]) => Node::Has(Box::new(node(k)?)),
+            ("to_entries", []) => Node::ToEntries,
+            ("from_entries", []) => Node::FromEntries,
+            // `to_entries | map(f) | from_entries`.
+            ("with_entries", [f]) => Node::Pipe(
+                Box::new(Node::ToEntries),
+                Box::new(Node::Pipe(
+                    Box::new(Node::Map(Box::new(node(f)?))),
+                    Box::new(Node::FromEntries),
+                )),
+            ),
+            ("type", []) => Node::Type,
+            ("join", [sep]) => Node::Join(Box::new(node(sep)?)),
+            ("tostring", []) => Node::Interp(vec![Piece::Term(Node::Id)]),
+            ("select", [f]) => Node::Ite(
+                Box::new(node(f)?),
+                Box::new(Node::Id),
+                Box::new(Node::Empty),
+            ),
+            // `select(. != null)`.
+            ("values", []) => Node::Ite(
+                Box::new(Node::Cmp(Box::new(Node::Id), Cmp::Ne, Box::new(Node::Null))),
+                Box::new(Node::Id),
+                Box::new(Node::Empty),
+            ),
+            ("first", []) => Node::Path(Box::new(Node::Id), vec![Step::Index(0)]),
+            ("last", []) => Node::Path(Box::new(Node::Id), vec![Step::Index(-1)]),
+            ("del", [f]) => Node::Del(key_path(f)?),
             _ => return None,
         },
         Term::Path(base, path) => {
@@ -257,6 +379,11 @@ fn node(t: &Term<&str>) -> Option<Node> {
                     return None;
                 }
                 steps.push(match part {
+                    Part::Index(Term::Num(n)) => Step::Index(n.parse().ok()?),
+                    Part::Index(Term::Neg(n)) => match &**n {
+                        Term::Num(n) => Step::Index(n.parse::<i64>().ok()?.checked_neg()?),
+                        _ => return None,
+                    },
                     Part::Index(k) => Step::Key(literal(k)?.into()),
                     Part::Range(None, None) => Step::Iter,
                     Part::Range(..) => return None,
@@ -266,6 +393,45 @@ fn node(t: &Term<&str>) -> Option<Node> {
         }
         _ => return None,
     })
+}
+
+/// The parts of a string with interpolations (no format such as `@base64`).
+fn pieces(parts: &[StrPart<&str, Term<&str>>]) -> Option<Vec<Piece>> {
+    let mut out = Vec::with_capacity(parts.len());
+    let mut text = String::new();
+    for part in parts {
+        match part {
+            StrPart::Str(p) => text.push_str(p),
+            StrPart::Char(c) => text.push(*c),
+            StrPart::Term(t) => {
+                if !text.is_empty() {
+                    out.push(Piece::Lit(std::mem::take(&mut text).into()));
+                }
+                out.push(Piece::Term(node(t)?));
+            }
+        }
+    }
+    if !text.is_empty() {
+        out.push(Piece::Lit(text.into()));
+    }
+    Some(out)
+}
+
+/// `.a.b."c"`: a path of object keys from `.` (what `del` takes natively).
+fn key_path(t: &Term<&str>) -> Option<Vec<Box<str>>> {
+    let Term::Path(base, path) = t else {
+        return None;
+    };
+    if !matches!(**base, Term::Id) || path.0.is_empty() {
+        return None;
+    }
+    path.0
+        .iter()
+        .map(|(part, opt)| match (part, opt) {
+            (Part::Index(k), Opt::Essential) => literal(k).map(Into::into),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A string literal without interpolation or format.
@@ -392,7 +558,319 @@ impl Node {
                 }
                 out(V::Arr(Rc::new(items)))
             }
+            Node::Empty => Ok(()),
+            Node::Alt(l, r) => {
+                let mut any = false;
+                l.run(x.clone(), &mut |v| {
+                    if truthy(&v) {
+                        any = true;
+                        out(v)
+                    } else {
+                        Ok(())
+                    }
+                })?;
+                if any {
+                    Ok(())
+                } else {
+                    r.run(x, out)
+                }
+            }
+            Node::Logic(l, stop, r) => l.run(x.clone(), &mut |a| {
+                if truthy(&a) == *stop {
+                    out(V::Bool(*stop))
+                } else {
+                    r.run(x.clone(), &mut |b| out(V::Bool(truthy(&b))))
+                }
+            }),
+            Node::Cmp(l, op, r) => l.run(x.clone(), &mut |a| {
+                r.run(x.clone(), &mut |b| out(V::Bool(compare(*op, &a, &b))))
+            }),
+            Node::Ite(c, t, e) => c.run(x.clone(), &mut |v| {
+                let branch = if truthy(&v) { t } else { e };
+                branch.run(x.clone(), out)
+            }),
+            Node::Not => out(V::Bool(!truthy(&x))),
+            _ => builtin(self, x, out),
         }
+    }
+}
+
+/// The builtins of one value that return one value, and `join`, `del`, interpolation.
+fn builtin<'a>(node: &'a Node, x: V<'a>, out: Out<'_, 'a>) -> Result<(), Stop> {
+    let v = match (node, x) {
+        (Node::Length, x) => length(&x)?,
+        (Node::Keys(sorted), V::Obj(o)) => {
+            let mut keys: Vec<S<'a>> = o.iter().map(|(k, _)| k.clone()).collect();
+            if *sorted {
+                keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            }
+            V::Arr(Rc::new(keys.into_iter().map(V::Str).collect()))
+        }
+        (Node::Keys(_), V::Arr(a)) => V::Arr(Rc::new(index_values(a.len())?)),
+        (Node::Has(k), x) => {
+            let k = single(k, x.clone())?;
+            V::Bool(match (&x, &k) {
+                (V::Null, _) => false,
+                (V::Obj(o), V::Str(k)) => o.iter().any(|(key, _)| key.as_str() == k.as_str()),
+                // jaq looks the number up among the keys: never there.
+                (V::Obj(_), _) => false,
+                (V::Arr(a), V::Int(i)) => abs_index(*i, a.len()).is_some(),
+                _ => return Err(Stop::Bail),
+            })
+        }
+        (Node::ToEntries, V::Obj(o)) => V::Arr(Rc::new(
+            o.iter()
+                .map(|(k, v)| entry(V::Str(k.clone()), v.clone()))
+                .collect(),
+        )),
+        (Node::ToEntries, V::Arr(a)) => V::Arr(Rc::new(
+            index_values(a.len())?
+                .into_iter()
+                .zip(a.iter())
+                .map(|(k, v)| entry(k, v.clone()))
+                .collect(),
+        )),
+        (Node::FromEntries, x) => from_entries(&x)?,
+        (Node::Type, x) => V::Str(S::B(match x {
+            V::Null => "null",
+            V::Bool(_) => "boolean",
+            V::Int(_) | V::Float(_) => "number",
+            V::Str(_) => "string",
+            V::Arr(_) => "array",
+            V::Obj(_) => "object",
+        })),
+        (Node::Join(sep), V::Arr(a)) => {
+            let sep = single(sep, V::Arr(a.clone()))?;
+            let V::Str(sep) = sep else {
+                return Err(Stop::Bail);
+            };
+            let mut s = String::new();
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    s.push_str(sep.as_str());
+                }
+                text(&mut s, v)?;
+            }
+            V::Str(S::O(Rc::from(s)))
+        }
+        (Node::Del(keys), x) => del(x, keys)?,
+        (Node::Interp(pieces), x) => {
+            let mut s = String::new();
+            for p in pieces {
+                match p {
+                    Piece::Lit(l) => s.push_str(l),
+                    Piece::Term(f) => text(&mut s, &single(f, x.clone())?)?,
+                }
+            }
+            V::Str(S::O(Rc::from(s)))
+        }
+        _ => return Err(Stop::Bail),
+    };
+    out(v)
+}
+
+/// jq's truth: everything but `null` and `false`.
+fn truthy(v: &V) -> bool {
+    !matches!(v, V::Null | V::Bool(false))
+}
+
+/// `{"key": k, "value": v}`.
+fn entry<'a>(k: V<'a>, v: V<'a>) -> V<'a> {
+    V::Obj(Rc::new(vec![(S::B("key"), k), (S::B("value"), v)]))
+}
+
+/// `[0, 1, ..., n - 1]`.
+fn index_values<'a>(n: usize) -> Result<Vec<V<'a>>, Bail> {
+    (0..n)
+        .map(|i| i64::try_from(i).map(V::Int).map_err(|_| Bail))
+        .collect()
+}
+
+/// jaq's `abs_index`: a negative index counts from the end; out of range, none.
+fn abs_index(i: i64, len: usize) -> Option<usize> {
+    let i = if i < 0 {
+        len.checked_sub(usize::try_from(i.checked_neg()?).ok()?)?
+    } else {
+        usize::try_from(i).ok()?
+    };
+    (i < len).then_some(i)
+}
+
+/// jaq's `length`: `null` 0, a number's absolute value, a string's characters.
+fn length<'a>(x: &V<'a>) -> Result<V<'a>, Bail> {
+    let n = match x {
+        V::Null => 0,
+        V::Int(i) => return i.checked_abs().map(V::Int).ok_or(Bail),
+        V::Float(f) => return Ok(V::Float(f.abs())),
+        V::Str(s) => s.as_str().chars().count(),
+        V::Arr(a) => a.len(),
+        V::Obj(o) => o.len(),
+        V::Bool(_) => return Err(Bail),
+    };
+    i64::try_from(n).map(V::Int).map_err(|_| Bail)
+}
+
+/// jaq's `from_entries`: `reduce (.[] | {(.key): .value}) as $x ({}; . + $x)`, for entries
+/// that are objects with a string `key` (anything else is an error jaq tells).
+fn from_entries<'a>(x: &V<'a>) -> Result<V<'a>, Bail> {
+    let each = |e: &V<'a>, fields: &mut Vec<(S<'a>, V<'a>)>| {
+        let V::Obj(e) = e else { return Err(Bail) };
+        let find = |name: &str| e.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v);
+        let Some(V::Str(k)) = find("key") else {
+            return Err(Bail);
+        };
+        insert(fields, k.clone(), find("value").cloned().unwrap_or(V::Null))
+    };
+    let mut fields = Vec::new();
+    match x {
+        V::Arr(a) => a.iter().try_for_each(|e| each(e, &mut fields))?,
+        V::Obj(o) => o.iter().try_for_each(|(_, e)| each(e, &mut fields))?,
+        _ => return Err(Bail),
+    }
+    Ok(V::Obj(Rc::new(fields)))
+}
+
+/// `tostring` of a string, an integer, a boolean or `null` (floats, arrays and objects are
+/// printed by jaq's own printer: its case).
+fn text(s: &mut String, v: &V) -> Result<(), Bail> {
+    match v {
+        V::Str(t) => s.push_str(t.as_str()),
+        V::Int(i) => s.push_str(itoa::Buffer::new().format(*i)),
+        V::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
+        V::Null => s.push_str("null"),
+        _ => return Err(Bail),
+    }
+    Ok(())
+}
+
+/// `del(.a.b)` (jaq's `.a.b |= empty`): the last key removed as `IndexMap::swap_remove`
+/// removes it (the last field takes its place); a missing or non-object step on the way is
+/// jaq's case.
+fn del<'a>(mut x: V<'a>, keys: &[Box<str>]) -> Result<V<'a>, Bail> {
+    let Some((last, parents)) = keys.split_last() else {
+        return Err(Bail);
+    };
+    let mut at = &mut x;
+    for k in parents {
+        let V::Obj(o) = at else { return Err(Bail) };
+        at = Rc::make_mut(o)
+            .iter_mut()
+            .find(|(key, _)| key.as_str() == &**k)
+            .map(|(_, v)| v)
+            .ok_or(Bail)?;
+    }
+    let V::Obj(o) = at else { return Err(Bail) };
+    if let Some(i) = o.iter().position(|(key, _)| key.as_str() == &**last) {
+        Rc::make_mut(o).swap_remove(i);
+    }
+    Ok(x)
+}
+
+/// jaq's `==`, `<`...: `PartialEq` and `Ord` of jaq-json's values.
+fn compare(op: Cmp, a: &V, b: &V) -> bool {
+    use std::cmp::Ordering::{Greater, Less};
+    match op {
+        Cmp::Eq => equal(a, b),
+        Cmp::Ne => !equal(a, b),
+        Cmp::Lt => order(a, b) == Less,
+        Cmp::Le => order(a, b) != Greater,
+        Cmp::Gt => order(a, b) == Greater,
+        Cmp::Ge => order(a, b) != Less,
+    }
+}
+
+fn equal(a: &V, b: &V) -> bool {
+    match (a, b) {
+        (V::Null, V::Null) => true,
+        (V::Bool(x), V::Bool(y)) => x == y,
+        (V::Int(x), V::Int(y)) => x == y,
+        (V::Int(i), V::Float(f)) | (V::Float(f), V::Int(i)) => {
+            f.is_finite() && float_order(*i as f64, *f) == std::cmp::Ordering::Equal
+        }
+        (V::Float(x), V::Float(y)) => float_order(*x, *y) == std::cmp::Ordering::Equal,
+        (V::Str(x), V::Str(y)) => x.as_str() == y.as_str(),
+        (V::Arr(x), V::Arr(y)) => {
+            x.len() == y.len() && x.iter().zip(y.iter()).all(|(a, b)| equal(a, b))
+        }
+        // `IndexMap`'s equality: the same keys with equal values, in any order.
+        (V::Obj(x), V::Obj(y)) => {
+            x.len() == y.len()
+                && x.iter().all(|(k, v)| {
+                    y.iter()
+                        .find(|(key, _)| key.as_str() == k.as_str())
+                        .is_some_and(|(_, w)| equal(v, w))
+                })
+        }
+        _ => false,
+    }
+}
+
+/// jaq-json's order: `null` < booleans < numbers < strings < arrays < objects; objects by
+/// their sorted keys, then their values in that order.
+fn order(a: &V, b: &V) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    fn rank(v: &V) -> u8 {
+        match v {
+            V::Null => 0,
+            V::Bool(_) => 1,
+            V::Int(_) | V::Float(_) => 2,
+            V::Str(_) => 3,
+            V::Arr(_) => 4,
+            V::Obj(_) => 5,
+        }
+    }
+    match (a, b) {
+        (V::Bool(x), V::Bool(y)) => x.cmp(y),
+        (V::Int(x), V::Int(y)) => x.cmp(y),
+        (V::Int(i), V::Float(f)) => float_order(*i as f64, *f),
+        (V::Float(f), V::Int(i)) => float_order(*f, *i as f64),
+        (V::Float(x), V::Float(y)) => float_order(*x, *y),
+        (V::Str(x), V::Str(y)) => x.as_str().cmp(y.as_str()),
+        (V::Arr(x), V::Arr(y)) => {
+            for (a, b) in x.iter().zip(y.iter()) {
+                match order(a, b) {
+                    Ordering::Equal => {}
+                    o => return o,
+                }
+            }
+            x.len().cmp(&y.len())
+        }
+        (V::Obj(x), V::Obj(y)) => {
+            let sorted = |o: &Rc<Vec<(S<'_>, V<'_>)>>| {
+                let mut l: Vec<usize> = (0..o.len()).collect();
+                l.sort_by(|&i, &j| o[i].0.as_str().cmp(o[j].0.as_str()));
+                l
+            };
+            let (l, r) = (sorted(x), sorted(y));
+            let keys = l
+                .iter()
+                .map(|&i| x[i].0.as_str())
+                .cmp(r.iter().map(|&i| y[i].0.as_str()));
+            keys.then_with(|| {
+                for (&i, &j) in l.iter().zip(r.iter()) {
+                    match order(&x[i].1, &y[j].1) {
+                        Ordering::Equal => {}
+                        o => return o,
+                    }
+                }
+                l.len().cmp(&r.len())
+            })
+        }
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+/// jaq-json's `float_cmp`: zeros equal, NaN below everything, else `total_cmp`.
+fn float_order(l: f64, r: f64) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    if l == 0. && r == 0. {
+        Ordering::Equal
+    } else if l.is_nan() {
+        Ordering::Less
+    } else if r.is_nan() {
+        Ordering::Greater
+    } else {
+        l.total_cmp(&r)
     }
 }
 
@@ -427,6 +905,13 @@ fn path<'a>(steps: &'a [Step], x: V<'a>, out: Out<'_, 'a>) -> Result<(), Stop> {
             let v = o.iter().find(|(key, _)| key.as_str() == &**k);
             path(rest, v.map_or(V::Null, |(_, v)| v.clone()), out)
         }
+        (Step::Index(_), V::Null) => path(rest, V::Null, out),
+        (Step::Index(i), V::Arr(a)) => {
+            let v = abs_index(*i, a.len()).map_or(V::Null, |i| a[i].clone());
+            path(rest, v, out)
+        }
+        // jaq looks a number up among an object's keys: never there.
+        (Step::Index(_), V::Obj(_)) => path(rest, V::Null, out),
         (Step::Iter, V::Arr(a)) => a.iter().try_for_each(|v| path(rest, v.clone(), out)),
         (Step::Iter, V::Obj(o)) => o.iter().try_for_each(|(_, v)| path(rest, v.clone(), out)),
         // jaq's errors (indexing or iterating a scalar) are jaq's to tell.

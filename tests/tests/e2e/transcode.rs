@@ -262,44 +262,60 @@ async fn json_requests_reach_a_grpc_service_and_its_answers_come_back_as_json() 
     // A version naming a service the descriptor set lacks is refused by `policy apply` (and
     // `validate`), and, written past validation, by the gateway, which keeps the last good
     // table.
+    refused_by_apply_and_the_gateway(
+        &etcd,
+        gateway.bound.admin,
+        "books",
+        &route("test.Nope"),
+        "grpc_transcode.service: `test.Nope` is not in the descriptor set (it has: test.Echo)",
+        "`test.Nope` is not in the descriptor set",
+    )
+    .await;
+    let r = call(&h1, "GET", HOST, "/v1/items/7", b"").await;
+    assert_eq!((r.status.as_u16(), r.json()), (200, json!({"id": "7"})));
+}
+
+/// The HTTPRoute `name` in `yaml` is refused by `policy apply` (and `validate`) with
+/// `refused` in the message; written to the store past validation (as an older agent or a
+/// writer with store access could), the gateway refuses it too, with `reason` in its config
+/// dump. Whether the last good version still serves is the caller's to check.
+async fn refused_by_apply_and_the_gateway(
+    etcd: &mesh_agent::testing::EtcdCluster,
+    admin: std::net::SocketAddr,
+    name: &str,
+    yaml: &str,
+    refused: &str,
+    reason: &str,
+) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("books.yaml");
-    std::fs::write(&file, route("test.Nope")).expect("written");
+    let file = dir.path().join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).expect("written");
     let e = mesh_agent::policy::load_documents(&file)
         .map(|_| ())
         .expect_err("refused by `policy apply`")
         .to_string();
-    assert!(
-        e.contains(
-            "grpc_transcode.service: `test.Nope` is not in the descriptor set (it has: test.Echo)"
-        ),
-        "{e}"
-    );
-    let bad = parse_documents(&route("test.Nope"), "t")
+    assert!(e.contains(refused), "{e}");
+    let doc = parse_documents(yaml, "t")
         .remove(0)
         .expect("a policy document");
-    let key = format!("{PREFIX}/mesh/policies/HTTPRoute/books");
+    let key = format!("{PREFIX}/mesh/policies/HTTPRoute/{name}");
     let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
         .await
         .expect("etcd client");
-    raw.put(key.as_str(), serde_json::to_vec(&bad).expect("json"), None)
+    raw.put(key.as_str(), serde_json::to_vec(&doc).expect("json"), None)
         .await
         .expect("put");
     trellis_tests::wait_for(
         Duration::from_secs(10),
         "the gateway refuses it",
         || async {
-            let d = client::admin(gateway.bound.admin, "/config_dump")
-                .await
-                .json();
+            let d = client::admin(admin, "/config_dump").await.json();
             d["etcd"]["discovery"]["rejected"][&key]["reason"]
                 .as_str()
-                .is_some_and(|r| r.contains("`test.Nope` is not in the descriptor set"))
+                .is_some_and(|r| r.contains(reason))
         },
     )
     .await;
-    let r = call(&h1, "GET", HOST, "/v1/items/7", b"").await;
-    assert_eq!((r.status.as_u16(), r.json()), (200, json!({"id": "7"})));
 }
 
 /// A request body sent in pieces, each when the test sends it: the sender and the body.
@@ -526,38 +542,13 @@ spec:
     assert_eq!(r.json(), json!({"seen": {"m": "x"}}), "{}", r.body);
 
     let bad = shop("{m: .method");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("shop.yaml");
-    std::fs::write(&file, &bad).expect("written");
-    let e = mesh_agent::policy::load_documents(&file)
-        .map(|_| ())
-        .expect_err("refused by `policy apply`")
-        .to_string();
-    assert!(
-        e.contains("rules[0].aggregate.calls[0].body: transform.jq: `{m: .method` does not parse"),
-        "{e}"
-    );
-    let doc = parse_documents(&bad, "t")
-        .remove(0)
-        .expect("a policy document");
-    let key = format!("{PREFIX}/mesh/policies/HTTPRoute/shop");
-    let mut raw = etcd_client::Client::connect(env.etcd.endpoints(), None)
-        .await
-        .expect("etcd client");
-    raw.put(key.as_str(), serde_json::to_vec(&doc).expect("json"), None)
-        .await
-        .expect("put");
-    trellis_tests::wait_for(
-        Duration::from_secs(10),
-        "the gateway refuses it",
-        || async {
-            let d = client::admin(env.gateway.bound.admin, "/config_dump")
-                .await
-                .json();
-            d["etcd"]["discovery"]["rejected"][&key]["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("does not parse"))
-        },
+    refused_by_apply_and_the_gateway(
+        &env.etcd,
+        env.gateway.bound.admin,
+        "shop",
+        &bad,
+        "rules[0].aggregate.calls[0].body: transform.jq: `{m: .method` does not parse",
+        "does not parse",
     )
     .await;
     let r = call(&h1, "GET", SHOP, "/echo", b"").await;
