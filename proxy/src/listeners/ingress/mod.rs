@@ -257,8 +257,13 @@ impl Ingress {
         Option<Arc<String>>,
     ) {
         let grpc = crate::http::grpc::is_grpc(req.headers());
+        // The portal's and the cache's futures are boxed: an `async fn`'s state is as large as
+        // its largest branch, and it is moved whole into each enclosing future, so every
+        // routed request would otherwise copy their kilobytes several times
+        // (docs/performance.md, "The ingress's request future").
         if let Some(portal) = self.portal(&req, conn) {
-            return (portal.answer(req, conn.peer, conn.tls).await, None, None);
+            let answer = Box::pin(portal.answer(req, conn.peer, conn.tls)).await;
+            return (answer, None, None);
         }
         // Browsers' gRPC-Web becomes gRPC here, and its answer gRPC-Web again.
         let web = crate::compose::grpc_web::accept(&mut req);
@@ -286,7 +291,7 @@ impl Ingress {
                 let names = rule.as_ref().map(|r| (&*r.policy, r.name.as_str()));
                 let resp = match self.cache.edge_plan(&req, consumer.as_deref(), names) {
                     None => upstream(req).await,
-                    Some(plan) => plan.serve(req, upstream).await,
+                    Some(plan) => Box::pin(plan.serve(req, upstream)).await,
                 };
                 admission::hold(resp.unwrap_or_else(|e| e.into_response_for(grpc)), permits)
             }
