@@ -5,12 +5,18 @@
 # URLs. docs/caching.md#benchmark.
 #
 #   bash bench/cache_callgrind.sh   # BENCH_REQUESTS (2000), BENCH_CACHE_BYTES (4 MiB),
-#                                   # BENCH_PORT_BASE (28700), BENCH_SKIP_BUILD=1
+#                                   # BENCH_PORT_BASE (28700), BENCH_SKIP_BUILD=1,
+#                                   # BENCH_MIN_USES (the policy's min_uses, default 1),
+#                                   # BENCH_CG_KEEP=DIR (keep the profiles there, for
+#                                   # callgrind_annotate DIR/cg.1.* / DIR/cg.0.*)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 N="${BENCH_REQUESTS:-2000}"
 BYTES="${BENCH_CACHE_BYTES:-4194304}"
 BASE="${BENCH_PORT_BASE:-28700}"
+MIN_USES="${BENCH_MIN_USES:-1}"
+KEEP="${BENCH_CG_KEEP:-}"
+EXTRA=""; [[ "$MIN_USES" == 1 ]] || EXTRA=", min_uses: $MIN_USES"
 bench_init cache-callgrind
 need valgrind callgrind_control nginx python3 curl
 build_release
@@ -27,17 +33,19 @@ nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
 
 backend_sidecar_config
 
-# COUNT requests for distinct paths under PREFIX on one keep-alive connection.
-load() { # PREFIX COUNT
-    python3 - "$S_IN" "$1" "$2" <<'PY'
+# COUNT distinct paths under PREFIX, each asked REPEAT times in a row (default 1), on one
+# keep-alive connection.
+load() { # PREFIX COUNT [REPEAT]
+    python3 - "$S_IN" "$1" "$2" "${3:-1}" <<'PY'
 import http.client, sys
-port, prefix, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, prefix, n, rep = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(n):
-    c.request("GET", f"{prefix}/{i}", headers={"Host": "backend"})
-    r = c.getresponse(); r.read()
-    if r.status != 200:
-        sys.exit(f"{prefix}/{i}: {r.status}")
+    for _ in range(rep):
+        c.request("GET", f"{prefix}/{i}", headers={"Host": "backend"})
+        r = c.getresponse(); r.read()
+        if r.status != 200:
+            sys.exit(f"{prefix}/{i}: {r.status}")
 PY
 }
 metric() { curl -s "http://127.0.0.1:$S_ADM/metrics" | awk -v m="$1" '$1 == m { print int($2) }'; }
@@ -46,13 +54,15 @@ metric() { curl -s "http://127.0.0.1:$S_ADM/metrics" | awk -v m="$1" '$1 == m { 
 run() { # WITH-CACHE (0|1)
     echo "services: {}" >"$D/mesh.yaml"
     if [[ "$1" == 1 ]]; then
-        echo "cache_policies: {bench: {service: backend, max_bytes: $BYTES, max_object_bytes: 65536}}" >>"$D/mesh.yaml"
+        echo "cache_policies: {bench: {service: backend, max_bytes: $BYTES, max_object_bytes: 65536$EXTRA}}" >>"$D/mesh.yaml"
     fi
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$D/cg.$1.%p" \
         "$AGENT" run --config "$D/sidecar.yaml" 2>"$D/sidecar.$1.log" & SC=$!
     for _ in $(seq 600); do curl -sf -o /dev/null -m 2 "http://127.0.0.1:$S_IN/warm" && break; sleep 0.2; done
     # Fill until the store evicts (without a policy: the same warm-up).
-    load "/fill" $((BYTES / 1000))
+    # With min_uses N a URL is stored at its Nth request: each is asked N times in a row
+    # (asked again only after thousands of others, its uses would be forgotten).
+    load "/fill" $((BYTES / 1000)) "$MIN_USES"
     if [[ "$1" == 1 ]]; then
         (($(metric trellis_cache_evictions_total) > 100)) || die "the cache did not fill"
     fi
@@ -62,6 +72,7 @@ run() { # WITH-CACHE (0|1)
     local ir
     ir=$(cat "$D"/cg."$1".*.* 2>/dev/null | awk '/^(summary|totals):/ { if ($2 > t) t = $2 } END { print t + 0 }')
     kill -TERM "$SC"; wait "$SC" 2>/dev/null || true
+    if [[ -n "$KEEP" ]]; then mkdir -p "$KEEP" && cp "$D"/cg."$1".* "$KEEP"/; fi
     rm -f "$D"/cg."$1".*
     echo $((ir / N))
 }
@@ -71,6 +82,6 @@ without=$(run 0)
 echo "Miss path, instructions per request (callgrind, $N requests, store of $BYTES bytes full and evicting); $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "| sidecar | instructions/request |"
 echo "|---|---:|"
-echo "| with a CachePolicy (every request a miss, stored) | $with |"
+echo "| with a CachePolicy (every request a miss of a new URL; min_uses $MIN_USES) | $with |"
 echo "| without a policy, same URLs | $without |"
 awk -v a="$with" -v b="$without" 'BEGIN { printf "miss-path overhead: %+.1f %%\n", (a / b - 1) * 100 }'

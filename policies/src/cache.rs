@@ -25,6 +25,8 @@ pub const MAX_CACHE_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 pub const MAX_KEY_PARTS: usize = 16;
 /// Longest wait of a request for another's identical miss.
 pub const MAX_COALESCE_WAIT: Duration = Duration::from_secs(60);
+/// Largest `min_uses`: uses are counted in 4-bit counters (TinyLFU's), which saturate at 15.
+pub const MAX_CACHE_MIN_USES: u32 = 15;
 /// Longest purge selector (prefix, key or tag).
 pub const MAX_PURGE_SELECTOR: usize = 1024;
 /// Smallest and largest bound of one policy's disk tier.
@@ -86,6 +88,12 @@ pub struct CachePolicySpec {
     /// going upstream itself.
     #[serde(default = "default_coalesce_wait", with = "humantime_serde")]
     pub coalesce_wait: Duration,
+    /// A response is stored only at the `min_uses`-th request for its key (nginx's
+    /// `proxy_cache_min_uses`, "cache on second hit"): keys asked for once neither take an
+    /// entry nor evict a popular one. 1 (the default) stores at the first request. Uses are
+    /// counted in a bounded sketch, so a key asked for rarely may be forgotten first.
+    #[serde(default = "one_use", skip_serializing_if = "is_one_use")]
+    pub min_uses: u32,
     /// A second tier on local disk, for responses too large for memory and entries the
     /// memory bound evicts. Absent: memory only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,6 +186,14 @@ fn default_max_object_bytes() -> u64 {
     1024 * 1024
 }
 
+fn one_use() -> u32 {
+    1
+}
+
+fn is_one_use(n: &u32) -> bool {
+    *n == 1
+}
+
 fn default_coalesce_wait() -> Duration {
     Duration::from_secs(5)
 }
@@ -220,6 +236,11 @@ impl CachePolicySpec {
             return Err(format!(
                 "coalesce_wait: must be at most {}s",
                 MAX_COALESCE_WAIT.as_secs()
+            ));
+        }
+        if !(1..=MAX_CACHE_MIN_USES).contains(&self.min_uses) {
+            return Err(format!(
+                "min_uses: must be between 1 (store at the first request) and {MAX_CACHE_MIN_USES} (uses are counted up to {MAX_CACHE_MIN_USES})"
             ));
         }
         if let Some(d) = &self.disk {
@@ -400,6 +421,7 @@ mod tests {
         assert_eq!(s.max_ttl, Duration::from_secs(86400));
         assert_eq!(s.default_ttl, None);
         assert_eq!(s.max_bytes, 64 << 20);
+        assert_eq!(s.min_uses, 1, "stored at the first request");
         assert!(
             s.applies("GET", "/x", None)
                 && s.applies("HEAD", "/", None)
@@ -472,6 +494,11 @@ mod tests {
                 .contains("max_object_bytes")
         );
         assert!(bad(serde_json::json!({"coalesce_wait": "2m"})).contains("coalesce_wait"));
+        assert!(bad(serde_json::json!({"min_uses": 0})).contains("min_uses: must be between 1"));
+        assert!(bad(serde_json::json!({"min_uses": 16})).contains("min_uses: must be between 1"));
+        assert!(bad(serde_json::json!({"min_uses": 4_000_000_000u64})).contains("min_uses: must"));
+        assert!(bad(serde_json::json!({"min_uses": -1})).contains("invalid value"));
+        assert!(bad(serde_json::json!({"min_uses": "2"})).contains("invalid type"));
         assert!(bad(serde_json::json!({"key": {"headers": ["Accept"]}})).contains("key.headers"));
         assert!(bad(serde_json::json!({"key": {"query": ["a=b"]}})).contains("key.query"));
         assert!(bad(serde_json::json!({"ttl": "1s"})).contains("unknown field `ttl`"));

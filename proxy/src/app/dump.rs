@@ -25,6 +25,7 @@ pub(super) fn config_dump(inputs: &ProxyInputs, extra: Extra) -> DumpFn {
     let pool = inputs.pool.clone();
     let limits = inputs.rate_limits.clone();
     let access_control = inputs.access_control.clone();
+    let cache = inputs.cache.clone();
     let Extra {
         app_speaks,
         ready,
@@ -49,6 +50,8 @@ pub(super) fn config_dump(inputs: &ProxyInputs, extra: Extra) -> DumpFn {
             "gateway_routing": snapshot.load().gateway_routing.dump(),
             "limits": limits.dump(),
             "access": access_control.dump(),
+            // The inbound response cache: applied policies, bytes held, disk tiers.
+            "cache": cache.dump(),
             "ingress_certificates": ingress_certs.as_ref().map(|r| {
                 r.expiry()
                     .into_iter()

@@ -39,6 +39,8 @@ pub enum Turn {
 pub struct Leader {
     hash: u64,
     set: Arc<Inflight>,
+    /// Still holds its slot (`false` once released by [`Leader::release_if_alone`]).
+    held: bool,
 }
 
 // === impl Inflight ===
@@ -65,6 +67,7 @@ impl Inflight {
         Turn::Lead(Leader {
             hash,
             set: self.clone(),
+            held: true,
         })
     }
 
@@ -79,6 +82,7 @@ impl Inflight {
         Some(Leader {
             hash,
             set: self.clone(),
+            held: true,
         })
     }
 
@@ -99,8 +103,28 @@ pub async fn wait(mut rx: watch::Receiver<()>, max: Duration) -> bool {
 
 // === impl Leader ===
 
+impl Leader {
+    /// Give the slot up now unless someone waits on it (`Err(self)`: keep leading). Checked and
+    /// removed under one lock: a request arriving afterwards leads a fetch of its own, none is
+    /// left waiting for a response that will not be stored (`min_uses`).
+    pub fn release_if_alone(mut self) -> Result<(), Leader> {
+        let mut slots = self.set.shard(self.hash);
+        if slots.get(&self.hash).is_some_and(|s| s.done.is_some()) {
+            drop(slots);
+            return Err(self);
+        }
+        slots.remove(&self.hash);
+        drop(slots);
+        self.held = false;
+        Ok(())
+    }
+}
+
 impl Drop for Leader {
     fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
         // Removed under the lock, then the sender dropped: a waiter subscribed under the same
         // lock, so none misses the wake-up, and one that misses again may lead the next
         // request.
@@ -130,6 +154,27 @@ mod tests {
             matches!(set.join("k"), Turn::Lead(_)),
             "the key is free again"
         );
+    }
+
+    #[test]
+    fn a_leader_alone_releases_its_slot_but_not_one_waited_for() {
+        let set = Arc::new(Inflight::default());
+        let Turn::Lead(alone) = set.join("a") else {
+            panic!()
+        };
+        assert!(alone.release_if_alone().is_ok());
+        let Turn::Lead(next) = set.join("a") else {
+            panic!("released: the next request leads")
+        };
+        let Turn::Wait(_rx) = set.join("a") else {
+            panic!()
+        };
+        let next = next
+            .release_if_alone()
+            .expect_err("someone waits: keeps leading");
+        assert!(set.try_lead("a").is_none());
+        drop(next);
+        assert!(set.try_lead("a").is_some(), "dropped: released");
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,12 +15,12 @@ const SEP: char = '\0';
 /// The resource part of a key, `authority SEP path?query`: what purges and unsafe-method
 /// invalidation match on.
 pub fn resource<B>(req: &Request<B>, spec: &CacheKeySpec) -> String {
-    let authority = crate::http::headers::request_authority(req)
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let authority = crate::http::headers::request_authority(req).unwrap_or_default();
     let path = req.uri().path();
+    // Room for the primary key's parts too, which are usually appended to it (`keys`).
     let mut out = String::with_capacity(authority.len() + path.len() + 32);
-    out.push_str(&authority);
+    out.push_str(authority);
+    out.make_ascii_lowercase();
     out.push(SEP);
     out.push_str(path);
     let query = req.uri().query().unwrap_or_default();
@@ -45,22 +45,40 @@ pub fn resource<B>(req: &Request<B>, spec: &CacheKeySpec) -> String {
     out
 }
 
+/// The resource and the primary key, built in one string: the primary key starts with the
+/// resource, whose length is returned with it.
+pub fn keys<B>(req: &Request<B>, spec: &CacheKeySpec, consumer: Option<&str>) -> (String, usize) {
+    let mut out = resource(req, spec);
+    let len = out.len();
+    push_primary(&mut out, req.headers(), spec, consumer);
+    (out, len)
+}
+
 /// The primary key: the resource, the policy's key headers and the consumer.
+#[cfg(test)]
 pub fn primary(
     resource: &str,
     headers: &HeaderMap,
     spec: &CacheKeySpec,
     consumer: Option<&str>,
 ) -> String {
-    let mut out = String::with_capacity(resource.len() + 16);
-    out.push_str(resource);
+    let mut out = resource.to_string();
+    push_primary(&mut out, headers, spec, consumer);
+    out
+}
+
+fn push_primary(
+    out: &mut String,
+    headers: &HeaderMap,
+    spec: &CacheKeySpec,
+    consumer: Option<&str>,
+) {
     out.push(SEP);
     out.push_str(consumer.unwrap_or("-"));
     for name in &spec.headers {
         out.push(SEP);
-        push_values(&mut out, headers, name);
+        push_values(out, headers, name);
     }
-    out
 }
 
 /// The variant key under `primary` for the request headers the response's `Vary` names:
@@ -78,6 +96,16 @@ pub fn variant(primary: &str, headers: &HeaderMap, vary: &[String]) -> String {
         push_values(&mut out, headers, name);
     }
     out
+}
+
+/// [`variant`] when the request's headers were kept; without them, `primary` for a response
+/// without `Vary` and `None` (no key can be built) for one with.
+pub fn variant_of(primary: &str, headers: Option<&HeaderMap>, vary: &[String]) -> Option<String> {
+    match headers {
+        Some(h) => Some(variant(primary, h, vary)),
+        None if vary.is_empty() => Some(primary.to_string()),
+        None => None,
+    }
 }
 
 /// A header's values, joined; a missing header differs from an empty one.
@@ -161,5 +189,12 @@ mod tests {
         let mut gz = HeaderMap::new();
         gz.insert("accept-encoding", "gzip".parse().unwrap());
         assert_ne!(plain, variant(&a, &gz, &vary));
+        let r = Request::get("/a?q").header("host", "H").body(()).unwrap();
+        let (p, len) = keys(&r, &spec, Some("acme"));
+        assert_eq!(&p[..len], resource(&r, &spec));
+        assert_eq!(
+            p,
+            primary(&resource(&r, &spec), r.headers(), &spec, Some("acme"))
+        );
     }
 }

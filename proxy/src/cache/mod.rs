@@ -12,6 +12,7 @@
 //! Purges come from the store like policies (a `CachePurge` record per service, applied by each
 //! sidecar from its watch); unsafe methods that succeed invalidate their target at once.
 
+mod admission;
 mod coalesce;
 pub mod control;
 mod disk;
@@ -98,6 +99,8 @@ struct Compiled {
     invalidated: quick_cache::sync::Cache<Arc<str>, Instant>,
     /// Something was invalidated: until then lookups skip `invalidated`.
     any_invalidated: AtomicBool,
+    /// Use counts of keys, with `min_uses` above 1 (bounded: see [`admission`]).
+    admission: Option<admission::Sketch>,
 }
 
 /// A listener's answer to a request.
@@ -123,6 +126,9 @@ pub struct Plan {
     resource: Arc<str>,
     primary: String,
     kind: Kind,
+    /// The key's uses counted by this miss's admission sketch (`u32::MAX`: not counted, no
+    /// `min_uses`).
+    uses: u32,
     /// Stale entries may be revalidated in the background (the inbound side, whose origin
     /// is the local app); at the edge the origin is whatever the route picks, so they are
     /// revalidated in the foreground.
@@ -293,9 +299,9 @@ impl ResponseCache {
             _ => c.spec.applies(req.method().as_str(), path, route),
         })?;
         let spec = &policy.spec;
-        let resource: Arc<str> = key::resource(req, &spec.key).into();
         let consumer = consumer.filter(|_| !spec.public);
-        let primary = key::primary(&resource, req.headers(), &spec.key, consumer);
+        let (primary, len) = key::keys(req, &spec.key, consumer);
+        let resource: Arc<str> = Arc::from(&primary[..len]);
         let kind = match kind {
             Kind::Lookup if bypass(req.headers()) => Kind::Bypass,
             k => k,
@@ -306,6 +312,7 @@ impl ResponseCache {
             resource,
             primary,
             kind,
+            uses: u32::MAX,
             background,
         })
     }
@@ -317,6 +324,29 @@ impl ResponseCache {
             .iter()
             .map(|c| c.store.entry_count())
             .sum()
+    }
+
+    /// The cache's state for `/config_dump` (read when asked, never on the request path):
+    /// each applied policy, most specific first, with what its store holds, its admission
+    /// sketch and its disk tier. The policies' specs are in the dump's snapshot.
+    pub fn dump(&self) -> serde_json::Value {
+        let policies = self.policies.load();
+        let list: Vec<_> = policies
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "policy": c.name,
+                    "entries": c.store.entry_count(),
+                    "bytes": c.store.bytes(),
+                    "max_bytes": c.spec.max_bytes,
+                    "max_object_bytes": c.spec.max_object_bytes,
+                    "min_uses": c.spec.min_uses,
+                    "admission_sketch_bytes": c.admission.as_ref().map(|s| s.bytes()),
+                    "disk": c.store.disk().map(|d| d.dump()),
+                })
+            })
+            .collect();
+        serde_json::json!({"service": self.service, "policies": list})
     }
 
     /// Entries held by the disk tiers, and the directory each writes (tests, `/config_dump`).
@@ -353,6 +383,7 @@ impl Compiled {
             inflight: Arc::default(),
             invalidated: quick_cache::sync::Cache::new(INVALIDATIONS),
             any_invalidated: AtomicBool::new(false),
+            admission: (spec.min_uses > 1).then(|| admission::Sketch::new(spec.max_bytes)),
         }
     }
 }
@@ -361,19 +392,29 @@ impl Compiled {
 
 impl Plan {
     /// Answer the request from the cache, or through `upstream` (the listener's own forward).
-    pub async fn serve<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
+    ///
+    /// Not an `async fn` itself: it returns the future of the kind's own, so that a lookup's
+    /// (the large one) is not built and then moved into a second state machine around it.
+    pub fn serve<B>(
+        self,
+        req: Request<B>,
+        upstream: impl Upstream<B>,
+    ) -> impl Future<Output = Answer> {
+        use futures_util::future::Either;
         match self.kind {
-            Kind::Bypass => {
-                let mut resp = upstream(req).await?;
-                self.mark(&mut resp, BYPASS);
-                Ok(resp)
-            }
-            Kind::Invalidate => self.invalidate(req, upstream).await,
-            Kind::Lookup => self.lookup(req, upstream).await,
+            Kind::Lookup => Either::Left(self.lookup(req, upstream)),
+            Kind::Invalidate => Either::Right(Either::Left(self.invalidate(req, upstream))),
+            Kind::Bypass => Either::Right(Either::Right(self.bypass(req, upstream))),
         }
     }
 
-    async fn lookup<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
+    async fn bypass<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
+        let mut resp = upstream(req).await?;
+        self.mark(&mut resp, BYPASS);
+        Ok(resp)
+    }
+
+    async fn lookup<B>(mut self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
         let now = Instant::now();
         let req_cc = CacheControl::parse(req.headers());
         if let Some(entry) = self.find_any(req.headers()).await {
@@ -383,7 +424,7 @@ impl Plan {
                 Use::StaleWhileRevalidate if self.background(&req, &entry) => {
                     Ok(self.hit(&entry, &req, STALE, now))
                 }
-                _ => self.revalidate(req, entry, upstream).await,
+                _ => self.revalidate(req, &req_cc, entry, upstream).await,
             };
         }
         if req_cc.only_if_cached {
@@ -395,11 +436,17 @@ impl Plan {
                 msg,
             ));
         }
-        let leader = match self.coalesce(&req).await {
+        if let Some(sketch) = &self.policy.admission {
+            // Every request that misses is a use, those that will wait for a leader too.
+            self.uses = u32::from(sketch.increment(&self.primary));
+        }
+        let leader = match self.coalesce(&req, &req_cc).await {
             Ok(entry) => return Ok(self.hit(&entry, &req, HIT, Instant::now())),
             Err(leader) => leader,
         };
-        self.miss(req, upstream, leader, MISS).await
+        let fetch = self.fetch(&req, &req_cc);
+        let resp = upstream(req).await?;
+        Ok(self.store(fetch, resp, leader, MISS))
     }
 
     /// A stored response for this request that it may use, from memory or else from the
@@ -441,7 +488,11 @@ impl Plan {
 
     /// Wait for an identical miss already upstream (bounded), then look again: the entry, or
     /// the leadership of this miss (`None`: go upstream without coalescing).
-    async fn coalesce<B>(&self, req: &Request<B>) -> Result<Arc<Entry>, Option<Leader>> {
+    async fn coalesce<B>(
+        &self,
+        req: &Request<B>,
+        req_cc: &CacheControl,
+    ) -> Result<Arc<Entry>, Option<Leader>> {
         if req.method() != Method::GET {
             return Err(None);
         }
@@ -455,39 +506,41 @@ impl Plan {
         }
         self.shared.metrics.coalesced.inc();
         let now = Instant::now();
-        let req_cc = CacheControl::parse(req.headers());
         match self.find_any(req.headers()).await {
-            Some(e) if control::usable(e.age(now), e.lifetime, &e.cc, &req_cc) == Use::Fresh => {
+            Some(e) if control::usable(e.age(now), e.lifetime, &e.cc, req_cc) == Use::Fresh => {
                 Ok(e)
             }
             _ => Err(None),
         }
     }
 
-    async fn miss<B>(
-        self,
-        req: Request<B>,
-        upstream: impl Upstream<B>,
-        leader: Option<Leader>,
-        status: &'static str,
-    ) -> Answer {
-        let fetch = entry::Fetch::start(&req);
-        let resp = upstream(req).await?;
-        Ok(self.store(fetch, resp, leader, status))
+    /// The request's side of a fetch (its headers copied only if the store needs them).
+    fn fetch<B>(&self, req: &Request<B>, req_cc: &CacheControl) -> entry::Fetch {
+        let keep = self.policy.store.keeps_request_headers();
+        entry::Fetch::start(req, req_cc, keep)
     }
 
     /// Attach the store to a response from upstream when it may be stored, and mark it.
     fn store(
-        &self,
+        mut self,
         fetch: entry::Fetch,
         resp: Response<ResponseBody>,
-        leader: Option<Leader>,
+        mut leader: Option<Leader>,
         status: &'static str,
     ) -> Response<ResponseBody> {
         let spec = &self.policy.spec;
         let mut status = status;
-        let mut resp = match fetch.entry(&resp, spec, &self.resource) {
+        // Admission first: a response it refuses is not even built into an entry.
+        let built = match self.admitted(&mut leader) {
+            true => fetch.entry(&resp, spec, &self.resource),
+            false => Err(control::NotStored::TooFewUses),
+        };
+        let mut resp = match built {
             Err(why) => {
+                if why == control::NotStored::VaryUnseen {
+                    // From now on misses keep what a variant key needs.
+                    self.policy.store.keep_request_headers();
+                }
                 tracing::trace!(?why, "response not stored");
                 resp
             }
@@ -510,21 +563,40 @@ impl Plan {
         resp
     }
 
+    /// Whether this miss may store its response under the policy's `min_uses`: its key was
+    /// asked for that often, or other requests wait for this response (uses too, which find
+    /// it stored). Otherwise the coalescing slot is released at once, so that a request
+    /// arriving while this response streams leads a fetch of its own (counted, so stored)
+    /// rather than waiting for one that will not be stored.
+    fn admitted(&self, leader: &mut Option<Leader>) -> bool {
+        if self.uses >= self.policy.spec.min_uses {
+            return true;
+        }
+        match leader.take().map(Leader::release_if_alone) {
+            Some(Err(kept)) => {
+                *leader = Some(kept);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Store the body in memory as it streams (or on disk if it grows too large).
     fn memory_tee(
-        &self,
+        &mut self,
         fetch: entry::Fetch,
         e: Entry,
         leader: Option<Leader>,
         expected: Option<u64>,
-    ) -> Tee {
+    ) -> Box<Tee> {
         let limit = usize::try_from(self.policy.spec.max_object_bytes).unwrap_or(usize::MAX);
         let pending = tee::Pending {
             store: self.policy.store.clone(),
-            primary: self.primary.clone(),
+            // The plan ends with this response: its key moves to the entry.
+            primary: std::mem::take(&mut self.primary),
             req_headers: fetch.headers,
             entry: e,
-            purged: self.shared.purged_since(fetch.started),
+            purged: self.shared.purge_check(fetch.started),
             started: fetch.started,
             _leader: leader,
         };
@@ -543,9 +615,9 @@ impl Plan {
         e: Entry,
         leader: Option<Leader>,
         len: u64,
-    ) -> Option<Tee> {
+    ) -> Option<Box<Tee>> {
         let disk = self.policy.store.disk()?;
-        let key = key::variant(&self.primary, &fetch.headers, &e.vary);
+        let key = key::variant_of(&self.primary, fetch.headers.as_ref(), &e.vary)?;
         let sink = disk.tee(key, self.primary.len(), e, fetch.started, leader, Some(len))?;
         Some(Tee::to_disk(sink))
     }
@@ -557,12 +629,13 @@ impl Plan {
     async fn revalidate<B>(
         self,
         mut req: Request<B>,
+        req_cc: &CacheControl,
         stored: Arc<Entry>,
         upstream: impl Upstream<B>,
     ) -> Answer {
         let age = stored.age(Instant::now());
         let ours = entry::add_validators(req.headers_mut(), &stored);
-        let fetch = entry::Fetch::start(&req);
+        let fetch = self.fetch(&req, req_cc);
         let head = req.method() == Method::HEAD;
         let may_stale = control::stale_if_error(age, stored.lifetime, &stored.cc);
         match upstream(req).await {
@@ -570,13 +643,13 @@ impl Plan {
                 let fresh = stored.refreshed(resp.headers(), fetch.requested, &self.policy.spec);
                 drop(resp);
                 // Purged while revalidating: answer, but do not bring it back.
-                if (self.shared.purged_since(fetch.started))(&fresh) {
+                if self.shared.purge_check(fetch.started).selects(&fresh) {
                     return Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()));
                 }
                 let fresh = self
                     .policy
                     .store
-                    .insert(&self.primary, &fetch.headers, fresh);
+                    .insert(&*self.primary, fetch.headers.as_ref(), fresh);
                 Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
             }
             Ok(resp) if resp.status().is_server_error() && may_stale => {
@@ -621,6 +694,7 @@ impl Plan {
             spec: self.policy.spec.clone(),
             resource: self.resource.clone(),
             leader,
+            purged: self.shared.purge_check(Instant::now()),
         };
         tokio::spawn(job.run(rv));
         true
@@ -683,7 +757,7 @@ impl Plan {
 }
 
 /// `resp` with its body copied into `tee` as it streams.
-fn teed(resp: Response<ResponseBody>, tee: Tee) -> Response<ResponseBody> {
+fn teed(resp: Response<ResponseBody>, tee: Box<Tee>) -> Response<ResponseBody> {
     // An empty body is never polled: it is complete now.
     if http_body::Body::is_end_stream(resp.body()) {
         tee.finish();
@@ -699,15 +773,39 @@ fn teed(resp: Response<ResponseBody>, tee: Tee) -> Response<ResponseBody> {
 
 impl Shared {
     /// Whether a purge since `started` selects an entry (checked just before storing it).
-    fn purged_since(
-        self: &Arc<Self>,
-        started: Instant,
-    ) -> Box<dyn Fn(&Entry) -> bool + Send + Sync> {
-        let shared = self.clone();
-        Box::new(move |e| {
-            let recent = shared.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.iter().any(|(at, s)| *at >= started && e.matches(s))
-        })
+    fn purge_check(self: &Arc<Self>, started: Instant) -> PurgeCheck {
+        PurgeCheck {
+            shared: Some(self.clone()),
+            started,
+        }
+    }
+}
+
+/// Whether a purge applied since a request started selects its entry: checked just before the
+/// entry is stored, so that a purge wins over a response already on its way.
+pub(crate) struct PurgeCheck {
+    /// `None`: no purge can select it (tests).
+    shared: Option<Arc<Shared>>,
+    started: Instant,
+}
+
+impl PurgeCheck {
+    pub(crate) fn selects(&self, e: &Entry) -> bool {
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        let recent = shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .iter()
+            .any(|(at, s)| *at >= self.started && e.matches(s))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn never() -> Self {
+        Self {
+            shared: None,
+            started: Instant::now(),
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Background revalidation (`stale-while-revalidate`, RFC 5861 section 3): the stale entry
 //! answers at once, and a conditional GET to the origin, sent by a task of its own, refreshes
 //! or replaces it. One at a time per key (the coalescing leader's slot), so a burst of stale
-//! hits sends one request.
+//! hits sends one request. A new body is stored as it arrives, like a miss's: in memory, or on
+//! the disk tier when it is too large for memory.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -19,7 +20,8 @@ use trellis_policies::CachePolicySpec;
 
 use super::coalesce::Leader;
 use super::store::{Entry, Store};
-use super::CacheError;
+use super::tee::{Pending, Tee};
+use super::{CacheError, PurgeCheck};
 
 type Sent = Pin<Box<dyn Future<Output = Result<Response<Incoming>, String>> + Send>>;
 
@@ -52,6 +54,8 @@ pub(super) struct Job {
     pub spec: CachePolicySpec,
     pub resource: Arc<str>,
     pub leader: Leader,
+    /// A purge since the job started wins over its response.
+    pub purged: PurgeCheck,
 }
 
 // === impl Job ===
@@ -71,28 +75,77 @@ impl Job {
             uri: uri.clone(),
             message,
         };
-        let fetch = super::entry::Fetch::start(&self.request);
+        // The headers kept whatever the store has seen: a background revalidation is rare.
+        let cc = super::control::CacheControl::parse(self.request.headers());
+        let fetch = super::entry::Fetch::start(&self.request, &cc, true);
         let resp = send(self.request).await.map_err(fail)?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             let fresh = self
                 .stored
                 .refreshed(resp.headers(), fetch.requested, &self.spec);
-            self.store.insert(&self.primary, &fetch.headers, fresh);
+            if !self.purged.selects(&fresh) {
+                self.store
+                    .insert(self.primary, fetch.headers.as_ref(), fresh);
+            }
             return Ok(());
         }
-        let Ok(mut entry) = fetch.entry(&resp, &self.spec, &self.resource) else {
+        let Ok(entry) = fetch.entry(&resp, &self.spec, &self.resource) else {
             // Not storable now: the stale entry ends with its windows.
             return Ok(());
         };
-        let limit = usize::try_from(self.spec.max_object_bytes).unwrap_or(usize::MAX);
-        let body = Limited::new(resp.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        entry.body = body.to_bytes();
-        entry.stored = std::time::Instant::now();
-        self.store.insert(&self.primary, &fetch.headers, entry);
-        drop(self.leader);
-        Ok(())
+        let expected = super::entry::content_length(resp.headers());
+        let tee = match expected.filter(|n| *n > self.spec.max_object_bytes) {
+            // Too large for memory: written to the disk tier as it arrives, if there is one.
+            Some(n) => {
+                let disk = self.store.disk();
+                let key =
+                    super::key::variant_of(&self.primary, fetch.headers.as_ref(), &entry.vary);
+                let sink = disk.zip(key).and_then(|(disk, key)| {
+                    let leader = Some(self.leader);
+                    disk.tee(
+                        key,
+                        self.primary.len(),
+                        entry,
+                        fetch.started,
+                        leader,
+                        Some(n),
+                    )
+                });
+                match sink {
+                    Some(sink) => Tee::to_disk(sink),
+                    None => return Ok(()),
+                }
+            }
+            None => {
+                let limit = usize::try_from(self.spec.max_object_bytes).unwrap_or(usize::MAX);
+                let pending = Pending {
+                    store: self.store,
+                    primary: self.primary,
+                    req_headers: fetch.headers,
+                    entry,
+                    purged: self.purged,
+                    started: fetch.started,
+                    _leader: Some(self.leader),
+                };
+                Tee::new(
+                    pending,
+                    limit,
+                    expected.and_then(|n| usize::try_from(n).ok()),
+                )
+            }
+        };
+        pump(resp.into_body(), tee).await.map_err(fail)
     }
+}
+
+/// Copy a body into `tee` as it arrives: stored only if it ends cleanly, whole (a body that
+/// fails drops the tee, which stores nothing).
+async fn pump(mut body: Incoming, mut tee: Box<Tee>) -> Result<(), String> {
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() {
+            tee.data(&data);
+        }
+    }
+    tee.finish();
+    Ok(())
 }

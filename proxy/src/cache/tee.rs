@@ -34,11 +34,12 @@ pub struct Tee {
 pub(super) struct Pending {
     pub store: Arc<Store>,
     pub primary: String,
-    pub req_headers: HeaderMap,
+    /// Kept only when the store has seen a `Vary` (see `Fetch::headers`).
+    pub req_headers: Option<HeaderMap>,
     /// Headers, freshness and times: everything but the body.
     pub entry: Entry,
     /// Purged since the request started: do not store (the purge must win).
-    pub purged: Box<dyn Fn(&Entry) -> bool + Send + Sync>,
+    pub purged: super::PurgeCheck,
     /// When the request was sent (the disk tier's purge check).
     pub started: Instant,
     pub _leader: Option<Leader>,
@@ -47,27 +48,29 @@ pub(super) struct Pending {
 // === impl Tee ===
 
 impl Tee {
-    pub(super) fn new(pending: Pending, limit: usize, expected: Option<usize>) -> Self {
-        Self {
+    /// Boxed from the start: a tee (with the entry in it) is large, and the response body
+    /// keeps it boxed; built on the stack it was copied at every move on the way there.
+    pub(super) fn new(pending: Pending, limit: usize, expected: Option<usize>) -> Box<Self> {
+        Box::new(Self {
             buf: BytesMut::with_capacity(expected.unwrap_or(8 * 1024).min(limit)),
             limit,
             expected,
             overflowed: false,
             pending: Some(pending),
             disk: None,
-        }
+        })
     }
 
     /// A tee writing straight to the disk tier (the body is too large for memory).
-    pub(super) fn to_disk(sink: Sink) -> Self {
-        Self {
+    pub(super) fn to_disk(sink: Sink) -> Box<Self> {
+        Box::new(Self {
             buf: BytesMut::new(),
             limit: 0,
             expected: None,
             overflowed: false,
             pending: None,
             disk: Some(Box::new(sink)),
-        }
+        })
     }
 
     /// A data frame passed to the client.
@@ -106,7 +109,7 @@ impl Tee {
     fn spill(&mut self) -> Option<Sink> {
         let disk = self.pending.as_ref()?.store.disk()?.clone();
         let p = self.pending.take()?;
-        let key = super::key::variant(&p.primary, &p.req_headers, &p.entry.vary);
+        let key = super::key::variant_of(&p.primary, p.req_headers.as_ref(), &p.entry.vary)?;
         let expected = self.expected.map(|n| n as u64);
         let mut sink = disk.tee(
             key,
@@ -132,10 +135,10 @@ impl Tee {
         }
         let mut entry = p.entry;
         entry.body = std::mem::take(&mut self.buf).freeze();
-        if (p.purged)(&entry) {
+        if p.purged.selects(&entry) {
             return;
         }
-        p.store.insert(&p.primary, &p.req_headers, entry);
+        p.store.insert(p.primary, p.req_headers.as_ref(), entry);
     }
 }
 
@@ -149,7 +152,7 @@ mod tests {
         Pending {
             store: store.clone(),
             primary: "p".into(),
-            req_headers: HeaderMap::new(),
+            req_headers: None,
             entry: Entry {
                 status: http::StatusCode::OK,
                 headers: HeaderMap::new(),
@@ -164,7 +167,7 @@ mod tests {
                 vary: Arc::from([]),
                 disk: None,
             },
-            purged: Box::new(|_| false),
+            purged: super::super::PurgeCheck::never(),
             started: Instant::now(),
             _leader: None,
         }

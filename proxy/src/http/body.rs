@@ -124,8 +124,8 @@ impl Streamed {
     }
 
     /// Store the body in the response cache as it streams; stored only if it ends cleanly.
-    pub fn teed(mut self, tee: crate::cache::Tee) -> Self {
-        self.tee = Some(Box::new(tee));
+    pub fn teed(mut self, tee: Box<crate::cache::Tee>) -> Self {
+        self.tee = Some(tee);
         self
     }
 

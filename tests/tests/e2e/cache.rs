@@ -271,17 +271,27 @@ async fn vary_keeps_one_variant_per_header_value() {
             lang,
         )
     });
-    for _ in 0..2 {
-        assert_eq!(
-            c.get("echo", "/v", &[("accept-language", "en")]).await.body,
-            "en"
-        );
-        assert_eq!(
-            c.get("echo", "/v", &[("accept-language", "fr")]).await.body,
-            "fr"
-        );
+    // The store has never seen a `Vary`: the miss kept no copy of its request's headers, so
+    // the first response with one cannot be keyed and is not stored; from then on misses keep
+    // them and every variant is stored.
+    let first = c.get("echo", "/v", &[("accept-language", "en")]).await;
+    assert_eq!((first.body.as_str(), status(&first)), ("en", "MISS"));
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        for lang in ["en", "fr"] {
+            let r = c.get("echo", "/v", &[("accept-language", lang)]).await;
+            assert_eq!(r.body, lang);
+            seen.push(format!("{lang}:{}", status(&r)));
+        }
     }
-    assert_eq!(c.origin.count("/v"), 2);
+    assert_eq!(
+        seen,
+        ["en:MISS", "fr:MISS", "en:HIT", "fr:HIT", "en:HIT", "fr:HIT"]
+    );
+    assert_eq!(c.origin.count("/v"), 3);
+    // Without the header, another variant.
+    assert_eq!(status(&c.get("echo", "/v", &[]).await), "MISS");
+    assert_eq!(status(&c.get("echo", "/v", &[]).await), "HIT");
 }
 
 #[tokio::test]
@@ -422,7 +432,18 @@ async fn one_hosts_entry_is_never_served_for_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_misses_send_one_request_upstream() {
-    let c = Cached::start(serde_json::json!({"coalesce_wait": "10s"})).await;
+    thousand_concurrent_misses(serde_json::json!({"coalesce_wait": "10s"})).await;
+}
+
+/// With `min_uses`, the first request for a key would not store its response, but 999 others
+/// wait for it: they are uses too, so it is stored and answers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_misses_send_one_request_upstream_with_min_uses() {
+    thousand_concurrent_misses(serde_json::json!({"coalesce_wait": "10s", "min_uses": 3})).await;
+}
+
+async fn thousand_concurrent_misses(policy: serde_json::Value) {
+    let c = Cached::start(policy).await;
     c.origin
         .script(|_| reply(200, &[("cache-control", "max-age=60")], "cold"));
     let h2 = client::h2c(c.sidecar.inbound());
@@ -443,6 +464,60 @@ async fn a_thousand_concurrent_misses_send_one_request_upstream() {
         client::metric(&metrics, "trellis_cache_coalesced_waits_total") > 0.0,
         "{metrics}"
     );
+    assert_eq!(status(&c.get("echo", "/slow/cold", &[]).await), "HIT");
+}
+
+/// `min_uses: 2` (nginx's `proxy_cache_min_uses`): a key's first response is not stored, its
+/// second is, its third is a hit; keys asked for once never take an entry.
+#[tokio::test]
+async fn min_uses_stores_a_key_at_its_second_request_only() {
+    let c = Cached::start(serde_json::json!({"min_uses": 2})).await;
+    c.origin
+        .script(|_| reply(200, &[("cache-control", "max-age=60")], "body"));
+    let bytes = |m: &str| client::metric(m, "trellis_cache_bytes");
+    let admin = || client::admin(c.sidecar.admin(), "/metrics");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = c.get("echo", "/twice", &[]).await;
+        assert_eq!(r.body, "body");
+        seen.push(status(&r).to_string());
+        if seen.len() == 1 {
+            assert_eq!(bytes(&admin().await.body), 0.0, "the first is not stored");
+        }
+    }
+    assert_eq!(seen, ["MISS", "MISS", "HIT"]);
+    assert_eq!(c.origin.count("/twice"), 2);
+    let held = bytes(&admin().await.body);
+    assert!(held > 0.0);
+    // One-hit wonders: answered, never stored.
+    for i in 0..50 {
+        let r = c.get("echo", &format!("/once/{i}"), &[]).await;
+        assert_eq!((r.body.as_str(), status(&r)), ("body", "MISS"));
+    }
+    assert_eq!(bytes(&admin().await.body), held, "nothing more held");
+    assert_eq!(status(&c.get("echo", "/twice", &[]).await), "HIT");
+    // Another key follows the same rule, whatever came between.
+    assert_eq!(status(&c.get("echo", "/once/7", &[]).await), "MISS");
+    assert_eq!(status(&c.get("echo", "/once/7", &[]).await), "HIT");
+    // `/config_dump` shows the policy's store and its sketch's fixed size.
+    let dump = client::admin(c.sidecar.admin(), "/config_dump")
+        .await
+        .json();
+    let p = &dump["cache"]["policies"][0];
+    assert_eq!(p["policy"], "echo-cache", "{dump}");
+    assert_eq!(
+        (p["min_uses"].as_u64(), p["entries"].as_u64()),
+        (Some(2), Some(2)),
+        "{p}"
+    );
+    assert!(p["bytes"].as_u64().is_some_and(|b| b > 0), "{p}");
+    assert!(
+        p["admission_sketch_bytes"]
+            .as_u64()
+            .is_some_and(|b| b >= 4096),
+        "{p}"
+    );
+    assert!(p["disk"].is_null(), "{p}");
 }
 
 #[tokio::test]
@@ -1197,6 +1272,52 @@ async fn large_and_evicted_objects_are_served_from_disk_byte_identical() {
     // HEAD from a disk entry: headers only.
     let r = c.send("HEAD", "echo", "/big", &[]).await;
     assert_eq!((status(&r), r.body.len()), ("HIT", 0));
+    // `/config_dump` shows both tiers.
+    let dump = client::admin(c.sidecar.admin(), "/config_dump")
+        .await
+        .json();
+    let p = &dump["cache"]["policies"][0];
+    assert!(
+        p["bytes"].as_u64().is_some_and(|b| b > 0 && b <= 1 << 20),
+        "{p}"
+    );
+    let disk = &p["disk"];
+    assert!(disk["entries"].as_u64().is_some_and(|n| n >= 70), "{disk}");
+    assert!(
+        disk["bytes"].as_u64().is_some_and(|b| b > 300_000),
+        "{disk}"
+    );
+    assert_eq!(disk["writes_on"], true, "{disk}");
+}
+
+/// A stale object too large for memory, revalidated in the background
+/// (`stale-while-revalidate`): its new body goes to the disk tier as it arrives, and the next
+/// request is a hit with it (it used to be read into memory, refused there, and refetched in
+/// the foreground once expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_revalidation_of_a_large_object_stores_it_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = Cached::start(with_disk(dir.path(), 64 << 20)).await;
+    let version = Arc::new(std::sync::atomic::AtomicU32::new(1));
+    let v = version.clone();
+    c.origin.script(move |_| {
+        let n = v.load(std::sync::atomic::Ordering::SeqCst);
+        let cc = [("cache-control", "max-age=1, stale-while-revalidate=30")];
+        reply(200, &cc, &varied(200_000, n))
+    });
+    let r = c.get("echo", "/large", &[]).await;
+    assert_eq!((status(&r), r.body.len()), ("MISS", 200_000));
+    c.disk_writes(1.0).await;
+    version.store(2, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let stale = c.get("echo", "/large", &[]).await;
+    assert_eq!(status(&stale), "STALE");
+    assert!(stale.body == varied(200_000, 1), "the stale body");
+    c.disk_writes(2.0).await;
+    let fresh = c.get("echo", "/large", &[]).await;
+    assert_eq!(status(&fresh), "HIT");
+    assert!(fresh.body == varied(200_000, 2), "the new body, from disk");
+    assert_eq!(c.origin.count("/large"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

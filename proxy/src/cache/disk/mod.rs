@@ -212,6 +212,18 @@ impl DiskTier {
         u64::try_from(self.index.len()).unwrap_or(u64::MAX)
     }
 
+    /// The tier's state for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dir": self.dir(),
+            "entries": self.entry_count(),
+            "bytes": self.index.weight(),
+            "bytes_being_written": self.writing.load(Ordering::Relaxed),
+            "max_bytes": self.index.capacity() + self.budget,
+            "writes_on": !self.shared.down.load(Ordering::Relaxed),
+        })
+    }
+
     /// The variant key a request with these headers looks up under `primary`.
     fn variant(&self, primary: &str, headers: &HeaderMap) -> String {
         let names = match self.any_vary.load(Ordering::Relaxed) {
