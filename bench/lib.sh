@@ -55,6 +55,23 @@ tracing: {enabled: false}
 CONF
 }
 
+# A sidecar of SERVICE in etcd mode (certificates under $D/certs, the store at $ENDPOINT): inbound
+# on IN in front of its app at 127.0.0.1:APP speaking APP_PROTOCOL, outbound on OUT, admin on
+# ADMIN. A caller that runs it as an ingress appends its `ingress:` section.
+etcd_sidecar_config() { # SERVICE IN OUT ADMIN APP APP_PROTOCOL
+    cat <<CONF
+service: $1
+trust_domain: bench.local
+identity: {cert: $D/certs/$1.pem, key: $D/certs/$1-key.pem, bundle: $D/certs/ca.pem}
+inbound: {listen: 127.0.0.1:$2, app: 127.0.0.1:$5, app_protocol: $6}
+outbound: {listen: 127.0.0.1:$3}
+admin: {listen: 127.0.0.1:$4}
+tracing: {enabled: false}
+store:
+  etcd: {endpoints: [$ENDPOINT], cache_file: $D/$1.cache.json}
+CONF
+}
+
 # The head of an nginx configuration NAME (one worker, files under $D/nginx), up to and inside
 # `http {`: the caller writes its servers and the closing brace.
 nginx_conf_head() { # NAME

@@ -149,17 +149,7 @@ route() { # NAME HOST [VALIDATION]
 
 # --- the mesh: the backend's sidecar and the ingress, both in etcd mode ------------------------
 sidecar_config() { # SERVICE IN OUT ADMIN [INGRESS-TLS-PORT]
-    cat <<CONF
-service: $1
-trust_domain: bench.local
-identity: {cert: $D/certs/$1.pem, key: $D/certs/$1-key.pem, bundle: $D/certs/ca.pem}
-inbound: {listen: 127.0.0.1:$2, app: 127.0.0.1:$BACKEND, app_protocol: http1}
-outbound: {listen: 127.0.0.1:$3}
-admin: {listen: 127.0.0.1:$4}
-tracing: {enabled: false}
-store:
-  etcd: {endpoints: [$ENDPOINT], cache_file: $D/$1.cache.json}
-CONF
+    etcd_sidecar_config "$1" "$2" "$3" "$4" "$BACKEND" http1
     if [[ -n "${5:-}" ]]; then
         printf 'ingress:\n  listen: 127.0.0.1:%s\n  certificates: [{hosts: [%s], cert: %s, key: %s}]\n' \
             "$5" "$(echo "$HOSTS" | tr ' ' ',')" "$D/web.pem" "$D/web-key.pem"
