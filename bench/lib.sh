@@ -55,6 +55,19 @@ tracing: {enabled: false}
 CONF
 }
 
+# A one-member etcd on core 1, clients at $ENDPOINT ($ETCD), peers on $ETCD_PEER, health on
+# $ETCD_METRICS, data under $D/etcd; returns once it answers.
+start_etcd() {
+    taskset -c 1 etcd --name bench --data-dir "$D/etcd" \
+        --listen-client-urls "$ENDPOINT" --advertise-client-urls "$ENDPOINT" \
+        --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+        --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER" \
+        --listen-metrics-urls "http://127.0.0.1:$ETCD_METRICS" >"$D/etcd.log" 2>&1 &
+    PIDS+=($!)
+    wait_http etcd "http://127.0.0.1:$ETCD_METRICS/health"
+}
+
 # A sidecar of SERVICE in etcd mode (certificates under $D/certs, the store at $ENDPOINT): inbound
 # on IN in front of its app at 127.0.0.1:APP speaking APP_PROTOCOL, outbound on OUT, admin on
 # ADMIN. A caller that runs it as an ingress appends its `ingress:` section.

@@ -53,14 +53,7 @@ HOST=api.bench.local
 mkdir -p "$D/certs"
 
 # --- etcd, the service, certificates ------------------------------------------------------------
-taskset -c 1 etcd --name bench --data-dir "$D/etcd" \
-    --listen-client-urls "$ENDPOINT" --advertise-client-urls "$ENDPOINT" \
-    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-    --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER" \
-    --listen-metrics-urls "http://127.0.0.1:$ETCD_METRICS" >"$D/etcd.log" 2>&1 &
-PIDS+=($!)
-wait_http etcd "http://127.0.0.1:$ETCD_METRICS/health"
+start_etcd
 taskset -c 1 "$LOAD" echo "127.0.0.1:$SVC" 2>"$D/echo.log" & PIDS+=($!)
 
 "$AGENT" cert init --trust-domain bench.local --dir "$D/certs" >/dev/null

@@ -40,14 +40,7 @@ ENDPOINT="http://127.0.0.1:$ETCD"
 mkdir -p "$D/nginx/tmp" "$D/certs"
 
 # --- etcd, the backend, certificates --------------------------------------------------------
-taskset -c 1 etcd --name bench --data-dir "$D/etcd" \
-    --listen-client-urls "$ENDPOINT" --advertise-client-urls "$ENDPOINT" \
-    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-    --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER" \
-    --listen-metrics-urls "http://127.0.0.1:$ETCD_METRICS" >"$D/etcd.log" 2>&1 &
-PIDS+=($!)
-wait_http etcd "http://127.0.0.1:$ETCD_METRICS/health"
+start_etcd
 
 { nginx_conf_head backend; cat <<'CONF'
   server { listen 127.0.0.1:BACKEND_PORT; keepalive_requests 1000000;

@@ -60,20 +60,11 @@ async fn main() -> Result<(), BoxError> {
             }
             Ok(())
         }
-        [_, "load", addr, host, kind, conns, conc, n] => {
-            load(
-                addr.parse()?,
-                host,
-                kind,
-                conns.parse()?,
-                conc.parse()?,
-                n.parse()?,
-                0.0,
-            )
-            .await
-        }
-        [_, "load", addr, host, kind, conns, conc, n, rate] => {
-            let rate: f64 = rate.parse()?;
+        [_, "load", addr, host, kind, conns, conc, n, rate @ ..] if rate.len() <= 1 => {
+            let rate: f64 = match rate.first() {
+                Some(r) => r.parse()?,
+                None => 0.0,
+            };
             load(
                 addr.parse()?,
                 host,
