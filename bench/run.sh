@@ -325,7 +325,9 @@ PY
     if [[ "${BENCH_HOLD:-0}" == 1 ]]; then # keep everything running for a look by hand
         for p in "${PATHS[@]}"; do echo "url $p ${URL[$p]}"; done
         for k in "${!PROC[@]}"; do echo "pid $k ${PROC[$k]}"; done
-        echo "held; kill $$ to stop"; while sleep 3600; do :; done
+        echo "held; kill $$ to stop"
+        # `wait` (not a foreground `sleep`) so that the TERM trap, and the cleanup, run at once
+        while :; do sleep 3600 & wait $!; done
     fi
     if [[ -n "${BENCH_TIMELINE:-}" ]]; then # one path's syscalls with timestamps, a few requests
         p="$BENCH_TIMELINE"; args=()
