@@ -58,6 +58,9 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
     pub grpc_calls: GrpcLog,
+    /// Whole gRPC messages received so far, by every call, ended or not: what a test waits on
+    /// to know the messages it streamed have arrived before it sends what comes next.
+    pub grpc_received: Arc<AtomicU64>,
     /// Status `/healthz` answers (200 until a test changes it); health checks do not count in
     /// `requests`.
     pub health: Arc<std::sync::atomic::AtomicU16>,
@@ -108,7 +111,11 @@ impl Backend {
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let health_state = health.clone();
         let grpc_calls: GrpcLog = Arc::default();
-        let log = grpc_calls.clone();
+        let grpc_received = Arc::new(AtomicU64::new(0));
+        let log = GrpcSink {
+            log: grpc_calls.clone(),
+            received: grpc_received.clone(),
+        };
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -157,6 +164,7 @@ impl Backend {
             addr,
             requests,
             grpc_calls,
+            grpc_received,
             health,
             task: std::sync::Mutex::new(Some(task)),
         }
@@ -180,7 +188,7 @@ async fn route(
     req: Request<Incoming>,
     flaky: &Flaky,
     health: &std::sync::atomic::AtomicU16,
-    log: GrpcLog,
+    log: GrpcSink,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
@@ -401,7 +409,14 @@ fn grpc_trailers(status: u32, message: &str, count: usize) -> HeaderMap {
     t
 }
 
-async fn grpc(method: String, req: Request<Incoming>, log: GrpcLog) -> Response<Body> {
+/// Where [`grpc`] reports: the log of ended calls and the count of messages received.
+#[derive(Clone)]
+struct GrpcSink {
+    log: GrpcLog,
+    received: Arc<AtomicU64>,
+}
+
+async fn grpc(method: String, req: Request<Incoming>, sink: GrpcSink) -> Response<Body> {
     if req
         .headers()
         .get("content-type")
@@ -440,6 +455,7 @@ async fn grpc(method: String, req: Request<Incoming>, log: GrpcLog) -> Response<
                 buf.extend_from_slice(&data);
                 for msg in grpc_messages(&mut buf) {
                     call.messages.push(msg.clone());
+                    sink.received.fetch_add(1, Ordering::SeqCst);
                     // `Repeat` (server streaming) answers each message three times; `Collect`
                     // (client streaming) once at the end.
                     let copies = match method.as_str() {
@@ -449,7 +465,7 @@ async fn grpc(method: String, req: Request<Incoming>, log: GrpcLog) -> Response<
                     };
                     for _ in 0..copies {
                         if tx.send(Ok(Frame::data(grpc_frame(&msg)))).await.is_err() {
-                            log.lock().unwrap().push(call);
+                            sink.log.lock().unwrap().push(call);
                             return;
                         }
                     }
@@ -462,7 +478,7 @@ async fn grpc(method: String, req: Request<Incoming>, log: GrpcLog) -> Response<
             let all: Vec<u8> = call.messages.iter().flat_map(|m| m.to_vec()).collect();
             let _ = tx.send(Ok(Frame::data(grpc_frame(&all)))).await;
         }
-        log.lock().unwrap().push(call);
+        sink.log.lock().unwrap().push(call);
         if broken {
             return;
         }

@@ -347,6 +347,16 @@ fn post_streamed(
 }
 
 /// The calls of `method` the service saw since `from`, once `n` of them have ended.
+/// Until the service has received `n` gRPC messages in all (the elements streamed so far went
+/// out before the test sends what comes next).
+async fn messages_arrive(backend: &Backend, n: u64) {
+    trellis_tests::wait_for(Duration::from_secs(10), "the streamed messages", || {
+        let done = backend.grpc_received.load(Ordering::SeqCst) >= n;
+        async move { done }
+    })
+    .await;
+}
+
 async fn calls_seen(backend: &Backend, method: &str, from: usize, n: usize) -> Vec<GrpcCall> {
     let mut seen = Vec::new();
     trellis_tests::wait_for(Duration::from_secs(10), "the service's log", || {
@@ -367,6 +377,7 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
     let env = env().await;
     let h1 = client::h1(env.plain);
     let log_len = || env.backend.grpc_calls.lock().expect("log").len();
+    let received = || env.backend.grpc_received.load(Ordering::SeqCst);
     let collect = "/v1/shelves/1/items:collect";
 
     // Several elements: one call, each element one message with the path's `name` woven in;
@@ -411,10 +422,11 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
         ),
     ] {
         let from = log_len();
+        let before = received();
         let (tx, reply) = post_streamed(&h1, collect);
         let first = br#"[{"tags": ["a"]}, {"tags": ["b"]},"#;
         tx.send(Bytes::from_static(first)).await.expect("sent");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        messages_arrive(&env.backend, before + 2).await;
         tx.send(Bytes::from_static(bad)).await.expect("sent");
         drop(tx);
         let r = reply.await.expect("reply task");
@@ -443,11 +455,12 @@ async fn client_streams_are_sent_element_by_element_and_cancelled_at_a_bad_one()
     // An element past the body limit (4 KiB on this rule): 413, the call cancelled; a
     // declared length past it is refused before any call is made.
     let from = log_len();
+    let before = received();
     let (tx, reply) = post_streamed(&h1, collect);
     tx.send(Bytes::from_static(br#"[{"title": "a"},"#))
         .await
         .expect("sent");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    messages_arrive(&env.backend, before + 1).await;
     let big = format!(r#"{{"title": "{}"}}]"#, "x".repeat(5000));
     tx.send(Bytes::from(big)).await.expect("sent");
     drop(tx);
