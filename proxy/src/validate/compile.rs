@@ -438,6 +438,8 @@ impl Compiler<'_> {
             .with_draft(Draft::Draft202012)
             .with_registry(view.unwrap_or(&self.registry))
             .should_validate_formats(true)
+            // The built-in answer, usually without its parser (formats.rs).
+            .with_format("email", super::formats::email)
             .with_pattern_options(PatternOptions::regex());
         let options = match side {
             Some(side) => options.with_keyword(side.flag(), views::keyword(side)),

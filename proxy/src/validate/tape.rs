@@ -614,6 +614,7 @@ pub mod equivalence {
         let tape = jsonschema::options_for::<Tape>()
             .with_draft(Draft::Draft202012)
             .should_validate_formats(true)
+            .with_format("email", crate::validate::formats::email)
             .with_pattern_options(PatternOptions::regex())
             .build(schema)
             .unwrap();
