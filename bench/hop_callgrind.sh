@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 1-hop path (and the 2-hop path's client sidecar) in instructions per request (valgrind's callgrind: repeatable on a busy
+# The 1-hop path (and the 2-hop path's two sidecars) in instructions per request (valgrind's callgrind: repeatable on a busy
 # machine, unlike CPU time): Trellis's inbound listener in permissive mode against the two bare
 # hyper proxies of proxy/examples/hyper_floor.rs, all in front of the same nginx backend, each
 # sent the same N sequential GETs on one keep-alive connection. User-space instructions only:
@@ -99,6 +99,14 @@ wait_http "sidecar B" "http://127.0.0.1:$S_ADM/ready"
 outbound=$(TRELLIS_WORKERS=1 RUST_LOG=warn measure outbound "$A_OUT" "$AGENT" run --config "$D/sidecar-a.yaml")
 kill -TERM "$B_PID"; wait "$B_PID" 2>/dev/null || true
 
+# The server side of the 2-hop path: sidecar B (HTTP/2 over mTLS in, HTTP/1.1 to the app)
+# under callgrind, sidecar A running normally, the same requests sent to A.
+TRELLIS_WORKERS=1 RUST_LOG=warn "$AGENT" run --config "$D/sidecar-a.yaml" >"$D/a.log" 2>&1 &
+A_PID=$!
+wait_http "sidecar A" "http://127.0.0.1:$A_ADM/ready"
+server=$(TRELLIS_WORKERS=1 RUST_LOG=warn measure server "$A_OUT" "$AGENT" run --config "$D/sidecar.yaml")
+kill -TERM "$A_PID"; wait "$A_PID" 2>/dev/null || true
+
 echo "1-hop path, user-space instructions per request (callgrind, $N sequential GETs on one keep-alive connection); $(date -u '+%Y-%m-%d %H:%M UTC'); Trellis $(git -C "$ROOT" rev-parse --short HEAD)"
 echo "| proxy | instructions/request | vs paired floor |"
 echo "|---|---:|---:|"
@@ -107,4 +115,5 @@ for row in "hyper floor, paired connections:$paired" "hyper floor, pooled client
 done
 echo
 echo "2-hop path, client side: Trellis outbound (sidecar A: HTTP/1.1 in, HTTP/2 + mTLS out to sidecar B), same requests: $outbound instructions/request"
+echo "2-hop path, server side: Trellis inbound (sidecar B: HTTP/2 + mTLS in, HTTP/1.1 to the app), same requests: $server instructions/request"
 
