@@ -28,6 +28,8 @@ use jsonschema::JsonType;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+mod simd;
+
 /// The representation, for `jsonschema::options_for::<Tape>()`.
 pub struct Tape;
 
@@ -49,6 +51,7 @@ pub struct Doc<'a> {
 /// and may keep their members in the client's order; larger ones are always sorted.
 const SMALL: usize = 8;
 
+#[derive(Debug)]
 enum Slot<'a> {
     Null,
     Bool(bool),
@@ -104,10 +107,32 @@ impl<'a> Doc<'a> {
     }
 
     fn parse_with(body: &'a [u8], ordered: bool) -> Result<Self, serde_json::Error> {
+        match std::str::from_utf8(body) {
+            // The usual case: valid UTF-8 as a whole, read by the SIMD fast path if it can
+            // (the same document), else by `serde_json`.
+            Ok(text) => match Self::parse_fast(text, ordered) {
+                Some(doc) => Ok(doc),
+                None => Self::parse_reference(body, ordered),
+            },
+            Err(_) => Self::parse_reference(body, ordered),
+        }
+    }
+
+    /// The document `serde_json`'s parse makes ([`Doc::parse_reference`]), found by `simd-json`
+    /// ([`simd`]); `None` where that path gives up (then `serde_json` decides).
+    fn parse_fast(text: &'a str, ordered: bool) -> Option<Self> {
+        let mut b = Builder::for_body(text.len(), ordered);
+        let root = simd::parse(text, &mut b)?;
+        Some(b.finish(root))
+    }
+
+    /// `serde_json`'s parser driving our `Visitor`: the reference, and the source of every
+    /// parse error.
+    pub(crate) fn parse_reference(body: &'a [u8], ordered: bool) -> Result<Self, serde_json::Error> {
         let b = Builder::for_body(body.len(), ordered);
         match std::str::from_utf8(body) {
-            // The usual case: valid UTF-8 as a whole, checked at once (word by word), so that
-            // the `str` reader does not check each string again as the byte reader does.
+            // Valid UTF-8 as a whole, checked at once (word by word), so that the `str` reader
+            // does not check each string again as the byte reader does.
             Ok(text) => b.parse_from(serde_json::Deserializer::from_str(text)),
             // The byte reader finds the error where `from_slice` does, with the same message.
             Err(_) => b.parse_from(serde_json::Deserializer::from_slice(body)),
@@ -645,9 +670,59 @@ pub mod equivalence {
         (v.is_valid(node), errors, first)
     }
 
+    /// Everything a document holds, numbers by their kind and bits, for comparing two.
+    pub fn dump(doc: &Doc<'_>) -> String {
+        let slots: Vec<String> = doc
+            .slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                    (Some(u), _, _) if !n.is_f64() => format!("u64 {u}"),
+                    (_, Some(i), _) if !n.is_f64() => format!("i64 {i}"),
+                    (_, _, Some(f)) => format!("f64 {:#x}", f.to_bits()),
+                    _ => unreachable!("a number is one of the three"),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect();
+        format!(
+            "{slots:?} {:?} {:?} {} {}",
+            doc.items, doc.members, doc.root, doc.ordered
+        )
+    }
+
+    /// The text parsed both ways, in key order and not: where the fast path ([`Doc::parse_fast`])
+    /// builds a document, `serde_json`'s parse ([`Doc::parse_reference`]) accepts the text and
+    /// builds the same one. Whether the fast path took it.
+    pub fn assert_fast_same(text: &[u8]) -> bool {
+        let mut taken = false;
+        for ordered in [true, false] {
+            let fast = std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| Doc::parse_fast(t, ordered));
+            let Some(fast) = fast else { continue };
+            taken = true;
+            match Doc::parse_reference(text, ordered) {
+                Ok(reference) => assert_eq!(
+                    dump(&fast),
+                    dump(&reference),
+                    "{}",
+                    String::from_utf8_lossy(text)
+                ),
+                Err(e) => panic!(
+                    "the fast path accepts what serde_json refuses ({e}): {}",
+                    String::from_utf8_lossy(text)
+                ),
+            }
+        }
+        taken
+    }
+
     /// The text parsed both ways: the same `Value`, or the same error; and validated both
-    /// ways against each schema: the same outcome.
+    /// ways against each schema: the same outcome. The document is read as the request path
+    /// reads it (the fast path where it can), and again by each path on its own.
     pub fn assert_same(text: &[u8], schemas: &[(Validator<SerdeJson>, Validator<Tape>)]) {
+        assert_fast_same(text);
         let value = serde_json::from_slice::<Value>(text);
         let doc = Doc::parse(text);
         match (&value, &doc) {
