@@ -670,25 +670,46 @@ pub mod equivalence {
         (v.is_valid(node), errors, first)
     }
 
-    /// Everything a document holds, numbers by their kind and bits, for comparing two.
+    /// Everything a document holds, from its root (members in their stored order, numbers by
+    /// their kind and bits), for comparing two built differently.
     pub fn dump(doc: &Doc<'_>) -> String {
-        let slots: Vec<String> = doc
-            .slots
-            .iter()
-            .map(|slot| match slot {
-                Slot::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-                    (Some(u), _, _) if !n.is_f64() => format!("u64 {u}"),
-                    (_, Some(i), _) if !n.is_f64() => format!("i64 {i}"),
-                    (_, _, Some(f)) => format!("f64 {:#x}", f.to_bits()),
+        let mut out = String::new();
+        dump_slot(doc, doc.root, &mut out);
+        out
+    }
+
+    fn dump_slot(doc: &Doc<'_>, i: usize, out: &mut String) {
+        use std::fmt::Write;
+        match &doc.slots[i] {
+            Slot::Number(n) => {
+                let _ = match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                    (Some(u), _, _) if !n.is_f64() => write!(out, "u64 {u}"),
+                    (_, Some(i), _) if !n.is_f64() => write!(out, "i64 {i}"),
+                    (_, _, Some(f)) => write!(out, "f64 {:#x}", f.to_bits()),
                     _ => unreachable!("a number is one of the three"),
-                },
-                other => format!("{other:?}"),
-            })
-            .collect();
-        format!(
-            "{slots:?} {:?} {:?} {} {}",
-            doc.items, doc.members, doc.root, doc.ordered
-        )
+                };
+            }
+            Slot::Array { start, len } => {
+                out.push('[');
+                for &item in &doc.items[*start..start + len] {
+                    dump_slot(doc, item, out);
+                    out.push(',');
+                }
+                out.push(']');
+            }
+            Slot::Object { start, len } => {
+                out.push('{');
+                for (key, value) in &doc.members[*start..start + len] {
+                    let _ = write!(out, "{key:?}:");
+                    dump_slot(doc, *value, out);
+                    out.push(',');
+                }
+                out.push('}');
+            }
+            other => {
+                let _ = write!(out, "{other:?}");
+            }
+        }
     }
 
     /// The text parsed both ways, in key order and not: where the fast path ([`Doc::parse_fast`])

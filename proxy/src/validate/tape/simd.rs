@@ -30,7 +30,7 @@ use std::str::FromStr;
 use serde_json::Number;
 use simd_json::{Buffers, Node, StaticNode};
 
-use super::{Builder, Slot};
+use super::{Builder, Slot, SMALL};
 
 /// The largest body read by the fast path: the per-thread copies (body, `simd-json`'s aligned
 /// input and string buffer, structural index, tape) then stay under about 3 MB per thread.
@@ -58,7 +58,7 @@ thread_local! {
 /// Fills `b` with `text`'s document as `serde_json` would, and gives its root; `None` where
 /// this path gives up (`b` is then left dirty: the caller starts over).
 pub(super) fn parse<'a>(text: &'a str, b: &mut Builder<'a>) -> Option<usize> {
-    if text.len() > FAST_MAX || text.as_bytes().contains(&b'\\') {
+    if text.len() > FAST_MAX || memchr::memchr(b'\\', text.as_bytes()).is_some() {
         return None;
     }
     SCRATCH.with(|scratch| {
@@ -112,6 +112,8 @@ impl<'t, 'n, 'a, 'b> Fill<'t, 'n, 'a, 'b> {
         (self.at == self.nodes.len()).then_some(root)
     }
 
+    /// The next value; containers recurse (`depth` levels open around it), scalars do not.
+    #[inline(always)]
     fn value(&mut self, depth: usize) -> Option<usize> {
         let node = *self.nodes.get(self.at)?;
         self.at += 1;
@@ -123,35 +125,50 @@ impl<'t, 'n, 'a, 'b> Fill<'t, 'n, 'a, 'b> {
             Node::Static(StaticNode::I64(_) | StaticNode::U64(_) | StaticNode::F64(_)) => {
                 Slot::Number(self.number()?)
             }
-            Node::Array { len, .. } if depth < DEPTH_MAX => return self.array(len, depth + 1),
-            Node::Object { len, .. } if depth < DEPTH_MAX => return self.object(len, depth + 1),
+            Node::Array { len, .. } => return self.array(len, depth + 1),
+            Node::Object { len, .. } => return self.object(len, depth + 1),
             #[allow(unreachable_patterns)] // `simd-json`'s 128-bit integers, if ever enabled
             _ => return None,
         };
         Some(self.b.push(slot))
     }
 
+    /// An array's items written in place (their count is known): `items[start..start + len]`.
+    #[inline(never)]
     fn array(&mut self, len: usize, depth: usize) -> Option<usize> {
-        let mark = self.b.open_items.len();
-        for _ in 0..len {
-            let item = self.value(depth)?;
-            self.b.open_items.push(item);
+        if depth > DEPTH_MAX {
+            return None;
         }
-        Some(self.b.close_array(mark))
+        let start = self.b.items.len();
+        self.b.items.resize(start + len, 0);
+        for k in start..start + len {
+            let item = self.value(depth)?;
+            self.b.items[k] = item;
+        }
+        Some(self.b.push(Slot::Array { start, len }))
     }
 
+    /// An object's members written in place, then put as `Builder::close_object` leaves them
+    /// (the last of duplicate keys kept; in key order where asked or over [`SMALL`] members).
+    #[inline(never)]
     fn object(&mut self, len: usize, depth: usize) -> Option<usize> {
-        let mark = self.b.open_members.len();
-        for _ in 0..len {
+        if depth > DEPTH_MAX {
+            return None;
+        }
+        let start = self.b.members.len();
+        self.b.members.resize(start + len, (Cow::Borrowed(""), 0));
+        for k in start..start + len {
             let Node::String(key) = *self.nodes.get(self.at)? else {
                 return None;
             };
             self.at += 1;
             let key = self.string(key)?;
             let value = self.value(depth)?;
-            self.b.open_members.push((Cow::Borrowed(key), value));
+            self.b.members[k] = (Cow::Borrowed(key), value);
         }
-        Some(self.b.close_object(mark))
+        let ordered = self.b.ordered || len > SMALL;
+        let len = settle(&mut self.b.members[start..start + len], ordered);
+        Some(self.b.push(Slot::Object { start, len }))
     }
 
     /// The body's own bytes of a string `simd-json` found at the same place in its copy (no
@@ -160,7 +177,7 @@ impl<'t, 'n, 'a, 'b> Fill<'t, 'n, 'a, 'b> {
         let start = (s.as_ptr() as usize).checked_sub(self.base)?;
         let end = start.checked_add(s.len())?;
         let bytes = self.text.as_bytes();
-        if start == 0 || bytes[start - 1] != b'"' || bytes.get(end) != Some(&b'"') {
+        if start == 0 || bytes.get(start - 1) != Some(&b'"') || bytes.get(end) != Some(&b'"') {
             return None;
         }
         self.cursor = end + 1;
@@ -210,26 +227,67 @@ impl<'t, 'n, 'a, 'b> Fill<'t, 'n, 'a, 'b> {
         }
         self.cursor = end;
         let text = self.text.get(start..end)?;
-        match integer(text) {
-            Some(n) => Some(n),
-            // floats, `-0`, integers beyond 64 bits: `serde_json`'s own reading (and refusal)
-            None => Number::from_str(text).ok(),
-        }
+        number(text)
     }
 }
 
-/// An integer's text (`-`? then `0` or a digit 1-9 and digits) that `serde_json` reads as a
-/// `u64` (not negative) or an `i64` (negative, not `-0`): its value; else `None`.
-fn integer(text: &str) -> Option<Number> {
+/// `members` (in the client's order) as `Builder::close_object` leaves them, in place: the
+/// last of duplicate keys kept, in key order if `ordered`, else in the client's order (then
+/// at most [`SMALL`] members). How many are kept, at the front.
+fn settle(members: &mut [(Cow<'_, str>, usize)], ordered: bool) -> usize {
+    let len = members.len();
+    let mut keep = [true; SMALL];
+    let dropped = if ordered {
+        // `BTreeMap` order; the sort is stable, so of equal keys the last is the last written
+        members.sort_by(|x, y| x.0.cmp(&y.0));
+        (0..len).any(|j| j + 1 < len && members[j].0 == members[j + 1].0)
+    } else {
+        for j in 0..len {
+            keep[j] = !members[j + 1..].iter().any(|(later, _)| *later == members[j].0);
+        }
+        keep[..len].contains(&false)
+    };
+    if !dropped {
+        return len;
+    }
+    // keep a member if it is not followed by an equal key (sorted) or if `keep` says so
+    let mut kept = 0;
+    for j in 0..len {
+        let last = match ordered {
+            true => j + 1 == len || members[j + 1].0 != members[j].0,
+            false => keep[j],
+        };
+        if last {
+            members.swap(kept, j);
+            kept += 1;
+        }
+    }
+    kept
+}
+
+/// A number's text read as `serde_json` reads it: an integer by its digits (the same
+/// `u64`/`i64` split), a short decimal by one exact division, anything else (exponents, more
+/// than 15 digits, `-0`, integers beyond 64 bits, malformed text) by `serde_json`'s own number
+/// parser, which also refuses what it refuses.
+fn number(text: &str) -> Option<Number> {
     let (negative, digits) = match text.as_bytes() {
         [b'-', rest @ ..] => (true, rest),
         digits => (false, digits),
     };
-    match digits {
-        [b'0'] if !negative => return Some(Number::from(0u64)),
-        [b'1'..=b'9', ..] => {}
-        _ => return None,
-    }
+    let exact = match (digits, digits.iter().position(|&c| c == b'.')) {
+        ([b'0'], _) if !negative => Some(Number::from(0u64)),
+        (_, None) => integer(negative, digits),
+        (_, Some(dot)) => decimal(negative, digits, dot),
+    };
+    exact.or_else(|| Number::from_str(text).ok())
+}
+
+/// Digits only, first not `0`: a `u64` (not negative) or an `i64` (negative; beyond `i64`,
+/// `None`: `serde_json` makes those `f64`).
+fn integer(negative: bool, digits: &[u8]) -> Option<Number> {
+    let [b'1'..=b'9', ..] = digits else {
+        return None;
+    };
     let mut value: u64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
@@ -239,9 +297,31 @@ fn integer(text: &str) -> Option<Number> {
     }
     match negative {
         false => Some(Number::from(value)),
-        // `-9223372036854775808` is the last `i64`; `serde_json` makes larger ones `f64`
-        true => 0i64
-            .checked_sub_unsigned(value)
-            .map(Number::from),
+        true => 0i64.checked_sub_unsigned(value).map(Number::from),
     }
+}
+
+/// `int.frac` (`int` being `0` or not starting with `0`, both parts non-empty, no exponent)
+/// with at most 15 digits in all: the digits as an integer below 2^53 and a power of ten up to
+/// 10^15 are both exact in an `f64`, so their quotient is the correctly rounded value, which
+/// `serde_json` (`float_roundtrip`: correctly rounded) gives too. Else `None`.
+fn decimal(negative: bool, digits: &[u8], dot: usize) -> Option<Number> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    let (int, frac) = (&digits[..dot], &digits[dot + 1..]);
+    let int_ok = matches!(int, [b'0'] | [b'1'..=b'9', ..]);
+    if !int_ok || frac.is_empty() || int.len() + frac.len() > 15 {
+        return None;
+    }
+    let mut m: u64 = 0;
+    for &d in int.iter().chain(frac) {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        m = m * 10 + u64::from(d - b'0');
+    }
+    #[allow(clippy::cast_precision_loss)] // below 10^15 < 2^53: exact
+    let value = m as f64 / POW10[frac.len()];
+    Number::from_f64(if negative { -value } else { value })
 }
