@@ -128,7 +128,10 @@ impl<'a> Doc<'a> {
 
     /// `serde_json`'s parser driving our `Visitor`: the reference, and the source of every
     /// parse error.
-    pub(crate) fn parse_reference(body: &'a [u8], ordered: bool) -> Result<Self, serde_json::Error> {
+    pub(crate) fn parse_reference(
+        body: &'a [u8],
+        ordered: bool,
+    ) -> Result<Self, serde_json::Error> {
         let b = Builder::for_body(body.len(), ordered);
         match std::str::from_utf8(body) {
             // Valid UTF-8 as a whole, checked at once (word by word), so that the `str` reader
@@ -963,6 +966,76 @@ mod tests {
         }
     }
 
+    /// JSON that `simd-json` 0.17.3 reads differently from `serde_json`, and the other edge
+    /// cases: the fast path gives up on each that `serde_json` refuses, and builds the same
+    /// document for each it accepts, or gives up.
+    #[test]
+    fn the_fast_path_accepts_nothing_serde_json_refuses() {
+        let refused = [
+            // accepted by `simd-json` itself: a lone surrogate, bytes after a 19-digit number
+            r#"["\ud800"]"#,
+            "[1234567890123456789x]",
+            "[1.2345678901234567890x]",
+            "[-1234567890123456789x]",
+            "[1x]",
+            "[01]",
+            "[-]",
+            "[1.]",
+            "[.5]",
+            "[1e]",
+            "[1e400]",
+            "[1,]",
+            r#"{"a":1,}"#,
+            "[1] x",
+            "\u{feff}[1]",
+            "[NaN]",
+            "[Infinity]",
+            "[\"a\u{1}\"]",
+            r#"["\x"]"#,
+            "[1]\u{c}",
+            "[\u{c}1]",
+            "[tru]",
+            "[nulll]",
+            "[true1]",
+            "",
+            " ",
+        ];
+        for case in refused {
+            assert!(serde_json::from_str::<Value>(case).is_err(), "{case}");
+            assert!(!assert_fast_same(case.as_bytes()), "{case}");
+        }
+        let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!assert_fast_same(deep(129).as_bytes()));
+        let accepted = [
+            // `simd-json` reads `-0` as the integer 0; `serde_json` as the float -0.0
+            ("[-0, 0, -0.0, 0.0]", true),
+            ("[18446744073709551615, -9223372036854775808]", true),
+            // integers beyond 64 bits (`serde_json`: an `f64`) are refused by `simd-json`
+            ("[18446744073709551616]", false),
+            ("[-9223372036854775809]", false),
+            ("[1e-400]", true),
+            ("[2.5E+3, 1E2, 0.1, 12.990000000000002]", true),
+            (
+                "[99.0000000000000000001, 123456789012345.6, 1234567890123456.7]",
+                true,
+            ),
+            (r#"{"a": 1, "b": 2, "a": 3, "c": {"a": [], "a": {}}}"#, true),
+            (
+                r#"{"k0":0,"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k8":8,"k0":9}"#,
+                true,
+            ),
+            (" \t\r\n[ true , false , null ] \n", true),
+            // escapes: left to `serde_json`
+            (r#"["\u00e9", "\n"]"#, false),
+        ];
+        for (case, fast) in accepted {
+            assert!(serde_json::from_str::<Value>(case).is_ok(), "{case}");
+            assert_eq!(assert_fast_same(case.as_bytes()), fast, "{case}");
+        }
+        assert!(assert_fast_same(deep(100).as_bytes()));
+        assert!(!assert_fast_same(deep(101).as_bytes()));
+    }
+
     #[test]
     fn meets_the_contract_jsonschema_checks_representations_for() {
         let text = serde_json::to_vec(&jsonschema::json::conformance::document()).unwrap();
@@ -1113,6 +1186,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Tens of thousands of documents, each broken in a few places: wherever the fast path
+    /// builds a document, `serde_json` accepts the text and builds the same one.
+    #[test]
+    fn the_fast_path_builds_what_serde_json_builds_on_mutated_documents() {
+        let mut g = Gen(0x2545_f491_4f6c_dd1d);
+        let (mut fast, mut refused) = (0, 0);
+        for _ in 0..30_000 {
+            let mut text = String::new();
+            g.value(0, &mut text);
+            let mut bytes = text.into_bytes();
+            for _ in 0..g.below(3) {
+                let at = g.below(bytes.len() as u64) as usize;
+                let byte = *b"\"{}[],:x\\-.0e+ \x01\xff"
+                    .get(g.below(17) as usize)
+                    .unwrap();
+                match g.below(3) {
+                    0 => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ => {
+                        bytes.remove(at);
+                    }
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
+            fast += usize::from(assert_fast_same(&bytes));
+            refused += usize::from(serde_json::from_slice::<Value>(&bytes).is_err());
+        }
+        assert!(fast > 5_000 && refused > 10_000, "{fast} {refused}");
     }
 
     #[test]

@@ -243,7 +243,9 @@ fn settle(members: &mut [(Cow<'_, str>, usize)], ordered: bool) -> usize {
         (0..len).any(|j| j + 1 < len && members[j].0 == members[j + 1].0)
     } else {
         for j in 0..len {
-            keep[j] = !members[j + 1..].iter().any(|(later, _)| *later == members[j].0);
+            keep[j] = !members[j + 1..]
+                .iter()
+                .any(|(later, _)| *later == members[j].0);
         }
         keep[..len].contains(&false)
     };
