@@ -28,8 +28,6 @@ use jsonschema::JsonType;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
-mod simd;
-
 /// The representation, for `jsonschema::options_for::<Tape>()`.
 pub struct Tape;
 
@@ -51,7 +49,6 @@ pub struct Doc<'a> {
 /// and may keep their members in the client's order; larger ones are always sorted.
 const SMALL: usize = 8;
 
-#[derive(Debug)]
 enum Slot<'a> {
     Null,
     Bool(bool),
@@ -107,35 +104,10 @@ impl<'a> Doc<'a> {
     }
 
     fn parse_with(body: &'a [u8], ordered: bool) -> Result<Self, serde_json::Error> {
-        match std::str::from_utf8(body) {
-            // The usual case: valid UTF-8 as a whole, read by the SIMD fast path if it can
-            // (the same document), else by `serde_json`.
-            Ok(text) => match Self::parse_fast(text, ordered) {
-                Some(doc) => Ok(doc),
-                None => Self::parse_reference(body, ordered),
-            },
-            Err(_) => Self::parse_reference(body, ordered),
-        }
-    }
-
-    /// The document `serde_json`'s parse makes ([`Doc::parse_reference`]), found by `simd-json`
-    /// ([`simd`]); `None` where that path gives up (then `serde_json` decides).
-    fn parse_fast(text: &'a str, ordered: bool) -> Option<Self> {
-        let mut b = Builder::for_body(text.len(), ordered);
-        let root = simd::parse(text, &mut b)?;
-        Some(b.finish(root))
-    }
-
-    /// `serde_json`'s parser driving our `Visitor`: the reference, and the source of every
-    /// parse error.
-    pub(crate) fn parse_reference(
-        body: &'a [u8],
-        ordered: bool,
-    ) -> Result<Self, serde_json::Error> {
         let b = Builder::for_body(body.len(), ordered);
         match std::str::from_utf8(body) {
-            // Valid UTF-8 as a whole, checked at once (word by word), so that the `str` reader
-            // does not check each string again as the byte reader does.
+            // The usual case: valid UTF-8 as a whole, checked at once (word by word), so that
+            // the `str` reader does not check each string again as the byte reader does.
             Ok(text) => b.parse_from(serde_json::Deserializer::from_str(text)),
             // The byte reader finds the error where `from_slice` does, with the same message.
             Err(_) => b.parse_from(serde_json::Deserializer::from_slice(body)),
@@ -673,80 +645,9 @@ pub mod equivalence {
         (v.is_valid(node), errors, first)
     }
 
-    /// Everything a document holds, from its root (members in their stored order, numbers by
-    /// their kind and bits), for comparing two built differently.
-    pub fn dump(doc: &Doc<'_>) -> String {
-        let mut out = String::new();
-        dump_slot(doc, doc.root, &mut out);
-        out
-    }
-
-    fn dump_slot(doc: &Doc<'_>, i: usize, out: &mut String) {
-        use std::fmt::Write;
-        match &doc.slots[i] {
-            Slot::Number(n) => {
-                let _ = match (n.as_u64(), n.as_i64(), n.as_f64()) {
-                    (Some(u), _, _) if !n.is_f64() => write!(out, "u64 {u}"),
-                    (_, Some(i), _) if !n.is_f64() => write!(out, "i64 {i}"),
-                    (_, _, Some(f)) => write!(out, "f64 {:#x}", f.to_bits()),
-                    _ => unreachable!("a number is one of the three"),
-                };
-            }
-            Slot::Array { start, len } => {
-                out.push('[');
-                for &item in &doc.items[*start..start + len] {
-                    dump_slot(doc, item, out);
-                    out.push(',');
-                }
-                out.push(']');
-            }
-            Slot::Object { start, len } => {
-                out.push('{');
-                for (key, value) in &doc.members[*start..start + len] {
-                    let _ = write!(out, "{key:?}:");
-                    dump_slot(doc, *value, out);
-                    out.push(',');
-                }
-                out.push('}');
-            }
-            other => {
-                let _ = write!(out, "{other:?}");
-            }
-        }
-    }
-
-    /// The text parsed both ways, in key order and not: where the fast path ([`Doc::parse_fast`])
-    /// builds a document, `serde_json`'s parse ([`Doc::parse_reference`]) accepts the text and
-    /// builds the same one. Whether the fast path took it.
-    pub fn assert_fast_same(text: &[u8]) -> bool {
-        let mut taken = false;
-        for ordered in [true, false] {
-            let fast = std::str::from_utf8(text)
-                .ok()
-                .and_then(|t| Doc::parse_fast(t, ordered));
-            let Some(fast) = fast else { continue };
-            taken = true;
-            match Doc::parse_reference(text, ordered) {
-                Ok(reference) => assert_eq!(
-                    dump(&fast),
-                    dump(&reference),
-                    "{}",
-                    String::from_utf8_lossy(text)
-                ),
-                Err(e) => panic!(
-                    "the fast path accepts what serde_json refuses ({e}): {}",
-                    String::from_utf8_lossy(text)
-                ),
-            }
-        }
-        taken
-    }
-
     /// The text parsed both ways: the same `Value`, or the same error; and validated both
-    /// ways against each schema: the same outcome. The document is read as the request path
-    /// reads it (the fast path where it can), and again by each path on its own.
+    /// ways against each schema: the same outcome.
     pub fn assert_same(text: &[u8], schemas: &[(Validator<SerdeJson>, Validator<Tape>)]) {
-        assert_fast_same(text);
         let value = serde_json::from_slice::<Value>(text);
         let doc = Doc::parse(text);
         match (&value, &doc) {
@@ -966,76 +867,6 @@ mod tests {
         }
     }
 
-    /// JSON that `simd-json` 0.17.3 reads differently from `serde_json`, and the other edge
-    /// cases: the fast path gives up on each that `serde_json` refuses, and builds the same
-    /// document for each it accepts, or gives up.
-    #[test]
-    fn the_fast_path_accepts_nothing_serde_json_refuses() {
-        let refused = [
-            // accepted by `simd-json` itself: a lone surrogate, bytes after a 19-digit number
-            r#"["\ud800"]"#,
-            "[1234567890123456789x]",
-            "[1.2345678901234567890x]",
-            "[-1234567890123456789x]",
-            "[1x]",
-            "[01]",
-            "[-]",
-            "[1.]",
-            "[.5]",
-            "[1e]",
-            "[1e400]",
-            "[1,]",
-            r#"{"a":1,}"#,
-            "[1] x",
-            "\u{feff}[1]",
-            "[NaN]",
-            "[Infinity]",
-            "[\"a\u{1}\"]",
-            r#"["\x"]"#,
-            "[1]\u{c}",
-            "[\u{c}1]",
-            "[tru]",
-            "[nulll]",
-            "[true1]",
-            "",
-            " ",
-        ];
-        for case in refused {
-            assert!(serde_json::from_str::<Value>(case).is_err(), "{case}");
-            assert!(!assert_fast_same(case.as_bytes()), "{case}");
-        }
-        let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        assert!(!assert_fast_same(deep(129).as_bytes()));
-        let accepted = [
-            // `simd-json` reads `-0` as the integer 0; `serde_json` as the float -0.0
-            ("[-0, 0, -0.0, 0.0]", true),
-            ("[18446744073709551615, -9223372036854775808]", true),
-            // integers beyond 64 bits (`serde_json`: an `f64`) are refused by `simd-json`
-            ("[18446744073709551616]", false),
-            ("[-9223372036854775809]", false),
-            ("[1e-400]", true),
-            ("[2.5E+3, 1E2, 0.1, 12.990000000000002]", true),
-            (
-                "[99.0000000000000000001, 123456789012345.6, 1234567890123456.7]",
-                true,
-            ),
-            (r#"{"a": 1, "b": 2, "a": 3, "c": {"a": [], "a": {}}}"#, true),
-            (
-                r#"{"k0":0,"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k8":8,"k0":9}"#,
-                true,
-            ),
-            (" \t\r\n[ true , false , null ] \n", true),
-            // escapes: left to `serde_json`
-            (r#"["\u00e9", "\n"]"#, false),
-        ];
-        for (case, fast) in accepted {
-            assert!(serde_json::from_str::<Value>(case).is_ok(), "{case}");
-            assert_eq!(assert_fast_same(case.as_bytes()), fast, "{case}");
-        }
-        assert!(assert_fast_same(deep(100).as_bytes()));
-        assert!(!assert_fast_same(deep(101).as_bytes()));
-    }
-
     #[test]
     fn meets_the_contract_jsonschema_checks_representations_for() {
         let text = serde_json::to_vec(&jsonschema::json::conformance::document()).unwrap();
@@ -1186,38 +1017,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// Tens of thousands of documents, each broken in a few places: wherever the fast path
-    /// builds a document, `serde_json` accepts the text and builds the same one.
-    #[test]
-    fn the_fast_path_builds_what_serde_json_builds_on_mutated_documents() {
-        let mut g = Gen(0x2545_f491_4f6c_dd1d);
-        let (mut fast, mut refused) = (0, 0);
-        for _ in 0..30_000 {
-            let mut text = String::new();
-            g.value(0, &mut text);
-            let mut bytes = text.into_bytes();
-            for _ in 0..g.below(3) {
-                let at = g.below(bytes.len() as u64) as usize;
-                let byte = *b"\"{}[],:x\\-.0e+ \x01\xff"
-                    .get(g.below(17) as usize)
-                    .unwrap();
-                match g.below(3) {
-                    0 => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    _ => {
-                        bytes.remove(at);
-                    }
-                }
-                if bytes.is_empty() {
-                    break;
-                }
-            }
-            fast += usize::from(assert_fast_same(&bytes));
-            refused += usize::from(serde_json::from_slice::<Value>(&bytes).is_err());
-        }
-        assert!(fast > 5_000 && refused > 10_000, "{fast} {refused}");
     }
 
     #[test]
