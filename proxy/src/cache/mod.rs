@@ -17,6 +17,7 @@ mod coalesce;
 pub mod control;
 mod disk;
 mod entry;
+mod fields;
 mod key;
 mod metrics;
 mod revalidate;

@@ -24,6 +24,7 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use super::control::CacheControl;
 use super::disk::DiskTier;
+use super::fields::Fields;
 use super::metrics::CacheMetrics;
 
 /// Bytes an entry costs besides its key, headers and body (see [`Entry::weight`]).
@@ -39,8 +40,8 @@ const TYPICAL_WEIGHT: u64 = 2048;
 pub struct Entry {
     pub status: StatusCode,
     /// The response's end-to-end headers, as the origin sent them (without `Age`, which is
-    /// computed for each hit).
-    pub headers: HeaderMap,
+    /// computed for each hit), their values in one buffer.
+    pub headers: Fields,
     pub body: Bytes,
     pub cc: CacheControl,
     pub lifetime: Duration,
@@ -144,7 +145,9 @@ impl Entry {
             .stale_while_revalidate
             .max(self.cc.stale_if_error)
             .unwrap_or(0);
-        let revalidate = if super::control::validators(&self.headers) {
+        let validators = self.headers.contains_key(&http::header::ETAG)
+            || self.headers.contains_key(&http::header::LAST_MODIFIED);
+        let revalidate = if validators {
             self.lifetime.max(Duration::from_secs(60))
         } else {
             Duration::ZERO
@@ -160,11 +163,7 @@ impl Entry {
     /// responses (5 headers, 3-byte bodies) used 2.05 KiB of RSS per entry; counting 256
     /// bytes of fixed cost made a 64 MiB cache take 200 MB.
     fn weight(&self, key: &str) -> u32 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + HEADER_OVERHEAD)
-            .sum();
+        let headers = self.headers.bytes() + self.headers.len() * HEADER_OVERHEAD;
         let total = key.len() + headers + self.body.len() + self.resource.len() + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
@@ -420,7 +419,7 @@ pub(super) mod tests {
     pub(in crate::cache) fn entry(i: usize, size: usize) -> Entry {
         Entry {
             status: StatusCode::OK,
-            headers: HeaderMap::new(),
+            headers: Fields::default(),
             body: Bytes::from(vec![(i % 251) as u8; size]),
             cc: CacheControl::default(),
             lifetime: Duration::from_secs(600),

@@ -155,7 +155,7 @@ mod tests {
             req_headers: None,
             entry: Entry {
                 status: http::StatusCode::OK,
-                headers: HeaderMap::new(),
+                headers: Default::default(),
                 body: Bytes::new(),
                 cc: Default::default(),
                 lifetime: Duration::from_secs(60),

@@ -269,7 +269,7 @@ impl DiskTier {
         Entry {
             status: o.head.status,
             cc,
-            headers: o.head.headers,
+            headers: super::fields::Fields::of(&o.head.headers),
             body: Bytes::new(),
             lifetime: o.head.lifetime,
             initial_age: o.head.initial_age,
