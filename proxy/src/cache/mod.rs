@@ -126,6 +126,9 @@ pub struct Plan {
     shared: Arc<Shared>,
     resource: Arc<str>,
     primary: String,
+    /// The primary key's hash ([`Store::hash`]): computed once, used by the lookup, the
+    /// coalescing slot and the insert.
+    hash: u64,
     kind: Kind,
     /// The key's uses counted by this miss's admission sketch (`u32::MAX`: not counted, no
     /// `min_uses`).
@@ -303,6 +306,7 @@ impl ResponseCache {
         let consumer = consumer.filter(|_| !spec.public);
         let (primary, len) = key::keys(req, &spec.key, consumer);
         let resource: Arc<str> = Arc::from(&primary[..len]);
+        let hash = policy.store.hash(&primary);
         let kind = match kind {
             Kind::Lookup if bypass(req.headers()) => Kind::Bypass,
             k => k,
@@ -312,6 +316,7 @@ impl ResponseCache {
             shared: self.shared.clone(),
             resource,
             primary,
+            hash,
             kind,
             uses: u32::MAX,
             background,
@@ -463,7 +468,11 @@ impl Plan {
 
     /// A stored response in memory for this request that it may use.
     fn find(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
-        let entry = self.policy.store.lookup(&self.primary, headers)?;
+        let key = store::KeyRef {
+            hash: self.hash,
+            text: &self.primary,
+        };
+        let entry = self.policy.store.find(key, headers)?;
         self.admit(entry, headers)
     }
 
@@ -497,7 +506,7 @@ impl Plan {
         if req.method() != Method::GET {
             return Err(None);
         }
-        let rx = match self.policy.inflight.join(&self.primary) {
+        let rx = match self.policy.inflight.join(self.hash) {
             Turn::Lead(l) => return Err(Some(l)),
             Turn::Wait(rx) => rx,
         };
@@ -595,6 +604,7 @@ impl Plan {
             store: self.policy.store.clone(),
             // The plan ends with this response: its key moves to the entry.
             primary: std::mem::take(&mut self.primary),
+            hash: self.hash,
             req_headers: fetch.headers,
             entry: e,
             purged: self.shared.purge_check(fetch.started),
@@ -647,10 +657,12 @@ impl Plan {
                 if self.shared.purge_check(fetch.started).selects(&fresh) {
                     return Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()));
                 }
-                let fresh = self
-                    .policy
-                    .store
-                    .insert(&*self.primary, fetch.headers.as_ref(), fresh);
+                let fresh = self.policy.store.insert_hashed(
+                    self.primary.clone(),
+                    self.hash,
+                    fetch.headers.as_ref(),
+                    fresh,
+                );
                 Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
             }
             Ok(resp) if resp.status().is_server_error() && may_stale => {
@@ -683,7 +695,7 @@ impl Plan {
         else {
             return false;
         };
-        let Some(leader) = self.policy.inflight.try_lead(&self.primary) else {
+        let Some(leader) = self.policy.inflight.try_lead(self.hash) else {
             // Already being fetched or revalidated: the stale entry answers meanwhile.
             return true;
         };
@@ -692,6 +704,7 @@ impl Plan {
             stored: stored.clone(),
             store: self.policy.store.clone(),
             primary: self.primary.clone(),
+            hash: self.hash,
             spec: self.policy.spec.clone(),
             resource: self.resource.clone(),
             leader,

@@ -51,6 +51,8 @@ pub(super) struct Job {
     pub stored: Arc<Entry>,
     pub store: Arc<Store>,
     pub primary: String,
+    /// Its hash ([`super::store::Store::hash`]).
+    pub hash: u64,
     pub spec: CachePolicySpec,
     pub resource: Arc<str>,
     pub leader: Leader,
@@ -85,7 +87,7 @@ impl Job {
                 .refreshed(resp.headers(), fetch.requested, &self.spec);
             if !self.purged.selects(&fresh) {
                 self.store
-                    .insert(self.primary, fetch.headers.as_ref(), fresh);
+                    .insert_hashed(self.primary, self.hash, fetch.headers.as_ref(), fresh);
             }
             return Ok(());
         }
@@ -121,6 +123,7 @@ impl Job {
                 let pending = Pending {
                     store: self.store,
                     primary: self.primary,
+                    hash: self.hash,
                     req_headers: fetch.headers,
                     entry,
                     purged: self.purged,

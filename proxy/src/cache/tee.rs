@@ -34,6 +34,8 @@ pub struct Tee {
 pub(super) struct Pending {
     pub store: Arc<Store>,
     pub primary: String,
+    /// Its hash ([`Store::hash`]).
+    pub hash: u64,
     /// Kept only when the store has seen a `Vary` (see `Fetch::headers`).
     pub req_headers: Option<HeaderMap>,
     /// Headers, freshness and times: everything but the body.
@@ -138,7 +140,8 @@ impl Tee {
         if p.purged.selects(&entry) {
             return;
         }
-        p.store.insert(p.primary, p.req_headers.as_ref(), entry);
+        p.store
+            .insert_hashed(p.primary, p.hash, p.req_headers.as_ref(), entry);
     }
 }
 
@@ -152,6 +155,7 @@ mod tests {
         Pending {
             store: store.clone(),
             primary: "p".into(),
+            hash: store.hash("p"),
             req_headers: None,
             entry: Entry {
                 status: http::StatusCode::OK,
