@@ -154,6 +154,8 @@ pub struct Facts<'a> {
     pub expires: Option<&'a HeaderValue>,
     pub date: Option<&'a HeaderValue>,
     pub age: Option<&'a HeaderValue>,
+    /// `Content-Length` (the first; `None` when it does not parse).
+    pub length: Option<u64>,
     /// The fields an entry stores (all but [`not_stored`] ones): how many, and their values'
     /// bytes.
     pub kept: usize,
@@ -185,6 +187,12 @@ impl<'a> Facts<'a> {
                 }
                 "date" => {
                     f.date.get_or_insert(v);
+                    true
+                }
+                "content-length" => {
+                    if f.length.is_none() {
+                        f.length = v.to_str().ok().and_then(|s| s.trim().parse().ok());
+                    }
                     true
                 }
                 "vary" => {

@@ -64,13 +64,16 @@ impl Fetch {
         }
     }
 
-    /// The entry for `resp` (body still empty), or why it is not stored.
+    /// The entry for `resp` (body still empty: set when it has arrived, while the `Arc` is
+    /// still the only one) and its announced length, or why it is not stored. In its `Arc`
+    /// from the start: an entry is a few hundred bytes, copied at every move on its way to
+    /// the store.
     pub fn entry<B>(
         &self,
         resp: &Response<B>,
         spec: &CachePolicySpec,
         resource: &Arc<str>,
-    ) -> Result<Entry, NotStored> {
+    ) -> Result<(Arc<Entry>, Option<u64>), NotStored> {
         let h = resp.headers();
         // One walk learns what storability, freshness and the copy need.
         let facts = Facts::of(h.iter());
@@ -87,7 +90,7 @@ impl Fetch {
         let response_time = SystemTime::now();
         let kept = h.iter().filter(|(k, _)| Facts::keeps(k));
         let headers = Fields::copied(kept, facts.kept, facts.kept_len);
-        Ok(Entry {
+        let entry = Arc::new(Entry {
             status: resp.status(),
             lifetime: control::lifetime(&facts, spec.default_ttl, spec.max_ttl, response_time),
             initial_age: control::initial_age(&facts, self.requested, response_time),
@@ -103,7 +106,8 @@ impl Fetch {
             headers,
             body: Bytes::new(),
             disk: None,
-        })
+        });
+        Ok((entry, facts.length))
     }
 }
 
@@ -112,15 +116,6 @@ impl Fetch {
 pub fn no_vary() -> Arc<[String]> {
     static NONE: OnceLock<Arc<[String]>> = OnceLock::new();
     NONE.get_or_init(|| Arc::from([])).clone()
-}
-
-pub fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 // === impl Entry ===
@@ -321,7 +316,7 @@ mod tests {
         let req = Request::get("/a").body(()).unwrap();
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
-        let e = Fetch::start(&req, &CacheControl::default(), false)
+        let (e, _) = Fetch::start(&req, &CacheControl::default(), false)
             .entry(&resp, &spec, &Arc::from("h\0/a"))
             .unwrap();
         let stored = e.headers.to_map(0);

@@ -451,8 +451,9 @@ impl Plan {
             Err(leader) => leader,
         };
         let fetch = self.fetch(&req, &req_cc);
-        let resp = upstream(req).await?;
-        Ok(self.store(fetch, resp, leader, MISS))
+        let mut resp = upstream(req).await?;
+        self.store(fetch, &mut resp, leader, MISS);
+        Ok(resp)
     }
 
     /// A stored response for this request that it may use, from memory or else from the
@@ -530,47 +531,42 @@ impl Plan {
         entry::Fetch::start(req, req_cc, keep)
     }
 
-    /// Attach the store to a response from upstream when it may be stored, and mark it.
+    /// Attach the store to a response from upstream when it may be stored, and mark it (in
+    /// place: a response is several hundred bytes, each move a copy).
     fn store(
         mut self,
         fetch: entry::Fetch,
-        resp: Response<ResponseBody>,
+        resp: &mut Response<ResponseBody>,
         mut leader: Option<Leader>,
         status: &'static str,
-    ) -> Response<ResponseBody> {
+    ) {
         let spec = &self.policy.spec;
         let mut status = status;
         // Admission first: a response it refuses is not even built into an entry.
         let built = match self.admitted(&mut leader) {
-            true => fetch.entry(&resp, spec, &self.resource),
+            true => fetch.entry(resp, spec, &self.resource),
             false => Err(control::NotStored::TooFewUses),
         };
-        let mut resp = match built {
+        match built {
             Err(why) => {
                 if why == control::NotStored::VaryUnseen {
                     // From now on misses keep what a variant key needs.
                     self.policy.store.keep_request_headers();
                 }
                 tracing::trace!(?why, "response not stored");
-                resp
             }
-            Ok(e) => {
-                let expected = entry::content_length(resp.headers());
+            Ok((e, expected)) => {
                 let tee = match expected.filter(|n| *n > spec.max_object_bytes) {
                     Some(n) => self.disk_tee(&fetch, e, leader, n),
                     None => Some(self.memory_tee(fetch, e, leader, expected)),
                 };
                 match tee {
-                    Some(tee) => teed(resp, tee),
-                    None => {
-                        status = BYPASS;
-                        resp
-                    }
+                    Some(tee) => tee_into(resp, tee),
+                    None => status = BYPASS,
                 }
             }
-        };
-        self.mark(&mut resp, status);
-        resp
+        }
+        self.mark(resp, status);
     }
 
     /// Whether this miss may store its response under the policy's `min_uses`: its key was
@@ -595,7 +591,7 @@ impl Plan {
     fn memory_tee(
         &mut self,
         fetch: entry::Fetch,
-        e: Entry,
+        e: Arc<Entry>,
         leader: Option<Leader>,
         expected: Option<u64>,
     ) -> Box<Tee> {
@@ -623,7 +619,7 @@ impl Plan {
     fn disk_tee(
         &self,
         fetch: &entry::Fetch,
-        e: Entry,
+        e: Arc<Entry>,
         leader: Option<Leader>,
         len: u64,
     ) -> Option<Box<Tee>> {
@@ -661,14 +657,17 @@ impl Plan {
                     self.primary.clone(),
                     self.hash,
                     fetch.headers.as_ref(),
-                    fresh,
+                    Arc::new(fresh),
                 );
                 Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
             }
             Ok(resp) if resp.status().is_server_error() && may_stale => {
                 Ok(self.hit_parts(&stored, head, STALE, Instant::now()))
             }
-            Ok(resp) => Ok(self.store(fetch, resp, None, EXPIRED)),
+            Ok(mut resp) => {
+                self.store(fetch, &mut resp, None, EXPIRED);
+                Ok(resp)
+            }
             Err(_) if may_stale => Ok(self.hit_parts(&stored, head, STALE, Instant::now())),
             Err(e) if stored.cc.must_revalidate || stored.cc.proxy_revalidate => {
                 self.shared.metrics.count(EXPIRED);
@@ -770,17 +769,17 @@ impl Plan {
     }
 }
 
-/// `resp` with its body copied into `tee` as it streams.
-fn teed(resp: Response<ResponseBody>, tee: Box<Tee>) -> Response<ResponseBody> {
+/// Copy `resp`'s body into `tee` as it streams (a local body is not stored: the tee is
+/// dropped).
+fn tee_into(resp: &mut Response<ResponseBody>, tee: Box<Tee>) {
     // An empty body is never polled: it is complete now.
     if http_body::Body::is_end_stream(resp.body()) {
         tee.finish();
-        return resp;
+        return;
     }
-    resp.map(|b| match b {
-        http_body_util::Either::Left(s) => http_body_util::Either::Left(s.teed(tee)),
-        local => local,
-    })
+    if let http_body_util::Either::Left(s) = resp.body_mut() {
+        s.set_tee(tee);
+    }
 }
 
 // === impl Shared ===

@@ -87,15 +87,19 @@ impl Job {
                 .refreshed(resp.headers(), fetch.requested, &self.spec);
             if !self.purged.selects(&fresh) {
                 self.store
-                    .insert_hashed(self.primary, self.hash, fetch.headers.as_ref(), fresh);
+                    .insert_hashed(
+                        self.primary,
+                        self.hash,
+                        fetch.headers.as_ref(),
+                        Arc::new(fresh),
+                    );
             }
             return Ok(());
         }
-        let Ok(entry) = fetch.entry(&resp, &self.spec, &self.resource) else {
+        let Ok((entry, expected)) = fetch.entry(&resp, &self.spec, &self.resource) else {
             // Not storable now: the stale entry ends with its windows.
             return Ok(());
         };
-        let expected = super::entry::content_length(resp.headers());
         let tee = match expected.filter(|n| *n > self.spec.max_object_bytes) {
             // Too large for memory: written to the disk tier as it arrives, if there is one.
             Some(n) => {

@@ -397,7 +397,7 @@ impl Store {
     ) -> Arc<Entry> {
         let primary = primary.into();
         let hash = self.hash(&primary);
-        self.insert_hashed(primary, hash, req_headers.into(), entry)
+        self.insert_hashed(primary, hash, req_headers.into(), Arc::new(entry))
     }
 
     /// [`Store::insert`] with the primary key's hash, computed by [`Store::hash`] when the
@@ -407,10 +407,9 @@ impl Store {
         primary: String,
         hash: u64,
         req_headers: Option<&HeaderMap>,
-        entry: Entry,
+        entry: Arc<Entry>,
     ) -> Arc<Entry> {
         if let (Some(disk), Some(_)) = (&self.disk, &entry.disk) {
-            let entry = Arc::new(entry);
             if let Some(key) = super::key::variant_of(&primary, req_headers, &entry.vary) {
                 disk.refresh(key, primary.len(), entry.clone());
             }
@@ -441,14 +440,14 @@ impl Store {
             None => {
                 // Its variant key cannot be built (the miss did not keep its headers).
                 self.keep_request_headers();
-                return Arc::new(entry);
+                return entry;
             }
         };
         let slot = Slot {
             weight: entry.weight(&key.text),
             primary_len,
             until: entry.stored + entry.keep(),
-            entry: Arc::new(entry),
+            entry,
         };
         let entry = slot.entry.clone();
         let mut departed = Departed {

@@ -38,8 +38,9 @@ pub(super) struct Pending {
     pub hash: u64,
     /// Kept only when the store has seen a `Vary` (see `Fetch::headers`).
     pub req_headers: Option<HeaderMap>,
-    /// Headers, freshness and times: everything but the body.
-    pub entry: Entry,
+    /// Headers, freshness and times: everything but the body (set in place when it has
+    /// arrived: nothing else holds this `Arc` until it is stored).
+    pub entry: Arc<Entry>,
     /// Purged since the request started: do not store (the purge must win).
     pub purged: super::PurgeCheck,
     /// When the request was sent (the disk tier's purge check).
@@ -136,7 +137,11 @@ impl Tee {
             return;
         }
         let mut entry = p.entry;
-        entry.body = std::mem::take(&mut self.buf).freeze();
+        let Some(e) = Arc::get_mut(&mut entry) else {
+            // Never shared before it is stored; if it were, it is not stored.
+            return;
+        };
+        e.body = std::mem::take(&mut self.buf).freeze();
         if p.purged.selects(&entry) {
             return;
         }
@@ -157,7 +162,7 @@ mod tests {
             primary: "p".into(),
             hash: store.hash("p"),
             req_headers: None,
-            entry: Entry {
+            entry: Arc::new(Entry {
                 status: http::StatusCode::OK,
                 headers: Default::default(),
                 body: Bytes::new(),
@@ -170,7 +175,7 @@ mod tests {
                 tags: vec![],
                 vary: Arc::from([]),
                 disk: None,
-            },
+            }),
             purged: super::super::PurgeCheck::never(),
             started: Instant::now(),
             _leader: None,
