@@ -401,9 +401,6 @@ impl Plan {
     ///
     /// Not an `async fn` itself: it returns the future of the kind's own, so that a lookup's
     /// (the large one) is not built and then moved into a second state machine around it.
-    /// Each kind boxes the listener's forward when it calls it (only then): held inline, it
-    /// made the plan's future several KB, copied whole into the box the listener kept it in,
-    /// hit or miss; the listener now awaits the plan's future in place.
     pub fn serve<B>(
         self,
         req: Request<B>,
@@ -418,7 +415,7 @@ impl Plan {
     }
 
     async fn bypass<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
-        let mut resp = Box::pin(upstream(req)).await?;
+        let mut resp = upstream(req).await?;
         self.mark(&mut resp, BYPASS);
         Ok(resp)
     }
@@ -454,7 +451,7 @@ impl Plan {
             Err(leader) => leader,
         };
         let fetch = self.fetch(&req, &req_cc);
-        let mut resp = Box::pin(upstream(req)).await?;
+        let mut resp = upstream(req).await?;
         self.store(fetch, &mut resp, leader, MISS);
         Ok(resp)
     }
@@ -648,7 +645,7 @@ impl Plan {
         let fetch = self.fetch(&req, req_cc);
         let head = req.method() == Method::HEAD;
         let may_stale = control::stale_if_error(age, stored.lifetime, &stored.cc);
-        match Box::pin(upstream(req)).await {
+        match upstream(req).await {
             Ok(resp) if ours && resp.status() == StatusCode::NOT_MODIFIED => {
                 let fresh = stored.refreshed(resp.headers(), fetch.requested, &self.policy.spec);
                 drop(resp);
@@ -719,7 +716,7 @@ impl Plan {
     /// Invalidate the target (and same-origin `Location` / `Content-Location`) of an unsafe
     /// method that succeeded (RFC 9111 4.4).
     async fn invalidate<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
-        let resp = Box::pin(upstream(req)).await?;
+        let resp = upstream(req).await?;
         if resp.status().is_success() || resp.status().is_redirection() {
             let now = Instant::now();
             self.policy.any_invalidated.store(true, Ordering::Release);
@@ -901,32 +898,6 @@ mod tests {
             serde_json::json!({}),
         ));
         assert!(!Arc::ptr_eq(&before, &mine.policies.load()[0].store));
-    }
-
-    /// The listener awaits a plan's future in place (not boxed): it must not hold the
-    /// forward's future, which the plan boxes when it calls it.
-    #[test]
-    fn a_plans_future_does_not_hold_the_forward() {
-        let cache = ResponseCache::with_metrics("web", CacheMetrics::default());
-        cache.update(&snapshot(
-            serde_json::json!({"c": {"service": "web"}}),
-            serde_json::json!({}),
-        ));
-        let upstream = |_: Request<()>| async {
-            // 16 KiB held across an await: the forward's future is at least that large.
-            let big = [1u8; 16 * 1024];
-            std::future::pending::<()>().await;
-            Ok(Response::new(http_body_util::Either::Right(
-                http_body_util::Full::new(bytes::Bytes::copy_from_slice(&big)),
-            )))
-        };
-        for (m, h) in [("GET", None), ("POST", None), ("GET", Some(("range", "bytes=0-1")))] {
-            let headers: Vec<_> = h.into_iter().collect();
-            let plan = cache.plan(&req(m, "/a", &headers), None).expect("plan");
-            let fut = plan.serve(req(m, "/a", &headers), upstream);
-            let size = std::mem::size_of_val(&fut);
-            assert!(size < 4 * 1024, "{m} {headers:?}: the plan's future is {size} bytes");
-        }
     }
 
     #[test]
