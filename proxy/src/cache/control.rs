@@ -165,6 +165,32 @@ impl Asked {
     }
 }
 
+/// What planning needs of a request's header fields, in one walk over them (a request has a
+/// handful; each lookup by name hashed it and probed the map, five per miss).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// `Range` or `Upgrade`: passed straight through.
+    pub range_or_upgrade: bool,
+    /// Some `Cache-Control` (parsed only then).
+    pub cache_control: bool,
+    pub authorization: bool,
+}
+
+impl RequestFacts {
+    pub fn of(h: &HeaderMap) -> Self {
+        let mut f = Self::default();
+        for name in h.keys() {
+            match name.as_str() {
+                "range" | "upgrade" => f.range_or_upgrade = true,
+                "cache-control" => f.cache_control = true,
+                "authorization" => f.authorization = true,
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
 /// `Surrogate-Key`: space-separated tags a purge can name.
 const SURROGATE_KEY: &str = "surrogate-key";
 /// Most tags kept per entry.

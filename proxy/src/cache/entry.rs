@@ -53,14 +53,23 @@ pub struct Fetch {
 // === impl Fetch ===
 
 impl Fetch {
-    /// `cc` is the request's `Cache-Control`, parsed once per request.
-    pub fn start<B>(req: &Request<B>, cc: &CacheControl, keep_headers: bool) -> Self {
+    /// `cc` is the request's `Cache-Control`, parsed once per request; `authorization`
+    /// whether it has an `Authorization` (known from planning).
+    pub fn start<B>(
+        req: &Request<B>,
+        cc: &CacheControl,
+        keep_headers: bool,
+        authorization: bool,
+    ) -> Self {
         Self {
             requested: SystemTime::now(),
             started: Instant::now(),
             method: req.method().clone(),
             headers: keep_headers.then(|| req.headers().clone()),
-            asked: Asked::of(req.headers(), cc),
+            asked: Asked {
+                no_store: cc.no_store,
+                authorization,
+            },
         }
     }
 
@@ -316,7 +325,7 @@ mod tests {
         let req = Request::get("/a").body(()).unwrap();
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
-        let (e, _) = Fetch::start(&req, &CacheControl::default(), false)
+        let (e, _) = Fetch::start(&req, &CacheControl::default(), false, false)
             .entry(&resp, &spec, &Arc::from("h\0/a"))
             .unwrap();
         let stored = e.headers.to_map(0);

@@ -130,6 +130,10 @@ pub struct Plan {
     /// coalescing slot and the insert.
     hash: u64,
     kind: Kind,
+    /// The request has an `Authorization` (RFC 9111 3.5).
+    authorization: bool,
+    /// The request has a `Cache-Control` (parsed only then).
+    cache_control: bool,
     /// The key's uses counted by this miss's admission sketch (`u32::MAX`: not counted, no
     /// `min_uses`).
     uses: u32,
@@ -307,8 +311,9 @@ impl ResponseCache {
         let (primary, len) = key::keys(req, &spec.key, consumer);
         let resource: Arc<str> = Arc::from(&primary[..len]);
         let hash = policy.store.hash(&primary);
+        let facts = control::RequestFacts::of(req.headers());
         let kind = match kind {
-            Kind::Lookup if bypass(req.headers()) => Kind::Bypass,
+            Kind::Lookup if bypass(req.headers(), facts) => Kind::Bypass,
             k => k,
         };
         Some(Plan {
@@ -318,6 +323,8 @@ impl ResponseCache {
             primary,
             hash,
             kind,
+            authorization: facts.authorization,
+            cache_control: facts.cache_control,
             uses: u32::MAX,
             background,
         })
@@ -365,11 +372,9 @@ impl ResponseCache {
     }
 }
 
-/// Requests the cache passes straight through: ranges (not cached) and `no-store`.
-fn bypass(h: &HeaderMap) -> bool {
-    h.contains_key(header::RANGE)
-        || h.contains_key(header::UPGRADE)
-        || (h.contains_key(header::CACHE_CONTROL) && CacheControl::parse(h).no_store)
+/// Requests the cache passes straight through: ranges (not cached), upgrades and `no-store`.
+fn bypass(h: &HeaderMap, facts: control::RequestFacts) -> bool {
+    facts.range_or_upgrade || (facts.cache_control && CacheControl::parse(h).no_store)
 }
 
 // === impl Compiled ===
@@ -422,7 +427,10 @@ impl Plan {
 
     async fn lookup<B>(mut self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
         let now = Instant::now();
-        let req_cc = CacheControl::parse(req.headers());
+        let req_cc = match self.cache_control {
+            true => CacheControl::parse(req.headers()),
+            false => CacheControl::default(),
+        };
         if let Some(entry) = self.find_any(req.headers()).await {
             let age = entry.age(now);
             return match control::usable(age, entry.lifetime, &entry.cc, &req_cc) {
@@ -464,7 +472,7 @@ impl Plan {
         }
         let disk = self.policy.store.disk()?;
         let entry = disk.lookup(&self.primary, headers).await?;
-        self.admit(entry, headers)
+        self.admit(entry)
     }
 
     /// A stored response in memory for this request that it may use.
@@ -474,12 +482,12 @@ impl Plan {
             text: &self.primary,
         };
         let entry = self.policy.store.find(key, headers)?;
-        self.admit(entry, headers)
+        self.admit(entry)
     }
 
     /// `entry` unless it was invalidated or purged since, or is an unshareable one for an
     /// authorized request.
-    fn admit(&self, entry: Arc<Entry>, headers: &HeaderMap) -> Option<Arc<Entry>> {
+    fn admit(&self, entry: Arc<Entry>) -> Option<Arc<Entry>> {
         let policy = &self.policy;
         if policy.any_invalidated.load(Ordering::Acquire)
             && policy
@@ -491,7 +499,7 @@ impl Plan {
         }
         // RFC 9111 3.5: only these let a shared cache answer an authorized request.
         let shareable = entry.cc.public || entry.cc.s_maxage.is_some() || entry.cc.must_revalidate;
-        if headers.contains_key(header::AUTHORIZATION) && !shareable {
+        if self.authorization && !shareable {
             return None;
         }
         Some(entry)
@@ -528,7 +536,7 @@ impl Plan {
     /// The request's side of a fetch (its headers copied only if the store needs them).
     fn fetch<B>(&self, req: &Request<B>, req_cc: &CacheControl) -> entry::Fetch {
         let keep = self.policy.store.keeps_request_headers();
-        entry::Fetch::start(req, req_cc, keep)
+        entry::Fetch::start(req, req_cc, keep, self.authorization)
     }
 
     /// Attach the store to a response from upstream when it may be stored, and mark it (in

@@ -79,7 +79,8 @@ impl Job {
         };
         // The headers kept whatever the store has seen: a background revalidation is rare.
         let cc = super::control::CacheControl::parse(self.request.headers());
-        let fetch = super::entry::Fetch::start(&self.request, &cc, true);
+        let authorization = self.request.headers().contains_key(http::header::AUTHORIZATION);
+        let fetch = super::entry::Fetch::start(&self.request, &cc, true, authorization);
         let resp = send(self.request).await.map_err(fail)?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             let fresh = self
