@@ -160,17 +160,17 @@ impl Entry {
             .headers
             .iter()
             .filter(|(k, _)| !(replaced(k) && not_modified.contains_key(*k)));
-        let merged = || kept.clone().chain(not_modified.iter().filter(|(k, _)| replaced(k)));
+        let merged = || {
+            kept.clone()
+                .chain(not_modified.iter().filter(|(k, _)| replaced(k)))
+        };
         let len = merged().map(|(_, v)| v.len()).sum();
         let headers = Fields::copied(merged(), merged().count(), len);
         let facts = Facts::of(headers.iter());
         let response_time = SystemTime::now();
         let lifetime = control::lifetime(&facts, spec.default_ttl, spec.max_ttl, response_time);
-        let initial_age = control::initial_age(
-            &Facts::of(not_modified.iter()),
-            requested,
-            response_time,
-        );
+        let initial_age =
+            control::initial_age(&Facts::of(not_modified.iter()), requested, response_time);
         let (cc, tags) = (facts.cc, facts.tags);
         Entry {
             status: self.status,

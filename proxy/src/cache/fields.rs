@@ -112,7 +112,11 @@ mod tests {
         let f = Fields::of(&h);
         assert_eq!(f.len(), 4);
         let two = HeaderName::from_static("x-two");
-        let all: Vec<_> = f.iter().filter(|(n, _)| **n == two).map(|(_, v)| v).collect();
+        let all: Vec<_> = f
+            .iter()
+            .filter(|(n, _)| **n == two)
+            .map(|(_, v)| v)
+            .collect();
         assert_eq!(all, ["a", "b"]);
         assert_eq!(f.get(&http::header::CONTENT_TYPE).unwrap(), "text/plain");
         assert!(!f.contains_key(&http::header::ETAG));

@@ -79,7 +79,10 @@ impl Job {
         };
         // The headers kept whatever the store has seen: a background revalidation is rare.
         let cc = super::control::CacheControl::parse(self.request.headers());
-        let authorization = self.request.headers().contains_key(http::header::AUTHORIZATION);
+        let authorization = self
+            .request
+            .headers()
+            .contains_key(http::header::AUTHORIZATION);
         let fetch = super::entry::Fetch::start(&self.request, &cc, true, authorization);
         let resp = send(self.request).await.map_err(fail)?;
         if resp.status() == StatusCode::NOT_MODIFIED {
@@ -87,13 +90,12 @@ impl Job {
                 .stored
                 .refreshed(resp.headers(), fetch.requested, &self.spec);
             if !self.purged.selects(&fresh) {
-                self.store
-                    .insert_hashed(
-                        self.primary,
-                        self.hash,
-                        fetch.headers.as_ref(),
-                        Arc::new(fresh),
-                    );
+                self.store.insert_hashed(
+                    self.primary,
+                    self.hash,
+                    fetch.headers.as_ref(),
+                    Arc::new(fresh),
+                );
             }
             return Ok(());
         }

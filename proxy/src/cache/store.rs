@@ -343,7 +343,13 @@ impl Store {
     #[cfg(test)]
     pub fn lookup(&self, primary: &str, headers: &HeaderMap) -> Option<Arc<Entry>> {
         let hash = self.hash(primary);
-        self.find(KeyRef { hash, text: primary }, headers)
+        self.find(
+            KeyRef {
+                hash,
+                text: primary,
+            },
+            headers,
+        )
     }
 
     /// The entry a request with these headers may use under `primary`: the variant its
