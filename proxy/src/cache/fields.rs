@@ -1,8 +1,9 @@
 //! A stored response's header fields: the values copied into one buffer the entry owns, the
 //! names and value handles in one list, in the order the origin sent them. Not a `HeaderMap`:
 //! building one per stored miss (its hash index and entry table, every name hashed and
-//! placed) cost about 3,400 instructions a miss with the lookups done on it afterwards
-//! (docs/caching.md#benchmark), while an entry only ever reads a few of its fields (by a
+//! placed) and the lookups done on it afterwards cost about 2,100 instructions per stored
+//! miss more than this list (docs/caching.md#benchmark), while an entry only ever reads a few
+//! of its fields (by a
 //! linear scan of a handful) and hands all of them to a hit, which builds its response's map
 //! from this list ([`Fields::to_map`]).
 //!
