@@ -3,9 +3,8 @@
 //! building one per stored miss (its hash index and entry table, every name hashed and
 //! placed) and the lookups done on it afterwards cost about 2,100 instructions per stored
 //! miss more than this list (docs/caching.md#benchmark), while an entry only ever reads a few
-//! of its fields (by a
-//! linear scan of a handful) and hands all of them to a hit, which builds its response's map
-//! from this list ([`Fields::to_map`]).
+//! of its fields (by a linear scan of a handful) and hands all of them to a hit, which builds
+//! its response's map from this list ([`Fields::to_map`]).
 //!
 //! The names are `HeaderName`s rather than bytes in the buffer: a standard name is a tag and a
 //! custom one shares its bytes, so a hit clones them for the cost of a copy or a reference
