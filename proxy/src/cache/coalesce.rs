@@ -9,19 +9,19 @@
 //! stored for its key when woken and goes upstream itself, as after a timeout.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quick_cache::DefaultHashBuilder;
 use tokio::sync::watch;
+
+use super::store::Prehashed;
 
 /// Independent locks: concurrent misses for different keys rarely meet.
 const SHARDS: usize = 16;
 
+/// Keyed by the hash the store computed for the key (once per request: the plan carries it).
 pub struct Inflight {
-    hasher: DefaultHashBuilder,
-    shards: [Mutex<HashMap<u64, Slot>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Slot, Prehashed>>; SHARDS],
 }
 
 /// A key being fetched; the sender exists once someone waits.
@@ -48,16 +48,14 @@ pub struct Leader {
 impl Default for Inflight {
     fn default() -> Self {
         Self {
-            hasher: DefaultHashBuilder::default(),
             shards: std::array::from_fn(|_| Mutex::default()),
         }
     }
 }
 
 impl Inflight {
-    /// Lead the request for `key`, or wait for the one already leading it.
-    pub fn join(self: &Arc<Self>, key: &str) -> Turn {
-        let hash = self.hasher.hash_one(key);
+    /// Lead the request for the key of this hash, or wait for the one already leading it.
+    pub fn join(self: &Arc<Self>, hash: u64) -> Turn {
         let mut slots = self.shard(hash);
         if let Some(slot) = slots.get_mut(&hash) {
             let done = slot.done.get_or_insert_with(|| watch::channel(()).0);
@@ -72,8 +70,7 @@ impl Inflight {
     }
 
     /// Lead only if nobody is (a background revalidation never waits).
-    pub fn try_lead(self: &Arc<Self>, key: &str) -> Option<Leader> {
-        let hash = self.hasher.hash_one(key);
+    pub fn try_lead(self: &Arc<Self>, hash: u64) -> Option<Leader> {
         let mut slots = self.shard(hash);
         if slots.contains_key(&hash) {
             return None;
@@ -86,9 +83,9 @@ impl Inflight {
         })
     }
 
-    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
-        // The high bits: the map uses the low ones.
-        let i = (hash >> 60) as usize % SHARDS;
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Slot, Prehashed>> {
+        // Middle bits: the map (whose hash is the key itself) uses the low and the top ones.
+        let i = (hash >> 32) as usize % SHARDS;
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -137,21 +134,24 @@ impl Drop for Leader {
 mod tests {
     use super::*;
 
+    const K: u64 = 0x1234_5678_9abc_def0;
+    const A: u64 = 7;
+
     #[tokio::test]
     async fn one_leader_and_waiters_woken_when_it_is_done() {
         let set = Arc::new(Inflight::default());
-        let Turn::Lead(leader) = set.join("k") else {
+        let Turn::Lead(leader) = set.join(K) else {
             panic!("first is the leader")
         };
-        let Turn::Wait(rx) = set.join("k") else {
+        let Turn::Wait(rx) = set.join(K) else {
             panic!("second waits")
         };
-        assert!(set.try_lead("k").is_none());
+        assert!(set.try_lead(K).is_none());
         let waiter = tokio::spawn(wait(rx, Duration::from_secs(5)));
         drop(leader);
         assert!(waiter.await.unwrap(), "woken, not timed out");
         assert!(
-            matches!(set.join("k"), Turn::Lead(_)),
+            matches!(set.join(K), Turn::Lead(_)),
             "the key is free again"
         );
     }
@@ -159,29 +159,29 @@ mod tests {
     #[test]
     fn a_leader_alone_releases_its_slot_but_not_one_waited_for() {
         let set = Arc::new(Inflight::default());
-        let Turn::Lead(alone) = set.join("a") else {
+        let Turn::Lead(alone) = set.join(A) else {
             panic!()
         };
         assert!(alone.release_if_alone().is_ok());
-        let Turn::Lead(next) = set.join("a") else {
+        let Turn::Lead(next) = set.join(A) else {
             panic!("released: the next request leads")
         };
-        let Turn::Wait(_rx) = set.join("a") else {
+        let Turn::Wait(_rx) = set.join(A) else {
             panic!()
         };
         let next = next
             .release_if_alone()
             .expect_err("someone waits: keeps leading");
-        assert!(set.try_lead("a").is_none());
+        assert!(set.try_lead(A).is_none());
         drop(next);
-        assert!(set.try_lead("a").is_some(), "dropped: released");
+        assert!(set.try_lead(A).is_some(), "dropped: released");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_is_bounded() {
         let set = Arc::new(Inflight::default());
-        let _leader = set.join("k");
-        let Turn::Wait(rx) = set.join("k") else {
+        let _leader = set.join(K);
+        let Turn::Wait(rx) = set.join(K) else {
             panic!()
         };
         assert!(!wait(rx, Duration::from_millis(100)).await);

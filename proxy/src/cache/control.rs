@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{header, HeaderMap, Method, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 /// A `Cache-Control` field, parsed. Unknown directives are ignored (RFC 9111 5.2.3); a
 /// malformed delta-seconds makes the directive count as present with value 0, which is the
@@ -41,40 +41,63 @@ impl CacheControl {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut cc = Self::default();
         for v in headers.get_all(header::CACHE_CONTROL) {
-            let Ok(v) = v.to_str() else { continue };
-            for d in v.split(',') {
-                let (name, arg) = match d.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (d.trim(), None),
-                };
-                // Lower-cased only when it has capitals: directives are almost always sent
-                // lower-case, and the copy was an allocation per directive.
-                match name.bytes().any(|b| b.is_ascii_uppercase()) {
-                    true => cc.directive(&name.to_ascii_lowercase(), arg),
-                    false => cc.directive(name, arg),
-                }
-            }
+            cc.add(v);
         }
         cc
     }
 
-    fn directive(&mut self, name: &str, arg: Option<&str>) {
+    /// One `Cache-Control` field's directives (a field may be sent more than once).
+    ///
+    /// Split and trimmed by hand on bytes (`,`, `=`, `"` and the spaces are ASCII, so every
+    /// cut is on a character boundary): `str::split`, `trim` and `trim_matches` went through
+    /// the generic pattern searchers and Unicode whitespace, about 600 instructions for one
+    /// `max-age=600`.
+    pub fn add(&mut self, v: &HeaderValue) {
+        let Ok(v) = v.to_str() else { return };
+        let mut rest = v;
+        loop {
+            let (d, more) = match rest.bytes().position(|b| b == b',') {
+                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                None => (rest, None),
+            };
+            let (name, arg) = match d.bytes().position(|b| b == b'=') {
+                Some(i) => (ows(&d[..i]), Some(trim_byte(ows(&d[i + 1..]), b'"'))),
+                None => (ows(d), None),
+            };
+            // Compared lower-case in a buffer on the stack (no allocation): every directive
+            // known is shorter, a longer name is an unknown one.
+            let mut lower = [0u8; 24];
+            if let Some(buf) = lower.get_mut(..name.len()) {
+                buf.copy_from_slice(name.as_bytes());
+                buf.make_ascii_lowercase();
+                self.directive(buf, arg);
+            }
+            match more {
+                Some(m) => rest = m,
+                None => break,
+            }
+        }
+    }
+
+    fn directive(&mut self, name: &[u8], arg: Option<&str>) {
         let secs = || Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0));
         match name {
-            "max-age" => self.max_age = secs(),
-            "s-maxage" => self.s_maxage = secs(),
-            "no-store" => self.no_store = true,
-            "no-cache" => self.no_cache = true,
-            "private" => self.private = true,
-            "public" => self.public = true,
-            "must-revalidate" => self.must_revalidate = true,
-            "proxy-revalidate" => self.proxy_revalidate = true,
-            "only-if-cached" => self.only_if_cached = true,
+            b"max-age" => self.max_age = secs(),
+            b"s-maxage" => self.s_maxage = secs(),
+            b"no-store" => self.no_store = true,
+            b"no-cache" => self.no_cache = true,
+            b"private" => self.private = true,
+            b"public" => self.public = true,
+            b"must-revalidate" => self.must_revalidate = true,
+            b"proxy-revalidate" => self.proxy_revalidate = true,
+            b"only-if-cached" => self.only_if_cached = true,
             // Without a value, any staleness is accepted.
-            "max-stale" => self.max_stale = Some(arg.map_or(u64::MAX, |a| a.parse().unwrap_or(0))),
-            "min-fresh" => self.min_fresh = secs(),
-            "stale-while-revalidate" => self.stale_while_revalidate = secs(),
-            "stale-if-error" => self.stale_if_error = secs(),
+            b"max-stale" => {
+                self.max_stale = Some(arg.map_or(u64::MAX, |a| a.parse().unwrap_or(0)));
+            }
+            b"min-fresh" => self.min_fresh = secs(),
+            b"stale-while-revalidate" => self.stale_while_revalidate = secs(),
+            b"stale-if-error" => self.stale_if_error = secs(),
             _ => {}
         }
     }
@@ -84,6 +107,29 @@ impl CacheControl {
     pub fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.no_cache
     }
+}
+
+/// `s` without leading and trailing spaces and tabs (RFC 9110 OWS; a header value's
+/// string holds no other whitespace).
+fn ows(s: &str) -> &str {
+    let b = s.as_bytes();
+    let start = b
+        .iter()
+        .position(|c| *c != b' ' && *c != b'\t')
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| *c != b' ' && *c != b'\t')
+        .map_or(start, |i| i + 1);
+    s.get(start..end).unwrap_or_default()
+}
+
+/// `s` without any leading and trailing `c` (an ASCII byte).
+fn trim_byte(s: &str, c: u8) -> &str {
+    let b = s.as_bytes();
+    let start = b.iter().position(|x| *x != c).unwrap_or(b.len());
+    let end = b.iter().rposition(|x| *x != c).map_or(start, |i| i + 1);
+    s.get(start..end).unwrap_or_default()
 }
 
 /// Why a response is not stored.
@@ -125,19 +171,165 @@ impl Asked {
     }
 }
 
+/// What planning needs of a request's header fields, in one walk over them (a request has a
+/// handful; each lookup by name hashed it and probed the map, five per miss).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// `Range` or `Upgrade`: passed straight through.
+    pub range_or_upgrade: bool,
+    /// Some `Cache-Control` (parsed only then).
+    pub cache_control: bool,
+    pub authorization: bool,
+}
+
+impl RequestFacts {
+    pub fn of(h: &HeaderMap) -> Self {
+        let mut f = Self::default();
+        for name in h.keys() {
+            match name.as_str() {
+                "range" | "upgrade" => f.range_or_upgrade = true,
+                "cache-control" => f.cache_control = true,
+                "authorization" => f.authorization = true,
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+/// `Surrogate-Key`: space-separated tags a purge can name.
+const SURROGATE_KEY: &str = "surrogate-key";
+/// Most tags kept per entry.
+const MAX_TAGS: usize = 32;
+
+/// What the cache needs of a response's header fields, learnt in one walk over them: its
+/// `Cache-Control`, the fields storability and freshness look at, its `Vary` names and tags,
+/// and the size of the fields an entry would store. One walk with a match on each name
+/// replaced a dozen lookups in the response's map and more in the entry's copy (hashing the
+/// name and probing each time).
+#[derive(Debug, Default)]
+pub struct Facts<'a> {
+    pub cc: CacheControl,
+    /// The lower-case names of `Vary`, in order.
+    pub vary: Vec<String>,
+    /// `Surrogate-Key` tags.
+    pub tags: Vec<String>,
+    pub set_cookie: bool,
+    /// An `ETag` or a `Last-Modified`, which a revalidation can send back.
+    pub validators: bool,
+    /// The first value of each (what a map's `get` returns).
+    pub expires: Option<&'a HeaderValue>,
+    pub date: Option<&'a HeaderValue>,
+    pub age: Option<&'a HeaderValue>,
+    /// `Content-Length` (the first; `None` when it does not parse).
+    pub length: Option<u64>,
+    /// The fields an entry stores (all but [`not_stored`] ones): how many, and their values'
+    /// bytes.
+    pub kept: usize,
+    pub kept_len: usize,
+}
+
+impl<'a> Facts<'a> {
+    pub fn of(fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> Self {
+        let mut f = Self::default();
+        for (name, v) in fields {
+            // The name's string: a table lookup for a standard name, then a switch on its
+            // length and one comparison.
+            let stored = match name.as_str() {
+                "cache-control" => {
+                    f.cc.add(v);
+                    true
+                }
+                "set-cookie" => {
+                    f.set_cookie = true;
+                    true
+                }
+                "etag" | "last-modified" => {
+                    f.validators = true;
+                    true
+                }
+                "expires" => {
+                    f.expires.get_or_insert(v);
+                    true
+                }
+                "date" => {
+                    f.date.get_or_insert(v);
+                    true
+                }
+                "content-length" => {
+                    if f.length.is_none() {
+                        f.length = v.to_str().ok().and_then(|s| s.trim().parse().ok());
+                    }
+                    true
+                }
+                "vary" => {
+                    push_vary(&mut f.vary, v);
+                    true
+                }
+                SURROGATE_KEY => {
+                    push_tags(&mut f.tags, v);
+                    true
+                }
+                "age" => {
+                    f.age.get_or_insert(v);
+                    false
+                }
+                n => !not_stored(n),
+            };
+            if stored {
+                f.kept += 1;
+                f.kept_len += v.len();
+            }
+        }
+        f
+    }
+
+    /// Whether an entry stores this field (see [`not_stored`]).
+    pub fn keeps(name: &HeaderName) -> bool {
+        !not_stored(name.as_str())
+    }
+}
+
+/// Never stored: per-hop, computed per hit, or this sidecar's own. A match on the name's
+/// string is a length switch and one comparison, where comparing `HeaderName`s one by one
+/// cost about 180 instructions per header, three times per stored response.
+pub fn not_stored(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "age"
+            | "x-cache-status"
+    )
+}
+
+fn push_vary(out: &mut Vec<String>, v: &HeaderValue) {
+    let Ok(v) = v.to_str() else { return };
+    let names = v.split(',').map(|n| n.trim().to_ascii_lowercase());
+    out.extend(names.filter(|n| !n.is_empty()));
+}
+
+fn push_tags(out: &mut Vec<String>, v: &HeaderValue) {
+    let Ok(v) = v.to_str() else { return };
+    let room = MAX_TAGS.saturating_sub(out.len());
+    out.extend(v.split_ascii_whitespace().take(room).map(str::to_string));
+}
+
 /// RFC 9111 section 3 for a shared cache, a little stricter: a `Set-Cookie` response is never
 /// shared, and a response without explicit freshness is stored only when the policy gives a
 /// default TTL (no heuristic freshness from `Last-Modified`).
-/// `vary` is [`vary_names`] of the response.
 pub fn storable(
     method: &Method,
     req: Asked,
     status: StatusCode,
-    resp: &HeaderMap,
-    cc: &CacheControl,
-    vary: &[String],
+    resp: &Facts<'_>,
     has_default_ttl: bool,
 ) -> Result<(), NotStored> {
+    let cc = &resp.cc;
     if method != Method::GET {
         return Err(NotStored::Method);
     }
@@ -154,47 +346,30 @@ pub fn storable(
     if req.authorization && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
         return Err(NotStored::Authorization);
     }
-    if resp.contains_key(header::SET_COOKIE) {
+    if resp.set_cookie {
         return Err(NotStored::SetCookie);
     }
-    if vary.iter().any(|n| n == "*") {
+    if resp.vary.iter().any(|n| n == "*") {
         return Err(NotStored::VaryStar);
     }
-    let explicit =
-        cc.max_age.is_some() || cc.s_maxage.is_some() || resp.contains_key(header::EXPIRES);
-    let validated = cc.no_cache && validators(resp);
+    let explicit = cc.max_age.is_some() || cc.s_maxage.is_some() || resp.expires.is_some();
+    let validated = cc.no_cache && resp.validators;
     if !(explicit || has_default_ttl || validated) {
         return Err(NotStored::NoFreshness);
     }
     Ok(())
 }
 
-/// The response carries a validator a revalidation can send back.
-pub fn validators(resp: &HeaderMap) -> bool {
-    resp.contains_key(header::ETAG) || resp.contains_key(header::LAST_MODIFIED)
-}
-
-/// The lower-case header names of `Vary`, in order.
-pub fn vary_names(resp: &HeaderMap) -> Vec<String> {
-    resp.get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
-        .collect()
-}
-
 /// RFC 9111 4.2.1 for a shared cache: `s-maxage`, else `max-age`, else `Expires - Date`
 /// (an invalid `Expires` means already expired), else the policy's default; capped at
 /// `max_ttl`. `no-cache` makes every reuse a revalidation.
 pub fn lifetime(
-    resp: &HeaderMap,
-    cc: &CacheControl,
+    resp: &Facts<'_>,
     default_ttl: Option<Duration>,
     max_ttl: Duration,
     response_time: SystemTime,
 ) -> Duration {
+    let cc = &resp.cc;
     if cc.no_cache {
         return Duration::ZERO;
     }
@@ -203,14 +378,11 @@ pub fn lifetime(
         .or(cc.max_age)
         .map(Duration::from_secs)
         .or_else(|| {
-            let expires = resp.get(header::EXPIRES)?;
+            let expires = resp.expires?;
             let Some(expires) = http_date(expires) else {
                 return Some(Duration::ZERO);
             };
-            let date = resp
-                .get(header::DATE)
-                .and_then(http_date)
-                .unwrap_or(response_time);
+            let date = resp.date.and_then(http_date).unwrap_or(response_time);
             Some(expires.duration_since(date).unwrap_or_default())
         });
     explicit.or(default_ttl).unwrap_or_default().min(max_ttl)
@@ -219,19 +391,19 @@ pub fn lifetime(
 /// RFC 9111 4.2.3's `corrected_initial_age`: the origin's (and upstream caches') `Age`, plus
 /// the time the response took to arrive, or the apparent age from `Date` when larger.
 pub fn initial_age(
-    resp: &HeaderMap,
+    resp: &Facts<'_>,
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
     let age_value = resp
-        .get(header::AGE)
+        .age
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_secs);
     // `Date` has a resolution of one second: the fraction it truncates is not age (counted,
     // it would make every response up to a second old on arrival).
     let apparent = resp
-        .get(header::DATE)
+        .date
         .and_then(http_date)
         .and_then(|d| response_time.duration_since(d).ok())
         .unwrap_or_default()
@@ -341,58 +513,64 @@ mod tests {
         assert_eq!(cc("max-age=-1").max_age, Some(0));
         assert_eq!(cc("max-stale").max_stale, Some(u64::MAX));
         assert_eq!(cc(",,;;garbage=,").max_age, None);
+        // Spaces and tabs around names, values and quotes; repeated quotes; an unknown long
+        // directive; a name longer than any known one ignored, the rest still read.
+        let c =
+            cc(" \tS-MAXAGE = \"\"7\"\" ,\tprivate\t, x-a-very-long-unknown-directive=1, no-store");
+        assert_eq!((c.s_maxage, c.private, c.no_store), (Some(7), true, true));
+        assert_eq!(cc("max-age=+5").max_age, Some(5), "as u64's parse");
+        assert_eq!(cc("max-age=").max_age, Some(0));
+        assert_eq!(cc("max-age").max_age, Some(0));
+        assert!(cc("=5, public").public);
+        assert_eq!(cc("max-age=99999999999999999999999").max_age, Some(0));
+        let mut several = CacheControl::default();
+        several.add(&http::HeaderValue::from_static("max-age=1"));
+        several.add(&http::HeaderValue::from_static("must-revalidate"));
+        assert_eq!((several.max_age, several.must_revalidate), (Some(1), true));
+        // obs-text: the whole field is ignored, as before.
+        let mut odd = CacheControl::default();
+        odd.add(&http::HeaderValue::from_bytes(b"max-age=5, \xe9").unwrap());
+        assert_eq!(odd.max_age, None);
     }
 
     #[test]
     fn s_maxage_beats_max_age_beats_expires_capped_by_max_ttl() {
         let now = SystemTime::UNIX_EPOCH + S(1_000_000);
         let r = h(&[("cache-control", "max-age=60, s-maxage=10")]);
-        assert_eq!(
-            lifetime(&r, &CacheControl::parse(&r), None, S(3600), now),
-            S(10)
-        );
+        assert_eq!(lifetime(&Facts::of(r.iter()), None, S(3600), now), S(10));
         let r = h(&[("cache-control", "max-age=7200")]);
-        assert_eq!(
-            lifetime(&r, &CacheControl::parse(&r), None, S(3600), now),
-            S(3600)
-        );
+        assert_eq!(lifetime(&Facts::of(r.iter()), None, S(3600), now), S(3600));
         let date = httpdate::fmt_http_date(now);
         let exp = httpdate::fmt_http_date(now + S(120));
         let r = h(&[("date", &date), ("expires", &exp)]);
-        assert_eq!(
-            lifetime(&r, &CacheControl::default(), None, S(3600), now),
-            S(120)
-        );
+        assert_eq!(lifetime(&Facts::of(r.iter()), None, S(3600), now), S(120));
         let r = h(&[("expires", "0")]);
         assert_eq!(
-            lifetime(&r, &CacheControl::default(), Some(S(50)), S(3600), now),
+            lifetime(&Facts::of(r.iter()), Some(S(50)), S(3600), now),
             S(0)
         );
         assert_eq!(
-            lifetime(&h(&[]), &CacheControl::default(), Some(S(50)), S(3600), now),
+            lifetime(&Facts::default(), Some(S(50)), S(3600), now),
             S(50)
         );
         let r = h(&[("cache-control", "no-cache, max-age=60")]);
-        assert_eq!(
-            lifetime(&r, &CacheControl::parse(&r), None, S(3600), now),
-            S(0)
-        );
+        assert_eq!(lifetime(&Facts::of(r.iter()), None, S(3600), now), S(0));
     }
 
     #[test]
     fn the_origins_age_counts() {
         let t0 = SystemTime::UNIX_EPOCH + S(1_000_000);
         let r = h(&[("age", "100")]);
-        assert_eq!(initial_age(&r, t0, t0 + S(2)), S(102));
+        assert_eq!(initial_age(&Facts::of(r.iter()), t0, t0 + S(2)), S(102));
         let r = h(&[("date", &httpdate::fmt_http_date(t0 - S(30)))]);
         assert_eq!(
-            initial_age(&r, t0, t0),
+            initial_age(&Facts::of(r.iter()), t0, t0),
             S(29),
             "less Date's one-second resolution"
         );
         let r = h(&[("date", &httpdate::fmt_http_date(t0))]);
         assert_eq!(
-            initial_age(&r, t0, t0 + Duration::from_millis(999)),
+            initial_age(&Facts::of(r.iter()), t0, t0 + Duration::from_millis(999)),
             Duration::from_millis(999)
         );
     }
@@ -413,14 +591,56 @@ mod tests {
     }
 
     #[test]
+    fn one_walk_learns_what_storing_needs() {
+        let r = h(&[
+            ("cache-control", "max-age=5"),
+            ("cache-control", "Public"),
+            ("vary", "Accept-Encoding, , X-Tenant"),
+            ("surrogate-key", "a  b"),
+            ("etag", "\"v\""),
+            ("date", "Tue, 01 Dec 2026 10:00:00 GMT"),
+            ("date", "Tue, 01 Dec 2026 10:00:09 GMT"),
+            ("age", "7"),
+            ("connection", "close"),
+            ("x-cache-status", "HIT"),
+            ("content-type", "text/plain"),
+        ]);
+        let f = Facts::of(r.iter());
+        assert_eq!((f.cc.max_age, f.cc.public), (Some(5), true));
+        assert_eq!(f.vary, ["accept-encoding", "x-tenant"]);
+        assert_eq!(f.tags, ["a", "b"]);
+        assert!(f.validators && !f.set_cookie && f.expires.is_none());
+        assert_eq!(
+            f.date.unwrap(),
+            "Tue, 01 Dec 2026 10:00:00 GMT",
+            "the first, as get"
+        );
+        assert_eq!(f.age.unwrap(), "7");
+        // Age, Connection and our own status are not stored.
+        assert_eq!(f.kept, 8);
+        let len: usize = r
+            .iter()
+            .filter(|(n, _)| Facts::keeps(n))
+            .map(|(_, v)| v.len())
+            .sum();
+        assert_eq!(f.kept_len, len);
+        // At most 32 tags, however many fields carry them.
+        let many: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+        let r = h(&[
+            ("surrogate-key", &many[..20].join(" ")),
+            ("surrogate-key", &many[20..].join(" ")),
+        ]);
+        assert_eq!(Facts::of(r.iter()).tags, many[..32]);
+    }
+
+    #[test]
     fn shared_cache_storability() {
         let get = Method::GET;
         let ok = StatusCode::OK;
         let st = |req: &[(&str, &str)], resp: &[(&str, &str)]| {
             let (q, r) = (h(req), h(resp));
             let asked = Asked::of(&q, &CacheControl::parse(&q));
-            let vary = vary_names(&r);
-            storable(&get, asked, ok, &r, &CacheControl::parse(&r), &vary, false)
+            storable(&get, asked, ok, &Facts::of(r.iter()), false)
         };
         assert_eq!(st(&[], &[("cache-control", "max-age=5")]), Ok(()));
         assert_eq!(
@@ -462,9 +682,9 @@ mod tests {
             Ok(())
         );
         let r = h(&[("cache-control", "max-age=5")]);
-        let cc = CacheControl::parse(&r);
+        let r = Facts::of(r.iter());
         assert_eq!(
-            storable(&Method::POST, Asked::default(), ok, &r, &cc, &[], true),
+            storable(&Method::POST, Asked::default(), ok, &r, true),
             Err(NotStored::Method)
         );
         assert_eq!(
@@ -473,22 +693,12 @@ mod tests {
                 Asked::default(),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &r,
-                &cc,
-                &[],
                 true
             ),
             Err(NotStored::Status)
         );
         assert_eq!(
-            storable(
-                &get,
-                Asked::default(),
-                ok,
-                &h(&[]),
-                &CacheControl::default(),
-                &[],
-                true
-            ),
+            storable(&get, Asked::default(), ok, &Facts::default(), true),
             Ok(())
         );
     }

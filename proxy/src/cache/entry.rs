@@ -10,18 +10,13 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use trellis_policies::CachePolicySpec;
 
-use super::control::{self, Asked, CacheControl, NotStored};
+use super::control::{self, Asked, CacheControl, Facts, NotStored};
+use super::fields::Fields;
 use super::store::Entry;
 use crate::ResponseBody;
 
-/// `Surrogate-Key`: space-separated tags a purge can name.
-const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
-/// Most tags kept per entry.
-const MAX_TAGS: usize = 32;
-
-/// Never stored: per-hop, computed per hit, or this sidecar's own. A `static`, not a `const`:
-/// a `const` array is built and dropped again at every use (per header, per walk: a fifth of
-/// a miss's extra instructions were that).
+/// Never stored: per-hop, computed per hit, or this sidecar's own ([`control::not_stored`]
+/// by name; this list removes them from a background revalidation's request).
 static NOT_STORED: [HeaderName; 8] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
@@ -33,21 +28,8 @@ static NOT_STORED: [HeaderName; 8] = [
     super::CACHE_STATUS,
 ];
 
-/// One of [`NOT_STORED`], by name: a match on the name's string is a length switch and one
-/// comparison, where comparing `HeaderName`s one by one cost about 180 instructions per
-/// header, three times per stored response.
 fn not_stored(k: &HeaderName) -> bool {
-    matches!(
-        k.as_str(),
-        "connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "age"
-            | "x-cache-status"
-    )
+    control::not_stored(k.as_str())
 }
 
 /// A 304 does not change these (RFC 9111 3.2: the stored body's framing stays).
@@ -71,88 +53,71 @@ pub struct Fetch {
 // === impl Fetch ===
 
 impl Fetch {
-    /// `cc` is the request's `Cache-Control`, parsed once per request.
-    pub fn start<B>(req: &Request<B>, cc: &CacheControl, keep_headers: bool) -> Self {
+    /// `cc` is the request's `Cache-Control`, parsed once per request; `authorization`
+    /// whether it has an `Authorization` (known from planning).
+    pub fn start<B>(
+        req: &Request<B>,
+        cc: &CacheControl,
+        keep_headers: bool,
+        authorization: bool,
+    ) -> Self {
         Self {
             requested: SystemTime::now(),
             started: Instant::now(),
             method: req.method().clone(),
             headers: keep_headers.then(|| req.headers().clone()),
-            asked: Asked::of(req.headers(), cc),
+            asked: Asked {
+                no_store: cc.no_store,
+                authorization,
+            },
         }
     }
 
-    /// The entry for `resp` (body still empty), or why it is not stored.
+    /// The entry for `resp` (body still empty: set when it has arrived, while the `Arc` is
+    /// still the only one) and its announced length, or why it is not stored. In its `Arc`
+    /// from the start: an entry is a few hundred bytes, copied at every move on its way to
+    /// the store.
     pub fn entry<B>(
         &self,
         resp: &Response<B>,
         spec: &CachePolicySpec,
         resource: &Arc<str>,
-    ) -> Result<Entry, NotStored> {
+    ) -> Result<(Arc<Entry>, Option<u64>), NotStored> {
         let h = resp.headers();
-        let cc = CacheControl::parse(h);
-        let vary = control::vary_names(h);
+        // One walk learns what storability, freshness and the copy need.
+        let facts = Facts::of(h.iter());
         control::storable(
             &self.method,
             self.asked,
             resp.status(),
-            h,
-            &cc,
-            &vary,
+            &facts,
             spec.default_ttl.is_some(),
         )?;
-        if !vary.is_empty() && self.headers.is_none() {
+        if !facts.vary.is_empty() && self.headers.is_none() {
             return Err(NotStored::VaryUnseen);
         }
         let response_time = SystemTime::now();
-        let headers = detached(|| h.iter().filter(|(k, _)| !not_stored(k)));
-        Ok(Entry {
+        let kept = h.iter().filter(|(k, _)| Facts::keeps(k));
+        let headers = Fields::copied(kept, facts.kept, facts.kept_len);
+        let entry = Arc::new(Entry {
             status: resp.status(),
-            lifetime: control::lifetime(h, &cc, spec.default_ttl, spec.max_ttl, response_time),
-            initial_age: control::initial_age(h, self.requested, response_time),
+            lifetime: control::lifetime(&facts, spec.default_ttl, spec.max_ttl, response_time),
+            initial_age: control::initial_age(&facts, self.requested, response_time),
             stored: Instant::now(),
             fetched: self.started,
             resource: resource.clone(),
-            tags: tags(h),
-            vary: match vary.is_empty() {
+            vary: match facts.vary.is_empty() {
                 true => no_vary(),
-                false => vary.into(),
+                false => facts.vary.into(),
             },
-            cc,
+            tags: facts.tags,
+            cc: facts.cc,
             headers,
             body: Bytes::new(),
             disk: None,
-        })
+        });
+        Ok((entry, facts.length))
     }
-}
-
-/// A copy of these headers that owns its values. A parsed header value is a slice of the
-/// connection's read buffer (hyper's HTTP/1 parser and h2's HPACK decoder both slice it):
-/// stored as it is, every entry would keep a whole read buffer (8 KiB or more) alive for a
-/// few hundred bytes of headers, so a cache bounded at 64 MiB held 700 MB, and every
-/// response made the connection allocate a fresh buffer. The values are copied into one
-/// buffer per entry, which the entry's weight counts.
-pub(super) fn detached<'a, I>(headers: impl Fn() -> I) -> HeaderMap
-where
-    I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-{
-    // Walked twice (sizes, then values) rather than collected: no list allocated per entry.
-    let (mut len, mut count) = (0, 0);
-    for (_, v) in headers() {
-        len += v.len();
-        count += 1;
-    }
-    let mut buf = bytes::BytesMut::with_capacity(len);
-    let mut out = HeaderMap::with_capacity(count);
-    for (name, v) in headers() {
-        // Each value split off the one buffer (sized above: never reallocated).
-        buf.extend_from_slice(v.as_bytes());
-        let mut value =
-            HeaderValue::from_maybe_shared(buf.split().freeze()).unwrap_or_else(|_| v.clone());
-        value.set_sensitive(v.is_sensitive());
-        out.append(name.clone(), value);
-    }
-    out
 }
 
 /// The `Vary` names of a response without one: one shared empty list (an `Arc` of an empty
@@ -160,25 +125,6 @@ where
 pub fn no_vary() -> Arc<[String]> {
     static NONE: OnceLock<Arc<[String]>> = OnceLock::new();
     NONE.get_or_init(|| Arc::from([])).clone()
-}
-
-fn tags(h: &HeaderMap) -> Vec<String> {
-    h.get_all(SURROGATE_KEY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(str::split_ascii_whitespace)
-        .take(MAX_TAGS)
-        .map(str::to_string)
-        .collect()
-}
-
-pub fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 // === impl Entry ===
@@ -194,7 +140,8 @@ impl Entry {
         };
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
-        *resp.headers_mut() = self.headers.clone();
+        // Room for `Age` and the cache status: added without growing the map.
+        *resp.headers_mut() = self.headers.to_map(2);
         resp.headers_mut()
             .insert(header::AGE, HeaderValue::from(self.age(now).as_secs()));
         resp
@@ -209,25 +156,30 @@ impl Entry {
         spec: &CachePolicySpec,
     ) -> Entry {
         let replaced = |k: &HeaderName| !KEPT_ON_304.contains(k) && !not_stored(k);
-        let headers = detached(|| {
-            let kept = self
-                .headers
-                .iter()
-                .filter(|(k, _)| !(replaced(k) && not_modified.contains_key(*k)));
-            kept.chain(not_modified.iter().filter(|(k, _)| replaced(k)))
-        });
-        let cc = CacheControl::parse(&headers);
+        let kept = self
+            .headers
+            .iter()
+            .filter(|(k, _)| !(replaced(k) && not_modified.contains_key(*k)));
+        let merged = || {
+            kept.clone()
+                .chain(not_modified.iter().filter(|(k, _)| replaced(k)))
+        };
+        let len = merged().map(|(_, v)| v.len()).sum();
+        let headers = Fields::copied(merged(), merged().count(), len);
+        let facts = Facts::of(headers.iter());
         let response_time = SystemTime::now();
-        let lifetime =
-            control::lifetime(&headers, &cc, spec.default_ttl, spec.max_ttl, response_time);
+        let lifetime = control::lifetime(&facts, spec.default_ttl, spec.max_ttl, response_time);
+        let initial_age =
+            control::initial_age(&Facts::of(not_modified.iter()), requested, response_time);
+        let (cc, tags) = (facts.cc, facts.tags);
         Entry {
             status: self.status,
             lifetime,
-            initial_age: control::initial_age(not_modified, requested, response_time),
+            initial_age,
             stored: Instant::now(),
             fetched: self.fetched,
             resource: self.resource.clone(),
-            tags: tags(&headers),
+            tags,
             vary: self.vary.clone(),
             cc,
             headers,
@@ -244,11 +196,11 @@ pub fn add_validators(h: &mut HeaderMap, stored: &Entry) -> bool {
         return false;
     }
     let mut added = false;
-    if let Some(etag) = stored.headers.get(header::ETAG) {
+    if let Some(etag) = stored.headers.get(&header::ETAG) {
         h.insert(header::IF_NONE_MATCH, etag.clone());
         added = true;
     }
-    if let Some(lm) = stored.headers.get(header::LAST_MODIFIED) {
+    if let Some(lm) = stored.headers.get(&header::LAST_MODIFIED) {
         h.insert(header::IF_MODIFIED_SINCE, lm.clone());
         added = true;
     }
@@ -259,7 +211,7 @@ pub fn add_validators(h: &mut HeaderMap, stored: &Entry) -> bool {
 pub fn not_modified(h: &HeaderMap, stored: &Entry) -> bool {
     let (Some(inm), Some(etag)) = (
         h.get(header::IF_NONE_MATCH),
-        stored.headers.get(header::ETAG),
+        stored.headers.get(&header::ETAG),
     ) else {
         return false;
     };
@@ -328,7 +280,7 @@ mod tests {
         Entry {
             status: http::StatusCode::OK,
             cc: CacheControl::parse(&h),
-            headers: h,
+            headers: Fields::of(&h),
             body: Bytes::from_static(b"body"),
             lifetime: Duration::from_secs(10),
             initial_age: Duration::from_secs(3),
@@ -373,13 +325,14 @@ mod tests {
         let req = Request::get("/a").body(()).unwrap();
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
-        let e = Fetch::start(&req, &CacheControl::default(), false)
+        let (e, _) = Fetch::start(&req, &CacheControl::default(), false, false)
             .entry(&resp, &spec, &Arc::from("h\0/a"))
             .unwrap();
-        assert_eq!(e.headers.get("cache-control").unwrap(), "max-age=60");
-        assert_eq!(e.headers.get("etag").unwrap(), "\"v");
-        assert!(e.headers.get("age").is_none(), "never stored");
-        assert!(e.headers.values().all(|v| !within(v, &buf)));
+        let stored = e.headers.to_map(0);
+        assert_eq!(stored.get("cache-control").unwrap(), "max-age=60");
+        assert_eq!(stored.get("etag").unwrap(), "\"v");
+        assert!(stored.get("age").is_none(), "never stored");
+        assert!(stored.values().all(|v| !within(v, &buf)));
 
         // A 304's values are sliced from its own buffer too.
         let buf304 = Bytes::from(vec![b'y'; 8192]);
@@ -388,9 +341,10 @@ mod tests {
             SystemTime::now(),
             &spec,
         );
-        assert_eq!(refreshed.headers.get("x-new").unwrap(), "yyyy");
-        assert_eq!(refreshed.headers.get("etag").unwrap(), "\"v");
-        assert!(refreshed.headers.values().all(|v| !within(v, &buf304)));
+        let stored = refreshed.headers.to_map(0);
+        assert_eq!(stored.get("x-new").unwrap(), "yyyy");
+        assert_eq!(stored.get("etag").unwrap(), "\"v");
+        assert!(stored.values().all(|v| !within(v, &buf304)));
     }
 
     #[test]
@@ -427,9 +381,10 @@ mod tests {
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "a"})).unwrap();
         let r = e.refreshed(&nm, SystemTime::now(), &spec);
-        assert_eq!(r.headers["x-version"], "2");
-        assert_eq!(r.headers["content-length"], "4");
-        assert_eq!(r.headers["etag"], "\"v1\"");
+        let h = r.headers.to_map(0);
+        assert_eq!(h["x-version"], "2");
+        assert_eq!(h["content-length"], "4");
+        assert_eq!(h["etag"], "\"v1\"");
         assert_eq!(r.lifetime, Duration::from_secs(60));
         assert_eq!(r.body, "body");
     }
@@ -470,12 +425,5 @@ mod tests {
         );
         assert_eq!(same_origin(r, Some(&v("http://evil.example/x"))), None);
         assert_eq!(same_origin(r, None), None);
-    }
-
-    #[test]
-    fn surrogate_keys_become_tags() {
-        let mut h = HeaderMap::new();
-        h.insert("surrogate-key", "product-7  catalog".parse().unwrap());
-        assert_eq!(tags(&h), ["product-7", "catalog"]);
     }
 }

@@ -17,6 +17,7 @@ mod coalesce;
 pub mod control;
 mod disk;
 mod entry;
+mod fields;
 mod key;
 mod metrics;
 mod revalidate;
@@ -125,7 +126,14 @@ pub struct Plan {
     shared: Arc<Shared>,
     resource: Arc<str>,
     primary: String,
+    /// The primary key's hash ([`Store::hash`]): computed once, used by the lookup, the
+    /// coalescing slot and the insert.
+    hash: u64,
     kind: Kind,
+    /// The request has an `Authorization` (RFC 9111 3.5).
+    authorization: bool,
+    /// The request has a `Cache-Control` (parsed only then).
+    cache_control: bool,
     /// The key's uses counted by this miss's admission sketch (`u32::MAX`: not counted, no
     /// `min_uses`).
     uses: u32,
@@ -302,8 +310,10 @@ impl ResponseCache {
         let consumer = consumer.filter(|_| !spec.public);
         let (primary, len) = key::keys(req, &spec.key, consumer);
         let resource: Arc<str> = Arc::from(&primary[..len]);
+        let hash = policy.store.hash(&primary);
+        let facts = control::RequestFacts::of(req.headers());
         let kind = match kind {
-            Kind::Lookup if bypass(req.headers()) => Kind::Bypass,
+            Kind::Lookup if bypass(req.headers(), facts) => Kind::Bypass,
             k => k,
         };
         Some(Plan {
@@ -311,7 +321,10 @@ impl ResponseCache {
             shared: self.shared.clone(),
             resource,
             primary,
+            hash,
             kind,
+            authorization: facts.authorization,
+            cache_control: facts.cache_control,
             uses: u32::MAX,
             background,
         })
@@ -359,11 +372,9 @@ impl ResponseCache {
     }
 }
 
-/// Requests the cache passes straight through: ranges (not cached) and `no-store`.
-fn bypass(h: &HeaderMap) -> bool {
-    h.contains_key(header::RANGE)
-        || h.contains_key(header::UPGRADE)
-        || (h.contains_key(header::CACHE_CONTROL) && CacheControl::parse(h).no_store)
+/// Requests the cache passes straight through: ranges (not cached), upgrades and `no-store`.
+fn bypass(h: &HeaderMap, facts: control::RequestFacts) -> bool {
+    facts.range_or_upgrade || (facts.cache_control && CacheControl::parse(h).no_store)
 }
 
 // === impl Compiled ===
@@ -416,7 +427,10 @@ impl Plan {
 
     async fn lookup<B>(mut self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
         let now = Instant::now();
-        let req_cc = CacheControl::parse(req.headers());
+        let req_cc = match self.cache_control {
+            true => CacheControl::parse(req.headers()),
+            false => CacheControl::default(),
+        };
         if let Some(entry) = self.find_any(req.headers()).await {
             let age = entry.age(now);
             return match control::usable(age, entry.lifetime, &entry.cc, &req_cc) {
@@ -445,8 +459,9 @@ impl Plan {
             Err(leader) => leader,
         };
         let fetch = self.fetch(&req, &req_cc);
-        let resp = upstream(req).await?;
-        Ok(self.store(fetch, resp, leader, MISS))
+        let mut resp = upstream(req).await?;
+        self.store(fetch, &mut resp, leader, MISS);
+        Ok(resp)
     }
 
     /// A stored response for this request that it may use, from memory or else from the
@@ -457,18 +472,22 @@ impl Plan {
         }
         let disk = self.policy.store.disk()?;
         let entry = disk.lookup(&self.primary, headers).await?;
-        self.admit(entry, headers)
+        self.admit(entry)
     }
 
     /// A stored response in memory for this request that it may use.
     fn find(&self, headers: &HeaderMap) -> Option<Arc<Entry>> {
-        let entry = self.policy.store.lookup(&self.primary, headers)?;
-        self.admit(entry, headers)
+        let key = store::KeyRef {
+            hash: self.hash,
+            text: &self.primary,
+        };
+        let entry = self.policy.store.find(key, headers)?;
+        self.admit(entry)
     }
 
     /// `entry` unless it was invalidated or purged since, or is an unshareable one for an
     /// authorized request.
-    fn admit(&self, entry: Arc<Entry>, headers: &HeaderMap) -> Option<Arc<Entry>> {
+    fn admit(&self, entry: Arc<Entry>) -> Option<Arc<Entry>> {
         let policy = &self.policy;
         if policy.any_invalidated.load(Ordering::Acquire)
             && policy
@@ -480,7 +499,7 @@ impl Plan {
         }
         // RFC 9111 3.5: only these let a shared cache answer an authorized request.
         let shareable = entry.cc.public || entry.cc.s_maxage.is_some() || entry.cc.must_revalidate;
-        if headers.contains_key(header::AUTHORIZATION) && !shareable {
+        if self.authorization && !shareable {
             return None;
         }
         Some(entry)
@@ -496,7 +515,7 @@ impl Plan {
         if req.method() != Method::GET {
             return Err(None);
         }
-        let rx = match self.policy.inflight.join(&self.primary) {
+        let rx = match self.policy.inflight.join(self.hash) {
             Turn::Lead(l) => return Err(Some(l)),
             Turn::Wait(rx) => rx,
         };
@@ -517,50 +536,45 @@ impl Plan {
     /// The request's side of a fetch (its headers copied only if the store needs them).
     fn fetch<B>(&self, req: &Request<B>, req_cc: &CacheControl) -> entry::Fetch {
         let keep = self.policy.store.keeps_request_headers();
-        entry::Fetch::start(req, req_cc, keep)
+        entry::Fetch::start(req, req_cc, keep, self.authorization)
     }
 
-    /// Attach the store to a response from upstream when it may be stored, and mark it.
+    /// Attach the store to a response from upstream when it may be stored, and mark it (in
+    /// place: a response is several hundred bytes, each move a copy).
     fn store(
         mut self,
         fetch: entry::Fetch,
-        resp: Response<ResponseBody>,
+        resp: &mut Response<ResponseBody>,
         mut leader: Option<Leader>,
         status: &'static str,
-    ) -> Response<ResponseBody> {
+    ) {
         let spec = &self.policy.spec;
         let mut status = status;
         // Admission first: a response it refuses is not even built into an entry.
         let built = match self.admitted(&mut leader) {
-            true => fetch.entry(&resp, spec, &self.resource),
+            true => fetch.entry(resp, spec, &self.resource),
             false => Err(control::NotStored::TooFewUses),
         };
-        let mut resp = match built {
+        match built {
             Err(why) => {
                 if why == control::NotStored::VaryUnseen {
                     // From now on misses keep what a variant key needs.
                     self.policy.store.keep_request_headers();
                 }
                 tracing::trace!(?why, "response not stored");
-                resp
             }
-            Ok(e) => {
-                let expected = entry::content_length(resp.headers());
+            Ok((e, expected)) => {
                 let tee = match expected.filter(|n| *n > spec.max_object_bytes) {
                     Some(n) => self.disk_tee(&fetch, e, leader, n),
                     None => Some(self.memory_tee(fetch, e, leader, expected)),
                 };
                 match tee {
-                    Some(tee) => teed(resp, tee),
-                    None => {
-                        status = BYPASS;
-                        resp
-                    }
+                    Some(tee) => tee_into(resp, tee),
+                    None => status = BYPASS,
                 }
             }
-        };
-        self.mark(&mut resp, status);
-        resp
+        }
+        self.mark(resp, status);
     }
 
     /// Whether this miss may store its response under the policy's `min_uses`: its key was
@@ -585,7 +599,7 @@ impl Plan {
     fn memory_tee(
         &mut self,
         fetch: entry::Fetch,
-        e: Entry,
+        e: Arc<Entry>,
         leader: Option<Leader>,
         expected: Option<u64>,
     ) -> Box<Tee> {
@@ -594,6 +608,7 @@ impl Plan {
             store: self.policy.store.clone(),
             // The plan ends with this response: its key moves to the entry.
             primary: std::mem::take(&mut self.primary),
+            hash: self.hash,
             req_headers: fetch.headers,
             entry: e,
             purged: self.shared.purge_check(fetch.started),
@@ -612,7 +627,7 @@ impl Plan {
     fn disk_tee(
         &self,
         fetch: &entry::Fetch,
-        e: Entry,
+        e: Arc<Entry>,
         leader: Option<Leader>,
         len: u64,
     ) -> Option<Box<Tee>> {
@@ -646,16 +661,21 @@ impl Plan {
                 if self.shared.purge_check(fetch.started).selects(&fresh) {
                     return Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()));
                 }
-                let fresh = self
-                    .policy
-                    .store
-                    .insert(&*self.primary, fetch.headers.as_ref(), fresh);
+                let fresh = self.policy.store.insert_hashed(
+                    self.primary.clone(),
+                    self.hash,
+                    fetch.headers.as_ref(),
+                    Arc::new(fresh),
+                );
                 Ok(self.hit_parts(&fresh, head, REVALIDATED, Instant::now()))
             }
             Ok(resp) if resp.status().is_server_error() && may_stale => {
                 Ok(self.hit_parts(&stored, head, STALE, Instant::now()))
             }
-            Ok(resp) => Ok(self.store(fetch, resp, None, EXPIRED)),
+            Ok(mut resp) => {
+                self.store(fetch, &mut resp, None, EXPIRED);
+                Ok(resp)
+            }
             Err(_) if may_stale => Ok(self.hit_parts(&stored, head, STALE, Instant::now())),
             Err(e) if stored.cc.must_revalidate || stored.cc.proxy_revalidate => {
                 self.shared.metrics.count(EXPIRED);
@@ -682,7 +702,7 @@ impl Plan {
         else {
             return false;
         };
-        let Some(leader) = self.policy.inflight.try_lead(&self.primary) else {
+        let Some(leader) = self.policy.inflight.try_lead(self.hash) else {
             // Already being fetched or revalidated: the stale entry answers meanwhile.
             return true;
         };
@@ -691,6 +711,7 @@ impl Plan {
             stored: stored.clone(),
             store: self.policy.store.clone(),
             primary: self.primary.clone(),
+            hash: self.hash,
             spec: self.policy.spec.clone(),
             resource: self.resource.clone(),
             leader,
@@ -756,17 +777,17 @@ impl Plan {
     }
 }
 
-/// `resp` with its body copied into `tee` as it streams.
-fn teed(resp: Response<ResponseBody>, tee: Box<Tee>) -> Response<ResponseBody> {
+/// Copy `resp`'s body into `tee` as it streams (a local body is not stored: the tee is
+/// dropped).
+fn tee_into(resp: &mut Response<ResponseBody>, tee: Box<Tee>) {
     // An empty body is never polled: it is complete now.
     if http_body::Body::is_end_stream(resp.body()) {
         tee.finish();
-        return resp;
+        return;
     }
-    resp.map(|b| match b {
-        http_body_util::Either::Left(s) => http_body_util::Either::Left(s.teed(tee)),
-        local => local,
-    })
+    if let http_body_util::Either::Left(s) = resp.body_mut() {
+        s.set_tee(tee);
+    }
 }
 
 // === impl Shared ===

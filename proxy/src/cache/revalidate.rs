@@ -51,6 +51,8 @@ pub(super) struct Job {
     pub stored: Arc<Entry>,
     pub store: Arc<Store>,
     pub primary: String,
+    /// Its hash ([`super::store::Store::hash`]).
+    pub hash: u64,
     pub spec: CachePolicySpec,
     pub resource: Arc<str>,
     pub leader: Leader,
@@ -77,23 +79,30 @@ impl Job {
         };
         // The headers kept whatever the store has seen: a background revalidation is rare.
         let cc = super::control::CacheControl::parse(self.request.headers());
-        let fetch = super::entry::Fetch::start(&self.request, &cc, true);
+        let authorization = self
+            .request
+            .headers()
+            .contains_key(http::header::AUTHORIZATION);
+        let fetch = super::entry::Fetch::start(&self.request, &cc, true, authorization);
         let resp = send(self.request).await.map_err(fail)?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             let fresh = self
                 .stored
                 .refreshed(resp.headers(), fetch.requested, &self.spec);
             if !self.purged.selects(&fresh) {
-                self.store
-                    .insert(self.primary, fetch.headers.as_ref(), fresh);
+                self.store.insert_hashed(
+                    self.primary,
+                    self.hash,
+                    fetch.headers.as_ref(),
+                    Arc::new(fresh),
+                );
             }
             return Ok(());
         }
-        let Ok(entry) = fetch.entry(&resp, &self.spec, &self.resource) else {
+        let Ok((entry, expected)) = fetch.entry(&resp, &self.spec, &self.resource) else {
             // Not storable now: the stale entry ends with its windows.
             return Ok(());
         };
-        let expected = super::entry::content_length(resp.headers());
         let tee = match expected.filter(|n| *n > self.spec.max_object_bytes) {
             // Too large for memory: written to the disk tier as it arrives, if there is one.
             Some(n) => {
@@ -121,6 +130,7 @@ impl Job {
                 let pending = Pending {
                     store: self.store,
                     primary: self.primary,
+                    hash: self.hash,
                     req_headers: fetch.headers,
                     entry,
                     purged: self.purged,

@@ -10,7 +10,7 @@
 //! deadline, checked at lookup (an expired entry found is removed); the rest are evicted by the
 //! byte bound like any other.
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,10 +20,11 @@ use http::{HeaderMap, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use quick_cache::sync::Cache;
-use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
+use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, OptionsBuilder, Weighter};
 
 use super::control::CacheControl;
 use super::disk::DiskTier;
+use super::fields::Fields;
 use super::metrics::CacheMetrics;
 
 /// Bytes an entry costs besides its key, headers and body (see [`Entry::weight`]).
@@ -39,8 +40,8 @@ const TYPICAL_WEIGHT: u64 = 2048;
 pub struct Entry {
     pub status: StatusCode,
     /// The response's end-to-end headers, as the origin sent them (without `Age`, which is
-    /// computed for each hit).
-    pub headers: HeaderMap,
+    /// computed for each hit), their values in one buffer.
+    pub headers: Fields,
     pub body: Bytes,
     pub cc: CacheControl,
     pub lifetime: Duration,
@@ -75,7 +76,7 @@ pub struct Store {
     /// The policy's disk tier, if it has one: evicted entries go there, and lookups that
     /// miss here look there.
     disk: Option<Arc<DiskTier>>,
-    entries: Cache<String, Slot, ByWeight, DefaultHashBuilder, Accounting>,
+    entries: Cache<Key, Slot, ByWeight, Prehashed, Accounting>,
     /// The `Vary` names last seen for each primary key: which variant key a request looks up.
     vary: Cache<String, Arc<[String]>>,
     /// Some response stored here had a `Vary`: until one has, lookups skip `vary` (one
@@ -85,6 +86,7 @@ pub struct Store {
     /// copy of their request's headers, which a variant key is made of. Until then they do
     /// not (most services never send `Vary`, and the copy was a large share of a miss).
     keep_headers: AtomicBool,
+    /// Hashes the keys (seeded per store): [`Store::hash`].
     hasher: DefaultHashBuilder,
     bytes: Gauge,
     evictions: Counter,
@@ -110,8 +112,79 @@ struct ByWeight;
 /// Counts what leaves the store by eviction (the bytes gauge for every departure, the
 /// evictions counter only for entries pushed out by the bound, not for replaced ones).
 #[derive(Clone)]
-struct Accounting {
-    hasher: DefaultHashBuilder,
+struct Accounting;
+
+/// A key of the store with its hash, computed once per request ([`Store::hash`]): the
+/// lookup, the coalescing slot, the insert and the eviction hook all use it (hashing the key
+/// took about 160 instructions each time, four times per stored miss). The store's hasher
+/// ([`Prehashed`]) takes the hash as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Key {
+    hash: u64,
+    text: String,
+}
+
+/// A key borrowed with its hash (lookups, removals).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRef<'a> {
+    pub hash: u64,
+    pub text: &'a str,
+}
+
+/// The hasher of maps whose keys are hashes already (or carry theirs): [`Key`], [`KeyRef`]
+/// and the coalescing slots' `u64`s write one `u64`, which is the hash.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Prehashed;
+
+#[derive(Default)]
+pub struct PrehashedHasher(u64);
+
+// === impl Key ===
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.hash == key.hash && self.text == key.text
+    }
+}
+
+// === impl Prehashed ===
+
+impl BuildHasher for Prehashed {
+    type Hasher = PrehashedHasher;
+
+    fn build_hasher(&self) -> PrehashedHasher {
+        PrehashedHasher(0)
+    }
+}
+
+impl Hasher for PrehashedHasher {
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    /// Not used by the keys above; anything else hashed here is folded in (FNV-1a), so that
+    /// a mistake would cost speed, never correctness.
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// One insert's departures.
@@ -144,7 +217,9 @@ impl Entry {
             .stale_while_revalidate
             .max(self.cc.stale_if_error)
             .unwrap_or(0);
-        let revalidate = if super::control::validators(&self.headers) {
+        let validators = self.headers.contains_key(&http::header::ETAG)
+            || self.headers.contains_key(&http::header::LAST_MODIFIED);
+        let revalidate = if validators {
             self.lifetime.max(Duration::from_secs(60))
         } else {
             Duration::ZERO
@@ -160,11 +235,7 @@ impl Entry {
     /// responses (5 headers, 3-byte bodies) used 2.05 KiB of RSS per entry; counting 256
     /// bytes of fixed cost made a 64 MiB cache take 200 MB.
     fn weight(&self, key: &str) -> u32 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + HEADER_OVERHEAD)
-            .sum();
+        let headers = self.headers.bytes() + self.headers.len() * HEADER_OVERHEAD;
         let total = key.len() + headers + self.body.len() + self.resource.len() + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
@@ -187,23 +258,23 @@ pub(super) fn selects(resource: &str, tags: &[String], s: &Selector) -> bool {
 
 // === impl Slot ===
 
-impl Weighter<String, Slot> for ByWeight {
-    fn weight(&self, _: &String, s: &Slot) -> u64 {
+impl Weighter<Key, Slot> for ByWeight {
+    fn weight(&self, _: &Key, s: &Slot) -> u64 {
         u64::from(s.weight)
     }
 }
 
 // === impl Accounting ===
 
-impl Lifecycle<String, Slot> for Accounting {
+impl Lifecycle<Key, Slot> for Accounting {
     type RequestState = Departed;
 
-    fn on_evict(&self, d: &mut Departed, key: String, s: Slot) {
+    fn on_evict(&self, d: &mut Departed, key: Key, s: Slot) {
         d.freed += i64::from(s.weight);
-        if self.hasher.hash_one(&key) != d.inserting {
+        if key.hash != d.inserting {
             d.evicted += 1;
             if let Some(demoted) = &mut d.demoted {
-                demoted.push((key, s.clone()));
+                demoted.push((key.text, s.clone()));
             }
         }
         if d.dropped.is_none() {
@@ -222,10 +293,8 @@ impl Store {
         let entries = Cache::with_options(
             options(max_bytes, shards(max_bytes, max_object_bytes)),
             ByWeight,
-            hasher.clone(),
-            Accounting {
-                hasher: hasher.clone(),
-            },
+            Prehashed,
+            Accounting,
         );
         // A few names per primary key; bounded by count, far below the entries' bytes.
         let vary = Cache::new(
@@ -265,11 +334,35 @@ impl Store {
         self.keep_headers.store(true, Ordering::Relaxed);
     }
 
+    /// The hash of a key of this store, computed once per request and carried with it.
+    pub fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// [`Store::find`] by the key's text (tests).
+    #[cfg(test)]
+    pub fn lookup(&self, primary: &str, headers: &HeaderMap) -> Option<Arc<Entry>> {
+        let hash = self.hash(primary);
+        self.find(
+            KeyRef {
+                hash,
+                text: primary,
+            },
+            headers,
+        )
+    }
+
     /// The entry a request with these headers may use under `primary`: the variant its
     /// `Vary` selects (without one, the primary key itself: no key is built).
-    pub fn lookup(&self, primary: &str, headers: &HeaderMap) -> Option<Arc<Entry>> {
-        match self.vary_names(primary) {
-            Some(names) => self.get(&super::key::variant(primary, headers, &names)),
+    pub fn find(&self, primary: KeyRef<'_>, headers: &HeaderMap) -> Option<Arc<Entry>> {
+        match self.vary_names(primary.text) {
+            Some(names) => {
+                let text = super::key::variant(primary.text, headers, &names);
+                self.get(KeyRef {
+                    hash: self.hash(&text),
+                    text: &text,
+                })
+            }
             None => self.get(primary),
         }
     }
@@ -283,14 +376,14 @@ impl Store {
     }
 
     /// The entry stored under this variant key, unless it has outlived its keep (removed).
-    pub fn get(&self, variant: &str) -> Option<Arc<Entry>> {
-        let slot = self.entries.get(variant)?;
+    fn get(&self, variant: KeyRef<'_>) -> Option<Arc<Entry>> {
+        let slot = self.entries.get(&variant)?;
         if slot.until > Instant::now() {
             return Some(slot.entry);
         }
         let removed = self
             .entries
-            .remove_if(variant, |s| Arc::ptr_eq(&s.entry, &slot.entry));
+            .remove_if(&variant, |s| Arc::ptr_eq(&s.entry, &slot.entry));
         if let Some((_, s)) = removed {
             self.bytes.dec_by(i64::from(s.weight));
         }
@@ -300,16 +393,29 @@ impl Store {
     /// Store a complete entry under `primary`, keyed by the variant its `Vary` selects among
     /// `req_headers` (without them, an entry with `Vary` is not stored). An entry whose body is
     /// on disk (refreshed by a 304) is rewritten there instead. `primary` becomes the key of
-    /// an entry without `Vary`, not copied.
+    /// an entry without `Vary`, not copied. (Tests: the request path has the key's hash.)
+    #[cfg(test)]
     pub fn insert<'h>(
         &self,
         primary: impl Into<String>,
         req_headers: impl Into<Option<&'h HeaderMap>>,
         entry: Entry,
     ) -> Arc<Entry> {
-        let (primary, req_headers) = (primary.into(), req_headers.into());
+        let primary = primary.into();
+        let hash = self.hash(&primary);
+        self.insert_hashed(primary, hash, req_headers.into(), Arc::new(entry))
+    }
+
+    /// [`Store::insert`] with the primary key's hash, computed by [`Store::hash`] when the
+    /// request was planned.
+    pub fn insert_hashed(
+        &self,
+        primary: String,
+        hash: u64,
+        req_headers: Option<&HeaderMap>,
+        entry: Arc<Entry>,
+    ) -> Arc<Entry> {
         if let (Some(disk), Some(_)) = (&self.disk, &entry.disk) {
-            let entry = Arc::new(entry);
             if let Some(key) = super::key::variant_of(&primary, req_headers, &entry.vary) {
                 disk.refresh(key, primary.len(), entry.clone());
             }
@@ -322,36 +428,42 @@ impl Store {
                 {
                     self.vary.insert(primary.clone(), entry.vary.clone());
                 }
-                primary
+                Key {
+                    hash,
+                    text: primary,
+                }
             }
             Some(h) => {
                 self.any_vary.store(true, Ordering::Relaxed);
                 self.keep_request_headers();
-                let key = super::key::variant(&primary, h, &entry.vary);
+                let text = super::key::variant(&primary, h, &entry.vary);
                 self.vary.insert(primary, entry.vary.clone());
-                key
+                Key {
+                    hash: self.hash(&text),
+                    text,
+                }
             }
             None => {
                 // Its variant key cannot be built (the miss did not keep its headers).
                 self.keep_request_headers();
-                return Arc::new(entry);
+                return entry;
             }
         };
         let slot = Slot {
-            weight: entry.weight(&key),
+            weight: entry.weight(&key.text),
             primary_len,
             until: entry.stored + entry.keep(),
-            entry: Arc::new(entry),
+            entry,
         };
         let entry = slot.entry.clone();
         let mut departed = Departed {
-            inserting: self.hasher.hash_one(&key),
+            inserting: key.hash,
             demoted: self.disk.as_ref().map(|_| Vec::new()),
             ..Departed::default()
         };
         if let Some(disk) = &self.disk {
             // An older copy on disk must not answer once this one is evicted unwritten.
-            disk.forget(&key);
+            disk.forget(&key.text);
         }
         self.bytes.inc_by(i64::from(slot.weight));
         self.entries.insert_with_lifecycle(key, slot, &mut departed);
@@ -420,7 +532,7 @@ pub(super) mod tests {
     pub(in crate::cache) fn entry(i: usize, size: usize) -> Entry {
         Entry {
             status: StatusCode::OK,
-            headers: HeaderMap::new(),
+            headers: Fields::default(),
             body: Bytes::from(vec![(i % 251) as u8; size]),
             cc: CacheControl::default(),
             lifetime: Duration::from_secs(600),

@@ -34,10 +34,13 @@ pub struct Tee {
 pub(super) struct Pending {
     pub store: Arc<Store>,
     pub primary: String,
+    /// Its hash ([`Store::hash`]).
+    pub hash: u64,
     /// Kept only when the store has seen a `Vary` (see `Fetch::headers`).
     pub req_headers: Option<HeaderMap>,
-    /// Headers, freshness and times: everything but the body.
-    pub entry: Entry,
+    /// Headers, freshness and times: everything but the body (set in place when it has
+    /// arrived: nothing else holds this `Arc` until it is stored).
+    pub entry: Arc<Entry>,
     /// Purged since the request started: do not store (the purge must win).
     pub purged: super::PurgeCheck,
     /// When the request was sent (the disk tier's purge check).
@@ -134,11 +137,16 @@ impl Tee {
             return;
         }
         let mut entry = p.entry;
-        entry.body = std::mem::take(&mut self.buf).freeze();
+        let Some(e) = Arc::get_mut(&mut entry) else {
+            // Never shared before it is stored; if it were, it is not stored.
+            return;
+        };
+        e.body = std::mem::take(&mut self.buf).freeze();
         if p.purged.selects(&entry) {
             return;
         }
-        p.store.insert(p.primary, p.req_headers.as_ref(), entry);
+        p.store
+            .insert_hashed(p.primary, p.hash, p.req_headers.as_ref(), entry);
     }
 }
 
@@ -152,10 +160,11 @@ mod tests {
         Pending {
             store: store.clone(),
             primary: "p".into(),
+            hash: store.hash("p"),
             req_headers: None,
-            entry: Entry {
+            entry: Arc::new(Entry {
                 status: http::StatusCode::OK,
-                headers: HeaderMap::new(),
+                headers: Default::default(),
                 body: Bytes::new(),
                 cc: Default::default(),
                 lifetime: Duration::from_secs(60),
@@ -166,7 +175,7 @@ mod tests {
                 tags: vec![],
                 vary: Arc::from([]),
                 disk: None,
-            },
+            }),
             purged: super::super::PurgeCheck::never(),
             started: Instant::now(),
             _leader: None,

@@ -124,9 +124,9 @@ impl Streamed {
     }
 
     /// Store the body in the response cache as it streams; stored only if it ends cleanly.
-    pub fn teed(mut self, tee: Box<crate::cache::Tee>) -> Self {
+    /// In place: a response (with this body) is several hundred bytes, each move a copy.
+    pub fn set_tee(&mut self, tee: Box<crate::cache::Tee>) {
         self.tee = Some(tee);
-        self
     }
 
     /// Give `checkin`'s connection back to its pool when the body has been read to the end.

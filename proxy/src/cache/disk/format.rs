@@ -68,7 +68,7 @@ pub fn encode_head(key: &str, e: &Entry) -> Vec<u8> {
     put_str(&mut out, &e.resource);
     out.extend_from_slice(&e.status.as_u16().to_le_bytes());
     put_len(&mut out, e.headers.len());
-    for (k, v) in &e.headers {
+    for (k, v) in e.headers.iter() {
         put_str(&mut out, k.as_str());
         put_bytes(&mut out, v.as_bytes());
     }
@@ -353,7 +353,7 @@ mod tests {
         Entry {
             status: StatusCode::NOT_FOUND,
             cc: Default::default(),
-            headers: h,
+            headers: crate::cache::fields::Fields::of(&h),
             body: Bytes::new(),
             lifetime: Duration::from_millis(60_500),
             initial_age: Duration::from_secs(3),

@@ -1,0 +1,146 @@
+//! A stored response's header fields: the values copied into one buffer the entry owns, the
+//! names and value handles in one list, in the order the origin sent them. Not a `HeaderMap`:
+//! building one per stored miss (its hash index and entry table, every name hashed and
+//! placed) and the lookups done on it afterwards cost about 2,100 instructions per stored
+//! miss more than this list (docs/caching.md#benchmark), while an entry only ever reads a few
+//! of its fields (by a linear scan of a handful) and hands all of them to a hit, which builds
+//! its response's map from this list ([`Fields::to_map`]).
+//!
+//! The names are `HeaderName`s rather than bytes in the buffer: a standard name is a tag and a
+//! custom one shares its bytes, so a hit clones them for the cost of a copy or a reference
+//! count, where parsing names again from bytes would cost every hit a lookup (and an
+//! allocation per custom name).
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The stored header fields of one response (see the module's doc).
+#[derive(Clone, Debug, Default)]
+pub struct Fields {
+    list: Box<[(HeaderName, HeaderValue)]>,
+    /// The names' and values' bytes, for the entry's weight.
+    bytes: usize,
+}
+
+// === impl Fields ===
+
+impl Fields {
+    /// A copy of these fields that owns its values, `count` of them with `len` bytes of values
+    /// (known from the walk that checked the response: the buffer is sized once).
+    ///
+    /// A parsed header value is a slice of the connection's read buffer (hyper's HTTP/1 parser
+    /// and h2's HPACK decoder both slice it): stored as it is, every entry would keep a whole
+    /// read buffer (8 KiB or more) alive for a few hundred bytes of headers, so a cache bounded
+    /// at 64 MiB held 700 MB, and every response made the connection allocate a fresh buffer.
+    pub fn copied<'a>(
+        fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+        count: usize,
+        len: usize,
+    ) -> Self {
+        let mut buf = BytesMut::with_capacity(len);
+        let mut list = Vec::with_capacity(count);
+        let mut bytes = 0;
+        for (name, v) in fields {
+            // Each value split off the one buffer (sized: not reallocated unless the walk
+            // was wrong, which only costs a second buffer).
+            buf.extend_from_slice(v.as_bytes());
+            let mut value =
+                HeaderValue::from_maybe_shared(buf.split().freeze()).unwrap_or_else(|_| v.clone());
+            value.set_sensitive(v.is_sensitive());
+            bytes += name.as_str().len() + v.len();
+            list.push((name.clone(), value));
+        }
+        Self {
+            list: list.into_boxed_slice(),
+            bytes,
+        }
+    }
+
+    /// [`Fields::copied`] of a whole header map (tests, entries read from disk).
+    pub fn of(h: &HeaderMap) -> Self {
+        let len = h.iter().map(|(_, v)| v.len()).sum();
+        Self::copied(h.iter(), h.len(), len)
+    }
+
+    /// The response's header map for a hit, with room for `extra` more fields (`Age`, the
+    /// cache status) so that adding them does not grow it.
+    pub fn to_map(&self, extra: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.list.len() + extra);
+        for (name, value) in self.iter() {
+            map.append(name.clone(), value.clone());
+        }
+        map
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> + Clone {
+        self.list.iter().map(|(n, v)| (n, v))
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.list.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, name: &HeaderName) -> bool {
+        self.list.iter().any(|(n, _)| n == name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// The bytes of the names and values.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn fields_keep_their_order_duplicates_and_sensitivity() {
+        let mut h = HeaderMap::new();
+        h.append("x-two", HeaderValue::from_static("a"));
+        h.append("content-type", HeaderValue::from_static("text/plain"));
+        h.append("x-two", HeaderValue::from_static("b"));
+        let mut secret = HeaderValue::from_static("s");
+        secret.set_sensitive(true);
+        h.append("x-secret", secret);
+        let f = Fields::of(&h);
+        assert_eq!(f.len(), 4);
+        let two = HeaderName::from_static("x-two");
+        let all: Vec<_> = f
+            .iter()
+            .filter(|(n, _)| **n == two)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(all, ["a", "b"]);
+        assert_eq!(f.get(&http::header::CONTENT_TYPE).unwrap(), "text/plain");
+        assert!(!f.contains_key(&http::header::ETAG));
+        assert_eq!(f.bytes(), 5 + 1 + 12 + 10 + 5 + 1 + 8 + 1);
+        let map = f.to_map(2);
+        assert_eq!(map.len(), 4);
+        assert!(map.capacity() >= 6, "room for Age and the status");
+        assert_eq!(map.get_all("x-two").iter().count(), 2);
+        assert!(map["x-secret"].is_sensitive());
+    }
+
+    #[test]
+    fn values_do_not_keep_the_source_buffer_alive() {
+        let buf = Bytes::from(vec![b'x'; 8192]);
+        let mut h = HeaderMap::new();
+        h.append(
+            "etag",
+            HeaderValue::from_maybe_shared(buf.slice(0..4)).unwrap(),
+        );
+        // A wrong size from the walk only costs a larger copy.
+        let f = Fields::copied(h.iter(), 0, 1);
+        let range = buf.as_ptr_range();
+        let p = f.iter().next().unwrap().1.as_bytes().as_ptr();
+        assert!(!(range.start..range.end).contains(&p));
+        assert_eq!(f.get(&http::header::ETAG).unwrap(), "xxxx");
+    }
+}
