@@ -4,6 +4,8 @@
 //! three of them stalled every other request to the service. Here 50 such readers each hold an
 //! unread 10 MB response while small requests go on.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,23 +58,33 @@ async fn small_requests(c: &client::HttpClient, post: bool) -> (usize, Vec<Durat
     (failed, latencies)
 }
 
-/// Small requests one after another for `period`, instead of sleeping through it: a process
-/// left idle for seconds answers its first requests slowly (on the 2-core CI machine, 3-4 ms
-/// more per idle second even straight to the backend, with no proxy in the way), and that
-/// warm-up is not the stall these tests measure. A real stall shows here as well: these
-/// requests would wait on it too.
-async fn keep_busy(c: &client::HttpClient, post: bool, period: Duration) {
-    let until = Instant::now() + period;
+/// Small requests one after another until `settled` says so (checked after each) or `limit`
+/// has passed, instead of sleeping through the wait: a process left idle for seconds answers
+/// its first requests slowly (on the 2-core CI machine, 3-4 ms more per idle second even
+/// straight to the backend, with no proxy in the way), and that warm-up is not the stall
+/// these tests measure. A real stall shows here as well: these requests would wait on it too.
+/// Whether `settled` said so.
+async fn keep_busy(
+    c: &client::HttpClient,
+    post: bool,
+    limit: Duration,
+    mut settled: impl FnMut() -> bool,
+) -> bool {
+    let until = Instant::now() + limit;
     while Instant::now() < until {
         let req = if post {
             http::Request::post("http://echo/upload").body(client::full("x"))
         } else {
             http::Request::get("http://echo/echo").body(client::empty())
         };
-        let Ok(req) = req else { return };
+        let Ok(req) = req else { return false };
         let _ = tokio::time::timeout(Duration::from_secs(1), client::send(c, req)).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
+        if settled() {
+            return true;
+        }
     }
+    false
 }
 
 fn p99(mut l: Vec<Duration>) -> Duration {
@@ -113,7 +125,7 @@ async fn fifty_stalled_readers_do_not_slow_down_other_requests() {
         readers.push(s);
     }
     // Let every stalled stream fill its window and the sockets' buffers.
-    keep_busy(&c, false, Duration::from_secs(1)).await;
+    keep_busy(&c, false, Duration::from_secs(1), || false).await;
 
     let (failed, during) = small_requests(&c, false).await;
     let stalled = p99(during);
@@ -151,8 +163,10 @@ async fn fifty_stalled_uploads_do_not_slow_down_other_requests() {
 
     // Uploads of 10 MB to an app that does not read them (it answers after 10 s): each
     // stalls once the buffers on its way are full, holding its stream's window.
+    let written = Arc::new(AtomicUsize::new(0));
     let uploaders: Vec<_> = (0..READERS)
         .map(|_| {
+            let written = written.clone();
             tokio::spawn(async move {
                 let Ok(mut s) = TcpStream::connect(outbound).await else {
                     return;
@@ -169,24 +183,42 @@ async fn fifty_stalled_uploads_do_not_slow_down_other_requests() {
                         return;
                     }
                     sent += chunk.len();
+                    written.fetch_add(chunk.len(), Ordering::Relaxed);
                 }
             })
         })
         .collect();
-    // Until every upload has filled the buffers on its way and stalls (the app answers at
-    // 10 s): the copying before that is CPU work, not the stall this test is about.
-    keep_busy(&c, true, Duration::from_secs(4)).await;
+    // Until every upload has filled the buffers on its way and stalls, that is until no
+    // upload has written for 500 ms (at most 6 s: the app answers at 10 s): the copying
+    // before that is CPU work, not the stall this test is about.
+    let mut last = (0, Instant::now());
+    let stalled = keep_busy(&c, true, Duration::from_secs(6), || {
+        let now = written.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() >= Duration::from_millis(500)
+    })
+    .await;
+    assert!(
+        written.load(Ordering::Relaxed) < READERS * 10_000_000,
+        "the app reads nothing: the uploads cannot have completed"
+    );
 
     let (failed, during) = small_requests(&c, true).await;
-    let stalled = p99(during);
-    eprintln!("p99 {baseline:?} alone, {stalled:?} beside {READERS} stalled 10 MB uploads");
+    let p99_stalled = p99(during);
+    eprintln!(
+        "p99 {baseline:?} alone, {p:?} beside {READERS} 10 MB uploads (stalled before measuring: {stalled}, {} MiB written)",
+        written.load(Ordering::Relaxed) >> 20,
+        p = p99_stalled
+    );
     assert_eq!(
         failed, 0,
         "no small request failed beside the stalled uploads"
     );
     assert!(
-        stalled <= (baseline * 2).max(baseline + Duration::from_millis(25)),
-        "p99 {stalled:?} vs {baseline:?} alone"
+        p99_stalled <= (baseline * 2).max(baseline + Duration::from_millis(25)),
+        "p99 {p99_stalled:?} vs {baseline:?} alone"
     );
     for u in uploaders {
         u.abort();
