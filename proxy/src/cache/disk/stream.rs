@@ -1,5 +1,6 @@
-//! A disk hit's body, streamed from its file: each block is read on the blocking pool and
-//! checked before it is handed on (a few blocks per read, one read ahead of the client at
+//! A disk hit's body, streamed from its file: each block is read (from the page cache on the
+//! runtime thread when it holds it, else on the blocking pool) and checked before it is
+//! handed on (a few blocks per read, one read ahead of the client at
 //! most), so neither a whole body nor a blocking thread is held for a slow client.
 
 use std::fs::File;
@@ -150,6 +151,17 @@ impl Body for DiskStream {
                 return Poll::Ready(None);
             };
             let left = this.body.body_len - this.sent;
+            // What the page cache holds is read here, without a trip to the blocking pool;
+            // the rest there, as a disk read may block.
+            match format::read_blocks_cached(&mut file, left, BLOCKS_PER_READ) {
+                Ok(Some(b)) => {
+                    this.file = Some(file);
+                    this.ready = Some(b);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return this.fail(e),
+            }
             this.reading = Some(tokio::task::spawn_blocking(move || {
                 format::read_blocks(&mut file, left, BLOCKS_PER_READ).map(|b| (file, b))
             }));
