@@ -67,18 +67,12 @@ max_rps() { # NAME URL [oha args...]
     jq -r '.summary.requestsPerSec' "$D/$name.json"
 }
 codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
-# CPU ticks (user + system) of a process and its children (nginx's worker).
-ticks() { # PID
-    local pids
-    pids="$1 $(pgrep -P "$1" | tr '\n' ' ' || true)"
-    for p in $pids; do cat "/proc/$p/stat"; done | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'
-}
 # max_rps_cpu PID NAME URL [oha args...]: req/s, and CPU_US the process's µs per request.
 max_rps_cpu() {
     local pid="$1" t0 t1 rps; shift
-    t0=$(ticks "$pid")
+    t0=$(tree_ticks "$pid")
     rps=$(max_rps "$@")
-    t1=$(ticks "$pid")
+    t1=$(tree_ticks "$pid")
     CPU_US=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v r="$rps" -v s="$SECS" 'BEGIN { printf "%.1f", t * 1e6 / hz / (r * s) }')
     echo "$rps"
 }

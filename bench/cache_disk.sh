@@ -63,20 +63,14 @@ CONF
 RUST_LOG=warn taskset -c 1 "$AGENT" run --config "$D/sidecar.yaml" 2>"$D/sidecar.log" & SC=$!
 PIDS+=("$SC")
 
-# CPU ticks (user + system) of a process and its children (nginx's worker).
-ticks() { # PID
-    local pids
-    pids="$1 $(pgrep -P "$1" | tr '\n' ' ' || true)"
-    for p in $pids; do cat "/proc/$p/stat"; done | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'
-}
 # max_rps_cpu PID NAME URL: req/s, and CPU_US the process's µs per request.
 max_rps_cpu() {
     local pid="$1" name="$2" url="$3" t0 t1 rps
-    t0=$(ticks "$pid")
+    t0=$(tree_ticks "$pid")
     taskset -c 0 oha -z "${SECS}s" -c 16 -w --no-tui --output-format json "$url" \
         >"$D/$name.json" 2>/dev/null || die "oha failed ($name)"
     rps=$(jq -r '.summary.requestsPerSec' "$D/$name.json")
-    t1=$(ticks "$pid")
+    t1=$(tree_ticks "$pid")
     CPU_US=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v r="$rps" -v s="$SECS" 'BEGIN { printf "%.1f", t * 1e6 / hz / (r * s) }')
     CODES=$(jq -c '.statusCodeDistribution' "$D/$name.json")
     echo "$rps"

@@ -114,6 +114,13 @@ CONF
 }
 
 # Wait (at most 10 s) until `curl CURL-ARGS...` succeeds.
+# CPU ticks (user + system) of a process and its children (nginx's worker).
+tree_ticks() { # PID
+    local pids
+    pids="$1 $(pgrep -P "$1" | tr '\n' ' ' || true)"
+    for p in $pids; do cat "/proc/$p/stat"; done | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'
+}
+
 wait_http() { # WHAT CURL-ARGS...
     local what="$1"; shift
     for _ in $(seq 100); do
