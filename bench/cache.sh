@@ -21,30 +21,8 @@ BACKEND=$BASE; NGINX=$((BASE + 1)); S_IN=$((BASE + 2)); S_OUT=$((BASE + 3)); S_A
 mkdir -p "$D/nginx/tmp" "$D/nginx/cache" "$D/certs"
 
 # The backend and the caching proxy: one nginx process each, one worker on core 1.
-{ nginx_conf_head backend; cat <<CONF
-  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
-           location / { add_header Cache-Control "max-age=600"; return 200 "ok\n"; } }
-}
-CONF
-} >"$D/nginx/backend.conf"
-{ nginx_conf_head cache; cat <<CONF
-  proxy_cache_path $D/nginx/cache keys_zone=c:10m max_size=64m;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NGINX; keepalive_requests 1000000;
-    location / {
-      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_cache c; proxy_cache_lock on; proxy_cache_revalidate on;
-      proxy_cache_use_stale error timeout updating; proxy_cache_background_update on;
-      add_header X-Cache-Status \$upstream_cache_status;
-    }
-  }
-}
-CONF
-} >"$D/nginx/cache.conf"
-taskset -c 1 nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
-taskset -c 1 nginx -c "$D/nginx/cache.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PID=$!
-PIDS+=("$NGINX_PID")
+start_nginx_cache 64m "server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
+           location / { add_header Cache-Control \"max-age=600\"; return 200 \"ok\\n\"; } }"
 
 backend_sidecar_config
 mesh_file() { # WITH-CACHE (0|1)

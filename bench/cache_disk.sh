@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The response cache's disk tier against nginx's proxy_cache (itself a disk cache), in one run
 # (docs/caching.md#benchmark): hits of a 1 MiB object, which the sidecar's policy sends to its
-# disk tier (memory's max_object_bytes is 64 KiB), through nginx (proxy_cache, sendfile on:
-# what an nginx operator serving large cached files would set) and through a Trellis sidecar
+# disk tier (memory's max_object_bytes is 64 KiB), through nginx (proxy_cache as cache.sh sets
+# it, plus sendfile on: what an nginx operator serving large cached files would set) and through a Trellis sidecar
 # (inbound, plain HTTP), both in front of the same backend (an nginx serving the file with
 # `Cache-Control: max-age=600`). Max throughput and CPU per hit, then p50/p99 at a fixed rate.
 # Load on core 0, proxies and the backend on core 1; nginx gets one worker. Both caches' files
@@ -24,31 +24,8 @@ BACKEND=$BASE; NGINX=$((BASE + 1)); S_IN=$((BASE + 2)); S_OUT=$((BASE + 3)); S_A
 mkdir -p "$D/nginx/tmp" "$D/nginx/cache" "$D/certs" "$D/www" "$D/disk"
 head -c "$SIZE" /dev/urandom >"$D/www/obj"
 
-{ nginx_conf_head backend; cat <<CONF
-  sendfile on;
-  server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
-           location /big/ { alias $D/www/; add_header Cache-Control "max-age=600"; } }
-}
-CONF
-} >"$D/nginx/backend.conf"
-{ nginx_conf_head cache; cat <<CONF
-  sendfile on;
-  proxy_cache_path $D/nginx/cache keys_zone=c:10m max_size=1g;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NGINX; keepalive_requests 1000000;
-    location / {
-      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_cache c; proxy_cache_lock on; proxy_cache_revalidate on;
-      add_header X-Cache-Status \$upstream_cache_status;
-    }
-  }
-}
-CONF
-} >"$D/nginx/cache.conf"
-taskset -c 1 nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
-taskset -c 1 nginx -c "$D/nginx/cache.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PID=$!
-PIDS+=("$NGINX_PID")
+start_nginx_cache 1g "server { listen 127.0.0.1:$BACKEND; keepalive_requests 1000000;
+           location /big/ { alias $D/www/; add_header Cache-Control \"max-age=600\"; } }" "sendfile on;"
 
 backend_sidecar_config
 cat >"$D/mesh.yaml" <<CONF

@@ -114,6 +114,34 @@ CONF
 }
 
 # Wait (at most 10 s) until `curl CURL-ARGS...` succeeds.
+# nginx's proxy_cache on $NGINX in front of the backend on $BACKEND, configured as a careful
+# operator would (lock, revalidate, use_stale, background update), and that backend (its
+# server block given), each one worker on core 1; NGINX_PID is the cache's.
+start_nginx_cache() { # MAX-SIZE BACKEND-SERVER-BLOCK [HTTP-EXTRA]
+    local max="$1" server="$2" extra="${3:-}"
+    mkdir -p "$D/nginx/tmp" "$D/nginx/cache"
+    { nginx_conf_head backend; printf '%s\n  %s\n}\n' "$extra" "$server"; } >"$D/nginx/backend.conf"
+    { nginx_conf_head cache; cat <<CONF
+  $extra
+  proxy_cache_path $D/nginx/cache keys_zone=c:10m max_size=$max;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGINX; keepalive_requests 1000000;
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_cache c; proxy_cache_lock on; proxy_cache_revalidate on;
+      proxy_cache_use_stale error timeout updating; proxy_cache_background_update on;
+      add_header X-Cache-Status \$upstream_cache_status;
+    }
+  }
+}
+CONF
+    } >"$D/nginx/cache.conf"
+    taskset -c 1 nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
+    taskset -c 1 nginx -c "$D/nginx/cache.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+}
+
 # CPU ticks (user + system) of a process and its children (nginx's worker).
 tree_ticks() { # PID
     local pids

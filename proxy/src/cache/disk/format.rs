@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -339,6 +340,10 @@ pub fn read_blocks(file: &mut File, remaining: u64, blocks: usize) -> Result<Byt
     Ok(out.freeze())
 }
 
+/// Set once `preadv2` with `RWF_NOWAIT` has been refused as such (an old kernel, a file system
+/// without it): every read then goes to the blocking pool without trying.
+static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
 /// [`read_blocks`] without waiting for the disk: only when the page cache holds the whole span
 /// (`preadv2` with `RWF_NOWAIT`), so that a hot file is served on the runtime thread without a
 /// trip to the blocking pool and back (about 40 % of a disk hit's CPU was those hand-offs:
@@ -350,6 +355,9 @@ pub fn read_blocks_cached(
     remaining: u64,
     blocks: usize,
 ) -> Result<Option<Bytes>, ReadError> {
+    if NOWAIT_UNSUPPORTED.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
     let want = usize::try_from(remaining.min((blocks * BLOCK) as u64)).unwrap_or(BLOCK);
     let span = want + 4 * want.div_ceil(BLOCK);
     let mut raw = BytesMut::zeroed(span);
@@ -360,8 +368,15 @@ pub fn read_blocks_cached(
         pos,
         rustix::io::ReadWriteFlags::NOWAIT,
     );
-    if !matches!(read, Ok(n) if n == span) {
-        return Ok(None);
+    match read {
+        Ok(n) if n == span => {}
+        // The kernel or the file system cannot read without waiting: not worth a buffer
+        // per read again.
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            NOWAIT_UNSUPPORTED.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        _ => return Ok(None),
     }
     file.seek(SeekFrom::Current(span as i64))?;
     // Check each block, then move its data over the checksums before it, in place.
