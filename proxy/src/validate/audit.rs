@@ -179,6 +179,11 @@ fn check_body(
     else {
         return;
     };
+    // The usual valid body, without its document (validate/fast).
+    if validator.fast.as_ref().is_some_and(|f| f.accepts(body)) {
+        return;
+    }
+    let validator = &validator.full;
     let doc = match Doc::parse(body) {
         Ok(doc) => doc,
         Err(e) => {

@@ -17,6 +17,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Map, Value};
 
 use super::dialect;
+use super::fast::{self, DocFacts, FastBody};
 use super::paths::PathTable;
 use super::tape::Tape;
 use super::views::{self, Side};
@@ -133,7 +134,14 @@ pub(super) struct BodySpec {
 
 /// Media ranges (lower-case) and the schema of each JSON one; empty: anything goes.
 #[derive(Default)]
-pub(super) struct Content(pub Vec<(String, Option<Validator<Tape>>)>);
+pub(super) struct Content(pub Vec<(String, Option<BodyValidator>)>);
+
+/// A JSON body's checks: its validator, and the scan that accepts the usual valid body
+/// without building its document, when the schema allows one ([`super::fast`]).
+pub(super) struct BodyValidator {
+    pub full: Validator<Tape>,
+    pub fast: Option<FastBody>,
+}
 
 #[derive(Debug, PartialEq)]
 pub(super) enum StatusKey {
@@ -146,6 +154,10 @@ pub(super) enum StatusKey {
 /// Builds validators against the registered document.
 struct Compiler<'d> {
     doc: &'d Value,
+    /// The documents as each side sees it (the view, or `doc` when there is none).
+    request_doc: &'d Value,
+    response_doc: &'d Value,
+    facts: DocFacts,
     registry: Registry<'static>,
     /// The document as request bodies see it (`readOnly`), when it differs.
     request: Option<Registry<'static>>,
@@ -173,12 +185,18 @@ impl CompiledSpec {
             .is_some_and(|v| v.starts_with("3.0"));
         let mut doc = doc.clone();
         dialect::normalize(&mut doc, v30);
-        let view = |side| views::view(&doc, side).map(register).transpose();
+        let (request_view, response_view) = (
+            views::view(&doc, Side::Request),
+            views::view(&doc, Side::Response),
+        );
         let compiler = Compiler {
             doc: &doc,
+            request_doc: request_view.as_ref().unwrap_or(&doc),
+            response_doc: response_view.as_ref().unwrap_or(&doc),
+            facts: DocFacts::of(&doc),
             registry: register(doc.clone())?,
-            request: view(Side::Request)?,
-            response: view(Side::Response)?,
+            request: request_view.clone().map(register).transpose()?,
+            response: response_view.clone().map(register).transpose()?,
         };
         let mut paths = PathTable::new();
         let mut operations = 0;
@@ -408,7 +426,10 @@ impl Compiler<'_> {
                 let schema = match (is_json(&range), m.get("schema")) {
                     (true, Some(_)) => {
                         let at = format!("{at}/content/{}/schema", escape(media));
-                        Some(self.validator(&at, Some(side))?)
+                        Some(BodyValidator {
+                            full: self.validator(&at, Some(side))?,
+                            fast: self.fast(&at, side),
+                        })
                     }
                     _ => None,
                 };
@@ -416,6 +437,17 @@ impl Compiler<'_> {
             }
         }
         Ok(Content(out))
+    }
+
+    /// The scan for the body schema at `at` ([`super::fast`]), its scalars' validators built
+    /// as [`Compiler::validator`] builds the body's.
+    fn fast(&self, at: &str, side: Side) -> Option<FastBody> {
+        let doc = match side {
+            Side::Request => self.request_doc,
+            Side::Response => self.response_doc,
+        };
+        let mut leaf = |leaf_at: &str| self.validator(leaf_at, Some(side)).ok();
+        fast::compile(doc, self.facts, at, &mut leaf)
     }
 
     /// The validator of the schema at pointer `at` of the document; for a body, its side's
@@ -473,7 +505,7 @@ impl StatusKey {
 impl Content {
     /// The entry for a `Content-Type` (its essence, lower-case): exact, then `type/*`, then
     /// `*/*`. `Some(None)`: accepted without a schema.
-    pub fn find(&self, essence: &str) -> Option<&Option<Validator<Tape>>> {
+    pub fn find(&self, essence: &str) -> Option<&Option<BodyValidator>> {
         let major = essence.split('/').next().unwrap_or("");
         let by = |want: &dyn Fn(&str) -> bool| self.0.iter().find(|(r, _)| want(r));
         by(&|r| r == essence)
@@ -493,7 +525,7 @@ pub(super) fn is_json(essence: &str) -> bool {
 }
 
 /// One JSON pointer segment.
-fn escape(s: &str) -> String {
+pub(super) fn escape(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 

@@ -20,6 +20,7 @@ pub mod audit;
 mod body;
 pub mod compile;
 mod dialect;
+mod fast;
 mod formats;
 pub mod metrics;
 mod paths;

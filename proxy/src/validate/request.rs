@@ -12,20 +12,20 @@ use std::borrow::Cow;
 
 use http::{header, HeaderMap, StatusCode};
 use jsonschema::error::ValidationErrorKind;
-use jsonschema::{ValidationError, Validator};
+use jsonschema::ValidationError;
 use serde_json::Value;
 
-use super::compile::{is_json, BodySpec, Check, In, Operation, Param, Shape, Style};
+use super::compile::{is_json, BodySpec, BodyValidator, Check, In, Operation, Param, Shape, Style};
 use super::paths::Captures;
 use super::problem::{FieldError, Location, Problem, MAX_ERRORS};
-use super::tape::{Doc, Tape};
+use super::tape::Doc;
 
 /// What the body needs, once the parameters passed.
 pub enum BodyPlan<'o> {
     /// Nothing to read: no body described, or one accepted without a schema.
     Pass,
     /// Read (bounded) and check against this schema.
-    Json(&'o Validator<Tape>),
+    Json(&'o BodyValidator),
 }
 
 /// A request's parameter sources, each parsed once and only when a parameter reads it.
@@ -288,7 +288,13 @@ pub fn plan_body<'o>(
 
 /// A JSON body against its schema: malformed JSON names the line and column, a mismatch
 /// names each failing field by JSON pointer (a missing required field by its own pointer).
-pub fn check_json(validator: &Validator<Tape>, body: &[u8]) -> Result<(), Problem> {
+pub fn check_json(validator: &BodyValidator, body: &[u8]) -> Result<(), Problem> {
+    // The usual valid body, accepted in one pass without its document (validate/fast);
+    // anything else is checked in full, and only that check refuses.
+    if validator.fast.as_ref().is_some_and(|f| f.accepts(body)) {
+        return Ok(());
+    }
+    let validator = &validator.full;
     // Parsed in place (strings borrowed from `body`), not into a `serde_json::Value`; the
     // members of small objects left in the client's order (no sort) until errors are wanted.
     let doc = Doc::parse_unordered(body).map_err(|e| {

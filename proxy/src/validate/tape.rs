@@ -49,7 +49,7 @@ pub struct Doc<'a> {
 /// and may keep their members in the client's order; larger ones are always sorted.
 const SMALL: usize = 8;
 
-enum Slot<'a> {
+pub(super) enum Slot<'a> {
     Null,
     Bool(bool),
     Number(Number),
@@ -83,6 +83,22 @@ pub struct TapeObject<'a> {
 pub struct TapeArray<'a> {
     doc: &'a Doc<'a>,
     items: &'a [usize],
+}
+
+/// A document without values: where a lone scalar's node lives ([`scalar_node`]).
+static EMPTY: Doc<'static> = Doc {
+    slots: Vec::new(),
+    items: Vec::new(),
+    members: Vec::new(),
+    root: 0,
+    ordered: true,
+};
+
+/// A scalar (not an array or object: those index their document) as a node of its own, for
+/// the validator of a scalar's schema (`validate/fast`): no document is built for it.
+pub(super) fn scalar_node<'a>(slot: &'a Slot<'a>) -> TapeNode<'a> {
+    debug_assert!(!matches!(slot, Slot::Array { .. } | Slot::Object { .. }));
+    TapeNode { doc: &EMPTY, slot }
 }
 
 // === impl Doc ===
@@ -704,6 +720,106 @@ pub mod equivalence {
         }
     }
 
+    /// A small deterministic generator (xorshift): no dependency for a fuzz-ish loop.
+    pub struct Gen(pub u64);
+
+    impl Gen {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        pub fn pick<'s>(&mut self, from: &[&'s str]) -> &'s str {
+            from[self.below(from.len() as u64) as usize]
+        }
+
+        /// A JSON text: the rich schema's keys (and others, duplicated, escaped), every type.
+        pub fn value(&mut self, depth: u32, out: &mut String) {
+            let kind = if depth >= 4 {
+                self.below(4)
+            } else {
+                self.below(7)
+            };
+            match kind {
+                0 => out.push_str(self.pick(&["null", "true", "false"])),
+                1 => {
+                    let n = self.pick(&[
+                        "0",
+                        "1",
+                        "3",
+                        "-1",
+                        "2.5",
+                        "3.0",
+                        "1e2",
+                        "-0",
+                        "0.1",
+                        "99",
+                        "101",
+                        "18446744073709551615",
+                        "18446744073709551616",
+                        "-9223372036854775809",
+                        "1E-2",
+                        "6",
+                        "2",
+                    ]);
+                    out.push_str(n);
+                }
+                2 | 3 => {
+                    let s = self.pick(&[
+                        "\"\"",
+                        "\"ab\"",
+                        "\"x\"",
+                        "\"é\"",
+                        "\"ABC-0001\"",
+                        "\"a\\u0062\"",
+                        "\"ada@example.com\"",
+                        "\"2026-12-04T03:00:00Z\"",
+                        "\"EUR\"",
+                        "\"toolongstring\"",
+                        "\"\\\"q\\\"\"",
+                        "\"🦀🦀\"",
+                        "\"s\"",
+                    ]);
+                    out.push_str(s);
+                }
+                4 => {
+                    out.push('[');
+                    for i in 0..self.below(5) {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        self.value(depth + 1, out);
+                    }
+                    out.push(']');
+                }
+                _ => {
+                    out.push('{');
+                    for i in 0..self.below(7) {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        let key = self.pick(&[
+                            "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n",
+                            "o", "x", "v", "next", "n1", "é", "\\u0061", "zz", "lines", "qty",
+                            "sku", "customer", "currency", "price", "",
+                        ]);
+                        out.push('"');
+                        out.push_str(key);
+                        out.push_str("\":");
+                        self.value(depth + 1, out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+    }
+
     /// A schema using most keywords, each with the instance's members, items or scalars.
     pub fn rich_schema() -> Value {
         json!({
@@ -918,106 +1034,6 @@ mod tests {
         let doc = Doc::parse_unordered(body.as_bytes()).unwrap();
         let sorted: Vec<String> = (0..=SMALL).map(|i| format!("k{i}=Some({i})")).collect();
         assert_eq!(keys(&doc), sorted);
-    }
-
-    /// A small deterministic generator (xorshift): no dependency for a fuzz-ish loop.
-    struct Gen(u64);
-
-    impl Gen {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-
-        fn pick<'s>(&mut self, from: &[&'s str]) -> &'s str {
-            from[self.below(from.len() as u64) as usize]
-        }
-
-        /// A JSON text: the rich schema's keys (and others, duplicated, escaped), every type.
-        fn value(&mut self, depth: u32, out: &mut String) {
-            let kind = if depth >= 4 {
-                self.below(4)
-            } else {
-                self.below(7)
-            };
-            match kind {
-                0 => out.push_str(self.pick(&["null", "true", "false"])),
-                1 => {
-                    let n = self.pick(&[
-                        "0",
-                        "1",
-                        "3",
-                        "-1",
-                        "2.5",
-                        "3.0",
-                        "1e2",
-                        "-0",
-                        "0.1",
-                        "99",
-                        "101",
-                        "18446744073709551615",
-                        "18446744073709551616",
-                        "-9223372036854775809",
-                        "1E-2",
-                        "6",
-                        "2",
-                    ]);
-                    out.push_str(n);
-                }
-                2 | 3 => {
-                    let s = self.pick(&[
-                        "\"\"",
-                        "\"ab\"",
-                        "\"x\"",
-                        "\"é\"",
-                        "\"ABC-0001\"",
-                        "\"a\\u0062\"",
-                        "\"ada@example.com\"",
-                        "\"2026-12-04T03:00:00Z\"",
-                        "\"EUR\"",
-                        "\"toolongstring\"",
-                        "\"\\\"q\\\"\"",
-                        "\"🦀🦀\"",
-                        "\"s\"",
-                    ]);
-                    out.push_str(s);
-                }
-                4 => {
-                    out.push('[');
-                    for i in 0..self.below(5) {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        self.value(depth + 1, out);
-                    }
-                    out.push(']');
-                }
-                _ => {
-                    out.push('{');
-                    for i in 0..self.below(7) {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        let key = self.pick(&[
-                            "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n",
-                            "o", "x", "v", "next", "n1", "é", "\\u0061", "zz", "lines", "qty",
-                            "sku", "customer", "currency", "price", "",
-                        ]);
-                        out.push('"');
-                        out.push_str(key);
-                        out.push_str("\":");
-                        self.value(depth + 1, out);
-                    }
-                    out.push('}');
-                }
-            }
-        }
     }
 
     #[test]

@@ -1,0 +1,344 @@
+//! The scan: a recursive descent over the body steered by the compiled schema. Every function
+//! answers `Err(Unsure)` at the first thing it is not certain of; nothing is recorded.
+
+use std::borrow::Cow;
+
+use serde_json::Number;
+
+use super::{Additional, ArrayNode, Node, ObjectNode, ANY_ARRAY, ANY_OBJECT, MAX_DEPTH};
+use crate::validate::tape::{scalar_node, Slot};
+
+/// Not certain: the full check decides.
+struct Unsure;
+
+type Step<T = ()> = Result<T, Unsure>;
+
+/// Integers of up to this many digits are read here (they fit a `u64`, and an `i64` negated).
+const MAX_INT_DIGITS: usize = 18;
+/// Decimals of up to this many digits in all are read here: their significand is below
+/// 2^53 and their power of ten at most 10^15, both exact in an `f64`, so one division gives the
+/// correctly rounded value, the one `serde_json` gives (`float_roundtrip` or not).
+const MAX_DECIMAL_DIGITS: usize = 15;
+const POW10: [f64; MAX_DECIMAL_DIGITS + 1] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+
+struct Scan<'a> {
+    b: &'a [u8],
+    text: &'a str,
+    i: usize,
+    depth: u32,
+}
+
+/// Whether `body` is certainly valid against `root`.
+pub(super) fn accepts(root: &Node, body: &[u8]) -> bool {
+    // Checked whole, at once: a string is then a slice between two ASCII quotes.
+    let Ok(text) = std::str::from_utf8(body) else {
+        return false;
+    };
+    let mut s = Scan {
+        b: body,
+        text,
+        i: 0,
+        depth: 0,
+    };
+    if s.value(root).is_err() {
+        return false;
+    }
+    s.ws();
+    s.i == s.b.len()
+}
+
+// === impl Scan ===
+
+impl<'a> Scan<'a> {
+    fn value(&mut self, node: &Node) -> Step {
+        self.ws();
+        match node {
+            Node::Any => self.skip(),
+            Node::Unsure => Err(Unsure),
+            Node::Leaf(v) => {
+                let slot = self.scalar()?;
+                match v.is_valid(scalar_node(&slot)) {
+                    true => Ok(()),
+                    false => Err(Unsure),
+                }
+            }
+            Node::Object(o) => self.object(o),
+            Node::Array(a) => self.array(a),
+        }
+    }
+
+    /// Any value, for its syntax only (and numbers in range, as `serde_json` wants them).
+    fn skip(&mut self) -> Step {
+        match self.peek()? {
+            b'{' => self.object(&ANY_OBJECT),
+            b'[' => self.array(&ANY_ARRAY),
+            b'"' => self.string().map(drop),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            // read, not only matched: `serde_json` refuses a number out of an `f64`'s range
+            _ => self.number().map(drop),
+        }
+    }
+
+    fn object(&mut self, o: &ObjectNode) -> Step {
+        self.eat(b'{')?;
+        self.enter()?;
+        let mut seen = 0u64;
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+        } else {
+            loop {
+                self.ws();
+                let key = self.string()?;
+                self.ws();
+                self.eat(b':')?;
+                match o.find(key) {
+                    Some((bit, node)) => {
+                        seen |= bit;
+                        match node {
+                            Some(node) => self.value(node)?,
+                            None => self.additional(&o.additional)?,
+                        }
+                    }
+                    None => self.additional(&o.additional)?,
+                }
+                if self.close(b'}')? {
+                    break;
+                }
+            }
+        }
+        self.depth -= 1;
+        match seen & o.required == o.required {
+            true => Ok(()),
+            false => Err(Unsure),
+        }
+    }
+
+    fn additional(&mut self, rule: &Additional) -> Step {
+        match rule {
+            Additional::Any => self.value(&Node::Any),
+            Additional::Deny => Err(Unsure),
+            Additional::Schema(node) => self.value(node),
+        }
+    }
+
+    fn array(&mut self, a: &ArrayNode) -> Step {
+        self.eat(b'[')?;
+        self.enter()?;
+        let mut count = 0u64;
+        self.ws();
+        if self.peek()? == b']' {
+            self.i += 1;
+        } else {
+            loop {
+                self.value(&a.items)?;
+                count += 1;
+                if self.close(b']')? {
+                    break;
+                }
+            }
+        }
+        self.depth -= 1;
+        match (a.min..=a.max).contains(&count) {
+            true => Ok(()),
+            false => Err(Unsure),
+        }
+    }
+
+    /// After a member or item: `,` (another follows) or the container's end (`true`).
+    fn close(&mut self, end: u8) -> Step<bool> {
+        self.ws();
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                Ok(false)
+            }
+            c if c == end => {
+                self.i += 1;
+                Ok(true)
+            }
+            _ => Err(Unsure),
+        }
+    }
+
+    /// A scalar as `serde_json` reads it; a container is not one.
+    fn scalar(&mut self) -> Step<Slot<'a>> {
+        Ok(match self.peek()? {
+            b'"' => Slot::String(Cow::Borrowed(self.string()?)),
+            b't' => self.literal(b"true").map(|()| Slot::Bool(true))?,
+            b'f' => self.literal(b"false").map(|()| Slot::Bool(false))?,
+            b'n' => self.literal(b"null").map(|()| Slot::Null)?,
+            _ => Slot::Number(self.number()?),
+        })
+    }
+
+    /// A string without escapes or control characters (those go to the full check).
+    fn string(&mut self) -> Step<&'a str> {
+        self.eat(b'"')?;
+        let start = self.i;
+        loop {
+            match *self.b.get(self.i).ok_or(Unsure)? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return Err(Unsure),
+                _ => self.i += 1,
+            }
+        }
+        let s = self.text.get(start..self.i).ok_or(Unsure)?;
+        self.i += 1;
+        Ok(s)
+    }
+
+    /// A number, read to the `Number` `serde_json` makes of it.
+    fn number(&mut self) -> Step<Number> {
+        let start = self.i;
+        let shape = self.number_text()?;
+        let text = self.text.get(start..self.i).ok_or(Unsure)?;
+        number(text, shape)
+    }
+
+    /// JSON's number grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+    fn number_text(&mut self) -> Step<Shape> {
+        let negative = self.b.get(self.i) == Some(&b'-');
+        if negative {
+            self.i += 1;
+        }
+        let int_start = self.i;
+        match self.peek()? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return Err(Unsure),
+        }
+        let int_digits = self.i - int_start;
+        let mut frac_digits = 0;
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            let from = self.i;
+            self.digits();
+            frac_digits = self.i - from;
+            if frac_digits == 0 {
+                return Err(Unsure);
+            }
+        }
+        let exponent = matches!(self.b.get(self.i), Some(b'e' | b'E'));
+        if exponent {
+            self.i += 1;
+            if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            let from = self.i;
+            self.digits();
+            if self.i == from {
+                return Err(Unsure);
+            }
+        }
+        Ok(Shape {
+            negative,
+            int_digits,
+            frac_digits,
+            exponent,
+        })
+    }
+
+    fn digits(&mut self) {
+        while matches!(self.b.get(self.i), Some(b'0'..=b'9')) {
+            self.i += 1;
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Step {
+        match self.b[self.i..].starts_with(word) {
+            true => {
+                self.i += word.len();
+                Ok(())
+            }
+            false => Err(Unsure),
+        }
+    }
+
+    fn enter(&mut self) -> Step {
+        self.depth += 1;
+        match self.depth <= MAX_DEPTH {
+            true => Ok(()),
+            false => Err(Unsure),
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Step {
+        match self.b.get(self.i) == Some(&c) {
+            true => {
+                self.i += 1;
+                Ok(())
+            }
+            false => Err(Unsure),
+        }
+    }
+
+    fn peek(&self) -> Step<u8> {
+        self.b.get(self.i).copied().ok_or(Unsure)
+    }
+
+    /// The four whitespace bytes of JSON (and of `serde_json`).
+    fn ws(&mut self) {
+        while matches!(self.b.get(self.i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.i += 1;
+        }
+    }
+}
+
+/// What [`Scan::number_text`] saw of a number.
+#[derive(Clone, Copy)]
+struct Shape {
+    negative: bool,
+    int_digits: usize,
+    frac_digits: usize,
+    exponent: bool,
+}
+
+/// The `Number` `serde_json` reads `text` (of `shape`) as: short integers and short decimals
+/// here, anything else by `serde_json`'s own reading (`Number::from_str`, its parser's).
+fn number(text: &str, shape: Shape) -> Step<Number> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let all = shape.int_digits + shape.frac_digits;
+    if !shape.exponent && shape.frac_digits == 0 && all <= MAX_INT_DIGITS {
+        let n = significand(digits.as_bytes());
+        return match (shape.negative, n) {
+            (false, n) => Ok(Number::from(n)),
+            // `-0` is the float -0.0 to serde_json
+            (true, 0) => text.parse().map_err(|_| Unsure),
+            (true, n) => i64::try_from(n)
+                .map(|n| Number::from(-n))
+                .map_err(|_| Unsure),
+        };
+    }
+    if !shape.exponent && all <= MAX_DECIMAL_DIGITS {
+        let n = significand(digits.as_bytes()) as f64 / POW10[shape.frac_digits];
+        let n = if shape.negative { -n } else { n };
+        return Number::from_f64(n).ok_or(Unsure);
+    }
+    text.parse().map_err(|_| Unsure)
+}
+
+/// The digits of `text` (the point skipped) as one integer; at most 18 digits.
+fn significand(text: &[u8]) -> u64 {
+    text.iter()
+        .filter(|c| c.is_ascii_digit())
+        .fold(0, |n, c| n * 10 + u64::from(c - b'0'))
+}
+
+#[cfg(test)]
+pub(super) fn number_for_tests(text: &str) -> Option<Number> {
+    let mut s = Scan {
+        b: text.as_bytes(),
+        text,
+        i: 0,
+        depth: 0,
+    };
+    let shape = s.number_text().ok()?;
+    (s.i == text.len())
+        .then(|| number(text, shape).ok())
+        .flatten()
+}
