@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use http::Method;
 use jsonschema::json::Json;
-use jsonschema::{Draft, PatternOptions, Registry, Validator};
+use jsonschema::{Draft, PatternOptions, Registry, Retrieve, ValidationOptions, Validator};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Map, Value};
 
@@ -446,7 +446,11 @@ impl Compiler<'_> {
             Side::Request => self.request_doc,
             Side::Response => self.response_doc,
         };
-        let mut leaf = |leaf_at: &str| self.validator(leaf_at, Some(side)).ok();
+        let mut leaf = |leaf_at: &str, schema: &Value| match fast::self_contained(schema) {
+            // built from the schema itself: no `$ref` step at each check
+            true => self.options(Some(side)).build(schema).ok(),
+            false => self.validator(leaf_at, Some(side)).ok(),
+        };
         fast::compile(doc, self.facts, at, &mut leaf)
     }
 
@@ -461,6 +465,16 @@ impl Compiler<'_> {
     ) -> Result<Validator<F>, CompileError> {
         let fragment = utf8_percent_encode(at, FRAGMENT);
         let schema = json!({ "$ref": format!("{ROOT}#{fragment}") });
+        self.options(side)
+            .build(&schema)
+            .map_err(|e| CompileError::Schema {
+                at: at.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// How every validator of the document is built.
+    fn options<F: Json>(&self, side: Option<Side>) -> ValidationOptions<'_, Arc<dyn Retrieve>, F> {
         let view = match side {
             Some(Side::Request) => self.request.as_ref(),
             Some(Side::Response) => self.response.as_ref(),
@@ -473,14 +487,10 @@ impl Compiler<'_> {
             // The built-in answer, usually without its parser (formats.rs).
             .with_format("email", super::formats::email)
             .with_pattern_options(PatternOptions::regex());
-        let options = match side {
+        match side {
             Some(side) => options.with_keyword(side.flag(), views::keyword(side)),
             None => options,
-        };
-        options.build(&schema).map_err(|e| CompileError::Schema {
-            at: at.to_string(),
-            message: e.to_string(),
-        })
+        }
     }
 }
 

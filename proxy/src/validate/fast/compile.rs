@@ -6,6 +6,7 @@
 use jsonschema::Validator;
 use serde_json::{Map, Value};
 
+use super::scalar::Scalar;
 use super::{Additional, ArrayNode, FastBody, Node, ObjectNode};
 use crate::validate::compile::escape;
 use crate::validate::tape::Tape;
@@ -56,7 +57,7 @@ pub fn compile(
     doc: &Value,
     facts: DocFacts,
     at: &str,
-    leaf: &mut dyn FnMut(&str) -> Option<Validator<Tape>>,
+    leaf: &mut dyn FnMut(&str, &Value) -> Option<Validator<Tape>>,
 ) -> Option<FastBody> {
     if facts.dynamic {
         return None;
@@ -75,15 +76,19 @@ pub fn compile(
 
 struct Compiler<'d, 'l> {
     doc: &'d Value,
-    leaf: &'l mut dyn FnMut(&str) -> Option<Validator<Tape>>,
+    leaf: &'l mut dyn FnMut(&str, &Value) -> Option<Validator<Tape>>,
     nodes: usize,
 }
+
+/// A schema object, and its keywords.
+type Schema<'d> = (&'d Value, &'d Map<String, Value>);
 
 /// How a schema is walked.
 enum Kind {
     Any,
     Object,
     Array,
+    Scalar(Box<Scalar>),
     Leaf,
 }
 
@@ -109,9 +114,10 @@ impl<'d> Compiler<'d, '_> {
         };
         match kind(map) {
             Kind::Any => Some(Node::Any),
-            Kind::Object => self.object(map, &at, depth),
-            Kind::Array => self.array(map, &at, depth),
-            Kind::Leaf => (self.leaf)(&at).map(|v| Node::Leaf(Box::new(v))),
+            Kind::Object => self.object((schema, map), &at, depth),
+            Kind::Array => self.array((schema, map), &at, depth),
+            Kind::Scalar(rule) => Some(Node::Scalar(rule)),
+            Kind::Leaf => self.whole(schema, &at),
         }
     }
 
@@ -143,15 +149,15 @@ impl<'d> Compiler<'d, '_> {
         None
     }
 
-    fn object(&mut self, map: &'d Map<String, Value>, at: &str, depth: usize) -> Option<Node> {
+    fn object(&mut self, (schema, map): Schema<'d>, at: &str, depth: usize) -> Option<Node> {
         let mut props = Vec::new();
         if let Some(p) = map.get("properties") {
             let Value::Object(p) = p else {
                 return Some(Node::Unsure);
             };
-            for (name, schema) in p {
+            for (name, prop) in p {
                 let child = format!("{at}/properties/{}", escape(name));
-                let node = self.node(schema, child, depth + 1)?;
+                let node = self.node(prop, child, depth + 1)?;
                 props.push((Box::<str>::from(name.as_str()), Some(node)));
             }
         }
@@ -170,20 +176,20 @@ impl<'d> Compiler<'d, '_> {
                     }
                 };
                 if i >= MAX_PROPS {
-                    return self.whole(at);
+                    return self.whole(schema, at);
                 }
                 required |= 1 << i;
             }
         }
         if props.len() > MAX_PROPS {
-            return self.whole(at);
+            return self.whole(schema, at);
         }
         let additional = match map.get("additionalProperties") {
             None | Some(Value::Bool(true)) => Additional::Any,
             Some(Value::Bool(false)) => Additional::Deny,
-            Some(schema) => {
+            Some(extra) => {
                 let child = format!("{at}/additionalProperties");
-                Additional::Schema(self.node(schema, child, depth + 1)?)
+                Additional::Schema(self.node(extra, child, depth + 1)?)
             }
         };
         Some(Node::Object(Box::new(ObjectNode {
@@ -193,51 +199,82 @@ impl<'d> Compiler<'d, '_> {
         })))
     }
 
-    fn array(&mut self, map: &'d Map<String, Value>, at: &str, depth: usize) -> Option<Node> {
+    fn array(&mut self, (schema, map): Schema<'d>, at: &str, depth: usize) -> Option<Node> {
         let items = match map.get("items") {
             None => Node::Any,
-            Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
-                self.node(schema, format!("{at}/items"), depth + 1)?
+            Some(items @ (Value::Object(_) | Value::Bool(_))) => {
+                self.node(items, format!("{at}/items"), depth + 1)?
             }
-            Some(_) => return self.whole(at),
+            Some(_) => return self.whole(schema, at),
         };
         let bound = |key: &str, none: u64| match map.get(key) {
             None => Some(none),
             Some(v) => v.as_u64(),
         };
         let (Some(min), Some(max)) = (bound("minItems", 0), bound("maxItems", u64::MAX)) else {
-            return self.whole(at);
+            return self.whole(schema, at);
         };
         Some(Node::Array(Box::new(ArrayNode { items, min, max })))
     }
 
     /// A schema this does not walk: its validator, which hands over any container.
-    fn whole(&mut self, at: &str) -> Option<Node> {
-        (self.leaf)(at).map(|v| Node::Leaf(Box::new(v)))
+    fn whole(&mut self, schema: &Value, at: &str) -> Option<Node> {
+        (self.leaf)(at, schema).map(|v| Node::Leaf(Box::new(v)))
     }
 }
 
 /// How `map` is walked: as an object or array only when every keyword is one walked here (or
 /// an annotation) and the type, if any, is that one.
 fn kind(map: &Map<String, Value>) -> Kind {
-    let (mut object, mut array, mut ty) = (false, false, None);
+    let (mut object, mut array, mut scalar, mut ty) = (false, false, false, None);
     for (key, value) in map {
         match key.as_str() {
             "properties" | "required" | "additionalProperties" => object = true,
             "items" | "minItems" | "maxItems" => array = true,
             "type" => ty = Some(value),
-            // flags: `false` is no flag (`true` is a keyword of the side's view)
-            "readOnly" | "writeOnly" if value == &Value::Bool(false) => {}
-            k if ANNOTATIONS.contains(&k) => {}
-            _ => return Kind::Leaf,
+            k if ignored(k, value) => {}
+            // a scalar's keywords, or a leaf's
+            _ => scalar = true,
         }
     }
-    let ty = ty.map(Value::as_str);
-    match (ty, object, array) {
-        (None, false, false) => Kind::Any,
-        (None | Some(Some("object")), _, false) => Kind::Object,
-        (None | Some(Some("array")), false, _) => Kind::Array,
+    match (ty.map(Value::as_str), object, array, scalar) {
+        (None, false, false, false) => Kind::Any,
+        (None | Some(Some("object")), _, false, false) => Kind::Object,
+        (None | Some(Some("array")), false, _, false) => Kind::Array,
+        (_, false, false, _) => {
+            Scalar::of(map, ignored).map_or(Kind::Leaf, |s| Kind::Scalar(Box::new(s)))
+        }
         _ => Kind::Leaf,
+    }
+}
+
+/// A keyword that does not validate here: an annotation, or a flag set to `false` (`true`
+/// is a keyword of the side's view).
+fn ignored(key: &str, value: &Value) -> bool {
+    ANNOTATIONS.contains(&key)
+        || (matches!(key, "readOnly" | "writeOnly") && value == &Value::Bool(false))
+}
+
+/// Whether `schema` can be compiled on its own, as it is: no reference, identifier or anchor
+/// anywhere in it (it is then the same schema wherever it is compiled from).
+pub fn self_contained(schema: &Value) -> bool {
+    match schema {
+        Value::Object(map) => map.iter().all(|(k, v)| {
+            !matches!(
+                k.as_str(),
+                "$ref"
+                    | "$dynamicRef"
+                    | "$recursiveRef"
+                    | "$id"
+                    | "$anchor"
+                    | "$dynamicAnchor"
+                    | "$recursiveAnchor"
+                    | "$schema"
+                    | "$vocabulary"
+            ) && self_contained(v)
+        }),
+        Value::Array(items) => items.iter().all(self_contained),
+        _ => true,
     }
 }
 

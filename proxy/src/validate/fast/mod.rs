@@ -31,6 +31,7 @@
 //! check accepts; the benchmark's order is accepted here (so the fast path is really taken).
 
 mod compile;
+mod scalar;
 mod scan;
 #[cfg(test)]
 mod tests;
@@ -38,8 +39,9 @@ mod tests;
 use jsonschema::Validator;
 
 use super::tape::Tape;
+use scalar::Scalar;
 
-pub(super) use compile::{compile, DocFacts};
+pub(super) use compile::{compile, self_contained, DocFacts};
 
 /// Deepest body nesting scanned; deeper bodies go to the full check (`serde_json`'s own
 /// limit is 128 levels).
@@ -58,6 +60,8 @@ enum Node {
     Unsure,
     /// A scalar, checked by `jsonschema` with its schema's own validator.
     Leaf(Box<Validator<Tape>>),
+    /// A scalar whose schema is only a type, bounds and lengths: checked here.
+    Scalar(Box<Scalar>),
     Object(Box<ObjectNode>),
     Array(Box<ArrayNode>),
 }
@@ -108,10 +112,21 @@ impl FastBody {
 // === impl ObjectNode ===
 
 impl ObjectNode {
-    /// The property named `key`, and its required bit.
-    fn find(&self, key: &str) -> Option<(u64, Option<&Node>)> {
-        let i = self.props.iter().position(|(name, _)| &**name == key)?;
+    /// The property named `key` (searched from `from` on, then from the start): its index,
+    /// its required bit and its schema.
+    fn find(&self, key: &str, from: usize) -> Option<(usize, u64, Option<&Node>)> {
+        let same = |(name, _): &(Box<str>, Option<Node>)| same_key(name.as_bytes(), key.as_bytes());
+        let tail = self.props.get(from..).unwrap_or_default();
+        let i = match tail.iter().position(same) {
+            Some(i) => from + i,
+            None => self.props.get(..from)?.iter().position(same)?,
+        };
         let bit = if i < 64 { 1 << i } else { 0 };
-        Some((bit, self.props[i].1.as_ref()))
+        Some((i, bit, self.props[i].1.as_ref()))
     }
+}
+
+/// Two keys compared in line: they are short, and most differ in length or first byte.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }

@@ -64,6 +64,10 @@ impl<'a> Scan<'a> {
                     false => Err(Unsure),
                 }
             }
+            Node::Scalar(rule) => match rule.admits(&self.scalar()?) {
+                true => Ok(()),
+                false => Err(Unsure),
+            },
             Node::Object(o) => self.object(o),
             Node::Array(a) => self.array(a),
         }
@@ -87,6 +91,8 @@ impl<'a> Scan<'a> {
         self.eat(b'{')?;
         self.enter()?;
         let mut seen = 0u64;
+        // members usually come in the schema's order: each search starts after the last found
+        let mut next = 0;
         self.ws();
         if self.peek()? == b'}' {
             self.i += 1;
@@ -96,9 +102,10 @@ impl<'a> Scan<'a> {
                 let key = self.string()?;
                 self.ws();
                 self.eat(b':')?;
-                match o.find(key) {
-                    Some((bit, node)) => {
+                match o.find(key, next) {
+                    Some((i, bit, node)) => {
                         seen |= bit;
+                        next = i + 1;
                         match node {
                             Some(node) => self.value(node)?,
                             None => self.additional(&o.additional)?,
@@ -180,16 +187,16 @@ impl<'a> Scan<'a> {
     fn string(&mut self) -> Step<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
-        loop {
-            match *self.b.get(self.i).ok_or(Unsure)? {
-                b'"' => break,
-                b'\\' | 0..=0x1f => return Err(Unsure),
-                _ => self.i += 1,
-            }
+        let rest = self.b.get(start..).ok_or(Unsure)?;
+        let len = rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .ok_or(Unsure)?;
+        if rest[len] != b'"' {
+            return Err(Unsure);
         }
-        let s = self.text.get(start..self.i).ok_or(Unsure)?;
-        self.i += 1;
-        Ok(s)
+        self.i = start + len + 1;
+        self.text.get(start..start + len).ok_or(Unsure)
     }
 
     /// A number, read to the `Number` `serde_json` makes of it.
@@ -206,19 +213,19 @@ impl<'a> Scan<'a> {
         if negative {
             self.i += 1;
         }
-        let int_start = self.i;
-        match self.peek()? {
-            b'0' => self.i += 1,
-            b'1'..=b'9' => self.digits(),
+        let mut significand = 0u64;
+        let int_digits = match self.peek()? {
+            b'0' => {
+                self.i += 1;
+                1
+            }
+            b'1'..=b'9' => self.digits(&mut significand),
             _ => return Err(Unsure),
-        }
-        let int_digits = self.i - int_start;
+        };
         let mut frac_digits = 0;
         if self.b.get(self.i) == Some(&b'.') {
             self.i += 1;
-            let from = self.i;
-            self.digits();
-            frac_digits = self.i - from;
+            frac_digits = self.digits(&mut significand);
             if frac_digits == 0 {
                 return Err(Unsure);
             }
@@ -229,9 +236,7 @@ impl<'a> Scan<'a> {
             if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
                 self.i += 1;
             }
-            let from = self.i;
-            self.digits();
-            if self.i == from {
+            if self.digits(&mut 0) == 0 {
                 return Err(Unsure);
             }
         }
@@ -240,13 +245,19 @@ impl<'a> Scan<'a> {
             int_digits,
             frac_digits,
             exponent,
+            significand,
         })
     }
 
-    fn digits(&mut self) {
-        while matches!(self.b.get(self.i), Some(b'0'..=b'9')) {
+    /// Digits, appended to `value` (which wraps past 19 digits: [`number`] does not use it
+    /// then); how many.
+    fn digits(&mut self, value: &mut u64) -> usize {
+        let from = self.i;
+        while let Some(&c @ b'0'..=b'9') = self.b.get(self.i) {
+            *value = value.wrapping_mul(10).wrapping_add(u64::from(c - b'0'));
             self.i += 1;
         }
+        self.i - from
     }
 
     fn literal(&mut self, word: &[u8]) -> Step {
@@ -296,16 +307,16 @@ struct Shape {
     int_digits: usize,
     frac_digits: usize,
     exponent: bool,
+    /// The integer and fraction digits as one integer (meaningful up to 19 digits).
+    significand: u64,
 }
 
 /// The `Number` `serde_json` reads `text` (of `shape`) as: short integers and short decimals
 /// here, anything else by `serde_json`'s own reading (`Number::from_str`, its parser's).
 fn number(text: &str, shape: Shape) -> Step<Number> {
-    let digits = text.strip_prefix('-').unwrap_or(text);
     let all = shape.int_digits + shape.frac_digits;
     if !shape.exponent && shape.frac_digits == 0 && all <= MAX_INT_DIGITS {
-        let n = significand(digits.as_bytes());
-        return match (shape.negative, n) {
+        return match (shape.negative, shape.significand) {
             (false, n) => Ok(Number::from(n)),
             // `-0` is the float -0.0 to serde_json
             (true, 0) => text.parse().map_err(|_| Unsure),
@@ -315,18 +326,12 @@ fn number(text: &str, shape: Shape) -> Step<Number> {
         };
     }
     if !shape.exponent && all <= MAX_DECIMAL_DIGITS {
-        let n = significand(digits.as_bytes()) as f64 / POW10[shape.frac_digits];
+        // exact: at most 15 digits
+        let n = shape.significand as f64 / POW10[shape.frac_digits];
         let n = if shape.negative { -n } else { n };
         return Number::from_f64(n).ok_or(Unsure);
     }
     text.parse().map_err(|_| Unsure)
-}
-
-/// The digits of `text` (the point skipped) as one integer; at most 18 digits.
-fn significand(text: &[u8]) -> u64 {
-    text.iter()
-        .filter(|c| c.is_ascii_digit())
-        .fold(0, |n, c| n * 10 + u64::from(c - b'0'))
 }
 
 #[cfg(test)]

@@ -173,6 +173,54 @@ fn structure_keywords_follow_json_schema() {
             json!(true),
             vec![(r#"{"a":[1,{"b":null}]}"#, true), ("1", true), ("", false)],
         ),
+        // a type, bounds and lengths are checked in place, exactly
+        (
+            json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+            vec![
+                ("1", true),
+                ("0", false),
+                ("1000", true),
+                ("1001", false),
+                ("-1", false),
+                ("1.0", false),
+                ("\"1\"", false),
+            ],
+        ),
+        (
+            json!({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 2.5}),
+            vec![
+                ("0", false),
+                ("1e-300", true),
+                ("-0.0", false),
+                ("0.1", true),
+                ("2.5", false),
+                ("2.4999", true),
+                ("2", true),
+            ],
+        ),
+        (
+            json!({"maximum": 9007199254740993_u64}),
+            vec![
+                ("9007199254740993", true),
+                ("9007199254740994", false),
+                ("9007199254740992.0", false),
+                ("1.5", false),
+                ("\"x\"", true),
+            ],
+        ),
+        (
+            json!({"type": ["string", "null", "integer"], "minLength": 2, "maxLength": 3}),
+            vec![
+                ("\"é\"", false),
+                ("\"éé\"", true),
+                ("\"abcd\"", false),
+                ("null", true),
+                ("7", true),
+                ("7.5", false),
+                ("true", false),
+                ("[]", false),
+            ],
+        ),
     ];
     for (schema, bodies) in cases {
         let spec = spec(&schema);
