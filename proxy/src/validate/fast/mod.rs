@@ -115,18 +115,19 @@ impl ObjectNode {
     /// The property named `key` (searched from `from` on, then from the start): its index,
     /// its required bit and its schema.
     fn find(&self, key: &str, from: usize) -> Option<(usize, u64, Option<&Node>)> {
-        let same = |(name, _): &(Box<str>, Option<Node>)| same_key(name.as_bytes(), key.as_bytes());
-        let tail = self.props.get(from..).unwrap_or_default();
-        let i = match tail.iter().position(same) {
-            Some(i) => from + i,
-            None => self.props.get(..from)?.iter().position(same)?,
-        };
-        let bit = if i < 64 { 1 << i } else { 0 };
-        Some((i, bit, self.props[i].1.as_ref()))
+        let (key, n) = (key.as_bytes(), self.props.len());
+        let mut i = from;
+        for _ in 0..n {
+            if i >= n {
+                i = 0;
+            }
+            let (name, node) = &self.props[i];
+            if name.len() == key.len() && name.as_bytes() == key {
+                let bit = if i < 64 { 1 << i } else { 0 };
+                return Some((i, bit, node.as_ref()));
+            }
+            i += 1;
+        }
+        None
     }
-}
-
-/// Two keys compared in line: they are short, and most differ in length or first byte.
-fn same_key(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
