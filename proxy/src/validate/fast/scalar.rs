@@ -24,7 +24,7 @@ pub(super) struct Scalar {
     /// `None`: no `type` keyword, any scalar type.
     types: Option<Types>,
     /// Each bound: the limit, and the orderings of the number against it that pass.
-    bounds: Vec<(Number, Pass)>,
+    bounds: Vec<(Limit, Pass)>,
     min_length: u64,
     max_length: u64,
 }
@@ -36,6 +36,13 @@ struct Types {
     integer: bool,
     number: bool,
     string: bool,
+}
+
+/// A bound's limit, read once.
+#[derive(Clone, Copy)]
+enum Limit {
+    Integer(i128),
+    Float(f64),
 }
 
 #[derive(Clone, Copy)]
@@ -85,7 +92,11 @@ impl Scalar {
             let Value::Number(limit) = value else {
                 return None;
             };
-            s.bounds.push((limit.clone(), pass));
+            let limit = match integer(limit) {
+                Some(i) => Limit::Integer(i),
+                None => Limit::Float(limit.as_f64()?),
+            };
+            s.bounds.push((limit, pass));
         }
         Some(s)
     }
@@ -119,7 +130,7 @@ impl Scalar {
 }
 
 /// `n` against `limit`, when the comparison is exact.
-fn passes(n: &Number, limit: &Number, pass: Pass) -> bool {
+fn passes(n: &Number, limit: &Limit, pass: Pass) -> bool {
     let Some(ord) = compare(n, limit) else {
         return false;
     };
@@ -131,12 +142,12 @@ fn passes(n: &Number, limit: &Number, pass: Pass) -> bool {
     }
 }
 
-fn compare(a: &Number, b: &Number) -> Option<Ordering> {
-    match (integer(a), integer(b)) {
-        (Some(x), Some(y)) => Some(x.cmp(&y)),
-        (Some(x), None) => exact_f64(x)?.partial_cmp(&b.as_f64()?),
-        (None, Some(y)) => a.as_f64()?.partial_cmp(&exact_f64(y)?),
-        (None, None) => a.as_f64()?.partial_cmp(&b.as_f64()?),
+fn compare(a: &Number, b: &Limit) -> Option<Ordering> {
+    match (integer(a), *b) {
+        (Some(x), Limit::Integer(y)) => Some(x.cmp(&y)),
+        (Some(x), Limit::Float(y)) => exact_f64(x)?.partial_cmp(&y),
+        (None, Limit::Integer(y)) => a.as_f64()?.partial_cmp(&exact_f64(y)?),
+        (None, Limit::Float(y)) => a.as_f64()?.partial_cmp(&y),
     }
 }
 
@@ -147,7 +158,9 @@ fn integer(n: &Number) -> Option<i128> {
 }
 
 fn exact_f64(n: i128) -> Option<f64> {
-    (n.unsigned_abs() <= u128::from(EXACT_IN_F64)).then_some(n as f64)
+    // through `i64`: a machine conversion, not `i128`'s library call
+    let n = i64::try_from(n).ok()?;
+    (n.unsigned_abs() <= EXACT_IN_F64).then_some(n as f64)
 }
 
 // === impl Types ===
