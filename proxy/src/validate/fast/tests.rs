@@ -246,6 +246,21 @@ fn read_only_properties_are_left_to_the_full_check() {
 }
 
 #[test]
+fn hostile_bodies_are_left_to_the_full_check() {
+    let spec = spec(&json!(true));
+    let v = body(&spec);
+    let deep = "[".repeat(100_000);
+    assert!(!check(v, deep.as_bytes()), "past 64 levels: not sure");
+    let at_limit = format!("{}{}", "[".repeat(64), "]".repeat(64));
+    assert!(check(v, at_limit.as_bytes()));
+    let past = format!("{}{}", "[".repeat(65), "]".repeat(65));
+    assert!(!check(v, past.as_bytes()));
+    let long = format!("\"{}\"", "x".repeat(4 << 20));
+    assert!(check(v, long.as_bytes()));
+    assert!(!check(v, b"\"\xff\""), "not UTF-8");
+}
+
+#[test]
 fn large_or_dynamic_schemas_get_no_scan() {
     let props: serde_json::Map<String, Value> = (0..300)
         .map(|i| (format!("p{i}"), json!({"type": "string"})))
