@@ -48,6 +48,10 @@ max_rps() { # NAME URL [oha args...]
     jq -r '.summary.requestsPerSec' "$D/$name.json"
 }
 codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
+# KiB and files in nginx's cache directory (its manager deletes files meanwhile: du and find
+# may find one gone, which is no error here).
+nginx_cache_kib() { { du -sk "$D/nginx/cache" 2>/dev/null || true; } | cut -f1; }
+nginx_cache_files() { { find "$D/nginx/cache" -type f 2>/dev/null || true; } | wc -l; }
 cache_status() { # URL: its X-Cache-Status
     curl -s -o /dev/null -D - "$1" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }'
 }
@@ -80,15 +84,15 @@ for k in $(seq 60); do
     taskset -c 0 oha -z 2s -c 64 --no-tui --output-format json --rand-regex-url \
         "http://127.0.0.1:$NGINX/fill$k/[a-z]{16}" >"$D/nginx-fill.json" 2>/dev/null || die "oha failed (nginx fill)"
     filled=$((filled + $(jq '.statusCodeDistribution."200" // 0' "$D/nginx-fill.json")))
-    ((filled > 100000 && $(du -sk "$D/nginx/cache" | cut -f1) > 65536)) && break
+    ((filled > 100000 && $(nginx_cache_kib) > 65536)) && break
 done
 ((filled > 100000)) || die "nginx's cache did not fill ($filled requests)"
 [[ "$(cache_status "http://127.0.0.1:$NGINX/miss/check")" == MISS ]] || die "nginx does not answer a new URL as a MISS"
 max_rps_cpu "$NGINX_PID" nginx-miss "http://127.0.0.1:$NGINX/miss/[a-z]{16}" --rand-regex-url >"$D/rps"
 nginx_miss_rps=$(cat "$D/rps") nginx_miss_cpu=$CPU_US
 nginx_miss_codes=$(codes nginx-miss)
-nginx_files=$(find "$D/nginx/cache" -type f | wc -l)
-nginx_held=$(du -sk "$D/nginx/cache" | cut -f1)
+nginx_files=$(nginx_cache_files)
+nginx_held=$(nginx_cache_kib)
 
 start_sidecar 1
 curl -sf -o /dev/null "http://127.0.0.1:$S_IN/hit"
