@@ -576,10 +576,10 @@ impl Plan {
                 }
                 tracing::trace!(?why, "response not stored");
             }
-            Ok((e, expected)) => {
-                let tee = match expected.filter(|n| *n > spec.max_object_bytes) {
-                    Some(n) => self.disk_tee(&fetch, e, leader, n),
-                    None => Some(self.memory_tee(fetch, e, leader, expected)),
+            Ok(built) => {
+                let tee = match built.expected.filter(|n| *n > spec.max_object_bytes) {
+                    Some(n) => self.disk_tee(&fetch, built.entry, leader, n),
+                    None => Some(self.memory_tee(fetch, built, leader)),
                 };
                 match tee {
                     Some(tee) => tee_into(resp, tee),
@@ -612,9 +612,8 @@ impl Plan {
     fn memory_tee(
         &mut self,
         fetch: entry::Fetch,
-        e: Arc<Entry>,
+        built: entry::Built,
         leader: Option<Leader>,
-        expected: Option<u64>,
     ) -> Box<Tee> {
         let limit = usize::try_from(self.policy.spec.max_object_bytes).unwrap_or(usize::MAX);
         let pending = tee::Pending {
@@ -623,16 +622,13 @@ impl Plan {
             primary: std::mem::take(&mut self.primary),
             hash: self.hash,
             req_headers: fetch.headers,
-            entry: e,
+            entry: built.entry,
             purged: self.shared.purge_check(fetch.started),
             started: fetch.started,
             _leader: leader,
         };
-        Tee::new(
-            pending,
-            limit,
-            expected.and_then(|n| usize::try_from(n).ok()),
-        )
+        let expected = built.expected.and_then(|n| usize::try_from(n).ok());
+        Tee::new(pending, limit, expected, built.body)
     }
 
     /// Write a body announced too large for memory to the disk tier as it streams; `None`
