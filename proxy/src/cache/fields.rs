@@ -152,7 +152,11 @@ mod tests {
         room.extend_from_slice(b"hello");
         assert_eq!(room.capacity(), before, "no allocation for what fits");
         let body = room.freeze();
-        let value = f.get(&http::header::ETAG).unwrap().as_bytes().as_ptr_range();
+        let value = f
+            .get(&http::header::ETAG)
+            .unwrap()
+            .as_bytes()
+            .as_ptr_range();
         assert_eq!(value.end, body.as_ptr(), "the body follows the values");
     }
 

@@ -273,7 +273,7 @@ impl Inbound {
         let resp = match self.cache.plan(&req, consumer.as_deref()) {
             None => self.forward(req, client, peer).await?,
             // Boxed by the cache (see `Plan::serve`).
-            Some(plan) => plan.serve(req, |req| self.forward(req, client, peer)).await?,
+            Some(plan) => plan.serve(req, |r| self.forward(r, client, peer)).await?,
         };
         Ok(admission::hold(resp, permits))
     }
