@@ -42,7 +42,9 @@ impl Fields {
 
     /// [`Fields::copied`], their buffer allocated with `room` bytes more, returned empty
     /// after the values: the body's buffer, in the same allocation (one allocation and one
-    /// free less per stored response; they live and die with the entry together).
+    /// free less per stored response; they live and die with the entry together). An entry
+    /// refreshed by a 304 copies its new values into a buffer of their own and keeps the
+    /// body's, with the old values in it: a few hundred bytes, until the entry goes.
     pub fn copied_with_room<'a>(
         fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
         count: usize,
