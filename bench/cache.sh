@@ -4,7 +4,9 @@
 #     nginx (proxy_cache, proxy_cache_lock) and through a Trellis sidecar (inbound, plain HTTP,
 #     a CachePolicy), both in front of the same backend sending `Cache-Control: max-age=600`;
 #  2. miss path: a distinct URL per request (every request a miss, stored), through the
-#     sidecar with the CachePolicy and through the same sidecar without one.
+#     sidecar with the CachePolicy and through the same sidecar without one; and nginx's own
+#     reference, the same URLs through nginx's proxy_cache (full and evicting) and through the
+#     same nginx configuration without proxy_cache.
 # Load on core 0, proxies and the backend on core 1; nginx gets one worker.
 #
 #   bash bench/cache.sh      # BENCH_SECONDS (10), BENCH_RATE (1000), BENCH_PORT_BASE (28600)
@@ -18,6 +20,7 @@ need oha nginx python3 jq curl
 build_release
 
 BACKEND=$BASE; NGINX=$((BASE + 1)); S_IN=$((BASE + 2)); S_OUT=$((BASE + 3)); S_ADM=$((BASE + 4))
+NGINX_PLAIN=$((BASE + 5))
 mkdir -p "$D/nginx/tmp" "$D/nginx/cache" "$D/certs"
 
 # The backend and the caching proxy: one nginx process each, one worker on core 1.
@@ -45,6 +48,13 @@ max_rps() { # NAME URL [oha args...]
     jq -r '.summary.requestsPerSec' "$D/$name.json"
 }
 codes() { jq -c '.statusCodeDistribution' "$D/$1.json"; }
+# KiB and files in nginx's cache directory (its manager deletes files meanwhile: du and find
+# may find one gone, which is no error here).
+nginx_cache_kib() { { du -sk "$D/nginx/cache" 2>/dev/null || true; } | cut -f1; }
+nginx_cache_files() { { find "$D/nginx/cache" -type f 2>/dev/null || true; } | wc -l; }
+cache_status() { # URL: its X-Cache-Status
+    curl -s -o /dev/null -D - "$1" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }'
+}
 # max_rps_cpu PID NAME URL [oha args...]: req/s, and CPU_US the process's µs per request.
 max_rps_cpu() {
     local pid="$1" t0 t1 rps; shift
@@ -57,16 +67,36 @@ max_rps_cpu() {
 
 wait_http backend "http://127.0.0.1:$BACKEND/"
 wait_http nginx "http://127.0.0.1:$NGINX/hit"
+wait_http "nginx without proxy_cache" "http://127.0.0.1:$NGINX_PLAIN/hit"
 curl -sf -o /dev/null "http://127.0.0.1:$NGINX/hit"
-[[ "$(curl -s -o /dev/null -D - "http://127.0.0.1:$NGINX/hit" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }')" == HIT ]] ||
-    die "nginx does not answer /hit from its cache"
+[[ "$(cache_status "http://127.0.0.1:$NGINX/hit")" == HIT ]] || die "nginx does not answer /hit from its cache"
 max_rps_cpu "$NGINX_PID" nginx-hit "http://127.0.0.1:$NGINX/hit" >"$D/rps"; nginx_rps=$(cat "$D/rps") nginx_cpu=$CPU_US
 read -r nginx_p50 nginx_p99 < <(fixed_rate nginx-hit-rate "http://127.0.0.1:$NGINX/hit")
 
+# nginx's stored miss against nginx without proxy_cache, the same URLs. Its cache full and
+# evicting first: past max_size (64 MiB of files, which its cache manager then trims, at most
+# 100 files per 50 ms by default) and past its keys zone's ~80,000 keys (10 MiB), beyond which
+# each miss's worker evicts the least recently used entries itself.
+max_rps_cpu "$NGINX_PLAIN_PID" nginx-plain "http://127.0.0.1:$NGINX_PLAIN/miss/[a-z]{16}" --rand-regex-url >"$D/rps"
+nginx_plain_rps=$(cat "$D/rps") nginx_plain_cpu=$CPU_US
+filled=0
+for k in $(seq 60); do
+    taskset -c 0 oha -z 2s -c 64 --no-tui --output-format json --rand-regex-url \
+        "http://127.0.0.1:$NGINX/fill$k/[a-z]{16}" >"$D/nginx-fill.json" 2>/dev/null || die "oha failed (nginx fill)"
+    filled=$((filled + $(jq '.statusCodeDistribution."200" // 0' "$D/nginx-fill.json")))
+    ((filled > 100000 && $(nginx_cache_kib) > 65536)) && break
+done
+((filled > 100000)) || die "nginx's cache did not fill ($filled requests)"
+[[ "$(cache_status "http://127.0.0.1:$NGINX/miss/check")" == MISS ]] || die "nginx does not answer a new URL as a MISS"
+max_rps_cpu "$NGINX_PID" nginx-miss "http://127.0.0.1:$NGINX/miss/[a-z]{16}" --rand-regex-url >"$D/rps"
+nginx_miss_rps=$(cat "$D/rps") nginx_miss_cpu=$CPU_US
+nginx_miss_codes=$(codes nginx-miss)
+nginx_files=$(nginx_cache_files)
+nginx_held=$(nginx_cache_kib)
+
 start_sidecar 1
 curl -sf -o /dev/null "http://127.0.0.1:$S_IN/hit"
-[[ "$(curl -s -o /dev/null -D - "http://127.0.0.1:$S_IN/hit" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache-status" { print $2 }')" == HIT ]] ||
-    die "the sidecar does not answer /hit from its cache"
+[[ "$(cache_status "http://127.0.0.1:$S_IN/hit")" == HIT ]] || die "the sidecar does not answer /hit from its cache"
 max_rps_cpu "$SC" trellis-hit "http://127.0.0.1:$S_IN/hit" >"$D/rps"; hit_rps=$(cat "$D/rps") hit_cpu=$CPU_US
 read -r hit_p50 hit_p99 < <(fixed_rate trellis-hit-rate "http://127.0.0.1:$S_IN/hit")
 # The miss path at steady state: a cache that is full and evicting, as it is after its first
@@ -96,7 +126,11 @@ printf '| nginx proxy_cache hit | %.0f | %s | %.3f | %.3f |\n' "$nginx_rps" "$ng
 printf '| Trellis sidecar cache hit | %.0f | %s | %.3f | %.3f |\n' "$hit_rps" "$hit_cpu" "$hit_p50" "$hit_p99"
 printf '| Trellis sidecar, every request a miss (stored, cache full) | %.0f | %s | | |\n' "$miss_rps" "$miss_cpu"
 printf '| Trellis sidecar without a cache policy, same URLs | %.0f | %s | | |\n' "$plain_rps" "$plain_cpu"
+printf '| nginx proxy_cache, every request a miss (stored, cache full) | %.0f | %s | | |\n' "$nginx_miss_rps" "$nginx_miss_cpu"
+printf '| nginx without proxy_cache, same URLs | %.0f | %s | | |\n' "$nginx_plain_rps" "$nginx_plain_cpu"
 echo
-echo "miss statuses: $miss_codes"
+echo "miss statuses: Trellis $miss_codes, nginx $nginx_miss_codes"
 awk -v h="$held" -v r="$rss_full" -v p="$rss_plain" 'BEGIN { printf "cache full: %.1f MiB held (bound 64 MiB), sidecar RSS %.1f MiB (%.1f MiB without a policy)\n", h / 1048576, r / 1048576, p / 1048576 }'
-awk -v m="$miss_cpu" -v p="$plain_cpu" 'BEGIN { printf "miss-path CPU overhead vs no cache: %+.1f %%\n", (m / p - 1) * 100 }'
+awk -v f="$filled" -v n="$nginx_files" -v k="$nginx_held" 'BEGIN { printf "nginx: filled with %d requests; after its miss run %d cache files, %.1f MiB on disk (max_size 64 MiB)\n", f, n, k / 1024 }'
+awk -v m="$miss_cpu" -v p="$plain_cpu" 'BEGIN { printf "miss-path CPU overhead vs no cache: Trellis %+.1f %%", (m / p - 1) * 100 }'
+awk -v m="$nginx_miss_cpu" -v p="$nginx_plain_cpu" 'BEGIN { printf ", nginx %+.1f %%\n", (m / p - 1) * 100 }'

@@ -113,33 +113,43 @@ CONF
     PIDS+=($!)
 }
 
-# Wait (at most 10 s) until `curl CURL-ARGS...` succeeds.
 # nginx's proxy_cache on $NGINX in front of the backend on $BACKEND, configured as a careful
 # operator would (lock, revalidate, use_stale, background update), and that backend (its
-# server block given), each one worker on core 1; NGINX_PID is the cache's.
+# server block given), each one worker on core 1; NGINX_PID is the cache's. With
+# $NGINX_PLAIN set, also the same proxy without proxy_cache on that port (its own process, one
+# worker on core 1, NGINX_PLAIN_PID): what the cache adds to nginx's own forwarding.
 start_nginx_cache() { # MAX-SIZE BACKEND-SERVER-BLOCK [HTTP-EXTRA]
     local max="$1" server="$2" extra="${3:-}"
     mkdir -p "$D/nginx/tmp" "$D/nginx/cache"
     { nginx_conf_head backend; printf '%s\n  %s\n}\n' "$extra" "$server"; } >"$D/nginx/backend.conf"
-    { nginx_conf_head cache; cat <<CONF
+    # The forwarding both proxies share; the cache's directives are the last two arguments.
+    nginx_proxy_conf() { # NAME PORT HTTP-CACHE-DIRECTIVES LOCATION-CACHE-DIRECTIVES
+        nginx_conf_head "$1"; cat <<CONF
   $extra
-  proxy_cache_path $D/nginx/cache keys_zone=c:10m max_size=$max;
+  $3
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
   server {
-    listen 127.0.0.1:$NGINX; keepalive_requests 1000000;
+    listen 127.0.0.1:$2; keepalive_requests 1000000;
     location / {
       proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_cache c; proxy_cache_lock on; proxy_cache_revalidate on;
-      proxy_cache_use_stale error timeout updating; proxy_cache_background_update on;
+      $4
       add_header X-Cache-Status \$upstream_cache_status;
     }
   }
 }
 CONF
-    } >"$D/nginx/cache.conf"
+    }
+    nginx_proxy_conf cache "$NGINX" "proxy_cache_path $D/nginx/cache keys_zone=c:10m max_size=$max;" \
+        'proxy_cache c; proxy_cache_lock on; proxy_cache_revalidate on;
+      proxy_cache_use_stale error timeout updating; proxy_cache_background_update on;' >"$D/nginx/cache.conf"
     taskset -c 1 nginx -c "$D/nginx/backend.conf" -p "$D/nginx" -g 'daemon off;' & PIDS+=($!)
     taskset -c 1 nginx -c "$D/nginx/cache.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PID=$!
     PIDS+=("$NGINX_PID")
+    if [[ -n "${NGINX_PLAIN:-}" ]]; then
+        nginx_proxy_conf plain "$NGINX_PLAIN" '' '' >"$D/nginx/plain.conf"
+        taskset -c 1 nginx -c "$D/nginx/plain.conf" -p "$D/nginx" -g 'daemon off;' & NGINX_PLAIN_PID=$!
+        PIDS+=("$NGINX_PLAIN_PID")
+    fi
 }
 
 # CPU ticks (user + system) of a process and its children (nginx's worker).
@@ -149,6 +159,7 @@ tree_ticks() { # PID
     for p in $pids; do cat "/proc/$p/stat"; done | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t }'
 }
 
+# Wait (at most 10 s) until `curl CURL-ARGS...` succeeds.
 wait_http() { # WHAT CURL-ARGS...
     local what="$1"; shift
     for _ in $(seq 100); do

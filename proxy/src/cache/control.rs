@@ -48,56 +48,45 @@ impl CacheControl {
 
     /// One `Cache-Control` field's directives (a field may be sent more than once).
     ///
-    /// Split and trimmed by hand on bytes (`,`, `=`, `"` and the spaces are ASCII, so every
-    /// cut is on a character boundary): `str::split`, `trim` and `trim_matches` went through
-    /// the generic pattern searchers and Unicode whitespace, about 600 instructions for one
-    /// `max-age=600`.
+    /// On bytes, by hand (`,`, `=`, `"` and the spaces are ASCII): `str::split`, `trim` and
+    /// `trim_matches` went through the generic pattern searchers and Unicode whitespace, about
+    /// 600 instructions for one `max-age=600`. A name is matched by its length first, then
+    /// compared ignoring case in place (no lower-case copy), and a delta-seconds is read as
+    /// `u64`'s parse reads it (an optional `+`, digits, no overflow).
     pub fn add(&mut self, v: &HeaderValue) {
-        let Ok(v) = v.to_str() else { return };
-        let mut rest = v;
-        loop {
-            let (d, more) = match rest.bytes().position(|b| b == b',') {
-                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
-                None => (rest, None),
-            };
-            let (name, arg) = match d.bytes().position(|b| b == b'=') {
-                Some(i) => (ows(&d[..i]), Some(trim_byte(ows(&d[i + 1..]), b'"'))),
-                None => (ows(d), None),
-            };
-            // Compared lower-case in a buffer on the stack (no allocation): every directive
-            // known is shorter, a longer name is an unknown one.
-            let mut lower = [0u8; 24];
-            if let Some(buf) = lower.get_mut(..name.len()) {
-                buf.copy_from_slice(name.as_bytes());
-                buf.make_ascii_lowercase();
-                self.directive(buf, arg);
-            }
-            match more {
-                Some(m) => rest = m,
-                None => break,
+        // obs-text: the whole field is ignored.
+        if v.to_str().is_err() {
+            return;
+        }
+        for d in v.as_bytes().split(|b| *b == b',') {
+            match d.iter().position(|b| *b == b'=') {
+                Some(i) => self.directive(ows(&d[..i]), Some(trim_quotes(ows(&d[i + 1..])))),
+                None => self.directive(ows(d), None),
             }
         }
     }
 
-    fn directive(&mut self, name: &[u8], arg: Option<&str>) {
-        let secs = || Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0));
-        match name {
-            b"max-age" => self.max_age = secs(),
-            b"s-maxage" => self.s_maxage = secs(),
-            b"no-store" => self.no_store = true,
-            b"no-cache" => self.no_cache = true,
-            b"private" => self.private = true,
-            b"public" => self.public = true,
-            b"must-revalidate" => self.must_revalidate = true,
-            b"proxy-revalidate" => self.proxy_revalidate = true,
-            b"only-if-cached" => self.only_if_cached = true,
+    fn directive(&mut self, name: &[u8], arg: Option<&[u8]>) {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        // A malformed or missing value counts as 0 (see the type's doc).
+        let secs = || Some(arg.and_then(delta_seconds).unwrap_or(0));
+        match name.len() {
+            6 if is(b"public") => self.public = true,
+            7 if is(b"max-age") => self.max_age = secs(),
+            7 if is(b"private") => self.private = true,
+            8 if is(b"s-maxage") => self.s_maxage = secs(),
+            8 if is(b"no-store") => self.no_store = true,
+            8 if is(b"no-cache") => self.no_cache = true,
             // Without a value, any staleness is accepted.
-            b"max-stale" => {
-                self.max_stale = Some(arg.map_or(u64::MAX, |a| a.parse().unwrap_or(0)));
+            9 if is(b"max-stale") => {
+                self.max_stale = Some(arg.map_or(u64::MAX, |a| delta_seconds(a).unwrap_or(0)));
             }
-            b"min-fresh" => self.min_fresh = secs(),
-            b"stale-while-revalidate" => self.stale_while_revalidate = secs(),
-            b"stale-if-error" => self.stale_if_error = secs(),
+            9 if is(b"min-fresh") => self.min_fresh = secs(),
+            14 if is(b"only-if-cached") => self.only_if_cached = true,
+            14 if is(b"stale-if-error") => self.stale_if_error = secs(),
+            15 if is(b"must-revalidate") => self.must_revalidate = true,
+            16 if is(b"proxy-revalidate") => self.proxy_revalidate = true,
+            22 if is(b"stale-while-revalidate") => self.stale_while_revalidate = secs(),
             _ => {}
         }
     }
@@ -109,27 +98,38 @@ impl CacheControl {
     }
 }
 
-/// `s` without leading and trailing spaces and tabs (RFC 9110 OWS; a header value's
-/// string holds no other whitespace).
-fn ows(s: &str) -> &str {
-    let b = s.as_bytes();
-    let start = b
+/// `s` without leading and trailing spaces and tabs (RFC 9110 OWS).
+fn ows(s: &[u8]) -> &[u8] {
+    let start = s
         .iter()
         .position(|c| *c != b' ' && *c != b'\t')
-        .unwrap_or(b.len());
-    let end = b
+        .unwrap_or(s.len());
+    let end = s
         .iter()
         .rposition(|c| *c != b' ' && *c != b'\t')
         .map_or(start, |i| i + 1);
     s.get(start..end).unwrap_or_default()
 }
 
-/// `s` without any leading and trailing `c` (an ASCII byte).
-fn trim_byte(s: &str, c: u8) -> &str {
-    let b = s.as_bytes();
-    let start = b.iter().position(|x| *x != c).unwrap_or(b.len());
-    let end = b.iter().rposition(|x| *x != c).map_or(start, |i| i + 1);
+/// `s` without any leading and trailing `"`.
+fn trim_quotes(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|x| *x != b'"').unwrap_or(s.len());
+    let end = s.iter().rposition(|x| *x != b'"').map_or(start, |i| i + 1);
     s.get(start..end).unwrap_or_default()
+}
+
+/// A delta-seconds as `u64::from_str` reads it: an optional `+`, then at least one digit and
+/// nothing else; `None` when malformed or too large.
+fn delta_seconds(s: &[u8]) -> Option<u64> {
+    let digits = s.strip_prefix(b"+").unwrap_or(s);
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, c| {
+        let d = c.wrapping_sub(b'0');
+        (d <= 9).then_some(())?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// Why a response is not stored.
@@ -523,6 +523,18 @@ mod tests {
         assert_eq!(cc("max-age").max_age, Some(0));
         assert!(cc("=5, public").public);
         assert_eq!(cc("max-age=99999999999999999999999").max_age, Some(0));
+        assert_eq!(cc("max-age=18446744073709551615").max_age, Some(u64::MAX));
+        assert_eq!(cc("max-age=18446744073709551616").max_age, Some(0));
+        assert_eq!(cc("max-age=+").max_age, Some(0));
+        assert_eq!(cc("max-age=1 2").max_age, Some(0));
+        assert_eq!(cc("max-stale=oops").max_stale, Some(0));
+        assert_eq!(cc("MAX-STALE").max_stale, Some(u64::MAX));
+        // Same length as known names, not one of them.
+        let c = cc("max-agf=1, privatf, s-maxagf=1, only-if-cachee");
+        assert_eq!(c, CacheControl::default());
+        let c = cc("Only-If-Cached, STALE-IF-ERROR=9, Proxy-Revalidate, min-fresh=3");
+        assert!(c.only_if_cached && c.proxy_revalidate);
+        assert_eq!((c.stale_if_error, c.min_fresh), (Some(9), Some(3)));
         let mut several = CacheControl::default();
         several.add(&http::HeaderValue::from_static("max-age=1"));
         several.add(&http::HeaderValue::from_static("must-revalidate"));

@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use trellis_policies::CachePolicySpec;
@@ -74,15 +74,14 @@ impl Fetch {
     }
 
     /// The entry for `resp` (body still empty: set when it has arrived, while the `Arc` is
-    /// still the only one) and its announced length, or why it is not stored. In its `Arc`
-    /// from the start: an entry is a few hundred bytes, copied at every move on its way to
-    /// the store.
+    /// still the only one), or why it is not stored. In its `Arc` from the start: an entry is
+    /// a few hundred bytes, copied at every move on its way to the store.
     pub fn entry<B>(
         &self,
         resp: &Response<B>,
         spec: &CachePolicySpec,
         resource: &Arc<str>,
-    ) -> Result<(Arc<Entry>, Option<u64>), NotStored> {
+    ) -> Result<Built, NotStored> {
         let h = resp.headers();
         // One walk learns what storability, freshness and the copy need.
         let facts = Facts::of(h.iter());
@@ -98,7 +97,13 @@ impl Fetch {
         }
         let response_time = SystemTime::now();
         let kept = h.iter().filter(|(k, _)| Facts::keeps(k));
-        let headers = Fields::copied(kept, facts.kept, facts.kept_len);
+        // A body announced small enough for memory gets its buffer with the values'.
+        let room = facts
+            .length
+            .filter(|n| *n <= spec.max_object_bytes)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0);
+        let (headers, body) = Fields::copied_with_room(kept, facts.kept, facts.kept_len, room);
         let entry = Arc::new(Entry {
             status: resp.status(),
             lifetime: control::lifetime(&facts, spec.default_ttl, spec.max_ttl, response_time),
@@ -116,8 +121,22 @@ impl Fetch {
             body: Bytes::new(),
             disk: None,
         });
-        Ok((entry, facts.length))
+        Ok(Built {
+            entry,
+            expected: facts.length,
+            body,
+        })
     }
+}
+
+/// A stored response's entry before its body, from [`Fetch::entry`].
+pub struct Built {
+    pub entry: Arc<Entry>,
+    /// The body's announced length (`Content-Length`).
+    pub expected: Option<u64>,
+    /// Room for the body, in the allocation of the header values when it was announced small
+    /// enough for memory (empty otherwise: the tee allocates its own).
+    pub body: BytesMut,
 }
 
 /// The `Vary` names of a response without one: one shared empty list (an `Arc` of an empty
@@ -325,9 +344,10 @@ mod tests {
         let req = Request::get("/a").body(()).unwrap();
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
-        let (e, _) = Fetch::start(&req, &CacheControl::default(), false, false)
+        let e = Fetch::start(&req, &CacheControl::default(), false, false)
             .entry(&resp, &spec, &Arc::from("h\0/a"))
-            .unwrap();
+            .unwrap()
+            .entry;
         let stored = e.headers.to_map(0);
         assert_eq!(stored.get("cache-control").unwrap(), "max-age=60");
         assert_eq!(stored.get("etag").unwrap(), "\"v");

@@ -26,6 +26,7 @@ mod tee;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -404,19 +405,31 @@ impl Compiled {
 impl Plan {
     /// Answer the request from the cache, or through `upstream` (the listener's own forward).
     ///
+    /// Boxed: the cache's state (lookup, coalescing, storing, with the forward's future inside)
+    /// is larger than the rest of the request's; inline, every request would carry and copy
+    /// it, cached or not. Allocated first, then written: `Box::pin(f)` evaluates `f` before
+    /// it allocates, so the whole future (several KB) was built on the stack and copied to
+    /// the heap, about 500 instructions per request (docs/caching.md#benchmark; the same as
+    /// `listeners::server`'s `Boxed`).
+    ///
     /// Not an `async fn` itself: it returns the future of the kind's own, so that a lookup's
     /// (the large one) is not built and then moved into a second state machine around it.
     pub fn serve<B>(
         self,
         req: Request<B>,
         upstream: impl Upstream<B>,
-    ) -> impl Future<Output = Answer> {
+    ) -> Pin<Box<impl Future<Output = Answer>>> {
         use futures_util::future::Either;
-        match self.kind {
-            Kind::Lookup => Either::Left(self.lookup(req, upstream)),
-            Kind::Invalidate => Either::Right(Either::Left(self.invalidate(req, upstream))),
-            Kind::Bypass => Either::Right(Either::Right(self.bypass(req, upstream))),
-        }
+        let slot = Box::new_uninit();
+        let boxed = Box::write(
+            slot,
+            match self.kind {
+                Kind::Lookup => Either::Left(self.lookup(req, upstream)),
+                Kind::Invalidate => Either::Right(Either::Left(self.invalidate(req, upstream))),
+                Kind::Bypass => Either::Right(Either::Right(self.bypass(req, upstream))),
+            },
+        );
+        Box::into_pin(boxed)
     }
 
     async fn bypass<B>(self, req: Request<B>, upstream: impl Upstream<B>) -> Answer {
@@ -563,10 +576,10 @@ impl Plan {
                 }
                 tracing::trace!(?why, "response not stored");
             }
-            Ok((e, expected)) => {
-                let tee = match expected.filter(|n| *n > spec.max_object_bytes) {
-                    Some(n) => self.disk_tee(&fetch, e, leader, n),
-                    None => Some(self.memory_tee(fetch, e, leader, expected)),
+            Ok(built) => {
+                let tee = match built.expected.filter(|n| *n > spec.max_object_bytes) {
+                    Some(n) => self.disk_tee(&fetch, built.entry, leader, n),
+                    None => Some(self.memory_tee(fetch, built, leader)),
                 };
                 match tee {
                     Some(tee) => tee_into(resp, tee),
@@ -599,9 +612,8 @@ impl Plan {
     fn memory_tee(
         &mut self,
         fetch: entry::Fetch,
-        e: Arc<Entry>,
+        built: entry::Built,
         leader: Option<Leader>,
-        expected: Option<u64>,
     ) -> Box<Tee> {
         let limit = usize::try_from(self.policy.spec.max_object_bytes).unwrap_or(usize::MAX);
         let pending = tee::Pending {
@@ -610,16 +622,13 @@ impl Plan {
             primary: std::mem::take(&mut self.primary),
             hash: self.hash,
             req_headers: fetch.headers,
-            entry: e,
+            entry: built.entry,
             purged: self.shared.purge_check(fetch.started),
             started: fetch.started,
             _leader: leader,
         };
-        Tee::new(
-            pending,
-            limit,
-            expected.and_then(|n| usize::try_from(n).ok()),
-        )
+        let expected = built.expected.and_then(|n| usize::try_from(n).ok());
+        Tee::new(pending, limit, expected, built.body)
     }
 
     /// Write a body announced too large for memory to the disk tier as it streams; `None`

@@ -99,10 +99,11 @@ impl Job {
             }
             return Ok(());
         }
-        let Ok((entry, expected)) = fetch.entry(&resp, &self.spec, &self.resource) else {
+        let Ok(built) = fetch.entry(&resp, &self.spec, &self.resource) else {
             // Not storable now: the stale entry ends with its windows.
             return Ok(());
         };
+        let (entry, expected) = (built.entry, built.expected);
         let tee = match expected.filter(|n| *n > self.spec.max_object_bytes) {
             // Too large for memory: written to the disk tier as it arrives, if there is one.
             Some(n) => {
@@ -141,6 +142,7 @@ impl Job {
                     pending,
                     limit,
                     expected.and_then(|n| usize::try_from(n).ok()),
+                    built.body,
                 )
             }
         };

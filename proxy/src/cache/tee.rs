@@ -53,9 +53,20 @@ pub(super) struct Pending {
 impl Tee {
     /// Boxed from the start: a tee (with the entry in it) is large, and the response body
     /// keeps it boxed; built on the stack it was copied at every move on the way there.
-    pub(super) fn new(pending: Pending, limit: usize, expected: Option<usize>) -> Box<Self> {
+    /// `room` is the body's buffer when one was made with the entry's header values
+    /// ([`super::entry::Built::body`]); without one, it is allocated here.
+    pub(super) fn new(
+        pending: Pending,
+        limit: usize,
+        expected: Option<usize>,
+        room: BytesMut,
+    ) -> Box<Self> {
+        let buf = match room.capacity() {
+            0 => BytesMut::with_capacity(expected.unwrap_or(8 * 1024).min(limit)),
+            _ => room,
+        };
         Box::new(Self {
-            buf: BytesMut::with_capacity(expected.unwrap_or(8 * 1024).min(limit)),
+            buf,
             limit,
             expected,
             overflowed: false,
@@ -189,24 +200,25 @@ mod tests {
         let key = |s: &Store| s.lookup("p", &HeaderMap::new());
 
         // Announced 10 bytes, 5 arrived (the upstream closed mid-body): not stored.
-        let mut t = Tee::new(pending(&store), 100, Some(10));
+        let mut t = Tee::new(pending(&store), 100, Some(10), BytesMut::new());
         t.data(&Bytes::from_static(b"hello"));
         t.finish();
         assert!(key(&store).is_none());
 
         // Past the limit: streamed through, not stored.
-        let mut t = Tee::new(pending(&store), 4, None);
+        let mut t = Tee::new(pending(&store), 4, None, BytesMut::new());
         t.data(&Bytes::from_static(b"hello"));
         t.finish();
         assert!(key(&store).is_none());
 
         // Abandoned (dropped without finish): not stored.
-        let mut t = Tee::new(pending(&store), 100, None);
+        let mut t = Tee::new(pending(&store), 100, None, BytesMut::new());
         t.data(&Bytes::from_static(b"hel"));
         drop(t);
         assert!(key(&store).is_none());
 
-        let mut t = Tee::new(pending(&store), 100, Some(10));
+        // In the room made with the header values (what fits allocates nothing).
+        let mut t = Tee::new(pending(&store), 100, Some(10), BytesMut::with_capacity(10));
         t.data(&Bytes::from_static(b"hello"));
         t.data(&Bytes::from_static(b"world"));
         t.finish();

@@ -272,9 +272,8 @@ impl Inbound {
             .await?;
         let resp = match self.cache.plan(&req, consumer.as_deref()) {
             None => self.forward(req, client, peer).await?,
-            // Boxed: the cache's state (lookup, coalescing, storing) is larger than the rest
-            // of the request's; inline, every request would carry and copy it, cached or not.
-            Some(plan) => Box::pin(plan.serve(req, |req| self.forward(req, client, peer))).await?,
+            // Boxed by the cache (see `Plan::serve`).
+            Some(plan) => plan.serve(req, |r| self.forward(r, client, peer)).await?,
         };
         Ok(admission::hold(resp, permits))
     }

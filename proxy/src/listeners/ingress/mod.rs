@@ -291,7 +291,7 @@ impl Ingress {
                 let names = rule.as_ref().map(|r| (&*r.policy, r.name.as_str()));
                 let resp = match self.cache.edge_plan(&req, consumer.as_deref(), names) {
                     None => upstream(req).await,
-                    Some(plan) => Box::pin(plan.serve(req, upstream)).await,
+                    Some(plan) => plan.serve(req, upstream).await,
                 };
                 admission::hold(resp.unwrap_or_else(|e| e.into_response_for(grpc)), permits)
             }
