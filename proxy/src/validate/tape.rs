@@ -724,7 +724,7 @@ pub mod equivalence {
     pub struct Gen(pub u64);
 
     impl Gen {
-        pub fn next(&mut self) -> u64 {
+        pub fn bits(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
@@ -732,7 +732,7 @@ pub mod equivalence {
         }
 
         pub fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
+            self.bits() % n
         }
 
         pub fn pick<'s>(&mut self, from: &[&'s str]) -> &'s str {
