@@ -18,6 +18,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::http::mesh_h2::MeshBody;
+
 /// Still reading, and the last poll of the client's body produced data (or nothing yet).
 const FLOWING: u8 = 0;
 /// The last poll of the client's body found nothing ready: the client is the one we wait for.
@@ -53,13 +55,26 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 enum Source {
     Incoming(Incoming),
+    /// A stream of an HTTP/2 connection the listener serves with `h2` itself.
+    H2(MeshBody),
     Mapped(MappedBody),
+}
+
+/// A request body as a listener received it: read by one of hyper's server connections, or
+/// from a stream of an HTTP/2 connection the listener drives with `h2` itself (the inbound
+/// listener's mesh connections, `listeners::h2_server`). hyper's `Incoming` cannot be built
+/// outside hyper, so a handler serving both takes this.
+#[derive(Debug)]
+pub enum ReceivedBody {
+    Hyper(Incoming),
+    H2(MeshBody),
 }
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Incoming(b) => b.fmt(f),
+            Self::H2(b) => b.fmt(f),
             Self::Mapped(_) => f.write_str("Mapped"),
         }
     }
@@ -88,6 +103,16 @@ impl ClientBody {
     pub fn new(inner: Incoming) -> (Self, Arc<BodyWatch>) {
         let ended = inner.is_end_stream();
         Self::wrap(Source::Incoming(inner), ended)
+    }
+
+    /// Wrap a body as a listener received it.
+    pub fn received(inner: ReceivedBody) -> (Self, Arc<BodyWatch>) {
+        let ended = inner.is_end_stream();
+        let source = match inner {
+            ReceivedBody::Hyper(b) => Source::Incoming(b),
+            ReceivedBody::H2(b) => Source::H2(b),
+        };
+        Self::wrap(source, ended)
     }
 
     /// Wrap a body the sidecar maps from the client's as it streams.
@@ -121,6 +146,9 @@ impl Body for ClientBody {
             Source::Incoming(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
+            Source::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
             Source::Mapped(b) => b.as_mut().poll_frame(cx),
         };
         let state = match &polled {
@@ -137,6 +165,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Source::Incoming(b) => b.is_end_stream(),
+            Source::H2(b) => b.is_end_stream(),
             Source::Mapped(b) => b.is_end_stream(),
         }
     }
@@ -144,7 +173,39 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Source::Incoming(b) => b.size_hint(),
+            Source::H2(b) => b.size_hint(),
             Source::Mapped(b) => b.size_hint(),
+        }
+    }
+}
+
+// === impl ReceivedBody ===
+
+impl Body for ReceivedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! they share (the accept loop and connection serving, one request lifecycle), and the
 //! transparent interception on the outbound side.
 
+pub mod h2_server;
 pub mod inbound;
 pub mod ingress;
 pub mod lifecycle;

@@ -95,6 +95,8 @@ pub struct HttpBuilders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     auto: auto::Builder<TokioExecutor>,
+    /// The inbound listener's own HTTP/2 server (`h2_server`), with the same settings.
+    h2_server: h2::server::Builder,
 }
 
 /// The builders of an HTTP/1.1 + HTTP/2 (h2c prior knowledge or ALPN h2) server with our limits.
@@ -146,12 +148,23 @@ pub fn http_builders(limits: &Limits) -> HttpBuilders {
     let mut auto_h1 = auto.http1();
     h1_settings!(auto_h1, limits);
     h2_settings!(auto.http2(), limits);
-    HttpBuilders { h1, h2, auto }
+    let h2_server = crate::listeners::h2_server::builder(limits);
+    HttpBuilders {
+        h1,
+        h2,
+        auto,
+        h2_server,
+    }
 }
 
 // === impl HttpBuilders ===
 
 impl HttpBuilders {
+    /// The settings of HTTP/2 connections served with `h2` directly.
+    pub fn h2_server(&self) -> &h2::server::Builder {
+        &self.h2_server
+    }
+
     /// hyper's connection serving `io` with `service`, for `version`.
     pub fn serve<I, S>(&self, version: HttpVersion, io: I, service: S) -> Serving<'_, I, S>
     where

@@ -19,7 +19,10 @@ use tokio::sync::Semaphore;
 
 use crate::config::Limits;
 use crate::drain;
-use crate::listeners::protocol::{HttpBuilders, KnowsVersion};
+use crate::http::body::BoxError;
+use crate::http::client_body::ReceivedBody;
+use crate::listeners::h2_server::{H2Serving, Handler};
+use crate::listeners::protocol::{HttpBuilders, HttpVersion, KnowsVersion, Serving};
 use crate::telemetry::metrics::ByteCounters;
 
 /// Streams one HTTP/2 client may have open at once.
@@ -300,20 +303,102 @@ pub async fn serve_connection<I, S>(
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Bounded like the request head it is the start of.
-    let version = tokio::select! {
-        v = io.http_version() => v,
-        _ = tokio::time::sleep(timeouts.header_read) => {
-            tracing::debug!("closing connection: no request within the header timeout");
-            return;
-        }
-        _ = drain.signaled() => return,
+    let Some(version) = version_in_time(&io, timeouts, drain).await else {
+        return;
     };
     let io = Watched {
         inner: io,
         activity: activity.clone(),
     };
-    let mut conn = builders.serve(version, TokioIo::new(io), Boxed(service));
+    let conn = builders.serve(version, TokioIo::new(io), Boxed(service));
+    drive(conn, &activity, timeouts, drain).await;
+}
+
+/// [`serve_connection`], with HTTP/2 (h2c prior knowledge, ALPN `h2`) served by `h2` driven
+/// directly (`h2_server`) and HTTP/1 by hyper, both with `handler`.
+pub async fn serve_connection_h2<I, H>(
+    builders: &HttpBuilders,
+    io: I,
+    handler: H,
+    activity: Arc<Activity>,
+    timeouts: ConnTimeouts,
+    drain: &drain::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + KnowsVersion + Unpin + Send + 'static,
+    H: Handler<Body = crate::ResponseBody>,
+{
+    let Some(version) = version_in_time(&io, timeouts, drain).await else {
+        return;
+    };
+    let io = Watched {
+        inner: io,
+        activity: activity.clone(),
+    };
+    if version == HttpVersion::Http2 {
+        let conn = H2Serving::new(builders.h2_server(), io, handler);
+        drive(conn, &activity, timeouts, drain).await;
+        return;
+    }
+    // hyper's body becomes the handler's; the future is the handler's own.
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        handler.call(req.map(ReceivedBody::Hyper))
+    });
+    let conn = builders.serve(version, TokioIo::new(io), Boxed(service));
+    drive(conn, &activity, timeouts, drain).await;
+}
+
+/// The connection's HTTP version, found within the header timeout (it is the start of the
+/// first request head); `None` when the time runs out or drain starts first.
+async fn version_in_time<I: KnowsVersion>(
+    io: &I,
+    timeouts: ConnTimeouts,
+    drain: &drain::Watcher,
+) -> Option<HttpVersion> {
+    tokio::select! {
+        v = io.http_version() => Some(v),
+        _ = tokio::time::sleep(timeouts.header_read) => {
+            tracing::debug!("closing connection: no request within the header timeout");
+            None
+        }
+        _ = drain.signaled() => None,
+    }
+}
+
+/// A connection being served that can be asked to finish gracefully.
+trait Graceful: Future<Output = Result<(), BoxError>> + Unpin {
+    fn graceful_shutdown(&mut self);
+}
+
+impl<I, S> Graceful for Serving<'_, I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<crate::ResponseBody>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(&mut self) {
+        Serving::graceful_shutdown(self);
+    }
+}
+
+impl<I, H> Graceful for H2Serving<I, H>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    fn graceful_shutdown(&mut self) {
+        H2Serving::graceful_shutdown(self);
+    }
+}
+
+/// Run `conn` to its end, shutting it down gracefully on drain or when idle, and dropping it
+/// when an HTTP/1 request head is late.
+async fn drive(
+    mut conn: impl Graceful,
+    activity: &Activity,
+    timeouts: ConnTimeouts,
+    drain: &drain::Watcher,
+) {
     let check_every = (timeouts.idle.min(timeouts.header_read) / 4).max(Duration::from_millis(25));
     let mut tick = tokio::time::interval(check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

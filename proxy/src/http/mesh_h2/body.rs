@@ -1,4 +1,5 @@
-//! A response body read from a mesh HTTP/2 stream.
+//! A body read from an HTTP/2 stream driven with `h2`: a mesh peer's response (the client
+//! side), or a peer's request (the inbound listener's server side).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -7,8 +8,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap};
 use http_body::{Body, Frame, SizeHint};
 
-/// The response body of a mesh peer, streamed; each chunk's flow-control credit is given back
-/// as it is handed on, so the peer keeps sending at the pace the reader reads.
+/// The body of a mesh peer's response or request, streamed; each chunk's flow-control credit
+/// is given back as it is handed on, so the peer keeps sending at the pace the reader reads
+/// (and a reader that stops holds at most a stream window of it). hyper's `Incoming` reads an
+/// HTTP/2 stream by the same rules.
 pub struct MeshBody {
     recv: h2::RecvStream,
     data_done: bool,
@@ -17,10 +20,19 @@ pub struct MeshBody {
     remaining: Option<u64>,
 }
 
+impl std::fmt::Debug for MeshBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshBody")
+            .field("data_done", &self.data_done)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
 // === impl MeshBody ===
 
 impl MeshBody {
-    pub(super) fn new(recv: h2::RecvStream, headers: &HeaderMap) -> Self {
+    pub(crate) fn new(recv: h2::RecvStream, headers: &HeaderMap) -> Self {
         let remaining = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

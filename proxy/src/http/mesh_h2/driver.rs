@@ -43,7 +43,7 @@ pub(super) fn spawn<T>(
 }
 
 /// Ping until a ping goes unanswered; what went wrong.
-async fn watch(mut pings: h2::PingPong, keepalive: Keepalive) -> String {
+pub(crate) async fn watch(mut pings: h2::PingPong, keepalive: Keepalive) -> String {
     loop {
         tokio::time::sleep(keepalive.interval).await;
         match tokio::time::timeout(keepalive.timeout, pings.ping(h2::Ping::opaque())).await {

@@ -28,6 +28,9 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use body::MeshBody;
+/// Shared with the inbound listener's HTTP/2 server (`listeners::h2_server`).
+pub(crate) use driver::watch as watch_pings;
+pub(crate) use pipe::stream_body;
 
 use crate::RequestBody;
 

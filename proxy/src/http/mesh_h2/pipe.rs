@@ -1,4 +1,5 @@
-//! A request body streamed into its HTTP/2 stream.
+//! A body streamed into its HTTP/2 stream: a request's to a mesh peer (the client side), a
+//! response's to a peer (the inbound listener's server side).
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -76,11 +77,25 @@ async fn run(
     }
 }
 
+/// Stream `body` into `stream` to its end, as hyper's server pipes a response body; a body
+/// that fails resets the stream with the reason it carries, a peer's reset stops it.
+pub(crate) async fn stream_body<B>(mut body: B, mut stream: SendStream<Bytes>)
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    if let Err(Stop::Reset(reason)) = pump(&mut body, &mut stream).await {
+        stream.send_reset(reason);
+    }
+}
+
 /// hyper's rules: wait for room for at least one byte before reading more of the client (a
 /// slow peer holds the upload back instead of letting it pile up here), stop when the peer
 /// resets the stream, end with an empty `END_STREAM` frame when the body ends without saying
 /// so on its last chunk.
-async fn pump(body: &mut RequestBody, stream: &mut SendStream<Bytes>) -> Result<(), Stop> {
+async fn pump<B>(body: &mut B, stream: &mut SendStream<Bytes>) -> Result<(), Stop>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     loop {
         stream.reserve_capacity(1);
         while stream.capacity() == 0 {
@@ -115,14 +130,18 @@ async fn pump(body: &mut RequestBody, stream: &mut SendStream<Bytes>) -> Result<
     }
 }
 
-type BodyFrame = Option<Result<http_body::Frame<Bytes>, <RequestBody as Body>::Error>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BodyFrame = Option<Result<http_body::Frame<Bytes>, BoxError>>;
 
 /// The body's next frame, unless the peer resets the stream first.
-fn next_frame(
-    body: &mut RequestBody,
+fn next_frame<B>(
+    body: &mut B,
     stream: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
-) -> Poll<Result<BodyFrame, Stop>> {
+) -> Poll<Result<BodyFrame, Stop>>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     if stream.poll_reset(cx).is_ready() {
         return Poll::Ready(Err(Stop::Gone));
     }

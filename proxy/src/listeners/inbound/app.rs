@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{AppProtocol, Config};
 use crate::error::ProxyError;
-use crate::http::client_body::{BodyWatch, ClientBody};
+use crate::http::client_body::{BodyWatch, ClientBody, ReceivedBody};
 use crate::http::client_error::{self, error_chain};
 use crate::http::h1_pool::{Checkin, H1Pool, PoolError};
 use crate::http::replay::{AttemptBody, Replay};
@@ -108,7 +108,7 @@ impl AppClient {
     /// connection, to go back when the body has ended.
     pub async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReceivedBody>,
         call: Call,
     ) -> Result<(Response<Incoming>, Option<Checkin>), ProxyError> {
         let (parts, body) = req.into_parts();
@@ -116,7 +116,7 @@ impl AppClient {
         let (body, watch) = if body.is_end_stream() {
             (Replay::empty(), None)
         } else {
-            let (body, watch) = ClientBody::new(body);
+            let (body, watch) = ClientBody::received(body);
             (Replay::new(body), Some(watch))
         };
         let attempts = self.attempts(parts, &body, watch.as_deref(), call);

@@ -6,19 +6,17 @@ pub mod app_protocol;
 pub mod telemetry;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, InboundMode, Limits};
 use crate::error::ProxyError;
+use crate::http::client_body::ReceivedBody;
 use crate::http::headers::PEER_IDENTITY_HEADER;
 use crate::http::headers::{
     append_forwarded, edge_forwarded, is_upgrade, strip_hop_by_hop, TrustedProxies,
@@ -28,11 +26,12 @@ use crate::http::upgrade;
 use crate::identity::{
     classify_io_error, describe_io_error, spiffe_id_from_cert, IdentityStore, TlsFailure,
 };
+use crate::listeners::h2_server;
 use crate::listeners::inbound::app_protocol::AppKnowledge;
 use crate::listeners::lifecycle::{admission, Admission, Labels, Lifecycle};
 use crate::listeners::protocol::{http_builders, HttpBuilders};
 use crate::listeners::server::{
-    accept_loop, serve_connection, Activity, ActivityGuard, ConnTimeouts,
+    accept_loop, serve_connection_h2, Activity, ActivityGuard, ConnTimeouts,
 };
 use crate::policy::ratelimit::RateLimits;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics, INBOUND};
@@ -142,8 +141,8 @@ impl Inbound {
                 let _ = tcp.shutdown().await;
                 return;
             }
-            let svc = self.service_for(client, None, &activity);
-            serve_connection(builder, tcp, svc, activity, timeouts, &drain).await;
+            let handler = self.handler_for(client, None, &activity);
+            serve_connection_h2(builder, tcp, handler, activity, timeouts, &drain).await;
             return;
         }
         // Boxed: a TLS connection's state (handshake, rustls session, the stream type) is
@@ -190,37 +189,32 @@ impl Inbound {
             .and_then(|c| c.first())
             .and_then(|c| spiffe_id_from_cert(c).ok())
             .and_then(|id| HeaderValue::from_str(&id.to_string()).ok());
-        let svc = self.service_for(client, peer, &activity);
-        serve_connection(builder, tls, svc, activity, timeouts, &drain).await;
+        let handler = self.handler_for(client, peer, &activity);
+        serve_connection_h2(builder, tls, handler, activity, timeouts, &drain).await;
     }
 
-    fn service_for(
+    /// What serves each request of one connection (HTTP/2 streams and HTTP/1 requests alike).
+    fn handler_for(
         self: &Arc<Self>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
         activity: &Arc<Activity>,
-    ) -> impl hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<ResponseBody>,
-        Error = Infallible,
-        Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send,
-    > + Send
-           + 'static {
+    ) -> impl h2_server::Handler<Body = ResponseBody> {
         let this = self.clone();
         let activity = activity.clone();
         // The request's future is `handle`'s own, not wrapped in another async block: each
         // layer would move the whole (several KB) future once more per request.
-        service_fn(move |req| {
+        move |req| {
             this.clone()
                 .handle(req, client, peer.clone(), activity.begin())
-        })
+        }
     }
 
     /// One request from a peer (`peer`: its verified identity) or a plaintext caller,
     /// observed from start to finish; the connection counts as busy until it ends (`_busy`).
     async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ReceivedBody>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
         _busy: ActivityGuard,
@@ -260,7 +254,7 @@ impl Inbound {
     /// concurrency slots are held until the response body ends.
     async fn admitted(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReceivedBody>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
         consumer: &mut Option<Arc<str>>,
@@ -283,7 +277,7 @@ impl Inbound {
     /// and send; an upgrade's two sides are joined once the app agrees.
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReceivedBody>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
