@@ -37,15 +37,16 @@ use crate::config::Limits;
 use crate::http::body::BoxError;
 use crate::http::client_body::ReceivedBody;
 use crate::http::mesh_h2::{self, Keepalive, MeshBody};
+use crate::listeners::protocol::H2_KEEPALIVE_INTERVAL;
 use crate::listeners::server::{H2_CONN_WINDOW, H2_MAX_CONCURRENT_STREAMS, H2_STREAM_WINDOW};
 
 /// hyper's HTTP/2 server defaults, kept.
 const MAX_FRAME_SIZE: u32 = 16 * 1024;
 const MAX_SEND_BUFFER_SIZE: usize = 400 * 1024;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// The listeners' keepalive (`protocol::H2_KEEPALIVE_INTERVAL`) and hyper's default timeout.
+/// The listeners' keepalive interval, and hyper's default time to answer.
 const KEEPALIVE: Keepalive = Keepalive {
-    interval: Duration::from_secs(30),
+    interval: H2_KEEPALIVE_INTERVAL,
     timeout: Duration::from_secs(20),
 };
 

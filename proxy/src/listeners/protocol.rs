@@ -32,7 +32,7 @@ use crate::ResponseBody;
 
 /// hyper refuses read buffers smaller than this.
 const MIN_H1_BUF: usize = 8192;
-const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// What an HTTP/2 client sends first (RFC 9113 section 3.4 reserves the method `PRI` for it).
 const H2_PREFACE_START: &[u8] = b"PRI ";
 /// How long to wait before peeking again at a client that sent part of [`H2_PREFACE_START`].
