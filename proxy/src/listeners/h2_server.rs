@@ -93,6 +93,9 @@ pub struct H2Serving<I, H> {
     close_pending: bool,
 }
 
+// The handshake turns into the connection in the same place: boxing the larger variant would
+// only add an allocation per connection.
+#[allow(clippy::large_enum_variant)]
 enum State<I> {
     Handshaking(Pin<Box<h2::server::Handshake<I, Bytes>>>),
     Serving {
