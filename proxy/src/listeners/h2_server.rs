@@ -67,6 +67,9 @@ where
 {
     type Body = B;
     type Future = Fut;
+    // Inlined, so that the handler's future (several KB) is written where the caller puts it
+    // (a box) rather than returned through one more frame and copied.
+    #[inline(always)]
     fn call(&self, req: Request<ReceivedBody>) -> Fut {
         self(req)
     }
@@ -190,14 +193,16 @@ fn spawn_stream<H: Handler>(
 }
 
 /// Await the response unless the peer resets the stream first (then the handler's future is
-/// dropped: the app's request is cancelled), then send it.
+/// dropped: the app's request is cancelled), then send it. The head is sent from inside the
+/// poll (no response value is moved through the task's state), and the handler's state is
+/// freed before the body streams, however long that takes.
 async fn serve_stream<F, B>(mut fut: Pin<Box<F>>, mut respond: h2::server::SendResponse<Bytes>)
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
-    let resp = poll_fn(|cx| match fut.as_mut().poll(cx) {
-        Poll::Ready(Ok(resp)) => Poll::Ready(Some(resp)),
+    let started = poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(Ok(resp)) => Poll::Ready(send_head(&mut respond, resp)),
         Poll::Ready(Err(never)) => match never {},
         Poll::Pending => match respond.poll_reset(cx) {
             Poll::Ready(reason) => {
@@ -208,16 +213,18 @@ where
         },
     })
     .await;
-    // The handler's state goes before the body streams, however long that takes.
     drop(fut);
-    if let Some(resp) = resp {
-        send_response(respond, resp).await;
+    if let Some((body, stream)) = started {
+        mesh_h2::stream_body(body, stream).await;
     }
 }
 
 /// The response head (without connection-specific headers, which HTTP/2 forbids, and with a
-/// `date`), then its body.
-async fn send_response<B>(mut respond: h2::server::SendResponse<Bytes>, resp: Response<B>)
+/// `date`); the body and its stream if there is more to send.
+fn send_head<B>(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    resp: Response<B>,
+) -> Option<(B, h2::SendStream<Bytes>)>
 where
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
@@ -236,16 +243,13 @@ where
                 .or_insert_with(|| HeaderValue::from(len));
         }
     }
-    let stream = match respond.send_response(Response::from_parts(head, ()), eos) {
-        Ok(stream) => stream,
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(stream) => (!eos).then_some((body, stream)),
         Err(e) => {
             tracing::debug!(error = %e, "sending the response head failed");
             respond.send_reset(h2::Reason::INTERNAL_ERROR);
-            return;
+            None
         }
-    };
-    if !eos {
-        mesh_h2::stream_body(body, stream).await;
     }
 }
 
