@@ -339,11 +339,12 @@ pub async fn serve_connection_h2<I, H>(
         drive(conn, &activity, timeouts, drain).await;
         return;
     }
-    // hyper's body becomes the handler's; the future is the handler's own.
+    // hyper's body becomes the handler's; the future is the handler's own (the inbound
+    // listener's is boxed already, see `Boxed`).
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         handler.call(req.map(ReceivedBody::Hyper))
     });
-    let conn = builders.serve(version, TokioIo::new(io), Boxed(service));
+    let conn = builders.serve(version, TokioIo::new(io), service);
     drive(conn, &activity, timeouts, drain).await;
 }
 

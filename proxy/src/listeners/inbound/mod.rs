@@ -202,11 +202,17 @@ impl Inbound {
     ) -> impl h2_server::Handler<Body = ResponseBody> {
         let this = self.clone();
         let activity = activity.clone();
-        // The request's future is `handle`'s own, not wrapped in another async block: each
-        // layer would move the whole (several KB) future once more per request.
+        // The request's future is `handle`'s own, not wrapped in another async block (each
+        // layer would move the whole, several KB, future once more per request), and boxed
+        // here, allocated first and then written (`server::Boxed` explains why): written
+        // anywhere further from `handle`, it is built on the stack and copied.
         move |req| {
-            this.clone()
-                .handle(req, client, peer.clone(), activity.begin())
+            let slot = Box::new_uninit();
+            let this = this.clone();
+            Box::into_pin(Box::write(
+                slot,
+                this.handle(req, client, peer.clone(), activity.begin()),
+            ))
         }
     }
 
