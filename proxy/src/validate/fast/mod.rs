@@ -20,9 +20,11 @@
 //!   (`type: object|array`, `properties`, `required`, `additionalProperties`, `items`,
 //!   `minItems`, `maxItems`), the rest of a schema being annotations; a duplicate key's every
 //!   value is checked (the full check keeps the last one: this is stricter, never looser);
-//! - every scalar is checked by `jsonschema` itself, with a validator of its own schema built
-//!   exactly as the body's validator is (same options, formats, regexes, `readOnly` keyword),
-//!   on the same value (a number as `serde_json` reads it: [`scan::number`]);
+//! - a scalar whose schema is only a type, numeric bounds and string lengths is checked here
+//!   ([`scalar`]: exact comparisons or none); any other is checked by `jsonschema` itself,
+//!   with a validator of its own schema built exactly as the body's validator is (same
+//!   options, formats, regexes, `readOnly` keyword); either on the same value (a number as
+//!   `serde_json` reads it: `scan::number`);
 //! - a schema with anything else (`allOf`, `patternProperties`, `$ref` beside other keywords,
 //!   `unevaluatedProperties`, a type list on a container...) is a leaf, and a leaf meeting an
 //!   object or an array is handed over whole.
