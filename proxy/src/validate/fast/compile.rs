@@ -258,33 +258,32 @@ fn ignored(key: &str, value: &Value) -> bool {
 /// Whether `schema` can be compiled on its own, as it is: no reference, identifier or anchor
 /// anywhere in it (it is then the same schema wherever it is compiled from).
 pub fn self_contained(schema: &Value) -> bool {
-    match schema {
-        Value::Object(map) => map.iter().all(|(k, v)| {
-            !matches!(
-                k.as_str(),
-                "$ref"
-                    | "$dynamicRef"
-                    | "$recursiveRef"
-                    | "$id"
-                    | "$anchor"
-                    | "$dynamicAnchor"
-                    | "$recursiveAnchor"
-                    | "$schema"
-                    | "$vocabulary"
-            ) && self_contained(v)
-        }),
-        Value::Array(items) => items.iter().all(self_contained),
-        _ => true,
-    }
+    !has_key(schema, &|k| {
+        matches!(
+            k,
+            "$ref"
+                | "$dynamicRef"
+                | "$recursiveRef"
+                | "$id"
+                | "$anchor"
+                | "$dynamicAnchor"
+                | "$recursiveAnchor"
+                | "$schema"
+                | "$vocabulary"
+        )
+    })
 }
 
 /// Whether `doc` uses a reference resolved by its dynamic scope anywhere.
 fn mentions_dynamic(doc: &Value) -> bool {
-    match doc {
-        Value::Object(map) => map
-            .iter()
-            .any(|(k, v)| k == "$dynamicRef" || k == "$recursiveRef" || mentions_dynamic(v)),
-        Value::Array(items) => items.iter().any(mentions_dynamic),
+    has_key(doc, &|k| matches!(k, "$dynamicRef" | "$recursiveRef"))
+}
+
+/// Whether a key of `value`, at any depth, is one `pick` names.
+fn has_key(value: &Value, pick: &dyn Fn(&str) -> bool) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(k, v)| pick(k) || has_key(v, pick)),
+        Value::Array(items) => items.iter().any(|v| has_key(v, pick)),
         _ => false,
     }
 }
