@@ -80,7 +80,7 @@ impl Fetch {
         &self,
         resp: &Response<B>,
         spec: &CachePolicySpec,
-        resource: &Arc<str>,
+        resource: &super::key::Resource,
     ) -> Result<Built, NotStored> {
         let h = resp.headers();
         // One walk learns what storability, freshness and the copy need.
@@ -305,7 +305,7 @@ mod tests {
             initial_age: Duration::from_secs(3),
             stored: Instant::now(),
             fetched: Instant::now(),
-            resource: Arc::from("h\0/a"),
+            resource: crate::cache::key::Resource::whole("h\0/a"),
             tags: vec![],
             vary: Arc::from([]),
             disk: None,
@@ -345,7 +345,7 @@ mod tests {
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
         let e = Fetch::start(&req, &CacheControl::default(), false, false)
-            .entry(&resp, &spec, &Arc::from("h\0/a"))
+            .entry(&resp, &spec, &crate::cache::key::Resource::whole("h\0/a"))
             .unwrap()
             .entry;
         let stored = e.headers.to_map(0);

@@ -11,7 +11,7 @@
 //! count, where parsing names again from bytes would cost every hit a lookup (and an
 //! allocation per custom name).
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The stored header fields of one response (see the module's doc).
@@ -52,17 +52,22 @@ impl Fields {
         room: usize,
     ) -> (Self, BytesMut) {
         let mut buf = BytesMut::with_capacity(len + room);
-        let mut list = Vec::with_capacity(count);
+        let mut list: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(count);
         let mut bytes = 0;
         for (name, v) in fields {
-            // Each value split off the one buffer (sized: not reallocated unless the walk
-            // was wrong, which only costs a second buffer).
+            // Sized: not reallocated unless the walk was wrong, which only costs a copy.
             buf.extend_from_slice(v.as_bytes());
-            let mut value =
-                HeaderValue::from_maybe_shared(buf.split().freeze()).unwrap_or_else(|_| v.clone());
-            value.set_sensitive(v.is_sensitive());
             bytes += name.as_str().len() + v.len();
-            list.push((name.clone(), value));
+            list.push((name.clone(), v.clone()));
+        }
+        // One split (the buffer shared from here on), then each value a slice of it, in the
+        // order written: `copies` is exactly the values' bytes, one after another.
+        let copies = buf.split().freeze();
+        let mut at = 0;
+        for (_, value) in list.iter_mut() {
+            let end = at + value.len();
+            *value = owned(copies.slice(at..end), value);
+            at = end;
         }
         let fields = Self {
             list: list.into_boxed_slice(),
@@ -110,10 +115,30 @@ impl Fields {
     }
 }
 
+/// `value` again, its bytes `copy` (a copy of them) instead of its own.
+///
+/// Not validated again when ASCII: checking a copy of a valid value byte by byte cost 470
+/// instructions per stored miss (docs/caching.md#benchmark), where `is_ascii` reads a word at
+/// a time.
+fn owned(copy: Bytes, value: &HeaderValue) -> HeaderValue {
+    debug_assert_eq!(copy.as_ref(), value.as_bytes());
+    let mut out = if copy.is_ascii() {
+        // SAFETY: `from_maybe_shared_unchecked` requires valid UTF-8 (its documented
+        // contract) and the bytes must be a valid header value (so that `HeaderValue`'s own
+        // invariant holds). `copy` is ASCII, checked just above, hence UTF-8; and it holds
+        // exactly the bytes of `value`, a `HeaderValue` (validated when it was made), copied
+        // by the caller into a buffer nothing writes to after it was frozen.
+        unsafe { HeaderValue::from_maybe_shared_unchecked(copy) }
+    } else {
+        HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| value.clone())
+    };
+    out.set_sensitive(value.is_sensitive());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     #[test]
     fn fields_keep_their_order_duplicates_and_sensitivity() {
@@ -141,6 +166,21 @@ mod tests {
         assert!(map.capacity() >= 6, "room for Age and the status");
         assert_eq!(map.get_all("x-two").iter().count(), 2);
         assert!(map["x-secret"].is_sensitive());
+    }
+
+    #[test]
+    fn non_ascii_values_are_copied_and_checked() {
+        let mut h = HeaderMap::new();
+        h.append("x-latin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        h.append("etag", HeaderValue::from_static("\"v\""));
+        let f = Fields::of(&h);
+        assert_eq!(
+            f.get(&HeaderName::from_static("x-latin"))
+                .unwrap()
+                .as_bytes(),
+            b"caf\xe9"
+        );
+        assert_eq!(f.get(&http::header::ETAG).unwrap(), "\"v\"");
     }
 
     #[test]

@@ -125,8 +125,9 @@ where
 pub struct Plan {
     policy: Arc<Compiled>,
     shared: Arc<Shared>,
-    resource: Arc<str>,
-    primary: String,
+    /// The resource, the start of `primary` (sharing its allocation).
+    resource: key::Resource,
+    primary: Arc<str>,
     /// The primary key's hash ([`Store::hash`]): computed once, used by the lookup, the
     /// coalescing slot and the insert.
     hash: u64,
@@ -310,7 +311,7 @@ impl ResponseCache {
         let spec = &policy.spec;
         let consumer = consumer.filter(|_| !spec.public);
         let (primary, len) = key::keys(req, &spec.key, consumer);
-        let resource: Arc<str> = Arc::from(&primary[..len]);
+        let resource = key::Resource::prefix(primary.clone(), len);
         let hash = policy.store.hash(&primary);
         let facts = control::RequestFacts::of(req.headers());
         let kind = match kind {
@@ -505,7 +506,7 @@ impl Plan {
         if policy.any_invalidated.load(Ordering::Acquire)
             && policy
                 .invalidated
-                .get(&self.resource)
+                .get(&*self.resource)
                 .is_some_and(|at| entry.fetched <= at)
         {
             return None;
@@ -619,7 +620,7 @@ impl Plan {
         let pending = tee::Pending {
             store: self.policy.store.clone(),
             // The plan ends with this response: its key moves to the entry.
-            primary: std::mem::take(&mut self.primary),
+            primary: self.primary.clone(),
             hash: self.hash,
             req_headers: fetch.headers,
             entry: built.entry,
@@ -737,7 +738,9 @@ impl Plan {
         if resp.status().is_success() || resp.status().is_redirection() {
             let now = Instant::now();
             self.policy.any_invalidated.store(true, Ordering::Release);
-            self.policy.invalidated.insert(self.resource.clone(), now);
+            self.policy
+                .invalidated
+                .insert(Arc::from(&*self.resource), now);
             for h in [header::LOCATION, header::CONTENT_LOCATION] {
                 if let Some(r) = entry::same_origin(&self.resource, resp.headers().get(h)) {
                     self.policy.invalidated.insert(r, now);

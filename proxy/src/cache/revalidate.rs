@@ -50,11 +50,11 @@ pub(super) struct Job {
     pub request: Request<Empty<Bytes>>,
     pub stored: Arc<Entry>,
     pub store: Arc<Store>,
-    pub primary: String,
+    pub primary: Arc<str>,
     /// Its hash ([`super::store::Store::hash`]).
     pub hash: u64,
     pub spec: CachePolicySpec,
-    pub resource: Arc<str>,
+    pub resource: super::key::Resource,
     pub leader: Leader,
     /// A purge since the job started wins over its response.
     pub purged: PurgeCheck,

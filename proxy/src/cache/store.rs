@@ -52,7 +52,7 @@ pub struct Entry {
     /// When its request was sent: invalidations and purges after it select it.
     pub fetched: Instant,
     /// `authority SEP path?query`, for purges and invalidation.
-    pub resource: Arc<str>,
+    pub resource: super::key::Resource,
     /// `Surrogate-Key` tags.
     pub tags: Vec<String>,
     /// The request headers its `Vary` names, lower-case: the variant it answers.
@@ -121,7 +121,7 @@ struct Accounting;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Key {
     hash: u64,
-    text: String,
+    text: Arc<str>,
 }
 
 /// A key borrowed with its hash (lookups, removals).
@@ -155,7 +155,7 @@ impl Hash for KeyRef<'_> {
 
 impl Equivalent<Key> for KeyRef<'_> {
     fn equivalent(&self, key: &Key) -> bool {
-        self.hash == key.hash && self.text == key.text
+        self.hash == key.hash && self.text == &*key.text
     }
 }
 
@@ -198,7 +198,7 @@ struct Departed {
     /// The first entry that left, dropped after the shard's lock is released.
     dropped: Option<Slot>,
     /// With a disk tier: the entries the bound evicted, written there after the insert.
-    demoted: Option<Vec<(String, Slot)>>,
+    demoted: Option<Vec<(Arc<str>, Slot)>>,
 }
 
 // === impl Entry ===
@@ -397,11 +397,11 @@ impl Store {
     #[cfg(test)]
     pub fn insert<'h>(
         &self,
-        primary: impl Into<String>,
+        primary: impl AsRef<str>,
         req_headers: impl Into<Option<&'h HeaderMap>>,
         entry: Entry,
     ) -> Arc<Entry> {
-        let primary = primary.into();
+        let primary: Arc<str> = Arc::from(primary.as_ref());
         let hash = self.hash(&primary);
         self.insert_hashed(primary, hash, req_headers.into(), Arc::new(entry))
     }
@@ -410,7 +410,7 @@ impl Store {
     /// request was planned.
     pub fn insert_hashed(
         &self,
-        primary: String,
+        primary: Arc<str>,
         hash: u64,
         req_headers: Option<&HeaderMap>,
         entry: Arc<Entry>,
@@ -424,9 +424,8 @@ impl Store {
         let primary_len = u32::try_from(primary.len()).unwrap_or(u32::MAX);
         let key = match req_headers {
             _ if entry.vary.is_empty() => {
-                if self.any_vary.load(Ordering::Relaxed) && self.vary.contains_key(primary.as_str())
-                {
-                    self.vary.insert(primary.clone(), entry.vary.clone());
+                if self.any_vary.load(Ordering::Relaxed) && self.vary.contains_key(&*primary) {
+                    self.vary.insert(primary.to_string(), entry.vary.clone());
                 }
                 Key {
                     hash,
@@ -437,10 +436,10 @@ impl Store {
                 self.any_vary.store(true, Ordering::Relaxed);
                 self.keep_request_headers();
                 let text = super::key::variant(&primary, h, &entry.vary);
-                self.vary.insert(primary, entry.vary.clone());
+                self.vary.insert(primary.to_string(), entry.vary.clone());
                 Key {
                     hash: self.hash(&text),
-                    text,
+                    text: Arc::from(text),
                 }
             }
             None => {
@@ -471,7 +470,7 @@ impl Store {
         self.evictions.inc_by(departed.evicted);
         if let (Some(disk), Some(demoted)) = (&self.disk, departed.demoted) {
             for (key, s) in demoted {
-                disk.demote(key, s.primary_len as usize, s.entry, s.until);
+                disk.demote(key.to_string(), s.primary_len as usize, s.entry, s.until);
             }
         }
         entry
@@ -539,7 +538,7 @@ pub(super) mod tests {
             initial_age: Duration::ZERO,
             stored: Instant::now(),
             fetched: Instant::now(),
-            resource: Arc::from(format!("h\0/o/{i}")),
+            resource: crate::cache::key::Resource::whole(&format!("h\0/o/{i}")),
             tags: vec![],
             vary: Arc::from([]),
             disk: None,

@@ -33,7 +33,7 @@ pub struct Tee {
 /// What the entry is made of once the body is complete.
 pub(super) struct Pending {
     pub store: Arc<Store>,
-    pub primary: String,
+    pub primary: Arc<str>,
     /// Its hash ([`Store::hash`]).
     pub hash: u64,
     /// Kept only when the store has seen a `Vary` (see `Fetch::headers`).
@@ -182,7 +182,7 @@ mod tests {
                 initial_age: Duration::ZERO,
                 stored: Instant::now(),
                 fetched: Instant::now(),
-                resource: Arc::from("h\0/a"),
+                resource: crate::cache::key::Resource::whole("h\0/a"),
                 tags: vec![],
                 vary: Arc::from([]),
                 disk: None,

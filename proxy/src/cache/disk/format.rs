@@ -414,7 +414,7 @@ mod tests {
             initial_age: Duration::from_secs(3),
             stored: Instant::now(),
             fetched: Instant::now(),
-            resource: Arc::from("h\0/a"),
+            resource: crate::cache::key::Resource::whole("h\0/a"),
             tags: vec!["t1".into()],
             vary: Arc::from(["accept".to_string()]),
             disk: None,

@@ -93,7 +93,7 @@ struct TierShared {
 pub struct DiskFile {
     name: String,
     bytes: u64,
-    resource: Arc<str>,
+    resource: super::key::Resource,
     tags: Vec<String>,
     stored: Instant,
     fetched: Instant,
