@@ -243,7 +243,7 @@ impl Inbound {
         let mut consumer = None;
         // What is logged while admitting and forwarding names the request's trace and span.
         let admitted = self.admitted(req, client, peer, &mut consumer);
-        let result = logs::scope(observed.span.ids(), admitted).await;
+        let result = logs::in_scope!(observed.span.ids(), admitted);
         let labels = Labels {
             service: self.admission.service(),
             route: None,

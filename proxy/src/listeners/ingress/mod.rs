@@ -226,7 +226,7 @@ impl Ingress {
         // What is logged from here on names the request's trace and the edge's server span
         // (once routed, the client span: the outbound scope nests inside this one).
         let answer = self.answer(req, conn, client, start);
-        let (resp, consumer, route) = logs::scope(span.ids(), answer).await;
+        let (resp, consumer, route) = logs::in_scope!(span.ids(), answer);
         // Whoever answered with an error (this gateway, or a sidecar behind it) named it.
         let cause = resp
             .headers()
