@@ -242,8 +242,10 @@ impl Inbound {
         let peer_id = observed.logging().then(|| peer.clone()).flatten();
         let mut consumer = None;
         // What is logged while admitting and forwarding names the request's trace and span.
-        let admitted = self.admitted(req, client, peer, &mut consumer);
-        let result = logs::in_scope!(observed.span.ids(), admitted);
+        let result = logs::in_scope!(
+            observed.span.ids(),
+            self.admitted(req, client, peer, &mut consumer)
+        );
         let labels = Labels {
             service: self.admission.service(),
             route: None,

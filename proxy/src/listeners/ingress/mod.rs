@@ -225,8 +225,8 @@ impl Ingress {
         let mut span = self.server_span(&mut req, client, conn);
         // What is logged from here on names the request's trace and the edge's server span
         // (once routed, the client span: the outbound scope nests inside this one).
-        let answer = self.answer(req, conn, client, start);
-        let (resp, consumer, route) = logs::in_scope!(span.ids(), answer);
+        let (resp, consumer, route) =
+            logs::in_scope!(span.ids(), self.answer(req, conn, client, start));
         // Whoever answered with an error (this gateway, or a sidecar behind it) named it.
         let cause = resp
             .headers()

@@ -198,8 +198,8 @@ impl Outbound {
         });
         // What is logged while routing and forwarding names the request's trace and span.
         let ids = observed.span.ids();
-        let routed = self.route(req, client, edge, &mut observed.span);
-        let (service, route, result) = logs::in_scope!(ids, routed);
+        let (service, route, result) =
+            logs::in_scope!(ids, self.route(req, client, edge, &mut observed.span));
         let labels = Labels {
             service: &service,
             route: Some(&route),
