@@ -232,7 +232,9 @@ impl Ingress {
             .headers()
             .get(ERROR_HEADER)
             .and_then(|v| known_cause(v.as_bytes()));
-        span.respond(resp.status().as_u16(), cause, cache_status(resp.headers()));
+        span.respond(resp.status().as_u16(), cause, || {
+            cache_status(resp.headers())
+        });
         let seconds = start.elapsed().as_secs_f64();
         self.admission.count(
             consumer.as_ref(),

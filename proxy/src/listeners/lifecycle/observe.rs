@@ -138,15 +138,15 @@ impl Observed<'_> {
             // Its log line names the request's trace and span.
             logs::sync_scope(self.span.ids(), || lifecycle.refuse(e, self.grpc))
         });
-        // A refusal by the far sidecar names its cause too.
-        let cause = cause.or_else(|| {
-            let header = resp.headers().get(ERROR_HEADER);
-            header
-                .filter(|_| lifecycle.peer_causes)
-                .and_then(|v| known_cause(v.as_bytes()))
+        // A refusal by the far sidecar names its cause too (none is behind an inbound
+        // listener: its header is not even looked up there).
+        let cause = cause.or_else(|| match lifecycle.peer_causes {
+            true => known_cause(resp.headers().get(ERROR_HEADER)?.as_bytes()),
+            false => None,
         });
-        self.span
-            .respond(resp.status().as_u16(), cause, cache_status(resp.headers()));
+        self.span.respond(resp.status().as_u16(), cause, || {
+            cache_status(resp.headers())
+        });
         // One clock read for the log line and the metrics.
         let elapsed = self.start.elapsed();
         let outcome = Outcome {

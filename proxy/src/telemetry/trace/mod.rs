@@ -323,15 +323,16 @@ impl RequestSpan {
     /// The response status; `cause` is the sidecar's `trellis-error` when it answered itself,
     /// `cache_status` the response cache's answer (`X-Cache-Status`) when one applied.
     /// Server spans are errors on 5xx, client spans on 4xx and 5xx (semantic conventions).
-    pub fn respond(
+    pub fn respond<'a>(
         &mut self,
         status: u16,
         cause: Option<&'static str>,
-        cache_status: Option<&str>,
+        cache_status: impl FnOnce() -> Option<&'a str>,
     ) {
         let threshold = if self.server { 500 } else { 400 };
+        // Looked up only for a span that records (a header lookup per request otherwise).
         let Some(s) = self.recording() else { return };
-        if let Some(cache) = cache_status {
+        if let Some(cache) = cache_status() {
             s.set_attribute(KeyValue::new("trellis.cache.status", cache.to_string()));
         }
         s.set_attribute(KeyValue::new(
