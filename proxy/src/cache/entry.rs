@@ -80,7 +80,7 @@ impl Fetch {
         &self,
         resp: &Response<B>,
         spec: &CachePolicySpec,
-        resource: &super::key::Resource,
+        resource: super::key::Resource,
     ) -> Result<Built, NotStored> {
         let h = resp.headers();
         // One walk learns what storability, freshness and the copy need.
@@ -110,7 +110,7 @@ impl Fetch {
             initial_age: control::initial_age(&facts, self.requested, response_time),
             stored: Instant::now(),
             fetched: self.started,
-            resource: resource.clone(),
+            resource,
             vary: match facts.vary.is_empty() {
                 true => no_vary(),
                 false => facts.vary.into(),
@@ -345,7 +345,7 @@ mod tests {
         let spec: CachePolicySpec =
             serde_json::from_value(serde_json::json!({"service": "s"})).unwrap();
         let e = Fetch::start(&req, &CacheControl::default(), false, false)
-            .entry(&resp, &spec, &crate::cache::key::Resource::whole("h\0/a"))
+            .entry(&resp, &spec, crate::cache::key::Resource::whole("h\0/a"))
             .unwrap()
             .entry;
         let stored = e.headers.to_map(0);

@@ -125,9 +125,9 @@ where
 pub struct Plan {
     policy: Arc<Compiled>,
     shared: Arc<Shared>,
-    /// The resource, the start of `primary` (sharing its allocation).
-    resource: key::Resource,
     primary: Arc<str>,
+    /// The resource's length: it is the start of `primary` ([`Plan::resource`]).
+    resource_len: usize,
     /// The primary key's hash ([`Store::hash`]): computed once, used by the lookup, the
     /// coalescing slot and the insert.
     hash: u64,
@@ -311,7 +311,6 @@ impl ResponseCache {
         let spec = &policy.spec;
         let consumer = consumer.filter(|_| !spec.public);
         let (primary, len) = key::keys(req, &spec.key, consumer);
-        let resource = key::Resource::prefix(primary.clone(), len);
         let hash = policy.store.hash(&primary);
         let facts = control::RequestFacts::of(req.headers());
         let kind = match kind {
@@ -321,8 +320,8 @@ impl ResponseCache {
         Some(Plan {
             policy: policy.clone(),
             shared: self.shared.clone(),
-            resource,
             primary,
+            resource_len: len,
             hash,
             kind,
             authorization: facts.authorization,
@@ -404,6 +403,11 @@ impl Compiled {
 // === impl Plan ===
 
 impl Plan {
+    /// The resource (purges and invalidations select it): the start of the primary key.
+    fn resource(&self) -> key::Resource {
+        key::Resource::prefix(self.primary.clone(), self.resource_len)
+    }
+
     /// Answer the request from the cache, or through `upstream` (the listener's own forward).
     ///
     /// Boxed: the cache's state (lookup, coalescing, storing, with the forward's future inside)
@@ -506,7 +510,7 @@ impl Plan {
         if policy.any_invalidated.load(Ordering::Acquire)
             && policy
                 .invalidated
-                .get(&*self.resource)
+                .get(&*self.resource())
                 .is_some_and(|at| entry.fetched <= at)
         {
             return None;
@@ -566,7 +570,7 @@ impl Plan {
         let mut status = status;
         // Admission first: a response it refuses is not even built into an entry.
         let built = match self.admitted(&mut leader) {
-            true => fetch.entry(resp, spec, &self.resource),
+            true => fetch.entry(resp, spec, self.resource()),
             false => Err(control::NotStored::TooFewUses),
         };
         match built {
@@ -619,7 +623,7 @@ impl Plan {
         let limit = usize::try_from(self.policy.spec.max_object_bytes).unwrap_or(usize::MAX);
         let pending = tee::Pending {
             store: self.policy.store.clone(),
-            // The plan ends with this response: its key moves to the entry.
+            // The pending entry shares the plan's key.
             primary: self.primary.clone(),
             hash: self.hash,
             req_headers: fetch.headers,
@@ -723,7 +727,7 @@ impl Plan {
             primary: self.primary.clone(),
             hash: self.hash,
             spec: self.policy.spec.clone(),
-            resource: self.resource.clone(),
+            resource: self.resource(),
             leader,
             purged: self.shared.purge_check(Instant::now()),
         };
@@ -740,9 +744,9 @@ impl Plan {
             self.policy.any_invalidated.store(true, Ordering::Release);
             self.policy
                 .invalidated
-                .insert(Arc::from(&*self.resource), now);
+                .insert(Arc::from(&*self.resource()), now);
             for h in [header::LOCATION, header::CONTENT_LOCATION] {
-                if let Some(r) = entry::same_origin(&self.resource, resp.headers().get(h)) {
+                if let Some(r) = entry::same_origin(&self.resource(), resp.headers().get(h)) {
                     self.policy.invalidated.insert(r, now);
                 }
             }

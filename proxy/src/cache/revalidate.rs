@@ -99,7 +99,7 @@ impl Job {
             }
             return Ok(());
         }
-        let Ok(built) = fetch.entry(&resp, &self.spec, &self.resource) else {
+        let Ok(built) = fetch.entry(&resp, &self.spec, self.resource.clone()) else {
             // Not storable now: the stale entry ends with its windows.
             return Ok(());
         };

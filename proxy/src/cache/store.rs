@@ -470,7 +470,7 @@ impl Store {
         self.evictions.inc_by(departed.evicted);
         if let (Some(disk), Some(demoted)) = (&self.disk, departed.demoted) {
             for (key, s) in demoted {
-                disk.demote(key.to_string(), s.primary_len as usize, s.entry, s.until);
+                disk.demote(&key, s.primary_len as usize, s.entry, s.until);
             }
         }
         entry

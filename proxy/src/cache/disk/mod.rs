@@ -339,7 +339,7 @@ impl DiskTier {
     /// Write an entry the memory tier evicted, unless it is about to expire anyway.
     pub fn demote(
         self: &Arc<Self>,
-        key: String,
+        key: &str,
         primary_len: usize,
         entry: Arc<Entry>,
         until: Instant,
@@ -351,7 +351,7 @@ impl DiskTier {
         let Some(permit) = self.permit() else { return };
         let job = Job::new(
             self,
-            key,
+            key.to_string(),
             primary_len,
             entry,
             Instant::now(),

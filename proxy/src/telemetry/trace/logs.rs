@@ -43,8 +43,8 @@ pub fn scope<F: Future>(ids: Option<RequestIds>, fut: F) -> impl Future<Output =
 /// it is: not moved once more into the scope's future (several KB: about 450 instructions of
 /// copies per request on the inbound path, docs/performance.md) nor the task-local swapped at
 /// each poll. Pass the call itself, not a future already made: built where it is awaited, it
-/// is copied once less (measured). For a listener's outermost future only: inside another scope, `None` must
-/// hide the outer ids and only [`scope`] does.
+/// is copied once less (measured). For a listener's outermost future only: inside another
+/// scope, `None` must hide the outer ids and only [`scope`] does.
 macro_rules! in_scope {
     ($ids:expr, $fut:expr) => {
         match $ids {
