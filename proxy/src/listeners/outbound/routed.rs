@@ -147,7 +147,7 @@ impl Outbound {
         host: &Arc<String>,
         rule: &Rule,
         prefix: usize,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: SocketAddr,
         span: &mut crate::telemetry::trace::RequestSpan,
     ) -> (Arc<String>, Result<Response<ResponseBody>, ProxyError>) {
@@ -175,61 +175,8 @@ impl Outbound {
             // gateways only).
             Action::Aggregate(_) => (host.clone(), Err(ProxyError::NoRoute(host.to_string()))),
             Action::Forward { .. } => {
-                let Some(backend) = rule.backend() else {
-                    return (host.clone(), Err(ProxyError::NoRoute(host.to_string())));
-                };
-                let known = self.routes.load().route(&backend.service).cloned();
-                let route = match known {
-                    Some(route) => route,
-                    None => match Box::pin(self.learn(&backend.service)).await {
-                        Ok(Some(route)) => route,
-                        learned => {
-                            let err = not_found(backend.service.to_string(), learned.err());
-                            return (self.unknown.clone(), Err(err));
-                        }
-                    },
-                };
-                routing::prepare_request(rule, prefix, &mut req);
-                let audit = match self.validate(rule, &mut req).await {
-                    Ok(audit) => audit,
-                    Err(refused) => return (host.clone(), Ok(*refused)),
-                };
-                if let Some(m) = &rule.mirror {
-                    let table = self.routes.load();
-                    m.maybe_spawn(
-                        &req,
-                        table.route(&m.service),
-                        &rule.rng,
-                        &self.pool,
-                        client.ip(),
-                        self.defaults.connect,
-                        self.defaults.request,
-                    );
-                }
-                let web_text = req
-                    .extensions()
-                    .get::<crate::compose::grpc_web::WebText>()
-                    .is_some();
-                let transcoded = rule
-                    .transcode
-                    .as_deref()
-                    .filter(|_| !crate::http::grpc::is_grpc(req.headers()));
-                let result = match (transcoded, &rule.transform) {
-                    // JSON to a gRPC service; its gRPC (and gRPC-Web) callers pass as they are.
-                    (Some(t), _) => {
-                        Box::pin(self.forward_transcoded(t, &route, req, client, span)).await
-                    }
-                    (None, None) if web_text => {
-                        Box::pin(self.forward_web_text(&route, req, client, span)).await
-                    }
-                    (None, None) => self.forward(&route, req, client, span).await,
-                    (None, Some(t)) => {
-                        let transformed = self.forward_transformed(t, &route, req, client, span);
-                        Box::pin(transformed).await
-                    }
-                };
-                let result = result.map(|resp| crate::validate::audit::attach(audit, resp));
-                (route.service.name.clone(), result)
+                self.forward_rule(host, rule, prefix, req, client, span)
+                    .await
             }
         };
         let result = result.map(|mut resp| {
@@ -241,6 +188,74 @@ impl Outbound {
 }
 
 impl Outbound {
+    /// A forwarding rule: its backend (learned on first use), the rule's rewrites and
+    /// OpenAPI validation, its mirror, then the request forwarded as the rule says (plain,
+    /// transcoded to gRPC, gRPC-Web text, or through a body transform). Returns the service
+    /// label with the outcome.
+    async fn forward_rule(
+        &self,
+        host: &Arc<String>,
+        rule: &Rule,
+        prefix: usize,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        span: &mut crate::telemetry::trace::RequestSpan,
+    ) -> (Arc<String>, Result<Response<ResponseBody>, ProxyError>) {
+        let Some(backend) = rule.backend() else {
+            return (host.clone(), Err(ProxyError::NoRoute(host.to_string())));
+        };
+        let known = self.routes.load().route(&backend.service).cloned();
+        let route = match known {
+            Some(route) => route,
+            None => match Box::pin(self.learn(&backend.service)).await {
+                Ok(Some(route)) => route,
+                learned => {
+                    let err = not_found(backend.service.to_string(), learned.err());
+                    return (self.unknown.clone(), Err(err));
+                }
+            },
+        };
+        routing::prepare_request(rule, prefix, &mut req);
+        let audit = match self.validate(rule, &mut req).await {
+            Ok(audit) => audit,
+            Err(refused) => return (host.clone(), Ok(*refused)),
+        };
+        if let Some(m) = &rule.mirror {
+            let table = self.routes.load();
+            m.maybe_spawn(
+                &req,
+                table.route(&m.service),
+                &rule.rng,
+                &self.pool,
+                client.ip(),
+                self.defaults.connect,
+                self.defaults.request,
+            );
+        }
+        let web_text = req
+            .extensions()
+            .get::<crate::compose::grpc_web::WebText>()
+            .is_some();
+        let transcoded = rule
+            .transcode
+            .as_deref()
+            .filter(|_| !crate::http::grpc::is_grpc(req.headers()));
+        let result = match (transcoded, &rule.transform) {
+            // JSON to a gRPC service; its gRPC (and gRPC-Web) callers pass as they are.
+            (Some(t), _) => Box::pin(self.forward_transcoded(t, &route, req, client, span)).await,
+            (None, None) if web_text => {
+                Box::pin(self.forward_web_text(&route, req, client, span)).await
+            }
+            (None, None) => self.forward(&route, req, client, span).await,
+            (None, Some(t)) => {
+                let transformed = self.forward_transformed(t, &route, req, client, span);
+                Box::pin(transformed).await
+            }
+        };
+        let result = result.map(|resp| crate::validate::audit::attach(audit, resp));
+        (route.service.name.clone(), result)
+    }
+
     /// The rule's OpenAPI validation, at the ingress (the only listener given one).
     async fn validate(
         &self,
