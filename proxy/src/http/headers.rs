@@ -188,17 +188,29 @@ pub fn edge_forwarded(
     trusted: &TrustedProxies,
     proto: &'static str,
 ) {
+    edge_scrub(headers, peer, trusted, proto);
+    append_forwarded(headers, canonical(peer), proto);
+}
+
+/// The first half of [`edge_forwarded`]: a stranger's forwarding headers dropped, the scheme
+/// written.
+fn edge_scrub(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: &TrustedProxies,
+    proto: &'static str,
+) {
+    let proto = HeaderValue::from_static(proto);
     if !trusted.contains(peer) {
         if headers.keys().any(|n| SPOOFABLE_FORWARDING.contains(n)) {
             for name in &SPOOFABLE_FORWARDING {
                 headers.remove(name);
             }
         }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, proto);
     } else if !headers.contains_key(X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, proto);
     }
-    append_forwarded(headers, canonical(peer), proto);
 }
 
 /// Remove every `trellis-*` header: the mesh's internal headers (peer identity, consumer,
@@ -270,6 +282,73 @@ pub fn append_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static
     }
     if let Some(v) = forwarded {
         headers.append(header::FORWARDED, v);
+    }
+}
+
+/// The forwarding values naming one connection's client, formatted once per connection:
+/// every request on it names the same address, and nearly all of them bring no
+/// `X-Forwarded-For` of their own, so they get these values shared (a reference count each)
+/// instead of formatted and allocated again per request. A request with a chain of its own
+/// has it appended to as [`append_forwarded`] does.
+#[derive(Clone, Debug)]
+pub struct ClientHop {
+    /// The connection's peer, as the trusted-proxy rule checks it.
+    peer: IpAddr,
+    /// The address the values name.
+    client: IpAddr,
+    proto: &'static str,
+    /// `X-Forwarded-For` and the `Forwarded` element of a request without a chain.
+    alone: Option<(HeaderValue, HeaderValue)>,
+}
+
+// === impl ClientHop ===
+
+impl ClientHop {
+    /// A mesh caller at `client`, named as it is ([`append_forwarded`]).
+    pub fn new(client: IpAddr, proto: &'static str) -> Self {
+        Self::naming(client, client, proto)
+    }
+
+    /// A client reaching the edge from `peer`, named as [`edge_forwarded`] names it (an
+    /// IPv4-mapped address as IPv4).
+    pub fn at_edge(peer: IpAddr, proto: &'static str) -> Self {
+        Self::naming(peer, canonical(peer), proto)
+    }
+
+    fn naming(peer: IpAddr, client: IpAddr, proto: &'static str) -> Self {
+        let mut h = HeaderMap::new();
+        append_forwarded(&mut h, client, proto);
+        let alone = match (h.remove(X_FORWARDED_FOR), h.remove(header::FORWARDED)) {
+            (Some(xff), Some(forwarded)) => Some((xff, forwarded)),
+            _ => None,
+        };
+        Self {
+            peer,
+            client,
+            proto,
+            alone,
+        }
+    }
+
+    /// [`append_forwarded`] for this client.
+    pub fn append(&self, headers: &mut HeaderMap) {
+        let chained = headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|p| !p.is_empty());
+        match &self.alone {
+            Some((xff, forwarded)) if !chained => {
+                headers.insert(X_FORWARDED_FOR, xff.clone());
+                headers.append(header::FORWARDED, forwarded.clone());
+            }
+            _ => append_forwarded(headers, self.client, self.proto),
+        }
+    }
+
+    /// [`edge_forwarded`] for this client's connection.
+    pub fn rewrite_at_edge(&self, headers: &mut HeaderMap, trusted: &TrustedProxies) {
+        edge_scrub(headers, self.peer, trusted, self.proto);
+        self.append(headers);
     }
 }
 
@@ -565,6 +644,68 @@ mod tests {
             fwd,
             vec!["for=127.0.0.1;proto=http", "for=\"[::1]\";proto=https"]
         );
+    }
+
+    /// A connection's `ClientHop` writes exactly what the per-request functions write, for
+    /// every shape of incoming forwarding headers, and shares its values between requests.
+    #[test]
+    fn a_connection_s_hop_writes_what_the_functions_write() {
+        let long = vec!["10.0.0.1"; 30].join(", ");
+        let incoming: Vec<Vec<(&str, HeaderValue)>> = vec![
+            vec![],
+            vec![("x-forwarded-for", HeaderValue::from_static("10.0.0.1"))],
+            vec![("x-forwarded-for", HeaderValue::from_static(""))],
+            vec![("x-forwarded-for", HeaderValue::from_bytes(b"\xff").unwrap())],
+            vec![("x-forwarded-for", HeaderValue::from_str(&long).unwrap())],
+            vec![
+                ("forwarded", HeaderValue::from_static("for=1.2.3.4")),
+                ("x-real-ip", HeaderValue::from_static("1.2.3.4")),
+                ("x-forwarded-proto", HeaderValue::from_static("https")),
+            ],
+        ];
+        let trusted = TrustedProxies::parse(&["10.0.0.0/8", "::ffff:192.0.2.0/120"]).unwrap();
+        let none = TrustedProxies::default();
+        let peers = [
+            "192.0.2.7",
+            "10.1.1.1",
+            "2001:db8::1",
+            "::ffff:192.0.2.9",
+            "::1",
+        ];
+        let build = |fields: &[(&str, HeaderValue)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), v.clone());
+            }
+            h
+        };
+        for peer in peers {
+            let peer: IpAddr = peer.parse().unwrap();
+            for proto in ["http", "https"] {
+                let mesh = ClientHop::new(peer, proto);
+                let edge = ClientHop::at_edge(peer, proto);
+                for fields in &incoming {
+                    let (mut want, mut got) = (build(fields), build(fields));
+                    append_forwarded(&mut want, peer, proto);
+                    mesh.append(&mut got);
+                    assert_eq!(got, want, "mesh hop {peer} {proto} {fields:?}");
+                    for t in [&trusted, &none] {
+                        let (mut want, mut got) = (build(fields), build(fields));
+                        edge_forwarded(&mut want, peer, t, proto);
+                        edge.rewrite_at_edge(&mut got, t);
+                        assert_eq!(got, want, "edge hop {peer} {proto} {fields:?}");
+                    }
+                }
+                // Two requests without a chain get the same bytes, not two copies.
+                let (mut one, mut two) = (HeaderMap::new(), HeaderMap::new());
+                mesh.append(&mut one);
+                mesh.append(&mut two);
+                for name in [X_FORWARDED_FOR, header::FORWARDED] {
+                    let at = |h: &HeaderMap| h[&name].as_bytes().as_ptr();
+                    assert_eq!(at(&one), at(&two), "{name} copied per request");
+                }
+            }
+        }
     }
 
     #[test]

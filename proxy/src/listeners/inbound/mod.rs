@@ -20,9 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{Config, InboundMode, Limits};
 use crate::error::ProxyError;
 use crate::http::headers::PEER_IDENTITY_HEADER;
-use crate::http::headers::{
-    append_forwarded, edge_forwarded, is_upgrade, strip_hop_by_hop, TrustedProxies,
-};
+use crate::http::headers::{is_upgrade, strip_hop_by_hop, ClientHop, TrustedProxies};
 use crate::http::rewrite;
 use crate::http::upgrade;
 use crate::identity::{
@@ -208,11 +206,17 @@ impl Inbound {
            + 'static {
         let this = self.clone();
         let activity = activity.clone();
+        // A verified peer is a mesh caller; a plaintext one (permissive mode) is outside the
+        // mesh and vouches for nothing, as a client at the edge.
+        let hop = Arc::new(match peer {
+            Some(_) => ClientHop::new(client.ip(), "https"),
+            None => ClientHop::at_edge(client.ip(), "http"),
+        });
         // The request's future is `handle`'s own, not wrapped in another async block: each
         // layer would move the whole (several KB) future once more per request.
         service_fn(move |req| {
             this.clone()
-                .handle(req, client, peer.clone(), activity.begin())
+                .handle(req, client, peer.clone(), hop.clone(), activity.begin())
         })
     }
 
@@ -223,6 +227,7 @@ impl Inbound {
         mut req: Request<Incoming>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
+        hop: Arc<ClientHop>,
         _busy: ActivityGuard,
     ) -> Result<Response<ResponseBody>, Infallible> {
         if let Some(t) = self
@@ -244,7 +249,7 @@ impl Inbound {
         // What is logged while admitting and forwarding names the request's trace and span.
         let result = logs::in_scope!(
             observed.span.ids(),
-            self.admitted(req, client, peer, &mut consumer)
+            self.admitted(req, client, peer, &hop, &mut consumer)
         );
         let labels = Labels {
             service: self.admission.service(),
@@ -265,6 +270,7 @@ impl Inbound {
         mut req: Request<Incoming>,
         client: SocketAddr,
         peer: Option<HeaderValue>,
+        hop: &ClientHop,
         consumer: &mut Option<Arc<str>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         crate::http::headers::check_framing(&req)?;
@@ -273,9 +279,9 @@ impl Inbound {
             .check(&mut req, peer.as_ref(), client.ip(), consumer)
             .await?;
         let resp = match self.cache.plan(&req, consumer.as_deref()) {
-            None => self.forward(req, client, peer).await?,
+            None => self.forward(req, peer, hop).await?,
             // Boxed by the cache (see `Plan::serve`).
-            Some(plan) => plan.serve(req, |r| self.forward(r, client, peer)).await?,
+            Some(plan) => plan.serve(req, |r| self.forward(r, peer, hop)).await?,
         };
         Ok(admission::hold(resp, permits))
     }
@@ -285,8 +291,8 @@ impl Inbound {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
         peer: Option<HeaderValue>,
+        hop: &ClientHop,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let upgrade = is_upgrade(&req);
         let orig = rewrite::to_app(&mut req, upgrade);
@@ -294,10 +300,10 @@ impl Inbound {
         headers.remove(PEER_IDENTITY_HEADER);
         if let Some(peer) = peer {
             headers.insert(PEER_IDENTITY_HEADER, peer);
-            append_forwarded(headers, client.ip(), "https");
+            hop.append(headers);
         } else {
             // A plaintext caller (permissive mode) is outside the mesh: it vouches for nothing.
-            edge_forwarded(headers, client.ip(), &TrustedProxies::default(), "http");
+            hop.rewrite_at_edge(headers, &TrustedProxies::default());
         }
         let call = Call {
             caller_h2: match &orig {

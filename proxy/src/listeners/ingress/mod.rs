@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Limits;
 use crate::drain;
 use crate::error::{known_cause, ProxyError};
-use crate::http::headers::{edge_forwarded, TrustedProxies, ERROR_HEADER};
+use crate::http::headers::{ClientHop, TrustedProxies, ERROR_HEADER};
 use crate::listeners::lifecycle::{admission, end_with_body, Admission, Lifecycle};
 use crate::listeners::outbound::Outbound;
 use crate::listeners::protocol::http_builders;
@@ -143,11 +143,7 @@ impl Ingress {
                 let activity = Activity::counted(this.metrics.byte_counters(INGRESS));
                 let timeouts = ConnTimeouts::from(&this.limits);
                 if mode != Mode::Tls {
-                    let conn = Conn {
-                        peer: client,
-                        tls: false,
-                        sni: None,
-                    };
+                    let conn = Conn::new(client, false, None);
                     let svc = this.service(mode, conn, &activity);
                     serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
                     return;
@@ -156,11 +152,8 @@ impl Ingress {
                     tokio::time::timeout(this.limits.header_read_timeout, this.tls.accept(tcp));
                 match handshake.await {
                     Ok(Ok(tls)) => {
-                        let conn = Conn {
-                            peer: client,
-                            tls: true,
-                            sni: tls.get_ref().1.server_name().map(Arc::<str>::from),
-                        };
+                        let sni = tls.get_ref().1.server_name().map(Arc::<str>::from);
+                        let conn = Conn::new(client, true, sni);
                         let svc = this.service(mode, conn, &activity);
                         serve_connection(&builder, tls, svc, activity, timeouts, &drain).await
                     }
@@ -358,7 +351,7 @@ impl Ingress {
         crate::http::headers::check_framing(req)?;
         self.admit_host(req, conn)?;
         let trusted = &self.edge.trusted_proxies;
-        edge_forwarded(req.headers_mut(), conn.peer.ip(), trusted, conn.scheme());
+        conn.hop.rewrite_at_edge(req.headers_mut(), trusted);
         crate::http::headers::strip_internal(req.headers_mut());
         self.admission.check(req, None, client.ip(), consumer).await
     }
@@ -404,11 +397,23 @@ struct Conn {
     tls: bool,
     /// The TLS server name the client asked for (`None` without TLS or without SNI).
     sni: Option<Arc<str>>,
+    /// The forwarding values naming the client, made once for the connection.
+    hop: Arc<ClientHop>,
 }
 
 // === impl Conn ===
 
 impl Conn {
+    fn new(peer: SocketAddr, tls: bool, sni: Option<Arc<str>>) -> Self {
+        let scheme = if tls { "https" } else { "http" };
+        Self {
+            peer,
+            tls,
+            sni,
+            hop: Arc::new(ClientHop::at_edge(peer.ip(), scheme)),
+        }
+    }
+
     /// The scheme the client used.
     fn scheme(&self) -> &'static str {
         if self.tls {
