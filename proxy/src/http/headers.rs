@@ -43,20 +43,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 {
         return;
     }
+    // Nearly every HTTP/1.1 response: `Connection: keep-alive` (or `close`) and no other
+    // hop-by-hop header. It names no header to remove with it, so it just goes, in one
+    // lookup (the general path below was about 1,200 instructions for it).
+    if present == 1 << CONNECTION_BIT {
+        if let header::Entry::Occupied(conn) = headers.entry(header::CONNECTION) {
+            if conn.iter().all(names_no_header) {
+                conn.remove();
+                return;
+            }
+        }
+    }
     let has = |name: &HeaderName| {
         HOP_BY_HOP
             .iter()
             .position(|h| h == name)
             .is_some_and(|i| present & (1 << i) != 0)
     };
-    if let Some(conn) = has(&header::CONNECTION)
-        .then(|| headers.get(header::CONNECTION))
-        .flatten()
-    {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
+    if has(&header::CONNECTION) {
+        // Every `Connection` field line counts, not only the first.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
             .map(str::trim)
             // `Connection: keep-alive` / `close` (nearly every HTTP/1.1 response) name no
             // other header: nothing to parse or allocate for them.
@@ -90,6 +99,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// `header::CONNECTION`'s position in [`HOP_BY_HOP`].
+const CONNECTION_BIT: usize = 0;
+
+/// A `Connection` value of only `keep-alive` and `close` tokens: it names no other header.
+fn names_no_header(value: &HeaderValue) -> bool {
+    value.as_bytes().split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+    })
 }
 
 /// Which of [`HOP_BY_HOP`] `headers` has, one bit each by position.
@@ -616,6 +636,39 @@ mod tests {
         h.remove(header::TE);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+    }
+
+    /// The usual response's `Connection` (keep-alive or close tokens only) goes in one
+    /// lookup; anything it names sends it down the general path.
+    #[test]
+    fn a_connection_naming_no_header_goes_alone() {
+        for (value, keep_upgrade) in [
+            ("keep-alive", false),
+            ("Keep-Alive", true),
+            ("close", false),
+            (" keep-alive ,CLOSE", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+            h.append(header::CONNECTION, value.parse().unwrap());
+            h.append(header::CONNECTION, "close".parse().unwrap());
+            h.insert(header::CONTENT_LENGTH, "3".parse().unwrap());
+            strip_hop_by_hop(&mut h, keep_upgrade);
+            assert!(h.get(header::CONNECTION).is_none(), "{value:?} kept");
+            assert_eq!(h.len(), 2, "{value:?}: {h:?}");
+        }
+        // A named header goes with it, and so does one named in a second `Connection` field.
+        for values in [["keep-alive, x-secret", "close"], ["close", "x-secret"]] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONNECTION, v.parse().unwrap());
+            }
+            h.insert("x-secret", "1".parse().unwrap());
+            h.insert("x-keep", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.get("x-secret").is_none() && h.get(header::CONNECTION).is_none());
+            assert_eq!(h.len(), 1, "{values:?}: {h:?}");
+        }
     }
 
     #[test]
