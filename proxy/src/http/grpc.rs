@@ -20,6 +20,11 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Parse `grpc-timeout` (at most 8 digits and a unit: H M S m u n).
 pub fn parse_timeout(headers: &HeaderMap) -> Option<Duration> {
+    // Every outbound request asks: one pass over the names costs less than looking up an
+    // absent custom name (`http` hashes it byte by byte), and few requests carry `grpc-*`.
+    if !headers.keys().any(|n| n.as_str().starts_with("grpc-")) {
+        return None;
+    }
     let v = headers.get(TIMEOUT_HEADER)?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {
         return None;

@@ -237,14 +237,36 @@ fn edge_scrub(
 /// retried marker, original protocol) are only ever set by sidecars, never by a client at the
 /// edge. Allocates only when a client sent one.
 pub fn strip_internal(headers: &mut HeaderMap) {
-    let internal = |n: &HeaderName| n.as_str().starts_with("trellis-");
-    if !headers.keys().any(internal) {
+    if !any_internal(headers) {
         return;
     }
-    let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+    let names: Vec<HeaderName> = headers.keys().filter(|n| is_internal(n)).cloned().collect();
     for name in names {
         headers.remove(name);
     }
+}
+
+fn is_internal(name: &HeaderName) -> bool {
+    name.as_str().starts_with("trellis-")
+}
+
+/// Whether `headers` has any `trellis-*` field. One pass over the names costs less than one
+/// lookup of a custom name, which `http` hashes byte by byte (about 150 instructions for an
+/// absent `trellis-*` name), and a request from an app or a client nearly never has one: the
+/// lookups and removals of the mesh's internal headers on the request path are skipped when
+/// this says none is there.
+pub fn any_internal(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_internal)
+}
+
+/// `headers` has the internal header `name` (looked up only when some internal header is there).
+pub fn has_internal(headers: &HeaderMap, name: &HeaderName) -> bool {
+    any_internal(headers) && headers.contains_key(name)
+}
+
+/// The internal header `name` (looked up only when some internal header is there).
+pub fn get_internal<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    any_internal(headers).then(|| headers.get(name)).flatten()
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -8,12 +8,12 @@
 use std::net::SocketAddr;
 
 use http::header::{self, HeaderValue};
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use http::{Request, Uri, Version};
 
 use crate::error::ProxyError;
 use crate::http::headers::ORIG_PROTO_HEADER;
-use crate::http::headers::{request_authority, strip_hop_by_hop};
+use crate::http::headers::{any_internal, request_authority, strip_hop_by_hop};
 
 /// The `Host` of a request to an origin over HTTP/1.1.
 #[derive(Clone, Copy, Debug)]
@@ -37,30 +37,56 @@ pub enum RequestTarget {
 
 /// `scheme://authority` with `uri`'s path and query (`/` when it has none).
 pub fn absolute_uri(scheme: Scheme, authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(shared_authority(authority)?);
     // The path is reused, not re-parsed: hyper's parsed path shares the connection's read
     // buffer, so this costs no allocation now and none when a retry copies the request.
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    Uri::builder()
-        .scheme(scheme)
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| ProxyError::MissingAuthority)
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).map_err(|_| ProxyError::MissingAuthority)
+}
+
+thread_local! {
+    /// The authority parsed last on this thread: a sidecar's calls name the same few services
+    /// over and over, and a parsed one is shared (a reference count) instead of parsed and
+    /// copied again for every request.
+    static LAST_AUTHORITY: std::cell::RefCell<Option<Authority>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `authority` parsed, or the same one parsed last on this thread.
+fn shared_authority(authority: &str) -> Result<Authority, ProxyError> {
+    LAST_AUTHORITY.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(a) = last.as_ref().filter(|a| a.as_str() == authority) {
+            return Ok(a.clone());
+        }
+        let parsed = Authority::try_from(authority).map_err(|_| ProxyError::MissingAuthority)?;
+        *last = Some(parsed.clone());
+        Ok(parsed)
+    })
 }
 
 /// To a peer sidecar over the mesh's HTTP/2: the `https` URI names the request's authority
 /// (`:authority` replaces `Host`), and the app's HTTP version travels in
 /// `trellis-orig-proto` so that the far side can answer an HTTP/1 app in kind.
 pub fn to_mesh_h2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
-    let authority = request_authority(req).ok_or(ProxyError::MissingAuthority)?;
+    // `Host` goes either way: taken out once, and read if the target does not name the
+    // authority (as `request_authority` reads it).
+    let host = req.headers_mut().remove(header::HOST);
+    let authority = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => host.as_ref().and_then(|h| h.to_str().ok()),
+    }
+    .ok_or(ProxyError::MissingAuthority)?;
     let uri = absolute_uri(Scheme::HTTPS, authority, req.uri())?;
     let orig = req.version();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, false);
-    headers.remove(header::HOST);
     if orig != Version::HTTP_2 {
         let v = if orig == Version::HTTP_10 {
             "HTTP/1.0"
@@ -113,7 +139,10 @@ pub fn to_origin_h1<B>(
 /// returned: the caller's HTTP version). The target and `Host` are set per attempt by
 /// [`app_version`], since the protocol may change between attempts.
 pub fn to_app<B>(req: &mut Request<B>, upgrade: bool) -> Option<HeaderValue> {
-    let orig = req.headers_mut().remove(ORIG_PROTO_HEADER);
+    let headers = req.headers_mut();
+    let orig = any_internal(headers)
+        .then(|| headers.remove(ORIG_PROTO_HEADER))
+        .flatten();
     strip_hop_by_hop(req.headers_mut(), upgrade);
     orig
 }
@@ -188,6 +217,27 @@ mod tests {
 
     fn parts(req: Request<()>) -> http::request::Parts {
         req.into_parts().0
+    }
+
+    /// The per-thread authority is reused only for the very same text: alternating, differing
+    /// in case, or refused, each request gets its own.
+    #[test]
+    fn absolute_uris_name_their_own_authority() {
+        let path: Uri = "/p?q=1".parse().unwrap();
+        for (authority, want) in [
+            ("orders", Some("https://orders/p?q=1")),
+            ("orders", Some("https://orders/p?q=1")),
+            ("Orders:8443", Some("https://Orders:8443/p?q=1")),
+            ("bad authority", None),
+            ("orders", Some("https://orders/p?q=1")),
+            ("", None),
+            ("payments.default", Some("https://payments.default/p?q=1")),
+        ] {
+            let got = absolute_uri(Scheme::HTTPS, authority, &path).ok();
+            assert_eq!(got.map(|u| u.to_string()).as_deref(), want, "{authority:?}");
+        }
+        let root = absolute_uri(Scheme::HTTP, "a:1", &Uri::from_static("example.com:443")).unwrap();
+        assert_eq!(root, "http://a:1/");
     }
 
     #[test]

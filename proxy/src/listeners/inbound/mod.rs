@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{Config, InboundMode, Limits};
 use crate::error::ProxyError;
 use crate::http::headers::PEER_IDENTITY_HEADER;
-use crate::http::headers::{is_upgrade, strip_hop_by_hop, ClientHop, TrustedProxies};
+use crate::http::headers::{any_internal, is_upgrade, strip_hop_by_hop, ClientHop, TrustedProxies};
 use crate::http::rewrite;
 use crate::http::upgrade;
 use crate::identity::{
@@ -297,12 +297,15 @@ impl Inbound {
         let upgrade = is_upgrade(&req);
         let orig = rewrite::to_app(&mut req, upgrade);
         let headers = req.headers_mut();
-        headers.remove(PEER_IDENTITY_HEADER);
         if let Some(peer) = peer {
+            // Replaces whatever the caller sent under this name.
             headers.insert(PEER_IDENTITY_HEADER, peer);
             hop.append(headers);
         } else {
             // A plaintext caller (permissive mode) is outside the mesh: it vouches for nothing.
+            if any_internal(headers) {
+                headers.remove(PEER_IDENTITY_HEADER);
+            }
             hop.rewrite_at_edge(headers, &TrustedProxies::default());
         }
         let call = Call {

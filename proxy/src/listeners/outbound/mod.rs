@@ -25,8 +25,10 @@ use tokio::net::TcpListener;
 use crate::config::{Config, Limits};
 use crate::error::ProxyError;
 use crate::http::body::Streamed;
+use crate::http::headers::{
+    any_internal, has_internal, CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER,
+};
 use crate::http::headers::{is_upgrade, request_host};
-use crate::http::headers::{CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER};
 use crate::http::origin::ExternalClient;
 use crate::http::rewrite;
 use crate::http::upgrade;
@@ -144,7 +146,7 @@ impl Outbound {
                         req.extensions_mut().insert(OriginalDst(dst));
                     }
                     // Peers trust this header from sidecars: an app may not set it.
-                    if req.headers().contains_key(CONSUMER_HEADER) {
+                    if has_internal(req.headers(), &CONSUMER_HEADER) {
                         req.headers_mut().remove(CONSUMER_HEADER);
                     }
                     this.clone().handle(req, client, busy)
@@ -192,6 +194,9 @@ impl Outbound {
             return (resp, rule.name.clone());
         }
         let mut observed = lifecycle.start(&mut req, |req| {
+            if !self.tracing.active() {
+                return crate::telemetry::trace::RequestSpan::none();
+            }
             let host = request_host(req).unwrap_or(UNKNOWN_SERVICE);
             self.tracing
                 .client(req.method(), req.uri().path(), req.headers(), host)
@@ -357,6 +362,8 @@ impl Outbound {
 /// not append either. At the edge the ingress has written them by its trusted-proxy rule.
 fn sanitize<B>(req: &mut Request<B>) {
     let headers = req.headers_mut();
-    headers.remove(PEER_IDENTITY_HEADER);
-    headers.remove(ORIG_PROTO_HEADER);
+    if any_internal(headers) {
+        headers.remove(PEER_IDENTITY_HEADER);
+        headers.remove(ORIG_PROTO_HEADER);
+    }
 }

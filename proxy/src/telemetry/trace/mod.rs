@@ -184,6 +184,12 @@ impl Tracing {
     }
 
     /// The client span of an outbound request to `service`.
+    /// Whether spans are made at all (a tracer is configured): a caller that must look
+    /// something up only for the span asks first.
+    pub fn active(&self) -> bool {
+        self.tracer.is_some()
+    }
+
     pub fn client(
         &self,
         method: &Method,
@@ -243,7 +249,8 @@ fn start(
 // === impl RequestSpan ===
 
 impl RequestSpan {
-    fn none() -> Self {
+    /// No span: tracing is off.
+    pub fn none() -> Self {
         Self {
             span: None,
             server: false,
