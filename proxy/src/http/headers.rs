@@ -259,14 +259,21 @@ pub fn any_internal(headers: &HeaderMap) -> bool {
     headers.keys().any(is_internal)
 }
 
-/// `headers` has the internal header `name` (looked up only when some internal header is there).
-pub fn has_internal(headers: &HeaderMap, name: &HeaderName) -> bool {
-    any_internal(headers) && headers.contains_key(name)
+/// `headers` has a field named `name`, found by comparing the names rather than by hashing
+/// `name`: for a custom name (which `http` hashes byte by byte) in a request's or response's
+/// handful of fields, the cheaper way to learn that it is absent, as it nearly always is.
+pub fn has_name(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|n| n == name)
 }
 
-/// The internal header `name` (looked up only when some internal header is there).
+/// `headers` has the internal header `name` ([`has_name`]).
+pub fn has_internal(headers: &HeaderMap, name: &HeaderName) -> bool {
+    has_name(headers, name)
+}
+
+/// The internal header `name`, looked up only when [`has_name`] finds it.
 pub fn get_internal<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
-    any_internal(headers).then(|| headers.get(name)).flatten()
+    has_name(headers, name).then(|| headers.get(name)).flatten()
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -374,10 +381,11 @@ impl ClientHop {
 
     /// [`append_forwarded`] for this client.
     pub fn append(&self, headers: &mut HeaderMap) {
-        let chained = headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|p| !p.is_empty());
+        let chained = has_name(headers, &X_FORWARDED_FOR)
+            && headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|p| !p.is_empty());
         match &self.alone {
             Some((xff, forwarded)) if !chained => {
                 headers.insert(X_FORWARDED_FOR, xff.clone());

@@ -58,6 +58,29 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// The `Host` value made last on this thread, for the same reason.
+    static LAST_HOST: std::cell::RefCell<Option<HeaderValue>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A `Host` value of `authority`, or the same one made last on this thread.
+fn shared_host(authority: &str) -> Result<HeaderValue, ProxyError> {
+    LAST_HOST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(v) = last
+            .as_ref()
+            .filter(|v| v.as_bytes() == authority.as_bytes())
+        {
+            return Ok(v.clone());
+        }
+        let value = crate::http::headers::shared_value(authority.as_bytes())
+            .ok_or(ProxyError::MissingAuthority)?;
+        *last = Some(value.clone());
+        Ok(value)
+    })
+}
+
 /// `authority` parsed, or the same one parsed last on this thread.
 fn shared_authority(authority: &str) -> Result<Authority, ProxyError> {
     LAST_AUTHORITY.with(|last| {
@@ -181,9 +204,7 @@ pub fn app_version(
                 .get(header::HOST)
                 .is_some_and(|h| h.as_bytes() == a.as_str().as_bytes());
             if !same {
-                let host =
-                    HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::MissingAuthority)?;
-                parts.headers.insert(header::HOST, host);
+                parts.headers.insert(header::HOST, shared_host(a.as_str())?);
             }
         }
         None => match parts.headers.get(header::HOST) {
