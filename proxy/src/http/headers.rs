@@ -115,9 +115,16 @@ fn names_no_header(value: &HeaderValue) -> bool {
 /// Which of [`HOP_BY_HOP`] `headers` has, one bit each by position.
 fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
     headers.keys().fold(0, |m, n| {
+        let name = n.as_str();
+        // Most names have none of the listed names' lengths (2, 7, 10, 16, 17): one
+        // comparison for them instead of six name comparisons (this ran on every request and
+        // response, about 250 instructions each).
+        if !matches!(name.len(), 2 | 7 | 10 | 16 | 17) {
+            return m;
+        }
         HOP_BY_HOP
             .iter()
-            .position(|h| h == n)
+            .position(|h| h.as_str() == name)
             .map_or(m, |i| m | (1 << i))
     })
 }
@@ -645,6 +652,13 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_alone_is_removed_and_others_kept() {
+        // `hop_by_hop_present` skips names by length: every listed name must have one of its.
+        for name in &HOP_BY_HOP {
+            assert!(
+                matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17),
+                "{name}"
+            );
+        }
         for name in &HOP_BY_HOP {
             let mut h = HeaderMap::new();
             h.insert("x-before", "1".parse().unwrap());
