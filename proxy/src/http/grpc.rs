@@ -22,7 +22,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 pub fn parse_timeout(headers: &HeaderMap) -> Option<Duration> {
     // Every outbound request asks: one pass over the names costs less than looking up an
     // absent custom name (`http` hashes it byte by byte), and few requests carry `grpc-*`.
-    if !headers.keys().any(|n| n.as_str().starts_with("grpc-")) {
+    if !crate::http::headers::any_named_with(headers, "grpc-") {
         return None;
     }
     let v = headers.get(TIMEOUT_HEADER)?.to_str().ok()?;

@@ -263,7 +263,13 @@ fn is_internal(name: &HeaderName) -> bool {
 /// lookups and removals of the mesh's internal headers on the request path are skipped when
 /// this says none is there.
 pub fn any_internal(headers: &HeaderMap) -> bool {
-    headers.keys().any(is_internal)
+    any_named_with(headers, "trellis-")
+}
+
+/// Whether `headers` has a field whose name starts with `prefix` (lowercase: names are), by
+/// one pass over the names ([`any_internal`] says why).
+pub fn any_named_with(headers: &HeaderMap, prefix: &str) -> bool {
+    headers.keys().any(|n| n.as_str().starts_with(prefix))
 }
 
 /// `headers` has a field named `name`, found by comparing the names rather than by hashing
@@ -271,16 +277,6 @@ pub fn any_internal(headers: &HeaderMap) -> bool {
 /// handful of fields, the cheaper way to learn that it is absent, as it nearly always is.
 pub fn has_name(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers.keys().any(|n| n == name)
-}
-
-/// `headers` has the internal header `name` ([`has_name`]).
-pub fn has_internal(headers: &HeaderMap, name: &HeaderName) -> bool {
-    has_name(headers, name)
-}
-
-/// The internal header `name`, looked up only when [`has_name`] finds it.
-pub fn get_internal<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
-    has_name(headers, name).then(|| headers.get(name)).flatten()
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -5,7 +5,9 @@
 //! mesh, the pass-through to an original destination, an upgrade, the local app), so that
 //! they agree on what crosses a hop: the rules of RFC 9110 section 7.6.1 are written once.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::thread::LocalKey;
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -54,43 +56,46 @@ thread_local! {
     /// The authority parsed last on this thread: a sidecar's calls name the same few services
     /// over and over, and a parsed one is shared (a reference count) instead of parsed and
     /// copied again for every request.
-    static LAST_AUTHORITY: std::cell::RefCell<Option<Authority>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-thread_local! {
+    static LAST_AUTHORITY: RefCell<Option<Authority>> = const { RefCell::new(None) };
     /// The `Host` value made last on this thread, for the same reason.
-    static LAST_HOST: std::cell::RefCell<Option<HeaderValue>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// A `Host` value of `authority`, or the same one made last on this thread.
-fn shared_host(authority: &str) -> Result<HeaderValue, ProxyError> {
-    LAST_HOST.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some(v) = last
-            .as_ref()
-            .filter(|v| v.as_bytes() == authority.as_bytes())
-        {
-            return Ok(v.clone());
-        }
-        let value = crate::http::headers::shared_value(authority.as_bytes())
-            .ok_or(ProxyError::MissingAuthority)?;
-        *last = Some(value.clone());
-        Ok(value)
-    })
+    static LAST_HOST: RefCell<Option<HeaderValue>> = const { RefCell::new(None) };
 }
 
 /// `authority` parsed, or the same one parsed last on this thread.
 fn shared_authority(authority: &str) -> Result<Authority, ProxyError> {
-    LAST_AUTHORITY.with(|last| {
+    made_last(
+        &LAST_AUTHORITY,
+        authority,
+        |a| a.as_str().as_bytes(),
+        |t| Authority::try_from(t).ok(),
+    )
+    .ok_or(ProxyError::MissingAuthority)
+}
+
+/// A `Host` value of `authority`, or the same one made last on this thread.
+fn shared_host(authority: &str) -> Result<HeaderValue, ProxyError> {
+    made_last(&LAST_HOST, authority, HeaderValue::as_bytes, |t| {
+        crate::http::headers::shared_value(t.as_bytes())
+    })
+    .ok_or(ProxyError::MissingAuthority)
+}
+
+/// `make(text)`, or the value in `last` when it was made from the very same text (`text_of`
+/// gives it back); a value made anew replaces it. `None`: `text` makes no value.
+fn made_last<T: Clone + 'static>(
+    last: &'static LocalKey<RefCell<Option<T>>>,
+    text: &str,
+    text_of: fn(&T) -> &[u8],
+    make: fn(&str) -> Option<T>,
+) -> Option<T> {
+    last.with(|last| {
         let mut last = last.borrow_mut();
-        if let Some(a) = last.as_ref().filter(|a| a.as_str() == authority) {
-            return Ok(a.clone());
+        if let Some(v) = last.as_ref().filter(|v| text_of(v) == text.as_bytes()) {
+            return Some(v.clone());
         }
-        let parsed = Authority::try_from(authority).map_err(|_| ProxyError::MissingAuthority)?;
-        *last = Some(parsed.clone());
-        Ok(parsed)
+        let value = make(text)?;
+        *last = Some(value.clone());
+        Some(value)
     })
 }
 

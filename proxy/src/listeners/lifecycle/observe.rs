@@ -8,7 +8,7 @@ use http::{HeaderValue, Request, Response};
 
 use crate::error::{known_cause, ProxyError};
 use crate::http::body::Streamed;
-use crate::http::headers::{get_internal, ERROR_HEADER};
+use crate::http::headers::{has_name, ERROR_HEADER};
 use crate::telemetry::access_log::{cache_status, AccessLog, Outcome, RequestInfo};
 use crate::telemetry::metrics::{InFlight, Metrics, RequestCounters, INBOUND};
 use crate::telemetry::trace::{logs, RequestSpan};
@@ -140,9 +140,12 @@ impl Observed<'_> {
         });
         // A refusal by the far sidecar names its cause too (none is behind an inbound
         // listener: its header is not even looked up there).
+        // (Looked up only when present: a custom name's lookup hashes it byte by byte.)
         let cause = cause.or_else(|| match lifecycle.peer_causes {
-            true => known_cause(get_internal(resp.headers(), &ERROR_HEADER)?.as_bytes()),
-            false => None,
+            true if has_name(resp.headers(), &ERROR_HEADER) => {
+                known_cause(resp.headers().get(ERROR_HEADER)?.as_bytes())
+            }
+            _ => None,
         });
         self.span.respond(resp.status().as_u16(), cause, || {
             cache_status(resp.headers())

@@ -26,7 +26,7 @@ use crate::config::{Config, Limits};
 use crate::error::ProxyError;
 use crate::http::body::Streamed;
 use crate::http::headers::{
-    any_internal, has_internal, CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER,
+    any_internal, has_name, CONSUMER_HEADER, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER,
 };
 use crate::http::headers::{is_upgrade, request_host};
 use crate::http::origin::ExternalClient;
@@ -146,7 +146,7 @@ impl Outbound {
                         req.extensions_mut().insert(OriginalDst(dst));
                     }
                     // Peers trust this header from sidecars: an app may not set it.
-                    if has_internal(req.headers(), &CONSUMER_HEADER) {
+                    if has_name(req.headers(), &CONSUMER_HEADER) {
                         req.headers_mut().remove(CONSUMER_HEADER);
                     }
                     this.clone().handle(req, client, busy)

@@ -12,7 +12,7 @@ use trellis_policies::RetrySpec;
 
 use crate::error::ProxyError;
 use crate::http::client_body::{BodyWatch, ClientBody, ClientFault};
-use crate::http::headers::{has_internal, RETRIED_HEADER};
+use crate::http::headers::{has_name, RETRIED_HEADER};
 use crate::policy::retry::idempotent;
 use crate::RequestBody;
 
@@ -45,7 +45,7 @@ impl Payload {
             return Ok(Self::read_ahead(req, body, retry));
         }
         let may_retry = retry.attempts > 0
-            && !has_internal(req.headers(), &RETRIED_HEADER)
+            && !has_name(req.headers(), &RETRIED_HEADER)
             && (retry.allow_non_idempotent || idempotent(req.method()))
             && (req.body().is_end_stream()
                 || req
@@ -156,7 +156,7 @@ fn replay(parts: &http::request::Parts, body: &Bytes, retried: bool) -> Request<
 /// size limit, never one already retried by a sidecar before).
 fn may_replay<B>(req: &Request<B>, len: usize, retry: &RetrySpec) -> bool {
     retry.attempts > 0
-        && !has_internal(req.headers(), &RETRIED_HEADER)
+        && !has_name(req.headers(), &RETRIED_HEADER)
         && (retry.allow_non_idempotent || idempotent(req.method()))
         && len as u64 <= retry.max_body_bytes
 }

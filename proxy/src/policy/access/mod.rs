@@ -28,7 +28,7 @@ pub use consumers::key_digest;
 
 use crate::config::{AuthorizationConfig, AuthzDefault};
 use crate::error::ProxyError;
-use crate::http::headers::{has_internal, CONSUMER_HEADER};
+use crate::http::headers::{has_name, CONSUMER_HEADER};
 use crate::policy::auth::{AuthMetrics, JwtAuthenticator, VerifiedToken};
 use crate::state::snapshot::Snapshot;
 use authn::Authn;
@@ -240,7 +240,7 @@ impl AccessControl {
             for h in &state.claim_headers {
                 req.headers_mut().remove(h);
             }
-            if has_internal(req.headers(), &CONSUMER_HEADER) {
+            if has_name(req.headers(), &CONSUMER_HEADER) {
                 req.headers_mut().remove(CONSUMER_HEADER);
             }
             return None;
