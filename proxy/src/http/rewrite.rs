@@ -89,7 +89,10 @@ fn made_last<T: Clone + 'static>(
     make: fn(&str) -> Option<T>,
 ) -> Option<T> {
     last.with(|last| {
-        let mut last = last.borrow_mut();
+        // Never reentered (`make` does not come back here); if it were, no reuse, no panic.
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return make(text);
+        };
         if let Some(v) = last.as_ref().filter(|v| text_of(v) == text.as_bytes()) {
             return Some(v.clone());
         }
