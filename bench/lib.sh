@@ -27,11 +27,12 @@ need() {
     done
 }
 
-# cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT, and TARGET (the
-# target directory: CARGO_TARGET_DIR when set).
+# cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT (BENCH_AGENT when
+# set: another build of mesh-agent, e.g. bench/pgo.sh's), and TARGET (the target directory:
+# CARGO_TARGET_DIR when set).
 build_release() {
     TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-    AGENT="$TARGET/release/mesh-agent"
+    AGENT="${BENCH_AGENT:-$TARGET/release/mesh-agent}"
     [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && return
     (cd "$ROOT" && cargo build --release --locked -p mesh-agent "$@") >"$D/build.log" 2>&1 ||
         { tail -20 "$D/build.log"; die "build failed"; }

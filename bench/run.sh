@@ -6,10 +6,13 @@
 #   bash bench/run.sh            # 10 s per measurement (BENCH_SECONDS=N to change)
 #   bash bench/run.sh --quick    # 2 s per measurement: smoke test
 #   bash bench/run.sh --no-docs  # do not rewrite docs/benchmarks.md
+#   bash bench/run.sh --pgo      # also Trellis's profile-guided build (bench/pgo.sh), side by side
 #
 # Environment: BENCH_SECONDS (10), BENCH_RATE (1000 req/s for the latency runs),
 # BENCH_CONNS (32 wrk connections), BENCH_PORT_BASE (28100), BENCH_SKIP_BUILD=1,
-# BENCH_AGENT=PATH (another mesh-agent binary), BENCH_HOLD_CONNS (1000). Diagnostics instead of
+# BENCH_AGENT=PATH (another mesh-agent binary), BENCH_AGENT_PGO=PATH (with --pgo: a PGO build made
+# before; default target/pgo/release/mesh-agent, built by bench/pgo.sh unless BENCH_SKIP_BUILD=1),
+# BENCH_HOLD_CONNS (1000). Diagnostics instead of
 # the run: BENCH_SYSCALLS=1 (per path: sequential latency, CPU and syscalls per request), with
 # BENCH_TIMELINE=PATH (a few requests' syscalls, timestamped) or BENCH_HOLD=1 (keep it all up).
 # Method and results: docs/benchmarks.md.
@@ -21,12 +24,14 @@ DOC="$ROOT/docs/benchmarks.md"
 
 QUICK=0
 WRITE_DOCS=1
+PGO=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
         --no-docs) WRITE_DOCS=0 ;;
+        --pgo) PGO=1 ;;
         -h | --help)
-            sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -89,6 +94,10 @@ need_apt=()
 for tool in nginx:nginx haproxy:haproxy wrk:wrk jq:jq curl:curl taskset:util-linux openssl:openssl ss:iproute2 python3:python3; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
+if ((PGO)) && [[ -z "${BENCH_AGENT_PGO:-}" ]]; then # bench/pgo.sh: llvm-profdata of rustc's LLVM
+    llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
+    command -v "llvm-profdata-$llvm_major" >/dev/null 2>&1 || need_apt+=("llvm-$llvm_major")
+fi
 if ((${#need_apt[@]})); then
     log "installing ${need_apt[*]} with apt"
     apt-get update -qq
@@ -125,6 +134,16 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
         { tail -30 "$D/logs/build.log" >&2; die "cargo build of the hyper floor failed"; }
 fi
 [[ -x "$FLOOR" ]] || die "$FLOOR was not built"
+# The profile-guided build (bench/pgo.sh): a second pair of sidecars, measured beside the first.
+if ((PGO)); then
+    AGENT_PGO="${BENCH_AGENT_PGO:-$ROOT/target/pgo/release/mesh-agent}"
+    if [[ -z "${BENCH_AGENT_PGO:-}" && "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
+        log "building the PGO mesh-agent (bench/pgo.sh: two builds and a training run)"
+        (unset BENCH_AGENT; bash "$ROOT/bench/pgo.sh") >"$D/logs/pgo.log" 2>&1 ||
+            { tail -30 "$D/logs/pgo.log" >&2; die "bench/pgo.sh failed"; }
+    fi
+    [[ -x "$AGENT_PGO" ]] || die "$AGENT_PGO was not built (bash bench/pgo.sh)"
+fi
 
 # --- ports, certificates, configs ------------------------------------------------------------
 
@@ -132,7 +151,7 @@ fi
 declare -A PORT
 used_ports="$(ss -Htan 2>/dev/null | awk '{print $4}' | sed 's/.*://' | sort -u)"
 next_port=$PORT_BASE
-for name in backend backend_status nginx haproxy floor_pooled floor_paired mtls_a mtls_b mtls_b_status b_in b_out b_admin a_in a_out a_admin; do
+for name in backend backend_status nginx haproxy floor_pooled floor_paired mtls_a mtls_b mtls_b_status b_in b_out b_admin a_in a_out a_admin pb_in pb_out pb_admin pa_in pa_out pa_admin; do
     while grep -qx "$next_port" <<<"$used_ports"; do next_port=$((next_port + 1)); done
     PORT[$name]=$next_port
     next_port=$((next_port + 1))
@@ -196,16 +215,26 @@ for mode in pooled paired; do
     start "floor_$mode" "$FLOOR" "127.0.0.1:${PORT[floor_$mode]}" "127.0.0.1:${PORT[backend]}" "$mode"
 done
 
-render mesh.yaml "$D/mesh.yaml" B_INBOUND_PORT="${PORT[b_in]}"
-render sidecar.yaml "$D/sidecar-b.yaml" SERVICE=backend DIR="$D" CERTS="$CERTS" \
-    INBOUND_PORT="${PORT[b_in]}" OUTBOUND_PORT="${PORT[b_out]}" ADMIN_PORT="${PORT[b_admin]}" \
-    BACKEND_PORT="${PORT[backend]}"
-render sidecar.yaml "$D/sidecar-a.yaml" SERVICE=client DIR="$D" CERTS="$CERTS" \
-    INBOUND_PORT="${PORT[a_in]}" OUTBOUND_PORT="${PORT[a_out]}" ADMIN_PORT="${PORT[a_admin]}" \
-    BACKEND_PORT="${PORT[backend]}"
-# tokio sizes its runtime from the CPU affinity mask, so taskset -c 1 gives one worker thread.
-start trellis_b env RUST_LOG=warn "$AGENT" run --config "$D/sidecar-b.yaml"
-start trellis_a env RUST_LOG=warn "$AGENT" run --config "$D/sidecar-a.yaml"
+# trellis_pair AGENT DIR X: sidecars A (service client) and B (service backend) run by AGENT,
+# their configs and mesh file under DIR, ports ${X}a_* and ${X}b_*, processes trellis_${X}a/b.
+SIDECARS=()
+trellis_pair() {
+    local agent="$1" dir="$2" x="$3" s
+    mkdir -p "$dir"
+    render mesh.yaml "$dir/mesh.yaml" B_INBOUND_PORT="${PORT[${x}b_in]}"
+    for s in b a; do
+        render sidecar.yaml "$dir/sidecar-$s.yaml" SERVICE="$([[ $s == a ]] && echo client || echo backend)" \
+            DIR="$dir" CERTS="$CERTS" BACKEND_PORT="${PORT[backend]}" INBOUND_PORT="${PORT[${x}${s}_in]}" \
+            OUTBOUND_PORT="${PORT[${x}${s}_out]}" ADMIN_PORT="${PORT[${x}${s}_admin]}"
+    done
+    # tokio sizes its runtime from the CPU affinity mask, so taskset -c 1 gives one worker thread.
+    start "trellis_${x}b" env RUST_LOG=warn "$agent" run --config "$dir/sidecar-b.yaml"
+    start "trellis_${x}a" env RUST_LOG=warn "$agent" run --config "$dir/sidecar-a.yaml"
+    SIDECARS+=("${x}a" "${x}b")
+}
+trellis_pair "$AGENT" "$D" ""
+# The same two sidecars from the PGO build, with their own mesh file.
+if ((PGO)); then trellis_pair "$AGENT_PGO" "$D/pgo" p; fi
 
 # wait_http URL SECONDS: until URL answers 200
 wait_http() {
@@ -225,7 +254,7 @@ wait_port() {
 for p in backend nginx haproxy floor_pooled floor_paired mtls_a mtls_b; do
     wait_port "${PORT[$p]}" 10 || die "$p did not listen on ${PORT[$p]} (see $D/logs/$p.log and $D/$p/error.log)"
 done
-for s in a b; do
+for s in "${SIDECARS[@]}"; do
     wait_http "http://127.0.0.1:${PORT[${s}_admin]}/ready" 30 ||
         { tail -20 "$D/logs/trellis_$s.log" >&2; die "Trellis sidecar ${s^^} not ready"; }
 done
@@ -251,6 +280,7 @@ declare -A PROC=(
     [trellis_a]="$PID_trellis_a"
     [trellis_b]="$PID_trellis_b"
 )
+if ((PGO)); then PROC[trellis_pa]="$PID_trellis_pa" PROC[trellis_pb]="$PID_trellis_pb"; fi
 for k in "${!PROC[@]}"; do [[ -n "${PROC[$k]}" ]] || die "no worker process for $k"; done
 
 # --- paths -----------------------------------------------------------------------------------
@@ -265,6 +295,8 @@ declare -A LABEL=(
     [nginx2]="nginx 2-hop mTLS"
     [trellis1]="Trellis 1-hop"
     [trellis2]="Trellis 2-hop mTLS"
+    [trellis1_pgo]="Trellis 1-hop (PGO)"
+    [trellis2_pgo]="Trellis 2-hop mTLS (PGO)"
 )
 declare -A URL=(
     [direct]="http://127.0.0.1:${PORT[backend]}/"
@@ -275,6 +307,8 @@ declare -A URL=(
     [nginx2]="http://127.0.0.1:${PORT[mtls_a]}/"
     [trellis1]="http://127.0.0.1:${PORT[b_in]}/"
     [trellis2]="http://127.0.0.1:${PORT[a_out]}/"
+    [trellis1_pgo]="http://127.0.0.1:${PORT[pb_in]}/"
+    [trellis2_pgo]="http://127.0.0.1:${PORT[pa_out]}/"
 )
 # processes doing the proxying on each path (for per-process CPU and RSS)
 declare -A PATH_PROCS=(
@@ -286,7 +320,10 @@ declare -A PATH_PROCS=(
     [nginx2]="mtls_a mtls_b"
     [trellis1]="trellis_b"
     [trellis2]="trellis_a trellis_b"
+    [trellis1_pgo]="trellis_pb"
+    [trellis2_pgo]="trellis_pa trellis_pb"
 )
+if ((PGO)); then PATHS+=(trellis1_pgo trellis2_pgo); fi
 # Every request carries Host: backend (the Trellis outbound listener routes on it).
 HOST_HDR="Host: backend"
 
@@ -397,6 +434,7 @@ hop_handshakes() {
     case "$1" in
         nginx2) nginx_accepts "${PORT[mtls_b_status]}" ;;
         trellis2) trellis_counter "${PORT[b_admin]}" '^trellis_tls_handshakes_total[{].*direction="inbound"' ;;
+        trellis2_pgo) trellis_counter "${PORT[pb_admin]}" '^trellis_tls_handshakes_total[{].*direction="inbound"' ;;
         *) echo 0 ;;
     esac
 }
@@ -561,7 +599,7 @@ done
 
 # --- report ----------------------------------------------------------------------------------
 
-declare -A REF=([direct]=nginx [nginx]=nginx [haproxy]=nginx [floor_paired]=nginx [floor_pooled]=nginx [trellis1]=nginx [nginx2]=nginx2 [trellis2]=nginx2)
+declare -A REF=([direct]=nginx [nginx]=nginx [haproxy]=nginx [floor_paired]=nginx [floor_pooled]=nginx [trellis1]=nginx [nginx2]=nginx2 [trellis2]=nginx2 [trellis1_pgo]=nginx [trellis2_pgo]=nginx2)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2fx", a / b }'; }
 mb() { awk -v k="${1:-0}" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -602,7 +640,7 @@ CONN_TABLE="$(
     printf '|---|---:|---:|---:|\n'
     for p in "${PATHS[@]}"; do
         printf '| %s | %s | %s | %s |\n' "${LABEL[$p]}" "${REQS[$p]}" "${BACKEND_CONNS[$p]}" \
-            "$([[ $p == nginx2 || $p == trellis2 ]] && echo "${HOP_HS[$p]}" || echo -)"
+            "$([[ $p == nginx2 || $p == trellis2* ]] && echo "${HOP_HS[$p]}" || echo -)"
     done
 )"
 
@@ -610,23 +648,29 @@ met() { if awk "BEGIN { exit !($1) }"; then echo "met"; else echo "**NOT met**";
 added() { awk -v a="$1" -v d="$2" 'BEGIN { printf "%+.3f", a - d }'; }
 rss_a=$(mb "${RSS_IDLE[trellis_a]}") rss_b=$(mb "${RSS_IDLE[trellis_b]}")
 rss_conns=$(mb "${RSS_CONNS[trellis_a]}")
-TARGETS="$(
-    printf '| target | measured | result |\n|---|---|---|\n'
-    printf '| Trellis 1-hop proxy CPU/req <= 1.0x nginx 1-hop | %s vs %s µs (%s) | %s |\n' \
-        "${ADDED_US[trellis1]}" "${ADDED_US[nginx]}" "$(ratio "${ADDED_US[trellis1]}" "${ADDED_US[nginx]}")" \
-        "$(met "${ADDED_US[trellis1]} <= ${ADDED_US[nginx]}")"
-    printf '| Trellis 1-hop max req/s >= nginx 1-hop | %s vs %s | %s |\n' \
-        "${RPS[trellis1]}" "${RPS[nginx]}" "$(met "${RPS[trellis1]} >= ${RPS[nginx]}")"
-    printf '| Trellis 2-hop mTLS proxy CPU/req <= 0.8x nginx 2-hop mTLS | %s vs %s µs (%s) | %s |\n' \
-        "${ADDED_US[trellis2]}" "${ADDED_US[nginx2]}" "$(ratio "${ADDED_US[trellis2]}" "${ADDED_US[nginx2]}")" \
-        "$(met "${ADDED_US[trellis2]} <= 0.8 * ${ADDED_US[nginx2]}")"
+# cpu_targets SUFFIX NAME: the CPU and latency targets for one Trellis build ("" or "_pgo")
+cpu_targets() {
+    local t1="trellis1$1" t2="trellis2$1" b="$2" q t n
+    printf '| %s 1-hop proxy CPU/req <= 1.0x nginx 1-hop | %s vs %s µs (%s) | %s |\n' "$b" \
+        "${ADDED_US[$t1]}" "${ADDED_US[nginx]}" "$(ratio "${ADDED_US[$t1]}" "${ADDED_US[nginx]}")" \
+        "$(met "${ADDED_US[$t1]} <= ${ADDED_US[nginx]}")"
+    printf '| %s 1-hop max req/s >= nginx 1-hop | %s vs %s | %s |\n' "$b" \
+        "${RPS[$t1]}" "${RPS[nginx]}" "$(met "${RPS[$t1]} >= ${RPS[nginx]}")"
+    printf '| %s 2-hop mTLS proxy CPU/req <= 0.8x nginx 2-hop mTLS | %s vs %s µs (%s) | %s |\n' "$b" \
+        "${ADDED_US[$t2]}" "${ADDED_US[nginx2]}" "$(ratio "${ADDED_US[$t2]}" "${ADDED_US[nginx2]}")" \
+        "$(met "${ADDED_US[$t2]} <= 0.8 * ${ADDED_US[nginx2]}")"
     for q in P50 P99; do
         declare -n lat="$q"
-        t=$(added "${lat[trellis2]}" "${lat[direct]}") n=$(added "${lat[nginx2]}" "${lat[direct]}")
-        printf '| Trellis 2-hop added %s at %s req/s <= nginx 2-hop | %s vs %s ms | %s |\n' \
+        t=$(added "${lat[$t2]}" "${lat[direct]}") n=$(added "${lat[nginx2]}" "${lat[direct]}")
+        printf '| %s 2-hop added %s at %s req/s <= nginx 2-hop | %s vs %s ms | %s |\n' "$b" \
             "${q,,}" "$RATE" "$t" "$n" "$(met "$t <= $n")"
         unset -n lat
     done
+}
+TARGETS="$(
+    printf '| target | measured | result |\n|---|---|---|\n'
+    cpu_targets "" Trellis
+    if ((PGO)); then cpu_targets _pgo "Trellis (PGO)"; fi
     printf '| idle sidecar RSS <= 12 MB | A %s MB, B %s MB | %s |\n' \
         "$rss_a" "$rss_b" "$(met "$rss_a <= 12 && $rss_b <= 12")"
     printf '| sidecar RSS with %s open client connections <= 30 MB | %s MB (nginx 1-hop: %s MB) | %s |\n' \
@@ -638,7 +682,7 @@ TARGETS="$(
 FLOOR_TABLE="$(
     printf '| 1-hop path | proxy µs/req | vs nginx 1-hop | max req/s | vs nginx 1-hop |\n'
     printf '|---|---:|---:|---:|---:|\n'
-    for p in nginx floor_paired floor_pooled trellis1; do
+    for p in nginx floor_paired floor_pooled trellis1 $( ((PGO)) && echo trellis1_pgo || true); do
         printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$p]}" "${ADDED_US[$p]}" \
             "$(ratio "${ADDED_US[$p]}" "${ADDED_US[nginx]}")" "${RPS[$p]}" "$(ratio "${RPS[$p]}" "${RPS[nginx]}")"
     done
@@ -654,7 +698,9 @@ if [[ -n "$(cd "$ROOT" && git status --porcelain -- proxy mesh-agent policies Ca
 fi
 oha_version="$( [[ $LAT_TOOL == oha ]] && oha --version 2>/dev/null | head -1 || echo "not installed")"
 ENV_LINE="$(date -u '+%Y-%m-%d %H:%M UTC'); Trellis $git_rev; $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)); Linux $(uname -r); $(nginx -v 2>&1 | sed 's/.*: //'); HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'); $oha_version; wrk $( (wrk -v 2>&1 || true) | awk 'NR == 1 { print $2 }')"
-MODE_LINE="$SECS s per run, best of $CYCLES interleaved cycles per path$( ((QUICK)) && echo ' (--quick smoke run: noisy, do not quote)'); latency: $( [[ $LAT_TOOL == oha ]] && echo "oha -q $RATE -c $CONNS --latency-correction (open loop)" || echo "wrk closed loop (oha missing: not fixed-rate)"); max: wrk -t1 -c$CONNS; core 1 busy or stolen before load: ${IDLE_BUSY_PCT}%"
+PGO_NOTE=""
+((PGO)) && PGO_NOTE="; \"(PGO)\": the same sources built by bench/pgo.sh (profile-guided, trained on the benchmark scripts' traffic)"
+MODE_LINE="$SECS s per run, best of $CYCLES interleaved cycles per path$( ((QUICK)) && echo ' (--quick smoke run: noisy, do not quote)'); latency: $( [[ $LAT_TOOL == oha ]] && echo "oha -q $RATE -c $CONNS --latency-correction (open loop)" || echo "wrk closed loop (oha missing: not fixed-rate)"); max: wrk -t1 -c$CONNS; core 1 busy or stolen before load: ${IDLE_BUSY_PCT}%$PGO_NOTE"
 
 echo
 echo "Results: $ENV_LINE"
