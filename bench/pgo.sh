@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A profile-guided (PGO) release build of mesh-agent, the one the Docker image ships:
+# A profile-guided (PGO) release build of mesh-agent (the Docker image and `cargo build --release`
+# make the plain one):
 #  1. an instrumented release build (rustc -Cprofile-generate) in target/pgo-gen;
 #  2. training: that binary serves the benchmarks' traffic for a few seconds each (bench/run.sh:
 #     the inbound listener over HTTP/1.1 and the two-sidecar mTLS path over HTTP/2, 1,000 idle
@@ -10,9 +11,10 @@
 #  3. llvm-profdata merges them; the release build is made again with -Cprofile-use, in
 #     target/pgo (the output: target/pgo/release/mesh-agent).
 # Code the training never ran is still compiled, only laid out and inlined as cold: behaviour is
-# the same as the plain release build's, only speed differs (docs/performance.md, "PGO").
+# the same as the plain release build's, only speed differs (docs/performance.md, "Profile-guided
+# build", which also says what code the training leaves cold costs).
 #
-#   bash bench/pgo.sh              # then: BENCH_AGENT=target/pgo/release/mesh-agent bash bench/run.sh
+#   bash bench/pgo.sh    # then BENCH_SKIP_BUILD=1 bash bench/run.sh --pgo: both builds side by side
 #
 # Needs llvm-profdata of rustc's own LLVM major version (Debian: apt-get install llvm-NN, where
 # NN is the "LLVM version" of `rustc -vV`); PGO_PROFDATA=PATH picks another binary.
