@@ -57,6 +57,7 @@ train cache env BENCH_ROUNDS=1 bash "$ROOT/bench/cache.sh"
 train routing bash "$ROOT/bench/routing.sh"
 n="$(find "$RAW" -name '*.profraw' | wc -l)"
 ((n > 0)) || die "no profile was written (did the sidecars exit cleanly?)"
+rm -f "$GEN_DIR"/merged-*.profdata # the last run's (about 18 MB each)
 "$PROFDATA" merge -o "$GEN_DIR/merged.profdata" "$RAW"
 # Named by content: cargo tracks RUSTFLAGS, not the profile's bytes, so a new profile must be a
 # new path for the build below to happen again (and the same one reuses the last build).
