@@ -253,8 +253,11 @@ pub fn strip_internal(headers: &mut HeaderMap) {
     }
 }
 
+/// The mesh's own headers: what sidecars tell each other, never taken from an app or a client.
+const INTERNAL_PREFIX: &str = "trellis-";
+
 fn is_internal(name: &HeaderName) -> bool {
-    name.as_str().starts_with("trellis-")
+    name.as_str().starts_with(INTERNAL_PREFIX)
 }
 
 /// Whether `headers` has any `trellis-*` field. One pass over the names costs less than one
@@ -263,7 +266,7 @@ fn is_internal(name: &HeaderName) -> bool {
 /// lookups and removals of the mesh's internal headers on the request path are skipped when
 /// this says none is there.
 pub fn any_internal(headers: &HeaderMap) -> bool {
-    any_named_with(headers, "trellis-")
+    any_named_with(headers, INTERNAL_PREFIX)
 }
 
 /// Whether `headers` has a field whose name starts with `prefix` (lowercase: names are), by

@@ -139,8 +139,8 @@ impl Observed<'_> {
             logs::sync_scope(self.span.ids(), || lifecycle.refuse(e, self.grpc))
         });
         // A refusal by the far sidecar names its cause too (none is behind an inbound
-        // listener: its header is not even looked up there).
-        // (Looked up only when present: a custom name's lookup hashes it byte by byte.)
+        // listener: its header is not even looked up there). Looked up only when present: a
+        // custom name's lookup hashes it byte by byte.
         let cause = cause.or_else(|| match lifecycle.peer_causes {
             true if has_name(resp.headers(), &ERROR_HEADER) => {
                 known_cause(resp.headers().get(ERROR_HEADER)?.as_bytes())
