@@ -9,7 +9,10 @@
 #     misses; bench/routing.sh: a 100-rule HTTPRoute); each process writes its counters when it
 #     exits;
 #  3. llvm-profdata merges them; the release build is made again with -Cprofile-use, in
-#     target/pgo (the output: target/pgo/release/mesh-agent).
+#     target/pgo (the output: target/pgo/release/mesh-agent);
+#  4. the same three steps for the stack's floor (proxy/examples/hyper_floor.rs, trained on its
+#     two modes in front of an nginx backend) into target/pgo-floor: bench/run.sh --pgo measures
+#     Trellis's PGO build against a floor built the same way, not against a plain one.
 # Code the training never ran is still compiled, only laid out and inlined as cold: behaviour is
 # the same as the plain release build's, only speed differs (docs/performance.md, "Profile-guided
 # build", which also says what code the training leaves cold costs).
@@ -34,12 +37,16 @@ USE_DIR="$ROOT/target/pgo"
 RAW="$GEN_DIR/profiles"
 rm -rf "$RAW" && mkdir -p "$RAW"
 
-log "1/3 instrumented build (target/pgo-gen)"
+log "1/4 instrumented builds (target/pgo-gen): mesh-agent and the hyper floor"
+# The same RUSTFLAGS for both, so that they share what they can; each run writes its profiles
+# where LLVM_PROFILE_FILE says.
 (cd "$ROOT" && CARGO_TARGET_DIR="$GEN_DIR" RUSTFLAGS="-Cprofile-generate=$RAW" \
-    cargo build --release --locked -p mesh-agent) >"$GEN_DIR.log" 2>&1 ||
+    cargo build --release --locked -p mesh-agent &&
+    CARGO_TARGET_DIR="$GEN_DIR" RUSTFLAGS="-Cprofile-generate=$RAW" \
+        cargo build --release --locked -p trellis-proxy --example hyper_floor) >"$GEN_DIR.log" 2>&1 ||
     { tail -30 "$GEN_DIR.log" >&2; die "instrumented build failed"; }
 
-log "2/3 training: the benchmarks' traffic through the instrumented binary"
+log "2/4 training: the benchmarks' traffic through the instrumented binary"
 # The benchmark scripts run the instrumented mesh-agent; what else they need (the hyper floor,
 # the transcoding load client) is built here, plain, and the scripts build nothing more.
 (cd "$ROOT" && cargo build --release --locked -p trellis-proxy --example hyper_floor --example transcode_load) \
@@ -65,8 +72,23 @@ PROFILE="$GEN_DIR/merged-$(sha256sum "$GEN_DIR/merged.profdata" | cut -c1-16).pr
 mv "$GEN_DIR/merged.profdata" "$PROFILE"
 log "   $n process profiles merged into ${PROFILE#"$ROOT"/}"
 
-log "3/3 release build with the profile (target/pgo)"
+log "3/4 release build with the profile (target/pgo)"
 (cd "$ROOT" && CARGO_TARGET_DIR="$USE_DIR" RUSTFLAGS="-Cprofile-use=$PROFILE" \
     cargo build --release --locked -p mesh-agent) >"$USE_DIR.log" 2>&1 ||
     { tail -30 "$USE_DIR.log" >&2; die "build with the profile failed"; }
 log "built ${USE_DIR#"$ROOT"/}/release/mesh-agent"
+
+log "4/4 the hyper floor: trained in both its modes, then built with its profile (target/pgo-floor)"
+FLOOR_RAW="$GEN_DIR/floor-profiles"
+rm -rf "$FLOOR_RAW" && mkdir -p "$FLOOR_RAW"
+train floor env LLVM_PROFILE_FILE="$FLOOR_RAW/%m_%p.profraw" FLOOR="$GEN_DIR/release/examples/hyper_floor" \
+    SECONDS_PER_MODE="${PGO_SECONDS:-3}" bash "$ROOT/bench/floor_train.sh"
+FLOOR_PROFILE="$GEN_DIR/floor-merged.profdata"
+"$PROFDATA" merge -o "$FLOOR_PROFILE.new" "$FLOOR_RAW"
+FLOOR_PROFILE_NAMED="$GEN_DIR/floor-$(sha256sum "$FLOOR_PROFILE.new" | cut -c1-16).profdata"
+rm -f "$GEN_DIR"/floor-*.profdata
+mv "$FLOOR_PROFILE.new" "$FLOOR_PROFILE_NAMED"
+(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/pgo-floor" RUSTFLAGS="-Cprofile-use=$FLOOR_PROFILE_NAMED" \
+    cargo build --release --locked -p trellis-proxy --example hyper_floor) >"$ROOT/target/pgo-floor.log" 2>&1 ||
+    { tail -30 "$ROOT/target/pgo-floor.log" >&2; die "the floor's build with its profile failed"; }
+log "built target/pgo-floor/release/examples/hyper_floor"

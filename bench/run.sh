@@ -12,6 +12,8 @@
 # BENCH_CONNS (32 wrk connections), BENCH_PORT_BASE (28100), BENCH_SKIP_BUILD=1,
 # BENCH_AGENT=PATH (another mesh-agent binary), BENCH_AGENT_PGO=PATH (with --pgo: a PGO build made
 # before; default target/pgo/release/mesh-agent, built by bench/pgo.sh unless BENCH_SKIP_BUILD=1),
+# BENCH_FLOOR_PGO=PATH (with --pgo: the hyper floor built the same way; default
+# target/pgo-floor/release/examples/hyper_floor, also from bench/pgo.sh),
 # BENCH_HOLD_CONNS (1000). Diagnostics instead of
 # the run: BENCH_SYSCALLS=1 (per path: sequential latency, CPU and syscalls per request), with
 # BENCH_TIMELINE=PATH (a few requests' syscalls, timestamped) or BENCH_HOLD=1 (keep it all up).
@@ -143,6 +145,9 @@ if ((PGO)); then
             { tail -30 "$D/logs/pgo.log" >&2; die "bench/pgo.sh failed"; }
     fi
     [[ -x "$AGENT_PGO" ]] || die "$AGENT_PGO was not built (bash bench/pgo.sh)"
+    # The floor built the same way (bench/pgo.sh, step 4): PGO against PGO.
+    FLOOR_PGO="${BENCH_FLOOR_PGO:-$ROOT/target/pgo-floor/release/examples/hyper_floor}"
+    [[ -x "$FLOOR_PGO" ]] || die "$FLOOR_PGO was not built (bash bench/pgo.sh)"
 fi
 
 # --- ports, certificates, configs ------------------------------------------------------------
@@ -151,7 +156,7 @@ fi
 declare -A PORT
 used_ports="$(ss -Htan 2>/dev/null | awk '{print $4}' | sed 's/.*://' | sort -u)"
 next_port=$PORT_BASE
-for name in backend backend_status nginx haproxy floor_pooled floor_paired mtls_a mtls_b mtls_b_status b_in b_out b_admin a_in a_out a_admin pb_in pb_out pb_admin pa_in pa_out pa_admin; do
+for name in backend backend_status nginx haproxy floor_pooled floor_paired floor_paired_pgo mtls_a mtls_b mtls_b_status b_in b_out b_admin a_in a_out a_admin pb_in pb_out pb_admin pa_in pa_out pa_admin; do
     while grep -qx "$next_port" <<<"$used_ports"; do next_port=$((next_port + 1)); done
     PORT[$name]=$next_port
     next_port=$((next_port + 1))
@@ -214,6 +219,9 @@ start haproxy haproxy -db -f "$D/haproxy.cfg"
 for mode in pooled paired; do
     start "floor_$mode" "$FLOOR" "127.0.0.1:${PORT[floor_$mode]}" "127.0.0.1:${PORT[backend]}" "$mode"
 done
+if ((PGO)); then
+    start floor_paired_pgo "$FLOOR_PGO" "127.0.0.1:${PORT[floor_paired_pgo]}" "127.0.0.1:${PORT[backend]}" paired
+fi
 
 # trellis_pair AGENT DIR X: sidecars A (service client) and B (service backend) run by AGENT,
 # their configs and mesh file under DIR, ports ${X}a_* and ${X}b_*, processes trellis_${X}a/b.
@@ -251,7 +259,7 @@ wait_port() {
         sleep 0.1
     done
 }
-for p in backend nginx haproxy floor_pooled floor_paired mtls_a mtls_b; do
+for p in backend nginx haproxy floor_pooled floor_paired mtls_a mtls_b $( ((PGO)) && echo floor_paired_pgo || true); do
     wait_port "${PORT[$p]}" 10 || die "$p did not listen on ${PORT[$p]} (see $D/logs/$p.log and $D/$p/error.log)"
 done
 for s in "${SIDECARS[@]}"; do
@@ -280,7 +288,10 @@ declare -A PROC=(
     [trellis_a]="$PID_trellis_a"
     [trellis_b]="$PID_trellis_b"
 )
-if ((PGO)); then PROC[trellis_pa]="$PID_trellis_pa" PROC[trellis_pb]="$PID_trellis_pb"; fi
+if ((PGO)); then
+    PROC[trellis_pa]="$PID_trellis_pa" PROC[trellis_pb]="$PID_trellis_pb"
+    PROC[floor_paired_pgo]="$PID_floor_paired_pgo"
+fi
 for k in "${!PROC[@]}"; do [[ -n "${PROC[$k]}" ]] || die "no worker process for $k"; done
 
 # --- paths -----------------------------------------------------------------------------------
@@ -292,6 +303,7 @@ declare -A LABEL=(
     [haproxy]="haproxy 1-hop"
     [floor_paired]="hyper floor 1-hop (paired)"
     [floor_pooled]="hyper floor 1-hop (pooled)"
+    [floor_paired_pgo]="hyper floor 1-hop (paired, PGO)"
     [nginx2]="nginx 2-hop mTLS"
     [trellis1]="Trellis 1-hop"
     [trellis2]="Trellis 2-hop mTLS"
@@ -304,6 +316,7 @@ declare -A URL=(
     [haproxy]="http://127.0.0.1:${PORT[haproxy]}/"
     [floor_paired]="http://127.0.0.1:${PORT[floor_paired]}/"
     [floor_pooled]="http://127.0.0.1:${PORT[floor_pooled]}/"
+    [floor_paired_pgo]="http://127.0.0.1:${PORT[floor_paired_pgo]}/"
     [nginx2]="http://127.0.0.1:${PORT[mtls_a]}/"
     [trellis1]="http://127.0.0.1:${PORT[b_in]}/"
     [trellis2]="http://127.0.0.1:${PORT[a_out]}/"
@@ -317,13 +330,14 @@ declare -A PATH_PROCS=(
     [haproxy]="haproxy"
     [floor_paired]="floor_paired"
     [floor_pooled]="floor_pooled"
+    [floor_paired_pgo]="floor_paired_pgo"
     [nginx2]="mtls_a mtls_b"
     [trellis1]="trellis_b"
     [trellis2]="trellis_a trellis_b"
     [trellis1_pgo]="trellis_pb"
     [trellis2_pgo]="trellis_pa trellis_pb"
 )
-if ((PGO)); then PATHS+=(trellis1_pgo trellis2_pgo); fi
+if ((PGO)); then PATHS+=(floor_paired_pgo trellis1_pgo trellis2_pgo); fi
 # Every request carries Host: backend (the Trellis outbound listener routes on it).
 HOST_HDR="Host: backend"
 
@@ -599,7 +613,7 @@ done
 
 # --- report ----------------------------------------------------------------------------------
 
-declare -A REF=([direct]=nginx [nginx]=nginx [haproxy]=nginx [floor_paired]=nginx [floor_pooled]=nginx [trellis1]=nginx [nginx2]=nginx2 [trellis2]=nginx2 [trellis1_pgo]=nginx [trellis2_pgo]=nginx2)
+declare -A REF=([direct]=nginx [nginx]=nginx [haproxy]=nginx [floor_paired]=nginx [floor_pooled]=nginx [floor_paired_pgo]=nginx [trellis1]=nginx [nginx2]=nginx2 [trellis2]=nginx2 [trellis1_pgo]=nginx [trellis2_pgo]=nginx2)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2fx", a / b }'; }
 mb() { awk -v k="${1:-0}" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -682,7 +696,7 @@ TARGETS="$(
 FLOOR_TABLE="$(
     printf '| 1-hop path | proxy µs/req | vs nginx 1-hop | max req/s | vs nginx 1-hop |\n'
     printf '|---|---:|---:|---:|---:|\n'
-    for p in nginx floor_paired floor_pooled trellis1 $( ((PGO)) && echo trellis1_pgo || true); do
+    for p in nginx floor_paired floor_pooled trellis1 $( ((PGO)) && echo floor_paired_pgo trellis1_pgo || true); do
         printf '| %s | %s | %s | %s | %s |\n' "${LABEL[$p]}" "${ADDED_US[$p]}" \
             "$(ratio "${ADDED_US[$p]}" "${ADDED_US[nginx]}")" "${RPS[$p]}" "$(ratio "${RPS[$p]}" "${RPS[nginx]}")"
     done
@@ -690,6 +704,10 @@ FLOOR_TABLE="$(
     # connections (proxy/src/http/h1_pool.rs), the paired floor's shape, not hyper-util's pool.
     printf '| Trellis above the paired floor (its own work) | %s | | | |\n' \
         "$(awk -v a="${ADDED_US[trellis1]}" -v b="${ADDED_US[floor_paired]}" 'BEGIN { printf "%.2f", a - b }')"
+    if ((PGO)); then
+        printf '| Trellis (PGO) above the paired floor (PGO) | %s | | | |\n' \
+            "$(awk -v a="${ADDED_US[trellis1_pgo]}" -v b="${ADDED_US[floor_paired_pgo]}" 'BEGIN { printf "%.2f", a - b }')"
+    fi
 )"
 
 git_rev="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"

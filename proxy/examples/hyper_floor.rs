@@ -61,7 +61,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let authority = Authority::try_from(upstream.to_string())?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Incoming>();
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            // SIGINT ends the process normally, so that a profile-instrumented build
+            // (`-Cprofile-generate`) writes its profile at exit.
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
         stream.set_nodelay(true)?;
         let (client, authority) = (client.clone(), authority.clone());
         tokio::spawn(async move {
