@@ -24,11 +24,22 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# PGO_PROFILE: ship the profile-guided build (docs/performance.md, "Profile-guided build"). The
+# profile comes from `bash bench/pgo.sh` on the same commit and the same Rust version, copied into
+# the build context (target/ is not part of it), e.g.
+#   cp target/pgo-gen/merged-*.profdata pgo.profdata
+#   docker build --build-arg PGO_PROFILE=pgo.profdata -t trellis/mesh-agent:0.1.0 .
+# Empty (the default): the plain release build. A profile that is missing fails the build.
+ARG PGO_PROFILE=""
 # --locked: exactly the committed Cargo.lock. The cache mounts keep the registry and the target
 # directory between builds; the binary is copied out of the mount in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mesh-agent \
+    if [ -n "$PGO_PROFILE" ]; then \
+        test -f "/src/$PGO_PROFILE" || { echo "PGO_PROFILE: no file $PGO_PROFILE in the build context" >&2; exit 1; }; \
+        export RUSTFLAGS="-Cprofile-use=/src/$PGO_PROFILE"; \
+    fi \
+    && cargo build --release --locked -p mesh-agent \
     && install -D -m 0755 target/release/mesh-agent /out/mesh-agent \
     && mkdir -p /out/etc/trellis/certs
 

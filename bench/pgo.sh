@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A profile-guided (PGO) release build of mesh-agent (the Docker image and `cargo build --release`
-# make the plain one):
+# A profile-guided (PGO) release build of mesh-agent (`cargo build --release` makes the plain one;
+# the Docker image too, unless given this script's profile: Dockerfile, PGO_PROFILE):
 #  1. an instrumented release build (rustc -Cprofile-generate) in target/pgo-gen;
 #  2. training: that binary serves the benchmarks' traffic for a few seconds each (bench/run.sh:
 #     the inbound listener over HTTP/1.1 and the two-sidecar mTLS path over HTTP/2, 1,000 idle
