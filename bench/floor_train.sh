@@ -20,6 +20,7 @@ wait_http backend "http://127.0.0.1:$BACKEND/"
 for mode in paired pooled; do
     taskset -c 1 "$FLOOR" "127.0.0.1:$P" "127.0.0.1:$BACKEND" "$mode" &
     pid=$!
+    PIDS+=("$pid") # killed on the way out if anything below fails
     wait_http "hyper_floor ($mode)" "http://127.0.0.1:$P/"
     taskset -c 0 wrk -t1 -c32 -d"${SECS}s" "http://127.0.0.1:$P/" | grep 'Requests/sec' |
         sed "s/^/$mode: /"

@@ -83,12 +83,12 @@ FLOOR_RAW="$GEN_DIR/floor-profiles"
 rm -rf "$FLOOR_RAW" && mkdir -p "$FLOOR_RAW"
 train floor env LLVM_PROFILE_FILE="$FLOOR_RAW/%m_%p.profraw" FLOOR="$GEN_DIR/release/examples/hyper_floor" \
     SECONDS_PER_MODE="${PGO_SECONDS:-3}" bash "$ROOT/bench/floor_train.sh"
-FLOOR_PROFILE="$GEN_DIR/floor-merged.profdata"
-"$PROFDATA" merge -o "$FLOOR_PROFILE.new" "$FLOOR_RAW"
-FLOOR_PROFILE_NAMED="$GEN_DIR/floor-$(sha256sum "$FLOOR_PROFILE.new" | cut -c1-16).profdata"
-rm -f "$GEN_DIR"/floor-*.profdata
-mv "$FLOOR_PROFILE.new" "$FLOOR_PROFILE_NAMED"
-(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/pgo-floor" RUSTFLAGS="-Cprofile-use=$FLOOR_PROFILE_NAMED" \
+rm -f "$GEN_DIR"/floor-*.profdata # the last run's
+"$PROFDATA" merge -o "$GEN_DIR/floor.merged" "$FLOOR_RAW"
+# Named by content, as the mesh-agent's profile above.
+FLOOR_PROFILE="$GEN_DIR/floor-$(sha256sum "$GEN_DIR/floor.merged" | cut -c1-16).profdata"
+mv "$GEN_DIR/floor.merged" "$FLOOR_PROFILE"
+(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/pgo-floor" RUSTFLAGS="-Cprofile-use=$FLOOR_PROFILE" \
     cargo build --release --locked -p trellis-proxy --example hyper_floor) >"$ROOT/target/pgo-floor.log" 2>&1 ||
     { tail -30 "$ROOT/target/pgo-floor.log" >&2; die "the floor's build with its profile failed"; }
 log "built target/pgo-floor/release/examples/hyper_floor"
