@@ -27,14 +27,14 @@ need() {
     done
 }
 
-# cargo build --release --locked -p mesh-agent [more cargo args]; sets AGENT (BENCH_AGENT when
-# set: another build of mesh-agent, e.g. bench/pgo.sh's), and TARGET (the target directory:
-# CARGO_TARGET_DIR when set).
+# cargo build --release --locked -p mesh-agent; sets AGENT and TARGET (the target directory:
+# CARGO_TARGET_DIR when set). BENCH_AGENT names another build of mesh-agent to measure instead
+# (e.g. bench/pgo.sh's), and nothing is built, as in bench/run.sh.
 build_release() {
     TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
     AGENT="${BENCH_AGENT:-$TARGET/release/mesh-agent}"
-    [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && return
-    (cd "$ROOT" && cargo build --release --locked -p mesh-agent "$@") >"$D/build.log" 2>&1 ||
+    [[ "${BENCH_SKIP_BUILD:-0}" == 1 || -n "${BENCH_AGENT:-}" ]] && return
+    (cd "$ROOT" && cargo build --release --locked -p mesh-agent) >"$D/build.log" 2>&1 ||
         { tail -20 "$D/build.log"; die "build failed"; }
 }
 
