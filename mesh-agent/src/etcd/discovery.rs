@@ -34,6 +34,7 @@ use trellis_proxy::state::discover::{Discover, Discovered};
 use trellis_proxy::state::snapshot::{Service, Snapshot};
 
 use super::cache::Cache;
+use super::cache_writer::{self, CacheMetrics, CacheSlot};
 use super::keys::{Keys, MeshKey};
 use super::on_demand::{Ask, Link, OnDemandStore, MAX_QUEUED};
 use super::scope::Scope;
@@ -60,9 +61,6 @@ async fn answers(address: String) -> bool {
         .is_ok_and(|r| r.is_ok())
 }
 
-/// A revision and the raw values to persist at it.
-type CacheState = (i64, Vec<(String, Arc<[u8]>)>);
-
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DiscoveryStatus {
     pub endpoints: Vec<String>,
@@ -73,6 +71,8 @@ pub struct DiscoveryStatus {
     /// Set while serving the cached state because etcd has not been reached since startup.
     pub serving_from_cache: Option<i64>,
     pub cache_file: PathBuf,
+    /// Why the last write of the cache file failed (cleared by the next that lands).
+    pub cache_error: Option<String>,
     pub last_error: Option<String>,
     pub watch_restarts: u64,
     pub resyncs: u64,
@@ -111,6 +111,7 @@ struct Metrics {
     held: Gauge,
     dropped: Counter,
     publishes: Family<KindLabels, Counter>,
+    cache: CacheMetrics,
 }
 
 pub struct Discovery {
@@ -178,6 +179,7 @@ impl Discovery {
             held: Gauge::default(),
             dropped: Counter::default(),
             publishes: Family::default(),
+            cache: CacheMetrics::register(registry),
         };
         registry.register(
             "discovery_on_demand",
@@ -320,7 +322,13 @@ impl Discovery {
 
     /// Run until the data plane is gone.
     pub async fn run(mut self) {
-        spawn_cache_writer(self.cache.clone(), self.cache_tx.clone());
+        let status = self.status.clone();
+        cache_writer::spawn(
+            self.cache.clone(),
+            self.cache_tx.clone(),
+            self.metrics.cache.clone(),
+            move |error| status.lock().unwrap_or_else(|p| p.into_inner()).cache_error = error,
+        );
         let mut attempt = 0;
         loop {
             let start = Instant::now();
@@ -860,6 +868,7 @@ impl Discovery {
                 // The cache is a fallback: a reachable etcd always gets a full read.
                 self.need_resync = true;
                 self.metrics.freshness.serving_cache(cached.saved_at_unix);
+                self.metrics.cache.loaded(cached.revision);
                 tracing::warn!(
                     revision = cached.revision,
                     saved_at_unix = cached.saved_at_unix,
@@ -1022,10 +1031,8 @@ impl Discovery {
     }
 
     fn save_cache(&self) {
-        let entries = self.state.raw_shared();
-        let mut next = self.cache_tx.next.lock().unwrap_or_else(|p| p.into_inner());
-        *next = Some((self.state.revision, entries));
-        self.cache_tx.ready.notify_one();
+        self.cache_tx
+            .submit((self.state.revision, self.state.raw_shared()));
     }
 
     /// Whether the snapshot in use came from the cache (etcd not reached since startup).
@@ -1101,52 +1108,5 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The newest state to persist, handed to the writer thread (a newer one replaces one not
-/// written yet).
-#[derive(Default)]
-struct CacheSlot {
-    next: Mutex<Option<CacheState>>,
-    ready: std::sync::Condvar,
-}
-
-/// Persist the newest state, one write at a time, on one thread of its own: write + fsync +
-/// rename must not stall the async runtime, and one thread (rather than the blocking pool's
-/// many) keeps the allocator from holding a peak-sized arena per thread that ever wrote a
-/// large mesh. States that arrive during a write are coalesced: only the latest is written.
-/// The thread ends once discovery is gone.
-fn spawn_cache_writer(cache: Cache, slot: Arc<CacheSlot>) {
-    let run = move || loop {
-        let next = {
-            let mut guard = slot.next.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                if let Some(state) = guard.take() {
-                    break Some(state);
-                }
-                if Arc::strong_count(&slot) == 1 {
-                    break None;
-                }
-                guard = slot
-                    .ready
-                    .wait_timeout(guard, Duration::from_secs(1))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-        };
-        let Some((revision, entries)) = next else {
-            return;
-        };
-        let saved = cache.save(revision, entries.iter().map(|(k, v)| (k.as_str(), &v[..])));
-        if let Err(e) = saved {
-            tracing::warn!(error = %e, "cannot write the fail-static cache");
-        }
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("trellis-cache".into())
-        .spawn(run)
-    {
-        tracing::error!(error = %e, "cannot start the fail-static cache writer: the cache is not written");
     }
 }

@@ -3,6 +3,7 @@
 //! the data plane only receives snapshots.
 
 pub mod cache;
+mod cache_writer;
 pub mod discovery;
 pub mod endpoints;
 mod freshness;

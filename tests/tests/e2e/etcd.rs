@@ -302,6 +302,182 @@ async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
     let _ = &m.backend;
 }
 
+/// A small tmpfs mounted over a temporary directory for one test, unmounted on drop: a real
+/// file system that fills up.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (and why, on stderr) where a file system cannot be mounted: not root, no `mount`.
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Self { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fill the file system with `name` until a write fails for want of space.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join(name)).expect("filler");
+        let chunk = [0u8; 4096];
+        // Bounded: the file system is small; 64 MiB is far past any size given to `mount`.
+        for _ in 0..16_384 {
+            if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_all()) {
+                assert_eq!(e.raw_os_error(), Some(28), "ENOSPC expected: {e}");
+                return;
+            }
+        }
+        panic!("the file system never filled");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn cache_revision(path: &std::path::Path) -> Option<i64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["revision"].as_i64()
+}
+
+/// The disk under the fail-static cache fills up: the sidecar keeps applying and serving the
+/// newest state, says the file is behind (metric, `/config_dump`, the previous file intact and
+/// no temporary file left), and writes the newest state by itself once there is room again,
+/// with no further change in etcd to prompt it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_cache_is_reported_and_caught_up_when_room_returns() {
+    let Some(disk) = SmallDisk::mount(256 * 1024) else {
+        return;
+    };
+    init_logs();
+    let etcd = EtcdCluster::start(1).await;
+    let pki = Pki::new(&["client", "echo"]);
+    let backend = Backend::start().await;
+    let server = etcd_sidecar(&pki, "echo", backend.addr, etcd.endpoints(), |_| {}).await;
+    let cache = disk.path().join("client.cache.json");
+    let file = cache.clone();
+    let client = etcd_sidecar(&pki, "client", backend.addr, etcd.endpoints(), move |cfg| {
+        if let Some(e) = cfg.store.etcd.as_mut() {
+            e.cache_file = Some(file);
+        }
+    })
+    .await;
+    let c = client::h1(client.bound.outbound);
+    wait_for(Duration::from_secs(10), "echo reachable", || async {
+        status_of(&c, "http://echo/echo").await == 200
+    })
+    .await;
+    wait_for(Duration::from_secs(3), "cache written", || {
+        let cache = cache.clone();
+        async move { std::fs::read_to_string(&cache).is_ok_and(|c| c.contains("/services/echo/")) }
+    })
+    .await;
+    let before = cache_revision(&cache).expect("cache revision");
+
+    disk.fill("filler");
+    let cfg = etcd_cfg(etcd.endpoints());
+    mesh_agent::policy::apply(&cfg, &policy("echo", "300ms"), false)
+        .await
+        .unwrap();
+    // Applied and served although it cannot be persisted.
+    wait_for(Duration::from_secs(5), "policy applied", || async {
+        client::get(&c, "http://echo/slow/1000").await.status == 504
+    })
+    .await;
+    wait_for(Duration::from_secs(5), "failed write reported", || async {
+        let text = client::admin(client.bound.admin, "/metrics").await.body;
+        metric(&text, "trellis_etcd_cache_write_failing") == 1.0
+    })
+    .await;
+    let text = client::admin(client.bound.admin, "/metrics").await.body;
+    assert!(
+        metric(&text, "trellis_etcd_cache_writes_total{result=\"error\"}") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "trellis_etcd_cache_revision"),
+        before as f64,
+        "the file's revision"
+    );
+    let d = dump(&client).await;
+    let error = d["etcd"]["discovery"]["cache_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("No space left on device") && error.contains("client.cache.json"),
+        "{error}"
+    );
+    assert_eq!(
+        cache_revision(&cache),
+        Some(before),
+        "the previous file is intact"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(disk.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["client.cache.json", "filler"],
+        "no temporary file left"
+    );
+    assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+
+    // Room again: the newest state lands without another change in etcd.
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    let applied = metric(&text, "trellis_etcd_applied_revision") as i64;
+    assert!(applied > before, "applied {applied}, cached {before}");
+    wait_for(Duration::from_secs(10), "cache caught up", || {
+        let cache = cache.clone();
+        async move { cache_revision(&cache) == Some(applied) }
+    })
+    .await;
+    let text = client::admin(client.bound.admin, "/metrics").await.body;
+    assert_eq!(metric(&text, "trellis_etcd_cache_write_failing"), 0.0);
+    assert_eq!(metric(&text, "trellis_etcd_cache_revision"), applied as f64);
+    assert!(std::fs::read_to_string(&cache)
+        .unwrap()
+        .contains("ServicePolicy/echo"));
+    let d = dump(&client).await;
+    assert!(d["etcd"]["discovery"]["cache_error"].is_null(), "{d}");
+    drop((client, server));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
     let mut m = etcd_mesh().await;
