@@ -6,6 +6,7 @@ pub mod browser;
 pub mod cdp;
 pub mod client;
 pub mod crash;
+pub mod disk;
 pub mod dns;
 pub mod otlp;
 

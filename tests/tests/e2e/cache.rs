@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use trellis_proxy::config::InboundMode;
 use trellis_tests::client::{self, Reply};
+use trellis_tests::disk::SmallDisk;
 use trellis_tests::{init_logs, snapshot_of, Pki, Sidecar};
 
 type Script = dyn Fn(&Parts) -> Option<Response<Full<Bytes>>> + Send + Sync;
@@ -1512,6 +1513,70 @@ async fn a_purge_removes_disk_entries() {
     .await;
     assert_eq!(c.metric("trellis_cache_disk_bytes").await, 0.0);
     assert_eq!(status(&c.get("echo", "/q/c", &[]).await), "MISS");
+}
+
+/// Bytes in every file under `root`, the tier's temporary files included.
+fn bytes_on_disk(root: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+/// The file system under the disk tier fills up while a large response is being written to
+/// it (the tier's own bound, 64 MiB, is far from reached): the client still gets the whole
+/// response, byte-identical; the half-written file is removed, so the space comes back; the
+/// failure is counted and the tier stays off for its cool-down while the memory tier serves
+/// on. A real full file system: a 512 KiB tmpfs (needs root; without it the test says why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_mid_write_loses_no_response_and_keeps_no_partial_file() {
+    let Some(disk) = SmallDisk::mount(512 * 1024) else {
+        return;
+    };
+    let c = Cached::start(with_disk(disk.path(), 64 << 20)).await;
+    let big = varied(2_000_000, 3);
+    let b = big.clone();
+    c.origin.script(move |p| match p.uri.path() {
+        "/big" => reply(200, &[("cache-control", "max-age=60")], &b),
+        _ => reply(200, &[("cache-control", "max-age=60")], "small"),
+    });
+    let r = c.get("echo", "/big", &[]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 2_000_000));
+    assert!(r.body == big, "the whole body, byte-identical");
+    trellis_tests::wait_for(Duration::from_secs(10), "the write failure", || async {
+        c.metric("trellis_cache_disk_write_failures_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(c.metric("trellis_cache_disk_down").await, 1.0);
+    assert_eq!(c.metric("trellis_cache_disk_writes_total").await, 0.0);
+    trellis_tests::wait_for(
+        Duration::from_secs(5),
+        "the partial file removed",
+        || async { bytes_on_disk(disk.path()) == 0 },
+    )
+    .await;
+    // During the cool-down the large response streams through, whole, and nothing is written.
+    for _ in 0..2 {
+        let r = c.get("echo", "/big", &[]).await;
+        assert_eq!(status(&r), "BYPASS");
+        assert!(r.body == big, "byte-identical while the disk is off");
+    }
+    assert_eq!(bytes_on_disk(disk.path()), 0);
+    c.get("echo", "/small", &[]).await;
+    let r = c.get("echo", "/small", &[]).await;
+    assert_eq!(
+        (r.status, status(&r), r.body.as_str()),
+        (StatusCode::OK, "HIT", "small")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
