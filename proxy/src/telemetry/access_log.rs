@@ -1,7 +1,8 @@
 //! Access logs: one line per proxied request, JSON (default) or text, to stdout or a file.
 //!
-//! Lines are formatted on the request's task and handed to one writer task through a bounded
-//! queue; a full queue drops the line and counts it, so a slow disk never slows traffic.
+//! Lines are formatted on the request's task and handed to one writer thread through a bounded
+//! queue; a full queue drops the line and counts it, so a slow disk never slows traffic. A file
+//! is followed through rotation and a full disk ([`super::log_file`]).
 //! Errors are always logged; successes are sampled (`access_log.sample`) or left out
 //! (`errors_only`), which bounds the volume.
 
@@ -12,7 +13,6 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
@@ -67,7 +67,7 @@ pub struct Record<'a> {
 // === impl AccessLog ===
 
 impl AccessLog {
-    /// Start the writer task (needs a tokio runtime) when enabled.
+    /// Start the writer thread when enabled.
     pub fn start(cfg: &AccessLogConfig, registry: &mut Registry) -> Arc<Self> {
         let dropped = Counter::default();
         registry.register(
@@ -75,9 +75,21 @@ impl AccessLog {
             "Access log lines dropped because the writer fell behind",
             dropped.clone(),
         );
+        let lost = Counter::default();
+        registry.register(
+            "access_log_lost_lines",
+            "Access log lines lost because writing them failed (a full disk, a file that cannot be opened)",
+            lost.clone(),
+        );
         let tx = cfg.enabled.then(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(write(cfg.path.clone(), rx));
+            let path = cfg.path.clone();
+            let spawned = std::thread::Builder::new()
+                .name("trellis-access-log".into())
+                .spawn(move || write(path, lost, rx));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the access log writer: no access log");
+            }
             tx
         });
         Arc::new(Self {
@@ -236,40 +248,36 @@ fn text(r: &Record<'_>) -> String {
     line
 }
 
-async fn write(path: Option<std::path::PathBuf>, mut rx: mpsc::Receiver<String>) {
-    let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &path {
-        Some(p) => match tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .await
-        {
-            Ok(f) => Box::new(f),
-            Err(e) => {
-                tracing::error!(path = %p.display(), error = %e, "cannot open the access log; access log lines go to stdout");
-                Box::new(tokio::io::stdout())
-            }
-        },
-        None => Box::new(tokio::io::stdout()),
-    };
+/// The writer thread: take a line, then whatever else is queued (up to 64 KiB), write once;
+/// ends when the access log is dropped.
+fn write(path: Option<std::path::PathBuf>, lost: Counter, mut rx: mpsc::Receiver<String>) {
+    let mut file = path.map(|p| super::log_file::LogFile::open(p, lost.clone()));
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(line) = rx.recv().await {
+    while let Some(line) = rx.blocking_recv() {
+        let mut lines = 1;
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
-        // Take whatever else is queued, then write once.
         while buf.len() < 64 * 1024 {
             match rx.try_recv() {
                 Ok(l) => {
                     buf.extend_from_slice(l.as_bytes());
                     buf.push(b'\n');
+                    lines += 1;
                 }
                 Err(_) => break,
             }
         }
-        if let Err(e) = out.write_all(&buf).await {
-            tracing::warn!(error = %e, "access log write failed");
+        match file.as_mut() {
+            Some(f) => f.append(&buf, lines),
+            None => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
+                    // stdout closed or full: counted, not logged (stderr is often the same).
+                    lost.inc_by(lines);
+                }
+            }
         }
-        let _ = out.flush().await;
         buf.clear();
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod exposition;
+pub mod log_file;
 pub mod metrics;
 pub mod process_metrics;
 pub mod route_metrics;

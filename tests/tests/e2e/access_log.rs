@@ -113,3 +113,116 @@ async fn sampling_keeps_errors_and_text_format() {
         got[0]
     );
 }
+
+/// logrotate's `create` (rename, then a new file) and a removed file: the sidecar notices within
+/// a second and writes to the file the path names; the renamed file keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_follows_its_path_when_rotated_or_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("client.log");
+    let l = log.clone();
+    let mesh = Mesh::start_with(
+        move |c| {
+            c.access_log.enabled = true;
+            c.access_log.path = Some(l);
+        },
+        |_| {},
+    )
+    .await;
+    let c = client::h1(mesh.client.outbound());
+    assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+    wait_for(Duration::from_secs(5), "first line", || async {
+        lines(&log).len() == 1
+    })
+    .await;
+    let rotated = dir.path().join("client.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // Requests until one lands in the new file (the path is checked once a second).
+    wait_for(Duration::from_secs(5), "a line in the new file", || async {
+        client::get(&c, "http://echo/echo").await;
+        !lines(&log).is_empty()
+    })
+    .await;
+    assert_eq!(lines(&rotated)[0], lines(&rotated)[0].trim());
+    let in_rotated = lines(&rotated).len();
+    assert!(in_rotated >= 1, "the renamed file keeps its lines");
+    std::fs::remove_file(&log).unwrap();
+    wait_for(
+        Duration::from_secs(5),
+        "a line in a re-created file",
+        || async {
+            client::get(&c, "http://echo/echo").await;
+            !lines(&log).is_empty()
+        },
+    )
+    .await;
+    assert_eq!(
+        lines(&rotated).len(),
+        in_rotated,
+        "nothing more goes to the renamed file once the new one is open"
+    );
+    for l in lines(&log) {
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["direction"], "outbound");
+    }
+}
+
+/// The disk under the access log fills up: requests are served as before, the lines that
+/// cannot be written are counted, and once there is room again the log goes on, with at most
+/// the one line cut off by the full disk unreadable (closed by a newline, not glued to the
+/// next). A real full file system: a 64 KiB tmpfs (needs root; without it the test says why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_loses_counted_lines_and_no_more_than_one_line_is_cut() {
+    let Some(disk) = trellis_tests::disk::SmallDisk::mount(64 * 1024) else {
+        return;
+    };
+    let log = disk.path().join("client.log");
+    let l = log.clone();
+    let mesh = Mesh::start_with(
+        move |c| {
+            c.access_log.enabled = true;
+            c.access_log.path = Some(l);
+        },
+        |_| {},
+    )
+    .await;
+    let c = client::h1(mesh.client.outbound());
+    assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+    wait_for(Duration::from_secs(5), "first line", || async {
+        lines(&log).len() == 1
+    })
+    .await;
+    // The rest of the file system taken: the log's last block has some room left, so the next
+    // batches first fill that (one of them part way), then fail.
+    disk.fill("filler");
+    let lost = || async {
+        let text = client::admin(mesh.client.admin(), "/metrics").await.body;
+        client::metric(&text, "trellis_access_log_lost_lines_total")
+    };
+    let mut sent = 0;
+    while lost().await < 5.0 {
+        assert!(sent < 400, "lines not reported lost after {sent} requests");
+        assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
+        sent += 1;
+    }
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    let before = lines(&log).len();
+    wait_for(Duration::from_secs(5), "lines written again", || async {
+        client::get(&c, "http://echo/echo").await;
+        lines(&log).len() > before + 1
+    })
+    .await;
+    let all = lines(&log);
+    let broken: Vec<&String> = all
+        .iter()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+        .collect();
+    assert!(broken.len() <= 1, "at most one cut line: {broken:?}");
+    assert!(
+        broken.iter().all(|l| l.matches("{\"time\"").count() == 1),
+        "the cut line is not glued to the next one: {broken:?}"
+    );
+    let last: serde_json::Value = serde_json::from_str(all.last().unwrap()).unwrap();
+    assert_eq!(last["status"], 200);
+    assert!(lost().await >= 5.0);
+}
