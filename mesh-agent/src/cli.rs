@@ -750,6 +750,12 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     config.display()
                 ));
             }
+            #[cfg(target_os = "linux")]
+            {
+                let listeners = 2 + u64::from(cfg.proxy.ingress.is_some());
+                let max = cfg.proxy.limits.max_connections as u64;
+                crate::nofile::raise_and_report(crate::nofile::needed(listeners, max));
+            }
             let workers = crate::runtime::workers(workers);
             tracing::info!(workers, "starting the runtime");
             crate::runtime::for_agent(workers)

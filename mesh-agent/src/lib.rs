@@ -19,6 +19,8 @@ pub mod etcd;
 pub mod inject;
 pub mod iptables;
 pub mod logging;
+#[cfg(target_os = "linux")]
+pub mod nofile;
 pub mod policy;
 pub mod portal;
 pub mod portal_app;

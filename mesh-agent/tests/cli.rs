@@ -318,3 +318,135 @@ fn help_describes_every_command_with_its_own_words() {
         );
     }
 }
+
+/// `mesh-agent run` under `sh -c 'ulimit ...'`, its stderr piped; returns once `/ready` answers.
+fn run_with_nofile(dir: &Path, soft: u64, hard: u64) -> (std::process::Child, SocketAddr) {
+    let d = dir.to_str().unwrap();
+    run_ok(agent().args(["cert", "init", "--trust-domain", "cli.test", "--dir", d]));
+    run_ok(agent().args(["cert", "issue", "--service", "orders", "--dir", d]));
+    let admin_port = free_port();
+    let cfg = write_config(dir, admin_port);
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" run --config \"$1\""),
+            env!("CARGO_BIN_EXE_mesh-agent"),
+            cfg.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .env("TRELLIS_WORKERS", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("sidecar exited early ({status}): {}", stop(child));
+        }
+        assert!(Instant::now() < deadline, "sidecar never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, admin)
+}
+
+/// SIGTERM, then the exit and everything the sidecar wrote to stderr.
+fn stop(mut child: std::process::Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "sidecar did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+/// The soft limit on open files is raised to the hard one at startup (no privilege needed),
+/// and a hard limit below what `max_connections` allows is named in a warning.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _) = run_with_nofile(dir.path(), 256, 4096);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let err = stop(child);
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{line}");
+    assert!(
+        err.contains("open-file limit is below what max_connections allows")
+            && err.contains("needed=41024"),
+        "{err}"
+    );
+}
+
+/// Out of file descriptors: connections past the limit wait in the backlog, each failed
+/// `accept` is counted, the log says so once (not every 20 ms), and once descriptors are free
+/// the sidecar accepts and answers again.
+#[test]
+fn running_out_of_file_descriptors_is_counted_logged_once_and_recovered_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, admin) = run_with_nofile(dir.path(), 64, 64);
+    let yaml = std::fs::read_to_string(dir.path().join("sidecar.yaml")).unwrap();
+    let outbound: SocketAddr = yaml
+        .split("outbound: {listen: ")
+        .nth(1)
+        .and_then(|r| r.split('}').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // More connections than descriptors: the kernel completes them all (backlog), the sidecar
+    // accepts until it has none left.
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect_timeout(&outbound, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(held.len() >= 80, "only {} connected", held.len());
+    // Long enough for about 75 retries of `accept` at 20 ms.
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        if let Some(m) = http_get(admin, "/metrics").filter(|m| m.starts_with("HTTP/1.1 200")) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "admin never answered again");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_accept_errors_total{direction=\"outbound\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors >= 10.0, "accept errors counted: {errors}");
+    // Serving again: an answer (503, no such service) through the outbound listener.
+    let mut s = TcpStream::connect_timeout(&outbound, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let err = stop(child);
+    let warnings = err
+        .lines()
+        .filter(|l| l.contains("accept failed") && l.contains("outbound"))
+        .count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "{warnings} warnings for {errors} failures:\n{err}"
+    );
+    assert!(err.contains("accepting connections again"), "{err}");
+}

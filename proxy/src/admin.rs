@@ -39,25 +39,34 @@ impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
         let limits = Limits::default();
         let builder = Arc::new(http_builders(&limits));
-        accept_loop(listener, 64, drain, "admin", move |tcp, _client, drain| {
-            let this = self.clone();
-            let builder = builder.clone();
-            let timeouts = ConnTimeouts::from(&limits);
-            async move {
-                let activity = Activity::new();
-                let act = activity.clone();
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    let guard = act.begin();
-                    async move {
-                        let resp = this.handle(req);
-                        drop(guard);
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
-            }
-        })
+        // Its failures are logged, not counted: the admin listener has no metrics of its own.
+        let errors = prometheus_client::metrics::counter::Counter::default();
+        accept_loop(
+            listener,
+            64,
+            drain,
+            "admin",
+            errors,
+            move |tcp, _client, drain| {
+                let this = self.clone();
+                let builder = builder.clone();
+                let timeouts = ConnTimeouts::from(&limits);
+                async move {
+                    let activity = Activity::new();
+                    let act = activity.clone();
+                    let svc = service_fn(move |req| {
+                        let this = this.clone();
+                        let guard = act.begin();
+                        async move {
+                            let resp = this.handle(req);
+                            drop(guard);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
+                }
+            },
+        )
         .await;
     }
 

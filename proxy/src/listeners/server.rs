@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -35,17 +36,22 @@ pub const H2_CONN_WINDOW: u32 = H2_MAX_CONCURRENT_STREAMS * H2_STREAM_WINDOW;
 
 /// Accept connections until drain starts, never holding more than `max_connections` at once:
 /// past the limit, new connections wait in the kernel's backlog instead of being accepted.
+/// A failed `accept` (out of file descriptors or memory) is counted in `errors` and logged
+/// once per [`ACCEPT_ERROR_LOG_EVERY`] at most: it repeats every 20 ms for as long as it lasts,
+/// and a warning each time would flood the log (and the disk under it).
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     max_connections: usize,
     drain: drain::Watcher,
     name: &'static str,
+    errors: Counter,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr, drain::Watcher) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let mut log = AcceptErrorLog::default();
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -55,14 +61,16 @@ pub async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok(conn) => conn,
                 Err(e) => {
+                    errors.inc();
+                    log.failed(name, &e);
                     // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
             _ = drain.signaled() => break,
         };
+        log.accepted(name);
         let _ = tcp.set_nodelay(true);
         let fut = handle(tcp, addr, drain.clone());
         tokio::spawn(async move {
@@ -71,6 +79,51 @@ pub async fn accept_loop<F, Fut>(
         });
     }
     tracing::info!(listener = name, "stopped accepting connections");
+}
+
+/// How often a listener's failing `accept` is logged at most.
+pub const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// A listener's `accept` failures, logged when they start, then at most once per
+/// [`ACCEPT_ERROR_LOG_EVERY`] with the number since, and once when a connection is accepted
+/// again.
+#[derive(Default)]
+struct AcceptErrorLog {
+    last: Option<Instant>,
+    /// Failures since the last line.
+    since: u64,
+    /// Whether the last `accept` failed.
+    failing: bool,
+}
+
+// === impl AcceptErrorLog ===
+
+impl AcceptErrorLog {
+    fn failed(&mut self, listener: &'static str, e: &std::io::Error) {
+        self.failing = true;
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < ACCEPT_ERROR_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(listener, error = %e, failures = self.since, "accept failed: new connections wait in the kernel's backlog (counted in trellis_accept_errors_total)");
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+
+    fn accepted(&mut self, listener: &'static str) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!(
+                listener,
+                failures = self.since,
+                "accepting connections again"
+            );
+            self.since = 0;
+            self.last = None;
+        }
+    }
 }
 
 /// Request activity on one connection, for the idle and header timeouts.

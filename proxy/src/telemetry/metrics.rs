@@ -93,6 +93,8 @@ pub struct Metrics {
     pub written_bytes: Family<DirectionLabels, Counter>,
     pub tls_handshakes: Family<DirectionLabels, Counter>,
     pub tls_handshake_failures: Family<ReasonLabels, Counter>,
+    /// `accept` failures by listener (out of file descriptors, out of memory).
+    pub accept_errors: Family<DirectionLabels, Counter>,
     pub proxy_errors: Family<CauseLabels, Counter>,
     pub cert_expiry: Gauge,
     pub cert_reloads: Family<ResultLabels, Counter>,
@@ -127,6 +129,7 @@ impl Metrics {
             written_bytes: Family::default(),
             tls_handshakes: Family::default(),
             tls_handshake_failures: Family::default(),
+            accept_errors: Family::default(),
             proxy_errors: Family::default(),
             cert_expiry: Gauge::default(),
             cert_reloads: Family::default(),
@@ -190,6 +193,11 @@ impl Metrics {
             "tls_handshake_failures",
             "Rejected or failed mTLS handshakes by reason (expired, not_yet_valid, unknown_ca, wrong_trust_domain, wrong_identity, plaintext, ...)",
             m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Connections a listener could not accept (out of file descriptors or memory: they wait in the kernel's backlog), by listener",
+            m.accept_errors.clone(),
         );
         registry.register(
             "proxy_errors",
@@ -316,6 +324,13 @@ impl Metrics {
         self.tls_handshakes
             .get_or_create(&DirectionLabels { direction })
             .inc();
+    }
+
+    /// The counter of `accept` failures of one listener.
+    pub fn accept_errors(&self, direction: &'static str) -> Counter {
+        self.accept_errors
+            .get_or_create(&DirectionLabels { direction })
+            .clone()
     }
 
     pub fn tls_failure(&self, direction: &'static str, reason: &'static str) {

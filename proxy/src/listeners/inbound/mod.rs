@@ -105,14 +105,22 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
         let builder = Arc::new(http_builders(&self.limits));
         let max = self.limits.max_connections;
-        accept_loop(listener, max, drain, INBOUND, move |tcp, client, drain| {
-            let this = self.clone();
-            let builder = builder.clone();
-            async move {
-                let _conn = ConnectionGuard::new(&this.metrics, INBOUND);
-                this.connection(tcp, client, &builder, drain).await;
-            }
-        })
+        let errors = self.metrics.accept_errors(INBOUND);
+        accept_loop(
+            listener,
+            max,
+            drain,
+            INBOUND,
+            errors,
+            move |tcp, client, drain| {
+                let this = self.clone();
+                let builder = builder.clone();
+                async move {
+                    let _conn = ConnectionGuard::new(&this.metrics, INBOUND);
+                    this.connection(tcp, client, &builder, drain).await;
+                }
+            },
+        )
         .await;
     }
 

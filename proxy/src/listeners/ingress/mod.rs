@@ -135,7 +135,8 @@ impl Ingress {
     async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher, mode: Mode) {
         let builder = Arc::new(http_builders(&self.limits));
         let max = self.limits.max_connections;
-        accept_loop(listener, max, drain, INGRESS, move |tcp, client, drain| {
+        let errors = self.metrics.accept_errors(INGRESS);
+        accept_loop(listener, max, drain, INGRESS, errors, move |tcp, client, drain| {
             let this = self.clone();
             let builder = builder.clone();
             async move {

@@ -118,42 +118,50 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watcher) {
         let builder = Arc::new(http_builders(&self.limits));
         let max = self.limits.max_connections;
-        accept_loop(listener, max, drain, OUTBOUND, move |tcp, client, drain| {
-            let this = self.clone();
-            let builder = builder.clone();
-            async move {
-                let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
-                // Transparent interception: opaque TCP goes on to where the app sent it.
-                let redirected = crate::listeners::original_dst::redirected(&tcp);
-                if let Some(dst) = redirected {
-                    if crate::listeners::original_dst::detect(&tcp).await == Protocol::Opaque {
-                        // Boxed: a pass-through's state would otherwise size every HTTP
-                        // connection's task.
-                        let connect = this.defaults.connect;
-                        Box::pin(crate::listeners::original_dst::tcp_passthrough(
-                            tcp, dst, connect,
-                        ))
-                        .await;
-                        return;
-                    }
-                }
-                let activity = Activity::counted(this.metrics.byte_counters(OUTBOUND));
-                let timeouts = ConnTimeouts::from(&this.limits);
-                let act = activity.clone();
-                let svc = service_fn(move |mut req: Request<Incoming>| {
-                    let busy = act.begin();
+        let errors = self.metrics.accept_errors(OUTBOUND);
+        accept_loop(
+            listener,
+            max,
+            drain,
+            OUTBOUND,
+            errors,
+            move |tcp, client, drain| {
+                let this = self.clone();
+                let builder = builder.clone();
+                async move {
+                    let _conn = ConnectionGuard::new(&this.metrics, OUTBOUND);
+                    // Transparent interception: opaque TCP goes on to where the app sent it.
+                    let redirected = crate::listeners::original_dst::redirected(&tcp);
                     if let Some(dst) = redirected {
-                        req.extensions_mut().insert(OriginalDst(dst));
+                        if crate::listeners::original_dst::detect(&tcp).await == Protocol::Opaque {
+                            // Boxed: a pass-through's state would otherwise size every HTTP
+                            // connection's task.
+                            let connect = this.defaults.connect;
+                            Box::pin(crate::listeners::original_dst::tcp_passthrough(
+                                tcp, dst, connect,
+                            ))
+                            .await;
+                            return;
+                        }
                     }
-                    // Peers trust this header from sidecars: an app may not set it.
-                    if has_name(req.headers(), &CONSUMER_HEADER) {
-                        req.headers_mut().remove(CONSUMER_HEADER);
-                    }
-                    this.clone().handle(req, client, busy)
-                });
-                serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
-            }
-        })
+                    let activity = Activity::counted(this.metrics.byte_counters(OUTBOUND));
+                    let timeouts = ConnTimeouts::from(&this.limits);
+                    let act = activity.clone();
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        let busy = act.begin();
+                        if let Some(dst) = redirected {
+                            req.extensions_mut().insert(OriginalDst(dst));
+                        }
+                        // Peers trust this header from sidecars: an app may not set it.
+                        if has_name(req.headers(), &CONSUMER_HEADER) {
+                            req.headers_mut().remove(CONSUMER_HEADER);
+                        }
+                        this.clone().handle(req, client, busy)
+                    });
+                    serve_connection(&builder, tcp, svc, activity, timeouts, &drain).await;
+                }
+            },
+        )
         .await;
     }
 
