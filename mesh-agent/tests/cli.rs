@@ -127,29 +127,7 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
     let after = http_get(admin, "/log_level").unwrap();
     assert!(after.contains("trellis_proxy=debug"), "{after}");
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sidecar did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = stop(child);
     assert!(status.success(), "exit status {status}: {err}");
     assert!(
         err.contains("SIGTERM received") && err.contains("drained"),
@@ -343,7 +321,9 @@ fn run_with_nofile(dir: &Path, soft: u64, hard: u64) -> (std::process::Child, So
     let deadline = Instant::now() + Duration::from_secs(15);
     while !http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("sidecar exited early ({status}): {}", stop(child));
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("sidecar exited early ({status}): {err}");
         }
         assert!(Instant::now() < deadline, "sidecar never became ready");
         std::thread::sleep(Duration::from_millis(50));
@@ -351,16 +331,24 @@ fn run_with_nofile(dir: &Path, soft: u64, hard: u64) -> (std::process::Child, So
     (child, admin)
 }
 
-/// SIGTERM, then the exit and everything the sidecar wrote to stderr.
-fn stop(mut child: std::process::Child) -> String {
-    let _ = Command::new("kill")
+/// SIGTERM, then the exit status and everything the sidecar wrote to stderr.
+fn stop(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
-        .status();
+        .status()
+        .unwrap();
+    assert!(kill.success(), "kill -TERM");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "sidecar did not exit");
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidecar did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
     let mut err = String::new();
     child
         .stderr
@@ -368,7 +356,7 @@ fn stop(mut child: std::process::Child) -> String {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    err
+    (status, err)
 }
 
 /// The soft limit on open files is raised to the hard one at startup (no privilege needed),
@@ -383,7 +371,7 @@ fn the_open_file_limit_is_raised_to_the_hard_limit() {
         .find(|l| l.starts_with("Max open files"))
         .unwrap()
         .to_string();
-    let err = stop(child);
+    let (_, err) = stop(child);
     let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers, ["4096", "4096"], "{line}");
     assert!(
@@ -439,7 +427,7 @@ fn running_out_of_file_descriptors_is_counted_logged_once_and_recovered_from() {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    let err = stop(child);
+    let (_, err) = stop(child);
     let warnings = err
         .lines()
         .filter(|l| l.contains("accept failed") && l.contains("outbound"))

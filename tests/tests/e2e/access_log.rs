@@ -114,13 +114,10 @@ async fn sampling_keeps_errors_and_text_format() {
     );
 }
 
-/// logrotate's `create` (rename, then a new file) and a removed file: the sidecar notices within
-/// a second and writes to the file the path names; the renamed file keeps what it had.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_log_follows_its_path_when_rotated_or_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("client.log");
-    let l = log.clone();
+/// A mesh whose client sidecar logs to `log`, and a client of it, once one request's line is
+/// there.
+async fn logging_client(log: &Path) -> (Mesh, client::HttpClient) {
+    let l = log.to_path_buf();
     let mesh = Mesh::start_with(
         move |c| {
             c.access_log.enabled = true;
@@ -132,9 +129,19 @@ async fn the_log_follows_its_path_when_rotated_or_removed() {
     let c = client::h1(mesh.client.outbound());
     assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
     wait_for(Duration::from_secs(5), "first line", || async {
-        lines(&log).len() == 1
+        lines(log).len() == 1
     })
     .await;
+    (mesh, c)
+}
+
+/// logrotate's `create` (rename, then a new file) and a removed file: the sidecar notices within
+/// a second and writes to the file the path names; the renamed file keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_follows_its_path_when_rotated_or_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("client.log");
+    let (_mesh, c) = logging_client(&log).await;
     let rotated = dir.path().join("client.log.1");
     std::fs::rename(&log, &rotated).unwrap();
     // Requests until one lands in the new file (the path is checked once a second).
@@ -143,7 +150,6 @@ async fn the_log_follows_its_path_when_rotated_or_removed() {
         !lines(&log).is_empty()
     })
     .await;
-    assert_eq!(lines(&rotated)[0], lines(&rotated)[0].trim());
     let in_rotated = lines(&rotated).len();
     assert!(in_rotated >= 1, "the renamed file keeps its lines");
     std::fs::remove_file(&log).unwrap();
@@ -177,21 +183,7 @@ async fn a_full_disk_loses_counted_lines_and_no_more_than_one_line_is_cut() {
         return;
     };
     let log = disk.path().join("client.log");
-    let l = log.clone();
-    let mesh = Mesh::start_with(
-        move |c| {
-            c.access_log.enabled = true;
-            c.access_log.path = Some(l);
-        },
-        |_| {},
-    )
-    .await;
-    let c = client::h1(mesh.client.outbound());
-    assert_eq!(client::get(&c, "http://echo/echo").await.status, 200);
-    wait_for(Duration::from_secs(5), "first line", || async {
-        lines(&log).len() == 1
-    })
-    .await;
+    let (mesh, c) = logging_client(&log).await;
     // The rest of the file system taken: the log's last block has some room left, so the next
     // batches first fill that (one of them part way), then fail.
     disk.fill("filler");
