@@ -2,7 +2,8 @@
 //! to the gateway stay unreachable whatever the client writes in `Host`, `:authority`, an
 //! absolute-form target or SNI; forwarding headers are believed only from trusted proxies
 //! (and rate limits key on the believed client); identity headers a stranger sends never
-//! reach an app; framing that RFC 9110/9112 forbid is refused.
+//! reach an app; framing that RFC 9110/9112 forbid is refused; an HTTP/2 rapid-reset flood is
+//! cut off.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -402,4 +403,68 @@ async fn framing_that_rfc_9112_forbids_is_refused_on_every_listener() {
         );
     }
     assert_eq!(e.reached(), (0, 0));
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487) at the edge: a client opens streams and cancels each
+/// at once, as fast as it can. The ingress ends that connection (GOAWAY `ENHANCE_YOUR_CALM`
+/// once 20 streams were reset before it took them: h2's bound, which hyper keeps), while the
+/// client still holds it; the cancelled streams do not reach the origin; another client is
+/// served. On this machine the client had sent 400-4,000 of its 20,000 streams when it noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_is_cut_off_and_hurts_no_one_else() {
+    const FLOOD: usize = 20_000;
+    let e = Edge::start().await;
+    let tcp = tokio::net::TcpStream::connect(e.tls)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("api.example.com").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(e.web.client_config(true, true))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let before = e.reached().0;
+    let mut opened = 0;
+    for _ in 0..FLOOD {
+        let ready = match send.ready().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        send = ready;
+        let req = Request::get("https://api.example.com/echo")
+            .body(())
+            .expect("request");
+        match send.send_request(req, true) {
+            // Both handles dropped at once: the stream is reset (CANCEL).
+            Ok((response, stream)) => drop((response, stream)),
+            Err(_) => break,
+        }
+        opened += 1;
+    }
+    // The client keeps its handle: only the server can end the connection.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), conn)
+        .await
+        .unwrap_or_else(|_| panic!("the server never ended the connection ({opened} streams)"))
+        .expect("connection task");
+    // GOAWAY, or the socket it was sent on already closed under the client's next write.
+    let error = ended.expect_err("the server ends the connection");
+    if let Some(reason) = error.reason() {
+        assert_eq!(reason, h2::Reason::ENHANCE_YOUR_CALM, "opened {opened}");
+    } else {
+        assert!(error.is_io(), "{error}");
+    }
+    let reached = e.reached().0 - before;
+    assert!(
+        reached < 1_000,
+        "{reached} of {opened} cancelled streams reached the origin"
+    );
+    // Another client, afterwards: served.
+    let r = e
+        .https(
+            e.dial("api.example.com", true, true),
+            Request::get("https://api.example.com/echo"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
 }
