@@ -2,8 +2,8 @@
 //! to the gateway stay unreachable whatever the client writes in `Host`, `:authority`, an
 //! absolute-form target or SNI; forwarding headers are believed only from trusted proxies
 //! (and rate limits key on the believed client); identity headers a stranger sends never
-//! reach an app; framing that RFC 9110/9112 forbid is refused; an HTTP/2 rapid-reset flood is
-//! cut off.
+//! reach an app; framing that RFC 9110/9112 forbid is refused; HTTP/2 rapid-reset and
+//! CONTINUATION floods are cut off.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -460,6 +460,110 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_hurts_no_one_else() {
         "{reached} of {opened} cancelled streams reached the origin"
     );
     // Another client, afterwards: served.
+    let r = e
+        .https(
+            e.dial("api.example.com", true, true),
+            Request::get("https://api.example.com/echo"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+/// An HTTP/2 frame header: length, type, flags, stream.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The error code of the first GOAWAY among the frames the server sent (read until the
+/// connection ends).
+async fn goaway_code<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> Option<u32> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let wait = std::time::Duration::from_secs(2);
+    while let Ok(Ok(n)) = tokio::time::timeout(wait, io.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+    }
+    let mut frames = all.as_slice();
+    while frames.len() >= 9 {
+        let len =
+            usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);
+        let payload = frames.get(9..9 + len)?;
+        if frames[3] == 0x7 {
+            return payload
+                .get(4..8)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        }
+        frames = &frames[9 + len..];
+    }
+    None
+}
+
+/// HTTP/2 CONTINUATION flood (CVE-2024-27316 and its kin): a request head that never ends, one
+/// CONTINUATION frame after another. The ingress refuses the head once it passes its header
+/// limit and closes the connection: the client cannot make it buffer more than a few
+/// megabytes (what the sockets hold) of the 64 MB it tries to send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_continuation_flood_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    const FLOOD: usize = 64 << 20;
+    let e = Edge::start().await;
+    let tcp = tokio::net::TcpStream::connect(e.tls)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("api.example.com").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(e.web.client_config(true, true))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    tls.write_all(&h2_frame(0x4, 0, 0, &[]))
+        .await
+        .expect("settings");
+    // :method GET, :scheme https, :path / (static table), then no END_HEADERS.
+    let mut head = vec![0x82, 0x87, 0x84];
+    head.extend_from_slice(b"\x01\x0fapi.example.com");
+    tls.write_all(&h2_frame(0x1, 0x1, 1, &head))
+        .await
+        .expect("headers");
+    // Literal fields without indexing, new names: 16 KB of them per frame.
+    let mut block = Vec::new();
+    while block.len() < 16_000 {
+        block.extend_from_slice(b"\x00\x05x-pad\x7f\x00");
+        let value = [b'a'; 127];
+        block.extend_from_slice(&value);
+    }
+    let frame = h2_frame(0x9, 0, 1, &block);
+    let mut sent = 0;
+    let cut = loop {
+        if sent >= FLOOD {
+            break false;
+        }
+        let write =
+            tokio::time::timeout(std::time::Duration::from_secs(10), tls.write_all(&frame)).await;
+        match write {
+            Ok(Ok(())) => sent += frame.len(),
+            Ok(Err(_)) => break true,
+            // Nobody reads: the server stopped reading without closing.
+            Err(_) => panic!("writes stalled after {sent} bytes: the connection hangs open"),
+        }
+    };
+    assert!(cut, "the server took all {sent} bytes of one request head");
+    assert!(sent < FLOOD / 4, "cut off after {sent} bytes");
+    // Its GOAWAY, when the reset of the socket did not overtake it: ENHANCE_YOUR_CALM (not a
+    // protocol or compression error: the frames were well formed).
+    if let Some(code) = goaway_code(&mut tls).await {
+        assert_eq!(code, 11, "GOAWAY error code");
+    }
     let r = e
         .https(
             e.dial("api.example.com", true, true),
