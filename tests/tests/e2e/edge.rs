@@ -125,6 +125,30 @@ impl Edge {
             .await
     }
 
+    /// A TLS connection to the ingress for `api.example.com` with ALPN h2, for a client that
+    /// writes HTTP/2 itself.
+    async fn h2_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.tls)
+            .await
+            .expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("api.example.com").expect("name");
+        tokio_rustls::TlsConnector::from(self.web.client_config(true, true))
+            .connect(name, tcp)
+            .await
+            .expect("tls")
+    }
+
+    /// A well-behaved HTTP/2 client is served.
+    async fn served_over_h2(&self) {
+        let r = self
+            .https(
+                self.dial("api.example.com", true, true),
+                Request::get("https://api.example.com/echo"),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+
     fn reached(&self) -> (u64, u64) {
         (
             self.orders.requests.load(Ordering::Relaxed),
@@ -414,14 +438,7 @@ async fn framing_that_rfc_9112_forbids_is_refused_on_every_listener() {
 async fn an_http2_rapid_reset_flood_is_cut_off_and_hurts_no_one_else() {
     const FLOOD: usize = 20_000;
     let e = Edge::start().await;
-    let tcp = tokio::net::TcpStream::connect(e.tls)
-        .await
-        .expect("connect");
-    let name = rustls_pki_types::ServerName::try_from("api.example.com").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(e.web.client_config(true, true))
-        .connect(name, tcp)
-        .await
-        .expect("tls");
+    let tls = e.h2_tls().await;
     let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
     let conn = tokio::spawn(conn);
     let before = e.reached().0;
@@ -459,14 +476,7 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_hurts_no_one_else() {
         reached < 1_000,
         "{reached} of {opened} cancelled streams reached the origin"
     );
-    // Another client, afterwards: served.
-    let r = e
-        .https(
-            e.dial("api.example.com", true, true),
-            Request::get("https://api.example.com/echo"),
-        )
-        .await;
-    assert_eq!(r.status, 200);
+    e.served_over_h2().await;
 }
 
 /// An HTTP/2 frame header: length, type, flags, stream.
@@ -515,14 +525,7 @@ async fn an_http2_continuation_flood_is_cut_off() {
     use tokio::io::AsyncWriteExt;
     const FLOOD: usize = 64 << 20;
     let e = Edge::start().await;
-    let tcp = tokio::net::TcpStream::connect(e.tls)
-        .await
-        .expect("connect");
-    let name = rustls_pki_types::ServerName::try_from("api.example.com").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(e.web.client_config(true, true))
-        .connect(name, tcp)
-        .await
-        .expect("tls");
+    let mut tls = e.h2_tls().await;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .expect("preface");
@@ -564,11 +567,5 @@ async fn an_http2_continuation_flood_is_cut_off() {
     if let Some(code) = goaway_code(&mut tls).await {
         assert_eq!(code, 11, "GOAWAY error code");
     }
-    let r = e
-        .https(
-            e.dial("api.example.com", true, true),
-            Request::get("https://api.example.com/echo"),
-        )
-        .await;
-    assert_eq!(r.status, 200);
+    e.served_over_h2().await;
 }
