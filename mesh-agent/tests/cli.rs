@@ -99,24 +99,7 @@ fn cert_init_issue_then_run_and_stop_on_sigterm() {
         .spawn()
         .unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sidecar never became ready");
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("sidecar exited early ({status}): {err}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(&mut child, admin);
     // The log filter can be read and changed at runtime; a bad filter is refused.
     let before = http_get(admin, "/log_level").unwrap();
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
@@ -318,17 +301,29 @@ fn run_with_nofile(dir: &Path, soft: u64, hard: u64) -> (std::process::Child, So
         .spawn()
         .unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_ready(&mut child, admin);
+    (child, admin)
+}
+
+/// Wait until the sidecar's `/ready` answers 200; panic with its stderr if it exits first.
+fn wait_ready(child: &mut std::process::Child, admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !http_get(admin, "/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
         if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-            panic!("sidecar exited early ({status}): {err}");
+            panic!("sidecar exited early ({status}): {}", stderr_of(child));
         }
         assert!(Instant::now() < deadline, "sidecar never became ready");
         std::thread::sleep(Duration::from_millis(50));
     }
-    (child, admin)
+}
+
+/// Everything the (exited) sidecar wrote to its piped stderr.
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    err
 }
 
 /// SIGTERM, then the exit status and everything the sidecar wrote to stderr.
@@ -349,14 +344,7 @@ fn stop(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status, err)
+    (status, stderr_of(&mut child))
 }
 
 /// The soft limit on open files is raised to the hard one at startup (no privilege needed),

@@ -254,85 +254,106 @@ mod tests {
             .join("\n")
     }
 
+    /// A writer whose cache file lies under a regular file (`blocker`), so that creating its
+    /// directory fails until the blocker is removed.
+    struct Blocked {
+        _dir: tempfile::TempDir,
+        blocker: std::path::PathBuf,
+        path: std::path::PathBuf,
+        registry: Registry,
+        slot: Arc<CacheSlot>,
+        error: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Blocked {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let blocker = dir.path().join("sub");
+            std::fs::write(&blocker, b"not a directory").unwrap();
+            let path = blocker.join("cache.json");
+            let mut registry = Registry::default();
+            let metrics = CacheMetrics::register(&mut registry);
+            let (slot, error) = (Arc::new(CacheSlot::default()), Arc::new(Mutex::new(None)));
+            let reported = error.clone();
+            spawn(
+                Cache::new(path.clone(), "/a"),
+                slot.clone(),
+                metrics,
+                move |e| *reported.lock().unwrap() = e,
+            );
+            Self {
+                _dir: dir,
+                blocker,
+                path,
+                registry,
+                slot,
+                error,
+            }
+        }
+
+        fn metric(&self, name: &str) -> String {
+            metric(&self.registry, name)
+        }
+
+        fn cached_revision(&self) -> i64 {
+            Cache::new(self.path.clone(), "/a")
+                .load()
+                .unwrap()
+                .unwrap()
+                .revision
+        }
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A write into a directory that cannot be created fails, is reported, and is retried
     /// without a new state once the directory can be made.
     #[test]
     fn a_failed_write_is_reported_and_retried_until_it_lands() {
-        let dir = tempfile::tempdir().unwrap();
-        // A file where the cache's directory should be: creating the directory fails.
-        let blocker = dir.path().join("sub");
-        std::fs::write(&blocker, b"not a directory").unwrap();
-        let path = blocker.join("cache.json");
-        let mut registry = Registry::default();
-        let metrics = CacheMetrics::register(&mut registry);
-        let error = Arc::new(Mutex::new(None));
-        let slot = Arc::new(CacheSlot::default());
-        let reported = error.clone();
-        spawn(
-            Cache::new(path.clone(), "/a"),
-            slot.clone(),
-            metrics,
-            move |e| *reported.lock().unwrap() = e,
-        );
-        slot.submit(state(7));
-        let wait_until = |what: &str, f: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !f() {
-                assert!(Instant::now() < deadline, "timed out waiting for {what}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        wait_until("the failure", &|| {
-            metric(&registry, "etcd_cache_write_failing").ends_with(" 1")
+        let w = Blocked::start();
+        w.slot.submit(state(7));
+        wait_until("the failure", || {
+            w.metric("etcd_cache_write_failing").ends_with(" 1")
         });
-        let message = error.lock().unwrap().clone().unwrap();
+        let message = w.error.lock().unwrap().clone().unwrap();
         assert!(message.contains("sub"), "{message}");
-        assert!(metric(&registry, "etcd_cache_writes_total").contains("result=\"error\""));
+        assert!(w
+            .metric("etcd_cache_writes_total")
+            .contains("result=\"error\""));
         // Room again: the same state lands with no new submission.
-        std::fs::remove_file(&blocker).unwrap();
-        wait_until("the retry", &|| path.exists());
-        wait_until("the metrics", &|| {
-            metric(&registry, "etcd_cache_write_failing").ends_with(" 0")
+        std::fs::remove_file(&w.blocker).unwrap();
+        wait_until("the retry", || w.path.exists());
+        wait_until("the metrics", || {
+            w.metric("etcd_cache_write_failing").ends_with(" 0")
         });
-        assert!(metric(&registry, "etcd_cache_revision").ends_with(" 7"));
-        assert!(error.lock().unwrap().is_none(), "the error is cleared");
-        let cached = Cache::new(path, "/a").load().unwrap().unwrap();
-        assert_eq!(cached.revision, 7);
-        drop(slot);
+        assert!(w.metric("etcd_cache_revision").ends_with(" 7"));
+        assert!(w.error.lock().unwrap().is_none(), "the error is cleared");
+        assert_eq!(w.cached_revision(), 7);
     }
 
     /// A newer state submitted while a failed one waits replaces it: the newest is written.
     #[test]
     fn a_newer_state_replaces_a_failed_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let blocker = dir.path().join("sub");
-        std::fs::write(&blocker, b"x").unwrap();
-        let path = blocker.join("cache.json");
-        let mut registry = Registry::default();
-        let metrics = CacheMetrics::register(&mut registry);
-        let slot = Arc::new(CacheSlot::default());
-        spawn(
-            Cache::new(path.clone(), "/a"),
-            slot.clone(),
-            metrics,
-            |_| {},
-        );
-        slot.submit(state(1));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !metric(&registry, "etcd_cache_write_failing").ends_with(" 1") {
-            assert!(Instant::now() < deadline, "no failure reported");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::remove_file(&blocker).unwrap();
-        slot.submit(state(2));
-        while !path.exists() {
-            assert!(Instant::now() < deadline, "not written");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Written once, at the newest revision (the failed state is not written after it).
+        let w = Blocked::start();
+        w.slot.submit(state(1));
+        wait_until("the failure", || {
+            w.metric("etcd_cache_write_failing").ends_with(" 1")
+        });
+        std::fs::remove_file(&w.blocker).unwrap();
+        w.slot.submit(state(2));
+        wait_until("the write", || w.path.exists());
+        // Written once, at the newest revision: the failed state is not written after it,
+        // which only waiting past its retry can show.
         std::thread::sleep(RETRY_FIRST + Duration::from_millis(200));
-        let cached = Cache::new(path, "/a").load().unwrap().unwrap();
-        assert_eq!(cached.revision, 2);
-        assert!(metric(&registry, "etcd_cache_writes_total").contains("result=\"ok\"} 1"));
+        assert_eq!(w.cached_revision(), 2);
+        assert!(w
+            .metric("etcd_cache_writes_total")
+            .contains("result=\"ok\"} 1"));
     }
 }

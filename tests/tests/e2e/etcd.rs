@@ -303,6 +303,15 @@ async fn etcd_down_under_traffic_drops_nothing_and_recovers() {
     let _ = &m.backend;
 }
 
+/// Wait until the cache file holds `echo`'s instances. It is written at most once a second;
+/// `echo` is learned on the first request.
+async fn cache_holds_echo(cache: &std::path::Path) {
+    wait_for(Duration::from_secs(3), "cache written", || async {
+        std::fs::read_to_string(cache).is_ok_and(|c| c.contains("/services/echo/"))
+    })
+    .await;
+}
+
 fn cache_revision(path: &std::path::Path) -> Option<i64> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
@@ -336,11 +345,7 @@ async fn a_full_disk_under_the_cache_is_reported_and_caught_up_when_room_returns
         status_of(&c, "http://echo/echo").await == 200
     })
     .await;
-    wait_for(Duration::from_secs(3), "cache written", || {
-        let cache = cache.clone();
-        async move { std::fs::read_to_string(&cache).is_ok_and(|c| c.contains("/services/echo/")) }
-    })
-    .await;
+    cache_holds_echo(&cache).await;
     let before = cache_revision(&cache).expect("cache revision");
 
     disk.fill("filler");
@@ -418,13 +423,7 @@ async fn a_full_disk_under_the_cache_is_reported_and_caught_up_when_room_returns
 async fn sidecar_restarted_while_etcd_is_down_starts_from_its_cache() {
     let mut m = etcd_mesh().await;
     let cache = m.pki.path().join("client.cache.json");
-    // Written at most once a second: wait for the state that holds `echo` (learned on the
-    // first request).
-    wait_for(Duration::from_secs(3), "cache written", || {
-        let cache = cache.clone();
-        async move { std::fs::read_to_string(&cache).is_ok_and(|c| c.contains("/services/echo/")) }
-    })
-    .await;
+    cache_holds_echo(&cache).await;
     m.client.shutdown_handle().shutdown();
     m.etcd.members[0].kill();
 
